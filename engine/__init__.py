@@ -1,0 +1,1 @@
+"""casemask engine: disentanglement-based anonymization of medical images (arrays in, arrays out)."""

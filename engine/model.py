@@ -1,0 +1,238 @@
+"""The disentanglement network of Montenegro & Cardoso (arXiv 2311.04833), in PyTorch.
+
+An encoder splits an image into three vectors: *medical* (what the disease head reads),
+*identity* (what the identity head reads) and *other* (acquisition and whatever else the
+generator needs to rebuild the image). A generator rebuilds the image from their
+concatenation. Anonymization replaces the identity vector with one drawn from a small VAE
+trained so that the frozen identity head recognises nobody in its samples; a
+counterfactual replaces the medical vector with the prototype of another class.
+
+Beyond the paper, two *privacy* heads read the medical and the other vectors through a
+gradient-reversal layer and try to recognise the patient: the encoder is trained to make
+them fail, which pushes identity out of the slots that anonymization keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the network. ``image_size`` must be a power of two, 32 to 256."""
+
+    image_size: int = 64
+    channels: int = 1
+    width: int = 16
+    med_dim: int = 16
+    id_dim: int = 32
+    other_dim: int = 32
+    n_classes: int = 3
+    n_identities: int = 200
+    vae_latent: int = 16
+
+    def __post_init__(self) -> None:
+        if self.image_size not in (32, 64, 128, 256):
+            raise ValueError(f"image_size must be 32, 64, 128 or 256, got {self.image_size}")
+
+    @property
+    def n_levels(self) -> int:
+        return int(math.log2(self.image_size // 4))
+
+    @property
+    def latent_dim(self) -> int:
+        return self.med_dim + self.id_dim + self.other_dim
+
+
+def _widths(cfg: ModelConfig) -> list[int]:
+    return [min(cfg.width * 2**i, 256) for i in range(cfg.n_levels)]
+
+
+class Encoder(nn.Module):
+    """Image (N, C, S, S) -> medical, identity and other vectors."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = cfg.channels
+        for w in _widths(cfg):
+            layers += [nn.Conv2d(c_in, w, 4, stride=2, padding=1), nn.GroupNorm(4, w), nn.LeakyReLU(0.2)]
+            c_in = w
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.fc = nn.Sequential(nn.Linear(c_in * 16, 256), nn.LeakyReLU(0.2), nn.Linear(256, cfg.latent_dim))
+        self.split = (cfg.med_dim, cfg.id_dim, cfg.other_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = self.fc(self.features(x))
+        med, ident, other = torch.split(z, self.split, dim=1)
+        return med, ident, other
+
+
+class Generator(nn.Module):
+    """Concatenated (medical, identity, other) -> image in [-1, 1]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        widths = list(reversed(_widths(cfg)))
+        self.c0 = widths[0]
+        self.fc = nn.Sequential(nn.Linear(cfg.latent_dim, 256), nn.LeakyReLU(0.2), nn.Linear(256, widths[0] * 16))
+        layers: list[nn.Module] = []
+        c_in = widths[0]
+        for w in widths[1:] + [widths[-1]]:
+            layers += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(c_in, w, 3, padding=1),
+                nn.GroupNorm(4, w),
+                nn.LeakyReLU(0.2),
+            ]
+            c_in = w
+        layers += [nn.Conv2d(c_in, cfg.channels, 3, padding=1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, med: torch.Tensor, ident: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        h = self.fc(torch.cat([med, ident, other], dim=1))
+        return self.net(h.view(h.shape[0], self.c0, 4, 4))
+
+
+class Discriminator(nn.Module):
+    """Real or generated, from the image (PatchGAN-like, averaged to one logit)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = cfg.channels
+        for w in _widths(cfg)[:3]:
+            layers += [nn.Conv2d(c_in, w, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            c_in = w
+        layers += [nn.Conv2d(c_in, 1, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean(dim=(1, 2, 3))
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return _GradReverse.apply(x, scale)
+
+
+def _mlp(d_in: int, d_out: int, hidden: int = 128) -> nn.Module:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, d_out))
+
+
+class IdentityVAE(nn.Module):
+    """Manufactures synthetic identity vectors: decode(z), z ~ N(0, I)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.latent = cfg.vae_latent
+        self.enc = _mlp(cfg.id_dim, 2 * cfg.vae_latent)
+        self.dec = _mlp(cfg.vae_latent, cfg.id_dim)
+
+    def forward(self, ident: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.enc(ident).chunk(2, dim=1)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.dec(z), mu, logvar
+
+    def sample(self, z: torch.Tensor) -> torch.Tensor:
+        return self.dec(z)
+
+
+class DisentanglementModel(nn.Module):
+    """Encoder, generator, heads, discriminator and identity VAE together."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.generator = Generator(cfg)
+        self.disease_head = _mlp(cfg.med_dim, cfg.n_classes, 64)
+        self.identity_head = _mlp(cfg.id_dim, cfg.n_identities, 128)
+        # Privacy heads (not in the paper): try to find the patient in the kept slots.
+        self.privacy_med = _mlp(cfg.med_dim, cfg.n_identities, 128)
+        self.privacy_other = _mlp(cfg.other_dim, cfg.n_identities, 128)
+        self.discriminator = Discriminator(cfg)
+        self.vae = IdentityVAE(cfg)
+        # Mean medical vector of each class, filled in after training (counterfactuals).
+        self.register_buffer("prototypes", torch.zeros(cfg.n_classes, cfg.med_dim))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.generator(*self.encoder(x))
+
+    def anonymize(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        med, _, other = self.encoder(x)
+        return self.generator(med, self.vae.sample(z), other)
+
+    def counterfactual(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _, ident, other = self.encoder(x)
+        return self.generator(self.prototypes[target], ident, other)
+
+
+class AnonymizeGraph(nn.Module):
+    """Inference graph: (image, identity noise) -> anonymized image. What is exported."""
+
+    def __init__(self, model: DisentanglementModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.model.anonymize(image, noise)
+
+
+class CounterfactualGraph(nn.Module):
+    """Inference graph: (image, target one-hot) -> counterfactual image."""
+
+    def __init__(self, model: DisentanglementModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        med, ident, other = self.model.encoder(image)
+        return self.model.generator(target @ self.model.prototypes, ident, other)
+
+
+class ReconstructGraph(nn.Module):
+    def __init__(self, model: DisentanglementModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.reconstruct(image)
+
+
+class EncodeGraph(nn.Module):
+    def __init__(self, model: DisentanglementModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.encoder(image)
+
+
+GRAPHS: dict[str, type[nn.Module]] = {
+    "anonymize": AnonymizeGraph,
+    "counterfactual": CounterfactualGraph,
+    "reconstruct": ReconstructGraph,
+    "encode": EncodeGraph,
+}
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Negative entropy of the softmax: minimising it spreads the prediction evenly."""
+    logp = F.log_softmax(logits, dim=1)
+    return (logp.exp() * logp).sum(dim=1).mean()

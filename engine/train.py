@@ -1,0 +1,279 @@
+"""Two-stage training: disentanglement, then the identity VAE.
+
+Stage 1 trains encoder, generator, heads and discriminator with reconstruction,
+classification, swap-consistency, privacy and adversarial losses. Stage 2 freezes all of
+that and trains the identity VAE on the encoder's identity vectors with reconstruction +
+KL + the max-entropy loss of the frozen identity head on sampled identities, so that a
+synthetic identity belongs to nobody.
+
+Checkpoints are written after every epoch (``DIR/checkpoint.pt``); running again with the
+same ``out`` resumes where the last run stopped. Training is deterministic per seed on
+the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from engine.data import SyntheticPatients
+from engine.model import DisentanglementModel, ModelConfig, entropy_loss, grad_reverse
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What to train on and for how long."""
+
+    image_size: int = 64
+    patients: int = 200
+    visits: int = 16
+    val_visits: int = 4
+    seed: int = 0
+    epochs: int = 20
+    vae_epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    adv_weight: float = 0.02
+    privacy_weight: float = 0.5
+    swap_weight: float = 1.0
+    warmup: float = 0.2  # fraction of epochs on reconstruction and heads alone
+    ramp: float = 0.25  # then this fraction ramps swap, privacy and adversarial terms in
+    device: str = "cpu"
+    threads: int = 0  # 0: torch's default
+
+
+@dataclasses.dataclass
+class Dataset:
+    images: torch.Tensor
+    patient_ids: torch.Tensor
+    labels: torch.Tensor
+
+
+def synthetic_split(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+    """Training and validation visits of the same synthetic patients."""
+    b = SyntheticPatients(cfg.patients, cfg.visits + cfg.val_visits, cfg.image_size, cfg.seed).batch()
+    val = b.visits >= cfg.visits
+    to = lambda m: Dataset(torch.from_numpy(b.images[m]), torch.from_numpy(b.patient_ids[m]), torch.from_numpy(b.labels[m]))  # noqa: E731
+    return to(~val), to(val)
+
+
+def _progress(prefix: str, i: int, n: int, stats: dict[str, float], stream=sys.stderr) -> None:
+    if not stream.isatty() and i != n:
+        return
+    bar = "#" * int(30 * i / n)
+    text = " ".join(f"{k}={v:.3f}" for k, v in stats.items())
+    stream.write(f"\r{prefix} [{bar:<30}] {i}/{n} {text}")
+    if i == n:
+        stream.write("\n")
+    stream.flush()
+
+
+def stage1_step(
+    model: DisentanglementModel,
+    x: torch.Tensor,
+    pid: torch.Tensor,
+    y: torch.Tensor,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    ramp: float = 1.0,
+) -> dict[str, float]:
+    """One optimisation step of stage 1 on a batch; returns the loss terms.
+
+    ``ramp`` (0 to 1) scales the swap, privacy and adversarial terms: starting them at
+    full weight lets the encoder satisfy swap consistency with constant vectors.
+    """
+    enc, gen = model.encoder, model.generator
+    perm = torch.roll(torch.arange(x.shape[0], device=x.device), 1)
+    m, i, o = enc(x)
+    rec = gen(m, i, o)
+    l_rec = F.l1_loss(rec, x)
+    l_cls = F.cross_entropy(model.disease_head(m), y) + F.cross_entropy(model.identity_head(i), pid)
+    l_priv = F.cross_entropy(model.privacy_med(grad_reverse(m)), pid) + F.cross_entropy(
+        model.privacy_other(grad_reverse(o)), pid
+    )
+    # Identity swap: source keeps medical and other, donor (perm) gives identity.
+    x_id = gen(m, i[perm], o)
+    m2, i2, o2 = enc(x_id)
+    # Swap consistency compares the swapped slot with the DONOR's vector and the kept slots
+    # with the SOURCE's. (The paper's released code compares the swapped slot with the
+    # source, which would pull the new image back to the old identity and undo the swap.)
+    l_swap = F.l1_loss(i2, i[perm].detach()) + F.l1_loss(m2, m.detach()) + F.l1_loss(o2, o.detach())
+    l_swap = l_swap + F.cross_entropy(model.identity_head(i2), pid[perm]) + F.cross_entropy(model.disease_head(m2), y)
+    # Medical swap: source keeps identity and other, donor gives the medical vector.
+    x_md = gen(m[perm], i, o)
+    m3, i3, o3 = enc(x_md)
+    l_swap = l_swap + F.l1_loss(m3, m[perm].detach()) + F.l1_loss(i3, i.detach()) + F.l1_loss(o3, o.detach())
+    l_swap = l_swap + F.cross_entropy(model.disease_head(m3), y[perm]) + F.cross_entropy(model.identity_head(i3), pid)
+    fakes = torch.cat([rec, x_id, x_md])
+    l_adv = F.softplus(-model.discriminator(fakes)).mean()
+    loss = 10 * l_rec + l_cls + ramp * (cfg.privacy_weight * l_priv + cfg.swap_weight * l_swap + cfg.adv_weight * l_adv)
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_g.step()
+    # Discriminator step.
+    d_real = model.discriminator(x)
+    d_fake = model.discriminator(fakes.detach())
+    l_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    opt_d.zero_grad(set_to_none=True)
+    l_d.backward()
+    opt_d.step()
+    return {"rec": l_rec.item(), "cls": l_cls.item(), "swap": l_swap.item(), "priv": l_priv.item()}
+
+
+@torch.no_grad()
+def validate(model: DisentanglementModel, data: Dataset, batch: int = 256) -> dict[str, float]:
+    """Reconstruction L1 and accuracy of the model's own heads on validation visits."""
+    model.eval()
+    l1, dis, ident, n = 0.0, 0, 0, 0
+    for s in range(0, len(data.labels), batch):
+        x = data.images[s : s + batch]
+        m, i, o = model.encoder(x)
+        l1 += F.l1_loss(model.generator(m, i, o), x, reduction="sum").item() / x[0].numel()
+        dis += (model.disease_head(m).argmax(1) == data.labels[s : s + batch]).sum().item()
+        ident += (model.identity_head(i).argmax(1) == data.patient_ids[s : s + batch]).sum().item()
+        n += x.shape[0]
+    model.train()
+    return {"val_l1": l1 / n, "val_disease_acc": dis / n, "val_identity_acc": ident / n}
+
+
+def stage2_step(model: DisentanglementModel, ident: torch.Tensor, opt: torch.optim.Optimizer) -> dict[str, float]:
+    recon, mu, logvar = model.vae(ident)
+    l_rec = F.mse_loss(recon, ident)
+    l_kl = -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp())
+    z = torch.randn(ident.shape[0], model.cfg.vae_latent, device=ident.device)
+    l_ent = entropy_loss(model.identity_head(model.vae.sample(z)))
+    loss = l_rec + 0.05 * l_kl + 0.5 * l_ent
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"vae_rec": l_rec.item(), "kl": l_kl.item(), "negent": l_ent.item()}
+
+
+@torch.no_grad()
+def compute_prototypes(model: DisentanglementModel, data: Dataset) -> None:
+    model.eval()
+    meds = torch.cat([model.encoder(data.images[s : s + 512])[0] for s in range(0, len(data.labels), 512)])
+    for c in range(model.cfg.n_classes):
+        model.prototypes[c] = meds[data.labels == c].mean(0)
+
+
+def train(
+    cfg: TrainConfig,
+    out: Path,
+    data: tuple[Dataset, Dataset] | None = None,
+    on_epoch: Callable[[str, int, dict[str, float]], None] | None = None,
+) -> DisentanglementModel:
+    """Train (or resume) both stages; writes ``out/checkpoint.pt`` and ``out/history.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    train_data, val_data = data if data is not None else synthetic_split(cfg)
+    n_ids = int(train_data.patient_ids.max()) + 1
+    mcfg = ModelConfig(image_size=cfg.image_size, n_identities=n_ids)
+    model = DisentanglementModel(mcfg).to(device)
+    gen_params = [p for n, p in model.named_parameters() if not n.startswith(("discriminator", "vae"))]
+    opt_g = torch.optim.Adam(gen_params, lr=cfg.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    opt_v = torch.optim.Adam(model.vae.parameters(), lr=2e-3)
+    history: list[dict] = []
+    start_epoch, start_vae = 0, 0
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        opt_v.load_state_dict(ckpt["opt_v"])
+        start_epoch, start_vae, history = ckpt["epoch"], ckpt["vae_epoch"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"])
+        log.info("resuming from %s at epoch %d, vae epoch %d", ckpt_path, start_epoch, start_vae)
+
+    def save(epoch: int, vae_epoch: int) -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+                "opt_v": opt_v.state_dict(),
+                "epoch": epoch,
+                "vae_epoch": vae_epoch,
+                "history": history,
+                "rng": torch.get_rng_state(),
+                "model_config": dataclasses.asdict(mcfg),
+                "train_config": dataclasses.asdict(cfg),
+            },
+            tmp,
+        )
+        tmp.replace(ckpt_path)
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+
+    x_all, p_all, y_all = (t.to(device) for t in (train_data.images, train_data.patient_ids, train_data.labels))
+    n = x_all.shape[0]
+    steps = n // cfg.batch_size
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_g, T_max=max(1, cfg.epochs * steps))
+    for _ in range(start_epoch * steps):
+        sched.step()
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order = torch.randperm(n, generator=g).to(device)
+        t0, acc = time.time(), {}
+        for k in range(steps):
+            idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+            progress = (epoch + k / steps) / cfg.epochs
+            ramp = min(1.0, max(0.0, (progress - cfg.warmup) / max(cfg.ramp, 1e-9)))
+            stats = stage1_step(model, x_all[idx], p_all[idx], y_all[idx], opt_g, opt_d, cfg, ramp)
+            sched.step()
+            acc = {key: acc.get(key, 0.0) + v for key, v in stats.items()}
+            _progress(f"stage 1 epoch {epoch + 1}/{cfg.epochs}", k + 1, steps, {k2: v / (k + 1) for k2, v in acc.items()})
+        entry = {"stage": 1, "epoch": epoch + 1, "seconds": round(time.time() - t0, 1)}
+        entry.update({k: v / steps for k, v in acc.items()})
+        entry.update(validate(model, Dataset(val_data.images.to(device), val_data.patient_ids.to(device), val_data.labels.to(device))))
+        history.append(entry)
+        log.info("stage 1 epoch %d: %s", epoch + 1, entry)
+        if on_epoch:
+            on_epoch("stage1", epoch + 1, entry)
+        save(epoch + 1, start_vae)
+
+    # Stage 2: the identity VAE on frozen identity vectors.
+    with torch.no_grad():
+        model.eval()
+        idents = torch.cat([model.encoder(x_all[s : s + 512])[1] for s in range(0, n, 512)])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.vae.parameters():
+        p.requires_grad_(True)
+    for vepoch in range(start_vae, cfg.vae_epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + vepoch)
+        order = torch.randperm(n, generator=g).to(device)
+        acc = {}
+        for k in range(steps):
+            stats = stage2_step(model, idents[order[k * cfg.batch_size : (k + 1) * cfg.batch_size]], opt_v)
+            acc = {key: acc.get(key, 0.0) + v for key, v in stats.items()}
+        entry = {"stage": 2, "epoch": vepoch + 1, **{k: v / steps for k, v in acc.items()}}
+        history.append(entry)
+        _progress(f"stage 2 epoch {vepoch + 1}/{cfg.vae_epochs}", 1, 1, {k: v for k, v in entry.items() if k not in ("stage", "epoch")})
+        if on_epoch:
+            on_epoch("stage2", vepoch + 1, entry)
+        save(cfg.epochs, vepoch + 1)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    compute_prototypes(model, train_data if device.type == "cpu" else Dataset(x_all, p_all, y_all))
+    save(cfg.epochs, cfg.vae_epochs)
+    model.eval()
+    return model

@@ -1,0 +1,1 @@
+"""casemask node: DICOM receive, queue, de-identify and forward."""

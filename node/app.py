@@ -1,0 +1,127 @@
+"""The node: settings, database, secret, SCP, pipeline and scheduler wired together."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+from pydicom import dcmread
+from sqlalchemy.orm import sessionmaker
+
+from node import queue, routing
+from node.config import Settings
+from node.db import make_engine, make_sessionmaker
+from node.deid import Pseudonymizer, load_or_create_secret
+from node.dispatch import Dispatcher
+from node.pipeline import PixelStep, Pipeline
+from node.spool import clean_stale_temporaries
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """A running casemask node. ``start()`` listens and schedules; ``tick()`` runs each
+    stage once, synchronously (for tests and tools)."""
+
+    def __init__(self, settings: Settings, pixel_step: PixelStep | None | str = "auto") -> None:
+        self.settings = settings
+        data = settings.node.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        removed = clean_stale_temporaries(data)
+        if removed:
+            log.info("removed %d temporary files left by an interrupted write", removed)
+        self.engine = make_engine(settings.node.resolved_database_url)
+        self.sessions: sessionmaker = make_sessionmaker(self.engine)
+        self.pseudo = Pseudonymizer(load_or_create_secret(settings.node.resolved_secret_path))
+        if pixel_step == "auto":
+            pixel_step = _default_pixel_step(settings)
+        self.pixel_step = pixel_step
+        self.pipeline = Pipeline(settings, self.sessions, self.pseudo, pixel_step)  # type: ignore[arg-type]
+        self.dispatchers = {d.name: Dispatcher(settings, self.sessions, d.name) for d in settings.destinations}
+        self.server = None
+        self.scheduler = None
+        self._stop = threading.Event()
+
+    # -- stages ---------------------------------------------------------------------
+    def route_stable(self, stable_after_s: float | None = None) -> int:
+        """Route every instance of the studies that are stable; returns instances routed."""
+        stable = self.settings.node.stable_after_s if stable_after_s is None else stable_after_s
+        keys = routing.keys_used(self.settings.routes)
+        n = 0
+        with self.sessions() as session:
+            for study in queue.stable_studies(session, stable):
+                for inst in queue.received_instances(session, study):
+                    try:
+                        ds = dcmread(inst.path, stop_before_pixels=True)
+                    except Exception as exc:
+                        queue.quarantine_instance(session, inst, f"spooled file unreadable ({type(exc).__name__})")
+                        continue
+                    attrs = routing.attributes_of(ds, inst.calling_ae, inst.called_ae, keys)
+                    matched = [v.route for v in routing.match_routes(self.settings.routes, attrs) if v.matched]
+                    queue.route_instance(session, inst, matched, self.settings.node.unrouted)
+                    n += 1
+                queue.mark_study_routed(study)
+                session.commit()
+        return n
+
+    def tick(self, stable_after_s: float | None = None) -> None:
+        """Route, process and dispatch until nothing is left to do right now."""
+        self.route_stable(stable_after_s)
+        while self.pipeline.run_once():
+            pass
+        for d in self.dispatchers.values():
+            for _ in range(1000):
+                if not d.run_once():
+                    break
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self, listen: bool = True) -> None:
+        from node.scheduler import make_scheduler
+
+        if listen:
+            from node.scp import start_server
+
+            self.server = start_server(self.settings, self.sessions)
+        jobs: dict[str, Callable[[], int]] = {"route": self.route_stable, "process": self.pipeline.run_once}
+        for name, d in self.dispatchers.items():
+            jobs[f"dispatch:{name}"] = d.run_once
+        self.scheduler = make_scheduler(self.settings.node.poll_interval_s, jobs)
+        self.scheduler.start()
+        log.info("node %s started: %d routes, %d destinations", self.settings.node.ae_title, len(self.settings.routes), len(self.settings.destinations))
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+            self.scheduler = None
+        self.engine.dispose()
+        log.info("node stopped")
+
+    def serve_forever(self) -> None:
+        """Start and block until SIGINT or SIGTERM."""
+        self.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._stop.set())
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+
+def _default_pixel_step(settings: Settings) -> PixelStep | None:
+    """The engine-backed pixel step when any route needs it (models load at start)."""
+    if not any(r.pixels == "anonymize" for r in settings.routes):
+        return None
+    try:
+        from node.pixels import EnginePixelStep
+    except ImportError as exc:  # the engine's dependencies are missing
+        log.error("pixel anonymization unavailable: %s", exc)
+        return None
+    step = EnginePixelStep(settings)
+    step.warm()
+    return step

@@ -1,0 +1,192 @@
+"""SQLAlchemy 2 typed models and the one engine/session factory of a process.
+
+SQLite-specific settings (WAL, synchronous=FULL, busy timeout) live in
+:func:`_sqlite_adapter`; everything else is portable SQL so that PostgreSQL can follow.
+State columns hold the enums of :mod:`node.queue`, the only module that changes them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from pathlib import Path
+
+from sqlalchemy import (
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class StudyState(enum.StrEnum):
+    RECEIVING = "RECEIVING"  # objects still arriving (or arrived after the last processing)
+    ROUTED = "ROUTED"  # stable: its instances have been routed to jobs
+    DONE = "DONE"  # every job of it has finished
+
+
+class InstanceState(enum.StrEnum):
+    RECEIVED = "RECEIVED"
+    ROUTED = "ROUTED"
+    PROCESSED = "PROCESSED"
+    QUARANTINED = "QUARANTINED"
+    HELD = "HELD"  # matched no route, unrouted = "hold"
+    IGNORED = "IGNORED"  # matched no route, unrouted = "discard"
+
+
+class JobState(enum.StrEnum):
+    PENDING = "PENDING"
+    PROCESSING = "PROCESSING"
+    DONE = "DONE"
+    QUARANTINED = "QUARANTINED"
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "PENDING"
+    SENDING = "SENDING"
+    RETRY_WAIT = "RETRY_WAIT"
+    SENT = "SENT"
+    FAILED = "FAILED"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[StudyState] = mapped_column(Enum(StudyState, native_enum=False, length=16), default=StudyState.RECEIVING)
+    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    instances: Mapped[list[Instance]] = relationship(back_populates="study")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    called_ae: Mapped[str] = mapped_column(String(16), default="")
+    peer_host: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    state: Mapped[InstanceState] = mapped_column(Enum(InstanceState, native_enum=False, length=16), default=InstanceState.RECEIVED, index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    study: Mapped[Study] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """One instance through one route."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("instance_id", "route"), Index("ix_jobs_state_lease", "state", "lease_until"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    route: Mapped[str] = mapped_column(String(64))
+    state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16), default=JobState.PENDING)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    instance: Mapped[Instance] = relationship()
+
+
+class Output(Base):
+    """A de-identified object made by a job, waiting in the outbox."""
+
+    __tablename__ = "outputs"
+    __table_args__ = (UniqueConstraint("job_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # deidentified | anonymized | counterfactual
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+
+
+class Delivery(Base):
+    """One output to one destination."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("output_id", "destination"),
+        Index("ix_deliveries_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"))
+    destination: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[DeliveryState] = mapped_column(Enum(DeliveryState, native_enum=False, length=16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    output: Mapped[Output] = relationship()
+
+
+class Pseudonym(Base):
+    """Old -> new identifiers, kept so that mappings can be exported (kind: uid | patient)."""
+
+    __tablename__ = "pseudonyms"
+    __table_args__ = (UniqueConstraint("kind", "old"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    old: Mapped[str] = mapped_column(String(128))
+    new: Mapped[str] = mapped_column(String(128))
+
+
+def _sqlite_adapter(engine: Engine) -> None:
+    """SQLite only: WAL for concurrent readers, FULL sync so a commit survives power loss."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """The process's one engine. Creates the tables that do not exist yet."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        _sqlite_adapter(engine)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)

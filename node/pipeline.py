@@ -1,0 +1,176 @@
+"""One study through one route: pixel step, header step, outbox, deliveries.
+
+Fail closed: a step that the route requires and that raises, or is not available,
+quarantines the object with the reason, and nothing of it reaches the outbox. With
+``partial = "quarantine-study"`` (the default) one quarantined object quarantines the
+rest of the batch as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+from pathlib import Path
+from typing import Protocol
+
+from pydicom import Dataset, dcmread
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from node import queue
+from node.config import Route, Settings
+from node.db import Job, Output, Pseudonym
+from node.deid import Deidentifier, Pseudonymizer, QuarantineError
+from node.deid.profile import CLEAN_PIXEL_CODE, CLEAN_VISUAL_CODE
+from node.spool import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Item:
+    """One object on its way through a route's steps."""
+
+    job: Job
+    source: Dataset | None = None
+    outputs: list[tuple[str, Dataset]] = dataclasses.field(default_factory=list)  # (kind, dataset)
+    error: str = ""
+
+
+class PixelStep(Protocol):
+    """What the pixel anonymization step offers the pipeline (see node.pixels)."""
+
+    def available(self, route: Route) -> str | None:
+        """None when the route's model is ready; else why not."""
+
+    def process(self, items: list[Item], route: Route, pseudo: Pseudonymizer) -> None:
+        """Fill each item's ``outputs`` with derived datasets, or set its ``error``."""
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, sessions: sessionmaker, pseudo: Pseudonymizer, pixel_step: PixelStep | None = None) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.pseudo = pseudo
+        self.pixel_step = pixel_step
+        self.outbox = settings.node.data_dir / "outbox"
+        self._deid: dict[str, Deidentifier] = {}
+
+    def deidentifier(self, route: Route) -> Deidentifier:
+        if route.name not in self._deid:
+            assert route.deid is not None
+            self._deid[route.name] = Deidentifier(route.deid, self.pseudo, pixels_cleaned=route.pixels == "anonymize")
+        return self._deid[route.name]
+
+    def run_once(self) -> int:
+        """Claim one batch of jobs (one study, one route) and process it; returns its size."""
+        with self.sessions() as session:
+            jobs = queue.claim_jobs(session, self.settings.node.lease_s)
+            session.commit()
+            if not jobs:
+                return 0
+            self.process(session, jobs)
+            session.commit()
+            return len(jobs)
+
+    def process(self, session: Session, jobs: list[Job]) -> None:
+        route_name = jobs[0].route
+        try:
+            route = self.settings.route(route_name)
+        except KeyError:
+            for job in jobs:
+                queue.quarantine_job(session, job, f"route {route_name!r} is no longer configured")
+            return
+        items = [Item(job=j) for j in jobs]
+        for it in items:
+            try:
+                it.source = dcmread(it.job.instance.path)
+            except Exception as exc:
+                it.error = f"cannot read the spooled object ({type(exc).__name__})"
+        live = [it for it in items if not it.error]
+        if route.pixels == "anonymize":
+            why = self.pixel_step.available(route) if self.pixel_step else "the pixel step is not installed"
+            if why:
+                for it in live:
+                    it.error = f"pixel anonymization required but not available: {why}"
+            else:
+                try:
+                    self.pixel_step.process(live, route, self.pseudo)  # type: ignore[union-attr]
+                except Exception as exc:  # the whole step failed: nobody passes
+                    log.exception("pixel step failed for route %s", route.name)
+                    for it in live:
+                        it.error = it.error or f"pixel step failed ({type(exc).__name__}: {exc})"
+        else:
+            for it in live:
+                it.outputs = [("deidentified" if route.deid else "forwarded", it.source)]  # type: ignore[list-item]
+        uid_map: dict[str, str] = {}
+        patient_map: dict[str, str] = {}
+        for it in items:
+            if it.error:
+                continue
+            if route.deid is None:
+                continue
+            try:
+                deid = self.deidentifier(route)
+                extra = [CLEAN_PIXEL_CODE, CLEAN_VISUAL_CODE] if route.pixels == "anonymize" else []
+                for _, ds in it.outputs:
+                    res = deid.apply(ds, extra_codes=extra)
+                    uid_map.update(res.uid_map)
+                    patient_map.update(res.patient_map)
+            except QuarantineError as exc:
+                it.error = str(exc)
+            except Exception as exc:
+                log.exception("header de-identification failed for job %d", it.job.id)
+                it.error = f"header de-identification failed ({type(exc).__name__}: {exc})"
+        failed = [it for it in items if it.error]
+        if failed and route.partial == "quarantine-study":
+            first = failed[0]
+            for it in items:
+                if not it.error:
+                    it.error = f"another object of this study was quarantined (partial = quarantine-study): {first.error}"
+        for it in items:
+            if it.error:
+                queue.quarantine_job(session, it.job, it.error)
+                continue
+            outputs = []
+            try:
+                for kind, ds in it.outputs:
+                    outputs.append(self._write_output(route, kind, ds))
+            except OSError as exc:
+                # The outbox cannot be written: leave the job claimed; its lease expires and
+                # it is tried again. Nothing was delivered.
+                log.error("job %d: cannot write outbox (%s); will retry", it.job.id, exc.strerror)
+                continue
+            queue.finish_job(session, it.job, outputs, route.destinations)
+        self._save_mappings(session, uid_map, patient_map)
+
+    def _write_output(self, route: Route, kind: str, ds: Dataset) -> Output:
+        sop = str(ds.SOPInstanceUID)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        h = hashlib.sha256(f"{route.name}/{ds.get('StudyInstanceUID', '')}".encode()).hexdigest()[:24]
+        path = self.outbox / route.name / h / f"{sop}.dcm"
+        write_atomic(path, buf.getvalue())
+        return Output(
+            kind=kind,
+            sop_instance_uid=sop,
+            sop_class_uid=str(ds.SOPClassUID),
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            path=str(path),
+        )
+
+    def _save_mappings(self, session: Session, uid_map: dict[str, str], patient_map: dict[str, str]) -> None:
+        for kind, mapping in (("uid", uid_map), ("patient", patient_map)):
+            if not mapping:
+                continue
+            known = set(session.scalars(select(Pseudonym.old).where(Pseudonym.kind == kind, Pseudonym.old.in_(list(mapping)))))
+            for old, new in mapping.items():
+                if old not in known:
+                    session.add(Pseudonym(kind=kind, old=old, new=new))
+
+
+def output_path_for(folder: Path, ds: Dataset) -> Path:
+    """Where a folder destination puts an object: study / series / instance."""
+    return folder / str(ds.StudyInstanceUID) / str(ds.get("SeriesInstanceUID", "series")) / f"{ds.SOPInstanceUID}.dcm"

@@ -1,0 +1,326 @@
+"""Every state transition of studies, instances, jobs and deliveries, in one place.
+
+Work is *claimed* with a lease: a claim sets a state and ``lease_until``; whoever holds
+an expired lease is presumed dead, and the work is claimed again. Each function runs in
+the caller's session and commits nothing; callers keep transactions short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from node.db import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    Output,
+    Study,
+    StudyState,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Received:
+    """What the C-STORE handler knows about an object it has just spooled."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    transfer_syntax: str
+    path: str
+    size: int
+    calling_ae: str
+    called_ae: str
+    peer_host: str
+
+
+def record_received(session: Session, r: Received) -> tuple[Instance, bool]:
+    """Insert a received instance (and its study); returns (instance, is_new).
+
+    The same SOP Instance UID again is not stored twice: the existing row is returned.
+    An object arriving for a study that was already routed reopens it (an amendment):
+    only the new objects are processed next time, into the same pseudonymous study.
+    """
+    existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == r.sop_instance_uid))
+    if existing is not None:
+        return existing, False
+    now = utcnow()
+    study = session.scalar(select(Study).where(Study.study_uid == r.study_uid))
+    if study is None:
+        study = Study(study_uid=r.study_uid, state=StudyState.RECEIVING, first_received_at=now, last_received_at=now)
+        session.add(study)
+        session.flush()
+        log.info("study %s: RECEIVING", r.study_uid)
+    else:
+        if study.state != StudyState.RECEIVING:
+            log.info("study %s: %s -> RECEIVING (amendment)", r.study_uid, study.state.value)
+            study.state = StudyState.RECEIVING
+        study.last_received_at = now
+    inst = Instance(
+        sop_instance_uid=r.sop_instance_uid,
+        sop_class_uid=r.sop_class_uid,
+        study_id=study.id,
+        series_uid=r.series_uid,
+        modality=r.modality[:16],
+        transfer_syntax=r.transfer_syntax,
+        path=r.path,
+        size=r.size,
+        calling_ae=r.calling_ae,
+        called_ae=r.called_ae,
+        peer_host=r.peer_host,
+        received_at=now,
+        state=InstanceState.RECEIVED,
+    )
+    session.add(inst)
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent association stored the same UID first
+        session.rollback()
+        again = session.scalar(select(Instance).where(Instance.sop_instance_uid == r.sop_instance_uid))
+        if again is None:
+            raise
+        return again, False
+    return inst, True
+
+
+def stable_studies(session: Session, stable_after_s: float, now: dt.datetime | None = None) -> list[Study]:
+    """Studies that received nothing for ``stable_after_s`` seconds and await routing."""
+    cutoff = (now or utcnow()) - dt.timedelta(seconds=stable_after_s)
+    return list(
+        session.scalars(
+            select(Study).where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff).order_by(Study.id)
+        )
+    )
+
+
+def received_instances(session: Session, study: Study) -> list[Instance]:
+    return list(
+        session.scalars(
+            select(Instance).where(Instance.study_id == study.id, Instance.state == InstanceState.RECEIVED).order_by(Instance.id)
+        )
+    )
+
+
+def route_instance(session: Session, inst: Instance, routes: Sequence[str], unrouted: str) -> None:
+    """RECEIVED -> ROUTED (one PENDING job per route) | HELD | IGNORED."""
+    if routes:
+        for name in routes:
+            session.add(Job(instance_id=inst.id, study_id=inst.study_id, route=name, state=JobState.PENDING))
+        _set_instance(inst, InstanceState.ROUTED, "routes: " + ",".join(routes))
+    elif unrouted == "discard":
+        _set_instance(inst, InstanceState.IGNORED, "matched no route (unrouted = discard)")
+    else:
+        _set_instance(inst, InstanceState.HELD, "matched no route (unrouted = hold)")
+
+
+def quarantine_instance(session: Session, inst: Instance, reason: str) -> None:
+    """An instance that could not even be routed (unreadable file)."""
+    _set_instance(inst, InstanceState.QUARANTINED, reason)
+
+
+def mark_study_routed(study: Study) -> None:
+    _set_study(study, StudyState.ROUTED)
+
+
+def _set_study(study: Study, state: StudyState) -> None:
+    if study.state != state:
+        log.info("study %s: %s -> %s", study.study_uid, study.state.value, state.value)
+        study.state = state
+
+
+def _set_instance(inst: Instance, state: InstanceState, reason: str = "") -> None:
+    log.info("instance %s: %s -> %s%s", inst.sop_instance_uid, inst.state.value, state.value, f" ({reason})" if reason and state in (InstanceState.QUARANTINED, InstanceState.HELD) else "")
+    inst.state = state
+    inst.reason = reason
+
+
+def claim_jobs(session: Session, lease_s: float, limit: int = 512) -> list[Job]:
+    """Claim PENDING jobs, and PROCESSING ones whose lease expired, grouped by study.
+
+    Returns the jobs of one study and one route at a time, so a route's steps see the
+    whole study together.
+    """
+    now = utcnow()
+    claimable = or_(Job.state == JobState.PENDING, and_(Job.state == JobState.PROCESSING, Job.lease_until < now))
+    first = session.scalar(select(Job).where(claimable).order_by(Job.study_id, Job.id).limit(1))
+    if first is None:
+        return []
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(claimable, Job.study_id == first.study_id, Job.route == first.route)
+            .order_by(Job.id)
+            .limit(limit)
+        )
+    )
+    lease = now + dt.timedelta(seconds=lease_s)
+    # Guarded update: only rows still claimable are taken (another worker may race).
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(ids), claimable)
+        .values(state=JobState.PROCESSING, lease_until=lease, attempts=Job.attempts + 1, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    jobs = list(session.scalars(select(Job).where(Job.id.in_(ids), Job.lease_until == lease)))
+    for j in jobs:
+        session.refresh(j)
+    return jobs
+
+
+def finish_job(session: Session, job: Job, outputs: Iterable[Output], destinations: Sequence[str]) -> None:
+    """PROCESSING -> DONE, with its outputs and one PENDING delivery per destination."""
+    for out in outputs:
+        out.job_id = job.id
+        session.add(out)
+        session.flush()
+        for dest in destinations:
+            session.add(Delivery(output_id=out.id, destination=dest, state=DeliveryState.PENDING, next_attempt_at=utcnow()))
+    job.state = JobState.DONE
+    job.lease_until = None
+    job.reason = ""
+    job.updated_at = utcnow()
+    _after_job(session, job)
+
+
+def quarantine_job(session: Session, job: Job, reason: str) -> None:
+    """PROCESSING -> QUARANTINED: nothing of this object leaves the node (fail closed)."""
+    job.state = JobState.QUARANTINED
+    job.lease_until = None
+    job.reason = reason
+    job.updated_at = utcnow()
+    log.warning("job %d (route %s, instance %s): QUARANTINED: %s", job.id, job.route, job.instance.sop_instance_uid, reason)
+    _after_job(session, job)
+
+
+def _after_job(session: Session, job: Job) -> None:
+    inst = job.instance
+    states = set(session.scalars(select(Job.state).where(Job.instance_id == inst.id)))
+    if JobState.QUARANTINED in states and inst.state != InstanceState.QUARANTINED:
+        _set_instance(inst, InstanceState.QUARANTINED, job.reason)
+    elif states == {JobState.DONE}:
+        _set_instance(inst, InstanceState.PROCESSED)
+    session.flush()
+    open_jobs = session.scalar(
+        select(func.count()).select_from(Job).where(Job.study_id == job.study_id, Job.state.in_([JobState.PENDING, JobState.PROCESSING]))
+    )
+    study = session.get(Study, job.study_id)
+    if study is not None and not open_jobs and study.state == StudyState.ROUTED:
+        _set_study(study, StudyState.DONE)
+
+
+def claim_deliveries(session: Session, destination: str, lease_s: float, limit: int = 256) -> list[Delivery]:
+    """Claim due deliveries of one destination (and SENDING ones whose lease expired)."""
+    now = utcnow()
+    due = and_(
+        Delivery.destination == destination,
+        or_(
+            and_(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRY_WAIT]), Delivery.next_attempt_at <= now),
+            and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_until < now),
+        ),
+    )
+    ids = list(session.scalars(select(Delivery.id).where(due).order_by(Delivery.id).limit(limit)))
+    if not ids:
+        return []
+    lease = now + dt.timedelta(seconds=lease_s)
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(ids), due)
+        .values(state=DeliveryState.SENDING, lease_until=lease)
+        .execution_options(synchronize_session=False)
+    )
+    out = list(session.scalars(select(Delivery).where(Delivery.id.in_(ids), Delivery.lease_until == lease).order_by(Delivery.id)))
+    for d in out:
+        session.refresh(d)
+    return out
+
+
+def mark_sent(delivery: Delivery) -> None:
+    delivery.state = DeliveryState.SENT
+    delivery.attempts += 1
+    delivery.lease_until = None
+    delivery.sent_at = utcnow()
+    delivery.reason = ""
+    log.info("delivery %d (%s -> %s): SENT", delivery.id, delivery.output.sop_instance_uid, delivery.destination)
+
+
+def mark_retry(delivery: Delivery, reason: str, base_s: float, max_s: float, max_attempts: int) -> None:
+    """SENDING -> RETRY_WAIT with exponential backoff, or FAILED after max_attempts."""
+    delivery.attempts += 1
+    delivery.lease_until = None
+    delivery.reason = reason
+    if delivery.attempts >= max_attempts:
+        delivery.state = DeliveryState.FAILED
+        log.warning("delivery %d (-> %s): FAILED after %d attempts: %s", delivery.id, delivery.destination, delivery.attempts, reason)
+        return
+    delay = min(max_s, base_s * 2 ** (delivery.attempts - 1))
+    delivery.state = DeliveryState.RETRY_WAIT
+    delivery.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
+    log.info("delivery %d (-> %s): RETRY_WAIT %.0fs (attempt %d): %s", delivery.id, delivery.destination, delay, delivery.attempts, reason)
+
+
+def release(delivery: Delivery) -> None:
+    """SENDING -> PENDING without counting an attempt (the node is shutting down)."""
+    delivery.state = DeliveryState.PENDING
+    delivery.lease_until = None
+
+
+def mark_failed(delivery: Delivery, reason: str) -> None:
+    """SENDING -> FAILED at once (a permanent error): the dead-letter queue."""
+    delivery.attempts += 1
+    delivery.state = DeliveryState.FAILED
+    delivery.lease_until = None
+    delivery.reason = reason
+    log.warning("delivery %d (-> %s): FAILED: %s", delivery.id, delivery.destination, reason)
+
+
+def requeue_failed(session: Session, destination: str | None = None) -> int:
+    """FAILED -> PENDING (``casemask retry``); returns how many."""
+    cond = Delivery.state == DeliveryState.FAILED
+    if destination:
+        cond = and_(cond, Delivery.destination == destination)
+    n = session.execute(
+        update(Delivery).where(cond).values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=utcnow(), reason="")
+    ).rowcount
+    if n:
+        log.info("re-queued %d FAILED deliveries%s", n, f" to {destination}" if destination else "")
+    return int(n or 0)
+
+
+def requeue_quarantined(session: Session) -> int:
+    """QUARANTINED jobs -> PENDING (after the admin fixed the cause); returns how many."""
+    jobs = list(session.scalars(select(Job).where(Job.state == JobState.QUARANTINED)))
+    for job in jobs:
+        job.state = JobState.PENDING
+        job.reason = ""
+        _set_instance(job.instance, InstanceState.ROUTED)
+        study = session.get(Study, job.study_id)
+        if study is not None and study.state == StudyState.DONE:
+            _set_study(study, StudyState.ROUTED)
+    return len(jobs)
+
+
+def counts(session: Session) -> dict[str, dict[str, int]]:
+    """Counts per state, for instances, studies and jobs, and per destination."""
+    out: dict[str, dict[str, int]] = {}
+    for name, model in (("studies", Study), ("instances", Instance), ("jobs", Job)):
+        rows = session.execute(select(model.state, func.count()).group_by(model.state)).all()
+        out[name] = {str(s.value): int(n) for s, n in rows}
+    rows = session.execute(select(Delivery.destination, Delivery.state, func.count()).group_by(Delivery.destination, Delivery.state)).all()
+    for dest, state, n in rows:
+        out.setdefault(f"destination:{dest}", {})[str(state.value)] = int(n)
+    return out

@@ -1,0 +1,114 @@
+"""Routes: ordered rules that say which objects go where and how.
+
+A route's ``match`` is a table of conditions that must all hold. Keys are DICOM keywords
+(``Modality``, ``StudyDescription``, ...) or ``calling_ae`` / ``called_ae``; a value is a
+string (equality), a list of strings (any of them) or ``{ regex = "..." }`` (a Python
+regular expression searched in the value). An empty match takes every object. An object
+may match several routes; one that matches none follows ``[node] unrouted``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydicom.datadict import keyword_dict
+
+from node.config import ROUTE_SPECIAL_KEYS, Route
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Whether one route matches one object, and one reason per condition."""
+
+    route: str
+    matched: bool
+    reasons: tuple[str, ...]
+
+
+def check_match(match: Mapping[str, Any]) -> list[str]:
+    """Problems with a match table (unknown keywords, bad regexes, bad value types)."""
+    problems = []
+    for key, cond in match.items():
+        if key not in ROUTE_SPECIAL_KEYS and key not in keyword_dict:
+            problems.append(f"{key!r} is not a DICOM keyword (nor calling_ae / called_ae)")
+        if isinstance(cond, dict):
+            if set(cond) != {"regex"}:
+                problems.append(f"{key}: a table condition is {{ regex = \"...\" }}")
+            else:
+                try:
+                    re.compile(cond["regex"])
+                except re.error as exc:
+                    problems.append(f"{key}: bad regular expression {cond['regex']!r}: {exc}")
+        elif isinstance(cond, list):
+            if not all(isinstance(v, (str, int, float)) for v in cond):
+                problems.append(f"{key}: a list condition holds strings or numbers")
+        elif not isinstance(cond, (str, int, float)):
+            problems.append(f"{key}: use a string, a list of strings or {{ regex = \"...\" }}")
+    return problems
+
+
+def _values(attrs: Mapping[str, Any], key: str) -> list[str]:
+    value = attrs.get(key)
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def _condition(key: str, cond: Any, attrs: Mapping[str, Any]) -> tuple[bool, str]:
+    values = _values(attrs, key)
+    shown = "|".join(values) if values else "(absent)"
+    if isinstance(cond, dict):
+        rx = re.compile(cond["regex"])
+        ok = any(rx.search(v) for v in values) if values else bool(rx.search(""))
+        return ok, f"{key} {shown!s} {'matches' if ok else 'does not match'} /{cond['regex']}/"
+    if isinstance(cond, list):
+        wanted = [str(c) for c in cond]
+        ok = any(v.strip() in wanted for v in values)
+        return ok, f"{key} {shown} {'is' if ok else 'is not'} one of {wanted}"
+    ok = any(v.strip() == str(cond) for v in values)
+    return ok, f"{key} {shown} {'==' if ok else '!='} {cond}"
+
+
+def evaluate(route: Route, attrs: Mapping[str, Any]) -> Verdict:
+    """Evaluate one route on an object's attributes (keywords plus calling_ae/called_ae).
+
+    Note: reasons name only attribute keywords and the configured values, so the
+    explanation may echo values the admin wrote into the config, never others.
+    """
+    reasons = []
+    matched = True
+    for key, cond in route.match.items():
+        ok, why = _condition(key, cond, attrs)
+        matched = matched and ok
+        reasons.append(why)
+    if not route.match:
+        reasons.append("empty match takes every object")
+    return Verdict(route.name, matched, tuple(reasons))
+
+
+def match_routes(routes: Iterable[Route], attrs: Mapping[str, Any]) -> list[Verdict]:
+    """Every route's verdict, in configuration order."""
+    return [evaluate(r, attrs) for r in routes]
+
+
+def attributes_of(ds: Any, calling_ae: str = "", called_ae: str = "", keys: Iterable[str] = ()) -> dict[str, Any]:
+    """The attributes a set of routes looks at, read from a pydicom Dataset."""
+    out: dict[str, Any] = {"calling_ae": calling_ae, "called_ae": called_ae}
+    for key in keys:
+        if key in ROUTE_SPECIAL_KEYS:
+            continue
+        try:
+            value = ds.get(key)
+        except Exception:  # an undecodable element is treated as absent
+            value = None
+        out[key] = value.value if hasattr(value, "value") else value
+    return out
+
+
+def keys_used(routes: Iterable[Route]) -> set[str]:
+    return {k for r in routes for k in r.match}

@@ -1,0 +1,208 @@
+"""The node's network edge: a pynetdicom AE answering C-ECHO and C-STORE.
+
+Access control happens at association time (EVT_REQUESTED): an unknown calling AE title,
+a known one from the wrong host, or a called AE title other than the node's is refused
+with A-ASSOCIATE-RJ (rejected-permanent, service-user, reason 3 or 7). The C-STORE
+handler only spools and queues: it answers Success after the file is fsynced and its row
+committed, 0xA700 when either fails, 0xC210/0xC211 when the dataset cannot be understood.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.orm import sessionmaker
+
+from node import queue
+from node.config import Settings
+from node.spool import spool_path, write_atomic
+
+log = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 B.2.3 and Annex C of PS3.7)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210
+MISSING_UIDS = 0xC211
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    """Turn off Nagle's algorithm: without it each C-STORE waits on a delayed ACK."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def tune_association(assoc, reactor_delay_s: float) -> None:
+    """TCP_NODELAY on the association's socket and a shorter idle sleep in its reactor."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    set_nodelay(sock)
+    assoc.dul._run_loop_delay = reactor_delay_s  # pynetdicom sleeps 1 ms per idle loop by default
+
+
+class AccessPolicy:
+    """Who may associate: the [[sources]] list, or anyone when accept_unknown_sources."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.ae_title = settings.node.ae_title
+        self.accept_unknown = settings.node.accept_unknown_sources
+        self.sources: dict[str, set[str | None]] = {}
+        for s in settings.sources:
+            self.sources.setdefault(s.ae_title.strip(), set()).add(_resolve(s.host) if s.host else None)
+
+    def check(self, calling_ae: str, called_ae: str, host: str) -> tuple[int, str] | None:
+        """None when allowed; else (A-ASSOCIATE-RJ reason, why)."""
+        if called_ae.strip() != self.ae_title:
+            return 0x07, f"called AE title {called_ae.strip()!r} is not this node's ({self.ae_title!r})"
+        if self.accept_unknown:
+            return None
+        hosts = self.sources.get(calling_ae.strip())
+        if hosts is None:
+            return 0x03, f"calling AE title {calling_ae.strip()!r} is not in [[sources]]"
+        if None not in hosts and host not in hosts:
+            return 0x03, f"calling AE title {calling_ae.strip()!r} is not allowed from {host}"
+        return None
+
+
+def _resolve(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
+class StoreHandler:
+    """C-STORE: spool atomically, commit the row, then answer."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker, on_stored: Callable[[], None] | None = None) -> None:
+        self.spool_dir = settings.node.data_dir / "spool"
+        self.sessions = sessions
+        self.on_stored = on_stored
+
+    def __call__(self, event: evt.Event) -> int:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title.strip()
+        try:
+            ds = event.dataset
+            sop_uid = str(ds.SOPInstanceUID)
+            study_uid = str(ds.StudyInstanceUID)
+            sop_class = str(event.request.AffectedSOPClassUID)
+            series_uid = str(ds.get("SeriesInstanceUID", ""))
+            modality = str(ds.get("Modality", ""))
+        except AttributeError:
+            log.warning("C-STORE from %s: missing SOP Instance or Study Instance UID -> 0xC211", calling)
+            return MISSING_UIDS
+        except Exception as exc:  # undecodable dataset
+            log.warning("C-STORE from %s: dataset cannot be decoded (%s) -> 0xC210", calling, type(exc).__name__)
+            return CANNOT_UNDERSTAND
+        if not sop_uid or not study_uid:
+            log.warning("C-STORE from %s: empty SOP Instance or Study Instance UID -> 0xC211", calling)
+            return MISSING_UIDS
+        ts = str(event.context.transfer_syntax)
+        path = spool_path(self.spool_dir, study_uid, sop_uid)
+        try:
+            with self.sessions() as session:
+                from sqlalchemy import select
+
+                from node.db import Instance
+
+                if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)) is not None:
+                    log.info("C-STORE %s from %s: already stored, answered Success", sop_uid, calling)
+                    return SUCCESS
+                size = write_atomic(path, event.encoded_dataset())
+                received = queue.Received(
+                    sop_instance_uid=sop_uid,
+                    sop_class_uid=sop_class,
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    modality=modality,
+                    transfer_syntax=ts,
+                    path=str(path),
+                    size=size,
+                    calling_ae=calling,
+                    called_ae=assoc.acceptor.ae_title.strip(),
+                    peer_host=str(assoc.requestor.address),
+                )
+                queue.record_received(session, received)
+                session.commit()
+        except OSError as exc:
+            log.error("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", sop_uid, calling, exc.strerror or type(exc).__name__)
+            return OUT_OF_RESOURCES
+        except Exception as exc:
+            log.error("C-STORE %s from %s: cannot commit (%s) -> 0xA700", sop_uid, calling, type(exc).__name__)
+            return OUT_OF_RESOURCES
+        log.debug("C-STORE %s from %s: stored", sop_uid, calling)
+        if self.on_stored:
+            self.on_stored()
+        return SUCCESS
+
+
+def make_ae(settings: Settings) -> AE:
+    """An AE that accepts every storage SOP class in every transfer syntax pynetdicom knows."""
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.add_supported_context(Verification)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.maximum_pdu_size = 0  # unlimited
+    ae.acse_timeout = settings.node.acse_timeout_s
+    ae.dimse_timeout = settings.node.dimse_timeout_s
+    ae.network_timeout = settings.node.network_timeout_s
+    ae.maximum_associations = 32
+    return ae
+
+
+def start_server(settings: Settings, sessions: sessionmaker, on_stored: Callable[[], None] | None = None) -> ThreadedAssociationServer:
+    """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
+    policy = AccessPolicy(settings)
+    reactor_delay = settings.node.reactor_delay_s
+
+    def on_requested(event: evt.Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = rq.calling_ae_title.strip()
+        called = rq.called_ae_title.strip()
+        host = str(assoc.requestor.address)
+        refusal = policy.check(calling, called, host)
+        if refusal is None:
+            log.info("association from %s@%s to %s: accepted", calling, host, called)
+            return
+        reason, why = refusal
+        log.warning("association from %s@%s to %s: rejected (%s)", calling, host, called, why)
+        assoc.acse.send_reject(0x01, 0x01, reason)
+        assoc.is_rejected = True
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
+    def on_open(event: evt.Event) -> None:
+        tune_association(event.assoc, reactor_delay)
+
+    def on_echo(event: evt.Event) -> int:
+        log.info("C-ECHO from %s", event.assoc.requestor.ae_title.strip())
+        return SUCCESS
+
+    handlers = [
+        (evt.EVT_CONN_OPEN, on_open),
+        (evt.EVT_REQUESTED, on_requested),
+        (evt.EVT_C_ECHO, on_echo),
+        (evt.EVT_C_STORE, StoreHandler(settings, sessions, on_stored)),
+    ]
+    ae = make_ae(settings)
+    server = ae.start_server((settings.node.host, settings.node.port), block=False, evt_handlers=handlers)
+    log.info("listening as %s on %s:%d", settings.node.ae_title, settings.node.host, settings.node.port)
+    return server
+
+
+def transfer_syntax_name(uid: str) -> str:
+    try:
+        return UID(uid).name
+    except Exception:
+        return uid
+
+
+__all__ = ["start_server", "StoreHandler", "AccessPolicy", "set_nodelay", "tune_association", "Path"]
