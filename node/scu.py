@@ -79,10 +79,10 @@ class DicomSender:
             wanted.setdefault(w.sop_class_uid, set()).add(w.transfer_syntax)
         contexts = []
         for sop_class, syntaxes in wanted.items():
-            compressed = sorted(s for s in syntaxes if s not in UNCOMPRESSED)
-            for ts in compressed:
+            # One context per syntax, so that the peer's answer says exactly which of the
+            # object's own syntax and the uncompressed fallbacks it takes.
+            for ts in sorted(syntaxes | set(UNCOMPRESSED)):
                 contexts.append(build_context(sop_class, [ts]))
-            contexts.append(build_context(sop_class, UNCOMPRESSED))
         return contexts
 
     def send(self, batch: Sequence[Work], report: Report) -> None:
@@ -148,12 +148,10 @@ class DicomSender:
             fallback = next((ts for ts in UNCOMPRESSED if (w.sop_class_uid, ts) in accepted), None)
             if fallback is None:
                 return Outcome("failed", f"peer accepts SOP class {w.sop_class_uid} in no transfer syntax we can send")
-            if UID(w.transfer_syntax).is_compressed:
-                try:
-                    ds.decompress()
-                except Exception as exc:
-                    return Outcome("failed", f"cannot decompress for the peer ({type(exc).__name__}: {exc})")
-            ds.file_meta.TransferSyntaxUID = fallback
+            try:
+                ds = _reencode(ds, UID(w.transfer_syntax), fallback)
+            except Exception as exc:
+                return Outcome("failed", f"cannot convert to {fallback.name} for the peer ({type(exc).__name__}: {exc})")
         try:
             status = assoc.send_c_store(ds)
         except Exception as exc:
@@ -161,6 +159,19 @@ class DicomSender:
         if not status or "Status" not in status:
             return Outcome("retry", "no C-STORE response (timeout or abort)")
         return classify_status(int(status.Status))
+
+
+def _reencode(ds, source: UID, target: UID):
+    """The dataset in an uncompressed ``target`` syntax (decompressing if needed)."""
+    import io
+
+    if source.is_compressed:
+        ds.decompress()
+    buf = io.BytesIO()
+    ds.file_meta.TransferSyntaxUID = target
+    ds.save_as(buf, implicit_vr=target == ImplicitVRLittleEndian, little_endian=True, enforce_file_format=True)
+    buf.seek(0)
+    return dcmread(buf)
 
 
 class FolderSender:

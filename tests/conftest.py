@@ -1,0 +1,318 @@
+"""Shared fixtures: free ports, real peers (Orthanc, dcmtk, pynetdicom) and nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+PYDICOM_FILES = Path(__import__("pydicom").__file__).parent / "data" / "test_files"
+STORESCU = shutil.which("storescu", path="/usr/bin")
+ECHOSCU = shutil.which("echoscu", path="/usr/bin")
+ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
+
+needs_dcmtk = pytest.mark.skipif(STORESCU is None, reason="dcmtk is not installed (apt-get install -y dcmtk)")
+needs_orthanc = pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (apt-get install -y orthanc)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> object:
+    """Poll ``pred`` until it returns something truthy (bounded); fail the test otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def dcmtk_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+# -- synthetic objects ---------------------------------------------------------------------
+PHI = {
+    "PatientName": "Doe^Janet^Q",
+    "PatientID": "MRN-99812734",
+    "PatientBirthDate": "19610704",
+    "AccessionNumber": "ACC77129035",
+    "InstitutionName": "Saint Synthetic Hospital",
+    "ReferringPhysicianName": "House^Gregory",
+    "StudyID": "SID4471",
+}
+
+
+def make_study(folder: Path, n: int = 5, study_uid: str | None = None, phi: dict | None = None, modality: str = "CT") -> list[Path]:
+    """``n`` small CT objects of one study, with synthetic PHI in their headers."""
+    base = dcmread(PYDICOM_FILES / "CT_small.dcm")
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for k in range(n):
+        ds = base.copy()
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        ds.Modality = modality
+        ds.StudyDate = "20240311"
+        for kw, v in (phi or PHI).items():
+            setattr(ds, kw, v)
+        p = folder / f"obj{k:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        out.append(p)
+    return out
+
+
+# -- Orthanc ----------------------------------------------------------------------------------
+class Orthanc:
+    def __init__(self, workdir: Path, aet: str = "ORTHANC") -> None:
+        self.aet = aet
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.workdir = workdir
+        cfg = {
+            "Name": "casemask-test-archive",
+            "DicomAet": aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "Plugins": [],
+            "TcpNoDelay": True,
+            "SyncStorageArea": True,
+            "StorageCompression": False,
+            "HttpServerEnabled": True,
+            "DicomServerEnabled": True,
+            "SaveJobs": False,
+            "StableAge": 1,
+        }
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "orthanc.json"
+        self.config.write_text(json.dumps(cfg))
+        self.log = (workdir / "orthanc.log").open("wb")
+        self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir)
+        wait_until(self._up, timeout=30, what="Orthanc to start")
+
+    def _up(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; see {self.workdir / 'orthanc.log'}")
+            return False
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def instances(self) -> list[str]:
+        return self.get("/instances")
+
+    def instance_tags(self, orthanc_id: str) -> dict:
+        return self.get(f"/instances/{orthanc_id}/simplified-tags")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    if ORTHANC is None:
+        pytest.skip("Orthanc is not installed (apt-get install -y orthanc)")
+    o = Orthanc(tmp_path / "orthanc")
+    yield o
+    o.stop()
+
+
+# -- in-process counting archive (pynetdicom) --------------------------------------------------
+class CountingArchive:
+    """A pynetdicom C-STORE SCP that counts every C-STORE it receives, duplicates included."""
+
+    def __init__(self, port: int | None = None, aet: str = "ARCHIVE", delay_s: float = 0.0, status: int = 0x0000, require_calling: list[str] | None = None) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+        self.port = port or free_port()
+        self.aet = aet
+        self.received: list[str] = []
+        self.datasets: list[Dataset] = []
+        self.lock = threading.Lock()
+        self.delay_s = delay_s
+        self.status = status
+        ae = AE(ae_title=aet)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context("1.2.840.10008.1.1")
+        if require_calling:
+            ae.require_calling_aet = require_calling
+
+        def on_store(event):
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            ds = event.dataset
+            with self.lock:
+                self.received.append(str(ds.SOPInstanceUID))
+                self.datasets.append(ds)
+            return self.status
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def archive_factory() -> Iterator[Callable[..., CountingArchive]]:
+    made: list[CountingArchive] = []
+
+    def make(**kw) -> CountingArchive:
+        a = CountingArchive(**kw)
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        a.stop()
+
+
+# -- nodes ------------------------------------------------------------------------------------
+def node_config(tmp_path: Path, destinations: list[dict], routes: list[dict] | None = None, **node_kw) -> dict:
+    node = {
+        "ae_title": "CASEMASK",
+        "host": "127.0.0.1",
+        "port": free_port(),
+        "data_dir": str(tmp_path / "var"),
+        "stable_after_s": 0.5,
+        "poll_interval_s": 0.1,
+        "retry_base_s": 0.2,
+        "retry_max_s": 1.0,
+        "lease_s": 5.0,
+    }
+    node.update(node_kw)
+    routes = routes or [
+        {
+            "name": "all",
+            "deid": {"profile": "basic", "options": ["retain-longitudinal-modified-dates"]},
+            "destinations": [d["name"] for d in destinations],
+        }
+    ]
+    return {"node": node, "sources": [{"ae_title": "STORESCU"}, {"ae_title": "ECHOSCU"}, {"ae_title": "CASEMASK"}, {"ae_title": "MODALITY1"}], "destinations": destinations, "routes": routes}
+
+
+def write_toml(raw: dict, path: Path) -> Path:
+    """A tiny TOML writer for the shapes our configs use (tests only)."""
+
+    def val(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
+        raise TypeError(type(v))
+
+    lines = ["[node]"] + [f"{k} = {val(v)}" for k, v in raw["node"].items()]
+    for table in ("sources", "destinations", "routes", "models"):
+        for entry in raw.get(table, []):
+            lines += ["", f"[[{table}]]"] + [f"{k} = {val(v)}" for k, v in entry.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def start_node(tmp_path: Path):
+    """Start in-process nodes from raw config dicts; stopped at teardown."""
+    from node.app import Node
+    from node.config import parse
+
+    nodes = []
+
+    def start(raw: dict, pixel_step="auto", listen: bool = True, schedule: bool = True) -> Node:
+        settings = parse(raw, "test", base_dir=tmp_path)
+        n = Node(settings, pixel_step=pixel_step)
+        if schedule:
+            n.start(listen=listen)
+        elif listen:
+            from node.scp import start_server
+
+            n.server = start_server(settings, n.sessions)
+        nodes.append(n)
+        return n
+
+    yield start
+    for n in nodes:
+        n.stop()
+
+
+class NodeProcess:
+    """``casemask serve`` as a subprocess (for SIGKILL tests)."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.logpath = config, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, port: int) -> None:
+        self.log = self.logpath.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}; see {self.logpath}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(up, timeout=60, what="the node to listen")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.log.close()

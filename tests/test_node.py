@@ -1,0 +1,294 @@
+"""The node end to end, against real peers: dcmtk as the modality, Orthanc or a
+pynetdicom SCP as the archive."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from sqlalchemy import func, select
+
+from node.db import Delivery, DeliveryState, Instance, InstanceState, Study
+from tests.conftest import (
+    ECHOSCU,
+    PHI,
+    STORESCU,
+    NodeProcess,
+    dcmtk_env,
+    free_port,
+    make_study,
+    needs_dcmtk,
+    needs_orthanc,
+    node_config,
+    wait_until,
+    write_toml,
+)
+
+pytestmark = needs_dcmtk
+
+
+def storescu(port: int, files: list[Path], aet: str = "STORESCU", aec: str = "CASEMASK", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([STORESCU, "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=120)
+
+
+def echoscu(port: int, aet: str = "ECHOSCU", aec: str = "CASEMASK") -> subprocess.CompletedProcess:
+    return subprocess.run([ECHOSCU, "-aet", aet, "-aec", aec, "127.0.0.1", str(port)], env=dcmtk_env(), capture_output=True, text=True, timeout=30)
+
+
+def c_store(port: int, ds) -> int:
+    """One C-STORE with pynetdicom; returns the status the node answered."""
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CASEMASK")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def delivery_states(node) -> dict[str, int]:
+    with node.sessions() as s:
+        rows = s.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
+    return {st.value: n for st, n in rows}
+
+
+@needs_orthanc
+def test_study_from_storescu_reaches_orthanc_once_deidentified(tmp_path, orthanc, start_node):
+    dest = {"name": "orthanc", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+    node = start_node(node_config(tmp_path, [dest]))
+    files = make_study(tmp_path / "study", n=6)
+    r = storescu(node.settings.node.port, files)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: len(orthanc.instances()) >= 6, timeout=60, what="6 instances at Orthanc")
+    wait_until(lambda: delivery_states(node) == {"SENT": 6}, timeout=30, what="6 deliveries SENT")
+    ids = orthanc.instances()
+    assert len(ids) == 6
+    stats = orthanc.get("/statistics")
+    assert stats["CountStudies"] == 1 and stats["CountInstances"] == 6
+    originals = {str(dcmread(f).SOPInstanceUID) for f in files}
+    for oid in ids:
+        tags = orthanc.instance_tags(oid)
+        assert tags["SOPInstanceUID"] not in originals
+        assert tags["PatientIdentityRemoved"] == "YES"
+        text = repr(tags)
+        for value in PHI.values():
+            assert value not in text, f"{value!r} reached the archive"
+
+
+def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(tmp_path, start_node):
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]))
+    port = node.settings.node.port
+    ok = echoscu(port)
+    assert ok.returncode == 0, ok.stderr
+    bad_calling = echoscu(port, aet="INTRUDER")
+    assert bad_calling.returncode != 0
+    assert "Calling AE Title Not Recognized" in bad_calling.stderr + bad_calling.stdout
+    bad_called = echoscu(port, aec="NOTME")
+    assert bad_called.returncode != 0
+    assert "Called AE Title Not Recognized" in bad_called.stderr + bad_called.stdout
+    # A rejected sender's objects are never stored.
+    r = storescu(port, make_study(tmp_path / "s", 1), aet="INTRUDER")
+    assert r.returncode != 0
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 0
+
+
+def test_accept_unknown_sources(tmp_path, start_node):
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], accept_unknown_sources=True))
+    r = echoscu(node.settings.node.port, aet="ANYBODY")
+    assert r.returncode == 0, r.stderr
+
+
+def test_source_restricted_to_a_host(tmp_path, start_node):
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+    raw["sources"] = [{"ae_title": "WARD", "host": "127.0.0.2"}]
+    node = start_node(raw)
+    port = node.settings.node.port
+
+    def try_from(addr: str) -> bool:
+        ae = AE(ae_title="WARD")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="CASEMASK", bind_address=(addr, 0))
+        ok = assoc.is_established
+        if ok:
+            assoc.release()
+        return ok
+
+    assert try_from("127.0.0.2")
+    assert not try_from("127.0.0.1")
+
+
+def test_resend_of_same_instance_is_stored_once(tmp_path, start_node):
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600))
+    files = make_study(tmp_path / "s", 2)
+    assert storescu(node.settings.node.port, files).returncode == 0
+    assert storescu(node.settings.node.port, files).returncode == 0
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 2
+
+
+def test_spool_write_failure_answers_out_of_resources(tmp_path, start_node, monkeypatch):
+    import node.scp as scp
+
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), schedule=False)
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(scp, "write_atomic", disk_full)
+    assert c_store(node.settings.node.port, dcmread(make_study(tmp_path / "s", 1)[0])) == 0xA700
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 0
+
+
+def test_dataset_without_study_uid_answers_cannot_understand(tmp_path, start_node):
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), schedule=False)
+    ds = dcmread(make_study(tmp_path / "s", 1)[0])
+    del ds.StudyInstanceUID
+    assert 0xC000 <= c_store(node.settings.node.port, ds) <= 0xCFFF
+
+
+def test_destination_down_then_up_delivers_exactly_once(tmp_path, start_node, archive_factory):
+    port = free_port()
+    dest = {"name": "pacs", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": port, "timeout_s": 2.0}
+    node = start_node(node_config(tmp_path, [dest]))
+    storescu(node.settings.node.port, make_study(tmp_path / "s", 4))
+    wait_until(lambda: delivery_states(node).get("RETRY_WAIT", 0) == 4, timeout=30, what="deliveries waiting to retry")
+    archive = archive_factory(port=port)
+    wait_until(lambda: delivery_states(node) == {"SENT": 4}, timeout=30, what="deliveries SENT after the archive came up")
+    assert len(archive.received) == 4
+    assert len(set(archive.received)) == 4
+
+
+def test_permanent_rejection_goes_to_dead_letter_at_once_and_retry_requeues(tmp_path, start_node, archive_factory):
+    archive = archive_factory(require_calling=["SOMEONEELSE"])
+    dead = {"name": "picky", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port}
+    good = {"name": "folder", "kind": "folder", "path": str(tmp_path / "out")}
+    node = start_node(node_config(tmp_path, [dead, good]))
+    storescu(node.settings.node.port, make_study(tmp_path / "s", 3))
+    wait_until(lambda: delivery_states(node) == {"FAILED": 3, "SENT": 3}, timeout=30, what="3 FAILED and 3 SENT")
+    with node.sessions() as s:
+        failed = s.scalars(select(Delivery).where(Delivery.state == DeliveryState.FAILED)).all()
+        assert all(d.attempts == 1 and "rejected" in d.reason for d in failed)
+    # The dead destination never held up the folder.
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 3
+    from node import queue
+
+    with node.sessions() as s:
+        assert queue.requeue_failed(s, "picky") == 3
+        s.commit()
+    wait_until(lambda: delivery_states(node) == {"FAILED": 3, "SENT": 3}, timeout=30, what="re-queued deliveries to fail again")
+
+
+def test_failing_deid_step_never_forwards(tmp_path, start_node, monkeypatch):
+    from node.deid import Deidentifier
+
+    def boom(self, ds, extra_codes=()):
+        raise RuntimeError("simulated de-identification failure")
+
+    monkeypatch.setattr(Deidentifier, "apply", boom)
+    out = tmp_path / "out"
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(out)}]))
+    storescu(node.settings.node.port, make_study(tmp_path / "s", 3))
+
+    def quarantined() -> bool:
+        with node.sessions() as s:
+            return s.scalar(select(func.count()).select_from(Instance).where(Instance.state == InstanceState.QUARANTINED)) == 3
+
+    wait_until(quarantined, timeout=30, what="3 quarantined instances")
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Delivery)) == 0
+        reasons = {i.reason for i in s.scalars(select(Instance))}
+    assert any("simulated de-identification failure" in r for r in reasons)
+    assert not out.exists() or not list(out.rglob("*.dcm"))
+
+
+def test_route_requiring_pixels_without_pixel_step_is_quarantined(tmp_path, start_node):
+    out = tmp_path / "out"
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(out)}])
+    raw["routes"][0]["pixels"] = "anonymize"
+    node = start_node(raw, pixel_step=None)
+    storescu(node.settings.node.port, make_study(tmp_path / "s", 2))
+
+    def quarantined():
+        with node.sessions() as s:
+            return [i.reason for i in s.scalars(select(Instance).where(Instance.state == InstanceState.QUARANTINED))]
+
+    reasons = wait_until(lambda: len(quarantined()) == 2 and quarantined(), timeout=30, what="quarantine")
+    assert all("pixel" in r for r in reasons)
+    assert not out.exists() or not list(out.rglob("*.dcm"))
+
+
+def test_late_instance_is_an_amendment_of_the_same_output_study(tmp_path, start_node, archive_factory):
+    archive = archive_factory()
+    dest = {"name": "pacs", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port}
+    node = start_node(node_config(tmp_path, [dest]))
+    study_uid = "1.2.826.0.1.3680043.8.498.1111"
+    first = make_study(tmp_path / "a", 3, study_uid=study_uid)
+    storescu(node.settings.node.port, first)
+    wait_until(lambda: len(archive.received) == 3, what="first 3 objects")
+    late = make_study(tmp_path / "b", 1, study_uid=study_uid)
+    storescu(node.settings.node.port, late)
+    wait_until(lambda: len(archive.received) == 4, what="the late object")
+    wait_until(lambda: delivery_states(node) == {"SENT": 4}, what="4 SENT")
+    assert len(archive.received) == 4  # nothing re-sent
+    assert len({str(d.StudyInstanceUID) for d in archive.datasets}) == 1
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Study)) == 1
+
+
+def test_unrouted_objects_are_held(tmp_path, start_node):
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+    raw["routes"][0]["match"] = {"Modality": "MR"}
+    node = start_node(raw)
+    storescu(node.settings.node.port, make_study(tmp_path / "s", 2))
+
+    def held():
+        with node.sessions() as s:
+            return s.scalar(select(func.count()).select_from(Instance).where(Instance.state == InstanceState.HELD)) == 2
+
+    wait_until(held, what="2 HELD instances")
+
+
+@pytest.mark.slow
+def test_sigkill_during_receive_and_forward_loses_and_duplicates_nothing(tmp_path, archive_factory):
+    """Kill the node (SIGKILL) while it receives, then while it forwards; restart it;
+    every object reaches the archive; re-sends carry the same SOP Instance UID."""
+    archive = archive_factory(delay_s=0.01)
+    dest = {"name": "pacs", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port}
+    raw = node_config(tmp_path, [dest], stable_after_s=1.0, lease_s=2.0, poll_interval_s=0.2)
+    port = raw["node"]["port"]
+    cfg = write_toml(raw, tmp_path / "node.toml")
+    node = NodeProcess(cfg, tmp_path / "node.log")
+    files = make_study(tmp_path / "study", n=150)
+
+    # 1. Kill while receiving.
+    node.start(port)
+    sender = subprocess.Popen([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spool = Path(raw["node"]["data_dir"]) / "spool"
+    wait_until(lambda: spool.exists() and len(list(spool.rglob("*.dcm"))) >= 40, timeout=60, what="40 objects spooled")
+    node.kill()
+    sender.wait(60)
+    # 2. Restart; the modality sends everything again (it keeps what was not acknowledged).
+    node.start(port)
+    r = subprocess.run([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # 3. Kill while forwarding.
+    wait_until(lambda: len(archive.received) >= 30, timeout=60, what="forwarding to start")
+    node.kill()
+    at_kill = len(archive.received)
+    assert at_kill < 150, "forwarding finished before the kill; the test proves nothing"
+    node.start(port)
+    try:
+        wait_until(lambda: len(set(archive.received)) >= 150, timeout=120, what="all 150 objects at the archive")
+    finally:
+        node.stop()
+    distinct = set(archive.received)
+    assert len(distinct) == 150
+    # On the wire, only the object in flight at the kill may be sent twice (same UID).
+    assert len(archive.received) - len(distinct) <= 1, f"{len(archive.received) - len(distinct)} duplicate C-STOREs"
