@@ -202,7 +202,7 @@ def cmd_deid(args) -> int:
     from pydicom.errors import InvalidDicomError
 
     from node.config import DeidSettings, load
-    from node.deid import Deidentifier, Pseudonymizer, QuarantineError, load_or_create_secret
+    from node.deid import Deidentifier, Pseudonymizer, QuarantineError, load_or_create_secret, to_bytes
 
     if args.config or args.route:
         settings = load(args.config)
@@ -239,7 +239,7 @@ def cmd_deid(args) -> int:
             n_q += 1
             continue
         target = out / f"{res.dataset.SOPInstanceUID}.dcm"
-        res.dataset.save_as(target, enforce_file_format=True)
+        target.write_bytes(to_bytes(res.dataset))
         n_ok += 1
         if args.diff:
             print(f"== {f} -> {target}")

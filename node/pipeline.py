@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import logging
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node import queue
 from node.config import Route, Settings
 from node.db import Job, Output, Pseudonym
-from node.deid import Deidentifier, Pseudonymizer, QuarantineError
+from node.deid import Deidentifier, Pseudonymizer, QuarantineError, to_bytes
 from node.deid.profile import CLEAN_PIXEL_CODE, CLEAN_VISUAL_CODE
 from node.spool import write_atomic
 
@@ -148,11 +147,10 @@ class Pipeline:
 
     def _write_output(self, route: Route, kind: str, ds: Dataset) -> Output:
         sop = str(ds.SOPInstanceUID)
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
+        data = to_bytes(ds)
         h = hashlib.sha256(f"{route.name}/{ds.get('StudyInstanceUID', '')}".encode()).hexdigest()[:24]
         path = self.outbox / route.name / h / f"{sop}.dcm"
-        write_atomic(path, buf.getvalue())
+        write_atomic(path, data)
         return Output(
             kind=kind,
             sop_instance_uid=sop,

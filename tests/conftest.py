@@ -117,7 +117,8 @@ class Orthanc:
         self.config = workdir / "orthanc.json"
         self.config.write_text(json.dumps(cfg))
         self.log = (workdir / "orthanc.log").open("wb")
-        self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir)
+        # Orthanc speaks DICOM through dcmtk, which reads TCP_NODELAY from the environment.
+        self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir, env=dcmtk_env())
         wait_until(self._up, timeout=30, what="Orthanc to start")
 
     def _up(self) -> bool:

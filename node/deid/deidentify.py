@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import io
 import re
 from collections.abc import Iterable
 
@@ -140,16 +141,29 @@ class Deidentifier:
             old_pid=patient_key,
         )
         self._walk(ds, ctx, "", dummy=False)
+        for tag, value in self.replace.items():  # replacements also add absent attributes
+            if tag not in ds:
+                ds.add_new(tag, dictionary_VR(tag), value)
         self._mark(ds, extra_codes)
         meta = getattr(ds, "file_meta", None)
-        if meta is not None:
-            if "SOPInstanceUID" in ds:
-                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-            meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-            for t in [t for t in meta.keys() if t.element >= 0x0016 and t.group == 0x0002 and t not in (0x00020010,)]:
-                if t in (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102):  # AE titles and signatures
-                    del meta[t]
+        if meta is None:
+            from pydicom.dataset import FileMetaDataset
+
+            meta = ds.file_meta = FileMetaDataset()
+        if "SOPInstanceUID" in ds:
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if "SOPClassUID" in ds:
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        if "TransferSyntaxUID" not in meta:
+            from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+            implicit, _ = getattr(ds, "original_encoding", (True, True))
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit in (True, None) else ExplicitVRLittleEndian
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        for t in (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102):  # AE titles, signatures
+            if t in meta:
+                del meta[t]
         return Result(ds, ctx.uid_map, ctx.patient_map, ctx.changes)
 
     # -- internals ----------------------------------------------------------------
@@ -159,6 +173,8 @@ class Deidentifier:
         if tag in self.user_tags:
             return self.actions[tag]
         group = tag.group
+        if group == 0x0000:  # command elements have no place in a stored dataset
+            return "X"
         if 0x5000 <= group <= 0x501E and not group & 1:
             return "K" if self.clean_graphics else "X"
         if 0x6000 <= group <= 0x601E and not group & 1:
@@ -345,3 +361,25 @@ def _scrub(text: str, phi: list[str]) -> str:
     for p in phi:
         text = re.sub(re.escape(p), "X" * min(len(p), 3), text, flags=re.IGNORECASE)
     return _DIGITS.sub("X", text)
+
+
+def to_bytes(ds: Dataset, enforce_file_format: bool = True) -> bytes:
+    """Encode ``ds`` as a file; repairs datasets whose elements lack a VR.
+
+    Some inputs declare explicit VR in their file meta yet encode the body implicitly;
+    pydicom then keeps their elements without a VR and cannot write them back. Resolving
+    every element from the dictionary and writing explicit VR fixes that.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or not meta.get("MediaStorageSOPClassUID") or not meta.get("MediaStorageSOPInstanceUID"):
+        enforce_file_format = False  # no SOP UIDs: a bare dataset, not a Part 10 file
+    buf = io.BytesIO()
+    try:
+        ds.save_as(buf, enforce_file_format=enforce_file_format)
+    except (TypeError, ValueError):
+        for _ in ds.iterall():
+            pass
+        ds.set_original_encoding(False, True)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=enforce_file_format)
+    return buf.getvalue()

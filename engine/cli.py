@@ -1,0 +1,183 @@
+"""``casemask engine ...``: synth, train, evaluate, export, build."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_synth(args) -> int:
+    import numpy as np
+
+    from engine.data import SyntheticPatients
+
+    gen = SyntheticPatients(args.patients, args.visits, args.size, args.seed)
+    out = Path(args.out)
+    if args.dicom:
+        from engine.data.dicom import write_dicom_studies
+
+        files = write_dicom_studies(gen, out)
+        print(f"wrote {len(files)} DX studies of {args.patients} synthetic patients to {out} (labels in {out / 'labels.csv'})")
+        return 0
+    b = gen.batch()
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "synthetic.npz", images=b.images, patient_ids=b.patient_ids, labels=b.labels, visits=b.visits)
+    print(f"wrote {len(b.images)} images ({args.size}x{args.size}) to {out / 'synthetic.npz'}")
+    return 0
+
+
+def _load_data(spec: str, size: int, val_visits: int):
+    """'hdf5:PATH' or 'dicom:FOLDER,CSV' -> (train, val) Datasets."""
+    import numpy as np
+    import torch
+
+    from engine.data.real import load_dicom_folder, load_hdf5
+    from engine.train import Dataset
+
+    if spec.startswith("hdf5:"):
+        b = load_hdf5(spec[5:], size)
+    elif spec.startswith("dicom:"):
+        folder, csv_path = spec[6:].split(",", 1)
+        b = load_dicom_folder(folder, csv_path, size)
+    else:
+        raise SystemExit(f"--data {spec!r}: use synthetic, hdf5:PATH or dicom:FOLDER,CSV")
+    counts = np.bincount(b.patient_ids)
+    val = b.visits >= (counts[b.patient_ids] - val_visits).clip(min=1)
+    to = lambda m: Dataset(torch.from_numpy(b.images[m]), torch.from_numpy(b.patient_ids[m]), torch.from_numpy(b.labels[m]))  # noqa: E731
+    return to(~val), to(val)
+
+
+def cmd_train(args) -> int:
+    from engine import bundle
+    from engine.data import CLASSES
+    from engine.train import TrainConfig, train
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = TrainConfig(
+        image_size=args.size, patients=args.patients, visits=args.visits, val_visits=args.val_visits,
+        seed=args.seed, epochs=args.epochs, vae_epochs=args.vae_epochs, batch_size=args.batch_size,
+        device=device, threads=args.threads,
+    )
+    data = None if args.data == "synthetic" else _load_data(args.data, args.size, args.val_visits)
+    model = train(cfg, Path(args.out), data=data)
+    meta = {
+        "name": Path(args.bundle).name if args.bundle else "model",
+        "classes": list(CLASSES),
+        "training": {**dataclasses.asdict(cfg), "data": args.data},
+    }
+    target = Path(args.bundle) if args.bundle else Path(args.out) / "bundle"
+    bundle.save(model.cpu(), target, meta)
+    print(f"bundle written to {target}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from engine.api import load_model
+    from engine.evaluate import EvalConfig, evaluate, markdown
+
+    model = load_model(args.model, backend=args.backend)
+    cfg = EvalConfig(seed=args.seed, patients=args.patients, visits=args.visits, held_out=args.held_out, epochs=args.epochs,
+                     disease_patients=args.disease_patients)
+    report = evaluate(model, Path(args.out), cfg)
+    print(markdown(report))
+    print(f"report: {Path(args.out) / 'report.json'}; grid: {Path(args.out) / 'grid.png'}")
+    if args.write_bundle:
+        meta_path = model.bundle.path / "model.json"
+        meta = json.loads(meta_path.read_text())
+        meta["evaluation"] = report
+        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+        print(f"metrics written into {meta_path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from engine import bundle
+    from engine.export import export_all
+
+    b = bundle.load(args.model)
+    for p in export_all(b, args.graph):
+        print(f"{p}: checked (onnx.checker, ONNX Runtime vs PyTorch)")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from engine import bundle
+    from engine.runtime import make_runner
+
+    b = bundle.load(args.model)
+    lo, opt, hi = (int(v) for v in args.profile.split(","))
+    for graph in args.graph or ["anonymize", "counterfactual"]:
+        runner, _ = make_runner(b, graph, "tensorrt", trt_profile=(lo, opt, hi))
+        runner.fp16 = not args.fp32  # type: ignore[attr-defined]
+        plan = runner.build()  # type: ignore[attr-defined]
+        print(f"{graph}: {plan}")
+    return 0
+
+
+def add_engine_parser(sub) -> None:
+    ep = sub.add_parser("engine", help="the anonymization network: synth, train, evaluate, export, build")
+    esub = ep.add_subparsers(dest="engine_command", metavar="SUBCOMMAND", required=True)
+
+    sp = esub.add_parser("synth", help="write synthetic patients as arrays or DICOM DX studies")
+    sp.add_argument("--patients", type=int, default=10)
+    sp.add_argument("--visits", type=int, default=3)
+    sp.add_argument("--size", type=int, default=64)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True, metavar="DIR")
+    sp.add_argument("--dicom", action="store_true", help="DICOM DX studies with synthetic PHI instead of arrays")
+    sp.set_defaults(func=cmd_synth)
+
+    sp = esub.add_parser("train", help="train both stages (resumable) and write a bundle")
+    sp.add_argument("--out", required=True, metavar="DIR", help="checkpoints and history (resumes if present)")
+    sp.add_argument("--bundle", metavar="DIR", help="where to write the bundle (default: OUT/bundle)")
+    sp.add_argument("--data", default="synthetic", help="synthetic | hdf5:PATH | dicom:FOLDER,CSV")
+    sp.add_argument("--size", type=int, default=64)
+    sp.add_argument("--patients", type=int, default=200)
+    sp.add_argument("--visits", type=int, default=16)
+    sp.add_argument("--val-visits", type=int, default=4)
+    sp.add_argument("--epochs", type=int, default=40)
+    sp.add_argument("--vae-epochs", type=int, default=40)
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    sp.add_argument("--threads", type=int, default=0)
+    sp.set_defaults(func=cmd_train)
+
+    sp = esub.add_parser("evaluate", help="the paper's protocol with independent evaluator networks")
+    sp.add_argument("--model", default="builtin:reference", metavar="NAME_OR_PATH")
+    sp.add_argument("--out", required=True, metavar="DIR")
+    sp.add_argument("--seed", type=int, default=1000)
+    sp.add_argument("--patients", type=int, default=100)
+    sp.add_argument("--visits", type=int, default=10)
+    sp.add_argument("--held-out", type=int, default=3)
+    sp.add_argument("--disease-patients", type=int, default=300)
+    sp.add_argument("--epochs", type=int, default=12)
+    sp.add_argument("--backend", default="torch")
+    sp.add_argument("--write-bundle", action="store_true", help="store the metrics in the bundle's model.json")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = esub.add_parser("export", help="export the inference graphs to ONNX (checked)")
+    sp.add_argument("--model", default="builtin:reference", metavar="NAME_OR_PATH")
+    sp.add_argument("--graph", action="append", help="only this graph (repeatable)")
+    sp.set_defaults(func=cmd_export)
+
+    sp = esub.add_parser("build", help="build and cache TensorRT engines ahead of time")
+    sp.add_argument("--model", default="builtin:reference", metavar="NAME_OR_PATH")
+    sp.add_argument("--graph", action="append")
+    sp.add_argument("--profile", default="1,32,128", help="min,opt,max batch")
+    sp.add_argument("--fp32", action="store_true")
+    sp.set_defaults(func=cmd_build)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="casemask")
+    add_engine_parser(p.add_subparsers(dest="command", required=True))
+    a = p.parse_args()
+    sys.exit(a.func(a))

@@ -1,0 +1,288 @@
+"""The paper's evaluation protocol, judged by evaluator networks trained here, separately
+from the model (never the model's own heads).
+
+Population: synthetic patients the model never saw (a seed other than its training
+seed). Each patient's visits are split: the identity evaluator learns on the first
+visits (closed set) and everything is measured on the held-out visits. The disease
+evaluator learns on a further, separate population.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.api import Model
+from engine.data import CLASSES, SyntheticPatients
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    seed: int = 1000
+    patients: int = 100
+    visits: int = 10
+    held_out: int = 3
+    disease_patients: int = 300
+    disease_visits: int = 8
+    epochs: int = 12
+    threads: int = 0
+
+
+class EvaluatorNet(nn.Module):
+    """A plain CNN classifier; ``embed`` gives the penultimate features."""
+
+    def __init__(self, size: int, n_out: int, width: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 1
+        for w in (width, width * 2, width * 4, width * 4):
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(c * 4, 128), nn.ReLU())
+        self.head = nn.Linear(128, n_out)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    theta = torch.zeros(n, 2, 3)
+    ang = (torch.rand(n, generator=g) - 0.5) * 0.16
+    sc = 1 + (torch.rand(n, generator=g) - 0.5) * 0.1
+    theta[:, 0, 0] = torch.cos(ang) * sc
+    theta[:, 0, 1] = -torch.sin(ang) * sc
+    theta[:, 1, 0] = torch.sin(ang) * sc
+    theta[:, 1, 1] = torch.cos(ang) * sc
+    theta[:, :, 2] = (torch.rand(n, 2, generator=g) - 0.5) * 0.1
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    gain = 1 + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.3
+    return (x * gain + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.2).clamp(-1, 1)
+
+
+def train_evaluator(x: np.ndarray, y: np.ndarray, n_out: int, epochs: int, seed: int, augment: bool = True) -> EvaluatorNet:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = EvaluatorNet(x.shape[-1], n_out)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    steps = max(1, len(xt) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * steps)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(xt), generator=g)
+        for k in range(steps):
+            idx = order[k * 64 : (k + 1) * 64]
+            xb = _augment(xt[idx], g) if augment else xt[idx]
+            loss = F.cross_entropy(net(xb), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def predict(net: EvaluatorNet, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class predictions, embeddings)"""
+    preds, embs = [], []
+    for s in range(0, len(x), 256):
+        e = net.embed(torch.from_numpy(x[s : s + 256]))
+        embs.append(e.numpy())
+        preds.append(net.head(e).argmax(1).numpy())
+    return np.concatenate(preds), np.concatenate(embs)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM (Gaussian window 11, sigma 1.5) of images in [-1, 1], data range 2."""
+    ta, tb = torch.from_numpy(a).double(), torch.from_numpy(b).double()
+    k = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
+    k = (k / k.sum()).double()
+    w = (k[:, None] * k[None, :])[None, None]
+    mu = lambda t: F.conv2d(t, w)  # noqa: E731
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    ma, mb = mu(ta), mu(tb)
+    va, vb, cov = mu(ta * ta) - ma**2, mu(tb * tb) - mb**2, mu(ta * tb) - ma * mb
+    s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+    return float(s.mean())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return float(10 * np.log10(4.0 / max(mse, 1e-12)))
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Probability that a positive pair scores above a negative one (ties count half)."""
+    scores = np.concatenate([pos, neg])
+    ranks = scores.argsort().argsort().astype(np.float64) + 1
+    # average ranks for ties
+    _, inv, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    ranks = (sums / counts)[inv]
+    r_pos = ranks[: len(pos)].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-9)
+    b = b / (np.linalg.norm(b, axis=1, keepdims=True) + 1e-9)
+    return (a * b).sum(1)
+
+
+def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
+    """Run the protocol; writes out/report.json, out/report.md and out/grid.png."""
+    cfg = cfg or EvalConfig()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    size = model.image_size
+    train_seed = model.bundle.meta.get("training", {}).get("seed")
+    if train_seed is not None and int(train_seed) == cfg.seed:
+        raise ValueError(f"evaluation seed {cfg.seed} is the model's training seed; pick another")
+    pop = SyntheticPatients(cfg.patients, cfg.visits, size, cfg.seed).batch()
+    held = pop.visits >= cfg.visits - cfg.held_out
+    x_tr, p_tr = pop.images[~held], pop.patient_ids[~held]
+    x, p, y = pop.images[held], pop.patient_ids[held], pop.labels[held]
+    dis = SyntheticPatients(cfg.disease_patients, cfg.disease_visits, size, cfg.seed + 7919).batch()
+    log.info("training the identity evaluator on %d images of %d patients", len(x_tr), cfg.patients)
+    id_net = train_evaluator(x_tr, p_tr, cfg.patients, cfg.epochs, cfg.seed)
+    log.info("training the disease evaluator on %d images of a separate population", len(dis.images))
+    dis_net = train_evaluator(dis.images, dis.labels, len(CLASSES), max(4, cfg.epochs // 2), cfg.seed + 1)
+
+    rec = model.reconstruct(x)
+    anon = model.anonymize(x, seed=cfg.seed)
+    anon2 = model.anonymize(x, seed=cfg.seed + 1)
+    target = (y + 1 + np.random.default_rng(cfg.seed).integers(0, len(CLASSES) - 1, len(y))) % len(CLASSES)
+    cf = model.counterfactual(x, target)
+
+    pid_o, emb_o = predict(id_net, x)
+    pid_r, _ = predict(id_net, rec)
+    pid_a, emb_a = predict(id_net, anon)
+    pid_c, _ = predict(id_net, cf)
+    dy_o, _ = predict(dis_net, x)
+    dy_r, _ = predict(dis_net, rec)
+    dy_a, _ = predict(dis_net, anon)
+    dy_c, _ = predict(dis_net, cf)
+
+    # Verification: an image against its own anonymized version (positive) vs against the
+    # anonymized image of a different patient (negative); cosine of evaluator embeddings.
+    rng = np.random.default_rng(cfg.seed)
+    other = np.array([rng.choice(np.flatnonzero(p != p[i])) for i in range(len(p))])
+    pos = _cos(emb_o, emb_a)
+    neg = _cos(emb_o, emb_a[other])
+    # Real-vs-real reference: two held-out visits of the same patient vs different patients.
+    same = np.array([rng.choice(np.flatnonzero((p == p[i]) & (np.arange(len(p)) != i))) for i in range(len(p))])
+    ref_auc = auc(_cos(emb_o, emb_o[same]), _cos(emb_o, emb_o[other]))
+
+    # Distance of synthetic identities to the nearest real one, against real-to-real.
+    _, real_id, _ = model.encode(pop.images)
+    noise = model.identity_noise(512, cfg.seed)
+    import torch as _t
+
+    with _t.no_grad():
+        vae = model.runner("anonymize")  # noqa: F841 - make sure the model is loaded
+        synth = model._torch_model.vae.sample(_t.from_numpy(noise)).numpy()  # type: ignore[union-attr]
+    patient_means = np.stack([real_id[pop.patient_ids == k].mean(0) for k in range(cfg.patients)])
+    d_synth = np.sqrt(((synth[:, None] - patient_means[None]) ** 2).sum(-1)).min(1)
+    d_real = np.sqrt(((patient_means[:, None] - patient_means[None]) ** 2).sum(-1))
+    np.fill_diagonal(d_real, np.inf)
+    d_real = d_real.min(1)
+
+    report = {
+        "population": {"seed": cfg.seed, "patients": cfg.patients, "visits": cfg.visits, "held_out_visits": cfg.held_out, "image_size": size, "model_training_seed": train_seed},
+        "reid_chance": 1.0 / cfg.patients,
+        "reid_top1_original": float((pid_o == p).mean()),
+        "reid_top1_reconstructed": float((pid_r == p).mean()),
+        "reid_top1_anonymized": float((pid_a == p).mean()),
+        "reid_top1_counterfactual": float((pid_c == p).mean()),
+        "verification_auc_anonymized": auc(pos, neg),
+        "verification_auc_original_reference": ref_auc,
+        "disease_acc_original": float((dy_o == y).mean()),
+        "disease_acc_reconstructed": float((dy_r == y).mean()),
+        "disease_acc_anonymized": float((dy_a == y).mean()),
+        "counterfactual_flip_rate": float((dy_c != dy_o).mean()),
+        "counterfactual_target_rate": float((dy_c == target).mean()),
+        "ssim_reconstruction": ssim(x, rec),
+        "psnr_reconstruction": psnr(x, rec),
+        "ssim_anonymized": ssim(x, anon),
+        "anonymized_pair_differ_l1": float(np.abs(anon - anon2).mean()),
+        "synthetic_identity_nearest_real_median": float(np.median(d_synth)),
+        "real_identity_nearest_other_real_median": float(np.median(d_real)),
+        "seconds": round(time.time() - t0, 1),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    grid(out / "grid.png", x[:6], rec[:6], [model.anonymize(x[:6], seed=s) for s in (1, 2, 3)], cf[:6])
+    return report
+
+
+TARGETS = {
+    "reid_top1_original": (">=", 0.90),
+    "reid_top1_anonymized": ("<=2x", "reid_chance"),
+    "verification_auc_anonymized": ("<=", 0.60),
+    "disease_acc_anonymized": ("within 0.03 of", "disease_acc_original"),
+    "counterfactual_flip_rate": (">=", 0.85),
+    "reid_top1_counterfactual": (">=", 0.80),
+    "ssim_reconstruction": (">=", 0.85),
+}
+
+
+def meets(report: dict, key: str) -> bool:
+    op, ref = TARGETS[key]
+    v = report[key]
+    if op == ">=":
+        return v >= ref
+    if op == "<=":
+        return v <= ref
+    if op == "<=2x":
+        return v <= 2 * report[ref]
+    return abs(v - report[ref]) <= 0.03
+
+
+def markdown(report: dict) -> str:
+    lines = ["| metric | value | target | met |", "|---|---|---|---|"]
+    for k, v in report.items():
+        if not isinstance(v, float):
+            continue
+        t = TARGETS.get(k)
+        target = f"{t[0]} {t[1]}" if t else ""
+        met = ("yes" if meets(report, k) else "NO") if t else ""
+        lines.append(f"| {k} | {v:.3f} | {target} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def grid(path: Path, orig: np.ndarray, rec: np.ndarray, anons: list[np.ndarray], cf: np.ndarray) -> None:
+    """PNG rows: one per image; columns: original, reconstruction, 3 anonymized, counterfactual."""
+    from PIL import Image, ImageDraw
+
+    cols = [orig, rec, *anons, cf]
+    s = orig.shape[-1]
+    pad = 2
+    label_h = 14
+    img = Image.new("L", (len(cols) * (s + pad) + pad, len(orig) * (s + pad) + pad + label_h), 0)
+    for c, arr in enumerate(cols):
+        for r in range(len(orig)):
+            tile = ((np.clip(arr[r, 0], -1, 1) + 1) * 127.5).astype(np.uint8)
+            img.paste(Image.fromarray(tile), (pad + c * (s + pad), label_h + pad + r * (s + pad)))
+    draw = ImageDraw.Draw(img)
+    for c, name in enumerate(["orig", "recon", "anon1", "anon2", "anon3", "counterf"]):
+        draw.text((pad + c * (s + pad), 1), name, fill=255)
+    scale = max(1, 384 // s)
+    img = img.resize((img.width * scale // 2 * 2 if s < 128 else img.width, img.height * scale // 2 * 2 if s < 128 else img.height), Image.NEAREST)
+    img.save(path)

@@ -1,0 +1,260 @@
+"""Backends: PyTorch (eager or compiled), ONNX Runtime (CPU, CUDA, TensorRT EP), TensorRT.
+
+Each reports :meth:`is_available` with what is missing, so that ``auto`` can say why it
+did not pick a faster one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from engine.runtime.base import Runner, RunnerError, TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+class TorchRunner(Runner):
+    """A torch.nn.Module in eager mode (or torch.compile), on CPU or CUDA."""
+
+    backend = "torch"
+
+    def __init__(self, module, inputs: list[TensorSpec], outputs: list[TensorSpec], device: str = "cpu", compile: bool = False, max_batch: int = 128, half: bool = False) -> None:
+        super().__init__(inputs, outputs, max_batch)
+        self.module = module
+        self.device = device
+        self.compile = compile
+        self.half = half
+
+    @classmethod
+    def is_available(cls) -> str | None:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return "torch is not installed (pip install torch)"
+        return None
+
+    @staticmethod
+    def cuda_available() -> str | None:
+        import torch
+
+        return None if torch.cuda.is_available() else "no CUDA device visible to torch"
+
+    def _activate_impl(self) -> None:
+        import torch
+
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RunnerError("torch: CUDA requested but no CUDA device is visible")
+        self._torch = torch
+        self._mod = self.module.to(self.device).eval()
+        if self.half:
+            self._mod = self._mod.half()
+        self._fn = torch.compile(self._mod) if self.compile else self._mod
+
+    def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            args = []
+            for spec in self.inputs:
+                t = torch.from_numpy(feed[spec.name]).to(self.device)
+                args.append(t.half() if self.half and t.is_floating_point() else t)
+            out = self._fn(*args)
+            outs = out if isinstance(out, tuple) else (out,)
+            return {s.name: o.float().cpu().numpy() for s, o in zip(self.outputs, outs)}
+
+    def describe(self) -> str:
+        return f"torch{' compiled' if self.compile else ' eager'}{' fp16' if self.half else ''} on {self.device}"
+
+
+class OnnxRuntimeRunner(Runner):
+    """ONNX Runtime with the given execution providers (CPU always available)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, onnx_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], providers: list[str] | None = None, max_batch: int = 128, threads: int = 0) -> None:
+        super().__init__(inputs, outputs, max_batch)
+        self.onnx_path = Path(onnx_path)
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.threads = threads
+        self.device = "cuda" if any(p in self.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")) else "cpu"
+
+    @classmethod
+    def is_available(cls) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu for CUDA)"
+        return None
+
+    @staticmethod
+    def provider_available(name: str) -> str | None:
+        import onnxruntime as ort
+
+        if name not in ort.get_available_providers():
+            return f"this onnxruntime build has no {name} (installed: {', '.join(ort.get_available_providers())})"
+        if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+            try:
+                import torch
+
+                if not torch.cuda.is_available():
+                    return "no CUDA device visible"
+            except ImportError:
+                pass
+        return None
+
+    def _activate_impl(self) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        self.session = ort.InferenceSession(str(self.onnx_path), sess_options=opts, providers=self.providers)
+
+    def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run([s.name for s in self.outputs], feed)
+        return {s.name: o for s, o in zip(self.outputs, outs)}
+
+    def _deactivate_impl(self) -> None:
+        self.session = None
+
+    def describe(self) -> str:
+        return f"onnxruntime {self.providers[0].replace('ExecutionProvider', '')} on {self.device}"
+
+
+class TensorRTRunner(Runner):
+    """A TensorRT engine built from ONNX, executed on torch-allocated CUDA tensors.
+
+    Build: an optimization profile (min/opt/max batch), FP16 where the GPU and TensorRT
+    allow it (TensorRT 10: BuilderFlag.FP16; TensorRT 11 strongly typed networks: an
+    FP16 ONNX is exported instead), a timing cache, and a serialized-engine cache keyed
+    by ONNX hash, TensorRT version, GPU name and compute capability, precision and
+    profile. Execution: set_tensor_address + execute_async_v3 on a torch CUDA stream.
+    """
+
+    backend = "tensorrt"
+
+    def __init__(self, onnx_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], cache_dir: Path, profile: tuple[int, int, int] = (1, 32, 128), fp16: bool = True, max_batch: int | None = None) -> None:
+        super().__init__(inputs, outputs, max_batch or profile[2])
+        self.onnx_path = Path(onnx_path)
+        self.cache_dir = Path(cache_dir)
+        self.profile = profile
+        self.fp16 = fp16
+        self.device = "cuda"
+
+    @classmethod
+    def is_available(cls) -> str | None:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return "tensorrt is not installed (pip install 'casemask[tensorrt]')"
+        try:
+            import torch
+        except ImportError:
+            return "torch is needed for CUDA buffers"
+        if not torch.cuda.is_available():
+            return "no CUDA device visible"
+        return None
+
+    # -- build ----------------------------------------------------------------------
+    def cache_key(self) -> str:
+        import tensorrt as trt
+        import torch
+
+        props = torch.cuda.get_device_properties(0)
+        onnx_hash = hashlib.sha256(self.onnx_path.read_bytes()).hexdigest()[:16]
+        parts = {
+            "onnx": onnx_hash,
+            "trt": trt.__version__,
+            "gpu": props.name,
+            "cc": f"{props.major}.{props.minor}",
+            "precision": "fp16" if self.fp16 else "fp32",
+            "profile": list(self.profile),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+    def build(self) -> Path:
+        """Build (or find in the cache) the serialized engine; returns its path."""
+        import tensorrt as trt
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        plan = self.cache_dir / f"{self.onnx_path.stem}-{self.cache_key()}.plan"
+        if plan.exists():
+            return plan
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        major = int(trt.__version__.split(".")[0])
+        flags = 0
+        if major < 10:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse(self.onnx_path.read_bytes()):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RunnerError(f"TensorRT cannot parse {self.onnx_path.name}: {errors}")
+        config = builder.create_builder_config()
+        if self.fp16 and major < 11 and builder.platform_has_fast_fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        timing_path = self.cache_dir / "timing.cache"
+        timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.exists() else b"")
+        config.set_timing_cache(timing, ignore_mismatch=True)
+        prof = builder.create_optimization_profile()
+        lo, opt, hi = self.profile
+        for spec in self.inputs:
+            rest = tuple(spec.shape[1:])
+            prof.set_shape(spec.name, (lo, *rest), (opt, *rest), (hi, *rest))
+        config.add_optimization_profile(prof)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise RunnerError("TensorRT failed to build the engine (see the TensorRT log above)")
+        tmp = plan.with_suffix(".tmp")
+        tmp.write_bytes(bytes(serialized))
+        tmp.replace(plan)
+        timing_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        log.info("TensorRT engine built: %s", plan.name)
+        return plan
+
+    def _activate_impl(self) -> None:
+        import tensorrt as trt
+        import torch
+
+        plan = self.build()
+        self._torch = torch
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+        self._context = self._engine.create_execution_context()
+        self._stream = torch.cuda.Stream()
+
+    def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        n = next(iter(feed.values())).shape[0]
+        if n < self.profile[0]:
+            raise RunnerError(f"batch {n} is below the engine's profile minimum {self.profile[0]}")
+        keep = []
+        with torch.cuda.stream(self._stream):
+            for spec in self.inputs:
+                t = torch.from_numpy(feed[spec.name]).cuda(non_blocking=True).contiguous()
+                keep.append(t)
+                self._context.set_input_shape(spec.name, tuple(t.shape))
+                self._context.set_tensor_address(spec.name, t.data_ptr())
+            outs = {}
+            for spec in self.outputs:
+                shape = tuple(self._context.get_tensor_shape(spec.name))
+                t = torch.empty(shape, dtype=torch.float32, device="cuda")
+                outs[spec.name] = t
+                self._context.set_tensor_address(spec.name, t.data_ptr())
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise RunnerError("TensorRT execution failed")
+        self._stream.synchronize()
+        return {k: v.cpu().numpy() for k, v in outs.items()}
+
+    def _deactivate_impl(self) -> None:
+        self._context = None
+        self._engine = None
+
+    def describe(self) -> str:
+        return f"tensorrt {'fp16' if self.fp16 else 'fp32'} on cuda"

@@ -1,0 +1,244 @@
+"""Header de-identification: Annex E profile, options, pseudonyms, leak-freedom, validity."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import datetime as dt
+import io
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.sequence import Sequence
+
+from node.config import DeidSettings
+from node.deid import Deidentifier, Pseudonymizer, QuarantineError, load_or_create_secret, to_bytes
+from node.deid.profile import load_table
+from tests.conftest import PYDICOM_FILES, ROOT
+
+SECRET_A = bytes(range(32))
+SECRET_B = bytes(range(1, 33))
+
+
+def deid(options=(), secret=SECRET_A, **kw) -> Deidentifier:
+    return Deidentifier(DeidSettings(options=list(options), **kw), Pseudonymizer(secret))
+
+
+def bundled_files() -> list[Path]:
+    return sorted(p for p in PYDICOM_FILES.rglob("*") if p.is_file())
+
+
+def roundtrip(ds: Dataset) -> Dataset:
+    return dcmread(io.BytesIO(to_bytes(ds)))
+
+
+def test_every_bundled_pydicom_file_goes_through_and_stays_readable():
+    d = deid(["retain-longitudinal-modified-dates"], burned_in="allow")
+    done = 0
+    for f in bundled_files():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = dcmread(f)
+        except Exception:
+            continue  # not a DICOM file (pydicom ships some raw streams too)
+        res = d.apply(ds)
+        back = roundtrip(res.dataset)
+        assert back.PatientIdentityRemoved == "YES", f.name
+        done += 1
+    assert done > 100
+
+
+def _plant(ds: Dataset, marker: str) -> list[str]:
+    """Put PHI into an attribute of every text VR that the table lists, nested and private."""
+    table = load_table()
+    planted = []
+    by_vr: dict[str, int] = {}
+    for tag, action in table.by_tag.items():
+        kw = keyword_for_tag(tag)
+        if tag >> 16 < 0x0008:
+            continue  # command and file meta groups are not dataset attributes
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            continue
+        if not kw or vr not in ("LO", "SH", "ST", "LT", "UT", "UC", "PN", "DA", "DT", "TM", "AE", "UI", "CS", "AS", "IS", "DS"):
+            continue
+        if action == "K" or vr in by_vr and by_vr[vr] >= 4:
+            continue
+        value = {"DA": "19610704", "DT": "19610704101010", "TM": "101010", "UI": "1.2.3.4.5.6.999", "AS": "061Y", "IS": "4711", "DS": "47.11", "AE": marker[:16], "CS": "SECRETCODE"}.get(vr, f"{marker} {kw}")
+        setattr(ds, kw, value)
+        planted.append(value)
+        by_vr[vr] = by_vr.get(vr, 0) + 1
+    inner = Dataset()
+    inner.PatientName = f"{marker}^Nested"
+    inner.ReferencedSOPInstanceUID = "1.2.3.4.5.6.777"
+    deeper = Dataset()
+    deeper.PersonName = f"{marker}^Deeper"
+    deeper.PatientID = f"{marker}-DEEP"
+    inner.ContentSequence = Sequence([deeper])
+    ds.ReferencedImageSequence = Sequence([inner])
+    ds.OtherPatientIDsSequence = Sequence([copy.deepcopy(inner)])
+    planted += [f"{marker}^Nested", "1.2.3.4.5.6.777", f"{marker}^Deeper", f"{marker}-DEEP"]
+    block = ds.private_block(0x0011, "ACME HOSPITAL", create=True)
+    block.add_new(0x01, "LO", f"{marker} private")
+    planted.append(f"{marker} private")
+    return planted
+
+
+def test_planted_phi_never_survives_the_basic_profile():
+    ds = dcmread(PYDICOM_FILES / "CT_small.dcm")
+    planted = _plant(ds, "ZEBRA")
+    ds.PatientName = "Zebra^Quagga"
+    ds.PatientID = "MRN-ZEBRA-1"
+    res = deid().apply(ds)
+    out = roundtrip(res.dataset)
+    text = "\n".join(str(e.value) for e in out.iterall() if e.tag != 0x7FE00010)
+    for value in planted + ["Zebra", "MRN-ZEBRA-1"]:
+        assert value not in text, f"{value!r} survived"
+    assert "ZEBRA" not in text.upper()
+    assert not any(e.tag.is_private for e in out.iterall())
+
+
+def test_options_keep_what_they_say():
+    ds = dcmread(PYDICOM_FILES / "CT_small.dcm")
+    ds.PatientSex, ds.PatientAge, ds.InstitutionName, ds.StationName = "F", "061Y", "Synthetic Hospital", "CT01"
+    sop = str(ds.SOPInstanceUID)
+    out = deid(["retain-patient-characteristics", "retain-institution-identity", "retain-device-identity", "retain-uids"]).apply(copy.deepcopy(ds)).dataset
+    assert (out.PatientSex, out.PatientAge, out.InstitutionName, out.StationName) == ("F", "061Y", "Synthetic Hospital", "CT01")
+    assert str(out.SOPInstanceUID) == sop
+    out = deid().apply(copy.deepcopy(ds)).dataset
+    assert "PatientAge" not in out and out.get("InstitutionName", "") == "" and str(out.SOPInstanceUID) != sop
+    codes = {i.CodeValue for i in deid(["clean-descriptors"]).apply(copy.deepcopy(ds)).dataset.DeidentificationMethodCodeSequence}
+    assert codes == {"113100", "113105"}
+
+
+def test_marking_and_file_meta():
+    ds = dcmread(PYDICOM_FILES / "CT_small.dcm")
+    out = deid(["retain-longitudinal-modified-dates"]).apply(ds).dataset
+    assert out.PatientIdentityRemoved == "YES"
+    assert out.LongitudinalTemporalInformationModified == "MODIFIED"
+    assert {i.CodeValue for i in out.DeidentificationMethodCodeSequence} == {"113100", "113107"}
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
+    assert out.file_meta.ImplementationVersionName.startswith("CASEMASK")
+
+
+def test_pseudonyms_are_stable_across_instances_and_secrets():
+    ds = dcmread(PYDICOM_FILES / "CT_small.dcm")
+    a1 = deid(secret=SECRET_A).apply(copy.deepcopy(ds)).dataset
+    a2 = deid(secret=SECRET_A).apply(copy.deepcopy(ds)).dataset  # a second "node" with the same secret
+    b = deid(secret=SECRET_B).apply(copy.deepcopy(ds)).dataset
+    for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName"):
+        assert str(a1[kw].value) == str(a2[kw].value), kw
+        assert str(a1[kw].value) != str(b[kw].value), kw
+        assert str(a1[kw].value) != str(ds[kw].value), kw
+    assert str(a1.SOPInstanceUID).startswith("2.25.") and len(str(a1.SOPInstanceUID)) <= 64
+
+
+def test_secret_file_is_created_0600_and_reused(tmp_path):
+    p = tmp_path / "secret.key"
+    k1 = load_or_create_secret(p)
+    assert p.stat().st_mode & 0o777 == 0o600
+    assert load_or_create_secret(p) == k1
+    p.chmod(0o644)
+    with pytest.raises(PermissionError):
+        load_or_create_secret(p)
+
+
+def test_modified_dates_keep_intervals():
+    ds1 = dcmread(PYDICOM_FILES / "CT_small.dcm")
+    ds1.PatientID = "MRN-1"
+    ds1.StudyDate, ds1.AcquisitionDate = "20240101", "20240115"
+    ds2 = copy.deepcopy(ds1)
+    ds2.StudyDate = "20240301"
+    d = deid(["retain-longitudinal-modified-dates"], date_shift_days=(-400, -10))
+    o1, o2 = d.apply(ds1).dataset, d.apply(ds2).dataset
+    day = lambda s: dt.datetime.strptime(s, "%Y%m%d")  # noqa: E731
+    assert o1.StudyDate != "20240101"
+    assert (day(o2.StudyDate) - day(o1.StudyDate)).days == 60
+    assert (day(o1.AcquisitionDate) - day(o1.StudyDate)).days == 14
+    assert -400 <= (day(o1.StudyDate) - day("20240101")).days <= -10
+
+
+def test_burned_in_text_is_quarantined_unless_pixels_are_cleaned():
+    ds = dcmread(PYDICOM_FILES / "CT_small.dcm")
+    ds.Modality = "US"
+    with pytest.raises(QuarantineError):
+        deid().apply(copy.deepcopy(ds))
+    ds.Modality, ds.BurnedInAnnotation = "CT", "YES"
+    with pytest.raises(QuarantineError):
+        deid().apply(copy.deepcopy(ds))
+    Deidentifier(DeidSettings(), Pseudonymizer(SECRET_A), pixels_cleaned=True).apply(copy.deepcopy(ds))
+    deid(burned_in="allow").apply(copy.deepcopy(ds))
+
+
+def test_overrides_keep_remove_replace():
+    ds = dcmread(PYDICOM_FILES / "CT_small.dcm")
+    ds.StudyDescription = "Chest"
+    out = deid(keep=["StudyDescription"], remove=["Manufacturer"], replace={"BodyPartExamined": "CHEST"}).apply(ds).dataset
+    assert out.StudyDescription == "Chest" and "Manufacturer" not in out and out.BodyPartExamined == "CHEST"
+
+
+def test_cli_deid_diff_and_mapping_export(tmp_path):
+    import sys
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(PYDICOM_FILES / "CT_small.dcm", src / "a.dcm")
+    (src / "notes.txt").write_text("not dicom")
+    r = subprocess.run([sys.executable, "-m", "node.cli", "deid", str(src), "--out", str(tmp_path / "out"), "--diff", "--secret", str(tmp_path / "s.key")], capture_output=True, text=True, cwd=ROOT)
+    assert "skipped" in r.stderr and r.returncode == 1  # the text file is reported, not fatal
+    assert " X (0010,1010) PatientAge" in r.stdout or "PatientAge" in r.stdout
+    assert "kept" in r.stdout
+    assert len(list((tmp_path / "out").glob("*.dcm"))) == 1
+
+
+def test_export_mapping_csv(tmp_path, start_node):
+    from tests.conftest import make_study, node_config
+
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), listen=False, schedule=False)
+    from node import queue
+    from node.spool import spool_path, write_atomic
+
+    for f in make_study(tmp_path / "s", 2):
+        ds = dcmread(f)
+        p = spool_path(node.settings.node.data_dir / "spool", ds.StudyInstanceUID, ds.SOPInstanceUID)
+        write_atomic(p, f.read_bytes())
+        with node.sessions() as s:
+            queue.record_received(s, queue.Received(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "CT", str(ds.file_meta.TransferSyntaxUID), str(p), 1, "MODALITY1", "CASEMASK", "127.0.0.1"))
+            s.commit()
+    node.tick(stable_after_s=0)
+    from node.cli import main
+    from tests.conftest import write_toml
+
+    cfg = write_toml(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), tmp_path / "c.toml")
+    assert main(["export-mapping", "--config", str(cfg), "--out", str(tmp_path / "map")]) == 0
+    rows = list(csv.DictReader((tmp_path / "map" / "patient_ids.csv").open()))
+    assert rows == [{"id_old": "MRN-99812734", "id_new": rows[0]["id_new"]}] and rows[0]["id_new"].startswith("CM")
+    uids = list(csv.DictReader((tmp_path / "map" / "uids.csv").open()))
+    assert len(uids) >= 2 * 2 + 2  # SOP instances, study, series, frame of reference...
+
+
+DCIODVFY = shutil.which("dciodvfy")
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy is not installed (apt-get install -y dicom3tools)")
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm"])
+def test_output_validates_no_worse_than_input(tmp_path, name):
+    src = PYDICOM_FILES / name
+
+    def errors(path: Path) -> set[str]:
+        r = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True)
+        out = r.stdout + r.stderr
+        return {line.split(" - ", 1)[-1].strip() for line in out.splitlines() if line.startswith("Error")}
+
+    out = deid(["retain-longitudinal-modified-dates"]).apply(dcmread(src)).dataset
+    dst = tmp_path / "out.dcm"
+    out.save_as(dst, enforce_file_format=True)
+    new = errors(dst) - errors(src)
+    assert not new, f"errors the input did not have: {sorted(new)}"
