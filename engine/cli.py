@@ -158,7 +158,7 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--visits", type=int, default=10)
     sp.add_argument("--held-out", type=int, default=3)
     sp.add_argument("--disease-patients", type=int, default=300)
-    sp.add_argument("--epochs", type=int, default=12)
+    sp.add_argument("--epochs", type=int, default=30)
     sp.add_argument("--backend", default="torch")
     sp.add_argument("--write-bundle", action="store_true", help="store the metrics in the bundle's model.json")
     sp.set_defaults(func=cmd_evaluate)

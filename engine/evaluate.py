@@ -34,7 +34,7 @@ class EvalConfig:
     held_out: int = 3
     disease_patients: int = 300
     disease_visits: int = 8
-    epochs: int = 12
+    epochs: int = 30
     threads: int = 0
 
 
@@ -163,7 +163,7 @@ def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
     log.info("training the identity evaluator on %d images of %d patients", len(x_tr), cfg.patients)
     id_net = train_evaluator(x_tr, p_tr, cfg.patients, cfg.epochs, cfg.seed)
     log.info("training the disease evaluator on %d images of a separate population", len(dis.images))
-    dis_net = train_evaluator(dis.images, dis.labels, len(CLASSES), max(4, cfg.epochs // 2), cfg.seed + 1)
+    dis_net = train_evaluator(dis.images, dis.labels, len(CLASSES), max(4, cfg.epochs // 3), cfg.seed + 1)
 
     rec = model.reconstruct(x)
     anon = model.anonymize(x, seed=cfg.seed)
@@ -187,8 +187,13 @@ def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
     pos = _cos(emb_o, emb_a)
     neg = _cos(emb_o, emb_a[other])
     # Real-vs-real reference: two held-out visits of the same patient vs different patients.
-    same = np.array([rng.choice(np.flatnonzero((p == p[i]) & (np.arange(len(p)) != i))) for i in range(len(p))])
-    ref_auc = auc(_cos(emb_o, emb_o[same]), _cos(emb_o, emb_o[other]))
+    pairs = [(i, np.flatnonzero((p == p[i]) & (np.arange(len(p)) != i))) for i in range(len(p))]
+    pairs = [(i, rng.choice(c)) for i, c in pairs if len(c)]
+    if pairs:
+        idx, same = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
+        ref_auc = auc(_cos(emb_o[idx], emb_o[same]), _cos(emb_o[idx], emb_o[other[idx]]))
+    else:  # one held-out visit per patient: no same-patient pair to compare
+        ref_auc = float("nan")
 
     # Distance of synthetic identities to the nearest real one, against real-to-real.
     _, real_id, _ = model.encode(pop.images)

@@ -44,11 +44,14 @@ class TrainConfig:
     vae_epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
+    rec_weight: float = 20.0
     adv_weight: float = 0.02
-    privacy_weight: float = 0.5
-    swap_weight: float = 1.0
-    warmup: float = 0.2  # fraction of epochs on reconstruction and heads alone
-    ramp: float = 0.25  # then this fraction ramps swap, privacy and adversarial terms in
+    privacy_weight: float = 0.3
+    swap_weight: float = 0.5
+    warmup: float = 0.3  # fraction of epochs on reconstruction and heads alone
+    ramp: float = 0.2  # then this fraction ramps swap, privacy and adversarial terms in
+    width: int = 24
+    other_dim: int = 48
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
 
@@ -118,7 +121,7 @@ def stage1_step(
     l_swap = l_swap + F.cross_entropy(model.disease_head(m3), y[perm]) + F.cross_entropy(model.identity_head(i3), pid)
     fakes = torch.cat([rec, x_id, x_md])
     l_adv = F.softplus(-model.discriminator(fakes)).mean()
-    loss = 10 * l_rec + l_cls + ramp * (cfg.privacy_weight * l_priv + cfg.swap_weight * l_swap + cfg.adv_weight * l_adv)
+    loss = cfg.rec_weight * l_rec + l_cls + ramp * (cfg.privacy_weight * l_priv + cfg.swap_weight * l_swap + cfg.adv_weight * l_adv)
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
@@ -183,7 +186,7 @@ def train(
     device = torch.device(cfg.device)
     train_data, val_data = data if data is not None else synthetic_split(cfg)
     n_ids = int(train_data.patient_ids.max()) + 1
-    mcfg = ModelConfig(image_size=cfg.image_size, n_identities=n_ids)
+    mcfg = ModelConfig(image_size=cfg.image_size, n_identities=n_ids, width=cfg.width, other_dim=cfg.other_dim)
     model = DisentanglementModel(mcfg).to(device)
     gen_params = [p for n, p in model.named_parameters() if not n.startswith(("discriminator", "vae"))]
     opt_g = torch.optim.Adam(gen_params, lr=cfg.lr, betas=(0.5, 0.999))

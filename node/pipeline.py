@@ -28,6 +28,12 @@ from node.spool import write_atomic
 log = logging.getLogger(__name__)
 
 
+AUTHORED = {
+    "anonymized": ("DerivationDescription", "ImageType", "BurnedInAnnotation", "RecognizableVisualFeatures"),
+    "counterfactual": ("DerivationDescription", "ImageType", "BurnedInAnnotation", "RecognizableVisualFeatures", "SeriesDescription"),
+}
+
+
 @dataclasses.dataclass
 class Item:
     """One object on its way through a route's steps."""
@@ -114,8 +120,13 @@ class Pipeline:
             try:
                 deid = self.deidentifier(route)
                 extra = [CLEAN_PIXEL_CODE, CLEAN_VISUAL_CODE] if route.pixels == "anonymize" else []
-                for _, ds in it.outputs:
+                for kind, ds in it.outputs:
+                    # Attributes the pixel step wrote itself hold no PHI; the profile would
+                    # remove some of them (DerivationDescription, SeriesDescription are X).
+                    authored = {kw: ds[kw].value for kw in AUTHORED.get(kind, ()) if kw in ds}
                     res = deid.apply(ds, extra_codes=extra)
+                    for kw, value in authored.items():
+                        setattr(ds, kw, value)
                     uid_map.update(res.uid_map)
                     patient_map.update(res.patient_map)
             except QuarantineError as exc:

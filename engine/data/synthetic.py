@@ -133,7 +133,7 @@ def render(
     side = np.where(visit_rng.random(n) < 0.5, -1.0, 1.0).astype(np.float32)[:, None, None]
     nod_x = side * (lx + visit_rng.uniform(-0.5, 0.5, n)[:, None, None] * anat["lung_w"] * 0.8)
     nod_y = anat["lung_y"] + visit_rng.uniform(-0.45, 0.2, n)[:, None, None] * anat["lung_h"]
-    nod_r = visit_rng.uniform(0.07, 0.12, n).astype(np.float32)[:, None, None]
+    nod_r = visit_rng.uniform(0.09, 0.15, n).astype(np.float32)[:, None, None]
     nodule = np.exp(-(((x - nod_x) ** 2 + (y - nod_y) ** 2) / (nod_r**2)) * 1.5)
     eff_side = np.where(visit_rng.random(n) < 0.5, 0, 1)
     eff_h = visit_rng.uniform(0.25, 0.45, n).astype(np.float32)[:, None, None]
@@ -141,7 +141,7 @@ def render(
     eff_top = anat["lung_y"] + anat["lung_h"] - eff_h * anat["lung_h"] * 2 - 0.15 * (x * np.where(eff_side == 0, -1, 1)[:, None, None])
     effusion = eff_lung * 1.0 / (1.0 + np.exp(np.clip(-sharp * (y - eff_top), -40, 40)))
     lab = label[:, None, None]
-    dens = dens + 0.45 * nodule * (lab == 1) + 0.40 * effusion * (lab == 2)
+    dens = dens + 0.55 * nodule * (lab == 1) + 0.40 * effusion * (lab == 2)
 
     # Exposure and detector noise.
     gain = visit_rng.uniform(1.6, 2.1, n).astype(np.float32)[:, None, None]

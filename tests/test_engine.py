@@ -1,0 +1,133 @@
+"""The engine: synthetic patients, model, training, the shipped bundle, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine import load_model
+from engine.bundle import BUILTIN_DIR, BundleError
+from engine.data import CLASSES, SyntheticPatients
+from engine.model import DisentanglementModel, ModelConfig
+
+
+def test_generator_is_deterministic_per_seed():
+    a = SyntheticPatients(5, 3, 64, seed=7).batch()
+    b = SyntheticPatients(5, 3, 64, seed=7).batch()
+    c = SyntheticPatients(5, 3, 64, seed=8).batch()
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert not np.allclose(a.images, c.images)
+    assert a.images.dtype == np.float32 and a.images.min() >= -1 and a.images.max() <= 1
+    assert a.images.shape == (15, 1, 64, 64)
+
+
+def test_patient_anatomy_is_stable_and_distinct():
+    small, big = SyntheticPatients(3, 2, 64, seed=1), SyntheticPatients(9, 5, 64, seed=1)
+    for k in range(3):
+        assert small.anatomy(k)["heart_w"] == big.anatomy(k)["heart_w"]
+    widths = {round(float(big.anatomy(k)["thorax_w"]), 6) for k in range(9)}
+    assert len(widths) == 9
+
+
+def test_visits_vary_medical_state_and_acquisition_independently_of_the_patient():
+    b = SyntheticPatients(60, 6, 64, seed=3).batch()
+    assert set(np.unique(b.labels)) == set(range(len(CLASSES)))
+    # A patient's visits differ from one another (acquisition, disease)...
+    same = b.images[b.patient_ids == 0]
+    assert min(float(np.abs(same[i] - same[j]).mean()) for i in range(6) for j in range(i + 1, 6)) > 0.005
+    # ...and the label does not follow the patient.
+    per_patient = [len(set(b.labels[b.patient_ids == p])) for p in range(60)]
+    assert np.mean(per_patient) > 1.5
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_model_shapes(size):
+    cfg = ModelConfig(image_size=size, n_identities=7)
+    m = DisentanglementModel(cfg).eval()
+    x = torch.zeros(3, 1, size, size)
+    med, ident, other = m.encoder(x)
+    assert (med.shape, ident.shape, other.shape) == ((3, cfg.med_dim), (3, cfg.id_dim), (3, cfg.other_dim))
+    assert m.generator(med, ident, other).shape == x.shape
+    assert m.identity_head(ident).shape == (3, 7) and m.disease_head(med).shape == (3, 3)
+    assert m.anonymize(x, torch.zeros(3, cfg.vae_latent)).shape == x.shape
+    assert m.discriminator(x).shape == (3,)
+
+
+def test_short_training_lowers_the_loss_and_resumes(tmp_path):
+    from engine.train import TrainConfig, train
+
+    cfg = TrainConfig(patients=8, visits=8, val_visits=2, epochs=4, vae_epochs=2, batch_size=16, seed=0, threads=2)
+    train(cfg, tmp_path / "run")
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    s1 = [h for h in hist if h["stage"] == 1]
+    assert s1[-1]["rec"] < s1[0]["rec"]
+    assert s1[-1]["val_l1"] < s1[0]["val_l1"]
+    # Asking for more epochs resumes from the checkpoint instead of starting over.
+    cfg.epochs = 5
+    train(cfg, tmp_path / "run")
+    hist2 = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in hist2 if h["stage"] == 1] == [1, 2, 3, 4, 5]
+
+
+def test_reference_bundle_loads_and_anonymizes_on_cpu():
+    m = load_model("builtin:reference", backend="torch")
+    x = SyntheticPatients(2, 2, m.image_size, seed=123).batch().images
+    a1 = m.anonymize(x, seed=5)
+    a2 = m.anonymize(x, seed=5)
+    a3 = m.anonymize(x, seed=6)
+    assert a1.shape == x.shape
+    assert np.array_equal(a1, a2)
+    assert not np.allclose(a1, a3)
+    assert not np.allclose(a1, x, atol=0.05)
+    assert m.counterfactual(x, 1).shape == x.shape
+    med, ident, other = m.encode(x)
+    assert med.shape[0] == 4
+    meta = json.loads((BUILTIN_DIR / "reference" / "model.json").read_text())
+    assert len(meta["prototypes"]) == 3 and "evaluation" in meta
+
+
+def test_unknown_bundle_is_a_clear_error():
+    with pytest.raises(BundleError, match="not a model bundle"):
+        load_model("builtin:nope")
+
+
+def test_tiny_evaluation_produces_every_metric(tmp_path):
+    from engine.evaluate import EvalConfig, evaluate
+
+    m = load_model("builtin:reference", backend="torch")
+    report = evaluate(m, tmp_path, EvalConfig(seed=4242, patients=6, visits=4, held_out=1, disease_patients=12, disease_visits=3, epochs=1))
+    for key in ("reid_top1_original", "reid_top1_anonymized", "reid_chance", "verification_auc_anonymized", "disease_acc_original",
+                "disease_acc_anonymized", "counterfactual_flip_rate", "reid_top1_counterfactual", "ssim_reconstruction", "psnr_reconstruction"):
+        assert isinstance(report[key], float), key
+    assert (tmp_path / "report.json").exists() and (tmp_path / "report.md").exists()
+    from PIL import Image
+
+    img = Image.open(tmp_path / "grid.png")
+    assert img.width > img.height / 2
+
+
+def test_evaluation_refuses_the_training_seed(tmp_path):
+    from engine.evaluate import EvalConfig, evaluate
+
+    m = load_model("builtin:reference", backend="torch")
+    seed = m.bundle.meta["training"]["seed"]
+    with pytest.raises(ValueError, match="training seed"):
+        evaluate(m, tmp_path, EvalConfig(seed=seed, patients=4, visits=3, held_out=1, epochs=1))
+
+
+def test_hdf5_layout_loads(tmp_path):
+    import h5py
+
+    from engine.data.real import load_hdf5
+
+    b = SyntheticPatients(3, 4, 32, seed=0).batch()
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["images"] = ((b.images[:, 0] + 1) * 1000).astype(np.uint16)
+        f["id"] = b.patient_ids + 100
+        f["dis"] = b.labels
+        f["set"] = (b.visits == 3).astype(int)
+    got = load_hdf5(tmp_path / "d.h5", 64, split=0)
+    assert got.images.shape == (9, 1, 64, 64) and set(got.patient_ids) == {0, 1, 2}

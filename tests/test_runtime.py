@@ -1,0 +1,122 @@
+"""Runtimes: ONNX export, one Runner interface, parity between backends."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from engine import bundle as bundles
+from engine.export import export_graph, graph_specs, random_feed
+from engine.model import GRAPHS
+from engine.runtime import RunnerError, choose, make_runner, unavailable
+from engine.runtime.backends import OnnxRuntimeRunner, TorchRunner
+
+# Tolerances against PyTorch float32 on the same inputs (images are in [-1, 1]).
+FP32_ATOL = 1e-4
+FP16_ATOL = 2e-2
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A private copy of the reference bundle, so exports do not touch the shipped one."""
+    dst = tmp_path_factory.mktemp("bundle") / "reference"
+    shutil.copytree(bundles.resolve("builtin:reference"), dst, ignore=shutil.ignore_patterns("onnx", "plans"))
+    return bundles.load(dst)
+
+
+def torch_reference(bundle, graph, feed):
+    module = GRAPHS[graph](bundle.load_torch()).eval()
+    with torch.no_grad():
+        out = module(*(torch.from_numpy(v) for v in feed.values()))
+    return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+def test_export_is_checked_and_onnxruntime_matches_torch_fp32(bundle, graph):
+    path = export_graph(bundle, graph)
+    assert path.exists()
+    inputs, outputs = graph_specs(bundle, graph)
+    feed = random_feed(inputs, 7, seed=99)  # fresh inputs, not the export's own
+    ref = torch_reference(bundle, graph, feed)
+    with OnnxRuntimeRunner(path, inputs, outputs) as r:
+        got = r.infer(feed)
+    for spec, want in zip(outputs, ref):
+        assert np.abs(got[spec.name] - want).max() <= FP32_ATOL
+
+
+def test_runner_checks_inputs(bundle):
+    r, _ = make_runner(bundle, "reconstruct", "torch")
+    with pytest.raises(RunnerError, match="not active"):
+        r.infer({"image": np.zeros((1, 1, 64, 64), np.float32)})
+    with r:
+        with pytest.raises(RunnerError, match="dtype"):
+            r.infer({"image": np.zeros((1, 1, 64, 64), np.float64)})
+        with pytest.raises(RunnerError, match="shape"):
+            r.infer({"image": np.zeros((1, 1, 32, 32), np.float32)})
+        with pytest.raises(RunnerError, match="inputs"):
+            r.infer({"img": np.zeros((1, 1, 64, 64), np.float32)})
+
+
+def test_infer_splits_any_batch_into_the_built_batch_size(bundle):
+    inputs, outputs = graph_specs(bundle, "anonymize")
+    feed = random_feed(inputs, 37, seed=3)
+    onnx = export_graph(bundle, "anonymize")
+    with OnnxRuntimeRunner(onnx, inputs, outputs, max_batch=8) as small, OnnxRuntimeRunner(onnx, inputs, outputs, max_batch=64) as big:
+        a, b = small.infer(feed)["output"], big.infer(feed)["output"]
+    assert a.shape == (37, 1, 64, 64)
+    assert np.abs(a - b).max() <= FP32_ATOL
+
+
+def test_auto_says_why_faster_backends_were_skipped():
+    c = choose("auto")
+    if unavailable("tensorrt"):
+        assert "tensorrt" in c.why
+    assert c.backend in ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "torch")
+
+
+def test_asking_for_a_missing_backend_is_a_clear_error():
+    why = unavailable("tensorrt")
+    if why is None:
+        pytest.skip("tensorrt is available here")
+    with pytest.raises(RunnerError, match="tensorrt is not available"):
+        choose("tensorrt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_torch_cuda_fp32_and_fp16_parity(bundle):
+    inputs, outputs = graph_specs(bundle, "anonymize")
+    feed = random_feed(inputs, 16, seed=5)
+    ref = torch_reference(bundle, "anonymize", feed)[0]
+    module = GRAPHS["anonymize"](bundle.load_torch())
+    with TorchRunner(module, inputs, outputs, device="cuda") as r:
+        assert np.abs(r.infer(feed)["output"] - ref).max() <= 1e-3
+    module = GRAPHS["anonymize"](bundle.load_torch())
+    with TorchRunner(module, inputs, outputs, device="cuda", half=True) as r:
+        assert np.abs(r.infer(feed)["output"] - ref).max() <= FP16_ATOL
+
+
+@pytest.mark.skipif(unavailable("onnxruntime-cuda") is not None, reason=f"onnxruntime CUDA not available: {unavailable('onnxruntime-cuda')}")
+def test_onnxruntime_cuda_parity(bundle):
+    inputs, outputs = graph_specs(bundle, "anonymize")
+    feed = random_feed(inputs, 16, seed=6)
+    ref = torch_reference(bundle, "anonymize", feed)[0]
+    r, _ = make_runner(bundle, "anonymize", "onnxruntime-cuda")
+    with r:
+        assert np.abs(r.infer(feed)["output"] - ref).max() <= 1e-3
+
+
+@pytest.mark.skipif(unavailable("tensorrt") is not None, reason=f"TensorRT not available: {unavailable('tensorrt')}")
+@pytest.mark.parametrize("fp16", [False, True])
+def test_tensorrt_parity_and_plan_cache(bundle, fp16):
+    inputs, outputs = graph_specs(bundle, "anonymize")
+    feed = random_feed(inputs, 16, seed=7)
+    ref = torch_reference(bundle, "anonymize", feed)[0]
+    r, _ = make_runner(bundle, "anonymize", "tensorrt")
+    r.fp16 = fp16
+    with r:
+        got = r.infer(feed)["output"]
+    assert np.abs(got - ref).max() <= (FP16_ATOL if fp16 else 1e-3)
+    assert list(bundle.writable_dir("plans").glob("anonymize-*.plan"))
