@@ -197,12 +197,49 @@ def cmd_config_check(args) -> int:
     return 0
 
 
-def cmd_deid(args) -> int:
+_DEID = None  # the worker process's Deidentifier (set by _deid_worker_init)
+
+
+def _deid_worker_init(deid_settings, secret: bytes, pixels_cleaned: bool, record: bool) -> None:
+    from node.deid import Deidentifier, Pseudonymizer
+
+    global _DEID
+    _DEID = Deidentifier(deid_settings, Pseudonymizer(secret), pixels_cleaned=pixels_cleaned, record_changes=record)
+
+
+def _deid_one(job: tuple[str, str, bool]) -> tuple[str, str, str, list]:
+    """De-identify one file: (status, source, message or target, diff lines)."""
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
+    from node.deid import QuarantineError, to_bytes
+
+    src, out, diff = job
+    try:
+        ds = dcmread(src)
+    except (InvalidDicomError, OSError) as exc:
+        return "skipped", src, f"not a DICOM file ({type(exc).__name__})", []
+    before = [(e.tag, e.keyword, e.VR) for e in ds.iterall()] if diff else []
+    try:
+        res = _DEID.apply(ds)
+    except QuarantineError as exc:
+        return "quarantined", src, str(exc), []
+    target = Path(out) / f"{res.dataset.SOPInstanceUID}.dcm"
+    target.write_bytes(to_bytes(res.dataset))
+    lines: list[str] = []
+    if diff:
+        changed = {p for p, _, _ in res.changes}
+        lines = [f"  {act} {path} {kw}" for path, act, kw in res.changes]
+        kept = sorted({kw or str(t) for t, kw, vr in before if f"({t.group:04X},{t.element:04X})" not in changed and vr != "SQ"})
+        lines.append(f"  kept {len(kept)} attributes: " + ", ".join(kept))
+    return "ok", src, str(target), lines
+
+
+def cmd_deid(args) -> int:
+    import os
+
     from node.config import DeidSettings, load
-    from node.deid import Deidentifier, Pseudonymizer, QuarantineError, load_or_create_secret, to_bytes
+    from node.deid import load_or_create_secret
 
     if args.config or args.route:
         settings = load(args.config)
@@ -220,36 +257,34 @@ def cmd_deid(args) -> int:
         deid_settings = DeidSettings(options=args.option or [])
         pixels_cleaned = False
         secret_path = Path(args.secret) if args.secret else Path("var/secret.key")
-    deid = Deidentifier(deid_settings, Pseudonymizer(load_or_create_secret(secret_path)), pixels_cleaned=pixels_cleaned, record_changes=args.diff)
+    secret = load_or_create_secret(secret_path)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    n_ok = n_bad = n_q = 0
-    for f in _files(args.paths):
-        try:
-            ds = dcmread(f)
-        except (InvalidDicomError, OSError) as exc:
-            print(f"skipped {f}: not a DICOM file ({type(exc).__name__})", file=sys.stderr)
-            n_bad += 1
-            continue
-        before = {e.tag: e for e in ds.iterall()} if args.diff else {}
-        try:
-            res = deid.apply(ds)
-        except QuarantineError as exc:
-            print(f"quarantined {f}: {exc}", file=sys.stderr)
-            n_q += 1
-            continue
-        target = out / f"{res.dataset.SOPInstanceUID}.dcm"
-        target.write_bytes(to_bytes(res.dataset))
-        n_ok += 1
-        if args.diff:
-            print(f"== {f} -> {target}")
-            changed = {p for p, _, _ in res.changes}
-            for path, act, kw in res.changes:
-                print(f"  {act} {path} {kw}")
-            kept = [e for t, e in before.items() if f"({t.group:04X},{t.element:04X})" not in changed and e.VR != "SQ"]
-            print(f"  kept {len(kept)} attributes: " + ", ".join(sorted({e.keyword or str(e.tag) for e in kept})))
-    print(f"de-identified {n_ok}, quarantined {n_q}, skipped {n_bad}; output in {out}", file=sys.stderr)
-    return 0 if n_bad == 0 and n_q == 0 else 1
+    files = [str(f) for f in _files(args.paths)]
+    jobs = [(f, str(out), args.diff) for f in files]
+    n_jobs = args.jobs or os.cpu_count() or 1
+    init = (deid_settings, secret, pixels_cleaned, args.diff)
+    if n_jobs > 1 and len(files) >= 32:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = mp.get_context("fork")
+        with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_deid_worker_init, initargs=init) as pool:
+            results = list(pool.map(_deid_one, jobs, chunksize=max(1, len(jobs) // (n_jobs * 8))))
+    else:
+        _deid_worker_init(*init)
+        results = [_deid_one(j) for j in jobs]
+    counts = {"ok": 0, "quarantined": 0, "skipped": 0}
+    for status, src, msg, lines in results:
+        counts[status] += 1
+        if status == "ok":
+            if args.diff:
+                print(f"== {src} -> {msg}")
+                print("\n".join(lines))
+        else:
+            print(f"{status} {src}: {msg}", file=sys.stderr)
+    print(f"de-identified {counts['ok']}, quarantined {counts['quarantined']}, skipped {counts['skipped']}; output in {out}", file=sys.stderr)
+    return 0 if counts["ok"] == len(files) else 1
 
 
 def cmd_export_mapping(args) -> int:
@@ -329,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--option", action="append", metavar="OPTION", help="profile option, e.g. retain-longitudinal-modified-dates (repeatable)")
     sp.add_argument("--secret", metavar="FILE", help="pseudonym secret (default: the node's)")
     sp.add_argument("--diff", action="store_true", help="print every attribute changed, removed or kept")
+    sp.add_argument("--jobs", "-j", type=int, default=0, metavar="N", help="worker processes (default: one per CPU core)")
     sp.set_defaults(func=cmd_deid)
 
     sp = with_config(sub.add_parser("export-mapping", help="write uids.csv and patient_ids.csv (id_old,id_new)"))

@@ -1,0 +1,94 @@
+"""Engine throughput: images/s and per-batch latency per backend, against PyTorch eager.
+
+    python tests/bench/bench_engine.py [--model builtin:reference] [--graph anonymize] [--seconds 2]
+
+Every backend available here runs the same graph on the same inputs at batch 1, 8, 32
+and 128; PyTorch eager (fp32, same device class) is measured in the same run and each
+line prints its ratio. Backends that are not available are listed with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from engine import bundle as bundles  # noqa: E402
+from engine.export import graph_specs, random_feed  # noqa: E402
+from engine.model import GRAPHS  # noqa: E402
+from engine.runtime import make_runner, unavailable  # noqa: E402
+from engine.runtime.backends import TorchRunner  # noqa: E402
+
+BATCHES = (1, 8, 32, 128)
+
+
+def timeit(runner, feed, seconds: float) -> tuple[float, float]:
+    """(images/s, median ms per batch) over about ``seconds`` after a warm-up."""
+    n = next(iter(feed.values())).shape[0]
+    for _ in range(3):
+        runner.infer(feed)
+    times = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 5:
+        t0 = time.perf_counter()
+        runner.infer(feed)
+        times.append(time.perf_counter() - t0)
+    med = float(np.median(times))
+    return n / med, med * 1000
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:reference")
+    ap.add_argument("--graph", default="anonymize", choices=sorted(GRAPHS))
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="casemask-bench-engine-"))
+    src = bundles.resolve(args.model)
+    shutil.copytree(src, tmp / src.name, ignore=shutil.ignore_patterns("plans"))
+    b = bundles.load(tmp / src.name)
+    import torch
+
+    print(f"model {args.model}, graph {args.graph}, image {b.image_size}x{b.image_size}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    candidates = ["torch", "onnxruntime", "torch-compile", "torch-cuda", "onnxruntime-cuda", "tensorrt"]
+    inputs, outputs = graph_specs(b, args.graph)
+    model = b.load_torch()
+    results: dict[str, dict[int, tuple[float, float]]] = {}
+    for backend in candidates:
+        why = unavailable(backend)
+        if why:
+            print(f"{backend:<18} not available: {why}")
+            continue
+        runner, _ = make_runner(b, args.graph, backend, max_batch=max(batches), model=model)
+        try:
+            with runner:
+                results[backend] = {n: timeit(runner, random_feed(inputs, n, seed=n), args.seconds) for n in batches}
+        except Exception as exc:  # report, keep measuring the others
+            print(f"{backend:<18} failed: {type(exc).__name__}: {exc}")
+            continue
+        if backend == "torch-cuda":
+            half = TorchRunner(type(runner.module)(b.load_torch()), inputs, outputs, device="cuda", half=True, max_batch=max(batches))
+            with half:
+                results["torch-cuda-fp16"] = {n: timeit(half, random_feed(inputs, n, seed=n), args.seconds) for n in batches}
+    print(f"\n{'backend':<18} {'batch':>5} {'images/s':>10} {'ms/batch':>9} {'vs torch eager':>15}")
+    for backend, rows in results.items():
+        ref = results["torch-cuda"] if "cuda" in backend and "torch-cuda" in results else results.get("torch")
+        for n, (ips, ms) in rows.items():
+            ratio = ips / ref[n][0] if ref else float("nan")
+            print(f"{backend:<18} {n:>5} {ips:>10.1f} {ms:>9.2f} {ratio:>14.2f}x")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
