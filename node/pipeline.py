@@ -134,12 +134,14 @@ class Pipeline:
             except Exception as exc:
                 log.exception("header de-identification failed for job %d", it.job.id)
                 it.error = f"header de-identification failed ({type(exc).__name__}: {exc})"
-        failed = [it for it in items if it.error]
-        if failed and route.partial == "quarantine-study":
-            first = failed[0]
+        if route.partial == "quarantine-study":
+            first_error: dict[int, str] = {}
             for it in items:
-                if not it.error:
-                    it.error = f"another object of this study was quarantined (partial = quarantine-study): {first.error}"
+                if it.error:
+                    first_error.setdefault(it.job.study_id, it.error)
+            for it in items:
+                if not it.error and it.job.study_id in first_error:
+                    it.error = f"another object of this study was quarantined (partial = quarantine-study): {first_error[it.job.study_id]}"
         for it in items:
             if it.error:
                 queue.quarantine_job(session, it.job, it.error)

@@ -150,24 +150,25 @@ def _set_instance(inst: Instance, state: InstanceState, reason: str = "") -> Non
 
 
 def claim_jobs(session: Session, lease_s: float, limit: int = 512) -> list[Job]:
-    """Claim PENDING jobs, and PROCESSING ones whose lease expired, grouped by study.
+    """Claim PENDING jobs, and PROCESSING ones whose lease expired, of one route.
 
-    Returns the jobs of one study and one route at a time, so a route's steps see the
-    whole study together.
+    Whole studies are taken in study order, several ready studies together up to
+    ``limit`` jobs, so that a route's steps see each study whole and the pixel step can
+    batch images across studies. A study larger than ``limit`` comes in parts.
     """
     now = utcnow()
     claimable = or_(Job.state == JobState.PENDING, and_(Job.state == JobState.PROCESSING, Job.lease_until < now))
     first = session.scalar(select(Job).where(claimable).order_by(Job.study_id, Job.id).limit(1))
     if first is None:
         return []
-    ids = list(
-        session.scalars(
-            select(Job.id)
-            .where(claimable, Job.study_id == first.study_id, Job.route == first.route)
-            .order_by(Job.id)
-            .limit(limit)
-        )
-    )
+    rows = session.execute(
+        select(Job.id, Job.study_id).where(claimable, Job.route == first.route).order_by(Job.study_id, Job.id).limit(limit + 1)
+    ).all()
+    if len(rows) > limit:  # do not split the last study unless it alone exceeds the limit
+        last_study = rows[-1][1]
+        whole = [r for r in rows[:limit] if r[1] != last_study]
+        rows = whole or rows[:limit]
+    ids = [r[0] for r in rows]
     lease = now + dt.timedelta(seconds=lease_s)
     # Guarded update: only rows still claimable are taken (another worker may race).
     session.execute(

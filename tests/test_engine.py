@@ -131,3 +131,16 @@ def test_hdf5_layout_loads(tmp_path):
         f["set"] = (b.visits == 3).astype(int)
     got = load_hdf5(tmp_path / "d.h5", 64, split=0)
     assert got.images.shape == (9, 1, 64, 64) and set(got.patient_ids) == {0, 1, 2}
+
+
+def test_training_is_deterministic_per_seed(tmp_path):
+    from engine.train import TrainConfig, train
+
+    def weights(run: str, seed: int) -> torch.Tensor:
+        cfg = TrainConfig(patients=4, visits=4, val_visits=1, epochs=1, vae_epochs=1, batch_size=8, seed=seed, threads=1, width=16, other_dim=32)
+        m = train(cfg, tmp_path / run)
+        return torch.cat([p.detach().flatten() for p in m.generator.parameters()])
+
+    a, b, c = weights("a", 3), weights("b", 3), weights("c", 4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)

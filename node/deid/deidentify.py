@@ -260,11 +260,12 @@ class Deidentifier:
             elif act == "R":
                 elem.value = self.replace[tag]
         # Private creators: keep only those whose block still holds an element.
-        for tag in [t for t in ds.keys() if t.is_private and 0x0010 <= t.element < 0x0100]:
-            block = tag.element
-            used = any(t.group == tag.group and (t.element >> 8) == block for t in ds.keys() if t.element >= 0x1000)
-            if not used:
-                del ds[tag]
+        creators = [t for t in ds.keys() if t.is_private and 0x0010 <= t.element < 0x0100]
+        if creators:
+            used = {(t.group, t.element >> 8) for t in ds.keys() if t.is_private and t.element >= 0x1000}
+            for tag in creators:
+                if (tag.group, tag.element) not in used:
+                    del ds[tag]
 
     def _is_safe_private(self, ds: Dataset, tag: BaseTag) -> bool:
         if tag.element < 0x1000:

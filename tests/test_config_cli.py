@@ -1,0 +1,89 @@
+"""Configuration validation and the CLI's offline commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from node.config import ConfigError, load, parse
+from tests.conftest import PYDICOM_FILES, ROOT, make_study, node_config, write_toml
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_builtin_config_is_valid():
+    s = load()
+    assert s.node.ae_title == "CASEMASK" and s.node.port == 11112
+    assert [d.kind for d in s.destinations] == ["folder"]
+    assert str(s.destinations[0].path).endswith("var/archive")
+
+
+def test_problems_are_all_reported_with_what_to_fix(tmp_path):
+    raw = {
+        "node": {"ae_title": "WAY-TOO-LONG-AE-TITLE", "port": 70000, "unrouted": "drop"},
+        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "", "port": 104}, {"name": "f", "kind": "folder"}],
+        "routes": [{"name": "r", "match": {"Modalty": "CT", "StudyDescription": {"regex": "("}}, "destinations": ["nowhere"], "pixels": "maybe"}],
+    }
+    with pytest.raises(ConfigError) as exc:
+        parse(raw, "bad.toml")
+    text = str(exc.value)
+    for expected in ("ae_title", "1 to 65535", "hold", "AE title", "path", "'Modalty' is not a DICOM keyword", "bad regular expression", "'nowhere' is not defined", "pixels"):
+        assert expected in text, expected
+
+
+def test_config_check_command(tmp_path):
+    good = write_toml(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": "out"}]), tmp_path / "good.toml")
+    r = run_cli("config", "check", str(good))
+    assert r.returncode == 0 and "OK" in r.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nport = "eleven"\n')
+    r = run_cli("config", "check", str(bad))
+    assert r.returncode == 2 and "a TCP port is an integer" in r.stderr
+    r = run_cli("config", "check", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_routes_explain_says_which_routes_match_and_why(tmp_path):
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": "out"}])
+    raw["routes"] = [
+        {"name": "ct", "match": {"Modality": ["CT", "MR"]}, "destinations": ["f"]},
+        {"name": "chest", "match": {"BodyPartExamined": {"regex": "(?i)chest"}}, "destinations": ["f"]},
+    ]
+    cfg = write_toml(raw, tmp_path / "c.toml")
+    r = run_cli("routes", "explain", "--config", str(cfg), str(PYDICOM_FILES / "CT_small.dcm"))
+    assert r.returncode == 0
+    assert "routes ct" in r.stdout
+    assert "MATCH ct: Modality CT is one of ['CT', 'MR']" in r.stdout
+    assert "no    chest" in r.stdout and "does not match" in r.stdout
+
+
+def test_status_json_and_retry_on_an_empty_node(tmp_path):
+    cfg = write_toml(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": "out"}]), tmp_path / "c.toml")
+    r = run_cli("status", "--config", str(cfg), "--json")
+    assert r.returncode == 0
+    assert json.loads(r.stdout)["node"] == "CASEMASK"
+    r = run_cli("retry", "--config", str(cfg))
+    assert r.returncode == 0 and "re-queued 0" in r.stdout
+
+
+def test_send_and_echo_report_an_unreachable_peer(tmp_path):
+    from tests.conftest import free_port
+
+    port = free_port()
+    r = run_cli("echo", f"NOBODY@127.0.0.1:{port}", "--timeout", "2")
+    assert r.returncode == 1 and "no association" in r.stderr
+    r = run_cli("send", str(make_study(tmp_path / "s", 1)[0]), "--to", f"NOBODY@127.0.0.1:{port}", "--timeout", "2")
+    assert r.returncode == 1 and "not sent" in r.stdout
+    r = run_cli("send", "x.dcm", "--to", "bad-peer")
+    assert r.returncode == 2 and "AE_TITLE@HOST:PORT" in r.stderr
+
+
+def test_every_command_has_help():
+    for cmd in (["serve"], ["echo"], ["send"], ["status"], ["routes", "explain"], ["retry"], ["config", "check"], ["deid"], ["export-mapping"], ["demo"], ["engine", "train"], ["engine", "evaluate"], ["engine", "export"], ["engine", "build"], ["engine", "synth"]):
+        r = run_cli(*cmd, "--help")
+        assert r.returncode == 0 and "usage:" in r.stdout, cmd
