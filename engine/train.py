@@ -179,9 +179,22 @@ def train(
     on_epoch: Callable[[str, int, dict[str, float]], None] | None = None,
 ) -> DisentanglementModel:
     """Train (or resume) both stages; writes ``out/checkpoint.pt`` and ``out/history.json``."""
-    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, out, data, on_epoch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    data: tuple[Dataset, Dataset] | None,
+    on_epoch: Callable[[str, int, dict[str, float]], None] | None,
+) -> DisentanglementModel:
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     train_data, val_data = data if data is not None else synthetic_split(cfg)

@@ -59,7 +59,7 @@ def test_model_shapes(size):
 def test_short_training_lowers_the_loss_and_resumes(tmp_path):
     from engine.train import TrainConfig, train
 
-    cfg = TrainConfig(patients=8, visits=8, val_visits=2, epochs=4, vae_epochs=2, batch_size=16, seed=0, threads=2)
+    cfg = TrainConfig(patients=8, visits=8, val_visits=2, epochs=4, vae_epochs=2, batch_size=16, seed=0, threads=2, width=16, other_dim=32)
     train(cfg, tmp_path / "run")
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
     s1 = [h for h in hist if h["stage"] == 1]
