@@ -62,7 +62,7 @@ class Node:
                     matched = [v.route for v in routing.match_routes(self.settings.routes, attrs) if v.matched]
                     queue.route_instance(session, inst, matched, self.settings.node.unrouted)
                     n += 1
-                queue.mark_study_routed(study)
+                queue.mark_study_routed(session, study)
                 session.commit()
         return n
 

@@ -133,8 +133,15 @@ def quarantine_instance(session: Session, inst: Instance, reason: str) -> None:
     _set_instance(inst, InstanceState.QUARANTINED, reason)
 
 
-def mark_study_routed(study: Study) -> None:
+def mark_study_routed(session: Session, study: Study) -> None:
+    """RECEIVING -> ROUTED, or straight to DONE when none of its jobs is open."""
     _set_study(study, StudyState.ROUTED)
+    session.flush()
+    open_jobs = session.scalar(
+        select(func.count()).select_from(Job).where(Job.study_id == study.id, Job.state.in_([JobState.PENDING, JobState.PROCESSING]))
+    )
+    if not open_jobs:
+        _set_study(study, StudyState.DONE)
 
 
 def _set_study(study: Study, state: StudyState) -> None:

@@ -12,7 +12,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from sqlalchemy import func, select
 
-from node.db import Delivery, DeliveryState, Instance, InstanceState, Study
+from node.db import Delivery, DeliveryState, Instance, InstanceState, Study, StudyState
 from tests.conftest import (
     ECHOSCU,
     PHI,
@@ -253,6 +253,12 @@ def test_unrouted_objects_are_held(tmp_path, start_node):
             return s.scalar(select(func.count()).select_from(Instance).where(Instance.state == InstanceState.HELD)) == 2
 
     wait_until(held, what="2 HELD instances")
+
+    def study_done():
+        with node.sessions() as s:
+            return s.scalar(select(Study.state)) == StudyState.DONE
+
+    wait_until(study_done, what="the study to be DONE (nothing left to do)")
 
 
 @pytest.mark.slow
