@@ -120,3 +120,19 @@ def test_tensorrt_parity_and_plan_cache(bundle, fp16):
         got = r.infer(feed)["output"]
     assert np.abs(got - ref).max() <= (FP16_ATOL if fp16 else 1e-3)
     assert list(bundle.writable_dir("plans").glob("anonymize-*.plan"))
+
+
+def test_fp16_export_for_strongly_typed_tensorrt_matches_torch_fp32(bundle):
+    """The float16 graph TensorRT 11 builds strongly typed; ONNX Runtime runs it on CPU."""
+    import onnx
+    import onnxruntime as ort
+
+    path = export_graph(bundle, "anonymize", half=True)
+    proto = onnx.load(str(path))
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in proto.graph.input)
+    inputs, _ = graph_specs(bundle, "anonymize")
+    feed = random_feed(inputs, 9, seed=21)
+    ref = torch_reference(bundle, "anonymize", feed)[0]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: v.astype(np.float16) for k, v in feed.items()})[0].astype(np.float32)
+    assert np.abs(got - ref).max() <= FP16_ATOL

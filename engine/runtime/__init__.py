@@ -75,7 +75,12 @@ def make_runner(bundle: Bundle, graph: str, backend: str = "auto", max_batch: in
     if not onnx.exists():
         onnx = export_graph(bundle, graph, model)
     if b == "tensorrt":
-        return TensorRTRunner(onnx, inputs, outputs, cache_dir=bundle.writable_dir("plans"), profile=trt_profile), choice
+
+        def fp16_onnx():
+            path = bundle.onnx_path(graph).with_name(f"{graph}.fp16.onnx")
+            return path if path.exists() else export_graph(bundle, graph, model, half=True)
+
+        return TensorRTRunner(onnx, inputs, outputs, cache_dir=bundle.writable_dir("plans"), profile=trt_profile, fp16_onnx=fp16_onnx), choice
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if b == "onnxruntime-cuda" else ["CPUExecutionProvider"]
     return OnnxRuntimeRunner(onnx, inputs, outputs, providers=providers, max_batch=max_batch), choice
 

@@ -130,21 +130,37 @@ class TensorRTRunner(Runner):
     """A TensorRT engine built from ONNX, executed on torch-allocated CUDA tensors.
 
     Build: an optimization profile (min/opt/max batch), FP16 where the GPU and TensorRT
-    allow it (TensorRT 10: BuilderFlag.FP16; TensorRT 11 strongly typed networks: an
-    FP16 ONNX is exported instead), a timing cache, and a serialized-engine cache keyed
-    by ONNX hash, TensorRT version, GPU name and compute capability, precision and
-    profile. Execution: set_tensor_address + execute_async_v3 on a torch CUDA stream.
+    allow it, a timing cache, and a serialized-engine cache keyed by ONNX hash, TensorRT
+    version, GPU name and compute capability, precision and profile. FP16 comes two ways:
+    where ``BuilderFlag.FP16`` exists (TensorRT 10 and before) the fp32 ONNX is built
+    with that flag; where it is gone (TensorRT 11 keeps only strongly typed networks) the
+    fp16 ONNX export (``fp16_onnx``, a callable that makes it) is built as a strongly
+    typed network, its inputs and outputs float16. Execution: set_tensor_address +
+    execute_async_v3 on a torch CUDA stream, buffers allocated by torch.
     """
 
     backend = "tensorrt"
 
-    def __init__(self, onnx_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], cache_dir: Path, profile: tuple[int, int, int] = (1, 32, 128), fp16: bool = True, max_batch: int | None = None) -> None:
+    def __init__(self, onnx_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], cache_dir: Path, profile: tuple[int, int, int] = (1, 32, 128), fp16: bool = True, max_batch: int | None = None, fp16_onnx=None) -> None:
         super().__init__(inputs, outputs, max_batch or profile[2])
         self.onnx_path = Path(onnx_path)
         self.cache_dir = Path(cache_dir)
         self.profile = profile
         self.fp16 = fp16
+        self.fp16_onnx = fp16_onnx
         self.device = "cuda"
+        self.strongly_typed = False
+
+    def _source(self) -> Path:
+        """The ONNX to build from, deciding between the FP16 flag and strong typing."""
+        import tensorrt as trt
+
+        self.strongly_typed = self.fp16 and not hasattr(trt.BuilderFlag, "FP16")
+        if self.strongly_typed:
+            if self.fp16_onnx is None:
+                raise RunnerError("this TensorRT has no FP16 builder flag and no fp16 ONNX export was given")
+            return Path(self.fp16_onnx())
+        return self.onnx_path
 
     @classmethod
     def is_available(cls) -> str | None:
@@ -166,7 +182,7 @@ class TensorRTRunner(Runner):
         import torch
 
         props = torch.cuda.get_device_properties(0)
-        onnx_hash = hashlib.sha256(self.onnx_path.read_bytes()).hexdigest()[:16]
+        onnx_hash = hashlib.sha256(self._source().read_bytes()).hexdigest()[:16]
         parts = {
             "onnx": onnx_hash,
             "trt": trt.__version__,
@@ -182,22 +198,25 @@ class TensorRTRunner(Runner):
         import tensorrt as trt
 
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        source = self._source()
         plan = self.cache_dir / f"{self.onnx_path.stem}-{self.cache_key()}.plan"
         if plan.exists():
             return plan
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
-        major = int(trt.__version__.split(".")[0])
         flags = 0
-        if major < 10:
-            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        creation = trt.NetworkDefinitionCreationFlag
+        if hasattr(creation, "EXPLICIT_BATCH") and int(trt.__version__.split(".")[0]) < 10:
+            flags |= 1 << int(creation.EXPLICIT_BATCH)
+        if self.strongly_typed:
+            flags |= 1 << int(creation.STRONGLY_TYPED)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse(self.onnx_path.read_bytes()):
+        if not parser.parse(source.read_bytes()):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RunnerError(f"TensorRT cannot parse {self.onnx_path.name}: {errors}")
+            raise RunnerError(f"TensorRT cannot parse {source.name}: {errors}")
         config = builder.create_builder_config()
-        if self.fp16 and major < 11 and builder.platform_has_fast_fp16:
+        if self.fp16 and not self.strongly_typed and getattr(builder, "platform_has_fast_fp16", True):
             config.set_flag(trt.BuilderFlag.FP16)
         timing_path = self.cache_dir / "timing.cache"
         timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.exists() else b"")
@@ -235,22 +254,23 @@ class TensorRTRunner(Runner):
         if n < self.profile[0]:
             raise RunnerError(f"batch {n} is below the engine's profile minimum {self.profile[0]}")
         keep = []
+        io_dtype = torch.float16 if self.strongly_typed else torch.float32
         with torch.cuda.stream(self._stream):
             for spec in self.inputs:
-                t = torch.from_numpy(feed[spec.name]).cuda(non_blocking=True).contiguous()
+                t = torch.from_numpy(feed[spec.name]).cuda(non_blocking=True).to(io_dtype).contiguous()
                 keep.append(t)
                 self._context.set_input_shape(spec.name, tuple(t.shape))
                 self._context.set_tensor_address(spec.name, t.data_ptr())
             outs = {}
             for spec in self.outputs:
                 shape = tuple(self._context.get_tensor_shape(spec.name))
-                t = torch.empty(shape, dtype=torch.float32, device="cuda")
+                t = torch.empty(shape, dtype=io_dtype, device="cuda")
                 outs[spec.name] = t
                 self._context.set_tensor_address(spec.name, t.data_ptr())
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise RunnerError("TensorRT execution failed")
         self._stream.synchronize()
-        return {k: v.cpu().numpy() for k, v in outs.items()}
+        return {k: v.float().cpu().numpy() for k, v in outs.items()}
 
     def _deactivate_impl(self) -> None:
         self._context = None
