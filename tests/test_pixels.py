@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import subprocess
 from pathlib import Path
@@ -48,6 +49,21 @@ def test_intensity_mapping_round_trips_within_one_stored_step(bits, signed, mono
     step = np.abs(back.astype(np.int64) - arr.astype(np.int64)).max()
     # float32 model input carries ~24 bits; one stored-value step is the bound.
     assert step <= 1, f"max error {step} stored values"
+
+
+def rgb_version(ds: Dataset) -> Dataset:
+    """The same image as 8-bit RGB: a photometric interpretation the model cannot take."""
+    gray = (ds.pixel_array.astype(np.float32) / ((1 << int(ds.BitsStored)) - 1) * 255).astype(np.uint8)
+    out = copy.deepcopy(ds)
+    out.SOPInstanceUID = generate_uid()
+    out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    out.PhotometricInterpretation = "RGB"
+    out.SamplesPerPixel = 3
+    out.PlanarConfiguration = 0
+    out.BitsAllocated = out.BitsStored = 8
+    out.HighBit = 7
+    out.PixelData = np.repeat(gray[..., None], 3, axis=2).tobytes()
+    return out
 
 
 def make_dx(folder: Path, n_patients: int = 6, visits: int = 1, seed: int = 2024) -> tuple[list[Path], dict[str, int]]:
@@ -153,12 +169,10 @@ def test_rgb_and_wrong_modality_are_quarantined_and_never_forwarded(tmp_path, st
     raw = pixel_route(tmp_path, dest)
     raw["routes"][0]["match"] = {}
     node = start_node(raw)
-    rgb = dcmread(PYDICOM_FILES / "SC_rgb.dcm")
-    rgb.Modality = "DX"
-    rgb.BurnedInAnnotation = "NO"
+    files, _ = make_dx(tmp_path / "dx", n_patients=2)
+    rgb = rgb_version(dcmread(files[0]))
     rgb.StudyInstanceUID = generate_uid()
     rgb.save_as(tmp_path / "rgb.dcm", enforce_file_format=True)
-    files, _ = make_dx(tmp_path / "dx", n_patients=2)
     ct = dcmread(PYDICOM_FILES / "CT_small.dcm")
     ct.save_as(tmp_path / "ct.dcm")
     for f in [tmp_path / "rgb.dcm", tmp_path / "ct.dcm", *files]:
@@ -185,9 +199,7 @@ def test_partial_quarantine_study_holds_back_the_rest_of_the_study(tmp_path, sta
     node = start_node(raw, listen=False, schedule=False)
     files, _ = make_dx(tmp_path / "dx", n_patients=1, visits=1)
     good = dcmread(files[0])
-    bad = dcmread(PYDICOM_FILES / "SC_rgb.dcm")
-    bad.Modality = "DX"
-    bad.StudyInstanceUID = good.StudyInstanceUID
+    bad = rgb_version(good)
     from node import queue
     from node.spool import spool_path, write_atomic
 
