@@ -47,7 +47,7 @@ class NodeSettings:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
-    reactor_delay_s: float = 0.0002
+    reactor_delay_s: float = 0.00005  # pynetdicom sleeps 1 ms per idle reactor loop by default
 
     @property
     def resolved_secret_path(self) -> Path:

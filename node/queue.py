@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -49,53 +49,60 @@ class Received:
     peer_host: str
 
 
-def record_received(session: Session, r: Received) -> tuple[Instance, bool]:
-    """Insert a received instance (and its study); returns (instance, is_new).
+def record_received(conn: Connection, r: Received) -> None:
+    """Insert a received instance (and its study) in the caller's transaction.
 
-    The same SOP Instance UID again is not stored twice: the existing row is returned.
-    An object arriving for a study that was already routed reopens it (an amendment):
-    only the new objects are processed next time, into the same pseudonymous study.
+    Raises:
+        IntegrityError: this SOP Instance UID is already stored, or another association
+            inserted the same new study at the same moment; see :func:`is_stored`.
+
+    The hot path of every C-STORE, so it is written in SQLAlchemy Core: one UPDATE of the
+    study (or an INSERT for a new one) and one INSERT of the instance. An object
+    arriving for a study that was already routed reopens it (an amendment): only the new
+    objects are processed next time, into the same pseudonymous study.
     """
-    existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == r.sop_instance_uid))
-    if existing is not None:
-        return existing, False
     now = utcnow()
-    study = session.scalar(select(Study).where(Study.study_uid == r.study_uid))
-    if study is None:
-        study = Study(study_uid=r.study_uid, state=StudyState.RECEIVING, first_received_at=now, last_received_at=now)
-        session.add(study)
-        session.flush()
-        log.info("study %s: RECEIVING", r.study_uid)
-    else:
-        if study.state != StudyState.RECEIVING:
-            log.info("study %s: %s -> RECEIVING (amendment)", r.study_uid, study.state.value)
-            study.state = StudyState.RECEIVING
-        study.last_received_at = now
-    inst = Instance(
-        sop_instance_uid=r.sop_instance_uid,
-        sop_class_uid=r.sop_class_uid,
-        study_id=study.id,
-        series_uid=r.series_uid,
-        modality=r.modality[:16],
-        transfer_syntax=r.transfer_syntax,
-        path=r.path,
-        size=r.size,
-        calling_ae=r.calling_ae,
-        called_ae=r.called_ae,
-        peer_host=r.peer_host,
-        received_at=now,
-        state=InstanceState.RECEIVED,
+    studies, instances = Study.__table__, Instance.__table__
+    study_id = conn.execute(
+        update(studies)
+        .where(studies.c.study_uid == r.study_uid, studies.c.state == StudyState.RECEIVING)
+        .values(last_received_at=now)
+        .returning(studies.c.id)
+    ).scalar()
+    if study_id is None:
+        row = conn.execute(select(studies.c.id, studies.c.state).where(studies.c.study_uid == r.study_uid)).first()
+        if row is None:
+            study_id = conn.execute(
+                insert(studies).values(study_uid=r.study_uid, state=StudyState.RECEIVING, first_received_at=now, last_received_at=now).returning(studies.c.id)
+            ).scalar_one()
+            log.info("study %s: RECEIVING", r.study_uid)
+        else:
+            study_id = row.id
+            conn.execute(update(studies).where(studies.c.id == study_id).values(state=StudyState.RECEIVING, last_received_at=now))
+            log.info("study %s: %s -> RECEIVING (amendment)", r.study_uid, StudyState(row.state).value)
+    conn.execute(
+        insert(instances).values(
+            sop_instance_uid=r.sop_instance_uid,
+            sop_class_uid=r.sop_class_uid,
+            study_id=study_id,
+            series_uid=r.series_uid,
+            modality=r.modality[:16],
+            transfer_syntax=r.transfer_syntax,
+            path=r.path,
+            size=r.size,
+            calling_ae=r.calling_ae,
+            called_ae=r.called_ae,
+            peer_host=r.peer_host,
+            received_at=now,
+            state=InstanceState.RECEIVED,
+            reason="",
+        )
     )
-    session.add(inst)
-    try:
-        session.flush()
-    except IntegrityError:  # a concurrent association stored the same UID first
-        session.rollback()
-        again = session.scalar(select(Instance).where(Instance.sop_instance_uid == r.sop_instance_uid))
-        if again is None:
-            raise
-        return again, False
-    return inst, True
+
+
+def is_stored(conn: Connection, sop_instance_uid: str) -> bool:
+    instances = Instance.__table__
+    return conn.execute(select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)).first() is not None
 
 
 def stable_studies(session: Session, stable_after_s: float, now: dt.datetime | None = None) -> list[Study]:

@@ -14,15 +14,17 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from node import queue
 from node.config import Settings
 from node.spool import spool_path, write_atomic
+from node.wire import part10_header, row_attributes
 
 log = logging.getLogger(__name__)
 
@@ -82,61 +84,73 @@ class StoreHandler:
 
     def __init__(self, settings: Settings, sessions: sessionmaker, on_stored: Callable[[], None] | None = None) -> None:
         self.spool_dir = settings.node.data_dir / "spool"
-        self.sessions = sessions
+        self.engine = sessions.kw["bind"]
         self.on_stored = on_stored
+
+    def _record(self, received: queue.Received) -> bool:
+        """Commit the row; False when the object was stored before (a re-send)."""
+        for _ in range(2):
+            try:
+                with self.engine.begin() as conn:
+                    queue.record_received(conn, received)
+                return True
+            except IntegrityError:
+                with self.engine.connect() as conn:
+                    if queue.is_stored(conn, received.sop_instance_uid):
+                        return False
+                # Another association created the same study meanwhile: once more.
+        raise RuntimeError("could not record the object")
 
     def __call__(self, event: evt.Event) -> int:
         assoc = event.assoc
         calling = assoc.requestor.ae_title.strip()
+        ts = UID(str(event.context.transfer_syntax))
+        sop_class = str(event.request.AffectedSOPClassUID)
+        encoded = event.request.DataSet.getvalue()
         try:
-            ds = event.dataset
-            sop_uid = str(ds.SOPInstanceUID)
-            study_uid = str(ds.StudyInstanceUID)
-            sop_class = str(event.request.AffectedSOPClassUID)
-            series_uid = str(ds.get("SeriesInstanceUID", ""))
-            modality = str(ds.get("Modality", ""))
-        except AttributeError:
+            if ts == DeflatedExplicitVRLittleEndian:
+                raise ValueError("deflated: decode in full")
+            attrs = row_attributes(encoded, ts.is_implicit_VR, ts.is_little_endian)
+        except Exception:
+            try:  # the slow, complete decode says what is wrong, or succeeds
+                ds = event.dataset
+                attrs = {kw: str(ds.get(kw, "") or "") for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")}
+            except Exception as exc:
+                log.warning("C-STORE from %s: dataset cannot be decoded (%s) -> 0xC210", calling, type(exc).__name__)
+                return CANNOT_UNDERSTAND
+        sop_uid, study_uid = attrs["SOPInstanceUID"], attrs["StudyInstanceUID"]
+        series_uid, modality = attrs["SeriesInstanceUID"], attrs["Modality"]
+        if not sop_uid or not study_uid:
             log.warning("C-STORE from %s: missing SOP Instance or Study Instance UID -> 0xC211", calling)
             return MISSING_UIDS
-        except Exception as exc:  # undecodable dataset
-            log.warning("C-STORE from %s: dataset cannot be decoded (%s) -> 0xC210", calling, type(exc).__name__)
-            return CANNOT_UNDERSTAND
-        if not sop_uid or not study_uid:
-            log.warning("C-STORE from %s: empty SOP Instance or Study Instance UID -> 0xC211", calling)
-            return MISSING_UIDS
-        ts = str(event.context.transfer_syntax)
         path = spool_path(self.spool_dir, study_uid, sop_uid)
         try:
-            with self.sessions() as session:
-                from sqlalchemy import select
-
-                from node.db import Instance
-
-                if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)) is not None:
-                    log.info("C-STORE %s from %s: already stored, answered Success", sop_uid, calling)
-                    return SUCCESS
-                size = write_atomic(path, event.encoded_dataset())
-                received = queue.Received(
-                    sop_instance_uid=sop_uid,
-                    sop_class_uid=sop_class,
-                    study_uid=study_uid,
-                    series_uid=series_uid,
-                    modality=modality,
-                    transfer_syntax=ts,
-                    path=str(path),
-                    size=size,
-                    calling_ae=calling,
-                    called_ae=assoc.acceptor.ae_title.strip(),
-                    peer_host=str(assoc.requestor.address),
-                )
-                queue.record_received(session, received)
-                session.commit()
+            # Re-sending the same object rewrites the same file with the same bytes; the
+            # row's unique SOP Instance UID then says it was stored before.
+            header = part10_header(sop_class, sop_uid, ts, calling)
+            size = write_atomic(path, [header, encoded])
+            received = queue.Received(
+                sop_instance_uid=sop_uid,
+                sop_class_uid=sop_class,
+                study_uid=study_uid,
+                series_uid=series_uid,
+                modality=modality,
+                transfer_syntax=ts,
+                path=str(path),
+                size=size,
+                calling_ae=calling,
+                called_ae=assoc.acceptor.ae_title.strip(),
+                peer_host=str(assoc.requestor.address),
+            )
+            is_new = self._record(received)
         except OSError as exc:
             log.error("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", sop_uid, calling, exc.strerror or type(exc).__name__)
             return OUT_OF_RESOURCES
         except Exception as exc:
             log.error("C-STORE %s from %s: cannot commit (%s) -> 0xA700", sop_uid, calling, type(exc).__name__)
             return OUT_OF_RESOURCES
+        if not is_new:
+            log.info("C-STORE %s from %s: already stored, answered Success", sop_uid, calling)
         log.debug("C-STORE %s from %s: stored", sop_uid, calling)
         if self.on_stored:
             self.on_stored()

@@ -281,6 +281,20 @@ def start_node(tmp_path: Path):
         n.stop()
 
 
+def receive(node, ds: Dataset, modality: str = "") -> None:
+    """Put an object into a node's spool and queue as the C-STORE handler would."""
+    from node import queue
+    from node.spool import spool_path, write_atomic
+    from node.deid import to_bytes
+
+    p = spool_path(node.settings.node.data_dir / "spool", str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    size = write_atomic(p, to_bytes(ds))
+    r = queue.Received(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.get("SeriesInstanceUID", "")),
+                       modality or str(ds.get("Modality", "")), str(ds.file_meta.TransferSyntaxUID), str(p), size, "MODALITY1", "CASEMASK", "127.0.0.1")
+    with node.engine.begin() as conn:
+        queue.record_received(conn, r)
+
+
 class NodeProcess:
     """``casemask serve`` as a subprocess (for SIGKILL tests)."""
 

@@ -199,19 +199,11 @@ def test_cli_deid_diff_and_mapping_export(tmp_path):
 
 
 def test_export_mapping_csv(tmp_path, start_node):
-    from tests.conftest import make_study, node_config
+    from tests.conftest import make_study, node_config, receive
 
     node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), listen=False, schedule=False)
-    from node import queue
-    from node.spool import spool_path, write_atomic
-
     for f in make_study(tmp_path / "s", 2):
-        ds = dcmread(f)
-        p = spool_path(node.settings.node.data_dir / "spool", ds.StudyInstanceUID, ds.SOPInstanceUID)
-        write_atomic(p, f.read_bytes())
-        with node.sessions() as s:
-            queue.record_received(s, queue.Received(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "CT", str(ds.file_meta.TransferSyntaxUID), str(p), 1, "MODALITY1", "CASEMASK", "127.0.0.1"))
-            s.commit()
+        receive(node, dcmread(f))
     node.tick(stable_after_s=0)
     from node.cli import main
     from tests.conftest import write_toml

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from node.db import Instance, InstanceState
 from node.pixels import from_model, to_model
-from tests.conftest import PYDICOM_FILES, STORESCU, dcmtk_env, needs_dcmtk, needs_orthanc, node_config, wait_until
+from tests.conftest import PYDICOM_FILES, STORESCU, dcmtk_env, needs_dcmtk, needs_orthanc, node_config, receive, wait_until
 
 
 def pattern(bits: int, signed: bool, mono: str, slope: float, intercept: float, rows: int = 64, cols: int = 48) -> Dataset:
@@ -200,15 +200,8 @@ def test_partial_quarantine_study_holds_back_the_rest_of_the_study(tmp_path, sta
     files, _ = make_dx(tmp_path / "dx", n_patients=1, visits=1)
     good = dcmread(files[0])
     bad = rgb_version(good)
-    from node import queue
-    from node.spool import spool_path, write_atomic
-
     for ds in (good, bad):
-        p = spool_path(node.settings.node.data_dir / "spool", str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
-        ds.save_as(p.parent.mkdir(parents=True, exist_ok=True) or p, enforce_file_format=True)
-        with node.sessions() as s:
-            queue.record_received(s, queue.Received(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), "", "DX", str(ds.file_meta.TransferSyntaxUID), str(p), 1, "MODALITY1", "CASEMASK", "127.0.0.1"))
-            s.commit()
+        receive(node, ds)
     node.tick(stable_after_s=0)
     with node.sessions() as s:
         states = {i.sop_instance_uid: i.state for i in s.scalars(select(Instance))}
