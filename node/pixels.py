@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node.config import Route, Settings
@@ -236,12 +238,15 @@ def derived(src: Dataset, frames: list[np.ndarray], maps: list[Mapping], grid: s
     """A new instance holding ``frames``; UIDs are still the source's, derived per kind,
     and are replaced by pseudonyms when the route's header profile runs."""
     ds = Dataset()
-    ds.file_meta = src.file_meta.copy() if hasattr(src, "file_meta") else Dataset()
-    for elem in src:
-        if elem.tag == 0x7FE00010 or (elem.tag.group & 0xFF00) == 0x6000 or elem.tag == 0x00280008:
+    ds.file_meta = copy.deepcopy(src.file_meta) if hasattr(src, "file_meta") else FileMetaDataset()
+    for tag, elem in src._dict.items():
+        if tag == 0x7FE00010 or (tag >> 24) == 0x60 or tag == 0x00280008:
             continue  # old pixels, overlays drawn on them, and the old frame count
-        ds.add(elem)
-    ds = copy.deepcopy(ds)  # outputs of one source must not share element objects
+        # Raw (not yet decoded) elements are immutable and decoded per dataset, so they
+        # can be shared; decoded ones are copied, so that outputs of one source never
+        # share a mutable element.
+        ds._dict[tag] = elem if isinstance(elem, RawDataElement) else copy.deepcopy(elem)
+    ds.set_original_encoding(*src.original_encoding, src.original_character_set)
     ds.SOPInstanceUID = pseudo.uid(f"{src.SOPInstanceUID}/{kind}")
     if kind == "counterfactual":
         ds.SeriesInstanceUID = pseudo.uid(f"{src.get('SeriesInstanceUID', '')}/counterfactual")

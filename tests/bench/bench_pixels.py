@@ -29,6 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import logging  # noqa: E402
+
 from pydicom import dcmread  # noqa: E402
 
 from tests.conftest import STORESCU, CountingArchive, dcmtk_env, node_config, wait_until  # noqa: E402
@@ -54,6 +56,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backend", default="auto")
     args = ap.parse_args()
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # 'skipped: already running' is routine
     from node.app import Node
     from node.config import parse
     from node.deid import Pseudonymizer
