@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from pathlib import Path
 from typing import Protocol
 
 from pydicom import Dataset, dcmread
@@ -181,7 +180,3 @@ class Pipeline:
                 if old not in known:
                     session.add(Pseudonym(kind=kind, old=old, new=new))
 
-
-def output_path_for(folder: Path, ds: Dataset) -> Path:
-    """Where a folder destination puts an object: study / series / instance."""
-    return folder / str(ds.StudyInstanceUID) / str(ds.get("SeriesInstanceUID", "series")) / f"{ds.SOPInstanceUID}.dcm"

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Iterable, Sequence
 
 from sqlalchemy import Connection, and_, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from node.db import (

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
-from pathlib import Path
 
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -211,12 +210,3 @@ def start_server(settings: Settings, sessions: sessionmaker, on_stored: Callable
     log.info("listening as %s on %s:%d", settings.node.ae_title, settings.node.host, settings.node.port)
     return server
 
-
-def transfer_syntax_name(uid: str) -> str:
-    try:
-        return UID(uid).name
-    except Exception:
-        return uid
-
-
-__all__ = ["start_server", "StoreHandler", "AccessPolicy", "set_nodelay", "tune_association", "Path"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEG2000Lossless, generate_uid
 from sqlalchemy import select
 
 from node.db import Instance, InstanceState
