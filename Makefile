@@ -1,5 +1,6 @@
 # casemask: `make serve` starts the node on the built-in config; `make test` runs the tests.
-# Both install what they need: Debian packages (dcmtk, orthanc, dicom3tools) and a
+# Both install what they need: Debian packages (dcmtk, orthanc, orthanc-dicomweb,
+# dicom3tools) and a
 # virtualenv in .venv with the CPU build of PyTorch.
 
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk orthanc dicom3tools
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools
 
 .PHONY: serve test test-fast deps venv bench bench-ingest bench-deid bench-engine bench-pixels clean
 

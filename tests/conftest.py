@@ -25,6 +25,8 @@ STORESCU = shutil.which("storescu", path="/usr/bin")
 ECHOSCU = shutil.which("echoscu", path="/usr/bin")
 ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
 
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+needs_dicomweb = pytest.mark.skipif(not Path(DICOMWEB_PLUGIN).exists(), reason="Orthanc's DICOMweb plugin is not installed (apt-get install -y orthanc-dicomweb)")
 needs_dcmtk = pytest.mark.skipif(STORESCU is None, reason="dcmtk is not installed (apt-get install -y dcmtk)")
 needs_orthanc = pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (apt-get install -y orthanc)")
 
@@ -88,7 +90,7 @@ def make_study(folder: Path, n: int = 5, study_uid: str | None = None, phi: dict
 
 # -- Orthanc ----------------------------------------------------------------------------------
 class Orthanc:
-    def __init__(self, workdir: Path, aet: str = "ORTHANC") -> None:
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", dicomweb: bool = False) -> None:
         self.aet = aet
         self.dicom_port = free_port()
         self.http_port = free_port()
@@ -104,7 +106,8 @@ class Orthanc:
             "AuthenticationEnabled": False,
             "DicomAlwaysAllowStore": True,
             "DicomCheckCalledAet": False,
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             "TcpNoDelay": True,
             "SyncStorageArea": True,
             "StorageCompression": False,
@@ -154,6 +157,15 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     if ORTHANC is None:
         pytest.skip("Orthanc is not installed (apt-get install -y orthanc)")
     o = Orthanc(tmp_path / "orthanc")
+    yield o
+    o.stop()
+
+
+@pytest.fixture
+def orthanc_dicomweb(tmp_path: Path) -> Iterator[Orthanc]:
+    if ORTHANC is None:
+        pytest.skip("Orthanc is not installed (apt-get install -y orthanc)")
+    o = Orthanc(tmp_path / "orthanc-web", dicomweb=True)
     yield o
     o.stop()
 

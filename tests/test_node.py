@@ -22,6 +22,7 @@ from tests.conftest import (
     free_port,
     make_study,
     needs_dcmtk,
+    needs_dicomweb,
     needs_orthanc,
     node_config,
     wait_until,
@@ -78,6 +79,21 @@ def test_study_from_storescu_reaches_orthanc_once_deidentified(tmp_path, orthanc
         text = repr(tags)
         for value in PHI.values():
             assert value not in text, f"{value!r} reached the archive"
+
+
+@needs_orthanc
+@needs_dicomweb
+def test_dicomweb_destination_stores_through_stow_rs(tmp_path, orthanc_dicomweb, start_node):
+    web = {"name": "web", "kind": "dicomweb", "url": f"http://127.0.0.1:{orthanc_dicomweb.http_port}/dicom-web"}
+    wrong = {"name": "wrong", "kind": "dicomweb", "url": f"http://127.0.0.1:{orthanc_dicomweb.http_port}/no-such-root"}
+    node = start_node(node_config(tmp_path, [web, wrong]))
+    storescu(node.settings.node.port, make_study(tmp_path / "s", 3))
+    wait_until(lambda: len(orthanc_dicomweb.instances()) == 3, timeout=60, what="3 instances stored through STOW-RS")
+    # A 404 is permanent: dead letter at once, and it does not hold up the other destination.
+    wait_until(lambda: delivery_states(node) == {"SENT": 3, "FAILED": 3}, timeout=30, what="3 SENT and 3 FAILED")
+    with node.sessions() as s:
+        reasons = {d.reason for d in s.scalars(select(Delivery).where(Delivery.state == DeliveryState.FAILED))}
+    assert reasons == {"STOW-RS answered HTTP 404"}
 
 
 def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(tmp_path, start_node):
