@@ -83,7 +83,7 @@ class Node:
         if listen:
             from node.scp import start_server
 
-            self.server = start_server(self.settings, self.sessions)
+            self.server = start_server(self.settings, self.engine)
         jobs: dict[str, Callable[[], int]] = {"route": self.route_stable, "process": self.pipeline.run_once}
         for name, d in self.dispatchers.items():
             jobs[f"dispatch:{name}"] = d.run_once

@@ -48,8 +48,9 @@ class Received:
     peer_host: str
 
 
-def record_received(conn: Connection, r: Received) -> None:
-    """Insert a received instance (and its study) in the caller's transaction.
+def record_received(conn: Connection, r: Received) -> str:
+    """Insert a received instance (and its study) in the caller's transaction; returns
+    the study's state change ("" when none), for the caller to log once committed.
 
     Raises:
         IntegrityError: this SOP Instance UID is already stored, or another association
@@ -61,6 +62,7 @@ def record_received(conn: Connection, r: Received) -> None:
     objects are processed next time, into the same pseudonymous study.
     """
     now = utcnow()
+    change = ""
     studies, instances = Study.__table__, Instance.__table__
     study_id = conn.execute(
         update(studies)
@@ -74,11 +76,11 @@ def record_received(conn: Connection, r: Received) -> None:
             study_id = conn.execute(
                 insert(studies).values(study_uid=r.study_uid, state=StudyState.RECEIVING, first_received_at=now, last_received_at=now).returning(studies.c.id)
             ).scalar_one()
-            log.info("study %s: RECEIVING", r.study_uid)
+            change = f"study {r.study_uid}: RECEIVING"
         else:
             study_id = row.id
             conn.execute(update(studies).where(studies.c.id == study_id).values(state=StudyState.RECEIVING, last_received_at=now))
-            log.info("study %s: %s -> RECEIVING (amendment)", r.study_uid, StudyState(row.state).value)
+            change = f"study {r.study_uid}: {StudyState(row.state).value} -> RECEIVING (amendment)"
     conn.execute(
         insert(instances).values(
             sop_instance_uid=r.sop_instance_uid,
@@ -97,6 +99,7 @@ def record_received(conn: Connection, r: Received) -> None:
             reason="",
         )
     )
+    return change
 
 
 def is_stored(conn: Connection, sop_instance_uid: str) -> bool:

@@ -18,7 +18,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.engine import Engine
 
 from node import queue
 from node.config import Settings
@@ -81,9 +81,9 @@ def _resolve(host: str) -> str:
 class StoreHandler:
     """C-STORE: spool atomically, commit the row, then answer."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker, on_stored: Callable[[], None] | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None) -> None:
         self.spool_dir = settings.node.data_dir / "spool"
-        self.engine = sessions.kw["bind"]
+        self.engine = engine
         self.on_stored = on_stored
 
     def _record(self, received: queue.Received) -> bool:
@@ -91,7 +91,9 @@ class StoreHandler:
         for _ in range(2):
             try:
                 with self.engine.begin() as conn:
-                    queue.record_received(conn, received)
+                    change = queue.record_received(conn, received)
+                if change:  # logged only once committed: a rolled-back re-send changes nothing
+                    log.info(change)
                 return True
             except IntegrityError:
                 with self.engine.connect() as conn:
@@ -170,7 +172,7 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_server(settings: Settings, sessions: sessionmaker, on_stored: Callable[[], None] | None = None) -> ThreadedAssociationServer:
+def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None) -> ThreadedAssociationServer:
     """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
     policy = AccessPolicy(settings)
     reactor_delay = settings.node.reactor_delay_s
@@ -203,7 +205,7 @@ def start_server(settings: Settings, sessions: sessionmaker, on_stored: Callable
         (evt.EVT_CONN_OPEN, on_open),
         (evt.EVT_REQUESTED, on_requested),
         (evt.EVT_C_ECHO, on_echo),
-        (evt.EVT_C_STORE, StoreHandler(settings, sessions, on_stored)),
+        (evt.EVT_C_STORE, StoreHandler(settings, engine, on_stored)),
     ]
     ae = make_ae(settings)
     server = ae.start_server((settings.node.host, settings.node.port), block=False, evt_handlers=handlers)

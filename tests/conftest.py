@@ -284,7 +284,7 @@ def start_node(tmp_path: Path):
         elif listen:
             from node.scp import start_server
 
-            n.server = start_server(settings, n.sessions)
+            n.server = start_server(settings, n.engine)
         nodes.append(n)
         return n
 
@@ -304,7 +304,7 @@ def receive(node, ds: Dataset, modality: str = "") -> None:
     r = queue.Received(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.get("SeriesInstanceUID", "")),
                        modality or str(ds.get("Modality", "")), str(ds.file_meta.TransferSyntaxUID), str(p), size, "MODALITY1", "CASEMASK", "127.0.0.1")
     with node.engine.begin() as conn:
-        queue.record_received(conn, r)
+        queue.record_received(conn, r)  # returns the study's state change, not needed here
 
 
 class NodeProcess:

@@ -314,3 +314,24 @@ def test_sigkill_during_receive_and_forward_loses_and_duplicates_nothing(tmp_pat
     assert len(distinct) == 150
     # On the wire, only the object in flight at the kill may be sent twice (same UID).
     assert len(archive.received) - len(distinct) <= 1, f"{len(archive.received) - len(distinct)} duplicate C-STOREs"
+
+
+def test_resend_after_processing_neither_reopens_the_study_nor_logs_an_amendment(tmp_path, start_node, caplog):
+    out = tmp_path / "out"
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(out)}]))
+    files = make_study(tmp_path / "s", 2)
+    assert storescu(node.settings.node.port, files).returncode == 0
+    wait_until(lambda: delivery_states(node) == {"SENT": 2}, what="2 SENT")
+
+    def study_state():
+        with node.sessions() as s:
+            return s.scalar(select(Study.state))
+
+    wait_until(lambda: study_state() == StudyState.DONE, what="the study to be DONE")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="node"):
+        assert storescu(node.settings.node.port, files).returncode == 0
+    assert study_state() == StudyState.DONE
+    assert not any("amendment" in r.getMessage() for r in caplog.records)
+    assert sum("already stored" in r.getMessage() for r in caplog.records) == 2
+    assert delivery_states(node) == {"SENT": 2}
