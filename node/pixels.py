@@ -24,12 +24,18 @@ from collections.abc import Sequence
 
 import numpy as np
 from pydicom import Dataset
-from pydicom.dataelem import RawDataElement
+from pydicom import config
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+from pydicom.valuerep import IS, DSfloat, PersonName
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import Route, Settings
 from node.deid import Pseudonymizer
+from node.wire import tag_vr, peek, peek_float, peek_str, peek_strs
 
 log = logging.getLogger(__name__)
 
@@ -56,27 +62,29 @@ class Mapping:
     signed: bool
     dtype: np.dtype
 
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b) with model input = clip(a * stored + b, -1, 1)."""
+        a = 2 * self.slope / self.width
+        b = 2 * (self.intercept - self.low) / self.width - 1
+        return (-a, -b) if self.invert else (a, b)
 
-def _first(v, default: float) -> float:
-    if v is None or v == "":
-        return default
-    try:
-        return float(v[0]) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else float(v)
-    except (TypeError, ValueError, IndexError):
-        return default
+
+_NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 
 
 def frames_of(ds: Dataset) -> np.ndarray:
     """Stored values as (frames, rows, cols); raises PixelError when it cannot."""
-    pi = str(ds.get("PhotometricInterpretation", "")).strip()
+    pi = peek_str(ds, "PhotometricInterpretation")
     if pi not in SUPPORTED_PHOTOMETRIC:
         raise PixelError(f"photometric interpretation {pi or '(absent)'} is not supported by the model (grayscale only)")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
+    if int(peek_float(ds, "SamplesPerPixel", 1)) != 1:
         raise PixelError("more than one sample per pixel")
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:
-        raise PixelError(f"cannot decode pixel data in {ds.file_meta.TransferSyntaxUID.name} ({type(exc).__name__}: {exc})") from None
+    arr = _native_frames(ds)
+    if arr is None:
+        try:
+            arr = ds.pixel_array
+        except Exception as exc:
+            raise PixelError(f"cannot decode pixel data in {ds.file_meta.TransferSyntaxUID.name} ({type(exc).__name__}: {exc})") from None
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
@@ -84,57 +92,163 @@ def frames_of(ds: Dataset) -> np.ndarray:
     return arr
 
 
-def to_model(frame: np.ndarray, ds: Dataset, size: int) -> tuple[np.ndarray, Mapping]:
-    """One frame of stored values -> (size x size float32 in [-1, 1], how to undo it)."""
-    import torch
-    from torch.nn import functional as F
+def _native_frames(ds: Dataset) -> np.ndarray | None:
+    """Uncompressed little-endian 8/16-bit grayscale read straight from the buffer, as
+    pydicom's own decoder returns it (unused high bits cleared or sign-extended); None for
+    anything else, which goes through ``ds.pixel_array``."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or meta.get("TransferSyntaxUID") not in _NATIVE:
+        return None
+    allocated, stored = int(peek_float(ds, "BitsAllocated", 0)), int(peek_float(ds, "BitsStored", 0))
+    if allocated not in (8, 16) or not 1 <= stored <= allocated:
+        return None
+    signed = peek_float(ds, "PixelRepresentation", 0) == 1
+    rows, cols = int(peek_float(ds, "Rows", 0)), int(peek_float(ds, "Columns", 0))
+    n = int(peek_float(ds, "NumberOfFrames", 1) or 1)
+    dtype = np.dtype(f"{'i' if signed else 'u'}{allocated // 8}")
+    data = peek(ds, "PixelData")
+    if not isinstance(data, bytes):
+        return None
+    if not rows or not cols or len(data) < n * rows * cols * dtype.itemsize:
+        return None
+    arr = np.frombuffer(data, dtype, n * rows * cols).reshape(n, rows, cols)
+    if stored < allocated:  # bits above BitsStored are not part of the value
+        shift = allocated - stored
+        arr = (arr << shift) >> shift if signed else arr & dtype.type((1 << stored) - 1)
+    return arr
 
-    slope = _first(ds.get("RescaleSlope"), 1.0)
-    intercept = _first(ds.get("RescaleIntercept"), 0.0)
-    x = frame.astype(np.float64) * slope + intercept
-    center, width = _first(ds.get("WindowCenter"), np.nan), _first(ds.get("WindowWidth"), np.nan)
+
+def _percentiles(frame: np.ndarray, low_q: float, high_q: float) -> tuple[float, float]:
+    """np.percentile (linear) of an integer frame from its histogram: same values, a
+    fraction of the time of a sort."""
+    if frame.dtype.kind not in "ui" or frame.dtype.itemsize > 2:
+        lo, hi = np.percentile(frame, [low_q, high_q])
+        return float(lo), float(hi)
+    flat = frame.ravel()
+    base = int(flat.min())
+    cum = np.cumsum(np.bincount(flat.astype(np.int32) - base))
+    n = flat.size
+
+    def at(q: float) -> float:
+        r = (n - 1) * q / 100
+        i = int(np.floor(r))
+        v0 = int(np.searchsorted(cum, i, side="right"))
+        v1 = int(np.searchsorted(cum, min(i + 1, n - 1), side="right"))
+        return base + v0 + (r - i) * (v1 - v0)
+
+    return at(low_q), at(high_q)
+
+
+def mapping_for(frame: np.ndarray, ds: Dataset, size: int) -> Mapping:
+    """The value and geometry mapping of one frame of ``ds`` into a size x size input."""
+    slope = peek_float(ds, "RescaleSlope", 1.0)
+    if slope == 0 or not np.isfinite(slope):
+        raise PixelError(f"RescaleSlope {slope:g} cannot be inverted")
+    intercept = peek_float(ds, "RescaleIntercept", 0.0)
+    center, width = peek_float(ds, "WindowCenter", np.nan), peek_float(ds, "WindowWidth", np.nan)
     if not np.isfinite(center) or not np.isfinite(width) or width <= 1:
-        lo, hi = np.percentile(x, [1, 99])
+        # 1st to 99th percentile of the modality values; percentiles commute with the
+        # (monotone, linear) Modality LUT, so take them on the stored values.
+        p_lo, p_hi = _percentiles(frame, 1, 99)
+        lo, hi = sorted((p_lo * slope + intercept, p_hi * slope + intercept))
         if hi <= lo:
             hi = lo + 1
-        low, width = float(lo), float(hi - lo)
+        low, width = lo, hi - lo
     else:
         low = center - 0.5 - (width - 1) / 2  # PS3.3 C.11.2.1.2 linear window
         width = width - 1
-    y = np.clip((x - low) / width, 0.0, 1.0) * 2 - 1
-    invert = str(ds.PhotometricInterpretation).strip() == "MONOCHROME1"
-    if invert:
-        y = -y
-    h, w = y.shape
+    invert = peek_str(ds, "PhotometricInterpretation") == "MONOCHROME1"
+    h, w = frame.shape
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    t = torch.from_numpy(y.astype(np.float32))[None, None]
-    r = F.interpolate(t, size=(nh, nw), mode="area") if scale < 1 else F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False)
-    out = np.full((size, size), -1.0 if not invert else 1.0, np.float32)
     top, left = (size - nh) // 2, (size - nw) // 2
-    out[top : top + nh, left : left + nw] = r[0, 0].numpy()
-    bits = int(ds.get("BitsStored", 16))
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    return out, Mapping(slope, intercept, low, width, invert, (h, w), (top, left, nh, nw), bits, signed, frame.dtype)
+    bits = int(peek_float(ds, "BitsStored", 16))
+    signed = peek_float(ds, "PixelRepresentation", 0) == 1
+    return Mapping(slope, intercept, low, width, invert, (h, w), (top, left, nh, nw), bits, signed, frame.dtype)
+
+
+def _resize(t, nh: int, nw: int):
+    """(N, H, W) float tensor -> (N, nh, nw): area average when shrinking (by summing
+    blocks when the factor is a whole number, several times faster than torch's area
+    mode and the same result), bilinear when growing."""
+    from torch.nn import functional as F
+
+    n, h, w = t.shape
+    if (nh, nw) == (h, w):
+        return t
+    if nh < h:
+        f = h // nh
+        if h == nh * f and w == nw * f:
+            return t.reshape(n * nh, f, w).sum(1).reshape(n, nh, nw, f).sum(3).div_(f * f)
+        return F.interpolate(t[:, None], size=(nh, nw), mode="area")[:, 0]
+    return F.interpolate(t[:, None], size=(nh, nw), mode="bilinear", align_corners=False)[:, 0]
+
+
+def to_model_batch(frames: Sequence[np.ndarray], maps: Sequence[Mapping], size: int) -> np.ndarray:
+    """Frames of stored values -> (N, size, size) float32 in [-1, 1]: window, invert,
+    aspect-preserving resize (area when shrinking, bilinear when growing), pad with
+    -1 (black in the model's MONOCHROME2 space).
+
+    The window is linear up to its clipping, and so is the resize: a frame is clipped
+    in stored values while it is converted to float, resized, and only then mapped, so
+    the large arrays see two passes instead of five. Frames of one shape go through
+    torch together."""
+    import torch
+
+    out = np.full((len(frames), size, size), -1.0, np.float32)
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(maps):
+        groups.setdefault((m.shape, m.box), []).append(i)
+    for (_, (top, left, nh, nw)), idx in groups.items():
+        ab = np.array([maps[i].coefficients() for i in idx], np.float64)
+        a, b = ab[:, 0], ab[:, 1]
+        bounds = np.sort(np.stack([(-1 - b) / a, (1 - b) / a], 1), 1)  # stored values at -1 and +1
+        t = torch.empty((len(idx), *frames[idx[0]].shape), dtype=torch.float32)
+        for j, i in enumerate(idx):  # convert and clip in one pass
+            torch.clamp(torch.from_numpy(np.asarray(frames[i])), float(bounds[j, 0]), float(bounds[j, 1]), out=t[j])
+        t = _resize(t, nh, nw)
+        t.mul_(torch.from_numpy(a.astype(np.float32))[:, None, None]).add_(torch.from_numpy(b.astype(np.float32))[:, None, None]).clamp_(-1.0, 1.0)
+        out[idx, top : top + nh, left : left + nw] = t.numpy()
+    return out
+
+
+def to_model(frame: np.ndarray, ds: Dataset, size: int) -> tuple[np.ndarray, Mapping]:
+    """One frame of stored values -> (size x size float32 in [-1, 1], how to undo it)."""
+    m = mapping_for(frame, ds, size)
+    return to_model_batch([frame], [m], size)[0], m
+
+
+def from_model_batch(ys: np.ndarray, maps: Sequence[Mapping], grid: str = "model") -> list[np.ndarray]:
+    """Model outputs (N x size x size in [-1, 1]) -> stored values, one array per frame,
+    on the model grid (the padding cropped) or the original one. Frames that share a
+    geometry and a stored format are mapped together."""
+    import torch
+    from torch.nn import functional as F
+
+    out: list[np.ndarray] = [None] * len(maps)  # type: ignore[list-item]
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(maps):
+        groups.setdefault((m.box, m.shape, m.bits_stored, m.signed, m.dtype), []).append(i)
+    for (box, shape, bits, signed, dtype), idx in groups.items():
+        top, left, nh, nw = box
+        y = ys[idx, top : top + nh, left : left + nw]
+        if grid == "original" and (nh, nw) != shape:
+            t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))[:, None]
+            y = F.interpolate(t, size=shape, mode="bilinear", align_corners=False)[:, 0].numpy()
+        # stored = ((clip(±y) + 1) / 2 * width + low - intercept) / slope = a * clip(y) + b
+        a = np.array([m.width / 2 / m.slope * (-1 if m.invert else 1) for m in (maps[i] for i in idx)])[:, None, None]
+        b = np.array([(m.width / 2 + m.low - m.intercept) / m.slope for m in (maps[i] for i in idx)])[:, None, None]
+        stored = np.clip(y, -1, 1).astype(np.float64) * a + b
+        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        stored = np.clip(np.rint(stored, out=stored), lo, hi, out=stored).astype(dtype)
+        for j, i in enumerate(idx):
+            out[i] = stored[j]
+    return out
 
 
 def from_model(y: np.ndarray, m: Mapping, grid: str = "model") -> np.ndarray:
     """Model output (size x size in [-1, 1]) -> stored values on the model or original grid."""
-    import torch
-    from torch.nn import functional as F
-
-    top, left, nh, nw = m.box
-    y = y[top : top + nh, left : left + nw]
-    if grid == "original" and (nh, nw) != m.shape:
-        t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))[None, None]
-        y = F.interpolate(t, size=m.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
-    y = y.astype(np.float64)
-    if m.invert:
-        y = -y
-    x = (np.clip(y, -1, 1) + 1) / 2 * m.width + m.low
-    stored = (x - m.intercept) / m.slope
-    lo, hi = (-(1 << (m.bits_stored - 1)), (1 << (m.bits_stored - 1)) - 1) if m.signed else (0, (1 << m.bits_stored) - 1)
-    return np.clip(np.rint(stored), lo, hi).astype(m.dtype)
+    return from_model_batch(y[None], [m], grid)[0]
 
 
 class EnginePixelStep:
@@ -185,29 +299,31 @@ class EnginePixelStep:
         meta = self.meta[route.model]
         size = model.image_size  # type: ignore[attr-defined]
         modalities = set(meta.get("modalities", ["CR", "DX"]))
-        inputs, noises, where = [], [], []
+        inputs: list[np.ndarray] = []
+        all_maps: list[Mapping] = []
+        noises, where = [], []
         prepared: dict[int, tuple[Dataset, np.ndarray, list[Mapping]]] = {}
         for k, it in enumerate(items):
             ds = it.source
             try:
-                mod = str(ds.get("Modality", ""))
+                mod = peek_str(ds, "Modality")
                 if mod not in modalities:
                     raise PixelError(f"modality {mod or '(absent)'} is not one the model was trained for ({', '.join(sorted(modalities))})")
                 frames = frames_of(ds)
-                maps = []
-                for f_idx, frame in enumerate(frames):
-                    x, m = to_model(frame, ds, size)
-                    inputs.append(x)
-                    maps.append(m)
-                    seed = pseudo.seed(f"{ds.SOPInstanceUID}/{f_idx}/{route.model}")
-                    noises.append(model.identity_noise(1, seed)[0])  # type: ignore[attr-defined]
-                    where.append((k, f_idx))
-                prepared[k] = (ds, frames, maps)
+                maps = [mapping_for(frame, ds, size) for frame in frames]
             except PixelError as exc:
                 it.error = str(exc)
+                continue
+            uid = peek_str(ds, "SOPInstanceUID")
+            for f_idx, (frame, m) in enumerate(zip(frames, maps)):
+                inputs.append(frame)
+                all_maps.append(m)
+                noises.append(model.identity_noise(1, pseudo.seed(f"{uid}/{f_idx}/{route.model}"))[0])  # type: ignore[attr-defined]
+                where.append((k, f_idx))
+            prepared[k] = (ds, frames, maps)
         if not inputs:
             return
-        x = np.stack(inputs)[:, None]
+        x = to_model_batch(inputs, all_maps, size)[:, None]
         with self._lock:  # one inference at a time per model
             anon = model.anonymize(x, noise=np.stack(noises))  # type: ignore[attr-defined]
             cf = None
@@ -222,62 +338,118 @@ class EnginePixelStep:
         by_item: dict[int, list[int]] = {}
         for row, (k, _) in enumerate(where):
             by_item.setdefault(k, []).append(row)
+        back = from_model_batch(anon[:, 0], all_maps, route.output_size)
+        back_cf = from_model_batch(cf[0][:, 0], all_maps, route.output_size) if cf is not None else []
         for k, rows in by_item.items():
             ds, frames, maps = prepared[k]
             it = items[k]
-            new = [from_model(anon[r, 0], maps[i], route.output_size) for i, r in enumerate(rows)]
+            new = [back[r] for r in rows]
             it.outputs.append(("anonymized", derived(ds, new, maps, route.output_size, pseudo, "anonymized", model_id)))
             if cf is not None:
                 imgs, targets = cf
-                new_cf = [from_model(imgs[r, 0], maps[i], route.output_size) for i, r in enumerate(rows)]
+                new_cf = [back_cf[r] for r in rows]
                 name = classes[int(targets[rows[0]])] if classes else str(int(targets[rows[0]]))
                 it.outputs.append(("counterfactual", derived(ds, new_cf, maps, route.output_size, pseudo, "counterfactual", model_id, name)))
 
 
+_NOT_COPIED = frozenset((0x7FE00010, 0x00280008))
+_IMMUTABLE = (str, int, float, bytes, type(None), PersonName)
+
+
+def _clone(elem):
+    """A copy of ``elem`` that the header step may change without touching the source.
+
+    Raw (not yet decoded) elements are immutable tuples decoded per dataset, so they are
+    shared; decoded elements are new objects, and only values that can be changed in
+    place (sequences, multi-values) are copied deeply."""
+    if isinstance(elem, RawDataElement):
+        return elem
+    value = elem.value
+    if isinstance(value, _IMMUTABLE):
+        new = DataElement.__new__(DataElement)
+        new.__dict__.update(elem.__dict__)
+        return new
+    if isinstance(value, MultiValue) and all(isinstance(v, _IMMUTABLE) for v in value):
+        new = DataElement.__new__(DataElement)
+        new.__dict__.update(elem.__dict__)
+        new._value = MultiValue(value._constructor, value)
+        return new
+    return copy.deepcopy(elem)
+
+
+_NUMBER_TYPES = {"DS": DSfloat, "IS": IS}
+
+
+def _element(keyword: str, value) -> DataElement:
+    """An element the pixel step authors, its value built in pydicom's own types.
+
+    The values are known valid, so pydicom's generic conversion and validation (5 to 15
+    us an element) are skipped: this runs a dozen times per image."""
+    tag, vr = tag_vr(keyword)
+    number = _NUMBER_TYPES.get(vr)
+    if isinstance(value, list):
+        value = MultiValue(number or str, value)
+    elif number is not None:
+        value = number(value)
+    elif vr == "UI":
+        value = UID(value)
+    return DataElement(tag, vr, value, already_converted=True, validation_mode=config.IGNORE)
+
+
+_DROPPED = frozenset(tag_for_keyword(kw) for kw in ("SourceImageSequence", "ReferencedImageSequence", "IconImageSequence"))
+
+
 def derived(src: Dataset, frames: list[np.ndarray], maps: list[Mapping], grid: str, pseudo: Pseudonymizer, kind: str, model_id: str, target: str = "") -> Dataset:
     """A new instance holding ``frames``; UIDs are still the source's, derived per kind,
-    and are replaced by pseudonyms when the route's header profile runs."""
+    and are replaced by pseudonyms when the route's header profile runs.
+
+    Built element by element rather than through attribute assignment: this runs once
+    per image and per kind, and pydicom's per-assignment checks would cost more than
+    the model's inference of the image."""
     ds = Dataset()
-    ds.file_meta = copy.deepcopy(src.file_meta) if hasattr(src, "file_meta") else FileMetaDataset()
+    meta = FileMetaDataset()
+    for tag, elem in getattr(src, "file_meta", {}).items():
+        meta._dict[tag] = _clone(elem)
+    ds.file_meta = meta
+    out = ds._dict
     for tag, elem in src._dict.items():
-        if tag == 0x7FE00010 or (tag >> 24) == 0x60 or tag == 0x00280008:
-            continue  # old pixels, overlays drawn on them, and the old frame count
-        # Raw (not yet decoded) elements are immutable and decoded per dataset, so they
-        # can be shared; decoded ones are copied, so that outputs of one source never
-        # share a mutable element.
-        ds._dict[tag] = elem if isinstance(elem, RawDataElement) else copy.deepcopy(elem)
+        if tag in _NOT_COPIED or tag in _DROPPED or (tag >> 24) == 0x60:
+            continue  # old pixels and frame count, overlays drawn on them, references to originals
+        out[tag] = _clone(elem)
     ds.set_original_encoding(*src.original_encoding, src.original_character_set)
-    ds.SOPInstanceUID = pseudo.uid(f"{src.SOPInstanceUID}/{kind}")
+
+    def put(keyword: str, value) -> None:
+        e = _element(keyword, value)
+        out[e.tag] = e
+
+    uid = pseudo.uid(f"{peek_str(src, 'SOPInstanceUID')}/{kind}")
+    put("SOPInstanceUID", uid)
     if kind == "counterfactual":
-        ds.SeriesInstanceUID = pseudo.uid(f"{src.get('SeriesInstanceUID', '')}/counterfactual")
-        ds.SeriesDescription = f"COUNTERFACTUAL {target}".strip()[:64]
-        ds.SeriesNumber = int(src.get("SeriesNumber", 0) or 0) + 1000
+        put("SeriesInstanceUID", pseudo.uid(f"{peek_str(src, 'SeriesInstanceUID')}/counterfactual"))
+        put("SeriesDescription", f"COUNTERFACTUAL {target}".strip()[:64])
+        put("SeriesNumber", int(peek_float(src, "SeriesNumber", 0)) + 1000)
     rows, cols = frames[0].shape
-    ds.Rows, ds.Columns = rows, cols
+    put("Rows", rows)
+    put("Columns", cols)
     if len(frames) > 1:
-        ds.NumberOfFrames = len(frames)
+        put("NumberOfFrames", len(frames))
     h, w = maps[0].shape
     for kw in ("PixelSpacing", "ImagerPixelSpacing"):
-        sp = src.get(kw)
-        if sp is not None and getattr(sp, "__len__", None) and len(sp) == 2:
-            ds[kw].value = [f"{float(sp[0]) * h / rows:.6g}", f"{float(sp[1]) * w / cols:.6g}"]
-    ds.ImageType = ["DERIVED", "SECONDARY"] + list(src.get("ImageType", ["", ""])[2:])
+        sy, sx = peek_float(src, kw, np.nan, 0), peek_float(src, kw, np.nan, 1)
+        if np.isfinite(sy) and np.isfinite(sx):
+            put(kw, [f"{sy * h / rows:.6g}", f"{sx * w / cols:.6g}"])
+    put("ImageType", ["DERIVED", "SECONDARY"] + peek_strs(src, "ImageType")[2:])
     desc = f"casemask {kind}: {METHOD}; model {model_id}"
     if kind == "counterfactual":
         desc += f"; medical features moved to {target}"
-    ds.DerivationDescription = desc[:1024]
-    ds.BurnedInAnnotation = "NO"
-    ds.RecognizableVisualFeatures = "NO"
-    ds.LossyImageCompression = src.get("LossyImageCompression", "00")
-    for kw in ("SourceImageSequence", "ReferencedImageSequence", "IconImageSequence"):
-        if kw in ds:
-            del ds[kw]
+    put("DerivationDescription", desc[:1024])
+    put("BurnedInAnnotation", "NO")
+    put("RecognizableVisualFeatures", "NO")
+    put("LossyImageCompression", peek_str(src, "LossyImageCompression", "00"))
     data = np.stack(frames) if len(frames) > 1 else frames[0]
-    ds.PixelData = np.ascontiguousarray(data).tobytes()
-    if ds.BitsAllocated == 8:
-        ds["PixelData"].VR = "OB"
-    else:
-        ds["PixelData"].VR = "OW"
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    pixels = _element("PixelData", np.ascontiguousarray(data).tobytes())
+    pixels.VR = "OB" if data.dtype.itemsize == 1 else "OW"
+    out[pixels.tag] = pixels
+    for e in (_element("TransferSyntaxUID", ExplicitVRLittleEndian), _element("MediaStorageSOPInstanceUID", uid)):
+        meta._dict[e.tag] = e
     return ds

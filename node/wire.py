@@ -4,9 +4,13 @@ encoded dataset, and prepend a Part 10 header to it, without a full pydicom roun
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 
+from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
 
 from node.deid.deidentify import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
@@ -56,3 +60,71 @@ def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str, sourc
         + ([_elem(0x0002, 0x0016, b"AE", _text(source_ae))] if source_ae else [])
     )
     return b"\x00" * 128 + b"DICM" + _elem(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+# Reading a few attributes of a dataset that dcmread left undecoded. pydicom converts an
+# element on first access (about 10 us each through its hooks); the pixel step reads some
+# twenty per image, which costs more than the model's inference of it. These VRs are plain
+# enough to read from the raw bytes directly; anything else goes through pydicom.
+_TEXT_VRS = frozenset(("CS", "DS", "IS", "UI", "LO", "SH"))
+
+
+@functools.cache
+def tag_vr(keyword: str) -> tuple[int, str]:
+    """The tag and dictionary VR of a keyword."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(f"no DICOM keyword {keyword!r}")
+    return tag, dictionary_VR(tag)
+
+
+def peek(ds: Dataset, keyword: str):
+    """The value of a top-level attribute, or None when absent.
+
+    For a still-raw element of a little-endian dataset: an int (US), the list of its
+    backslash-separated strings, stripped (CS, DS, IS, UI, LO, SH), or its bytes (OB, OW
+    of defined length), read without converting the element. Otherwise pydicom's value.
+    """
+    tag, dict_vr = tag_vr(keyword)
+    elem = ds._dict.get(tag)
+    if elem is None:
+        return None
+    if type(elem) is RawDataElement and elem.value is not None and elem.is_little_endian:
+        vr = elem.VR or dict_vr
+        raw = elem.value
+        if vr == "US" and len(raw) == 2:
+            return raw[0] | raw[1] << 8
+        if vr in _TEXT_VRS and raw.isascii():
+            return [v.strip(" \x00") for v in raw.decode("ascii").split("\\")]
+        if vr in ("OB", "OW") and elem.length != 0xFFFFFFFF:  # native pixel data: the bytes themselves
+            return raw
+    return ds[tag].value
+
+
+def _values(v) -> list:
+    if v is None or v == "":
+        return []
+    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+        return list(v)
+    return [v]
+
+
+def peek_str(ds: Dataset, keyword: str, default: str = "") -> str:
+    """The first value of an attribute as a stripped string (``default`` when absent or empty)."""
+    vals = _values(peek(ds, keyword))
+    s = str(vals[0]).strip(" \x00") if vals and vals[0] is not None else ""
+    return s or default
+
+
+def peek_float(ds: Dataset, keyword: str, default: float, index: int = 0) -> float:
+    """Value ``index`` of a numeric attribute as a float (``default`` when absent or not a number)."""
+    vals = _values(peek(ds, keyword))
+    try:
+        return float(vals[index]) if len(vals) > index and vals[index] != "" else default
+    except (TypeError, ValueError):
+        return default
+
+
+def peek_strs(ds: Dataset, keyword: str) -> list[str]:
+    """All values of an attribute as stripped strings ([] when absent)."""
+    return [str(x).strip(" \x00") for x in _values(peek(ds, keyword))]

@@ -15,7 +15,8 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from sqlalchemy import select
 
 from node.db import Instance, InstanceState
-from node.pixels import from_model, to_model
+from node.pixels import _native_frames, from_model, mapping_for, to_model, to_model_batch
+from node.wire import peek
 from tests.conftest import PYDICOM_FILES, STORESCU, dcmtk_env, needs_dcmtk, needs_orthanc, node_config, receive, wait_until
 
 
@@ -49,6 +50,54 @@ def test_intensity_mapping_round_trips_within_one_stored_step(bits, signed, mono
     step = np.abs(back.astype(np.int64) - arr.astype(np.int64)).max()
     # float32 model input carries ~24 bits; one stored-value step is the bound.
     assert step <= 1, f"max error {step} stored values"
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_padded.dcm", "rtdose_1frame.dcm", "liver_1frame.dcm", "examples_overlay.dcm", "MR_small_bigendian.dcm"])
+def test_fast_paths_read_what_pydicom_reads(name):
+    """The pixel step reads native pixel data and the pixel-module attributes straight
+    from the raw bytes; both must equal what pydicom decodes."""
+    path = PYDICOM_FILES / name
+    if not path.exists():
+        pytest.skip(f"{name} is not among this pydicom's bundled files")
+    fast, ref = dcmread(path), dcmread(path)
+    arr = _native_frames(fast)
+    if str(fast.file_meta.TransferSyntaxUID) in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") and int(fast.BitsAllocated) in (8, 16):
+        assert arr is not None
+        expected = ref.pixel_array
+        assert np.array_equal(arr.reshape(expected.shape), expected)
+    for kw in ("Rows", "Columns", "BitsStored", "PhotometricInterpretation", "ImageType", "PixelSpacing", "RescaleSlope", "WindowCenter", "SOPInstanceUID", "Modality"):
+        v, r = peek(fast, kw), ref.get(kw)
+        if r is None:
+            assert v is None, kw
+        elif isinstance(v, list):
+            vals = list(r) if type(r).__name__ == "MultiValue" else [r]
+            assert [str(x) for x in v] == [str(x).strip() for x in vals] or [float(x) for x in v] == [float(x) for x in vals], kw
+        else:
+            assert v == r, kw
+
+
+def test_batched_window_and_resize_match_the_plain_computation():
+    """Clip-in-stored-values, resize, then map (the batched path) gives what windowing
+    every pixel first and then resizing gives, for shrinking by a whole and a fractional
+    factor, growing, and a window that clips."""
+    import torch
+    from torch.nn import functional as F
+
+    rng = np.random.default_rng(5)
+    for rows, cols, size in ((256, 256, 64), (200, 150, 64), (40, 48, 64)):
+        ds, _ = pattern(12, False, "MONOCHROME1", 1.0, 0.0, rows, cols)
+        ds.WindowCenter, ds.WindowWidth = 1500, 1000  # clips a good part of the range
+        frames = [rng.integers(0, 4096, (rows, cols), dtype=np.uint16) for _ in range(3)]
+        maps = [mapping_for(f, ds, size) for f in frames]
+        got = to_model_batch(frames, maps, size)
+        for f, m, g in zip(frames, maps, got):
+            a, b = m.coefficients()
+            y = torch.from_numpy(np.clip(f.astype(np.float64) * a + b, -1, 1).astype(np.float32))[None, None]
+            top, left, nh, nw = m.box
+            mode = {"mode": "area"} if nh < rows else {"mode": "bilinear", "align_corners": False}
+            want = F.interpolate(y, size=(nh, nw), **mode)[0, 0].numpy()
+            assert np.abs(g[top : top + nh, left : left + nw] - want).max() < 1e-4
+            assert (g[:top] == -1).all() and (g[top + nh :] == -1).all()
 
 
 def rgb_version(ds: Dataset) -> Dataset:
