@@ -235,8 +235,32 @@ def _deid_one(job: tuple[str, str, bool]) -> tuple[str, str, str, list]:
     return "ok", src, str(target), lines
 
 
+# What pydicom imports when present and `casemask deid` never uses: numpy, and the pixel
+# codec plugins it probes at import time. Keeping them out takes a fresh `casemask deid`
+# from about 0.25 s to 0.13 s of start-up, which is most of the time on a small folder.
+_PIXEL_MODULES = ("numpy", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "jpeg_ls", "pyjpegls", "gdcm")
+
+
+def _import_headers_only() -> None:
+    """Import pydicom without its pixel machinery, when nothing has imported it yet (in
+    a process that already uses numpy or pydicom, nothing changes)."""
+    if "pydicom" in sys.modules or "numpy" in sys.modules:
+        return
+    blocked = [m for m in _PIXEL_MODULES if m not in sys.modules]
+    for m in blocked:
+        sys.modules[m] = None  # type: ignore[assignment]  # 'import m' raises ImportError
+    try:
+        import pydicom  # noqa: F401
+    finally:
+        for m in blocked:
+            if sys.modules.get(m, 0) is None:
+                del sys.modules[m]
+
+
 def cmd_deid(args) -> int:
     import os
+
+    _import_headers_only()
 
     from node.config import DeidSettings, load
     from node.deid import load_or_create_secret

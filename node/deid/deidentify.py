@@ -12,11 +12,12 @@ import dataclasses
 import datetime as dt
 import io
 import re
+import struct
 from collections.abc import Iterable
 
 from pydicom import Dataset
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 
@@ -109,14 +110,18 @@ class Deidentifier:
         self.actions = actions
         self.clean_graphics = "clean-graphics" in opts
         self.safe_private = "retain-safe-private" in opts
+        # Apply the common actions to raw elements' bytes (see _raw_action); False runs
+        # every action through pydicom's decoded values (the reference the tests compare).
+        self.raw_fast = True
+        self._marks: dict[tuple, list[RawDataElement]] = {}
 
     # -- public -------------------------------------------------------------------
     def check_burned_in(self, ds: Dataset) -> None:
         """Raise QuarantineError when the pixels may carry text and nobody cleans them."""
-        if self.pixels_cleaned or self.settings.burned_in == "allow" or "PixelData" not in ds:
+        if self.pixels_cleaned or self.settings.burned_in == "allow" or 0x7FE00010 not in ds._dict:
             return
-        flag = str(ds.get("BurnedInAnnotation", "")).upper()
-        modality = str(ds.get("Modality", "")).upper()
+        flag = _first_text(ds, 0x00280301).upper()  # BurnedInAnnotation
+        modality = _first_text(ds, 0x00080060).upper()
         if flag == "YES":
             raise QuarantineError("BurnedInAnnotation is YES and this route does not clean pixels")
         if not flag and modality in BURNED_IN_MODALITIES:
@@ -129,8 +134,8 @@ class Deidentifier:
             QuarantineError: burned-in text that this route does not clean.
         """
         self.check_burned_in(ds)
-        old_pid = str(ds.get("PatientID", "") or "")
-        patient_key = old_pid or str(ds.get("StudyInstanceUID", ""))
+        old_pid = _first_text(ds, _PATIENT_ID)
+        patient_key = old_pid or _first_text(ds, 0x0020000D)  # StudyInstanceUID
         lo, hi = self.settings.date_shift_days
         ctx = _Context(
             uid_map={},
@@ -231,6 +236,12 @@ class Deidentifier:
                 del ds[tag]
                 self._note(ctx, path, tag, "X")
                 continue
+            if self.raw_fast and type(raw) is RawDataElement:
+                new = self._raw_action(raw, act, tag, ctx)
+                if new is not None:
+                    ds._dict[tag] = new
+                    self._note(ctx, path, tag, act)
+                    continue
             elem = ds[tag]
             self._note(ctx, path, tag, act)
             if act == "Z":
@@ -267,6 +278,38 @@ class Deidentifier:
                 if (tag.group, tag.element) not in used:
                     del ds[tag]
 
+    def _raw_action(self, raw: RawDataElement, act: str, tag: BaseTag, ctx: _Context) -> RawDataElement | None:
+        """The action applied to the element's bytes, for the ASCII values the profile
+        writes most (emptied values, UIDs, shifted dates, dummies, patient pseudonyms):
+        no decoding into pydicom values and back. None where the element needs pydicom
+        (anything else); the result is byte for byte what the decoded path writes."""
+        if raw.VR == "UN":
+            return None  # pydicom writes such an element with its dictionary VR
+        vr = raw.VR or _vr_of(tag)
+        if act == "Z":
+            return None if vr == "SQ" or raw.length == 0xFFFFFFFF else _raw_replace(raw, vr, [])
+        values = _raw_values(raw)
+        if values is None:
+            return None
+        if act == "U" or (act == "D" and vr == "UI"):
+            if vr != "UI":
+                return None
+            return _raw_replace(raw, vr, [self._uid(v, ctx) if v else v for v in values])
+        if act == "S" and vr in ("DA", "DT"):
+            if ctx.offset is None or values == [""]:
+                return raw
+            return _raw_replace(raw, vr, [_shift(v, vr, ctx.offset) for v in values])
+        if act == "D" and isinstance(DUMMY.get(vr), str) and vr != "SQ":
+            return _raw_replace(raw, vr, [DUMMY[vr]])
+        if act == "P" and tag == _PATIENT_ID:
+            new = self.pseudo.patient_id(ctx.old_pid) if ctx.old_pid else ""
+            if ctx.old_pid:
+                ctx.patient_map[ctx.old_pid] = new
+            return _raw_replace(raw, vr, [new])
+        if act == "P":
+            return _raw_replace(raw, vr, [self.pseudo.patient_name(ctx.old_pid) if ctx.old_pid else ""])
+        return None
+
     def _is_safe_private(self, ds: Dataset, tag: BaseTag) -> bool:
         if tag.element < 0x1000:
             return False
@@ -292,6 +335,19 @@ class Deidentifier:
             ctx.changes.append((f"{path}{_tagstr(tag)}", act, keyword_for_tag(tag) or "private"))
 
     def _mark(self, ds: Dataset, extra_codes: Iterable[tuple[str, str]]) -> None:
+        encoding = ds.original_encoding
+        if not self.raw_fast or encoding[1] is False or encoding[0] is None:
+            self._mark_decoded(ds, extra_codes)
+            return
+        key = (tuple(extra_codes), encoding[0])
+        if key not in self._marks:  # the same four elements for every object of a route: encode once
+            tmp = Dataset()
+            self._mark_decoded(tmp, key[0])
+            self._marks[key] = [_encoded(tmp, tag, implicit=encoding[0]) for tag in sorted(tmp.keys())]
+        for elem in self._marks[key]:
+            ds._dict[elem.tag] = elem  # raw elements are immutable: safe to share
+
+    def _mark_decoded(self, ds: Dataset, extra_codes: Iterable[tuple[str, str]]) -> None:
         codes = [profile.BASIC_CODE] + [profile.OPTIONS[o] for o in profile.OPTIONS if o in self.options] + list(extra_codes)
         ds.PatientIdentityRemoved = "YES"
         names = ", ".join(m for _, m in codes)
@@ -337,25 +393,92 @@ def _shift(value, vr: str, offset: dt.timedelta | None):
         return DUMMY[vr]
 
 
+def _encoded(ds: Dataset, tag: BaseTag, implicit: bool) -> RawDataElement:
+    """Element ``tag`` of ``ds`` as the raw element a little-endian reader would produce."""
+    from pydicom.filebase import DicomBytesIO
+
+    elem = ds[tag]
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, implicit
+    if elem.VR == "SQ":
+        for item in elem.value:
+            _write_item(body, item, implicit, "iso8859")
+    else:
+        from pydicom.filewriter import write_data_element
+
+        write_data_element(body, elem)
+        whole = body.getvalue()
+        header = 8 if implicit or elem.VR not in _LONG_VRS else 12
+        body = DicomBytesIO()
+        body.write(whole[header:])
+    value = body.getvalue()
+    return RawDataElement(tag, None if implicit else elem.VR, len(value), value, 0, implicit, True, True, False)
+
+
+def _vr_of(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+
+
+def _raw_values(raw: RawDataElement) -> list[str] | None:
+    """The values of a raw little-endian element whose bytes are ASCII, stripped as
+    pydicom strips them; None when they need pydicom's decoding."""
+    if not raw.is_little_endian or raw.value is None or raw.length == 0xFFFFFFFF or not raw.value.isascii():
+        return None
+    return [v.strip(" \x00") for v in raw.value.decode("ascii").split("\\")]
+
+
+def _raw_replace(raw: RawDataElement, vr: str, values: list[str]) -> RawDataElement | None:
+    """``raw`` holding ``values`` (encoded, padded to even length as pydicom pads)."""
+    data = "\\".join(values).encode("ascii", errors="strict") if values else b""
+    if len(data) % 2:
+        data += b"\x00" if vr == "UI" else b" "
+    return raw._replace(length=len(data), value=data)
+
+
 _DIGITS = re.compile(r"\d{5,}")
 
 
 def _phi_strings(ds: Dataset) -> list[str]:
     """Identifying strings of this object, used to scrub free text that is kept (C)."""
     out: set[str] = set()
-    for kw in ("PatientName", "PatientID", "OtherPatientIDs", "AccessionNumber", "PatientBirthDate",
-               "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "InstitutionName",
-               "PatientAddress", "StudyID", "RequestingPhysician", "NameOfPhysiciansReadingStudy"):
-        v = ds.get(kw)
-        if v is None:
-            continue
-        vals = v.value if isinstance(v, DataElement) else v
-        for item in (vals if isinstance(vals, (list, tuple)) or type(vals).__name__ == "MultiValue" else [vals]):
-            s = str(item)
+    for tag in _PHI_TAGS:
+        for s in _texts(ds, tag):
             for part in re.split(r"[\^=\s,]+", s):
                 if len(part) >= 2:
                     out.add(part)
     return sorted(out, key=len, reverse=True)
+
+
+_PHI_TAGS = [
+    tag_for_keyword(kw)
+    for kw in ("PatientName", "PatientID", "OtherPatientIDs", "AccessionNumber", "PatientBirthDate",
+               "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "InstitutionName",
+               "PatientAddress", "StudyID", "RequestingPhysician", "NameOfPhysiciansReadingStudy")
+]
+
+
+def _texts(ds: Dataset, tag: int) -> list[str]:
+    """The values of a top-level element as strings, read from its bytes when they are
+    ASCII (no decoding, so the element stays raw for the writer), else from pydicom."""
+    elem = ds._dict.get(tag)
+    if elem is None:
+        return []
+    if type(elem) is RawDataElement and elem.VR != "UN":
+        vals = _raw_values(elem)
+        if vals is not None:
+            return vals if vals != [""] else []
+    v = ds[tag].value
+    if v is None or v == "":
+        return []
+    return [str(x) for x in v] if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [str(v)]
+
+
+def _first_text(ds: Dataset, tag: int) -> str:
+    vals = _texts(ds, tag)
+    return vals[0].strip() if vals else ""
 
 
 def _scrub(text: str, phi: list[str]) -> str:
@@ -367,6 +490,12 @@ def _scrub(text: str, phi: list[str]) -> str:
 def to_bytes(ds: Dataset, enforce_file_format: bool = True) -> bytes:
     """Encode ``ds`` as a file; repairs datasets whose elements lack a VR.
 
+    Little-endian datasets go through ``_encode_fast`` (raw elements copied as read, the
+    rest through pydicom's element writer, byte for byte what ``save_as`` writes, about
+    four times faster); others through ``save_as``. The preamble is always 128 zero
+    bytes: an input's preamble may carry anything (a TIFF header, text), and nothing of
+    it belongs in a de-identified file.
+
     Some inputs declare explicit VR in their file meta yet encode the body implicitly;
     pydicom then keeps their elements without a VR and cannot write them back. Resolving
     every element from the dictionary and writing explicit VR fixes that.
@@ -374,6 +503,11 @@ def to_bytes(ds: Dataset, enforce_file_format: bool = True) -> bytes:
     meta = getattr(ds, "file_meta", None)
     if meta is None or not meta.get("MediaStorageSOPClassUID") or not meta.get("MediaStorageSOPInstanceUID"):
         enforce_file_format = False  # no SOP UIDs: a bare dataset, not a Part 10 file
+    if getattr(ds, "preamble", None) is not None:
+        ds.preamble = b"\x00" * 128
+    fast = _encode_fast(ds, meta) if enforce_file_format else None
+    if fast is not None:
+        return fast
     buf = io.BytesIO()
     try:
         ds.save_as(buf, enforce_file_format=enforce_file_format)
@@ -384,3 +518,95 @@ def to_bytes(ds: Dataset, enforce_file_format: bool = True) -> bytes:
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=enforce_file_format)
     return buf.getvalue()
+
+
+_LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"))
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}  # UID -> implicit VR
+_SEQ_DELIMITER = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+
+class _NotFast(Exception):
+    pass
+
+
+def _encode_fast(ds: Dataset, meta) -> bytes | None:
+    """The Part 10 file of ``ds`` when it is written little endian in the encoding it was
+    read in (or built in) and no character set changed; None otherwise."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if ts in _NATIVE_SYNTAXES:
+        implicit = _NATIVE_SYNTAXES[ts]
+    elif ts and ts not in ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"):
+        implicit = False  # encapsulated syntaxes: explicit VR little endian
+    else:
+        return None  # big endian, deflated, or unknown: pydicom's writer
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    fp.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    try:
+        _write_elements(fp, ds, implicit, "iso8859")
+    except _NotFast:
+        return None
+    return fp.getvalue()
+
+
+def _write_elements(fp, ds: Dataset, implicit: bool, parent_encoding) -> None:
+    """pydicom's write_dataset, except that raw elements and sequences are written here."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    # Like pydicom: a dataset read in another encoding or character set (or built in
+    # memory) has every element decoded and encoded again, after ambiguous VRs are fixed.
+    reencode = ds.original_encoding != (implicit, True) or ds.original_character_set != ds._character_set
+    if reencode:
+        from pydicom.filewriter import correct_ambiguous_vr
+
+        ds = correct_ambiguous_vr(ds, True)
+    encodings = ds.get("SpecificCharacterSet", parent_encoding)
+    pack = struct.pack
+    for tag in sorted(ds._dict):
+        if tag & 0xFFFF == 0 and tag >> 16 > 6:
+            continue  # retired group lengths are not written (PS3.5 7.2)
+        elem = ds._dict[tag]
+        if type(elem) is RawDataElement:
+            if reencode or not elem.is_little_endian or elem.is_implicit_VR != implicit or elem.value is None or not (implicit or elem.VR):
+                write_data_element(fp, ds[tag], encodings)
+                continue
+            vr, value, undefined = elem.VR, elem.value, elem.length == 0xFFFFFFFF
+        elif elem.VR == "SQ":
+            body = DicomBytesIO()
+            body.is_little_endian, body.is_implicit_VR = True, implicit
+            for item in elem.value:
+                _write_item(body, item, implicit, encodings)
+            vr, value, undefined = "SQ", body.getvalue(), elem.is_undefined_length
+        else:
+            write_data_element(fp, elem, encodings)
+            continue
+        length = 0xFFFFFFFF if undefined else len(value)
+        if implicit:
+            fp.write(pack("<HHI", tag >> 16, tag & 0xFFFF, length))
+        elif vr in _LONG_VRS:
+            fp.write(pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length))
+        elif length <= 0xFFFF:
+            fp.write(pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length))
+        else:
+            raise _NotFast  # pydicom rewrites such an element as UN, with a warning
+        fp.write(value)
+        if undefined:
+            fp.write(_SEQ_DELIMITER)
+
+
+def _write_item(fp, item: Dataset, implicit: bool, encodings) -> None:
+    from pydicom.filebase import DicomBytesIO
+
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, implicit
+    _write_elements(body, item, implicit, encodings)
+    value = body.getvalue()
+    if getattr(item, "is_undefined_length_sequence_item", False):
+        fp.write(struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + value + struct.pack("<HHI", 0xFFFE, 0xE00D, 0))
+    else:
+        fp.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(value)) + value)
