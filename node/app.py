@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 from collections.abc import Callable
 
 from pydicom import dcmread
@@ -21,6 +22,19 @@ from node.spool import clean_stale_temporaries
 log = logging.getLogger(__name__)
 
 
+# How long a committed row may wait for its spool file before the file counts as lost
+# (the C-STORE handler writes the file and commits the row at the same time, and answers
+# only when both are done).
+SPOOL_GRACE_S = 120.0
+
+
+def _still_arriving(inst) -> bool:
+    if Path(inst.path).exists():
+        return False
+    age = (queue.utcnow() - inst.received_at).total_seconds()
+    return age < SPOOL_GRACE_S
+
+
 class Node:
     """A running casemask node. ``start()`` listens and schedules; ``tick()`` runs each
     stage once, synchronously (for tests and tools)."""
@@ -34,6 +48,11 @@ class Node:
             log.info("removed %d temporary files left by an interrupted write", removed)
         self.engine = make_engine(settings.node.resolved_database_url)
         self.sessions: sessionmaker = make_sessionmaker(self.engine)
+        with self.sessions() as session:
+            dropped = queue.drop_unspooled(session)
+            session.commit()
+        if dropped:
+            log.warning("%d received objects had no spool file (interrupted before they were acknowledged): dropped", len(dropped))
         self.pseudo = Pseudonymizer(load_or_create_secret(settings.node.resolved_secret_path))
         if pixel_step == "auto":
             pixel_step = _default_pixel_step(settings)
@@ -52,7 +71,10 @@ class Node:
         n = 0
         with self.sessions() as session:
             for study in queue.stable_studies(session, stable):
-                for inst in queue.received_instances(session, study):
+                instances = queue.received_instances(session, study)
+                if any(_still_arriving(inst) for inst in instances):
+                    continue  # a row is committed while its file is renamed into place
+                for inst in instances:
                     try:
                         ds = dcmread(inst.path, stop_before_pixels=True)
                     except Exception as exc:
@@ -94,6 +116,9 @@ class Node:
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            store = getattr(self.server, "store_handler", None)
+            if store is not None:
+                store.close()
             self.server = None
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)

@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.db import (
@@ -48,6 +48,17 @@ class Received:
     peer_host: str
 
 
+# The two statements of every C-STORE, built once: constructing a statement per call
+# (and deriving its cache key) cost about 0.4 ms of the 0.6 ms of a commit.
+_TOUCH_RECEIVING_STUDY = (
+    update(Study.__table__)
+    .where(Study.__table__.c.study_uid == bindparam("b_study_uid"), Study.__table__.c.state == StudyState.RECEIVING)
+    .values(last_received_at=bindparam("b_now"))
+    .returning(Study.__table__.c.id)
+)
+_INSERT_INSTANCE = insert(Instance.__table__)
+
+
 def record_received(conn: Connection, r: Received) -> str:
     """Insert a received instance (and its study) in the caller's transaction; returns
     the study's state change ("" when none), for the caller to log once committed.
@@ -64,12 +75,7 @@ def record_received(conn: Connection, r: Received) -> str:
     now = utcnow()
     change = ""
     studies, instances = Study.__table__, Instance.__table__
-    study_id = conn.execute(
-        update(studies)
-        .where(studies.c.study_uid == r.study_uid, studies.c.state == StudyState.RECEIVING)
-        .values(last_received_at=now)
-        .returning(studies.c.id)
-    ).scalar()
+    study_id = conn.execute(_TOUCH_RECEIVING_STUDY, {"b_study_uid": r.study_uid, "b_now": now}).scalar()
     if study_id is None:
         row = conn.execute(select(studies.c.id, studies.c.state).where(studies.c.study_uid == r.study_uid)).first()
         if row is None:
@@ -82,24 +88,46 @@ def record_received(conn: Connection, r: Received) -> str:
             conn.execute(update(studies).where(studies.c.id == study_id).values(state=StudyState.RECEIVING, last_received_at=now))
             change = f"study {r.study_uid}: {StudyState(row.state).value} -> RECEIVING (amendment)"
     conn.execute(
-        insert(instances).values(
-            sop_instance_uid=r.sop_instance_uid,
-            sop_class_uid=r.sop_class_uid,
-            study_id=study_id,
-            series_uid=r.series_uid,
-            modality=r.modality[:16],
-            transfer_syntax=r.transfer_syntax,
-            path=r.path,
-            size=r.size,
-            calling_ae=r.calling_ae,
-            called_ae=r.called_ae,
-            peer_host=r.peer_host,
-            received_at=now,
-            state=InstanceState.RECEIVED,
-            reason="",
-        )
+        _INSERT_INSTANCE,
+        {
+            "sop_instance_uid": r.sop_instance_uid,
+            "sop_class_uid": r.sop_class_uid,
+            "study_id": study_id,
+            "series_uid": r.series_uid,
+            "modality": r.modality[:16],
+            "transfer_syntax": r.transfer_syntax,
+            "path": r.path,
+            "size": r.size,
+            "calling_ae": r.calling_ae,
+            "called_ae": r.called_ae,
+            "peer_host": r.peer_host,
+            "received_at": now,
+            "state": InstanceState.RECEIVED,
+            "reason": "",
+        },
     )
     return change
+
+
+
+def forget_received(conn: Connection, sop_instance_uid: str) -> None:
+    """Delete a received instance whose file could not be written: it was never
+    acknowledged, so the sender still has it (and will send it again)."""
+    instances = Instance.__table__
+    conn.execute(instances.delete().where(instances.c.sop_instance_uid == sop_instance_uid, instances.c.state == InstanceState.RECEIVED))
+
+
+def drop_unspooled(session: Session) -> list[str]:
+    """At start: received instances whose spool file is missing were committed while
+    their file was still being written when the node stopped, so they were never
+    acknowledged; delete them. Returns their SOP Instance UIDs."""
+    from pathlib import Path
+
+    gone = [i for i in session.scalars(select(Instance).where(Instance.state == InstanceState.RECEIVED)) if not Path(i.path).exists()]
+    for inst in gone:
+        session.delete(inst)
+    session.flush()
+    return [i.sop_instance_uid for i in gone]
 
 
 def is_stored(conn: Connection, sop_instance_uid: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 
@@ -27,7 +28,7 @@ def write_atomic(path: Path, chunks: bytes | list[bytes]) -> int:
             path is left untouched and the temporary file removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     parts = [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks
     size = 0
     try:

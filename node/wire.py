@@ -19,15 +19,87 @@ from node.deid.deidentify import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSIO
 ROW_TAGS = [0x00080018, 0x00080060, 0x0020000D, 0x0020000E]
 
 
+_ROW_KEYWORDS = {0x00080018: "SOPInstanceUID", 0x00080060: "Modality", 0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID"}
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"))
+_SEQUENCE_DELIMITER, _ITEM, _ITEM_DELIMITER = 0xFFFEE0DD, 0xFFFEE000, 0xFFFEE00D
+
+
+class _Unusual(Exception):
+    """Something the scanner does not handle: let pydicom read it."""
+
+
 def row_attributes(encoded: bytes, implicit_vr: bool, little_endian: bool) -> dict[str, str]:
     """SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID and Modality of an encoded
     dataset (empty strings for absent ones). Reading stops after (0020,000E).
 
+    Little-endian data is scanned element by element here (skipping sequences without
+    decoding them); anything the scanner finds unusual, and big endian, is read by
+    pydicom, which also raises for data that cannot be decoded.
+
     Raises:
         Exception: the bytes are not a decodable dataset.
     """
+    if little_endian:
+        try:
+            return _scan(encoded, implicit_vr)
+        except (_Unusual, struct.error, UnicodeDecodeError):
+            pass
     ds = read_dataset(io.BytesIO(encoded), implicit_vr, little_endian, stop_when=lambda tag, vr, length: tag > 0x0020000E, specific_tags=ROW_TAGS)
     return {kw: str(ds.get(kw, "") or "").strip("\x00 ") for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")}
+
+
+def _scan(b: bytes, implicit: bool) -> dict[str, str]:
+    out = dict.fromkeys(_ROW_KEYWORDS.values(), "")
+    pos, end = 0, len(b)
+    while pos < end:
+        tag, length, pos, nested_implicit = _header(b, pos, implicit)
+        if tag > 0x0020000E:
+            break
+        if length == 0xFFFFFFFF:
+            pos = _skip_sequence(b, pos, nested_implicit)
+            continue
+        if pos + length > end:
+            raise _Unusual
+        keyword = _ROW_KEYWORDS.get(tag)
+        if keyword:
+            out[keyword] = b[pos : pos + length].decode("ascii").strip("\x00 ")
+        pos += length
+    return out
+
+
+def _header(b: bytes, pos: int, implicit: bool) -> tuple[int, int, int, bool]:
+    """(tag, value length, value position, whether a sequence value is implicit VR)."""
+    group, element = struct.unpack_from("<HH", b, pos)
+    tag = group << 16 | element
+    if implicit or group == 0xFFFE:  # item and delimiter tags have no VR
+        return tag, struct.unpack_from("<I", b, pos + 4)[0], pos + 8, implicit
+    vr = b[pos + 4 : pos + 6]
+    if vr in _LONG_VRS:
+        # UN of undefined length is a sequence encoded in implicit VR (PS3.5 6.2.2)
+        return tag, struct.unpack_from("<I", b, pos + 8)[0], pos + 12, vr == b"UN"
+    if not vr.isalpha() or not vr.isupper():
+        raise _Unusual
+    return tag, struct.unpack_from("<H", b, pos + 6)[0], pos + 8, False
+
+
+def _skip_sequence(b: bytes, pos: int, implicit: bool) -> int:
+    """Position after an undefined-length sequence whose items start at ``pos``."""
+    while True:
+        tag, length, pos, _ = _header(b, pos, implicit)
+        if tag == _SEQUENCE_DELIMITER:
+            return pos
+        if tag != _ITEM:
+            raise _Unusual
+        if length != 0xFFFFFFFF:
+            pos += length
+            continue
+        while True:  # an undefined-length item: its elements up to the item delimiter
+            tag, length, pos, nested_implicit = _header(b, pos, implicit)
+            if tag == _ITEM_DELIMITER:
+                break
+            pos = _skip_sequence(b, pos, nested_implicit) if length == 0xFFFFFFFF else pos + length
+            if pos > len(b):
+                raise _Unusual
 
 
 def _elem(group: int, elem: int, vr: bytes, value: bytes) -> bytes:

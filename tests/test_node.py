@@ -157,9 +157,45 @@ def test_spool_write_failure_answers_out_of_resources(tmp_path, start_node, monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(scp, "write_atomic", disk_full)
-    assert c_store(node.settings.node.port, dcmread(make_study(tmp_path / "s", 1)[0])) == 0xA700
-    with node.sessions() as s:
+    ds = dcmread(make_study(tmp_path / "s", 1)[0])
+    assert c_store(node.settings.node.port, ds) == 0xA700
+    with node.sessions() as s:  # the row committed alongside the failed write is gone again
         assert s.scalar(select(func.count()).select_from(Instance)) == 0
+    monkeypatch.undo()  # space again: the modality's retry is stored
+    assert c_store(node.settings.node.port, ds) == 0x0000
+    with node.sessions() as s:
+        inst = s.scalars(select(Instance)).one()
+        assert Path(inst.path).stat().st_size == inst.size
+
+
+def test_rows_without_spool_file_wait_then_are_dropped_at_start(tmp_path, start_node):
+    """The handler commits a row while its file is still being renamed into place (and
+    answers only when both are durable): routing waits for the file, and a node that
+    starts after a crash in that moment drops such rows (never acknowledged)."""
+    from node.app import Node
+    from tests.conftest import receive
+
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=0)
+    node = start_node(raw, schedule=False, listen=False)
+    files = make_study(tmp_path / "s", 2)
+    for f in files:
+        receive(node, dcmread(f))
+    with node.sessions() as s:
+        missing = s.scalars(select(Instance)).first()
+        path = Path(missing.path)
+    hidden = path.with_name("elsewhere")
+    path.rename(hidden)
+    assert node.route_stable(0) == 0  # the study waits for its file
+    with node.sessions() as s:
+        assert {i.state for i in s.scalars(select(Instance))} == {InstanceState.RECEIVED}
+    node.stop()
+    restarted = Node(node.settings, pixel_step=None)  # a crash at that moment, then a start
+    try:
+        with restarted.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Instance)) == 1
+        assert restarted.route_stable(0) == 1  # the rest of the study goes on
+    finally:
+        restarted.stop()
 
 
 def test_dataset_without_study_uid_answers_cannot_understand(tmp_path, start_node):
