@@ -64,3 +64,24 @@ def test_a_value_cut_short_is_left_to_pydicom():
     cut = encoded.index(uid) + len(uid) // 2
     with pytest.raises(wire._Unusual):
         wire._scan(encoded[:cut], implicit)
+
+
+def test_busy_association_polls_at_the_reactor_delay(monkeypatch):
+    """pynetdicom's association reactor sleeps 1 ms between polls; on a thread that just
+    handled a C-STORE the node's clock sleeps the configured delay instead, and goes back
+    to 1 ms once the association has been idle for half a second."""
+    import node.scp as scp
+
+    slept: list[float] = []
+    now = [100.0]
+    monkeypatch.setattr(scp.time, "sleep", slept.append)
+    monkeypatch.setattr(scp.time, "monotonic", lambda: now[0])
+    clock = scp._ReactorClock(0.0002)
+    clock.sleep(0.001)  # idle
+    clock.mark_busy()
+    clock.sleep(0.001)  # busy
+    clock.sleep(0.01)  # any other sleep is left alone
+    now[0] += clock.BUSY_S + 0.01
+    clock.sleep(0.001)  # idle again
+    assert slept == [0.001, 0.0002, 0.01, 0.001]
+    assert clock.monotonic() == now[0]  # everything else is the time module's
