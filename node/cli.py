@@ -224,7 +224,7 @@ def _deid_one(job: tuple[str, str, bool]) -> tuple[str, str, str, list]:
         res = _DEID.apply(ds)
     except QuarantineError as exc:
         return "quarantined", src, str(exc), []
-    target = Path(out) / f"{res.dataset.SOPInstanceUID}.dcm"
+    target = Path(out) / f"{res.dataset.file_meta.MediaStorageSOPInstanceUID}.dcm"
     target.write_bytes(to_bytes(res.dataset))
     lines: list[str] = []
     if diff:

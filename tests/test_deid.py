@@ -177,6 +177,21 @@ def test_marking_and_file_meta():
     assert {i.CodeValue for i in out.DeidentificationMethodCodeSequence} == {"113100", "113107"}
     assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
     assert out.file_meta.ImplementationVersionName.startswith("CASEMASK")
+    assert out.file_meta.MediaStorageSOPInstanceUID != ds_uid(PYDICOM_FILES / "CT_small.dcm")
+
+
+def ds_uid(path) -> str:
+    return str(dcmread(path).SOPInstanceUID)
+
+
+def test_file_meta_never_keeps_the_original_instance_uid():
+    """Even a dataset without SOPInstanceUID: the file meta's copy is pseudonymised."""
+    ds = dcmread(PYDICOM_FILES / "CT_small.dcm")
+    original = str(ds.file_meta.MediaStorageSOPInstanceUID)
+    del ds.SOPInstanceUID
+    out = roundtrip(deid().apply(ds).dataset)
+    assert str(out.file_meta.MediaStorageSOPInstanceUID) not in ("", original)
+    assert original.encode() not in to_bytes(deid().apply(dcmread(PYDICOM_FILES / "CT_small.dcm")).dataset)
 
 
 def test_pseudonyms_are_stable_across_instances_and_secrets():

@@ -20,6 +20,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 from node.config import DeidSettings
 from node.deid import profile
@@ -155,17 +156,21 @@ class Deidentifier:
             from pydicom.dataset import FileMetaDataset
 
             meta = ds.file_meta = FileMetaDataset()
-        if "SOPInstanceUID" in ds:
-            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        if "SOPClassUID" in ds:
-            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        # Set through elements, not attributes: FileMetaDataset checks every assignment,
+        # and the UIDs are read without decoding the dataset's (raw) elements.
+        if 0x00080018 in ds._dict:
+            _set_meta(meta, 0x00020003, "UI", _first_text(ds, 0x00080018))  # MediaStorageSOPInstanceUID
+        elif meta.get("MediaStorageSOPInstanceUID"):  # no SOPInstanceUID: still never the original
+            _set_meta(meta, 0x00020003, "UI", self._uid(str(meta.MediaStorageSOPInstanceUID), ctx))
+        if 0x00080016 in ds._dict:
+            _set_meta(meta, 0x00020002, "UI", _first_text(ds, 0x00080016))  # MediaStorageSOPClassUID
         if "TransferSyntaxUID" not in meta:
             from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
             implicit, _ = getattr(ds, "original_encoding", (True, True))
             meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit in (True, None) else ExplicitVRLittleEndian
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        _set_meta(meta, 0x00020012, "UI", IMPLEMENTATION_CLASS_UID)
+        _set_meta(meta, 0x00020013, "SH", IMPLEMENTATION_VERSION)
         for t in (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102):  # AE titles, signatures
             if t in meta:
                 del meta[t]
@@ -413,6 +418,10 @@ def _encoded(ds: Dataset, tag: BaseTag, implicit: bool) -> RawDataElement:
         body.write(whole[header:])
     value = body.getvalue()
     return RawDataElement(tag, None if implicit else elem.VR, len(value), value, 0, implicit, True, True, False)
+
+
+def _set_meta(meta, tag: int, vr: str, value: str) -> None:
+    meta._dict[BaseTag(tag)] = DataElement(tag, vr, UID(value) if vr == "UI" else value, already_converted=True)
 
 
 def _vr_of(tag: int) -> str:
