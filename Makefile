@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and pinned: an unpinned resolve pulls a CUDA build of several GB.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[test]"
+	# Bytecode for the project's own modules, as a regular install has (an editable one
+	# does not, and with PYTHONDONTWRITEBYTECODE every start would compile them again).
+	$(PY) -m compileall -q node engine
 	touch $@
 
 venv: $(VENV)/.installed

@@ -13,7 +13,10 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
 
-from node.deid.deidentify import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+
+# What casemask writes as its implementation in every file meta it creates.
+IMPLEMENTATION_CLASS_UID = "2.25.190912847460651377245473512196128309533"
+IMPLEMENTATION_VERSION = "CASEMASK_010"
 
 # The row's attributes: SOP Instance UID, Modality, Study and Series Instance UID.
 ROW_TAGS = [0x00080018, 0x00080060, 0x0020000D, 0x0020000E]
@@ -100,6 +103,65 @@ def _skip_sequence(b: bytes, pos: int, implicit: bool) -> int:
             pos = _skip_sequence(b, pos, nested_implicit) if length == 0xFFFFFFFF else pos + length
             if pos > len(b):
                 raise _Unusual
+
+
+def sequence_elements(value: bytes, implicit: bool) -> list[tuple[int, str | None]]:
+    """(tag, VR) of every element inside the items of an encoded little-endian sequence
+    value, at any depth (VR None in implicit VR). Raises ``ValueError`` for anything the
+    scanner does not follow (a UN element, a private nested sequence in implicit VR,
+    malformed items): the caller then decodes the sequence with pydicom."""
+    out: list[tuple[int, str | None]] = []
+    try:
+        _items(value, 0, len(value), implicit, out)
+    except (_Unusual, struct.error, IndexError) as exc:
+        raise ValueError("sequence not scanned") from exc
+    return out
+
+
+def _items(b: bytes, pos: int, end: int, implicit: bool, out: list) -> int:
+    while pos < end:
+        tag, length, pos, _ = _header(b, pos, implicit)
+        if tag == _SEQUENCE_DELIMITER:
+            return pos
+        if tag != _ITEM:
+            raise _Unusual
+        if length == 0xFFFFFFFF:
+            pos = _elements(b, pos, None, implicit, out)
+        else:
+            _elements(b, pos, pos + length, implicit, out)
+            pos += length
+    if pos != end:
+        raise _Unusual
+    return pos
+
+
+def _elements(b: bytes, pos: int, end: int | None, implicit: bool, out: list) -> int:
+    """Elements of one item, up to ``end`` or (undefined length) its item delimiter."""
+    while end is None or pos < end:
+        vr = None if implicit else b[pos + 4 : pos + 6].decode("ascii")
+        tag, length, value_pos, nested_implicit = _header(b, pos, implicit)
+        if tag == _ITEM_DELIMITER and end is None:
+            return value_pos
+        if vr == "UN":
+            raise _Unusual
+        out.append((tag, vr))
+        if length == 0xFFFFFFFF:
+            pos = _items(b, value_pos, len(b), nested_implicit, out)
+            continue
+        is_sequence = vr == "SQ"
+        if implicit:
+            if tag >> 16 & 1:
+                raise _Unusual  # a private element's VR is not in the dictionary
+            try:
+                is_sequence = dictionary_VR(tag) == "SQ"
+            except KeyError:
+                raise _Unusual from None
+        if is_sequence:
+            _items(b, value_pos, value_pos + length, implicit, out)
+        pos = value_pos + length
+    if pos != end:
+        raise _Unusual
+    return pos
 
 
 def _elem(group: int, elem: int, vr: bytes, value: bytes) -> bytes:

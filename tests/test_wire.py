@@ -85,3 +85,41 @@ def test_busy_association_polls_at_the_reactor_delay(monkeypatch):
     clock.sleep(0.001)  # idle again
     assert slept == [0.001, 0.0002, 0.01, 0.001]
     assert clock.monotonic() == now[0]  # everything else is the time module's
+
+
+def test_sequence_scanner_lists_what_pydicom_decodes():
+    """Every element pydicom finds inside a still-raw sequence, at any depth, in order."""
+    from pydicom.dataelem import RawDataElement
+
+    compared = 0
+    for path in sorted(PYDICOM_FILES.rglob("*.dcm")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = dcmread(path, force=True)
+            except Exception:
+                continue
+            for tag, elem in list(ds._dict.items()):
+                if type(elem) is not RawDataElement or not elem.is_little_endian or elem.value is None:
+                    continue
+                try:
+                    decoded = ds[tag]
+                except Exception:
+                    continue
+                if decoded.VR != "SQ" or elem.VR == "UN":
+                    continue
+                try:
+                    got = [t for t, _ in wire.sequence_elements(elem.value, bool(elem.is_implicit_VR))]
+                except ValueError:
+                    continue  # left to pydicom (private nested sequences in implicit VR, UN)
+
+                def walk(seq):
+                    for item in seq:
+                        for e in item:
+                            yield int(e.tag)
+                            if e.VR == "SQ":
+                                yield from walk(e.value)
+
+                assert got == list(walk(decoded.value)), (path.name, hex(tag))
+                compared += 1
+    assert compared > 20

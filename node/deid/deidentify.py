@@ -25,9 +25,8 @@ from pydicom.uid import UID
 from node.config import DeidSettings
 from node.deid import profile
 from node.deid.pseudonyms import Pseudonymizer
+from node.wire import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, sequence_elements
 
-IMPLEMENTATION_CLASS_UID = "2.25.190912847460651377245473512196128309533"
-IMPLEMENTATION_VERSION = "CASEMASK_010"
 BURNED_IN_MODALITIES = {"US", "SC", "XA", "XC", "ES", "GM", "SM", "OT", "RF", "DOC", "IVUS"}
 
 TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "PN", "AE", "CS", "AS", "UR"}
@@ -232,6 +231,8 @@ class Deidentifier:
                     act = "D"
             if act == "K":
                 continue
+            if act == "recurse" and self.raw_fast and not dummy and type(raw) is RawDataElement and self._keeps_whole(raw):
+                continue  # nothing inside to change: the sequence stays as read, undecoded
             if act == "recurse" or (act == "C" and (vr == "SQ" or ds[tag].VR == "SQ")):
                 elem = ds[tag]
                 for k, item in enumerate(elem.value or []):
@@ -282,6 +283,22 @@ class Deidentifier:
             for tag in creators:
                 if (tag.group, tag.element) not in used:
                     del ds[tag]
+
+    def _keeps_whole(self, raw: RawDataElement) -> bool:
+        """True when every element inside a raw sequence, at any depth, is kept as it is
+        (what walking its decoded items would conclude, without decoding them)."""
+        if not raw.is_little_endian or raw.value is None:
+            return False
+        try:
+            inside = sequence_elements(raw.value, bool(raw.is_implicit_VR))
+        except ValueError:
+            return False
+        for tag, vr in inside:
+            if tag & 0xFFFF == 0:
+                return False  # a group length: pydicom's writer drops it, so decode
+            if self._action(BaseTag(tag), vr) not in ("K", "recurse"):
+                return False
+        return True
 
     def _raw_action(self, raw: RawDataElement, act: str, tag: BaseTag, ctx: _Context) -> RawDataElement | None:
         """The action applied to the element's bytes, for the ASCII values the profile
