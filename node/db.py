@@ -176,14 +176,19 @@ def _sqlite_adapter(engine: Engine) -> None:
         cur.close()
 
 
+# Each open association holds a connection while it lasts (node.scp) and the node accepts
+# up to 32 at once; the scheduler's jobs need a few more.
+POOL_SIZE, POOL_OVERFLOW = 40, 16
+
+
 def make_engine(url: str) -> Engine:
     """The process's one engine. Creates the tables that do not exist yet."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
         _sqlite_adapter(engine)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
     Base.metadata.create_all(engine)
     return engine
 

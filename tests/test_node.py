@@ -198,6 +198,26 @@ def test_rows_without_spool_file_wait_then_are_dropped_at_start(tmp_path, start_
         restarted.stop()
 
 
+def test_many_open_associations_all_store(tmp_path, start_node):
+    """Each association holds a database connection while it is open: 24 at once (the
+    node accepts 32) must all be answered Success, none left waiting for a connection."""
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600), schedule=False)
+    files = make_study(tmp_path / "s", 24)
+    datasets = [dcmread(f) for f in files]
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assocs = [ae.associate("127.0.0.1", node.settings.node.port, ae_title="CASEMASK") for _ in datasets]
+    try:
+        assert all(a.is_established for a in assocs)
+        statuses = [int(a.send_c_store(ds).Status) for a, ds in zip(assocs, datasets)]
+    finally:
+        for a in assocs:
+            a.release()
+    assert statuses == [0] * len(datasets)
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == len(datasets)
+
+
 def test_dataset_without_study_uid_answers_cannot_understand(tmp_path, start_node):
     node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), schedule=False)
     ds = dcmread(make_study(tmp_path / "s", 1)[0])
