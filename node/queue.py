@@ -74,7 +74,7 @@ def record_received(conn: Connection, r: Received) -> str:
     """
     now = utcnow()
     change = ""
-    studies, instances = Study.__table__, Instance.__table__
+    studies = Study.__table__
     study_id = conn.execute(_TOUCH_RECEIVING_STUDY, {"b_study_uid": r.study_uid, "b_now": now}).scalar()
     if study_id is None:
         row = conn.execute(select(studies.c.id, studies.c.state).where(studies.c.study_uid == r.study_uid)).first()

@@ -23,7 +23,9 @@ ROW_TAGS = [0x00080018, 0x00080060, 0x0020000D, 0x0020000E]
 
 
 _ROW_KEYWORDS = {0x00080018: "SOPInstanceUID", 0x00080060: "Modality", 0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID"}
-_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"))
+# VRs whose explicit-VR header has a 4-byte length (PS3.5 7.1.2).
+LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"))
+_LONG_VRS = frozenset(v.encode() for v in LONG_VRS)
 _SEQUENCE_DELIMITER, _ITEM, _ITEM_DELIMITER = 0xFFFEE0DD, 0xFFFEE000, 0xFFFEE00D
 
 
@@ -228,11 +230,21 @@ def peek(ds: Dataset, keyword: str):
         raw = elem.value
         if vr == "US" and len(raw) == 2:
             return raw[0] | raw[1] << 8
-        if vr in _TEXT_VRS and raw.isascii():
-            return [v.strip(" \x00") for v in raw.decode("ascii").split("\\")]
+        if vr in _TEXT_VRS:
+            values = raw_strings(elem)
+            if values is not None:
+                return values
         if vr in ("OB", "OW") and elem.length != 0xFFFFFFFF:  # native pixel data: the bytes themselves
             return raw
     return ds[tag].value
+
+
+def raw_strings(raw: RawDataElement) -> list[str] | None:
+    """The backslash-separated values of a raw little-endian element of defined length
+    whose bytes are ASCII, stripped as pydicom strips them; None when they need pydicom."""
+    if not raw.is_little_endian or raw.value is None or raw.length == 0xFFFFFFFF or not raw.value.isascii():
+        return None
+    return [v.strip(" \x00") for v in raw.value.decode("ascii").split("\\")]
 
 
 def _values(v) -> list:

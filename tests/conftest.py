@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -89,6 +90,26 @@ def make_study(folder: Path, n: int = 5, study_uid: str | None = None, phi: dict
 
 
 # -- Orthanc ----------------------------------------------------------------------------------
+def read_quietly(path):
+    """The dataset of ``path``, or None where it is not one (pydicom ships a few such)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return dcmread(path, force=True)
+        except Exception:
+            return None
+
+
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Orthanc:
     def __init__(self, workdir: Path, aet: str = "ORTHANC", dicomweb: bool = False) -> None:
         self.aet = aet
@@ -144,11 +165,7 @@ class Orthanc:
         return self.get(f"/instances/{orthanc_id}/simplified-tags")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, 10)
         self.log.close()
 
 
@@ -337,9 +354,5 @@ class NodeProcess:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            stop_process(self.proc, 15)
             self.log.close()

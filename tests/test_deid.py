@@ -19,7 +19,7 @@ from pydicom.sequence import Sequence
 from node.config import DeidSettings
 from node.deid import Deidentifier, Pseudonymizer, QuarantineError, load_or_create_secret, to_bytes
 from node.deid.profile import load_table
-from tests.conftest import PYDICOM_FILES, ROOT
+from tests.conftest import PYDICOM_FILES, ROOT, read_quietly
 
 SECRET_A = bytes(range(32))
 SECRET_B = bytes(range(1, 33))
@@ -54,15 +54,6 @@ def test_every_bundled_pydicom_file_goes_through_and_stays_readable():
     assert done > 100
 
 
-def _readable(path: Path):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return dcmread(path, force=True)
-    except Exception:
-        return None
-
-
 @pytest.mark.parametrize("options", [[], ["retain-longitudinal-modified-dates"], ["clean-descriptors", "retain-uids", "retain-safe-private"]])
 def test_byte_level_actions_write_what_the_decoded_path_writes(options, tmp_path):
     """The common actions work on raw bytes, and raw elements are copied to the output
@@ -75,7 +66,7 @@ def test_byte_level_actions_write_what_the_decoded_path_writes(options, tmp_path
     ref.raw_fast = False
     compared = 0
     for f in files:
-        a, b = _readable(f), _readable(f)
+        a, b = read_quietly(f), read_quietly(f)
         if a is None:
             continue
         with warnings.catch_warnings():

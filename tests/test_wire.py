@@ -12,19 +12,9 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
 from node import wire
-from tests.conftest import PYDICOM_FILES, make_study
+from tests.conftest import PYDICOM_FILES, make_study, read_quietly
 
 KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
-
-
-def read_quietly(path):
-    """The dataset of ``path``, or None where it is not one (pydicom ships a few such)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return dcmread(path, force=True)
-        except Exception:
-            return None
 
 
 def encodings_of(path):

@@ -25,7 +25,7 @@ from pydicom.uid import UID
 from node.config import DeidSettings
 from node.deid import profile
 from node.deid.pseudonyms import Pseudonymizer
-from node.wire import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, sequence_elements
+from node.wire import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, LONG_VRS, raw_strings, sequence_elements
 
 BURNED_IN_MODALITIES = {"US", "SC", "XA", "XC", "ES", "GM", "SM", "OT", "RF", "DOC", "IVUS"}
 
@@ -310,7 +310,7 @@ class Deidentifier:
         vr = raw.VR or _vr_of(tag)
         if act == "Z":
             return None if vr == "SQ" or raw.length == 0xFFFFFFFF else _raw_replace(raw, vr, [])
-        values = _raw_values(raw)
+        values = raw_strings(raw)
         if values is None:
             return None
         if act == "U" or (act == "D" and vr == "UI"):
@@ -430,7 +430,7 @@ def _encoded(ds: Dataset, tag: BaseTag, implicit: bool) -> RawDataElement:
 
         write_data_element(body, elem)
         whole = body.getvalue()
-        header = 8 if implicit or elem.VR not in _LONG_VRS else 12
+        header = 8 if implicit or elem.VR not in LONG_VRS else 12
         body = DicomBytesIO()
         body.write(whole[header:])
     value = body.getvalue()
@@ -446,14 +446,6 @@ def _vr_of(tag: int) -> str:
         return dictionary_VR(tag)
     except KeyError:
         return "UN"
-
-
-def _raw_values(raw: RawDataElement) -> list[str] | None:
-    """The values of a raw little-endian element whose bytes are ASCII, stripped as
-    pydicom strips them; None when they need pydicom's decoding."""
-    if not raw.is_little_endian or raw.value is None or raw.length == 0xFFFFFFFF or not raw.value.isascii():
-        return None
-    return [v.strip(" \x00") for v in raw.value.decode("ascii").split("\\")]
 
 
 def _raw_replace(raw: RawDataElement, vr: str, values: list[str]) -> RawDataElement | None:
@@ -493,7 +485,7 @@ def _texts(ds: Dataset, tag: int) -> list[str]:
     if elem is None:
         return []
     if type(elem) is RawDataElement and elem.VR != "UN":
-        vals = _raw_values(elem)
+        vals = raw_strings(elem)
         if vals is not None:
             return vals if vals != [""] else []
     v = ds[tag].value
@@ -546,7 +538,6 @@ def to_bytes(ds: Dataset, enforce_file_format: bool = True) -> bytes:
     return buf.getvalue()
 
 
-_LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"))
 _NATIVE_SYNTAXES = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}  # UID -> implicit VR
 _SEQ_DELIMITER = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
 
@@ -614,7 +605,7 @@ def _write_elements(fp, ds: Dataset, implicit: bool, parent_encoding) -> None:
         length = 0xFFFFFFFF if undefined else len(value)
         if implicit:
             fp.write(pack("<HHI", tag >> 16, tag & 0xFFFF, length))
-        elif vr in _LONG_VRS:
+        elif vr in LONG_VRS:
             fp.write(pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length))
         elif length <= 0xFFFF:
             fp.write(pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length))
