@@ -160,6 +160,15 @@ def test_options_keep_what_they_say():
     assert codes == {"113100", "113105"}
 
 
+def test_clean_descriptors_scrubs_identifying_text_it_keeps():
+    ds = dcmread(PYDICOM_FILES / "CT_small.dcm")
+    ds.PatientName, ds.PatientID = "Quillfeather^Marisol", "MRN4471920"
+    ds.StudyDescription = "CT chest Quillfeather follow-up MRN4471920 tel 5550123"
+    out = deid(["clean-descriptors"]).apply(ds).dataset
+    text = str(out.StudyDescription)
+    assert text.startswith("CT chest") and "Quillfeather" not in text and "4471920" not in text and "5550123" not in text
+
+
 def test_marking_and_file_meta():
     ds = dcmread(PYDICOM_FILES / "CT_small.dcm")
     out = deid(["retain-longitudinal-modified-dates"]).apply(ds).dataset

@@ -108,6 +108,7 @@ class Deidentifier:
             actions[t] = "R"
         self.user_tags = {profile.tag_of(n) for n in (*settings.keep, *settings.remove, *settings.replace)}
         self.actions = actions
+        self.cleans = "C" in actions.values()
         self.clean_graphics = "clean-graphics" in opts
         self.safe_private = "retain-safe-private" in opts
         # Apply the common actions to raw elements' bytes (see _raw_action); False runs
@@ -142,7 +143,7 @@ class Deidentifier:
             patient_map={},
             changes=[],
             offset=dt.timedelta(days=self.pseudo.date_offset_days(patient_key, lo, hi)) if self.modified_dates else None,
-            phi=_phi_strings(ds),
+            phi=_phi_strings(ds) if self.cleans else [],  # only text that is kept and cleaned needs them
             old_pid=patient_key,
         )
         self._walk(ds, ctx, "", dummy=False)
