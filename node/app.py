@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 from pydicom import dcmread
 from sqlalchemy.orm import sessionmaker
