@@ -73,7 +73,9 @@ class Bundle:
         model = DisentanglementModel(self.config)
         state = torch.load(self.path / "weights.pt", map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        needed = [k for k in missing if k.startswith(INFERENCE_PREFIXES)]
+        # Bundles from before the VAE standardised its input have no center/scale; the
+        # defaults (0 and 1) give exactly their old behaviour.
+        needed = [k for k in missing if k.startswith(INFERENCE_PREFIXES) and k not in ("vae.center", "vae.scale")]
         if needed or unexpected:
             raise BundleError(f"{self.path}: weights do not fit the model (missing {needed[:3]}, unexpected {unexpected[:3]})")
         return model.eval()

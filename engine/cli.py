@@ -144,7 +144,7 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--val-visits", type=int, default=4)
     sp.add_argument("--epochs", type=int, default=40)
     sp.add_argument("--vae-epochs", type=int, default=40)
-    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     sp.add_argument("--threads", type=int, default=0)

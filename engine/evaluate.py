@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from engine.api import Model
 from engine.data import CLASSES, SyntheticPatients
+from engine.model import ssim as ssim_torch
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +110,7 @@ def predict(net: EvaluatorNet, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean SSIM (Gaussian window 11, sigma 1.5) of images in [-1, 1], data range 2."""
-    ta, tb = torch.from_numpy(a).double(), torch.from_numpy(b).double()
-    k = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
-    k = (k / k.sum()).double()
-    w = (k[:, None] * k[None, :])[None, None]
-    mu = lambda t: F.conv2d(t, w)  # noqa: E731
-    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
-    ma, mb = mu(ta), mu(tb)
-    va, vb, cov = mu(ta * ta) - ma**2, mu(tb * tb) - mb**2, mu(ta * tb) - ma * mb
-    s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
-    return float(s.mean())
+    return float(ssim_torch(torch.from_numpy(a).double(), torch.from_numpy(b).double()))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

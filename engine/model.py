@@ -136,21 +136,33 @@ def _mlp(d_in: int, d_out: int, hidden: int = 128) -> nn.Module:
 
 
 class IdentityVAE(nn.Module):
-    """Manufactures synthetic identity vectors: decode(z), z ~ N(0, I)."""
+    """Manufactures synthetic identity vectors: decode(z), z ~ N(0, I).
+
+    It works on identity vectors standardised per dimension by the training set's mean and
+    spread (``center``, ``scale``, set before stage 2): the encoder's raw identity vectors
+    are large (norm about 70 in the reference model) and, unscaled, the VAE fitted them so
+    poorly that its samples fell far outside what the generator had learnt to draw.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.latent = cfg.vae_latent
         self.enc = _mlp(cfg.id_dim, 2 * cfg.vae_latent)
         self.dec = _mlp(cfg.vae_latent, cfg.id_dim)
+        self.register_buffer("center", torch.zeros(cfg.id_dim))
+        self.register_buffer("scale", torch.ones(cfg.id_dim))
+
+    def standardize(self, ident: torch.Tensor) -> torch.Tensor:
+        return (ident - self.center) / self.scale
 
     def forward(self, ident: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mu, logvar = self.enc(ident).chunk(2, dim=1)
+        """Standardised reconstruction, mean and log-variance of ``ident``."""
+        mu, logvar = self.enc(self.standardize(ident)).chunk(2, dim=1)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return self.dec(z), mu, logvar
 
     def sample(self, z: torch.Tensor) -> torch.Tensor:
-        return self.dec(z)
+        return self.dec(z) * self.scale + self.center
 
 
 class DisentanglementModel(nn.Module):
@@ -230,6 +242,20 @@ GRAPHS: dict[str, type[nn.Module]] = {
     "reconstruct": ReconstructGraph,
     "encode": EncodeGraph,
 }
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM of (N, 1, H, W) images in [-1, 1] (Gaussian window 11, sigma 1.5, data range
+    2): the evaluation's reconstruction metric, and differentiable, so training can use
+    ``1 - ssim`` as a loss."""
+    k = torch.exp(-((torch.arange(11, dtype=a.dtype, device=a.device) - 5.0) ** 2) / (2 * 1.5**2))
+    k = k / k.sum()
+    w = (k[:, None] * k[None, :])[None, None]
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    ma, mb = F.conv2d(a, w), F.conv2d(b, w)
+    va, vb, cov = F.conv2d(a * a, w) - ma**2, F.conv2d(b * b, w) - mb**2, F.conv2d(a * b, w) - ma * mb
+    s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+    return s.mean()
 
 
 def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
