@@ -3,9 +3,10 @@
     python -m engine.tools.make_reference [--out engine/bundles/reference] [--run runs/ref]
 
 Trains both stages on 200 synthetic patients x (16 training + 4 validation) visits at 64x64
-(seed 0; about 45 min
+(seed 0; about 50 min
 on 2 CPU cores), writes the bundle, then runs the evaluation protocol on patients it
-never saw (seed 1000) and stores the metrics in the bundle's model.json.
+never saw (seed 1000) and stores the metrics in the bundle's model.json. The shipped ONNX
+files come after: ``casemask engine export --model builtin:reference``.
 """
 
 from __future__ import annotations
