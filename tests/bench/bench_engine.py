@@ -1,15 +1,19 @@
 """Engine throughput: images/s and per-batch latency per backend, against PyTorch eager.
 
-    python tests/bench/bench_engine.py [--model builtin:reference] [--graph anonymize] [--seconds 2]
+    python tests/bench/bench_engine.py [--model builtin:reference] [--graph anonymize] [--seconds 2] [--rounds 3]
 
 Every backend available here runs the same graph on the same inputs at batch 1, 8, 32
 and 128; PyTorch eager (fp32, same device class) is measured in the same run and each
-line prints its ratio. Backends that are not available are listed with the reason.
+line prints its ratio. The backends take turns: each round measures every backend at a
+batch size before moving on, and a line reports the median over rounds, so a machine
+that drifts in speed during the run moves both sides of a ratio alike. Backends that are
+not available are listed with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -49,7 +53,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:reference")
     ap.add_argument("--graph", default="anonymize", choices=sorted(GRAPHS))
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=2.0, help="measuring time per backend and batch, split over the rounds")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -63,23 +68,32 @@ def main() -> int:
     candidates = ["torch", "onnxruntime", "torch-compile", "torch-cuda", "onnxruntime-cuda", "tensorrt"]
     inputs, outputs = graph_specs(b, args.graph)
     model = b.load_torch()
-    results: dict[str, dict[int, tuple[float, float]]] = {}
-    for backend in candidates:
-        why = unavailable(backend)
-        if why:
-            print(f"{backend:<18} not available: {why}")
-            continue
-        runner, _ = make_runner(b, args.graph, backend, max_batch=max(batches), model=model)
-        try:
-            with runner:
-                results[backend] = {n: timeit(runner, random_feed(inputs, n, seed=n), args.seconds) for n in batches}
-        except Exception as exc:  # report, keep measuring the others
-            print(f"{backend:<18} failed: {type(exc).__name__}: {exc}")
-            continue
-        if backend == "torch-cuda":
-            half = TorchRunner(type(runner.module)(b.load_torch()), inputs, outputs, device="cuda", half=True, max_batch=max(batches))
-            with half:
-                results["torch-cuda-fp16"] = {n: timeit(half, random_feed(inputs, n, seed=n), args.seconds) for n in batches}
+    runners = {}
+    with contextlib.ExitStack() as stack:
+        for backend in candidates:
+            why = unavailable(backend)
+            if why:
+                print(f"{backend:<18} not available: {why}")
+                continue
+            try:
+                runner, _ = make_runner(b, args.graph, backend, max_batch=max(batches), model=model)
+                runners[backend] = stack.enter_context(runner)
+                if backend == "torch-cuda":
+                    half = TorchRunner(type(runner.module)(b.load_torch()), inputs, outputs, device="cuda", half=True, max_batch=max(batches))
+                    runners["torch-cuda-fp16"] = stack.enter_context(half)
+            except Exception as exc:  # report, keep measuring the others
+                print(f"{backend:<18} failed: {type(exc).__name__}: {exc}")
+        samples: dict[str, dict[int, list[tuple[float, float]]]] = {k: {n: [] for n in batches} for k in runners}
+        for _ in range(args.rounds):
+            for n in batches:
+                feed = random_feed(inputs, n, seed=n)
+                for backend, runner in list(runners.items()):
+                    try:
+                        samples[backend][n].append(timeit(runner, feed, args.seconds / args.rounds))
+                    except Exception as exc:  # report, keep measuring the others
+                        print(f"{backend:<18} failed: {type(exc).__name__}: {exc}")
+                        del runners[backend], samples[backend]
+    results = {k: {n: (float(np.median([s[0] for s in v])), float(np.median([s[1] for s in v]))) for n, v in rows.items()} for k, rows in samples.items()}
     print(f"\n{'backend':<18} {'batch':>5} {'images/s':>10} {'ms/batch':>9} {'vs torch eager':>15}")
     for backend, rows in results.items():
         ref = results["torch-cuda"] if "cuda" in backend and "torch-cuda" in results else results.get("torch")
