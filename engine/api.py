@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 class Model:
     """A loaded bundle with one runner per graph, activated on first use."""
 
-    def __init__(self, bundle: bundles.Bundle, backend: str = "auto", max_batch: int = 128) -> None:
+    def __init__(self, bundle: bundles.Bundle, backend: str = "auto", max_batch: int = 128, spin: bool = True) -> None:
         self.bundle = bundle
         self.backend_requested = backend
         self.max_batch = max_batch
+        self.spin = spin
         self._runners: dict[str, Runner] = {}
         self._torch_model = None
         self.choice: Choice | None = None
@@ -47,7 +48,7 @@ class Model:
         if r is None:
             if self._torch_model is None:
                 self._torch_model = self.bundle.load_torch()
-            r, self.choice = make_runner(self.bundle, graph, self.backend_requested, self.max_batch, model=self._torch_model)
+            r, self.choice = make_runner(self.bundle, graph, self.backend_requested, self.max_batch, model=self._torch_model, spin=self.spin)
             r.activate()
             self._runners[graph] = r
         return r
@@ -99,11 +100,14 @@ class Model:
         return self.runner("counterfactual").infer({"image": x, "target": onehot})["output"]
 
 
-def load_model(name_or_path: str | Path = "builtin:reference", backend: str = "auto", max_batch: int = 128) -> Model:
+def load_model(name_or_path: str | Path = "builtin:reference", backend: str = "auto", max_batch: int = 128, spin: bool = True) -> Model:
     """Load a bundle (``builtin:reference`` or a directory) for inference on ``backend``.
+
+    ``spin=False``: ONNX Runtime's idle worker threads sleep instead of spinning (see
+    ``engine.runtime.make_runner``).
 
     Raises:
         engine.bundle.BundleError: not a bundle.
         engine.runtime.RunnerError: the backend is not available (when asked for by name).
     """
-    return Model(bundles.load(name_or_path), backend, max_batch)
+    return Model(bundles.load(name_or_path), backend, max_batch, spin)

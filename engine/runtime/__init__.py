@@ -59,8 +59,12 @@ def choose(backend: str = "auto") -> Choice:
     raise RunnerError("no backend is available: " + "; ".join(skipped))
 
 
-def make_runner(bundle: Bundle, graph: str, backend: str = "auto", max_batch: int = 128, model=None, trt_profile: tuple[int, int, int] = (1, 32, 128)) -> tuple[Runner, Choice]:
-    """A runner (not yet active) for ``graph`` of ``bundle`` on the chosen backend."""
+def make_runner(bundle: Bundle, graph: str, backend: str = "auto", max_batch: int = 128, model=None, trt_profile: tuple[int, int, int] = (1, 32, 128), spin: bool = True) -> tuple[Runner, Choice]:
+    """A runner (not yet active) for ``graph`` of ``bundle`` on the chosen backend.
+
+    ``spin=False`` lets ONNX Runtime's idle worker threads sleep: for a process whose other
+    threads need the cores between batches (the node), at some cost to throughput.
+    """
     from engine.export import export_graph, graph_specs
     from engine.model import GRAPHS
 
@@ -82,7 +86,7 @@ def make_runner(bundle: Bundle, graph: str, backend: str = "auto", max_batch: in
 
         return TensorRTRunner(onnx, inputs, outputs, cache_dir=bundle.writable_dir("plans"), profile=trt_profile, fp16_onnx=fp16_onnx), choice
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if b == "onnxruntime-cuda" else ["CPUExecutionProvider"]
-    return OnnxRuntimeRunner(onnx, inputs, outputs, providers=providers, max_batch=max_batch), choice
+    return OnnxRuntimeRunner(onnx, inputs, outputs, providers=providers, max_batch=max_batch, spin=spin), choice
 
 
 __all__ = ["BACKENDS", "Choice", "Runner", "RunnerError", "TensorSpec", "choose", "make_runner", "unavailable"]
