@@ -86,6 +86,15 @@ class Model:
     def identity_noise(self, n: int, seed: int | None = None) -> np.ndarray:
         return np.random.default_rng(seed).standard_normal((n, self.bundle.config.vae_latent)).astype(np.float32)
 
+    def synthetic_identities(self, n: int, seed: int | None = None) -> np.ndarray:
+        """Identity vectors that anonymization draws (the VAE, in PyTorch), for inspection."""
+        import torch
+
+        if self._torch_model is None:
+            self._torch_model = self.bundle.load_torch()
+        with torch.no_grad():
+            return self._torch_model.vae.sample(torch.from_numpy(self.identity_noise(n, seed))).numpy()
+
     def anonymize(self, x: np.ndarray, seed: int | None = None, noise: np.ndarray | None = None) -> np.ndarray:
         """Each image gets a new synthetic identity; the same seed gives the same output."""
         x = self._check(x)

@@ -136,6 +136,27 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1)
 
 
+def identity_geometry(ident: np.ndarray, patient_ids: np.ndarray, synth: np.ndarray) -> dict[str, float]:
+    """Where synthetic identities lie among real patients (each patient: the mean of its
+    visits' identity vectors). Nearest: median distance to the nearest real patient, for a
+    synthetic identity and for a real patient (to another); spread: mean pairwise distance."""
+    real = np.stack([ident[patient_ids == k].mean(0) for k in np.unique(patient_ids)])
+
+    def dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+
+    real_real = dist(real, real)
+    spread_real = float(real_real[~np.eye(len(real), dtype=bool)].mean())
+    np.fill_diagonal(real_real, np.inf)
+    synth_synth = dist(synth, synth)
+    return {
+        "synthetic_identity_nearest_real_median": float(np.median(dist(synth, real).min(1))),
+        "real_identity_nearest_other_real_median": float(np.median(real_real.min(1))),
+        "synthetic_identity_spread": float(synth_synth[~np.eye(len(synth), dtype=bool)].mean()),
+        "real_identity_spread": spread_real,
+    }
+
+
 def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
     """Run the protocol; writes out/report.json, out/report.md and out/grid.png."""
     cfg = cfg or EvalConfig()
@@ -187,19 +208,8 @@ def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
     else:  # one held-out visit per patient: no same-patient pair to compare
         ref_auc = float("nan")
 
-    # Distance of synthetic identities to the nearest real one, against real-to-real.
     _, real_id, _ = model.encode(pop.images)
-    noise = model.identity_noise(512, cfg.seed)
-    import torch as _t
-
-    with _t.no_grad():
-        vae = model.runner("anonymize")  # noqa: F841 - make sure the model is loaded
-        synth = model._torch_model.vae.sample(_t.from_numpy(noise)).numpy()  # type: ignore[union-attr]
-    patient_means = np.stack([real_id[pop.patient_ids == k].mean(0) for k in range(cfg.patients)])
-    d_synth = np.sqrt(((synth[:, None] - patient_means[None]) ** 2).sum(-1)).min(1)
-    d_real = np.sqrt(((patient_means[:, None] - patient_means[None]) ** 2).sum(-1))
-    np.fill_diagonal(d_real, np.inf)
-    d_real = d_real.min(1)
+    geometry = identity_geometry(real_id, pop.patient_ids, model.synthetic_identities(512, cfg.seed))
 
     report = {
         "population": {"seed": cfg.seed, "patients": cfg.patients, "visits": cfg.visits, "held_out_visits": cfg.held_out, "image_size": size, "model_training_seed": train_seed},
@@ -219,8 +229,7 @@ def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
         "psnr_reconstruction": psnr(x, rec),
         "ssim_anonymized": ssim(x, anon),
         "anonymized_pair_differ_l1": float(np.abs(anon - anon2).mean()),
-        "synthetic_identity_nearest_real_median": float(np.median(d_synth)),
-        "real_identity_nearest_other_real_median": float(np.median(d_real)),
+        **geometry,
         "seconds": round(time.time() - t0, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")

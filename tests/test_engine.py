@@ -94,23 +94,15 @@ def test_reference_synthetic_identities_are_new_yet_among_real_ones():
     # to each other), varied, and not far outside the real ones, where the generator draws
     # broken images. The previous reference model failed the last two: its samples spread
     # over 0.13x the real patients' spread and lay 1.35x farther out than real neighbours.
+    from engine.evaluate import identity_geometry
+
     m = load_model("builtin:reference", backend="torch")
     pop = SyntheticPatients(40, 3, m.image_size, seed=321).batch()
     _, ident, _ = m.encode(pop.images)
-    real = np.stack([ident[pop.patient_ids == k].mean(0) for k in range(40)])
-    with torch.no_grad():
-        synth = m.bundle.load_torch().vae.sample(torch.from_numpy(m.identity_noise(400, 7))).numpy()
-
-    def dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
-
-    real_real = dist(real, real)
-    spread_real = real_real.mean()
-    np.fill_diagonal(real_real, np.inf)
-    neighbour_real = np.median(real_real.min(1))
-    neighbour_synth = np.median(dist(synth, real).min(1))
-    assert 0.5 * neighbour_real < neighbour_synth < 1.2 * neighbour_real, (neighbour_synth, neighbour_real)
-    assert dist(synth, synth).mean() > 0.4 * spread_real
+    g = identity_geometry(ident, pop.patient_ids, m.synthetic_identities(400, 7))
+    near_synth, near_real = g["synthetic_identity_nearest_real_median"], g["real_identity_nearest_other_real_median"]
+    assert 0.5 * near_real < near_synth < 1.2 * near_real, g
+    assert g["synthetic_identity_spread"] > 0.4 * g["real_identity_spread"], g
 
 
 def test_bundle_from_before_the_standardised_vae_still_loads(tmp_path):
