@@ -23,19 +23,17 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
-from pydicom import Dataset
-from pydicom import config
+from pydicom import Dataset, config
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import IS, DSfloat, PersonName
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import Route, Settings
 from node.deid import Pseudonymizer
-from node.wire import tag_vr, peek, peek_float, peek_str, peek_strs
+from node.wire import peek, peek_float, peek_str, peek_strs, tag_vr
 
 log = logging.getLogger(__name__)
 

@@ -109,7 +109,6 @@ def record_received(conn: Connection, r: Received) -> str:
     return change
 
 
-
 def forget_received(conn: Connection, sop_instance_uid: str) -> None:
     """Delete a received instance whose file could not be written: it was never
     acknowledged, so the sender still has it (and will send it again)."""
