@@ -4,6 +4,7 @@ pynetdicom SCP as the archive."""
 from __future__ import annotations
 
 import errno
+import logging
 import subprocess
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def delivery_states(node) -> dict[str, int]:
 
 
 @needs_orthanc
-def test_study_from_storescu_reaches_orthanc_once_deidentified(tmp_path, orthanc, start_node):
+def test_study_from_storescu_reaches_orthanc_once_deidentified(tmp_path, orthanc, start_node, caplog):
+    caplog.set_level(logging.DEBUG)
     dest = {"name": "orthanc", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
     node = start_node(node_config(tmp_path, [dest]))
     files = make_study(tmp_path / "study", n=6)
@@ -79,6 +81,10 @@ def test_study_from_storescu_reaches_orthanc_once_deidentified(tmp_path, orthanc
         text = repr(tags)
         for value in PHI.values():
             assert value not in text, f"{value!r} reached the archive"
+    # Nor the node's log, at its most verbose.
+    assert "C-STORE" in caplog.text
+    for value in PHI.values():
+        assert value not in caplog.text, f"{value!r} reached the log"
 
 
 @needs_orthanc
