@@ -21,12 +21,19 @@ N_TEXTURE = 6  # sinusoids making a patient's parenchyma texture
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """Images (N x 1 x H x W float32 in [-1, 1]) with patient ids and disease labels."""
+    """Images (N x 1 x H x W float32 in [-1, 1]) with patient ids and disease labels.
+
+    ``params`` (synthetic patients only): per image, what drew it: every scalar of the
+    patient's anatomy, the visit's acquisition (``angle``, ``scale``, ``shift_x``,
+    ``shift_y``, ``gain``, ``bias``, ``noise``) and ``rib_phase_image`` (the ribs'
+    phase at the image centre after the acquisition moved them), each an (N,) array.
+    """
 
     images: np.ndarray
     patient_ids: np.ndarray
     labels: np.ndarray
     visits: np.ndarray
+    params: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _anatomy(rng: np.random.Generator) -> dict[str, np.ndarray | float]:
@@ -81,8 +88,12 @@ def render(
     label: np.ndarray,
     visit_rng: np.random.Generator,
     size: int,
+    record: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Render a batch of visits. ``anat`` values have shape (N, 1, 1) (texture (N, K, 2))."""
+    """Render a batch of visits. ``anat`` values have shape (N, 1, 1) (texture (N, K, 2)).
+
+    ``record``, when given, receives the visits' acquisition parameters (see ``Batch``).
+    """
     n = label.shape[0]
     g = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     v0, u0 = np.meshgrid(g, g, indexing="ij")  # v: rows (down), u: columns
@@ -95,6 +106,12 @@ def render(
     x = (np.cos(ang) * cu + np.sin(ang) * cv) / scale
     y = (-np.sin(ang) * cu + np.cos(ang) * cv) / scale
     sharp = 6.0 * size / 8.0
+    if record is not None:
+        # The ribs' phase where the image centre (u = v = 0) lands in anatomy coordinates.
+        xc = (np.cos(ang) * -tx + np.sin(ang) * -ty) / scale
+        yc = (-np.sin(ang) * -tx + np.cos(ang) * -ty) / scale
+        phase = 2 * np.pi * (yc + anat["rib_curv"] * xc**2) / anat["rib_spacing"] + anat["rib_phase"]
+        record.update(angle=ang, scale=scale, shift_x=tx, shift_y=ty, rib_phase_image=np.mod(phase, 2 * np.pi))
 
     body = _ellipse(x, y, 0.0, anat["thorax_y"], anat["thorax_w"], anat["thorax_h"], sharp)
     dens = anat["soft"] * body
@@ -148,6 +165,10 @@ def render(
     bias = visit_rng.uniform(-0.95, -0.8, n).astype(np.float32)[:, None, None]
     img = gain * dens + bias
     noise = visit_rng.uniform(0.005, 0.025, n).astype(np.float32)[:, None, None]
+    if record is not None:
+        record.update(gain=gain, bias=bias, noise=noise)
+        for k, v in record.items():
+            record[k] = np.asarray(v, np.float32).reshape(n)
     img = img + noise * visit_rng.standard_normal(img.shape).astype(np.float32)
     return np.clip(img, -1.0, 1.0).astype(np.float32)[:, None]
 
@@ -186,12 +207,14 @@ class SyntheticPatients:
             stacked = {k: v[rep] for k, v in _stack(anats).items()}
             visit_rng = np.random.default_rng([self.seed, 2, start])
             labels = visit_rng.integers(0, len(CLASSES), size=rep.shape[0])
-            images = render(stacked, labels, visit_rng, self.size)
+            params = {k: v.reshape(v.shape[0], -1)[:, 0] for k, v in stacked.items() if v.size == v.shape[0]}
+            images = render(stacked, labels, visit_rng, self.size, record=params)
             yield Batch(
                 images=images,
                 patient_ids=pids[rep].astype(np.int64),
                 labels=labels.astype(np.int64),
                 visits=np.tile(np.arange(self.visits), len(pids)).astype(np.int64),
+                params=params,
             )
 
     def batch(self) -> Batch:
@@ -202,6 +225,7 @@ class SyntheticPatients:
             patient_ids=np.concatenate([p.patient_ids for p in parts]),
             labels=np.concatenate([p.labels for p in parts]),
             visits=np.concatenate([p.visits for p in parts]),
+            params={k: np.concatenate([p.params[k] for p in parts]) for k in parts[0].params},
         )
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, int, int]]:
