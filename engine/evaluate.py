@@ -157,6 +157,50 @@ def identity_geometry(ident: np.ndarray, patient_ids: np.ndarray, synth: np.ndar
     }
 
 
+# Anatomy the latent should carry for the generator to redraw a patient: coarse shape
+# (thorax, lungs, heart, diaphragm) and the ribs, whose phase in the image mixes the
+# patient's rib phase with the visit's shift and rotation.
+PROBED = ("thorax_w", "lung_h", "heart_w", "diaph_l", "rib_spacing", "rib_curv", "rib_phase_image")
+ANGLES = ("rib_phase_image",)
+
+
+def probe_targets(params: dict[str, np.ndarray], names: tuple[str, ...] = PROBED) -> dict[str, np.ndarray]:
+    """(N, d) regression targets per parameter; an angle becomes its cosine and sine."""
+    out = {}
+    for k in names:
+        v = np.asarray(params[k], np.float64)
+        out[k] = np.stack([np.cos(v), np.sin(v)], 1) if k in ANGLES else v[:, None]
+    return out
+
+
+def linear_probe_r2(z_fit: np.ndarray, t_fit: np.ndarray, z_test: np.ndarray, t_test: np.ndarray, ridge: float = 1e-2) -> float:
+    """R^2 on the test set of a ridge regression from vectors ``z`` to targets ``t``,
+    averaged over the target's columns: 1 when ``z`` holds ``t`` linearly, 0 or below when
+    it holds nothing of it (the regression fits noise of the fitting set)."""
+    mu, sd = z_fit.mean(0), z_fit.std(0) + 1e-8
+
+    def design(z: np.ndarray) -> np.ndarray:
+        return np.concatenate([(z - mu) / sd, np.ones((len(z), 1))], 1)
+
+    a = design(z_fit)
+    reg = ridge * len(a) * np.eye(a.shape[1])
+    reg[-1, -1] = 0.0
+    w = np.linalg.solve(a.T @ a + reg, a.T @ t_fit)
+    err = ((design(z_test) @ w - t_test) ** 2).mean(0)
+    return float(np.mean(1.0 - err / np.maximum(t_test.var(0), 1e-12)))
+
+
+def latent_probe(fit: tuple[np.ndarray, np.ndarray, dict], test: tuple[np.ndarray, np.ndarray, dict]) -> dict[str, dict[str, float]]:
+    """How much of each anatomy parameter a linear read-out finds in the identity vector
+    and in the whole latent (medical, identity, other). ``fit`` and ``test`` are
+    (identity vectors, whole latents, synthetic params) of two separate populations."""
+    t_fit, t_test = probe_targets(fit[2]), probe_targets(test[2])
+    return {
+        k: {"identity": linear_probe_r2(fit[0], t_fit[k], test[0], t_test[k]), "latent": linear_probe_r2(fit[1], t_fit[k], test[1], t_test[k])}
+        for k in PROBED
+    }
+
+
 def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
     """Run the protocol; writes out/report.json, out/report.md and out/grid.png."""
     cfg = cfg or EvalConfig()
@@ -208,8 +252,13 @@ def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
     else:  # one held-out visit per patient: no same-patient pair to compare
         ref_auc = float("nan")
 
-    _, real_id, _ = model.encode(pop.images)
+    med, real_id, oth = model.encode(pop.images)
     geometry = identity_geometry(real_id, pop.patient_ids, model.synthetic_identities(512, cfg.seed))
+    d_med, d_id, d_oth = model.encode(dis.images)
+    probe = latent_probe(
+        (d_id, np.concatenate([d_med, d_id, d_oth], 1), dis.params),
+        (real_id, np.concatenate([med, real_id, oth], 1), pop.params),
+    )
 
     report = {
         "population": {"seed": cfg.seed, "patients": cfg.patients, "visits": cfg.visits, "held_out_visits": cfg.held_out, "image_size": size, "model_training_seed": train_seed},
@@ -230,6 +279,7 @@ def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
         "ssim_anonymized": ssim(x, anon),
         "anonymized_pair_differ_l1": float(np.abs(anon - anon2).mean()),
         **geometry,
+        "latent_probe_r2": probe,
         "seconds": round(time.time() - t0, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -270,6 +320,11 @@ def markdown(report: dict) -> str:
         target = f"{t[0]} {t[1]}" if t else ""
         met = ("yes" if meets(report, k) else "NO") if t else ""
         lines.append(f"| {k} | {v:.3f} | {target} | {met} |")
+    probe = report.get("latent_probe_r2")
+    if probe:
+        lines += ["", "Linear read-out (R^2) of anatomy from the model's vectors, on patients the", "read-out never saw:", "",
+                  "| parameter | identity vector | whole latent |", "|---|---|---|"]
+        lines += [f"| {k} | {v['identity']:.3f} | {v['latent']:.3f} |" for k, v in probe.items()]
     return "\n".join(lines) + "\n"
 
 
