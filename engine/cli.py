@@ -63,7 +63,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(
         image_size=args.size, patients=args.patients, visits=args.visits, val_visits=args.val_visits,
         seed=args.seed, epochs=args.epochs, vae_epochs=args.vae_epochs, batch_size=args.batch_size,
-        device=device, threads=args.threads,
+        device=device, threads=args.threads, generator=args.generator,
     )
     data = None if args.data == "synthetic" else _load_data(args.data, args.size, args.val_visits)
     model = train(cfg, Path(args.out), data=data)
@@ -146,6 +146,8 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--vae-epochs", type=int, default=40)
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--generator", default="conv", choices=("conv", "fourier"),
+                    help="conv: upsampling convolutions (the reference model's); fourier: latent-modulated, with quadratic-phase sinusoids")
     sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     sp.add_argument("--threads", type=int, default=0)
     sp.set_defaults(func=cmd_train)

@@ -58,6 +58,7 @@ class TrainConfig:
     ramp: float = 0.2  # then this fraction ramps swap, privacy and adversarial terms in
     width: int = 24
     other_dim: int = 48
+    generator: str = "conv"  # or "fourier" (engine.model.FourierGenerator)
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
 
@@ -206,7 +207,7 @@ def _train(
     device = torch.device(cfg.device)
     train_data, val_data = data if data is not None else synthetic_split(cfg)
     n_ids = int(train_data.patient_ids.max()) + 1
-    mcfg = ModelConfig(image_size=cfg.image_size, n_identities=n_ids, width=cfg.width, other_dim=cfg.other_dim)
+    mcfg = ModelConfig(image_size=cfg.image_size, n_identities=n_ids, width=cfg.width, other_dim=cfg.other_dim, generator=cfg.generator)
     model = DisentanglementModel(mcfg).to(device)
     gen_params = [p for n, p in model.named_parameters() if not n.startswith(("discriminator", "vae"))]
     opt_g = torch.optim.Adam(gen_params, lr=cfg.lr, betas=(0.5, 0.999))
