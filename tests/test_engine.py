@@ -43,9 +43,9 @@ def test_visits_vary_medical_state_and_acquisition_independently_of_the_patient(
     assert np.mean(per_patient) > 1.5
 
 
-@pytest.mark.parametrize("size", [64, 128])
-def test_model_shapes(size):
-    cfg = ModelConfig(image_size=size, n_identities=7)
+@pytest.mark.parametrize("size,generator", [(64, "conv"), (128, "conv"), (64, "fourier"), (128, "fourier")])
+def test_model_shapes(size, generator):
+    cfg = ModelConfig(image_size=size, n_identities=7, generator=generator)
     m = DisentanglementModel(cfg).eval()
     x = torch.zeros(3, 1, size, size)
     med, ident, other = m.encoder(x)
@@ -54,6 +54,66 @@ def test_model_shapes(size):
     assert m.identity_head(ident).shape == (3, 7) and m.disease_head(med).shape == (3, 3)
     assert m.anonymize(x, torch.zeros(3, cfg.vae_latent)).shape == x.shape
     assert m.discriminator(x).shape == (3,)
+
+
+def test_unknown_generator_is_refused():
+    with pytest.raises(ValueError, match="generator must be one of conv, fourier"):
+        ModelConfig(generator="unet")
+
+
+def test_fourier_generator_draws_bands_that_the_latent_moves():
+    # The quadratic-phase features are what lets the generator draw ribs: changing their
+    # coefficients through the latent must move the bands (not only their brightness), and
+    # a bundle with this generator exports to ONNX that agrees with PyTorch.
+    from engine.model import QuadraticPhaseFeatures
+
+    torch.manual_seed(0)
+    q = QuadraticPhaseFeatures(d_in=4, k=3, size=32)
+    with torch.no_grad():
+        q.coef.weight.normal_(std=0.05)
+        f = q(torch.stack([torch.zeros(4), torch.ones(4)]))
+    assert f.shape == (2, 6, 32, 32)
+    a, b = f[0, 0] / f[0, 0].abs().max(), f[1, 0] / f[1, 0].abs().max()
+    assert float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) < 0.9
+
+
+def test_fourier_bundle_exports_and_old_bundles_stay_conv(tmp_path):
+    from engine import bundle
+    from engine.export import export_all
+    from engine.model import FourierGenerator, Generator
+
+    m = DisentanglementModel(ModelConfig(image_size=32, width=8, other_dim=8, n_identities=4, generator="fourier", fourier_features=4))
+    b = bundle.save(m.eval(), tmp_path / "f", {"name": "f"})
+    assert len(export_all(b, ["reconstruct", "anonymize"])) == 2  # each checked against PyTorch
+    assert isinstance(bundle.load(b.path).load_torch().generator, FourierGenerator)
+    # model.json written before the generator key existed describes a conv generator.
+    meta = json.loads((BUILTIN_DIR / "reference" / "model.json").read_text())
+    assert "generator" not in meta["model_config"]
+    assert isinstance(load_model("builtin:reference", backend="torch").bundle.load_torch().generator, Generator)
+
+
+def test_synthetic_batches_carry_what_drew_each_image():
+    ds = SyntheticPatients(4, 3, 64, seed=5)
+    b = ds.batch()
+    for i in range(len(b.labels)):
+        assert b.params["rib_spacing"][i] == np.float32(ds.anatomy(int(b.patient_ids[i]))["rib_spacing"])
+    # Acquisition varies per visit; anatomy does not.
+    assert len(set(b.params["shift_y"].tolist())) == len(b.labels)
+    assert len(set(b.params["thorax_w"].tolist())) == 4
+    assert ((b.params["rib_phase_image"] >= 0) & (b.params["rib_phase_image"] < 2 * np.pi)).all()
+    # Exposure values are the drawn ones, inside their documented ranges.
+    assert b.params["gain"].min() >= 1.6 and b.params["noise"].max() <= 0.025
+
+
+def test_linear_probe_finds_what_the_vectors_hold_and_nothing_else():
+    from engine.evaluate import linear_probe_r2
+
+    rng = np.random.default_rng(0)
+    z_fit, z_test = rng.standard_normal((400, 12)), rng.standard_normal((300, 12))
+    w = rng.standard_normal((12, 2))
+    assert linear_probe_r2(z_fit, z_fit @ w, z_test, z_test @ w) > 0.99
+    held = rng.standard_normal((400, 1)), rng.standard_normal((300, 1))
+    assert linear_probe_r2(z_fit, held[0], z_test, held[1]) < 0.05
 
 
 def test_short_training_lowers_the_loss_and_resumes(tmp_path):
@@ -136,7 +196,10 @@ def test_tiny_evaluation_produces_every_metric(tmp_path):
     for key in ("reid_top1_original", "reid_top1_anonymized", "reid_chance", "verification_auc_anonymized", "disease_acc_original",
                 "disease_acc_anonymized", "counterfactual_flip_rate", "reid_top1_counterfactual", "ssim_reconstruction", "psnr_reconstruction"):
         assert isinstance(report[key], float), key
+    assert set(report["latent_probe_r2"]) >= {"thorax_w", "rib_spacing", "rib_phase_image"}
+    assert all(set(v) == {"identity", "latent"} for v in report["latent_probe_r2"].values())
     assert (tmp_path / "report.json").exists() and (tmp_path / "report.md").exists()
+    assert "rib_phase_image" in (tmp_path / "report.md").read_text()
     from PIL import Image
 
     img = Image.open(tmp_path / "grid.png")
