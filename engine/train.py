@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -249,9 +250,17 @@ def _train(
     x_all, p_all, y_all = (t.to(device) for t in (train_data.images, train_data.patient_ids, train_data.labels))
     n = x_all.shape[0]
     steps = n // cfg.batch_size
+    if start_epoch:
+        # The optimizer state carries the learning rate of the epoch it stopped at; the
+        # scheduler must start from the base rate and replay its steps, or a resumed run
+        # would apply the cosine decay twice.
+        for group in opt_g.param_groups:
+            group["lr"] = group["initial_lr"]
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_g, T_max=max(1, cfg.epochs * steps))
-    for _ in range(start_epoch * steps):
-        sched.step()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        for _ in range(start_epoch * steps):
+            sched.step()
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -270,9 +279,9 @@ def _train(
         entry.update(validate(model, Dataset(val_data.images.to(device), val_data.patient_ids.to(device), val_data.labels.to(device))))
         history.append(entry)
         log.info("stage 1 epoch %d: %s", epoch + 1, entry)
+        save(epoch + 1, start_vae)  # before the callback: an epoch it interrupts is kept
         if on_epoch:
             on_epoch("stage1", epoch + 1, entry)
-        save(epoch + 1, start_vae)
 
     # Stage 2: the identity VAE on frozen identity vectors.
     with torch.no_grad():
@@ -295,9 +304,9 @@ def _train(
         entry = {"stage": 2, "epoch": vepoch + 1, **{k: v / steps for k, v in acc.items()}}
         history.append(entry)
         _progress(f"stage 2 epoch {vepoch + 1}/{cfg.vae_epochs}", 1, 1, {k: v for k, v in entry.items() if k not in ("stage", "epoch")})
+        save(cfg.epochs, vepoch + 1)  # before the callback: an epoch it interrupts is kept
         if on_epoch:
             on_epoch("stage2", vepoch + 1, entry)
-        save(cfg.epochs, vepoch + 1)
     for p in model.parameters():
         p.requires_grad_(True)
     compute_prototypes(model, train_data if device.type == "cpu" else Dataset(x_all, p_all, y_all))

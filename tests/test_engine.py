@@ -132,6 +132,34 @@ def test_short_training_lowers_the_loss_and_resumes(tmp_path):
     assert [h["epoch"] for h in hist2 if h["stage"] == 1] == [1, 2, 3, 4, 5]
 
 
+def test_interrupted_training_resumes_to_the_same_model(tmp_path):
+    import warnings
+
+    import torch
+
+    from engine.train import TrainConfig, train
+
+    cfg = TrainConfig(patients=6, visits=6, val_visits=2, epochs=3, vae_epochs=1, batch_size=16, seed=0, threads=2, width=8, other_dim=16)
+    whole = train(cfg, tmp_path / "whole")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(stage, epoch, entry):
+        if stage == "stage1" and epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "cut", on_epoch=stop_after_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resuming must not trip the scheduler-order warning
+        resumed = train(cfg, tmp_path / "cut")
+    lr = [torch.load(d / "checkpoint.pt", weights_only=False)["opt_g"]["param_groups"][0]["lr"] for d in (tmp_path / "whole", tmp_path / "cut")]
+    assert lr[0] == pytest.approx(lr[1], rel=1e-9)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
 def test_reference_bundle_loads_and_anonymizes_on_cpu():
     m = load_model("builtin:reference", backend="torch")
     x = SyntheticPatients(2, 2, m.image_size, seed=123).batch().images
