@@ -70,6 +70,25 @@ def test_infer_splits_any_batch_into_the_built_batch_size(bundle):
     assert np.abs(a - b).max() <= FP32_ATOL
 
 
+def spinning(runner):
+    """The session's allow_spinning entry, or None where the runner left the default."""
+    try:
+        return runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:
+        return None
+
+
+def test_spin_false_lets_onnxruntime_workers_sleep_and_changes_no_output(bundle):
+    inputs, outputs = graph_specs(bundle, "reconstruct")
+    feed = random_feed(inputs, 5, seed=11)
+    onnx = export_graph(bundle, "reconstruct")
+    with OnnxRuntimeRunner(onnx, inputs, outputs, spin=False) as quiet, OnnxRuntimeRunner(onnx, inputs, outputs) as busy:
+        assert spinning(quiet) == "0"
+        assert spinning(busy) is None  # ONNX Runtime's default: workers spin
+        a, b = quiet.infer(feed)["output"], busy.infer(feed)["output"]
+    assert np.array_equal(a, b)
+
+
 def test_auto_says_why_faster_backends_were_skipped():
     c = choose("auto")
     if unavailable("tensorrt"):
