@@ -204,8 +204,16 @@ def latent_probe(fit: tuple[np.ndarray, np.ndarray, dict], test: tuple[np.ndarra
 def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
     """Run the protocol; writes out/report.json, out/report.md and out/grid.png."""
     cfg = cfg or EvalConfig()
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _evaluate(model, out, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(model: Model, out: Path, cfg: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     size = model.image_size
@@ -261,7 +269,8 @@ def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
     )
 
     report = {
-        "population": {"seed": cfg.seed, "patients": cfg.patients, "visits": cfg.visits, "held_out_visits": cfg.held_out, "image_size": size, "model_training_seed": train_seed},
+        "population": {"seed": cfg.seed, "patients": cfg.patients, "visits": cfg.visits, "held_out_visits": cfg.held_out, "image_size": size, "model_training_seed": train_seed,
+                       "threads": torch.get_num_threads()},  # the evaluators' weights depend on it
         "reid_chance": 1.0 / cfg.patients,
         "reid_top1_original": float((pid_o == p).mean()),
         "reid_top1_reconstructed": float((pid_r == p).mean()),

@@ -234,6 +234,21 @@ def test_tiny_evaluation_produces_every_metric(tmp_path):
     assert img.width > img.height / 2
 
 
+def test_evaluation_repeats_itself_and_records_its_thread_count(tmp_path):
+    import torch
+
+    from engine.evaluate import EvalConfig, evaluate
+
+    m = load_model("builtin:reference", backend="torch")
+    cfg = EvalConfig(seed=4243, patients=5, visits=3, held_out=1, disease_patients=9, disease_visits=2, epochs=2, threads=1)
+    before = torch.get_num_threads()
+    a, b = evaluate(m, tmp_path / "a", cfg), evaluate(m, tmp_path / "b", cfg)
+    assert a["population"]["threads"] == 1
+    assert torch.get_num_threads() == before  # the caller's setting comes back
+    for key in ("reid_top1_original", "disease_acc_original", "counterfactual_flip_rate", "ssim_reconstruction"):
+        assert a[key] == b[key], key
+
+
 def test_evaluation_refuses_the_training_seed(tmp_path):
     from engine.evaluate import EvalConfig, evaluate
 
