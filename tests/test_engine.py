@@ -284,3 +284,14 @@ def test_training_is_deterministic_per_seed(tmp_path):
     a, b, c = weights("a", 3), weights("b", 3), weights("c", 4)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_autoencoder_trial_reports_ssim_and_the_rib_readout(capsys):
+    from engine.tools import autoencoder_trial
+
+    assert autoencoder_trial.main(["--generator", "conv", "--epochs", "1", "--patients", "4", "--supervise-ribs", "1"]) == 0
+    out = capsys.readouterr().out
+    ssim_line = next(line for line in out.splitlines() if line.startswith("epoch 1:"))
+    assert 0 < float(ssim_line.split("unseen patients ")[1].split(",")[0]) < 1
+    assert "rib head R^2" in ssim_line
+    assert "latent read-out R^2 rib_spacing" in out

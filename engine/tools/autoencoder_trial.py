@@ -8,6 +8,11 @@ population (200 synthetic patients x 16 visits, seed 0). After each epoch it pri
 reconstruction SSIM on patients it never saw (seed 1000, 40 x 4 visits); at the end, how
 much of each anatomy parameter a linear read-out finds in the latent
 (``engine.evaluate.latent_probe``; 1 = all of it, 0 or below = none).
+
+``--supervise-ribs W`` is a diagnostic, possible only on synthetic data: a linear head on
+the latent must also predict the ribs' frequency, curvature and phase in the image (what
+drew them, standardised), with weight W. It answers how well the generator draws ribs
+once the latent carries them, apart from whether an encoder learns to keep them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ from engine.evaluate import latent_probe
 from engine.model import GENERATORS, Encoder, ModelConfig, ssim
 
 
+def rib_targets(params: dict[str, np.ndarray]) -> torch.Tensor:
+    """Frequency, curvature and image-frame phase (cos, sin) of the ribs."""
+    phase = params["rib_phase_image"]
+    t = np.stack([1 / params["rib_spacing"], params["rib_curv"], np.cos(phase), np.sin(phase)], 1)
+    return torch.from_numpy(t.astype(np.float32))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--generator", default="conv", choices=sorted(GENERATORS))
@@ -33,15 +45,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patients", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="two trials side by side on two cores: 1 each")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--supervise-ribs", type=float, default=0.0, metavar="W",
+                    help="weight of a diagnostic loss asking the latent for the ribs' parameters (0: off)")
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return trial(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def trial(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     cfg = ModelConfig(width=24, other_dim=48, n_identities=args.patients, generator=args.generator)
     enc, gen = Encoder(cfg), GENERATORS[cfg.generator](cfg)
+    rib_head = torch.nn.Linear(cfg.latent_dim, 4)
     params = [*enc.parameters(), *gen.parameters()]
-    opt = torch.optim.Adam(params, lr=1e-3, betas=(0.5, 0.999))
+    opt = torch.optim.Adam([*params, *rib_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
     train = SyntheticPatients(args.patients, 16, cfg.image_size, args.seed).batch()
     x = torch.from_numpy(train.images)
+    ribs = rib_targets(train.params)
+    rib_mean, rib_std = ribs.mean(0), ribs.std(0)
+    ribs = (ribs - rib_mean) / rib_std
     unseen = SyntheticPatients(40, 4, cfg.image_size, 1000).batch()
     steps = len(x) // args.batch_size
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps)
@@ -58,9 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         order = torch.randperm(len(x))
         for k in range(steps):
-            xb = x[order[k * args.batch_size : (k + 1) * args.batch_size]]
-            rec = gen(*enc(xb))
+            idx = order[k * args.batch_size : (k + 1) * args.batch_size]
+            xb = x[idx]
+            parts = enc(xb)
+            rec = gen(*parts)
             loss = 20 * F.l1_loss(rec, xb) + 5 * (1 - ssim(rec, xb))
+            if args.supervise_ribs:
+                loss = loss + args.supervise_ribs * F.mse_loss(rib_head(torch.cat(parts, 1)), ribs[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -70,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
             rec = gen(*(torch.from_numpy(v) for v in encode(unseen.images)))
         gen.train()
         score = float(ssim(torch.from_numpy(unseen.images).double(), rec.double()))
-        print(f"epoch {epoch + 1}: {time.time() - t0:.0f} s, SSIM on unseen patients {score:.4f}", flush=True)
+        line = f"epoch {epoch + 1}: {time.time() - t0:.0f} s, SSIM on unseen patients {score:.4f}"
+        if args.supervise_ribs:
+            with torch.no_grad():
+                want = (rib_targets(unseen.params) - rib_mean) / rib_std
+                got = rib_head(torch.from_numpy(np.concatenate(encode(unseen.images), 1)))
+                r2 = 1 - ((got - want) ** 2).mean(0) / want.var(0)
+            line += ", rib head R^2 on them (frequency, curvature, cos, sin) " + " ".join(f"{v:.3f}" for v in r2.tolist())
+        print(line, flush=True)
     fit, test = encode(train.images), encode(unseen.images)
     probe = latent_probe((fit[1], np.concatenate(fit, 1), train.params), (test[1], np.concatenate(test, 1), unseen.params))
     for name, r2 in probe.items():
