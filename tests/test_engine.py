@@ -289,7 +289,7 @@ def test_training_is_deterministic_per_seed(tmp_path):
 def test_autoencoder_trial_reports_ssim_and_the_rib_readout(capsys):
     from engine.tools import autoencoder_trial
 
-    assert autoencoder_trial.main(["--generator", "conv", "--epochs", "1", "--patients", "4", "--supervise-ribs", "1"]) == 0
+    assert autoencoder_trial.main(["--generator", "conv", "--epochs", "1", "--patients", "4", "--supervise-ribs", "1", "--edge-weight", "1"]) == 0
     out = capsys.readouterr().out
     ssim_line = next(line for line in out.splitlines() if line.startswith("epoch 1:"))
     assert 0 < float(ssim_line.split("unseen patients ")[1].split(",")[0]) < 1

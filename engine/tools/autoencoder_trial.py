@@ -30,6 +30,13 @@ from engine.evaluate import latent_probe
 from engine.model import GENERATORS, Encoder, ModelConfig, ssim
 
 
+def edge_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L1 between the finite differences of two images: phase-sensitive, unlike a spectrum."""
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    return F.l1_loss(dy(a), dy(b)) + F.l1_loss(dx(a), dx(b))
+
+
 def rib_targets(params: dict[str, np.ndarray]) -> torch.Tensor:
     """Frequency, curvature and image-frame phase (cos, sin) of the ribs."""
     phase = params["rib_phase_image"]
@@ -47,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--supervise-ribs", type=float, default=0.0, metavar="W",
                     help="weight of a diagnostic loss asking the latent for the ribs' parameters (0: off)")
+    ap.add_argument("--edge-weight", type=float, default=0.0, metavar="W",
+                    help="weight of an L1 loss on the image's horizontal and vertical differences (0: off)")
     args = ap.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -89,6 +98,8 @@ def trial(args: argparse.Namespace) -> int:
             parts = enc(xb)
             rec = gen(*parts)
             loss = 20 * F.l1_loss(rec, xb) + 5 * (1 - ssim(rec, xb))
+            if args.edge_weight:
+                loss = loss + args.edge_weight * edge_l1(rec, xb)
             if args.supervise_ribs:
                 loss = loss + args.supervise_ribs * F.mse_loss(rib_head(torch.cat(parts, 1)), ribs[idx])
             opt.zero_grad(set_to_none=True)
