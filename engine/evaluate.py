@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from engine.api import Model
 from engine.data import CLASSES, SyntheticPatients
 from engine.model import ssim as ssim_torch
+from engine.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -204,13 +205,8 @@ def latent_probe(fit: tuple[np.ndarray, np.ndarray, dict], test: tuple[np.ndarra
 def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
     """Run the protocol; writes out/report.json, out/report.md and out/grid.png."""
     cfg = cfg or EvalConfig()
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _evaluate(model, out, cfg)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _evaluate(model: Model, out: Path, cfg: EvalConfig) -> dict:

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from engine.data import SyntheticPatients
 from engine.model import DisentanglementModel, ModelConfig, entropy_loss, grad_reverse, ssim
+from engine.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +189,8 @@ def train(
     on_epoch: Callable[[str, int, dict[str, float]], None] | None = None,
 ) -> DisentanglementModel:
     """Train (or resume) both stages; writes ``out/checkpoint.pt`` and ``out/history.json``."""
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _train(cfg, out, data, on_epoch)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(

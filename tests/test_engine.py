@@ -295,3 +295,21 @@ def test_autoencoder_trial_reports_ssim_and_the_rib_readout(capsys):
     assert 0 < float(ssim_line.split("unseen patients ")[1].split(",")[0]) < 1
     assert "rib head R^2" in ssim_line
     assert "latent read-out R^2 rib_spacing" in out
+
+
+def test_train_cli_offers_exactly_the_models_generators(tmp_path, capsys):
+    import argparse
+
+    from engine.cli import add_engine_parser
+    from engine.model import GENERATORS
+
+    parser = argparse.ArgumentParser(prog="casemask")
+    add_engine_parser(parser.add_subparsers(dest="command"))
+    for name in GENERATORS:  # the CLI lists them without importing torch; they must agree
+        assert parser.parse_args(["engine", "train", "--out", str(tmp_path), "--generator", name]).generator == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["engine", "train", "--out", str(tmp_path), "--generator", "nope"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["engine", "train", "--help"])
+    offered = capsys.readouterr().out.split("--generator {", 1)[1].split("}", 1)[0]
+    assert set(offered.split(",")) == set(GENERATORS)

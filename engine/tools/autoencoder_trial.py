@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from engine.data import SyntheticPatients
 from engine.evaluate import latent_probe
 from engine.model import GENERATORS, Encoder, ModelConfig, ssim
+from engine.threads import torch_threads
 
 
 def edge_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -57,12 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--edge-weight", type=float, default=0.0, metavar="W",
                     help="weight of an L1 loss on the image's horizontal and vertical differences (0: off)")
     args = ap.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return trial(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def trial(args: argparse.Namespace) -> int:
