@@ -23,9 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from engine.data import SyntheticPatients
+from engine.ribs import fit_ribs
 from engine.model import DisentanglementModel, ModelConfig, entropy_loss, grad_reverse, ssim
 from engine.threads import torch_threads
 
@@ -61,6 +63,9 @@ class TrainConfig:
     width: int = 24
     other_dim: int = 48
     generator: str = "conv"  # or "fourier" (engine.model.FourierGenerator)
+    # Weight of a loss asking a linear head on the latent for the ribs as engine.ribs.fit_ribs
+    # reads them from each training image (label-free); 0: off. See engine/ribs.py.
+    rib_fit: float = 0.0
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
 
@@ -100,11 +105,14 @@ def stage1_step(
     opt_d: torch.optim.Optimizer,
     cfg: TrainConfig,
     ramp: float = 1.0,
+    ribs: tuple[nn.Module, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One optimisation step of stage 1 on a batch; returns the loss terms.
 
     ``ramp`` (0 to 1) scales the swap, privacy and adversarial terms: starting them at
     full weight lets the encoder satisfy swap consistency with constant vectors.
+    ``ribs``: a linear head and the batch's standardised :func:`engine.ribs.fit_ribs`
+    targets, weighted by ``cfg.rib_fit``.
     """
     enc, gen = model.encoder, model.generator
     perm = torch.roll(torch.arange(x.shape[0], device=x.device), 1)
@@ -132,6 +140,12 @@ def stage1_step(
     fakes = torch.cat([rec, x_id, x_md])
     l_adv = F.softplus(-model.discriminator(fakes)).mean()
     loss = cfg.rec_weight * l_rec + cfg.ssim_weight * l_ssim + l_cls + ramp * (cfg.privacy_weight * l_priv + cfg.swap_weight * l_swap + cfg.adv_weight * l_adv)
+    stats = {}
+    if ribs is not None:
+        head, target = ribs
+        l_ribs = F.mse_loss(head(torch.cat([m, i, o], 1)), target)
+        loss = loss + cfg.rib_fit * l_ribs
+        stats["ribs"] = l_ribs.item()
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
@@ -142,7 +156,7 @@ def stage1_step(
     opt_d.zero_grad(set_to_none=True)
     l_d.backward()
     opt_d.step()
-    return {"rec": l_rec.item(), "ssim": 1.0 - l_ssim.item(), "cls": l_cls.item(), "swap": l_swap.item(), "priv": l_priv.item()}
+    return {"rec": l_rec.item(), "ssim": 1.0 - l_ssim.item(), "cls": l_cls.item(), "swap": l_swap.item(), "priv": l_priv.item(), **stats}
 
 
 @torch.no_grad()
@@ -207,6 +221,10 @@ def _train(
     mcfg = ModelConfig(image_size=cfg.image_size, n_identities=n_ids, width=cfg.width, other_dim=cfg.other_dim, generator=cfg.generator)
     model = DisentanglementModel(mcfg).to(device)
     gen_params = [p for n, p in model.named_parameters() if not n.startswith(("discriminator", "vae"))]
+    # A training-only head (not in the bundle): asks the latent for the ribs' fit.
+    rib_head = nn.Linear(mcfg.latent_dim, 5).to(device) if cfg.rib_fit else None
+    if rib_head is not None:
+        gen_params += list(rib_head.parameters())
     opt_g = torch.optim.Adam(gen_params, lr=cfg.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     opt_v = torch.optim.Adam(model.vae.parameters(), lr=2e-3)
@@ -216,6 +234,8 @@ def _train(
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])
+        if rib_head is not None and "rib_head" in ckpt:
+            rib_head.load_state_dict(ckpt["rib_head"])
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
         opt_v.load_state_dict(ckpt["opt_v"])
@@ -228,6 +248,7 @@ def _train(
         torch.save(
             {
                 "model": model.state_dict(),
+                "rib_head": rib_head.state_dict() if rib_head is not None else None,
                 "opt_g": opt_g.state_dict(),
                 "opt_d": opt_d.state_dict(),
                 "opt_v": opt_v.state_dict(),
@@ -246,6 +267,10 @@ def _train(
     x_all, p_all, y_all = (t.to(device) for t in (train_data.images, train_data.patient_ids, train_data.labels))
     n = x_all.shape[0]
     steps = n // cfg.batch_size
+    rib_targets = None
+    if rib_head is not None:
+        fitted = torch.from_numpy(fit_ribs(train_data.images))
+        rib_targets = ((fitted - fitted.mean(0)) / fitted.std(0).clamp_min(1e-6)).to(device)
     if start_epoch:
         # The optimizer state carries the learning rate of the epoch it stopped at; the
         # scheduler must start from the base rate and replay its steps, or a resumed run
@@ -266,7 +291,8 @@ def _train(
             idx = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
             progress = (epoch + k / steps) / cfg.epochs
             ramp = min(1.0, max(0.0, (progress - cfg.warmup) / max(cfg.ramp, 1e-9)))
-            stats = stage1_step(model, x_all[idx], p_all[idx], y_all[idx], opt_g, opt_d, cfg, ramp)
+            ribs = (rib_head, rib_targets[idx]) if rib_targets is not None else None
+            stats = stage1_step(model, x_all[idx], p_all[idx], y_all[idx], opt_g, opt_d, cfg, ramp, ribs)
             sched.step()
             acc = {key: acc.get(key, 0.0) + v for key, v in stats.items()}
             _progress(f"stage 1 epoch {epoch + 1}/{cfg.epochs}", k + 1, steps, {k2: v / (k + 1) for k2, v in acc.items()})

@@ -9,6 +9,10 @@ reconstruction SSIM on patients it never saw (seed 1000, 40 x 4 visits); at the 
 much of each anatomy parameter a linear read-out finds in the latent
 (``engine.evaluate.latent_probe``; 1 = all of it, 0 or below = none).
 
+``--fit-ribs W`` asks a linear head on the latent for the ribs as
+:func:`engine.ribs.fit_ribs` reads them from each image (no labels; the same loss as
+``casemask engine train --rib-fit W``) and prints the head's R^2 on unseen patients.
+
 ``--supervise-ribs W`` is a diagnostic, possible only on synthetic data: a linear head on
 the latent must also predict the ribs' frequency, curvature and phase in the image (what
 drew them, standardised), with weight W. It answers how well the generator draws ribs
@@ -27,6 +31,7 @@ from torch.nn import functional as F
 
 from engine.data import SyntheticPatients
 from engine.evaluate import latent_probe
+from engine.ribs import fit_ribs
 from engine.model import GENERATORS, Encoder, ModelConfig, ssim
 from engine.threads import torch_threads
 
@@ -55,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--supervise-ribs", type=float, default=0.0, metavar="W",
                     help="weight of a diagnostic loss asking the latent for the ribs' parameters (0: off)")
+    ap.add_argument("--fit-ribs", type=float, default=0.0, metavar="W",
+                    help="weight of a loss asking the latent for the ribs as engine.ribs.fit_ribs reads them "
+                    "from the image (label-free; 0: off)")
     ap.add_argument("--edge-weight", type=float, default=0.0, metavar="W",
                     help="weight of an L1 loss on the image's horizontal and vertical differences (0: off)")
     args = ap.parse_args(argv)
@@ -67,14 +75,20 @@ def trial(args: argparse.Namespace) -> int:
     cfg = ModelConfig(width=24, other_dim=48, n_identities=args.patients, generator=args.generator)
     enc, gen = Encoder(cfg), GENERATORS[cfg.generator](cfg)
     rib_head = torch.nn.Linear(cfg.latent_dim, 4)
+    fit_head = torch.nn.Linear(cfg.latent_dim, 5)
     params = [*enc.parameters(), *gen.parameters()]
-    opt = torch.optim.Adam([*params, *rib_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
+    opt = torch.optim.Adam([*params, *rib_head.parameters(), *fit_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
     train = SyntheticPatients(args.patients, 16, cfg.image_size, args.seed).batch()
     x = torch.from_numpy(train.images)
     ribs = rib_targets(train.params)
     rib_mean, rib_std = ribs.mean(0), ribs.std(0)
     ribs = (ribs - rib_mean) / rib_std
     unseen = SyntheticPatients(40, 4, cfg.image_size, 1000).batch()
+    if args.fit_ribs:
+        fitted = torch.from_numpy(fit_ribs(train.images))
+        fit_mean, fit_std = fitted.mean(0), fitted.std(0)
+        fitted = (fitted - fit_mean) / fit_std
+        fitted_unseen = (torch.from_numpy(fit_ribs(unseen.images)) - fit_mean) / fit_std
     steps = len(x) // args.batch_size
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps)
     print(f"{args.generator}: {sum(p.numel() for p in params)} parameters, {steps} steps an epoch", flush=True)
@@ -99,6 +113,8 @@ def trial(args: argparse.Namespace) -> int:
                 loss = loss + args.edge_weight * edge_l1(rec, xb)
             if args.supervise_ribs:
                 loss = loss + args.supervise_ribs * F.mse_loss(rib_head(torch.cat(parts, 1)), ribs[idx])
+            if args.fit_ribs:
+                loss = loss + args.fit_ribs * F.mse_loss(fit_head(torch.cat(parts, 1)), fitted[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -115,6 +131,11 @@ def trial(args: argparse.Namespace) -> int:
                 got = rib_head(torch.from_numpy(np.concatenate(encode(unseen.images), 1)))
                 r2 = 1 - ((got - want) ** 2).mean(0) / want.var(0)
             line += ", rib head R^2 on them (frequency, curvature, cos, sin) " + " ".join(f"{v:.3f}" for v in r2.tolist())
+        if args.fit_ribs:
+            with torch.no_grad():
+                got = fit_head(torch.from_numpy(np.concatenate(encode(unseen.images), 1)))
+                r2 = 1 - ((got - fitted_unseen) ** 2).mean(0) / fitted_unseen.var(0)
+            line += ", fit head R^2 on them (frequency, curvature, tilt, cos, sin) " + " ".join(f"{v:.3f}" for v in r2.tolist())
         print(line, flush=True)
     fit, test = encode(train.images), encode(unseen.images)
     probe = latent_probe((fit[1], np.concatenate(fit, 1), train.params), (test[1], np.concatenate(test, 1), unseen.params))
