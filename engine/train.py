@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.data import SyntheticPatients
-from engine.ribs import fit_ribs
 from engine.model import DisentanglementModel, ModelConfig, entropy_loss, grad_reverse, ssim
+from engine.ribs import fit_ribs
 from engine.threads import torch_threads
 
 log = logging.getLogger(__name__)

@@ -31,8 +31,8 @@ from torch.nn import functional as F
 
 from engine.data import SyntheticPatients
 from engine.evaluate import latent_probe
-from engine.ribs import fit_ribs
 from engine.model import GENERATORS, Encoder, ModelConfig, ssim
+from engine.ribs import fit_ribs
 from engine.threads import torch_threads
 
 
