@@ -53,7 +53,7 @@ def _load_data(spec: str, size: int, val_visits: int):
 def cmd_train(args) -> int:
     from engine import bundle
     from engine.data import CLASSES
-    from engine.train import TrainConfig, train
+    from engine.train import ResumeError, TrainConfig, train
 
     device = args.device
     if device == "auto":
@@ -66,7 +66,10 @@ def cmd_train(args) -> int:
         device=device, threads=args.threads, generator=args.generator, rib_fit=args.rib_fit,
     )
     data = None if args.data == "synthetic" else _load_data(args.data, args.size, args.val_visits)
-    model = train(cfg, Path(args.out), data=data)
+    try:
+        model = train(cfg, Path(args.out), data=data)
+    except ResumeError as exc:
+        raise SystemExit(f"casemask engine train: {exc}") from None
     meta = {
         "name": Path(args.bundle).name if args.bundle else "model",
         "classes": list(CLASSES),

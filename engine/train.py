@@ -34,6 +34,10 @@ from engine.threads import torch_threads
 log = logging.getLogger(__name__)
 
 
+class ResumeError(ValueError):
+    """The checkpoint in ``out`` was trained with settings this run cannot resume."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """What to train on and for how long."""
@@ -233,8 +237,14 @@ def _train(
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        saved_fit = ckpt.get("train_config", {}).get("rib_fit", 0.0)
+        if bool(saved_fit) != bool(cfg.rib_fit):
+            raise ResumeError(
+                f"{ckpt_path} was trained with rib_fit={saved_fit}, not {cfg.rib_fit}: "
+                "resume with the same --rib-fit, or train into a new folder"
+            )
         model.load_state_dict(ckpt["model"])
-        if rib_head is not None and "rib_head" in ckpt:
+        if rib_head is not None:
             rib_head.load_state_dict(ckpt["rib_head"])
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -341,10 +342,13 @@ def test_rib_fit_reads_the_synthetic_ribs_without_their_labels():
 
 
 def test_training_with_the_rib_fit_teaches_the_latent_the_ribs(tmp_path):
-    from engine.train import TrainConfig, train
+    from engine.train import ResumeError, TrainConfig, train
 
     cfg = TrainConfig(patients=8, visits=8, val_visits=2, epochs=3, vae_epochs=1, batch_size=16, seed=0, threads=2, width=16, other_dim=32, rib_fit=5.0)
     train(cfg, tmp_path / "run")
     s1 = [h for h in json.loads((tmp_path / "run" / "history.json").read_text()) if h["stage"] == 1]
     assert s1[-1]["ribs"] < 0.8 * s1[0]["ribs"]
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["rib_head"] is not None
+    # Resuming with the fit switched off would drop the head mid-training: refused, clearly.
+    with pytest.raises(ResumeError, match="rib_fit=5.0"):
+        train(dataclasses.replace(cfg, rib_fit=0.0, epochs=4), tmp_path / "run")
