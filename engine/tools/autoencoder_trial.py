@@ -50,6 +50,12 @@ def rib_targets(params: dict[str, np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(t.astype(np.float32))
 
 
+def standardised(fit: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets scaled by the mean and standard deviation of the first."""
+    mean, std = fit.mean(0), fit.std(0)
+    return (fit - mean) / std, (test - mean) / std
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--generator", default="conv", choices=sorted(GENERATORS))
@@ -74,21 +80,22 @@ def trial(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     cfg = ModelConfig(width=24, other_dim=48, n_identities=args.patients, generator=args.generator)
     enc, gen = Encoder(cfg), GENERATORS[cfg.generator](cfg)
-    rib_head = torch.nn.Linear(cfg.latent_dim, 4)
-    fit_head = torch.nn.Linear(cfg.latent_dim, 5)
+    # Linear heads on the latent, each with its loss weight and standardised targets on the
+    # training and the unseen images (both always built, so the random init is the same
+    # whichever are switched on).
+    rib_head, fit_head = torch.nn.Linear(cfg.latent_dim, 4), torch.nn.Linear(cfg.latent_dim, 5)
     params = [*enc.parameters(), *gen.parameters()]
     opt = torch.optim.Adam([*params, *rib_head.parameters(), *fit_head.parameters()], lr=1e-3, betas=(0.5, 0.999))
     train = SyntheticPatients(args.patients, 16, cfg.image_size, args.seed).batch()
     x = torch.from_numpy(train.images)
-    ribs = rib_targets(train.params)
-    rib_mean, rib_std = ribs.mean(0), ribs.std(0)
-    ribs = (ribs - rib_mean) / rib_std
     unseen = SyntheticPatients(40, 4, cfg.image_size, 1000).batch()
+    heads = []
+    if args.supervise_ribs:
+        targets = standardised(rib_targets(train.params), rib_targets(unseen.params))
+        heads.append(("rib head R^2 on them (frequency, curvature, cos, sin)", args.supervise_ribs, rib_head, *targets))
     if args.fit_ribs:
-        fitted = torch.from_numpy(fit_ribs(train.images))
-        fit_mean, fit_std = fitted.mean(0), fitted.std(0)
-        fitted = (fitted - fit_mean) / fit_std
-        fitted_unseen = (torch.from_numpy(fit_ribs(unseen.images)) - fit_mean) / fit_std
+        targets = standardised(torch.from_numpy(fit_ribs(train.images)), torch.from_numpy(fit_ribs(unseen.images)))
+        heads.append(("fit head R^2 on them (frequency, curvature, tilt, cos, sin)", args.fit_ribs, fit_head, *targets))
     steps = len(x) // args.batch_size
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps)
     print(f"{args.generator}: {sum(p.numel() for p in params)} parameters, {steps} steps an epoch", flush=True)
@@ -111,31 +118,23 @@ def trial(args: argparse.Namespace) -> int:
             loss = 20 * F.l1_loss(rec, xb) + 5 * (1 - ssim(rec, xb))
             if args.edge_weight:
                 loss = loss + args.edge_weight * edge_l1(rec, xb)
-            if args.supervise_ribs:
-                loss = loss + args.supervise_ribs * F.mse_loss(rib_head(torch.cat(parts, 1)), ribs[idx])
-            if args.fit_ribs:
-                loss = loss + args.fit_ribs * F.mse_loss(fit_head(torch.cat(parts, 1)), fitted[idx])
+            for _, weight, head, want, _ in heads:
+                loss = loss + weight * F.mse_loss(head(torch.cat(parts, 1)), want[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+        z_unseen = [torch.from_numpy(v) for v in encode(unseen.images)]
         gen.eval()
         with torch.no_grad():
-            rec = gen(*(torch.from_numpy(v) for v in encode(unseen.images)))
+            rec = gen(*z_unseen)
+            got = {label: head(torch.cat(z_unseen, 1)) for label, _, head, _, _ in heads}
         gen.train()
         score = float(ssim(torch.from_numpy(unseen.images).double(), rec.double()))
         line = f"epoch {epoch + 1}: {time.time() - t0:.0f} s, SSIM on unseen patients {score:.4f}"
-        if args.supervise_ribs:
-            with torch.no_grad():
-                want = (rib_targets(unseen.params) - rib_mean) / rib_std
-                got = rib_head(torch.from_numpy(np.concatenate(encode(unseen.images), 1)))
-                r2 = 1 - ((got - want) ** 2).mean(0) / want.var(0)
-            line += ", rib head R^2 on them (frequency, curvature, cos, sin) " + " ".join(f"{v:.3f}" for v in r2.tolist())
-        if args.fit_ribs:
-            with torch.no_grad():
-                got = fit_head(torch.from_numpy(np.concatenate(encode(unseen.images), 1)))
-                r2 = 1 - ((got - fitted_unseen) ** 2).mean(0) / fitted_unseen.var(0)
-            line += ", fit head R^2 on them (frequency, curvature, tilt, cos, sin) " + " ".join(f"{v:.3f}" for v in r2.tolist())
+        for label, _, _, _, want in heads:
+            r2 = 1 - ((got[label] - want) ** 2).mean(0) / want.var(0)
+            line += f", {label} " + " ".join(f"{v:.3f}" for v in r2.tolist())
         print(line, flush=True)
     fit, test = encode(train.images), encode(unseen.images)
     probe = latent_probe((fit[1], np.concatenate(fit, 1), train.params), (test[1], np.concatenate(test, 1), unseen.params))
