@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import copy
 import csv
+import hashlib
 import subprocess
 from pathlib import Path
 
