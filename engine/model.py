@@ -7,9 +7,10 @@ concatenation. Anonymization replaces the identity vector with one drawn from a 
 trained so that the frozen identity head recognises nobody in its samples; a
 counterfactual replaces the medical vector with the prototype of another class.
 
-Beyond the paper, two *privacy* heads read the medical and the other vectors through a
-gradient-reversal layer and try to recognise the patient: the encoder is trained to make
-them fail, which pushes identity out of the slots that anonymization keeps.
+Beyond the paper, two *privacy* heads read the medical and the other vectors and try to
+recognise the patient: the encoder is trained to make them fail (through a
+gradient-reversal layer, or towards a uniform prediction: ``TrainConfig.privacy``), which
+pushes identity out of the slots that anonymization keeps.
 """
 
 from __future__ import annotations

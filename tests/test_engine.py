@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from engine import load_model
 from engine.bundle import BUILTIN_DIR, BundleError
@@ -316,6 +317,21 @@ def test_train_cli_offers_exactly_the_models_generators(tmp_path, capsys):
     assert set(offered.split(",")) == set(GENERATORS)
 
 
+def test_train_cli_offers_exactly_the_privacy_modes(tmp_path):
+    import argparse
+
+    from engine.cli import add_engine_parser
+    from engine.train import PRIVACY_MODES
+
+    parser = argparse.ArgumentParser(prog="casemask")
+    add_engine_parser(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["engine", "train", "--out", str(tmp_path)]).privacy == "reverse"
+    for mode in PRIVACY_MODES:
+        assert parser.parse_args(["engine", "train", "--out", str(tmp_path), "--privacy", mode]).privacy == mode
+    with pytest.raises(SystemExit):
+        parser.parse_args(["engine", "train", "--out", str(tmp_path), "--privacy", "max"])
+
+
 def test_rib_fit_recovers_a_drawn_band_pattern():
     from engine.ribs import fit_ribs
 
@@ -344,11 +360,48 @@ def test_rib_fit_reads_the_synthetic_ribs_without_their_labels():
 def test_training_with_the_rib_fit_teaches_the_latent_the_ribs(tmp_path):
     from engine.train import ResumeError, TrainConfig, train
 
-    cfg = TrainConfig(patients=8, visits=8, val_visits=2, epochs=3, vae_epochs=1, batch_size=16, seed=0, threads=2, width=16, other_dim=32, rib_fit=5.0)
-    train(cfg, tmp_path / "run")
+    cfg = TrainConfig(patients=8, visits=8, val_visits=2, epochs=3, vae_epochs=1, batch_size=16, seed=0, threads=2, width=16, other_dim=32, rib_fit=5.0, privacy="uniform")
+    model = train(cfg, tmp_path / "run")
     s1 = [h for h in json.loads((tmp_path / "run" / "history.json").read_text()) if h["stage"] == 1]
     assert s1[-1]["ribs"] < 0.8 * s1[0]["ribs"]
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["rib_head"] is not None
+    head = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["rib_head"]
+    # The head reads the identity and other vectors only, never the medical one.
+    assert head["weight"].shape == (5, model.cfg.id_dim + model.cfg.other_dim)
     # Resuming with the fit switched off would drop the head mid-training: refused, clearly.
     with pytest.raises(ResumeError, match="rib_fit=5.0"):
         train(dataclasses.replace(cfg, rib_fit=0.0, epochs=4), tmp_path / "run")
+    with pytest.raises(ResumeError, match="privacy='uniform'"):
+        train(dataclasses.replace(cfg, privacy="reverse", epochs=4), tmp_path / "run")
+
+
+def test_uniform_privacy_is_bounded_at_chance_and_leaves_the_heads_to_learn():
+    import math
+
+    from engine.train import _privacy_losses
+
+    torch.manual_seed(0)
+    model = DisentanglementModel(ModelConfig(n_identities=20))
+    m = torch.randn(32, model.cfg.med_dim, requires_grad=True)
+    o = torch.randn(32, model.cfg.other_dim, requires_grad=True)
+    pid = torch.arange(32) % 20
+    heads = [*model.privacy_med.parameters(), *model.privacy_other.parameters()]
+
+    loss, ce = _privacy_losses(model, m, o, pid, "uniform")
+    # What the encoder minimizes beside the heads' own loss is never below chance for the
+    # two heads (2 ln 20): it cannot make them confidently wrong, as reversal can.
+    assert (loss - ce).item() >= 2 * math.log(20) - 1e-5
+    # The heads are trained only to find the patient: their gradients are those of the
+    # cross-entropy alone ...
+    got = torch.autograd.grad(loss, heads, retain_graph=True)
+    want = torch.autograd.grad(ce, heads, retain_graph=True)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(got, want))
+    # ... while the vectors move the heads' prediction towards uniform.
+    def spread(mv, ov):
+        return sum(-(F.softmax(h(v), 1) * F.log_softmax(h(v), 1)).sum(1).mean() for h, v in ((model.privacy_med, mv), (model.privacy_other, ov)))
+
+    gm, go = torch.autograd.grad(loss, (m, o))
+    with torch.no_grad():
+        before, after = spread(m, o), spread(m - 0.5 * gm, o - 0.5 * go)
+    assert after > before
+    with pytest.raises(ValueError, match="privacy must be one of"):
+        _privacy_losses(model, m, o, pid, "max")
