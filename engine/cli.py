@@ -64,7 +64,7 @@ def cmd_train(args) -> int:
         image_size=args.size, patients=args.patients, visits=args.visits, val_visits=args.val_visits,
         seed=args.seed, epochs=args.epochs, vae_epochs=args.vae_epochs, batch_size=args.batch_size,
         device=device, threads=args.threads, generator=args.generator, rib_fit=args.rib_fit,
-        privacy=args.privacy,
+        privacy=args.privacy, disease_guide=args.disease_guide,
     )
     data = None if args.data == "synthetic" else _load_data(args.data, args.size, args.val_visits)
     try:
@@ -157,6 +157,8 @@ def add_engine_parser(sub) -> None:
                     help="weight of a label-free loss that asks the latent for the ribs as a matched-filter fit reads them (0: off)")
     sp.add_argument("--privacy", default="reverse", choices=("reverse", "uniform"),
                     help="reverse: the encoder maximizes the privacy heads' error (gradient reversal); uniform: it makes their prediction uniform (bounded at chance)")
+    sp.add_argument("--disease-guide", type=float, default=0.0, metavar="W",
+                    help="weight of a loss asking generated images to show their disease to a classifier that learns from real images only (0: off)")
     sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     sp.set_defaults(func=cmd_train)
