@@ -89,9 +89,13 @@ def test_fourier_bundle_exports_and_old_bundles_stay_conv(tmp_path):
     assert len(export_all(b, ["reconstruct", "anonymize"])) == 2  # each checked against PyTorch
     assert isinstance(bundle.load(b.path).load_torch().generator, FourierGenerator)
     # model.json written before the generator key existed describes a conv generator.
-    meta = json.loads((BUILTIN_DIR / "reference" / "model.json").read_text())
-    assert "generator" not in meta["model_config"]
-    assert isinstance(load_model("builtin:reference", backend="torch").bundle.load_torch().generator, Generator)
+    c = bundle.save(DisentanglementModel(ModelConfig(image_size=32, width=8, other_dim=8, n_identities=4)).eval(), tmp_path / "c", {"name": "c"})
+    meta = json.loads((c.path / "model.json").read_text())
+    del meta["model_config"]["generator"]
+    (c.path / "model.json").write_text(json.dumps(meta))
+    assert isinstance(bundle.load(c.path).load_torch().generator, Generator)
+    # The shipped reference draws with the fourier generator.
+    assert isinstance(load_model("builtin:reference", backend="torch").bundle.load_torch().generator, FourierGenerator)
 
 
 def test_synthetic_batches_carry_what_drew_each_image():
@@ -330,6 +334,8 @@ def test_train_cli_offers_exactly_the_privacy_modes(tmp_path):
         assert parser.parse_args(["engine", "train", "--out", str(tmp_path), "--privacy", mode]).privacy == mode
     with pytest.raises(SystemExit):
         parser.parse_args(["engine", "train", "--out", str(tmp_path), "--privacy", "max"])
+    assert parser.parse_args(["engine", "train", "--out", str(tmp_path)]).disease_guide == 0.0
+    assert parser.parse_args(["engine", "train", "--out", str(tmp_path), "--disease-guide", "0.5"]).disease_guide == 0.5
 
 
 def test_rib_fit_recovers_a_drawn_band_pattern():
@@ -360,18 +366,34 @@ def test_rib_fit_reads_the_synthetic_ribs_without_their_labels():
 def test_training_with_the_rib_fit_teaches_the_latent_the_ribs(tmp_path):
     from engine.train import ResumeError, TrainConfig, train
 
-    cfg = TrainConfig(patients=8, visits=8, val_visits=2, epochs=3, vae_epochs=1, batch_size=16, seed=0, threads=2, width=16, other_dim=32, rib_fit=5.0, privacy="uniform")
+    cfg = TrainConfig(patients=8, visits=8, val_visits=2, epochs=3, vae_epochs=1, batch_size=16, seed=0, threads=2, width=16, other_dim=32, rib_fit=5.0, privacy="uniform", disease_guide=1.0)
     model = train(cfg, tmp_path / "run")
     s1 = [h for h in json.loads((tmp_path / "run" / "history.json").read_text()) if h["stage"] == 1]
     assert s1[-1]["ribs"] < 0.8 * s1[0]["ribs"]
-    head = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["rib_head"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     # The head reads the identity and other vectors only, never the medical one.
-    assert head["weight"].shape == (5, model.cfg.id_dim + model.cfg.other_dim)
+    assert ckpt["rib_head"]["weight"].shape == (5, model.cfg.id_dim + model.cfg.other_dim)
+    # The disease guide trained beside it and is kept for a resume, outside the bundle.
+    assert ckpt["guide"] is not None and all("guide" in h and "guide_real" in h for h in s1)
+    with pytest.raises(ResumeError, match="disease_guide=1.0"):
+        train(dataclasses.replace(cfg, disease_guide=0.0, epochs=4), tmp_path / "run")
     # Resuming with the fit switched off would drop the head mid-training: refused, clearly.
     with pytest.raises(ResumeError, match="rib_fit=5.0"):
         train(dataclasses.replace(cfg, rib_fit=0.0, epochs=4), tmp_path / "run")
     with pytest.raises(ResumeError, match="privacy='uniform'"):
         train(dataclasses.replace(cfg, privacy="reverse", epochs=4), tmp_path / "run")
+
+
+def test_frozen_modules_pass_gradients_to_their_inputs_only():
+    from engine.train import frozen, guide_classifier
+
+    torch.manual_seed(0)
+    guide = guide_classifier(n_classes=3)
+    x = torch.randn(4, 1, 64, 64, requires_grad=True)
+    F.cross_entropy(frozen(guide, x), torch.tensor([0, 1, 2, 0])).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(w.grad is None for w in guide.parameters())
+    assert guide(x).shape == (4, 3)
 
 
 def test_uniform_privacy_is_bounded_at_chance_and_leaves_the_heads_to_learn():
