@@ -35,6 +35,9 @@ from engine.threads import torch_threads
 log = logging.getLogger(__name__)
 
 
+PRIVACY_MODES = ("reverse", "uniform")
+
+
 class ResumeError(ValueError):
     """The checkpoint in ``out`` was trained with settings this run cannot resume."""
 
@@ -88,6 +91,10 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
 
+    def __post_init__(self) -> None:
+        if self.privacy not in PRIVACY_MODES:
+            raise ValueError(f"privacy must be one of {PRIVACY_MODES}, not {self.privacy!r}")
+
 
 @dataclasses.dataclass
 class Dataset:
@@ -134,8 +141,6 @@ def frozen(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     return functional_call(module, {n: w.detach() for n, w in module.named_parameters()}, args)
 
 
-PRIVACY_MODES = ("reverse", "uniform")
-
 
 def _privacy_losses(model: DisentanglementModel, m: torch.Tensor, o: torch.Tensor, pid: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to minimize, the heads' cross-entropy on the patient) for the privacy heads.
@@ -152,10 +157,7 @@ def _privacy_losses(model: DisentanglementModel, m: torch.Tensor, o: torch.Tenso
     ce = sum(F.cross_entropy(head(v.detach()), pid) for head, v in heads)
     # ... and the encoder, through the heads' weights held fixed, makes their prediction
     # uniform: the cross-entropy against the uniform distribution, at least ln(classes).
-    confusion = sum(
-        -F.log_softmax(frozen(head, v), 1).mean(1).mean()
-        for head, v in heads
-    )
+    confusion = sum(-F.log_softmax(frozen(head, v), 1).mean(1).mean() for head, v in heads)
     return ce + confusion, ce
 
 
@@ -289,8 +291,6 @@ def _train(
     data: tuple[Dataset, Dataset] | None,
     on_epoch: Callable[[str, int, dict[str, float]], None] | None,
 ) -> DisentanglementModel:
-    if cfg.privacy not in PRIVACY_MODES:
-        raise ValueError(f"privacy must be one of {PRIVACY_MODES}, not {cfg.privacy!r}")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
@@ -315,22 +315,15 @@ def _train(
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         saved = ckpt.get("train_config", {})
-        saved_fit, saved_privacy = saved.get("rib_fit", 0.0), saved.get("privacy", "reverse")
-        if bool(saved_fit) != bool(cfg.rib_fit):
-            raise ResumeError(
-                f"{ckpt_path} was trained with rib_fit={saved_fit}, not {cfg.rib_fit}: "
-                "resume with the same --rib-fit, or train into a new folder"
-            )
-        if saved_privacy != cfg.privacy:
-            raise ResumeError(
-                f"{ckpt_path} was trained with privacy={saved_privacy!r}, not {cfg.privacy!r}: "
-                "resume with the same --privacy, or train into a new folder"
-            )
-        if bool(saved.get("disease_guide", 0.0)) != bool(cfg.disease_guide):
-            raise ResumeError(
-                f"{ckpt_path} was trained with disease_guide={saved.get('disease_guide', 0.0)}, not {cfg.disease_guide}: "
-                "resume with the same --disease-guide, or train into a new folder"
-            )
+        # Settings a resume may not change: (name, its value in checkpoints written before
+        # it existed, compared only as on/off).
+        for name, default, on_off in (("rib_fit", 0.0, True), ("privacy", "reverse", False), ("disease_guide", 0.0, True)):
+            was, now = saved.get(name, default), getattr(cfg, name)
+            if (bool(was) != bool(now)) if on_off else (was != now):
+                raise ResumeError(
+                    f"{ckpt_path} was trained with {name}={was!r}, not {now!r}: "
+                    f"resume with the same --{name.replace('_', '-')}, or train into a new folder"
+                )
         if rib_head is not None and ckpt["rib_head"]["weight"].shape != rib_head.weight.shape:
             raise ResumeError(
                 f"{ckpt_path} has a rib head on the whole latent (before it read only the "

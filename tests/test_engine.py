@@ -399,7 +399,7 @@ def test_frozen_modules_pass_gradients_to_their_inputs_only():
 def test_uniform_privacy_is_bounded_at_chance_and_leaves_the_heads_to_learn():
     import math
 
-    from engine.train import _privacy_losses
+    from engine.train import TrainConfig, _privacy_losses
 
     torch.manual_seed(0)
     model = DisentanglementModel(ModelConfig(n_identities=20))
@@ -427,3 +427,5 @@ def test_uniform_privacy_is_bounded_at_chance_and_leaves_the_heads_to_learn():
     assert after > before
     with pytest.raises(ValueError, match="privacy must be one of"):
         _privacy_losses(model, m, o, pid, "max")
+    with pytest.raises(ValueError, match="privacy must be one of"):
+        TrainConfig(privacy="max")
