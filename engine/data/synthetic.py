@@ -201,21 +201,30 @@ class SyntheticPatients:
     def iter_batches(self, patients_per_batch: int = 256) -> Iterator[Batch]:
         """Yield batches of whole patients (every visit of each), in patient order."""
         for start in range(0, self.n_patients, patients_per_batch):
-            pids = np.arange(start, min(start + patients_per_batch, self.n_patients))
-            anats = [self.anatomy(int(p)) for p in pids]
-            rep = np.repeat(np.arange(len(pids)), self.visits)
-            stacked = {k: v[rep] for k, v in _stack(anats).items()}
-            visit_rng = np.random.default_rng([self.seed, 2, start])
-            labels = visit_rng.integers(0, len(CLASSES), size=rep.shape[0])
-            params = {k: v.reshape(v.shape[0], -1)[:, 0] for k, v in stacked.items() if v.size == v.shape[0]}
-            images = render(stacked, labels, visit_rng, self.size, record=params)
-            yield Batch(
-                images=images,
-                patient_ids=pids[rep].astype(np.int64),
-                labels=labels.astype(np.int64),
-                visits=np.tile(np.arange(self.visits), len(pids)).astype(np.int64),
-                params=params,
-            )
+            yield self.patients(start, min(start + patients_per_batch, self.n_patients))
+
+    def patients(self, start: int, stop: int) -> Batch:
+        """Every visit of patients ``start`` to ``stop - 1``.
+
+        The visits' draws are seeded by ``start``: a block is the same image for image as
+        in :meth:`iter_batches` when it starts where a batch of it starts (so blocks of
+        256 patients, made in parallel, concatenate to :meth:`batch`).
+        """
+        pids = np.arange(start, stop)
+        anats = [self.anatomy(int(p)) for p in pids]
+        rep = np.repeat(np.arange(len(pids)), self.visits)
+        stacked = {k: v[rep] for k, v in _stack(anats).items()}
+        visit_rng = np.random.default_rng([self.seed, 2, start])
+        labels = visit_rng.integers(0, len(CLASSES), size=rep.shape[0])
+        params = {k: v.reshape(v.shape[0], -1)[:, 0] for k, v in stacked.items() if v.size == v.shape[0]}
+        images = render(stacked, labels, visit_rng, self.size, record=params)
+        return Batch(
+            images=images,
+            patient_ids=pids[rep].astype(np.int64),
+            labels=labels.astype(np.int64),
+            visits=np.tile(np.arange(self.visits), len(pids)).astype(np.int64),
+            params=params,
+        )
 
     def batch(self) -> Batch:
         """Every image of the population in one batch."""
