@@ -32,7 +32,7 @@ def highpass(x: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     """The image minus its Gaussian blur (sigma in pixels of a 64x64 image, scaled)."""
     sigma = sigma * x.shape[-1] / 64
     r = max(1, int(3 * sigma))
-    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
     b = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
@@ -44,18 +44,19 @@ def highpass(x: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
 def fit_ribs(images: np.ndarray | torch.Tensor, grid=GRID, chunk: int = 256, batch: int = 1024) -> np.ndarray:
     """(N, 1, S, S) images -> (N, 5) float32: frequency, curvature, tilt, cos(phi), sin(phi)."""
     x = torch.as_tensor(images, dtype=torch.float32)
+    dev = x.device  # a CUDA tensor is fitted on its GPU
     s = x.shape[-1]
-    g = torch.linspace(-1.0, 1.0, s)
+    g = torch.linspace(-1.0, 1.0, s, device=dev)
     v, u = (t.flatten() for t in torch.meshgrid(g, g, indexing="ij"))
-    ws, cs, ts = (torch.as_tensor(a, dtype=torch.float32) for a in grid)
+    ws, cs, ts = (torch.as_tensor(a, dtype=torch.float32, device=dev) for a in grid)
     w, c, t = (a.flatten() for a in torch.meshgrid(ws, cs, ts, indexing="ij"))
     out = []
     for start in range(0, len(x), batch):
         h = highpass(x[start : start + batch, :1]).flatten(1)
         n = len(h)
-        best = torch.full((n,), -1.0)
-        arg = torch.zeros(n, dtype=torch.long)
-        re, im = torch.zeros(n), torch.zeros(n)
+        best = torch.full((n,), -1.0, device=dev)
+        arg = torch.zeros(n, dtype=torch.long, device=dev)
+        re, im = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
         for i in range(0, len(w), chunk):
             phase = w[i : i + chunk, None] * (v + c[i : i + chunk, None] * u * u) + t[i : i + chunk, None] * u
             a, b = h @ torch.cos(phase).T, h @ torch.sin(phase).T
@@ -68,4 +69,4 @@ def fit_ribs(images: np.ndarray | torch.Tensor, grid=GRID, chunk: int = 256, bat
         # h ~ A cos(P + phi) correlates with cos(P) as A cos(phi) and with sin(P) as -A sin(phi).
         phi = torch.atan2(-im, re)
         out.append(torch.stack([w[arg], c[arg], t[arg], torch.cos(phi), torch.sin(phi)], 1))
-    return torch.cat(out).numpy().astype(np.float32)
+    return torch.cat(out).cpu().numpy().astype(np.float32)

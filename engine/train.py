@@ -368,7 +368,7 @@ def _train(
     steps = n // cfg.batch_size
     rib_targets = None
     if rib_head is not None:
-        fitted = torch.from_numpy(fit_ribs(train_data.images))
+        fitted = torch.from_numpy(fit_ribs(x_all))  # on the training device
         rib_targets = ((fitted - fitted.mean(0)) / fitted.std(0).clamp_min(1e-6)).to(device)
     if start_epoch:
         # The optimizer state carries the learning rate of the epoch it stopped at; the
