@@ -202,29 +202,71 @@ def latent_probe(fit: tuple[np.ndarray, np.ndarray, dict], test: tuple[np.ndarra
     }
 
 
-def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None) -> dict:
-    """Run the protocol; writes out/report.json, out/report.md and out/grid.png."""
+@dataclasses.dataclass
+class Evaluators:
+    """The two evaluator networks of a population: they depend on the evaluation's
+    settings (and the number of threads they were trained with), never on the model, so
+    one pair can judge several models alike."""
+
+    identity: EvaluatorNet
+    disease: EvaluatorNet
+
+    def save(self, path: Path) -> None:
+        torch.save({"identity": self.identity.state_dict(), "disease": self.disease.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path: Path, cfg: EvalConfig, size: int) -> Evaluators:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        nets = EvaluatorNet(size, cfg.patients), EvaluatorNet(size, len(CLASSES))
+        for net, key in zip(nets, ("identity", "disease")):
+            net.load_state_dict(state[key])
+            net.eval()
+        return cls(*nets)
+
+
+def _populations(cfg: EvalConfig, size: int):
+    pop = SyntheticPatients(cfg.patients, cfg.visits, size, cfg.seed).batch()
+    dis = SyntheticPatients(cfg.disease_patients, cfg.disease_visits, size, cfg.seed + 7919).batch()
+    return pop, dis, pop.visits >= cfg.visits - cfg.held_out
+
+
+def train_evaluators(cfg: EvalConfig, size: int) -> Evaluators:
+    """Train the identity and disease evaluators of ``cfg``'s populations."""
+    with torch_threads(cfg.threads):
+        return _train_evaluators(cfg, *_populations(cfg, size))
+
+
+def _train_evaluators(cfg: EvalConfig, pop, dis, held: np.ndarray) -> Evaluators:
+    log.info("training the identity evaluator on %d images of %d patients", int((~held).sum()), cfg.patients)
+    id_net = train_evaluator(pop.images[~held], pop.patient_ids[~held], cfg.patients, cfg.epochs, cfg.seed)
+    log.info("training the disease evaluator on %d images of a separate population", len(dis.images))
+    dis_net = train_evaluator(dis.images, dis.labels, len(CLASSES), max(4, cfg.epochs // 3), cfg.seed + 1)
+    return Evaluators(id_net, dis_net)
+
+
+def evaluate(model: Model, out: Path, cfg: EvalConfig | None = None, evaluators: Evaluators | None = None) -> dict:
+    """Run the protocol; writes out/report.json, out/report.md and out/grid.png.
+
+    ``evaluators``: from :func:`train_evaluators` with the same ``cfg``, to judge several
+    models without training the evaluators again; trained here when not given.
+    """
     cfg = cfg or EvalConfig()
     with torch_threads(cfg.threads):
-        return _evaluate(model, out, cfg)
+        return _evaluate(model, out, cfg, evaluators)
 
 
-def _evaluate(model: Model, out: Path, cfg: EvalConfig) -> dict:
+def _evaluate(model: Model, out: Path, cfg: EvalConfig, evaluators: Evaluators | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     size = model.image_size
     train_seed = model.bundle.meta.get("training", {}).get("seed")
     if train_seed is not None and int(train_seed) == cfg.seed:
         raise ValueError(f"evaluation seed {cfg.seed} is the model's training seed; pick another")
-    pop = SyntheticPatients(cfg.patients, cfg.visits, size, cfg.seed).batch()
-    held = pop.visits >= cfg.visits - cfg.held_out
-    x_tr, p_tr = pop.images[~held], pop.patient_ids[~held]
+    pop, dis, held = _populations(cfg, size)
     x, p, y = pop.images[held], pop.patient_ids[held], pop.labels[held]
-    dis = SyntheticPatients(cfg.disease_patients, cfg.disease_visits, size, cfg.seed + 7919).batch()
-    log.info("training the identity evaluator on %d images of %d patients", len(x_tr), cfg.patients)
-    id_net = train_evaluator(x_tr, p_tr, cfg.patients, cfg.epochs, cfg.seed)
-    log.info("training the disease evaluator on %d images of a separate population", len(dis.images))
-    dis_net = train_evaluator(dis.images, dis.labels, len(CLASSES), max(4, cfg.epochs // 3), cfg.seed + 1)
+    if evaluators is None:
+        evaluators = _train_evaluators(cfg, pop, dis, held)
+    id_net, dis_net = evaluators.identity, evaluators.disease
 
     rec = model.reconstruct(x)
     anon = model.anonymize(x, seed=cfg.seed)
