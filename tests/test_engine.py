@@ -26,6 +26,16 @@ def test_generator_is_deterministic_per_seed():
     assert a.images.shape == (15, 1, 64, 64)
 
 
+def test_blocks_of_patients_made_apart_concatenate_to_the_whole_population():
+    ds = SyntheticPatients(300, 2, 32, seed=3)
+    whole = ds.batch()
+    parts = [ds.patients(0, 256), ds.patients(256, 300)]  # as parallel workers would make them
+    assert np.array_equal(np.concatenate([p.images for p in parts]), whole.images)
+    assert np.array_equal(np.concatenate([p.labels for p in parts]), whole.labels)
+    assert np.array_equal(np.concatenate([p.patient_ids for p in parts]), whole.patient_ids)
+    assert parts[1].patient_ids.min() == 256 and len(parts[1].images) == 44 * 2
+
+
 def test_patient_anatomy_is_stable_and_distinct():
     small, big = SyntheticPatients(3, 2, 64, seed=1), SyntheticPatients(9, 5, 64, seed=1)
     for k in range(3):
@@ -255,6 +265,24 @@ def test_evaluation_repeats_itself_and_records_its_thread_count(tmp_path):
         assert a[key] == b[key], key
 
 
+def test_shared_evaluators_judge_a_model_as_its_own_would(tmp_path, monkeypatch):
+    from engine import evaluate as ev
+
+    m = load_model("builtin:reference", backend="torch")
+    cfg = ev.EvalConfig(seed=4244, patients=5, visits=3, held_out=1, disease_patients=9, disease_visits=2, epochs=2, threads=1)
+    ev.train_evaluators(cfg, m.image_size).save(tmp_path / "evaluators.pt")
+    shared = ev.Evaluators.load(tmp_path / "evaluators.pt", cfg, m.image_size)
+    own = ev.evaluate(m, tmp_path / "own", cfg)
+
+    def no_training(*args):
+        raise AssertionError("evaluators were given: none should be trained")
+
+    monkeypatch.setattr(ev, "_train_evaluators", no_training)
+    given = ev.evaluate(m, tmp_path / "given", cfg, evaluators=shared)
+    for key in ("reid_top1_original", "reid_top1_anonymized", "verification_auc_anonymized", "disease_acc_original", "disease_acc_anonymized", "counterfactual_flip_rate"):
+        assert own[key] == given[key], key
+
+
 def test_evaluation_refuses_the_training_seed(tmp_path):
     from engine.evaluate import EvalConfig, evaluate
 
@@ -361,6 +389,17 @@ def test_rib_fit_reads_the_synthetic_ribs_without_their_labels():
     assert np.corrcoef(fit[:, 0], freq)[0, 1] > 0.85
     assert np.corrcoef(fit[:, 1], b.params["rib_curv"])[0, 1] > 0.6
     assert np.corrcoef(fit[:, 3], np.cos(b.params["rib_phase_image"]))[0, 1] > 0.7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_rib_fit_on_cuda_reads_what_the_cpu_reads():
+    from engine.ribs import fit_ribs
+
+    b = SyntheticPatients(20, 3, 64, seed=9).batch()
+    cpu, gpu = fit_ribs(b.images), fit_ribs(torch.from_numpy(b.images).cuda())
+    # The grid search may pick a neighbouring grid point where two are nearly tied.
+    assert np.mean(np.abs(cpu[:, 0] - gpu[:, 0]) <= 1.0) >= 0.95
+    assert np.mean(np.cos(np.arctan2(cpu[:, 4], cpu[:, 3]) - np.arctan2(gpu[:, 4], gpu[:, 3])) > 0.9) >= 0.95
 
 
 def test_training_with_the_rib_fit_teaches_the_latent_the_ribs(tmp_path):
