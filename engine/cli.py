@@ -50,22 +50,29 @@ def _load_data(spec: str, size: int, val_visits: int):
     return to(~val), to(val)
 
 
-def cmd_train(args) -> int:
-    from engine import bundle
-    from engine.data import CLASSES
-    from engine.train import ResumeError, TrainConfig, train
+def train_config(args):
+    """The :class:`engine.train.TrainConfig` that ``casemask engine train`` ARGS asks for."""
+    from engine.train import TrainConfig
 
     device = args.device
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = TrainConfig(
+    return TrainConfig(
         image_size=args.size, patients=args.patients, visits=args.visits, val_visits=args.val_visits,
         seed=args.seed, epochs=args.epochs, vae_epochs=args.vae_epochs, batch_size=args.batch_size,
         device=device, threads=args.threads, generator=args.generator, rib_fit=args.rib_fit,
-        privacy=args.privacy, disease_guide=args.disease_guide,
+        privacy=args.privacy, disease_guide=args.disease_guide, width=args.width, ssim_weight=args.ssim_weight,
     )
+
+
+def cmd_train(args) -> int:
+    from engine import bundle
+    from engine.data import CLASSES
+    from engine.train import ResumeError, train
+
+    cfg = train_config(args)
     data = None if args.data == "synthetic" else _load_data(args.data, args.size, args.val_visits)
     try:
         model = train(cfg, Path(args.out), data=data)
@@ -152,13 +159,15 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--seed", type=int, default=0, help="training is deterministic per seed")
     sp.add_argument("--generator", default="conv", choices=("conv", "fourier"),
-                    help="conv: upsampling convolutions (the reference model's); fourier: latent-modulated, with quadratic-phase sinusoids")
+                    help="conv: upsampling convolutions; fourier (the reference model's): latent-modulated, with quadratic-phase sinusoids")
     sp.add_argument("--rib-fit", type=float, default=0.0, metavar="W",
                     help="weight of a label-free loss that asks the latent for the ribs as a matched-filter fit reads them (0: off)")
     sp.add_argument("--privacy", default="reverse", choices=("reverse", "uniform"),
                     help="reverse: the encoder maximizes the privacy heads' error (gradient reversal); uniform: it makes their prediction uniform (bounded at chance)")
     sp.add_argument("--disease-guide", type=float, default=0.0, metavar="W",
                     help="weight of a loss asking generated images to show their disease to a classifier that learns from real images only (0: off)")
+    sp.add_argument("--width", type=int, default=24, help="channels of the first encoder layer (the network's width)")
+    sp.add_argument("--ssim-weight", type=float, default=5.0, metavar="W", help="weight of 1 - SSIM in the reconstruction loss, beside L1")
     sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     sp.set_defaults(func=cmd_train)

@@ -349,6 +349,22 @@ def test_train_cli_offers_exactly_the_models_generators(tmp_path, capsys):
     assert set(offered.split(",")) == set(GENERATORS)
 
 
+def test_train_cli_reaches_the_reference_recipe(tmp_path):
+    import argparse
+
+    from engine.cli import add_engine_parser, train_config
+    from engine.tools.make_reference import REFERENCE
+
+    parser = argparse.ArgumentParser(prog="casemask")
+    add_engine_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "engine", "train", "--out", str(tmp_path), "--patients", "1000", "--visits", "24", "--epochs", "8",
+        "--vae-epochs", "20", "--batch-size", "64", "--width", "32", "--ssim-weight", "10", "--generator", "fourier",
+        "--rib-fit", "10", "--privacy", "uniform", "--disease-guide", "1", "--threads", "2",
+    ])
+    assert train_config(args) == REFERENCE
+
+
 def test_train_cli_offers_exactly_the_privacy_modes(tmp_path):
     import argparse
 
