@@ -484,3 +484,35 @@ def test_uniform_privacy_is_bounded_at_chance_and_leaves_the_heads_to_learn():
         _privacy_losses(model, m, o, pid, "max")
     with pytest.raises(ValueError, match="privacy must be one of"):
         TrainConfig(privacy="max")
+
+
+def test_sweep_trains_and_judges_each_variant_with_one_pair_of_evaluators(tmp_path, capsys):
+    from engine.evaluate import TARGETS
+    from engine.tools import sweep
+
+    variants = {"tiny": {"patients": 5, "visits": 2, "val_visits": 1, "batch_size": 5, "width": 8, "other_dim": 8}}
+    (tmp_path / "v.json").write_text(json.dumps(variants))
+    tiny_eval = {"patients": 4, "visits": 3, "held_out": 1, "disease_patients": 6, "disease_visits": 2, "epochs": 1, "threads": 1}
+    rc = sweep.main(["--variants", str(tmp_path / "v.json"), "--out", str(tmp_path / "out"), "--epochs", "1", "--vae-seconds", "0.01",
+                     "--calibration-steps", "2", "--device", "cpu", "--workers", "1", "--budget", "300", "--eval", json.dumps(tiny_eval)])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "reports.json").read_text())["tiny"]
+    assert set(TARGETS) <= set(report) and report["sweep"]["epochs"] == 1
+    assert report["population"]["patients"] == 4  # judged by the evaluation asked for
+    trained = json.loads((tmp_path / "out" / "tiny" / "bundle" / "model.json").read_text())["training"]
+    assert (trained["patients"], trained["width"], trained["generator"], trained["disease_guide"]) == (5, 8, "fourier", 1.0)  # over the reference recipe
+    m = load_model(tmp_path / "out" / "tiny" / "bundle", backend="torch")
+    assert m.anonymize(SyntheticPatients(1, 2, 64, seed=3).batch().images, seed=0).shape == (2, 1, 64, 64)
+    assert "tiny: " in capsys.readouterr().out and (tmp_path / "out" / "evaluators.pt").exists()
+
+
+def test_sweep_refuses_what_is_not_a_recipe(tmp_path):
+    from engine.tools import sweep
+
+    with pytest.raises(ValueError, match="not TrainConfig fields: widht"):
+        sweep.recipe({"widht": 32}, "cpu")
+    with pytest.raises(ValueError, match="every variant runs on --device"):
+        sweep.recipe({"device": "cuda"}, "cpu")
+    (tmp_path / "v.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no variants"):
+        sweep.main(["--variants", str(tmp_path / "v.json"), "--out", str(tmp_path / "out")])
