@@ -1,5 +1,9 @@
-"""A model bundle: a directory with ``model.json`` (metadata), ``weights.pt`` and, after
-export, ``onnx/<graph>.onnx``; TensorRT plans are cached under ``plans/``.
+"""A model bundle: a directory with ``model.json`` (metadata) and ``weights.pt``.
+
+ONNX exports are made on first use (or by ``casemask engine export``) into ``onnx/``, named
+``<graph>.<digest>.onnx`` after the weights they were made from, so a bundle whose weights
+change never runs an old export; TensorRT plans are cached under ``plans/``. Where the
+bundle is read-only, both go to ``~/.cache/casemask`` (``CASEMASK_CACHE``).
 
 ``builtin:reference`` is the bundle shipped in ``engine/bundles/reference``.
 """
@@ -7,6 +11,7 @@ export, ``onnx/<graph>.onnx``; TensorRT plans are cached under ``plans/``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +49,7 @@ def resolve(name_or_path: str | Path) -> Path:
 class Bundle:
     path: Path
     meta: dict
+    _digest: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def config(self) -> ModelConfig:
@@ -53,8 +59,19 @@ class Bundle:
     def image_size(self) -> int:
         return int(self.meta["model_config"]["image_size"])
 
-    def onnx_path(self, graph: str) -> Path:
-        return self.path / "onnx" / f"{graph}.onnx"
+    def weights_digest(self) -> str:
+        """The first 16 hex digits of the SHA-256 of ``weights.pt``."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            with open(self.path / "weights.pt", "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            self._digest = h.hexdigest()[:16]
+        return self._digest
+
+    def export_path(self, graph: str, half: bool = False) -> Path:
+        """Where the ONNX export of ``graph`` for these weights is (or will be) written."""
+        return self.writable_dir("onnx") / f"{graph}{'.fp16' if half else ''}.{self.weights_digest()}.onnx"
 
     def writable_dir(self, sub: str) -> Path:
         """A folder for exports or plans: inside the bundle when writable, else a cache."""

@@ -49,9 +49,8 @@ def random_feed(specs: list[TensorSpec], batch: int, seed: int = 0) -> dict[str,
 
 
 def export_graph(bundle: Bundle, graph: str, model: torch.nn.Module | None = None, check: bool = True, atol: float = 1e-4, half: bool = False) -> Path:
-    """Export one graph to ``bundle/onnx/<graph>.onnx`` (``<graph>.fp16.onnx`` with
-    ``half``: float16 weights, inputs and outputs, for TensorRT's strongly typed
-    networks); returns the path.
+    """Export one graph to :meth:`Bundle.export_path` (``half``: float16 weights, inputs and
+    outputs, for TensorRT's strongly typed networks); returns the path.
 
     Raises:
         RuntimeError: the export fails the checker or disagrees with PyTorch beyond ``atol``.
@@ -64,8 +63,7 @@ def export_graph(bundle: Bundle, graph: str, model: torch.nn.Module | None = Non
     module = GRAPHS[graph](copy.deepcopy(model).half() if half else model).eval()
     inputs, outputs = graph_specs(bundle, graph)
     example = tuple(torch.from_numpy(v).half() if half else torch.from_numpy(v) for v in random_feed(inputs, 2).values())
-    out_dir = bundle.writable_dir("onnx")
-    path = out_dir / f"{graph}{'.fp16' if half else ''}.onnx"
+    path = bundle.export_path(graph, half)
     check = check and not half  # ONNX Runtime's CPU provider lacks float16 kernels for some ops
     tmp = path.with_suffix(".tmp.onnx")
     dynamic = {s.name: {0: "batch"} for s in inputs + outputs}

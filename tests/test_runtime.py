@@ -47,6 +47,33 @@ def test_export_is_checked_and_onnxruntime_matches_torch_fp32(bundle, graph):
         assert np.abs(got[spec.name] - want).max() <= FP32_ATOL
 
 
+def test_an_export_never_outlives_the_weights_it_was_made_from(tmp_path):
+    from engine.model import DisentanglementModel, ModelConfig
+
+    cfg = ModelConfig(image_size=32, width=8, other_dim=8, n_identities=4)
+    torch.manual_seed(0)
+    first = bundles.save(DisentanglementModel(cfg).eval(), tmp_path / "b", {"name": "b"})
+    r, _ = make_runner(first, "reconstruct", "onnxruntime")  # exported on first use
+    old = first.export_path("reconstruct")
+    assert old.exists() and old.parent == tmp_path / "b" / "onnx" and first.weights_digest() in old.name
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 1, 32, 32)).astype(np.float32)
+    with r:
+        before = r.infer({"image": x})["output"]
+    # New weights arrive beside the old export (as an update of a checkout would bring
+    # them, where exports are not tracked): they get their own export, never the old one.
+    torch.manual_seed(1)
+    other = bundles.save(DisentanglementModel(cfg).eval(), tmp_path / "c", {"name": "b"})
+    for name in ("weights.pt", "model.json"):
+        shutil.copy(other.path / name, tmp_path / "b" / name)
+    second = bundles.load(tmp_path / "b")
+    assert old.exists() and second.export_path("reconstruct") != old
+    r, _ = make_runner(second, "reconstruct", "onnxruntime")
+    with r:
+        after = r.infer({"image": x})["output"]
+    want = torch_reference(second, "reconstruct", {"image": x})[0]
+    assert np.abs(after - want).max() <= FP32_ATOL and not np.allclose(after, before, atol=1e-3)
+
+
 def test_runner_checks_inputs(bundle):
     r, _ = make_runner(bundle, "reconstruct", "torch")
     with pytest.raises(RunnerError, match="not active"):

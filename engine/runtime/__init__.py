@@ -75,13 +75,13 @@ def make_runner(bundle: Bundle, graph: str, backend: str = "auto", max_batch: in
         module = GRAPHS[graph](model or bundle.load_torch())
         device = "cuda" if b == "torch-cuda" else "cpu"
         return TorchRunner(module, inputs, outputs, device=device, compile=b == "torch-compile", max_batch=max_batch), choice
-    onnx = bundle.onnx_path(graph)
+    onnx = bundle.export_path(graph)
     if not onnx.exists():
         onnx = export_graph(bundle, graph, model)
     if b == "tensorrt":
 
         def fp16_onnx():
-            path = bundle.onnx_path(graph).with_name(f"{graph}.fp16.onnx")
+            path = bundle.export_path(graph, half=True)
             return path if path.exists() else export_graph(bundle, graph, model, half=True)
 
         return TensorRTRunner(onnx, inputs, outputs, cache_dir=bundle.writable_dir("plans"), profile=trt_profile, fp16_onnx=fp16_onnx), choice
