@@ -13,8 +13,8 @@ weights; on the CPU the recipe is deterministic but slow (4.5 s a step on 2 core
 4 hours).
 
 Then it writes the bundle and runs the evaluation protocol on patients it never saw
-(seed 1000, 2 CPU threads) and stores the metrics in the bundle's model.json. The shipped
-ONNX files come after: ``casemask engine export --model builtin:reference``.
+(seed 1000, 2 CPU threads) and stores the metrics in the bundle's model.json. ONNX
+exports are not shipped: they are made on first use, or by ``casemask engine export``.
 """
 
 from __future__ import annotations
