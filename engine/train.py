@@ -111,11 +111,14 @@ def synthetic_split(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
     return to(~val), to(val)
 
 
-def _progress(prefix: str, i: int, n: int, stats: dict[str, float], stream=sys.stderr) -> None:
-    if not stream.isatty() and i != n:
+def _progress(prefix: str, i: int, n: int, sums: dict, stream=sys.stderr) -> None:
+    """A progress bar with the mean of ``sums`` (totals over ``i`` steps, floats or 0-d
+    tensors) after step ``i`` of ``n``: at the end, and on a terminal every 1% of the way
+    (reading a tensor waits for the device)."""
+    if i != n and not (stream.isatty() and i % max(1, n // 100) == 0):
         return
     bar = "#" * int(30 * i / n)
-    text = " ".join(f"{k}={v:.3f}" for k, v in stats.items())
+    text = " ".join(f"{k}={float(v) / i:.3f}" for k, v in sums.items())
     stream.write(f"\r{prefix} [{bar:<30}] {i}/{n} {text}")
     if i == n:
         stream.write("\n")
@@ -173,7 +176,9 @@ def stage1_step(
     ribs: tuple[nn.Module, torch.Tensor] | None = None,
     guide: nn.Module | None = None,
 ) -> dict[str, float]:
-    """One optimisation step of stage 1 on a batch; returns the loss terms.
+    """One optimisation step of stage 1 on a batch; returns the loss terms as detached
+    0-d tensors (reading one, ``.item()``, waits for the device: the training loop sums
+    them where they are and reads them once an epoch, so a GPU runs ahead of Python).
 
     ``ramp`` (0 to 1) scales the swap, privacy and adversarial terms: starting them at
     full weight lets the encoder satisfy swap consistency with constant vectors.
@@ -215,7 +220,7 @@ def stage1_step(
         head, target = ribs
         l_ribs = F.mse_loss(head(torch.cat([i, o], 1)), target)
         loss = loss + cfg.rib_fit * l_ribs
-        stats["ribs"] = l_ribs.item()
+        stats["ribs"] = l_ribs.detach()
     if guide is not None:
         l_guide_real = F.cross_entropy(guide(x), y)
         # The swaps join as the other swap terms do (``ramp``): early swaps are not images.
@@ -223,7 +228,7 @@ def stage1_step(
             F.cross_entropy(frozen(guide, x_id), y) + F.cross_entropy(frozen(guide, x_md), y[perm])
         )
         loss = loss + l_guide_real + cfg.disease_guide * l_guide
-        stats["guide_real"], stats["guide"] = l_guide_real.item(), l_guide.item()
+        stats["guide_real"], stats["guide"] = l_guide_real.detach(), l_guide.detach()
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
@@ -234,7 +239,7 @@ def stage1_step(
     opt_d.zero_grad(set_to_none=True)
     l_d.backward()
     opt_d.step()
-    return {"rec": l_rec.item(), "ssim": 1.0 - l_ssim.item(), "cls": l_cls.item(), "swap": l_swap.item(), "priv": priv_ce.item(), **stats}
+    return {"rec": l_rec.detach(), "ssim": 1.0 - l_ssim.detach(), "cls": l_cls.detach(), "swap": l_swap.detach(), "priv": priv_ce.detach(), **stats}
 
 
 @torch.no_grad()
@@ -263,7 +268,7 @@ def stage2_step(model: DisentanglementModel, ident: torch.Tensor, opt: torch.opt
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return {"vae_rec": l_rec.item(), "kl": l_kl.item(), "negent": l_ent.item()}
+    return {"vae_rec": l_rec.detach(), "kl": l_kl.detach(), "negent": l_ent.detach()}
 
 
 @torch.no_grad()
@@ -393,10 +398,10 @@ def _train(
             ribs = (rib_head, rib_targets[idx]) if rib_targets is not None else None
             stats = stage1_step(model, x_all[idx], p_all[idx], y_all[idx], opt_g, opt_d, cfg, ramp, ribs, guide)
             sched.step()
-            acc = {key: acc.get(key, 0.0) + v for key, v in stats.items()}
-            _progress(f"stage 1 epoch {epoch + 1}/{cfg.epochs}", k + 1, steps, {k2: v / (k + 1) for k2, v in acc.items()})
+            acc = {key: acc.get(key, 0.0) + v.double() for key, v in stats.items()}
+            _progress(f"stage 1 epoch {epoch + 1}/{cfg.epochs}", k + 1, steps, acc)
         entry = {"stage": 1, "epoch": epoch + 1, "seconds": round(time.time() - t0, 1)}
-        entry.update({k: v / steps for k, v in acc.items()})
+        entry.update({k: float(v) / steps for k, v in acc.items()})
         entry.update(validate(model, Dataset(val_data.images.to(device), val_data.patient_ids.to(device), val_data.labels.to(device))))
         history.append(entry)
         log.info("stage 1 epoch %d: %s", epoch + 1, entry)
@@ -421,8 +426,8 @@ def _train(
         acc = {}
         for k in range(steps):
             stats = stage2_step(model, idents[order[k * cfg.batch_size : (k + 1) * cfg.batch_size]], opt_v, cfg)
-            acc = {key: acc.get(key, 0.0) + v for key, v in stats.items()}
-        entry = {"stage": 2, "epoch": vepoch + 1, **{k: v / steps for k, v in acc.items()}}
+            acc = {key: acc.get(key, 0.0) + v.double() for key, v in stats.items()}
+        entry = {"stage": 2, "epoch": vepoch + 1, **{k: float(v) / steps for k, v in acc.items()}}
         history.append(entry)
         _progress(f"stage 2 epoch {vepoch + 1}/{cfg.vae_epochs}", 1, 1, {k: v for k, v in entry.items() if k not in ("stage", "epoch")})
         save(cfg.epochs, vepoch + 1)  # before the callback: an epoch it interrupts is kept
