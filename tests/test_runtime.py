@@ -74,6 +74,17 @@ def test_an_export_never_outlives_the_weights_it_was_made_from(tmp_path):
     assert np.abs(after - want).max() <= FP32_ATOL and not np.allclose(after, before, atol=1e-3)
 
 
+def test_torch_runner_passes_a_failing_model_s_own_error_on(bundle):
+    inputs, outputs = graph_specs(bundle, "anonymize")
+
+    class Broken(torch.nn.Module):
+        def forward(self, image, noise):
+            raise RuntimeError("the model itself failed")
+
+    with TorchRunner(Broken(), inputs, outputs) as r, pytest.raises(RuntimeError, match="the model itself failed"):
+        r.infer(random_feed(inputs, 2, seed=1))
+
+
 def test_runner_checks_inputs(bundle):
     r, _ = make_runner(bundle, "reconstruct", "torch")
     with pytest.raises(RunnerError, match="not active"):

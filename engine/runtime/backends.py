@@ -6,6 +6,8 @@ did not pick a faster one.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import logging
@@ -55,24 +57,32 @@ class TorchRunner(Runner):
             self._mod = self._mod.half()
         self._fn = torch.compile(self._mod) if self.compile else self._mod
 
+    @contextlib.contextmanager
+    def _float32(self):
+        """On CUDA in float32, convolutions without TF32. cuDNN uses TF32 (10 mantissa bits)
+        by default on Ampere and later: on an H100 the reference anonymizer then differed
+        from the CPU by 1.5e-3. float32 here means float32; ``half`` is the fast mode."""
+        cudnn = self._torch.backends.cudnn
+        if self.half or not self.device.startswith("cuda"):
+            yield
+            return
+        was = cudnn.allow_tf32
+        cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            cudnn.allow_tf32 = was
+
     def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
-        # cuDNN runs float32 convolutions in TF32 by default on Ampere and later (10 mantissa
-        # bits): on an H100 the reference anonymizer then differed from the CPU by 1.5e-3.
-        # float32 here means float32; fp16 (``half``) is the fast mode.
-        tf32 = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = tf32 and self.half
-        try:
-            with torch.inference_mode():
-                args = []
-                for spec in self.inputs:
-                    t = torch.from_numpy(feed[spec.name]).to(self.device)
-                    args.append(t.half() if self.half and t.is_floating_point() else t)
-                out = self._fn(*args)
-        finally:
-            torch.backends.cudnn.allow_tf32 = tf32
-            outs = out if isinstance(out, tuple) else (out,)
-            return {s.name: o.float().cpu().numpy() for s, o in zip(self.outputs, outs)}
+        with torch.inference_mode(), self._float32():
+            args = []
+            for spec in self.inputs:
+                t = torch.from_numpy(feed[spec.name]).to(self.device)
+                args.append(t.half() if self.half and t.is_floating_point() else t)
+            out = self._fn(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        return {s.name: o.float().cpu().numpy() for s, o in zip(self.outputs, outs)}
 
     def describe(self) -> str:
         return f"torch{' compiled' if self.compile else ' eager'}{' fp16' if self.half else ''} on {self.device}"
