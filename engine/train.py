@@ -103,9 +103,10 @@ class Dataset:
     labels: torch.Tensor
 
 
-def synthetic_split(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
-    """Training and validation visits of the same synthetic patients."""
-    b = SyntheticPatients(cfg.patients, cfg.visits + cfg.val_visits, cfg.image_size, cfg.seed).batch()
+def synthetic_split(cfg: TrainConfig, workers: int = 0) -> tuple[Dataset, Dataset]:
+    """Training and validation visits of the same synthetic patients (made by ``workers``
+    processes when > 1)."""
+    b = SyntheticPatients(cfg.patients, cfg.visits + cfg.val_visits, cfg.image_size, cfg.seed).batch(workers)
     val = b.visits >= cfg.visits
     to = lambda m: Dataset(torch.from_numpy(b.images[m]), torch.from_numpy(b.patient_ids[m]), torch.from_numpy(b.labels[m]))  # noqa: E731
     return to(~val), to(val)
@@ -175,7 +176,7 @@ def stage1_step(
     ramp: float = 1.0,
     ribs: tuple[nn.Module, torch.Tensor] | None = None,
     guide: nn.Module | None = None,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """One optimisation step of stage 1 on a batch; returns the loss terms as detached
     0-d tensors (reading one, ``.item()``, waits for the device: the training loop sums
     them where they are and reads them once an epoch, so a GPU runs ahead of Python).
@@ -258,7 +259,7 @@ def validate(model: DisentanglementModel, data: Dataset, batch: int = 256) -> di
     return {"val_l1": l1 / n, "val_disease_acc": dis / n, "val_identity_acc": ident / n}
 
 
-def stage2_step(model: DisentanglementModel, ident: torch.Tensor, opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, float]:
+def stage2_step(model: DisentanglementModel, ident: torch.Tensor, opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     recon, mu, logvar = model.vae(ident)
     l_rec = F.mse_loss(recon, model.vae.standardize(ident))
     l_kl = -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp())

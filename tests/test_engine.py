@@ -29,11 +29,14 @@ def test_generator_is_deterministic_per_seed():
 def test_blocks_of_patients_made_apart_concatenate_to_the_whole_population():
     ds = SyntheticPatients(300, 2, 32, seed=3)
     whole = ds.batch()
-    parts = [ds.patients(0, 256), ds.patients(256, 300)]  # as parallel workers would make them
+    parts = [ds.patients(0, 256), ds.patients(256, 300)]  # as parallel workers make them
     assert np.array_equal(np.concatenate([p.images for p in parts]), whole.images)
     assert np.array_equal(np.concatenate([p.labels for p in parts]), whole.labels)
     assert np.array_equal(np.concatenate([p.patient_ids for p in parts]), whole.patient_ids)
     assert parts[1].patient_ids.min() == 256 and len(parts[1].images) == 44 * 2
+    parallel = ds.batch(workers=2)
+    assert np.array_equal(parallel.images, whole.images) and np.array_equal(parallel.visits, whole.visits)
+    assert all(np.array_equal(parallel.params[k], whole.params[k]) for k in whole.params)
 
 
 def test_patient_anatomy_is_stable_and_distinct():

@@ -173,6 +173,9 @@ def render(
     return np.clip(img, -1.0, 1.0).astype(np.float32)[:, None]
 
 
+BLOCK = 256  # patients per block of batch(): a block's visits are seeded by its first patient
+
+
 class SyntheticPatients:
     """A seeded population of synthetic patients and their visits.
 
@@ -198,7 +201,10 @@ class SyntheticPatients:
     def anatomy(self, patient: int) -> dict[str, np.ndarray | float]:
         return _anatomy(np.random.default_rng([self.seed, 1, patient]))
 
-    def iter_batches(self, patients_per_batch: int = 256) -> Iterator[Batch]:
+    def _block(self, start: int) -> Batch:
+        return self.patients(start, min(start + BLOCK, self.n_patients))
+
+    def iter_batches(self, patients_per_batch: int = BLOCK) -> Iterator[Batch]:
         """Yield batches of whole patients (every visit of each), in patient order."""
         for start in range(0, self.n_patients, patients_per_batch):
             yield self.patients(start, min(start + patients_per_batch, self.n_patients))
@@ -226,9 +232,16 @@ class SyntheticPatients:
             params=params,
         )
 
-    def batch(self) -> Batch:
-        """Every image of the population in one batch."""
-        parts = list(self.iter_batches())
+    def batch(self, workers: int = 0) -> Batch:
+        """Every image of the population in one batch; ``workers`` > 1 makes its blocks of
+        256 patients in that many processes (the same images)."""
+        if workers > 1 and self.n_patients > BLOCK:
+            from multiprocessing import Pool
+
+            with Pool(workers) as pool:
+                parts = pool.map(self._block, range(0, self.n_patients, BLOCK))
+        else:
+            parts = list(self.iter_batches())
         return Batch(
             images=np.concatenate([p.images for p in parts]),
             patient_ids=np.concatenate([p.patient_ids for p in parts]),

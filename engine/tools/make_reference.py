@@ -31,7 +31,7 @@ import torch
 from engine import bundle
 from engine.api import load_model
 from engine.data import CLASSES
-from engine.evaluate import EvalConfig, Evaluators, evaluate
+from engine.evaluate import EvalConfig, evaluate
 from engine.model import DisentanglementModel
 from engine.train import TrainConfig, train
 
@@ -57,9 +57,9 @@ def save_reference(model: DisentanglementModel, out: Path, cfg: TrainConfig = RE
     return bundle.save(model.cpu(), out, meta)
 
 
-def evaluate_reference(b: bundle.Bundle, out: Path, evaluators: Evaluators | None = None) -> dict:
+def evaluate_reference(b: bundle.Bundle, out: Path) -> dict:
     """Run the protocol on ``b`` and store the report in its model.json."""
-    report = evaluate(load_model(b.path, backend="torch"), out, REFERENCE_EVAL, evaluators=evaluators)
+    report = evaluate(load_model(b.path, backend="torch"), out, REFERENCE_EVAL)
     meta_path = b.path / "model.json"
     full = json.loads(meta_path.read_text())
     full["evaluation"] = report

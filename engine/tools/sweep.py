@@ -11,7 +11,7 @@ VARIANTS.json maps a name to TrainConfig fields, each laid over the reference re
 How it runs:
 
 1. Each distinct population is made once, in blocks of 256 patients on parallel
-   processes (:meth:`engine.data.SyntheticPatients.patients`).
+   processes (``SyntheticPatients.batch(workers)``).
 2. One process per variant. All of them time stage-1 and identity-VAE steps together
    (so the timing includes their sharing of the device), then each fits its number of
    stage-1 epochs to the budget (unless ``--epochs`` fixes them) and trains with
@@ -36,17 +36,13 @@ import subprocess
 import sys
 import time
 import traceback
-from multiprocessing import Pool
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from engine.data import CLASSES, SyntheticPatients
+from engine.data import CLASSES
 from engine.evaluate import TARGETS, EvalConfig, Evaluators, meets
-from engine.train import Dataset, TrainConfig
-
-BLOCK = 256  # patients per block: the block size of SyntheticPatients.batch()
+from engine.train import Dataset, TrainConfig, synthetic_split
 
 
 def recipe(fields: dict, device: str) -> TrainConfig:
@@ -62,20 +58,10 @@ def recipe(fields: dict, device: str) -> TrainConfig:
     return dataclasses.replace(REFERENCE, **fields, device=device)
 
 
-def _block(args: tuple[int, int, int, int, int, int]):
-    n, visits, size, seed, start, stop = args
-    b = SyntheticPatients(n, visits, size, seed).patients(start, stop)
-    return b.images, b.patient_ids, b.labels, b.visits
-
-
-def make_population(cfg: TrainConfig, path: Path, pool: Pool) -> None:
-    """The training and validation visits of ``cfg``, as :func:`engine.train.synthetic_split` makes them."""
-    total = cfg.visits + cfg.val_visits
-    jobs = [(cfg.patients, total, cfg.image_size, cfg.seed, s, min(s + BLOCK, cfg.patients)) for s in range(0, cfg.patients, BLOCK)]
-    images, pids, labels, visits = (np.concatenate(a) for a in zip(*pool.map(_block, jobs)))
-    val = visits >= cfg.visits
-    part = lambda m: (torch.from_numpy(images[m]), torch.from_numpy(pids[m]), torch.from_numpy(labels[m]))  # noqa: E731
-    torch.save({"train": part(~val), "val": part(val)}, path)
+def make_population(cfg: TrainConfig, path: Path, workers: int) -> None:
+    """The training and validation visits of ``cfg`` (:func:`engine.train.synthetic_split`), saved."""
+    tr, va = synthetic_split(cfg, workers)
+    torch.save({"train": (tr.images, tr.patient_ids, tr.labels), "val": (va.images, va.patient_ids, va.labels)}, path)
 
 
 def data_key(cfg: TrainConfig) -> str:
@@ -104,11 +90,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("casemask sweep: no variants")
     cfgs = {name: recipe(fields, args.device) for name, fields in variants.items()}
     eval_cfg = EvalConfig(**{**dataclasses.asdict(_reference_eval()), **json.loads(args.eval or "{}")})
-    with Pool(args.workers or os.cpu_count() or 2) as pool:
-        for cfg in {data_key(c): c for c in cfgs.values()}.values():
-            t = time.time()
-            make_population(cfg, out / data_key(cfg), pool)
-            print(f"population {cfg.patients} x {cfg.visits}+{cfg.val_visits}: {time.time() - t:.1f} s", flush=True)
+    for cfg in {data_key(c): c for c in cfgs.values()}.values():
+        t = time.time()
+        make_population(cfg, out / data_key(cfg), args.workers or os.cpu_count() or 2)
+        print(f"population {cfg.patients} x {cfg.visits}+{cfg.val_visits}: {time.time() - t:.1f} s", flush=True)
     ev_path = out / "evaluators.pt"
     for p in (out / "go", ev_path):
         p.unlink(missing_ok=True)
