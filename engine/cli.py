@@ -1,4 +1,4 @@
-"""``casemask engine ...``: synth, train, evaluate, export, build."""
+"""``casemask engine ...``: synth, train, refine, evaluate, export, build."""
 
 from __future__ import annotations
 
@@ -89,6 +89,71 @@ def cmd_train(args) -> int:
     return 0
 
 
+def refine_config(args):
+    """The :class:`engine.refine.RefineConfig` that ``casemask engine refine`` ARGS asks for."""
+    from engine.refine import RefineConfig
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return RefineConfig(
+            steps=args.steps, batch_size=args.batch_size, lr=args.lr, disease_guide=args.disease_guide,
+            guide_steps=args.guide_steps, swaps=args.swaps, swap_weight=args.swap_weight, seed=args.seed, device=device, threads=args.threads,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"casemask engine refine: {exc}") from None
+
+
+def _training_data(b, args):
+    """The training visits of the synthetic population ``b`` was trained on (more
+    patients or visits of it with ``--patients``/``--visits``), or ``--data``."""
+    from engine.train import TrainConfig, synthetic_split
+
+    training = b.meta.get("training", {})
+    if args.data is not None and args.data != "synthetic":
+        return _load_data(args.data, b.image_size, training.get("val_visits", 4))[0]
+    if args.data is None and training.get("data", "synthetic").split(" ")[0] != "synthetic":
+        raise SystemExit(f"{b.path} was not trained on synthetic patients: name its data with --data")
+    known = {"image_size", "patients", "visits", "val_visits", "seed"}
+    cfg = TrainConfig(**{k: v for k, v in training.items() if k in known})
+    cfg = dataclasses.replace(cfg, image_size=b.image_size, patients=args.patients or cfg.patients, visits=args.visits or cfg.visits)
+    return synthetic_split(cfg, args.workers)[0]
+
+
+def _refine_line(step: int, entry: dict) -> None:
+    mon = entry.get("monitor", {})
+    text = " ".join(f"{k}={v:.3f}" for k, v in entry.items() if k not in ("step", "seconds", "monitor"))
+    seen = " ".join(f"{k}={v:.3f}" for k, v in mon.items())
+    print(f"step {step}: {text} | unseen patients: {seen}", flush=True)
+
+
+def cmd_refine(args) -> int:
+    from engine import bundle
+    from engine.refine import monitor_set, refine
+    from engine.train import ResumeError
+
+    cfg = refine_config(args)
+    b = bundle.load(args.model)
+    model = b.load_torch()
+    data = _training_data(b, args)
+    monitor = monitor_set(b.image_size, args.monitor_patients, args.monitor_seed)
+    try:
+        history = refine(model, cfg, data, Path(args.out), monitor, on_report=_refine_line)
+    except ResumeError as exc:
+        raise SystemExit(f"casemask engine refine: {exc}") from None
+    meta = {k: v for k, v in b.meta.items() if k not in ("format", "model_config", "graphs", "prototypes", "evaluation", "refinement")}
+    data_spec = args.data or f"synthetic: {len(data.labels)} training visits of {int(data.patient_ids.max()) + 1} patients"
+    stage = {**dataclasses.asdict(cfg), "data": data_spec, "from": b.weights_digest(), "monitor": history[-1].get("monitor") if history else None}
+    meta["refinement"] = [*b.meta.get("refinement", []), stage]  # every refinement since training, in order
+    target = Path(args.bundle) if args.bundle else Path(args.out) / "bundle"
+    bundle.save(model.cpu(), target, meta)
+    print(f"bundle written to {target} (its evaluation, if any, is not carried over: run casemask engine evaluate)")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from engine.api import load_model
     from engine.evaluate import EvalConfig, evaluate, markdown
@@ -133,7 +198,7 @@ def cmd_build(args) -> int:
 
 
 def add_engine_parser(sub) -> None:
-    ep = sub.add_parser("engine", help="the anonymization network: synth, train, evaluate, export, build")
+    ep = sub.add_parser("engine", help="the anonymization network: synth, train, refine, evaluate, export, build")
     esub = ep.add_subparsers(dest="engine_command", metavar="SUBCOMMAND", required=True)
 
     defaults = argparse.ArgumentDefaultsHelpFormatter
@@ -171,6 +236,31 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     sp.set_defaults(func=cmd_train)
+
+    sp = esub.add_parser("refine", help="more steps for a trained bundle's generator alone (resumable), as a new bundle",
+                         formatter_class=defaults)
+    sp.add_argument("--model", default="builtin:reference", metavar="NAME_OR_PATH", help="the bundle to refine")
+    sp.add_argument("--out", required=True, metavar="DIR", help="checkpoint (resumes if present)")
+    sp.add_argument("--bundle", metavar="DIR", help="where to write the refined bundle (default: OUT/bundle)")
+    sp.add_argument("--data", help="synthetic | hdf5:PATH | dicom:FOLDER,CSV (default: the synthetic patients the bundle was trained on)")
+    sp.add_argument("--patients", type=int, default=0, help="synthetic patients of the training seed (0: as many as the bundle was trained on)")
+    sp.add_argument("--visits", type=int, default=0, help="training visits per synthetic patient (0: as the bundle was trained)")
+    sp.add_argument("--steps", type=int, default=2000, help="generator steps (cosine learning rate to 0 over them)")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--disease-guide", type=float, default=1.0, metavar="W",
+                    help="weight of the loss asking reconstructions, anonymized images and counterfactuals to show their disease to a classifier of real images (0: off, not advised)")
+    sp.add_argument("--guide-steps", type=int, default=300, help="steps the guide learns real images alone first")
+    sp.add_argument("--swaps", type=int, default=8, help="anonymized and counterfactual images (each) per step")
+    sp.add_argument("--swap-weight", type=float, default=0.0, metavar="W",
+                    help="weight of swap consistency: the fixed encoder must read back the synthetic identity from anonymized images and the source's kept vectors (0: off)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--monitor-seed", type=int, default=2000, help="seed of the unseen patients whose SSIM is logged (not the evaluation's 1000)")
+    sp.add_argument("--monitor-patients", type=int, default=64)
+    sp.add_argument("--workers", type=int, default=0, help="processes making the synthetic patients")
+    sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    sp.set_defaults(func=cmd_refine)
 
     sp = esub.add_parser("evaluate", help="the paper's protocol with independent evaluator networks", formatter_class=defaults)
     sp.add_argument("--model", default="builtin:reference", metavar="NAME_OR_PATH", help="builtin:NAME or a bundle folder")
