@@ -1,0 +1,184 @@
+"""Generator refinement (engine.refine, casemask engine refine)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from engine.data import SyntheticPatients
+from engine.model import DisentanglementModel, ModelConfig
+from engine.refine import RefineConfig, latents, refine
+from engine.train import Dataset, ResumeError
+
+
+def _data(patients: int = 6, visits: int = 4, seed: int = 0) -> Dataset:
+    b = SyntheticPatients(patients, visits, 64, seed).batch()
+    return Dataset(torch.from_numpy(b.images), torch.from_numpy(b.patient_ids), torch.from_numpy(b.labels))
+
+
+def _model() -> DisentanglementModel:
+    torch.manual_seed(0)
+    model = DisentanglementModel(ModelConfig(image_size=64, n_identities=6, width=8, other_dim=16, generator="fourier"))
+    model.prototypes.normal_()
+    return model.eval()
+
+
+def _rec_l1(model: DisentanglementModel, data: Dataset) -> float:
+    with torch.no_grad():
+        return F.l1_loss(model.generator(*latents(model, data.images)), data.images).item()
+
+
+CFG = RefineConfig(steps=8, batch_size=8, swaps=2, guide_steps=2, threads=2, checkpoint_every=2)
+
+
+def test_refinement_moves_the_generator_alone_and_reconstructs_better(tmp_path):
+    data, model = _data(), _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    l1_before = _rec_l1(model, data)
+    history = refine(model, CFG, data, tmp_path / "r", monitor=_data(2, 4, seed=2000), monitor_every=4)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("generator.") for k in moved), sorted(moved)[:5]
+    assert _rec_l1(model, data) < l1_before
+    assert [h["step"] for h in history] == [4, 8]
+    assert {"ssim", "guide_real", "guide_rec", "guide_anon"} <= set(history[-1]["monitor"])
+    assert all(p.requires_grad for p in model.parameters())  # handed back as it came
+
+
+def test_interrupted_refinement_resumes_to_the_same_generator(tmp_path):
+    data = _data()
+    whole = _model()
+    refine(whole, CFG, data, tmp_path / "whole")
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, entry):
+        if step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        refine(_model(), CFG, data, tmp_path / "cut", monitor_every=4, on_report=stop)
+    resumed = _model()
+    history = refine(resumed, CFG, data, tmp_path / "cut", monitor_every=4)
+    assert [h["step"] for h in history] == [4, 8]
+    for (name, a), b in zip(whole.generator.state_dict().items(), resumed.generator.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_refinement_refuses_to_resume_another_recipe(tmp_path):
+    data = _data(4, 4)
+    refine(_model(), dataclasses.replace(CFG, steps=2), data, tmp_path / "r")
+    with pytest.raises(ResumeError, match="another refinement recipe"):
+        refine(_model(), dataclasses.replace(CFG, steps=2, lr=5e-4), data, tmp_path / "r")
+    # Where and how fast it runs may change.
+    refine(_model(), dataclasses.replace(CFG, steps=2, threads=1, checkpoint_every=1), data, tmp_path / "r")
+
+
+def test_swaps_must_fit_the_batch():
+    with pytest.raises(ValueError, match="swaps"):
+        RefineConfig(batch_size=8, swaps=5)
+    RefineConfig(batch_size=8, swaps=5, disease_guide=0)  # no guide, no swaps
+    with pytest.raises(ValueError, match="swap_weight"):
+        RefineConfig(disease_guide=0, swap_weight=0.5)
+
+
+def test_swap_consistency_changes_what_the_generator_learns_and_nothing_else(tmp_path):
+    data = _data()
+    plain, swapped = _model(), _model()
+    refine(plain, CFG, data, tmp_path / "plain", monitor_every=8)
+    history = refine(swapped, dataclasses.replace(CFG, swap_weight=0.5), data, tmp_path / "swap", monitor_every=8)
+    assert history[-1]["swap"] > 0
+    # The term changes what the generator learns, and still only the generator.
+    assert not torch.equal(plain.generator.fc[0].weight, swapped.generator.fc[0].weight)
+    fresh = _model().encoder.state_dict()
+    for name, w in swapped.encoder.state_dict().items():
+        assert torch.equal(w, fresh[name]), name
+
+
+def _parser():
+    from engine.cli import add_engine_parser
+
+    parser = argparse.ArgumentParser(prog="casemask")
+    add_engine_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_refine_cli_writes_a_bundle_whose_generator_alone_changed(tmp_path, capsys):
+    from engine import bundle
+    from engine.train import TrainConfig, train
+
+    cfg = TrainConfig(patients=6, visits=4, val_visits=1, epochs=1, vae_epochs=1, batch_size=8, threads=2, width=8, other_dim=16, generator="fourier")
+    model = train(cfg, tmp_path / "train")
+    src = bundle.save(model.cpu(), tmp_path / "src", {"name": "tiny", "training": {**dataclasses.asdict(cfg), "data": "synthetic"}})
+    args = _parser().parse_args([
+        "engine", "refine", "--model", str(src.path), "--out", str(tmp_path / "ref"), "--steps", "4", "--batch-size", "8",
+        "--swaps", "2", "--guide-steps", "1", "--monitor-patients", "2", "--threads", "2",
+    ])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "step 4:" in out and "unseen patients: ssim=" in out
+    new = bundle.load(tmp_path / "ref" / "bundle")
+    (stage,) = new.meta["refinement"]
+    assert stage["steps"] == 4 and stage["from"] == src.weights_digest()
+    assert stage["data"] == "synthetic: 24 training visits of 6 patients"  # the bundle's own population
+    assert new.meta["training"]["patients"] == 6
+    old_w, new_w = (torch.load(b.path / "weights.pt", weights_only=True) for b in (src, new))
+    changed = {k for k in old_w if not torch.equal(old_w[k], new_w[k])}
+    assert changed and all(k.startswith("generator.") for k in changed)
+    # A different recipe into the same folder is refused, not mixed in.
+    args = _parser().parse_args(["engine", "refine", "--model", str(src.path), "--out", str(tmp_path / "ref"), "--steps", "4",
+                                 "--batch-size", "8", "--swaps", "2", "--lr", "1e-4", "--monitor-patients", "2"])
+    with pytest.raises(SystemExit, match="another refinement recipe"):
+        args.func(args)
+    # A refined bundle refined again, on more patients of the training population: both
+    # refinements are recorded, in order.
+    args = _parser().parse_args([
+        "engine", "refine", "--model", str(new.path), "--out", str(tmp_path / "again"), "--steps", "2", "--batch-size", "8",
+        "--swaps", "2", "--guide-steps", "1", "--monitor-patients", "2", "--patients", "9", "--visits", "2",
+    ])
+    assert args.func(args) == 0
+    again = bundle.load(tmp_path / "again" / "bundle")
+    assert [s["from"] for s in again.meta["refinement"]] == [src.weights_digest(), new.weights_digest()]
+    assert again.meta["refinement"][1]["data"] == "synthetic: 18 training visits of 9 patients"
+
+
+def test_refine_cli_needs_data_for_a_bundle_not_trained_on_synthetic_patients(tmp_path):
+    from engine import bundle
+
+    src = bundle.save(_model(), tmp_path / "src", {"name": "x", "training": {"data": "hdf5:/somewhere.h5"}})
+    args = _parser().parse_args(["engine", "refine", "--model", str(src.path), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--data"):
+        args.func(args)
+    args = _parser().parse_args(["engine", "refine", "--out", str(tmp_path / "o"), "--batch-size", "8", "--swaps", "6"])
+    with pytest.raises(SystemExit, match="swaps"):
+        args.func(args)
+
+
+def test_reference_records_the_refinements_make_reference_runs():
+    from engine import bundle
+    from engine.tools.make_reference import REFINE
+
+    meta = json.loads((bundle.BUILTIN_DIR / "reference" / "model.json").read_text())
+    assert len(meta["refinement"]) == len(REFINE)
+    for recorded, (cfg, _) in zip(meta["refinement"], REFINE):
+        assert {k: recorded[k] for k in dataclasses.asdict(cfg) if k != "device"} == {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}
+
+
+def test_refine_cli_reaches_the_reference_refinements(tmp_path):
+    from engine.cli import refine_config
+    from engine.tools.make_reference import REFINE
+
+    readme = [
+        ["--steps", "7500", "--guide-steps", "600", "--threads", "2"],
+        ["--patients", "6000", "--visits", "4", "--steps", "3300", "--lr", "3e-4", "--guide-steps", "600", "--swap-weight", "0.5", "--threads", "2"],
+    ]
+    for flags, (cfg, pop) in zip(readme, REFINE, strict=True):
+        args = _parser().parse_args(["engine", "refine", "--out", str(tmp_path), *flags])
+        assert refine_config(args) == cfg
+        assert (args.patients, args.visits) == (pop or (0, 0))
