@@ -50,15 +50,20 @@ def _load_data(spec: str, size: int, val_visits: int):
     return to(~val), to(val)
 
 
+def _device(name: str) -> str:
+    """``--device``: ``auto`` is cuda when torch sees a GPU, else cpu."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def train_config(args):
     """The :class:`engine.train.TrainConfig` that ``casemask engine train`` ARGS asks for."""
     from engine.train import TrainConfig
 
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(args.device)
     return TrainConfig(
         image_size=args.size, patients=args.patients, visits=args.visits, val_visits=args.val_visits,
         seed=args.seed, epochs=args.epochs, vae_epochs=args.vae_epochs, batch_size=args.batch_size,
@@ -93,11 +98,7 @@ def refine_config(args):
     """The :class:`engine.refine.RefineConfig` that ``casemask engine refine`` ARGS asks for."""
     from engine.refine import RefineConfig
 
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(args.device)
     try:
         return RefineConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, disease_guide=args.disease_guide,
@@ -132,7 +133,7 @@ def _refine_line(step: int, entry: dict) -> None:
 
 def cmd_refine(args) -> int:
     from engine import bundle
-    from engine.refine import monitor_set, refine
+    from engine.refine import data_spec, monitor_set, refine
     from engine.train import ResumeError
 
     cfg = refine_config(args)
@@ -145,8 +146,8 @@ def cmd_refine(args) -> int:
     except ResumeError as exc:
         raise SystemExit(f"casemask engine refine: {exc}") from None
     meta = {k: v for k, v in b.meta.items() if k not in ("format", "model_config", "graphs", "prototypes", "evaluation", "refinement")}
-    data_spec = args.data or f"synthetic: {len(data.labels)} training visits of {int(data.patient_ids.max()) + 1} patients"
-    stage = {**dataclasses.asdict(cfg), "data": data_spec, "from": b.weights_digest(), "monitor": history[-1].get("monitor") if history else None}
+    spec = args.data or data_spec(len(data.labels), int(data.patient_ids.max()) + 1)
+    stage = {**dataclasses.asdict(cfg), "data": spec, "from": b.weights_digest(), "monitor": history[-1].get("monitor") if history else None}
     meta["refinement"] = [*b.meta.get("refinement", []), stage]  # every refinement since training, in order
     target = Path(args.bundle) if args.bundle else Path(args.out) / "bundle"
     bundle.save(model.cpu(), target, meta)

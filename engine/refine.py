@@ -68,6 +68,11 @@ class RefineConfig:
             raise ValueError(f"swaps must be between 1 and batch_size // 2 = {self.batch_size // 2}, not {self.swaps}")
 
 
+def data_spec(visits: int, patients: int) -> str:
+    """How a bundle's refinement record names synthetic training data."""
+    return f"synthetic: {visits} training visits of {patients} patients"
+
+
 def monitor_set(size: int, patients: int = 64, seed: int = 2000) -> Dataset:
     """Unseen synthetic patients (4 visits each) whose reconstruction is logged while
     refining: neither the training seed (0) nor the evaluation protocol's (1000)."""
@@ -167,13 +172,16 @@ def _refine(model, cfg, data, out, monitor, monitor_every, on_report) -> list[di
         tmp.replace(ckpt_path)
 
     per_epoch = n // bs
+    orders: dict[int, torch.Tensor] = {}  # the current epoch's permutation, drawn once
 
     def batch(j: int) -> torch.Tensor:
         """Indices of the ``j``-th batch (guide steps first): a function of ``j`` alone, so
         a resumed run draws the batches an uninterrupted one would."""
         epoch, k = divmod(j, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        return order[k * bs : (k + 1) * bs].to(device)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).to(device)
+        return orders[epoch][k * bs : (k + 1) * bs]
 
     if guide is not None and start == 0:
         # The guide first learns the real images alone, so that its first verdicts on

@@ -40,7 +40,7 @@ from engine.api import load_model
 from engine.data import CLASSES
 from engine.evaluate import EvalConfig, evaluate
 from engine.model import DisentanglementModel
-from engine.refine import RefineConfig, monitor_set, refine
+from engine.refine import RefineConfig, data_spec, monitor_set, refine
 from engine.train import Dataset, TrainConfig, synthetic_split, train
 
 log = logging.getLogger("make_reference")
@@ -64,7 +64,7 @@ def refinement_record(stages=REFINE, cfg: TrainConfig = REFERENCE, device: str =
     out = []
     for rcfg, pop in stages:
         patients, visits = pop or (cfg.patients, cfg.visits)
-        out.append({**dataclasses.asdict(rcfg), "device": device, "data": f"synthetic: {patients * visits} training visits of {patients} patients"})
+        out.append({**dataclasses.asdict(rcfg), "device": device, "data": data_spec(patients * visits, patients)})
     return out
 
 
