@@ -102,7 +102,7 @@ def refine_config(args):
     try:
         return RefineConfig(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, disease_guide=args.disease_guide,
-            guide_steps=args.guide_steps, swaps=args.swaps, swap_weight=args.swap_weight, seed=args.seed, device=device, threads=args.threads,
+            guide_steps=args.guide_steps, swaps=args.swaps, swap_weight=args.swap_weight, identity_guide=args.identity_guide, seed=args.seed, device=device, threads=args.threads,
         )
     except ValueError as exc:
         raise SystemExit(f"casemask engine refine: {exc}") from None
@@ -142,7 +142,7 @@ def cmd_refine(args) -> int:
     data = _training_data(b, args)
     monitor = monitor_set(b.image_size, args.monitor_patients, args.monitor_seed)
     try:
-        history = refine(model, cfg, data, Path(args.out), monitor, on_report=_refine_line)
+        history = refine(model, cfg, data, Path(args.out), monitor, args.monitor_every, on_report=_refine_line)
     except ResumeError as exc:
         raise SystemExit(f"casemask engine refine: {exc}") from None
     meta = {k: v for k, v in b.meta.items() if k not in ("format", "model_config", "graphs", "prototypes", "evaluation", "refinement")}
@@ -255,7 +255,10 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--swaps", type=int, default=8, help="anonymized and counterfactual images (each) per step")
     sp.add_argument("--swap-weight", type=float, default=0.0, metavar="W",
                     help="weight of swap consistency: the fixed encoder must read back the synthetic identity from anonymized images and the source's kept vectors (0: off)")
+    sp.add_argument("--identity-guide", type=float, default=0.0, metavar="W",
+                    help="weight of the re-identification guard: a classifier of the training patients must not find the source patient in anonymized images (0: off)")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--monitor-every", type=int, default=250, metavar="N", help="steps between progress lines (and unseen-patient checks)")
     sp.add_argument("--monitor-seed", type=int, default=2000, help="seed of the unseen patients whose SSIM is logged (not the evaluation's 1000)")
     sp.add_argument("--monitor-patients", type=int, default=64)
     sp.add_argument("--workers", type=int, default=0, help="processes making the synthetic patients")

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from engine.data import SyntheticPatients
@@ -56,6 +57,12 @@ class RefineConfig:
     # and other vectors; 0: off. Keeps a sharper generator from drawing the source's
     # identity back in through the kept vectors.
     swap_weight: float = 0.0
+    # Weight of the re-identification guard: a second image classifier learns the training
+    # patients from their real images and, held fixed, must not find the source patient in
+    # the anonymized images; the loss is -log(1 - p(source | anonymized)), 0 when it gives
+    # the source nothing. 0: off. A sharper generator otherwise redraws what identifies a
+    # patient from the medical and other vectors, which the swap term's encoder does not see.
+    identity_guide: float = 0.0
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
@@ -64,6 +71,8 @@ class RefineConfig:
     def __post_init__(self) -> None:
         if self.swap_weight and not self.disease_guide:
             raise ValueError("swap_weight needs the disease guide's swapped images (disease_guide > 0)")
+        if self.identity_guide and not self.disease_guide:
+            raise ValueError("identity_guide needs the disease guide's anonymized images (disease_guide > 0)")
         if self.disease_guide and not 0 < self.swaps <= self.batch_size // 2:
             raise ValueError(f"swaps must be between 1 and batch_size // 2 = {self.batch_size // 2}, not {self.swaps}")
 
@@ -78,6 +87,32 @@ def monitor_set(size: int, patients: int = 64, seed: int = 2000) -> Dataset:
     refining: neither the training seed (0) nor the evaluation protocol's (1000)."""
     b = SyntheticPatients(patients, 4, size, seed).batch()
     return Dataset(torch.from_numpy(b.images), torch.from_numpy(b.patient_ids), torch.from_numpy(b.labels))
+
+
+def identity_classifier(n_patients: int, width: int = 32) -> nn.Module:
+    """Image -> patient logits, for :attr:`RefineConfig.identity_guide` (training only).
+
+    Like :func:`engine.train.guide_classifier` without batch normalisation (it judges
+    generated images with fixed weights), but keeps a 2x2 layout before its head: what
+    tells patients apart is where outlines and ribs lie, not only whether they are there.
+    """
+    layers: list[nn.Module] = []
+    c = 1
+    for w in (width, 2 * width, 4 * width):
+        layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        c = w
+    return nn.Sequential(
+        *layers, nn.Conv2d(c, c, 3, padding=1), nn.LeakyReLU(0.2), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(4 * c, 128), nn.LeakyReLU(0.2), nn.Linear(128, n_patients),
+    )
+
+
+def reid_loss(id_guide: nn.Module, anonymized: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-log(1 - p), p): p, per image, the probability ``id_guide`` (weights held fixed)
+    gives the patient an anonymized image was made from. The loss is near 0 while the
+    guide gives the source nothing and grows without bound as it becomes sure."""
+    p_source = frozen(id_guide, anonymized).softmax(1).gather(1, source[:, None]).squeeze(1)
+    return -torch.log1p(-p_source.clamp(max=1 - 1e-6)).mean(), p_source.detach()
 
 
 @torch.no_grad()
@@ -130,27 +165,31 @@ def _refine(model, cfg, data, out, monitor, monitor_every, on_report) -> list[di
     gen = model.generator
     for p in gen.parameters():
         p.requires_grad_(True)
-    x_all, y_all = data.images.to(device), data.labels.to(device)
+    x_all, y_all, pid_all = data.images.to(device), data.labels.to(device), data.patient_ids.to(device)
     m_all, i_all, o_all = latents(model, x_all)
     if monitor is not None:
         monitor = Dataset(monitor.images.to(device), monitor.patient_ids.to(device), monitor.labels.to(device))
     guide = guide_classifier(n_classes=model.cfg.n_classes).to(device) if cfg.disease_guide else None
-    params = list(gen.parameters()) + (list(guide.parameters()) if guide is not None else [])
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.999))
+    id_guide = identity_classifier(int(data.patient_ids.max()) + 1).to(device) if cfg.identity_guide else None
+    guide_params = [p for g in (guide, id_guide) if g is not None for p in g.parameters()]
+    opt = torch.optim.Adam(list(gen.parameters()) + guide_params, lr=cfg.lr, betas=(0.5, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.steps))
-    opt_guide = torch.optim.Adam(guide.parameters(), lr=cfg.lr) if guide is not None else None
+    opt_guide = torch.optim.Adam(guide_params, lr=cfg.lr) if guide is not None else None
     n, bs, k = len(x_all), cfg.batch_size, cfg.swaps
     history: list[dict] = []
     start = 0
     ckpt_path = out / "refine.pt"
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        recipe = lambda c: {k: v for k, v in c.items() if k not in _NOT_RECIPE}  # noqa: E731
+        # (a setting newer than the checkpoint counts as its default)
+        recipe = lambda c: {k: v for k, v in {**dataclasses.asdict(RefineConfig()), **c}.items() if k not in _NOT_RECIPE}  # noqa: E731
         if recipe(ckpt["config"]) != recipe(dataclasses.asdict(cfg)):
             raise ResumeError(f"{ckpt_path} was written by another refinement recipe: refine into a new folder")
         gen.load_state_dict(ckpt["generator"])
         if guide is not None:
             guide.load_state_dict(ckpt["guide"])
+        if id_guide is not None:
+            id_guide.load_state_dict(ckpt["id_guide"])
             opt_guide.load_state_dict(ckpt["opt_guide"])  # type: ignore[union-attr]
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
@@ -163,6 +202,7 @@ def _refine(model, cfg, data, out, monitor, monitor_every, on_report) -> list[di
         torch.save(
             {
                 "generator": gen.state_dict(), "guide": guide.state_dict() if guide is not None else None,
+                "id_guide": id_guide.state_dict() if id_guide is not None else None,
                 "opt": opt.state_dict(), "opt_guide": opt_guide.state_dict() if opt_guide is not None else None,
                 "sched": sched.state_dict(), "rng": torch.get_rng_state(),
                 "step": step, "history": history, "config": dataclasses.asdict(cfg),
@@ -189,6 +229,8 @@ def _refine(model, cfg, data, out, monitor, monitor_every, on_report) -> list[di
         for j in range(cfg.guide_steps):
             idx = batch(j)
             loss = F.cross_entropy(guide(x_all[idx]), y_all[idx])
+            if id_guide is not None:
+                loss = loss + F.cross_entropy(id_guide(x_all[idx]), pid_all[idx])
             opt_guide.zero_grad(set_to_none=True)  # type: ignore[union-attr]
             loss.backward()
             opt_guide.step()  # type: ignore[union-attr]
@@ -229,6 +271,14 @@ def _refine(model, cfg, data, out, monitor, monitor_every, on_report) -> list[di
                 )
                 loss = loss + cfg.swap_weight * l_swap
                 stats["swap"] = l_swap.detach()
+            if id_guide is not None:
+                pid = pid_all[idx]
+                l_id_real = F.cross_entropy(id_guide(x), pid)
+                l_reid, p_source = reid_loss(id_guide, anon, pid[:k])
+                loss = loss + l_id_real + cfg.identity_guide * l_reid
+                # the identity guide's loss on real images, and its mean probability of the
+                # source patient on anonymized ones (chance: 1 / patients)
+                stats["id_real"], stats["id_anon_p"] = l_id_real.detach(), p_source.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

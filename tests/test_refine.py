@@ -182,3 +182,84 @@ def test_refine_cli_reaches_the_reference_refinements(tmp_path):
         args = _parser().parse_args(["engine", "refine", "--out", str(tmp_path), *flags])
         assert refine_config(args) == cfg
         assert (args.patients, args.visits) == (pop or (0, 0))
+
+
+def test_identity_guard_needs_the_guides_anonymized_images():
+    with pytest.raises(ValueError, match="identity_guide"):
+        RefineConfig(disease_guide=0, identity_guide=1.0)
+
+
+def test_reid_loss_moves_an_anonymized_image_away_from_its_source():
+    from engine.refine import identity_classifier, reid_loss
+
+    torch.manual_seed(0)
+    data = _data(6, 4)
+    guide = identity_classifier(6, width=8)
+    opt = torch.optim.Adam(guide.parameters(), lr=3e-3)
+    for _ in range(150):  # the guide learns to tell the 6 patients apart
+        loss = F.cross_entropy(guide(data.images), data.patient_ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # The worst anonymization: the images unchanged. The guide finds their patients ...
+    images = data.images.clone().requires_grad_(True)
+    loss, p = reid_loss(guide, images, data.patient_ids)
+    assert p.mean() > 0.5 and loss > 0.5
+    # ... and the loss's gradient on the images takes that away, without moving the guide.
+    weights = [w.clone() for w in guide.parameters()]
+    for _ in range(20):
+        (grad,) = torch.autograd.grad(reid_loss(guide, images, data.patient_ids)[0], images)
+        images = (images - 0.05 * grad.sign()).detach().requires_grad_(True)
+    loss_after, p_after = reid_loss(guide, images, data.patient_ids)
+    assert p_after.mean() < p.mean() / 2 and loss_after < loss
+    assert all(torch.equal(a, b) for a, b in zip(weights, guide.parameters()))
+
+
+def test_identity_guard_changes_only_the_generator_and_resumes(tmp_path):
+    data = _data()
+    guarded = dataclasses.replace(CFG, identity_guide=1.0)
+    plain, whole = _model(), _model()
+    refine(plain, CFG, data, tmp_path / "plain", monitor_every=8)
+    history = refine(whole, guarded, data, tmp_path / "whole", monitor_every=8)
+    assert history[-1]["id_real"] > 0 and 0 <= history[-1]["id_anon_p"] <= 1
+    assert not torch.equal(plain.generator.fc[0].weight, whole.generator.fc[0].weight)
+    fresh = _model().state_dict()
+    assert all(torch.equal(w, fresh[k]) for k, w in whole.state_dict().items() if not k.startswith("generator."))
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, entry):
+        if step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        refine(_model(), guarded, data, tmp_path / "cut", monitor_every=4, on_report=stop)
+    resumed = _model()
+    refine(resumed, guarded, data, tmp_path / "cut", monitor_every=4)
+    for (name, a), b in zip(whole.generator.state_dict().items(), resumed.generator.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path):
+    data = _data(4, 4)
+    cfg = dataclasses.replace(CFG, steps=6)
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, entry):
+        if step == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        refine(_model(), cfg, data, tmp_path / "r", monitor_every=2, on_report=stop)
+    ckpt_path = tmp_path / "r" / "refine.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    del ckpt["config"]["identity_guide"]  # as written before the setting existed
+    torch.save(ckpt, ckpt_path)
+    history = refine(_model(), cfg, data, tmp_path / "r", monitor_every=2)
+    assert [h["step"] for h in history] == [2, 4, 6]
+    # The default it stands for is still part of the recipe.
+    with pytest.raises(ResumeError):
+        refine(_model(), dataclasses.replace(cfg, identity_guide=1.0), data, tmp_path / "r")
