@@ -179,6 +179,7 @@ def test_refine_cli_reaches_the_reference_refinements(tmp_path):
         ["--patients", "6000", "--visits", "4", "--steps", "3300", "--lr", "3e-4", "--guide-steps", "600", "--swap-weight", "0.5", "--threads", "2"],
         ["--patients", "12000", "--visits", "4", "--steps", "6500", "--batch-size", "64", "--swaps", "16", "--guide-steps", "600",
          "--swap-weight", "0.5", "--identity-guide", "1", "--threads", "2"],
+        ["--patients", "12000", "--visits", "4", "--steps", "4000", "--lr", "3e-4", "--guide-steps", "600", "--swap-weight", "0.5", "--threads", "2"],
     ]
     for flags, (cfg, pop) in zip(readme, REFINE, strict=True):
         args = _parser().parse_args(["engine", "refine", "--out", str(tmp_path), *flags])

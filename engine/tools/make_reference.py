@@ -12,11 +12,13 @@ steps of 32 on the same training visits, then 3300 steps at a lower rate on 6000
 patients of the training seed x 4 visits, with swap consistency (the first refinement
 had begun to learn its 1000 patients, SSIM 0.865 on them and 0.842 on unseen ones, and
 re-identification of its anonymized images had risen from 0.003 to 0.020), then 6500
-steps of 64 on 12000 patients x 4 visits with the re-identification guard as well.
+steps of 64 on 12000 patients x 4 visits with the re-identification guard as well, then
+4000 steps of 32 at 3e-4 on those patients without it.
 
 The shipped weights: stage 1 and 2 on one NVIDIA H100 (stage 1 took 5 minutes while three
-other recipes shared the GPU); the first two refinements on 2 CPU cores (0.6 s a step),
-the third on one NVIDIA H200 (53 ms a step while three other recipes shared it, 6 minutes).
+other recipes shared the GPU); the first, second and fourth refinements on 2 CPU cores
+(0.6 s a step), the third on one NVIDIA H200 (53 ms a step while three other recipes
+shared it, 6 minutes).
 CUDA's convolution kernels are not bit-deterministic, so a rerun gives a model of the
 same recipe, not the same weights; on the CPU the recipe is deterministic but stage 1 is
 slow (4.5 s a step on 2 cores, nearly 4 hours).
@@ -58,6 +60,7 @@ REFINE: tuple[tuple[RefineConfig, tuple[int, int] | None], ...] = (
     (RefineConfig(steps=7500, batch_size=32, guide_steps=600, threads=2), None),
     (RefineConfig(steps=3300, batch_size=32, lr=3e-4, guide_steps=600, swap_weight=0.5, threads=2), (6000, 4)),
     (RefineConfig(steps=6500, batch_size=64, lr=1e-3, guide_steps=600, swaps=16, swap_weight=0.5, identity_guide=1.0, threads=2), (12000, 4)),
+    (RefineConfig(steps=4000, batch_size=32, lr=3e-4, guide_steps=600, swap_weight=0.5, threads=2), (12000, 4)),
 )
 REFERENCE_EVAL = EvalConfig(seed=1000, threads=2)
 
