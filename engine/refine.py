@@ -186,11 +186,12 @@ def _refine(model, cfg, data, out, monitor, monitor_every, on_report) -> list[di
         if recipe(ckpt["config"]) != recipe(dataclasses.asdict(cfg)):
             raise ResumeError(f"{ckpt_path} was written by another refinement recipe: refine into a new folder")
         gen.load_state_dict(ckpt["generator"])
+        # (opt_guide is not restored: it serves the guides' first steps alone, which come
+        # before any checkpoint and are run again when none was written)
         if guide is not None:
             guide.load_state_dict(ckpt["guide"])
         if id_guide is not None:
             id_guide.load_state_dict(ckpt["id_guide"])
-            opt_guide.load_state_dict(ckpt["opt_guide"])  # type: ignore[union-attr]
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
         torch.set_rng_state(ckpt["rng"])
@@ -203,7 +204,7 @@ def _refine(model, cfg, data, out, monitor, monitor_every, on_report) -> list[di
             {
                 "generator": gen.state_dict(), "guide": guide.state_dict() if guide is not None else None,
                 "id_guide": id_guide.state_dict() if id_guide is not None else None,
-                "opt": opt.state_dict(), "opt_guide": opt_guide.state_dict() if opt_guide is not None else None,
+                "opt": opt.state_dict(),
                 "sched": sched.state_dict(), "rng": torch.get_rng_state(),
                 "step": step, "history": history, "config": dataclasses.asdict(cfg),
             },

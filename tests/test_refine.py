@@ -36,6 +36,27 @@ def _rec_l1(model: DisentanglementModel, data: Dataset) -> float:
 CFG = RefineConfig(steps=8, batch_size=8, swaps=2, guide_steps=2, threads=2, checkpoint_every=2)
 
 
+class _Stop(Exception):
+    pass
+
+
+def _interrupt(cfg: RefineConfig, data: Dataset, out, at: int, monitor_every: int) -> None:
+    """Refine a fresh model into ``out`` and break off at step ``at``'s report (before
+    that step's checkpoint), as a killed run would."""
+
+    def stop(step, entry):
+        if step == at:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        refine(_model(), cfg, data, out, monitor_every=monitor_every, on_report=stop)
+
+
+def _assert_same_generator(a: DisentanglementModel, b: DisentanglementModel) -> None:
+    for (name, wa), wb in zip(a.generator.state_dict().items(), b.generator.state_dict().values(), strict=True):
+        assert torch.allclose(wa, wb, atol=1e-6), name
+
+
 def test_refinement_moves_the_generator_alone_and_reconstructs_better(tmp_path):
     data, model = _data(), _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -55,20 +76,11 @@ def test_interrupted_refinement_resumes_to_the_same_generator(tmp_path):
     whole = _model()
     refine(whole, CFG, data, tmp_path / "whole")
 
-    class Stop(Exception):
-        pass
-
-    def stop(step, entry):
-        if step == 4:
-            raise Stop
-
-    with pytest.raises(Stop):
-        refine(_model(), CFG, data, tmp_path / "cut", monitor_every=4, on_report=stop)
+    _interrupt(CFG, data, tmp_path / "cut", at=4, monitor_every=4)
     resumed = _model()
     history = refine(resumed, CFG, data, tmp_path / "cut", monitor_every=4)
     assert [h["step"] for h in history] == [4, 8]
-    for (name, a), b in zip(whole.generator.state_dict().items(), resumed.generator.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6), name
+    _assert_same_generator(whole, resumed)
 
 
 def test_refinement_refuses_to_resume_another_recipe(tmp_path):
@@ -229,34 +241,17 @@ def test_identity_guard_changes_only_the_generator_and_resumes(tmp_path):
     fresh = _model().state_dict()
     assert all(torch.equal(w, fresh[k]) for k, w in whole.state_dict().items() if not k.startswith("generator."))
 
-    class Stop(Exception):
-        pass
-
-    def stop(step, entry):
-        if step == 4:
-            raise Stop
-
-    with pytest.raises(Stop):
-        refine(_model(), guarded, data, tmp_path / "cut", monitor_every=4, on_report=stop)
+    _interrupt(guarded, data, tmp_path / "cut", at=4, monitor_every=4)
     resumed = _model()
     refine(resumed, guarded, data, tmp_path / "cut", monitor_every=4)
-    for (name, a), b in zip(whole.generator.state_dict().items(), resumed.generator.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6), name
+    _assert_same_generator(whole, resumed)
 
 
 def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path):
     data = _data(4, 4)
     cfg = dataclasses.replace(CFG, steps=6)
 
-    class Stop(Exception):
-        pass
-
-    def stop(step, entry):
-        if step == 4:
-            raise Stop
-
-    with pytest.raises(Stop):
-        refine(_model(), cfg, data, tmp_path / "r", monitor_every=2, on_report=stop)
+    _interrupt(cfg, data, tmp_path / "r", at=4, monitor_every=2)
     ckpt_path = tmp_path / "r" / "refine.pt"
     ckpt = torch.load(ckpt_path, weights_only=False)
     del ckpt["config"]["identity_guide"]  # as written before the setting existed
