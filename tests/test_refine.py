@@ -261,3 +261,17 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path):
     # The default it stands for is still part of the recipe.
     with pytest.raises(ResumeError):
         refine(_model(), dataclasses.replace(cfg, identity_guide=1.0), data, tmp_path / "r")
+
+
+def test_make_reference_makes_a_population_shared_by_two_stages_once(monkeypatch):
+    from engine.tools import make_reference
+
+    calls = []
+    real = make_reference.synthetic_split
+    monkeypatch.setattr(make_reference, "synthetic_split", lambda cfg, workers=0: calls.append(cfg.patients) or real(cfg, workers))
+    cfg = dataclasses.replace(make_reference.REFERENCE, patients=4, visits=2, val_visits=1)
+    made: dict = {}
+    first = make_reference.refined_data(cfg, (6, 2), None, made)
+    assert make_reference.refined_data(cfg, (6, 2), None, made) is first
+    assert len(first.labels) == 12 and calls == [6]
+    assert make_reference.refined_data(cfg, None, first, made) is first  # the training visits themselves

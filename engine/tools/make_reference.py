@@ -74,10 +74,15 @@ def refinement_record(stages=REFINE, cfg: TrainConfig = REFERENCE, device: str =
     return out
 
 
-def refined_data(cfg: TrainConfig, pop: tuple[int, int] | None, train_data: Dataset) -> Dataset:
+def refined_data(cfg: TrainConfig, pop: tuple[int, int] | None, train_data: Dataset, made: dict | None = None) -> Dataset:
+    """A refinement stage's data; ``made`` keeps populations already made for earlier
+    stages (the last two share 12000 x 4)."""
     if pop is None:
         return train_data
-    return synthetic_split(dataclasses.replace(cfg, patients=pop[0], visits=pop[1]), workers=2)[0]
+    made = {} if made is None else made
+    if pop not in made:
+        made[pop] = synthetic_split(dataclasses.replace(cfg, patients=pop[0], visits=pop[1]), workers=2)[0]
+    return made[pop]
 
 
 def save_reference(
@@ -122,9 +127,10 @@ def main() -> int:
     cfg = dataclasses.replace(REFERENCE, device=args.device)
     data = synthetic_split(cfg, workers=2)
     model = train(cfg, Path(args.run), data=data)
+    made: dict = {}
     for n, (rcfg, pop) in enumerate(REFINE):
         rcfg = dataclasses.replace(rcfg, device=args.device)
-        refine(model, rcfg, refined_data(cfg, pop, data[0]), Path(args.run) / f"refine{n + 1}", monitor_set(cfg.image_size))
+        refine(model, rcfg, refined_data(cfg, pop, data[0], made), Path(args.run) / f"refine{n + 1}", monitor_set(cfg.image_size))
     on = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu"
     b = save_reference(model, Path(args.out), cfg, on, refinement_record(REFINE, cfg, args.device))
     print(json.dumps(evaluate_reference(b, Path(args.eval_out)), indent=1))
