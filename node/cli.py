@@ -193,6 +193,8 @@ def cmd_config_check(args) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    for w in s.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     print(f"{s.source_file}: OK ({len(s.sources)} sources, {len(s.destinations)} destinations, {len(s.routes)} routes, {len(s.models)} models)")
     return 0
 

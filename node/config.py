@@ -1,23 +1,30 @@
 """Typed, validated settings loaded once from TOML at the entry point and passed down.
 
 ``load(path)`` reads a file; ``load(None)`` reads the built-in ``config/casemask.toml``.
-Every problem is collected and raised together in :class:`ConfigError`, each message
-naming the setting and what to put there instead.
+The settings are pydantic v2 models: each key has a type (checked strictly: a port
+written as a string is an error, not a guess) and a ``hint`` saying what to write.
+Every problem in a file is collected and raised together in :class:`ConfigError`, one
+line each, naming the table, the key, the value found and what to put there instead.
+Checks that span tables (a route naming an undefined destination, say) run after each
+table validated on its own.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "config" / "casemask.toml"
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # 16 chars, no backslash or control
 ROUTE_SPECIAL_KEYS = ("calling_ae", "called_ae")
+
+Seconds = float  # TOML integers are accepted for seconds (strict floats take ints)
 
 
 class ConfigError(ValueError):
@@ -28,26 +35,56 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-@dataclasses.dataclass
-class NodeSettings:
-    ae_title: str = "CASEMASK"
-    host: str = "0.0.0.0"
-    port: int = 11112
-    data_dir: Path = Path("var")
-    database_url: str = ""
-    secret_path: Path | None = None
-    stable_after_s: float = 30.0
-    accept_unknown_sources: bool = False
-    unrouted: Literal["hold", "discard"] = "hold"
-    lease_s: float = 300.0
-    poll_interval_s: float = 1.0
-    retry_base_s: float = 5.0
-    retry_max_s: float = 600.0
-    max_attempts: int = 20
-    acse_timeout_s: float = 30.0
-    dimse_timeout_s: float = 60.0
-    network_timeout_s: float = 60.0
-    reactor_delay_s: float = 0.00005  # pynetdicom sleeps 1 ms per idle reactor loop by default
+def hint(text: str, default: Any = ..., **kw: Any) -> Any:
+    """A field whose validation errors say ``text`` (what to write there)."""
+    if "default_factory" in kw:
+        return Field(json_schema_extra={"hint": text}, **kw)
+    return Field(default, json_schema_extra={"hint": text}, **kw)
+
+
+class _Table(BaseModel):
+    """A TOML table: unknown keys are errors, types are checked strictly."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=False, arbitrary_types_allowed=True)
+
+
+def valid_ae_title(value: Any) -> bool:
+    return isinstance(value, str) and bool(_AE_RE.match(value)) and value.strip() != ""
+
+
+class NodeSettings(_Table):
+    ae_title: str = hint("an AE title is 1 to 16 characters, no backslash", "CASEMASK")
+    host: str = hint("an address to listen on, e.g. \"0.0.0.0\" or \"127.0.0.1\"", "0.0.0.0")
+    port: StrictInt = hint("a TCP port is an integer from 1 to 65535", 11112)
+    data_dir: Path = hint("a folder for the spool, outbox, database and secret, e.g. \"var\"", Path("var"), strict=False)
+    database_url: str = hint("empty for SQLite under data_dir, or a SQLAlchemy URL", "")
+    secret_path: Path | None = hint("a file holding the pseudonym secret (hex)", None, strict=False)
+    stable_after_s: Seconds = hint("seconds, 0 or more", 30.0, ge=0)
+    accept_unknown_sources: StrictBool = hint("true or false", False)
+    unrouted: Literal["hold", "discard"] = hint("choose one of 'hold', 'discard'", "hold")
+    lease_s: Seconds = hint("seconds, more than 0", 300.0, gt=0)
+    poll_interval_s: Seconds = hint("seconds, more than 0", 1.0, gt=0)
+    retry_base_s: Seconds = hint("seconds, more than 0", 5.0, gt=0)
+    retry_max_s: Seconds = hint("seconds, more than 0", 600.0, gt=0)
+    max_attempts: StrictInt = hint("an integer, 1 or more", 20, ge=1)
+    acse_timeout_s: Seconds = hint("seconds, more than 0", 30.0, gt=0)
+    dimse_timeout_s: Seconds = hint("seconds, more than 0", 60.0, gt=0)
+    network_timeout_s: Seconds = hint("seconds, more than 0", 60.0, gt=0)
+    reactor_delay_s: Seconds = hint("seconds, 0 or more (the reactor's poll interval)", 0.00005, ge=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        if not valid_ae_title(v):
+            raise ValueError("an AE title is 1 to 16 characters, no backslash")
+        return v
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 1 <= v <= 65535:
+            raise ValueError("a TCP port is an integer from 1 to 65535")
+        return v
 
     @property
     def resolved_secret_path(self) -> Path:
@@ -58,65 +95,93 @@ class NodeSettings:
         return self.database_url or f"sqlite:///{(self.data_dir / 'casemask.db').resolve()}"
 
 
-@dataclasses.dataclass
-class Source:
-    ae_title: str
-    host: str | None = None
+class Source(_Table):
+    ae_title: str = hint("an AE title is 1 to 16 characters, no backslash")
+    host: str | None = hint("a host name or address the source must connect from", None)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        if not valid_ae_title(v):
+            raise ValueError("an AE title is 1 to 16 characters")
+        return v
 
 
-@dataclasses.dataclass
-class Destination:
-    name: str
-    kind: Literal["dicom", "folder", "dicomweb"] = "dicom"
-    ae_title: str = ""
-    host: str = "127.0.0.1"
-    port: int = 104
-    path: Path | None = None
-    url: str = ""
-    calling_ae: str = ""  # defaults to the node's AE title
-    timeout_s: float = 30.0
+class Destination(_Table):
+    name: str = hint("a name routes refer to, e.g. \"archive\"")
+    kind: Literal["dicom", "folder", "dicomweb"] = hint("choose one of 'dicom', 'folder', 'dicomweb'", "dicom")
+    ae_title: str = hint("the archive's AE title (1 to 16 characters)", "")
+    host: str = hint("the archive's host name or address", "127.0.0.1")
+    port: StrictInt = hint("a TCP port is an integer from 1 to 65535", 104)
+    path: Path | None = hint("a folder destination needs path = \"DIR\"", None, strict=False)
+    url: str = hint("a dicomweb destination needs url = \"http://host:port/dicom-web\"", "")
+    calling_ae: str = hint("an AE title is 1 to 16 characters", "")  # defaults to the node's AE title
+    timeout_s: Seconds = hint("seconds, more than 0", 30.0, gt=0)
 
 
-@dataclasses.dataclass
-class DeidSettings:
-    profile: str = "basic"
-    options: list[str] = dataclasses.field(default_factory=list)
-    keep: list[str] = dataclasses.field(default_factory=list)
-    remove: list[str] = dataclasses.field(default_factory=list)
-    replace: dict[str, str] = dataclasses.field(default_factory=dict)
-    date_shift_days: tuple[int, int] = (-365, -1)
-    burned_in: Literal["quarantine", "allow"] = "quarantine"
+class DeidSettings(_Table):
+    profile: Literal["basic"] = hint("the PS3.15 Basic Profile: profile = \"basic\"", "basic")
+    options: list[str] = hint("a list of PS3.15 options, e.g. [\"retain-longitudinal-modified-dates\"]", default_factory=list)
+    keep: list[str] = hint("a list of keywords or tags to keep", [])
+    remove: list[str] = hint("a list of keywords or tags to remove", [])
+    replace: dict[str, str] = hint("a table keyword = \"value\"", {})
+    date_shift_days: tuple[StrictInt, StrictInt] = hint("two integers [low, high], e.g. [-365, -1]", (-365, -1), strict=False)
+    burned_in: Literal["quarantine", "allow"] = hint("choose one of 'quarantine', 'allow'", "quarantine")
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: list[str]) -> list[str]:
+        from node.deid.profile import OPTIONS
+
+        bad = [o for o in v if o not in OPTIONS]
+        if bad:
+            raise ValueError(f"unknown option(s) {', '.join(map(repr, bad))}: choose from {', '.join(OPTIONS)}")
+        return v
+
+    @field_validator("date_shift_days")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] > v[1]:
+            raise ValueError(f"[{v[0]}, {v[1]}]: the first must not exceed the second")
+        return v
 
 
-@dataclasses.dataclass
-class Route:
-    name: str
-    match: dict[str, Any] = dataclasses.field(default_factory=dict)
-    deid: DeidSettings | None = dataclasses.field(default_factory=DeidSettings)
-    pixels: Literal["none", "anonymize"] = "none"
-    counterfactuals: bool = False
-    model: str = "reference"
-    output_size: Literal["model", "original"] = "model"
-    partial: Literal["quarantine-study", "skip-object"] = "quarantine-study"
-    destinations: list[str] = dataclasses.field(default_factory=list)
+class Route(_Table):
+    name: str = hint("a name for the route, e.g. \"chest\"")
+    match: dict[str, Any] = hint("a table, e.g. match = { Modality = [\"CR\", \"DX\"] }", {})
+    deid: DeidSettings | None = hint("a table, e.g. deid = { profile = \"basic\" }, or \"none\"", default_factory=DeidSettings)
+    pixels: Literal["none", "anonymize"] = hint("choose one of 'none', 'anonymize'", "none")
+    counterfactuals: StrictBool = hint("true or false", False)
+    model: str = hint("the name of a [[models]] entry", "reference")
+    output_size: Literal["model", "original"] = hint("choose one of 'model', 'original'", "model")
+    partial: Literal["quarantine-study", "skip-object"] = hint("choose one of 'quarantine-study', 'skip-object'", "quarantine-study")
+    destinations: list[str] = hint("a list of destination names, e.g. [\"archive\"]", [])
+
+    @field_validator("deid", mode="before")
+    @classmethod
+    def _no_deid(cls, v: Any) -> Any:
+        return None if v is False or v == "none" else v
 
 
-@dataclasses.dataclass
-class ModelSettings:
-    name: str
-    path: str = "builtin:reference"
-    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = "auto"
-    batch_size: int = 32
+class ModelSettings(_Table):
+    name: str = hint("a name routes refer to, e.g. \"reference\"")
+    path: str = hint("a bundle folder, or builtin:reference", "builtin:reference")
+    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = hint("choose one of 'auto', 'tensorrt', 'onnxruntime', 'torch'", "auto")
+    batch_size: StrictInt = hint("an integer, 1 or more", 32, ge=1)
 
 
-@dataclasses.dataclass
-class Settings:
-    node: NodeSettings = dataclasses.field(default_factory=NodeSettings)
-    sources: list[Source] = dataclasses.field(default_factory=list)
-    destinations: list[Destination] = dataclasses.field(default_factory=list)
-    routes: list[Route] = dataclasses.field(default_factory=list)
-    models: list[ModelSettings] = dataclasses.field(default_factory=list)
+class Settings(BaseModel):
+    """The whole configuration; built by :func:`parse`, never from raw TOML directly."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    sources: list[Source] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    models: list[ModelSettings] = Field(default_factory=list)
     source_file: Path | None = None
+    warnings: list[str] = Field(default_factory=list)  # suspicious but valid settings
 
     def destination(self, name: str) -> Destination:
         for d in self.destinations:
@@ -139,154 +204,173 @@ class Settings:
         raise KeyError(name)
 
 
-def valid_ae_title(value: Any) -> bool:
-    return isinstance(value, str) and bool(_AE_RE.match(value)) and value.strip() != ""
+# -- turning pydantic's errors into what-to-write messages ---------------------------------
+def _field_hint(model: type[BaseModel], loc: tuple) -> str:
+    """The ``hint`` of the field an error location points at (nested tables included)."""
+    cls: Any = model
+    text = ""
+    for part in loc:
+        if not isinstance(part, str) or cls is None or not hasattr(cls, "model_fields"):
+            break
+        f = cls.model_fields.get(part)
+        if f is None:
+            break
+        text = (f.json_schema_extra or {}).get("hint", "") if isinstance(f.json_schema_extra, dict) else ""
+        ann = f.annotation
+        cls = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return text
 
 
-def _build(cls: type, raw: dict[str, Any], where: str, problems: list[str]) -> Any:
-    """Instantiate a settings dataclass from a table, checking names and simple types."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in fields:
-            problems.append(f"{where}: unknown setting '{key}' (known: {', '.join(sorted(fields))})")
+def _messages(exc: ValidationError, model: type[BaseModel], where: str, raw: dict[str, Any]) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        keys = [p for p in loc if isinstance(p, str)]
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(_known(model, loc[:-1])))
+            out.append(f"{where}: unknown setting '{'.'.join(map(str, loc))}' (known: {known})")
             continue
-        kwargs[key] = value
+        if err["type"] == "missing":
+            out.append(f"{where}: '{'.'.join(keys)}' is required: {_field_hint(model, loc)}")
+            continue
+        value = err.get("input")
+        custom = err["type"] == "value_error"
+        why = str(err["msg"]).removeprefix("Value error, ") if custom else _field_hint(model, loc) or err["msg"]
+        key = ".".join(keys[:1] + [str(p) for p in loc[1:]]) if keys else "?"
+        if value is None or isinstance(value, dict) and key.split(".")[0] not in raw:
+            out.append(f"{where} {key}: {why}")
+        else:
+            out.append(f"{where} {key} = {value!r}: {why}")
+    return out
+
+
+def _known(model: type[BaseModel], loc: tuple) -> list[str]:
+    cls: Any = model
+    for part in loc:
+        f = cls.model_fields.get(part) if isinstance(part, str) else None
+        if f is None:
+            break
+        cls = next((a for a in getattr(f.annotation, "__args__", (f.annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)), cls)
+    return list(cls.model_fields)
+
+
+def _validate(model: type[_Table], raw: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a table, found {type(raw).__name__}")
+        return None
     try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        problems.append(f"{where}: {exc}")
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_messages(exc, model, where, raw))
         return None
 
 
-def _check_choice(value: Any, choices: tuple[str, ...], where: str, problems: list[str]) -> None:
-    if value not in choices:
-        problems.append(f"{where} = {value!r}: choose one of {', '.join(repr(c) for c in choices)}")
+def _absolute(p: Path | None, base_dir: Path) -> Path | None:
+    if p is None:
+        return None
+    p = Path(p)
+    return p if p.is_absolute() else (base_dir / p).resolve()
 
 
-def _check_port(value: Any, where: str, problems: list[str]) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
-        problems.append(f"{where} = {value!r}: a TCP port is an integer from 1 to 65535")
+def _entries(raw: dict[str, Any], key: str, problems: list[str]) -> list[Any]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        problems.append(f"[[{key}]]: expected an array of tables ([[{key}]] entries)")
+        return []
+    return value
 
 
 def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = None) -> Settings:
-    """Validate a parsed TOML document and return :class:`Settings` (or raise ConfigError)."""
+    """Validate a parsed TOML document and return :class:`Settings`.
+
+    Relative paths are resolved against ``base_dir`` (default: the current directory).
+
+    Raises:
+        ConfigError: with one line per problem found, all of them at once.
+    """
     problems: list[str] = []
+    warnings: list[str] = []
     base_dir = base_dir or Path.cwd()
-    known = {"node", "sources", "destinations", "routes", "models"}
+    known = set(Settings.model_fields) - {"source_file", "warnings"}
     for key in raw:
         if key not in known:
             problems.append(f"unknown table [{key}] (known: {', '.join(sorted(known))})")
 
-    node = _build(NodeSettings, raw.get("node", {}), "[node]", problems) or NodeSettings()
-    if not valid_ae_title(node.ae_title):
-        problems.append(f"[node] ae_title = {node.ae_title!r}: an AE title is 1 to 16 characters, no backslash")
-    _check_port(node.port, "[node] port", problems)
-    _check_choice(node.unrouted, ("hold", "discard"), "[node] unrouted", problems)
-    if not isinstance(node.stable_after_s, (int, float)) or node.stable_after_s < 0:
-        problems.append(f"[node] stable_after_s = {node.stable_after_s!r}: seconds, 0 or more")
-    node.data_dir = Path(node.data_dir)
-    if not node.data_dir.is_absolute():
-        node.data_dir = (base_dir / node.data_dir).resolve()
-    if node.secret_path is not None:
-        node.secret_path = Path(node.secret_path)
-        if not node.secret_path.is_absolute():
-            node.secret_path = (base_dir / node.secret_path).resolve()
+    node = _validate(NodeSettings, raw.get("node", {}), "[node]", problems) or NodeSettings()
+    node.data_dir = _absolute(node.data_dir, base_dir)  # type: ignore[assignment]
+    node.secret_path = _absolute(node.secret_path, base_dir)
 
-    sources = []
-    for k, s in enumerate(raw.get("sources", [])):
-        src = _build(Source, s, f"[[sources]] #{k + 1}", problems)
-        if src is None:
-            continue
-        if not valid_ae_title(src.ae_title):
-            problems.append(f"[[sources]] #{k + 1} ae_title = {src.ae_title!r}: an AE title is 1 to 16 characters")
-        sources.append(src)
+    sources = [s for k, e in enumerate(_entries(raw, "sources", problems)) if (s := _validate(Source, e, f"[[sources]] #{k + 1}", problems))]
 
-    destinations = []
-    for k, d in enumerate(raw.get("destinations", [])):
-        dest = _build(Destination, d, f"[[destinations]] #{k + 1}", problems)
+    destinations: list[Destination] = []
+    for k, e in enumerate(_entries(raw, "destinations", problems)):
+        label = f"[[destinations]] '{e.get('name')}'" if isinstance(e, dict) and e.get("name") else f"[[destinations]] #{k + 1}"
+        dest = _validate(Destination, e, label, problems)
         if dest is None:
             continue
-        where = f"[[destinations]] '{dest.name}'"
-        _check_choice(dest.kind, ("dicom", "folder", "dicomweb"), f"{where} kind", problems)
-        if dest.kind == "dicom":
-            if not valid_ae_title(dest.ae_title):
-                problems.append(f"{where} ae_title = {dest.ae_title!r}: a dicom destination needs the archive's AE title")
-            _check_port(dest.port, f"{where} port", problems)
-        elif dest.kind == "folder":
-            if not dest.path:
-                problems.append(f"{where}: a folder destination needs path = \"DIR\"")
-            else:
-                dest.path = Path(dest.path)
-                if not dest.path.is_absolute():
-                    dest.path = (base_dir / dest.path).resolve()
-        elif dest.kind == "dicomweb" and not str(dest.url).startswith(("http://", "https://")):
-            problems.append(f"{where}: a dicomweb destination needs url = \"http://host:port/dicom-web\"")
-        if dest.calling_ae and not valid_ae_title(dest.calling_ae):
-            problems.append(f"{where} calling_ae = {dest.calling_ae!r}: an AE title is 1 to 16 characters")
+        _check_destination(dest, label, base_dir, problems)
         if any(d2.name == dest.name for d2 in destinations):
-            problems.append(f"{where}: two destinations have this name")
+            problems.append(f"{label}: two destinations have this name")
         destinations.append(dest)
 
-    models = []
-    for k, m in enumerate(raw.get("models", [])):
-        ms = _build(ModelSettings, m, f"[[models]] #{k + 1}", problems)
-        if ms is None:
-            continue
-        _check_choice(ms.backend, ("auto", "tensorrt", "onnxruntime", "torch"), f"[[models]] '{ms.name}' backend", problems)
-        models.append(ms)
+    models = [m for k, e in enumerate(_entries(raw, "models", problems)) if (m := _validate(ModelSettings, e, f"[[models]] #{k + 1}", problems))]
     model_names = {m.name for m in models} | {"reference"}
 
-    routes = []
+    routes: list[Route] = []
     dest_names = {d.name for d in destinations}
-    for k, r in enumerate(raw.get("routes", [])):
-        r = dict(r)
-        deid_raw = r.pop("deid", {})
-        route = _build(Route, r, f"[[routes]] #{k + 1}", problems)
+    for k, e in enumerate(_entries(raw, "routes", problems)):
+        label = f"[[routes]] '{e.get('name')}'" if isinstance(e, dict) and e.get("name") else f"[[routes]] #{k + 1}"
+        route = _validate(Route, e, label, problems)
         if route is None:
+            # Still check what can be checked, so that one run reports every problem.
+            if isinstance(e, dict):
+                partial = Route.model_construct(**{k: v for k, v in e.items() if k in ("name", "match", "destinations") and isinstance(v, (str, dict, list))})
+                _check_route(partial, label, dest_names, model_names, problems, warnings)
             continue
-        where = f"[[routes]] '{route.name}'"
-        if deid_raw is False or deid_raw == "none":
-            route.deid = None
-        else:
-            if "date_shift_days" in deid_raw:
-                deid_raw = dict(deid_raw)
-                deid_raw["date_shift_days"] = tuple(deid_raw["date_shift_days"])
-            route.deid = _build(DeidSettings, deid_raw, f"{where} deid", problems)
-            if route.deid is not None:
-                from node.deid.profile import OPTIONS
-
-                for opt in route.deid.options:
-                    if opt not in OPTIONS:
-                        problems.append(f"{where} deid option {opt!r}: choose from {', '.join(OPTIONS)}")
-                lo, hi = route.deid.date_shift_days
-                if lo > hi:
-                    problems.append(f"{where} deid date_shift_days = [{lo}, {hi}]: the first must not exceed the second")
-        _check_choice(route.pixels, ("none", "anonymize"), f"{where} pixels", problems)
-        _check_choice(route.partial, ("quarantine-study", "skip-object"), f"{where} partial", problems)
-        _check_choice(route.output_size, ("model", "original"), f"{where} output_size", problems)
-        if not route.destinations:
-            problems.append(f"{where}: destinations = [...] names at least one destination")
-        for dn in route.destinations:
-            if dn not in dest_names:
-                problems.append(f"{where}: destination {dn!r} is not defined in [[destinations]] (defined: {', '.join(sorted(dest_names)) or 'none'})")
-        if route.pixels == "anonymize" and route.model not in model_names:
-            problems.append(f"{where}: model {route.model!r} is not defined in [[models]]")
-        if route.counterfactuals and route.pixels != "anonymize":
-            problems.append(f"{where}: counterfactuals = true needs pixels = \"anonymize\"")
-        if not isinstance(route.match, dict):
-            problems.append(f"{where}: match is a table, e.g. match = {{ Modality = [\"CR\", \"DX\"] }}")
-        else:
-            from node.routing import check_match
-
-            problems.extend(f"{where} match: {p}" for p in check_match(route.match))
+        _check_route(route, label, dest_names, model_names, problems, warnings)
         if any(r2.name == route.name for r2 in routes):
-            problems.append(f"{where}: two routes have this name")
+            problems.append(f"{label}: two routes have this name")
         routes.append(route)
 
     if problems:
         raise ConfigError(problems, source)
-    return Settings(node=node, sources=sources, destinations=destinations, routes=routes, models=models)
+    return Settings(node=node, sources=sources, destinations=destinations, routes=routes, models=models, warnings=warnings)
+
+
+def _check_destination(dest: Destination, where: str, base_dir: Path, problems: list[str]) -> None:
+    if dest.kind == "dicom":
+        if not valid_ae_title(dest.ae_title):
+            problems.append(f"{where} ae_title = {dest.ae_title!r}: a dicom destination needs the archive's AE title")
+        if not 1 <= dest.port <= 65535:
+            problems.append(f"{where} port = {dest.port!r}: a TCP port is an integer from 1 to 65535")
+    elif dest.kind == "folder":
+        if not dest.path:
+            problems.append(f"{where}: a folder destination needs path = \"DIR\"")
+        else:
+            dest.path = _absolute(dest.path, base_dir)
+    elif dest.kind == "dicomweb" and not dest.url.startswith(("http://", "https://")):
+        problems.append(f"{where}: a dicomweb destination needs url = \"http://host:port/dicom-web\"")
+    if dest.calling_ae and not valid_ae_title(dest.calling_ae):
+        problems.append(f"{where} calling_ae = {dest.calling_ae!r}: an AE title is 1 to 16 characters")
+
+
+def _check_route(route: Route, where: str, dest_names: set[str], model_names: set[str], problems: list[str], warnings: list[str]) -> None:
+    if not route.destinations:
+        problems.append(f"{where}: destinations = [...] names at least one destination")
+    for dn in route.destinations:
+        if dn not in dest_names:
+            problems.append(f"{where}: destination {dn!r} is not defined in [[destinations]] (defined: {', '.join(sorted(dest_names)) or 'none'})")
+    if route.pixels == "anonymize" and route.model not in model_names:
+        problems.append(f"{where}: model {route.model!r} is not defined in [[models]]")
+    if route.pixels == "anonymize" and route.deid is None:
+        problems.append(f"{where}: pixels = \"anonymize\" needs a header profile (deid = {{ profile = \"basic\" }}): derived images would carry the whole original header")
+    if route.counterfactuals and route.pixels != "anonymize":
+        problems.append(f"{where}: counterfactuals = true needs pixels = \"anonymize\"")
+    from node.routing import check_match, match_warnings
+
+    if isinstance(route.match, dict):
+        problems.extend(f"{where} match: {p}" for p in check_match(route.match))
+        warnings.extend(f"{where} match: {w}" for w in match_warnings(route.match))
 
 
 def load(path: str | Path | None = None) -> Settings:

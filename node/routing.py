@@ -50,6 +50,22 @@ def check_match(match: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def match_warnings(match: Mapping[str, Any]) -> list[str]:
+    """Valid but suspicious conditions: a regular expression that matches the empty
+    string (an empty alternative such as ``"brain|head|"``, or ``.*``) takes every object,
+    present or absent."""
+    out = []
+    for key, cond in match.items():
+        if isinstance(cond, dict) and isinstance(cond.get("regex"), str):
+            try:
+                rx = re.compile(cond["regex"])
+            except re.error:
+                continue
+            if rx.search("") is not None:
+                out.append(f"{key}: the regular expression {cond['regex']!r} matches an empty value, so it matches every object (an empty alternative such as 'a|b|'?)")
+    return out
+
+
 def _values(attrs: Mapping[str, Any], key: str) -> list[str]:
     value = attrs.get(key)
     if value is None:

@@ -87,3 +87,36 @@ def test_every_command_has_help():
     for cmd in (["serve"], ["echo"], ["send"], ["status"], ["routes", "explain"], ["retry"], ["config", "check"], ["deid"], ["export-mapping"], ["demo"], ["engine", "train"], ["engine", "evaluate"], ["engine", "export"], ["engine", "build"], ["engine", "synth"]):
         r = run_cli(*cmd, "--help")
         assert r.returncode == 0 and "usage:" in r.stdout, cmd
+
+
+def test_types_are_checked_strictly_and_unsafe_routes_refused():
+    raw = {
+        "node": {"stable_after_s": "30", "accept_unknown_sources": "yes", "max_attempts": 0},
+        "destinations": [{"name": "f", "kind": "folder", "path": "out"}],
+        "routes": [
+            {"name": "p", "pixels": "anonymize", "deid": "none", "destinations": ["f"]},
+            {"name": "d", "deid": {"options": ["retain-everything"], "date_shift_days": [5, 1]}, "destinations": ["f"]},
+        ],
+    }
+    with pytest.raises(ConfigError) as exc:
+        parse(raw, "t.toml")
+    text = str(exc.value)
+    for expected in (
+        "stable_after_s = '30': seconds",
+        "accept_unknown_sources = 'yes': true or false",
+        "max_attempts = 0: an integer, 1 or more",
+        "'p': pixels = \"anonymize\" needs a header profile",
+        "unknown option(s) 'retain-everything'",
+        "the first must not exceed the second",
+    ):
+        assert expected in text, expected
+
+
+def test_a_regex_with_an_empty_alternative_is_warned_about(tmp_path):
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": "out"}])
+    raw["routes"] = [{"name": "mr", "match": {"StudyDescription": {"regex": "(?i)brain|head|"}}, "destinations": ["f"]}]
+    assert any("matches every object" in w for w in parse(raw).warnings)
+    r = run_cli("config", "check", str(write_toml(raw, tmp_path / "c.toml")))
+    assert r.returncode == 0 and "warning:" in r.stderr and "empty alternative" in r.stderr
+    raw["routes"][0]["match"] = {"StudyDescription": {"regex": "(?i)brain|head"}}
+    assert parse(raw).warnings == []
