@@ -112,6 +112,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # What the steps found, for review: JSON object, one key per step (e.g. "gates": scores,
+    # "burned_in": masked boxes). Pseudonymous values only, never PHI. See queue.note_job.
+    record: Mapped[str] = mapped_column(Text, default="{}")
     instance: Mapped[Instance] = relationship()
 
 

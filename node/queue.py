@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 from collections.abc import Iterable, Sequence
 
@@ -224,6 +225,15 @@ def claim_jobs(session: Session, lease_s: float, limit: int = 512) -> list[Job]:
     for j in jobs:
         session.refresh(j)
     return jobs
+
+
+def note_job(job: Job, step: str, value: object) -> None:
+    """Put what ``step`` found about this job into its record (a JSON object, one key per
+    step), e.g. gate scores or masked boxes. ``value`` must be JSON-serialisable and
+    carry no PHI: scores, boxes, names of attributes, never header values."""
+    record = json.loads(job.record or "{}")
+    record[step] = value
+    job.record = json.dumps(record, sort_keys=True)
 
 
 def finish_job(session: Session, job: Job, outputs: Iterable[Output], destinations: Sequence[str]) -> None:

@@ -11,7 +11,7 @@ import logging
 
 from engine.bundle import Bundle
 from engine.runtime.backends import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
-from engine.runtime.base import Runner, RunnerError, TensorSpec
+from engine.runtime.base import Runner, RunnerError, TensorSpec, TransientRunnerError
 
 log = logging.getLogger(__name__)
 

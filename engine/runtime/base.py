@@ -30,6 +30,12 @@ class RunnerError(RuntimeError):
     pass
 
 
+class TransientRunnerError(RunnerError):
+    """The backend is out of reach for now (an inference server down, a timeout): the
+    caller should retry the same work later. It says nothing about the input, so it must
+    never quarantine an object or count as one of its failed attempts."""
+
+
 class Runner(abc.ABC):
     """Base class of every backend. Use as a context manager::
 
