@@ -89,4 +89,4 @@ def make_runner(bundle: Bundle, graph: str, backend: str = "auto", max_batch: in
     return OnnxRuntimeRunner(onnx, inputs, outputs, providers=providers, max_batch=max_batch, spin=spin), choice
 
 
-__all__ = ["BACKENDS", "Choice", "Runner", "RunnerError", "TensorSpec", "choose", "make_runner", "unavailable"]
+__all__ = ["BACKENDS", "Choice", "Runner", "RunnerError", "TensorSpec", "TransientRunnerError", "choose", "make_runner", "unavailable"]
