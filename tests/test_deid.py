@@ -300,3 +300,10 @@ def test_output_validates_no_worse_than_input(tmp_path, name):
     out.save_as(dst, enforce_file_format=True)
     new = errors(dst) - errors(src)
     assert not new, f"errors the input did not have: {sorted(new)}"
+
+
+def test_log_ids_are_keyed_short_and_stable():
+    a, b = Pseudonymizer(SECRET_A), Pseudonymizer(SECRET_B)
+    uid = "1.2.840.113619.2.55.3.20240311.1"
+    assert a.log_id(uid) == a.log_id(uid) and a.log_id(uid) != b.log_id(uid)
+    assert a.log_id(uid).startswith("h:") and len(a.log_id(uid)) == 14 and "20240311" not in a.log_id(uid)

@@ -65,6 +65,12 @@ class Pseudonymizer:
             off = lo if lo != 0 else hi
         return off
 
+    def log_id(self, value: str) -> str:
+        """A short keyed hash naming an original identifier in logs and reasons
+        (``h:`` and 12 hex digits): stable for one secret, meaningless without it, so an
+        original UID (which may embed dates or device serials) never reaches a log."""
+        return "h:" + self._digest("log", value.strip()).hex()[:12]
+
     def seed(self, value: str) -> int:
         """A 63-bit seed for per-object randomness that must repeat on re-processing."""
         return int.from_bytes(self._digest("seed", value)[:8], "big") >> 1
