@@ -1,48 +1,73 @@
 """Apply the Annex E profile to one dataset, in place, at any sequence depth.
 
 One pass over the tags: each gets a final action (K keep, X remove, Z empty, D dummy,
-U pseudonymous UID, S shift date, C clean text, P pseudonymous patient ID/name, R
-replace with a configured value). Elements that stay untouched are never decoded, so
-pixel data and large binary elements cost nothing.
+U pseudonymous UID, S shift date, C clean text, P pseudonymous patient ID/name, A age
+capped at 90, R replace with a configured value). The action is the table's for the
+route's options (``node.deid.profile``); combined codes, and removals of attributes the
+object's IOD requires, are resolved by the IOD's Type at that place. Elements that stay
+untouched are never decoded, so pixel data and large binary elements cost nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import io
-import re
-import struct
 from collections.abc import Iterable
 
 from pydicom import Dataset
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from pydicom.uid import UID
+from pydicom.uid import UID_dictionary
 
 from node.config import DeidSettings
 from node.deid import profile
-from node.deid.pseudonyms import Pseudonymizer
-from node.wire import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, LONG_VRS, raw_strings, sequence_elements
+from node.deid.burned_in import burned_in_reason, zero_unused_high_bits
+from node.deid.dates import cap_age, shift
+from node.deid.encoding import encoded_element, set_meta, to_bytes
+from node.deid.pseudonyms import Pseudonymizer, patient_key
+from node.deid.text import first_text, identifiers, scrub, texts
+from node.wire import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, raw_strings, sequence_elements
 
-BURNED_IN_MODALITIES = {"US", "SC", "XA", "XC", "ES", "GM", "SM", "OT", "RF", "DOC", "IVUS"}
+__all__ = ["Deidentifier", "Patient", "QuarantineError", "Result", "to_bytes"]
 
 TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "PN", "AE", "CS", "AS", "UR"}
 DUMMY: dict[str, object] = {
     "AE": "ANONYMOUS", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101", "DT": "19000101000000",
     "TM": "000000", "DS": "0", "IS": "0", "LO": "ANONYMIZED", "LT": "ANONYMIZED", "SH": "ANONYMIZED",
-    "ST": "ANONYMIZED", "UC": "ANONYMIZED", "UT": "ANONYMIZED", "PN": "ANONYMIZED", "UR": "",
+    "ST": "ANONYMIZED", "UC": "ANONYMIZED", "UT": "ANONYMIZED", "PN": "ANONYMIZED", "UR": "http://anonymized.invalid",
     "FL": 0.0, "FD": 0.0, "SL": 0, "SS": 0, "UL": 0, "US": 0, "SV": 0, "UV": 0,
-    "OB": b"", "OW": b"", "OF": b"", "OD": b"", "OL": b"", "OV": b"", "UN": b"",
+    "OB": b"\x00\x00", "OW": b"\x00\x00", "OF": b"\x00\x00\x00\x00", "OD": bytes(8), "OL": bytes(4), "OV": bytes(8), "UN": b"\x00\x00",
 }
+# A blank one-page PDF: the dummy of an encapsulated PDF document (D keeps it valid).
+DUMMY_PDF = (
+    b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
+    b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 612 792]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
+)
+# Inside a sequence that is dummied or cleaned, these stay: codes name concepts, not people.
+STRUCTURAL = frozenset(
+    t for t in (
+        0x00080100, 0x00080102, 0x00080103, 0x00080105, 0x00080106, 0x0008010B, 0x0008010C, 0x0008010F,
+        0x00080117, 0x00080118, 0x00080119, 0x00080120, 0x00080122, 0x00080123, 0x00080124, 0x0040DB00,
+        0x0040A040, 0x0040A010, 0x0040A050, 0x00700023, 0x00700002, 0x00700003, 0x00700004, 0x00700005,
+    )
+)  # CodeValue, CodingSchemeDesignator/Version, ContextIdentifier, ContextGroupExtensionFlag, MappingResource,
+# ContextUID, LongCodeValue, URNCodeValue, EquivalentCodeSequence, CodingSchemeName, TemplateIdentifier,
+# ValueType, RelationshipType, ContinuityOfContent, GraphicType, GraphicLayer, annotation units
+_CODE_MEANING = 0x00080104
 _PATIENT_ID = 0x00100020
 _PATIENT_NAME = 0x00100010
-_PATIENT_IDENTITY_REMOVED = 0x00120062
-_DEID_METHOD = 0x00120063
-_DEID_CODES = 0x00120064
-_LONGITUDINAL = 0x00280303
+_PATIENT_AGE = 0x00101010
+_ISSUER = 0x00100021
+_ISSUER_QUALIFIERS = 0x00100024
+_ENCAPSULATED_DOCUMENT = 0x00420011
+_ENCAPSULATED_LENGTH = 0x00420015
+_MIME_TYPE = 0x00420012
+_SOP_CLASS = 0x00080016
+_LEVEL_UIDS = {"SOPInstanceUID": 0x00080018, "SeriesInstanceUID": 0x0020000E, "StudyInstanceUID": 0x0020000D, "FrameOfReferenceUID": 0x00200052}
+# Unlisted UIDs that name definitions, not instances: kept (every other unlisted UID is replaced).
+_DEFINITION_UID_WORDS = ("ClassUID", "TransferSyntax", "CodingSchemeUID", "ContextUID", "MappingResourceUID", "CreatorUID", "OrganizationUID")
 
 
 class QuarantineError(Exception):
@@ -50,16 +75,25 @@ class QuarantineError(Exception):
 
 
 @dataclasses.dataclass
+class Patient:
+    """One patient as the header step saw and replaced them (for the honest broker)."""
+
+    issuer: str
+    patient_id: str
+    name: str
+    new_id: str
+    new_name: str
+    offset_days: int | None
+
+
+@dataclasses.dataclass
 class Result:
     dataset: Dataset
-    uid_map: dict[str, str]
-    patient_map: dict[str, str]
+    uid_map: dict[str, str]  # every UID replaced: input value -> output value
+    patient_map: dict[str, str]  # patient key (ID, issuer) -> pseudonymous Patient ID
     changes: list[tuple[str, str, str]]  # (tag path, action, keyword) for --diff
-
-
-def _combined(code: str) -> str:
-    """Pick one action from a combined code, keeping the object valid (Z or D over X)."""
-    return {"X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "Z", "X/Z/U*": "U*"}.get(code, code)
+    patients: dict[str, Patient] = dataclasses.field(default_factory=dict)  # patient key -> who
+    levels: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # keyword -> (input, output) of the object's own UIDs
 
 
 class Deidentifier:
@@ -71,36 +105,23 @@ class Deidentifier:
         self.pixels_cleaned = pixels_cleaned
         self.record_changes = record_changes
         self.table = profile.load_table()
-        opts = set(settings.options)
+        opts = frozenset(settings.options)
         self.options = opts
         self.full_dates = "retain-longitudinal-full-dates" in opts
         self.modified_dates = "retain-longitudinal-modified-dates" in opts and not self.full_dates
-        actions: dict[int, str] = {t: _combined(a) for t, a in self.table.by_tag.items()}
-        keep: set[int] = set()
-        clean: set[int] = set()
-        if "retain-patient-characteristics" in opts:
-            keep |= profile.tags_of(profile.PATIENT_CHARACTERISTICS)
-            clean |= profile.tags_of(profile.PATIENT_CHARACTERISTICS_CLEAN)
-        if "retain-device-identity" in opts:
-            keep |= profile.tags_of(profile.DEVICE_IDENTITY)
-        if "retain-institution-identity" in opts:
-            keep |= profile.tags_of(profile.INSTITUTION_IDENTITY)
-        if "retain-uids" in opts:
-            keep |= {t for t, a in actions.items() if a == "U"}
-        if "clean-descriptors" in opts:
-            clean |= profile.tags_of(profile.DESCRIPTORS)
-        if "clean-structured-content" in opts:
-            clean |= profile.tags_of(profile.STRUCTURED_CONTENT)
-        if "clean-graphics" in opts:
-            keep |= profile.tags_of(profile.GRAPHICS)
-        for t in keep:
-            actions[t] = "K"
-        for t in clean:
-            actions[t] = "C"
-        actions[_PATIENT_ID] = "P"
-        actions[_PATIENT_NAME] = "P"
+        actions: dict[int, str] = {t: e.action(opts) for t, e in self.table.entries.items()}
+        self.masked = tuple((v, m, e.action(opts)) for v, m, e in self.table.masked)
+        # Where the modified-dates column says C, dates move (S); other C are cleaning.
+        self.shifted = frozenset(
+            t for t, e in self.table.entries.items() if self.modified_dates and actions[t] == "C" and e.options.get("retain-longitudinal-modified-dates") == "C"
+        )
+        if actions.get(_PATIENT_AGE) == "K":
+            actions[_PATIENT_AGE] = "A"
+        actions[_PATIENT_ID] = "P"  # Z/D: a consistent pseudonym is a D value
+        actions[_PATIENT_NAME] = "P"  # Z: a non-empty dummy is allowed, and the pseudonym is one
         for name in settings.keep:
-            actions[profile.tag_of(name)] = "K"
+            tag = profile.tag_of(name)
+            actions[tag] = "A" if tag == _PATIENT_AGE else "K"
         for name in settings.remove:
             actions[profile.tag_of(name)] = "X"
         self.replace: dict[int, str] = {profile.tag_of(k): v for k, v in settings.replace.items()}
@@ -108,9 +129,8 @@ class Deidentifier:
             actions[t] = "R"
         self.user_tags = {profile.tag_of(n) for n in (*settings.keep, *settings.remove, *settings.replace)}
         self.actions = actions
-        self.cleans = "C" in actions.values()
-        self.clean_graphics = "clean-graphics" in opts
-        self.safe_private = "retain-safe-private" in opts
+        self.cleans = "C" in actions.values() or any(a == "C" for _, _, a in self.masked)
+        self.safe_private = self.table.private.action(opts) == "C"
         # Apply the common actions to raw elements' bytes (see _raw_action); False runs
         # every action through pydicom's decoded values (the reference the tests compare).
         self.raw_fast = True
@@ -118,15 +138,21 @@ class Deidentifier:
 
     # -- public -------------------------------------------------------------------
     def check_burned_in(self, ds: Dataset) -> None:
-        """Raise QuarantineError when the pixels may carry text and nobody cleans them."""
-        if self.pixels_cleaned or self.settings.burned_in == "allow" or 0x7FE00010 not in ds._dict:
+        """The burned-in-text policy, the one place it is decided: raise QuarantineError
+        when the pixels (or the encapsulated document) may carry text and this route
+        neither cleans pixels nor allows such objects (see burned_in.burned_in_reason)."""
+        if self.pixels_cleaned or self.settings.burned_in == "allow":
             return
-        flag = _first_text(ds, 0x00280301).upper()  # BurnedInAnnotation
-        modality = _first_text(ds, 0x00080060).upper()
-        if flag == "YES":
-            raise QuarantineError("BurnedInAnnotation is YES and this route does not clean pixels")
-        if not flag and modality in BURNED_IN_MODALITIES:
-            raise QuarantineError(f"modality {modality} often has burned-in text, BurnedInAnnotation is absent, and this route does not clean pixels")
+        why = burned_in_reason(ds)
+        if why:
+            raise QuarantineError(f"{why}, and this route does not clean pixels")
+
+    def action_for(self, tag: int, vr: str | None = None, *, sop_class: str = "", parent: int = 0) -> str:
+        """The action this profile applies to ``tag`` at a place (``parent`` sequence tag,
+        0 at the top level) of an object of ``sop_class``, before value-dependent choices
+        (registry UIDs kept, unparsable dates dummied). For tests and --diff."""
+        iod = self.table.iods.for_sop_class(sop_class) if sop_class else None
+        return self._action(BaseTag(tag), vr, iod, parent)
 
     def apply(self, ds: Dataset, extra_codes: Iterable[tuple[str, str]] = ()) -> Result:
         """De-identify ``ds`` in place and mark it; returns it with the mappings used.
@@ -135,22 +161,59 @@ class Deidentifier:
             QuarantineError: burned-in text that this route does not clean.
         """
         self.check_burned_in(ds)
-        old_pid = _first_text(ds, _PATIENT_ID)
-        patient_key = old_pid or _first_text(ds, 0x0020000D)  # StudyInstanceUID
-        lo, hi = self.settings.date_shift_days
-        ctx = _Context(
-            uid_map={},
-            patient_map={},
-            changes=[],
-            offset=dt.timedelta(days=self.pseudo.date_offset_days(patient_key, lo, hi)) if self.modified_dates else None,
-            phi=_phi_strings(ds) if self.cleans else [],  # only text that is kept and cleaned needs them
-            old_pid=patient_key,
-        )
-        self._walk(ds, ctx, "", dummy=False)
+        ctx = self._context(ds)
+        before = {kw: first_text(ds, tag) for kw, tag in _LEVEL_UIDS.items()}
+        if self._remove_overlays(ds, ctx) and zero_unused_high_bits(ds):
+            self._note(ctx, "", BaseTag(0x7FE00010), "C")  # overlay bits embedded in Pixel Data cleared
+        self._walk(ds, ctx, "", "", 0)
         for tag, value in self.replace.items():  # replacements also add absent attributes
             if tag not in ds:
                 ds.add_new(tag, dictionary_VR(tag), value)
         self._mark(ds, extra_codes)
+        self._file_meta(ds, ctx)
+        levels = {kw: (old, first_text(ds, _LEVEL_UIDS[kw])) for kw, old in before.items() if old}
+        return Result(ds, ctx.uid_map, {k: p.new_id for k, p in ctx.patients.items()}, ctx.changes, ctx.patients, levels)
+
+    def _remove_overlays(self, ds: Dataset, ctx: _Context) -> bool:
+        """Remove every overlay group whose Overlay Data (60xx,3000) the profile removes
+        (X) or would clean (C: a bitmap cannot be cleaned here), all of its elements, so
+        that no overlay is left without its data; also groups without Overlay Data,
+        whose overlay lives in Pixel Data's unused bits. Returns whether any went."""
+        groups = {t >> 16 for t in ds._dict if 0x6000 <= (t >> 16) <= 0x601E and not (t >> 16) & 1}
+        removed = False
+        for g in sorted(groups):
+            data_tag = BaseTag((g << 16) | 0x3000)
+            if data_tag in self.user_tags and self.actions[data_tag] == "K":
+                continue
+            if self._base(data_tag) in ("X", "C"):
+                for t in [t for t in ds._dict if t >> 16 == g]:
+                    del ds[t]
+                self._note(ctx, "", data_tag, "X")
+                removed = True
+        return removed
+
+    # -- per object ---------------------------------------------------------------
+    def _context(self, ds: Dataset) -> _Context:
+        key = _patient_key_of(ds) or first_text(ds, 0x0020000D)  # no Patient ID: the study stands for the patient
+        lo, hi = self.settings.date_shift_days
+        offset = self.pseudo.date_offset_days(key, lo, hi) if self.modified_dates else None
+        sop_class = first_text(ds, _SOP_CLASS)
+        ctx = _Context(
+            uid_map={},
+            patients={},
+            changes=[],
+            offset=dt.timedelta(days=offset) if offset is not None else None,
+            phi=identifiers(ds) if self.cleans else [],  # only text that is kept and cleaned needs them
+            key=key,
+            iod=self.table.iods.for_sop_class(sop_class) if sop_class else None,
+            root=ds,
+        )
+        if key:
+            issuer, pid = _split(key)
+            ctx.patients[key] = Patient(issuer, pid, first_text(ds, _PATIENT_NAME), self.pseudo.patient_id(key), self.pseudo.patient_name(key), offset)
+        return ctx
+
+    def _file_meta(self, ds: Dataset, ctx: _Context) -> None:
         meta = getattr(ds, "file_meta", None)
         if meta is None:
             from pydicom.dataset import FileMetaDataset
@@ -159,65 +222,105 @@ class Deidentifier:
         # Set through elements, not attributes: FileMetaDataset checks every assignment,
         # and the UIDs are read without decoding the dataset's (raw) elements.
         if 0x00080018 in ds._dict:
-            _set_meta(meta, 0x00020003, "UI", _first_text(ds, 0x00080018))  # MediaStorageSOPInstanceUID
+            set_meta(meta, 0x00020003, "UI", first_text(ds, 0x00080018))  # MediaStorageSOPInstanceUID
         elif meta.get("MediaStorageSOPInstanceUID"):  # no SOPInstanceUID: still never the original
-            _set_meta(meta, 0x00020003, "UI", self._uid(str(meta.MediaStorageSOPInstanceUID), ctx))
+            set_meta(meta, 0x00020003, "UI", self._uid(str(meta.MediaStorageSOPInstanceUID), ctx))
         if 0x00080016 in ds._dict:
-            _set_meta(meta, 0x00020002, "UI", _first_text(ds, 0x00080016))  # MediaStorageSOPClassUID
+            set_meta(meta, 0x00020002, "UI", first_text(ds, 0x00080016))  # MediaStorageSOPClassUID
         if "TransferSyntaxUID" not in meta:
             from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
             implicit, _ = getattr(ds, "original_encoding", (True, True))
             meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit in (True, None) else ExplicitVRLittleEndian
-        _set_meta(meta, 0x00020012, "UI", IMPLEMENTATION_CLASS_UID)
-        _set_meta(meta, 0x00020013, "SH", IMPLEMENTATION_VERSION)
+        set_meta(meta, 0x00020012, "UI", IMPLEMENTATION_CLASS_UID)
+        set_meta(meta, 0x00020013, "SH", IMPLEMENTATION_VERSION)
         for t in (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102):  # AE titles, signatures
             if t in meta:
                 del meta[t]
-        return Result(ds, ctx.uid_map, ctx.patient_map, ctx.changes)
 
-    # -- internals ----------------------------------------------------------------
-    def _action(self, tag: BaseTag, vr: str | None) -> str:
+    # -- actions ------------------------------------------------------------------
+    def _base(self, tag: BaseTag) -> str | None:
+        act = self.actions.get(tag)
+        if act is None and self.masked and (tag >> 16) & 0xFF01 in (0x5000, 0x6000):
+            for value, mask, a in self.masked:
+                if tag & mask == value:
+                    return a
+        return act
+
+    def _action(self, tag: BaseTag, vr: str | None, iod: dict | None, parent: int) -> str:
+        """The action at this place; 'recurse' walks a sequence's items, 'U?' replaces a
+        UID unless it is a registry UID, 'private' is decided with its Private Creator."""
         if tag.is_private:
             return "private"
-        if tag in self.user_tags:
-            return self.actions[tag]
-        group = tag.group
-        if group == 0x0000:  # command elements have no place in a stored dataset
+        if tag >> 16 == 0x0000:  # command elements have no place in a stored dataset
             return "X"
-        if 0x5000 <= group <= 0x501E and not group & 1:
-            return "K" if self.clean_graphics else "X"
-        if 0x6000 <= group <= 0x601E and not group & 1:
-            return "K" if self.clean_graphics else "X"
-        act = self.actions.get(tag)
-        if vr is None:
+        act = self._base(tag)
+        if vr is None or vr == "UN":
             try:
                 vr = dictionary_VR(tag)
             except KeyError:
                 vr = "UN"
-        if vr in ("DA", "DT"):
-            if self.full_dates:
-                return "K"
-            if self.modified_dates:
-                return "S"
-            return act or "D"
+        if tag in self.user_tags:
+            return "recurse" if act == "K" and vr == "SQ" else act  # type: ignore[return-value]
         if act is None:
-            if vr == "PN":
-                return "Z"
-            if vr == "SQ":
-                return "recurse"
-            return "K"
+            return self._unlisted(tag, vr)
+        if act in profile.COMBINED or act == "X":
+            act = profile.resolve(act, iod.get((parent, int(tag))) if iod else None)
+        if act == "C" and tag in self.shifted:
+            return "S" if vr in ("DA", "DT") else "K"  # whole days: times and UTC offsets stay
         if act == "U*":
-            return "U" if vr == "UI" else "Z"
+            return "recurse" if vr == "SQ" else ("U" if vr == "UI" else "Z")
         if act == "K" and vr == "SQ":
-            return "K"
+            return "recurse"  # K on a sequence: its items are de-identified too (E.1.1)
         return act
 
-    def _walk(self, ds: Dataset, ctx: _Context, path: str, dummy: bool) -> None:
+    def _unlisted(self, tag: int, vr: str) -> str:
+        """Attributes Table E.1-1 does not list: dates and times by VR (E.1.1 note 4),
+        person names emptied, instance UIDs replaced, the rest kept."""
+        if vr in ("DA", "DT"):
+            return "K" if self.full_dates else ("S" if self.modified_dates else "D")
+        if vr == "PN":
+            return "Z"
+        if vr == "SQ":
+            return "recurse"
+        if vr == "UI":
+            keyword = keyword_for_tag(tag) or ""
+            return "K" if any(w in keyword for w in _DEFINITION_UID_WORDS) else "U?"
+        return "K"
+
+    def _inner(self, act: str, mode: str, tag: BaseTag, vr: str | None) -> str:
+        """Inside a dummied (D) or cleaned (C) sequence: what an element that the table
+        would keep becomes (codes and structure stay; text, names and dates do not)."""
+        if act not in ("K", "recurse", "A", "U?") or tag in STRUCTURAL:
+            return act
+        if vr is None or vr == "UN":
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                return act
+        if vr == "SQ":
+            return "recurse"
+        if vr == "UI":
+            return "U?"
+        if tag == _CODE_MEANING:
+            return "C"
+        if vr in ("DA", "DT"):
+            return "K" if self.full_dates else ("S" if self.modified_dates else "D")
+        if vr == "TM":
+            return "K" if (self.full_dates or self.modified_dates) else "D"
+        if vr in TEXT_VRS and vr not in ("CS", "AS"):
+            return "D" if mode == "D" else "C"
+        return act
+
+    # -- the walk -----------------------------------------------------------------
+    def _walk(self, ds: Dataset, ctx: _Context, path: str, mode: str, parent: int) -> None:
+        """``mode``: '' normal, 'D' inside a dummied sequence, 'C' inside a cleaned one."""
         for tag in list(ds.keys()):
             raw = ds.get_item(tag)
             vr = getattr(raw, "VR", None)
-            act = self._action(tag, vr)
+            act = self._action(tag, vr, ctx.iod, parent)
+            if mode:
+                act = self._inner(act, mode, tag, vr)
             if act == "private":
                 if 0x0010 <= tag.element < 0x0100:  # a private creator: decided after its block
                     continue
@@ -226,57 +329,33 @@ class Deidentifier:
                 del ds[tag]
                 self._note(ctx, path, tag, "X")
                 continue
-            if dummy and act in ("K", "recurse") and vr != "SQ":
-                elem = ds[tag]
-                if (elem.VR in TEXT_VRS and elem.VR != "CS") or elem.VR in ("DA", "DT", "TM"):
-                    act = "D"
             if act == "K":
                 continue
-            if act == "recurse" and self.raw_fast and not dummy and type(raw) is RawDataElement and self._keeps_whole(raw):
+            if act == "recurse" and self.raw_fast and not mode and type(raw) is RawDataElement and self._keeps_whole(raw):
                 continue  # nothing inside to change: the sequence stays as read, undecoded
-            if act == "recurse" or (act == "C" and (vr == "SQ" or ds[tag].VR == "SQ")):
+            if act == "recurse" or (act in ("C", "D") and (vr == "SQ" or (vr in (None, "UN") and _vr_of(tag) == "SQ"))):
                 elem = ds[tag]
-                for k, item in enumerate(elem.value or []):
-                    self._walk(item, ctx, f"{path}{_tagstr(tag)}[{k}].", dummy)
-                continue
+                if elem.VR == "SQ":
+                    inner = mode if act == "recurse" else act
+                    for k, item in enumerate(elem.value or []):
+                        self._walk(item, ctx, f"{path}{_tagstr(tag)}[{k}].", inner, int(tag))
+                    if act != "recurse":
+                        self._note(ctx, path, tag, act)
+                    continue
+                if act == "recurse":
+                    continue
             if act == "X":
                 del ds[tag]
                 self._note(ctx, path, tag, "X")
                 continue
             if self.raw_fast and type(raw) is RawDataElement:
-                new = self._raw_action(raw, act, tag, ctx)
+                new = self._raw_action(raw, act, tag, ctx, ds)
                 if new is not None:
-                    ds._dict[tag] = new
-                    self._note(ctx, path, tag, act)
+                    if new is not raw:
+                        ds._dict[tag] = new
+                        self._note(ctx, path, tag, act)
                     continue
-            elem = ds[tag]
-            self._note(ctx, path, tag, act)
-            if act == "Z":
-                elem.value = Sequence() if elem.VR == "SQ" else ("" if elem.VR in TEXT_VRS or elem.VR in ("DA", "DT", "TM", "DS", "IS", "UI") else None)
-            elif act == "D":
-                if elem.VR == "SQ":
-                    for k, item in enumerate(elem.value or []):
-                        self._walk(item, ctx, f"{path}{_tagstr(tag)}[{k}].", True)
-                elif elem.VR == "UI":
-                    elem.value = self._uids(elem.value, ctx)
-                else:
-                    elem.value = DUMMY.get(elem.VR, "")
-            elif act == "U":
-                elem.value = self._uids(elem.value, ctx)
-            elif act == "S":
-                elem.value = _shift(elem.value, elem.VR, ctx.offset)
-            elif act == "C":
-                elem.value = _scrub(elem.value, ctx.phi) if isinstance(elem.value, str) else elem.value
-            elif act == "P":
-                if tag == _PATIENT_ID:
-                    new = self.pseudo.patient_id(ctx.old_pid) if ctx.old_pid else ""
-                    if ctx.old_pid:
-                        ctx.patient_map[ctx.old_pid] = new
-                    elem.value = new
-                else:
-                    elem.value = self.pseudo.patient_name(ctx.old_pid) if ctx.old_pid else ""
-            elif act == "R":
-                elem.value = self.replace[tag]
+            self._decoded_action(ds, tag, act, ctx, path)
         # Private creators: keep only those whose block still holds an element.
         creators = [t for t in ds.keys() if t.is_private and 0x0010 <= t.element < 0x0100]
         if creators:
@@ -284,6 +363,82 @@ class Deidentifier:
             for tag in creators:
                 if (tag.group, tag.element) not in used:
                     del ds[tag]
+
+    def _decoded_action(self, ds: Dataset, tag: BaseTag, act: str, ctx: _Context, path: str) -> None:
+        elem = ds[tag]
+        vr = elem.VR
+        before = elem.value
+        if act == "Z":
+            elem.value = Sequence() if vr == "SQ" else ("" if vr in TEXT_VRS or vr in ("DA", "DT", "TM", "DS", "IS", "UI") else None)
+        elif act == "D":
+            if vr == "UI":
+                elem.value = self._uids(elem.value, ctx)
+            elif tag == _ENCAPSULATED_DOCUMENT:
+                self._dummy_document(ds, elem)
+            else:
+                elem.value = DUMMY.get(vr, "ANONYMIZED")
+        elif act == "U" or act == "U?":
+            if vr == "UI":
+                elem.value = self._uids(elem.value, ctx, keep_registry=act == "U?")
+        elif act == "S":
+            elem.value = self._shift_values(elem.value, vr, ctx)
+        elif act == "C":
+            self._clean(ds, elem, ctx)
+        elif act == "A":
+            elem.value = cap_age(str(elem.value)) if elem.value else elem.value
+        elif act == "P":
+            elem.value = self._patient_value(ds, tag, ctx)
+        elif act == "R":
+            elem.value = self.replace[tag]
+        if elem.value is not before:
+            self._note(ctx, path, tag, act)
+
+    def _clean(self, ds: Dataset, elem, ctx: _Context) -> None:
+        """C on one element: text loses the object's identifiers (never left empty: an
+        emptied value becomes the VR's dummy); a name is the patient's pseudonym or a
+        dummy; binary data cannot be cleaned and is removed; numbers stay."""
+        vr = elem.VR
+        if vr == "PN":
+            value = str(elem.value or "")
+            elem.value = self.pseudo.patient_name(ctx.key) if ctx.key and _same_person(value, ds, ctx) else (DUMMY["PN"] if value else value)
+        elif vr in ("DA", "DT"):
+            elem.value = elem.value if self.full_dates else (self._shift_values(elem.value, vr, ctx) if self.modified_dates else DUMMY[vr])
+        elif vr in TEXT_VRS:
+            values = elem.value if isinstance(elem.value, (list, tuple)) or type(elem.value).__name__ == "MultiValue" else [elem.value]
+            cleaned = [scrub(str(v), ctx.phi) if v else v for v in values]
+            cleaned = [c if (c and c.strip("X ")) or not v else DUMMY.get(vr, "ANONYMIZED") for c, v in zip(cleaned, values, strict=True)]
+            elem.value = cleaned if len(cleaned) != 1 else cleaned[0]
+        elif vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+            del ds[elem.tag]  # nothing in a bitmap or blob can be cleaned here: removed
+        elif vr == "UI":
+            elem.value = self._uids(elem.value, ctx, keep_registry=True)
+
+    def _dummy_document(self, ds: Dataset, elem) -> None:
+        mime = first_text(ds, _MIME_TYPE).lower()
+        elem.value = DUMMY_PDF if mime in ("", "application/pdf") else b"ANONYMIZED"
+        if len(elem.value) % 2:
+            elem.value += b"\x00"
+        if _ENCAPSULATED_LENGTH in ds._dict:
+            ds[_ENCAPSULATED_LENGTH].value = len(elem.value)
+
+    def _patient_value(self, ds: Dataset, tag: int, ctx: _Context) -> str:
+        if tag == _PATIENT_ID:
+            key = _patient_key_of(ds) if ds is not ctx.root else ctx.key  # an item (OtherPatientIDsSequence) has its own issuer
+            if not key:
+                return ""
+            if key not in ctx.patients:
+                issuer, pid = _split(key)
+                ctx.patients[key] = Patient(issuer, pid, "", self.pseudo.patient_id(key), self.pseudo.patient_name(key), None)
+            return self.pseudo.patient_id(key)
+        return self.pseudo.patient_name(ctx.key) if ctx.key else ""
+
+    def _shift_values(self, value, vr: str, ctx: _Context):
+        if ctx.offset is None or value in (None, ""):
+            return value
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            return [self._shift_values(v, vr, ctx) for v in value]
+        moved = shift(str(value), vr, ctx.offset)
+        return moved if moved is not None else DUMMY[vr]
 
     def _keeps_whole(self, raw: RawDataElement) -> bool:
         """True when every element inside a raw sequence, at any depth, is kept as it is
@@ -297,11 +452,11 @@ class Deidentifier:
         for tag, vr in inside:
             if tag & 0xFFFF == 0:
                 return False  # a group length: pydicom's writer drops it, so decode
-            if self._action(BaseTag(tag), vr) not in ("K", "recurse"):
+            if self._action(BaseTag(tag), vr, None, -1) not in ("K", "recurse"):
                 return False
         return True
 
-    def _raw_action(self, raw: RawDataElement, act: str, tag: BaseTag, ctx: _Context) -> RawDataElement | None:
+    def _raw_action(self, raw: RawDataElement, act: str, tag: BaseTag, ctx: _Context, ds: Dataset) -> RawDataElement | None:
         """The action applied to the element's bytes, for the ASCII values the profile
         writes most (emptied values, UIDs, shifted dates, dummies, patient pseudonyms):
         no decoding into pydicom values and back. None where the element needs pydicom
@@ -314,23 +469,22 @@ class Deidentifier:
         values = raw_strings(raw)
         if values is None:
             return None
-        if act == "U" or (act == "D" and vr == "UI"):
+        if act in ("U", "U?") or (act == "D" and vr == "UI"):
             if vr != "UI":
                 return None
-            return _raw_replace(raw, vr, [self._uid(v, ctx) if v else v for v in values])
+            keep = act == "U?"
+            return _raw_replace(raw, vr, [self._uid(v, ctx) if v and not (keep and _is_registry_uid(v)) else v for v in values])
         if act == "S" and vr in ("DA", "DT"):
             if ctx.offset is None or values == [""]:
                 return raw
-            return _raw_replace(raw, vr, [_shift(v, vr, ctx.offset) for v in values])
+            return _raw_replace(raw, vr, [_or_dummy(shift(v, vr, ctx.offset), vr) for v in values])
         if act == "D" and isinstance(DUMMY.get(vr), str) and vr != "SQ":
-            return _raw_replace(raw, vr, [DUMMY[vr]])
-        if act == "P" and tag == _PATIENT_ID:
-            new = self.pseudo.patient_id(ctx.old_pid) if ctx.old_pid else ""
-            if ctx.old_pid:
-                ctx.patient_map[ctx.old_pid] = new
-            return _raw_replace(raw, vr, [new])
-        if act == "P":
-            return _raw_replace(raw, vr, [self.pseudo.patient_name(ctx.old_pid) if ctx.old_pid else ""])
+            return _raw_replace(raw, vr, [DUMMY[vr]])  # type: ignore[list-item]
+        if act == "P" and b"\x1b" not in (raw.value or b""):
+            return _raw_replace(raw, vr, [self._patient_value(ds, tag, ctx)])
+        if act == "A" and vr == "AS":
+            capped = [cap_age(v) for v in values]
+            return raw if capped == values else _raw_replace(raw, vr, capped)
         return None
 
     def _is_safe_private(self, ds: Dataset, tag: BaseTag) -> bool:
@@ -338,13 +492,15 @@ class Deidentifier:
             return False
         creator_tag = (tag.group << 16) | (tag.element >> 8)
         creator = ds.get(creator_tag)
-        name = str(creator.value).strip() if creator is not None else ""
-        return (name, tag.group, tag.element & 0xFF) in profile.SAFE_PRIVATE
+        name = str(creator.value).strip().upper() if creator is not None else ""
+        return (name, tag.group, tag.element & 0xFF) in self.table.safe_private
 
-    def _uids(self, value, ctx: _Context):
+    def _uids(self, value, ctx: _Context, keep_registry: bool = False):
         if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-            return [self._uid(str(v), ctx) for v in value]
-        return self._uid(str(value), ctx) if value else value
+            return [self._uids(v, ctx, keep_registry) for v in value]
+        if not value or (keep_registry and _is_registry_uid(str(value))):
+            return value
+        return self._uid(str(value), ctx)
 
     def _uid(self, old: str, ctx: _Context) -> str:
         new = self.pseudo.uid(old)
@@ -353,8 +509,6 @@ class Deidentifier:
 
     def _note(self, ctx: _Context, path: str, tag: BaseTag, act: str) -> None:
         if self.record_changes:
-            from pydicom.datadict import keyword_for_tag
-
             ctx.changes.append((f"{path}{_tagstr(tag)}", act, keyword_for_tag(tag) or "private"))
 
     def _mark(self, ds: Dataset, extra_codes: Iterable[tuple[str, str]]) -> None:
@@ -366,7 +520,7 @@ class Deidentifier:
         if key not in self._marks:  # the same four elements for every object of a route: encode once
             tmp = Dataset()
             self._mark_decoded(tmp, key[0])
-            self._marks[key] = [_encoded(tmp, tag, implicit=encoding[0]) for tag in sorted(tmp.keys())]
+            self._marks[key] = [encoded_element(tmp, tag, implicit=encoding[0]) for tag in sorted(tmp.keys())]
         for elem in self._marks[key]:
             ds._dict[elem.tag] = elem  # raw elements are immutable: safe to share
 
@@ -389,57 +543,54 @@ class Deidentifier:
 @dataclasses.dataclass
 class _Context:
     uid_map: dict[str, str]
-    patient_map: dict[str, str]
+    patients: dict[str, Patient]
     changes: list[tuple[str, str, str]]
     offset: dt.timedelta | None
     phi: list[str]
-    old_pid: str
+    key: str  # the patient key of the object (see pseudonyms.patient_key)
+    iod: dict | None  # the IOD Types of the object's SOP class (profile.IodTypes)
+    root: Dataset | None = None
+
+
+def _patient_key_of(ds: Dataset) -> str:
+    """The patient key of a dataset or item: Patient ID with its issuer."""
+    pid = first_text(ds, _PATIENT_ID)
+    if not pid:
+        return ""
+    issuer = first_text(ds, _ISSUER)
+    if not issuer and _ISSUER_QUALIFIERS in ds._dict:
+        items = ds[_ISSUER_QUALIFIERS].value or []
+        if items:
+            uid, kind = first_text(items[0], 0x00400032), first_text(items[0], 0x00400033)  # UniversalEntityID(Type)
+            issuer = f"{kind}:{uid}" if uid else ""
+    return patient_key(pid, issuer)
+
+
+def _split(key: str) -> tuple[str, str]:
+    from node.deid.pseudonyms import split_patient_key
+
+    return split_patient_key(key)
+
+
+def _same_person(value: str, ds: Dataset, ctx: _Context) -> bool:
+    """Whether a name in the content is the patient's own (compared without case and
+    separators)."""
+    name = first_text(ctx.root, _PATIENT_NAME) if ctx.root is not None else ""
+    norm = lambda s: " ".join(s.replace("^", " ").replace("=", " ").upper().split())  # noqa: E731
+    return bool(name) and norm(value) == norm(name)
+
+
+def _is_registry_uid(uid: str) -> bool:
+    uid = uid.strip("\x00 ")
+    return uid.startswith("1.2.840.10008.") or uid in UID_dictionary
+
+
+def _or_dummy(value: str | None, vr: str) -> str:
+    return value if value is not None else DUMMY[vr]  # type: ignore[return-value]
 
 
 def _tagstr(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
-
-
-def _shift(value, vr: str, offset: dt.timedelta | None):
-    if offset is None or value in (None, ""):
-        return value
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return [_shift(v, vr, offset) for v in value]
-    s = str(value).strip()
-    try:
-        if vr == "DA":
-            d = dt.datetime.strptime(s[:8], "%Y%m%d") + offset
-            return d.strftime("%Y%m%d")
-        d = dt.datetime.strptime(s[:8], "%Y%m%d") + offset
-        return d.strftime("%Y%m%d") + s[8:]
-    except ValueError:
-        return DUMMY[vr]
-
-
-def _encoded(ds: Dataset, tag: BaseTag, implicit: bool) -> RawDataElement:
-    """Element ``tag`` of ``ds`` as the raw element a little-endian reader would produce."""
-    from pydicom.filebase import DicomBytesIO
-
-    elem = ds[tag]
-    body = DicomBytesIO()
-    body.is_little_endian, body.is_implicit_VR = True, implicit
-    if elem.VR == "SQ":
-        for item in elem.value:
-            _write_item(body, item, implicit, "iso8859")
-    else:
-        from pydicom.filewriter import write_data_element
-
-        write_data_element(body, elem)
-        whole = body.getvalue()
-        header = 8 if implicit or elem.VR not in LONG_VRS else 12
-        body = DicomBytesIO()
-        body.write(whole[header:])
-    value = body.getvalue()
-    return RawDataElement(tag, None if implicit else elem.VR, len(value), value, 0, implicit, True, True, False)
-
-
-def _set_meta(meta, tag: int, vr: str, value: str) -> None:
-    meta._dict[BaseTag(tag)] = DataElement(tag, vr, UID(value) if vr == "UI" else value, already_converted=True)
 
 
 def _vr_of(tag: int) -> str:
@@ -457,174 +608,6 @@ def _raw_replace(raw: RawDataElement, vr: str, values: list[str]) -> RawDataElem
     return raw._replace(length=len(data), value=data)
 
 
-_DIGITS = re.compile(r"\d{5,}")
-
-
-def _phi_strings(ds: Dataset) -> list[str]:
-    """Identifying strings of this object, used to scrub free text that is kept (C)."""
-    out: set[str] = set()
-    for tag in _PHI_TAGS:
-        for s in _texts(ds, tag):
-            for part in re.split(r"[\^=\s,]+", s):
-                if len(part) >= 2:
-                    out.add(part)
-    return sorted(out, key=len, reverse=True)
-
-
-_PHI_TAGS = [
-    tag_for_keyword(kw)
-    for kw in ("PatientName", "PatientID", "OtherPatientIDs", "AccessionNumber", "PatientBirthDate",
-               "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "InstitutionName",
-               "PatientAddress", "StudyID", "RequestingPhysician", "NameOfPhysiciansReadingStudy")
-]
-
-
-def _texts(ds: Dataset, tag: int) -> list[str]:
-    """The values of a top-level element as strings, read from its bytes when they are
-    ASCII (no decoding, so the element stays raw for the writer), else from pydicom."""
-    elem = ds._dict.get(tag)
-    if elem is None:
-        return []
-    if type(elem) is RawDataElement and elem.VR != "UN":
-        vals = raw_strings(elem)
-        if vals is not None:
-            return vals if vals != [""] else []
-    v = ds[tag].value
-    if v is None or v == "":
-        return []
-    return [str(x) for x in v] if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [str(v)]
-
-
-def _first_text(ds: Dataset, tag: int) -> str:
-    vals = _texts(ds, tag)
-    return vals[0].strip() if vals else ""
-
-
-def _scrub(text: str, phi: list[str]) -> str:
-    for p in phi:
-        text = re.sub(re.escape(p), "X" * min(len(p), 3), text, flags=re.IGNORECASE)
-    return _DIGITS.sub("X", text)
-
-
-def to_bytes(ds: Dataset, enforce_file_format: bool = True) -> bytes:
-    """Encode ``ds`` as a file; repairs datasets whose elements lack a VR.
-
-    Little-endian datasets go through ``_encode_fast`` (raw elements copied as read, the
-    rest through pydicom's element writer, byte for byte what ``save_as`` writes, about
-    four times faster); others through ``save_as``. The preamble is always 128 zero
-    bytes: an input's preamble may carry anything (a TIFF header, text), and nothing of
-    it belongs in a de-identified file.
-
-    Some inputs declare explicit VR in their file meta yet encode the body implicitly;
-    pydicom then keeps their elements without a VR and cannot write them back. Resolving
-    every element from the dictionary and writing explicit VR fixes that.
-    """
-    meta = getattr(ds, "file_meta", None)
-    if meta is None or not meta.get("MediaStorageSOPClassUID") or not meta.get("MediaStorageSOPInstanceUID"):
-        enforce_file_format = False  # no SOP UIDs: a bare dataset, not a Part 10 file
-    if getattr(ds, "preamble", None) is not None:
-        ds.preamble = b"\x00" * 128
-    fast = _encode_fast(ds, meta) if enforce_file_format else None
-    if fast is not None:
-        return fast
-    buf = io.BytesIO()
-    try:
-        ds.save_as(buf, enforce_file_format=enforce_file_format)
-    except (TypeError, ValueError):
-        for _ in ds.iterall():
-            pass
-        ds.set_original_encoding(False, True)
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=enforce_file_format)
-    return buf.getvalue()
-
-
-_NATIVE_SYNTAXES = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}  # UID -> implicit VR
-_SEQ_DELIMITER = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
-
-
-class _NotFast(Exception):
-    pass
-
-
-def _encode_fast(ds: Dataset, meta) -> bytes | None:
-    """The Part 10 file of ``ds`` when it is written little endian in the encoding it was
-    read in (or built in) and no character set changed; None otherwise."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_file_meta_info
-
-    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if ts in _NATIVE_SYNTAXES:
-        implicit = _NATIVE_SYNTAXES[ts]
-    elif ts and ts not in ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"):
-        implicit = False  # encapsulated syntaxes: explicit VR little endian
-    else:
-        return None  # big endian, deflated, or unknown: pydicom's writer
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, implicit
-    fp.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(fp, meta, enforce_standard=True)
-    try:
-        _write_elements(fp, ds, implicit, "iso8859")
-    except _NotFast:
-        return None
-    return fp.getvalue()
-
-
-def _write_elements(fp, ds: Dataset, implicit: bool, parent_encoding) -> None:
-    """pydicom's write_dataset, except that raw elements and sequences are written here."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_data_element
-
-    # Like pydicom: a dataset read in another encoding or character set (or built in
-    # memory) has every element decoded and encoded again, after ambiguous VRs are fixed.
-    reencode = ds.original_encoding != (implicit, True) or ds.original_character_set != ds._character_set
-    if reencode:
-        from pydicom.filewriter import correct_ambiguous_vr
-
-        ds = correct_ambiguous_vr(ds, True)
-    encodings = ds.get("SpecificCharacterSet", parent_encoding)
-    pack = struct.pack
-    for tag in sorted(ds._dict):
-        if tag & 0xFFFF == 0 and tag >> 16 > 6:
-            continue  # retired group lengths are not written (PS3.5 7.2)
-        elem = ds._dict[tag]
-        if type(elem) is RawDataElement:
-            if reencode or not elem.is_little_endian or elem.is_implicit_VR != implicit or elem.value is None or not (implicit or elem.VR):
-                write_data_element(fp, ds[tag], encodings)
-                continue
-            vr, value, undefined = elem.VR, elem.value, elem.length == 0xFFFFFFFF
-        elif elem.VR == "SQ":
-            body = DicomBytesIO()
-            body.is_little_endian, body.is_implicit_VR = True, implicit
-            for item in elem.value:
-                _write_item(body, item, implicit, encodings)
-            vr, value, undefined = "SQ", body.getvalue(), elem.is_undefined_length
-        else:
-            write_data_element(fp, elem, encodings)
-            continue
-        length = 0xFFFFFFFF if undefined else len(value)
-        if implicit:
-            fp.write(pack("<HHI", tag >> 16, tag & 0xFFFF, length))
-        elif vr in LONG_VRS:
-            fp.write(pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr.encode(), 0, length))
-        elif length <= 0xFFFF:
-            fp.write(pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length))
-        else:
-            raise _NotFast  # pydicom rewrites such an element as UN, with a warning
-        fp.write(value)
-        if undefined:
-            fp.write(_SEQ_DELIMITER)
-
-
-def _write_item(fp, item: Dataset, implicit: bool, encodings) -> None:
-    from pydicom.filebase import DicomBytesIO
-
-    body = DicomBytesIO()
-    body.is_little_endian, body.is_implicit_VR = True, implicit
-    _write_elements(body, item, implicit, encodings)
-    value = body.getvalue()
-    if getattr(item, "is_undefined_length_sequence_item", False):
-        fp.write(struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + value + struct.pack("<HHI", 0xFFFE, 0xE00D, 0))
-    else:
-        fp.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(value)) + value)
+# kept for callers of the former module-level helpers
+_first_text = first_text
+_texts = texts

@@ -35,6 +35,21 @@ def load_or_create_secret(path: Path) -> bytes:
     return key
 
 
+def patient_key(patient_id: str, issuer: str = "") -> str:
+    """Who a patient is: the Patient ID together with its issuer (IssuerOfPatientID, or
+    the qualifiers' Universal Entity ID), since an ID is unique only at its issuer. Without
+    an issuer the key is the ID alone, as before issuers were taken into account, so the
+    pseudonyms of such patients do not change."""
+    patient_id, issuer = patient_id.strip(), issuer.strip()
+    return f"{patient_id}\x1f{issuer}" if issuer else patient_id
+
+
+def split_patient_key(key: str) -> tuple[str, str]:
+    """(issuer, patient ID) of a patient key."""
+    patient_id, _, issuer = key.partition("\x1f")
+    return issuer, patient_id
+
+
 class Pseudonymizer:
     """Derives UIDs, patient IDs, names and date offsets from a secret."""
 
@@ -50,11 +65,13 @@ class Pseudonymizer:
         """A 2.25 UID (PS3.5 B.2): a 128-bit integer derived from the old UID."""
         return "2.25." + str(int.from_bytes(self._digest("uid", old.strip())[:16], "big"))
 
-    def patient_id(self, old: str) -> str:
-        return "CM" + base64.b32encode(self._digest("pid", old.strip())[:10]).decode().rstrip("=")
+    def patient_id(self, key: str) -> str:
+        """The pseudonymous Patient ID for a patient key (see :func:`patient_key`)."""
+        return "CM" + base64.b32encode(self._digest("pid", key.strip())[:10]).decode().rstrip("=")
 
-    def patient_name(self, old_id: str) -> str:
-        return "ANON^" + self.patient_id(old_id)[2:10]
+    def patient_name(self, key: str) -> str:
+        """The pseudonymous Patient's Name for a patient key."""
+        return "ANON^" + self.patient_id(key)[2:10]
 
     def date_offset_days(self, patient_key: str, lo: int, hi: int) -> int:
         """A per-patient shift in [lo, hi] days (never 0 unless the range is [0, 0])."""
