@@ -1,0 +1,475 @@
+"""An independent check before anything leaves: does the output still hold any of the
+input's identifying values?
+
+A second pair of eyes for the header step. It shares no code path with the
+de-identifier (``node.deid.deidentify`` and the modules it uses): it reads both files with
+its own element scanner, from their bytes, and takes from pydicom only the data
+dictionary and the character-set codecs. It collects the input's identifying values —
+person names, patient and order IDs, accession numbers, dates, addresses, telephone
+numbers, institution names, instance UIDs — from any attribute at any depth, private ones
+included where their VR is written, decoded with the object's Specific Character Set;
+then it searches the output twice: its encoded bytes (as the input encoded them, in
+UTF-8, and in the output's character set), and its text decoded with the output's
+character set. Pixel Data is not searched (the header step does not change pixels; the
+burned-in-text policy and the pixel step answer for them).
+
+What the route's options keep on purpose is not searched for: dates under
+retain-longitudinal-full-dates (except the birth date, which PS3.15 always removes);
+original dates where they are date attributes of a modified-dates output (moved dates
+may meet another original date by chance; in text they are still searched); UIDs under
+retain-uids; institution names under retain-institution-identity.
+
+A finding names the input attribute and its kind, and where in the output it was found,
+never the value.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import re
+import struct
+import zlib
+from collections.abc import Iterable, Iterator
+
+from pydicom.charset import decode_bytes, encode_string
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.uid import UID_dictionary
+
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+_LONG = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})
+_PIXELS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_ID_KEYWORDS = frozenset({
+    "PatientID", "OtherPatientIDs", "AdmissionID", "MedicalRecordLocator", "RequestedProcedureID", "ScheduledProcedureStepID",
+    "PerformedProcedureStepID", "PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest",
+    "PlacerOrderNumberProcedure", "FillerOrderNumberProcedure", "StudyID", "PatientInsurancePlanCodeSequence", "VisitID",
+    "ServiceEpisodeID", "IssuerOfPatientID",
+})
+_INSTITUTION_KEYWORDS = frozenset({"InstitutionName", "InstitutionalDepartmentName"})
+_DEFINITION_UID = re.compile(r"ClassUID|TransferSyntax|CodingScheme|ContextUID|MappingResource|CreatorUID|OrganizationUID|ImplementationClass")
+_DUMMIES = frozenset({"ANON", "ANONYMIZED", "ANONYMOUS", "19000101"})
+_SKIP_META = frozenset({0x00020001, 0x00020002, 0x00020010, 0x00020012, 0x00020013})
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """What the route keeps on purpose (derived from its option names)."""
+
+    dates: str = "all"  # all | text (modified dates) | birth (full dates)
+    uids: bool = True
+    institution: bool = True
+
+    @classmethod
+    def from_options(cls, options: Iterable[str]) -> Policy:
+        opts = set(options)
+        dates = "birth" if "retain-longitudinal-full-dates" in opts else ("text" if "retain-longitudinal-modified-dates" in opts else "all")
+        return cls(dates, "retain-uids" not in opts, "retain-institution-identity" not in opts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    kind: str  # name | id | accession | date | birth-date | address | phone | institution | uid
+    source: str  # the input attribute, e.g. "(0010,0010) PatientName"
+    where: str  # the output attribute, e.g. "(0020,4000) ImageComments"
+
+    def __str__(self) -> str:
+        return f"{self.kind} from {self.source} of the input found in the output at {self.where}"
+
+
+class VerifyError(Exception):
+    """A file the verifier cannot read (the object must not leave)."""
+
+
+def verify(original: bytes, output: bytes, policy: Policy = Policy()) -> list[Finding]:
+    """Findings (empty: nothing identifying of ``original`` is left in ``output``).
+
+    Raises:
+        VerifyError: either file cannot be parsed as a DICOM data set.
+    """
+    needles = identifying_values(original, policy)
+    if not needles:
+        return []
+    return _search(needles, _Scan(output), policy)
+
+
+def reason(findings: list[Finding]) -> str:
+    """A quarantine reason naming attributes, never values."""
+    shown = "; ".join(str(f) for f in findings[:3])
+    more = f" (and {len(findings) - 3} more)" if len(findings) > 3 else ""
+    return f"verifier: {shown}{more}"
+
+
+# -- collecting ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Needle:
+    kind: str
+    source: str
+    text: str  # normalised (upper case, separators as spaces)
+    raw: tuple[bytes, ...]  # byte spellings to search
+    boundary: str  # "word" | "uid" | "none"
+
+
+def identifying_values(data: bytes, policy: Policy = Policy()) -> list[_Needle]:
+    """The identifying values of a DICOM file (or bare data set), as search needles."""
+    scan = _Scan(data)
+    out: dict[tuple[str, str], _Needle] = {}
+    for el in scan.elements:
+        keyword = keyword_for_tag(el.tag) or ""
+        source = f"({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {keyword or 'private'}"
+        for kind, value in _classify(el, keyword, scan, policy):
+            for n in _needles(kind, value, source, el.raw.strip(b" \x00")):
+                out.setdefault((n.kind, n.text), n)
+    return list(out.values())
+
+
+def _classify(el: _Element, keyword: str, scan: _Scan, policy: Policy) -> Iterator[tuple[str, str]]:
+    vr = el.vr
+    if el.tag >> 16 == 0x0002 and el.tag in _SKIP_META:
+        return
+    if vr == "PN":
+        for v in scan.values(el):
+            yield "name", v
+    elif vr == "UI":
+        if policy.uids and not _DEFINITION_UID.search(keyword):
+            for v in scan.values(el):
+                if v and not v.startswith("1.2.840.10008.") and v not in UID_dictionary:
+                    yield "uid", v
+    elif vr in ("DA", "DT"):
+        for v in scan.values(el):
+            day = v[:8]
+            if len(day) == 8 and day.isdigit():
+                if keyword == "PatientBirthDate":
+                    yield "birth-date", day
+                elif policy.dates != "birth":
+                    yield "date", day
+    elif keyword == "AccessionNumber":
+        for v in scan.values(el):
+            yield "accession", v
+    elif keyword in _ID_KEYWORDS and vr in ("LO", "SH", "LT", "ST", "UC"):
+        for v in scan.values(el):
+            yield "id", v
+    elif "Address" in keyword and vr in ("LO", "ST", "LT", "UT", "UC", "SH"):
+        for v in scan.values(el):
+            yield "address", v
+    elif "Telephone" in keyword and vr in ("SH", "LO", "ST", "LT", "UC"):
+        for v in scan.values(el):
+            yield "phone", v
+    elif keyword in _INSTITUTION_KEYWORDS and policy.institution:
+        for v in scan.values(el):
+            yield "institution", v
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.split(r"[\s^=,]+", text.upper())).strip()
+
+
+def _needles(kind: str, value: str, source: str, raw: bytes) -> Iterator[_Needle]:
+    value = value.strip(" \x00")
+    if not value or value.upper() in _DUMMIES:
+        return
+    if kind == "uid":
+        yield _Needle(kind, source, value, (value.encode("ascii", "ignore"),), "uid")
+        return
+    if kind in ("date", "birth-date"):
+        y, m, d = value[:4], value[4:6], value[6:8]
+        for spelling in (value, f"{y}-{m}-{d}", f"{d}/{m}/{y}", f"{m}/{d}/{y}", f"{d}.{m}.{y}", f"{y}/{m}/{d}"):
+            yield _Needle(kind, source, spelling, (spelling.encode(),), "word")
+        return
+    texts = [value]
+    if kind == "name":
+        groups = value.split("=")
+        for g in groups:
+            parts = [p for p in g.split("^") if p.strip()]
+            if parts and len(parts[0].strip()) >= (2 if not parts[0].isascii() else 3):
+                texts.append(parts[0].strip())  # the family name alone
+            if len(parts) >= 2:
+                texts.append(" ".join(parts[:2]))
+                texts.append(f"{parts[1]} {parts[0]}")
+    elif kind == "address":
+        texts += [p.strip() for p in re.split(r"[\^,;\n\r]+", value) if len(p.strip()) >= 6]
+    elif kind == "phone":
+        digits = re.sub(r"\D", "", value)
+        if len(digits) >= 7:
+            yield _Needle(kind, source, digits, (), "digits")
+    for t in texts:
+        n = _norm(t)
+        if not n or n in _DUMMIES:
+            continue
+        ascii_only = n.isascii()
+        if ascii_only and (len(n) < 4 if kind in ("id", "accession") else len(n) < 3):
+            continue  # too short to tell from other text
+        spellings = {t.encode("utf-8"), t.upper().encode("utf-8")}
+        if t == value and raw:
+            spellings.add(raw)  # as the input encoded it (ISO 2022 escapes and all)
+        yield _Needle(kind, source, n, tuple(sorted(spellings)), "word" if ascii_only else "none")
+
+
+# -- searching ------------------------------------------------------------------------------
+def _search(needles: list[_Needle], out: _Scan, policy: Policy) -> list[Finding]:
+    text, spans = out.text()
+    starts = [s[0] for s in spans]
+    haystack = out.searchable()
+    lowered = haystack.lower()
+    findings: dict[tuple[str, str], Finding] = {}
+
+    def where_text(pos: int) -> tuple[str, str]:
+        k = bisect.bisect_right(starts, pos) - 1
+        return (spans[k][2], spans[k][3]) if k >= 0 else ("", "")
+
+    def allowed(n: _Needle, vr: str) -> bool:
+        return not (n.kind == "date" and policy.dates == "text" and vr in ("DA", "DT", "TM"))
+
+    for n in needles:
+        if (n.kind, n.source) in findings:
+            continue
+        if n.boundary == "digits":
+            for el, digits in out.digit_texts():
+                if n.text in digits:
+                    findings[(n.kind, n.source)] = Finding(n.kind, n.source, el)
+                    break
+            continue
+        pattern = _pattern(n.text, n.boundary)
+        for m in pattern.finditer(text):
+            where, vr = where_text(m.start())
+            if allowed(n, vr):
+                findings[(n.kind, n.source)] = Finding(n.kind, n.source, where)
+                break
+        if (n.kind, n.source) in findings:
+            continue
+        for spelling in n.raw:
+            if not spelling:
+                continue
+            bpattern = _bytes_pattern(spelling.lower(), n.boundary)
+            for m in bpattern.finditer(lowered):
+                where, vr = out.at(haystack_offset=m.start())
+                if allowed(n, vr):
+                    findings[(n.kind, n.source)] = Finding(n.kind, n.source, where)
+                    break
+            if (n.kind, n.source) in findings:
+                break
+    return list(findings.values())
+
+
+def _pattern(text: str, boundary: str) -> re.Pattern:
+    body = r"[\s^=,]+".join(re.escape(w) for w in text.split(" "))
+    if boundary == "word":
+        return re.compile(rf"(?<![0-9A-Z]){body}(?![0-9A-Z])")
+    if boundary == "uid":
+        return re.compile(rf"(?<![0-9.]){body}(?![0-9.])")
+    return re.compile(body)
+
+
+def _bytes_pattern(spelling: bytes, boundary: str) -> re.Pattern:
+    body = re.escape(spelling)
+    if boundary == "word":
+        return re.compile(rb"(?<![0-9a-z])" + body + rb"(?![0-9a-z])")
+    if boundary == "uid":
+        return re.compile(rb"(?<![0-9.])" + body + rb"(?![0-9.])")
+    return re.compile(body)
+
+
+# -- reading: an element scanner of its own --------------------------------------------------
+@dataclasses.dataclass
+class _Element:
+    tag: int
+    vr: str
+    raw: bytes
+    start: int  # offset of the value in the scanned bytes
+    path: str
+
+
+class _Scan:
+    """Every element of a Part 10 file or bare data set, at any depth, with its VR and
+    value bytes (little or big endian, explicit or implicit VR, deflated)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.elements: list[_Element] = []
+        self.charsets: list[str] = ["ISO_IR 6"]
+        try:
+            self._read()
+        except (struct.error, IndexError, ValueError, zlib.error) as exc:
+            raise VerifyError(f"the verifier cannot read the data set ({type(exc).__name__})") from None
+
+    def _read(self) -> None:
+        b = self.data
+        pos, implicit, little, body = 0, True, True, b
+        if len(b) >= 132 and b[128:132] == b"DICM":
+            pos = 132
+        elif b[:4] == b"\x02\x00\x00\x00" and b[4:6].isalpha():
+            pos = 0  # file meta without a preamble
+        else:
+            implicit = not (b[4:6].isalpha() and b[4:6].isupper())
+            self._walk(b, 0, len(b), implicit, True, "", self.elements)
+            self._set_charset()
+            return
+        syntax = ""
+        while pos + 8 <= len(b):  # the file meta: explicit VR little endian, group 0002
+            group = struct.unpack_from("<H", b, pos)[0]
+            if group != 0x0002:
+                break
+            tag, vr, length, vpos = _header(b, pos, False, True)
+            self.elements.append(_Element(tag, vr, b[vpos : vpos + length], vpos, ""))
+            if tag == 0x00020010:
+                syntax = b[vpos : vpos + length].decode("ascii", "ignore").strip(" \x00")
+            pos = vpos + length
+        if syntax == "1.2.840.10008.1.2":
+            implicit = True
+        elif syntax == "1.2.840.10008.1.2.2":
+            implicit, little = False, False
+        else:
+            implicit = False
+        if syntax == "1.2.840.10008.1.2.1.99":
+            body = zlib.decompress(b[pos:], -15)
+            self.data, pos = body, 0
+            b = body
+        self._walk(b, pos, len(b), implicit, little, "", self.elements)
+        self._set_charset()
+
+    def _set_charset(self) -> None:
+        for el in self.elements:
+            if el.tag == 0x00080005 and not el.path:
+                names = [v.strip() for v in el.raw.decode("ascii", "ignore").split("\\")]
+                self.charsets = [n or "ISO_IR 6" for n in names] or ["ISO_IR 6"]
+
+    def _walk(self, b: bytes, pos: int, end: int, implicit: bool, little: bool, path: str, out: list[_Element]) -> int:
+        while pos + 8 <= end:
+            tag, vr, length, vpos = _header(b, pos, implicit, little)
+            if tag in (_ITEM_END, _SEQ_END):
+                return vpos
+            if vr == "SQ" or (length == 0xFFFFFFFF and tag not in _PIXELS):
+                seq_implicit = implicit or vr == "UN"
+                pos = self._items(b, vpos, length, seq_implicit, little, f"{path}({tag >> 16:04X},{tag & 0xFFFF:04X})", out)
+                continue
+            if length == 0xFFFFFFFF:  # encapsulated pixel data: fragments up to the delimiter
+                pos = self._skip_fragments(b, vpos, little)
+                out.append(_Element(tag, vr, b"", vpos, path))
+                continue
+            if vpos + length > len(b):
+                raise ValueError("value beyond the end of the data")
+            if vr == "UN":
+                vr = _dict_vr(tag)  # a known attribute written as UN: its dictionary VR
+            out.append(_Element(tag, vr, b[vpos : vpos + length], vpos, path))
+            pos = vpos + length
+        return pos
+
+    def _items(self, b: bytes, pos: int, length: int, implicit: bool, little: bool, path: str, out: list[_Element]) -> int:
+        end = len(b) if length == 0xFFFFFFFF else pos + length
+        k = 0
+        while pos + 8 <= end:
+            fmt = "<HHI" if little else ">HHI"
+            group, elem, ilen = struct.unpack_from(fmt, b, pos)
+            tag = group << 16 | elem
+            pos += 8
+            if tag == _SEQ_END:
+                return pos
+            if tag != _ITEM:
+                raise ValueError("not an item")
+            item_path = f"{path}[{k}]."
+            if ilen == 0xFFFFFFFF:
+                pos = self._walk(b, pos, len(b), implicit, little, item_path, out)
+            else:
+                self._walk(b, pos, pos + ilen, implicit, little, item_path, out)
+                pos += ilen
+            k += 1
+        return end if length != 0xFFFFFFFF else pos
+
+    @staticmethod
+    def _skip_fragments(b: bytes, pos: int, little: bool) -> int:
+        fmt = "<HHI" if little else ">HHI"
+        while pos + 8 <= len(b):
+            group, elem, flen = struct.unpack_from(fmt, b, pos)
+            pos += 8
+            if (group << 16 | elem) == _SEQ_END:
+                return pos
+            pos += flen
+        return pos
+
+    # -- views --------------------------------------------------------------------------
+    def values(self, el: _Element) -> list[str]:
+        if el.vr not in _TEXT_VRS and el.vr != "UN":
+            return []
+        try:
+            if el.vr in ("UI", "DA", "DT", "TM", "DS", "IS", "AS", "CS", "AE"):
+                text = el.raw.decode("ascii", "replace")
+            else:
+                text = decode_bytes(el.raw, self.charsets, {"^", "="} if el.vr == "PN" else set())
+        except (LookupError, ValueError):
+            text = el.raw.decode("latin-1")
+        parts = [text] if el.vr in ("LT", "ST", "UT", "UR") else text.split("\\")
+        return [p.strip(" \x00") for p in parts if p.strip(" \x00")]
+
+    def text(self) -> tuple[str, list[tuple[int, int, str, str]]]:
+        """All text values, normalised, joined; with (start, end, attribute, VR) spans."""
+        chunks, spans, pos = [], [], 0
+        for el in self.elements:
+            if el.tag >> 16 == 0x0002 or el.vr in ("UI",) or el.tag in _PIXELS:
+                continue
+            vr = el.vr
+            if vr not in _TEXT_VRS and vr != "UN":
+                continue
+            value = " \\ ".join(self.values(_Element(el.tag, vr if vr in _TEXT_VRS else "LO", el.raw, el.start, el.path)))
+            if not value:
+                continue
+            n = _norm(value)
+            spans.append((pos, pos + len(n), _name(el), vr))
+            chunks.append(n)
+            pos += len(n) + 1
+        uid_chunks = []
+        for el in self.elements:  # UIDs after the text, unnormalised
+            if el.vr == "UI" and el.tag not in _SKIP_META:
+                v = el.raw.decode("ascii", "replace").strip(" \x00")
+                spans.append((pos, pos + len(v), _name(el), "UI"))
+                uid_chunks.append(v)
+                pos += len(v) + 1
+        return "\n".join(chunks + uid_chunks), spans
+
+    def digit_texts(self) -> Iterator[tuple[str, str]]:
+        for el in self.elements:
+            if el.vr in ("LO", "SH", "ST", "LT", "UT", "UC", "PN", "UN"):
+                digits = re.sub(rb"\D", b"", el.raw).decode("ascii")
+                if digits:
+                    yield _name(el), digits
+
+    def searchable(self) -> bytes:
+        """The file's bytes with the values of top-level Pixel Data blanked."""
+        b = bytearray(self.data)
+        for el in self.elements:
+            if el.tag in _PIXELS and not el.path:
+                b[el.start : el.start + len(el.raw)] = bytes(len(el.raw))
+        return bytes(b)
+
+    def at(self, haystack_offset: int) -> tuple[str, str]:
+        for el in self.elements:
+            if el.start <= haystack_offset < el.start + max(len(el.raw), 1):
+                return _name(el), el.vr
+        return "the file's bytes outside any value", ""
+
+
+def _header(b: bytes, pos: int, implicit: bool, little: bool) -> tuple[int, str, int, int]:
+    e = "<" if little else ">"
+    group, elem = struct.unpack_from(e + "HH", b, pos)
+    tag = group << 16 | elem
+    if group == 0xFFFE:
+        return tag, "", struct.unpack_from(e + "I", b, pos + 4)[0], pos + 8
+    if implicit:
+        return tag, _dict_vr(tag), struct.unpack_from(e + "I", b, pos + 4)[0], pos + 8
+    vr = b[pos + 4 : pos + 6].decode("ascii", "replace")
+    if vr in _LONG:
+        return tag, vr, struct.unpack_from(e + "I", b, pos + 8)[0], pos + 12
+    if not vr.isalpha():
+        raise ValueError("not an explicit VR")
+    return tag, vr, struct.unpack_from(e + "H", b, pos + 6)[0], pos + 8
+
+
+def _dict_vr(tag: int) -> str:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+    return vr.split(" or ")[0] if " or " in vr else vr
+
+
+def _name(el: _Element) -> str:
+    return f"{el.path}({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {keyword_for_tag(el.tag) or 'private'}"
