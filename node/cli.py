@@ -8,7 +8,8 @@
     casemask retry [--destination NAME] [--quarantined]
     casemask config check [FILE]
     casemask deid PATH... --out DIR [--route NAME] [--diff]
-    casemask export-mapping --out DIR
+    casemask deid --verify-only ORIGINAL DEIDENTIFIED
+    casemask export-mapping --out DIR        (uids.csv, patients.csv; 0700 folder, 0600 files)
     casemask engine synth|train|evaluate|export|build ...
     casemask demo
 
@@ -200,41 +201,130 @@ def cmd_config_check(args) -> int:
 
 
 _DEID = None  # the worker process's Deidentifier (set by _deid_worker_init)
+_POLICY = None  # the worker process's verifier policy
 
 
 def _deid_worker_init(deid_settings, secret: bytes, pixels_cleaned: bool, record: bool) -> None:
     from node.deid import Deidentifier, Pseudonymizer
+    from node.deid.verify import Policy
 
-    global _DEID
+    global _DEID, _POLICY
     _DEID = Deidentifier(deid_settings, Pseudonymizer(secret), pixels_cleaned=pixels_cleaned, record_changes=record)
+    _POLICY = Policy.from_options(deid_settings.options)
 
 
-def _deid_one(job: tuple[str, str, bool]) -> tuple[str, str, str, list]:
-    """De-identify one file: (status, source, message or target, diff lines)."""
+def _read_dataset(data: bytes):
+    """A Part 10 file, or a bare data set as archives hold them (no preamble, no file
+    meta): read with force, and accepted only when it has a SOP Class UID."""
+    import io
+
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
-    from node.deid import QuarantineError, to_bytes
+    try:
+        return dcmread(io.BytesIO(data))
+    except InvalidDicomError:
+        ds = dcmread(io.BytesIO(data), force=True)
+        if 0x00080016 not in ds._dict or not str(ds.get("SOPClassUID", "")).replace(".", "").isdigit():
+            raise
+        return ds
 
+
+def _output_name(ds) -> str:
+    """The file name of a de-identified dataset in --out: a digest of its SOP Instance
+    UID, never the UID itself (an input may hold anything there, '../' included)."""
+    try:
+        from node.spool import output_name  # the node's naming, where it has one
+    except ImportError:
+        import hashlib
+
+        uid = str(ds.get("SOPInstanceUID", "") or "")
+        return f"{hashlib.sha256(uid.encode('utf-8', 'surrogateescape')).hexdigest()[:32]}.dcm"
+    return output_name(ds)
+
+
+def _write_new(target: Path, data: bytes) -> tuple[str, Path]:
+    """Write ``data`` at ``target`` unless a file is there: ('ok', path), ('duplicate',
+    path) when the same bytes are already there, or ('conflict', other path) when other
+    bytes are (another input with the same SOP Instance UID): both are kept."""
+    import hashlib
+    import os
+
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except FileExistsError:
+        if target.read_bytes() == data:
+            return "duplicate", target
+        other = target.with_name(f"{target.stem}.{hashlib.sha256(data).hexdigest()[:12]}{target.suffix}")
+        if not other.exists():
+            other.write_bytes(data)
+        return "conflict", other
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return "ok", target
+
+
+def _deid_one(job: tuple[str, str, bool]) -> tuple[str, str, str, list]:
+    """De-identify and verify one file: (status, source, message or target, diff lines).
+    Any failure is this file's status; it never stops the run (no value in messages)."""
     src, out, diff = job
     try:
-        ds = dcmread(src)
-    except (InvalidDicomError, OSError) as exc:
-        return "skipped", src, f"not a DICOM file ({type(exc).__name__})", []
-    before = [(e.tag, e.keyword, e.VR) for e in ds.iterall()] if diff else []
+        return _deid_file(src, out, diff)
+    except Exception as exc:  # one bad file: reported in the summary, the run goes on
+        return "failed", src, f"{type(exc).__name__} while de-identifying", []
+
+
+def _deid_file(src: str, out: str, diff: bool) -> tuple[str, str, str, list]:
+    from pydicom.errors import InvalidDicomError
+
+    from node.deid import QuarantineError, to_bytes
+    from node.deid.verify import VerifyError, reason, verify
+
+    data = Path(src).read_bytes()
+    try:
+        ds = _read_dataset(data)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        return "skipped", src, f"not a DICOM file or data set ({type(exc).__name__})", []
+    before = _leaf_paths(ds) if diff else []
     try:
         res = _DEID.apply(ds)
     except QuarantineError as exc:
         return "quarantined", src, str(exc), []
-    target = Path(out) / f"{res.dataset.file_meta.MediaStorageSOPInstanceUID}.dcm"
-    target.write_bytes(to_bytes(res.dataset))
+    encoded = to_bytes(res.dataset)
+    try:
+        findings = verify(data, encoded, _POLICY)
+    except VerifyError as exc:
+        return "quarantined", src, str(exc), []
+    if findings:
+        return "quarantined", src, reason(findings), []
+    status, target = _write_new(Path(out) / _output_name(res.dataset), encoded)
     lines: list[str] = []
     if diff:
         changed = {p for p, _, _ in res.changes}
         lines = [f"  {act} {path} {kw}" for path, act, kw in res.changes]
-        kept = sorted({kw or str(t) for t, kw, vr in before if f"({t.group:04X},{t.element:04X})" not in changed and vr != "SQ"})
+        kept = sorted({kw for path, kw in before if not _changed(path, changed)})
         lines.append(f"  kept {len(kept)} attributes: " + ", ".join(kept))
-    return "ok", src, str(target), lines
+    return status, src, str(target), lines
+
+
+def _leaf_paths(ds, prefix: str = "") -> list[tuple[str, str]]:
+    """(path, keyword) of every non-sequence element, at any depth, in --diff's notation."""
+    out = []
+    for elem in ds:
+        path = f"{prefix}({elem.tag.group:04X},{elem.tag.element:04X})"
+        if elem.VR == "SQ":
+            for k, item in enumerate(elem.value or []):
+                out += _leaf_paths(item, f"{path}[{k}].")
+        else:
+            out.append((path, elem.keyword or str(elem.tag)))
+    return out
+
+
+def _changed(path: str, changed: set[str]) -> bool:
+    """Whether the element at ``path`` or a sequence around it was changed."""
+    if path in changed:
+        return True
+    return any(path[:i] in changed for i, c in enumerate(path) if c == "[")
 
 
 # What pydicom imports when present and `casemask deid` never uses: numpy, and the pixel
@@ -259,13 +349,11 @@ def _import_headers_only() -> None:
                 del sys.modules[m]
 
 
-def cmd_deid(args) -> int:
-    import os
-
-    _import_headers_only()
-
+def _deid_settings(args):
+    """(DeidSettings, secret path) for `casemask deid`. A borrowed route's header profile
+    is used, but never its pixel step: this command does not touch pixels, so the
+    burned-in-text policy is always that of a header-only route."""
     from node.config import DeidSettings, load
-    from node.deid import load_or_create_secret
 
     if args.config or args.route:
         settings = load(args.config)
@@ -275,21 +363,33 @@ def cmd_deid(args) -> int:
             except KeyError:
                 raise UsageError(f"no route named {args.route!r} in {settings.source_file}") from None
         else:
-            route = settings.routes[0] if settings.routes else None
+            route = next((r for r in settings.routes if r.deid is not None), None)
         deid_settings = route.deid if route and route.deid else DeidSettings()
-        pixels_cleaned = bool(route and route.pixels == "anonymize")
-        secret_path = Path(args.secret) if args.secret else settings.node.resolved_secret_path
-    else:
-        deid_settings = DeidSettings(options=args.option or [])
-        pixels_cleaned = False
-        secret_path = Path(args.secret) if args.secret else Path("var/secret.key")
+        if args.option:
+            deid_settings = deid_settings.model_copy(update={"options": sorted(set(deid_settings.options) | set(args.option))})
+        return deid_settings, Path(args.secret) if args.secret else settings.node.resolved_secret_path
+    return DeidSettings(options=args.option or []), Path(args.secret) if args.secret else Path("var/secret.key")
+
+
+def cmd_deid(args) -> int:
+    import os
+
+    _import_headers_only()
+    if args.verify_only:
+        return _verify_only(args)
+    if not args.out:
+        raise UsageError("--out DIR is required (or --verify-only IN OUT)")
+
+    from node.deid import load_or_create_secret
+
+    deid_settings, secret_path = _deid_settings(args)
     secret = load_or_create_secret(secret_path)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [str(f) for f in _files(args.paths)]
     jobs = [(f, str(out), args.diff) for f in files]
     n_jobs = args.jobs or os.cpu_count() or 1
-    init = (deid_settings, secret, pixels_cleaned, args.diff)
+    init = (deid_settings, secret, False, args.diff)  # never pixels_cleaned: see _deid_settings
     if n_jobs > 1 and len(files) >= 32:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -300,39 +400,138 @@ def cmd_deid(args) -> int:
     else:
         _deid_worker_init(*init)
         results = [_deid_one(j) for j in jobs]
-    counts = {"ok": 0, "quarantined": 0, "skipped": 0}
+    return _deid_summary(results, out, args.diff)
+
+
+def _deid_summary(results, out: Path, diff: bool) -> int:
+    counts = dict.fromkeys(("ok", "duplicate", "conflict", "quarantined", "skipped", "failed"), 0)
     for status, src, msg, lines in results:
         counts[status] += 1
         if status == "ok":
-            if args.diff:
+            if diff:
                 print(f"== {src} -> {msg}")
                 print("\n".join(lines))
+        elif status == "duplicate":
+            print(f"duplicate {src}: the same output is already in {msg}", file=sys.stderr)
+        elif status == "conflict":
+            print(f"conflict {src}: another input has the same SOP Instance UID; this output kept as {msg}", file=sys.stderr)
         else:
             print(f"{status} {src}: {msg}", file=sys.stderr)
-    print(f"de-identified {counts['ok']}, quarantined {counts['quarantined']}, skipped {counts['skipped']}; output in {out}", file=sys.stderr)
-    return 0 if counts["ok"] == len(files) else 1
+    print(
+        f"de-identified {counts['ok'] + counts['conflict']}, duplicates {counts['duplicate']}, conflicts {counts['conflict']}, "
+        f"quarantined {counts['quarantined']}, skipped {counts['skipped']}, failed {counts['failed']}; output in {out}",
+        file=sys.stderr,
+    )
+    return 0 if counts["ok"] + counts["duplicate"] == len(results) else 1
+
+
+def _verify_only(args) -> int:
+    """`casemask deid --verify-only IN OUT`: the verifier on pairs made by any tool (two
+    files, or two folders whose files pair up by relative path)."""
+    from node.deid.verify import Policy, VerifyError, reason, verify
+
+    if len(args.paths) != 2:
+        raise UsageError("--verify-only takes two paths: the original and the de-identified file (or folders)")
+    src, dst = map(Path, args.paths)
+    if src.is_file() and dst.is_file():
+        pairs = [(src, dst)]
+    elif src.is_dir() and dst.is_dir():
+        pairs = [(f, dst / f.relative_to(src)) for f in _files([str(src)]) if (dst / f.relative_to(src)).is_file()]
+    else:
+        raise UsageError(f"{src} and {dst}: give two files or two folders")
+    if not pairs:
+        raise UsageError(f"no file of {src} has a file at the same relative path in {dst}")
+    policy = Policy.from_options(args.option or [])
+    leaks = unreadable = 0
+    for a, b in pairs:
+        try:
+            findings = verify(a.read_bytes(), b.read_bytes(), policy)
+        except VerifyError as exc:
+            unreadable += 1
+            print(f"unreadable {a} / {b}: {exc}", file=sys.stderr)
+            continue
+        if findings:
+            leaks += 1
+            print(f"LEAK {b}: {reason(findings)}")
+    print(f"verified {len(pairs)} pairs: {leaks} with identifying values of their original, {unreadable} unreadable", file=sys.stderr)
+    return 0 if not leaks and not unreadable else 1
 
 
 def cmd_export_mapping(args) -> int:
+    """The mapping an honest broker needs, written owner-only (folder 0700, files 0600):
+    uids.csv (level, output kind, original UID, output UID; then every other replaced
+    UID) and patients.csv (issuer, Patient ID, Patient's Name -> pseudonymous ID and
+    name, and the date offset in days)."""
     settings = _settings(args)
-    import csv
-
     from sqlalchemy import select
 
     from node.db import Pseudonym, make_engine, make_sessionmaker
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _private_folder(Path(args.out))
     engine = make_engine(settings.node.resolved_database_url)
     with make_sessionmaker(engine)() as session:
-        for kind, name in (("uid", "uids.csv"), ("patient", "patient_ids.csv")):
-            rows = session.execute(select(Pseudonym.old, Pseudonym.new).where(Pseudonym.kind == kind).order_by(Pseudonym.id)).all()
-            with (out / name).open("w", newline="") as fh:
-                w = csv.writer(fh)
-                w.writerow(["id_old", "id_new"])
-                w.writerows(rows)
-            print(f"{out / name}: {len(rows)} rows")
+        rows = session.execute(select(Pseudonym.kind, Pseudonym.old, Pseudonym.new).order_by(Pseudonym.id)).all()
+    uids = _uid_rows(rows)
+    patients = _patient_rows(rows)
+    _write_private_csv(out / "uids.csv", ["level", "output_kind", "id_old", "id_new"], uids)
+    _write_private_csv(out / "patients.csv", ["issuer", "patient_id", "patient_name", "patient_id_new", "patient_name_new", "date_offset_days"], patients)
+    print(f"{out / 'uids.csv'}: {len(uids)} rows")
+    print(f"{out / 'patients.csv'}: {len(patients)} rows")
     return 0
+
+
+def _uid_rows(rows) -> list[list[str]]:
+    from node.pipeline import LEVEL_KINDS, OUTPUT_KINDS
+
+    levels = {v: k for k, v in LEVEL_KINDS.items()}
+    kinds = {v: k for k, v in OUTPUT_KINDS.items()}
+    out = []
+    for kind, old, new in rows:
+        if "/" in kind:
+            level, short = kind.split("/", 1)
+            out.append([levels.get(level, level), kinds.get(short, short), old, new])
+    out += [["reference", "", old, new] for kind, old, new in rows if kind == "uid"]
+    return out
+
+
+def _patient_rows(rows) -> list[list[str]]:
+    ids = {old: new for kind, old, new in rows if kind == "patient"}
+    offsets = {old: new for kind, old, new in rows if kind == "date-offset"}
+    names: dict[str, list[tuple[str, str]]] = {}
+    for kind, old, new in rows:
+        if kind == "patient-name":
+            issuer, pid, name = json.loads(old)
+            names.setdefault(json.dumps([issuer, pid]), []).append((name, new))
+    out = []
+    for who, new_id in ids.items():
+        issuer, pid = json.loads(who)
+        for name, new_name in names.get(who, [("", "")]):
+            out.append([issuer, pid, name, new_id, new_name, offsets.get(who, "")])
+    return out
+
+
+def _private_folder(path: Path) -> Path:
+    """A folder only its owner can enter: made 0700, or an existing one that already is."""
+    import os
+
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700)
+        os.chmod(path, 0o700)  # whatever the umask
+    elif path.stat().st_mode & 0o077:
+        raise UsageError(f"{path} can be read by others: give a new folder, or chmod 700 {path}")
+    return path
+
+
+def _write_private_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    import csv
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -382,9 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("file", nargs="?", metavar="FILE", help="default: the built-in config")
     ck.set_defaults(func=cmd_config_check)
 
-    sp = sub.add_parser("deid", help="de-identify files with a route's header profile")
-    sp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursed)")
-    sp.add_argument("--out", required=True, metavar="DIR")
+    sp = sub.add_parser("deid", help="de-identify files with a route's header profile, and verify each output")
+    sp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (recursed); with --verify-only: ORIGINAL DEIDENTIFIED")
+    sp.add_argument("--out", metavar="DIR", help="where the outputs go (required unless --verify-only)")
+    sp.add_argument("--verify-only", action="store_true", help="only run the verifier on pairs made by any tool: IN OUT (files, or folders paired by relative path)")
     sp.add_argument("--config", "-c", metavar="FILE")
     sp.add_argument("--route", metavar="NAME", help="use this route's deid settings (default: basic profile)")
     sp.add_argument("--option", action="append", metavar="OPTION", help="profile option, e.g. retain-longitudinal-modified-dates (repeatable)")
@@ -393,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--jobs", "-j", type=int, default=0, metavar="N", help="worker processes (default: one per CPU core)")
     sp.set_defaults(func=cmd_deid)
 
-    sp = with_config(sub.add_parser("export-mapping", help="write uids.csv and patient_ids.csv (id_old,id_new)"))
+    sp = with_config(sub.add_parser("export-mapping", help="write uids.csv and patients.csv for an honest broker (owner-only)"))
     sp.add_argument("--out", required=True, metavar="DIR")
     sp.set_defaults(func=cmd_export_mapping)
 

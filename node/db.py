@@ -155,14 +155,16 @@ class Delivery(Base):
 
 
 class Pseudonym(Base):
-    """Old -> new identifiers, kept so that mappings can be exported (kind: uid | patient)."""
+    """Old -> new identifiers, kept so that mappings can be exported (kinds: see
+    node.pipeline._collect_mappings: <level>/<output kind>, uid, patient, patient-name,
+    date-offset)."""
 
     __tablename__ = "pseudonyms"
     __table_args__ = (UniqueConstraint("kind", "old"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
-    old: Mapped[str] = mapped_column(String(128))
+    old: Mapped[str] = mapped_column(String(512))
     new: Mapped[str] = mapped_column(String(128))
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
+import json
 import logging
 from typing import Protocol
 
@@ -20,8 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from node import queue
 from node.config import Route, Settings
 from node.db import Job, Output, Pseudonym
-from node.deid import Deidentifier, Pseudonymizer, QuarantineError, to_bytes
+from node.deid import Deidentifier, Pseudonymizer, QuarantineError, Result, to_bytes
 from node.deid.profile import CLEAN_PIXEL_CODE, CLEAN_VISUAL_CODE
+from node.deid.verify import Policy, VerifyError, reason, verify
 from node.spool import write_atomic
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,8 @@ class Item:
     source: Dataset | None = None
     outputs: list[tuple[str, Dataset]] = dataclasses.field(default_factory=list)  # (kind, dataset)
     error: str = ""
+    original: bytes = b""  # the spooled file, for the verifier
+    encoded: list[bytes] = dataclasses.field(default_factory=list)  # the outputs' bytes, once verified
 
 
 class PixelStep(Protocol):
@@ -90,7 +95,9 @@ class Pipeline:
         items = [Item(job=j) for j in jobs]
         for it in items:
             try:
-                it.source = dcmread(it.job.instance.path)
+                with open(it.job.instance.path, "rb") as fh:
+                    it.original = fh.read()
+                it.source = dcmread(io.BytesIO(it.original))
             except Exception as exc:
                 it.error = f"cannot read the spooled object ({type(exc).__name__})"
         live = [it for it in items if not it.error]
@@ -109,8 +116,7 @@ class Pipeline:
         else:
             for it in live:
                 it.outputs = [("deidentified" if route.deid else "forwarded", it.source)]  # type: ignore[list-item]
-        uid_map: dict[str, str] = {}
-        patient_map: dict[str, str] = {}
+        mappings: dict[str, dict[str, str]] = {}
         for it in items:
             if it.error:
                 continue
@@ -119,6 +125,7 @@ class Pipeline:
             try:
                 deid = self.deidentifier(route)
                 extra = [CLEAN_PIXEL_CODE, CLEAN_VISUAL_CODE] if route.pixels == "anonymize" else []
+                originals = {kw: str(it.source.get(kw, "") or "") for kw in _LEVELS} if it.source is not None else {}
                 for kind, ds in it.outputs:
                     # Attributes the pixel step wrote itself hold no PHI; the profile would
                     # remove some of them (DerivationDescription, SeriesDescription are X).
@@ -126,8 +133,8 @@ class Pipeline:
                     res = deid.apply(ds, extra_codes=extra)
                     for kw, value in authored.items():
                         setattr(ds, kw, value)
-                    uid_map.update(res.uid_map)
-                    patient_map.update(res.patient_map)
+                    _collect_mappings(mappings, kind, res, originals)
+                self._verify(it, route)
             except QuarantineError as exc:
                 it.error = str(exc)
             except Exception as exc:
@@ -147,19 +154,40 @@ class Pipeline:
                 continue
             outputs = []
             try:
-                for kind, ds in it.outputs:
-                    outputs.append(self._write_output(route, kind, ds))
+                for k, (kind, ds) in enumerate(it.outputs):
+                    outputs.append(self._write_output(route, kind, ds, it.encoded[k] if k < len(it.encoded) else None))
             except OSError as exc:
                 # The outbox cannot be written: leave the job claimed; its lease expires and
                 # it is tried again. Nothing was delivered.
                 log.error("job %d: cannot write outbox (%s); will retry", it.job.id, exc.strerror)
                 continue
             queue.finish_job(session, it.job, outputs, route.destinations)
-        self._save_mappings(session, uid_map, patient_map)
+        self._save_mappings(session, mappings)
 
-    def _write_output(self, route: Route, kind: str, ds: Dataset) -> Output:
+    def _verify(self, it: Item, route: Route) -> None:
+        """The verifier (node.deid.verify) on every output of one object, against the
+        spooled original; a finding quarantines the object, naming the attribute.
+
+        Raises:
+            QuarantineError: an identifying value of the input is in an output, or the
+                verifier cannot read one of them.
+        """
+        assert route.deid is not None
+        policy = Policy.from_options(route.deid.options)
+        it.encoded = []
+        for _, ds in it.outputs:
+            data = to_bytes(ds)
+            try:
+                findings = verify(it.original, data, policy)
+            except VerifyError as exc:
+                raise QuarantineError(f"verifier: {exc}") from None
+            if findings:
+                raise QuarantineError(reason(findings))
+            it.encoded.append(data)
+
+    def _write_output(self, route: Route, kind: str, ds: Dataset, data: bytes | None = None) -> Output:
         sop = str(ds.SOPInstanceUID)
-        data = to_bytes(ds)
+        data = data if data is not None else to_bytes(ds)
         h = hashlib.sha256(f"{route.name}/{ds.get('StudyInstanceUID', '')}".encode()).hexdigest()[:24]
         path = self.outbox / route.name / h / f"{sop}.dcm"
         write_atomic(path, data)
@@ -171,8 +199,11 @@ class Pipeline:
             path=str(path),
         )
 
-    def _save_mappings(self, session: Session, uid_map: dict[str, str], patient_map: dict[str, str]) -> None:
-        for kind, mapping in (("uid", uid_map), ("patient", patient_map)):
+    def _save_mappings(self, session: Session, mappings: dict[str, dict[str, str]]) -> None:
+        """Store every mapping the header step made (kinds: see _collect_mappings), the
+        first value of each (kind, old) winning: pseudonyms are stable, so a later one
+        is the same."""
+        for kind, mapping in mappings.items():
             if not mapping:
                 continue
             known = set(session.scalars(select(Pseudonym.old).where(Pseudonym.kind == kind, Pseudonym.old.in_(list(mapping)))))
@@ -180,3 +211,39 @@ class Pipeline:
                 if old not in known:
                     session.add(Pseudonym(kind=kind, old=old, new=new))
 
+
+_LEVELS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
+LEVEL_KINDS = {"SOPInstanceUID": "sop", "SeriesInstanceUID": "series", "StudyInstanceUID": "study", "FrameOfReferenceUID": "for"}
+OUTPUT_KINDS = {"deidentified": "deid", "anonymized": "anon", "counterfactual": "cf", "forwarded": "fwd"}
+
+
+def _collect_mappings(mappings: dict[str, dict[str, str]], kind: str, res: Result, originals: dict[str, str]) -> None:
+    """What an honest broker needs, from one header step (Result) on one output:
+
+    * ``<level>/<output kind>`` (e.g. ``sop/anon``): the original SOP/Series/Study/Frame
+      of Reference UID of the received object -> the UID of this output, composed with
+      the pixel step's own derivation (a derived image's input UID is an intermediate
+      one, found in no source file);
+    * ``uid``: every other UID the header step replaced (references), original -> output;
+    * ``patient``: [issuer, Patient ID] (JSON) -> pseudonymous Patient ID;
+    * ``patient-name``: [issuer, Patient ID, Patient's Name] -> pseudonymous name;
+    * ``date-offset``: [issuer, Patient ID] -> days the dates moved.
+    """
+    short = OUTPUT_KINDS.get(kind, kind[:8])
+    intermediate = set()
+    for keyword, (given, final) in res.levels.items():
+        original = originals.get(keyword) or given
+        if given != original:
+            intermediate.add(given)
+        mappings.setdefault(f"{LEVEL_KINDS[keyword]}/{short}", {})[original] = final
+    uids = mappings.setdefault("uid", {})
+    for old, new in res.uid_map.items():
+        if old not in intermediate:
+            uids[old] = new
+    for p in res.patients.values():
+        who = json.dumps([p.issuer, p.patient_id])
+        mappings.setdefault("patient", {})[who] = p.new_id
+        if p.name:
+            mappings.setdefault("patient-name", {})[json.dumps([p.issuer, p.patient_id, p.name])] = p.new_name
+        if p.offset_days is not None:
+            mappings.setdefault("date-offset", {})[who] = str(p.offset_days)
