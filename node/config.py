@@ -133,9 +133,14 @@ class DeidSettings(_Table):
     def _options(cls, v: list[str]) -> list[str]:
         from node.deid.profile import OPTIONS
 
+        from node.deid.profile import MUTUALLY_EXCLUSIVE
+
         bad = [o for o in v if o not in OPTIONS]
         if bad:
             raise ValueError(f"unknown option(s) {', '.join(map(repr, bad))}: choose from {', '.join(OPTIONS)}")
+        for group in MUTUALLY_EXCLUSIVE:
+            if len(group & set(v)) > 1:
+                raise ValueError(f"{' and '.join(sorted(group))} exclude each other (PS3.15 E.3.6): keep one")
         return v
 
     @field_validator("date_shift_days")

@@ -259,27 +259,40 @@ def test_cli_deid_diff_and_mapping_export(tmp_path):
     (src / "notes.txt").write_text("not dicom")
     r = subprocess.run([sys.executable, "-m", "node.cli", "deid", str(src), "--out", str(tmp_path / "out"), "--diff", "--secret", str(tmp_path / "s.key")], capture_output=True, text=True, cwd=ROOT)
     assert "skipped" in r.stderr and r.returncode == 1  # the text file is reported, not fatal
-    assert " X (0010,1010) PatientAge" in r.stdout or "PatientAge" in r.stdout
-    assert "kept" in r.stdout
+    assert " X (0010,1010) PatientAge" in r.stdout
+    kept = next(line for line in r.stdout.splitlines() if "kept" in line)
+    assert "PatientAge" not in kept and "Manufacturer" in kept
     assert len(list((tmp_path / "out").glob("*.dcm"))) == 1
 
 
 def test_export_mapping_csv(tmp_path, start_node):
-    from tests.conftest import make_study, node_config, receive
+    """Every output kind's original -> final UIDs, patients (issuer + ID) with name
+    pseudonyms, owner-only files (19.8)."""
+    from tests.conftest import make_study, node_config, receive, write_toml
 
-    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), listen=False, schedule=False)
-    for f in make_study(tmp_path / "s", 2):
+    cfg = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+    cfg["routes"][0]["deid"] = {"profile": "basic", "options": ["retain-longitudinal-modified-dates"]}
+    node = start_node(cfg, listen=False, schedule=False)
+    files = make_study(tmp_path / "s", 2)
+    for f in files:
         receive(node, dcmread(f))
     node.tick(stable_after_s=0)
     from node.cli import main
-    from tests.conftest import write_toml
 
-    cfg = write_toml(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), tmp_path / "c.toml")
-    assert main(["export-mapping", "--config", str(cfg), "--out", str(tmp_path / "map")]) == 0
-    rows = list(csv.DictReader((tmp_path / "map" / "patient_ids.csv").open()))
-    assert rows == [{"id_old": "MRN-99812734", "id_new": rows[0]["id_new"]}] and rows[0]["id_new"].startswith("CM")
+    path = write_toml(cfg, tmp_path / "c.toml")
+    assert main(["export-mapping", "--config", str(path), "--out", str(tmp_path / "map")]) == 0
+    assert (tmp_path / "map").stat().st_mode & 0o777 == 0o700
+    for name in ("uids.csv", "patients.csv"):
+        assert (tmp_path / "map" / name).stat().st_mode & 0o777 == 0o600
+    rows = list(csv.DictReader((tmp_path / "map" / "patients.csv").open()))
+    assert len(rows) == 1 and rows[0]["patient_id"] == "MRN-99812734" and rows[0]["issuer"] == ""
+    assert rows[0]["patient_id_new"].startswith("CM") and rows[0]["patient_name"] == "Doe^Janet^Q" and rows[0]["patient_name_new"].startswith("ANON^")
+    assert -365 <= int(rows[0]["date_offset_days"]) <= -1
     uids = list(csv.DictReader((tmp_path / "map" / "uids.csv").open()))
-    assert len(uids) >= 2 * 2 + 2  # SOP instances, study, series, frame of reference...
+    sop = {r["id_old"]: r["id_new"] for r in uids if r["level"] == "SOPInstanceUID" and r["output_kind"] == "deidentified"}
+    delivered = {str(dcmread(p).SOPInstanceUID) for p in (tmp_path / "out").rglob("*.dcm")}
+    assert {str(dcmread(f).SOPInstanceUID) for f in files} == set(sop) and set(sop.values()) == delivered
+    assert any(r["level"] == "StudyInstanceUID" for r in uids) and any(r["level"] == "SeriesInstanceUID" for r in uids)
 
 
 DCIODVFY = shutil.which("dciodvfy")
@@ -297,7 +310,7 @@ def test_output_validates_no_worse_than_input(tmp_path, name):
 
     out = deid(["retain-longitudinal-modified-dates"]).apply(dcmread(src)).dataset
     dst = tmp_path / "out.dcm"
-    out.save_as(dst, enforce_file_format=True)
+    dst.write_bytes(to_bytes(out))
     new = errors(dst) - errors(src)
     assert not new, f"errors the input did not have: {sorted(new)}"
 

@@ -39,7 +39,7 @@ def identifiers(ds: Dataset) -> list[str]:
     for tag in IDENTIFYING:
         for value in _texts(ds, tag):
             out.add(value)
-            out.update(p for p in _WORD.split(value) if len(p) >= 2)
+            out.update(p for p in _WORD.split(value) if len(p) >= 2 or (p and not p.isascii()))  # one CJK character is a name
             if len(value) == 8 and value.isdigit():
                 out.update(_date_spellings(value))
     out.discard("")

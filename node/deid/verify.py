@@ -181,7 +181,7 @@ def _needles(kind: str, value: str, source: str, raw: bytes) -> Iterator[_Needle
         groups = value.split("=")
         for g in groups:
             parts = [p for p in g.split("^") if p.strip()]
-            if parts and len(parts[0].strip()) >= (2 if not parts[0].isascii() else 3):
+            if parts and len(parts[0].strip()) >= (1 if not parts[0].isascii() else 3):
                 texts.append(parts[0].strip())  # the family name alone
             if len(parts) >= 2:
                 texts.append(" ".join(parts[:2]))
@@ -190,8 +190,9 @@ def _needles(kind: str, value: str, source: str, raw: bytes) -> Iterator[_Needle
         texts += [p.strip() for p in re.split(r"[\^,;\n\r]+", value) if len(p.strip()) >= 6]
     elif kind == "phone":
         digits = re.sub(r"\D", "", value)
-        if len(digits) >= 7:
-            yield _Needle(kind, source, digits, (), "digits")
+        for tail in {digits, digits[-10:], digits[-9:]}:  # with and without a country or trunk prefix
+            if len(tail) >= 7:
+                yield _Needle(kind, source, tail, (), "digits")
     for t in texts:
         n = _norm(t)
         if not n or n in _DUMMIES:
