@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import re
 import struct
 import zlib
@@ -49,6 +50,7 @@ _ID_KEYWORDS = frozenset({
 _INSTITUTION_KEYWORDS = frozenset({"InstitutionName", "InstitutionalDepartmentName"})
 _DEFINITION_UID = re.compile(r"ClassUID|TransferSyntax|CodingScheme|ContextUID|MappingResource|CreatorUID|OrganizationUID|ImplementationClass")
 _DUMMIES = frozenset({"ANON", "ANONYMIZED", "ANONYMOUS", "19000101"})
+_EQUIPMENT = frozenset({0x00080070, 0x00081090})  # Manufacturer, ManufacturerModelName
 _SKIP_META = frozenset({0x00020001, 0x00020002, 0x00020010, 0x00020012, 0x00020013})
 
 
@@ -114,12 +116,14 @@ def identifying_values(data: bytes, policy: Policy = Policy()) -> list[_Needle]:
     """The identifying values of a DICOM file (or bare data set), as search needles."""
     scan = _Scan(data)
     out: dict[tuple[str, str], _Needle] = {}
+    equipment = {_norm(v) for el in scan.elements if el.tag in _EQUIPMENT for v in scan.values(el)}
     for el in scan.elements:
-        keyword = keyword_for_tag(el.tag) or ""
-        source = f"({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {keyword or 'private'}"
+        keyword = _keyword(el.tag)
         for kind, value in _classify(el, keyword, scan, policy):
+            source = f"({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {keyword or 'private'}"
             for n in _needles(kind, value, source, el.raw.strip(b" \x00")):
-                out.setdefault((n.kind, n.text), n)
+                if not any(n.text in e for e in equipment):  # a vendor's name shared by an institution identifies the vendor
+                    out.setdefault((n.kind, n.text), n)
     return list(out.values())
 
 
@@ -210,13 +214,12 @@ def _needles(kind: str, value: str, source: str, raw: bytes) -> Iterator[_Needle
 def _search(needles: list[_Needle], out: _Scan, policy: Policy) -> list[Finding]:
     text, spans = out.text()
     starts = [s[0] for s in spans]
-    haystack = out.searchable()
-    lowered = haystack.lower()
+    lowered = out.searchable().lower()
     findings: dict[tuple[str, str], Finding] = {}
 
     def where_text(pos: int) -> tuple[str, str]:
         k = bisect.bisect_right(starts, pos) - 1
-        return (spans[k][2], spans[k][3]) if k >= 0 else ("", "")
+        return (_name(spans[k][2]), spans[k][3]) if k >= 0 else ("", "")
 
     def allowed(n: _Needle, vr: str) -> bool:
         return not (n.kind == "date" and policy.dates == "text" and vr in ("DA", "DT", "TM"))
@@ -230,8 +233,11 @@ def _search(needles: list[_Needle], out: _Scan, policy: Policy) -> list[Finding]
                     findings[(n.kind, n.source)] = Finding(n.kind, n.source, el)
                     break
             continue
-        pattern = _pattern(n.text, n.boundary)
-        for m in pattern.finditer(text):
+        if n.text in text:  # a cheap look first; the pattern then checks word boundaries
+            matches = _pattern(n.text, n.boundary).finditer(text)
+        else:
+            matches = iter(())
+        for m in matches:
             where, vr = where_text(m.start())
             if allowed(n, vr):
                 findings[(n.kind, n.source)] = Finding(n.kind, n.source, where)
@@ -239,10 +245,10 @@ def _search(needles: list[_Needle], out: _Scan, policy: Policy) -> list[Finding]
         if (n.kind, n.source) in findings:
             continue
         for spelling in n.raw:
-            if not spelling:
+            spelling = spelling.lower()
+            if not spelling or spelling not in lowered:
                 continue
-            bpattern = _bytes_pattern(spelling.lower(), n.boundary)
-            for m in bpattern.finditer(lowered):
+            for m in _bytes_pattern(spelling, n.boundary).finditer(lowered):
                 where, vr = out.at(haystack_offset=m.start())
                 if allowed(n, vr):
                     findings[(n.kind, n.source)] = Finding(n.kind, n.source, where)
@@ -401,8 +407,8 @@ class _Scan:
         parts = [text] if el.vr in ("LT", "ST", "UT", "UR") else text.split("\\")
         return [p.strip(" \x00") for p in parts if p.strip(" \x00")]
 
-    def text(self) -> tuple[str, list[tuple[int, int, str, str]]]:
-        """All text values, normalised, joined; with (start, end, attribute, VR) spans."""
+    def text(self) -> tuple[str, list[tuple[int, int, _Element, str]]]:
+        """All text values, normalised, joined; with (start, end, element, VR) spans."""
         chunks, spans, pos = [], [], 0
         for el in self.elements:
             if el.tag >> 16 == 0x0002 or el.vr in ("UI",) or el.tag in _PIXELS:
@@ -414,14 +420,14 @@ class _Scan:
             if not value:
                 continue
             n = _norm(value)
-            spans.append((pos, pos + len(n), _name(el), vr))
+            spans.append((pos, pos + len(n), el, vr))
             chunks.append(n)
             pos += len(n) + 1
         uid_chunks = []
         for el in self.elements:  # UIDs after the text, unnormalised
             if el.vr == "UI" and el.tag not in _SKIP_META:
                 v = el.raw.decode("ascii", "replace").strip(" \x00")
-                spans.append((pos, pos + len(v), _name(el), "UI"))
+                spans.append((pos, pos + len(v), el, "UI"))
                 uid_chunks.append(v)
                 pos += len(v) + 1
         return "\n".join(chunks + uid_chunks), spans
@@ -434,16 +440,23 @@ class _Scan:
                     yield _name(el), digits
 
     def searchable(self) -> bytes:
-        """The file's bytes with the values of top-level Pixel Data blanked."""
-        b = bytearray(self.data)
-        for el in self.elements:
-            if el.tag in _PIXELS and not el.path:
-                b[el.start : el.start + len(el.raw)] = bytes(len(el.raw))
-        return bytes(b)
+        """The file's bytes without the values of top-level Pixel Data (see ``at``)."""
+        self._cuts = sorted((el.start, len(el.raw)) for el in self.elements if el.tag in _PIXELS and not el.path and el.raw)
+        pieces, pos = [], 0
+        for start, length in self._cuts:
+            pieces.append(self.data[pos:start])
+            pos = start + length
+        pieces.append(self.data[pos:])
+        return b"".join(pieces)
 
     def at(self, haystack_offset: int) -> tuple[str, str]:
+        """The element (name, VR) at an offset of ``searchable()``'s bytes."""
+        offset = haystack_offset
+        for start, length in getattr(self, "_cuts", ()):
+            if start <= offset:
+                offset += length
         for el in self.elements:
-            if el.start <= haystack_offset < el.start + max(len(el.raw), 1):
+            if el.start <= offset < el.start + max(len(el.raw), 1):
                 return _name(el), el.vr
         return "the file's bytes outside any value", ""
 
@@ -464,6 +477,12 @@ def _header(b: bytes, pos: int, implicit: bool, little: bool) -> tuple[int, str,
     return tag, vr, struct.unpack_from(e + "H", b, pos + 6)[0], pos + 8
 
 
+@functools.lru_cache(maxsize=8192)
+def _keyword(tag: int) -> str:
+    return keyword_for_tag(tag) or ""
+
+
+@functools.lru_cache(maxsize=8192)
 def _dict_vr(tag: int) -> str:
     try:
         vr = dictionary_VR(tag)
@@ -473,4 +492,4 @@ def _dict_vr(tag: int) -> str:
 
 
 def _name(el: _Element) -> str:
-    return f"{el.path}({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {keyword_for_tag(el.tag) or 'private'}"
+    return f"{el.path}({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {_keyword(el.tag) or 'private'}"
