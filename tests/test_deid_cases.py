@@ -673,3 +673,16 @@ def test_pipeline_quarantines_a_leak_naming_the_attribute(tmp_path, start_node):
         reasons = [j.reason for j in session.scalars(select(Job))]
     assert any("verifier" in (r or "") and "ProtocolName" in r for r in reasons), reasons
     assert not any("Doe" in (r or "") for r in reasons)
+
+
+@needs_cases
+def test_deid_with_a_borrowed_pixel_route_still_applies_the_header_only_burned_in_policy(tmp_path):
+    """19.5: `casemask deid --config F` without --route borrows a route; even a pixel
+    route's, its burned-in policy is that of a header-only route (no pixel cleaning here)."""
+    from tests.conftest import node_config, write_toml
+
+    cfg = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "f")}])
+    cfg["routes"] = [{"name": "pixels", "deid": {"profile": "basic"}, "pixels": "anonymize", "destinations": ["f"]}] + cfg["routes"]
+    path = write_toml(cfg, tmp_path / "pix.toml")
+    r = run_cli(str(case("04") / "dose_mono.dcm"), "--out", str(tmp_path / "o"), "--secret", str(tmp_path / "s.key"), "--config", str(path))
+    assert r.returncode == 1 and "quarantined" in r.stderr and not list((tmp_path / "o").glob("*.dcm"))
