@@ -5,12 +5,13 @@
 
 PYTHON ?= python3
 VENV := .venv
+TRITON_VENV := .venv-triton
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl
 
-.PHONY: serve test test-fast deps venv bench bench-ingest bench-deid bench-engine bench-pixels clean
+.PHONY: serve test test-fast deps venv triton-venv bench bench-ingest bench-deid bench-engine bench-pixels bench-triton clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,17 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# A real Triton Inference Server for tests/test_triton.py and bench-triton: NVIDIA's
+# PyTriton wheel bundles tritonserver (CPU, Python backend). It needs numpy < 2, which the
+# project's environment does not have, so it gets an environment of its own.
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --upgrade --quiet pip
+	$(TRITON_VENV)/bin/pip install --quiet "nvidia-pytriton==0.7.0" "numpy>=1.26,<2" "onnxruntime>=1.18,<2"
+	touch $@
+
+triton-venv: $(TRITON_VENV)/.installed
+
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -35,13 +47,13 @@ deps:
 serve: venv
 	$(VENV)/bin/casemask serve $(if $(CONFIG),--config $(CONFIG))
 
-test: deps venv
+test: deps venv triton-venv
 	$(PY) -m pytest
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
-bench: bench-ingest bench-deid bench-engine bench-pixels
+bench: bench-ingest bench-deid bench-engine bench-pixels bench-triton
 
 bench-ingest: deps venv
 	$(PY) tests/bench/bench_ingest.py
@@ -55,5 +67,8 @@ bench-engine: venv
 bench-pixels: deps venv
 	$(PY) tests/bench/bench_pixels.py
 
+bench-triton: venv triton-venv
+	$(PY) tests/bench/bench_triton.py
+
 clean:
-	rm -rf $(VENV) var .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) var .pytest_cache build *.egg-info

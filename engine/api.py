@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import bundle as bundles
-from engine.runtime import Choice, Runner, make_runner
+from engine.runtime import Choice, Runner, TritonTarget, make_runner
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 class Model:
     """A loaded bundle with one runner per graph, activated on first use."""
 
-    def __init__(self, bundle: bundles.Bundle, backend: str = "auto", max_batch: int = 128, spin: bool = True) -> None:
+    def __init__(self, bundle: bundles.Bundle, backend: str = "auto", max_batch: int = 128, spin: bool = True, triton: TritonTarget | None = None) -> None:
         self.bundle = bundle
         self.backend_requested = backend
         self.max_batch = max_batch
         self.spin = spin
+        self.triton = triton
         self._runners: dict[str, Runner] = {}
         self._torch_model = None
         self.choice: Choice | None = None
@@ -48,7 +49,7 @@ class Model:
         if r is None:
             if self._torch_model is None:
                 self._torch_model = self.bundle.load_torch()
-            r, self.choice = make_runner(self.bundle, graph, self.backend_requested, self.max_batch, model=self._torch_model, spin=self.spin)
+            r, self.choice = make_runner(self.bundle, graph, self.backend_requested, self.max_batch, model=self._torch_model, spin=self.spin, triton=self.triton)
             r.activate()
             self._runners[graph] = r
         return r
@@ -109,14 +110,16 @@ class Model:
         return self.runner("counterfactual").infer({"image": x, "target": onehot})["output"]
 
 
-def load_model(name_or_path: str | Path = "builtin:reference", backend: str = "auto", max_batch: int = 128, spin: bool = True) -> Model:
+def load_model(name_or_path: str | Path = "builtin:reference", backend: str = "auto", max_batch: int = 128, spin: bool = True, triton: TritonTarget | None = None) -> Model:
     """Load a bundle (``builtin:reference`` or a directory) for inference on ``backend``.
 
     ``spin=False``: ONNX Runtime's idle worker threads sleep instead of spinning (see
-    ``engine.runtime.make_runner``).
+    ``engine.runtime.make_runner``). ``triton``: the server for ``backend="triton"``.
 
     Raises:
         engine.bundle.BundleError: not a bundle.
         engine.runtime.RunnerError: the backend is not available (when asked for by name).
+        engine.runtime.TransientRunnerError: (from the operations, on ``triton``) the
+            server is out of reach for now; the same call may succeed later.
     """
-    return Model(bundles.load(name_or_path), backend, max_batch, spin)
+    return Model(bundles.load(name_or_path), backend, max_batch, spin, triton)

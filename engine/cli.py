@@ -1,4 +1,4 @@
-"""``casemask engine ...``: synth, train, refine, evaluate, export, build."""
+"""``casemask engine ...``: synth, train, refine, evaluate, export, build, triton-repo."""
 
 from __future__ import annotations
 
@@ -198,6 +198,31 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_triton_repo(args) -> int:
+    from engine import bundle
+    from engine.runtime import RunnerError
+    from engine.runtime.triton_repo import RepoOptions, write_repository
+
+    b = bundle.load(args.model)
+    try:
+        preferred = tuple(int(v) for v in args.preferred.split(","))
+    except ValueError:
+        raise SystemExit(f"casemask engine triton-repo: --preferred {args.preferred!r}: batch sizes separated by commas, e.g. 32,128") from None
+    opts = RepoOptions(
+        name=args.name or args.model.removeprefix("builtin:").rstrip("/").rsplit("/", 1)[-1], version=args.version, fmt=args.format,
+        accelerator=args.accelerator, fp16=args.fp16, max_batch=args.max_batch, preferred=preferred, queue_delay_us=args.queue_delay_us,
+        instances=args.instances, kind=args.kind, trt_cache_path=args.trt_cache_path,
+    )
+    try:
+        written = write_repository(b, Path(args.out), opts, args.graph)
+    except (ValueError, RunnerError) as exc:
+        raise SystemExit("casemask engine triton-repo: " + str(exc).replace("\n", "\ncasemask engine triton-repo: ")) from None
+    for path in written:
+        print(f"{path.parent.name}: {path}")
+    print(f"serve with: tritonserver --model-repository {Path(args.out).resolve()}; in [[models]]: backend = \"triton\", url = \"HOST:8001\", triton_model = \"{opts.name}\"")
+    return 0
+
+
 def add_engine_parser(sub) -> None:
     ep = sub.add_parser("engine", help="the anonymization network: synth, train, refine, evaluate, export, build")
     esub = ep.add_subparsers(dest="engine_command", metavar="SUBCOMMAND", required=True)
@@ -292,6 +317,23 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--profile", default="1,32,128", help="min,opt,max batch")
     sp.add_argument("--fp32", action="store_true", help="no FP16, even where the GPU supports it")
     sp.set_defaults(func=cmd_build)
+
+    sp = esub.add_parser("triton-repo", help="write a Triton Inference Server model repository for a bundle", formatter_class=defaults)
+    sp.add_argument("--model", default="builtin:reference", metavar="NAME_OR_PATH", help="the bundle")
+    sp.add_argument("--out", required=True, metavar="DIR", help="the model repository (created; other models in it are left alone)")
+    sp.add_argument("--name", default="", help="served as NAME_<graph> (default: the bundle's folder name); [[models]] triton_model = NAME")
+    sp.add_argument("--version", type=int, default=1, help="Triton model version (an integer from 1)")
+    sp.add_argument("--graph", action="append", help="only this graph (repeatable; default: anonymize and counterfactual)")
+    sp.add_argument("--format", default="onnx", choices=("onnx", "plan"), help="onnx: the onnxruntime backend; plan: a TensorRT engine built here")
+    sp.add_argument("--accelerator", default="none", choices=("none", "tensorrt"), help="onnx only: TensorRT as onnxruntime's GPU execution accelerator")
+    sp.add_argument("--fp16", action="store_true", help="FP16 TensorRT (with --accelerator tensorrt or --format plan)")
+    sp.add_argument("--max-batch", type=int, default=128, help="max_batch_size")
+    sp.add_argument("--preferred", default="32,128", help="preferred batch sizes of the dynamic batcher")
+    sp.add_argument("--queue-delay-us", type=int, default=1000, help="microseconds a request may wait for a batch to fill")
+    sp.add_argument("--instances", type=int, default=1, help="model instances per GPU")
+    sp.add_argument("--kind", default="gpu", choices=("gpu", "cpu"), help="instance kind")
+    sp.add_argument("--trt-cache-path", default="", metavar="SERVER_DIR", help="a folder on the server where the TensorRT accelerator keeps its engines across restarts")
+    sp.set_defaults(func=cmd_triton_repo)
 
 
 if __name__ == "__main__":

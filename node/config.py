@@ -171,8 +171,26 @@ class Route(_Table):
 class ModelSettings(_Table):
     name: str = hint("a name routes refer to, e.g. \"reference\"")
     path: str = hint("a bundle folder, or builtin:reference", "builtin:reference")
-    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = hint("choose one of 'auto', 'tensorrt', 'onnxruntime', 'torch'", "auto")
+    backend: Literal["auto", "tensorrt", "onnxruntime", "torch", "triton"] = hint("choose one of 'auto', 'tensorrt', 'onnxruntime', 'torch', 'triton'", "auto")
     batch_size: StrictInt = hint("an integer, 1 or more", 32, ge=1)
+    # backend = "triton": a Triton Inference Server several nodes share (engine.runtime.triton)
+    url: str = hint("the Triton server's gRPC address, url = \"gpu-host:8001\"", "")
+    triton_model: str = hint("the served model's name as casemask engine triton-repo --name wrote it (default: this entry's name)", "")
+    triton_version: StrictInt = hint("a Triton model version, 1 or more (0: the newest the server has)", 0, ge=0)
+    timeout_s: Seconds = hint("seconds, more than 0", 30.0, gt=0)
+    tls_ca_file: Path | None = hint("a PEM file of the CA that signed the Triton server's certificate (turns TLS on)", None, strict=False)
+    tls_cert_file: Path | None = hint("a PEM client certificate for the Triton server", None, strict=False)
+    tls_key_file: Path | None = hint("the PEM key of tls_cert_file", None, strict=False)
+
+    def triton_target(self):
+        """The :class:`engine.runtime.TritonTarget` of a ``backend = "triton"`` entry."""
+        from engine.runtime.triton import TritonTarget
+
+        return TritonTarget(self.url, self.triton_model or self.name, self.triton_version, self.timeout_s, self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`engine.load_model` beyond the backend."""
+        return {"triton": self.triton_target()} if self.backend == "triton" else {}
 
 
 class Settings(BaseModel):
@@ -319,6 +337,8 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
         destinations.append(dest)
 
     models = [m for k, e in enumerate(_entries(raw, "models", problems)) if (m := _validate(ModelSettings, e, f"[[models]] #{k + 1}", problems))]
+    for m in models:
+        _check_model(m, f"[[models]] '{m.name}'", base_dir, problems)
     model_names = {m.name for m in models} | {"reference"}
 
     routes: list[Route] = []
@@ -357,6 +377,31 @@ def _check_destination(dest: Destination, where: str, base_dir: Path, problems: 
         problems.append(f"{where}: a dicomweb destination needs url = \"http://host:port/dicom-web\"")
     if dest.calling_ae and not valid_ae_title(dest.calling_ae):
         problems.append(f"{where} calling_ae = {dest.calling_ae!r}: an AE title is 1 to 16 characters")
+
+
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def _check_model(model: ModelSettings, where: str, base_dir: Path, problems: list[str]) -> None:
+    if model.backend != "triton":
+        for key in ("url", "triton_model", "tls_ca_file", "tls_cert_file", "tls_key_file"):
+            if getattr(model, key):
+                problems.append(f"{where}: {key} is used by backend = \"triton\" only")
+        return
+    m = _HOST_PORT.match(model.url)
+    if not model.url:
+        problems.append(f"{where}: backend = \"triton\" needs url = \"host:port\" (the Triton server's gRPC port, 8001 by default)")
+    elif not m or not 1 <= int(m.group(2)) <= 65535:
+        problems.append(f"{where} url = {model.url!r}: write the Triton server's gRPC address as \"host:port\", e.g. \"gpu-host:8001\" (no scheme)")
+    if (model.tls_cert_file is None) != (model.tls_key_file is None):
+        problems.append(f"{where}: tls_cert_file and tls_key_file go together")
+    if model.tls_cert_file is not None and model.tls_ca_file is None:
+        problems.append(f"{where}: a client certificate needs TLS: add tls_ca_file = \"ca.pem\"")
+    for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        path = _absolute(getattr(model, key), base_dir)
+        setattr(model, key, path)
+        if path is not None and not path.is_file():
+            problems.append(f"{where} {key} = '{path}': no such file")
 
 
 def _check_route(route: Route, where: str, dest_names: set[str], model_names: set[str], problems: list[str], warnings: list[str]) -> None:

@@ -278,7 +278,7 @@ class EnginePixelStep:
         try:
             ms = self.settings.model(name)
             # Idle ONNX Runtime workers sleep: the node's other threads need the cores.
-            model = load_model(ms.path, backend=ms.backend, max_batch=ms.batch_size, spin=False)
+            model = load_model(ms.path, backend=ms.backend, max_batch=ms.batch_size, spin=False, **ms.engine_options())
             s = model.image_size
             model.anonymize(np.zeros((1, 1, s, s), np.float32), seed=0)
             self.models[name] = model

@@ -1,7 +1,9 @@
 """Pick and build a runner for one graph of a bundle.
 
 ``auto`` tries, in order: tensorrt, onnxruntime CUDA, torch CUDA, onnxruntime CPU,
-torch CPU; it logs which it chose and why each faster one was not available.
+torch CPU; it logs which it chose and why each faster one was not available. ``triton``
+(a Triton Inference Server, :mod:`engine.runtime.triton`) is chosen by name only, with a
+:class:`TritonTarget` saying where the server is.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import logging
 from engine.bundle import Bundle
 from engine.runtime.backends import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
 from engine.runtime.base import Runner, RunnerError, TensorSpec, TransientRunnerError
+from engine.runtime.triton import TritonRunner, TritonTarget
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "torch", "torch-cuda", "torch-compile")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "torch", "torch-cuda", "torch-compile", "triton")
 AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "torch")
 
 
@@ -29,6 +32,8 @@ def unavailable(backend: str) -> str | None:
     """None when ``backend`` can run here; else what is missing."""
     if backend == "tensorrt":
         return TensorRTRunner.is_available()
+    if backend == "triton":
+        return TritonRunner.is_available()
     if backend.startswith("onnxruntime"):
         why = OnnxRuntimeRunner.is_available()
         if why or backend == "onnxruntime":
@@ -59,12 +64,19 @@ def choose(backend: str = "auto") -> Choice:
     raise RunnerError("no backend is available: " + "; ".join(skipped))
 
 
-def make_runner(bundle: Bundle, graph: str, backend: str = "auto", max_batch: int = 128, model=None, trt_profile: tuple[int, int, int] = (1, 32, 128), spin: bool = True) -> tuple[Runner, Choice]:
+def make_runner(bundle: Bundle, graph: str, backend: str = "auto", max_batch: int = 128, model=None, trt_profile: tuple[int, int, int] = (1, 32, 128), spin: bool = True, triton: TritonTarget | None = None) -> tuple[Runner, Choice]:
     """A runner (not yet active) for ``graph`` of ``bundle`` on the chosen backend.
 
     ``spin=False`` lets ONNX Runtime's idle worker threads sleep: for a process whose other
     threads need the cores between batches (the node), at some cost to throughput.
+    ``triton``: where the server is, for ``backend="triton"`` (the bundle's own export is
+    still made here: activation checks the server against it).
+
+    Raises:
+        RunnerError: the backend is not available, or ``triton`` is missing for it.
     """
+    if backend == "triton" and triton is None:
+        raise RunnerError("backend triton needs the server: a TritonTarget (url = \"host:8001\" and the served model's name)")
     from engine.export import export_graph, graph_specs
     from engine.model import GRAPHS
 
@@ -78,6 +90,9 @@ def make_runner(bundle: Bundle, graph: str, backend: str = "auto", max_batch: in
     onnx = bundle.export_path(graph)
     if not onnx.exists():
         onnx = export_graph(bundle, graph, model)
+    if b == "triton":
+        assert triton is not None
+        return TritonRunner(triton, graph, inputs, outputs, max_batch=max_batch, reference=onnx, weights_digest=bundle.weights_digest()), choice
     if b == "tensorrt":
 
         def fp16_onnx():
@@ -89,4 +104,4 @@ def make_runner(bundle: Bundle, graph: str, backend: str = "auto", max_batch: in
     return OnnxRuntimeRunner(onnx, inputs, outputs, providers=providers, max_batch=max_batch, spin=spin), choice
 
 
-__all__ = ["BACKENDS", "Choice", "Runner", "RunnerError", "TensorSpec", "TransientRunnerError", "choose", "make_runner", "unavailable"]
+__all__ = ["BACKENDS", "Choice", "Runner", "RunnerError", "TensorSpec", "TransientRunnerError", "TritonTarget", "choose", "make_runner", "unavailable"]

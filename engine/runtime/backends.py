@@ -7,15 +7,14 @@ did not pick a faster one.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from engine.runtime.base import Runner, RunnerError, TensorSpec
+from engine.runtime.plans import GpuInfo, PlanCache, plan_key, timing_key
 
 log = logging.getLogger(__name__)
 
@@ -155,26 +154,40 @@ class TensorRTRunner(Runner):
     """A TensorRT engine built from ONNX, executed on torch-allocated CUDA tensors.
 
     Build: an optimization profile (min/opt/max batch), FP16 where the GPU and TensorRT
-    allow it, a timing cache, and a serialized-engine cache keyed by ONNX hash, TensorRT
-    version, GPU name and compute capability, precision and profile. FP16 comes two ways:
-    where ``BuilderFlag.FP16`` exists (TensorRT 10 and before) the fp32 ONNX is built
-    with that flag; where it is gone (TensorRT 11 keeps only strongly typed networks) the
-    fp16 ONNX export (``fp16_onnx``, a callable that makes it) is built as a strongly
-    typed network, its inputs and outputs float16. Execution: set_tensor_address +
-    execute_async_v3 on a torch CUDA stream, buffers allocated by torch.
+    allow it, TF32 off in fp32 (TensorRT allows TF32 by default, 10 mantissa bits, as
+    cuDNN does for torch: float32 here means float32), a timing cache per GPU model, and
+    a plan cache (:mod:`engine.runtime.plans`) keyed by ONNX hash, TensorRT version, the
+    model and compute capability of the GPU the engine runs on, precision and profile,
+    built once across processes. FP16 comes two ways: where ``BuilderFlag.FP16`` exists
+    (TensorRT 10 and before) the fp32 ONNX is built with that flag; where it is gone
+    (TensorRT 11 keeps only strongly typed networks) the fp16 ONNX export (``fp16_onnx``,
+    a callable that makes it) is built as a strongly typed network, its inputs and
+    outputs float16. Execution: set_tensor_address + execute_async_v3 on a torch CUDA
+    stream, buffers allocated by torch, all on CUDA device ``device`` (default: the
+    current device when the runner is built or activated).
     """
 
     backend = "tensorrt"
 
-    def __init__(self, onnx_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], cache_dir: Path, profile: tuple[int, int, int] = (1, 32, 128), fp16: bool = True, max_batch: int | None = None, fp16_onnx=None) -> None:
+    def __init__(self, onnx_path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], cache_dir: Path, profile: tuple[int, int, int] = (1, 32, 128), fp16: bool = True, max_batch: int | None = None, fp16_onnx=None, device: int | None = None) -> None:
         super().__init__(inputs, outputs, max_batch or profile[2])
         self.onnx_path = Path(onnx_path)
-        self.cache_dir = Path(cache_dir)
+        self.cache = PlanCache(Path(cache_dir))
         self.profile = profile
         self.fp16 = fp16
         self.fp16_onnx = fp16_onnx
-        self.device = "cuda"
+        self.device_index = device
+        self.device = "cuda" if device is None else f"cuda:{device}"
         self.strongly_typed = False
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache.folder
+
+    @property
+    def builds(self) -> int:
+        """Plans this runner built (0 when it found its plan in the cache)."""
+        return self.cache.builds
 
     def _source(self) -> Path:
         """The ONNX to build from, deciding between the FP16 flag and strong typing."""
@@ -202,31 +215,43 @@ class TensorRTRunner(Runner):
         return None
 
     # -- build ----------------------------------------------------------------------
-    def cache_key(self) -> str:
-        import tensorrt as trt
+    def _index(self) -> int:
+        """The CUDA device the engine is built for and runs on (fixed at first use)."""
+        if self.device_index is None:
+            import torch
+
+            self.device_index = torch.cuda.current_device()
+            self.device = f"cuda:{self.device_index}"
+        return self.device_index
+
+    def gpu(self) -> GpuInfo:
         import torch
 
-        props = torch.cuda.get_device_properties(0)
+        return GpuInfo.of(torch.cuda.get_device_properties(self._index()))
+
+    def cache_key(self) -> str:
+        import tensorrt as trt
+
         onnx_hash = hashlib.sha256(self._source().read_bytes()).hexdigest()[:16]
-        parts = {
-            "onnx": onnx_hash,
-            "trt": trt.__version__,
-            "gpu": props.name,
-            "cc": f"{props.major}.{props.minor}",
-            "precision": "fp16" if self.fp16 else "fp32",
-            "profile": list(self.profile),
-        }
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+        return plan_key(onnx_hash, trt.__version__, self.gpu(), self.fp16, tuple(self.profile))
 
     def build(self) -> Path:
         """Build (or find in the cache) the serialized engine; returns its path."""
+        import torch
+
+        with torch.cuda.device(self._index()):
+            name = f"{self.onnx_path.stem}-{self.cache_key()}.plan"
+            return self.cache.get(name, self._build_engine)
+
+    def _build_engine(self) -> bytes:
+        """The serialized engine for the current CUDA device.
+
+        Raises:
+            RunnerError: the ONNX does not parse or TensorRT fails to build.
+        """
         import tensorrt as trt
 
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         source = self._source()
-        plan = self.cache_dir / f"{self.onnx_path.stem}-{self.cache_key()}.plan"
-        if plan.exists():
-            return plan
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         flags = 0
@@ -243,8 +268,10 @@ class TensorRTRunner(Runner):
         config = builder.create_builder_config()
         if self.fp16 and not self.strongly_typed and getattr(builder, "platform_has_fast_fp16", True):
             config.set_flag(trt.BuilderFlag.FP16)
-        timing_path = self.cache_dir / "timing.cache"
-        timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.exists() else b"")
+        if not self.fp16 and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)
+        tkey = timing_key(trt.__version__, self.gpu())
+        timing = config.create_timing_cache(self.cache.read_timing(tkey))
         config.set_timing_cache(timing, ignore_mismatch=True)
         prof = builder.create_optimization_profile()
         lo, opt, hi = self.profile
@@ -255,12 +282,8 @@ class TensorRTRunner(Runner):
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise RunnerError("TensorRT failed to build the engine (see the TensorRT log above)")
-        tmp = plan.with_suffix(".tmp")
-        tmp.write_bytes(bytes(serialized))
-        tmp.replace(plan)
-        timing_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-        log.info("TensorRT engine built: %s", plan.name)
-        return plan
+        self.cache.write_timing(tkey, bytes(config.get_timing_cache().serialize()))
+        return bytes(serialized)
 
     def _activate_impl(self) -> None:
         import tensorrt as trt
@@ -268,10 +291,13 @@ class TensorRTRunner(Runner):
 
         plan = self.build()
         self._torch = torch
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
-        self._context = self._engine.create_execution_context()
-        self._stream = torch.cuda.Stream()
+        with torch.cuda.device(self._index()):
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            self._engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+            if self._engine is None:
+                raise RunnerError(f"TensorRT cannot load the plan {plan.name} (see the TensorRT log above)")
+            self._context = self._engine.create_execution_context()
+            self._stream = torch.cuda.Stream()
 
     def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
@@ -280,16 +306,17 @@ class TensorRTRunner(Runner):
             raise RunnerError(f"batch {n} is below the engine's profile minimum {self.profile[0]}")
         keep = []
         io_dtype = torch.float16 if self.strongly_typed else torch.float32
-        with torch.cuda.stream(self._stream):
+        dev = torch.device("cuda", self._index())
+        with torch.cuda.device(dev), torch.cuda.stream(self._stream):
             for spec in self.inputs:
-                t = torch.from_numpy(feed[spec.name]).cuda(non_blocking=True).to(io_dtype).contiguous()
+                t = torch.from_numpy(feed[spec.name]).to(dev, non_blocking=True).to(io_dtype).contiguous()
                 keep.append(t)
                 self._context.set_input_shape(spec.name, tuple(t.shape))
                 self._context.set_tensor_address(spec.name, t.data_ptr())
             outs = {}
             for spec in self.outputs:
                 shape = tuple(self._context.get_tensor_shape(spec.name))
-                t = torch.empty(shape, dtype=io_dtype, device="cuda")
+                t = torch.empty(shape, dtype=io_dtype, device=dev)
                 outs[spec.name] = t
                 self._context.set_tensor_address(spec.name, t.data_ptr())
             if not self._context.execute_async_v3(self._stream.cuda_stream):
@@ -302,4 +329,4 @@ class TensorRTRunner(Runner):
         self._engine = None
 
     def describe(self) -> str:
-        return f"tensorrt {'fp16' if self.fp16 else 'fp32'} on cuda"
+        return f"tensorrt {'fp16' if self.fp16 else 'fp32'} on {self.device}"
