@@ -1,6 +1,6 @@
 """Engine throughput: images/s and per-batch latency per backend, against PyTorch eager.
 
-    python tests/bench/bench_engine.py [--model builtin:reference] [--graph anonymize] [--seconds 2] [--rounds 3]
+    python tests/bench/bench_engine.py [--model builtin:reference] [--graph anonymize] [--seconds 2] [--rounds 3] [--backends torch,onnxruntime,...]
 
 Every backend available here runs the same graph on the same inputs at batch 1, 8, 32
 and 128; PyTorch eager (fp32, same device class) is measured in the same run and each
@@ -32,6 +32,7 @@ from engine.runtime import make_runner, unavailable  # noqa: E402
 from engine.runtime.backends import TorchRunner  # noqa: E402
 
 BATCHES = (1, 8, 32, 128)
+CANDIDATES = ("torch", "onnxruntime", "torch-compile", "torch-cuda", "onnxruntime-cuda", "tensorrt")
 
 
 def timeit(runner, feed, seconds: float) -> tuple[float, float]:
@@ -56,6 +57,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=2.0, help="measuring time per backend and batch, split over the rounds")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--backends", default=",".join(CANDIDATES), help="the backends to measure (those not available here are listed with the reason)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="casemask-bench-engine-"))
@@ -65,7 +67,7 @@ def main() -> int:
     import torch
 
     print(f"model {args.model}, graph {args.graph}, image {b.image_size}x{b.image_size}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    candidates = ["torch", "onnxruntime", "torch-compile", "torch-cuda", "onnxruntime-cuda", "tensorrt"]
+    candidates = [c for c in args.backends.split(",") if c]
     inputs, outputs = graph_specs(b, args.graph)
     model = b.load_torch()
     runners = {}
@@ -76,7 +78,10 @@ def main() -> int:
                 print(f"{backend:<18} not available: {why}")
                 continue
             try:
-                runner, _ = make_runner(b, args.graph, backend, max_batch=max(batches), model=model)
+                # A CUDA runner moves its module to the GPU in place: it gets its own copy,
+                # or the CPU runners sharing the model would find their weights there.
+                own = b.load_torch() if "cuda" in backend else model
+                runner, _ = make_runner(b, args.graph, backend, max_batch=max(batches), model=own)
                 runners[backend] = stack.enter_context(runner)
                 if backend == "torch-cuda":
                     half = TorchRunner(type(runner.module)(b.load_torch()), inputs, outputs, device="cuda", half=True, max_batch=max(batches))
