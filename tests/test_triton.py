@@ -256,6 +256,22 @@ def test_triton_repo_writes_a_batched_onnxruntime_repository(bundle, tmp_path):
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_the_runner_accepts_what_triton_repo_writes_and_refuses_other_weights(bundle):
+    """The repository's config, as the server would return it, passes the runner's checks;
+    the same config naming other weights does not."""
+    from engine.runtime.triton import TritonRunner
+    from engine.runtime.triton_repo import RepoOptions, model_config
+
+    inputs, outputs = graph_specs(bundle, "anonymize")
+    config = model_config(bundle, "anonymize", RepoOptions(name="ref", max_batch=64), "0" * 64)
+    runner = TritonRunner(TritonTarget("gpu-host:8001", "ref"), "anonymize", inputs, outputs, weights_digest=bundle.weights_digest())
+    runner._check_config(config)
+    assert runner.max_batch == 64 and set(runner.wire_dtypes) == {"image", "noise", "output"}
+    config.parameters["casemask_weights"].string_value = "0123456789abcdef"
+    with pytest.raises(RunnerError, match="was made from weights 0123456789abcdef"):
+        runner._check_config(config)
+
+
 def test_triton_repo_tensorrt_accelerator_in_fp16(bundle, tmp_path):
     r = triton_repo("--model", str(bundle.path), "--out", str(tmp_path), "--name", "ref", "--accelerator", "tensorrt", "--fp16", "--trt-cache-path", "/models/.trt")
     assert r.returncode == 0, r.stderr
