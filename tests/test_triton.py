@@ -227,6 +227,43 @@ def test_tls_to_the_server(bundle, tmp_path):
             plain.activate()
 
 
+@needs_server
+def test_the_node_pixel_step_on_triton_gives_the_local_backend_s_pixels(bundle, server, tmp_path):
+    """[[models]] backend = "triton" reaches the server from the node's pixel step, and the
+    derived images carry the same pixels as with the local onnxruntime backend."""
+    from pydicom import dcmread
+
+    from engine.data import SyntheticPatients
+    from engine.data.dicom import write_dicom_studies
+    from node.config import parse
+    from node.deid import Pseudonymizer
+    from node.pipeline import Item
+    from node.pixels import EnginePixelStep
+
+    files = write_dicom_studies(SyntheticPatients(1, 3, 96, seed=41), tmp_path / "study")
+    pixels = {}
+    for backend, extra in (("onnxruntime", {}), ("triton", {"url": server.url, "triton_model": "ref"})):
+        raw = {
+            "node": {"data_dir": str(tmp_path / backend)},
+            "destinations": [{"name": "out", "kind": "folder", "path": str(tmp_path / "out")}],
+            "routes": [{"name": "chest", "match": {"Modality": "DX"}, "pixels": "anonymize", "model": "m", "destinations": ["out"]}],
+            "models": [{"name": "m", "path": str(bundle.path), "backend": backend, **extra}],
+        }
+        settings = parse(raw, "test", base_dir=tmp_path)
+        settings.node.data_dir.mkdir(parents=True)
+        step = EnginePixelStep(settings)
+        step.warm()
+        assert not step.errors and step.models["m"].describe()["backend"] == backend
+        items = [Item(job=None, source=dcmread(f)) for f in files]  # type: ignore[arg-type]
+        step.process(items, settings.routes[0], Pseudonymizer(bytes(32)))
+        step.models["m"].close()
+        assert all(not it.error and it.outputs for it in items)
+        pixels[backend] = [ds.pixel_array.astype(np.int64) for it in items for _, ds in it.outputs]
+    assert len(pixels["triton"]) == len(pixels["onnxruntime"]) == 3
+    for a, b in zip(pixels["triton"], pixels["onnxruntime"]):
+        assert np.abs(a - b).max() <= 1  # one stored value at most (rounding of a float difference)
+
+
 # -- the model repository -----------------------------------------------------------------
 def read_config(path: Path):
     from google.protobuf import text_format

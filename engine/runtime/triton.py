@@ -32,7 +32,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +123,7 @@ class TritonRunner(Runner):
         return None
 
     # -- connection -----------------------------------------------------------------
-    def _client(self):
+    def _client(self) -> Any:
         client = getattr(self._local, "client", None)
         if client is None:
             import tritonclient.grpc as grpcclient
@@ -148,7 +150,7 @@ class TritonRunner(Runner):
                     self._clients.remove(client)
             client.close()
 
-    def _call(self, what: str, fn, *args, **kw):
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """``fn(*args, **kw)`` on this thread's client, its failures sorted into transient
         (the server) and permanent (the request)."""
         from tritonclient.utils import InferenceServerException
