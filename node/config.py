@@ -59,6 +59,9 @@ class NodeSettings(_Table):
     data_dir: Path = hint("a folder for the spool, outbox, database and secret, e.g. \"var\"", Path("var"), strict=False)
     database_url: str = hint("empty for SQLite under data_dir, or a SQLAlchemy URL", "")
     secret_path: Path | None = hint("a file holding the pseudonym secret (hex)", None, strict=False)
+    secret_env: str = hint("the name of an environment variable holding the pseudonym secret (hex), e.g. \"CASEMASK_SECRET\"", "")
+    node_id: str = hint("this node's name among nodes sharing a database: letters, digits, '.', '_', '-' (1 to 40); empty: made once and kept in data_dir/node-id", "")
+    max_job_attempts: StrictInt = hint("an integer, 1 or more (tries of one object through a route before it is quarantined)", 3, ge=1)
     stable_after_s: Seconds = hint("seconds, 0 or more", 30.0, ge=0)
     accept_unknown_sources: StrictBool = hint("true or false", False)
     unrouted: Literal["hold", "discard"] = hint("choose one of 'hold', 'discard'", "hold")
@@ -86,6 +89,20 @@ class NodeSettings(_Table):
             raise ValueError("a TCP port is an integer from 1 to 65535")
         return v
 
+    @field_validator("secret_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", v):
+            raise ValueError("the name of an environment variable: letters, digits and '_', not starting with a digit, e.g. \"CASEMASK_SECRET\"")
+        return v
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Za-z0-9._-]{1,40}", v):
+            raise ValueError("letters, digits, '.', '_' or '-', 1 to 40 of them, e.g. \"node-a\"")
+        return v
+
     @property
     def resolved_secret_path(self) -> Path:
         return self.secret_path or self.data_dir / "secret.key"
@@ -93,6 +110,16 @@ class NodeSettings(_Table):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'casemask.db').resolve()}"
+
+
+class RetentionSettings(_Table):
+    """How long files holding (or derived from) patient data stay in the data folder.
+    Rows stay: UIDs and states for the audit trail (see node.retention)."""
+
+    originals_days: StrictInt = hint("days; 0 deletes a received object once everything made from it is SENT, -1 keeps it", 0, ge=-1)
+    outputs_days: StrictInt = hint("days; 0 deletes a de-identified file once delivered to every destination, -1 keeps it", 0, ge=-1)
+    quarantine_days: StrictInt = hint("days a quarantined object is kept for review, then deleted; -1 keeps it", 30, ge=-1)
+    interval_s: Seconds = hint("seconds between retention runs, more than 0", 300.0, gt=0)
 
 
 class Source(_Table):
@@ -199,6 +226,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     node: NodeSettings = Field(default_factory=NodeSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     sources: list[Source] = Field(default_factory=list)
     destinations: list[Destination] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
@@ -322,6 +350,9 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
     node = _validate(NodeSettings, raw.get("node", {}), "[node]", problems) or NodeSettings()
     node.data_dir = _absolute(node.data_dir, base_dir)  # type: ignore[assignment]
     node.secret_path = _absolute(node.secret_path, base_dir)
+    if node.secret_path and node.secret_env:
+        problems.append("[node]: secret_path and secret_env both name a pseudonym secret: keep one of them")
+    retention = _validate(RetentionSettings, raw.get("retention", {}), "[retention]", problems) or RetentionSettings()
 
     sources = [s for k, e in enumerate(_entries(raw, "sources", problems)) if (s := _validate(Source, e, f"[[sources]] #{k + 1}", problems))]
 
@@ -359,7 +390,7 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
 
     if problems:
         raise ConfigError(problems, source)
-    return Settings(node=node, sources=sources, destinations=destinations, routes=routes, models=models, warnings=warnings)
+    return Settings(node=node, retention=retention, sources=sources, destinations=destinations, routes=routes, models=models, warnings=warnings)
 
 
 def _check_destination(dest: Destination, where: str, base_dir: Path, problems: list[str]) -> None:

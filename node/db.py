@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import os
 from pathlib import Path
 
 from sqlalchemy import (
+    Connection,
     DateTime,
     Enum,
     ForeignKey,
@@ -22,13 +24,29 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
+    select,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 
 def utcnow() -> dt.datetime:
+    """This process's clock, naive UTC (the columns hold naive UTC times)."""
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def db_now(conn: Connection | Session) -> dt.datetime:
+    """The database's clock, naive UTC: what leases, retry times and retention compare
+    against, so that nodes whose clocks disagree still agree on who holds what.
+
+    PostgreSQL: ``statement_timestamp()`` of the server. SQLite is embedded, so the
+    database's clock *is* this process's clock (:func:`utcnow`, which tests may replace).
+    """
+    bind = conn.get_bind() if isinstance(conn, Session) else conn
+    if bind.dialect.name == "postgresql":
+        return conn.execute(select(func.timezone("UTC", func.statement_timestamp()))).scalar_one()
+    return utcnow()
 
 
 class StudyState(enum.StrEnum):
@@ -78,6 +96,9 @@ class Study(Base):
 
 class Instance(Base):
     __tablename__ = "instances"
+    # One index serves both "instances in state S" and retention's "not yet purged" (a
+    # second index would cost every C-STORE an extra B-tree insert).
+    __table_args__ = (Index("ix_instances_state_purged", "state", "purged_at"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -92,8 +113,12 @@ class Instance(Base):
     called_ae: Mapped[str] = mapped_column(String(16), default="")
     peer_host: Mapped[str] = mapped_column(String(64), default="")
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    state: Mapped[InstanceState] = mapped_column(Enum(InstanceState, native_enum=False, length=16), default=InstanceState.RECEIVED, index=True)
+    state: Mapped[InstanceState] = mapped_column(Enum(InstanceState, native_enum=False, length=16), default=InstanceState.RECEIVED)
     reason: Mapped[str] = mapped_column(Text, default="")
+    # When the state last changed (NULL: still as received); retention counts from it.
+    state_changed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # When retention deleted the spooled file (the row stays for the audit trail).
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     study: Mapped[Study] = relationship(back_populates="instances")
 
 
@@ -108,8 +133,14 @@ class Job(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     route: Mapped[str] = mapped_column(String(64))
     state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16), default=JobState.PENDING)
+    # The claim: who holds it (an owner token, see node.leases) and until when (database time).
+    owner: Mapped[str | None] = mapped_column(String(80), nullable=True)
     lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # Tries that ended without a result (failed or interrupted); max_job_attempts quarantines.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Tries put off because a backend was out of reach (never counted as attempts).
+    deferrals: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     # What the steps found, for review: JSON object, one key per step (e.g. "gates": scores,
@@ -131,6 +162,8 @@ class Output(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     transfer_syntax: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
+    # When retention deleted the outbox file (the row stays for the audit trail).
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True, index=True)
 
 
 class Delivery(Base):
@@ -148,6 +181,7 @@ class Delivery(Base):
     state: Mapped[DeliveryState] = mapped_column(Enum(DeliveryState, native_enum=False, length=16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    owner: Mapped[str | None] = mapped_column(String(80), nullable=True)
     lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
@@ -168,6 +202,30 @@ class Pseudonym(Base):
     new: Mapped[str] = mapped_column(String(128))
 
 
+class Meta(Base):
+    """Facts about the database itself, e.g. the pseudonym secret's fingerprint (never
+    the secret) and the fingerprint of the routes that held objects were judged by."""
+
+    __tablename__ = "node_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+def insert_if_absent(conn: Connection | Session, model: type[Base], rows: list[dict]) -> None:
+    """INSERT ``rows`` into ``model``'s table, skipping those that would break a unique
+    constraint (``ON CONFLICT DO NOTHING``, which SQLite and PostgreSQL both have), so
+    that nodes inserting the same row at the same moment do not fail."""
+    if not rows:
+        return
+    bind = conn.get_bind() if isinstance(conn, Session) else conn
+    if bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    conn.execute(dialect_insert(model.__table__).on_conflict_do_nothing(), rows)
+
+
 def _sqlite_adapter(engine: Engine) -> None:
     """SQLite only: WAL for concurrent readers, FULL sync so a commit survives power loss."""
 
@@ -186,10 +244,24 @@ def _sqlite_adapter(engine: Engine) -> None:
 POOL_SIZE, POOL_OVERFLOW = 40, 16
 
 
+def _owner_only_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 when absent, else tighten it to 0600. SQLite
+    gives its -wal and -shm files the database file's mode."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+
+
 def make_engine(url: str) -> Engine:
-    """The process's one engine. Creates the tables that do not exist yet."""
+    """The process's one engine. Creates the tables that do not exist yet; a SQLite
+    database file is readable by its owner only (0600)."""
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db_file = Path(url.removeprefix("sqlite:///"))
+        db_file.parent.mkdir(parents=True, exist_ok=True)
+        _owner_only_file(db_file)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
         _sqlite_adapter(engine)
     else:
@@ -198,5 +270,7 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker:
-    return sessionmaker(engine, expire_on_commit=False)
+def make_sessionmaker(engine: Engine, info: dict | None = None) -> sessionmaker:
+    """Sessions of the engine. ``info`` is copied into every session's ``info``; the node
+    puts its log namer there (``"log_id"``, see node.queue)."""
+    return sessionmaker(engine, expire_on_commit=False, info=info or {})
