@@ -1,30 +1,44 @@
 """One study through one route: pixel step, header step, outbox, deliveries.
 
-Fail closed: a step that the route requires and that raises, or is not available,
-quarantines the object with the reason, and nothing of it reaches the outbox. With
-``partial = "quarantine-study"`` (the default) one quarantined object quarantines the
-rest of the batch as well.
+Fail closed: a step that the route requires and that decides against an object, raises
+on it, or is not available, quarantines the object with the reason, and nothing of it
+reaches the outbox. With ``partial = "quarantine-study"`` (the default) one quarantined
+object quarantines the rest of its study in the batch as well.
+
+Failures of a whole batch are tries, not verdicts (node.queue): a step that raises for
+the batch, or the pipeline itself, costs every job of it one try (``max_job_attempts``
+then quarantines; the last try runs alone, so an object that breaks its batch takes no
+other object down with it); a backend out of reach (``TransientRunnerError``), the
+database busy, or an outbox that cannot be written, puts the jobs off with a backoff
+and costs no try. Reasons name the step, the error's class and the attribute, never a
+value (node.reasons). The batch's lease is renewed while it runs, and every finish is
+guarded: a worker that lost its lease drops its result.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
 import logging
+from pathlib import Path
 from typing import Protocol
 
 from pydicom import Dataset, dcmread
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import queue
 from node.config import Route, Settings
-from node.db import Job, Output, Pseudonym
+from node.db import Job, Output, Pseudonym, insert_if_absent
 from node.deid import Deidentifier, Pseudonymizer, QuarantineError, Result, to_bytes
 from node.deid.profile import CLEAN_PIXEL_CODE, CLEAN_VISUAL_CODE
 from node.deid.verify import Policy, VerifyError, reason, verify
+from node.leases import LeaseKeeper
+from node.reasons import describe, location, scrub
 from node.spool import write_atomic
 
 log = logging.getLogger(__name__)
@@ -48,6 +62,31 @@ class Item:
     encoded: list[bytes] = dataclasses.field(default_factory=list)  # the outputs' bytes, once verified
 
 
+class BatchError(Exception):
+    """A step failed for a whole batch (as opposed to a verdict on one object)."""
+
+    def __init__(self, step: str, cause: BaseException) -> None:
+        super().__init__(step)
+        self.step = step
+        self.cause = cause
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says something needed is out of reach for
+    now: an inference backend (``engine.runtime.TransientRunnerError``) or the database
+    (SQLAlchemy's ``OperationalError``: locked, connection lost)."""
+    from engine.runtime.base import TransientRunnerError
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (TransientRunnerError, OperationalError)):
+            return True
+        e = e.cause if isinstance(e, BatchError) else (e.__cause__ or e.__context__)
+    return False
+
+
 class PixelStep(Protocol):
     """What the pixel anonymization step offers the pipeline (see node.pixels)."""
 
@@ -59,11 +98,14 @@ class PixelStep(Protocol):
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, sessions: sessionmaker, pseudo: Pseudonymizer, pixel_step: PixelStep | None = None) -> None:
+    """Claims batches of jobs (as ``owner``) and takes them through their route."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker, pseudo: Pseudonymizer, pixel_step: PixelStep | None = None, owner: str = "local/0") -> None:
         self.settings = settings
         self.sessions = sessions
         self.pseudo = pseudo
         self.pixel_step = pixel_step
+        self.owner = owner
         self.outbox = settings.node.data_dir / "outbox"
         self._deid: dict[str, Deidentifier] = {}
 
@@ -74,23 +116,60 @@ class Pipeline:
         return self._deid[route.name]
 
     def run_once(self) -> int:
-        """Claim one batch of jobs (one study, one route) and process it; returns its size."""
+        """Claim one batch of jobs (whole studies, one route) and process it; returns its
+        size. The lease is renewed in the background while the batch runs."""
+        node = self.settings.node
         with self.sessions() as session:
-            jobs = queue.claim_jobs(session, self.settings.node.lease_s)
+            jobs = queue.claim_jobs(session, self.owner, node.lease_s, node.max_job_attempts)
             session.commit()
             if not jobs:
                 return 0
-            self.process(session, jobs)
-            session.commit()
+            ids = [j.id for j in jobs]
+            route = jobs[0].route
+            written: dict[int, list[Path]] = {}
+            failure: Exception | None = None
+            with LeaseKeeper(self.sessions, lambda s: queue.renew_jobs(s, self.owner, ids, node.lease_s), len(ids), node.lease_s / 3):
+                try:
+                    self.process(session, jobs, written)
+                    session.commit()
+                except Exception as exc:
+                    session.rollback()
+                    failure = exc
+            if failure is not None:
+                self._batch_failed(session, route, ids, failure, written)
+                session.commit()
             return len(jobs)
 
-    def process(self, session: Session, jobs: list[Job]) -> None:
+    def _batch_failed(self, session: Session, route: str, ids: list[int], exc: Exception, written: dict[int, list[Path]]) -> None:
+        """Every job of a failed batch that is still this worker's: put off (transient,
+        not counted) or one try used up (quarantined when it was the last)."""
+        node = self.settings.node
+        step, cause = (exc.step, exc.cause) if isinstance(exc, BatchError) else ("pipeline", exc)
+        reason = describe(step, cause)
+        jobs = list(session.scalars(select(Job).where(Job.id.in_(ids)).execution_options(populate_existing=True)))
+        if is_transient(exc):
+            delays = {job.id: d for job in jobs if (d := queue.defer_job(session, job, self.owner, f"{reason} (out of reach; not counted as a try)", node.retry_base_s, node.retry_max_s)) is not None}
+            _remove_written(written, list(delays))
+            log.warning("route %s: %s: %d jobs put off for %.1f s (not counted as tries)", route, reason, len(delays), max(delays.values(), default=0.0))
+            return
+        log.error("route %s: a batch of %d jobs failed (%s, raised at %s)", route, len(jobs), reason, location(cause))
+        held = [job.id for job in jobs if queue.fail_attempt(session, job, self.owner, reason, node.max_job_attempts, node.retry_base_s, node.retry_max_s)]
+        _remove_written(written, held)
+
+    def process(self, session: Session, jobs: list[Job], written: dict[int, list[Path]] | None = None) -> None:
+        """Take claimed jobs of one route through its steps and finish each (guarded by
+        this worker's lease). ``written`` collects the outbox files made, per job.
+
+        Raises:
+            BatchError: a step failed for the whole batch (the caller counts a try).
+        """
+        written = {} if written is None else written
         route_name = jobs[0].route
         try:
             route = self.settings.route(route_name)
         except KeyError:
             for job in jobs:
-                queue.quarantine_job(session, job, f"route {route_name!r} is no longer configured")
+                queue.quarantine_job(session, job, f"route {route_name!r} is no longer configured", owner=self.owner)
             return
         items = [Item(job=j) for j in jobs]
         for it in items:
@@ -99,20 +178,21 @@ class Pipeline:
                     it.original = fh.read()
                 it.source = dcmread(io.BytesIO(it.original))
             except Exception as exc:
-                it.error = f"cannot read the spooled object ({type(exc).__name__})"
+                it.error = f"read: cannot read the spooled object ({type(exc).__name__})"
         live = [it for it in items if not it.error]
         if route.pixels == "anonymize":
             why = self.pixel_step.available(route) if self.pixel_step else "the pixel step is not installed"
             if why:
                 for it in live:
-                    it.error = f"pixel anonymization required but not available: {why}"
-            else:
+                    it.error = f"pixels: pixel anonymization required but not available: {why}"
+            elif live:
                 try:
                     self.pixel_step.process(live, route, self.pseudo)  # type: ignore[union-attr]
-                except Exception as exc:  # the whole step failed: nobody passes
-                    log.exception("pixel step failed for route %s", route.name)
-                    for it in live:
-                        it.error = it.error or f"pixel step failed ({type(exc).__name__}: {exc})"
+                except Exception as exc:  # the whole step failed: a try of every job, not a verdict
+                    raise BatchError("pixels", exc) from exc
+                for it in live:
+                    if it.error and not it.error.startswith("pixels:"):
+                        it.error = f"pixels: {it.error}"
         else:
             for it in live:
                 it.outputs = [("deidentified" if route.deid else "forwarded", it.source)]  # type: ignore[list-item]
@@ -136,10 +216,13 @@ class Pipeline:
                     _collect_mappings(mappings, kind, res, originals)
                 self._verify(it, route)
             except QuarantineError as exc:
-                it.error = str(exc)
+                it.error = f"headers: {exc}"
             except Exception as exc:
-                log.exception("header de-identification failed for job %d", it.job.id)
-                it.error = f"header de-identification failed ({type(exc).__name__}: {exc})"
+                it.error = describe("headers", exc)
+                log.warning("job %d: header de-identification raised %s at %s", it.job.id, type(exc).__name__, location(exc))
+        for it in items:
+            if it.error:
+                it.error = self._clean(it, it.error)
         if route.partial == "quarantine-study":
             first_error: dict[int, str] = {}
             for it in items:
@@ -148,21 +231,52 @@ class Pipeline:
             for it in items:
                 if not it.error and it.job.study_id in first_error:
                     it.error = f"another object of this study was quarantined (partial = quarantine-study): {first_error[it.job.study_id]}"
+        self._finish(session, route, items, written)
+        self._save_mappings(session, mappings)
+
+    def _finish(self, session: Session, route: Route, items: list[Item], written: dict[int, list[Path]]) -> None:
+        """Write the outputs of the items without an error, then record every item's end
+        (quarantined, finished, or put off when the outbox cannot be written: not
+        counted as a try). Files first, so that the database's write lock is not held
+        while they are made."""
+        node = self.settings.node
+        outputs: dict[int, list[Output]] = {}
+        put_off: dict[int, str] = {}
         for it in items:
             if it.error:
-                queue.quarantine_job(session, it.job, it.error)
                 continue
-            outputs = []
+            mine = written.setdefault(it.job.id, [])
             try:
-                for k, (kind, ds) in enumerate(it.outputs):
-                    outputs.append(self._write_output(route, kind, ds, it.encoded[k] if k < len(it.encoded) else None))
-            except OSError as exc:
-                # The outbox cannot be written: leave the job claimed; its lease expires and
-                # it is tried again. Nothing was delivered.
-                log.error("job %d: cannot write outbox (%s); will retry", it.job.id, exc.strerror)
-                continue
-            queue.finish_job(session, it.job, outputs, route.destinations)
-        self._save_mappings(session, mappings)
+                outputs[it.job.id] = [
+                    self._write_output(route, kind, ds, mine, it.encoded[k] if k < len(it.encoded) else None) for k, (kind, ds) in enumerate(it.outputs)
+                ]
+            except OSError as exc:  # disk full, read-only: nothing was delivered; the job waits
+                put_off[it.job.id] = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            except Exception as exc:  # the output cannot be encoded: a verdict on this object
+                it.error = describe("write", exc)
+        for it in items:
+            job = it.job
+            # A job whose lease passed to another worker keeps its files: that worker
+            # writes the same paths.
+            if it.error:
+                if queue.quarantine_job(session, job, it.error, owner=self.owner):
+                    _remove_written(written, [job.id])
+            elif job.id in put_off:
+                if queue.defer_job(session, job, self.owner, f"outbox: cannot write ({put_off[job.id]})", node.retry_base_s, node.retry_max_s) is not None:
+                    _remove_written(written, [job.id])
+            else:
+                queue.finish_job(session, job, outputs[job.id], route.destinations, owner=self.owner)
+        if put_off:
+            log.error("route %s: cannot write the outbox (%s): %d jobs put off", route.name, ", ".join(sorted(set(put_off.values()))), len(put_off))
+
+    def _clean(self, it: Item, text: str) -> str:
+        """``text`` (a reason) with any text value of the object's original header cut
+        out (a step's own message should hold none; this makes sure)."""
+        try:
+            original = dcmread(io.BytesIO(it.original) if it.original else it.job.instance.path, stop_before_pixels=True)
+        except Exception:  # nothing to compare against: keep the step and the class only
+            return text.split(":", 1)[0] + ": (details withheld: the object is unreadable)" if ":" in text else text
+        return scrub(text, original)
 
     def _verify(self, it: Item, route: Route) -> None:
         """The verifier (node.deid.verify) on every output of one object, against the
@@ -185,12 +299,13 @@ class Pipeline:
                 raise QuarantineError(reason(findings))
             it.encoded.append(data)
 
-    def _write_output(self, route: Route, kind: str, ds: Dataset, data: bytes | None = None) -> Output:
+    def _write_output(self, route: Route, kind: str, ds: Dataset, written: list[Path], data: bytes | None = None) -> Output:
         sop = str(ds.SOPInstanceUID)
         data = data if data is not None else to_bytes(ds)
         h = hashlib.sha256(f"{route.name}/{ds.get('StudyInstanceUID', '')}".encode()).hexdigest()[:24]
         path = self.outbox / route.name / h / f"{sop}.dcm"
         write_atomic(path, data)
+        written.append(path)
         return Output(
             kind=kind,
             sop_instance_uid=sop,
@@ -202,14 +317,10 @@ class Pipeline:
     def _save_mappings(self, session: Session, mappings: dict[str, dict[str, str]]) -> None:
         """Store every mapping the header step made (kinds: see _collect_mappings), the
         first value of each (kind, old) winning: pseudonyms are stable, so a later one
-        is the same."""
-        for kind, mapping in mappings.items():
-            if not mapping:
-                continue
-            known = set(session.scalars(select(Pseudonym.old).where(Pseudonym.kind == kind, Pseudonym.old.in_(list(mapping)))))
-            for old, new in mapping.items():
-                if old not in known:
-                    session.add(Pseudonym(kind=kind, old=old, new=new))
+        is the same. ON CONFLICT DO NOTHING: workers that meet the same patient at once
+        must not fail their batches on the unique constraint (each job would lose a try)."""
+        rows = [{"kind": kind, "old": old, "new": new} for kind, mapping in mappings.items() for old, new in mapping.items()]
+        insert_if_absent(session, Pseudonym, rows)
 
 
 _LEVELS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")
@@ -247,3 +358,11 @@ def _collect_mappings(mappings: dict[str, dict[str, str]], kind: str, res: Resul
             mappings.setdefault("patient-name", {})[json.dumps([p.issuer, p.patient_id, p.name])] = p.new_name
         if p.offset_days is not None:
             mappings.setdefault("date-offset", {})[who] = str(p.offset_days)
+
+
+def _remove_written(written: dict[int, list[Path]], job_ids: list[int]) -> None:
+    """Delete the outbox files made for jobs that will not finish now (they are made
+    again, at the same paths, when the job is tried again)."""
+    for job_id in job_ids:
+        for path in written.pop(job_id, []):
+            path.unlink(missing_ok=True)

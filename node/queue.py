@@ -1,8 +1,17 @@
 """Every state transition of studies, instances, jobs and deliveries, in one place.
 
-Work is *claimed* with a lease: a claim sets a state and ``lease_until``; whoever holds
-an expired lease is presumed dead, and the work is claimed again. Each function runs in
-the caller's session and commits nothing; callers keep transactions short.
+Work is *claimed* with a lease: a claim sets a state, an ``owner`` (the claiming worker's
+token, see :mod:`node.leases`) and ``lease_until`` (database time). Whoever holds an
+expired lease is presumed dead and the work may be claimed again; a node that restarts
+expires its previous run's claims at once (:func:`take_over`). Every transition of
+claimed work is *guarded*: it happens only if the row is still the caller's, so a worker
+that lost its lease gives up instead of finishing or sending twice. Claims read with
+``SELECT ... FOR UPDATE SKIP LOCKED`` where the database has it (PostgreSQL); SQLite
+serialises writers, and the guarded UPDATE decides there. See docs/queue.md.
+
+Each function runs in the caller's session and commits nothing; callers keep
+transactions short. Log lines name rows by id, with the keyed hash of the original UID
+when the session carries a namer (``session.info["log_id"]``), never the UID itself.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import logging
 from collections.abc import Iterable, Sequence
 
 from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from node.db import (
     Delivery,
@@ -26,6 +35,7 @@ from node.db import (
     Output,
     Study,
     StudyState,
+    db_now,
     utcnow,
 )
 
@@ -62,7 +72,8 @@ _INSERT_INSTANCE = insert(Instance.__table__)
 
 def record_received(conn: Connection, r: Received) -> str:
     """Insert a received instance (and its study) in the caller's transaction; returns
-    the study's state change ("" when none), for the caller to log once committed.
+    the study's state change ("" when none, the study named by row id), for the caller
+    to log once committed.
 
     Raises:
         IntegrityError: this SOP Instance UID is already stored, or another association
@@ -83,11 +94,11 @@ def record_received(conn: Connection, r: Received) -> str:
             study_id = conn.execute(
                 insert(studies).values(study_uid=r.study_uid, state=StudyState.RECEIVING, first_received_at=now, last_received_at=now).returning(studies.c.id)
             ).scalar_one()
-            change = f"study {r.study_uid}: RECEIVING"
+            change = f"study {study_id}: RECEIVING"
         else:
             study_id = row.id
             conn.execute(update(studies).where(studies.c.id == study_id).values(state=StudyState.RECEIVING, last_received_at=now))
-            change = f"study {r.study_uid}: {StudyState(row.state).value} -> RECEIVING (amendment)"
+            change = f"study {study_id}: {StudyState(row.state).value} -> RECEIVING (amendment)"
     conn.execute(
         _INSERT_INSTANCE,
         {
@@ -135,9 +146,70 @@ def is_stored(conn: Connection, sop_instance_uid: str) -> bool:
     return conn.execute(select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)).first() is not None
 
 
+def on_resend(conn: Connection, sop_instance_uid: str) -> str:
+    """An object already stored was sent again (same SOP Instance UID, same content), in
+    the caller's transaction; returns the state change to log ("" when none).
+
+    A HELD or IGNORED object (it matched no route) goes back to RECEIVED and its study
+    to RECEIVING, so that it is routed again with the routes configured now. An object
+    whose spooled file retention already deleted has it back (the C-STORE handler
+    rewrote it): it is marked unpurged, so that the next retention run deletes it again.
+    Anything else is left as it is (a re-send is idempotent).
+    """
+    instances, studies = Instance.__table__, Study.__table__
+    row = conn.execute(
+        select(instances.c.id, instances.c.state, instances.c.study_id, instances.c.purged_at).where(instances.c.sop_instance_uid == sop_instance_uid)
+    ).first()
+    if row is None:
+        return ""
+    now = utcnow()
+    if row.state in (InstanceState.HELD, InstanceState.IGNORED):
+        conn.execute(
+            update(instances)
+            .where(instances.c.id == row.id, instances.c.state == row.state)
+            .values(state=InstanceState.RECEIVED, reason="", state_changed_at=now, purged_at=None)
+        )
+        conn.execute(update(studies).where(studies.c.id == row.study_id).values(state=StudyState.RECEIVING, last_received_at=now))
+        return f"instance {row.id}: {InstanceState(row.state).value} -> RECEIVED (sent again: routed again)"
+    if row.purged_at is not None:
+        conn.execute(update(instances).where(instances.c.id == row.id).values(purged_at=None))
+    return ""
+
+
+def release_held(session: Session) -> int:
+    """HELD -> RECEIVED for every held instance (and RECEIVING for their studies, which
+    are stable already, so they are routed at the next tick); returns how many. Used at
+    start when the routes changed, and by ``casemask retry --held``."""
+    held = list(session.scalars(select(Instance).where(Instance.state == InstanceState.HELD, Instance.purged_at.is_(None))))
+    studies: set[int] = set()
+    for inst in held:
+        _set_instance(inst, InstanceState.RECEIVED, "")
+        studies.add(inst.study_id)
+    for study in session.scalars(select(Study).where(Study.id.in_(studies))) if studies else ():
+        _set_study(study, StudyState.RECEIVING)
+    session.flush()
+    if held:
+        log.info("%d held instances go back to routing", len(held))
+    return len(held)
+
+
+def next_stable_study(session: Session, stable_after_s: float, exclude: Iterable[int] = ()) -> Study | None:
+    """The first study that received nothing for ``stable_after_s`` seconds (database
+    time) and awaits routing, locked for the caller's transaction where the database
+    can (PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so that each study is routed by one
+    node); None when there is none. ``exclude``: study ids to pass over this time."""
+    cutoff = db_now(session) - dt.timedelta(seconds=stable_after_s)
+    q = select(Study).where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)
+    skip = list(exclude)
+    if skip:
+        q = q.where(Study.id.not_in(skip))
+    return session.scalars(q.order_by(Study.id).limit(1).with_for_update(skip_locked=True)).first()
+
+
 def stable_studies(session: Session, stable_after_s: float, now: dt.datetime | None = None) -> list[Study]:
-    """Studies that received nothing for ``stable_after_s`` seconds and await routing."""
-    cutoff = (now or utcnow()) - dt.timedelta(seconds=stable_after_s)
+    """Studies that received nothing for ``stable_after_s`` seconds and await routing
+    (read only; routing takes them one by one with :func:`next_stable_study`)."""
+    cutoff = (now or db_now(session)) - dt.timedelta(seconds=stable_after_s)
     return list(
         session.scalars(
             select(Study).where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff).order_by(Study.id)
@@ -174,57 +246,153 @@ def mark_study_routed(session: Session, study: Study) -> None:
     """RECEIVING -> ROUTED, or straight to DONE when none of its jobs is open."""
     _set_study(study, StudyState.ROUTED)
     session.flush()
-    open_jobs = session.scalar(
-        select(func.count()).select_from(Job).where(Job.study_id == study.id, Job.state.in_([JobState.PENDING, JobState.PROCESSING]))
-    )
-    if not open_jobs:
+    if not _open_jobs(session, study.id):
         _set_study(study, StudyState.DONE)
+
+
+def _open_jobs(session: Session, study_id: int) -> int:
+    return int(
+        session.scalar(select(func.count()).select_from(Job).where(Job.study_id == study_id, Job.state.in_([JobState.PENDING, JobState.PROCESSING])))
+        or 0
+    )
+
+
+def _label(kind: str, row_id: int | None, uid: str, session: Session | None) -> str:
+    """How log lines name a row: its id, and the keyed hash of its original UID when the
+    session carries the node's namer."""
+    namer = session.info.get("log_id") if session is not None else None
+    return f"{kind} {row_id} ({namer(uid)})" if namer and uid else f"{kind} {row_id}"
 
 
 def _set_study(study: Study, state: StudyState) -> None:
     if study.state != state:
-        log.info("study %s: %s -> %s", study.study_uid, study.state.value, state.value)
+        log.info("%s: %s -> %s", _label("study", study.id, study.study_uid, object_session(study)), study.state.value, state.value)
         study.state = state
 
 
 def _set_instance(inst: Instance, state: InstanceState, reason: str = "") -> None:
-    log.info("instance %s: %s -> %s%s", inst.sop_instance_uid, inst.state.value, state.value, f" ({reason})" if reason and state in (InstanceState.QUARANTINED, InstanceState.HELD) else "")
+    if inst.state != state:
+        shown = f" ({reason})" if reason and state in (InstanceState.QUARANTINED, InstanceState.HELD) else ""
+        level = logging.WARNING if state == InstanceState.QUARANTINED else logging.INFO
+        log.log(level, "%s: %s -> %s%s", _label("instance", inst.id, inst.sop_instance_uid, object_session(inst)), inst.state.value, state.value, shown)
+        inst.state_changed_at = utcnow()
     inst.state = state
     inst.reason = reason
 
 
-def claim_jobs(session: Session, lease_s: float, limit: int = 512) -> list[Job]:
-    """Claim PENDING jobs, and PROCESSING ones whose lease expired, of one route.
+# -- jobs: claims with leases ---------------------------------------------------------------
+def _claimable_job(now: dt.datetime):
+    return or_(
+        and_(Job.state == JobState.PENDING, or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)),
+        and_(Job.state == JobState.PROCESSING, Job.lease_until < now),
+    )
+
+
+def claim_jobs(session: Session, owner: str, lease_s: float, max_attempts: int = 3, limit: int = 512) -> list[Job]:
+    """Claim due PENDING jobs, and PROCESSING ones whose lease expired, of one route, for
+    ``owner`` until ``lease_s`` seconds from now (database time).
 
     Whole studies are taken in study order, several ready studies together up to
     ``limit`` jobs, so that a route's steps see each study whole and the pixel step can
     batch images across studies. A study larger than ``limit`` comes in parts.
+
+    Poison jobs: ``attempts`` counts the tries of a job that ended without a result (a
+    step raised for the whole batch, the worker died or lost its lease). A job on its
+    last try (``attempts >= max_attempts - 1``, and at least one try behind it) is
+    claimed alone, so that an object that crashes its batch takes no other object down
+    with it; a job with ``attempts >= max_attempts`` is quarantined here instead of
+    being claimed again, so a crash loop ends.
     """
-    now = utcnow()
-    claimable = or_(Job.state == JobState.PENDING, and_(Job.state == JobState.PROCESSING, Job.lease_until < now))
-    first = session.scalar(select(Job).where(claimable).order_by(Job.study_id, Job.id).limit(1))
-    if first is None:
+    now = db_now(session)
+    claimable = _claimable_job(now)
+    last_try = max(1, max_attempts - 1)
+    ids: list[int] = []
+    for _ in range(10_000):  # each round quarantines one exhausted job, or claims
+        first = session.execute(
+            select(Job.id, Job.route, Job.attempts).where(claimable).order_by(Job.study_id, Job.id).limit(1).with_for_update(skip_locked=True)
+        ).first()
+        if first is None:
+            return []
+        if first.attempts >= max_attempts:
+            _exhausted(session, first.id, claimable, max_attempts)
+            continue
+        if first.attempts >= last_try:
+            ids = [first.id]
+            break
+        rows = session.execute(
+            select(Job.id, Job.study_id)
+            .where(claimable, Job.route == first.route, Job.attempts < last_try)
+            .order_by(Job.study_id, Job.id)
+            .limit(limit + 1)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if len(rows) > limit:  # do not split the last study unless it alone exceeds the limit
+            last_study = rows[-1][1]
+            whole = [r for r in rows[:limit] if r[1] != last_study]
+            rows = whole or rows[:limit]
+        ids = [r[0] for r in rows]
+        break
+    if not ids:
         return []
-    rows = session.execute(
-        select(Job.id, Job.study_id).where(claimable, Job.route == first.route).order_by(Job.study_id, Job.id).limit(limit + 1)
-    ).all()
-    if len(rows) > limit:  # do not split the last study unless it alone exceeds the limit
-        last_study = rows[-1][1]
-        whole = [r for r in rows[:limit] if r[1] != last_study]
-        rows = whole or rows[:limit]
-    ids = [r[0] for r in rows]
     lease = now + dt.timedelta(seconds=lease_s)
     # Guarded update: only rows still claimable are taken (another worker may race).
     session.execute(
         update(Job)
         .where(Job.id.in_(ids), claimable)
-        .values(state=JobState.PROCESSING, lease_until=lease, attempts=Job.attempts + 1, updated_at=now)
+        .values(state=JobState.PROCESSING, owner=owner, lease_until=lease, attempts=Job.attempts + 1, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    jobs = list(session.scalars(select(Job).where(Job.id.in_(ids), Job.lease_until == lease)))
-    for j in jobs:
-        session.refresh(j)
-    return jobs
+    return list(
+        session.scalars(
+            select(Job).where(Job.id.in_(ids), Job.owner == owner, Job.state == JobState.PROCESSING).order_by(Job.study_id, Job.id)
+            .execution_options(populate_existing=True)
+        )
+    )
+
+
+def _exhausted(session: Session, job_id: int, claimable, max_attempts: int) -> None:
+    """A job whose tries are used up (it never finished): QUARANTINED, if still claimable."""
+    taken = session.execute(update(Job).where(Job.id == job_id, claimable).values(owner=None).execution_options(synchronize_session=False)).rowcount
+    if taken != 1:
+        return
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    last = job.reason or "the worker stopped or lost its lease while processing it"
+    _quarantine(session, job, f"gave up after {job.attempts} tries (max_job_attempts = {max_attempts}); last: {last}")
+
+
+def renew_jobs(session: Session, owner: str, ids: Sequence[int], lease_s: float) -> int:
+    """Extend ``owner``'s lease on the jobs ``ids`` that are still its own and still
+    PROCESSING to ``lease_s`` seconds from now (database time); returns how many."""
+    if not ids:
+        return 0
+    lease = db_now(session) + dt.timedelta(seconds=lease_s)
+    return int(
+        session.execute(
+            update(Job).where(Job.id.in_(list(ids)), Job.owner == owner, Job.state == JobState.PROCESSING).values(lease_until=lease)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        or 0
+    )
+
+
+def _hold(session: Session, model, row_id: int, owner: str, state) -> bool:
+    """True when the row is still ``owner``'s claim in ``state``; it is then locked for
+    the rest of the caller's transaction (a row lock on PostgreSQL, the write lock on
+    SQLite), so no other worker can take it before the caller commits."""
+    table = model.__table__
+    with session.no_autoflush:  # the caller's pending changes to the row wait for the verdict
+        res = session.execute(update(table).where(table.c.id == row_id, table.c.owner == owner, table.c.state == state).values(owner=owner))
+    return res.rowcount == 1
+
+
+def _held_job(session: Session, job: Job, owner: str) -> bool:
+    """Whether ``job`` is still ``owner``'s claim (then locked till commit); when not,
+    the caller's unflushed changes to it are discarded."""
+    if _hold(session, Job, job.id, owner, JobState.PROCESSING):
+        return True
+    session.expire(job)
+    return False
 
 
 def note_job(job: Job, step: str, value: object) -> None:
@@ -236,29 +404,95 @@ def note_job(job: Job, step: str, value: object) -> None:
     job.record = json.dumps(record, sort_keys=True)
 
 
-def finish_job(session: Session, job: Job, outputs: Iterable[Output], destinations: Sequence[str]) -> None:
-    """PROCESSING -> DONE, with its outputs and one PENDING delivery per destination."""
+def finish_job(session: Session, job: Job, outputs: Iterable[Output], destinations: Sequence[str], owner: str | None = None) -> bool:
+    """PROCESSING -> DONE, with its outputs and one PENDING delivery per destination.
+
+    With ``owner``, only if the job is still that worker's claim; False (nothing
+    written) when another worker took it over: the caller gives up."""
+    if owner is not None and not _held_job(session, job, owner):
+        log.warning("job %d: its lease passed to another worker; this worker's result is dropped", job.id)
+        return False
+    now = utcnow()
     for out in outputs:
         out.job_id = job.id
         session.add(out)
         session.flush()
         for dest in destinations:
-            session.add(Delivery(output_id=out.id, destination=dest, state=DeliveryState.PENDING, next_attempt_at=utcnow()))
+            session.add(Delivery(output_id=out.id, destination=dest, state=DeliveryState.PENDING, next_attempt_at=now))
     job.state = JobState.DONE
+    job.owner = None
     job.lease_until = None
     job.reason = ""
-    job.updated_at = utcnow()
+    job.updated_at = now
     _after_job(session, job)
+    return True
 
 
-def quarantine_job(session: Session, job: Job, reason: str) -> None:
-    """PROCESSING -> QUARANTINED: nothing of this object leaves the node (fail closed)."""
+def quarantine_job(session: Session, job: Job, reason: str, owner: str | None = None) -> bool:
+    """PROCESSING -> QUARANTINED: nothing of this object leaves the node (fail closed).
+
+    With ``owner``, only if the job is still that worker's claim; returns whether it
+    was quarantined. ``reason`` names the step and the attribute, never a value."""
+    if owner is not None and not _held_job(session, job, owner):
+        log.warning("job %d: its lease passed to another worker; not quarantined by this one", job.id)
+        return False
+    _quarantine(session, job, reason)
+    return True
+
+
+def _quarantine(session: Session, job: Job, reason: str) -> None:
     job.state = JobState.QUARANTINED
+    job.owner = None
     job.lease_until = None
     job.reason = reason
     job.updated_at = utcnow()
-    log.warning("job %d (route %s, instance %s): QUARANTINED: %s", job.id, job.route, job.instance.sop_instance_uid, reason)
+    log.warning("job %d (route %s, %s): QUARANTINED: %s", job.id, job.route, _label("instance", job.instance_id, job.instance.sop_instance_uid, session), reason)
     _after_job(session, job)
+
+
+def backoff_s(tries: int, base_s: float, max_s: float) -> float:
+    """Exponential backoff: ``base_s * 2**(tries - 1)``, at most ``max_s``."""
+    return min(max_s, base_s * 2 ** max(0, tries - 1))
+
+
+def fail_attempt(session: Session, job: Job, owner: str, reason: str, max_attempts: int, base_s: float, max_s: float) -> bool:
+    """A try of a claimed job ended without a result (a step raised for the whole
+    batch): QUARANTINED when its tries are used up, else PENDING again after a backoff.
+    Only if the job is still ``owner``'s; returns whether anything changed."""
+    if not _held_job(session, job, owner):
+        return False
+    if job.attempts >= max_attempts:
+        _quarantine(session, job, f"gave up after {job.attempts} tries (max_job_attempts = {max_attempts}); last: {reason}")
+        return True
+    delay = backoff_s(job.attempts, base_s, max_s)
+    job.state = JobState.PENDING
+    job.owner = None
+    job.lease_until = None
+    job.reason = reason
+    job.next_attempt_at = db_now(session) + dt.timedelta(seconds=delay)
+    job.updated_at = utcnow()
+    log.warning("job %d (route %s): try %d of %d failed (%s); again in %.1f s", job.id, job.route, job.attempts, max_attempts, reason, delay)
+    return True
+
+
+def defer_job(session: Session, job: Job, owner: str, reason: str, base_s: float, max_s: float) -> float | None:
+    """A try of a claimed job could not run because something it needs is out of reach
+    for now (an inference server, the outbox's disk): PENDING again after a backoff,
+    and the try is not counted. Only if the job is still ``owner``'s; returns the delay
+    (seconds), None when the job was no longer this worker's. Logs nothing: the caller
+    logs once per batch."""
+    if not _held_job(session, job, owner):
+        return None
+    job.deferrals += 1
+    delay = backoff_s(job.deferrals, base_s, max_s)
+    job.attempts = max(0, job.attempts - 1)
+    job.state = JobState.PENDING
+    job.owner = None
+    job.lease_until = None
+    job.reason = reason
+    job.next_attempt_at = db_now(session) + dt.timedelta(seconds=delay)
+    job.updated_at = utcnow()
+    return delay
 
 
 def _after_job(session: Session, job: Job) -> None:
@@ -269,17 +503,38 @@ def _after_job(session: Session, job: Job) -> None:
     elif states == {JobState.DONE}:
         _set_instance(inst, InstanceState.PROCESSED)
     session.flush()
-    open_jobs = session.scalar(
-        select(func.count()).select_from(Job).where(Job.study_id == job.study_id, Job.state.in_([JobState.PENDING, JobState.PROCESSING]))
-    )
     study = session.get(Study, job.study_id)
-    if study is not None and not open_jobs and study.state == StudyState.ROUTED:
+    if study is not None and study.state == StudyState.ROUTED and not _open_jobs(session, job.study_id):
         _set_study(study, StudyState.DONE)
 
 
-def claim_deliveries(session: Session, destination: str, lease_s: float, limit: int = 256) -> list[Delivery]:
-    """Claim due deliveries of one destination (and SENDING ones whose lease expired)."""
-    now = utcnow()
+def take_over(session: Session, node_id: str, owner: str) -> tuple[int, int]:
+    """At start: expire the claims that this node's previous run left (owner tokens
+    ``<node_id>/...`` other than ``owner``), so that they are claimed again now rather
+    than when their leases run out. Returns (jobs, deliveries) released."""
+    now = db_now(session)
+    prefix = f"{node_id}/"
+    mine_before = and_(Job.owner.startswith(prefix, autoescape=True), Job.owner != owner)
+    jobs = session.execute(
+        update(Job).where(Job.state == JobState.PROCESSING, mine_before).values(lease_until=now - dt.timedelta(seconds=1))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    deliveries = session.execute(
+        update(Delivery)
+        .where(Delivery.state == DeliveryState.SENDING, Delivery.owner.startswith(prefix, autoescape=True), Delivery.owner != owner)
+        .values(lease_until=now - dt.timedelta(seconds=1))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if jobs or deliveries:
+        log.info("took up the previous run's claims: %d jobs, %d deliveries", jobs, deliveries)
+    return int(jobs or 0), int(deliveries or 0)
+
+
+# -- deliveries -----------------------------------------------------------------------------
+def claim_deliveries(session: Session, destination: str, owner: str, lease_s: float, limit: int = 256) -> list[Delivery]:
+    """Claim due deliveries of one destination (and SENDING ones whose lease expired)
+    for ``owner`` until ``lease_s`` seconds from now (database time)."""
+    now = db_now(session)
     due = and_(
         Delivery.destination == destination,
         or_(
@@ -287,68 +542,96 @@ def claim_deliveries(session: Session, destination: str, lease_s: float, limit: 
             and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_until < now),
         ),
     )
-    ids = list(session.scalars(select(Delivery.id).where(due).order_by(Delivery.id).limit(limit)))
+    ids = list(session.scalars(select(Delivery.id).where(due).order_by(Delivery.id).limit(limit).with_for_update(skip_locked=True)))
     if not ids:
         return []
     lease = now + dt.timedelta(seconds=lease_s)
     session.execute(
         update(Delivery)
         .where(Delivery.id.in_(ids), due)
-        .values(state=DeliveryState.SENDING, lease_until=lease)
+        .values(state=DeliveryState.SENDING, owner=owner, lease_until=lease)
         .execution_options(synchronize_session=False)
     )
-    out = list(session.scalars(select(Delivery).where(Delivery.id.in_(ids), Delivery.lease_until == lease).order_by(Delivery.id)))
-    for d in out:
-        session.refresh(d)
-    return out
+    return list(
+        session.scalars(
+            select(Delivery).where(Delivery.id.in_(ids), Delivery.owner == owner, Delivery.state == DeliveryState.SENDING).order_by(Delivery.id)
+            .execution_options(populate_existing=True)
+        )
+    )
 
 
-def mark_sent(delivery: Delivery) -> None:
-    delivery.state = DeliveryState.SENT
-    delivery.attempts += 1
-    delivery.lease_until = None
-    delivery.sent_at = utcnow()
-    delivery.reason = ""
-    log.info("delivery %d (%s -> %s): SENT", delivery.id, delivery.output.sop_instance_uid, delivery.destination)
+def renew_deliveries(session: Session, owner: str, ids: Sequence[int], lease_s: float) -> tuple[set[int], dt.datetime]:
+    """Extend ``owner``'s unexpired lease on the deliveries ``ids`` (still SENDING) to
+    ``lease_s`` seconds from now (database time). Returns the ids still held and the
+    new ``lease_until``. An expired lease is not renewed: its holder gives up, since
+    another worker may have claimed the delivery already."""
+    now = db_now(session)
+    lease = now + dt.timedelta(seconds=lease_s)
+    if not ids:
+        return set(), lease
+    d = Delivery.__table__
+    held = session.execute(
+        update(d)
+        .where(d.c.id.in_(list(ids)), d.c.owner == owner, d.c.state == DeliveryState.SENDING, d.c.lease_until > now)
+        .values(lease_until=lease)
+        .returning(d.c.id)
+    ).scalars().all()
+    return set(held), lease
 
 
-def mark_retry(delivery: Delivery, reason: str, base_s: float, max_s: float, max_attempts: int) -> None:
-    """SENDING -> RETRY_WAIT with exponential backoff, or FAILED after max_attempts."""
-    delivery.attempts += 1
-    delivery.lease_until = None
-    delivery.reason = reason
-    if delivery.attempts >= max_attempts:
-        delivery.state = DeliveryState.FAILED
-        log.warning("delivery %d (-> %s): FAILED after %d attempts: %s", delivery.id, delivery.destination, delivery.attempts, reason)
-        return
-    delay = min(max_s, base_s * 2 ** (delivery.attempts - 1))
-    delivery.state = DeliveryState.RETRY_WAIT
-    delivery.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
-    log.info("delivery %d (-> %s): RETRY_WAIT %.0fs (attempt %d): %s", delivery.id, delivery.destination, delay, delivery.attempts, reason)
+def _set_delivery(session: Session, delivery: Delivery, owner: str, **values) -> bool:
+    """One guarded UPDATE of a claimed delivery; True when it was still ``owner``'s."""
+    d = Delivery.__table__
+    res = session.execute(
+        update(d).where(d.c.id == delivery.id, d.c.owner == owner, d.c.state == DeliveryState.SENDING).values(owner=None, lease_until=None, **values)
+    )
+    return res.rowcount == 1
 
 
-def release(delivery: Delivery) -> None:
-    """SENDING -> PENDING without counting an attempt (the node is shutting down)."""
-    delivery.state = DeliveryState.PENDING
-    delivery.lease_until = None
+def mark_sent(session: Session, delivery: Delivery, owner: str) -> bool:
+    """SENDING -> SENT, if still ``owner``'s (else another worker took it over: False)."""
+    ok = _set_delivery(session, delivery, owner, state=DeliveryState.SENT, attempts=delivery.attempts + 1, sent_at=utcnow(), reason="")
+    log.debug("delivery %d (-> %s): SENT", delivery.id, delivery.destination)
+    return ok
 
 
-def mark_failed(delivery: Delivery, reason: str) -> None:
+def mark_retry(session: Session, delivery: Delivery, owner: str, reason: str, base_s: float, max_s: float, max_attempts: int) -> str | None:
+    """SENDING -> RETRY_WAIT with exponential backoff, or FAILED after max_attempts.
+    Returns the new state's name, None when the delivery was no longer ``owner``'s.
+    Logs at debug level only: the dispatcher logs the destination's state changes."""
+    attempts = delivery.attempts + 1
+    if attempts >= max_attempts:
+        ok = _set_delivery(session, delivery, owner, state=DeliveryState.FAILED, attempts=attempts, reason=reason)
+        log.debug("delivery %d (-> %s): FAILED after %d attempts: %s", delivery.id, delivery.destination, attempts, reason)
+        return DeliveryState.FAILED.value if ok else None
+    delay = backoff_s(attempts, base_s, max_s)
+    due = db_now(session) + dt.timedelta(seconds=delay)
+    ok = _set_delivery(session, delivery, owner, state=DeliveryState.RETRY_WAIT, attempts=attempts, reason=reason, next_attempt_at=due)
+    log.debug("delivery %d (-> %s): RETRY_WAIT %.0fs (attempt %d): %s", delivery.id, delivery.destination, delay, attempts, reason)
+    return DeliveryState.RETRY_WAIT.value if ok else None
+
+
+def release(session: Session, delivery: Delivery, owner: str) -> bool:
+    """SENDING -> PENDING without counting an attempt (not tried: the node is stopping
+    or the batch was cut short), if still ``owner``'s."""
+    return _set_delivery(session, delivery, owner, state=DeliveryState.PENDING)
+
+
+def mark_failed(session: Session, delivery: Delivery, owner: str, reason: str) -> bool:
     """SENDING -> FAILED at once (a permanent error): the dead-letter queue."""
-    delivery.attempts += 1
-    delivery.state = DeliveryState.FAILED
-    delivery.lease_until = None
-    delivery.reason = reason
-    log.warning("delivery %d (-> %s): FAILED: %s", delivery.id, delivery.destination, reason)
+    ok = _set_delivery(session, delivery, owner, state=DeliveryState.FAILED, attempts=delivery.attempts + 1, reason=reason)
+    log.debug("delivery %d (-> %s): FAILED: %s", delivery.id, delivery.destination, reason)
+    return ok
 
 
 def requeue_failed(session: Session, destination: str | None = None) -> int:
-    """FAILED -> PENDING (``casemask retry``); returns how many."""
-    cond = Delivery.state == DeliveryState.FAILED
+    """FAILED -> PENDING (``casemask retry``); returns how many. Deliveries whose
+    outbox file retention deleted cannot be sent again and stay FAILED."""
+    cond = and_(Delivery.state == DeliveryState.FAILED, Delivery.output_id.in_(select(Output.id).where(Output.purged_at.is_(None))))
     if destination:
         cond = and_(cond, Delivery.destination == destination)
     n = session.execute(
-        update(Delivery).where(cond).values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=utcnow(), reason="")
+        update(Delivery).where(cond).values(state=DeliveryState.PENDING, attempts=0, owner=None, next_attempt_at=db_now(session), reason="")
     ).rowcount
     if n:
         log.info("re-queued %d FAILED deliveries%s", n, f" to {destination}" if destination else "")
@@ -356,11 +639,20 @@ def requeue_failed(session: Session, destination: str | None = None) -> int:
 
 
 def requeue_quarantined(session: Session) -> int:
-    """QUARANTINED jobs -> PENDING (after the admin fixed the cause); returns how many."""
-    jobs = list(session.scalars(select(Job).where(Job.state == JobState.QUARANTINED)))
+    """QUARANTINED jobs -> PENDING (after the admin fixed the cause), with their tries
+    reset; returns how many. Objects whose spooled file retention deleted stay."""
+    jobs = list(
+        session.scalars(
+            select(Job).join(Instance, Instance.id == Job.instance_id).where(Job.state == JobState.QUARANTINED, Instance.purged_at.is_(None))
+        )
+    )
     for job in jobs:
         job.state = JobState.PENDING
         job.reason = ""
+        job.owner = None
+        job.attempts = 0
+        job.deferrals = 0
+        job.next_attempt_at = None
         _set_instance(job.instance, InstanceState.ROUTED)
         study = session.get(Study, job.study_id)
         if study is not None and study.state == StudyState.DONE:

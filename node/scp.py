@@ -165,6 +165,9 @@ class StoreHandler:
             except IntegrityError:
                 with conn.begin():
                     if queue.is_stored(conn, received.sop_instance_uid):
+                        change = queue.on_resend(conn, received.sop_instance_uid)  # a held object is routed again
+                        if change:
+                            log.info(change)
                         return False
                 # Another association created the same study meanwhile: once more.
         raise RuntimeError("could not record the object")

@@ -3,7 +3,10 @@
 Each sender takes a batch of (delivery id, file) and reports an :class:`Outcome` per
 object as soon as it is known, so that the dispatcher can commit it at once: the window
 in which a crash can cause a re-send is one object per destination, and a re-send
-carries the same SOP Instance UID, which archives store once.
+carries the same SOP Instance UID, which archives store once. Before each object the
+sender asks ``proceed(work)`` (the dispatcher's lease check) and stops at the first
+False: a worker that lost its claim sends nothing more. Outcome reasons carry error
+classes and statuses, never an exception's message (which may quote a header value).
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ class Work:
 
 
 Report = Callable[[Work, Outcome], None]
+Proceed = Callable[[Work], bool]
+
+
+def _always(_w: Work) -> bool:
+    return True
 
 
 def classify_status(status: int) -> Outcome:
@@ -85,7 +93,7 @@ class DicomSender:
                 contexts.append(build_context(sop_class, [ts]))
         return contexts
 
-    def send(self, batch: Sequence[Work], report: Report) -> None:
+    def send(self, batch: Sequence[Work], report: Report, proceed: Proceed = _always) -> None:
         # At most 128 presentation contexts per association (PS3.8 9.3.2.2).
         groups: list[list[Work]] = []
         current: list[Work] = []
@@ -99,9 +107,11 @@ class DicomSender:
         if current:
             groups.append(current)
         for group in groups:
-            self._send_group(group, report)
+            if not self._send_group(group, report, proceed):
+                return
 
-    def _send_group(self, batch: Sequence[Work], report: Report) -> None:
+    def _send_group(self, batch: Sequence[Work], report: Report, proceed: Proceed = _always) -> bool:
+        """Send one association's worth; False when ``proceed`` said to stop."""
         ae = AE(ae_title=self.calling_ae)
         ae.requested_contexts = self._contexts(batch)
         ae.acse_timeout = self.dest.timeout_s
@@ -113,8 +123,8 @@ class DicomSender:
             assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, evt_handlers=handlers)
         except Exception as exc:  # DNS failures and the like
             for w in batch:
-                report(w, Outcome("retry", f"cannot connect to {target}: {exc}"))
-            return
+                report(w, Outcome("retry", f"cannot connect to {target} ({type(exc).__name__})"))
+            return True
         if not assoc.is_established:
             outcome = Outcome("retry", f"cannot associate with {target} (connection refused, timed out or aborted)")
             if assoc.is_rejected:
@@ -122,18 +132,21 @@ class DicomSender:
                 result = getattr(rsp, "result", 0x02)
                 why = f"association rejected by {target}: {getattr(rsp, 'result_str', '')} / {getattr(rsp, 'reason_str', '')}"
                 outcome = Outcome("failed" if result == 0x01 else "retry", why)
-            log.warning("destination %s: %s", self.dest.name, outcome.reason)
+            log.debug("destination %s: %s", self.dest.name, outcome.reason)  # the dispatcher logs the state change
             for w in batch:
                 report(w, outcome)
-            return
+            return True
         log.info("association with %s: established (%d objects)", target, len(batch))
         try:
             for k, w in enumerate(batch):
                 if not assoc.is_established:
                     for rest in batch[k:]:
                         report(rest, Outcome("retry", f"association with {target} was lost"))
-                    return
+                    return True
+                if not proceed(w):
+                    return False
                 report(w, self._store(assoc, w))
+            return True
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -151,11 +164,11 @@ class DicomSender:
             try:
                 ds = _reencode(ds, UID(w.transfer_syntax), fallback)
             except Exception as exc:
-                return Outcome("failed", f"cannot convert to {fallback.name} for the peer ({type(exc).__name__}: {exc})")
+                return Outcome("failed", f"cannot convert to {fallback.name} for the peer ({type(exc).__name__})")
         try:
             status = assoc.send_c_store(ds)
         except Exception as exc:
-            return Outcome("retry", f"C-STORE failed ({type(exc).__name__}: {exc})")
+            return Outcome("retry", f"C-STORE failed ({type(exc).__name__})")
         if not status or "Status" not in status:
             return Outcome("retry", "no C-STORE response (timeout or abort)")
         return classify_status(int(status.Status))
@@ -180,16 +193,18 @@ class FolderSender:
     def __init__(self, dest: Destination) -> None:
         self.dest = dest
 
-    def send(self, batch: Sequence[Work], report: Report) -> None:
+    def send(self, batch: Sequence[Work], report: Report, proceed: Proceed = _always) -> None:
         root = Path(self.dest.path)  # type: ignore[arg-type]
         for w in batch:
+            if not proceed(w):
+                return
             try:
                 ds = dcmread(w.path, stop_before_pixels=True)
                 target = root / str(ds.StudyInstanceUID) / str(ds.get("SeriesInstanceUID", "series")) / f"{ds.SOPInstanceUID}.dcm"
                 write_atomic(target, w.path.read_bytes())
                 report(w, Outcome("sent"))
             except OSError as exc:
-                report(w, Outcome("retry", f"cannot write to {root}: {exc.strerror or exc}"))
+                report(w, Outcome("retry", f"cannot write to {root}: {exc.strerror or type(exc).__name__}"))
             except Exception as exc:
                 report(w, Outcome("failed", f"cannot store ({type(exc).__name__})"))
 
@@ -200,9 +215,11 @@ class DicomWebSender:
     def __init__(self, dest: Destination) -> None:
         self.dest = dest
 
-    def send(self, batch: Sequence[Work], report: Report) -> None:
+    def send(self, batch: Sequence[Work], report: Report, proceed: Proceed = _always) -> None:
         url = self.dest.url.rstrip("/") + "/studies"
         for w in batch:
+            if not proceed(w):
+                return
             boundary = uuid.uuid4().hex
             body = (
                 f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
@@ -225,7 +242,8 @@ class DicomWebSender:
                 kind = "retry" if exc.code >= 500 or exc.code in (408, 429) else "failed"
                 report(w, Outcome(kind, f"STOW-RS answered HTTP {exc.code}"))
             except (urllib.error.URLError, OSError) as exc:
-                report(w, Outcome("retry", f"cannot reach {url}: {getattr(exc, 'reason', exc)}"))
+                why = exc.reason if isinstance(getattr(exc, "reason", None), BaseException) else exc
+                report(w, Outcome("retry", f"cannot reach {url} ({type(why).__name__})"))
 
 
 def make_sender(dest: Destination, calling_ae: str, reactor_delay_s: float = 0.0002):
