@@ -5,7 +5,8 @@
     casemask send PATH... --to AE@HOST:PORT
     casemask status [--json]
     casemask routes explain FILE...
-    casemask retry [--destination NAME] [--quarantined]
+    casemask retry [--destination NAME] [--quarantined] [--held]
+    casemask purge [--dry-run]
     casemask config check [FILE]
     casemask deid PATH... --out DIR [--route NAME] [--diff]
     casemask deid --verify-only ORIGINAL DEIDENTIFIED
@@ -181,8 +182,27 @@ def cmd_retry(args) -> int:
     with make_sessionmaker(engine)() as session:
         n = queue.requeue_failed(session, args.destination)
         q = queue.requeue_quarantined(session) if args.quarantined else 0
+        h = queue.release_held(session) if args.held else 0
         session.commit()
-    print(f"re-queued {n} failed deliveries" + (f" and {q} quarantined jobs" if args.quarantined else ""))
+    print(f"re-queued {n} failed deliveries" + (f", {q} quarantined jobs" if args.quarantined else "") + (f", {h} held objects (routed again by the running node)" if args.held else ""))
+    return 0
+
+
+def cmd_purge(args) -> int:
+    settings = _settings(args)
+    from node import retention
+    from node.db import make_engine, make_sessionmaker
+
+    r = settings.retention
+    sessions = make_sessionmaker(make_engine(settings.node.resolved_database_url))
+    report = retention.run(sessions, settings, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"retention (originals_days={r.originals_days}, outputs_days={r.outputs_days}, quarantine_days={r.quarantine_days}): {verb} {report.deleted} files")
+    for kind in ("original", "output", "quarantined", "orphan"):
+        if report.files[kind]:
+            print(f"  {kind:<12} {report.files[kind]:>8} files {report.bytes[kind] / 1e6:10.1f} MB")
+    if report.refused:
+        print(f"  refused      {report.refused:>8} rows pointing outside the spool and outbox (see the log)")
     return 0
 
 
@@ -573,7 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("retry", help="re-queue dead-letter deliveries"))
     sp.add_argument("--destination", metavar="NAME", help="only this destination")
     sp.add_argument("--quarantined", action="store_true", help="also re-process quarantined objects")
+    sp.add_argument("--held", action="store_true", help="also route held objects (matched no route) again")
     sp.set_defaults(func=cmd_retry)
+
+    sp = with_config(sub.add_parser("purge", help="delete what retention says is due now ([retention]); rows stay"))
+    sp.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    sp.set_defaults(func=cmd_purge)
 
     sp = sub.add_parser("config", help="configuration tools")
     csub = sp.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
@@ -617,11 +642,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose if args.command != "serve" else max(1, args.verbose))
     from node.config import ConfigError
+    from node.startup import StartupError
 
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    except (ConfigError, StartupError) as exc:
+        print(f"casemask: {exc}" if isinstance(exc, StartupError) else exc, file=sys.stderr)
         return 2
     except UsageError as exc:
         print(f"casemask: {exc}", file=sys.stderr)

@@ -1,0 +1,255 @@
+"""Retention: delete the files that hold patient data (or were made from it) once they
+are no longer needed, and keep the rows (UIDs and states, no PHI) for the audit trail.
+
+``[retention]`` (days; -1 keeps for ever):
+
+- ``originals_days`` (default 0): a received object is deleted from the spool that many
+  days after every output of every route made from it was SENT to every destination;
+  an object that matched no route with ``unrouted = "discard"`` (IGNORED), that many
+  days after that. HELD objects wait for a route and are kept.
+- ``outputs_days`` (default 0): a de-identified file is deleted from the outbox that
+  many days after it was delivered to every destination.
+- ``quarantine_days`` (default 30): a quarantined original is kept that long for review
+  (``casemask retry --quarantined``), then deleted.
+
+Outputs with a dead-letter (FAILED) delivery, and their originals, are kept until the
+delivery is re-queued and sent. Spooled files that no row names (left by a crash between
+writing a file and committing its row: never acknowledged, and the sender did not send
+it again) are deleted after :data:`ORPHAN_GRACE_S`.
+
+A file is deleted only if it lies inside the data folder's ``spool`` or ``outbox`` and
+is not a symbolic link; nothing is ever overwritten. The file goes first, then the row
+is marked (``purged_at``), so a crash in between leaves a mark to set again, never a
+forgotten file. Times come from the database's clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import and_, case, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.config import Settings
+from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, Output, db_now
+
+log = logging.getLogger(__name__)
+
+ORPHAN_GRACE_S = 24 * 3600.0  # a spooled file without a row for this long is an orphan
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A file retention would delete: ``kind`` is original | quarantined | output | orphan."""
+
+    kind: str
+    row_id: int | None
+    path: Path
+
+
+@dataclasses.dataclass
+class Report:
+    """What one run deleted (or, dry, would delete): files and bytes per kind."""
+
+    files: Counter = dataclasses.field(default_factory=Counter)
+    bytes: Counter = dataclasses.field(default_factory=Counter)
+    refused: int = 0  # paths outside the spool/outbox, or links: never touched
+
+    @property
+    def deleted(self) -> int:
+        return sum(self.files.values())
+
+
+def _cutoff(now: dt.datetime, days: int) -> dt.datetime | None:
+    return None if days < 0 else now - dt.timedelta(days=days)
+
+
+def _all_sent():
+    return func.sum(case((Delivery.state == DeliveryState.SENT, 0), else_=1)) == 0
+
+
+def originals_due(session: Session, settings: Settings, now: dt.datetime, limit: int) -> list[Candidate]:
+    """Spooled originals whose time is over (see the module's docstring)."""
+    r = settings.retention
+    out: list[Candidate] = []
+    cutoff = _cutoff(now, r.originals_days)
+    if cutoff is not None:
+        rows = session.execute(
+            select(Instance.id, Instance.path)
+            .join(Job, Job.instance_id == Instance.id)
+            .join(Output, Output.job_id == Job.id)
+            .join(Delivery, Delivery.output_id == Output.id)
+            .where(Instance.state == InstanceState.PROCESSED, Instance.purged_at.is_(None))
+            .group_by(Instance.id, Instance.path)
+            .having(and_(_all_sent(), func.max(Delivery.sent_at) <= cutoff))
+            .order_by(Instance.id)
+            .limit(limit)
+        ).all()
+        out += [Candidate("original", i, Path(p)) for i, p in rows]
+        changed = func.coalesce(Instance.state_changed_at, Instance.received_at)
+        rows = session.execute(
+            select(Instance.id, Instance.path)
+            .where(Instance.state == InstanceState.IGNORED, Instance.purged_at.is_(None), changed <= cutoff)
+            .order_by(Instance.id)
+            .limit(limit)
+        ).all()
+        out += [Candidate("original", i, Path(p)) for i, p in rows]
+    cutoff = _cutoff(now, r.quarantine_days)
+    if cutoff is not None:
+        changed = func.coalesce(Instance.state_changed_at, Instance.received_at)
+        rows = session.execute(
+            select(Instance.id, Instance.path)
+            .where(Instance.state == InstanceState.QUARANTINED, Instance.purged_at.is_(None), changed <= cutoff)
+            .order_by(Instance.id)
+            .limit(limit)
+        ).all()
+        out += [Candidate("quarantined", i, Path(p)) for i, p in rows]
+    return out
+
+
+def outputs_due(session: Session, settings: Settings, now: dt.datetime, limit: int) -> list[Candidate]:
+    """Outbox files delivered to every destination long enough ago."""
+    cutoff = _cutoff(now, settings.retention.outputs_days)
+    if cutoff is None:
+        return []
+    rows = session.execute(
+        select(Output.id, Output.path)
+        .join(Delivery, Delivery.output_id == Output.id)
+        .where(Output.purged_at.is_(None))
+        .group_by(Output.id, Output.path)
+        .having(and_(_all_sent(), func.max(Delivery.sent_at) <= cutoff))
+        .order_by(Output.id)
+        .limit(limit)
+    ).all()
+    return [Candidate("output", i, Path(p)) for i, p in rows]
+
+
+def _files(root: Path) -> Iterator[os.DirEntry]:
+    if not root.is_dir():
+        return
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                elif e.is_file(follow_symlinks=False) and not e.name.endswith(".tmp"):
+                    yield e
+
+
+def orphans(session: Session, settings: Settings, limit: int) -> list[Candidate]:
+    """Spooled files ``<SOP Instance UID>.dcm`` that no instance row names, older than
+    ORPHAN_GRACE_S by their modification time. Files named otherwise are not judged
+    (not retention's); nothing is searched when originals are kept (-1)."""
+    r = settings.retention
+    if r.originals_days < 0 and r.quarantine_days < 0:
+        return []
+    old = time.time() - ORPHAN_GRACE_S
+    out: list[Candidate] = []
+    chunk: dict[str, str] = {}
+
+    def flush() -> None:
+        known = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(list(chunk)))))
+        out.extend(Candidate("orphan", None, Path(p)) for uid, p in chunk.items() if uid not in known)
+        chunk.clear()
+
+    for e in _files(settings.node.data_dir / "spool"):
+        uid = e.name.removesuffix(".dcm")
+        if e.name.endswith(".dcm") and _UID.fullmatch(uid) and e.stat(follow_symlinks=False).st_mtime < old:
+            chunk[uid] = e.path
+            if len(chunk) >= 500:
+                flush()
+                if len(out) >= limit:
+                    break
+    if chunk:
+        flush()
+    return out[:limit]
+
+
+def plan(session: Session, settings: Settings, now: dt.datetime | None = None, limit: int = 1000) -> list[Candidate]:
+    """What a run would delete now (at most ``limit`` of each kind)."""
+    now = now or db_now(session)
+    return originals_due(session, settings, now, limit) + outputs_due(session, settings, now, limit) + orphans(session, settings, limit)
+
+
+def _owned(path: Path, roots: list[Path]) -> bool:
+    """Inside one of ``roots`` and not a link (so nothing outside the data folder can be
+    reached through it)."""
+    if path.is_symlink():
+        return False
+    parent = path.parent.resolve()
+    return any(parent == r or r in parent.parents for r in roots)
+
+
+def _remove(path: Path, roots: list[Path]) -> int:
+    """Delete ``path`` (and the folders it leaves empty, up to its root); returns its size."""
+    path = path.parent.resolve() / path.name
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    parent = path.parent
+    while parent not in roots and any(r in parent.parents for r in roots):
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+        parent = parent.parent
+    return size
+
+
+def run(sessions: sessionmaker, settings: Settings, dry_run: bool = False, batch: int = 1000) -> Report:
+    """One retention pass: delete what is due, a batch at a time, marking each row
+    purged once its file is gone. ``dry_run``: only count what would be deleted.
+
+    Raises:
+        OSError: a file could not be deleted for another reason than being gone already
+            (the rows of the files deleted before it are marked).
+    """
+    data = settings.node.data_dir.resolve()
+    roots = [data / "spool", data / "outbox"]
+    report = Report()
+    if dry_run:
+        with sessions() as session:
+            for c in plan(session, settings, limit=10**9):
+                report.files[c.kind] += 1
+                report.bytes[c.kind] += c.path.stat().st_size if c.path.is_file() else 0
+        return report
+    for _ in range(100_000):
+        with sessions() as session:
+            now = db_now(session)
+            due = plan(session, settings, now, batch)
+            if not due:
+                break
+            instances, outputs = [], []
+            try:
+                for c in due:
+                    if _owned(c.path, roots):
+                        report.bytes[c.kind] += _remove(c.path, roots)
+                        report.files[c.kind] += 1
+                    else:  # marked all the same, so that it is not met again and again
+                        report.refused += 1
+                        log.error("retention: %s %s points outside the spool and outbox (or is a link): not deleted", c.kind, c.row_id)
+                    if c.kind in ("original", "quarantined"):
+                        instances.append(c.row_id)
+                    elif c.kind == "output":
+                        outputs.append(c.row_id)
+            finally:
+                if instances:
+                    session.execute(update(Instance).where(Instance.id.in_(instances)).values(purged_at=now).execution_options(synchronize_session=False))
+                if outputs:
+                    session.execute(update(Output).where(Output.id.in_(outputs)).values(purged_at=now).execution_options(synchronize_session=False))
+                session.commit()
+    if report.deleted:
+        log.info("retention: deleted %s", ", ".join(f"{n} {k}" for k, n in sorted(report.files.items())))
+    return report

@@ -1,0 +1,130 @@
+"""What a node checks and prepares before it starts: an owner-only data folder, the
+pseudonym secret (a file or an environment variable, shared by every node of a
+cluster), the secret's fingerprint in the database, and the fingerprint of the routes
+that held objects were judged by.
+
+A node refuses to start (:class:`StartupError`, ``casemask serve`` exits 2) rather than
+run with a secret other than the one its database was made with: pseudonyms would
+silently change, and the same patient would become two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from node.config import NodeSettings, Route
+
+if TYPE_CHECKING:  # the database is imported where it is used: `casemask` starts light
+    from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
+
+SECRET_FINGERPRINT_KEY = "secret_fingerprint"
+ROUTES_FINGERPRINT_KEY = "routes_fingerprint"
+_FINGERPRINT_LABEL = b"casemask pseudonym secret fingerprint v1"
+
+
+class StartupError(RuntimeError):
+    """The node must not start; the message says why and what to do."""
+
+
+def owner_only_folder(path: Path) -> None:
+    """Make ``path`` (and parents), and make it 0700: it holds patient data."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = path.stat().st_mode & 0o777
+    if mode != 0o700:
+        os.chmod(path, 0o700)
+        log.info("data folder %s: mode %o -> 700 (it holds patient data)", path, mode)
+
+
+def load_secret(node: NodeSettings) -> bytes:
+    """The pseudonym secret: from the environment variable ``[node] secret_env`` when
+    set (never created: all nodes must share it), else from ``secret_path`` (default
+    ``data_dir/secret.key``, created 0600 on first start).
+
+    Raises:
+        StartupError: the variable is unset or not hex of at least 16 bytes, or the
+            file is readable by others or not hex.
+    """
+    from node.deid import load_or_create_secret
+
+    if node.secret_env:
+        text = os.environ.get(node.secret_env, "").strip()
+        if not text:
+            raise StartupError(f"[node] secret_env = {node.secret_env!r}, but that environment variable is not set: set it to the cluster's secret (hex)")
+        try:
+            secret = bytes.fromhex(text)
+        except ValueError:
+            raise StartupError(f"environment variable {node.secret_env} must hold the secret as hex digits") from None
+        if len(secret) < 16:
+            raise StartupError(f"environment variable {node.secret_env} holds {len(secret)} bytes: the secret must be at least 16 bytes (32 hex digits)")
+        return secret
+    path = node.resolved_secret_path
+    try:
+        return load_or_create_secret(path)
+    except PermissionError as exc:
+        raise StartupError(str(exc)) from None
+    except ValueError:
+        raise StartupError(f"{path} must hold the pseudonym secret as hex digits") from None
+
+
+def fingerprint(secret: bytes) -> str:
+    """A fingerprint of the secret that reveals nothing about it: HMAC-SHA256 of a
+    fixed label under the secret, 16 hex digits."""
+    return hmac.new(secret, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+def _meta_get(session: Session, key: str) -> str | None:
+    from sqlalchemy import select
+
+    from node.db import Meta
+
+    return session.scalar(select(Meta.value).where(Meta.key == key))
+
+
+def _meta_put_once(session: Session, key: str, value: str) -> str:
+    """Insert ``key`` unless it exists; returns the stored value (another node starting
+    at the same moment may have inserted it first)."""
+    from node.db import Meta, insert_if_absent
+
+    insert_if_absent(session, Meta, [{"key": key, "value": value}])
+    stored = _meta_get(session, key)
+    assert stored is not None
+    return stored
+
+
+def check_secret(session: Session, secret: bytes, where: str) -> None:
+    """Store the secret's fingerprint in a new database; compare it in an old one.
+
+    Raises:
+        StartupError: the database was made with another secret.
+    """
+    mine = fingerprint(secret)
+    stored = _meta_get(session, SECRET_FINGERPRINT_KEY) or _meta_put_once(session, SECRET_FINGERPRINT_KEY, mine)
+    if stored != mine:
+        raise StartupError(
+            f"the database {where} was made with another pseudonym secret (fingerprint {stored}; the configured secret's is {mine}). "
+            "Pseudonyms would change. Configure the secret it was made with ([node] secret_path or secret_env), or use another data_dir / database_url."
+        )
+
+
+def routes_changed(session: Session, routes: list[Route]) -> bool:
+    """Whether the routes differ from those of the last start (recorded now); True when
+    no start recorded them (held objects made then are judged again)."""
+    from node.db import Meta
+
+    digest = hashlib.sha256(json.dumps([r.model_dump(mode="json") for r in routes], sort_keys=True).encode()).hexdigest()
+    row = session.get(Meta, ROUTES_FINGERPRINT_KEY)
+    if row is None:
+        return _meta_put_once(session, ROUTES_FINGERPRINT_KEY, digest) == digest
+    if row.value == digest:
+        return False
+    row.value = digest
+    return True
