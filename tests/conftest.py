@@ -191,7 +191,8 @@ def orthanc_dicomweb(tmp_path: Path) -> Iterator[Orthanc]:
 class CountingArchive:
     """A pynetdicom C-STORE SCP that counts every C-STORE it receives, duplicates included."""
 
-    def __init__(self, port: int | None = None, aet: str = "ARCHIVE", delay_s: float = 0.0, status: int = 0x0000, require_calling: list[str] | None = None) -> None:
+    def __init__(self, port: int | None = None, aet: str = "ARCHIVE", delay_s: float = 0.0, status: int = 0x0000, require_calling: list[str] | None = None,
+                 after_store: Callable[[int], None] | None = None) -> None:
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
         self.port = port or free_port()
@@ -215,6 +216,9 @@ class CountingArchive:
             with self.lock:
                 self.received.append(str(ds.SOPInstanceUID))
                 self.datasets.append(ds)
+                count = len(self.received)
+            if after_store is not None:  # called with the count before the response goes out
+                after_store(count)
             return self.status
 
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
@@ -278,6 +282,8 @@ def write_toml(raw: dict, path: Path) -> Path:
         raise TypeError(type(v))
 
     lines = ["[node]"] + [f"{k} = {val(v)}" for k, v in raw["node"].items()]
+    if "retention" in raw:
+        lines += ["", "[retention]"] + [f"{k} = {val(v)}" for k, v in raw["retention"].items()]
     for table in ("sources", "destinations", "routes", "models"):
         for entry in raw.get(table, []):
             lines += ["", f"[[{table}]]"] + [f"{k} = {val(v)}" for k, v in entry.items()]
