@@ -464,13 +464,7 @@ def fail_attempt(session: Session, job: Job, owner: str, reason: str, max_attemp
     if job.attempts >= max_attempts:
         _quarantine(session, job, f"gave up after {job.attempts} tries (max_job_attempts = {max_attempts}); last: {reason}")
         return True
-    delay = backoff_s(job.attempts, base_s, max_s)
-    job.state = JobState.PENDING
-    job.owner = None
-    job.lease_until = None
-    job.reason = reason
-    job.next_attempt_at = db_now(session) + dt.timedelta(seconds=delay)
-    job.updated_at = utcnow()
+    delay = _back_to_pending(session, job, reason, backoff_s(job.attempts, base_s, max_s))
     log.warning("job %d (route %s): try %d of %d failed (%s); again in %.1f s", job.id, job.route, job.attempts, max_attempts, reason, delay)
     return True
 
@@ -484,8 +478,12 @@ def defer_job(session: Session, job: Job, owner: str, reason: str, base_s: float
     if not _held_job(session, job, owner):
         return None
     job.deferrals += 1
-    delay = backoff_s(job.deferrals, base_s, max_s)
     job.attempts = max(0, job.attempts - 1)
+    return _back_to_pending(session, job, reason, backoff_s(job.deferrals, base_s, max_s))
+
+
+def _back_to_pending(session: Session, job: Job, reason: str, delay: float) -> float:
+    """PROCESSING -> PENDING, claimable again ``delay`` seconds from now (database time)."""
     job.state = JobState.PENDING
     job.owner = None
     job.lease_until = None

@@ -95,25 +95,20 @@ def originals_due(session: Session, settings: Settings, now: dt.datetime, limit:
             .limit(limit)
         ).all()
         out += [Candidate("original", i, Path(p)) for i, p in rows]
-        changed = func.coalesce(Instance.state_changed_at, Instance.received_at)
-        rows = session.execute(
-            select(Instance.id, Instance.path)
-            .where(Instance.state == InstanceState.IGNORED, Instance.purged_at.is_(None), changed <= cutoff)
-            .order_by(Instance.id)
-            .limit(limit)
-        ).all()
-        out += [Candidate("original", i, Path(p)) for i, p in rows]
+        out += _in_state_since(session, InstanceState.IGNORED, "original", cutoff, limit)
     cutoff = _cutoff(now, r.quarantine_days)
     if cutoff is not None:
-        changed = func.coalesce(Instance.state_changed_at, Instance.received_at)
-        rows = session.execute(
-            select(Instance.id, Instance.path)
-            .where(Instance.state == InstanceState.QUARANTINED, Instance.purged_at.is_(None), changed <= cutoff)
-            .order_by(Instance.id)
-            .limit(limit)
-        ).all()
-        out += [Candidate("quarantined", i, Path(p)) for i, p in rows]
+        out += _in_state_since(session, InstanceState.QUARANTINED, "quarantined", cutoff, limit)
     return out
+
+
+def _in_state_since(session: Session, state: InstanceState, kind: str, cutoff: dt.datetime, limit: int) -> list[Candidate]:
+    """Unpurged instances that entered ``state`` at or before ``cutoff``."""
+    changed = func.coalesce(Instance.state_changed_at, Instance.received_at)
+    rows = session.execute(
+        select(Instance.id, Instance.path).where(Instance.state == state, Instance.purged_at.is_(None), changed <= cutoff).order_by(Instance.id).limit(limit)
+    ).all()
+    return [Candidate(kind, i, Path(p)) for i, p in rows]
 
 
 def outputs_due(session: Session, settings: Settings, now: dt.datetime, limit: int) -> list[Candidate]:
