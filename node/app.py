@@ -25,6 +25,7 @@ from node.deid import Pseudonymizer
 from node.dispatch import Dispatcher
 from node.leases import node_identity, owner_token
 from node.pipeline import PixelStep, Pipeline
+from node.reasons import withhold_warning_texts
 from node.spool import clean_stale_temporaries
 from node.startup import StartupError, check_secret, load_secret, owner_only_folder, routes_changed
 
@@ -175,7 +176,9 @@ class Node:
         log.info("node stopped")
 
     def serve_forever(self) -> None:
-        """Start and block until SIGINT or SIGTERM."""
+        """Start and block until SIGINT or SIGTERM. Python warnings go to the log with
+        their text withheld (pydicom's quote header values)."""
+        withhold_warning_texts()
         self.start()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())

@@ -12,6 +12,8 @@ text (a step's own verdict): any text value of the object found in them is cut o
 
 from __future__ import annotations
 
+import logging
+import re
 import traceback
 from collections.abc import Iterator
 from types import TracebackType
@@ -91,3 +93,26 @@ def scrub(text: str, ds: Dataset | None) -> str:
         if v in text:
             text = text.replace(v, "[value]")
     return text
+
+
+class WithheldWarnings(logging.Filter):
+    """For the ``py.warnings`` logger: keeps where a warning came from and its category,
+    and drops its text. pydicom warns about invalid values by quoting them
+    (``Invalid value for VR PN: '...'``), and a service's warnings end up in its log."""
+
+    _HEAD = re.compile(r"^(?P<where>.*?:\d+): (?P<category>\w+):", re.S)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = self._HEAD.match(record.getMessage())
+        where, category = (m["where"].rsplit("/", 1)[-1], m["category"]) if m else ("?", "Warning")
+        record.msg, record.args = "%s at %s (text withheld: it may quote a header value)", (category, where)
+        return True
+
+
+def withhold_warning_texts() -> None:
+    """Send Python warnings to logging (``py.warnings``) with their text withheld; for
+    a process serving patient data (``casemask serve``)."""
+    logging.captureWarnings(True)
+    logger = logging.getLogger("py.warnings")
+    if not any(isinstance(f, WithheldWarnings) for f in logger.filters):
+        logger.addFilter(WithheldWarnings())

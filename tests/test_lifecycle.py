@@ -630,3 +630,24 @@ def test_node_ids_are_kept_and_owner_tokens_are_per_process(tmp_path):
     assert node_identity(data, "node-b") == "node-b"
     a, b = owner_token(first), owner_token(first)
     assert a != b and a.startswith(first + "/") and b.startswith(first + "/")
+
+
+def test_warnings_reach_the_log_without_their_text(caplog):
+    """pydicom warns about an invalid value by quoting it; a serving node logs where the
+    warning came from and its category only."""
+    import warnings
+
+    from node.reasons import WithheldWarnings, withhold_warning_texts
+
+    logger = logging.getLogger("py.warnings")
+    try:
+        withhold_warning_texts()
+        with caplog.at_level(logging.WARNING, logger="py.warnings"), warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(f"Invalid value for VR PN: '{NAME}'", UserWarning)
+        assert "UserWarning at test_lifecycle.py" in caplog.text
+        assert "Zebulon" not in caplog.text
+    finally:  # global state restored
+        logging.captureWarnings(False)
+        for f in [f for f in logger.filters if isinstance(f, WithheldWarnings)]:
+            logger.removeFilter(f)
