@@ -9,9 +9,11 @@ TRITON_VENV := .venv-triton
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl
+# tesseract-ocr: the second OCR engine of the burned-in tests; libgl1/libglib2.0-0: OpenCV
+# (pulled in by rapidocr-onnxruntime); the fonts draw the tests' synthetic text.
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 fonts-dejavu-core fonts-liberation
 
-.PHONY: serve test test-fast deps venv triton-venv bench bench-ingest bench-deid bench-engine bench-pixels bench-triton clean
+.PHONY: serve test test-fast deps venv triton-venv bench bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +55,7 @@ test: deps venv triton-venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
-bench: bench-ingest bench-deid bench-engine bench-pixels bench-triton
+bench: bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin
 
 bench-ingest: deps venv
 	$(PY) tests/bench/bench_ingest.py
@@ -69,6 +71,9 @@ bench-pixels: deps venv
 
 bench-triton: venv triton-venv
 	$(PY) tests/bench/bench_triton.py
+
+bench-burnedin: deps venv
+	$(PY) tests/bench/bench_burnedin.py
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) var .pytest_cache build *.egg-info

@@ -1,0 +1,458 @@
+"""Clean burned-in text out of one dataset's pixels, or say why it cannot be done.
+
+For each object, in order:
+
+1. pixels as stored: native data is read from its buffer; compressed data is decoded
+   with pydicom's maintained plugins (``pydicom.pixels.decompress``: YBR from JPEG comes
+   back as RGB) and written back uncompressed (Explicit VR Little Endian), never lossy
+   again;
+2. the region rules' rectangles (:mod:`node.burnedin.regions`) are blanked on every frame;
+3. text is detected (:mod:`node.burnedin.detect`) on an 8-bit RGB view of the frames:
+   every frame of a short object; for a cine, a sample of frames plus every frame that
+   differs from the sample outside the moving image area (a cine's overlay is static);
+4. every box is masked, with a margin, on every frame (the union: text found on one
+   frame of a cine is blanked on all);
+5. verification, on each frame read in 3.: the masked areas and their surroundings are
+   read again (pieces of text next to a mask are masked too, twice at most), and the
+   whole frame is read once more through a low-contrast view (dark values lifted) that
+   finds faint text the first reading may miss. Text left after that, or found only by
+   the low-contrast view, or a frame the detector cannot process, raises
+   :class:`BurnedInError` and the object is quarantined.
+
+Pixels outside the masked rectangles keep their stored values bit for bit (native data
+is changed in place in a copy of its buffer, high bits included); the header keeps
+PixelSpacing, SequenceOfUltrasoundRegions and everything else; BurnedInAnnotation
+becomes NO. The caller adds the Clean Pixel Data code (113101) through the header step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from node.burnedin.detect import Box, DetectorUnavailable, TextDetector
+from node.burnedin.regions import RegionRules
+from node.wire import peek, peek_float, peek_str
+
+log = logging.getLogger(__name__)
+
+_NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+CINE_FRAMES = 8  # objects with more frames are read by sample (see module docstring)
+SAMPLE = 6  # frames sampled from a cine, first and last included
+MAX_TEXT_HEIGHT = 80  # pixels: taller detections are image structures, not text lines
+ROUNDS = 2  # extra masking rounds for pieces of text found next to a mask
+
+
+class BurnedInError(Exception):
+    """The object's pixels cannot be shown clean (quarantine with this reason; no PHI)."""
+
+
+@dataclasses.dataclass
+class CleanReport:
+    """What the step did to one object (JSON-able through :meth:`record`)."""
+
+    frames: int = 0
+    rules: list[str] = dataclasses.field(default_factory=list)
+    masked: dict[int, list[Box]] = dataclasses.field(default_factory=dict)  # frame -> boxes
+    read: list[int] = dataclasses.field(default_factory=list)  # frames the detector read
+    decoded_from: str = ""  # the compressed transfer syntax decoded, if any
+    seconds: float = 0.0
+    ocr_seconds: float = 0.0
+
+    def by_frames(self) -> list[tuple[str, list[Box]]]:
+        """The masked boxes with consecutive frames of the same boxes grouped:
+        [("0-99", boxes), ...] (a cine's static overlay is one entry)."""
+        out: list[tuple[str, list[Box]]] = []
+        start = prev = None
+        for k in sorted(self.masked):
+            if start is not None and k == prev + 1 and self.masked[k] == self.masked[start]:
+                prev = k
+                continue
+            if start is not None and self.masked[start]:
+                out.append((str(start) if start == prev else f"{start}-{prev}", self.masked[start]))
+            start = prev = k
+        if start is not None and self.masked[start]:
+            out.append((str(start) if start == prev else f"{start}-{prev}", self.masked[start]))
+        return out
+
+    def record(self) -> dict:
+        """The job record's ``burned_in`` entry: rules, boxes (top, left, bottom, right)
+        by frame or frame range ("0-99"), the frames the detector read."""
+        boxes = {frames: [list(b) for b in v] for frames, v in self.by_frames()}
+        return {"frames": self.frames, "rules": self.rules, "boxes": boxes, "frames_read": self.read, "decoded_from": self.decoded_from}
+
+
+# -- pixels as stored -------------------------------------------------------------------
+@dataclasses.dataclass
+class _Pixels:
+    stored: np.ndarray  # (frames, rows, cols, samples), a writable copy
+    planar: bool  # colour by plane in the buffer (PlanarConfiguration 1)
+    photometric: str
+    bits_stored: int
+    signed: bool
+
+
+def _read_pixels(ds: Dataset, report: CleanReport) -> _Pixels:
+    """The stored values of every frame; compressed data is decoded into ``ds`` first."""
+    from pydicom.pixels import decompress
+
+    tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if tsyntax is None:
+        raise BurnedInError("burned-in text: the object has no transfer syntax")
+    if tsyntax not in _NATIVE:
+        if tsyntax == "1.2.840.10008.1.2.2":
+            raise BurnedInError("burned-in text: big-endian pixel data is not supported")
+        try:
+            decompress(ds, as_rgb=True, generate_instance_uid=False)
+        except Exception as exc:
+            raise BurnedInError(f"burned-in text: cannot decode pixel data in {tsyntax.name} ({type(exc).__name__})") from None
+        report.decoded_from = str(tsyntax)
+    pi = peek_str(ds, "PhotometricInterpretation")
+    if pi not in ("MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL"):
+        raise BurnedInError(f"burned-in text: photometric interpretation {pi or '(absent)'} is not supported as stored")
+    allocated, stored = int(peek_float(ds, "BitsAllocated", 0)), int(peek_float(ds, "BitsStored", 0))
+    if allocated not in (8, 16) or not 1 <= stored <= allocated:
+        raise BurnedInError(f"burned-in text: BitsAllocated {allocated} / BitsStored {stored} are not supported")
+    rows, cols = int(peek_float(ds, "Rows", 0)), int(peek_float(ds, "Columns", 0))
+    n = int(peek_float(ds, "NumberOfFrames", 1) or 1)
+    spp = int(peek_float(ds, "SamplesPerPixel", 1))
+    if spp not in (1, 3) or (spp == 3) != (pi in ("RGB", "YBR_FULL")):
+        raise BurnedInError("burned-in text: SamplesPerPixel does not fit the photometric interpretation")
+    signed = peek_float(ds, "PixelRepresentation", 0) == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    data = peek(ds, "PixelData")
+    if not isinstance(data, bytes) or not rows or not cols or len(data) < n * rows * cols * spp * dtype.itemsize:
+        raise BurnedInError("burned-in text: PixelData is shorter than Rows x Columns x frames")
+    planar = spp == 3 and peek_float(ds, "PlanarConfiguration", 0) == 1
+    arr = np.frombuffer(data, dtype, n * rows * cols * spp)
+    arr = arr.reshape(n, spp, rows, cols).transpose(0, 2, 3, 1) if planar else arr.reshape(n, rows, cols, spp)
+    return _Pixels(arr.copy(), planar, pi, stored, signed)
+
+
+def _write_pixels(ds: Dataset, px: _Pixels) -> None:
+    """Put the (masked) stored values back into ``ds`` as native little-endian data."""
+    arr = px.stored.transpose(0, 3, 1, 2) if px.planar else px.stored
+    data = np.ascontiguousarray(arr).tobytes()
+    if len(data) % 2:
+        data += b"\x00"
+    ds.PixelData = data
+    ds["PixelData"].VR = "OB" if px.stored.dtype.itemsize == 1 else "OW"
+    if ds.file_meta.TransferSyntaxUID not in _NATIVE:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+
+# -- what the detector sees --------------------------------------------------------------
+def _value_range(px: _Pixels) -> tuple[int, int]:
+    if px.signed:
+        return -(1 << (px.bits_stored - 1)), (1 << (px.bits_stored - 1)) - 1
+    return 0, (1 << px.bits_stored) - 1
+
+
+def _stored_bits(px: _Pixels) -> np.ndarray:
+    """Stored values with the bits above BitsStored cleared (or sign-extended)."""
+    arr = px.stored
+    if px.bits_stored < arr.dtype.itemsize * 8:
+        shift = arr.dtype.itemsize * 8 - px.bits_stored
+        arr = (arr << shift) >> shift if px.signed else arr & arr.dtype.type((1 << px.bits_stored) - 1)
+    return arr
+
+
+def display(ds: Dataset, px: _Pixels, frames: Sequence[int]) -> np.ndarray:
+    """(len(frames), rows, cols, 3) uint8 RGB as a viewer would show them: the header's
+    window (else the frame's 0.5th to 99.5th percentile) for grayscale, the palette for
+    PALETTE COLOR, YBR converted to RGB."""
+    from pydicom.pixels import apply_color_lut, convert_color_space
+
+    arr = _stored_bits(px)[list(frames)]
+    if px.photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr[..., 0], ds)
+        top = float(rgb.max()) or 1.0
+        return (rgb.astype(np.float32) * (255 / (255 if top <= 255 else 65535))).clip(0, 255).astype(np.uint8)
+    if px.photometric in ("RGB", "YBR_FULL"):
+        if px.photometric == "YBR_FULL":
+            arr = convert_color_space(arr, "YBR_FULL", "RGB", per_frame=True)
+        if px.bits_stored > 8:
+            arr = arr >> (px.bits_stored - 8)
+        return arr.astype(np.uint8)
+    out = np.empty((len(frames), *arr.shape[1:3], 3), np.uint8)
+    center, width = peek_float(ds, "WindowCenter", np.nan), peek_float(ds, "WindowWidth", np.nan)
+    slope, intercept = peek_float(ds, "RescaleSlope", 1.0), peek_float(ds, "RescaleIntercept", 0.0)
+    for i, f in enumerate(arr[..., 0]):
+        if px.bits_stored <= 8 and not np.isfinite(width):
+            g = f.astype(np.float32)
+            lo, hi = 0.0, 255.0
+        else:
+            g = f.astype(np.float32) * slope + intercept
+            if np.isfinite(center) and np.isfinite(width) and width > 1:
+                lo, hi = center - width / 2, center + width / 2
+            else:
+                lo, hi = (float(v) for v in np.percentile(g, [0.5, 99.5]))
+                hi = max(hi, lo + 1)
+        v = np.clip((g - lo) * (255 / (hi - lo)), 0, 255)
+        if px.photometric == "MONOCHROME1":
+            v = 255 - v
+        out[i] = v.astype(np.uint8)[..., None]
+    return out
+
+
+def low_contrast_view(rgb: np.ndarray) -> np.ndarray:
+    """Dark values lifted (gamma 1/4 on 8-bit): faint marks on a dark background become
+    plain, bright image content is compressed."""
+    lut = (255 * (np.arange(256) / 255) ** 0.25).astype(np.uint8)
+    return lut[rgb]
+
+
+def _black(ds: Dataset, px: _Pixels, frame: np.ndarray) -> np.ndarray:
+    """The stored value(s) that show black in ``frame`` (rows, cols, samples): the
+    frame's darkest value for MONOCHROME2 (its brightest for MONOCHROME1), zero for
+    RGB, (0, half, half) for YBR_FULL, the darkest entry for PALETTE COLOR.
+
+    Black rather than the surroundings: most burned-in text sits on a black band,
+    where a black box changes no pixel at all."""
+    if px.photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        first = int(peek_float(ds, "RedPaletteColorLookupTableDescriptor", 0, 1))
+        entries = int(peek_float(ds, "RedPaletteColorLookupTableDescriptor", 0, 0)) or 65536
+        idx = np.arange(first, first + entries)
+        lum = apply_color_lut(idx.astype(px.stored.dtype), ds).astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        return np.array([idx[int(np.argmin(lum))]], px.stored.dtype)
+    if px.photometric == "YBR_FULL":
+        mid = 1 << (px.bits_stored - 1)
+        return np.array([0, mid, mid], px.stored.dtype)
+    if px.photometric == "RGB":
+        return np.zeros(3, px.stored.dtype)
+    values = _stored_bits(_Pixels(frame[None], False, px.photometric, px.bits_stored, px.signed))
+    return np.array([values.max() if px.photometric == "MONOCHROME1" else values.min()], px.stored.dtype)
+
+
+def _mask(ds: Dataset, px: _Pixels, i: int, boxes: Sequence[Box]) -> None:
+    """Fill ``boxes`` of frame ``i`` (stored values) with black."""
+    if not boxes:
+        return
+    fill = _black(ds, px, px.stored[i])
+    for t, l, b, r in boxes:
+        px.stored[i, t:b, l:r] = fill
+
+
+# -- boxes ------------------------------------------------------------------------------
+def _grow(box: Box, by: int, rows: int, cols: int) -> Box:
+    t, l, b, r = box
+    return max(0, t - by), max(0, l - by), min(rows, b + by), min(cols, r + by)
+
+
+def margin_of(box: Box) -> int:
+    """The margin added around a detected box (DB's unclip already pads it by about a
+    third of the line height above and below): an eighth of its height, 2 pixels at least."""
+    return max(2, (box[2] - box[0]) // 8)
+
+
+def _flatten(view: np.ndarray, boxes: Sequence[Box]) -> None:
+    """Show each masked box of a view (rows, cols, 3) as a flat patch of its
+    surroundings (the median of the ring just outside it) for the re-reading.
+
+    The output holds a constant there, so nothing in the box can be read whatever it
+    is shown as; a black box in bright texture, though, has edges the detector takes
+    for letters, and text left beside a mask is as visible either way."""
+    rows, cols = view.shape[:2]
+    for t, l, b, r in boxes:
+        ring = [view[t - 1, l:r] if t > 0 else None, view[b, l:r] if b < rows else None,
+                view[t:b, l - 1] if l > 0 else None, view[t:b, r] if r < cols else None]
+        parts = [v for v in ring if v is not None and len(v)]
+        if parts:
+            view[t:b, l:r] = np.median(np.concatenate(parts), axis=0).astype(np.uint8)
+
+
+def _around(box: Box, rows: int, cols: int) -> Box:
+    """The area read again around a mask: half a line height above and below, four
+    line heights to the sides (a line cut short continues sideways)."""
+    h = box[2] - box[0]
+    dy, dx = max(8, h // 2), max(32, 4 * h)
+    return max(0, box[0] - dy), max(0, box[1] - dx), min(rows, box[2] + dy), min(cols, box[3] + dx)
+
+
+def _distinct(boxes: Sequence[Box]) -> list[Box]:
+    """The boxes without repeats, in a stable order (masks stay as found: two boxes
+    that overlap are not replaced by their bounding rectangle)."""
+    return sorted(set(boxes))
+
+
+def _merge(boxes: Sequence[Box]) -> list[Box]:
+    """Overlapping rectangles merged into their bounding rectangles (regions to read)."""
+    out = [tuple(b) for b in boxes]
+    changed = True
+    while changed:
+        changed = False
+        merged: list[tuple] = []
+        for b in out:
+            for i, m in enumerate(merged):
+                if b[0] < m[2] and m[0] < b[2] and b[1] < m[3] and m[1] < b[3]:
+                    merged[i] = (min(b[0], m[0]), min(b[1], m[1]), max(b[2], m[2]), max(b[3], m[3]))
+                    changed = True
+                    break
+            else:
+                merged.append(b)
+        out = merged
+    return out  # type: ignore[return-value]
+
+
+def _text_lines(boxes: Sequence[Box]) -> list[Box]:
+    return [b for b in boxes if b[2] - b[0] <= MAX_TEXT_HEIGHT]
+
+
+def _dark(view: np.ndarray, box: Box) -> bool:
+    """True when most of ``box`` in the (unlifted) view is dark: below 48 of 255."""
+    t, l, b, r = box
+    return bool(np.median(view[t:b, l:r].max(-1)) < 48)
+
+
+def _touches(box: Box, masks: Sequence[Box]) -> bool:
+    return any(box[0] < m[2] and m[0] < box[2] and box[1] < m[3] and m[1] < box[3] for m in masks)
+
+
+def _continues(box: Box, masks: Sequence[Box]) -> bool:
+    """True when ``box`` could be the rest of a masked line: it shares at least half of
+    its rows with a mask no less than two thirds its height. Other marks that the
+    crops around the masks show were read with their full surroundings in the first
+    pass; in a crop, shapes cut by its edges look like text."""
+    h = box[2] - box[0]
+    for m in masks:
+        shared = min(box[2], m[2]) - max(box[0], m[0])
+        if shared >= h / 2 and 3 * (m[2] - m[0]) >= 2 * h:
+            return True
+    return False
+
+
+def _covered(box: Box, masks: Sequence[Box]) -> bool:
+    m = np.zeros((box[2] - box[0], box[3] - box[1]), bool)
+    for t, l, b, r in masks:
+        m[max(0, t - box[0]) : max(0, b - box[0]), max(0, l - box[1]) : max(0, r - box[1])] = True
+    return bool(m.mean() >= 0.9) if m.size else True
+
+
+# -- the step ---------------------------------------------------------------------------
+def frames_to_read(view: np.ndarray) -> list[int]:
+    """Which frames of a (frames, rows, cols, 3) view the detector reads.
+
+    All of a short object. For a cine: ``SAMPLE`` frames evenly spaced, and every other
+    frame that differs from the first outside the area that moves between the sampled
+    frames (dilated by 8 pixels): a new or changed overlay."""
+    n = len(view)
+    if n <= CINE_FRAMES:
+        return list(range(n))
+    import cv2
+
+    sample = sorted({round(i * (n - 1) / (SAMPLE - 1)) for i in range(SAMPLE)})
+    ref = view[sample[0]]
+    moving = np.zeros(ref.shape[:2], np.uint8)
+    for i in sample[1:]:
+        moving |= (view[i] != ref).any(-1).astype(np.uint8)
+    moving = cv2.dilate(moving, np.ones((17, 17), np.uint8)).astype(bool)
+    still = ~moving
+    extra = [i for i in range(n) if i not in sample and (view[i][still] != ref[still]).any()]
+    return sorted(set(sample) | set(extra))
+
+
+def clean(ds: Dataset, detector: TextDetector, rules: RegionRules | None = None) -> CleanReport:
+    """Mask burned-in text in ``ds`` in place (see the module docstring); returns what was done.
+
+    Raises:
+        BurnedInError: text is left that could not be masked, the low-contrast check
+            found text the detector missed, or the pixels cannot be read or written.
+    """
+    t0 = time.perf_counter()
+    ocr0 = detector.seconds
+    report = CleanReport()
+    if "PixelData" not in ds:
+        return report
+    px = _read_pixels(ds, report)
+    n = report.frames = len(px.stored)
+    view = display(ds, px, range(n))
+    rule_boxes: list[Box] = []
+    if rules is not None:
+        report.rules, rule_boxes = rules.boxes_for(ds)
+    for t, l, b, r in rule_boxes:
+        view[:, t:b, l:r] = 0
+    read = report.read = frames_to_read(view)
+    found = _first_reading(view[read], read, n, detector)
+    masks = {i: _distinct(rule_boxes + found.get(i, [])) for i in range(n)}
+    for i in range(n):
+        _mask(ds, px, i, masks[i])
+    view = display(ds, px, read)
+    for k, i in enumerate(read):
+        _flatten(view[k], masks[i])
+    _verify(ds, px, view, read, masks, found, detector)
+    if n > CINE_FRAMES:  # pieces masked on a read frame are masked on all
+        union = _distinct([b for i in read for b in masks[i]])
+        for i in range(n):
+            _mask(ds, px, i, [b for b in union if b not in masks[i]])
+        masks = {i: union for i in range(n)}
+    _write_pixels(ds, px)
+    ds.BurnedInAnnotation = "NO"
+    report.masked = masks
+    report.seconds = time.perf_counter() - t0
+    report.ocr_seconds = detector.seconds - ocr0
+    return report
+
+
+def _first_reading(frames: np.ndarray, read: list[int], n: int, detector: TextDetector) -> dict[int, list[Box]]:
+    """Boxes to mask per frame (margins added) from the frames read; for a cine (static
+    overlay) the union of them on every frame."""
+    rows, cols = frames.shape[1:3]
+    try:
+        found = detector.detect(frames)
+    except DetectorUnavailable:
+        raise
+    except Exception as exc:
+        raise BurnedInError(f"burned-in text: the detector could not process the frames ({type(exc).__name__})") from None
+    per_frame = {i: [_grow(b, margin_of(b), rows, cols) for b in _text_lines(boxes)] for i, boxes in zip(read, found)}
+    if n > CINE_FRAMES:
+        union = _distinct([b for boxes in per_frame.values() for b in boxes])
+        per_frame = {i: list(union) for i in range(n)}
+    return per_frame
+
+
+def _verify(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[int], masks: dict[int, list[Box]], new: dict[int, list[Box]], detector: TextDetector) -> None:
+    """Read the masked frames again (``view``: their display, in the order of ``read``;
+    see the module docstring). Residual pieces of text are masked too (``px``, ``masks``
+    and ``view`` change); raises BurnedInError when text is left."""
+    rows, cols = px.stored.shape[1:3]
+    try:
+        for k, i in enumerate(read):
+            recent = new.get(i, [])
+            for _round in range(ROUNDS + 1):
+                regions = _merge([_around(b, rows, cols) for b in recent])
+                seen = [b for b in _text_lines(detector.detect_regions(view[k], regions)) if not _covered(b, masks[i]) and _continues(b, recent)]
+                if not seen:
+                    break
+                # Confirmed on the whole frame: in a crop, shapes cut by its edges and
+                # texture beside a mask can pass for letters.
+                whole = detector.detect(view[k : k + 1])[0]
+                left = [b for b in _text_lines(whole) if not _covered(b, masks[i]) and _touches(b, seen)]
+                if not left:
+                    break
+                if _round == ROUNDS:
+                    raise BurnedInError(f"burned-in text: text is still detected after masking (frame {i})")
+                recent = [_grow(b, margin_of(b), rows, cols) for b in left]
+                masks[i] = _distinct(masks[i] + recent)
+                _mask(ds, px, i, recent)
+                view[k] = display(ds, px, [i])[0]
+                _flatten(view[k], masks[i])
+        faint = detector.detect(low_contrast_view(view), detector.settings.check_scale)
+    except BurnedInError:
+        raise
+    except Exception as exc:
+        raise BurnedInError(f"burned-in text: the detector could not process the masked frames ({type(exc).__name__})") from None
+    for k, (i, boxes) in enumerate(zip(read, faint)):
+        # What counts: a line of text (wider than tall: names, IDs, dates; a dark round
+        # structure lifted out of bright texture is not) on a dark background (where
+        # lifting the dark values is what shows it), away from the masks (whose
+        # surroundings were read again above).
+        if any(not _touches(b, masks[i]) and b[3] - b[1] >= 1.5 * (b[2] - b[0]) and _dark(view[k], b) for b in _text_lines(boxes)):
+            raise BurnedInError(f"burned-in text: the low-contrast check found text the detector did not mask (frame {i})")

@@ -1,0 +1,191 @@
+"""Text detection in frames: where text is, not what it says.
+
+The model is PP-OCRv4's text detector (DB, "Real-time Scene Text Detection with
+Differentiable Binarization", Liao et al., AAAI 2020), as shipped inside the
+``rapidocr-onnxruntime`` wheel: nothing is downloaded at run time. It is run here
+through ONNX Runtime directly rather than through RapidOCR's per-image pipeline, so
+that frames of one size go through in batches and the probability map is at hand;
+the post-processing (threshold, connected components, score, unclip) follows DB's,
+with axis-aligned boxes, since what is masked is a rectangle anyway.
+
+Why this model and scale: docs/burned-in.md (recall and speed measured against
+Tesseract and RapidOCR's own pipeline on synthetic ultrasound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_PACKAGE = "rapidocr_onnxruntime"
+MODEL_FILE = "models/ch_PP-OCRv4_det_infer.onnx"
+
+Box = tuple[int, int, int, int]  # top, left, bottom, right (exclusive), frame pixels
+
+
+class DetectorUnavailable(Exception):
+    """The text detector cannot run here (package missing, model file unreadable)."""
+
+
+def model_path() -> Path:
+    """The detection model inside the installed rapidocr-onnxruntime wheel.
+
+    Raises:
+        DetectorUnavailable: the package is not installed or no longer ships the file.
+    """
+    try:
+        p = Path(str(importlib.resources.files(MODEL_PACKAGE) / MODEL_FILE))
+    except ModuleNotFoundError:
+        raise DetectorUnavailable("the OCR package is not installed (pip install rapidocr-onnxruntime)") from None
+    if not p.is_file():
+        raise DetectorUnavailable(f"{MODEL_PACKAGE} does not ship {MODEL_FILE} (version changed?)")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorSettings:
+    """How frames are read: ``scale`` enlarges them first (small text is found from about
+    11 px at 1.5, not at 1.0); ``thresh``/``box_thresh``/``unclip`` are DB's own."""
+
+    scale: float = 1.25
+    check_scale: float = 1.0  # the low-contrast check looks for larger, fainter text
+    thresh: float = 0.3
+    box_thresh: float = 0.5
+    unclip: float = 1.6
+    min_side: int = 3  # components thinner than this (scaled pixels) are noise
+    threads: int = 2
+    max_batch: int = 4
+
+
+class TextDetector:
+    """Batched text detection on 8-bit RGB frames (N, rows, cols, 3).
+
+    One ONNX Runtime session per detector; calls are serialised (the session is not
+    used by two threads at once)."""
+
+    def __init__(self, settings: DetectorSettings | None = None) -> None:
+        import onnxruntime as ort
+
+        self.settings = settings or DetectorSettings()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.settings.threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(model_path()), opts, providers=["CPUExecutionProvider"])
+        except DetectorUnavailable:
+            raise
+        except Exception as exc:
+            raise DetectorUnavailable(f"the text detection model cannot be loaded ({type(exc).__name__})") from None
+        self.input = self.session.get_inputs()[0].name
+        self._lock = threading.Lock()
+        self.seconds = 0.0  # time spent in the model, for the benchmark's share of time
+
+    def probability(self, frames: np.ndarray, scale: float | None = None) -> np.ndarray:
+        """(N, rows, cols, 3) uint8 -> (N, R, C) float32 text probability on the scaled
+        grid (R, C multiples of 32, at least rows*scale, cols*scale)."""
+        import time
+
+        import cv2
+
+        n, rows, cols = frames.shape[:3]
+        s = scale or self.settings.scale
+        sr, sc = max(1, round(rows * s)), max(1, round(cols * s))
+        R, C = -(-sr // 32) * 32, -(-sc // 32) * 32
+        out = np.empty((n, R, C), np.float32)
+        step = self.settings.max_batch
+        for i in range(0, n, step):
+            chunk = frames[i : i + step]
+            x = np.zeros((len(chunk), 3, R, C), np.float32)
+            for j, f in enumerate(chunk):
+                g = f if (sr, sc) == (rows, cols) else cv2.resize(f, (sc, sr), interpolation=cv2.INTER_LINEAR)
+                x[j, :, :sr, :sc] = g.transpose(2, 0, 1)
+            # (v / 255 - 0.5) / 0.5, as PP-OCR normalises; the padding stays at -1 (black)
+            x[:, :, :sr, :sc] *= 2 / 255
+            x[:, :, :sr, :sc] -= 1
+            x[:, :, sr:, :] = -1
+            x[:, :, :, sc:] = -1
+            t0 = time.perf_counter()
+            with self._lock:
+                pred = self.session.run(None, {self.input: x})[0]
+            self.seconds += time.perf_counter() - t0
+            out[i : i + len(chunk)] = pred[:, 0]
+        return out
+
+    def boxes(self, prob: np.ndarray, rows: int, cols: int, scale: float | None = None) -> list[Box]:
+        """Text boxes of one probability map (from :meth:`probability` at ``scale``) in
+        frame pixels."""
+        import cv2
+
+        st = self.settings
+        sy = sx = 1 / (scale or st.scale)
+        bitmap = (prob > st.thresh).astype(np.uint8)
+        bitmap = cv2.dilate(bitmap, np.ones((2, 2), np.uint8))  # DB's use_dilation
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(bitmap, connectivity=8)
+        out: list[Box] = []
+        for i in range(1, n):
+            x, y, w, h, _area = (int(v) for v in stats[i])
+            if min(w, h) < st.min_side:
+                continue
+            window = labels[y : y + h, x : x + w] == i
+            if float(prob[y : y + h, x : x + w][window].mean()) < st.box_thresh:
+                continue
+            d = w * h * st.unclip / (2 * (w + h))  # DB's unclip offset: area * ratio / perimeter
+            top, left = int(np.floor((y - d) * sy)), int(np.floor((x - d) * sx))
+            bottom, right = int(np.ceil((y + h + d) * sy)), int(np.ceil((x + w + d) * sx))
+            box = (max(0, top), max(0, left), min(rows, bottom), min(cols, right))
+            if box[0] < box[2] and box[1] < box[3]:
+                out.append(box)
+        return out
+
+    def detect(self, frames: np.ndarray, scale: float | None = None) -> list[list[Box]]:
+        """Text boxes per frame of (N, rows, cols, 3) uint8 RGB frames."""
+        rows, cols = frames.shape[1:3]
+        return [self.boxes(p, rows, cols, scale) for p in self.probability(frames, scale)]
+
+    def detect_regions(self, frame: np.ndarray, regions: Sequence[Box]) -> list[Box]:
+        """Text boxes found inside ``regions`` of one frame (rows, cols, 3), in frame pixels.
+
+        Used to verify a masked frame where it changed: the rest of the frame was
+        already read in full and found clean."""
+        if not regions:
+            return []
+        gap = 16  # black rows between crops: no text line spans them
+        width = max(r - l for _, l, _, r in regions)
+        tops = np.cumsum([0] + [b - t + gap for t, _, b, _ in regions])
+        canvas = np.zeros((1, int(tops[-1]), width, 3), np.uint8)  # crops stacked: one run, little padding
+        for (top, left, bottom, right), y in zip(regions, tops):
+            canvas[0, y : y + bottom - top, : right - left] = frame[top:bottom, left:right]
+        found: list[Box] = []
+        for t, l, b, r in self.detect(canvas)[0]:
+            k = int(np.searchsorted(tops, t, side="right")) - 1
+            top, left, bottom, right = regions[k]
+            y = int(tops[k])
+            if t - y < bottom - top and l < right - left:
+                found.append((max(top, t - y + top), l + left, min(b - y + top, bottom), min(r + left, right)))
+        return found
+
+
+_SHARED: dict[DetectorSettings, TextDetector] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_detector(settings: DetectorSettings | None = None) -> TextDetector:
+    """One detector per settings per process (the model takes about 0.1 s to load).
+
+    Raises:
+        DetectorUnavailable: see :func:`model_path`.
+    """
+    key = settings or DetectorSettings()
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = TextDetector(key)
+            log.info("text detector ready (%s, scale %.2f)", MODEL_FILE, key.scale)
+        return _SHARED[key]
