@@ -8,7 +8,7 @@
     casemask retry [--destination NAME] [--quarantined] [--held]
     casemask purge [--dry-run]
     casemask config check [FILE]
-    casemask deid PATH... --out DIR [--route NAME] [--diff]
+    casemask deid PATH... --out DIR [--route NAME] [--burned-in clean] [--diff]
     casemask deid --verify-only ORIGINAL DEIDENTIFIED
     casemask export-mapping --out DIR        (uids.csv, patients.csv; 0700 folder, 0600 files)
     casemask engine synth|train|evaluate|export|build ...
@@ -222,15 +222,20 @@ def cmd_config_check(args) -> int:
 
 _DEID = None  # the worker process's Deidentifier (set by _deid_worker_init)
 _POLICY = None  # the worker process's verifier policy
+_BURNED_IN = None  # its node.burnedin.BurnedInStep with --burned-in clean
 
 
-def _deid_worker_init(deid_settings, secret: bytes, pixels_cleaned: bool, record: bool) -> None:
+def _deid_worker_init(deid_settings, secret: bytes, pixels_cleaned: bool, record: bool, regions: Path | None = None) -> None:
     from node.deid import Deidentifier, Pseudonymizer
     from node.deid.verify import Policy
 
-    global _DEID, _POLICY
+    global _DEID, _POLICY, _BURNED_IN
     _DEID = Deidentifier(deid_settings, Pseudonymizer(secret), pixels_cleaned=pixels_cleaned, record_changes=record)
     _POLICY = Policy.from_options(deid_settings.options)
+    if deid_settings.burned_in == "clean":
+        from node.burnedin import BurnedInStep
+
+        _BURNED_IN = BurnedInStep(regions)
 
 
 def _read_dataset(data: bytes):
@@ -306,8 +311,17 @@ def _deid_file(src: str, out: str, diff: bool) -> tuple[str, str, str, list]:
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         return "skipped", src, f"not a DICOM file or data set ({type(exc).__name__})", []
     before = _leaf_paths(ds) if diff else []
+    report = None
+    if _BURNED_IN is not None:
+        from node.burnedin import BurnedInError
+        from node.deid.profile import CLEAN_PIXEL_CODE
+
+        try:
+            report = _BURNED_IN.clean(ds, _DEID)
+        except BurnedInError as exc:
+            return "quarantined", src, str(exc), []
     try:
-        res = _DEID.apply(ds)
+        res = _DEID.apply(ds, extra_codes=[CLEAN_PIXEL_CODE] if report is not None else [])
     except QuarantineError as exc:
         return "quarantined", src, str(exc), []
     encoded = to_bytes(res.dataset)
@@ -324,7 +338,19 @@ def _deid_file(src: str, out: str, diff: bool) -> tuple[str, str, str, list]:
         lines = [f"  {act} {path} {kw}" for path, act, kw in res.changes]
         kept = sorted({kw for path, kw in before if not _changed(path, changed)})
         lines.append(f"  kept {len(kept)} attributes: " + ", ".join(kept))
+        if report is not None:
+            lines.extend(_burned_in_lines(report))
     return status, src, str(target), lines
+
+
+def _burned_in_lines(report) -> list[str]:
+    """--diff lines for the burned-in step: the rules applied and the boxes per frame."""
+    lines = [f"  burned-in: {report.frames} frame(s), {len(report.read)} read, rules: {', '.join(report.rules) or 'none'}"]
+    for frames, boxes in report.by_frames():
+        shown = " ".join(f"[{t},{l},{b},{r}]" for t, l, b, r in boxes)
+        label = "frames" if "-" in frames else "frame"
+        lines.append(f"  burned-in: {label} {frames}: masked {len(boxes)} box(es) (top,left,bottom,right): {shown}")
+    return lines
 
 
 def _leaf_paths(ds, prefix: str = "") -> list[tuple[str, str]]:
@@ -370,9 +396,19 @@ def _import_headers_only() -> None:
 
 
 def _deid_settings(args):
-    """(DeidSettings, secret path) for `casemask deid`. A borrowed route's header profile
-    is used, but never its pixel step: this command does not touch pixels, so the
-    burned-in-text policy is always that of a header-only route."""
+    """(DeidSettings, secret path, region rules file) for `casemask deid`. A borrowed
+    route's header profile is used, but never its pixel step: this command touches
+    pixels only with --burned-in clean (masking burned-in text), so otherwise the
+    burned-in-text policy is that of a header-only route (a route's "clean" included)."""
+    deid_settings, secret_path, regions = _deid_route_settings(args)
+    if args.burned_in:
+        deid_settings = deid_settings.model_copy(update={"burned_in": args.burned_in})
+    elif deid_settings.burned_in == "clean":
+        deid_settings = deid_settings.model_copy(update={"burned_in": "quarantine"})
+    return deid_settings, secret_path, regions
+
+
+def _deid_route_settings(args):
     from node.config import DeidSettings, load
 
     if args.config or args.route:
@@ -387,14 +423,15 @@ def _deid_settings(args):
         deid_settings = route.deid if route and route.deid else DeidSettings()
         if args.option:
             deid_settings = deid_settings.model_copy(update={"options": sorted(set(deid_settings.options) | set(args.option))})
-        return deid_settings, Path(args.secret) if args.secret else settings.node.resolved_secret_path
-    return DeidSettings(options=args.option or []), Path(args.secret) if args.secret else Path("var/secret.key")
+        return deid_settings, Path(args.secret) if args.secret else settings.node.resolved_secret_path, settings.node.burned_in_regions
+    return DeidSettings(options=args.option or []), Path(args.secret) if args.secret else Path("var/secret.key"), None
 
 
 def cmd_deid(args) -> int:
     import os
 
-    _import_headers_only()
+    if args.burned_in != "clean":  # pixels are decoded only to clean them
+        _import_headers_only()
     if args.verify_only:
         return _verify_only(args)
     if not args.out:
@@ -402,14 +439,14 @@ def cmd_deid(args) -> int:
 
     from node.deid import load_or_create_secret
 
-    deid_settings, secret_path = _deid_settings(args)
+    deid_settings, secret_path, regions = _deid_settings(args)
     secret = load_or_create_secret(secret_path)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [str(f) for f in _files(args.paths)]
     jobs = [(f, str(out), args.diff) for f in files]
     n_jobs = args.jobs or os.cpu_count() or 1
-    init = (deid_settings, secret, False, args.diff)  # never pixels_cleaned: see _deid_settings
+    init = (deid_settings, secret, False, args.diff, regions)  # never pixels_cleaned: see _deid_settings
     if n_jobs > 1 and len(files) >= 32:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -614,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--route", metavar="NAME", help="use this route's deid settings (default: basic profile)")
     sp.add_argument("--option", action="append", metavar="OPTION", help="profile option, e.g. retain-longitudinal-modified-dates (repeatable)")
     sp.add_argument("--secret", metavar="FILE", help="pseudonym secret (default: the node's)")
-    sp.add_argument("--diff", action="store_true", help="print every attribute changed, removed or kept")
+    sp.add_argument("--burned-in", choices=["quarantine", "allow", "clean"], help="burned-in text policy (default: the route's, 'clean' only with this flag); clean masks the text (docs/burned-in.md)")
+    sp.add_argument("--diff", action="store_true", help="print every attribute changed, removed or kept, and the boxes masked per frame")
     sp.add_argument("--jobs", "-j", type=int, default=0, metavar="N", help="worker processes (default: one per CPU core)")
     sp.set_defaults(func=cmd_deid)
 

@@ -74,6 +74,7 @@ class NodeSettings(_Table):
     dimse_timeout_s: Seconds = hint("seconds, more than 0", 60.0, gt=0)
     network_timeout_s: Seconds = hint("seconds, more than 0", 60.0, gt=0)
     reactor_delay_s: Seconds = hint("seconds, 0 or more (the reactor's poll interval)", 0.00005, ge=0)
+    burned_in_regions: Path | None = hint("a TOML file of region rules (default: config/burned_in_regions.toml)", None, strict=False)
 
     @field_validator("ae_title")
     @classmethod
@@ -153,7 +154,7 @@ class DeidSettings(_Table):
     remove: list[str] = hint("a list of keywords or tags to remove", [])
     replace: dict[str, str] = hint("a table keyword = \"value\"", {})
     date_shift_days: tuple[StrictInt, StrictInt] = hint("two integers [low, high], e.g. [-365, -1]", (-365, -1), strict=False)
-    burned_in: Literal["quarantine", "allow"] = hint("choose one of 'quarantine', 'allow'", "quarantine")
+    burned_in: Literal["quarantine", "allow", "clean"] = hint("choose one of 'quarantine', 'allow', 'clean' (mask burned-in text, see docs/burned-in.md)", "quarantine")
 
     @field_validator("options")
     @classmethod
@@ -353,6 +354,7 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
     if node.secret_path and node.secret_env:
         problems.append("[node]: secret_path and secret_env both name a pseudonym secret: keep one of them")
     retention = _validate(RetentionSettings, raw.get("retention", {}), "[retention]", problems) or RetentionSettings()
+    node.burned_in_regions = _absolute(node.burned_in_regions, base_dir)
 
     sources = [s for k, e in enumerate(_entries(raw, "sources", problems)) if (s := _validate(Source, e, f"[[sources]] #{k + 1}", problems))]
 
@@ -388,9 +390,20 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
             problems.append(f"{label}: two routes have this name")
         routes.append(route)
 
+    if any(r.deid is not None and r.deid.burned_in == "clean" for r in routes):
+        _check_burned_in_regions(node, problems)
     if problems:
         raise ConfigError(problems, source)
     return Settings(node=node, retention=retention, sources=sources, destinations=destinations, routes=routes, models=models, warnings=warnings)
+
+
+def _check_burned_in_regions(node: NodeSettings, problems: list[str]) -> None:
+    from node.burnedin.regions import RegionRules
+
+    try:
+        RegionRules.load(node.burned_in_regions)
+    except ConfigError as exc:
+        problems.extend(f"[node] burned_in_regions: {p}" for p in exc.problems)
 
 
 def _check_destination(dest: Destination, where: str, base_dir: Path, problems: list[str]) -> None:
@@ -454,6 +467,20 @@ def _check_route(route: Route, where: str, dest_names: set[str], model_names: se
         warnings.extend(f"{where} match: {w}" for w in match_warnings(route.match))
 
 
+def read_toml(p: Path) -> dict[str, Any]:
+    """The parsed TOML document in ``p``.
+
+    Raises:
+        ConfigError: the file is missing or not TOML.
+    """
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"no such file: {p}"], str(p)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(p)) from None
+
+
 def load(path: str | Path | None = None) -> Settings:
     """Load and validate a TOML file (the built-in config when ``path`` is None).
 
@@ -464,12 +491,6 @@ def load(path: str | Path | None = None) -> Settings:
         ConfigError: the file is missing, not TOML, or has invalid settings.
     """
     p = Path(path) if path is not None else DEFAULT_CONFIG
-    try:
-        raw = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError([f"no such file: {p}"], str(p)) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"not valid TOML: {exc}"], str(p)) from None
-    settings = parse(raw, str(p))
+    settings = parse(read_toml(p), str(p))
     settings.source_file = p
     return settings

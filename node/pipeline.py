@@ -60,6 +60,7 @@ class Item:
     error: str = ""
     original: bytes = b""  # the spooled file, for the verifier
     encoded: list[bytes] = dataclasses.field(default_factory=list)  # the outputs' bytes, once verified
+    pixels_cleaned: bool = False  # burned-in text masked by node.burnedin
 
 
 class BatchError(Exception):
@@ -108,6 +109,7 @@ class Pipeline:
         self.owner = owner
         self.outbox = settings.node.data_dir / "outbox"
         self._deid: dict[str, Deidentifier] = {}
+        self._burned_in = None  # node.burnedin.BurnedInStep, made for the first route that cleans
 
     def deidentifier(self, route: Route) -> Deidentifier:
         if route.name not in self._deid:
@@ -180,6 +182,9 @@ class Pipeline:
             except Exception as exc:
                 it.error = f"read: cannot read the spooled object ({type(exc).__name__})"
         live = [it for it in items if not it.error]
+        if route.deid is not None and route.deid.burned_in == "clean":
+            self._clean_burned_in(live, route)
+            live = [it for it in live if not it.error]
         if route.pixels == "anonymize":
             why = self.pixel_step.available(route) if self.pixel_step else "the pixel step is not installed"
             if why:
@@ -205,6 +210,8 @@ class Pipeline:
             try:
                 deid = self.deidentifier(route)
                 extra = [CLEAN_PIXEL_CODE, CLEAN_VISUAL_CODE] if route.pixels == "anonymize" else []
+                if it.pixels_cleaned and CLEAN_PIXEL_CODE not in extra:
+                    extra.append(CLEAN_PIXEL_CODE)
                 originals = {kw: str(it.source.get(kw, "") or "") for kw in _LEVELS} if it.source is not None else {}
                 for kind, ds in it.outputs:
                     # Attributes the pixel step wrote itself hold no PHI; the profile would
@@ -277,6 +284,31 @@ class Pipeline:
         except Exception:  # nothing to compare against: keep the step and the class only
             return text.split(":", 1)[0] + ": (details withheld: the object is unreadable)" if ":" in text else text
         return scrub(text, original)
+
+    def _clean_burned_in(self, items: list[Item], route: Route) -> None:
+        """Mask burned-in text in the sources the route's policy would hold back; record
+        the masked boxes per object; quarantine what cannot be shown clean."""
+        from node.burnedin import BurnedInError, BurnedInStep
+        from node.config import ConfigError
+
+        if self._burned_in is None:
+            try:
+                self._burned_in = BurnedInStep(self.settings.node.burned_in_regions)
+            except ConfigError as exc:
+                log.error("burned-in region rules cannot be read: %s", exc)
+                for it in items:
+                    it.error = "burned-in text: the region rules file cannot be read (see the log)"
+                return
+        deid = self.deidentifier(route)
+        for it in items:
+            try:
+                report = self._burned_in.clean(it.source, deid)
+            except BurnedInError as exc:
+                it.error = str(exc)
+                continue
+            if report is not None:
+                it.pixels_cleaned = True
+                queue.note_job(it.job, "burned_in", report.record())
 
     def _verify(self, it: Item, route: Route) -> None:
         """The verifier (node.deid.verify) on every output of one object, against the
