@@ -1,0 +1,437 @@
+"""Burned-in text: masking, verification, region rules, quarantine, CLI, end to end.
+
+The step reads text with PP-OCRv4's detector (rapidocr-onnxruntime); whether a drawn
+token can still be read after cleaning is judged by a second, different engine,
+Tesseract (Debian's tesseract-ocr), on each token's area enlarged 3 times.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import RLELossless
+
+from node.config import ConfigError, DeidSettings
+from node.deid import Deidentifier, Pseudonymizer
+from node.deid.profile import CLEAN_PIXEL_CODE
+from tests import synth_burnedin as sb
+from tests.conftest import ROOT, STORESCU, dcmtk_env, needs_dcmtk, needs_orthanc, node_config, wait_until
+
+TESSERACT = shutil.which("tesseract")
+needs_tesseract = pytest.mark.skipif(TESSERACT is None, reason="the second OCR engine is missing (apt-get install -y tesseract-ocr tesseract-ocr-eng)")
+pytest.importorskip("rapidocr_onnxruntime", reason="the OCR package is not installed (pip install rapidocr-onnxruntime)")
+CASES = ROOT.parent / "shared" / "cases"
+
+
+@pytest.fixture(scope="module")
+def step():
+    from node.burnedin import BurnedInStep
+
+    return BurnedInStep()
+
+
+def deid(burned_in: str = "clean") -> Deidentifier:
+    return Deidentifier(DeidSettings(burned_in=burned_in), Pseudonymizer(b"k" * 32))
+
+
+def frames_of(ds) -> np.ndarray:
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    spp = int(ds.SamplesPerPixel)
+    dtype = np.uint8 if ds.BitsAllocated == 8 else np.uint16
+    return np.frombuffer(ds.PixelData, dtype, n * ds.Rows * ds.Columns * spp).reshape(n, ds.Rows, ds.Columns, spp)
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "", text.upper())
+
+
+def tesseract_reads(rgb: np.ndarray, token: sb.Token) -> bool:
+    """True when Tesseract reads 4 characters in a row of ``token`` in its area (the
+    box and 6 pixels around it, enlarged 3 times, as one line)."""
+    from PIL import Image
+
+    t, l, b, r = token.box
+    crop = rgb[max(0, t - 6) : b + 6, max(0, l - 6) : r + 6]
+    img = Image.fromarray(crop).convert("L").resize((crop.shape[1] * 3, crop.shape[0] * 3), Image.LANCZOS)
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    out = subprocess.run([TESSERACT, "stdin", "stdout", "--psm", "7"], input=buf.getvalue(), capture_output=True, timeout=60,
+                         env={"OMP_THREAD_LIMIT": "1", "PATH": "/usr/bin:/bin"}).stdout.decode(errors="replace")
+    read, truth = _norm(out), _norm(token.text)
+    return any(truth[k : k + 4] in read for k in range(len(truth) - 3))
+
+
+def as_rgb(frames: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
+    if palette is not None:
+        return palette[frames[..., 0]]
+    return frames if frames.shape[-1] == 3 else np.repeat(frames, 3, -1)
+
+
+# -- the wrapper around the OCR package ---------------------------------------------------
+def test_detection_model_ships_in_the_ocr_wheel():
+    """Fails loudly when rapidocr-onnxruntime stops shipping the model this step loads."""
+    from node.burnedin.detect import TextDetector, model_path
+
+    p = model_path()
+    assert p.stat().st_size > 1_000_000
+    det = TextDetector()
+    assert det.session.get_inputs()[0].shape[1] == 3
+    assert det.detect(np.zeros((1, 64, 96, 3), np.uint8)) == [[]]
+
+
+# -- cleaning ------------------------------------------------------------------------------
+def _objects():
+    """(label, dataset, tokens, palette) for each kind of synthetic object."""
+    out = []
+    for seed in (11, 12):
+        f, toks = sb.us_frame(seed)
+        out.append((f"us-grey-{seed}", sb.dataset(f), toks, None))
+    for seed in (21, 22):
+        f, toks = sb.us_frame(seed, colour=True)
+        out.append((f"us-rgb-{seed}", sb.dataset(f, "RGB"), toks, None))
+    idx, pal, toks = sb.palette_frame(31)
+    out.append(("us-palette", sb.dataset(idx, "PALETTE COLOR", palette=pal), toks, pal))
+    frames, toks = sb.cine(41, n_frames=12, colour=True)
+    out.append(("us-cine-rgb", sb.dataset(frames, "RGB"), toks, None))
+    f, toks = sb.us_frame(51, sizes=(12, 16, 22))
+    out.append(("sc", sb.dataset(f, modality="OT"), toks, None))
+    return out
+
+
+@needs_tesseract
+@pytest.mark.parametrize("label,ds,tokens,palette", _objects(), ids=lambda v: v if isinstance(v, str) else "")
+def test_after_cleaning_no_drawn_token_is_readable(step, label, ds, tokens, palette):
+    before = frames_of(ds).copy()
+    spacing, regions = list(ds.PixelSpacing), ds.get("SequenceOfUltrasoundRegions")
+    report = step.clean(ds, deid())
+    assert report is not None and ds.BurnedInAnnotation == "NO"
+    after = frames_of(ds)
+    assert after.shape == before.shape
+    # The second engine reads the drawn tokens before cleaning (it can read them) and
+    # none after, on every frame.
+    readable_before = sum(tesseract_reads(as_rgb(before, palette)[0], t) for t in tokens)
+    assert readable_before >= len(tokens) // 2, f"{label}: the checking engine reads only {readable_before} of {len(tokens)} tokens"
+    for k in sorted({0, len(after) - 1}):
+        left = [t.text for t in tokens if tesseract_reads(as_rgb(after, palette)[k], t)]
+        assert not left, f"{label} frame {k}: still readable after cleaning: {len(left)} token(s)"
+    # At least 99% of the pixels outside the drawn text lines are unchanged.
+    drawn = np.zeros(before.shape[1:3], bool)
+    for t in tokens:
+        top, left, bottom, right = t.box
+        pad = max(3, t.size // 4)  # the text line: ascenders, descenders and spacing around the ink
+        drawn[max(0, top - pad) : bottom + pad, max(0, left - pad) : right + pad] = True
+    for k in range(len(after)):
+        changed = (after[k] != before[k]).any(-1)
+        assert 1 - changed[~drawn].mean() >= 0.99, f"{label} frame {k}: {changed[~drawn].mean():.2%} changed outside the text"
+    # The header's calibration is untouched.
+    assert list(ds.PixelSpacing) == spacing
+    assert ds.get("SequenceOfUltrasoundRegions") == regions
+
+
+def test_pixels_outside_the_masks_are_bit_for_bit_high_bits_included(step):
+    f, tokens = sb.us_frame(61)
+    ds = sb.dataset(f)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    stored = (f.astype(np.uint16) << 4) | 0x8000  # bit 15 set: above BitsStored
+    ds.PixelData = stored.tobytes()
+    ds["PixelData"].VR = "OW"
+    report = step.clean(ds, deid())
+    out = np.frombuffer(ds.PixelData, np.uint16).reshape(f.shape)
+    inside = np.zeros(f.shape, bool)
+    for t, l, b, r in report.masked[0]:
+        inside[t:b, l:r] = True
+    assert inside.any()
+    assert np.array_equal(out[~inside], stored[~inside])
+
+
+def test_compressed_input_is_decoded_and_written_lossless(step):
+    frames, tokens = sb.cine(71, n_frames=3)
+    ds = sb.dataset(frames)
+    raw = frames_of(ds).copy()
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    report = step.clean(ds, deid())
+    assert report.decoded_from == RLELossless
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"  # written uncompressed
+    out = frames_of(ds)
+    for k in range(3):
+        masked = np.zeros(raw.shape[1:3], bool)
+        for t, l, b, r in report.masked[k]:
+            masked[t:b, l:r] = True
+        assert np.array_equal(out[k][~masked], raw[k][~masked])
+
+
+def test_jpeg_ybr_full_422_is_decoded_to_rgb_and_written_uncompressed(step):
+    """A JPEG baseline US frame (YBR_FULL_422, as scanners send): decoded with the
+    maintained plugins, cleaned as RGB, never re-encoded lossy."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    pytest.importorskip("libjpeg", reason="pylibjpeg-libjpeg decodes JPEG baseline")
+    f, tokens = sb.us_frame(75, colour=True)
+    buf = io.BytesIO()
+    Image.fromarray(f).save(buf, "JPEG", quality=95, subsampling=1)  # 4:2:2
+    ds = sb.dataset(f, "RGB")
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.LossyImageCompression = "01"
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    decoded = ds.pixel_array.copy()  # what pydicom shows: RGB
+    report = step.clean(ds, deid())
+    assert report.decoded_from == JPEGBaseline8Bit
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert ds.PhotometricInterpretation == "RGB" and ds.LossyImageCompression == "01"
+    out = frames_of(ds)[0]
+    masked = np.zeros(f.shape[:2], bool)
+    for t, l, b, r in report.masked[0]:
+        masked[t:b, l:r] = True
+    assert masked.any() and np.array_equal(out[~masked], decoded[~masked])
+
+
+def test_cine_reads_a_sample_and_frames_whose_overlay_changed(step):
+    frames, tokens = sb.cine(81, n_frames=30)
+    changed = frames[17].copy()
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.fromarray(changed)
+    ImageDraw.Draw(img).text((20, 440), "ROE RICHARD", fill=255, font=ImageFont.truetype(str(sb.fonts()[0]), 20))
+    frames[17] = np.asarray(img)
+    ds = sb.dataset(frames)
+    report = step.clean(ds, deid())
+    assert 17 in report.read and len(report.read) < 30
+    masked = report.masked[17]
+    assert any(t <= 445 and b >= 455 and l <= 30 for t, l, b, r in masked), "the text of the changed frame was not masked"
+    assert all(report.masked[k] == masked for k in range(30)), "a static overlay is masked on every frame"
+    assert list(report.record()["boxes"]) == ["0-29"]
+
+
+def test_region_rules_blank_before_ocr(step, tmp_path):
+    f, tokens = sb.us_frame(91)
+    ds = sb.dataset(f, model="SYNUS BANNER 2")
+    report = step.clean(ds, deid())
+    assert report.rules == ["casemask synthetic US banner 640x480"]
+    out = frames_of(ds)[0, :36, :, 0]
+    assert not out.any(), "the banner rectangle is blank"
+    assert [0, 0, 36, 640] in [list(b) for b in report.record()["boxes"]["0"]]
+
+
+def test_region_rules_file_is_validated_with_what_to_write(tmp_path):
+    from node.burnedin.regions import RegionRules
+
+    bad = tmp_path / "rules.toml"
+    bad.write_text('[[rules]]\nname = "x"\nmanufacturer = "(" \nrows = "480"\ncolumns = 640\nregions = [{ x = 0, y = 0, width = 0, height = 4 }]\n')
+    with pytest.raises(ConfigError) as err:
+        RegionRules.load(bad)
+    text = str(err.value)
+    assert "not a regular expression" in text and "the image's Rows" in text and "width" in text
+
+
+def test_low_contrast_text_the_detector_misses_is_quarantined(step):
+    from node.burnedin import BurnedInError
+
+    f, tokens = sb.us_frame(101, contrast=5, over_content=0.0, sizes=(18, 24))
+    ds = sb.dataset(f)
+    with pytest.raises(BurnedInError) as err:
+        step.clean(ds, deid())
+    assert "low-contrast check" in str(err.value)
+    for t in tokens:
+        assert _norm(t.text)[:4] not in _norm(str(err.value))
+
+
+def test_a_frame_the_detector_cannot_process_is_quarantined(step, monkeypatch):
+    from node.burnedin import BurnedInError
+
+    f, _ = sb.us_frame(111)
+    ds = sb.dataset(f)
+    det = step.detector()
+
+    def broken(*a, **k):
+        raise RuntimeError("ONNX Runtime failed")
+
+    monkeypatch.setattr(det, "probability", broken)
+    with pytest.raises(BurnedInError, match="could not process"):
+        step.clean(ds, deid())
+
+
+def test_objects_the_policy_passes_are_left_alone(step):
+    f, _ = sb.us_frame(121)
+    ds = sb.dataset(f)
+    ds.BurnedInAnnotation = "NO"
+    data = ds.PixelData
+    assert step.clean(ds, deid()) is None
+    assert ds.PixelData == data
+
+
+def test_the_policy_accepts_what_the_step_cleaned(step):
+    f, _ = sb.us_frame(131)
+    ds = sb.dataset(f)
+    d = deid()
+    report = step.clean(ds, d)
+    res = d.apply(ds, extra_codes=[CLEAN_PIXEL_CODE])
+    codes = [item.CodeValue for item in res.dataset.DeidentificationMethodCodeSequence]
+    assert "113101" in codes and res.dataset.BurnedInAnnotation == "NO"
+    assert report.record()["boxes"]
+
+
+@pytest.mark.skipif(not (CASES / "04-sc-dose-screen-modality-ct").is_dir(), reason="shared/cases is not beside the repository")
+def test_case_04_dose_screens_are_cleaned(step):
+    from node.burnedin.clean import clean
+
+    for name in ("dose_mono.dcm", "dose_rgb.dcm"):
+        ds = dcmread(CASES / "04-sc-dose-screen-modality-ct" / name)
+        report = clean(ds, step.detector(), step.rules)
+        assert report.masked[0], f"{name}: the name in the pixels was not found"
+        out = frames_of(ds)[0]
+        assert not out[:20, :48].any(), f"{name}: the text area is not blank"
+
+
+# -- CLI -----------------------------------------------------------------------------------
+def test_cli_deid_burned_in_clean_with_diff(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    f, _ = sb.us_frame(141)
+    sb.dataset(f).save_as(src / "us.dcm", enforce_file_format=True)
+    low, _ = sb.us_frame(142, contrast=5, over_content=0.0, sizes=(18, 24))
+    sb.dataset(low).save_as(src / "faint.dcm", enforce_file_format=True)
+    r = subprocess.run([sys.executable, "-m", "node.cli", "deid", str(src), "--out", str(tmp_path / "out"), "--secret", str(tmp_path / "k"),
+                        "--burned-in", "clean", "--diff"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1, r.stderr  # one object quarantined
+    assert re.search(r"burned-in: frame 0: masked \d+ box\(es\)", r.stdout), r.stdout
+    assert "quarantined" in r.stderr and "low-contrast check" in r.stderr
+    assert re.search(r"de-identified 1, .*quarantined 1", r.stderr), r.stderr
+    out = list((tmp_path / "out").glob("*.dcm"))
+    assert len(out) == 1
+    ds = dcmread(out[0])
+    assert ds.BurnedInAnnotation == "NO" and "113101" in [i.CodeValue for i in ds.DeidentificationMethodCodeSequence]
+    # Without --burned-in clean the same object is held back by the policy.
+    r2 = subprocess.run([sys.executable, "-m", "node.cli", "deid", str(src / "us.dcm"), "--out", str(tmp_path / "out2"), "--secret", str(tmp_path / "k")],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r2.returncode == 1 and "quarantined" in r2.stderr
+
+
+# -- end to end ----------------------------------------------------------------------------
+@pytest.mark.slow
+@needs_dcmtk
+@needs_orthanc
+def test_us_study_through_the_node_to_orthanc_cleaned(tmp_path, orthanc, start_node):
+    from sqlalchemy import select
+
+    from node.db import Job
+
+    dest = {"name": "orthanc", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+    route = {"name": "us", "match": {"Modality": ["US"]}, "deid": {"profile": "basic", "burned_in": "clean"}, "destinations": ["orthanc"]}
+    node = start_node(node_config(tmp_path, [dest], routes=[route], lease_s=120.0))
+    study = tmp_path / "study"
+    study.mkdir()
+    uid = "1.2.826.0.1.3680043.8.498.77"
+    f1, toks1 = sb.us_frame(151)
+    f2, _ = sb.us_frame(152, colour=True)
+    faint, _ = sb.us_frame(153, contrast=5, over_content=0.0, sizes=(18, 24))
+    for name, ds in (("a", sb.dataset(f1, study_uid=uid)), ("b", sb.dataset(f2, "RGB", study_uid=uid)), ("c", sb.dataset(faint, study_uid=uid + ".1"))):
+        ds.save_as(study / f"{name}.dcm", enforce_file_format=True)
+    r = subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "CASEMASK", "127.0.0.1", str(node.settings.node.port), *map(str, sorted(study.glob("*.dcm")))],
+                       env=dcmtk_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: len(orthanc.instances()) >= 2, timeout=240, what="2 cleaned instances at Orthanc")
+
+    def settled():
+        with node.sessions() as s:
+            jobs = s.scalars(select(Job)).all()
+            return jobs if len(jobs) == 3 and all(j.state.name in ("DONE", "QUARANTINED") for j in jobs) else None
+
+    jobs = wait_until(settled, timeout=240, what="3 jobs settled")
+    states = sorted(j.state.name for j in jobs)
+    assert states == ["DONE", "DONE", "QUARANTINED"]
+    for j in jobs:
+        if j.state.name == "DONE":
+            boxes = json.loads(j.record)["burned_in"]["boxes"]["0"]
+            assert len(boxes) >= 3
+        else:
+            assert "low-contrast check" in j.reason
+    assert len(orthanc.instances()) == 2
+    for oid in orthanc.instances():
+        tags = orthanc.instance_tags(oid)
+        assert tags["BurnedInAnnotation"] == "NO"
+        assert "Doe" not in repr(tags)
+        with __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{orthanc.http_port}/instances/{oid}/file", timeout=10) as resp:
+            data = resp.read()
+        ds = dcmread(__import__("io").BytesIO(data))
+        assert "113101" in [i.CodeValue for i in ds.DeidentificationMethodCodeSequence]
+        if ds.PhotometricInterpretation == "MONOCHROME2" and TESSERACT:
+            rgb = as_rgb(frames_of(ds))[0]
+            assert not [t.text for t in toks1 if tesseract_reads(rgb, t)]
+
+
+def test_config_check_reads_the_region_rules(tmp_path):
+    from node.config import parse
+
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "o")}],
+                      routes=[{"name": "us", "deid": {"profile": "basic", "burned_in": "clean"}, "destinations": ["f"]}],
+                      burned_in_regions=str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="burned_in_regions: no such file"):
+        parse(raw, "test", base_dir=tmp_path)
+    raw["node"]["burned_in_regions"] = str(ROOT / "config" / "burned_in_regions.toml")
+    assert parse(raw, "test", base_dir=tmp_path).routes[0].deid.burned_in == "clean"
+
+
+class _HalfSighted:
+    """The real detector, except that its first reading of a whole frame returns only
+    the left half of each box (as if part of a line was missed)."""
+
+    def __init__(self, real, stubborn: bool = False) -> None:
+        self.real, self.stubborn, self.settings = real, stubborn, real.settings
+        self.seconds = 0.0
+        self.first = True
+
+    def detect(self, frames, scale=None):
+        boxes = self.real.detect(frames, scale)
+        if self.stubborn and scale is None and not self.first:
+            return [[self.last]]
+        if scale is None and self.first:
+            self.first = False
+            return [[(t, l, b, l + (r - l) // 2) for t, l, b, r in fb] for fb in boxes]
+        return boxes
+
+    def detect_regions(self, frame, regions):
+        if self.stubborn:  # a line of text that stays whatever is masked
+            t, l, _, _ = regions[0]
+            self.last = (t, l, t + 20, l + 80)
+            return [self.last]
+        return self.real.detect_regions(frame, regions)
+
+
+def test_text_left_next_to_a_mask_is_masked_on_the_re_check(step):
+    from node.burnedin.clean import clean
+
+    f, tokens = sb.us_frame(161, over_content=0.0, sizes=(24, 30))
+    ds = sb.dataset(f)
+    report = clean(ds, _HalfSighted(step.detector()), None)
+    m = np.zeros(f.shape, bool)
+    for t, l, b, r in report.masked[0]:
+        m[t:b, l:r] = True
+    assert all(m[t.box[0] : t.box[2], t.box[1] : t.box[3]].all() for t in tokens), "the rest of a line was not masked"
+
+
+def test_text_still_found_after_masking_is_quarantined(step, monkeypatch):
+    from node.burnedin import BurnedInError, clean as cleaning
+    from node.burnedin.clean import clean
+
+    monkeypatch.setattr(cleaning, "_continues", lambda box, masks: True)
+    monkeypatch.setattr(cleaning, "_covered", lambda box, masks: False)
+
+    f, _ = sb.us_frame(162, over_content=0.0, sizes=(24,))
+    with pytest.raises(BurnedInError, match="still detected after masking"):
+        clean(sb.dataset(f), _HalfSighted(step.detector(), stubborn=True), None)
