@@ -1,0 +1,258 @@
+"""Burned-in text step: speed and detection quality on synthetic ultrasound.
+
+    python tests/bench/bench_burnedin.py [--frames 500] [--singles 20] [--cine 100] [--seed 10000]
+    python tests/bench/bench_burnedin.py --engines 30     # the OCR candidates compared
+
+``--engines N`` compares, on N frames, how well and how fast candidate detectors find
+the drawn tokens (a token counts as found when boxes, grown by 3 pixels, cover it
+entirely): RapidOCR's own pipeline (detection only), Tesseract's CLI (sparse text,
+words with a confidence), and the PP-OCRv4 detector as this step runs it at scales
+1.0, 1.25 and 1.5. This is how the step's detector and scale were chosen
+(docs/burned-in.md).
+
+1. Speed: frames/s of the whole step (decode, region rules, detection, masking,
+   verification, low-contrast check, write-back) on single 640 x 480 frames (half
+   grayscale, half RGB), and seconds for one 100-frame RGB cine with a static overlay;
+   with the share of the time spent in the OCR model. Targets: >= 3 single frames/s on
+   2 cores; the cine in under 10 s.
+2. Quality on a seeded set of ``--frames`` frames (6 tokens each: names, IDs, dates,
+   11 to 30 px, eight fonts, about 30% over the image): recall = drawn tokens whose
+   box the step's masks cover entirely (objects it passed), precision = masked boxes
+   that touch a drawn token, and how many objects the verification quarantined (where
+   the tokens it held back are counted apart: not leaked, not masked). Target: recall
+   >= 0.99.
+
+The figures depend on the machine's load: run it on a quiet machine for README figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from node.burnedin.clean import BurnedInError, clean  # noqa: E402
+from node.burnedin.detect import TextDetector  # noqa: E402
+from tests import synth_burnedin as sb  # noqa: E402
+
+
+def unit(det: TextDetector) -> float:
+    """Seconds of one plain detection of a 640 x 480 frame at scale 1.0 (median of 5):
+    the step's times divided by it hardly depend on the machine's load."""
+    x = np.zeros((1, 480, 640, 3), np.uint8)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        det.probability(x, 1.0)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def speed_singles(det: TextDetector, n: int, seed: int) -> dict:
+    dss = []
+    for k in range(n):
+        f, _ = sb.us_frame(seed + k, colour=k % 2 == 1)
+        dss.append(sb.dataset(f, "RGB" if f.ndim == 3 else "MONOCHROME2"))
+    clean(sb.dataset(sb.us_frame(seed - 1)[0]), det)  # warm
+    total = ocr = 0.0
+    quarantined = 0
+    for ds in dss:
+        t0, o0 = time.perf_counter(), det.seconds
+        try:
+            clean(ds, det)
+        except BurnedInError:
+            quarantined += 1
+        total += time.perf_counter() - t0
+        ocr += det.seconds - o0
+    return {"frames": n, "frames_per_s": n / total, "ocr_share": ocr / total, "quarantined": quarantined}
+
+
+def speed_cine(det: TextDetector, n: int, seed: int) -> dict:
+    frames, _ = sb.cine(seed, n_frames=n, colour=True)
+    ds = sb.dataset(frames, "RGB")
+    t0, o0 = time.perf_counter(), det.seconds
+    try:
+        report = clean(ds, det)
+        read, outcome = len(report.read), "cleaned"
+    except BurnedInError as exc:
+        read, outcome = -1, str(exc)
+    dt = time.perf_counter() - t0
+    return {"frames": n, "seconds": dt, "frames_per_s": n / dt, "ocr_share": (det.seconds - o0) / dt, "frames_read": read, "outcome": outcome}
+
+
+def quality(det: TextDetector, n: int, seed: int) -> dict:
+    tokens = covered = held = 0
+    boxes = touching = 0
+    quarantined = 0
+    missed: list[tuple] = []
+    for k in range(n):
+        f, toks = sb.us_frame(seed + k, colour=k % 2 == 1)
+        ds = sb.dataset(f, "RGB" if f.ndim == 3 else "MONOCHROME2")
+        tokens += len(toks)
+        try:
+            report = clean(ds, det)
+        except BurnedInError:
+            quarantined += 1
+            held += len(toks)
+            continue
+        masks = report.masked.get(0, [])
+        m = np.zeros(f.shape[:2], bool)
+        for t, l, b, r in masks:
+            m[t:b, l:r] = True
+        drawn = np.zeros(f.shape[:2], bool)
+        for tok in toks:
+            t, l, b, r = tok.box
+            drawn[t:b, l:r] = True
+            if m[t:b, l:r].all():
+                covered += 1
+            else:
+                missed.append((tok.size, tok.font, tok.over_content, round(float(m[t:b, l:r].mean()), 2)))
+        boxes += len(masks)
+        touching += sum(bool(drawn[t:b, l:r].any()) for t, l, b, r in masks)
+    passed = tokens - held
+    return {
+        "frames": n, "tokens": tokens, "recall": covered / passed if passed else 0.0, "tokens_missed": passed - covered,
+        "precision": touching / boxes if boxes else 0.0, "objects_quarantined": quarantined, "tokens_held_back": held,
+        "missed": [{"size": s, "font": f, "over_content": o, "covered": c} for s, f, o, c in missed[:20]],
+    }
+
+
+def _found(frames, boxes_per_frame) -> tuple[float, float]:
+    """(recall, precision) of boxes grown by 3 px against the drawn tokens."""
+    hit = tot = touching = nb = 0
+    for (f, toks), boxes in zip(frames, boxes_per_frame):
+        m = np.zeros(f.shape[:2], bool)
+        for t, l, b, r in boxes:
+            m[max(0, t - 3) : b + 3, max(0, l - 3) : r + 3] = True
+        drawn = np.zeros(f.shape[:2], bool)
+        for tok in toks:
+            t, l, b, r = tok.box
+            tot += 1
+            hit += bool(m[t:b, l:r].all())
+            drawn[t:b, l:r] = True
+        nb += len(boxes)
+        touching += sum(bool(drawn[max(0, t) : b, max(0, l) : r].any()) for t, l, b, r in boxes)
+    return hit / max(tot, 1), touching / max(nb, 1)
+
+
+def engines(n: int, seed: int) -> None:
+    import csv
+    import io
+    import subprocess
+
+    from PIL import Image
+
+    frames = [sb.us_frame(seed + k, colour=k % 2 == 1) for k in range(n)]
+    rgbs = [f if f.ndim == 3 else np.repeat(f[..., None], 3, 2) for f, _ in frames]
+
+    def timed(name: str, fn) -> None:
+        fn(rgbs[0])
+        t0 = time.perf_counter()
+        boxes = [fn(x) for x in rgbs]
+        dt = (time.perf_counter() - t0) / n
+        recall, precision = _found(frames, boxes)
+        print(f"  {name:<38} recall {recall:.3f}  precision {precision:.3f}  {dt:.3f} s/frame")
+
+    try:
+        from rapidocr_onnxruntime import RapidOCR
+
+        ocr = RapidOCR(intra_op_num_threads=2)
+
+        def rapid(x):
+            res, _ = ocr(x, use_det=True, use_cls=False, use_rec=False)
+            out = []
+            for poly in res if res is not None else []:
+                p = np.asarray(poly)
+                out.append((int(p[:, 1].min()), int(p[:, 0].min()), int(np.ceil(p[:, 1].max())) + 1, int(np.ceil(p[:, 0].max())) + 1))
+            return out
+
+        timed("RapidOCR pipeline, detection only", rapid)
+    except ImportError:
+        print("  RapidOCR: not installed")
+
+    def tesseract(x):
+        buf = io.BytesIO()
+        Image.fromarray(x).save(buf, "PNG")
+        r = subprocess.run(["tesseract", "stdin", "stdout", "--psm", "11", "tsv"], input=buf.getvalue(), capture_output=True,
+                           env={**os.environ, "OMP_THREAD_LIMIT": "2"})
+        out = []
+        for row in csv.DictReader(io.StringIO(r.stdout.decode(errors="replace")), delimiter="\t"):
+            if row.get("level") == "5" and (row.get("text") or "").strip() and float(row.get("conf") or -1) > 0:
+                t, l, h, w = (int(row[k]) for k in ("top", "left", "height", "width"))
+                out.append((t, l, t + h, l + w))
+        return out
+
+    timed("Tesseract 5 CLI, --psm 11", tesseract)
+    for scale in (1.0, 1.25, 1.5):
+        from node.burnedin.detect import DetectorSettings
+
+        det = TextDetector(DetectorSettings(scale=scale))
+        timed(f"PP-OCRv4 det via ONNX Runtime, x{scale}", lambda x, det=det: det.detect(x[None])[0])
+
+
+def text_free(det: TextDetector, n: int, seed: int) -> dict:
+    """The step on frames with no text at all: how often it masks something, how much,
+    and how often it quarantines (false alarms)."""
+    masked_frames = quarantined = 0
+    fractions = []
+    for k in range(n):
+        f, _ = sb.us_background(np.random.default_rng(seed + k))
+        if k % 2:
+            f = np.repeat(f[..., None], 3, 2)
+        ds = sb.dataset(f, "RGB" if f.ndim == 3 else "MONOCHROME2")
+        try:
+            report = clean(ds, det)
+        except BurnedInError:
+            quarantined += 1
+            continue
+        m = np.zeros(f.shape[:2], bool)
+        for t, l, b, r in report.masked.get(0, []):
+            m[t:b, l:r] = True
+        masked_frames += bool(m.any())
+        fractions.append(float(m.mean()))
+    return {"frames": n, "with_a_mask": masked_frames, "masked_fraction_mean": float(np.mean(fractions)) if fractions else 0.0, "quarantined": quarantined}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=500, help="frames in the quality set")
+    ap.add_argument("--singles", type=int, default=20, help="single frames timed")
+    ap.add_argument("--cine", type=int, default=100, help="frames in the timed cine")
+    ap.add_argument("--seed", type=int, default=10000)
+    ap.add_argument("--engines", type=int, default=0, metavar="N", help="compare the OCR candidates on N frames instead")
+    args = ap.parse_args()
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (figures scale with the load)")
+    if args.engines:
+        engines(args.engines, args.seed)
+        return
+    det = TextDetector()
+    u0 = unit(det)
+    s = speed_singles(det, args.singles, args.seed + 900_000)
+    u1 = unit(det)
+    s["units_per_frame"] = 1 / s["frames_per_s"] / ((u0 + u1) / 2)
+    print(f"one plain 640x480 detection (scale 1.0): {u0:.3f} s before, {u1:.3f} s after (the unit below)")
+    print(f"single 640x480 frames: {s['frames_per_s']:.2f} frames/s = {s['units_per_frame']:.2f} units a frame, OCR {s['ocr_share']:.0%} of the time ({s['quarantined']} of {s['frames']} quarantined)")
+    c = speed_cine(det, args.cine, args.seed + 800_000)
+    u2 = unit(det)
+    c["units"] = c["seconds"] / ((u1 + u2) / 2)
+    print(f"{c['frames']}-frame cine: {c['seconds']:.2f} s = {c['units']:.1f} units ({c['frames_per_s']:.1f} frames/s), OCR {c['ocr_share']:.0%}, {c['frames_read']} frames read, {c['outcome']}")
+    q = quality(det, args.frames, args.seed)
+    print(f"quality on {q['frames']} frames, {q['tokens']} tokens: recall {q['recall']:.4f} ({q['tokens_missed']} missed), precision {q['precision']:.4f}, "
+          f"{q['objects_quarantined']} objects quarantined holding {q['tokens_held_back']} tokens")
+    for m in q["missed"]:
+        print(f"  missed: {m}")
+    z = text_free(det, max(10, args.frames // 10), args.seed + 700_000)
+    print(f"text-free frames: {z['with_a_mask']} of {z['frames']} got a mask (mean {z['masked_fraction_mean']:.2%} of the frame), {z['quarantined']} quarantined")
+    print(json.dumps({"load": os.getloadavg()[0], "singles": s, "cine": c, "quality": {k: v for k, v in q.items() if k != "missed"}, "text_free": z}))
+
+
+if __name__ == "__main__":
+    main()
