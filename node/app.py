@@ -11,7 +11,7 @@ from pathlib import Path
 from pydicom import dcmread
 from sqlalchemy.orm import sessionmaker
 
-from node import queue, routing
+from node import audit, queue, routing
 from node.config import Settings
 from node.db import make_engine, make_sessionmaker
 from node.deid import Pseudonymizer, load_or_create_secret
@@ -61,7 +61,16 @@ class Node:
         self.dispatchers = {d.name: Dispatcher(settings, self.sessions, d.name) for d in settings.destinations}
         self.server = None
         self.scheduler = None
+        self.http = None
         self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._reload_lock = threading.Lock()
+        from node.health import HealthMonitor
+        from node.service import Service
+
+        self.health = HealthMonitor(settings)
+        self.service = Service(settings, self.sessions, self.pseudo, node=self)
+        self.syslog = _syslog_sender(settings)
 
     # -- stages ---------------------------------------------------------------------
     def route_stable(self, stable_after_s: float | None = None) -> int:
@@ -99,21 +108,115 @@ class Node:
                     break
 
     # -- lifecycle ------------------------------------------------------------------
-    def start(self, listen: bool = True) -> None:
+    def start(self, listen: bool = True, http: bool = False) -> None:
+        """Listen for DICOM (``listen``), run the stages on the scheduler, and serve the
+        operator's HTTP API and dashboard (``http``; ``casemask serve`` passes
+        ``[http] enabled``).
+
+        Raises:
+            RuntimeError: the HTTP server could not listen on its address.
+        """
         from node.scheduler import make_scheduler
 
         if listen:
             from node.scp import start_server
 
             self.server = start_server(self.settings, self.engine)
-        jobs: dict[str, Callable[[], int]] = {"route": self.route_stable, "process": self.pipeline.run_once}
-        for name, d in self.dispatchers.items():
-            jobs[f"dispatch:{name}"] = d.run_once
+        # Jobs look the pipeline and dispatchers up at each run, so that a reload can
+        # replace them (and add or remove dispatch jobs) without restarting anything.
+        jobs: dict[str, Callable[[], int]] = {"route": self.route_stable, "process": lambda: self.pipeline.run_once(), "health": self.health.check_due,
+                                              "audit:syslog": self._forward_audit}
+        for name in self.dispatchers:
+            jobs[f"dispatch:{name}"] = self._dispatch_job(name)
         self.scheduler = make_scheduler(self.settings.node.poll_interval_s, jobs)
         self.scheduler.start()
+        if http:
+            from node.http.server import HttpServer
+
+            self.http = HttpServer(self)
+            self.http.start()
+        audit.record_now(self.sessions, "node-started", actor=self.settings.node.ae_title, detail={"routes": len(self.settings.routes), "destinations": len(self.settings.destinations)})
         log.info("node %s started: %d routes, %d destinations", self.settings.node.ae_title, len(self.settings.routes), len(self.settings.destinations))
 
+    def _dispatch_job(self, name: str) -> Callable[[], int]:
+        def run() -> int:
+            d = self.dispatchers.get(name)
+            return d.run_once() if d is not None else 0
+
+        return run
+
+    def _forward_audit(self) -> int:
+        sender = self.syslog
+        if sender is None:
+            return 0
+        return audit.forward(self.sessions, sender, self.service.audit_source(), self.pseudo.uid)
+
+    # -- live configuration -----------------------------------------------------------------
+    def reload(self, new: Settings) -> dict[str, list[str]]:
+        """Apply a validated configuration without a restart: sources, destinations,
+        routes, models, [audit] and the queue's timings. Open associations, claimed work
+        and queued objects are untouched: stages pick the new settings up at their next
+        batch; deliveries to a destination that was removed wait in the database.
+        Settings that need a restart (listening addresses, data folder, database, secret,
+        timeouts of the DICOM server, [http]) keep their running values and are listed.
+
+        Returns ``{"applied": [...], "restart_required": [...]}`` (names of tables/keys).
+        """
+        with self._reload_lock:
+            old = self.settings
+            restart = [f"node.{k}" for k in _RESTART_KEYS if getattr(old.node, k) != getattr(new.node, k)]
+            restart += [f"http.{k}" for k in type(old.http).model_fields if getattr(old.http, k) != getattr(new.http, k)]
+            merged_node = new.node.model_copy(update={k: getattr(old.node, k) for k in _RESTART_KEYS})
+            new = new.model_copy(update={"node": merged_node, "http": old.http, "source_file": new.source_file or old.source_file})
+            applied = [name for name in ("sources", "destinations", "routes", "models", "audit") if getattr(old, name) != getattr(new, name)]
+            if old.node != merged_node:
+                applied.append("node")
+            pixel_step = self.pixel_step
+            if _pixel_models(old) != _pixel_models(new) or (new.models != old.models and _pixel_models(new)):
+                pixel_step = _default_pixel_step(new)
+            dispatchers = {d.name: Dispatcher(new, self.sessions, d.name) for d in new.destinations}
+            self.pipeline = Pipeline(new, self.sessions, self.pseudo, pixel_step)  # type: ignore[arg-type]
+            self.pixel_step = pixel_step
+            self.dispatchers = dispatchers
+            self.settings = new
+            self.health.settings = new
+            if new.audit != old.audit:
+                if self.syslog is not None:
+                    self.syslog.close()
+                self.syslog = _syslog_sender(new)
+            policy = getattr(self.server, "access_policy", None)
+            if policy is not None:  # who may associate from now on (open associations go on)
+                policy.update(new)
+            if self.scheduler is not None:
+                wanted = {f"dispatch:{d}" for d in dispatchers}
+                present = {j.id for j in self.scheduler.get_jobs() if j.id.startswith("dispatch:")}
+                from node.scheduler import add_job
+
+                for job_id in present - wanted:
+                    self.scheduler.remove_job(job_id)
+                for job_id in sorted(wanted - present):
+                    add_job(self.scheduler, job_id, self._dispatch_job(job_id.split(":", 1)[1]), new.node.poll_interval_s)
+        log.info("configuration reloaded: %s changed%s", ", ".join(applied) or "nothing", f"; needs a restart: {', '.join(restart)}" if restart else "")
+        return {"applied": applied, "restart_required": restart}
+
+    def request_reload(self) -> None:
+        """Ask the main loop to reload the configuration file (what SIGHUP does)."""
+        self._reload_requested.set()
+
+    def _reload_from_file(self) -> None:
+        from node.accounts import Principal
+        from node.db import Role
+        from node.service import ServiceError
+
+        try:
+            self.service.reload(Principal("SIGHUP", Role.ADMIN, "node"))
+        except ServiceError as exc:
+            log.error("configuration not reloaded: %s", exc)
+
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
         if self.server is not None:
             self.server.shutdown()
             store = getattr(self.server, "store_handler", None)
@@ -123,19 +226,43 @@ class Node:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
             self.scheduler = None
+            audit.record_now(self.sessions, "node-stopped", actor=self.settings.node.ae_title)
+        if self.syslog is not None:
+            self._forward_audit()  # the last entries, if the collector is there
+            self.syslog.close()
         self.engine.dispose()
         log.info("node stopped")
 
     def serve_forever(self) -> None:
-        """Start and block until SIGINT or SIGTERM."""
-        self.start()
+        """Start (with the HTTP server when ``[http] enabled``) and block until SIGINT or
+        SIGTERM; SIGHUP reloads the configuration file."""
+        self.start(http=self.settings.http.enabled)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
         try:
-            while not self._stop.wait(1.0):
-                pass
+            while not self._stop.wait(0.5):
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    self._reload_from_file()
         finally:
             self.stop()
+
+
+# [node] settings a reload cannot change in a running node.
+_RESTART_KEYS = ("ae_title", "host", "port", "data_dir", "database_url", "secret_path", "poll_interval_s",
+                 "acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "reactor_delay_s")
+
+
+def _pixel_models(settings: Settings) -> set[str]:
+    return {r.model for r in settings.routes if r.pixels == "anonymize"}
+
+
+def _syslog_sender(settings: Settings):
+    a = settings.audit
+    if not a.syslog_host:
+        return None
+    return audit.SyslogSender(a.syslog_host, a.syslog_port, a.syslog_transport, a.syslog_ca)
 
 
 def _default_pixel_step(settings: Settings) -> PixelStep | None:

@@ -7,6 +7,8 @@
     casemask routes explain FILE...
     casemask retry [--destination NAME] [--quarantined]
     casemask config check [FILE]
+    casemask user add NAME --role viewer|operator|admin   (password on standard input)
+    casemask token create --name NAME --role viewer|operator|admin
     casemask deid PATH... --out DIR [--route NAME] [--diff]
     casemask deid --verify-only ORIGINAL DEIDENTIFIED
     casemask export-mapping --out DIR        (uids.csv, patients.csv; 0700 folder, 0600 files)
@@ -124,65 +126,124 @@ def cmd_send(args) -> int:
     return 0 if not failures else 1
 
 
-def cmd_status(args) -> int:
-    settings = _settings(args)
-    from node import queue
-    from node.db import make_engine, make_sessionmaker
+def _service(args):
+    from node.service import Service
 
-    engine = make_engine(settings.node.resolved_database_url)
-    with make_sessionmaker(engine)() as session:
-        counts = queue.counts(session)
-    info = {"node": settings.node.ae_title, "data_dir": str(settings.node.data_dir), "counts": counts}
-    models_file = settings.node.data_dir / "models.json"
-    if models_file.exists():
-        info["models"] = json.loads(models_file.read_text())
+    return Service.open(_settings(args))
+
+
+def cmd_status(args) -> int:
+    info = _service(args).status()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"node {settings.node.ae_title}  data {settings.node.data_dir}")
-    for group, states in counts.items():
+    print(f"node {info['node']}  data {info['data_dir']}  version {info['version']}  disk free {info['disk_free_bytes'] / 2**30:.1f} GiB")
+    for group, states in info["counts"].items():
         line = "  ".join(f"{k}={v}" for k, v in sorted(states.items())) or "-"
         print(f"  {group:<24} {line}")
+    t = info["throughput"]
+    print(f"  last hour: received {t['received_last_hour']}, sent {t['sent_last_hour']}")
     for name, m in info.get("models", {}).items():
         print(f"  model {name}: backend {m.get('backend')} on {m.get('device')} ({m.get('why', '')})")
     return 0
 
 
 def cmd_routes_explain(args) -> int:
+    from node.service import Invalid, Service
+
     settings = _settings(args)
-    from pydicom import dcmread
-
-    from node import routing
-
-    keys = routing.keys_used(settings.routes)
+    service = Service(settings, sessions=None)  # type: ignore[arg-type]  # explaining reads no database
     status = 0
     for f in _files(args.files):
         try:
-            ds = dcmread(f, stop_before_pixels=True)
-        except Exception as exc:
-            print(f"{f}: not readable as DICOM ({type(exc).__name__})")
+            result = service.explain(f, args.calling_ae)
+        except Invalid as exc:
+            print(f"{f}: {exc}")
             status = 1
             continue
-        attrs = routing.attributes_of(ds, args.calling_ae, settings.node.ae_title, keys)
-        verdicts = routing.match_routes(settings.routes, attrs)
-        matched = [v.route for v in verdicts if v.matched]
-        print(f"{f}: " + (f"routes {', '.join(matched)}" if matched else f"no route matches (unrouted = {settings.node.unrouted})"))
-        for v in verdicts:
-            print(f"  {'MATCH' if v.matched else 'no   '} {v.route}: " + "; ".join(v.reasons))
+        matched = result["routes"]
+        print(f"{f}: " + (f"routes {', '.join(matched)}" if matched else f"no route matches (unrouted = {result['unrouted']})"))
+        for v in result["verdicts"]:
+            print(f"  {'MATCH' if v['matched'] else 'no   '} {v['route']}: " + "; ".join(v["reasons"]))
     return status
 
 
 def cmd_retry(args) -> int:
-    settings = _settings(args)
-    from node import queue
-    from node.db import make_engine, make_sessionmaker
+    from node.service import ServiceError, cli_principal
 
-    engine = make_engine(settings.node.resolved_database_url)
-    with make_sessionmaker(engine)() as session:
-        n = queue.requeue_failed(session, args.destination)
-        q = queue.requeue_quarantined(session) if args.quarantined else 0
-        session.commit()
+    service = _service(args)
+    who = cli_principal()
+    try:
+        n = service.retry_deliveries(args.destination or "", who)
+    except ServiceError as exc:
+        raise UsageError(str(exc)) from None
+    q = service.retry_quarantined(who) if args.quarantined else 0
     print(f"re-queued {n} failed deliveries" + (f" and {q} quarantined jobs" if args.quarantined else ""))
+    return 0
+
+
+def _read_password(prompt_twice: bool = True) -> str:
+    """The password from standard input: typed twice at a terminal, else its first line."""
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("password: ")
+        if prompt_twice and getpass.getpass("again: ") != first:
+            raise UsageError("the two passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def cmd_user(args) -> int:
+    from node import accounts, audit
+    from node.accounts import AccountError
+    from node.service import cli_principal
+
+    service = _service(args)
+    who = cli_principal()
+    with service.sessions() as session:
+        if args.user_command == "list":
+            for u in accounts.list_users(session):
+                print(f"{u.name:<24} {u.role.value:<9} {'disabled' if u.disabled else ''}")
+            return 0
+        try:
+            user = accounts.add_user(session, args.name, args.role, _read_password(), replace=args.replace)
+        except AccountError as exc:
+            raise UsageError(str(exc)) from None
+        audit.record(session, "account-changed", actor=who.label, actor_kind=who.kind, object_kind="user", object_ref=user.name,
+                     detail={"action": "replaced" if args.replace else "added", "role": user.role.value})
+        session.commit()
+    print(f"user {args.name} ({user.role.value}) {'updated' if args.replace else 'added'}")
+    return 0
+
+
+def cmd_token(args) -> int:
+    from node import accounts, audit
+    from node.accounts import AccountError
+    from node.service import cli_principal
+
+    service = _service(args)
+    who = cli_principal()
+    with service.sessions() as session:
+        if args.token_command == "list":
+            for t in accounts.list_tokens(session):
+                print(f"{t.name:<24} {t.role.value:<9} created {t.created_at:%Y-%m-%d %H:%M}" + (f"  revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else ""))
+            return 0
+        if args.token_command == "revoke":
+            if not accounts.revoke_token(session, args.name):
+                raise UsageError(f"no live token named {args.name!r}")
+            audit.record(session, "account-changed", actor=who.label, actor_kind=who.kind, object_kind="token", object_ref=args.name, detail={"action": "revoked"})
+            session.commit()
+            print(f"token {args.name} revoked")
+            return 0
+        try:
+            value = accounts.create_token(session, args.name, args.role)
+        except AccountError as exc:
+            raise UsageError(str(exc)) from None
+        audit.record(session, "account-changed", actor=who.label, actor_kind=who.kind, object_kind="token", object_ref=args.name, detail={"action": "created", "role": str(args.role).lower()})
+        session.commit()
+    print(value)
+    print(f"token {args.name} ({str(args.role).lower()}): shown once, keep it safe; use it as 'Authorization: Bearer <token>'", file=sys.stderr)
     return 0
 
 
@@ -574,6 +635,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--destination", metavar="NAME", help="only this destination")
     sp.add_argument("--quarantined", action="store_true", help="also re-process quarantined objects")
     sp.set_defaults(func=cmd_retry)
+
+    sp = sub.add_parser("user", help="dashboard accounts")
+    usub = sp.add_subparsers(dest="user_command", metavar="SUBCOMMAND", required=True)
+    ua = with_config(usub.add_parser("add", help="add a user (password from standard input)"))
+    ua.add_argument("name", metavar="NAME")
+    ua.add_argument("--role", required=True, choices=["viewer", "operator", "admin"], help="viewer reads; operator also retries and discards; admin also changes configuration and exports mappings")
+    ua.add_argument("--replace", action="store_true", help="set a new password and role for an existing user")
+    ua.set_defaults(func=cmd_user)
+    ul = with_config(usub.add_parser("list", help="list users"))
+    ul.set_defaults(func=cmd_user)
+
+    sp = sub.add_parser("token", help="API bearer tokens")
+    tsub = sp.add_subparsers(dest="token_command", metavar="SUBCOMMAND", required=True)
+    tc = with_config(tsub.add_parser("create", help="make a token and print it once"))
+    tc.add_argument("--name", required=True, metavar="NAME")
+    tc.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    tc.set_defaults(func=cmd_token)
+    tr = with_config(tsub.add_parser("revoke", help="revoke a token"))
+    tr.add_argument("name", metavar="NAME")
+    tr.set_defaults(func=cmd_token)
+    tl = with_config(tsub.add_parser("list", help="list tokens (names and roles; values are never shown again)"))
+    tl.set_defaults(func=cmd_token)
 
     sp = sub.add_parser("config", help="configuration tools")
     csub = sp.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)

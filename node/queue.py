@@ -359,13 +359,37 @@ def requeue_quarantined(session: Session) -> int:
     """QUARANTINED jobs -> PENDING (after the admin fixed the cause); returns how many."""
     jobs = list(session.scalars(select(Job).where(Job.state == JobState.QUARANTINED)))
     for job in jobs:
-        job.state = JobState.PENDING
-        job.reason = ""
-        _set_instance(job.instance, InstanceState.ROUTED)
-        study = session.get(Study, job.study_id)
-        if study is not None and study.state == StudyState.DONE:
-            _set_study(study, StudyState.ROUTED)
+        requeue_job(session, job)
     return len(jobs)
+
+
+def requeue_job(session: Session, job: Job) -> None:
+    """QUARANTINED -> PENDING: process this job again (its study reopens if DONE)."""
+    if job.state != JobState.QUARANTINED:
+        raise ValueError(f"job {job.id} is {job.state.value}, not QUARANTINED")
+    job.state = JobState.PENDING
+    job.reason = ""
+    job.updated_at = utcnow()
+    _set_instance(job.instance, InstanceState.ROUTED)
+    study = session.get(Study, job.study_id)
+    if study is not None and study.state == StudyState.DONE:
+        _set_study(study, StudyState.ROUTED)
+
+
+def discard_job(session: Session, job: Job, reason: str) -> None:
+    """QUARANTINED -> DISCARDED: an operator gave up on it; nothing of it is ever sent.
+    Its instance becomes IGNORED once none of its jobs is quarantined or open."""
+    if job.state != JobState.QUARANTINED:
+        raise ValueError(f"job {job.id} is {job.state.value}, not QUARANTINED")
+    job.state = JobState.DISCARDED
+    job.reason = reason
+    job.updated_at = utcnow()
+    log.info("job %d (route %s): QUARANTINED -> DISCARDED", job.id, job.route)
+    session.flush()
+    inst = job.instance
+    states = set(session.scalars(select(Job.state).where(Job.instance_id == inst.id)))
+    if states <= {JobState.DONE, JobState.DISCARDED}:
+        _set_instance(inst, InstanceState.PROCESSED if JobState.DONE in states else InstanceState.IGNORED, reason)
 
 
 def counts(session: Session) -> dict[str, dict[str, int]]:

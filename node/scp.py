@@ -95,10 +95,14 @@ class AccessPolicy:
 
     def __init__(self, settings: Settings) -> None:
         self.ae_title = settings.node.ae_title
-        self.accept_unknown = settings.node.accept_unknown_sources
-        self.sources: dict[str, set[str | None]] = {}
+        self.update(settings)
+
+    def update(self, settings: Settings) -> None:
+        """Take new [[sources]] and accept_unknown_sources (a configuration reload)."""
+        sources: dict[str, set[str | None]] = {}
         for s in settings.sources:
-            self.sources.setdefault(s.ae_title.strip(), set()).add(_resolve(s.host) if s.host else None)
+            sources.setdefault(s.ae_title.strip(), set()).add(_resolve(s.host) if s.host else None)
+        self.accept_unknown, self.sources = settings.node.accept_unknown_sources, sources
 
     def check(self, calling_ae: str, called_ae: str, host: str) -> tuple[int, str] | None:
         """None when allowed; else (A-ASSOCIATE-RJ reason, why)."""
@@ -307,6 +311,7 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     ae = make_ae(settings)
     server = ae.start_server((settings.node.host, settings.node.port), block=False, evt_handlers=handlers)
     server.store_handler = store  # type: ignore[attr-defined]  # closed by Node.stop after shutdown()
+    server.access_policy = policy  # type: ignore[attr-defined]  # updated by Node.reload
     log.info("listening as %s on %s:%d", settings.node.ae_title, settings.node.host, settings.node.port)
     return server
 
