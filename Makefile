@@ -1,6 +1,6 @@
 # casemask: `make serve` starts the node on the built-in config; `make test` runs the tests.
 # Both install what they need: Debian packages (dcmtk, orthanc, orthanc-dicomweb,
-# dicom3tools) and a
+# dicom3tools; chromium and chromium-driver for the dashboard's browser test) and a
 # virtualenv in .venv with the CPU build of PyTorch.
 
 PYTHON ?= python3
@@ -9,7 +9,7 @@ TRITON_VENV := .venv-triton
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl chromium chromium-driver
 
 .PHONY: serve test test-fast deps venv triton-venv bench bench-ingest bench-deid bench-engine bench-pixels bench-triton clean
 

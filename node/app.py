@@ -94,6 +94,7 @@ class Node:
                     queue.route_instance(session, inst, matched, self.settings.node.unrouted)
                     n += 1
                 queue.mark_study_routed(session, study)
+                audit.study_received(session, study, len(instances), instances[0].calling_ae if instances else "", instances[0].peer_host if instances else "")
                 session.commit()
         return n
 

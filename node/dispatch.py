@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import sessionmaker
 
-from node import queue
+from node import audit, metrics, queue
 from node.config import Settings
 from node.db import Delivery
 from node.scu import Outcome, Work, make_sender
@@ -46,12 +46,16 @@ class Dispatcher:
                     queue.mark_failed(d, outcome.reason)
                 session.commit()
 
+            sending = metrics.timed("send").start()
             try:
                 self.sender.send(work, report)
             finally:
+                sending.stop()
                 # Anything not reported (a crash of the sender) goes back to the queue.
                 for d in claimed:
                     if d.state.value == "SENDING":
                         queue.mark_retry(d, "sender stopped before reporting", node.retry_base_s, node.retry_max_s, node.max_attempts)
+                audit.dispatched(session, self.dest.name, claimed)
+                metrics.observe_dispatched(session, self.dest.name, claimed)
                 session.commit()
             return len(claimed)

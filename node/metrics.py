@@ -70,17 +70,24 @@ def step_of(reason: str) -> str:
 
 
 class timed:
-    """``with timed("pixels"):`` observes the block's duration in casemask_step_seconds."""
+    """``with timed("pixels"):`` (or ``t = timed("headers").start()`` ... ``t.stop()``)
+    observes a duration in casemask_step_seconds{step}, or in ``histogram``."""
 
     def __init__(self, step: str, histogram: Histogram | None = None) -> None:
         self.metric = histogram if histogram is not None else STEP_SECONDS.labels(step=step)
 
-    def __enter__(self) -> timed:
+    def start(self) -> timed:
         self.t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         self.metric.observe(time.perf_counter() - self.t0)
+
+    def __enter__(self) -> timed:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 # -- hooks the stages call ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node import queue
+from node import audit, metrics, queue
 from node.config import Route, Settings
 from node.db import Job, Output, Pseudonym
 from node.deid import Deidentifier, Pseudonymizer, QuarantineError, Result, to_bytes
@@ -108,7 +108,8 @@ class Pipeline:
                     it.error = f"pixel anonymization required but not available: {why}"
             else:
                 try:
-                    self.pixel_step.process(live, route, self.pseudo)  # type: ignore[union-attr]
+                    with metrics.timed("pixels"):
+                        self.pixel_step.process(live, route, self.pseudo)  # type: ignore[union-attr]
                 except Exception as exc:  # the whole step failed: nobody passes
                     log.exception("pixel step failed for route %s", route.name)
                     for it in live:
@@ -117,6 +118,7 @@ class Pipeline:
             for it in live:
                 it.outputs = [("deidentified" if route.deid else "forwarded", it.source)]  # type: ignore[list-item]
         mappings: dict[str, dict[str, str]] = {}
+        headers = metrics.timed("headers").start()
         for it in items:
             if it.error:
                 continue
@@ -140,6 +142,7 @@ class Pipeline:
             except Exception as exc:
                 log.exception("header de-identification failed for job %d", it.job.id)
                 it.error = f"header de-identification failed ({type(exc).__name__}: {exc})"
+        headers.stop()
         if route.partial == "quarantine-study":
             first_error: dict[int, str] = {}
             for it in items:
@@ -163,6 +166,8 @@ class Pipeline:
                 continue
             queue.finish_job(session, it.job, outputs, route.destinations)
         self._save_mappings(session, mappings)
+        audit.processed(session, jobs)
+        metrics.observe_processed(jobs)
 
     def _verify(self, it: Item, route: Route) -> None:
         """The verifier (node.deid.verify) on every output of one object, against the

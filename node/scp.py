@@ -23,8 +23,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import sessionmaker
 
-from node import queue
+from node import audit, metrics, queue
 from node.config import Settings
 from node.spool import spool_path, write_atomic
 from node.wire import part10_header, row_attributes
@@ -248,6 +249,7 @@ class StoreHandler:
         if not is_new:
             log.info("C-STORE %s from %s: already stored, answered Success", sop_uid, calling)
         log.debug("C-STORE %s from %s: stored", sop_uid, calling)
+        metrics.observe_received(received.size)
         if self.on_stored:
             self.on_stored()
         return SUCCESS
@@ -270,6 +272,7 @@ def make_ae(settings: Settings) -> AE:
 def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None) -> ThreadedAssociationServer:
     """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
     policy = AccessPolicy(settings)
+    audit_sessions = sessionmaker(engine)
     reactor_delay = settings.node.reactor_delay_s
     _install_reactor_clock(max(reactor_delay, 0.0001))
 
@@ -280,6 +283,8 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
         called = rq.called_ae_title.strip()
         host = str(assoc.requestor.address)
         refusal = policy.check(calling, called, host)
+        metrics.ASSOCIATIONS.labels(result="accepted" if refusal is None else "rejected").inc()
+        audit.association(audit_sessions, calling, host, called, refusal[1] if refusal else "")
         if refusal is None:
             log.info("association from %s@%s to %s: accepted", calling, host, called)
             return
