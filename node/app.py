@@ -237,10 +237,11 @@ class Node:
     def serve_forever(self) -> None:
         """Start (with the HTTP server when ``[http] enabled``) and block until SIGINT or
         SIGTERM; SIGHUP reloads the configuration file."""
-        self.start(http=self.settings.http.enabled)
+        # Handlers first: a SIGHUP during start-up would otherwise end the process.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+        self.start(http=self.settings.http.enabled)
         try:
             while not self._stop.wait(0.5):
                 if self._reload_requested.is_set():

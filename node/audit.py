@@ -305,7 +305,7 @@ def to_xml(e: AuditEvent, source: Source, study_uid: str | None = None) -> bytes
     else:
         _participant(root, source.node_ae, e.actor_kind == "node", node_role, alt=str(os.getpid()))
     src = ET.SubElement(root, "AuditSourceIdentification", {"AuditSourceID": source.node_ae, **({"AuditEnterpriseSiteID": source.site} if source.site else {})})
-    _code(src, "AuditSourceTypeCode", ("4", "DCM", "Application Server Process"))
+    _code(src, "AuditSourceTypeCode", ("4", "RFC-3881", "Application Server Process"))  # RFC 3881 5.4.3: 4, application server process tier
     if e.study_id is not None:
         _object(root, study_uid or f"study-row:{e.study_id}", "2", "3", STUDY_UID_TYPE, detail)
     elif e.object_kind in ("user", "token"):
