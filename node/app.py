@@ -70,7 +70,7 @@ class Node:
 
         self.health = HealthMonitor(settings)
         self.service = Service(settings, self.sessions, self.pseudo, node=self)
-        self.syslog = _syslog_sender(settings)
+        self.syslog = self._audit_forwarder(settings)
 
     # -- stages ---------------------------------------------------------------------
     def route_stable(self, stable_after_s: float | None = None) -> int:
@@ -147,10 +147,15 @@ class Node:
         return run
 
     def _forward_audit(self) -> int:
-        sender = self.syslog
-        if sender is None:
-            return 0
-        return audit.forward(self.sessions, sender, self.service.audit_source(), self.pseudo.uid)
+        forwarder = self.syslog
+        return forwarder.run_once() if forwarder is not None else 0
+
+    def _audit_forwarder(self, settings: Settings) -> audit.Forwarder | None:
+        a = settings.audit
+        if not a.syslog_host:
+            return None
+        sender = audit.SyslogSender(a.syslog_host, a.syslog_port, a.syslog_transport, a.syslog_ca)
+        return audit.Forwarder(self.sessions, sender, audit.Source(settings.node.ae_title, a.site), self.pseudo.uid)
 
     # -- live configuration -----------------------------------------------------------------
     def reload(self, new: Settings) -> dict[str, list[str]]:
@@ -184,7 +189,7 @@ class Node:
             if new.audit != old.audit:
                 if self.syslog is not None:
                     self.syslog.close()
-                self.syslog = _syslog_sender(new)
+                self.syslog = self._audit_forwarder(new)
             policy = getattr(self.server, "access_policy", None)
             if policy is not None:  # who may associate from now on (open associations go on)
                 policy.update(new)
@@ -229,7 +234,7 @@ class Node:
             self.scheduler = None
             audit.record_now(self.sessions, "node-stopped", actor=self.settings.node.ae_title)
         if self.syslog is not None:
-            self._forward_audit()  # the last entries, if the collector is there
+            self.syslog.flush()  # the last entries, if the collector is there
             self.syslog.close()
         self.engine.dispose()
         log.info("node stopped")
@@ -260,11 +265,6 @@ def _pixel_models(settings: Settings) -> set[str]:
     return {r.model for r in settings.routes if r.pixels == "anonymize"}
 
 
-def _syslog_sender(settings: Settings):
-    a = settings.audit
-    if not a.syslog_host:
-        return None
-    return audit.SyslogSender(a.syslog_host, a.syslog_port, a.syslog_transport, a.syslog_ca)
 
 
 def _default_pixel_step(settings: Settings) -> PixelStep | None:

@@ -382,10 +382,52 @@ class SyslogSender:
             self._sock = None
 
 
+class Forwarder:
+    """Sends the trail to a collector from the node's scheduler: :func:`forward` while
+    the collector answers; after a failure, one try every ``retry_s`` seconds, and one
+    log line when it goes away and one when it is back (not one per try)."""
+
+    def __init__(self, sessions: sessionmaker, sender: SyslogSender, source: Source, uid_of: Callable[[str], str] | None, retry_s: float = 5.0) -> None:
+        self.sessions, self.sender, self.source, self.uid_of, self.retry_s = sessions, sender, source, uid_of, retry_s
+        self.down_since: float | None = None
+        self._next_try = 0.0
+
+    def run_once(self) -> int:
+        import time
+
+        now = time.monotonic()
+        if now < self._next_try:
+            return 0
+        try:
+            n = forward(self.sessions, self.sender, self.source, self.uid_of)
+        except OSError as exc:
+            if self.down_since is None:
+                self.down_since = now
+                log.warning("audit: syslog collector %s:%d out of reach (%s); entries wait in the database", self.sender.host, self.sender.port, type(exc).__name__)
+            self._next_try = now + self.retry_s
+            return 0
+        if self.down_since is not None:
+            log.info("audit: syslog collector %s:%d reachable again after %.0f s", self.sender.host, self.sender.port, now - self.down_since)
+            self.down_since = None
+        return n
+
+    def flush(self) -> int:
+        """Try now, whatever the retry delay (at stop)."""
+        self._next_try = 0.0
+        return self.run_once()
+
+    def close(self) -> None:
+        self.sender.close()
+
+
 def forward(sessions: sessionmaker, sender: SyslogSender, source: Source, uid_of: Callable[[str], str] | None, sink: str = "syslog", batch: int = 200) -> int:
     """Send the entries after the sink's cursor, oldest first, and move the cursor after
-    each one; returns how many were sent. A collector out of reach stops the batch (the
-    rest goes next time). At least once: a crash between send and commit re-sends one."""
+    each one; returns how many were sent. At least once: a crash between send and commit
+    re-sends one.
+
+    Raises:
+        OSError: the collector is out of reach (what was sent before is committed).
+    """
     hostname = socket.gethostname()
     sent = 0
     with sessions() as session:
@@ -401,9 +443,8 @@ def forward(sessions: sessionmaker, sender: SyslogSender, source: Source, uid_of
                 sender.send(syslog_message(e, to_xml(e, source, uids.get(e.study_id or -1)), hostname))
                 cursor.last_id = e.id
                 sent += 1
-        except OSError as exc:
-            log.warning("audit: syslog collector %s:%d out of reach (%s); %d entries wait", sender.host, sender.port, type(exc).__name__, len(events) - sent)
-        session.commit()
+        finally:
+            session.commit()
     return sent
 
 

@@ -77,11 +77,11 @@ def flash(request: Request, user: UiUser, message: str) -> None:
     store.setdefault(digest(user.cookie), []).append(message)
 
 
-def render(request: Request, name: str, user: UiUser | None, status_code: int = 200, **ctx: Any) -> HTMLResponse:
+def render(request: Request, template: str, user: UiUser | None, status_code: int = 200, **ctx: Any) -> HTMLResponse:
     messages = _flashes(request).pop(digest(user.cookie), []) if user else []
     base = {"user": user.principal if user else None, "csrf": user.csrf if user else "", "nav": NAV, "path": request.url.path,
             "messages": messages, "node": context(request).service.settings.node.ae_title, "Role": Role}
-    return TEMPLATES.TemplateResponse(request, name, {**base, **ctx}, status_code=status_code)
+    return TEMPLATES.TemplateResponse(request, template, {**base, **ctx}, status_code=status_code)
 
 
 def error_page(request: Request, status: int, message: str, problems: list[str]) -> HTMLResponse:
