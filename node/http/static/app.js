@@ -11,7 +11,7 @@
       .then(function (html) {
         if (!html) return;
         var fresh = new DOMParser().parseFromString(html, "text/html").getElementById(el.id);
-        if (fresh) el.replaceChildren.apply(el, Array.prototype.slice.call(fresh.childNodes));
+        if (fresh && fresh.innerHTML !== el.innerHTML) el.replaceChildren.apply(el, Array.prototype.slice.call(fresh.childNodes));
       })
       .catch(function () { /* the node is restarting: try again at the next tick */ });
   }
