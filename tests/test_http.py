@@ -178,13 +178,17 @@ def test_sighup_reloads_the_configuration_file(tmp_path, archive_factory):
     proc = NodeProcess(cfg, tmp_path / "node.log")
     proc.start(port)
     try:
+        newcomer = [STORESCU, "-aet", "NEWWARD", "-aec", "CASEMASK", "127.0.0.1", str(port)]
+        assert subprocess.run([*newcomer, str(make_study(tmp_path / "n", 1)[0])], env=dcmtk_env(), capture_output=True, timeout=60).returncode != 0
         raw["destinations"].append({"name": "second", "kind": "dicom", "ae_title": archive.aet, "host": "127.0.0.1", "port": archive.port})
         raw["routes"][0]["destinations"] = ["first", "second"]
+        raw["sources"].append({"ae_title": "NEWWARD"})
         write_toml(raw, cfg)
         proc.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "configuration reloaded" in (tmp_path / "node.log").read_text(), timeout=30, what="the reload in the log")
         assert storescu(port, make_study(tmp_path / "s", 2)).returncode == 0
-        wait_until(lambda: len(archive.received) == 2, timeout=60, what="2 objects at the destination added by SIGHUP")
+        assert subprocess.run([*newcomer, str(make_study(tmp_path / "m", 1)[0])], env=dcmtk_env(), capture_output=True, timeout=60).returncode == 0  # a new source
+        wait_until(lambda: len(archive.received) == 3, timeout=60, what="3 objects at the destination added by SIGHUP")
         assert proc.proc.poll() is None
     finally:
         proc.stop()
@@ -245,3 +249,27 @@ def test_routes_explain_uploads_a_file_and_stores_nothing(tmp_path, http_nodes):
     assert hn.client("viewer").post("/api/v1/routes/explain", files={"file": ("x.txt", b"not dicom")}).status_code == 422
     with hn.node.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Instance)) == 0
+
+
+def test_https_with_the_configured_certificate(tmp_path, http_nodes):
+    import ssl
+
+    import httpx
+
+    crt, key = tmp_path / "http.crt", tmp_path / "http.key"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(crt)], capture_output=True, timeout=60)
+    if r.returncode != 0:
+        pytest.skip("openssl could not make a test certificate")
+    raw = node_config(tmp_path, [folder(tmp_path)])
+    raw["http"]["tls"] = {"certificate": str(crt), "private_key": str(key)}
+    hn = start_http_node(raw, tmp_path)
+    http_nodes.append(hn)
+    base = hn.base.replace("http://", "https://")
+    ctx = ssl.create_default_context(cafile=str(crt))
+    with httpx.Client(base_url=base, verify=ctx) as c:
+        assert c.get("/healthz").text == "ok\n"
+        assert c.get("/api/v1/status", headers={"Authorization": f"Bearer {hn.tokens['viewer']}"}).status_code == 200
+        assert "secure" in c.get("/login").headers["set-cookie"].lower()
+    with pytest.raises(httpx.HTTPError):  # plain HTTP is not served on that port
+        httpx.get(hn.base + "/healthz", timeout=5)
