@@ -193,6 +193,13 @@ class ModelSettings(_Table):
         return {"triton": self.triton_target()} if self.backend == "triton" else {}
 
 
+def _tcp_port(cls: type, v: int) -> int:
+    """A field validator shared by the tables with a port."""
+    if not 1 <= v <= 65535:
+        raise ValueError("a TCP port is an integer from 1 to 65535")
+    return v
+
+
 class HttpTls(_Table):
     certificate: Path = hint("a PEM certificate file, e.g. certificate = \"/etc/casemask/http.crt\"", strict=False)
     private_key: Path = hint("the PEM private key of that certificate, e.g. private_key = \"/etc/casemask/http.key\"", strict=False)
@@ -210,12 +217,7 @@ class HttpSettings(_Table):
     login_attempts: StrictInt = hint("failed logins allowed per name and address within login_window_s, 1 or more", 5, ge=1)
     login_window_s: Seconds = hint("seconds, more than 0", 900.0, gt=0)
 
-    @field_validator("port")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        if not 1 <= v <= 65535:
-            raise ValueError("a TCP port is an integer from 1 to 65535")
-        return v
+    _port = field_validator("port")(_tcp_port)
 
 
 class AuditSettings(_Table):
@@ -227,12 +229,7 @@ class AuditSettings(_Table):
     syslog_transport: Literal["udp", "tcp", "tls"] = hint("choose one of 'udp', 'tcp', 'tls'", "udp")
     syslog_ca: Path | None = hint("for tls: a PEM file of the CA that signed the collector's certificate", None, strict=False)
 
-    @field_validator("syslog_port")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        if not 1 <= v <= 65535:
-            raise ValueError("a TCP or UDP port is an integer from 1 to 65535")
-        return v
+    _port = field_validator("syslog_port")(_tcp_port)
 
 
 class Settings(BaseModel):

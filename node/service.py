@@ -20,11 +20,12 @@ import json
 import logging
 import tomllib
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit, queue, routing
 from node.accounts import Principal
@@ -250,17 +251,7 @@ class Service:
         Raises:
             NotFound: no such job.  Conflict: it is not QUARANTINED.
         """
-        with self.sessions() as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                raise NotFound(f"no job {job_id}")
-            try:
-                queue.requeue_job(session, job)
-            except ValueError as exc:
-                raise Conflict(str(exc)) from None
-            audit.record(session, "job-retried", actor=who.label, actor_kind=who.kind, host=host, study_id=job.study_id, object_kind="job", object_ref=str(job.id), detail={"route": job.route, "job": job.id})
-            session.commit()
-            return {"job_id": job.id, "state": job.state.value}
+        return self._job_action(job_id, who, host, "job-retried", lambda session, job: queue.requeue_job(session, job))
 
     def discard_job(self, job_id: int, who: Principal, host: str = "") -> dict[str, Any]:
         """Give up on a quarantined job: nothing of it will ever be sent.
@@ -268,15 +259,19 @@ class Service:
         Raises:
             NotFound: no such job.  Conflict: it is not QUARANTINED.
         """
+        return self._job_action(job_id, who, host, "job-discarded", lambda session, job: queue.discard_job(session, job, f"discarded by {who.label}"))
+
+    def _job_action(self, job_id: int, who: Principal, host: str, event: str, action: Callable[[Session, Job], None]) -> dict[str, Any]:
         with self.sessions() as session:
             job = session.get(Job, job_id)
             if job is None:
                 raise NotFound(f"no job {job_id}")
             try:
-                queue.discard_job(session, job, f"discarded by {who.label}")
+                action(session, job)
             except ValueError as exc:
                 raise Conflict(str(exc)) from None
-            audit.record(session, "job-discarded", actor=who.label, actor_kind=who.kind, host=host, study_id=job.study_id, object_kind="job", object_ref=str(job.id), detail={"route": job.route, "job": job.id})
+            audit.record(session, event, actor=who.label, actor_kind=who.kind, host=host, study_id=job.study_id, object_kind="job",
+                         object_ref=str(job.id), detail={"route": job.route, "job": job.id})
             session.commit()
             return {"job_id": job.id, "state": job.state.value}
 

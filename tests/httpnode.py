@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import httpx
+import pytest
 
 from node import accounts
 from node.app import Node
@@ -62,3 +63,29 @@ def sample(metrics: dict[str, float], name: str, **labels: str) -> float:
         if all(have.get(k) == v for k, v in labels.items()):
             return value
     return 0.0
+
+
+@pytest.fixture
+def http_nodes():
+    """A list to put started :class:`HttpNode` in; each is stopped at teardown."""
+    made: list[HttpNode] = []
+    yield made
+    for hn in made:
+        hn.node.stop()
+
+
+def breakable_deid(monkeypatch) -> dict[str, bool]:
+    """Make header de-identification fail while ``switch["on"]`` is true (a cause an
+    admin can fix); returns the switch."""
+    from node.deid import Deidentifier
+
+    real_apply = Deidentifier.apply
+    switch = {"on": False}
+
+    def apply(self, ds, extra_codes=()):
+        if switch["on"]:
+            raise RuntimeError("simulated de-identification failure")
+        return real_apply(self, ds, extra_codes=extra_codes)
+
+    monkeypatch.setattr(Deidentifier, "apply", apply)
+    return switch

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from node import audit
 from tests.conftest import PHI, ROOT, STORESCU, dcmtk_env, make_study, needs_dcmtk, node_config, wait_until, write_toml
-from tests.httpnode import start_http_node
+from tests.httpnode import http_nodes, start_http_node  # noqa: F401 (fixture)
 
 SCHEMA = etree.RelaxNG(etree.parse(str(Path(__file__).parent / "data" / "dicom_audit_message.rng")))
 # RFC 5424: <PRI>VERSION SP TIMESTAMP SP HOSTNAME SP APP-NAME SP PROCID SP MSGID SP SD SP MSG
@@ -85,14 +85,6 @@ def parse_syslog(msg: bytes) -> tuple[int, bytes, etree._Element]:
     body = m.group(8)
     assert body.startswith(b"\xef\xbb\xbf"), "MSG is UTF-8 with a BOM (RFC 5424 6.4)"
     return int(m.group(1)), m.group(6), etree.fromstring(body[3:])
-
-
-@pytest.fixture
-def http_nodes():
-    made = []
-    yield made
-    for hn in made:
-        hn.node.stop()
 
 
 def test_schema_refuses_a_malformed_message():

@@ -12,7 +12,7 @@ import pytest
 
 from node import accounts
 from tests.conftest import ROOT, STORESCU, dcmtk_env, make_study, needs_dcmtk, node_config, wait_until
-from tests.httpnode import start_http_node
+from tests.httpnode import breakable_deid, start_http_node
 
 CHROMIUM = shutil.which("chromium", path="/usr/bin")
 CHROMEDRIVER = shutil.which("chromedriver", path="/usr/bin")
@@ -59,17 +59,7 @@ def test_dashboard_login_watch_a_study_arrive_and_retry_a_quarantined_job(tmp_pa
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from node.deid import Deidentifier
-
-    real_apply = Deidentifier.apply
-    broken = {"on": False}
-
-    def apply(self, ds, extra_codes=()):
-        if broken["on"]:
-            raise RuntimeError("simulated de-identification failure")
-        return real_apply(self, ds, extra_codes=extra_codes)
-
-    monkeypatch.setattr(Deidentifier, "apply", apply)
+    broken = breakable_deid(monkeypatch)
     raw = node_config(tmp_path, [{"name": "archive", "kind": "folder", "path": str(tmp_path / "archive")}], stable_after_s=1.0)
     raw["routes"][0]["name"] = "research"
     hn = start_http_node(raw, tmp_path)
@@ -133,7 +123,7 @@ def test_dashboard_login_watch_a_study_arrive_and_retry_a_quarantined_job(tmp_pa
         shot(browser, "quarantine")
         broken["on"] = False
         click_first("button[name=retry]")
-        assert "will be processed again" in browser.find_element(By.CSS_SELECTOR, ".flash").text
+        wait.until(lambda d: "will be processed again" in " ".join(e.text for e in d.find_elements(By.CSS_SELECTOR, ".flash")))
         click_first("button[name=retry]")
         wait.until(lambda d: "Nothing is quarantined" in d.find_element(By.ID, "quarantine").text)
         wait_until(lambda: len(list((tmp_path / "archive").rglob("*.dcm"))) == 5, timeout=60, what="5 objects in the archive folder")

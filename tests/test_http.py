@@ -15,17 +15,9 @@ from sqlalchemy import func, select
 
 from node.db import AuditEvent, Delivery, DeliveryState, Instance, Job, JobState
 from tests.conftest import ROOT, STORESCU, NodeProcess, dcmtk_env, free_port, make_study, needs_dcmtk, needs_orthanc, node_config, wait_until, write_toml
-from tests.httpnode import sample, start_http_node
+from tests.httpnode import breakable_deid, http_nodes, sample, start_http_node  # noqa: F401 (fixture)
 
 pytestmark = needs_dcmtk
-
-
-@pytest.fixture
-def http_nodes():
-    made = []
-    yield made
-    for hn in made:
-        hn.node.stop()
 
 
 def storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess:
@@ -96,17 +88,8 @@ def test_every_endpoint_but_health_needs_authentication_and_roles_are_enforced(t
 
 
 def test_quarantined_object_retried_through_the_api_reaches_orthanc(tmp_path, http_nodes, orthanc, monkeypatch):
-    from node.deid import Deidentifier
-
-    real_apply = Deidentifier.apply
-    broken = {"on": True}
-
-    def apply(self, ds, extra_codes=()):
-        if broken["on"]:
-            raise RuntimeError("simulated de-identification failure")
-        return real_apply(self, ds, extra_codes=extra_codes)
-
-    monkeypatch.setattr(Deidentifier, "apply", apply)
+    broken = breakable_deid(monkeypatch)
+    broken["on"] = True
     dest = {"name": "orthanc", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
     hn = start_http_node(node_config(tmp_path, [dest]), tmp_path)
     http_nodes.append(hn)

@@ -170,23 +170,17 @@ def quarantine(request: Request, user: UiUser = viewer) -> HTMLResponse:
     return render(request, "quarantine.html", user, rows=context(request).service.quarantine())
 
 
-@router.post("/jobs/{job_id}/retry")
-def retry(request: Request, job_id: int, csrf: str = Form(""), user: UiUser = operator) -> Response:
+@router.post("/jobs/{job_id}/{action}")
+def job_action(request: Request, job_id: int, action: str, csrf: str = Form(""), user: UiUser = operator) -> Response:
+    """The quarantine page's Retry and Discard buttons."""
     check_csrf(user, csrf)
+    svc = context(request).service
+    act, done = {"retry": (svc.retry_job, "will be processed again"), "discard": (svc.discard_job, "discarded: nothing of it will be sent")}.get(action, (None, ""))
+    if act is None:
+        raise HTTPException(404, f"no action {action!r}: retry or discard")
     try:
-        context(request).service.retry_job(job_id, user.principal, client_host(request))
-        flash(request, user, f"Job {job_id} will be processed again.")
-    except ServiceError as exc:
-        flash(request, user, f"Job {job_id}: {exc}")
-    return back("/quarantine")
-
-
-@router.post("/jobs/{job_id}/discard")
-def discard(request: Request, job_id: int, csrf: str = Form(""), user: UiUser = operator) -> Response:
-    check_csrf(user, csrf)
-    try:
-        context(request).service.discard_job(job_id, user.principal, client_host(request))
-        flash(request, user, f"Job {job_id} discarded: nothing of it will be sent.")
+        act(job_id, user.principal, client_host(request))
+        flash(request, user, f"Job {job_id} {done}.")
     except ServiceError as exc:
         flash(request, user, f"Job {job_id}: {exc}")
     return back("/quarantine")
