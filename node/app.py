@@ -11,7 +11,7 @@ from pathlib import Path
 from pydicom import dcmread
 from sqlalchemy.orm import sessionmaker
 
-from node import audit, queue, routing
+from node import audit, metrics, queue, routing
 from node.config import Settings
 from node.db import make_engine, make_sessionmaker
 from node.deid import Pseudonymizer, load_or_create_secret
@@ -88,6 +88,7 @@ class Node:
                         ds = dcmread(inst.path, stop_before_pixels=True)
                     except Exception as exc:
                         queue.quarantine_instance(session, inst, f"spooled file unreadable ({type(exc).__name__})")
+                        metrics.QUARANTINED.labels(step="read").inc()
                         continue
                     attrs = routing.attributes_of(ds, inst.calling_ae, inst.called_ae, keys)
                     matched = [v.route for v in routing.match_routes(self.settings.routes, attrs) if v.matched]
