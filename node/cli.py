@@ -519,80 +519,19 @@ def _verify_only(args) -> int:
 
 
 def cmd_export_mapping(args) -> int:
-    """The mapping an honest broker needs, written owner-only (folder 0700, files 0600):
-    uids.csv (level, output kind, original UID, output UID; then every other replaced
-    UID) and patients.csv (issuer, Patient ID, Patient's Name -> pseudonymous ID and
-    name, and the date offset in days)."""
-    settings = _settings(args)
-    from sqlalchemy import select
+    """The mapping an honest broker needs, written owner-only (folder 0700, files 0600);
+    see :mod:`node.mapping`. The export is audited."""
+    from node.mapping import MappingError
+    from node.service import cli_principal
 
-    from node.db import Pseudonym, make_engine, make_sessionmaker
-
-    out = _private_folder(Path(args.out))
-    engine = make_engine(settings.node.resolved_database_url)
-    with make_sessionmaker(engine)() as session:
-        rows = session.execute(select(Pseudonym.kind, Pseudonym.old, Pseudonym.new).order_by(Pseudonym.id)).all()
-    uids = _uid_rows(rows)
-    patients = _patient_rows(rows)
-    _write_private_csv(out / "uids.csv", ["level", "output_kind", "id_old", "id_new"], uids)
-    _write_private_csv(out / "patients.csv", ["issuer", "patient_id", "patient_name", "patient_id_new", "patient_name_new", "date_offset_days"], patients)
-    print(f"{out / 'uids.csv'}: {len(uids)} rows")
-    print(f"{out / 'patients.csv'}: {len(patients)} rows")
+    out = Path(args.out)
+    try:
+        counts = _service(args).export_mapping(out, cli_principal())
+    except MappingError as exc:
+        raise UsageError(str(exc)) from None
+    for name, n in counts.items():
+        print(f"{out / name}: {n} rows")
     return 0
-
-
-def _uid_rows(rows) -> list[list[str]]:
-    from node.pipeline import LEVEL_KINDS, OUTPUT_KINDS
-
-    levels = {v: k for k, v in LEVEL_KINDS.items()}
-    kinds = {v: k for k, v in OUTPUT_KINDS.items()}
-    out = []
-    for kind, old, new in rows:
-        if "/" in kind:
-            level, short = kind.split("/", 1)
-            out.append([levels.get(level, level), kinds.get(short, short), old, new])
-    out += [["reference", "", old, new] for kind, old, new in rows if kind == "uid"]
-    return out
-
-
-def _patient_rows(rows) -> list[list[str]]:
-    ids = {old: new for kind, old, new in rows if kind == "patient"}
-    offsets = {old: new for kind, old, new in rows if kind == "date-offset"}
-    names: dict[str, list[tuple[str, str]]] = {}
-    for kind, old, new in rows:
-        if kind == "patient-name":
-            issuer, pid, name = json.loads(old)
-            names.setdefault(json.dumps([issuer, pid]), []).append((name, new))
-    out = []
-    for who, new_id in ids.items():
-        issuer, pid = json.loads(who)
-        for name, new_name in names.get(who, [("", "")]):
-            out.append([issuer, pid, name, new_id, new_name, offsets.get(who, "")])
-    return out
-
-
-def _private_folder(path: Path) -> Path:
-    """A folder only its owner can enter: made 0700, or an existing one that already is."""
-    import os
-
-    if not path.exists():
-        path.mkdir(parents=True, mode=0o700)
-        os.chmod(path, 0o700)  # whatever the umask
-    elif path.stat().st_mode & 0o077:
-        raise UsageError(f"{path} can be read by others: give a new folder, or chmod 700 {path}")
-    return path
-
-
-def _write_private_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    import csv
-    import os
-
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:

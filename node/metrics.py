@@ -48,6 +48,7 @@ LOGIN_FAILURES = Counter("casemask_login_failures", "Failed dashboard logins")
 # How a quarantine reason names its step (reasons start with or contain these words).
 _STEPS = (
     ("another object of this study", "study"),
+    ("verifier", "verifier"),
     ("route ", "route"),
     ("spooled", "read"),
     ("cannot read", "read"),
@@ -61,7 +62,7 @@ _STEPS = (
 
 def step_of(reason: str) -> str:
     """The step a quarantine reason names: read, route, pixels, gates, burned_in,
-    headers, study (the rest of a study), or other."""
+    headers, verifier, study (the rest of a study), or other."""
     low = reason.lower()
     for needle, step in _STEPS:
         if needle in low:

@@ -11,7 +11,6 @@ asked (:class:`node.accounts.Principal`).
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import getpass
 import hashlib
@@ -30,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node import audit, queue, routing
 from node.accounts import Principal
 from node.config import DEFAULT_CONFIG, ConfigError, Settings, parse
-from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Pseudonym, Role, Study, StudyState, utcnow
+from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Role, Study, StudyState, utcnow
 from node.metrics import disk_free
 
 if TYPE_CHECKING:
@@ -446,46 +445,39 @@ class Service:
         return data
 
     # -- pseudonym mapping ----------------------------------------------------------------
-    def mapping_rows(self) -> dict[str, list[tuple[str, str]]]:
-        """The re-identification key: file name -> (id_old, id_new) rows."""
-        with self.sessions() as session:
-            return {name: [tuple(r) for r in session.execute(select(Pseudonym.old, Pseudonym.new).where(Pseudonym.kind == kind).order_by(Pseudonym.id))]
-                    for kind, name in (("uid", "uids.csv"), ("patient", "patient_ids.csv"))}
-
     def _mapping_exported(self, who: Principal, host: str, where: str, counts: dict[str, int]) -> None:
         with self.sessions() as session:
-            audit.record(session, "mapping-exported", actor=who.label, actor_kind=who.kind, host=host, object_kind="mapping", object_ref=where, detail=counts)
+            audit.record(session, "mapping-exported", actor=who.label, actor_kind=who.kind, host=host, object_kind="mapping", object_ref=where[:128], detail=counts)
             session.commit()
 
     def export_mapping(self, out: Path, who: Principal) -> dict[str, int]:
-        """Write the mapping CSVs (owner-only) into ``out``; returns rows per file."""
-        import os
+        """Write the mapping (node.mapping) owner-only into ``out``; returns rows per file.
 
-        out.mkdir(parents=True, exist_ok=True)
-        counts = {}
-        for name, rows in self.mapping_rows().items():
-            fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", newline="") as fh:
-                w = csv.writer(fh)
-                w.writerow(["id_old", "id_new"])
-                w.writerows(rows)
-            counts[name] = len(rows)
+        Raises:
+            MappingError: ``out`` exists and others can read it.
+        """
+        from node import mapping
+
+        folder = mapping.private_folder(out)
+        with self.sessions() as session:
+            tables = mapping.tables(session)
+        for name, (header, rows) in tables.items():
+            mapping.write_private_csv(folder / name, header, rows)
+        counts = {name: len(rows) for name, (_, rows) in tables.items()}
         self._mapping_exported(who, "", str(out), counts)
         return counts
 
     def mapping_zip(self, who: Principal, host: str = "") -> bytes:
-        """The mapping CSVs in a ZIP archive (for the API); the export is audited."""
+        """The same files in a ZIP archive (for the API); the export is audited."""
+        from node import mapping
+
+        with self.sessions() as session:
+            tables = mapping.tables(session)
         buf = io.BytesIO()
-        counts = {}
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-            for name, rows in self.mapping_rows().items():
-                text = io.StringIO()
-                w = csv.writer(text)
-                w.writerow(["id_old", "id_new"])
-                w.writerows(rows)
-                zf.writestr(name, text.getvalue())
-                counts[name] = len(rows)
-        self._mapping_exported(who, host, "http", counts)
+            for name, (header, rows) in tables.items():
+                zf.writestr(name, mapping.csv_text(header, rows))
+        self._mapping_exported(who, host, "http", {name: len(rows) for name, (_, rows) in tables.items()})
         return buf.getvalue()
 
     # -- previews -------------------------------------------------------------------------

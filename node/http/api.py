@@ -166,7 +166,7 @@ def audit_export(request: Request, event: str = "", actor: str = "", study_id: i
 
 @router.post("/mapping/export", tags=["mapping"], response_class=Response, responses={200: {"content": {"application/zip": {}}}})
 def mapping_export(request: Request, who: Principal = admin) -> Response:
-    """The pseudonym mapping (uids.csv, patient_ids.csv) as a ZIP. Only over HTTPS or on
+    """The pseudonym mapping (uids.csv, patients.csv; see `casemask export-mapping`) as a ZIP. Only over HTTPS or on
     a loopback address: it is the key that re-identifies every patient."""
     ctx = context(request)
     if ctx.http.tls is None and ctx.http.host not in ("127.0.0.1", "::1", "localhost"):
