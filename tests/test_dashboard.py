@@ -87,13 +87,13 @@ def test_dashboard_login_watch_a_study_arrive_and_retry_a_quarantined_job(tmp_pa
         browser.find_element(By.NAME, "name").send_keys("olga")
         browser.find_element(By.NAME, "password").send_keys("wrong password")
         browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-        assert "Wrong name or password" in browser.find_element(By.CSS_SELECTOR, "[role=alert]").text
+        wait.until(lambda d: "Wrong name or password" in " ".join(e.text for e in d.find_elements(By.CSS_SELECTOR, "[role=alert]")))
         browser.find_element(By.NAME, "name").clear()
         browser.find_element(By.NAME, "name").send_keys("olga")
         browser.find_element(By.NAME, "password").send_keys("operator password 1")
         browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
         wait.until(lambda d: d.current_url.rstrip("/") == hn.base)
-        assert "olga · operator" in browser.find_element(By.TAG_NAME, "header").text
+        wait.until(lambda d: "olga · operator" in d.find_element(By.TAG_NAME, "header").text)
         cookie = browser.get_cookie("casemask_session")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
 
@@ -133,7 +133,7 @@ def test_dashboard_login_watch_a_study_arrive_and_retry_a_quarantined_job(tmp_pa
         browser.get(hn.base + "/routes")
         browser.find_element(By.NAME, "file").send_keys(str(make_study(tmp_path / "c", 1)[0]))
         browser.find_element(By.CSS_SELECTOR, "form[action='/routes/explain'] button").click()
-        assert "takes research" in browser.find_element(By.TAG_NAME, "h4").text
+        wait.until(lambda d: "takes research" in " ".join(e.text for e in d.find_elements(By.TAG_NAME, "h4")))
         shot(browser, "routes-explain")
         browser.get(hn.base + "/audit?event=job-retried")
         rows = browser.find_elements(By.CSS_SELECTOR, "tbody tr")
