@@ -18,7 +18,7 @@ from pathlib import Path
 from pydicom import dcmread
 from sqlalchemy.orm import sessionmaker
 
-from node import queue, retention, routing
+from node import audit, metrics, queue, retention, routing
 from node.config import Settings
 from node.db import make_engine, make_sessionmaker
 from node.deid import Pseudonymizer
@@ -83,7 +83,16 @@ class Node:
         self.dispatchers = {d.name: Dispatcher(settings, self.sessions, d.name, owner=self.owner) for d in settings.destinations}
         self.server = None
         self.scheduler = None
+        self.http = None
         self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._reload_lock = threading.Lock()
+        from node.health import HealthMonitor
+        from node.service import Service
+
+        self.health = HealthMonitor(settings)
+        self.service = Service(settings, self.sessions, self.pseudo, node=self)
+        self.syslog = self._audit_forwarder(settings)
 
     def _recover(self, secret: bytes) -> None:
         """The start-up checks and recoveries that need the database (one transaction)."""
@@ -123,12 +132,14 @@ class Node:
                         ds = dcmread(inst.path, stop_before_pixels=True)
                     except Exception as exc:
                         queue.quarantine_instance(session, inst, f"route: spooled file unreadable ({type(exc).__name__})")
+                        metrics.QUARANTINED.labels(step="read").inc()
                         continue
                     attrs = routing.attributes_of(ds, inst.calling_ae, inst.called_ae, keys)
                     matched = [v.route for v in routing.match_routes(self.settings.routes, attrs) if v.matched]
                     queue.route_instance(session, inst, matched, self.settings.node.unrouted)
                     n += 1
                 queue.mark_study_routed(session, study)
+                audit.study_received(session, study, len(instances), instances[0].calling_ae if instances else "", instances[0].peer_host if instances else "")
                 session.commit()
         return n
 
@@ -147,22 +158,120 @@ class Node:
                     break
 
     # -- lifecycle ------------------------------------------------------------------
-    def start(self, listen: bool = True) -> None:
+    def start(self, listen: bool = True, http: bool = False) -> None:
+        """Listen for DICOM (``listen``), run the stages on the scheduler, and serve the
+        operator's HTTP API and dashboard (``http``; ``casemask serve`` passes
+        ``[http] enabled``).
+
+        Raises:
+            RuntimeError: the HTTP server could not listen on its address.
+        """
         from node.scheduler import make_scheduler
 
         if listen:
             from node.scp import start_server
 
             self.server = start_server(self.settings, self.engine)
-        jobs: dict[str, Callable[[], int]] = {"route": self.route_stable, "process": self.pipeline.run_once}
-        for name, d in self.dispatchers.items():
-            jobs[f"dispatch:{name}"] = d.run_once
-        jobs["retention"] = self.retain
+        # Jobs look the pipeline and dispatchers up at each run, so that a reload can
+        # replace them (and add or remove dispatch jobs) without restarting anything.
+        jobs: dict[str, Callable[[], int]] = {"route": self.route_stable, "process": lambda: self.pipeline.run_once(), "health": self.health.check_due,
+                                              "audit:syslog": self._forward_audit, "retention": self.retain}
+        for name in self.dispatchers:
+            jobs[f"dispatch:{name}"] = self._dispatch_job(name)
         self.scheduler = make_scheduler(self.settings.node.poll_interval_s, jobs, {"retention": self.settings.retention.interval_s})
         self.scheduler.start()
+        if http:
+            from node.http.server import HttpServer
+
+            self.http = HttpServer(self)
+            self.http.start()
+        audit.record_now(self.sessions, "node-started", actor=self.settings.node.ae_title, detail={"routes": len(self.settings.routes), "destinations": len(self.settings.destinations)})
         log.info("node %s started (id %s): %d routes, %d destinations", self.settings.node.ae_title, self.node_id, len(self.settings.routes), len(self.settings.destinations))
 
+    def _dispatch_job(self, name: str) -> Callable[[], int]:
+        def run() -> int:
+            d = self.dispatchers.get(name)
+            return d.run_once() if d is not None else 0
+
+        return run
+
+    def _forward_audit(self) -> int:
+        forwarder = self.syslog
+        return forwarder.run_once() if forwarder is not None else 0
+
+    def _audit_forwarder(self, settings: Settings) -> audit.Forwarder | None:
+        a = settings.audit
+        if not a.syslog_host:
+            return None
+        sender = audit.SyslogSender(a.syslog_host, a.syslog_port, a.syslog_transport, a.syslog_ca)
+        return audit.Forwarder(self.sessions, sender, audit.Source(settings.node.ae_title, a.site), self.pseudo.uid)
+
+    # -- live configuration -----------------------------------------------------------------
+    def reload(self, new: Settings) -> dict[str, list[str]]:
+        """Apply a validated configuration without a restart: sources, destinations,
+        routes, models, [audit] and the queue's timings. Open associations, claimed work
+        and queued objects are untouched: stages pick the new settings up at their next
+        batch; deliveries to a destination that was removed wait in the database.
+        Settings that need a restart (listening addresses, data folder, database, secret,
+        timeouts of the DICOM server, [http]) keep their running values and are listed.
+
+        Returns ``{"applied": [...], "restart_required": [...]}`` (names of tables/keys).
+        """
+        with self._reload_lock:
+            old = self.settings
+            restart = [f"node.{k}" for k in _RESTART_KEYS if getattr(old.node, k) != getattr(new.node, k)]
+            restart += [f"http.{k}" for k in type(old.http).model_fields if getattr(old.http, k) != getattr(new.http, k)]
+            merged_node = new.node.model_copy(update={k: getattr(old.node, k) for k in _RESTART_KEYS})
+            new = new.model_copy(update={"node": merged_node, "http": old.http, "source_file": new.source_file or old.source_file})
+            applied = [name for name in ("sources", "destinations", "routes", "models", "audit") if getattr(old, name) != getattr(new, name)]
+            if old.node != merged_node:
+                applied.append("node")
+            pixel_step = self.pixel_step
+            if _pixel_models(old) != _pixel_models(new) or (new.models != old.models and _pixel_models(new)):
+                pixel_step = _default_pixel_step(new)
+            dispatchers = {d.name: Dispatcher(new, self.sessions, d.name) for d in new.destinations}
+            self.pipeline = Pipeline(new, self.sessions, self.pseudo, pixel_step)  # type: ignore[arg-type]
+            self.pixel_step = pixel_step
+            self.dispatchers = dispatchers
+            self.settings = new
+            self.health.settings = new
+            if new.audit != old.audit:
+                if self.syslog is not None:
+                    self.syslog.close()
+                self.syslog = self._audit_forwarder(new)
+            policy = getattr(self.server, "access_policy", None)
+            if policy is not None:  # who may associate from now on (open associations go on)
+                policy.update(new)
+            if self.scheduler is not None:
+                wanted = {f"dispatch:{d}" for d in dispatchers}
+                present = {j.id for j in self.scheduler.get_jobs() if j.id.startswith("dispatch:")}
+                from node.scheduler import add_job
+
+                for job_id in present - wanted:
+                    self.scheduler.remove_job(job_id)
+                for job_id in sorted(wanted - present):
+                    add_job(self.scheduler, job_id, self._dispatch_job(job_id.split(":", 1)[1]), new.node.poll_interval_s)
+        log.info("configuration reloaded: %s changed%s", ", ".join(applied) or "nothing", f"; needs a restart: {', '.join(restart)}" if restart else "")
+        return {"applied": applied, "restart_required": restart}
+
+    def request_reload(self) -> None:
+        """Ask the main loop to reload the configuration file (what SIGHUP does)."""
+        self._reload_requested.set()
+
+    def _reload_from_file(self) -> None:
+        from node.accounts import Principal
+        from node.db import Role
+        from node.service import ServiceError
+
+        try:
+            self.service.reload(Principal("SIGHUP", Role.ADMIN, "node"))
+        except ServiceError as exc:
+            log.error("configuration not reloaded: %s", exc)
+
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
         if self.server is not None:
             self.server.shutdown()
             store = getattr(self.server, "store_handler", None)
@@ -172,21 +281,41 @@ class Node:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
             self.scheduler = None
+            audit.record_now(self.sessions, "node-stopped", actor=self.settings.node.ae_title)
+        if self.syslog is not None:
+            self.syslog.flush()  # the last entries, if the collector is there
+            self.syslog.close()
         self.engine.dispose()
         log.info("node stopped")
 
     def serve_forever(self) -> None:
-        """Start and block until SIGINT or SIGTERM. Python warnings go to the log with
-        their text withheld (pydicom's quote header values)."""
+        """Start (with the HTTP server when ``[http] enabled``) and block until SIGINT or
+        SIGTERM; SIGHUP reloads the configuration file. Python warnings go to the log
+        with their text withheld (pydicom's quote header values)."""
         withhold_warning_texts()
-        self.start()
+        # Handlers first: a SIGHUP during start-up would otherwise end the process.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+        self.start(http=self.settings.http.enabled)
         try:
-            while not self._stop.wait(1.0):
-                pass
+            while not self._stop.wait(0.5):
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    self._reload_from_file()
         finally:
             self.stop()
+
+
+# [node] settings a reload cannot change in a running node.
+_RESTART_KEYS = ("ae_title", "host", "port", "data_dir", "database_url", "secret_path", "secret_env", "node_id", "poll_interval_s",
+                 "acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "reactor_delay_s")
+
+
+def _pixel_models(settings: Settings) -> set[str]:
+    return {r.model for r in settings.routes if r.pixels == "anonymize"}
+
+
 
 
 def _default_pixel_step(settings: Settings) -> PixelStep | None:

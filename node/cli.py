@@ -8,6 +8,8 @@
     casemask retry [--destination NAME] [--quarantined] [--held]
     casemask purge [--dry-run]
     casemask config check [FILE]
+    casemask user add NAME --role viewer|operator|admin   (password on standard input)
+    casemask token create --name NAME --role viewer|operator|admin
     casemask deid PATH... --out DIR [--route NAME] [--burned-in clean] [--diff]
     casemask deid --verify-only ORIGINAL DEIDENTIFIED
     casemask export-mapping --out DIR        (uids.csv, patients.csv; 0700 folder, 0600 files)
@@ -125,65 +127,59 @@ def cmd_send(args) -> int:
     return 0 if not failures else 1
 
 
-def cmd_status(args) -> int:
-    settings = _settings(args)
-    from node import queue
-    from node.db import make_engine, make_sessionmaker
+def _service(args):
+    from node.service import Service
 
-    engine = make_engine(settings.node.resolved_database_url)
-    with make_sessionmaker(engine)() as session:
-        counts = queue.counts(session)
-    info = {"node": settings.node.ae_title, "data_dir": str(settings.node.data_dir), "counts": counts}
-    models_file = settings.node.data_dir / "models.json"
-    if models_file.exists():
-        info["models"] = json.loads(models_file.read_text())
+    return Service.open(_settings(args))
+
+
+def cmd_status(args) -> int:
+    info = _service(args).status()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"node {settings.node.ae_title}  data {settings.node.data_dir}")
-    for group, states in counts.items():
+    print(f"node {info['node']}  data {info['data_dir']}  version {info['version']}  disk free {info['disk_free_bytes'] / 2**30:.1f} GiB")
+    for group, states in info["counts"].items():
         line = "  ".join(f"{k}={v}" for k, v in sorted(states.items())) or "-"
         print(f"  {group:<24} {line}")
+    t = info["throughput"]
+    print(f"  last hour: received {t['received_last_hour']}, sent {t['sent_last_hour']}")
     for name, m in info.get("models", {}).items():
         print(f"  model {name}: backend {m.get('backend')} on {m.get('device')} ({m.get('why', '')})")
     return 0
 
 
 def cmd_routes_explain(args) -> int:
+    from node.service import Invalid, Service
+
     settings = _settings(args)
-    from pydicom import dcmread
-
-    from node import routing
-
-    keys = routing.keys_used(settings.routes)
+    service = Service(settings, sessions=None)  # type: ignore[arg-type]  # explaining reads no database
     status = 0
     for f in _files(args.files):
         try:
-            ds = dcmread(f, stop_before_pixels=True)
-        except Exception as exc:
-            print(f"{f}: not readable as DICOM ({type(exc).__name__})")
+            result = service.explain(f, args.calling_ae)
+        except Invalid as exc:
+            print(f"{f}: {exc}")
             status = 1
             continue
-        attrs = routing.attributes_of(ds, args.calling_ae, settings.node.ae_title, keys)
-        verdicts = routing.match_routes(settings.routes, attrs)
-        matched = [v.route for v in verdicts if v.matched]
-        print(f"{f}: " + (f"routes {', '.join(matched)}" if matched else f"no route matches (unrouted = {settings.node.unrouted})"))
-        for v in verdicts:
-            print(f"  {'MATCH' if v.matched else 'no   '} {v.route}: " + "; ".join(v.reasons))
+        matched = result["routes"]
+        print(f"{f}: " + (f"routes {', '.join(matched)}" if matched else f"no route matches (unrouted = {result['unrouted']})"))
+        for v in result["verdicts"]:
+            print(f"  {'MATCH' if v['matched'] else 'no   '} {v['route']}: " + "; ".join(v["reasons"]))
     return status
 
 
 def cmd_retry(args) -> int:
-    settings = _settings(args)
-    from node import queue
-    from node.db import make_engine, make_sessionmaker
+    from node.service import ServiceError, cli_principal
 
-    engine = make_engine(settings.node.resolved_database_url)
-    with make_sessionmaker(engine)() as session:
-        n = queue.requeue_failed(session, args.destination)
-        q = queue.requeue_quarantined(session) if args.quarantined else 0
-        h = queue.release_held(session) if args.held else 0
-        session.commit()
+    service = _service(args)
+    who = cli_principal()
+    try:
+        n = service.retry_deliveries(args.destination or "", who)
+    except ServiceError as exc:
+        raise UsageError(str(exc)) from None
+    q = service.retry_quarantined(who) if args.quarantined else 0
+    h = service.retry_held(who) if args.held else 0
     print(f"re-queued {n} failed deliveries" + (f", {q} quarantined jobs" if args.quarantined else "") + (f", {h} held objects (routed again by the running node)" if args.held else ""))
     return 0
 
@@ -203,6 +199,71 @@ def cmd_purge(args) -> int:
             print(f"  {kind:<12} {report.files[kind]:>8} files {report.bytes[kind] / 1e6:10.1f} MB")
     if report.refused:
         print(f"  refused      {report.refused:>8} rows pointing outside the spool and outbox (see the log)")
+    return 0
+
+
+def _read_password(prompt_twice: bool = True) -> str:
+    """The password from standard input: typed twice at a terminal, else its first line."""
+    import getpass
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("password: ")
+        if prompt_twice and getpass.getpass("again: ") != first:
+            raise UsageError("the two passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def cmd_user(args) -> int:
+    from node import accounts, audit
+    from node.accounts import AccountError
+    from node.service import cli_principal
+
+    service = _service(args)
+    who = cli_principal()
+    with service.sessions() as session:
+        if args.user_command == "list":
+            for u in accounts.list_users(session):
+                print(f"{u.name:<24} {u.role.value:<9} {'disabled' if u.disabled else ''}")
+            return 0
+        try:
+            user = accounts.add_user(session, args.name, args.role, _read_password(), replace=args.replace)
+        except AccountError as exc:
+            raise UsageError(str(exc)) from None
+        audit.record(session, "account-changed", actor=who.label, actor_kind=who.kind, object_kind="user", object_ref=user.name,
+                     detail={"action": "replaced" if args.replace else "added", "role": user.role.value})
+        session.commit()
+    print(f"user {args.name} ({user.role.value}) {'updated' if args.replace else 'added'}")
+    return 0
+
+
+def cmd_token(args) -> int:
+    from node import accounts, audit
+    from node.accounts import AccountError
+    from node.service import cli_principal
+
+    service = _service(args)
+    who = cli_principal()
+    with service.sessions() as session:
+        if args.token_command == "list":
+            for t in accounts.list_tokens(session):
+                print(f"{t.name:<24} {t.role.value:<9} created {t.created_at:%Y-%m-%d %H:%M}" + (f"  revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else ""))
+            return 0
+        if args.token_command == "revoke":
+            if not accounts.revoke_token(session, args.name):
+                raise UsageError(f"no live token named {args.name!r}")
+            audit.record(session, "account-changed", actor=who.label, actor_kind=who.kind, object_kind="token", object_ref=args.name, detail={"action": "revoked"})
+            session.commit()
+            print(f"token {args.name} revoked")
+            return 0
+        try:
+            value = accounts.create_token(session, args.name, args.role)
+        except AccountError as exc:
+            raise UsageError(str(exc)) from None
+        audit.record(session, "account-changed", actor=who.label, actor_kind=who.kind, object_kind="token", object_ref=args.name, detail={"action": "created", "role": str(args.role).lower()})
+        session.commit()
+    print(value)
+    print(f"token {args.name} ({str(args.role).lower()}): shown once, keep it safe; use it as 'Authorization: Bearer <token>'", file=sys.stderr)
     return 0
 
 
@@ -515,80 +576,19 @@ def _verify_only(args) -> int:
 
 
 def cmd_export_mapping(args) -> int:
-    """The mapping an honest broker needs, written owner-only (folder 0700, files 0600):
-    uids.csv (level, output kind, original UID, output UID; then every other replaced
-    UID) and patients.csv (issuer, Patient ID, Patient's Name -> pseudonymous ID and
-    name, and the date offset in days)."""
-    settings = _settings(args)
-    from sqlalchemy import select
+    """The mapping an honest broker needs, written owner-only (folder 0700, files 0600);
+    see :mod:`node.mapping`. The export is audited."""
+    from node.mapping import MappingError
+    from node.service import cli_principal
 
-    from node.db import Pseudonym, make_engine, make_sessionmaker
-
-    out = _private_folder(Path(args.out))
-    engine = make_engine(settings.node.resolved_database_url)
-    with make_sessionmaker(engine)() as session:
-        rows = session.execute(select(Pseudonym.kind, Pseudonym.old, Pseudonym.new).order_by(Pseudonym.id)).all()
-    uids = _uid_rows(rows)
-    patients = _patient_rows(rows)
-    _write_private_csv(out / "uids.csv", ["level", "output_kind", "id_old", "id_new"], uids)
-    _write_private_csv(out / "patients.csv", ["issuer", "patient_id", "patient_name", "patient_id_new", "patient_name_new", "date_offset_days"], patients)
-    print(f"{out / 'uids.csv'}: {len(uids)} rows")
-    print(f"{out / 'patients.csv'}: {len(patients)} rows")
+    out = Path(args.out)
+    try:
+        counts = _service(args).export_mapping(out, cli_principal())
+    except MappingError as exc:
+        raise UsageError(str(exc)) from None
+    for name, n in counts.items():
+        print(f"{out / name}: {n} rows")
     return 0
-
-
-def _uid_rows(rows) -> list[list[str]]:
-    from node.pipeline import LEVEL_KINDS, OUTPUT_KINDS
-
-    levels = {v: k for k, v in LEVEL_KINDS.items()}
-    kinds = {v: k for k, v in OUTPUT_KINDS.items()}
-    out = []
-    for kind, old, new in rows:
-        if "/" in kind:
-            level, short = kind.split("/", 1)
-            out.append([levels.get(level, level), kinds.get(short, short), old, new])
-    out += [["reference", "", old, new] for kind, old, new in rows if kind == "uid"]
-    return out
-
-
-def _patient_rows(rows) -> list[list[str]]:
-    ids = {old: new for kind, old, new in rows if kind == "patient"}
-    offsets = {old: new for kind, old, new in rows if kind == "date-offset"}
-    names: dict[str, list[tuple[str, str]]] = {}
-    for kind, old, new in rows:
-        if kind == "patient-name":
-            issuer, pid, name = json.loads(old)
-            names.setdefault(json.dumps([issuer, pid]), []).append((name, new))
-    out = []
-    for who, new_id in ids.items():
-        issuer, pid = json.loads(who)
-        for name, new_name in names.get(who, [("", "")]):
-            out.append([issuer, pid, name, new_id, new_name, offsets.get(who, "")])
-    return out
-
-
-def _private_folder(path: Path) -> Path:
-    """A folder only its owner can enter: made 0700, or an existing one that already is."""
-    import os
-
-    if not path.exists():
-        path.mkdir(parents=True, mode=0o700)
-        os.chmod(path, 0o700)  # whatever the umask
-    elif path.stat().st_mode & 0o077:
-        raise UsageError(f"{path} can be read by others: give a new folder, or chmod 700 {path}")
-    return path
-
-
-def _write_private_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    import csv
-    import os
-
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -636,6 +636,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("purge", help="delete what retention says is due now ([retention]); rows stay"))
     sp.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
     sp.set_defaults(func=cmd_purge)
+
+    sp = sub.add_parser("user", help="dashboard accounts")
+    usub = sp.add_subparsers(dest="user_command", metavar="SUBCOMMAND", required=True)
+    ua = with_config(usub.add_parser("add", help="add a user (password from standard input)"))
+    ua.add_argument("name", metavar="NAME")
+    ua.add_argument("--role", required=True, choices=["viewer", "operator", "admin"], help="viewer reads; operator also retries and discards; admin also changes configuration and exports mappings")
+    ua.add_argument("--replace", action="store_true", help="set a new password and role for an existing user")
+    ua.set_defaults(func=cmd_user)
+    ul = with_config(usub.add_parser("list", help="list users"))
+    ul.set_defaults(func=cmd_user)
+
+    sp = sub.add_parser("token", help="API bearer tokens")
+    tsub = sp.add_subparsers(dest="token_command", metavar="SUBCOMMAND", required=True)
+    tc = with_config(tsub.add_parser("create", help="make a token and print it once"))
+    tc.add_argument("--name", required=True, metavar="NAME")
+    tc.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    tc.set_defaults(func=cmd_token)
+    tr = with_config(tsub.add_parser("revoke", help="revoke a token"))
+    tr.add_argument("name", metavar="NAME")
+    tr.set_defaults(func=cmd_token)
+    tl = with_config(tsub.add_parser("list", help="list tokens (names and roles; values are never shown again)"))
+    tl.set_defaults(func=cmd_token)
 
     sp = sub.add_parser("config", help="configuration tools")
     csub = sp.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)

@@ -221,6 +221,45 @@ class ModelSettings(_Table):
         return {"triton": self.triton_target()} if self.backend == "triton" else {}
 
 
+def _tcp_port(cls: type, v: int) -> int:
+    """A field validator shared by the tables with a port."""
+    if not 1 <= v <= 65535:
+        raise ValueError("a TCP port is an integer from 1 to 65535")
+    return v
+
+
+class HttpTls(_Table):
+    certificate: Path = hint("a PEM certificate file, e.g. certificate = \"/etc/casemask/http.crt\"", strict=False)
+    private_key: Path = hint("the PEM private key of that certificate, e.g. private_key = \"/etc/casemask/http.key\"", strict=False)
+
+
+class HttpSettings(_Table):
+    """The operator's HTTP server (API, dashboard, /metrics), started by ``casemask serve``."""
+
+    enabled: StrictBool = hint("true or false", True)
+    host: str = hint("an address to listen on, e.g. \"127.0.0.1\" (this machine only) or \"0.0.0.0\"", "127.0.0.1")
+    port: StrictInt = hint("a TCP port is an integer from 1 to 65535", 8080)
+    tls: HttpTls | None = hint("a table, e.g. tls = { certificate = \"http.crt\", private_key = \"http.key\" }", None)
+    public_metrics: StrictBool = hint("true or false (true: /metrics answers without a token)", False)
+    session_hours: Seconds = hint("hours a dashboard login lasts, more than 0", 8.0, gt=0)
+    login_attempts: StrictInt = hint("failed logins allowed per name and address within login_window_s, 1 or more", 5, ge=1)
+    login_window_s: Seconds = hint("seconds, more than 0", 900.0, gt=0)
+
+    _port = field_validator("port")(_tcp_port)
+
+
+class AuditSettings(_Table):
+    """Where audit messages go besides the database (which always keeps them)."""
+
+    site: str = hint("a name for this site in audit messages (AuditEnterpriseSiteID), e.g. \"Radiology\"", "")
+    syslog_host: str = hint("a syslog collector's host name or address; empty: no syslog", "")
+    syslog_port: StrictInt = hint("a TCP or UDP port from 1 to 65535 (514 UDP, 6514 TLS are usual)", 514)
+    syslog_transport: Literal["udp", "tcp", "tls"] = hint("choose one of 'udp', 'tcp', 'tls'", "udp")
+    syslog_ca: Path | None = hint("for tls: a PEM file of the CA that signed the collector's certificate", None, strict=False)
+
+    _port = field_validator("syslog_port")(_tcp_port)
+
+
 class Settings(BaseModel):
     """The whole configuration; built by :func:`parse`, never from raw TOML directly."""
 
@@ -232,6 +271,8 @@ class Settings(BaseModel):
     destinations: list[Destination] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
     models: list[ModelSettings] = Field(default_factory=list)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     source_file: Path | None = None
     warnings: list[str] = Field(default_factory=list)  # suspicious but valid settings
 
@@ -392,9 +433,19 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
 
     if any(r.deid is not None and r.deid.burned_in == "clean" for r in routes):
         _check_burned_in_regions(node, problems)
+    http = _validate(HttpSettings, raw.get("http", {}), "[http]", problems) or HttpSettings()
+    if http.tls is not None:
+        http.tls.certificate = _absolute(http.tls.certificate, base_dir)  # type: ignore[assignment]
+        http.tls.private_key = _absolute(http.tls.private_key, base_dir)  # type: ignore[assignment]
+        for key in ("certificate", "private_key"):
+            if not Path(getattr(http.tls, key)).is_file():
+                problems.append(f"[http] tls.{key} = {str(getattr(http.tls, key))!r}: no such file (a PEM file the node can read)")
+    audit = _validate(AuditSettings, raw.get("audit", {}), "[audit]", problems) or AuditSettings()
+    audit.syslog_ca = _absolute(audit.syslog_ca, base_dir)
+
     if problems:
         raise ConfigError(problems, source)
-    return Settings(node=node, retention=retention, sources=sources, destinations=destinations, routes=routes, models=models, warnings=warnings)
+    return Settings(node=node, retention=retention, sources=sources, destinations=destinations, routes=routes, models=models, http=http, audit=audit, warnings=warnings)
 
 
 def _check_burned_in_regions(node: NodeSettings, problems: list[str]) -> None:

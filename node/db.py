@@ -14,6 +14,8 @@ from pathlib import Path
 
 from sqlalchemy import (
     Connection,
+    DDL,
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -69,6 +71,7 @@ class JobState(enum.StrEnum):
     PROCESSING = "PROCESSING"
     DONE = "DONE"
     QUARANTINED = "QUARANTINED"
+    DISCARDED = "DISCARDED"  # an operator gave up on a quarantined job: nothing of it is sent
 
 
 class DeliveryState(enum.StrEnum):
@@ -224,6 +227,103 @@ def insert_if_absent(conn: Connection | Session, model: type[Base], rows: list[d
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     conn.execute(dialect_insert(model.__table__).on_conflict_do_nothing(), rows)
+
+
+# -- operators: accounts, tokens, dashboard sessions, audit trail (node.accounts, node.audit)
+class Role(enum.StrEnum):
+    """What an account or token may do: viewers read, operators act on the queue,
+    admins also change the configuration and export mappings."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    ADMIN = "admin"
+
+
+class User(Base):
+    """A person who logs in to the dashboard (password hashed with argon2id)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[Role] = mapped_column(Enum(Role, native_enum=False, length=16))
+    password_hash: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ApiToken(Base):
+    """A bearer token for the API and /metrics; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[Role] = mapped_column(Enum(Role, native_enum=False, length=16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class UiSession(Base):
+    """A dashboard login: the cookie's SHA-256 and the CSRF token of its forms."""
+
+    __tablename__ = "ui_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    user: Mapped[User] = relationship()
+
+
+class AuditEvent(Base):
+    """One entry of the append-only audit trail (triggers refuse UPDATE and DELETE).
+
+    Pseudonymous references only: a study is named by its row id (exports show its
+    pseudonymous Study Instance UID), jobs and deliveries by id, senders by AE title.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    event: Mapped[str] = mapped_column(String(32), index=True)
+    outcome: Mapped[int] = mapped_column(Integer, default=0)  # RFC 3881 EventOutcomeIndicator: 0, 4, 8, 12
+    actor: Mapped[str] = mapped_column(String(128), default="")
+    actor_kind: Mapped[str] = mapped_column(String(16), default="")  # user | token | ae | node | cli
+    host: Mapped[str] = mapped_column(String(64), default="")
+    study_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    object_kind: Mapped[str] = mapped_column(String(32), default="")
+    object_ref: Mapped[str] = mapped_column(String(128), default="")
+    detail: Mapped[str] = mapped_column(Text, default="{}")  # JSON, no PHI
+
+
+class AuditCursor(Base):
+    """How far an audit sink (the syslog forwarder) has sent the trail."""
+
+    __tablename__ = "audit_cursors"
+
+    sink: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_id: Mapped[int] = mapped_column(Integer, default=0)
+
+
+for _verb in ("UPDATE", "DELETE"):
+    event.listen(
+        AuditEvent.__table__,
+        "after_create",
+        DDL(f"CREATE TRIGGER audit_events_no_{_verb.lower()} BEFORE {_verb} ON audit_events BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END").execute_if(dialect="sqlite"),
+    )
+event.listen(
+    AuditEvent.__table__,
+    "after_create",
+    DDL(
+        "CREATE FUNCTION audit_events_append_only() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'the audit trail is append-only'; END $$ LANGUAGE plpgsql; "
+        "CREATE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_events_append_only()"
+    ).execute_if(dialect="postgresql"),
+)
 
 
 def _sqlite_adapter(engine: Engine) -> None:

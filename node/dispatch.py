@@ -17,10 +17,11 @@ from collections import Counter
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
-from node import queue
+from node import audit, metrics, queue
 from node.config import Settings
-from node.db import Delivery, db_now
+from node.db import Delivery, DeliveryState, db_now
 from node.scu import Outcome, Work, make_sender
 
 log = logging.getLogger(__name__)
@@ -116,12 +117,15 @@ class Dispatcher:
                 else:
                     state = "FAILED" if queue.mark_failed(session, d, self.owner, outcome.reason) else None
                 session.commit()
+                if state is not None:  # what the guarded UPDATE wrote, for audit and metrics (not flushed again)
+                    set_committed_value(d, "state", DeliveryState(state))
                 tally[state or "LOST"] += 1
                 if outcome.reason:
                     reasons.setdefault(outcome.kind, outcome.reason)
                 if state is None:
                     log.warning("delivery %d (-> %s): its lease had passed to another worker while it was sent", d.id, self.dest.name)
 
+            sending = metrics.timed("send").start()
             try:
                 self.sender.send(work, report, lambda w: lease.holds(session, w.key))
             except Exception as exc:
@@ -131,10 +135,13 @@ class Dispatcher:
                 session.commit()
                 raise
             finally:
+                sending.stop()
                 self.health.after_batch(tally, reasons)
             # Not tried (the lease was lost, or the sender stopped early): back to the
             # queue without counting an attempt, where still this worker's.
             for d in by_id.values():
                 queue.release(session, d, self.owner)
+            audit.dispatched(session, self.dest.name, claimed)
+            metrics.observe_dispatched(session, self.dest.name, claimed)
             session.commit()
             return len(claimed)

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node import queue
+from node import audit, metrics, queue
 from node.config import Route, Settings
 from node.db import Job, Output, Pseudonym, insert_if_absent
 from node.deid import Deidentifier, Pseudonymizer, QuarantineError, Result, to_bytes
@@ -157,6 +157,8 @@ class Pipeline:
         log.error("route %s: a batch of %d jobs failed (%s, raised at %s)", route, len(jobs), reason, location(cause))
         held = [job.id for job in jobs if queue.fail_attempt(session, job, self.owner, reason, node.max_job_attempts, node.retry_base_s, node.retry_max_s)]
         _remove_written(written, held)
+        audit.processed(session, jobs)  # those whose last try this was are quarantined
+        metrics.observe_processed(jobs)
 
     def process(self, session: Session, jobs: list[Job], written: dict[int, list[Path]] | None = None) -> None:
         """Take claimed jobs of one route through its steps and finish each (guarded by
@@ -192,7 +194,8 @@ class Pipeline:
                     it.error = f"pixels: pixel anonymization required but not available: {why}"
             elif live:
                 try:
-                    self.pixel_step.process(live, route, self.pseudo)  # type: ignore[union-attr]
+                    with metrics.timed("pixels"):
+                        self.pixel_step.process(live, route, self.pseudo)  # type: ignore[union-attr]
                 except Exception as exc:  # the whole step failed: a try of every job, not a verdict
                     raise BatchError("pixels", exc) from exc
                 for it in live:
@@ -202,6 +205,7 @@ class Pipeline:
             for it in live:
                 it.outputs = [("deidentified" if route.deid else "forwarded", it.source)]  # type: ignore[list-item]
         mappings: dict[str, dict[str, str]] = {}
+        headers = metrics.timed("headers").start()
         for it in items:
             if it.error:
                 continue
@@ -230,6 +234,7 @@ class Pipeline:
         for it in items:
             if it.error:
                 it.error = self._clean(it, it.error)
+        headers.stop()
         if route.partial == "quarantine-study":
             first_error: dict[int, str] = {}
             for it in items:
@@ -240,6 +245,8 @@ class Pipeline:
                     it.error = f"another object of this study was quarantined (partial = quarantine-study): {first_error[it.job.study_id]}"
         self._finish(session, route, items, written)
         self._save_mappings(session, mappings)
+        audit.processed(session, jobs)
+        metrics.observe_processed(jobs)
 
     def _finish(self, session: Session, route: Route, items: list[Item], written: dict[int, list[Path]]) -> None:
         """Write the outputs of the items without an error, then record every item's end

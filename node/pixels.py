@@ -31,6 +31,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import IS, DSfloat, PersonName
 
+from node import metrics
 from node.config import Route, Settings
 from node.deid import Pseudonymizer
 from node.wire import peek, peek_float, peek_str, peek_strs, tag_vr
@@ -324,7 +325,8 @@ class EnginePixelStep:
             return
         x = to_model_batch(inputs, all_maps, size)[:, None]
         with self._lock:  # one inference at a time per model
-            anon = model.anonymize(x, noise=np.stack(noises))  # type: ignore[attr-defined]
+            with metrics.timed("engine", metrics.ENGINE_BATCH_SECONDS):
+                anon = model.anonymize(x, noise=np.stack(noises))  # type: ignore[attr-defined]
             cf = None
             if route.counterfactuals:
                 med, _, _ = model.encode(x)  # type: ignore[attr-defined]

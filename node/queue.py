@@ -645,17 +645,48 @@ def requeue_quarantined(session: Session) -> int:
         )
     )
     for job in jobs:
-        job.state = JobState.PENDING
-        job.reason = ""
-        job.owner = None
-        job.attempts = 0
-        job.deferrals = 0
-        job.next_attempt_at = None
-        _set_instance(job.instance, InstanceState.ROUTED)
-        study = session.get(Study, job.study_id)
-        if study is not None and study.state == StudyState.DONE:
-            _set_study(study, StudyState.ROUTED)
+        requeue_job(session, job)
     return len(jobs)
+
+
+def requeue_job(session: Session, job: Job) -> None:
+    """QUARANTINED -> PENDING with its tries reset: process this job again (its study
+    reopens if DONE).
+
+    Raises:
+        ValueError: the job is not quarantined, or retention already deleted its original.
+    """
+    if job.state != JobState.QUARANTINED:
+        raise ValueError(f"job {job.id} is {job.state.value}, not QUARANTINED")
+    if job.instance.purged_at is not None:
+        raise ValueError(f"job {job.id}: its original was deleted by retention ([retention] quarantine_days); it cannot be processed again")
+    job.state = JobState.PENDING
+    job.reason = ""
+    job.owner = None
+    job.attempts = 0
+    job.deferrals = 0
+    job.next_attempt_at = None
+    job.updated_at = utcnow()
+    _set_instance(job.instance, InstanceState.ROUTED)
+    study = session.get(Study, job.study_id)
+    if study is not None and study.state == StudyState.DONE:
+        _set_study(study, StudyState.ROUTED)
+
+
+def discard_job(session: Session, job: Job, reason: str) -> None:
+    """QUARANTINED -> DISCARDED: an operator gave up on it; nothing of it is ever sent.
+    Its instance becomes IGNORED once none of its jobs is quarantined or open."""
+    if job.state != JobState.QUARANTINED:
+        raise ValueError(f"job {job.id} is {job.state.value}, not QUARANTINED")
+    job.state = JobState.DISCARDED
+    job.reason = reason
+    job.updated_at = utcnow()
+    log.info("job %d (route %s): QUARANTINED -> DISCARDED", job.id, job.route)
+    session.flush()
+    inst = job.instance
+    states = set(session.scalars(select(Job.state).where(Job.instance_id == inst.id)))
+    if states <= {JobState.DONE, JobState.DISCARDED}:
+        _set_instance(inst, InstanceState.PROCESSED if JobState.DONE in states else InstanceState.IGNORED, reason)
 
 
 def counts(session: Session) -> dict[str, dict[str, int]]:

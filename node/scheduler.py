@@ -45,5 +45,10 @@ def make_scheduler(interval_s: float, jobs: dict[str, Callable[[], int]], interv
         timezone="UTC",
     )
     for name, fn in jobs.items():
-        sched.add_job(_drain(fn), "interval", seconds=intervals.get(name, interval_s), id=name, name=name)
+        add_job(sched, name, fn, intervals.get(name, interval_s))
     return sched
+
+
+def add_job(sched: BackgroundScheduler, name: str, fn: Callable[[], int], interval_s: float) -> None:
+    """Add one drained interval job (also to a running scheduler, on reload)."""
+    sched.add_job(_drain(fn), "interval", seconds=interval_s, id=name, name=name)

@@ -23,8 +23,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import sessionmaker
 
-from node import queue
+from node import audit, metrics, queue
 from node.config import Settings
 from node.spool import spool_path, write_atomic
 from node.wire import part10_header, row_attributes
@@ -95,10 +96,14 @@ class AccessPolicy:
 
     def __init__(self, settings: Settings) -> None:
         self.ae_title = settings.node.ae_title
-        self.accept_unknown = settings.node.accept_unknown_sources
-        self.sources: dict[str, set[str | None]] = {}
+        self.update(settings)
+
+    def update(self, settings: Settings) -> None:
+        """Take new [[sources]] and accept_unknown_sources (a configuration reload)."""
+        sources: dict[str, set[str | None]] = {}
         for s in settings.sources:
-            self.sources.setdefault(s.ae_title.strip(), set()).add(_resolve(s.host) if s.host else None)
+            sources.setdefault(s.ae_title.strip(), set()).add(_resolve(s.host) if s.host else None)
+        self.accept_unknown, self.sources = settings.node.accept_unknown_sources, sources
 
     def check(self, calling_ae: str, called_ae: str, host: str) -> tuple[int, str] | None:
         """None when allowed; else (A-ASSOCIATE-RJ reason, why)."""
@@ -247,6 +252,7 @@ class StoreHandler:
         if not is_new:
             log.info("C-STORE %s from %s: already stored, answered Success", sop_uid, calling)
         log.debug("C-STORE %s from %s: stored", sop_uid, calling)
+        metrics.observe_received(received.size)
         if self.on_stored:
             self.on_stored()
         return SUCCESS
@@ -269,6 +275,7 @@ def make_ae(settings: Settings) -> AE:
 def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None) -> ThreadedAssociationServer:
     """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
     policy = AccessPolicy(settings)
+    audit_sessions = sessionmaker(engine)
     reactor_delay = settings.node.reactor_delay_s
     _install_reactor_clock(max(reactor_delay, 0.0001))
 
@@ -279,6 +286,8 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
         called = rq.called_ae_title.strip()
         host = str(assoc.requestor.address)
         refusal = policy.check(calling, called, host)
+        metrics.ASSOCIATIONS.labels(result="accepted" if refusal is None else "rejected").inc()
+        audit.association(audit_sessions, calling, host, called, refusal[1] if refusal else "")
         if refusal is None:
             log.info("association from %s@%s to %s: accepted", calling, host, called)
             return
@@ -310,6 +319,7 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     ae = make_ae(settings)
     server = ae.start_server((settings.node.host, settings.node.port), block=False, evt_handlers=handlers)
     server.store_handler = store  # type: ignore[attr-defined]  # closed by Node.stop after shutdown()
+    server.access_policy = policy  # type: ignore[attr-defined]  # updated by Node.reload
     log.info("listening as %s on %s:%d", settings.node.ae_title, settings.node.host, settings.node.port)
     return server
 

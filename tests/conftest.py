@@ -262,7 +262,8 @@ def node_config(tmp_path: Path, destinations: list[dict], routes: list[dict] | N
             "destinations": [d["name"] for d in destinations],
         }
     ]
-    return {"node": node, "sources": [{"ae_title": "STORESCU"}, {"ae_title": "ECHOSCU"}, {"ae_title": "CASEMASK"}, {"ae_title": "MODALITY1"}], "destinations": destinations, "routes": routes}
+    return {"node": node, "sources": [{"ae_title": "STORESCU"}, {"ae_title": "ECHOSCU"}, {"ae_title": "CASEMASK"}, {"ae_title": "MODALITY1"}], "destinations": destinations, "routes": routes,
+            "http": {"host": "127.0.0.1", "port": free_port()}}
 
 
 def write_toml(raw: dict, path: Path) -> Path:
@@ -282,8 +283,9 @@ def write_toml(raw: dict, path: Path) -> Path:
         raise TypeError(type(v))
 
     lines = ["[node]"] + [f"{k} = {val(v)}" for k, v in raw["node"].items()]
-    if "retention" in raw:
-        lines += ["", "[retention]"] + [f"{k} = {val(v)}" for k, v in raw["retention"].items()]
+    for table in ("retention", "http", "audit"):
+        if table in raw:
+            lines += ["", f"[{table}]"] + [f"{k} = {val(v)}" for k, v in raw[table].items()]
     for table in ("sources", "destinations", "routes", "models"):
         for entry in raw.get(table, []):
             lines += ["", f"[[{table}]]"] + [f"{k} = {val(v)}" for k, v in entry.items()]
@@ -299,11 +301,11 @@ def start_node(tmp_path: Path):
 
     nodes = []
 
-    def start(raw: dict, pixel_step="auto", listen: bool = True, schedule: bool = True) -> Node:
+    def start(raw: dict, pixel_step="auto", listen: bool = True, schedule: bool = True, http: bool = False) -> Node:
         settings = parse(raw, "test", base_dir=tmp_path)
         n = Node(settings, pixel_step=pixel_step)
         if schedule:
-            n.start(listen=listen)
+            n.start(listen=listen, http=http)
         elif listen:
             from node.scp import start_server
 

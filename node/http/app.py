@@ -1,0 +1,97 @@
+"""The FastAPI application: API, dashboard, /metrics, /healthz, /readyz, static files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.security import HTTPAuthorizationCredentials
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from node.accounts import LoginLimiter
+from node.config import HttpSettings
+from node.http import api, pages
+from node.http.auth import AuthContext, LoginRequired, bearer, token_principal
+from node.metrics import exposition, node_registry
+from node.service import Service, ServiceError, version
+
+STATIC = Path(__file__).parent / "static"
+
+# The dashboard loads nothing from elsewhere and runs no inline script or style.
+_CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+
+
+class SecurityHeaders(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next):
+        response = await call_next(request)
+        h = response.headers
+        h.setdefault("Content-Security-Policy", _CSP)
+        h.setdefault("X-Content-Type-Options", "nosniff")
+        h.setdefault("X-Frame-Options", "DENY")
+        h.setdefault("Referrer-Policy", "no-referrer")
+        if not request.url.path.startswith("/static/"):
+            h.setdefault("Cache-Control", "no-store")
+        return response
+
+
+def create_app(service: Service, http: HttpSettings | None = None) -> FastAPI:
+    """The application for one node's service layer."""
+    http = http or HttpSettings()
+    app = FastAPI(
+        title="casemask", version=version(), openapi_url="/api/v1/openapi.json", docs_url=None, redoc_url=None,
+        description="Operator API of a casemask de-identification node. Authenticate with `Authorization: Bearer <token>` "
+                    "(`casemask token create --name N --role viewer|operator|admin`). Viewers read; operators retry and "
+                    "discard; admins change the configuration and export the pseudonym mapping.",
+    )
+    app.state.auth = AuthContext(service, http, LoginLimiter(http.login_attempts, http.login_window_s))
+    registry = node_registry(service.sessions, service.settings.node.data_dir)
+    app.add_middleware(SecurityHeaders)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError):
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": str(exc), "problems": exc.problems}, status_code=exc.status)
+        return pages.error_page(request, exc.status, str(exc), exc.problems)
+
+    @app.exception_handler(LoginRequired)
+    async def _login(request: Request, exc: LoginRequired):
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        from urllib.parse import quote
+
+        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        if request.url.path.startswith(("/api/", "/metrics")) or exc.status_code == 401:
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        return pages.error_page(request, exc.status_code, str(exc.detail), [])
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> PlainTextResponse:
+        """Alive: the process answers."""
+        return PlainTextResponse("ok\n")
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> PlainTextResponse:
+        """Ready: database, disk, models and destinations (no details without a token)."""
+        ok = service.ready()
+        return PlainTextResponse("ready\n" if ok else "not ready\n", status_code=200 if ok else 503)
+
+    def metrics_access(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if http.public_metrics:
+            return
+        if not creds or token_principal(app.state.auth, creds.credentials) is None:
+            raise HTTPException(401, "a valid bearer token is required for /metrics (or [http] public_metrics = true)", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(metrics_access)])
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

@@ -1,0 +1,149 @@
+"""Authentication and roles for the HTTP server.
+
+The API takes ``Authorization: Bearer <token>`` (tokens from ``casemask token create``);
+the dashboard a session cookie (HttpOnly, SameSite=Strict, Secure over TLS) set by the
+login form, and every form it posts carries the session's CSRF token. No token or
+cookie: 401 (the dashboard redirects to its login page); a role too low: 403.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Callable
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from node import accounts, audit
+from node.accounts import LoginLimiter, Principal
+from node.config import HttpSettings
+from node.db import Role
+from node.service import Service
+
+SESSION_COOKIE = "casemask_session"
+LOGIN_COOKIE = "casemask_login"  # double-submit token of the login form (login CSRF)
+
+bearer = HTTPBearer(auto_error=False, description="a token from `casemask token create`")
+
+
+@dataclasses.dataclass
+class AuthContext:
+    service: Service
+    http: HttpSettings
+    limiter: LoginLimiter
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.http.tls is not None
+
+
+def context(request: Request) -> AuthContext:
+    return request.app.state.auth
+
+
+def client_host(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def token_principal(ctx: AuthContext, value: str) -> Principal | None:
+    with ctx.service.sessions() as session:
+        return accounts.principal_for_token(session, value)
+
+
+def api_role(role: Role) -> Callable[..., Principal]:
+    """A dependency: the bearer token's principal, with at least ``role``."""
+
+    def dependency(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        p = token_principal(context(request), creds.credentials) if creds and creds.scheme.lower() == "bearer" else None
+        if p is None:
+            raise HTTPException(401, "a valid bearer token is required (casemask token create)", headers={"WWW-Authenticate": "Bearer"})
+        if not p.may(role):
+            raise HTTPException(403, f"this needs the {role.value} role; the token has {p.role.value}")
+        return p
+
+    return dependency
+
+
+# -- dashboard sessions ---------------------------------------------------------------------
+class LoginRequired(Exception):
+    """Raised by page dependencies; the app turns it into a redirect to /login."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UiUser:
+    principal: Principal
+    csrf: str
+    cookie: str
+
+
+def ui_user(request: Request) -> UiUser:
+    """The logged-in dashboard user, or LoginRequired."""
+    ctx = context(request)
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    if not cookie:
+        raise LoginRequired()
+    with ctx.service.sessions() as session:
+        found = accounts.session_principal(session, cookie)
+    if found is None:
+        raise LoginRequired()
+    return UiUser(found[0], found[1], cookie)
+
+
+def ui_role(role: Role) -> Callable[..., UiUser]:
+    def dependency(user: UiUser = Depends(ui_user)) -> UiUser:
+        if not user.principal.may(role):
+            raise HTTPException(403, f"this needs the {role.value} role; you are {user.principal.role.value}")
+        return user
+
+    return dependency
+
+
+def check_csrf(user: UiUser, token: str) -> None:
+    if not token or not accounts.same_secret(token, user.csrf):
+        raise HTTPException(403, "the form is out of date (CSRF check failed): reload the page and try again")
+
+
+def login(ctx: AuthContext, name: str, password: str, host: str) -> tuple[str, str] | str:
+    """Check a login; returns (cookie, csrf) or the message to show. Rate-limited per
+    name and per address; every attempt is audited (an unknown name as such)."""
+    keys = (f"name:{name.lower()}", f"addr:{host}")
+    wait = ctx.limiter.retry_after(*keys)
+    sessions = ctx.service.sessions
+    if wait > 0:
+        audit.record_now(sessions, "login", actor=name if _known(ctx, name) else "(unknown name)", actor_kind="user", host=host,
+                         outcome=audit.MINOR_FAILURE, object_kind="user", object_ref=name[:64], detail={"reason": "too many failed logins: refused without checking"})
+        return f"Too many failed logins. Try again in {int(wait) + 1} seconds."
+    with sessions() as session:
+        p = accounts.authenticate(session, name, password)
+        if p is None:
+            known = accounts.user_exists(session, name)
+            audit.record(session, "login", actor=name if known else "(unknown name)", actor_kind="user", host=host, outcome=audit.MINOR_FAILURE,
+                         object_kind="user", object_ref=name[:64] if known else "", detail={"reason": "wrong name or password"})
+            session.commit()
+            ctx.limiter.failed(*keys)
+            from node.metrics import LOGIN_FAILURES
+
+            LOGIN_FAILURES.inc()
+            return "Wrong name or password."
+        cookie, csrf = accounts.open_session(session, p.name, ctx.http.session_hours)
+        audit.record(session, "login", actor=p.name, actor_kind="user", host=host, object_kind="user", object_ref=p.name, detail={"role": p.role.value})
+        session.commit()
+    ctx.limiter.succeeded(keys[0])
+    return cookie, csrf
+
+
+def _known(ctx: AuthContext, name: str) -> bool:
+    with ctx.service.sessions() as session:
+        return accounts.user_exists(session, name)
+
+
+def logout(ctx: AuthContext, user: UiUser, host: str) -> None:
+    with ctx.service.sessions() as session:
+        accounts.close_session(session, user.cookie)
+        audit.record(session, "logout", actor=user.principal.name, actor_kind="user", host=host, object_kind="user", object_ref=user.principal.name)
+        session.commit()
+
+
+def new_login_token() -> str:
+    return secrets.token_urlsafe(24)
