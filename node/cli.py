@@ -73,6 +73,10 @@ def cmd_serve(args) -> int:
     settings = _settings(args)
     from node.app import Node
 
+    from node.pixels import describe_route, route_models
+
+    for entry in route_models(settings):
+        log.info("%s", describe_route(entry))
     node = Node(settings)
     print(f"casemask {settings.node.ae_title} listening on {settings.node.host}:{settings.node.port}; data in {settings.node.data_dir}", file=sys.stderr)
     node.serve_forever()
@@ -133,7 +137,10 @@ def cmd_status(args) -> int:
     engine = make_engine(settings.node.resolved_database_url)
     with make_sessionmaker(engine)() as session:
         counts = queue.counts(session)
-    info = {"node": settings.node.ae_title, "data_dir": str(settings.node.data_dir), "counts": counts}
+    from node.pixels import describe_route, route_models
+
+    routes = route_models(settings)
+    info = {"node": settings.node.ae_title, "data_dir": str(settings.node.data_dir), "counts": counts, "routes": routes}
     models_file = settings.node.data_dir / "models.json"
     if models_file.exists():
         info["models"] = json.loads(models_file.read_text())
@@ -144,6 +151,8 @@ def cmd_status(args) -> int:
     for group, states in counts.items():
         line = "  ".join(f"{k}={v}" for k, v in sorted(states.items())) or "-"
         print(f"  {group:<24} {line}")
+    for entry in routes:
+        print(f"  {describe_route(entry)}")
     for name, m in info.get("models", {}).items():
         print(f"  model {name}: backend {m.get('backend')} on {m.get('device')} ({m.get('why', '')})")
     return 0
