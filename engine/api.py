@@ -47,7 +47,7 @@ class Model:
 
     @property
     def n_classes(self) -> int:
-        return self.bundle.config.n_classes
+        return int(self.bundle.dims["n_classes"])
 
     @property
     def classes(self) -> list[str]:
@@ -107,8 +107,9 @@ class Model:
     def _check(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         s = self.image_size
-        if x.ndim != 4 or x.shape[1:] != (self.bundle.config.channels, s, s):
-            raise ValueError(f"images must be N x {self.bundle.config.channels} x {s} x {s}, got {x.shape}")
+        c = int(self.bundle.dims.get("channels", 1))
+        if x.ndim != 4 or x.shape[1:] != (c, s, s):
+            raise ValueError(f"images must be N x {c} x {s} x {s}, got {x.shape}")
         return x
 
     # -- the four operations ----------------------------------------------------------
@@ -120,7 +121,7 @@ class Model:
         return self.runner("reconstruct").infer({"image": self._check(x)})["output"]
 
     def identity_noise(self, n: int, seed: int | None = None) -> np.ndarray:
-        return np.random.default_rng(seed).standard_normal((n, self.bundle.config.vae_latent)).astype(np.float32)
+        return np.random.default_rng(seed).standard_normal((n, int(self.bundle.dims["vae_latent"]))).astype(np.float32)
 
     def synthetic_identities(self, n: int, seed: int | None = None, noise: np.ndarray | None = None) -> np.ndarray:
         """Identity vectors that anonymization draws (the VAE's decoder) from ``noise``, or

@@ -31,7 +31,7 @@ def _copy_source(dest: Path) -> Path:
 
 
 def test_node_anonymizes_and_gates_pixels_in_a_virtualenv_without_torch(tmp_path):
-    from tests.test_gates import dx_like
+    from tests.test_gates import dx_like, fixed_secret
     from tests.test_pixels import make_dx
 
     src = _copy_source(tmp_path / "src")
@@ -39,8 +39,10 @@ def test_node_anonymizes_and_gates_pixels_in_a_virtualenv_without_torch(tmp_path
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    # The same indexes as `make venv` (pip's configuration); no [train]: no torch.
-    r = subprocess.run([str(py), "-m", "pip", "install", "--quiet", str(src)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    # The same indexes as `make venv` (pip's configuration); no [train]: no torch. Editable,
+    # because the header profile (config/annex_e.json) is read beside the sources, not
+    # packaged into a wheel.
+    r = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "-e", str(src)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     for absent in ("torch", "onnx"):
         r = subprocess.run([str(py), "-c", f"import {absent}"], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
@@ -49,7 +51,8 @@ def test_node_anonymizes_and_gates_pixels_in_a_virtualenv_without_torch(tmp_path
     out = tmp_path / "archive"
     port = free_port()
     raw = {
-        "node": {"ae_title": "CASEMASK", "host": "127.0.0.1", "port": port, "data_dir": str(tmp_path / "var"), "stable_after_s": 0.5, "poll_interval_s": 0.2},
+        "node": {"ae_title": "CASEMASK", "host": "127.0.0.1", "port": port, "data_dir": str(tmp_path / "var"), "stable_after_s": 0.5, "poll_interval_s": 0.2,
+                 "secret_path": fixed_secret(tmp_path)},  # the same synthetic identities, and verdicts, on every run
         "sources": [{"ae_title": "CASEMASK"}],
         "destinations": [{"name": "f", "kind": "folder", "path": str(out)}],
         "routes": [{"name": "chest", "match": {"Modality": ["DX", "CR"]}, "deid": {"profile": "basic"}, "pixels": "anonymize",
@@ -57,7 +60,7 @@ def test_node_anonymizes_and_gates_pixels_in_a_virtualenv_without_torch(tmp_path
         "models": [{"name": "reference", "path": "builtin:reference", "backend": "auto"}],
     }
     cfg = write_toml(raw, tmp_path / "node.toml")
-    files, _ = make_dx(tmp_path / "dx", n_patients=3)
+    files, _ = make_dx(tmp_path / "dx", n_patients=3, seed=2025)  # well inside the domain (see test_gates)
     ct = dcmread(PYDICOM_FILES / "CT_small.dcm").pixel_array.astype("int32")
     bad = dx_like(dcmread(files[0]), (ct - ct.min()).clip(0, 4095))  # a CT slice labelled DX
     bad.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
