@@ -208,7 +208,7 @@ def gate_fit_config(args):
                          classifier_epochs=args.classifier_epochs, decoder_epochs=args.decoder_epochs, threads=args.threads)
 
 
-def fit_and_report(path: Path, cfg, data: str | None = None) -> None:
+def fit_and_report(path: Path, cfg, data: str | None = None, calibrate_only: bool = False) -> None:
     """Fit the gates of the bundle at ``path`` (``engine.gate_fit``) and print what they
     reject; training and refinement end with it, so every bundle they write has gates."""
     from engine import bundle
@@ -218,7 +218,7 @@ def fit_and_report(path: Path, cfg, data: str | None = None) -> None:
     fit = cal = None
     if data is not None and data != "synthetic":
         fit, cal = _load_batches(data, b.image_size, b.meta.get("training", {}).get("val_visits", 4))
-    b = fit_gates(b, cfg, fit, cal)
+    b = fit_gates(b, cfg, fit, cal, calibrate_only=calibrate_only)
     g = b.meta["gates"]
     print(f"gates of {path}: limits {json.dumps(g['limits'])}")
     print(f"  rejected on {g['rates']['calibration_images']} held-out in-domain images: {json.dumps(g['rates']['calibration'])}")
@@ -251,7 +251,7 @@ def cmd_fit_gates(args) -> int:
     from engine import bundle
 
     try:
-        fit_and_report(bundle.resolve(args.model), gate_fit_config(args), args.data)
+        fit_and_report(bundle.resolve(args.model), gate_fit_config(args), args.data, args.calibrate_only)
     except ValueError as exc:
         raise SystemExit(f"casemask engine fit-gates: {exc}") from None
     return 0
@@ -409,6 +409,8 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--classifier-epochs", type=int, default=8)
     sp.add_argument("--decoder-epochs", type=int, default=20)
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    sp.add_argument("--calibrate-only", action="store_true",
+                    help="keep the fitted networks, identity metric and identity limit; set the other limits and every rate again")
     sp.set_defaults(func=cmd_fit_gates)
 
     sp = esub.add_parser("export", help="export the inference graphs to ONNX (checked)")

@@ -378,7 +378,7 @@ def evaluate_gates(model: Model, cfg: EvalConfig | None = None, images: np.ndarr
         out["any"] = float(np.mean([not v.passed for v in verdicts]))
         return {k: round(v, 4) for k, v in out.items()} | {"images": len(x)}
 
-    report = {"limits": model.bundle.meta["gates"]["limits"], "stated": model.bundle.meta["gates"]["rates"]["stated"], "in_domain": rates(images)}
+    report = {"limits": model.bundle.meta["gates"]["limits"], "stated": model.bundle.meta["gates"]["rates"]["calibration"], "in_domain": rates(images)}
     sample = images[: min(len(images), 60)]
     report["out_of_domain"] = {name: rates(x) for name, x in out_of_domain(sample, size, cfg.seed).items()}
     report["near"] = {name: rates(x) for name, x in near_cases(sample).items()}
@@ -389,10 +389,10 @@ def gates_markdown(g: dict) -> str:
     """The gate part of a report as Markdown tables."""
     i = g["in_domain"]
     lines = [f"Gates: false rejections on {i['images']} in-domain images (patients neither the model nor the gates saw):", "",
-             "| gate | rejected | stated |", "|---|---|---|"]
+             "| gate | rejected | stated by the bundle (its calibration) |", "|---|---|---|"]
     stated = g.get("stated", {})
     for k in ("domain", "medical", "identity", "any"):
-        lines.append(f"| {k} | {i[k]:.3f} | {stated.get(k, '')} |")
+        lines.append(f"| {k} | {i[k]:.3f} | {stated.get('all' if k == 'any' else k, '')} |")
     lines += ["", "Out-of-domain and near cases: rejected by the domain gate / by any gate:", "", "| case | images | domain | any |", "|---|---|---|---|"]
     for group in ("out_of_domain", "near"):
         for name, r in g.get(group, {}).items():
