@@ -141,7 +141,7 @@ class Model:
     def domain_scores(self, x: np.ndarray, medical: np.ndarray, identity: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The domain gate's (reconstruction error, latent distance) of images ``x`` and their encoding."""
         out = self.runner("domain").infer({"image": self._check(x), "medical": medical, "identity": identity, "other": other})
-        return out["reconstruction_error"], out["latent_distance"]
+        return out["reconstruction_error"][:, 0], out["latent_distance"][:, 0]
 
     def anonymize_checked(self, x: np.ndarray, noise: np.ndarray, targets: np.ndarray | None = None, counterfactuals: bool = False,
                           redraw: Callable[[int, np.ndarray], np.ndarray] | None = None, draws: int = 1) -> Checked:

@@ -263,7 +263,9 @@ def cmd_export(args) -> int:
 
     b = bundle.load(args.model)
     if args.ship:
-        for g, e in ship(b).items():
+        from engine.graphs import NODE_GRAPHS
+
+        for g, e in ship(b, args.graph or NODE_GRAPHS).items():
             print(f"{b.path / e['file']}: {e['bytes']} bytes, checked (onnx.checker, ONNX Runtime vs PyTorch)")
         return 0
     for p in export_all(b, args.graph):

@@ -119,7 +119,7 @@ def export_all(bundle: Bundle, names: list[str] | None = None) -> list[Path]:
     return [export_graph(bundle, g, model) for g in (names or default)]
 
 
-def ship(bundle: Bundle, names: tuple[str, ...] = graphs.NODE_GRAPHS) -> dict[str, dict]:
+def ship(bundle: Bundle, names: tuple[str, ...] | list[str] = graphs.NODE_GRAPHS) -> dict[str, dict]:
     """Write ``names`` (default: the node's graphs) into ``bundle/graphs/<graph>.onnx``,
     fp32, checked, and record each in ``model.json`` (``shipped_graphs``: file, SHA-256,
     size and the digest of the weights it was made from). Earlier shipped files go.
@@ -128,11 +128,12 @@ def ship(bundle: Bundle, names: tuple[str, ...] = graphs.NODE_GRAPHS) -> dict[st
         RuntimeError: an export fails its checks.
     """
     out = bundle.path / SHIPPED_DIR
-    if out.exists():
+    every = set(names) == set(graphs.NODE_GRAPHS)
+    if out.exists() and every:
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     model = bundle.load_torch()
-    record = {}
+    record = {} if every else dict(bundle.meta.get("shipped_graphs", {}))  # a few again: the others' records kept
     for g in names:
         path = export_graph(bundle, g, model, to=out / f"{g}.onnx")
         data = path.read_bytes()

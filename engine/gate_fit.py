@@ -114,10 +114,11 @@ class DomainScorer(nn.Module):
         return self.decoder((z - self.mean) / self.scale).view(z.shape[0], 1, self.res, self.res)
 
     def forward(self, image: torch.Tensor, medical: torch.Tensor, identity: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 1) each: a column rather than a bare batch axis, which serving (Triton) needs."""
         z = torch.cat([medical, identity, other], dim=1)
         err = (self.draw(z) - F.avg_pool2d(image, self.pool)).abs().mean(dim=(1, 2, 3))
         dist = torch.linalg.vector_norm((z - self.mean) @ self.whiten, dim=1)
-        return err, dist
+        return err[:, None], dist[:, None]
 
 
 class GateNets(nn.Module):
@@ -267,7 +268,7 @@ def gate_scores(model: DisentanglementModel, nets: GateNets, whiten: np.ndarray,
         t = torch.from_numpy(targets[s : s + batch])
         anon = model.generator(med, syn, other)
         cf = model.generator(model.prototypes[t], syn, other)
-        err, dist = nets.domain(xb, med, ident, other)
+        err, dist = (v[:, 0] for v in nets.domain(xb, med, ident, other))
         p_x, p_a, p_c = (nets.classifier(v) for v in (xb, anon, cf))
         expected = p_x.argmax(1)
         i_a, i_c = model.encoder(anon)[1], model.encoder(cf)[1]

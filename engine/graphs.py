@@ -65,5 +65,5 @@ def graph_specs(dims: Mapping[str, int], graph: str) -> tuple[list[TensorSpec], 
     if graph == "classify":
         return [img], [TensorSpec("probabilities", (-1, int(dims["n_classes"])))]
     if graph == "domain":
-        return [img, med, ident, other], [TensorSpec("reconstruction_error", (-1,)), TensorSpec("latent_distance", (-1,))]
+        return [img, med, ident, other], [TensorSpec("reconstruction_error", (-1, 1)), TensorSpec("latent_distance", (-1, 1))]
     raise ValueError(f"unknown graph {graph!r}; known: {', '.join(ALL_GRAPHS)}")
