@@ -193,7 +193,7 @@ def test_node_quarantines_with_the_gate_name_and_records_every_score(tmp_path, s
         outputs = s.scalars(select(Output)).all()
     for bad in (ct_as_dx, inverted):
         state, reason, record = jobs[str(bad.SOPInstanceUID)]
-        assert state == InstanceState.QUARANTINED and reason.startswith("gate domain failed"), reason
+        assert state == InstanceState.QUARANTINED and "gate domain failed" in reason, reason
         assert record["gates"]["failed"][0] == "domain" and not record["gates"]["passed"]
         frame = record["gates"]["frames"][0]["domain"]
         assert frame["reconstruction_error"] > frame["reconstruction_limit"] or frame["latent_distance"] > frame["latent_limit"]
@@ -234,7 +234,7 @@ def test_a_real_chest_radiograph_is_quarantined_by_the_domain_gate(tmp_path, sta
         job = s.scalars(select(Job)).one()
         state, reason, record = job.instance.state, job.reason, json.loads(job.record)
     assert state == InstanceState.QUARANTINED
-    assert reason.startswith("gate domain failed"), reason
+    assert "gate domain failed" in reason, reason
     domain = record["gates"]["frames"][0]["domain"]
     # Not a near miss: the real image is several times beyond the limit of the synthetic domain.
     assert domain["reconstruction_error"] > 2 * domain["reconstruction_limit"], domain
