@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --upgrade --quiet pip
 	# torch first and pinned: an unpinned resolve pulls a CUDA build of several GB.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[train,test]"
 	# Bytecode for the project's own modules, as a regular install has (an editable one
 	# does not, and with PYTHONDONTWRITEBYTECODE every start would compile them again).
 	$(PY) -m compileall -q node engine

@@ -4,16 +4,24 @@
     >>> x = np.zeros((4, 1, m.image_size, m.image_size), np.float32)
     >>> m.anonymize(x, seed=0).shape
     (4, 1, 64, 64)
+
+:meth:`Model.anonymize_checked` is what the node runs: anonymization (and anonymized
+counterfactuals) composed from the ``encode``, ``identity`` and ``generate`` graphs, with
+every image judged by the bundle's gates (``engine.gates``). With the ``onnxruntime``
+backend and a bundle that ships its node graphs, nothing here imports PyTorch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from engine import bundle as bundles
+from engine.gates import GateSet, Scores, Verdict
 from engine.runtime import Choice, Runner, TritonTarget, make_runner
 
 log = logging.getLogger(__name__)
@@ -30,6 +38,7 @@ class Model:
         self.triton = triton
         self._runners: dict[str, Runner] = {}
         self._torch_model = None
+        self._gates: GateSet | None = None
         self.choice: Choice | None = None
 
     @property
@@ -38,18 +47,43 @@ class Model:
 
     @property
     def n_classes(self) -> int:
-        return self.bundle.config.n_classes
+        return int(self.bundle.dims["n_classes"])
 
     @property
     def classes(self) -> list[str]:
         return list(self.bundle.meta.get("classes", [str(i) for i in range(self.n_classes)]))
 
+    @property
+    def prototypes(self) -> np.ndarray:
+        """(classes, med_dim): the mean medical vector of each class (counterfactuals)."""
+        return np.asarray(self.bundle.meta["prototypes"], np.float32)
+
+    @property
+    def gates(self) -> GateSet:
+        """The bundle's gates.
+
+        Raises:
+            engine.gates.GateError: the bundle has none, or they were fitted to other weights.
+        """
+        if self._gates is None:
+            from engine.gates import GateError
+
+            if not self.bundle.has_gates:
+                raise GateError(f"{self.bundle.path}: the bundle has no gates: run `casemask engine fit-gates --model {self.bundle.path}`")
+            self._gates = GateSet.from_meta(self.bundle.meta, self.bundle.weights_digest(), self.bundle.digest("gates.pt"))
+        return self._gates
+
+    def _torch(self):
+        if self._torch_model is None:
+            self._torch_model = self.bundle.load_torch()
+        return self._torch_model
+
     def runner(self, graph: str) -> Runner:
         r = self._runners.get(graph)
         if r is None:
-            if self._torch_model is None:
-                self._torch_model = self.bundle.load_torch()
-            r, self.choice = make_runner(self.bundle, graph, self.backend_requested, self.max_batch, model=self._torch_model, spin=self.spin, triton=self.triton)
+            # PyTorch only where the backend is torch or a graph must be exported first.
+            model = self._torch() if self.backend_requested.startswith("torch") else None
+            r, self.choice = make_runner(self.bundle, graph, self.backend_requested, self.max_batch, model=model, spin=self.spin, triton=self.triton)
             r.activate()
             self._runners[graph] = r
         return r
@@ -58,6 +92,7 @@ class Model:
         r = next(iter(self._runners.values()), None)
         return {
             "bundle": str(self.bundle.path),
+            "name": self.bundle.name,
             "backend": r.backend if r else self.backend_requested,
             "device": r.device if r else "",
             "runner": r.describe() if r else "",
@@ -72,8 +107,9 @@ class Model:
     def _check(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         s = self.image_size
-        if x.ndim != 4 or x.shape[1:] != (self.bundle.config.channels, s, s):
-            raise ValueError(f"images must be N x {self.bundle.config.channels} x {s} x {s}, got {x.shape}")
+        c = int(self.bundle.dims.get("channels", 1))
+        if x.ndim != 4 or x.shape[1:] != (c, s, s):
+            raise ValueError(f"images must be N x {c} x {s} x {s}, got {x.shape}")
         return x
 
     # -- the four operations ----------------------------------------------------------
@@ -85,16 +121,91 @@ class Model:
         return self.runner("reconstruct").infer({"image": self._check(x)})["output"]
 
     def identity_noise(self, n: int, seed: int | None = None) -> np.ndarray:
-        return np.random.default_rng(seed).standard_normal((n, self.bundle.config.vae_latent)).astype(np.float32)
+        return np.random.default_rng(seed).standard_normal((n, int(self.bundle.dims["vae_latent"]))).astype(np.float32)
 
-    def synthetic_identities(self, n: int, seed: int | None = None) -> np.ndarray:
-        """Identity vectors that anonymization draws (the VAE, in PyTorch), for inspection."""
-        import torch
+    def synthetic_identities(self, n: int, seed: int | None = None, noise: np.ndarray | None = None) -> np.ndarray:
+        """Identity vectors that anonymization draws (the VAE's decoder) from ``noise``, or
+        from ``n`` draws of ``seed``."""
+        z = noise if noise is not None else self.identity_noise(n, seed)
+        return self.runner("identity").infer({"noise": np.asarray(z, np.float32)})["identity"]
 
-        if self._torch_model is None:
-            self._torch_model = self.bundle.load_torch()
-        with torch.no_grad():
-            return self._torch_model.vae.sample(torch.from_numpy(self.identity_noise(n, seed))).numpy()
+    def generate(self, medical: np.ndarray, identity: np.ndarray, other: np.ndarray) -> np.ndarray:
+        """Images drawn from the three vectors (N, dim each)."""
+        feed = {"medical": medical, "identity": identity, "other": other}
+        return self.runner("generate").infer({k: np.ascontiguousarray(v, np.float32) for k, v in feed.items()})["output"]
+
+    def classify(self, x: np.ndarray) -> np.ndarray:
+        """(N, classes) probabilities of the gates' independent classifier."""
+        return self.runner("classify").infer({"image": self._check(x)})["probabilities"]
+
+    def domain_scores(self, x: np.ndarray, medical: np.ndarray, identity: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The domain gate's (reconstruction error, latent distance) of images ``x`` and their encoding."""
+        out = self.runner("domain").infer({"image": self._check(x), "medical": medical, "identity": identity, "other": other})
+        return out["reconstruction_error"][:, 0], out["latent_distance"][:, 0]
+
+    def anonymize_checked(self, x: np.ndarray, noise: np.ndarray, targets: np.ndarray | None = None, counterfactuals: bool = False,
+                          redraw: Callable[[int, np.ndarray], np.ndarray] | None = None, draws: int = 1) -> Checked:
+        """Anonymize images ``x`` with identity ``noise`` (N, vae_latent); with ``targets``
+        (N,), or ``counterfactuals`` (each image's target: the class after the one whose
+        prototype its medical vector is nearest), also give each a counterfactual of that
+        class carrying the same synthetic identity (unlike :meth:`counterfactual`, which
+        keeps the patient's); judge every image by the bundle's gates.
+
+        An image whose only failed gate is identity (its synthetic identity landed near the
+        patient's) gets up to ``draws - 1`` more identities, ``redraw(attempt, rows)``
+        giving the noise for those rows (attempt 1, 2, ...); its verdict says which draw
+        passed (``identity.draw``), or is the last draw's.
+
+        Raises:
+            engine.gates.GateError: the bundle has no current gates.
+        """
+        gates = self.gates
+        x = self._check(x)
+        med, ident, other = self.encode(x)
+        if targets is None and counterfactuals:
+            nearest = ((med[:, None] - self.prototypes[None]) ** 2).sum(-1).argmin(1)
+            targets = (nearest + 1) % len(self.prototypes)
+        targets = None if targets is None else np.asarray(targets, np.int64)
+        err, dist = self.domain_scores(x, med, ident, other)
+        p_x = self.classify(x)
+        rows = np.arange(len(x))
+        out = self._draw(gates, (med, ident, other), err, dist, p_x, noise, targets)
+        for attempt in range(1, draws if redraw is not None else 1):
+            again = np.array([r for r in rows if out.verdicts[r].failed == ["identity"]], np.int64)
+            if not len(again):
+                break
+            sub = self._draw(gates, (med[again], ident[again], other[again]), err[again], dist[again], p_x[again], redraw(attempt, again),  # type: ignore[misc]
+                             None if targets is None else targets[again])
+            for j, r in enumerate(again):
+                out.anonymized[r] = sub.anonymized[j]
+                if out.counterfactual is not None:
+                    out.counterfactual[r] = sub.counterfactual[j]  # type: ignore[index]
+                out.verdicts[r] = sub.verdicts[j]
+                out.verdicts[r].gates["identity"]["draw"] = attempt + 1
+        return out
+
+    def _draw(self, gates: GateSet, encoded, err, dist, p_x, noise, targets) -> Checked:
+        """One synthetic identity per image, its anonymized image (and counterfactual), judged."""
+        med, ident, other = encoded
+        n = len(med)
+        syn = self.synthetic_identities(n, noise=noise)
+        outputs = {"anonymized": (med, syn, other)}
+        if targets is not None:
+            outputs["counterfactual"] = (self.prototypes[targets], syn, other)
+        kinds = list(outputs)
+        drawn = self.generate(*(np.concatenate([outputs[k][j] for k in kinds]) for j in range(3)))
+        probs = self.classify(drawn)
+        _, again, _ = self.encode(drawn)
+        part = {k: slice(j * n, (j + 1) * n) for j, k in enumerate(kinds)}
+        scores = Scores(
+            reconstruction_error=err,
+            latent_distance=dist,
+            p_original=p_x,
+            p_outputs={k: probs[part[k]] for k in kinds},
+            identity_distance={k: gates.identity_distance(again[part[k]], ident) for k in kinds},
+            targets=targets,
+        )
+        return Checked(drawn[part["anonymized"]], drawn[part["counterfactual"]] if targets is not None else None, targets, gates.judge(scores))
 
     def anonymize(self, x: np.ndarray, seed: int | None = None, noise: np.ndarray | None = None) -> np.ndarray:
         """Each image gets a new synthetic identity; the same seed gives the same output."""
@@ -108,6 +219,16 @@ class Model:
         t = np.broadcast_to(np.asarray(target_class), (x.shape[0],))
         onehot = np.eye(self.n_classes, dtype=np.float32)[t]
         return self.runner("counterfactual").infer({"image": x, "target": onehot})["output"]
+
+
+@dataclasses.dataclass
+class Checked:
+    """What :meth:`Model.anonymize_checked` made and the gates' verdict on each image."""
+
+    anonymized: np.ndarray  # (N, C, S, S)
+    counterfactual: np.ndarray | None  # (N, C, S, S) or None
+    targets: np.ndarray | None  # (N,) classes of the counterfactuals
+    verdicts: list[Verdict]
 
 
 def load_model(name_or_path: str | Path = "builtin:reference", backend: str = "auto", max_batch: int = 128, spin: bool = True, triton: TritonTarget | None = None) -> Model:

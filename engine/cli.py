@@ -1,4 +1,4 @@
-"""``casemask engine ...``: synth, train, refine, evaluate, export, build, triton-repo."""
+"""``casemask engine ...``: synth, train, refine, fit-gates, evaluate, export, build, triton-repo."""
 
 from __future__ import annotations
 
@@ -31,23 +31,13 @@ def cmd_synth(args) -> int:
 
 def _load_data(spec: str, size: int, val_visits: int):
     """'hdf5:PATH' or 'dicom:FOLDER,CSV' -> (train, val) Datasets."""
-    import numpy as np
     import torch
 
-    from engine.data.real import load_dicom_folder, load_hdf5
     from engine.train import Dataset
 
-    if spec.startswith("hdf5:"):
-        b = load_hdf5(spec[5:], size)
-    elif spec.startswith("dicom:"):
-        folder, csv_path = spec[6:].split(",", 1)
-        b = load_dicom_folder(folder, csv_path, size)
-    else:
-        raise SystemExit(f"--data {spec!r}: use synthetic, hdf5:PATH or dicom:FOLDER,CSV")
-    counts = np.bincount(b.patient_ids)
-    val = b.visits >= (counts[b.patient_ids] - val_visits).clip(min=1)
-    to = lambda m: Dataset(torch.from_numpy(b.images[m]), torch.from_numpy(b.patient_ids[m]), torch.from_numpy(b.labels[m]))  # noqa: E731
-    return to(~val), to(val)
+    to = lambda b: Dataset(torch.from_numpy(b.images), torch.from_numpy(b.patient_ids), torch.from_numpy(b.labels))  # noqa: E731
+    train, val = _load_batches(spec, size, val_visits)
+    return to(train), to(val)
 
 
 def _device(name: str) -> str:
@@ -87,11 +77,32 @@ def cmd_train(args) -> int:
         "name": Path(args.bundle).name if args.bundle else "model",
         "classes": list(CLASSES),
         "training": {**dataclasses.asdict(cfg), "data": args.data},
+        **use_and_data(args.data, args.intended_use, cfg.patients, cfg.patients * cfg.visits, cfg.image_size),
     }
     target = Path(args.bundle) if args.bundle else Path(args.out) / "bundle"
     bundle.save(model.cpu(), target, meta)
     print(f"bundle written to {target}")
+    if args.gates:
+        from engine.gate_fit import GateFitConfig
+
+        fit_and_report(target, GateFitConfig.for_population(cfg.patients, cfg.visits, cfg.threads), args.data)
     return 0
+
+
+def use_and_data(data: str, intended_use: str | None, patients: int, images: int, size: int) -> dict:
+    """The bundle's ``intended_use`` and ``training_data``: a model trained on synthetic
+    patients is a demonstration unless told otherwise."""
+    synthetic = data.split(" ")[0] == "synthetic"
+    kind = intended_use or ("demonstration" if synthetic else "research")
+    summary = {
+        "demonstration": f"a demonstration of the method, trained on {'synthetic images only' if synthetic else data}; it redraws any input as an image of its training domain at {size}x{size}: not for patients' images",
+        "research": f"research use on images like its training data ({data}); its gates turn away others",
+    }.get(kind, kind)
+    source = "synthetic chest-radiograph-like patients (engine.data.SyntheticPatients)" if synthetic else data
+    return {
+        "intended_use": {"kind": kind, "summary": summary},
+        "training_data": {"kind": "synthetic" if synthetic else "real", "summary": source, "patients": patients, "images": images, "image_size": size},
+    }
 
 
 def refine_config(args):
@@ -145,23 +156,37 @@ def cmd_refine(args) -> int:
         history = refine(model, cfg, data, Path(args.out), monitor, args.monitor_every, on_report=_refine_line)
     except ResumeError as exc:
         raise SystemExit(f"casemask engine refine: {exc}") from None
-    meta = {k: v for k, v in b.meta.items() if k not in ("format", "model_config", "graphs", "prototypes", "evaluation", "refinement")}
+    meta = {k: v for k, v in b.meta.items() if k not in ("format", "model_config", "graphs", "prototypes", "evaluation", "refinement", "gates", "shipped_graphs")}
     spec = args.data or data_spec(len(data.labels), int(data.patient_ids.max()) + 1)
     stage = {**dataclasses.asdict(cfg), "data": spec, "from": b.weights_digest(), "monitor": history[-1].get("monitor") if history else None}
     meta["refinement"] = [*b.meta.get("refinement", []), stage]  # every refinement since training, in order
     target = Path(args.bundle) if args.bundle else Path(args.out) / "bundle"
     bundle.save(model.cpu(), target, meta)
     print(f"bundle written to {target} (its evaluation, if any, is not carried over: run casemask engine evaluate)")
+    if args.gates:
+        from engine.gate_fit import GateFitConfig
+
+        training = b.meta.get("training", {})
+        cfg_g = GateFitConfig.for_population(int(training.get("patients", 1000)), int(training.get("visits", 8)), cfg.threads)
+        fit_and_report(target, cfg_g, args.data)
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from engine.api import load_model
-    from engine.evaluate import EvalConfig, evaluate, markdown
+    from engine.evaluate import EvalConfig, evaluate, evaluate_gates, gates_markdown, markdown
 
     model = load_model(args.model, backend=args.backend)
     cfg = EvalConfig(seed=args.seed, patients=args.patients, visits=args.visits, held_out=args.held_out, epochs=args.epochs,
                      disease_patients=args.disease_patients, threads=args.threads)
+    if args.gates_only:
+        report = evaluate_gates(model, cfg)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gates.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(gates_markdown(report))
+        print(f"report: {out / 'gates.json'}")
+        return 0
     report = evaluate(model, Path(args.out), cfg)
     print(markdown(report))
     print(f"report: {Path(args.out) / 'report.json'}; grid: {Path(args.out) / 'grid.png'}")
@@ -174,11 +199,75 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def gate_fit_config(args):
+    """The :class:`engine.gate_fit.GateFitConfig` that ``casemask engine fit-gates`` ARGS asks for."""
+    from engine.gate_fit import GateFitConfig
+
+    return GateFitConfig(patients=args.patients, visits=args.visits, calibration_seed=args.calibration_seed,
+                         domain_frr=args.domain_frr, medical_frr=args.medical_frr, identity_quantile=args.identity_quantile,
+                         classifier_epochs=args.classifier_epochs, decoder_epochs=args.decoder_epochs, threads=args.threads)
+
+
+def fit_and_report(path: Path, cfg, data: str | None = None, calibrate_only: bool = False) -> None:
+    """Fit the gates of the bundle at ``path`` (``engine.gate_fit``) and print what they
+    reject; training and refinement end with it, so every bundle they write has gates."""
+    from engine import bundle
+    from engine.gate_fit import fit_gates
+
+    b = bundle.load(path)
+    fit = cal = None
+    if data is not None and data != "synthetic":
+        fit, cal = _load_batches(data, b.image_size, b.meta.get("training", {}).get("val_visits", 4))
+    b = fit_gates(b, cfg, fit, cal, calibrate_only=calibrate_only)
+    g = b.meta["gates"]
+    print(f"gates of {path}: limits {json.dumps(g['limits'])}")
+    print(f"  rejected on {g['rates']['calibration_images']} held-out in-domain images: {json.dumps(g['rates']['calibration'])}")
+    shipped = b.meta.get("shipped_graphs", {})
+    if shipped:
+        print(f"  node graphs shipped in {path / 'graphs'}: {sum(e['bytes'] for e in shipped.values()) / 1e6:.1f} MB")
+
+
+def _load_batches(spec: str, size: int, val_visits: int):
+    """'hdf5:PATH' or 'dicom:FOLDER,CSV' -> (training visits, held-out visits) as Batches."""
+    import numpy as np
+
+    from engine.data.real import load_dicom_folder, load_hdf5
+    from engine.data.synthetic import Batch
+
+    if spec.startswith("hdf5:"):
+        b = load_hdf5(spec[5:], size)
+    elif spec.startswith("dicom:"):
+        folder, csv_path = spec[6:].split(",", 1)
+        b = load_dicom_folder(folder, csv_path, size)
+    else:
+        raise SystemExit(f"--data {spec!r}: use synthetic, hdf5:PATH or dicom:FOLDER,CSV")
+    counts = np.bincount(b.patient_ids)
+    val = b.visits >= (counts[b.patient_ids] - val_visits).clip(min=1)
+    pick = lambda m: Batch(b.images[m], b.patient_ids[m], b.labels[m], b.visits[m])  # noqa: E731
+    return pick(~val), pick(val)
+
+
+def cmd_fit_gates(args) -> int:
+    from engine import bundle
+
+    try:
+        fit_and_report(bundle.resolve(args.model), gate_fit_config(args), args.data, args.calibrate_only)
+    except ValueError as exc:
+        raise SystemExit(f"casemask engine fit-gates: {exc}") from None
+    return 0
+
+
 def cmd_export(args) -> int:
     from engine import bundle
-    from engine.export import export_all
+    from engine.export import export_all, ship
 
     b = bundle.load(args.model)
+    if args.ship:
+        from engine.graphs import NODE_GRAPHS
+
+        for g, e in ship(b, args.graph or NODE_GRAPHS).items():
+            print(f"{b.path / e['file']}: {e['bytes']} bytes, checked (onnx.checker, ONNX Runtime vs PyTorch)")
+        return 0
     for p in export_all(b, args.graph):
         print(f"{p}: checked (onnx.checker, ONNX Runtime vs PyTorch)")
     return 0
@@ -261,6 +350,8 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--ssim-weight", type=float, default=5.0, metavar="W", help="weight of 1 - SSIM in the reconstruction loss, beside L1")
     sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    sp.add_argument("--intended-use", choices=("demonstration", "research"), help="what the bundle says it is fit for (default: demonstration on synthetic data, research on real data)")
+    sp.add_argument("--no-gates", dest="gates", action="store_false", help="skip fitting the gates (the node refuses a bundle without them)")
     sp.set_defaults(func=cmd_train)
 
     sp = esub.add_parser("refine", help="more steps for a trained bundle's generator alone (resumable), as a new bundle",
@@ -289,6 +380,7 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--workers", type=int, default=0, help="processes making the synthetic patients")
     sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    sp.add_argument("--no-gates", dest="gates", action="store_false", help="skip fitting the gates (the node refuses a bundle without them)")
     sp.set_defaults(func=cmd_refine)
 
     sp = esub.add_parser("evaluate", help="the paper's protocol with independent evaluator networks", formatter_class=defaults)
@@ -304,11 +396,29 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--threads", type=int, default=0,
                     help="CPU threads (0: torch's default); the evaluators' weights, and so the figures, depend on it")
     sp.add_argument("--write-bundle", action="store_true", help="store the metrics in the bundle's model.json")
+    sp.add_argument("--gates-only", action="store_true", help="only what the gates reject, in-domain and out of domain (gates.json)")
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = esub.add_parser("fit-gates", help="fit the gates every synthesised image must pass, into the bundle", formatter_class=defaults)
+    sp.add_argument("--model", required=True, metavar="NAME_OR_PATH", help="the bundle (written in place)")
+    sp.add_argument("--data", help="synthetic | hdf5:PATH | dicom:FOLDER,CSV (default: the synthetic patients the bundle was trained on)")
+    sp.add_argument("--patients", type=int, default=1000, help="training-domain synthetic patients to fit on")
+    sp.add_argument("--visits", type=int, default=8, help="visits per patient")
+    sp.add_argument("--calibration-seed", type=int, default=5000, help="seed of the held-out synthetic patients the limits are set on")
+    sp.add_argument("--domain-frr", type=float, default=0.01, help="false-rejection rate of the domain gate on held-out in-domain images")
+    sp.add_argument("--medical-frr", type=float, default=0.01, help="false-rejection rate the medical limits aim at (never below probability 0.5)")
+    sp.add_argument("--identity-quantile", type=float, default=0.01, help="the identity limit: this quantile of distances between different training patients")
+    sp.add_argument("--classifier-epochs", type=int, default=8)
+    sp.add_argument("--decoder-epochs", type=int, default=20)
+    sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    sp.add_argument("--calibrate-only", action="store_true",
+                    help="keep the fitted networks, identity metric and identity limit; set the other limits and every rate again")
+    sp.set_defaults(func=cmd_fit_gates)
 
     sp = esub.add_parser("export", help="export the inference graphs to ONNX (checked)")
     sp.add_argument("--model", default="builtin:reference", metavar="NAME_OR_PATH")
     sp.add_argument("--graph", action="append", help="only this graph (repeatable)")
+    sp.add_argument("--ship", action="store_true", help="write the node's graphs into the bundle itself (graphs/, fp32), as the node runs them without PyTorch")
     sp.set_defaults(func=cmd_export)
 
     sp = esub.add_parser("build", help="build and cache TensorRT engines ahead of time")

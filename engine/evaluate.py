@@ -60,7 +60,9 @@ class EvaluatorNet(nn.Module):
         return self.head(self.embed(x))
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Small random rotations (up to 4.6 degrees), scalings, shifts and exposure changes of
+    a batch (N, 1, S, S), for classifiers that must not depend on the exact acquisition."""
     n = x.shape[0]
     theta = torch.zeros(n, 2, 3)
     ang = (torch.rand(n, generator=g) - 0.5) * 0.16
@@ -76,10 +78,12 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (x * gain + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.2).clamp(-1, 1)
 
 
-def train_evaluator(x: np.ndarray, y: np.ndarray, n_out: int, epochs: int, seed: int, augment: bool = True) -> EvaluatorNet:
-    torch.manual_seed(seed)
+def fit_classifier(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, augment: bool = True, logits=None) -> nn.Module:
+    """Train ``net`` (``logits``: its function giving logits, default the net itself) to
+    classify images ``x`` as ``y``: AdamW, one-cycle learning rate, batches of 64, with
+    :func:`augment_batch` when ``augment``; returns it in eval mode."""
     g = torch.Generator().manual_seed(seed)
-    net = EvaluatorNet(x.shape[-1], n_out)
+    logits = logits or net
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     steps = max(1, len(xt) // 64)
@@ -89,13 +93,18 @@ def train_evaluator(x: np.ndarray, y: np.ndarray, n_out: int, epochs: int, seed:
         order = torch.randperm(len(xt), generator=g)
         for k in range(steps):
             idx = order[k * 64 : (k + 1) * 64]
-            xb = _augment(xt[idx], g) if augment else xt[idx]
-            loss = F.cross_entropy(net(xb), yt[idx])
+            xb = augment_batch(xt[idx], g) if augment else xt[idx]
+            loss = F.cross_entropy(logits(xb), yt[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     return net.eval()
+
+
+def train_evaluator(x: np.ndarray, y: np.ndarray, n_out: int, epochs: int, seed: int, augment: bool = True) -> EvaluatorNet:
+    torch.manual_seed(seed)
+    return fit_classifier(EvaluatorNet(x.shape[-1], n_out), x, y, epochs, seed, augment)  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -327,12 +336,68 @@ def _evaluate(model: Model, out: Path, cfg: EvalConfig, evaluators: Evaluators |
         "anonymized_pair_differ_l1": float(np.abs(anon - anon2).mean()),
         **geometry,
         "latent_probe_r2": probe,
-        "seconds": round(time.time() - t0, 1),
     }
+    if model.bundle.has_gates:
+        report["gates"] = evaluate_gates(model, cfg, x)
+    report["seconds"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))
     grid(out / "grid.png", x[:6], rec[:6], [model.anonymize(x[:6], seed=s) for s in (1, 2, 3)], cf[:6])
     return report
+
+
+def evaluate_gates(model: Model, cfg: EvalConfig | None = None, images: np.ndarray | None = None) -> dict:
+    """What the model's gates reject, through :meth:`engine.api.Model.anonymize_checked`
+    (what the node runs, with its identity redraws): the rate per gate on in-domain images (the evaluation
+    population's held-out visits, patients neither the model nor the gates saw: every
+    rejection there is a false one), and per out-of-domain case (``engine.data.ood``) the
+    rate the domain gate rejects and the rate any gate does.
+
+    Raises:
+        engine.gates.GateError: the bundle has no current gates.
+    """
+    from engine.data.ood import near_cases, out_of_domain
+
+    cfg = cfg or EvalConfig()
+    size = model.image_size
+    if images is None:
+        pop = SyntheticPatients(cfg.patients, cfg.visits, size, cfg.seed).batch()
+        images = pop.images[pop.visits >= cfg.visits - cfg.held_out]
+    rng = np.random.default_rng(cfg.seed + 17)
+
+    from engine.gates import IDENTITY_DRAWS
+
+    latent = int(model.bundle.dims["vae_latent"])
+
+    def rates(x: np.ndarray) -> dict[str, float]:
+        noise = rng.standard_normal((len(x), latent)).astype(np.float32)
+        targets = rng.integers(0, model.n_classes, len(x))
+        redraw = lambda attempt, rows: rng.standard_normal((len(rows), latent)).astype(np.float32)  # noqa: E731
+        verdicts = model.anonymize_checked(x, noise, targets, redraw=redraw, draws=IDENTITY_DRAWS).verdicts
+        out = {g: float(np.mean([g in v.failed for v in verdicts])) for g in ("domain", "medical", "identity")}
+        out["any"] = float(np.mean([not v.passed for v in verdicts]))
+        return {k: round(v, 4) for k, v in out.items()} | {"images": len(x)}
+
+    report = {"limits": model.bundle.meta["gates"]["limits"], "stated": model.bundle.meta["gates"]["rates"]["calibration"], "in_domain": rates(images)}
+    sample = images[: min(len(images), 60)]
+    report["out_of_domain"] = {name: rates(x) for name, x in out_of_domain(sample, size, cfg.seed).items()}
+    report["near"] = {name: rates(x) for name, x in near_cases(sample).items()}
+    return report
+
+
+def gates_markdown(g: dict) -> str:
+    """The gate part of a report as Markdown tables."""
+    i = g["in_domain"]
+    lines = [f"Gates: false rejections on {i['images']} in-domain images (patients neither the model nor the gates saw):", "",
+             "| gate | rejected | stated by the bundle (its calibration) |", "|---|---|---|"]
+    stated = g.get("stated", {})
+    for k in ("domain", "medical", "identity", "any"):
+        lines.append(f"| {k} | {i[k]:.3f} | {stated.get('all' if k == 'any' else k, '')} |")
+    lines += ["", "Out-of-domain and near cases: rejected by the domain gate / by any gate:", "", "| case | images | domain | any |", "|---|---|---|---|"]
+    for group in ("out_of_domain", "near"):
+        for name, r in g.get(group, {}).items():
+            lines.append(f"| {name}{' (edge)' if group == 'near' else ''} | {r['images']} | {r['domain']:.3f} | {r['any']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 TARGETS = {
@@ -372,6 +437,8 @@ def markdown(report: dict) -> str:
         lines += ["", "Linear read-out (R^2) of anatomy from the model's vectors, on patients the", "read-out never saw:", "",
                   "| parameter | identity vector | whole latent |", "|---|---|---|"]
         lines += [f"| {k} | {v['identity']:.3f} | {v['latent']:.3f} |" for k, v in probe.items()]
+    if report.get("gates"):
+        lines += ["", gates_markdown(report["gates"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

@@ -342,11 +342,36 @@ class EncodeGraph(nn.Module):
         return self.model.encoder(image)
 
 
+class IdentityGraph(nn.Module):
+    """Inference graph: identity noise -> a synthetic identity vector (the VAE's decoder)."""
+
+    def __init__(self, model: DisentanglementModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        return self.model.vae.sample(noise)
+
+
+class GenerateGraph(nn.Module):
+    """Inference graph: (medical, identity, other) -> image. With ``encode`` and
+    ``identity`` it composes anonymization and counterfactuals (what the node runs)."""
+
+    def __init__(self, model: DisentanglementModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, medical: torch.Tensor, identity: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return self.model.generator(medical, identity, other)
+
+
 GRAPHS: dict[str, type[nn.Module]] = {
     "anonymize": AnonymizeGraph,
     "counterfactual": CounterfactualGraph,
     "reconstruct": ReconstructGraph,
     "encode": EncodeGraph,
+    "identity": IdentityGraph,
+    "generate": GenerateGraph,
 }
 
 

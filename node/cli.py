@@ -75,6 +75,10 @@ def cmd_serve(args) -> int:
     settings = _settings(args)
     from node.app import Node
 
+    from node.pixels import describe_route, route_models
+
+    for entry in route_models(settings):
+        log.info("%s", describe_route(entry))
     node = Node(settings)
     print(f"casemask {settings.node.ae_title} listening on {settings.node.host}:{settings.node.port}; data in {settings.node.data_dir}", file=sys.stderr)
     node.serve_forever()
@@ -144,6 +148,10 @@ def cmd_status(args) -> int:
         print(f"  {group:<24} {line}")
     t = info["throughput"]
     print(f"  last hour: received {t['received_last_hour']}, sent {t['sent_last_hour']}")
+    from node.pixels import describe_route
+
+    for entry in info["routes"]:
+        print(f"  {describe_route(entry)}")
     for name, m in info.get("models", {}).items():
         print(f"  model {name}: backend {m.get('backend')} on {m.get('device')} ({m.get('why', '')})")
     return 0

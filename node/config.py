@@ -186,7 +186,8 @@ class Route(_Table):
     pixels: Literal["none", "anonymize"] = hint("choose one of 'none', 'anonymize'", "none")
     counterfactuals: StrictBool = hint("true or false", False)
     model: str = hint("the name of a [[models]] entry", "reference")
-    output_size: Literal["model", "original"] = hint("choose one of 'model', 'original'", "model")
+    output_size: Literal["model", "upsampled"] = hint("choose one of 'model' (the model's grid, e.g. 64x64), 'upsampled' (enlarged to the original's rows and columns, no finer detail)", "model")
+    allow_demonstration_model: StrictBool = hint("true or false: true lets pixels = \"anonymize\" run a bundle whose intended use is demonstration", False)
     partial: Literal["quarantine-study", "skip-object"] = hint("choose one of 'quarantine-study', 'skip-object'", "quarantine-study")
     destinations: list[str] = hint("a list of destination names, e.g. [\"archive\"]", [])
 
@@ -194,6 +195,14 @@ class Route(_Table):
     @classmethod
     def _no_deid(cls, v: Any) -> Any:
         return None if v is False or v == "none" else v
+
+    @field_validator("output_size", mode="before")
+    @classmethod
+    def _renamed_size(cls, v: Any) -> Any:
+        if v == "original":
+            raise ValueError("'original' was renamed 'upsampled': it only enlarges the model's image (e.g. 64x64) to the original's rows and columns; "
+                             "write output_size = \"upsampled\" for that, or \"model\" to keep the model's grid")
+        return v
 
 
 class ModelSettings(_Table):
@@ -433,6 +442,7 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
 
     if any(r.deid is not None and r.deid.burned_in == "clean" for r in routes):
         _check_burned_in_regions(node, problems)
+    _check_pixel_models(routes, models, problems)
     http = _validate(HttpSettings, raw.get("http", {}), "[http]", problems) or HttpSettings()
     if http.tls is not None:
         http.tls.certificate = _absolute(http.tls.certificate, base_dir)  # type: ignore[assignment]
@@ -530,6 +540,33 @@ def read_toml(p: Path) -> dict[str, Any]:
         raise ConfigError([f"no such file: {p}"], str(p)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"], str(p)) from None
+
+
+def _check_pixel_models(routes: list[Route], models: list[ModelSettings], problems: list[str]) -> None:
+    """A route that anonymizes pixels needs a bundle with gates, and, for a bundle that is
+    a demonstration (or says nothing of its intended use), ``allow_demonstration_model``."""
+    from engine.bundle import BundleError
+    from engine.bundle import load as load_bundle
+
+    by_name = {m.name: m for m in models} | ({} if any(m.name == "reference" for m in models) else {"reference": ModelSettings(name="reference")})
+    for route in routes:
+        ms = by_name.get(route.model)
+        if route.pixels != "anonymize" or ms is None:
+            continue
+        where = f"[[routes]] '{route.name}'"
+        try:
+            b = load_bundle(ms.path)
+        except (BundleError, OSError, ValueError) as exc:
+            problems.append(f"{where}: model {ms.name!r} path = {ms.path!r}: {exc}")
+            continue
+        if not b.has_gates:
+            problems.append(f"{where}: model {ms.name!r} ({ms.path}) has no gates, so nothing would check its images before they leave: "
+                            f"run `casemask engine fit-gates --model {ms.path}`")
+        use = b.intended_use
+        if b.is_demonstration and not route.allow_demonstration_model:
+            problems.append(f"{where}: model {ms.name!r} ({ms.path}) is a demonstration ({use['summary']}); "
+                            "pixels = \"anonymize\" would forward what it draws as this patient's images. Write allow_demonstration_model = true "
+                            "in this route to run it anyway (demonstrations, tests), use a bundle trained for your images, or pixels = \"none\"")
 
 
 def load(path: str | Path | None = None) -> Settings:

@@ -61,6 +61,7 @@ class Item:
     original: bytes = b""  # the spooled file, for the verifier
     encoded: list[bytes] = dataclasses.field(default_factory=list)  # the outputs' bytes, once verified
     pixels_cleaned: bool = False  # burned-in text masked by node.burnedin
+    notes: dict[str, object] = dataclasses.field(default_factory=dict)  # step -> what it found (job record; no PHI)
 
 
 class BatchError(Exception):
@@ -95,7 +96,8 @@ class PixelStep(Protocol):
         """None when the route's model is ready; else why not."""
 
     def process(self, items: list[Item], route: Route, pseudo: Pseudonymizer) -> None:
-        """Fill each item's ``outputs`` with derived datasets, or set its ``error``."""
+        """Fill each item's ``outputs`` with derived datasets, or set its ``error``; put
+        what the gates found in its ``notes`` (kept in the job record either way)."""
 
 
 class Pipeline:
@@ -204,6 +206,9 @@ class Pipeline:
         else:
             for it in live:
                 it.outputs = [("deidentified" if route.deid else "forwarded", it.source)]  # type: ignore[list-item]
+        for it in items:
+            for step, value in it.notes.items():
+                queue.note_job(it.job, step, value)
         mappings: dict[str, dict[str, str]] = {}
         headers = metrics.timed("headers").start()
         for it in items:

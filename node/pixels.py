@@ -1,22 +1,27 @@
-"""DICOM pixels through the engine and back.
+"""DICOM pixels through the engine and back (NumPy and ONNX Runtime; no PyTorch).
 
 Forward: decode (any syntax pydicom decodes with pylibjpeg: JPEG baseline/extended/
 lossless, JPEG-LS, JPEG 2000, RLE), Modality LUT, MONOCHROME1 inverted, VOI window (the
 header's, else the 1st-99th percentile), aspect-preserving resize and pad to the model
-size. Multi-frame objects go frame by frame. Inverse: crop the padding, resize to the
-route's output grid, undo the window and the Modality LUT, back to the stored bit depth
-and photometric interpretation.
+size. Multi-frame objects go frame by frame. Inverse: crop the padding, (with
+``output_size = "upsampled"``) enlarge bilinearly to the original grid, undo the window
+and the Modality LUT, back to the stored bit depth and photometric interpretation.
 
-The output is a new, derived instance: ImageType DERIVED, a DerivationDescription naming
-the method and model, BurnedInAnnotation NO, Rows/Columns/PixelSpacing consistent with
-the new pixels. Its header is then de-identified by the route's profile (pipeline).
+Every image is judged by the model's gates (``engine.gates``: input in the model's
+domain, medical content kept, identity moved) before anything of it may leave; a failed
+gate quarantines the object with the gate's name and scores, and the scores of every
+object go into its job record.
+
+The output is a new, derived instance: ImageType DERIVED, a DerivationDescription saying
+it was synthesised, at what size and by which model (name and weights digest),
+BurnedInAnnotation NO, Rows/Columns/PixelSpacing consistent with the new pixels. Its
+header is then de-identified by the route's profile (pipeline).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import threading
@@ -31,6 +36,8 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import IS, DSfloat, PersonName
 
+from engine.gates import IDENTITY_DRAWS, summarize
+from engine.imaging import fit_box, resize
 from node import metrics
 from node.config import Route, Settings
 from node.deid import Pseudonymizer
@@ -158,42 +165,20 @@ def mapping_for(frame: np.ndarray, ds: Dataset, size: int) -> Mapping:
         width = width - 1
     invert = peek_str(ds, "PhotometricInterpretation") == "MONOCHROME1"
     h, w = frame.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    top, left = (size - nh) // 2, (size - nw) // 2
+    top, left, nh, nw = fit_box(h, w, size)
     bits = int(peek_float(ds, "BitsStored", 16))
     signed = peek_float(ds, "PixelRepresentation", 0) == 1
     return Mapping(slope, intercept, low, width, invert, (h, w), (top, left, nh, nw), bits, signed, frame.dtype)
 
 
-def _resize(t, nh: int, nw: int):
-    """(N, H, W) float tensor -> (N, nh, nw): area average when shrinking (by summing
-    blocks when the factor is a whole number, several times faster than torch's area
-    mode and the same result), bilinear when growing."""
-    from torch.nn import functional as F
-
-    n, h, w = t.shape
-    if (nh, nw) == (h, w):
-        return t
-    if nh < h:
-        f = h // nh
-        if h == nh * f and w == nw * f:
-            return t.reshape(n * nh, f, w).sum(1).reshape(n, nh, nw, f).sum(3).div_(f * f)
-        return F.interpolate(t[:, None], size=(nh, nw), mode="area")[:, 0]
-    return F.interpolate(t[:, None], size=(nh, nw), mode="bilinear", align_corners=False)[:, 0]
-
-
 def to_model_batch(frames: Sequence[np.ndarray], maps: Sequence[Mapping], size: int) -> np.ndarray:
     """Frames of stored values -> (N, size, size) float32 in [-1, 1]: window, invert,
-    aspect-preserving resize (area when shrinking, bilinear when growing), pad with
-    -1 (black in the model's MONOCHROME2 space).
+    aspect-preserving resize (area when shrinking, bilinear when growing:
+    ``engine.imaging.resize``), pad with -1 (black in the model's MONOCHROME2 space).
 
     The window is linear up to its clipping, and so is the resize: a frame is clipped
     in stored values while it is converted to float, resized, and only then mapped, so
-    the large arrays see two passes instead of five. Frames of one shape go through
-    torch together."""
-    import torch
-
+    the large arrays see two passes instead of five. Frames of one shape go together."""
     out = np.full((len(frames), size, size), -1.0, np.float32)
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(maps):
@@ -202,12 +187,13 @@ def to_model_batch(frames: Sequence[np.ndarray], maps: Sequence[Mapping], size: 
         ab = np.array([maps[i].coefficients() for i in idx], np.float64)
         a, b = ab[:, 0], ab[:, 1]
         bounds = np.sort(np.stack([(-1 - b) / a, (1 - b) / a], 1), 1)  # stored values at -1 and +1
-        t = torch.empty((len(idx), *frames[idx[0]].shape), dtype=torch.float32)
+        t = np.empty((len(idx), *frames[idx[0]].shape), dtype=np.float32)
         for j, i in enumerate(idx):  # convert and clip in one pass
-            torch.clamp(torch.from_numpy(np.asarray(frames[i])), float(bounds[j, 0]), float(bounds[j, 1]), out=t[j])
-        t = _resize(t, nh, nw)
-        t.mul_(torch.from_numpy(a.astype(np.float32))[:, None, None]).add_(torch.from_numpy(b.astype(np.float32))[:, None, None]).clamp_(-1.0, 1.0)
-        out[idx, top : top + nh, left : left + nw] = t.numpy()
+            np.clip(frames[i], bounds[j, 0], bounds[j, 1], out=t[j], casting="unsafe")
+        t = resize(t, nh, nw)
+        t *= a.astype(np.float32)[:, None, None]
+        t += b.astype(np.float32)[:, None, None]
+        out[idx, top : top + nh, left : left + nw] = np.clip(t, -1.0, 1.0, out=t)
     return out
 
 
@@ -219,11 +205,9 @@ def to_model(frame: np.ndarray, ds: Dataset, size: int) -> tuple[np.ndarray, Map
 
 def from_model_batch(ys: np.ndarray, maps: Sequence[Mapping], grid: str = "model") -> list[np.ndarray]:
     """Model outputs (N x size x size in [-1, 1]) -> stored values, one array per frame,
-    on the model grid (the padding cropped) or the original one. Frames that share a
+    on the model grid (the padding cropped) or, with ``grid="upsampled"``, enlarged
+    bilinearly to the original one (no detail the model grid lacks). Frames that share a
     geometry and a stored format are mapped together."""
-    import torch
-    from torch.nn import functional as F
-
     out: list[np.ndarray] = [None] * len(maps)  # type: ignore[list-item]
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(maps):
@@ -231,9 +215,8 @@ def from_model_batch(ys: np.ndarray, maps: Sequence[Mapping], grid: str = "model
     for (box, shape, bits, signed, dtype), idx in groups.items():
         top, left, nh, nw = box
         y = ys[idx, top : top + nh, left : left + nw]
-        if grid == "original" and (nh, nw) != shape:
-            t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))[:, None]
-            y = F.interpolate(t, size=shape, mode="bilinear", align_corners=False)[:, 0].numpy()
+        if grid == "upsampled" and (nh, nw) != shape:
+            y = resize(np.ascontiguousarray(y, dtype=np.float32), *shape)
         # stored = ((clip(±y) + 1) / 2 * width + low - intercept) / slope = a * clip(y) + b
         a = np.array([m.width / 2 / m.slope * (-1 if m.invert else 1) for m in (maps[i] for i in idx)])[:, None, None]
         b = np.array([(m.width / 2 + m.low - m.intercept) / m.slope for m in (maps[i] for i in idx)])[:, None, None]
@@ -246,8 +229,42 @@ def from_model_batch(ys: np.ndarray, maps: Sequence[Mapping], grid: str = "model
 
 
 def from_model(y: np.ndarray, m: Mapping, grid: str = "model") -> np.ndarray:
-    """Model output (size x size in [-1, 1]) -> stored values on the model or original grid."""
+    """Model output (size x size in [-1, 1]) -> stored values on the model grid or upsampled to the original's."""
     return from_model_batch(y[None], [m], grid)[0]
+
+
+def route_models(settings: Settings) -> list[dict]:
+    """For each route: its pixel step, and for ``pixels = "anonymize"`` the bundle it runs
+    (name, path, weights digest) and what the bundle says it is fit for (``intended_use``,
+    ``training_data``). For ``casemask status`` and the startup log."""
+    from engine.bundle import BundleError
+    from engine.bundle import load as load_bundle
+
+    out = []
+    for r in settings.routes:
+        entry: dict = {"route": r.name, "pixels": r.pixels}
+        if r.pixels == "anonymize":
+            ms = settings.model(r.model)
+            entry.update(model=r.model, path=ms.path, output_size=r.output_size, allow_demonstration_model=r.allow_demonstration_model)
+            try:
+                b = load_bundle(ms.path)
+                entry.update(bundle=b.name, weights=b.weights_digest(), intended_use=b.intended_use, training_data=b.meta.get("training_data", {}))
+            except (BundleError, OSError, ValueError) as exc:
+                entry["error"] = str(exc)
+        out.append(entry)
+    return out
+
+
+def describe_route(entry: dict) -> str:
+    """One line about a :func:`route_models` entry."""
+    if entry["pixels"] != "anonymize":
+        return f"route {entry['route']}: headers only (pixels = {entry['pixels']})"
+    if "error" in entry:
+        return f"route {entry['route']}: pixels anonymized by model {entry['model']} ({entry['path']}): {entry['error']}"
+    use = entry["intended_use"]
+    flag = ", allowed by allow_demonstration_model" if entry["allow_demonstration_model"] else ""
+    return (f"route {entry['route']}: pixels anonymized by model {entry['model']} = bundle {entry['bundle']} ({entry['path']}, weights {entry['weights']}); "
+            f"intended use: {use['kind']}{flag}: {use['summary']}")
 
 
 class EnginePixelStep:
@@ -267,7 +284,9 @@ class EnginePixelStep:
             self._load(name)
         info = {}
         for name, model in self.models.items():
-            info[name] = {**model.describe(), "image_size": model.image_size}  # type: ignore[attr-defined]
+            b = model.bundle  # type: ignore[attr-defined]
+            info[name] = {**model.describe(), "image_size": model.image_size, "name": b.name,  # type: ignore[attr-defined]
+                          "weights": b.weights_digest(), "intended_use": b.intended_use}
         for name, err in self.errors.items():
             info[name] = {"backend": "unavailable", "device": "", "why": err}
         path = self.settings.node.data_dir / "models.json"
@@ -281,10 +300,12 @@ class EnginePixelStep:
             # Idle ONNX Runtime workers sleep: the node's other threads need the cores.
             model = load_model(ms.path, backend=ms.backend, max_batch=ms.batch_size, spin=False, **ms.engine_options())
             s = model.image_size
-            model.anonymize(np.zeros((1, 1, s, s), np.float32), seed=0)
+            model.anonymize_checked(np.zeros((1, 1, s, s), np.float32), model.identity_noise(1, 0), np.zeros(1, np.int64))
             self.models[name] = model
             self.meta[name] = model.bundle.meta
-            log.info("model %s ready: %s", name, model.describe()["runner"])
+            use = model.bundle.intended_use
+            log.info("model %s ready: bundle %s (weights %s), intended use: %s (%s); %s", name, model.bundle.name,
+                     model.bundle.weights_digest(), use["kind"], use["summary"], model.describe()["runner"])
         except Exception as exc:
             self.errors[name] = f"{type(exc).__name__}: {exc}"
             log.error("model %s could not be loaded: %s", name, self.errors[name])
@@ -295,13 +316,17 @@ class EnginePixelStep:
         return self.errors.get(route.model, f"model {route.model!r} is not loaded")
 
     def process(self, items: Sequence, route: Route, pseudo: Pseudonymizer) -> None:
+        """Anonymize every frame of ``items`` (and make counterfactuals where the route asks),
+        let the gates judge each, and give each item either its derived datasets or the
+        first failed gate's reason; every item that reached the gates gets their scores
+        in ``notes["gates"]``."""
         model = self.models[route.model]
         meta = self.meta[route.model]
         size = model.image_size  # type: ignore[attr-defined]
         modalities = set(meta.get("modalities", ["CR", "DX"]))
         inputs: list[np.ndarray] = []
         all_maps: list[Mapping] = []
-        noises, where = [], []
+        noises, where, keys = [], [], []
         prepared: dict[int, tuple[Dataset, np.ndarray, list[Mapping]]] = {}
         for k, it in enumerate(items):
             ds = it.source
@@ -318,39 +343,46 @@ class EnginePixelStep:
             for f_idx, (frame, m) in enumerate(zip(frames, maps)):
                 inputs.append(frame)
                 all_maps.append(m)
-                noises.append(model.identity_noise(1, pseudo.seed(f"{uid}/{f_idx}/{route.model}"))[0])  # type: ignore[attr-defined]
+                keys.append(f"{uid}/{f_idx}/{route.model}")
+                noises.append(model.identity_noise(1, pseudo.seed(keys[-1]))[0])  # type: ignore[attr-defined]
                 where.append((k, f_idx))
             prepared[k] = (ds, frames, maps)
         if not inputs:
             return
         x = to_model_batch(inputs, all_maps, size)[:, None]
+
+        def redraw(attempt: int, rows: np.ndarray) -> np.ndarray:  # another identity, as stable as the first
+            return np.stack([model.identity_noise(1, pseudo.seed(f"{keys[r]}/draw{attempt}"))[0] for r in rows])  # type: ignore[attr-defined]
+
         with self._lock:  # one inference at a time per model
             with metrics.timed("engine", metrics.ENGINE_BATCH_SECONDS):
-                anon = model.anonymize(x, noise=np.stack(noises))  # type: ignore[attr-defined]
-            cf = None
-            if route.counterfactuals:
-                med, _, _ = model.encode(x)  # type: ignore[attr-defined]
-                protos = np.asarray(meta["prototypes"], np.float32)
-                pred = ((med[:, None] - protos[None]) ** 2).sum(-1).argmin(1)
-                target = (pred + 1) % len(protos)
-                cf = (model.counterfactual(x, target), target)  # type: ignore[attr-defined]
+                checked = model.anonymize_checked(x, np.stack(noises), counterfactuals=route.counterfactuals, redraw=redraw, draws=IDENTITY_DRAWS)  # type: ignore[attr-defined]
         classes = meta.get("classes", [])
-        model_id = f"{route.model} ({meta.get('name', '')} {hashlib.sha256(json.dumps(meta.get('model_config', {}), sort_keys=True).encode()).hexdigest()[:8]})"
+        bundle = model.bundle  # type: ignore[attr-defined]
+        model_id = f"{bundle.name} {bundle.weights_digest()}"
         by_item: dict[int, list[int]] = {}
         for row, (k, _) in enumerate(where):
             by_item.setdefault(k, []).append(row)
-        back = from_model_batch(anon[:, 0], all_maps, route.output_size)
-        back_cf = from_model_batch(cf[0][:, 0], all_maps, route.output_size) if cf is not None else []
+        passed_rows = [r for rows in by_item.values() if all(checked.verdicts[r].passed for r in rows) for r in rows]
+        back = dict(zip(passed_rows, from_model_batch(checked.anonymized[passed_rows, 0], [all_maps[r] for r in passed_rows], route.output_size)))
+        back_cf = {}
+        if checked.counterfactual is not None:
+            back_cf = dict(zip(passed_rows, from_model_batch(checked.counterfactual[passed_rows, 0], [all_maps[r] for r in passed_rows], route.output_size)))
         for k, rows in by_item.items():
             ds, frames, maps = prepared[k]
             it = items[k]
-            new = [back[r] for r in rows]
-            it.outputs.append(("anonymized", derived(ds, new, maps, route.output_size, pseudo, "anonymized", model_id)))
-            if cf is not None:
-                imgs, targets = cf
-                new_cf = [back_cf[r] for r in rows]
-                name = classes[int(targets[rows[0]])] if classes else str(int(targets[rows[0]]))
-                it.outputs.append(("counterfactual", derived(ds, new_cf, maps, route.output_size, pseudo, "counterfactual", model_id, name)))
+            verdicts = [checked.verdicts[r] for r in rows]
+            it.notes["gates"] = {"model": route.model, "bundle": bundle.name, "weights": bundle.weights_digest(), **summarize(verdicts)}
+            failed = next((v for v in verdicts if not v.passed), None)
+            if failed is not None:
+                it.error = failed.reason()
+                continue
+            synth = f"synthesised at {size}x{size} by model {model_id}"
+            it.outputs.append(("anonymized", derived(ds, [back[r] for r in rows], maps, route.output_size, pseudo, "anonymized", synth)))
+            if checked.counterfactual is not None:
+                target = int(checked.targets[rows[0]])
+                name = classes[target] if classes else str(target)
+                it.outputs.append(("counterfactual", derived(ds, [back_cf[r] for r in rows], maps, route.output_size, pseudo, "counterfactual", synth, name)))
 
 
 _NOT_COPIED = frozenset((0x7FE00010, 0x00280008))
@@ -400,9 +432,11 @@ def _element(keyword: str, value) -> DataElement:
 _DROPPED = frozenset(tag_for_keyword(kw) for kw in ("SourceImageSequence", "ReferencedImageSequence", "IconImageSequence"))
 
 
-def derived(src: Dataset, frames: list[np.ndarray], maps: list[Mapping], grid: str, pseudo: Pseudonymizer, kind: str, model_id: str, target: str = "") -> Dataset:
+def derived(src: Dataset, frames: list[np.ndarray], maps: list[Mapping], grid: str, pseudo: Pseudonymizer, kind: str, synth: str, target: str = "") -> Dataset:
     """A new instance holding ``frames``; UIDs are still the source's, derived per kind,
-    and are replaced by pseudonyms when the route's header profile runs.
+    and are replaced by pseudonyms when the route's header profile runs. ``synth`` says
+    at what size and by which model the image was synthesised; on the ``upsampled`` grid
+    the description says so too, and SpatialResolution gives the model grid's pixel size.
 
     Built element by element rather than through attribute assignment: this runs once
     per image and per kind, and pydicom's per-assignment checks would cost more than
@@ -435,14 +469,20 @@ def derived(src: Dataset, frames: list[np.ndarray], maps: list[Mapping], grid: s
     if len(frames) > 1:
         put("NumberOfFrames", len(frames))
     h, w = maps[0].shape
+    _, _, nh, nw = maps[0].box
     for kw in ("PixelSpacing", "ImagerPixelSpacing"):
         sy, sx = peek_float(src, kw, np.nan, 0), peek_float(src, kw, np.nan, 1)
         if np.isfinite(sy) and np.isfinite(sx):
             put(kw, [f"{sy * h / rows:.6g}", f"{sx * w / cols:.6g}"])
+            if kw == "PixelSpacing" and (rows, cols) != (nh, nw) and sy > 0:
+                put("SpatialResolution", f"{max(sy * h / nh, sx * w / nw):.6g}")
     put("ImageType", ["DERIVED", "SECONDARY"] + peek_strs(src, "ImageType")[2:])
-    desc = f"casemask {kind}: {METHOD}; model {model_id}"
+    desc = f"casemask {kind}: {synth}"
+    if (rows, cols) != (nh, nw):
+        desc += f", upsampled to {rows}x{cols} (no detail finer than the {nh}x{nw} model grid)"
     if kind == "counterfactual":
         desc += f"; medical features moved to {target}"
+    desc += f"; {METHOD}; gates passed: domain, medical, identity"
     put("DerivationDescription", desc[:1024])
     put("BurnedInAnnotation", "NO")
     put("RecognizableVisualFeatures", "NO")

@@ -134,6 +134,7 @@ class Service:
             "throughput": {"received_last_hour": int(received_1h), "sent_last_hour": int(sent_1h)},
             "disk_free_bytes": disk_free(s.node.data_dir),
             "models": self.models(),
+            "routes": _route_models(s),
             "config": str(s.source_file) if s.source_file else None,
         }
 
@@ -532,3 +533,10 @@ class Service:
             if monitor is not None and any(h is not None and not h.reachable for h in (monitor.get(d.name) for d in self.settings.destinations)):
                 return False
         return True
+
+
+def _route_models(settings: Settings) -> list[dict]:
+    """Per route, the bundle its pixel step runs and the bundle's intended use."""
+    from node.pixels import route_models
+
+    return route_models(settings)

@@ -84,7 +84,7 @@ def test_send_and_echo_report_an_unreachable_peer(tmp_path):
 
 
 def test_every_command_has_help():
-    for cmd in (["serve"], ["echo"], ["send"], ["status"], ["routes", "explain"], ["retry"], ["config", "check"], ["deid"], ["export-mapping"], ["demo"], ["engine", "train"], ["engine", "evaluate"], ["engine", "export"], ["engine", "build"], ["engine", "synth"]):
+    for cmd in (["serve"], ["echo"], ["send"], ["status"], ["routes", "explain"], ["retry"], ["config", "check"], ["deid"], ["export-mapping"], ["demo"], ["engine", "train"], ["engine", "evaluate"], ["engine", "export"], ["engine", "build"], ["engine", "synth"], ["engine", "fit-gates"]):
         r = run_cli(*cmd, "--help")
         assert r.returncode == 0 and "usage:" in r.stdout, cmd
 
@@ -120,3 +120,51 @@ def test_a_regex_with_an_empty_alternative_is_warned_about(tmp_path):
     assert r.returncode == 0 and "warning:" in r.stderr and "empty alternative" in r.stderr
     raw["routes"][0]["match"] = {"StudyDescription": {"regex": "(?i)brain|head"}}
     assert parse(raw).warnings == []
+
+
+def test_a_demonstration_bundle_needs_the_route_to_allow_it(tmp_path):
+    """The built-in model is a demonstration: a route that anonymizes pixels with it is
+    refused (exit 2, a message saying what to write) unless it allows it explicitly."""
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": "out"}])
+    raw["routes"][0].update(pixels="anonymize", model="reference")
+    r = run_cli("serve", "--config", str(write_toml(raw, tmp_path / "c.toml")))
+    assert r.returncode == 2
+    assert "is a demonstration" in r.stderr and "allow_demonstration_model = true" in r.stderr
+    raw["routes"][0]["allow_demonstration_model"] = True
+    assert parse(raw).routes[0].allow_demonstration_model
+    r = run_cli("config", "check", str(write_toml(raw, tmp_path / "c.toml")))
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_built_in_config_anonymizes_headers_only_and_the_demo_config_turns_pixels_on():
+    from node.config import REPO_ROOT, load
+
+    builtin = load()
+    assert all(r.pixels == "none" for r in builtin.routes)
+    demo = load(REPO_ROOT / "config" / "demo.toml")
+    chest = demo.route("chest")
+    assert chest.pixels == "anonymize" and chest.allow_demonstration_model
+
+
+def test_output_size_original_is_refused_with_its_new_name(tmp_path):
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": "out"}])
+    raw["routes"][0].update(pixels="anonymize", allow_demonstration_model=True, output_size="original")
+    with pytest.raises(ConfigError, match="renamed 'upsampled'"):
+        parse(raw)
+    raw["routes"][0]["output_size"] = "upsampled"
+    assert parse(raw).routes[0].output_size == "upsampled"
+
+
+def test_status_says_which_bundle_each_route_uses_and_its_intended_use(tmp_path):
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": "out"}])
+    raw["routes"] = [
+        {"name": "chest", "pixels": "anonymize", "allow_demonstration_model": True, "deid": {"profile": "basic"}, "destinations": ["f"]},
+        {"name": "other", "destinations": ["f"]},
+    ]
+    r = run_cli("status", "--config", str(write_toml(raw, tmp_path / "c.toml")))
+    assert r.returncode == 0, r.stderr
+    assert "route chest: pixels anonymized by model reference = bundle reference" in r.stdout
+    assert "intended use: demonstration" in r.stdout and "route other: headers only" in r.stdout
+    r = run_cli("status", "--json", "--config", str(tmp_path / "c.toml"))
+    routes = {e["route"]: e for e in json.loads(r.stdout)["routes"]}
+    assert routes["chest"]["intended_use"]["kind"] == "demonstration" and routes["chest"]["training_data"]["kind"] == "synthetic"

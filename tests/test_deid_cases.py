@@ -682,7 +682,7 @@ def test_deid_with_a_borrowed_pixel_route_still_applies_the_header_only_burned_i
     from tests.conftest import node_config, write_toml
 
     cfg = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "f")}])
-    cfg["routes"] = [{"name": "pixels", "deid": {"profile": "basic"}, "pixels": "anonymize", "destinations": ["f"]}] + cfg["routes"]
+    cfg["routes"] = [{"name": "pixels", "deid": {"profile": "basic"}, "pixels": "anonymize", "allow_demonstration_model": True, "destinations": ["f"]}] + cfg["routes"]
     path = write_toml(cfg, tmp_path / "pix.toml")
     r = run_cli(str(case("04") / "dose_mono.dcm"), "--out", str(tmp_path / "o"), "--secret", str(tmp_path / "s.key"), "--config", str(path))
     assert r.returncode == 1 and "quarantined" in r.stderr and not list((tmp_path / "o").glob("*.dcm"))

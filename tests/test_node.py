@@ -292,6 +292,7 @@ def test_route_requiring_pixels_without_pixel_step_is_quarantined(tmp_path, star
     out = tmp_path / "out"
     raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(out)}])
     raw["routes"][0]["pixels"] = "anonymize"
+    raw["routes"][0]["allow_demonstration_model"] = True
     node = start_node(raw, pixel_step=None)
     storescu(node.settings.node.port, make_study(tmp_path / "s", 2))
 

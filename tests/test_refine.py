@@ -136,6 +136,7 @@ def test_refine_cli_writes_a_bundle_whose_generator_alone_changed(tmp_path, caps
     out = capsys.readouterr().out
     assert "step 4:" in out and "unseen patients: ssim=" in out
     new = bundle.load(tmp_path / "ref" / "bundle")
+    assert new.has_gates and set(new.meta["shipped_graphs"]) == {"encode", "identity", "generate", "classify", "domain"}  # refine fits them
     (stage,) = new.meta["refinement"]
     assert stage["steps"] == 4 and stage["from"] == src.weights_digest()
     assert stage["data"] == "synthetic: 24 training visits of 6 patients"  # the bundle's own population

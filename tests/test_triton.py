@@ -59,7 +59,11 @@ def server(bundle, other_weights, tmp_path_factory):
     50 ms queue delay so that concurrent requests meet in the batcher."""
     if WHY_NOT:
         pytest.skip(f"no Triton server here: {WHY_NOT}")
+    from engine.graphs import NODE_GRAPHS
+    from engine.runtime import graph_path
+
     models = {
+        **{f"ref_{g}": graph_path(bundle, g) for g in NODE_GRAPHS},  # what the node's pixel step runs
         "ref_anonymize": bundle.export_path("anonymize"),
         "ref_reconstruct": bundle.export_path("reconstruct"),
         "other_anonymize": other_weights,
@@ -246,7 +250,7 @@ def test_the_node_pixel_step_on_triton_gives_the_local_backend_s_pixels(bundle, 
         raw = {
             "node": {"data_dir": str(tmp_path / backend)},
             "destinations": [{"name": "out", "kind": "folder", "path": str(tmp_path / "out")}],
-            "routes": [{"name": "chest", "match": {"Modality": "DX"}, "pixels": "anonymize", "model": "m", "destinations": ["out"]}],
+            "routes": [{"name": "chest", "match": {"Modality": "DX"}, "pixels": "anonymize", "model": "m", "allow_demonstration_model": True, "destinations": ["out"]}],
             "models": [{"name": "m", "path": str(bundle.path), "backend": backend, **extra}],
         }
         settings = parse(raw, "test", base_dir=tmp_path)
@@ -312,7 +316,9 @@ def test_the_runner_accepts_what_triton_repo_writes_and_refuses_other_weights(bu
 def test_triton_repo_tensorrt_accelerator_in_fp16(bundle, tmp_path):
     r = triton_repo("--model", str(bundle.path), "--out", str(tmp_path), "--name", "ref", "--accelerator", "tensorrt", "--fp16", "--trt-cache-path", "/models/.trt")
     assert r.returncode == 0, r.stderr
-    for graph in ("anonymize", "counterfactual"):  # the node's two graphs by default
+    from engine.graphs import NODE_GRAPHS
+
+    for graph in NODE_GRAPHS:  # the node's graphs by default
         c = read_config(tmp_path / f"ref_{graph}" / "config.pbtxt")
         (acc,) = c.optimization.execution_accelerators.gpu_execution_accelerator
         assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"

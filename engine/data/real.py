@@ -20,17 +20,13 @@ from engine.data.synthetic import Batch
 
 
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    """Aspect-preserving resize and centre pad of one 2-D image to size x size."""
-    import torch
-    from torch.nn import functional as F
+    """Aspect-preserving resize and centre pad of one 2-D image to size x size (padded with
+    the image's minimum)."""
+    from engine.imaging import fit_box, resize
 
-    h, w = img.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
-    r = F.interpolate(t, size=(nh, nw), mode="area" if scale < 1 else "bilinear", align_corners=None if scale < 1 else False)[0, 0].numpy()
+    top, left, nh, nw = fit_box(*img.shape, size)
+    r = resize(np.ascontiguousarray(img, dtype=np.float32)[None], nh, nw)[0]
     out = np.full((size, size), float(r.min()), np.float32)
-    top, left = (size - nh) // 2, (size - nw) // 2
     out[top : top + nh, left : left + nw] = r
     return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 from engine.bundle import Bundle
 from engine.runtime.backends import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
@@ -64,36 +65,60 @@ def choose(backend: str = "auto") -> Choice:
     raise RunnerError("no backend is available: " + "; ".join(skipped))
 
 
+def graph_path(bundle: Bundle, graph: str, model=None) -> Path:
+    """The ONNX file of ``graph``: shipped in the bundle when it is current, else an export
+    made earlier or now (an export needs PyTorch).
+
+    Raises:
+        RunnerError: no current ONNX of the graph and no PyTorch to export one.
+    """
+    shipped = bundle.shipped_graph(graph)
+    if shipped is not None:
+        return shipped
+    path = bundle.export_path(graph)
+    if path.exists():
+        return path
+    why = TorchRunner.is_available()
+    if why:
+        raise RunnerError(f"{bundle.path}: no current ONNX of graph {graph!r} in the bundle, and it cannot be exported here ({why}); "
+                          "run `casemask engine export --ship` where PyTorch is installed")
+    from engine.export import export_graph
+
+    return export_graph(bundle, graph, model)
+
+
 def make_runner(bundle: Bundle, graph: str, backend: str = "auto", max_batch: int = 128, model=None, trt_profile: tuple[int, int, int] = (1, 32, 128), spin: bool = True, triton: TritonTarget | None = None) -> tuple[Runner, Choice]:
     """A runner (not yet active) for ``graph`` of ``bundle`` on the chosen backend.
 
     ``spin=False`` lets ONNX Runtime's idle worker threads sleep: for a process whose other
     threads need the cores between batches (the node), at some cost to throughput.
-    ``triton``: where the server is, for ``backend="triton"`` (the bundle's own export is
-    still made here: activation checks the server against it).
+    ``triton``: where the server is, for ``backend="triton"`` (the bundle's own graph is
+    still found or made here: activation checks the server against it).
+    ONNX backends run the bundle's shipped graph when it is current (no PyTorch needed),
+    else an export (:func:`graph_path`).
 
     Raises:
         RunnerError: the backend is not available, or ``triton`` is missing for it.
     """
     if backend == "triton" and triton is None:
         raise RunnerError("backend triton needs the server: a TritonTarget (url = \"host:8001\" and the served model's name)")
-    from engine.export import export_graph, graph_specs
-    from engine.model import GRAPHS
+    from engine.graphs import graph_specs, source_of
 
     choice = choose(backend)
-    inputs, outputs = graph_specs(bundle, graph)
+    inputs, outputs = graph_specs(bundle.dims, graph)
     b = choice.backend
     if b.startswith("torch"):
-        module = GRAPHS[graph](model or bundle.load_torch())
+        from engine.export import graph_module
+
+        module = graph_module(bundle, graph, model)
         device = "cuda" if b == "torch-cuda" else "cpu"
         return TorchRunner(module, inputs, outputs, device=device, compile=b == "torch-compile", max_batch=max_batch), choice
-    onnx = bundle.export_path(graph)
-    if not onnx.exists():
-        onnx = export_graph(bundle, graph, model)
+    onnx = graph_path(bundle, graph, model)
     if b == "triton":
         assert triton is not None
-        return TritonRunner(triton, graph, inputs, outputs, max_batch=max_batch, reference=onnx, weights_digest=bundle.weights_digest()), choice
+        return TritonRunner(triton, graph, inputs, outputs, max_batch=max_batch, reference=onnx, weights_digest=bundle.digest(source_of(graph))), choice
     if b == "tensorrt":
+        from engine.export import export_graph
 
         def fp16_onnx():
             path = bundle.export_path(graph, half=True)
@@ -104,4 +129,4 @@ def make_runner(bundle: Bundle, graph: str, backend: str = "auto", max_batch: in
     return OnnxRuntimeRunner(onnx, inputs, outputs, providers=providers, max_batch=max_batch, spin=spin), choice
 
 
-__all__ = ["BACKENDS", "Choice", "Runner", "RunnerError", "TensorSpec", "TransientRunnerError", "TritonTarget", "choose", "make_runner", "unavailable"]
+__all__ = ["BACKENDS", "Choice", "Runner", "RunnerError", "TensorSpec", "TransientRunnerError", "TritonTarget", "choose", "graph_path", "make_runner", "unavailable"]

@@ -140,8 +140,10 @@ def model_config(bundle: Bundle, graph: str, opts: RepoOptions, model_sha256: st
                 inputs={s.name: mc.ModelWarmup.Input(data_type=dtype, dims=list(s.shape[1:]), random_data=True) for s in inputs},
             )
         )
+    from engine.graphs import source_of
+
     params = {
-        "casemask_weights": bundle.weights_digest(),
+        "casemask_weights": bundle.digest(source_of(graph)),  # weights.pt, or gates.pt for the gates' graphs
         "casemask_graph": graph,
         "casemask_bundle": str(bundle.meta.get("name", bundle.path.name)),
         "casemask_model_sha256": model_sha256,
@@ -161,11 +163,10 @@ def _sha256(path: Path) -> str:
 
 def _model_file(bundle: Bundle, graph: str, opts: RepoOptions) -> tuple[Path, bool]:
     """(the file to serve, whether its tensors are float16) for ``graph``."""
-    from engine.export import export_graph
-
     if opts.fmt == "onnx":
-        onnx = bundle.export_path(graph)
-        return (onnx if onnx.exists() else export_graph(bundle, graph)), False
+        from engine.runtime import graph_path
+
+        return graph_path(bundle, graph), False  # the bundle's shipped graph when current
     from engine.runtime import make_runner, unavailable
 
     why = unavailable("tensorrt")
@@ -191,7 +192,9 @@ def write_repository(bundle: Bundle, out: Path, opts: RepoOptions, graphs: list[
     if problems:
         raise ValueError("\n".join(problems))
     written = []
-    for graph in graphs or ["anonymize", "counterfactual"]:
+    from engine.graphs import NODE_GRAPHS
+
+    for graph in graphs or list(NODE_GRAPHS):  # what the node's pixel step runs
         source, half_io = _model_file(bundle, graph, opts)
         folder = Path(out) / served_name(opts.name, graph)
         target = folder / str(opts.version) / ("model.plan" if opts.fmt == "plan" else "model.onnx")

@@ -50,7 +50,7 @@ def pixel_step(work: Path, backend: str, url: str = ""):
     raw = {
         "node": {"data_dir": str(work / backend)},
         "destinations": [{"name": "out", "kind": "folder", "path": str(work / "out")}],
-        "routes": [{"name": "chest", "match": {"Modality": "DX"}, "pixels": "anonymize", "model": "reference", "destinations": ["out"]}],
+        "routes": [{"name": "chest", "match": {"Modality": "DX"}, "pixels": "anonymize", "model": "reference", "allow_demonstration_model": True, "destinations": ["out"]}],
         "models": [model],
     }
     settings = parse(raw, "bench", base_dir=work)
