@@ -128,7 +128,7 @@ class StandInPixels:
 
 def pixel_config(tmp_path: Path, dests: list[dict], **node_kw) -> dict:
     raw = node_config(tmp_path, dests, **node_kw)
-    raw["routes"][0]["pixels"] = "anonymize"
+    raw["routes"][0].update(pixels="anonymize", allow_demonstration_model=True)  # a stand-in runs, not the demonstration
     return raw
 
 
@@ -462,7 +462,7 @@ def test_a_step_failing_on_the_patient_name_leaves_it_in_no_reason_database_or_l
     monkeypatch.setattr(Deidentifier, "apply", apply)
     phi = {"PatientName": NAME, "PatientID": "MRN-77"}
     raw = node_config(tmp_path, [folder(tmp_path)])
-    raw["routes"].append({"name": "px", "pixels": "anonymize", "match": {"Modality": "CR"}, "destinations": ["f"]})
+    raw["routes"].append({"name": "px", "pixels": "anonymize", "allow_demonstration_model": True, "match": {"Modality": "CR"}, "destinations": ["f"]})
     raw["routes"][0]["match"] = {"Modality": "CT"}
     pixels = StandInPixels(error=RuntimeError(f"cannot decode the image of {NAME}"))
     node = start_node(raw, pixel_step=pixels, schedule=False, listen=False)
