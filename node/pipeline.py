@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import io
 import json
 import logging
@@ -39,7 +38,7 @@ from node.deid.profile import CLEAN_PIXEL_CODE, CLEAN_VISUAL_CODE
 from node.deid.verify import Policy, VerifyError, reason, verify
 from node.leases import LeaseKeeper
 from node.reasons import describe, location, scrub
-from node.spool import write_atomic
+from node.spool import outbox_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -346,8 +345,7 @@ class Pipeline:
     def _write_output(self, route: Route, kind: str, ds: Dataset, written: list[Path], data: bytes | None = None) -> Output:
         sop = str(ds.SOPInstanceUID)
         data = data if data is not None else to_bytes(ds)
-        h = hashlib.sha256(f"{route.name}/{ds.get('StudyInstanceUID', '')}".encode()).hexdigest()[:24]
-        path = self.outbox / route.name / h / f"{sop}.dcm"
+        path = outbox_path(self.outbox, route.name, str(ds.get("StudyInstanceUID", "")), sop)
         write_atomic(path, data)
         written.append(path)
         return Output(

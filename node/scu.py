@@ -26,7 +26,7 @@ from pynetdicom.presentation import build_context
 
 from node.config import Destination
 from node.scp import tune_association
-from node.spool import write_atomic
+from node.spool import SHARED_FILE_MODE, folder_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,8 @@ def _reencode(ds, source: UID, target: UID):
 
 
 class FolderSender:
-    """Writes each object atomically to ``path/<study>/<series>/<instance>.dcm``."""
+    """Writes each object atomically to ``path/<study>/<series>/<instance>.dcm``, each
+    name the digest of that UID (:func:`node.spool.folder_path`), files 0640."""
 
     def __init__(self, dest: Destination) -> None:
         self.dest = dest
@@ -200,8 +201,7 @@ class FolderSender:
                 return
             try:
                 ds = dcmread(w.path, stop_before_pixels=True)
-                target = root / str(ds.StudyInstanceUID) / str(ds.get("SeriesInstanceUID", "series")) / f"{ds.SOPInstanceUID}.dcm"
-                write_atomic(target, w.path.read_bytes())
+                write_atomic(folder_path(root, ds), w.path.read_bytes(), mode=SHARED_FILE_MODE, dir_mode=0o750)
                 report(w, Outcome("sent"))
             except OSError as exc:
                 report(w, Outcome("retry", f"cannot write to {root}: {exc.strerror or type(exc).__name__}"))
