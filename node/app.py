@@ -171,7 +171,7 @@ class Node:
         if listen:
             from node.scp import start_server
 
-            self.server = start_server(self.settings, self.engine)
+            self.server = start_server(self.settings, self.engine, pseudo=self.pseudo)
         # Jobs look the pipeline and dispatchers up at each run, so that a reload can
         # replace them (and add or remove dispatch jobs) without restarting anything.
         jobs: dict[str, Callable[[], int]] = {"route": self.route_stable, "process": lambda: self.pipeline.run_once(), "health": self.health.check_due,
@@ -309,7 +309,8 @@ class Node:
 
 # [node] settings a reload cannot change in a running node.
 _RESTART_KEYS = ("ae_title", "host", "port", "data_dir", "database_url", "secret_path", "secret_env", "node_id", "poll_interval_s",
-                 "acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "reactor_delay_s")
+                 "acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "reactor_delay_s",
+                 "max_associations", "max_associations_per_host", "max_object_mb", "min_free_disk_mb", "strict_uids", "tls")
 
 
 def _pixel_models(settings: Settings) -> set[str]:

@@ -52,10 +52,27 @@ def valid_ae_title(value: Any) -> bool:
     return isinstance(value, str) and bool(_AE_RE.match(value)) and value.strip() != ""
 
 
+class NodeTLS(_Table):
+    """The DICOM TLS listener ([node.tls]); beside the plain one unless [node] port = 0."""
+
+    port: StrictInt = hint("a TCP port is an integer from 1 to 65535, e.g. 2762", 2762)
+    certificate: Path = hint("the node's certificate (PEM), e.g. \"tls/node.crt\"", strict=False)
+    private_key: Path = hint("the certificate's private key (PEM), e.g. \"tls/node.key\"", strict=False)
+    ca_certificates: Path | None = hint("CA certificates (PEM) that client certificates must chain to", None, strict=False)
+    require_client_certificate: StrictBool = hint("true or false", True)
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 1 <= v <= 65535:
+            raise ValueError("a TCP port is an integer from 1 to 65535")
+        return v
+
+
 class NodeSettings(_Table):
     ae_title: str = hint("an AE title is 1 to 16 characters, no backslash", "CASEMASK")
     host: str = hint("an address to listen on, e.g. \"0.0.0.0\" or \"127.0.0.1\"", "0.0.0.0")
-    port: StrictInt = hint("a TCP port is an integer from 1 to 65535", 11112)
+    port: StrictInt = hint("a TCP port is an integer from 1 to 65535 (0: no plain listener, [node.tls] only)", 11112)
     data_dir: Path = hint("a folder for the spool, outbox, database and secret, e.g. \"var\"", Path("var"), strict=False)
     database_url: str = hint("empty for SQLite under data_dir, or a SQLAlchemy URL", "")
     secret_path: Path | None = hint("a file holding the pseudonym secret (hex)", None, strict=False)
@@ -75,6 +92,12 @@ class NodeSettings(_Table):
     network_timeout_s: Seconds = hint("seconds, more than 0", 60.0, gt=0)
     reactor_delay_s: Seconds = hint("seconds, 0 or more (the reactor's poll interval)", 0.00005, ge=0)
     burned_in_regions: Path | None = hint("a TOML file of region rules (default: config/burned_in_regions.toml)", None, strict=False)
+    max_associations: StrictInt = hint("an integer, 1 or more", 32, ge=1)
+    max_associations_per_host: StrictInt = hint("an integer, 1 or more", 8, ge=1)
+    max_object_mb: StrictInt = hint("megabytes, an integer 1 or more", 4096, ge=1)
+    min_free_disk_mb: StrictInt = hint("megabytes, an integer 0 or more (0: no floor)", 1024, ge=0)
+    strict_uids: StrictBool = hint("true or false (false lets UID components with leading zeros in)", True)
+    tls: NodeTLS | None = hint("a table: [node.tls] port, certificate, private_key, ca_certificates, require_client_certificate", None)
 
     @field_validator("ae_title")
     @classmethod
@@ -86,8 +109,8 @@ class NodeSettings(_Table):
     @field_validator("port")
     @classmethod
     def _port(cls, v: int) -> int:
-        if not 1 <= v <= 65535:
-            raise ValueError("a TCP port is an integer from 1 to 65535")
+        if not 0 <= v <= 65535:
+            raise ValueError("a TCP port is an integer from 1 to 65535 (0: no plain listener)")
         return v
 
     @field_validator("secret_env")
@@ -135,6 +158,24 @@ class Source(_Table):
         return v
 
 
+class DestinationTLS(_Table):
+    """TLS towards a destination: verify its certificate, optionally present ours."""
+
+    ca_certificates: Path | None = hint("CA certificates (PEM) the destination's certificate must chain to (default: the system's)", None, strict=False)
+    certificate: Path | None = hint("the node's client certificate (PEM)", None, strict=False)
+    private_key: Path | None = hint("the client certificate's private key (PEM)", None, strict=False)
+
+
+class DicomWebAuth(_Table):
+    """Credentials for a dicomweb destination; the secret comes from a file or an
+    environment variable, never from the configuration itself, and is never logged."""
+
+    kind: Literal["bearer", "basic"] = hint("choose one of 'bearer', 'basic'")
+    username: str = hint("the user name (basic)", "")
+    secret_file: Path | None = hint("a file holding the token (bearer) or password (basic)", None, strict=False)
+    secret_env: str = hint("an environment variable holding the token (bearer) or password (basic)", "")
+
+
 class Destination(_Table):
     name: str = hint("a name routes refer to, e.g. \"archive\"")
     kind: Literal["dicom", "folder", "dicomweb"] = hint("choose one of 'dicom', 'folder', 'dicomweb'", "dicom")
@@ -145,6 +186,8 @@ class Destination(_Table):
     url: str = hint("a dicomweb destination needs url = \"http://host:port/dicom-web\"", "")
     calling_ae: str = hint("an AE title is 1 to 16 characters", "")  # defaults to the node's AE title
     timeout_s: Seconds = hint("seconds, more than 0", 30.0, gt=0)
+    tls: DestinationTLS | None = hint("a table: tls = { ca_certificates = \"...\", certificate = \"...\", private_key = \"...\" }", None)
+    auth: DicomWebAuth | None = hint("a table: auth = { kind = \"bearer\", secret_file = \"...\" } or { kind = \"basic\", username = \"...\", secret_env = \"...\" }", None)
 
 
 class DeidSettings(_Table):
@@ -405,6 +448,7 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
         problems.append("[node]: secret_path and secret_env both name a pseudonym secret: keep one of them")
     retention = _validate(RetentionSettings, raw.get("retention", {}), "[retention]", problems) or RetentionSettings()
     node.burned_in_regions = _absolute(node.burned_in_regions, base_dir)
+    _check_listeners(node, base_dir, problems)
 
     sources = [s for k, e in enumerate(_entries(raw, "sources", problems)) if (s := _validate(Source, e, f"[[sources]] #{k + 1}", problems))]
 
@@ -467,7 +511,54 @@ def _check_burned_in_regions(node: NodeSettings, problems: list[str]) -> None:
         problems.extend(f"[node] burned_in_regions: {p}" for p in exc.problems)
 
 
+def _check_file(path: Path | None, where: str, base_dir: Path, problems: list[str]) -> Path | None:
+    """``path`` resolved against ``base_dir``; a problem when it is not a readable file."""
+    p = _absolute(path, base_dir)
+    if p is not None and not p.is_file():
+        problems.append(f"{where} = {str(path)!r}: no such file (write the path of a PEM file, relative to the working folder or absolute)")
+    return p
+
+
+def _check_listeners(node: NodeSettings, base_dir: Path, problems: list[str]) -> None:
+    tls = node.tls
+    if tls is None:
+        if node.port == 0:
+            problems.append("[node] port = 0 turns the plain listener off: add a [node.tls] listener, or write a port from 1 to 65535")
+        return
+    tls.certificate = _check_file(tls.certificate, "[node.tls] certificate", base_dir, problems)  # type: ignore[assignment]
+    tls.private_key = _check_file(tls.private_key, "[node.tls] private_key", base_dir, problems)  # type: ignore[assignment]
+    tls.ca_certificates = _check_file(tls.ca_certificates, "[node.tls] ca_certificates", base_dir, problems)
+    if tls.require_client_certificate and tls.ca_certificates is None:
+        problems.append("[node.tls] require_client_certificate = true needs ca_certificates = \"...\" (the CAs client certificates must chain to), or write require_client_certificate = false")
+    if tls.port == node.port:
+        problems.append(f"[node.tls] port = {tls.port}: the TLS listener needs another port than [node] port")
+
+
+def _check_destination_security(dest: Destination, where: str, base_dir: Path, problems: list[str]) -> None:
+    if dest.tls is not None:
+        if dest.kind == "folder":
+            problems.append(f"{where}: tls = {{ ... }} applies to dicom and dicomweb destinations only")
+        t = dest.tls
+        t.ca_certificates = _check_file(t.ca_certificates, f"{where} tls.ca_certificates", base_dir, problems)
+        t.certificate = _check_file(t.certificate, f"{where} tls.certificate", base_dir, problems)
+        t.private_key = _check_file(t.private_key, f"{where} tls.private_key", base_dir, problems)
+        if (t.certificate is None) != (t.private_key is None):
+            problems.append(f"{where}: tls.certificate and tls.private_key go together (a client certificate needs its key)")
+    if dest.auth is not None:
+        a = dest.auth
+        if dest.kind != "dicomweb":
+            problems.append(f"{where}: auth = {{ ... }} applies to dicomweb destinations only")
+        elif not dest.url.startswith("https://"):
+            problems.append(f"{where}: auth needs an https:// url (credentials would travel in clear)")
+        if (a.secret_file is None) == (not a.secret_env):
+            problems.append(f"{where}: auth needs one of secret_file = \"...\" or secret_env = \"NAME\"")
+        a.secret_file = _check_file(a.secret_file, f"{where} auth.secret_file", base_dir, problems)
+        if a.kind == "basic" and not a.username:
+            problems.append(f"{where}: auth kind = \"basic\" needs username = \"...\"")
+
+
 def _check_destination(dest: Destination, where: str, base_dir: Path, problems: list[str]) -> None:
+    _check_destination_security(dest, where, base_dir, problems)
     if dest.kind == "dicom":
         if not valid_ae_title(dest.ae_title):
             problems.append(f"{where} ae_title = {dest.ae_title!r}: a dicom destination needs the archive's AE title")

@@ -115,6 +115,9 @@ class Instance(Base):
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     called_ae: Mapped[str] = mapped_column(String(16), default="")
     peer_host: Mapped[str] = mapped_column(String(64), default="")
+    # Keyed hash of SOP class, study, series and patient: a re-send with the same one is
+    # the same object, another one under this SOP Instance UID a conflict (node.scp).
+    identity: Mapped[str] = mapped_column(String(32), default="")
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     state: Mapped[InstanceState] = mapped_column(Enum(InstanceState, native_enum=False, length=16), default=InstanceState.RECEIVED)
     reason: Mapped[str] = mapped_column(Text, default="")
@@ -123,6 +126,19 @@ class Instance(Base):
     # When retention deleted the spooled file (the row stays for the audit trail).
     purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     study: Mapped[Study] = relationship(back_populates="instances")
+
+
+class Conflict(Base):
+    """A C-STORE refused (0xC214) because another object is stored under its SOP
+    Instance UID."""
+
+    __tablename__ = "conflicts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    peer_host: Mapped[str] = mapped_column(String(64), default="")
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Job(Base):

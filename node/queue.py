@@ -26,6 +26,7 @@ from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, u
 from sqlalchemy.orm import Session, object_session
 
 from node.db import (
+    Conflict,
     Delivery,
     DeliveryState,
     Instance,
@@ -57,6 +58,7 @@ class Received:
     calling_ae: str
     called_ae: str
     peer_host: str
+    identity: str = ""  # keyed hash of what makes it this object (node.scp: SOP UID conflicts)
 
 
 # The two statements of every C-STORE, built once: constructing a statement per call
@@ -113,6 +115,7 @@ def record_received(conn: Connection, r: Received) -> str:
             "calling_ae": r.calling_ae,
             "called_ae": r.called_ae,
             "peer_host": r.peer_host,
+            "identity": r.identity,
             "received_at": now,
             "state": InstanceState.RECEIVED,
             "reason": "",
@@ -204,6 +207,19 @@ def next_stable_study(session: Session, stable_after_s: float, exclude: Iterable
     if skip:
         q = q.where(Study.id.not_in(skip))
     return session.scalars(q.order_by(Study.id).limit(1).with_for_update(skip_locked=True)).first()
+
+
+def stored_instance(conn: Connection, sop_instance_uid: str) -> tuple[str, str] | None:
+    """(identity, path) of the stored instance with this SOP Instance UID, or None."""
+    instances = Instance.__table__
+    row = conn.execute(select(instances.c.identity, instances.c.path).where(instances.c.sop_instance_uid == sop_instance_uid)).first()
+    return None if row is None else (row.identity or "", row.path)
+
+
+def record_conflict(conn: Connection, r: Received) -> None:
+    """Count a C-STORE refused because another object is stored under its SOP Instance
+    UID (``casemask status`` shows the count)."""
+    conn.execute(insert(Conflict.__table__).values(sop_instance_uid=r.sop_instance_uid, calling_ae=r.calling_ae, peer_host=r.peer_host, received_at=utcnow()))
 
 
 def stable_studies(session: Session, stable_after_s: float, now: dt.datetime | None = None) -> list[Study]:
@@ -698,4 +714,7 @@ def counts(session: Session) -> dict[str, dict[str, int]]:
     rows = session.execute(select(Delivery.destination, Delivery.state, func.count()).group_by(Delivery.destination, Delivery.state)).all()
     for dest, state, n in rows:
         out.setdefault(f"destination:{dest}", {})[str(state.value)] = int(n)
+    conflicts = session.scalar(select(func.count()).select_from(Conflict))
+    if conflicts:
+        out["conflicts"] = {"refused": int(conflicts)}
     return out

@@ -1,42 +1,93 @@
-"""The node's network edge: a pynetdicom AE answering C-ECHO and C-STORE.
+"""The node's network edge: pynetdicom listeners (plain and DICOM TLS) answering C-ECHO
+and C-STORE.
 
-Access control happens at association time (EVT_REQUESTED): an unknown calling AE title,
-a known one from the wrong host, or a called AE title other than the node's is refused
-with A-ASSOCIATE-RJ (rejected-permanent, service-user, reason 3 or 7). The C-STORE
-handler only spools and queues: it answers Success after the file is fsynced and its row
-committed, 0xA700 when either fails, 0xC210/0xC211 when the dataset cannot be understood.
+Who may connect and how many at once is :mod:`node.admission`; where a data set goes
+while it arrives is :mod:`node.incoming`. The C-STORE handler checks what arrived, then
+spools and queues it: it answers Success only after the file is fsynced under its final
+name and its row committed, and a failure status otherwise, so the sender keeps its copy:
+
+=======  ====================================================================
+0x0000   stored (or stored before: the same object, see below)
+0xA700   out of resources: object above ``max_object_mb``, disk below
+         ``min_free_disk_mb``, spool file or row could not be written
+0xA900   the data set's SOP Class UID differs from the command's
+0xC210   the data set cannot be decoded, or ends inside an element
+0xC211   SOP Instance UID or Study Instance UID missing
+0xC212   a UID (SOP Class, SOP Instance, Study, Series, transfer syntax) does
+         not follow the PS3.5 UI grammar, or the transfer syntax is unknown
+0xC213   the data set's SOP Instance UID differs from the command's
+0xC214   SOP Instance UID conflict: another object (other SOP class, patient,
+         study or series) is stored under this SOP Instance UID
+=======  ====================================================================
+
+Failures carry an Error Comment (0000,0902) saying which check failed, never a value.
+
+An object sent again under a stored SOP Instance UID is *the same object* when its SOP
+Class UID, Study and Series Instance UID, Patient ID and Issuer of Patient ID all agree
+(compared as a keyed hash, ``Instance.identity``); its bytes are not compared, so a
+re-send in another transfer syntax, or with attributes another system coerced, is the
+same object: Success, stored once, the first copy kept. Anything else is a conflict,
+refused with 0xC214, logged and counted (``conflicts`` table, ``casemask status``).
+
+Logs name objects by ``Pseudonymizer.log_id`` (a keyed hash), never by original UIDs.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import socket
+import ssl
 import threading
 import time
+import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from socketserver import TCPServer
 
 import pynetdicom.association
+from pydicom import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from node import audit, metrics, queue
+from node.admission import MAX_PDU, Admission, guard_pdu_length
 from node.config import Settings
-from node.spool import spool_path, write_atomic
-from node.wire import part10_header, row_attributes
+from node.deid import Pseudonymizer, load_or_create_secret
+from node.incoming import IncomingFile, IncomingFiles, install as install_incoming
+from node.spool import place, remove, replace, spool_path
+from node.tls import peer_subject, server_context
+from node.uid import invalid_uids, is_valid_uid
+from node.wire import ROW_KEYWORDS, Incomplete, dataset_end, row_attributes, row_attributes_from_file
 
 log = logging.getLogger(__name__)
 
-# C-STORE statuses (PS3.4 B.2.3 and Annex C of PS3.7)
+# C-STORE statuses (PS3.4 B.2.3 and Annex C of PS3.7); see the module docstring.
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+SOP_CLASS_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 MISSING_UIDS = 0xC211
+INVALID_UID = 0xC212
+INSTANCE_MISMATCH = 0xC213
+SOP_UID_CONFLICT = 0xC214
+
+_KNOWN_SYNTAXES = frozenset(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
+_LOCK_STRIPES = 256
+
+
+def failure(status: int, comment: str) -> Dataset:
+    """A C-STORE response status with an Error Comment (LO: at most 64 characters)."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -91,57 +142,89 @@ def _install_reactor_clock(delay: float) -> _ReactorClock:
     return _clock
 
 
-class AccessPolicy:
-    """Who may associate: the [[sources]] list, or anyone when accept_unknown_sources."""
+class _NoReceivedValues(logging.Filter):
+    """pydicom and pynetdicom quote a non-conformant value they meet ("Invalid value for
+    VR UI: '...'", "Non-conformant 'Affected SOP Instance UID' value '...'"): whatever a
+    sender put there (a path, a name) would reach the node's log. Keep the message, drop
+    the value."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.ae_title = settings.node.ae_title
-        self.update(settings)
-
-    def update(self, settings: Settings) -> None:
-        """Take new [[sources]] and accept_unknown_sources (a configuration reload)."""
-        sources: dict[str, set[str | None]] = {}
-        for s in settings.sources:
-            sources.setdefault(s.ae_title.strip(), set()).add(_resolve(s.host) if s.host else None)
-        self.accept_unknown, self.sources = settings.node.accept_unknown_sources, sources
-
-    def check(self, calling_ae: str, called_ae: str, host: str) -> tuple[int, str] | None:
-        """None when allowed; else (A-ASSOCIATE-RJ reason, why)."""
-        if called_ae.strip() != self.ae_title:
-            return 0x07, f"called AE title {called_ae.strip()!r} is not this node's ({self.ae_title!r})"
-        if self.accept_unknown:
-            return None
-        hosts = self.sources.get(calling_ae.strip())
-        if hosts is None:
-            return 0x03, f"calling AE title {calling_ae.strip()!r} is not in [[sources]]"
-        if None not in hosts and host not in hosts:
-            return 0x03, f"calling AE title {calling_ae.strip()!r} is not allowed from {host}"
-        return None
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Invalid value for VR"):
+            record.msg, record.args = msg.split(":", 1)[0] + " (value not logged)", ()
+        elif msg.startswith(("Non-conformant '", "Invalid '")) and " value '" in msg:
+            record.msg, record.args = msg.split(" value '", 1)[0] + " value (not logged)", ()
+        return True
 
 
-def _resolve(host: str) -> str:
-    try:
-        return socket.gethostbyname(host)
-    except OSError:
-        return host
+def _redact_library_logs() -> None:
+    f = _NoReceivedValues()
+    for name in ("pydicom", "pynetdicom.utils"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(x, _NoReceivedValues) for x in logger.filters):
+            logger.addFilter(f)
+    warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning)
+
+
+class _Throttled:
+    """Logs a condition at most once per ``every_s`` while it lasts, and once when it ends."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self._last = 0.0
+        self._active = False
+        self._lock = threading.Lock()
+
+    def hit(self, message: str, *args) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if not self._active or now - self._last >= self.every_s:
+                log.error(message, *args)
+                self._last = now
+            self._active = True
+
+    def clear(self, message: str) -> None:
+        with self._lock:
+            if self._active:
+                log.warning(message)
+                self._active = False
+
+
+class _Refusal(Exception):
+    """A C-STORE that is answered with a failure status; ``why`` names the check."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+        self.why = why
 
 
 class StoreHandler:
-    """C-STORE: spool the file atomically and commit its row, then answer.
+    """C-STORE: check, spool and commit, then answer.
 
-    The file (written, fsynced, renamed, directory fsynced) and the row (committed, WAL
-    fsynced) are made durable at the same time, the file on a spool thread: each waits on
-    its own disk flush, and the answer waits for both. A row can therefore be committed
-    a moment before its file is in place: routing waits for the file (``Node.route_stable``),
-    a failed write deletes the row again, and at start rows left without a file by a crash
-    are dropped (those objects were never acknowledged)."""
+    The data set arrived in an :class:`IncomingFile`. The file (fsynced, linked under its
+    final name unless one is there, directory fsynced) and the row (committed, WAL
+    fsynced) are made durable at the same time, the file on a spool thread; the answer
+    waits for both, then settles a re-send or a conflict (see the module docstring).
+    C-STOREs of one SOP Instance UID are handled one at a time in this process, so two
+    of them never race for one spool file. A row can be committed a moment before its
+    file is in place: routing waits for the file (``Node.route_stable``), a failed write
+    deletes the row again, and at start rows left without a file by a crash are dropped
+    (those objects were never acknowledged)."""
 
-    def __init__(self, settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, pseudo: Pseudonymizer, incoming: IncomingFiles, on_stored: Callable[[], None] | None = None) -> None:
         self.spool_dir = settings.node.data_dir / "spool"
         self.engine = engine
+        self.pseudo = pseudo
+        self.incoming = incoming
         self.on_stored = on_stored
+        self.strict_uids = settings.node.strict_uids
+        self.max_object_mb = settings.node.max_object_mb
+        self.min_free_disk_mb = settings.node.min_free_disk_mb
         self._spool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool")
         self._conns: dict[int, Connection] = {}
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._disk = _Throttled()
 
     def _connection(self, assoc) -> Connection:
         """The association's own database connection, held until it closes: checking one
@@ -158,32 +241,6 @@ class StoreHandler:
         if conn is not None:
             conn.close()
 
-    def _record(self, conn: Connection, received: queue.Received) -> bool:
-        """Commit the row; False when the object was stored before (a re-send)."""
-        for _ in range(2):
-            try:
-                with conn.begin():
-                    change = queue.record_received(conn, received)
-                if change:  # logged only once committed: a rolled-back re-send changes nothing
-                    log.info(change)
-                return True
-            except IntegrityError:
-                with conn.begin():
-                    if queue.is_stored(conn, received.sop_instance_uid):
-                        change = queue.on_resend(conn, received.sop_instance_uid)  # a held object is routed again
-                        if change:
-                            log.info(change)
-                        return False
-                # Another association created the same study meanwhile: once more.
-        raise RuntimeError("could not record the object")
-
-    def _forget(self, sop_uid: str) -> None:
-        try:
-            with self.engine.begin() as conn:
-                queue.forget_received(conn, sop_uid)
-        except Exception as exc:  # the next start drops it (no file)
-            log.error("C-STORE %s: could not delete the row of the unwritten object (%s)", sop_uid, type(exc).__name__)
-
     def close(self) -> None:
         self._spool.shutdown(wait=True)
         for key in list(self._conns):
@@ -191,71 +248,327 @@ class StoreHandler:
             if conn is not None:
                 conn.close()
 
-    def __call__(self, event: evt.Event) -> int:
+    # -- the handler ------------------------------------------------------------------------
+    def __call__(self, event: evt.Event) -> int | Dataset:
         if _clock is not None:
             _clock.mark_busy()
-        assoc = event.assoc
-        calling = assoc.requestor.ae_title.strip()
-        ts = UID(str(event.context.transfer_syntax))
-        sop_class = str(event.request.AffectedSOPClassUID)
-        encoded = event.request.DataSet.getvalue()
+        calling = event.assoc.requestor.ae_title.strip()
+        incoming = self.incoming.take(event.dataset_path)
+        if incoming is None:
+            log.error("C-STORE from %s: its data set file is gone (association closing?) -> 0xA700", calling)
+            return failure(OUT_OF_RESOURCES, "data set not received")
         try:
-            if ts == DeflatedExplicitVRLittleEndian:
-                raise ValueError("deflated: decode in full")
-            attrs = row_attributes(encoded, ts.is_implicit_VR, ts.is_little_endian)
-        except Exception:
-            try:  # the slow, complete decode says what is wrong, or succeeds
-                ds = event.dataset
-                attrs = {kw: str(ds.get(kw, "") or "") for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")}
-            except Exception as exc:
-                log.warning("C-STORE from %s: dataset cannot be decoded (%s) -> 0xC210", calling, type(exc).__name__)
-                return CANNOT_UNDERSTAND
+            return self._store(event, incoming, calling)
+        except _Refusal as r:
+            return failure(r.status, r.why)
+        finally:
+            incoming.discard()  # the temporary name; a placed file has its own
+
+    def _store(self, event: evt.Event, incoming: IncomingFile, calling: str) -> int | Dataset:
+        self._check_received(incoming, calling)
+        ts = UID(str(event.context.transfer_syntax))
+        cmd_class = str(event.request.AffectedSOPClassUID or "")
+        cmd_sop = str(event.request.AffectedSOPInstanceUID or "")
+        bad = invalid_uids({"transfer syntax": str(ts), "Affected SOP Class UID": cmd_class, "Affected SOP Instance UID": cmd_sop}, self.strict_uids, required=("transfer syntax", "Affected SOP Class UID", "Affected SOP Instance UID"))
+        if bad or str(ts) not in _KNOWN_SYNTAXES:
+            what = ", ".join(bad) or "transfer syntax (unknown)"
+            log.warning("C-STORE from %s: %s not a valid UID -> 0xC212", calling, what)
+            raise _Refusal(INVALID_UID, f"invalid UID: {what}")
+        attrs = self._read(incoming, ts, calling)
         sop_uid, study_uid = attrs["SOPInstanceUID"], attrs["StudyInstanceUID"]
-        series_uid, modality = attrs["SeriesInstanceUID"], attrs["Modality"]
         if not sop_uid or not study_uid:
             log.warning("C-STORE from %s: missing SOP Instance or Study Instance UID -> 0xC211", calling)
-            return MISSING_UIDS
-        path = spool_path(self.spool_dir, study_uid, sop_uid)
-        # Re-sending the same object rewrites the same file with the same bytes; the
-        # row's unique SOP Instance UID then says it was stored before.
-        header = part10_header(sop_class, sop_uid, ts, calling)
+            raise _Refusal(MISSING_UIDS, "SOP Instance UID or Study Instance UID missing")
+        bad = invalid_uids({k: attrs[k] for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}, self.strict_uids)
+        if bad:
+            log.warning("C-STORE from %s: %s not a valid UID -> 0xC212", calling, ", ".join(bad))
+            raise _Refusal(INVALID_UID, f"invalid UID: {', '.join(bad)}")
+        if sop_uid != cmd_sop:
+            log.warning("C-STORE from %s: the data set's SOP Instance UID is not the command's -> 0xC213", calling)
+            raise _Refusal(INSTANCE_MISMATCH, "SOP Instance UID differs from the command's")
+        if attrs["SOPClassUID"] and attrs["SOPClassUID"] != cmd_class:
+            log.warning("C-STORE %s from %s: the data set's SOP Class UID is not the command's -> 0xA900", self.pseudo.log_id(sop_uid), calling)
+            raise _Refusal(SOP_CLASS_MISMATCH, "SOP Class UID differs from the command's")
+        with self._locks[hash(sop_uid) % _LOCK_STRIPES]:
+            status = self._spool_and_record(event, incoming, attrs, ts, cmd_class, calling)
+        if status == SUCCESS:
+            metrics.observe_received(incoming.size)
+            if self.on_stored:
+                self.on_stored()
+        return status
+
+    def _check_received(self, incoming: IncomingFile, calling: str) -> None:
+        """0xA700 for what :class:`IncomingFile` refused to keep."""
+        if incoming.refused == "disk below its floor":
+            self._disk.hit("C-STOREs answered 0xA700: free disk below min_free_disk_mb = %d (logged once a minute while it lasts)", self.min_free_disk_mb)
+            raise _Refusal(OUT_OF_RESOURCES, "free disk below the node's floor")
+        if incoming.refused == "too large":
+            log.warning("C-STORE from %s: object larger than max_object_mb = %d -> 0xA700", calling, self.max_object_mb)
+            raise _Refusal(OUT_OF_RESOURCES, "object larger than max_object_mb")
+        if incoming.refused:
+            log.error("C-STORE from %s: cannot write the incoming file (%s) -> 0xA700", calling, incoming.refused)
+            raise _Refusal(OUT_OF_RESOURCES, "cannot write the spool file")
+        self._disk.clear("free disk above min_free_disk_mb again: C-STOREs accepted")
+
+    def _read(self, incoming: IncomingFile, ts: UID, calling: str) -> dict[str, str]:
+        """The row's attributes, after checking that the data set is whole."""
         try:
-            writing = self._spool.submit(write_atomic, path, [header, encoded])
+            offset = _dataset_offset(incoming.head)
+            whole = incoming.size <= len(incoming.head)
+            if ts == DeflatedExplicitVRLittleEndian or not ts.is_little_endian:
+                # Deflated: pydicom inflates and decodes it (truncation raises there).
+                # Big endian (retired) is read as it is, without the structure check.
+                return _decode_file(incoming.path)
+            with _view(incoming, whole) as data:
+                if dataset_end(data, ts.is_implicit_VR, offset) != len(data):
+                    raise Incomplete("data set length mismatch")
+            head = bytes(incoming.head[offset:])
+            try:
+                return row_attributes(head, ts.is_implicit_VR, True, complete=whole)
+            except Exception:
+                with open(incoming.path, "rb") as fp:
+                    fp.seek(offset)
+                    return row_attributes_from_file(fp, ts.is_implicit_VR, True)
+        except Incomplete:
+            log.warning("C-STORE from %s: the data set ends inside an element -> 0xC210", calling)
+            raise _Refusal(CANNOT_UNDERSTAND, "data set ends inside an element") from None
+        except Exception as exc:
+            log.warning("C-STORE from %s: data set cannot be decoded (%s) -> 0xC210", calling, type(exc).__name__)
+            raise _Refusal(CANNOT_UNDERSTAND, "data set cannot be decoded") from None
+
+    def _spool_and_record(self, event: evt.Event, incoming: IncomingFile, attrs: dict[str, str], ts: UID, sop_class: str, calling: str) -> int | Dataset:
+        assoc = event.assoc
+        sop_uid, study_uid = attrs["SOPInstanceUID"], attrs["StudyInstanceUID"]
+        name = self.pseudo.log_id(sop_uid)
+        path = spool_path(self.spool_dir, study_uid, sop_uid)
+        try:
+            placing = self._spool.submit(_make_durable, incoming, path)
         except RuntimeError:  # shutting down
-            return OUT_OF_RESOURCES
+            raise _Refusal(OUT_OF_RESOURCES, "node shutting down") from None
         received = queue.Received(
             sop_instance_uid=sop_uid,
             sop_class_uid=sop_class,
             study_uid=study_uid,
-            series_uid=series_uid,
-            modality=modality,
-            transfer_syntax=ts,
+            series_uid=attrs["SeriesInstanceUID"],
+            modality=attrs["Modality"],
+            transfer_syntax=str(ts),
             path=str(path),
-            size=len(header) + len(encoded),
+            size=incoming.size,
             calling_ae=calling,
             called_ae=assoc.acceptor.ae_title.strip(),
             peer_host=str(assoc.requestor.address),
+            identity=_identity(self.pseudo, sop_class, attrs),
         )
         try:
-            is_new = self._record(self._connection(assoc), received)
+            stored = self._record(self._connection(assoc), received)
         except Exception as exc:
-            wait([writing])
-            log.error("C-STORE %s from %s: cannot commit (%s) -> 0xA700", sop_uid, calling, type(exc).__name__)
-            return OUT_OF_RESOURCES
-        try:
-            writing.result()
-        except OSError as exc:
-            log.error("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", sop_uid, calling, exc.strerror or type(exc).__name__)
-            if is_new:
-                self._forget(sop_uid)
-            return OUT_OF_RESOURCES
-        if not is_new:
-            log.info("C-STORE %s from %s: already stored, answered Success", sop_uid, calling)
-        log.debug("C-STORE %s from %s: stored", sop_uid, calling)
-        metrics.observe_received(received.size)
-        if self.on_stored:
-            self.on_stored()
+            created = _outcome(placing)
+            if created is True:
+                remove(path)  # nobody's file: no row names it
+            log.error("C-STORE %s from %s: cannot commit (%s) -> 0xA700", name, calling, type(exc).__name__)
+            raise _Refusal(OUT_OF_RESOURCES, "cannot record the object") from None
+        created = _outcome(placing)
+        if isinstance(created, OSError):
+            log.error("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", name, calling, created.strerror or type(created).__name__)
+            if stored is None:
+                self._forget(sop_uid, name)
+            raise _Refusal(OUT_OF_RESOURCES, "cannot write the spool file")
+        if stored is None:  # a new object
+            if not created:  # left by an earlier attempt that was never acknowledged
+                try:
+                    replace(incoming.path, path)
+                except OSError as exc:
+                    log.error("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", name, calling, exc.strerror or type(exc).__name__)
+                    self._forget(sop_uid, name)
+                    raise _Refusal(OUT_OF_RESOURCES, "cannot write the spool file") from None
+            log.debug("C-STORE %s from %s: stored", name, calling)
+            return SUCCESS
+        if created:
+            remove(path)  # the stored object's file was deleted on purpose (or lives elsewhere)
+        identity, _ = stored
+        if identity and identity != received.identity:
+            self._conflict(received, name, calling)
+            raise _Refusal(SOP_UID_CONFLICT, "SOP Instance UID conflict: another object")
+        log.info("C-STORE %s from %s: already stored, answered Success", name, calling)
         return SUCCESS
+
+    def _record(self, conn: Connection, received: queue.Received) -> tuple[str, str] | None:
+        """Commit the row; None for a new object, else the stored object's (identity,
+        path) (a re-send or a conflict)."""
+        for _ in range(2):
+            try:
+                with conn.begin():
+                    change = queue.record_received(conn, received)
+                if change:  # logged only once committed: a rolled-back re-send changes nothing
+                    log.info(change.replace(received.study_uid, self.pseudo.log_id(received.study_uid)))
+                return None
+            except IntegrityError:
+                with conn.begin():
+                    stored = queue.stored_instance(conn, received.sop_instance_uid)
+                if stored is not None:
+                    return stored
+                # Another association created the same study meanwhile: once more.
+        raise RuntimeError("could not record the object")
+
+    def _conflict(self, received: queue.Received, name: str, calling: str) -> None:
+        log.warning("C-STORE %s from %s@%s: SOP Instance UID conflict (another SOP class, patient, study or series is stored under it) -> 0xC214", name, calling, received.peer_host)
+        try:
+            with self.engine.begin() as conn:
+                queue.record_conflict(conn, received)
+        except Exception as exc:  # counted in the log at least
+            log.error("C-STORE %s: could not count the conflict (%s)", name, type(exc).__name__)
+
+    def _forget(self, sop_uid: str, name: str) -> None:
+        try:
+            with self.engine.begin() as conn:
+                queue.forget_received(conn, sop_uid)
+        except Exception as exc:  # the next start drops it (no file)
+            log.error("C-STORE %s: could not delete the row of the unwritten object (%s)", name, type(exc).__name__)
+
+
+def _make_durable(incoming: IncomingFile, path: Path) -> bool:
+    """On a spool thread: fsync the incoming file and link it under ``path`` unless a
+    file is there; True when it was linked."""
+    incoming.sync()
+    return place(incoming.path, path)
+
+
+def _outcome(future) -> bool | OSError:
+    try:
+        return future.result()
+    except OSError as exc:
+        return exc
+
+
+def _identity(pseudo: Pseudonymizer, sop_class: str, attrs: dict[str, str]) -> str:
+    """What makes two objects under one SOP Instance UID the same object, as a keyed
+    hash (it includes the Patient ID, which must not be stored in clear)."""
+    key = "\x1f".join((sop_class, attrs["StudyInstanceUID"], attrs["SeriesInstanceUID"], attrs["PatientID"], attrs["IssuerOfPatientID"]))
+    return pseudo.log_id(key)
+
+
+def _dataset_offset(head: bytes | bytearray) -> int:
+    """Where the data set starts in a Part 10 file written by pynetdicom: after the
+    preamble, 'DICM' and the File Meta Information, whose group length is the first
+    element (PS3.10 7.1).
+
+    Raises:
+        ValueError: the head is not such a file.
+    """
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        raise ValueError("no file meta information")
+    return 144 + int.from_bytes(head[140:144], "little")
+
+
+class _view:
+    """The received bytes: the in-memory head when it holds them all, else an mmap of
+    the file (pages are read as the structure check walks them, never copied whole)."""
+
+    def __init__(self, incoming: IncomingFile, whole: bool) -> None:
+        self.incoming, self.whole = incoming, whole
+        self._fp = self._map = None
+
+    def __enter__(self):
+        if self.whole:
+            return bytes(self.incoming.head)
+        self.incoming.sync()
+        self._fp = open(self.incoming.path, "rb")
+        self._map = mmap.mmap(self._fp.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._map
+
+    def __exit__(self, *exc) -> None:
+        if self._map is not None:
+            self._map.close()
+        if self._fp is not None:
+            self._fp.close()
+
+
+def _decode_file(path: Path) -> dict[str, str]:
+    """The row's attributes from a complete decode by pydicom (deflated data sets are
+    inflated; one cut short raises)."""
+    from pydicom import dcmread
+
+    ds = dcmread(path)
+    return {kw: str(ds.get(kw, "") or "").strip("\x00 ") for kw in ROW_KEYWORDS}
+
+
+# -- listeners ------------------------------------------------------------------------------
+class EdgeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with the node's TCP gate and, for the
+    TLS listener, the TLS handshake moved off the accept loop.
+
+    pynetdicom's own TLS support wraps each accepted socket in ``get_request``, on the one
+    thread that accepts connections, with no timeout: one client that connects and never
+    starts its handshake stops the listener. Here the handshake runs on the connection's
+    own thread, bounded by ``handshake_timeout_s``."""
+
+    daemon_threads = True
+
+    def __init__(self, ae: AE, address: tuple[str, int], admission: Admission, tls: ssl.SSLContext | None, handshake_timeout_s: float, evt_handlers: list) -> None:
+        self.admission = admission
+        self.tls = tls
+        self.handshake_timeout_s = handshake_timeout_s
+        super().__init__(ae, address, ae.ae_title, ae.supported_contexts, None, evt_handlers)
+        admission.add_listener(lambda: self.active_associations)
+
+    def verify_request(self, request, client_address) -> bool:  # socketserver: False closes it
+        ok = self.admission.connect(id(request), str(client_address[0]))
+        if not ok:
+            log.warning("connection from %s closed at once: too many connections open (max_associations / max_associations_per_host)", client_address[0])
+        return ok
+
+    def process_request_thread(self, request, client_address) -> None:
+        key = id(request)
+        try:
+            if self.tls is not None:
+                request = self._handshake(request, client_address)
+                if request is None:
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            self.admission.connected(key)
+
+    def _handshake(self, raw: socket.socket, client_address) -> ssl.SSLSocket | None:
+        raw.settimeout(self.handshake_timeout_s)
+        try:
+            tls = self.tls.wrap_socket(raw, server_side=True)  # type: ignore[union-attr]
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            log.warning("TLS connection from %s: handshake failed (%s): closed", client_address[0], reason)
+            _close(raw)
+            return None
+        tls.settimeout(None)
+        return tls
+
+    def shutdown(self) -> None:
+        """Stop accepting, close the listening socket, and abort open associations."""
+        TCPServer.shutdown(self)
+        self.server_close()
+        for assoc in self.active_associations:
+            assoc.abort()
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class Listeners:
+    """The node's listeners (plain and/or TLS) and what they share."""
+
+    def __init__(self, servers: list[EdgeServer], store_handler: StoreHandler, admission: Admission) -> None:
+        self.servers = servers
+        self.store_handler = store_handler
+        self.admission = admission
+        self.access_policy = admission.policy  # updated by Node.reload
+        self.incoming = store_handler.incoming
+
+    def shutdown(self) -> None:
+        for s in self.servers:
+            s.shutdown()
 
 
 def make_ae(settings: Settings) -> AE:
@@ -264,20 +577,33 @@ def make_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-    ae.maximum_pdu_size = 0  # unlimited
+    ae.maximum_pdu_size = MAX_PDU
     ae.acse_timeout = settings.node.acse_timeout_s
     ae.dimse_timeout = settings.node.dimse_timeout_s
-    ae.network_timeout = settings.node.network_timeout_s
-    ae.maximum_associations = 32
+    ae.network_timeout = settings.node.network_timeout_s  # an association idle this long is aborted
+    # The node's own limits (node.admission) come first; pynetdicom's is a backstop.
+    ae.maximum_associations = 2 * settings.node.max_associations + 1
     return ae
 
 
-def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None) -> ThreadedAssociationServer:
-    """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
-    policy = AccessPolicy(settings)
+def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None, pseudo: Pseudonymizer | None = None) -> Listeners:
+    """Start listening (non-blocking) on the plain port (unless 0) and the TLS port (when
+    [node.tls] is set); returns the listeners, whose ``shutdown()`` stops them.
+
+    Raises:
+        OSError: a port cannot be bound, or a TLS file cannot be read.
+        ssl.SSLError: a TLS file is not a certificate or key.
+    """
+    node = settings.node
+    pseudo = pseudo or Pseudonymizer(load_or_create_secret(node.resolved_secret_path))
+    admission = Admission(settings)
     audit_sessions = sessionmaker(engine)
-    reactor_delay = settings.node.reactor_delay_s
+    reactor_delay = node.reactor_delay_s
     _install_reactor_clock(max(reactor_delay, 0.0001))
+    _redact_library_logs()
+    install_incoming()
+    incoming = IncomingFiles(node.data_dir / "spool" / ".incoming", node.max_object_mb * 1024 * 1024, node.min_free_disk_mb * 1024 * 1024)
+    store = StoreHandler(settings, engine, pseudo, incoming, on_stored)
 
     def on_requested(event: evt.Event) -> None:
         assoc = event.assoc
@@ -285,30 +611,37 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
         calling = rq.calling_ae_title.strip()
         called = rq.called_ae_title.strip()
         host = str(assoc.requestor.address)
-        refusal = policy.check(calling, called, host)
+        subject = peer_subject(assoc.dul.socket.socket)
+        via = f" (TLS, certificate {subject})" if subject else (" (TLS)" if isinstance(assoc.dul.socket.socket, ssl.SSLSocket) else "")
+        refusal = admission.request(assoc, calling, called, host)
         metrics.ASSOCIATIONS.labels(result="accepted" if refusal is None else "rejected").inc()
-        audit.association(audit_sessions, calling, host, called, refusal[1] if refusal else "")
+        audit.association(audit_sessions, calling, host, called, refusal[1] if refusal else "", tls_subject=subject or "")
         if refusal is None:
-            log.info("association from %s@%s to %s: accepted", calling, host, called)
+            log.info("association from %s@%s to %s%s: accepted", calling, host, called, via)
             return
-        reason, why = refusal
-        log.warning("association from %s@%s to %s: rejected (%s)", calling, host, called, why)
-        assoc.acse.send_reject(0x01, 0x01, reason)
+        (result, source, reason), why = refusal
+        log.warning("association from %s@%s to %s%s: rejected (%s)", calling, host, called, via, why)
+        assoc.acse.send_reject(result, source, reason)
         assoc.is_rejected = True
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
 
     def on_open(event: evt.Event) -> None:
         tune_association(event.assoc, reactor_delay)
+        guard_pdu_length(event.assoc)
+        incoming.watch(event.assoc.dul)
 
     def on_close(event: evt.Event) -> None:
+        admission.closed(event.assoc)
         store.release(event.assoc)
+        left = incoming.release(event.assoc.dul)
+        if left:
+            log.warning("association from %s closed mid-object: %d partial data set(s) deleted (never acknowledged)", event.assoc.requestor.ae_title.strip() or event.assoc.requestor.address, left)
 
     def on_echo(event: evt.Event) -> int:
         log.info("C-ECHO from %s", event.assoc.requestor.ae_title.strip())
         return SUCCESS
 
-    store = StoreHandler(settings, engine, on_stored)
     handlers = [
         (evt.EVT_CONN_OPEN, on_open),
         (evt.EVT_CONN_CLOSE, on_close),
@@ -317,9 +650,24 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
         (evt.EVT_C_STORE, store),
     ]
     ae = make_ae(settings)
-    server = ae.start_server((settings.node.host, settings.node.port), block=False, evt_handlers=handlers)
-    server.store_handler = store  # type: ignore[attr-defined]  # closed by Node.stop after shutdown()
-    server.access_policy = policy  # type: ignore[attr-defined]  # updated by Node.reload
-    log.info("listening as %s on %s:%d", settings.node.ae_title, settings.node.host, settings.node.port)
-    return server
+    servers: list[EdgeServer] = []
+    try:
+        if node.port:
+            servers.append(_serve(EdgeServer(ae, (node.host, node.port), admission, None, node.acse_timeout_s, handlers)))
+            log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
+        if node.tls is not None:
+            t = node.tls
+            ctx = server_context(t.certificate, t.private_key, t.ca_certificates, t.require_client_certificate)
+            servers.append(_serve(EdgeServer(ae, (node.host, t.port), admission, ctx, node.acse_timeout_s, handlers)))
+            log.info("listening as %s on %s:%d (DICOM TLS%s)", node.ae_title, node.host, t.port, ", client certificate required" if t.require_client_certificate else "")
+    except BaseException:
+        for s in servers:
+            s.shutdown()
+        store.close()
+        raise
+    return Listeners(servers, store, admission)
 
+
+def _serve(server: EdgeServer) -> EdgeServer:
+    threading.Thread(target=server.serve_forever, name=f"AcceptorServer:{server.server_address[1]}", daemon=True).start()
+    return server

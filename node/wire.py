@@ -18,11 +18,15 @@ from pydicom.filereader import read_dataset
 IMPLEMENTATION_CLASS_UID = "2.25.190912847460651377245473512196128309533"
 IMPLEMENTATION_VERSION = "CASEMASK_010"
 
-# The row's attributes: SOP Instance UID, Modality, Study and Series Instance UID.
-ROW_TAGS = [0x00080018, 0x00080060, 0x0020000D, 0x0020000E]
+# The attributes the C-STORE handler reads: SOP Class and Instance UID, Modality,
+# Patient ID and its issuer (only to tell two objects under one SOP Instance UID apart,
+# kept as a keyed hash), Study and Series Instance UID. All precede (0020,000E).
+ROW_TAGS = [0x00080016, 0x00080018, 0x00080060, 0x00100020, 0x00100021, 0x0020000D, 0x0020000E]
+ROW_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "Modality", "PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID")
+_LAST_ROW_TAG = 0x0020000E
 
 
-_ROW_KEYWORDS = {0x00080018: "SOPInstanceUID", 0x00080060: "Modality", 0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID"}
+_ROW_KEYWORDS = dict(zip(ROW_TAGS, ROW_KEYWORDS))
 # VRs whose explicit-VR header has a 4-byte length (PS3.5 7.1.2).
 LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"))
 _LONG_VRS = frozenset(v.encode() for v in LONG_VRS)
@@ -33,33 +37,58 @@ class _Unusual(Exception):
     """Something the scanner does not handle: let pydicom read it."""
 
 
-def row_attributes(encoded: bytes, implicit_vr: bool, little_endian: bool) -> dict[str, str]:
-    """SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID and Modality of an encoded
-    dataset (empty strings for absent ones). Reading stops after (0020,000E).
+class Incomplete(ValueError):
+    """The data set ends inside an element, or an element's length runs past its end."""
+
+
+def row_attributes(encoded: bytes, implicit_vr: bool, little_endian: bool, complete: bool = True) -> dict[str, str]:
+    """The :data:`ROW_KEYWORDS` attributes of an encoded dataset (empty strings for
+    absent ones). Reading stops after (0020,000E).
 
     Little-endian data is scanned element by element here (skipping sequences without
     decoding them); anything the scanner finds unusual, and big endian, is read by
-    pydicom, which also raises for data that cannot be decoded.
+    pydicom, which also raises for data that cannot be decoded. ``complete=False`` says
+    ``encoded`` is only the beginning of the data set: the scanner must then reach an
+    element after (0020,000E) within it, and nothing is left to pydicom.
 
     Raises:
-        Exception: the bytes are not a decodable dataset.
+        Exception: the bytes are not a decodable dataset (``_Unusual`` when
+            ``complete=False`` and the beginning does not hold every row attribute).
     """
     if little_endian:
         try:
-            return _scan(encoded, implicit_vr)
+            return _scan(encoded, implicit_vr, complete)
         except (_Unusual, struct.error, UnicodeDecodeError):
-            pass
-    ds = read_dataset(io.BytesIO(encoded), implicit_vr, little_endian, stop_when=lambda tag, vr, length: tag > 0x0020000E, specific_tags=ROW_TAGS)
-    return {kw: str(ds.get(kw, "") or "").strip("\x00 ") for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")}
+            if not complete:
+                raise _Unusual from None
+    elif not complete:
+        raise _Unusual
+    ds = read_dataset(io.BytesIO(encoded), implicit_vr, little_endian, stop_when=lambda tag, vr, length: tag > _LAST_ROW_TAG, specific_tags=ROW_TAGS)
+    return _from_pydicom(ds)
 
 
-def _scan(b: bytes, implicit: bool) -> dict[str, str]:
-    out = dict.fromkeys(_ROW_KEYWORDS.values(), "")
+def row_attributes_from_file(fp, implicit_vr: bool, little_endian: bool) -> dict[str, str]:
+    """As :func:`row_attributes`, read by pydicom from a file positioned at the data set
+    (values longer than 4 KiB are skipped, not read into memory).
+
+    Raises:
+        Exception: the data cannot be decoded.
+    """
+    ds = read_dataset(fp, implicit_vr, little_endian, stop_when=lambda tag, vr, length: tag > _LAST_ROW_TAG, defer_size=4096, specific_tags=ROW_TAGS)
+    return _from_pydicom(ds)
+
+
+def _from_pydicom(ds: Dataset) -> dict[str, str]:
+    return {kw: str(ds.get(kw, "") or "").strip("\x00 ") for kw in ROW_KEYWORDS}
+
+
+def _scan(b: bytes, implicit: bool, complete: bool = True) -> dict[str, str]:
+    out = dict.fromkeys(ROW_KEYWORDS, "")
     pos, end = 0, len(b)
     while pos < end:
         tag, length, pos, nested_implicit = _header(b, pos, implicit)
-        if tag > 0x0020000E:
-            break
+        if tag > _LAST_ROW_TAG:
+            return out
         if length == 0xFFFFFFFF:
             pos = _skip_sequence(b, pos, nested_implicit)
             continue
@@ -69,7 +98,39 @@ def _scan(b: bytes, implicit: bool) -> dict[str, str]:
         if keyword:
             out[keyword] = b[pos : pos + length].decode("ascii").strip("\x00 ")
         pos += length
+    if not complete:
+        raise _Unusual  # the beginning ended before (0020,000E) was passed
     return out
+
+
+def dataset_end(b, implicit: bool, start: int = 0) -> int:
+    """Walk the top-level elements of a little-endian data set that starts at ``start``
+    in ``b`` (bytes or an mmap), skipping values and sequences, and return where the
+    last one ends (``len(b)`` for a whole data set).
+
+    Raises:
+        Incomplete: an element's header or value runs past the end of ``b``, or an
+            undefined-length value has no delimiter before it.
+        ValueError: the structure cannot be followed (a sequence item without an item
+            tag, for instance).
+    """
+    pos, end = start, len(b)
+    try:
+        while pos < end:
+            if end - pos < 8:
+                raise Incomplete("the data set ends inside an element header")
+            tag, length, pos, nested_implicit = _header(b, pos, implicit)
+            if length == 0xFFFFFFFF:
+                pos = _skip_sequence(b, pos, nested_implicit)
+            else:
+                pos += length
+            if pos > end:
+                raise Incomplete("an element's value runs past the end of the data set")
+    except (struct.error, IndexError):
+        raise Incomplete("the data set ends inside an element") from None
+    except _Unusual:
+        raise ValueError("the data set's structure cannot be followed") from None
+    return pos
 
 
 def _header(b: bytes, pos: int, implicit: bool) -> tuple[int, int, int, bool]:

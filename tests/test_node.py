@@ -162,7 +162,7 @@ def test_spool_write_failure_answers_out_of_resources(tmp_path, start_node, monk
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(scp, "write_atomic", disk_full)
+    monkeypatch.setattr(scp, "place", disk_full)
     ds = dcmread(make_study(tmp_path / "s", 1)[0])
     assert c_store(node.settings.node.port, ds) == 0xA700
     with node.sessions() as s:  # the row committed alongside the failed write is gone again
@@ -206,8 +206,9 @@ def test_rows_without_spool_file_wait_then_are_dropped_at_start(tmp_path, start_
 
 def test_many_open_associations_all_store(tmp_path, start_node):
     """Each association holds a database connection while it is open: 24 at once (the
-    node accepts 32) must all be answered Success, none left waiting for a connection."""
-    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600), schedule=False)
+    node accepts 32; all from one host here, so its per-host limit is raised) must all be
+    answered Success, none left waiting for a connection."""
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600, max_associations_per_host=32), schedule=False)
     files = make_study(tmp_path / "s", 24)
     datasets = [dcmread(f) for f in files]
     ae = AE(ae_title="MODALITY1")

@@ -14,7 +14,7 @@ from pydicom.filewriter import write_dataset
 from node import wire
 from tests.conftest import PYDICOM_FILES, make_study, read_quietly
 
-KEYWORDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
+KEYWORDS = wire.ROW_KEYWORDS
 
 
 def encodings_of(path):
