@@ -1,4 +1,5 @@
-"""Destinations: DICOM C-STORE, a folder, or DICOMweb STOW-RS.
+"""Destinations: DICOM C-STORE (optionally over DICOM TLS), a folder, or DICOMweb
+STOW-RS (dicomweb-client, HTTPS).
 
 Each sender takes a batch of (delivery id, file) and reports an :class:`Outcome` per
 object as soon as it is known, so that the dispatcher can commit it at once: the window
@@ -13,19 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import urllib.error
-import urllib.request
-import uuid
+import os
+import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import requests
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
-from node.config import Destination
+from node.config import Destination, DicomWebAuth
 from node.scp import tune_association
+from node.tls import client_context
 from node.spool import SHARED_FILE_MODE, folder_path, write_atomic
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,21 @@ class DicomSender:
         self.dest = dest
         self.calling_ae = dest.calling_ae or calling_ae
         self.reactor_delay_s = reactor_delay_s
+        self._tls: ssl.SSLContext | None = None
+
+    def _tls_args(self) -> tuple[ssl.SSLContext, str] | None:
+        """DICOM TLS towards the destination (its certificate and host name verified),
+        when its ``tls`` table is set.
+
+        Raises:
+            OSError, ssl.SSLError: a certificate or key cannot be read.
+        """
+        t = self.dest.tls
+        if t is None:
+            return None
+        if self._tls is None:
+            self._tls = client_context(t.ca_certificates, t.certificate, t.private_key)
+        return self._tls, self.dest.host
 
     def _contexts(self, batch: Sequence[Work]):
         wanted: dict[str, set[str]] = {}
@@ -118,9 +135,19 @@ class DicomSender:
         ae.dimse_timeout = self.dest.timeout_s
         ae.network_timeout = self.dest.timeout_s
         handlers = [(evt.EVT_CONN_OPEN, lambda e: tune_association(e.assoc, self.reactor_delay_s))]
-        target = f"{self.dest.ae_title}@{self.dest.host}:{self.dest.port}"
+        target = f"{self.dest.ae_title}@{self.dest.host}:{self.dest.port}" + (" (TLS)" if self.dest.tls else "")
         try:
-            assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, evt_handlers=handlers)
+            tls_args = self._tls_args()
+        except (OSError, ssl.SSLError) as exc:
+            for w in batch:
+                report(w, Outcome("retry", f"cannot load the TLS certificates for {target} ({type(exc).__name__})"))
+            return True
+        try:
+            assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title, evt_handlers=handlers, tls_args=tls_args)
+        except ssl.SSLError as exc:  # the destination's certificate did not verify
+            for w in batch:
+                report(w, Outcome("retry", f"TLS with {target} failed ({getattr(exc, 'reason', None) or type(exc).__name__})"))
+            return True
         except Exception as exc:  # DNS failures and the like
             for w in batch:
                 report(w, Outcome("retry", f"cannot connect to {target} ({type(exc).__name__})"))
@@ -209,41 +236,121 @@ class FolderSender:
                 report(w, Outcome("failed", f"cannot store ({type(exc).__name__})"))
 
 
+class _HardenedTLS(requests.adapters.HTTPAdapter):
+    """HTTPS with a context of :mod:`node.tls` (TLS 1.2+, BCP 195 suites, trusting only
+    the destination's ``ca_certificates`` when it names them)."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["ssl_context"] = self._context
+        return super().init_poolmanager(*args, **kwargs)
+
+
+class _Bearer(requests.auth.AuthBase):
+    """``Authorization: Bearer <token>``; the token never appears in a repr or a log."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, r):
+        r.headers["Authorization"] = f"Bearer {self._token}"
+        return r
+
+    def __repr__(self) -> str:
+        return "Bearer(<hidden>)"
+
+
+def _secret(auth: DicomWebAuth) -> str:
+    """The token or password of a dicomweb destination, from its file or environment
+    variable.
+
+    Raises:
+        LookupError: the file or the variable is missing or empty (the message names it,
+            never its content).
+    """
+    if auth.secret_file is not None:
+        try:
+            value = Path(auth.secret_file).read_text().strip()
+        except OSError as exc:
+            raise LookupError(f"cannot read auth.secret_file {auth.secret_file} ({type(exc).__name__})") from None
+    else:
+        value = os.environ.get(auth.secret_env, "").strip()
+    if not value:
+        raise LookupError(f"auth secret is empty ({'file ' + str(auth.secret_file) if auth.secret_file else 'environment variable ' + auth.secret_env})")
+    return value
+
+
 class DicomWebSender:
-    """STOW-RS (PS3.18 10.5): one multipart/related POST per object."""
+    """STOW-RS (PS3.18 10.5) with dicomweb-client: one request per object, over HTTPS
+    with certificate verification (``tls.ca_certificates``, or the system's CAs) and an
+    optional client certificate, bearer or basic authentication from ``auth``.
+    dicomweb-client's own retries are off: the dispatcher retries with its backoff."""
 
     def __init__(self, dest: Destination) -> None:
         self.dest = dest
+        self._client = None
+
+    def _make_client(self):
+        from dicomweb_client.api import DICOMwebClient
+
+        session = requests.Session()
+        # Only the destination's own settings decide what is trusted: no CA bundle,
+        # proxy or .netrc credentials from the environment (REQUESTS_CA_BUNDLE would
+        # silently replace ca_certificates).
+        session.trust_env = False
+        t = self.dest.tls
+        session.verify = str(t.ca_certificates) if t is not None and t.ca_certificates else True
+        if t is not None and t.certificate is not None:
+            session.cert = (str(t.certificate), str(t.private_key))
+        session.mount("https://", _HardenedTLS(client_context(t.ca_certificates if t else None)))
+        a = self.dest.auth
+        if a is not None:
+            secret = _secret(a)
+            session.auth = _Bearer(secret) if a.kind == "bearer" else requests.auth.HTTPBasicAuth(a.username, secret)
+        client = DICOMwebClient(url=self.dest.url.rstrip("/"), session=session, timeout=self.dest.timeout_s)
+        client.set_http_retry_params(retry=False)
+        return client
 
     def send(self, batch: Sequence[Work], report: Report, proceed: Proceed = _always) -> None:
         url = self.dest.url.rstrip("/") + "/studies"
+        if self._client is None:
+            try:
+                self._client = self._make_client()
+            except (LookupError, OSError, ssl.SSLError) as exc:
+                why = str(exc) if isinstance(exc, LookupError) else f"cannot load the TLS certificates ({type(exc).__name__})"
+                for w in batch:
+                    report(w, Outcome("retry", why))
+                return
         for w in batch:
             if not proceed(w):
                 return
-            boundary = uuid.uuid4().hex
-            body = (
-                f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                + w.path.read_bytes()
-                + f"\r\n--{boundary}--\r\n".encode()
-            )
-            req = urllib.request.Request(
-                url,
-                data=body,
-                method="POST",
-                headers={
-                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-                    "Accept": "application/dicom+json",
-                },
-            )
             try:
-                with urllib.request.urlopen(req, timeout=self.dest.timeout_s) as rsp:
-                    report(w, Outcome("sent", "" if rsp.status == 200 else f"HTTP {rsp.status}"))
-            except urllib.error.HTTPError as exc:
-                kind = "retry" if exc.code >= 500 or exc.code in (408, 429) else "failed"
-                report(w, Outcome(kind, f"STOW-RS answered HTTP {exc.code}"))
-            except (urllib.error.URLError, OSError) as exc:
-                why = exc.reason if isinstance(getattr(exc, "reason", None), BaseException) else exc
-                report(w, Outcome("retry", f"cannot reach {url} ({type(why).__name__})"))
+                ds = dcmread(w.path)
+            except Exception as exc:
+                report(w, Outcome("failed", f"outbox file unreadable ({type(exc).__name__})"))
+                continue
+            try:
+                result = self._client.store_instances([ds])
+            except requests.exceptions.HTTPError as exc:
+                code = exc.response.status_code if exc.response is not None else 0
+                kind = "retry" if code >= 500 or code in (408, 429) else "failed"
+                report(w, Outcome(kind, f"STOW-RS answered HTTP {code}"))
+                continue
+            except requests.exceptions.SSLError:
+                report(w, Outcome("retry", f"TLS with {url} failed (certificate not verified?)"))
+                continue
+            except (requests.exceptions.RequestException, OSError) as exc:
+                report(w, Outcome("retry", f"cannot reach {url} ({type(exc).__name__})"))
+                continue
+            failed = result.get("FailedSOPSequence") if result is not None else None
+            if failed:
+                reason = failed[0].get("FailureReason", "")
+                report(w, Outcome("failed", f"STOW-RS refused the object (failure reason {reason})"))
+            else:
+                report(w, Outcome("sent"))
 
 
 def make_sender(dest: Destination, calling_ae: str, reactor_delay_s: float = 0.0002):

@@ -111,8 +111,11 @@ def stop_process(proc: subprocess.Popen, timeout: float) -> None:
 
 
 class Orthanc:
-    def __init__(self, workdir: Path, aet: str = "ORTHANC", dicomweb: bool = False) -> None:
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", dicomweb: bool = False, extra: dict | None = None, https_ca: Path | None = None, http_auth: tuple[str, str] | None = None) -> None:
+        """``extra``: more Orthanc settings (DICOM TLS, HTTPS, users); ``https_ca``: its
+        REST API is HTTPS with a certificate from this CA; ``http_auth``: (user, password)."""
         self.aet = aet
+        self.https_ca, self.http_auth = https_ca, http_auth
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.workdir = workdir
@@ -137,6 +140,7 @@ class Orthanc:
             "SaveJobs": False,
             "StableAge": 1,
         }
+        cfg.update(extra or {})
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "orthanc.json"
         self.config.write_text(json.dumps(cfg))
@@ -154,8 +158,19 @@ class Orthanc:
                 raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; see {self.workdir / 'orthanc.log'}")
             return False
 
+    @property
+    def base_url(self) -> str:
+        return f"{'https' if self.https_ca else 'http'}://127.0.0.1:{self.http_port}"
+
     def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+        import base64
+        import ssl
+
+        req = urllib.request.Request(self.base_url + path)
+        if self.http_auth:
+            req.add_header("Authorization", "Basic " + base64.b64encode(":".join(self.http_auth).encode()).decode())
+        ctx = ssl.create_default_context(cafile=str(self.https_ca)) if self.https_ca else None
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
             return json.loads(r.read())
 
     def instances(self) -> list[str]:
