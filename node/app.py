@@ -136,6 +136,9 @@ class Node:
                         continue
                     attrs = routing.attributes_of(ds, inst.calling_ae, inst.called_ae, keys)
                     matched = [v.route for v in routing.match_routes(self.settings.routes, attrs) if v.matched]
+                    if not matched and not routing.is_known_sop_class(inst.sop_class_uid):
+                        queue.quarantine_instance(session, inst, routing.UNKNOWN_SOP_CLASS)  # held for review, never forwarded
+                        continue
                     queue.route_instance(session, inst, matched, self.settings.node.unrouted)
                     n += 1
                 queue.mark_study_routed(session, study)

@@ -10,6 +10,7 @@ may match several routes; one that matches none follows ``[node] unrouted``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -90,14 +91,37 @@ def _condition(key: str, cond: Any, attrs: Mapping[str, Any]) -> tuple[bool, str
     return ok, f"{key} {shown} {'==' if ok else '!='} {cond}"
 
 
+UNKNOWN_SOP_CLASS = "unknown SOP class, not de-identified (a route must name its SOPClassUID to take it)"
+
+
+@functools.cache
+def _standard_storage() -> frozenset[str]:
+    from pynetdicom import AllStoragePresentationContexts
+
+    return frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+
+
+def is_known_sop_class(uid: str) -> bool:
+    """True for a standard storage SOP class (as pynetdicom lists them); False for a
+    private or unknown one, whose content no de-identification profile here knows."""
+    return str(uid).strip() in _standard_storage()
+
+
 def evaluate(route: Route, attrs: Mapping[str, Any]) -> Verdict:
     """Evaluate one route on an object's attributes (keywords plus calling_ae/called_ae).
+
+    An object of a private or unknown SOP class (``attrs["SOPClassUID"]``) matches only
+    a route whose ``match`` names ``SOPClassUID``: it is never forwarded by default.
 
     Note: reasons name only attribute keywords and the configured values, so the
     explanation may echo values the admin wrote into the config, never others.
     """
     reasons = []
     matched = True
+    sop_class = attrs.get("SOPClassUID")
+    if sop_class and not is_known_sop_class(str(sop_class)) and "SOPClassUID" not in route.match:
+        matched = False
+        reasons.append(UNKNOWN_SOP_CLASS)
     for key, cond in route.match.items():
         ok, why = _condition(key, cond, attrs)
         matched = matched and ok
@@ -115,7 +139,7 @@ def match_routes(routes: Iterable[Route], attrs: Mapping[str, Any]) -> list[Verd
 def attributes_of(ds: Any, calling_ae: str = "", called_ae: str = "", keys: Iterable[str] = ()) -> dict[str, Any]:
     """The attributes a set of routes looks at, read from a pydicom Dataset."""
     out: dict[str, Any] = {"calling_ae": calling_ae, "called_ae": called_ae}
-    for key in keys:
+    for key in {*keys, "SOPClassUID"}:  # the SOP class decides whether any route may take it
         if key in ROUTE_SPECIAL_KEYS:
             continue
         try:

@@ -492,6 +492,48 @@ def _decode_file(path: Path) -> dict[str, str]:
     return {kw: str(ds.get(kw, "") or "").strip("\x00 ") for kw in ROW_KEYWORDS}
 
 
+# -- private and unknown SOP classes -----------------------------------------------------------
+# A vendor's private object (or a storage class newer than pynetdicom) must not fail a
+# modality's job: such presentation contexts are accepted as storage and the objects
+# stored; routing then holds them in quarantine ("unknown SOP class, not de-identified")
+# unless a route names their SOPClassUID (node.routing). pynetdicom hands a C-STORE to its
+# storage service only for SOP classes it knows, so each one is registered with its
+# public ``register_uid`` (global to the process: at most MAX_UNKNOWN_CLASSES of them).
+MAX_UNKNOWN_CLASSES = 512
+_unknown_lock = threading.Lock()
+_registered: set[str] = set()
+
+
+def _offer_unknown_storage(assoc, strict_uids: bool) -> int:
+    """Add a supported context (every transfer syntax) to this association for each
+    proposed abstract syntax that is a valid UID of no service pynetdicom knows; returns
+    how many were added. Call in EVT_REQUESTED, before negotiation."""
+    from pynetdicom.service_class import ServiceClass, StorageServiceClass
+    from pynetdicom.sop_class import register_uid, uid_to_service_class
+
+    supported = {str(cx.abstract_syntax) for cx in assoc.acceptor.supported_contexts}
+    added = []
+    for cx in assoc.requestor.primitive.presentation_context_definition_list:
+        uid = str(cx.abstract_syntax or "")
+        if uid in supported or uid in added or not is_valid_uid(uid, strict_uids):
+            continue
+        with _unknown_lock:
+            if uid not in _registered:
+                if uid_to_service_class(uid) is not ServiceClass:
+                    continue  # a known non-storage service: negotiated as usual (refused)
+                if len(_registered) >= MAX_UNKNOWN_CLASSES:
+                    log.warning("association from %s: more than %d unknown SOP classes seen; this one is not accepted", assoc.requestor.ae_title.strip(), MAX_UNKNOWN_CLASSES)
+                    continue
+                register_uid(uid, "CasemaskUnknownStorage_" + uid.replace(".", "_"), StorageServiceClass)
+                _registered.add(uid)
+        added.append(uid)
+    if added:
+        from pynetdicom.presentation import build_context
+
+        assoc.acceptor.supported_contexts = assoc.acceptor.supported_contexts + [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in added]
+    return len(added)
+
+
 # -- listeners ------------------------------------------------------------------------------
 class EdgeServer(ThreadedAssociationServer):
     """pynetdicom's threaded association server with the node's TCP gate and, for the
@@ -617,7 +659,9 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
         metrics.ASSOCIATIONS.labels(result="accepted" if refusal is None else "rejected").inc()
         audit.association(audit_sessions, calling, host, called, refusal[1] if refusal else "", tls_subject=subject or "")
         if refusal is None:
-            log.info("association from %s@%s to %s%s: accepted", calling, host, called, via)
+            unknown = _offer_unknown_storage(assoc, node.strict_uids)
+            extra = f", {unknown} unknown SOP class(es) offered as storage" if unknown else ""
+            log.info("association from %s@%s to %s%s: accepted%s", calling, host, called, via, extra)
             return
         (result, source, reason), why = refusal
         log.warning("association from %s@%s to %s%s: rejected (%s)", calling, host, called, via, why)

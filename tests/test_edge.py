@@ -345,3 +345,47 @@ def test_association_cut_off_mid_object_leaves_no_file_and_no_row(tmp_path, star
         assert kind == 0x04 and rd.store_status(body) == 0x0000
         c.send(rd.RELEASE_RQ)
     assert instances(node) == 1
+
+
+# -- 18.5: private and unknown SOP classes ---------------------------------------------------------
+PRIVATE_CLASS = "1.2.826.0.1.3680043.8.498.4242.1.1"
+
+
+def _private_objects(folder: Path, n: int = 2) -> list[Path]:
+    files = make_study(folder, n)
+    for f in files:
+        ds = dcmread(f)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = PRIVATE_CLASS
+        ds.save_as(f, enforce_file_format=True)
+    return files
+
+
+def test_private_sop_class_is_accepted_and_held_unless_a_route_names_it(tmp_path, start_node):
+    out = tmp_path / "out"
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(out)}], stable_after_s=0.2)
+    node = start_node(raw)  # its one route has an empty match: it takes every *known* object
+    # dcmtk's storescu proposes no SOP class it does not know: a vendor's own sender
+    # (pynetdicom here) proposes its private class.
+    for f in _private_objects(tmp_path / "in"):
+        assert c_store(node.settings.node.port, dcmread(f)) == 0
+    r = storescu(node.settings.node.port, make_study(tmp_path / "ct", 1))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    def states():
+        with node.sessions() as s:
+            return {(i.sop_class_uid, i.state.value, i.reason) for i in s.scalars(select(Instance))}
+
+    from node.routing import UNKNOWN_SOP_CLASS
+
+    wait_until(lambda: (PRIVATE_CLASS, "QUARANTINED", UNKNOWN_SOP_CLASS) in states() and len(list(out.rglob("*.dcm"))) == 1, what="private objects held, the CT delivered")
+    assert {st for st in states() if st[0] == PRIVATE_CLASS} == {(PRIVATE_CLASS, "QUARANTINED", UNKNOWN_SOP_CLASS)}
+    assert len(list(out.rglob("*.dcm"))) == 1, "only the known object was forwarded"
+
+
+def test_a_route_that_names_the_sop_class_takes_it(tmp_path, start_node):
+    out = tmp_path / "out"
+    routes = [{"name": "vendor", "match": {"SOPClassUID": PRIVATE_CLASS}, "deid": {"profile": "basic"}, "destinations": ["f"]}]
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(out)}], routes=routes, stable_after_s=0.2))
+    ds = dcmread(_private_objects(tmp_path / "in", 1)[0])
+    assert c_store(node.settings.node.port, ds) == 0
+    wait_until(lambda: len(list(out.rglob("*.dcm"))) == 1, what="the private object, de-identified, in the folder")
