@@ -2,10 +2,11 @@
 
 Three gates, from the cheapest:
 
-1. TCP (``accept``): a connection beyond twice ``max_associations`` in all, or twice
-   ``max_associations_per_host`` from one address, is closed at once, before any thread
-   or TLS handshake is spent on it (a flood of idle connections cannot exhaust threads).
-   The margin lets connections just over the association limits get a proper answer.
+1. TCP (``accept``): a connection beyond twice ``max_associations`` open connections in
+   all, or twice ``max_associations_per_host`` from one address, or while four times
+   ``max_associations`` association threads are still alive (a flood of connect-and-close),
+   is closed at once, before any thread or TLS handshake is spent on it. The margin lets
+   connections just over the association limits get a proper answer.
 2. A-ASSOCIATE-RQ (EVT_REQUESTED): the called AE title must be the node's and the
    calling AE title (and host, where configured) one of ``[[sources]]``, else
    A-ASSOCIATE-RJ rejected-permanent, service-user, reason 7 or 3. Then the limits:
@@ -44,6 +45,7 @@ MAX_PDU_READ = MAX_PDU + 64 * 1024
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+REJECT_NO_REASON = (0x01, 0x02, 0x01)  # rejected-permanent, service-provider (ACSE), no reason given
 
 
 def _resolve(host: str) -> str:
@@ -104,7 +106,10 @@ class Admission:
     def connect(self, key: int, host: str) -> bool:
         """A TCP connection was accepted; False when it must be closed at once."""
         with self._lock:
-            hosts = [_host(a) for a in self._live()] + list(self._connecting.values())
+            live = self._live()
+            if len(live) + len(self._connecting) >= 4 * self.max_total:
+                return False  # threads of closed connections still winding down: a flood
+            hosts = [_host(a) for a in live if _open(a)] + list(self._connecting.values())
             if len(hosts) >= 2 * self.max_total or hosts.count(host) >= 2 * self.max_per_host:
                 return False
             self._connecting[key] = host
@@ -142,8 +147,82 @@ def _host(assoc) -> str:
     return str(assoc.requestor.address)
 
 
+def _open(assoc) -> bool:
+    """Its connection is still open (pynetdicom drops the socket when it closes)."""
+    return getattr(getattr(assoc.dul, "socket", None), "socket", None) is not None
+
+
+def wake_if_waiting(assoc) -> None:
+    """The connection closed before any A-ASSOCIATE-RQ arrived: pynetdicom's association
+    thread would still wait ``acse_timeout`` for one. Hand it the 'nothing came' it waits
+    for (``receive_pdu`` returning None), so it ends now."""
+    if assoc.is_acceptor and assoc.requestor.primitive is None:
+        assoc.dul.to_user_queue.put(None)
+
+
 def _closed(assoc) -> bool:
     return bool(assoc.is_released or assoc.is_aborted or assoc.is_rejected)
+
+
+def malformed_request(assoc) -> str:
+    """Why an A-ASSOCIATE-RQ cannot be negotiated ("" when it can): PS3.8 9.3.2.2 wants
+    an abstract syntax and at least one transfer syntax in every presentation context
+    (pynetdicom's negotiation raises on a context without one, killing the association's
+    thread and leaving its connection open)."""
+    for cx in assoc.requestor.primitive.presentation_context_definition_list:
+        if not cx.abstract_syntax or not cx.transfer_syntax:
+            return "a presentation context without abstract or transfer syntax"
+    return ""
+
+
+def guard_dimse(assoc) -> None:
+    """Turn an exception while decoding a received DIMSE message into an abort.
+
+    pynetdicom decodes P-DATA into DIMSE messages on the association's DUL thread, inside
+    its state machine, where nothing catches an exception: a command set that pydicom
+    cannot decode, an unknown command, a P-DATA on a context that was never accepted
+    (``KeyError`` in pynetdicom's chunked reception) end that thread, and the
+    association then hangs until its idle timeout, skipping its close event. This wraps
+    ``receive_primitive`` on this association's DIMSE provider: on an exception the
+    association is aborted (Evt19, "invalid PDU", as pynetdicom does for a message it
+    cannot convert)."""
+    dimse = assoc.dimse
+    original = dimse.receive_primitive
+
+    def receive_primitive(primitive) -> None:
+        try:
+            original(primitive)
+        except Exception as exc:
+            log.warning("association from %s: malformed DIMSE message (%s): aborted", _host(assoc), type(exc).__name__)
+            dimse.message = None
+            assoc.dul.event_queue.put("Evt19")
+
+    dimse.receive_primitive = receive_primitive
+
+
+def guard_state_machine(assoc) -> None:
+    """Drop a local A-ASSOCIATE-AC/RJ (or any local primitive) that arrives after the DUL
+    already began closing the connection (Sta13), instead of ending the DUL thread.
+
+    When a peer follows its A-ASSOCIATE-RQ with garbage, pynetdicom's DUL aborts (Sta13)
+    while the association thread is still deciding; its answer is then an event the state
+    machine rejects with ``InvalidEventError``, raised on the DUL thread, which dies and
+    leaves the association to its idle timeout. In Sta13 the only way on is the
+    connection's close, so the late answer is dropped."""
+    from pynetdicom.fsm import InvalidEventError
+
+    machine = assoc.dul.state_machine
+    original = machine.do_action
+
+    def do_action(event: str) -> None:
+        try:
+            original(event)
+        except InvalidEventError:
+            if machine.current_state != "Sta13":
+                raise
+            log.debug("association from %s: %s dropped, connection already closing", _host(assoc), event)
+
+    machine.do_action = do_action
 
 
 def guard_pdu_length(assoc, limit: int = MAX_PDU_READ) -> None:

@@ -57,7 +57,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
 from node import audit, metrics, queue
-from node.admission import MAX_PDU, Admission, guard_pdu_length
+from node.admission import MAX_PDU, REJECT_NO_REASON, Admission, guard_dimse, guard_pdu_length, guard_state_machine, malformed_request, wake_if_waiting
 from node.config import Settings
 from node.deid import Pseudonymizer, load_or_create_secret
 from node.incoming import IncomingFile, IncomingFiles, install as install_incoming
@@ -545,12 +545,20 @@ class EdgeServer(ThreadedAssociationServer):
     own thread, bounded by ``handshake_timeout_s``."""
 
     daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 drops SYNs (a 1 s retry) when connections come in bursts
 
     def __init__(self, ae: AE, address: tuple[str, int], admission: Admission, tls: ssl.SSLContext | None, handshake_timeout_s: float, evt_handlers: list) -> None:
         self.admission = admission
         self.tls = tls
         self.handshake_timeout_s = handshake_timeout_s
-        super().__init__(ae, address, ae.ae_title, ae.supported_contexts, None, evt_handlers)
+        self.read_timeout_s = ae.network_timeout
+        # pynetdicom deep-copies the server's contexts into every connection's association
+        # (some 6000 objects for every storage class in every transfer syntax: about 20 ms
+        # of CPU, 150 ms on a loaded machine, spent even on a connection that never
+        # associates). The server gets Verification only; an admitted association gets the
+        # full list, shared and read-only, in EVT_REQUESTED (see start_server).
+        verification = [cx for cx in ae.supported_contexts if cx.abstract_syntax == Verification]
+        super().__init__(ae, address, ae.ae_title, verification, None, evt_handlers)
         admission.add_listener(lambda: self.active_associations)
 
     def verify_request(self, request, client_address) -> bool:  # socketserver: False closes it
@@ -566,6 +574,9 @@ class EdgeServer(ThreadedAssociationServer):
                 request = self._handshake(request, client_address)
                 if request is None:
                     return
+            # pynetdicom reads a PDU with blocking recv() calls: without a timeout, a peer
+            # that sends half a PDU and goes quiet holds two threads forever.
+            request.settimeout(self.read_timeout_s)
             super().process_request_thread(request, client_address)
         finally:
             self.admission.connected(key)
@@ -579,7 +590,6 @@ class EdgeServer(ThreadedAssociationServer):
             log.warning("TLS connection from %s: handshake failed (%s): closed", client_address[0], reason)
             _close(raw)
             return None
-        tls.settimeout(None)
         return tls
 
     def shutdown(self) -> None:
@@ -656,9 +666,13 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
         subject = peer_subject(assoc.dul.socket.socket)
         via = f" (TLS, certificate {subject})" if subject else (" (TLS)" if isinstance(assoc.dul.socket.socket, ssl.SSLSocket) else "")
         refusal = admission.request(assoc, calling, called, host)
+        if refusal is None and (bad := malformed_request(assoc)):
+            admission.closed(assoc)
+            refusal = REJECT_NO_REASON, bad
         metrics.ASSOCIATIONS.labels(result="accepted" if refusal is None else "rejected").inc()
         audit.association(audit_sessions, calling, host, called, refusal[1] if refusal else "", tls_subject=subject or "")
         if refusal is None:
+            assoc.acceptor.supported_contexts = supported  # shared: negotiation only reads it
             unknown = _offer_unknown_storage(assoc, node.strict_uids)
             extra = f", {unknown} unknown SOP class(es) offered as storage" if unknown else ""
             log.info("association from %s@%s to %s%s: accepted%s", calling, host, called, via, extra)
@@ -673,9 +687,12 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     def on_open(event: evt.Event) -> None:
         tune_association(event.assoc, reactor_delay)
         guard_pdu_length(event.assoc)
+        guard_dimse(event.assoc)
+        guard_state_machine(event.assoc)
         incoming.watch(event.assoc.dul)
 
     def on_close(event: evt.Event) -> None:
+        wake_if_waiting(event.assoc)
         admission.closed(event.assoc)
         store.release(event.assoc)
         left = incoming.release(event.assoc.dul)
@@ -694,6 +711,7 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
         (evt.EVT_C_STORE, store),
     ]
     ae = make_ae(settings)
+    supported = ae.supported_contexts
     servers: list[EdgeServer] = []
     try:
         if node.port:

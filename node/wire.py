@@ -79,7 +79,8 @@ def row_attributes_from_file(fp, implicit_vr: bool, little_endian: bool) -> dict
 
 
 def _from_pydicom(ds: Dataset) -> dict[str, str]:
-    return {kw: str(ds.get(kw, "") or "").strip("\x00 ") for kw in ROW_KEYWORDS}
+    """Values as the scanner gives them: a multi-valued one joined with backslashes."""
+    return {kw: "\\".join(str(v) for v in _values(ds.get(kw, ""))).strip("\x00 ") for kw in ROW_KEYWORDS}
 
 
 def _scan(b: bytes, implicit: bool, complete: bool = True) -> dict[str, str]:
