@@ -27,6 +27,13 @@ _LAST_ROW_TAG = 0x0020000E
 
 
 _ROW_KEYWORDS = dict(zip(ROW_TAGS, ROW_KEYWORDS))
+_UI_TAGS = frozenset((0x00080016, 0x00080018, 0x0020000D, 0x0020000E))
+
+
+def _ui_value(text: str) -> str:
+    """A UI value as pydicom reads it: trailing NULs and spaces dropped, then each
+    backslash-separated value stripped of whitespace."""
+    return "\\".join(part.strip() for part in text.rstrip("\x00 ").split("\\"))
 # VRs whose explicit-VR header has a 4-byte length (PS3.5 7.1.2).
 LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"))
 _LONG_VRS = frozenset(v.encode() for v in LONG_VRS)
@@ -97,7 +104,8 @@ def _scan(b: bytes, implicit: bool, complete: bool = True) -> dict[str, str]:
             raise _Unusual
         keyword = _ROW_KEYWORDS.get(tag)
         if keyword:
-            out[keyword] = b[pos : pos + length].decode("ascii").strip("\x00 ")
+            text = b[pos : pos + length].decode("ascii")
+            out[keyword] = (_ui_value(text) if tag in _UI_TAGS else text).strip("\x00 ")
         pos += length
     if not complete:
         raise _Unusual  # the beginning ended before (0020,000E) was passed

@@ -13,8 +13,10 @@ import io
 import itertools
 import logging
 import os
+import random
 import struct
 import threading
+import time
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -102,7 +104,29 @@ def conversations(draw):
     return ("store", damage, draw(st.integers(0, 2**31)), draw(st.sampled_from([16, 100, 1000, 4000, 16000])))
 
 
+def _associated(port: int) -> rd.Raw:
+    """A connection with an accepted association; a transient rejection (the node still
+    counts associations whose close it has not processed yet) is retried, as a modality
+    would."""
+    for _ in range(100):
+        c = rd.Raw(port, timeout=3.0)
+        if c.send(rd.associate_rq()):
+            reply = c.read_pdu()
+            if reply is not None and reply[0] == 0x02:
+                return c
+            c.close()
+            assert reply is not None and reply[0] == 0x03 and reply[1][1] == 0x02, "a well-formed association is accepted (or refused for a while)"
+        else:
+            c.close()
+        time.sleep(0.1)
+    raise AssertionError("a well-formed association was refused for 10 s")
+
+
 def _play(t: dict, conv) -> None:
+    if conv[0] == "store":
+        with _associated(t["port"]) as c:
+            _store(t, c, *conv[1:])
+        return
     with rd.Raw(t["port"], timeout=3.0) as c:
         if conv[0] == "garbage":
             c.send(conv[1])
@@ -113,55 +137,53 @@ def _play(t: dict, conv) -> None:
             if c.send(rq) and whole:
                 c.sock.settimeout(1.0)
                 c.read_pdu()  # an AC, an RJ, an abort or a close: anything but a hang
+
+
+def _store(t: dict, c: rd.Raw, damage: str, seed: int, fragment: int) -> None:
+    """One C-STORE with ``damage`` done to it, on an accepted association."""
+    ds = t["base"].copy()
+    uid = f"2.25.{next(t['uids'])}{seed}"
+    ds.SOPInstanceUID = uid
+    data = rd.encode(ds, implicit=False)
+    if damage == "invalid-uid":
+        data = data.replace(uid.encode(), (uid[:-1] + "/").encode())
+    command = rd.c_store_command(rd.CT_IMAGE_STORAGE, uid)
+    must_fail = damage in ("inflate", "huge-element", "invalid-uid", "garbage-pdv", "wrong-context", "oversized-pdu")
+    if damage == "cut":
+        data = data[: seed % max(1, len(data) - 1)]
+        must_fail = not _pydicom_reads_whole(data)  # a cut between two elements leaves a valid data set
+    elif damage == "inflate":  # an element declares more than arrives (Series Instance UID's length)
+        k = data.rfind(b"\x20\x00\x0e\x00")
+        data = data[: k + 6] + struct.pack("<H", 0xFFF0) + data[k + 8 :]
+    elif damage == "flip":  # anything may happen, but never a hang
+        k = seed % len(data)
+        data = data[:k] + bytes([data[k] ^ 0x5A]) + data[k + 1 :]
+    elif damage == "huge-element":  # beyond max_object_mb (1 MiB), in fragments of at least 16 KB
+        fragment = max(fragment, 16000)
+        data = data + struct.pack("<HH2sHI", 0x0009, 0x0010, b"OB", 0, 1536 * 1024) + b"\x00" * (1536 * 1024)
+    pdus = rd.c_store_pdus(command, data, fragment=fragment, last=damage != "no-last")
+    if damage == "garbage-pdv":
+        pdus[1:] = [rd.p_data([(1, seed % 4, random.Random(seed).randbytes(seed % 300))])]
+    elif damage == "wrong-context":
+        pdus = [rd.p_data([(99, 0x03, command)])]
+    elif damage == "oversized-pdu":
+        pdus = [struct.pack(">BBI", 0x04, 0, 16 * 1024 * 1024) + b"\x00" * 1000]
+    for pdu in pdus:
+        if not c.send(pdu):
             return
-        _, damage, seed, fragment = conv
-        if not c.send(rd.associate_rq()):
-            return
-        reply = c.read_pdu()
-        assert reply is not None and reply[0] == 0x02, "a well-formed association is accepted"
-        ds = t["base"].copy()
-        uid = f"2.25.{next(t['uids'])}{seed}"
-        ds.SOPInstanceUID = uid
-        data = rd.encode(ds, implicit=False)
-        if damage == "invalid-uid":
-            data = data.replace(uid.encode(), (uid[:-1] + "/").encode())
-        command = rd.c_store_command(rd.CT_IMAGE_STORAGE, uid)
-        must_fail = damage in ("inflate", "huge-element", "invalid-uid", "garbage-pdv", "wrong-context", "oversized-pdu")
-        if damage == "cut":
-            data = data[: seed % max(1, len(data) - 1)]
-            must_fail = not _pydicom_reads_whole(data)  # a cut between two elements leaves a valid data set
-        elif damage == "inflate":  # an element declares more than arrives (Series Instance UID's length)
-            k = data.rfind(b"\x20\x00\x0e\x00")
-            data = data[: k + 6] + struct.pack("<H", 0xFFF0) + data[k + 8 :]
-        elif damage == "flip":  # anything may happen, but never a hang
-            k = seed % len(data)
-            data = data[:k] + bytes([data[k] ^ 0x5A]) + data[k + 1 :]
-        elif damage == "huge-element":  # beyond max_object_mb (1 MiB), in fragments of at least 16 KB
-            fragment = max(fragment, 16000)
-            data = data + struct.pack("<HH2sHI", 0x0009, 0x0010, b"OB", 0, 1536 * 1024) + b"\x00" * (1536 * 1024)
-        pdus = rd.c_store_pdus(command, data, fragment=fragment, last=damage != "no-last")
-        if damage == "garbage-pdv":
-            pdus[1:] = [rd.p_data([(1, seed % 4, os.urandom(seed % 300))])]
-        elif damage == "wrong-context":
-            pdus = [rd.p_data([(99, 0x03, command)])]
-        elif damage == "oversized-pdu":
-            pdus = [struct.pack(">BBI", 0x04, 0, 16 * 1024 * 1024) + b"\x00" * 1000]
-        for pdu in pdus:
-            if not c.send(pdu):
-                return
-        if damage == "no-last":
-            return  # hang up with the data set unfinished
-        if damage == "garbage-pdv":
-            c.sock.settimeout(0.5)  # an unfinished message is awaited, not answered
-        reply = c.read_pdu()
-        if not reply or reply[0] != 0x04:
-            return  # aborted or closed: nothing acknowledged
-        status = rd.store_status(reply[1])
-        if status == 0x0000:
-            t["acked"].add(uid)
-            assert not must_fail, f"Success for a {damage} data set"
-        c.send(rd.RELEASE_RQ)
-        c.read_pdu()
+    if damage == "no-last":
+        return  # hang up with the data set unfinished
+    if damage == "garbage-pdv":
+        c.sock.settimeout(0.5)  # an unfinished message is awaited, not answered
+    reply = c.read_pdu()
+    if not reply or reply[0] != 0x04:
+        return  # aborted or closed: nothing acknowledged
+    status = rd.store_status(reply[1])
+    if status == 0x0000:
+        t["acked"].add(uid)
+        assert not must_fail, f"Success for a {damage} data set"
+    c.send(rd.RELEASE_RQ)
+    c.read_pdu()
 
 
 def test_hostile_traffic_leaves_the_node_serving_and_nothing_unacknowledged(target, tmp_path):
