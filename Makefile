@@ -13,7 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (pulled in by rapidocr-onnxruntime); the fonts draw the tests' synthetic text.
 APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 fonts-dejavu-core fonts-liberation chromium chromium-driver
 
-.PHONY: serve test test-fast deps venv triton-venv bench bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin clean
+.PHONY: serve test test-fast deps venv triton-venv bench bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,10 +55,13 @@ test: deps venv triton-venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
-bench: bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin
+bench: bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin
 
 bench-ingest: deps venv
 	$(PY) tests/bench/bench_ingest.py
+
+bench-ingest-tls: deps venv
+	$(PY) tests/bench/bench_ingest_tls.py
 
 bench-deid: venv
 	$(PY) tests/bench/bench_deid.py

@@ -55,24 +55,17 @@ def valid_ae_title(value: Any) -> bool:
 class NodeTLS(_Table):
     """The DICOM TLS listener ([node.tls]); beside the plain one unless [node] port = 0."""
 
-    port: StrictInt = hint("a TCP port is an integer from 1 to 65535, e.g. 2762", 2762)
+    port: StrictInt = hint("a TCP port is an integer from 1 to 65535, e.g. 2762", 2762, ge=1, le=65535)
     certificate: Path = hint("the node's certificate (PEM), e.g. \"tls/node.crt\"", strict=False)
     private_key: Path = hint("the certificate's private key (PEM), e.g. \"tls/node.key\"", strict=False)
     ca_certificates: Path | None = hint("CA certificates (PEM) that client certificates must chain to", None, strict=False)
     require_client_certificate: StrictBool = hint("true or false", True)
 
-    @field_validator("port")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        if not 1 <= v <= 65535:
-            raise ValueError("a TCP port is an integer from 1 to 65535")
-        return v
-
 
 class NodeSettings(_Table):
     ae_title: str = hint("an AE title is 1 to 16 characters, no backslash", "CASEMASK")
     host: str = hint("an address to listen on, e.g. \"0.0.0.0\" or \"127.0.0.1\"", "0.0.0.0")
-    port: StrictInt = hint("a TCP port is an integer from 1 to 65535 (0: no plain listener, [node.tls] only)", 11112)
+    port: StrictInt = hint("a TCP port is an integer from 1 to 65535 (0: no plain listener, [node.tls] only)", 11112, ge=0, le=65535)
     data_dir: Path = hint("a folder for the spool, outbox, database and secret, e.g. \"var\"", Path("var"), strict=False)
     database_url: str = hint("empty for SQLite under data_dir, or a SQLAlchemy URL", "")
     secret_path: Path | None = hint("a file holding the pseudonym secret (hex)", None, strict=False)
@@ -104,13 +97,6 @@ class NodeSettings(_Table):
     def _ae(cls, v: str) -> str:
         if not valid_ae_title(v):
             raise ValueError("an AE title is 1 to 16 characters, no backslash")
-        return v
-
-    @field_validator("port")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        if not 0 <= v <= 65535:
-            raise ValueError("a TCP port is an integer from 1 to 65535 (0: no plain listener)")
         return v
 
     @field_validator("secret_env")

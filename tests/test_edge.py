@@ -389,3 +389,31 @@ def test_a_route_that_names_the_sop_class_takes_it(tmp_path, start_node):
     ds = dcmread(_private_objects(tmp_path / "in", 1)[0])
     assert c_store(node.settings.node.port, ds) == 0
     wait_until(lambda: len(list(out.rglob("*.dcm"))) == 1, what="the private object, de-identified, in the folder")
+
+
+# -- settings ------------------------------------------------------------------------------------------
+def test_edge_settings_say_what_to_write(tmp_path):
+    from node.config import ConfigError, parse
+
+    raw = node_config(tmp_path, [
+        {"name": "web", "kind": "dicomweb", "url": "http://archive/dicom-web", "auth": {"kind": "basic", "secret_env": "X"}},
+        {"name": "pacs", "kind": "dicom", "ae_title": "PACS", "tls": {"certificate": str(tmp_path / "missing.crt")}},
+    ])
+    raw["node"]["port"] = 0
+    raw["node"]["tls"] = {"port": 2762, "certificate": "nope.crt", "private_key": "nope.key", "require_client_certificate": True}
+    with pytest.raises(ConfigError) as exc:
+        parse(raw, "test", base_dir=tmp_path)
+    text = str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        parse(node_config(tmp_path, [], max_associations=0, min_free_disk_mb=-1), "test", base_dir=tmp_path)
+    text += str(exc.value)
+    for expected in (
+        "[node] max_associations = 0: an integer, 1 or more",
+        "[node] min_free_disk_mb = -1: megabytes",
+        "[node.tls] certificate = 'nope.crt': no such file",
+        "require_client_certificate = true needs ca_certificates",
+        "auth needs an https:// url",
+        "auth kind = \"basic\" needs username",
+        "tls.certificate and tls.private_key go together",
+    ):
+        assert expected in text, (expected, text)
