@@ -10,7 +10,9 @@ that file with ``tempfile.NamedTemporaryFile`` in the system's temporary folder,
 the default mode, without a size limit, and leaves it behind when an association is
 aborted mid-object. :func:`install` replaces the name ``NamedTemporaryFile`` inside
 ``pynetdicom.dimse_messages`` (the one place that creates the file) with a factory that,
-on the reader threads of this node's associations only, returns an :class:`IncomingFile`:
+on the reader threads of this node's associations only, returns an :class:`IncomingFile`
+(and ``create_file_meta`` / ``write_file_meta_info`` there with node.wire's encoder of
+the File Meta Information, five times cheaper than a pydicom FileMetaDataset):
 
 - in ``spool/.incoming`` (the spool's file system, so the handler can link it into
   place instead of copying it), mode 0600;
@@ -182,6 +184,8 @@ class IncomingFiles:
 
 _owners: weakref.WeakKeyDictionary[threading.Thread, IncomingFiles] = weakref.WeakKeyDictionary()
 _original = getattr(dimse_messages, "NamedTemporaryFile", None)
+_original_create_meta = getattr(dimse_messages, "create_file_meta", None)
+_original_write_meta = getattr(dimse_messages, "write_file_meta_info", None)
 
 
 def _named_temporary_file(*args, **kwargs):
@@ -191,6 +195,26 @@ def _named_temporary_file(*args, **kwargs):
     return owner.open()
 
 
+class _Meta(tuple):
+    """(SOP class, SOP instance, transfer syntax) of a file meta still to be encoded."""
+
+
+def _create_file_meta(*, sop_class_uid, sop_instance_uid, transfer_syntax, **kwargs):
+    if _owners.get(threading.current_thread()) is None:
+        return _original_create_meta(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax, **kwargs)  # type: ignore[misc]
+    return _Meta((str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax)))
+
+
+def _write_file_meta_info(fp, file_meta, *args, **kwargs):
+    """The File Meta Information, encoded by node.wire (pynetdicom builds and encodes a
+    pydicom FileMetaDataset for every C-STORE: a fifth of the handler's CPU time)."""
+    if not isinstance(file_meta, _Meta):
+        return _original_write_meta(fp, file_meta, *args, **kwargs)  # type: ignore[misc]
+    from node.wire import part10_header
+
+    fp.write(part10_header(*file_meta)[132:])  # pynetdicom wrote the preamble and 'DICM'
+
+
 def install() -> None:
     """Route C-STORE data sets of watched associations into :class:`IncomingFile`.
 
@@ -198,7 +222,9 @@ def install() -> None:
         RuntimeError: pynetdicom no longer creates its chunked file through
             ``dimse_messages.NamedTemporaryFile`` (a new pynetdicom: adapt this module).
     """
-    if _original is None or not hasattr(_config, "STORE_RECV_CHUNKED_DATASET"):
-        raise RuntimeError("pynetdicom no longer offers chunked C-STORE reception through dimse_messages.NamedTemporaryFile: node.incoming needs adapting")
+    if None in (_original, _original_create_meta, _original_write_meta) or not hasattr(_config, "STORE_RECV_CHUNKED_DATASET"):
+        raise RuntimeError("pynetdicom no longer offers chunked C-STORE reception through dimse_messages.NamedTemporaryFile / create_file_meta / write_file_meta_info: node.incoming needs adapting")
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[attr-defined]
+    dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
+    dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]

@@ -64,7 +64,7 @@ from node.incoming import IncomingFile, IncomingFiles, install as install_incomi
 from node.spool import place, remove, replace, spool_path
 from node.tls import peer_subject, server_context
 from node.uid import invalid_uids, is_valid_uid
-from node.wire import ROW_KEYWORDS, Incomplete, dataset_end, row_attributes, row_attributes_from_file
+from node.wire import ROW_KEYWORDS, Incomplete, dataset_end, row_attributes, row_attributes_from_file, scan_whole
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,13 @@ class StoreHandler:
                 # Big endian (retired) is read as it is, without the structure check.
                 return _decode_file(incoming.path)
             with _view(incoming, whole) as data:
-                if dataset_end(data, ts.is_implicit_VR, offset) != len(data):
+                if whole:  # the structure check and the row's attributes in one walk
+                    attrs, end = scan_whole(data, ts.is_implicit_VR, offset)
+                    if end != len(data):
+                        raise Incomplete("data set length mismatch")
+                    if attrs is not None:
+                        return attrs
+                elif dataset_end(data, ts.is_implicit_VR, offset) != len(data):
                     raise Incomplete("data set length mismatch")
             head = bytes(incoming.head[offset:])
             try:

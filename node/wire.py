@@ -28,6 +28,7 @@ _LAST_ROW_TAG = 0x0020000E
 
 _ROW_KEYWORDS = dict(zip(ROW_TAGS, ROW_KEYWORDS))
 _UI_TAGS = frozenset((0x00080016, 0x00080018, 0x0020000D, 0x0020000E))
+_UI_KEYWORDS = frozenset(_ROW_KEYWORDS[t] for t in _UI_TAGS)
 
 
 def _ui_value(text: str) -> str:
@@ -38,6 +39,9 @@ def _ui_value(text: str) -> str:
 LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"))
 _LONG_VRS = frozenset(v.encode() for v in LONG_VRS)
 _SEQUENCE_DELIMITER, _ITEM, _ITEM_DELIMITER = 0xFFFEE0DD, 0xFFFEE000, 0xFFFEE00D
+_U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
+# Every two upper-case letters -> whether that VR has a 4-byte length (what _header decides).
+_VR_IS_LONG = {bytes((a, c)): bytes((a, c)) in _LONG_VRS for a in range(65, 91) for c in range(65, 91)}
 
 
 class _Unusual(Exception):
@@ -123,16 +127,56 @@ def dataset_end(b, implicit: bool, start: int = 0) -> int:
         ValueError: the structure cannot be followed (a sequence item without an item
             tag, for instance).
     """
+    return _walk(b, implicit, start, None)
+
+
+def scan_whole(b, implicit: bool, start: int = 0) -> tuple[dict[str, str] | None, int]:
+    """:func:`dataset_end` and the row attributes in one walk: (attributes, end). The
+    attributes are None when a value needs pydicom (not ASCII): use :func:`row_attributes`.
+
+    Raises:
+        Incomplete, ValueError: as :func:`dataset_end`.
+    """
+    out = dict.fromkeys(ROW_KEYWORDS, "")
+    end = _walk(b, implicit, start, out)
+    return (None if out.pop("", None) else out), end
+
+
+def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
     pos, end = start, len(b)
+    u16, u32, vr_is_long, wanted = _U16.unpack_from, _U32.unpack_from, _VR_IS_LONG.get, _ROW_KEYWORDS
     try:
         while pos < end:
             if end - pos < 8:
                 raise Incomplete("the data set ends inside an element header")
-            tag, length, pos, nested_implicit = _header(b, pos, implicit)
-            if length == 0xFFFFFFFF:
-                pos = _skip_sequence(b, pos, nested_implicit)
+            # the hot loop of every C-STORE: _header() inlined
+            if implicit or (b[pos] == 0xFE and b[pos + 1] == 0xFF):  # item and delimiter tags have no VR
+                length, value, nested = u32(b, pos + 4)[0], pos + 8, implicit
             else:
-                pos += length
+                vr = b[pos + 4 : pos + 6]
+                is_long = vr_is_long(vr)
+                if is_long:
+                    length, value, nested = u32(b, pos + 8)[0], pos + 12, vr == b"UN"
+                elif is_long is None:
+                    raise _Unusual
+                else:
+                    length, value, nested = u16(b, pos + 6)[0], pos + 8, False
+            if length == 0xFFFFFFFF:
+                pos = _skip_sequence(b, value, nested)
+                continue
+            if rows is not None:
+                v = u32(b, pos)[0]
+                tag = (v & 0xFFFF) << 16 | v >> 16
+                keyword = wanted.get(tag)
+                if tag > _LAST_ROW_TAG:
+                    rows = None  # read as pydicom reads them: up to (0020,000E)
+                elif keyword and value + length <= end:
+                    try:
+                        text = b[value : value + length].decode("ascii")
+                        rows[keyword] = (_ui_value(text) if keyword in _UI_KEYWORDS else text).strip("\x00 ")
+                    except UnicodeDecodeError:
+                        rows[""] = "pydicom"
+            pos = value + length
             if pos > end:
                 raise Incomplete("an element's value runs past the end of the data set")
     except (struct.error, IndexError):
@@ -243,12 +287,12 @@ def _elem(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
 
 
 def _ui(uid: str) -> bytes:
-    b = uid.encode("ascii")
+    b = uid.encode("ascii", "replace")  # a sender's non-ASCII UID is refused later, not here
     return b + b"\x00" if len(b) % 2 else b
 
 
 def _text(s: str) -> bytes:
-    b = s.encode("ascii")
+    b = s.encode("ascii", "replace")
     return b + b" " if len(b) % 2 else b
 
 

@@ -306,15 +306,23 @@ def test_below_min_free_disk_answers_out_of_resources_then_recovers_by_itself(tm
 
 
 # -- the pynetdicom hooks ------------------------------------------------------------------------------
-def test_pynetdicom_still_creates_chunked_files_where_node_incoming_hooks_in():
-    """node.incoming replaces dimse_messages.NamedTemporaryFile; if pynetdicom stops
-    creating its chunked C-STORE file through that name, this fails (adapt the module)."""
+def test_pynetdicom_still_has_what_the_edge_hooks_into():
+    """node.incoming and node.admission reach below pynetdicom's public API (see
+    docs/security.md); if a new pynetdicom moves one of these, this fails: adapt them."""
     import inspect
 
-    from pynetdicom import dimse_messages
+    from pynetdicom import dimse_messages, dul, fsm, transport
+    from pynetdicom.dimse import DIMSEServiceProvider
 
-    assert "NamedTemporaryFile(" in inspect.getsource(dimse_messages.DIMSEMessage.decode_msg)
-    assert "STORE_RECV_CHUNKED_DATASET" in inspect.getsource(dimse_messages.DIMSEMessage.decode_msg)
+    decode = inspect.getsource(dimse_messages.DIMSEMessage.decode_msg)
+    for name in ("NamedTemporaryFile(", "create_file_meta(", "write_file_meta_info(", "STORE_RECV_CHUNKED_DATASET"):
+        assert name in decode, name
+    read = inspect.getsource(dul.DULServiceProvider._read_pdu_data)
+    assert "self.socket.recv(6)" in read and "self.socket.recv(pdu_length)" in read
+    assert "dimse.receive_primitive(" in inspect.getsource(fsm)
+    assert hasattr(DIMSEServiceProvider, "receive_primitive") and hasattr(fsm.StateMachine, "do_action")
+    assert "to_user_queue.get(" in inspect.getsource(dul.DULServiceProvider.receive_pdu)
+    assert hasattr(transport.AssociationSocket, "recv")
 
 
 def test_association_cut_off_mid_object_leaves_no_file_and_no_row(tmp_path, start_node):
