@@ -315,11 +315,15 @@ class StoreHandler:
         try:
             offset = _dataset_offset(incoming.head)
             whole = incoming.size <= len(incoming.head)
-            if ts == DeflatedExplicitVRLittleEndian or not ts.is_little_endian:
-                # Deflated: pydicom inflates and decodes it (truncation raises there).
-                # Big endian (retired) is read as it is, without the structure check.
+            if ts == DeflatedExplicitVRLittleEndian:
+                data = _inflate(incoming, offset, self.max_object_mb * 1024 * 1024)
+                attrs, end = scan_whole(data, False, 0)
+                if end != len(data):
+                    raise Incomplete("data set length mismatch")
+                return attrs if attrs is not None else row_attributes(data, False, True)
+            if not ts.is_little_endian:  # big endian (retired): read by pydicom, no structure check
                 return _decode_file(incoming.path)
-            with _view(incoming, whole) as data:
+            with _Bytes(incoming, whole) as data:
                 if whole:  # the structure check and the row's attributes in one walk
                     attrs, end = scan_whole(data, ts.is_implicit_VR, offset)
                     if end != len(data):
@@ -338,6 +342,9 @@ class StoreHandler:
         except Incomplete:
             log.warning("C-STORE from %s: the data set ends inside an element -> 0xC210", calling)
             raise _Refusal(CANNOT_UNDERSTAND, "data set ends inside an element") from None
+        except _TooLarge:
+            log.warning("C-STORE from %s: deflated object inflates beyond max_object_mb = %d -> 0xA700", calling, self.max_object_mb)
+            raise _Refusal(OUT_OF_RESOURCES, "object larger than max_object_mb") from None
         except Exception as exc:
             log.warning("C-STORE from %s: data set cannot be decoded (%s) -> 0xC210", calling, type(exc).__name__)
             raise _Refusal(CANNOT_UNDERSTAND, "data set cannot be decoded") from None
@@ -466,7 +473,7 @@ def _dataset_offset(head: bytes | bytearray) -> int:
     return 144 + int.from_bytes(head[140:144], "little")
 
 
-class _view:
+class _Bytes:
     """The received bytes: the in-memory head when it holds them all, else an mmap of
     the file (pages are read as the structure check walks them, never copied whole)."""
 
@@ -489,9 +496,39 @@ class _view:
             self._fp.close()
 
 
+class _TooLarge(Exception):
+    """A deflated data set inflates beyond max_object_mb."""
+
+
+def _inflate(incoming: IncomingFile, offset: int, limit: int) -> bytes:
+    """A deflated data set (PS3.5 A.5: raw deflate after the File Meta), inflated in
+    steps and never beyond ``limit`` bytes (a small stream can inflate to gigabytes).
+
+    Raises:
+        _TooLarge: it inflates beyond ``limit``.
+        Incomplete: the deflate stream ends early.
+        zlib.error: it is not a deflate stream.
+    """
+    import zlib
+
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    incoming.sync()
+    with open(incoming.path, "rb") as fp:
+        fp.seek(offset)
+        while chunk := fp.read(1024 * 1024):
+            while chunk:
+                out += inflater.decompress(chunk, limit + 1 - len(out))
+                if len(out) > limit:
+                    raise _TooLarge
+                chunk = inflater.unconsumed_tail
+    if not inflater.eof:
+        raise Incomplete("the deflate stream ends early")
+    return bytes(out)
+
+
 def _decode_file(path: Path) -> dict[str, str]:
-    """The row's attributes from a complete decode by pydicom (deflated data sets are
-    inflated; one cut short raises)."""
+    """The row's attributes from a complete decode by pydicom (one cut short raises)."""
     from pydicom import dcmread
 
     ds = dcmread(path)

@@ -425,3 +425,24 @@ def test_edge_settings_say_what_to_write(tmp_path):
         "tls.certificate and tls.private_key go together",
     ):
         assert expected in text, (expected, text)
+
+
+def test_deflated_objects_are_stored_and_a_deflate_bomb_is_refused(tmp_path, start_node, caplog):
+    """A deflated data set is inflated in steps, never beyond max_object_mb: 1 MiB of
+    zeros deflates to about a kilobyte."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    node = folder_node(tmp_path, start_node, max_object_mb=1)
+    port = node.settings.node.port
+    ds = dcmread(make_study(tmp_path / "in", 1)[0])
+    del ds.PixelData
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.set_original_encoding(False, True)
+    assert c_store(port, ds) == 0
+    assert instances(node) == 1
+    bomb = ds.copy()
+    bomb.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.31337"
+    bomb.add_new(0x00091010, "OB", b"\x00" * (3 * 1024 * 1024))
+    assert c_store(port, bomb) == 0xA700
+    assert "inflates beyond max_object_mb" in caplog.text
+    assert instances(node) == 1
