@@ -313,3 +313,4 @@ def test_dicomweb_bearer_token_from_the_environment_over_verified_https(tmp_path
         assert token not in caplog.text
     finally:
         httpd.shutdown()
+        httpd.server_close()
