@@ -26,8 +26,9 @@ An object sent again under a stored SOP Instance UID is *the same object* when i
 Class UID, Study and Series Instance UID, Patient ID and Issuer of Patient ID all agree
 (compared as a keyed hash, ``Instance.identity``); its bytes are not compared, so a
 re-send in another transfer syntax, or with attributes another system coerced, is the
-same object: Success, stored once, the first copy kept. Anything else is a conflict,
-refused with 0xC214, logged and counted (``conflicts`` table, ``casemask status``).
+same object: Success, stored once, the first copy kept (``queue.on_resend`` routes a
+held one again). Anything else is a conflict, refused with 0xC214, logged and counted
+(``conflicts`` table, ``casemask status``).
 
 Logs name objects by ``Pseudonymizer.log_id`` (a keyed hash), never by original UIDs.
 """
@@ -59,7 +60,7 @@ from sqlalchemy.orm import sessionmaker
 from node import audit, metrics, queue
 from node.admission import MAX_PDU, REJECT_NO_REASON, Admission, guard_dimse, guard_pdu_length, guard_state_machine, malformed_request, wake_if_waiting
 from node.config import Settings
-from node.deid import Pseudonymizer, load_or_create_secret
+from node.deid import Pseudonymizer
 from node.incoming import IncomingFile, IncomingFiles, install as install_incoming
 from node.spool import place, remove, replace, spool_path
 from node.tls import peer_subject, server_context
@@ -396,12 +397,26 @@ class StoreHandler:
                     raise _Refusal(OUT_OF_RESOURCES, "cannot write the spool file") from None
             log.debug("C-STORE %s from %s: stored", name, calling)
             return SUCCESS
-        if created:
-            remove(path)  # the stored object's file was deleted on purpose (or lives elsewhere)
-        identity, _ = stored
+        identity, stored_path = stored
         if identity and identity != received.identity:
+            if created:
+                remove(path)  # the conflicting object's file: nobody's
             self._conflict(received, name, calling)
             raise _Refusal(SOP_UID_CONFLICT, "SOP Instance UID conflict: another object")
+        if created and stored_path != str(path):
+            remove(path)  # a row of an older layout keeps its own file
+        # The same object again. Where its file was gone (retention deleted it), this one
+        # takes its place: queue.on_resend routes a held object again, or marks the file
+        # for the next retention run.
+        conn = self._connection(event.assoc)
+        try:
+            with conn.begin():
+                change = queue.on_resend(conn, sop_uid)
+        except Exception as exc:
+            log.error("C-STORE %s from %s: cannot record the re-send (%s) -> 0xA700", name, calling, type(exc).__name__)
+            raise _Refusal(OUT_OF_RESOURCES, "cannot record the object") from None
+        if change:
+            log.info(change)
         log.info("C-STORE %s from %s: already stored, answered Success", name, calling)
         return SUCCESS
 
@@ -690,7 +705,10 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
         ssl.SSLError: a TLS file is not a certificate or key.
     """
     node = settings.node
-    pseudo = pseudo or Pseudonymizer(load_or_create_secret(node.resolved_secret_path))
+    if pseudo is None:  # started on its own (tests, tools): the node's secret, as Node reads it
+        from node.startup import load_secret
+
+        pseudo = Pseudonymizer(load_secret(node))
     admission = Admission(settings)
     audit_sessions = sessionmaker(engine)
     reactor_delay = node.reactor_delay_s

@@ -90,7 +90,7 @@ def test_hostile_uids_are_refused_and_nothing_is_written_outside_the_data_folder
             assert c_store(port, ds) == 0xC212, (keyword, value)
     assert instances(node) == 0
     data_dir = node.settings.node.data_dir
-    assert files_outside(tmp_path, [data_dir / "casemask.db", data_dir / "casemask.db-wal", data_dir / "casemask.db-shm", data_dir / "secret.key", tmp_path / "in"]) == []
+    assert files_outside(tmp_path, [data_dir, tmp_path / "in"]) == []
     assert not list((data_dir / "spool").rglob("*.dcm")), "nothing is stored"
     assert not [p for p in (data_dir / "spool" / ".incoming").iterdir()], "no incoming file is left"
     assert escaped_anywhere(data_dir / "spool" / "aa" / "bb") == []
@@ -198,6 +198,20 @@ def test_resend_in_another_transfer_syntax_is_the_same_object(tmp_path, start_no
     other = ds.copy()
     other.PatientID = "SOMEONE-ELSE"
     assert c_store(port, other) == 0xC214
+
+
+def test_resend_after_retention_deleted_the_file_brings_it_back(tmp_path, start_node):
+    """Retention deletes a delivered original's file; the same object sent again takes
+    its place (queue.on_resend marks it for the next retention run)."""
+    node = folder_node(tmp_path, start_node)
+    ds = dcmread(make_study(tmp_path / "in", 1)[0])
+    port = node.settings.node.port
+    assert c_store(port, ds) == 0
+    (spooled,) = list((node.settings.node.data_dir / "spool").rglob("*.dcm"))
+    spooled.unlink()
+    assert c_store(port, ds) == 0
+    assert spooled.exists() and dcmread(spooled).SOPInstanceUID == ds.SOPInstanceUID
+    assert instances(node) == 1
 
 
 def test_scp_logs_never_carry_original_uids(tmp_path, start_node, caplog):
