@@ -48,8 +48,18 @@ def rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds(database: bool = False) -> int:
+    """Open file descriptors of this process: those of the SQLite database (its pooled
+    connections, three each: bounded by the pool, kept open for reuse) when ``database``,
+    else all the others (sockets, spool files, pipes)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (listdir's own descriptor among them)
+            continue
+        n += "casemask.db" in target.rsplit("/", 1)[-1] if database else "casemask.db" not in target.rsplit("/", 1)[-1]
+    return n
 
 
 # -- the node under fire ------------------------------------------------------------------------
@@ -234,6 +244,9 @@ def test_hostile_traffic_leaves_the_node_serving_and_nothing_unacknowledged(targ
         t["acked"] |= {str(dcmread(f).SOPInstanceUID) for f in (tmp_path / "after").iterdir()}
     wait_until(lambda: threading.active_count() <= threads0 + 2, timeout=30, what=f"threads back to about {threads0}")
     wait_until(lambda: open_fds() <= fds0 + 5, timeout=30, what=f"file descriptors back to about {fds0}")
+    from node.db import POOL_OVERFLOW, POOL_SIZE
+
+    assert open_fds(database=True) <= 3 * (POOL_SIZE + POOL_OVERFLOW), "database connections beyond the pool's bound"
     gc.collect()
     kept = sum(stat.size for stat in snapshot.statistics("filename"))
     top = "\n".join(str(x) for x in snapshot.statistics("traceback")[:3] for x in [x, *x.traceback.format()[-8:]])
