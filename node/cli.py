@@ -292,13 +292,17 @@ def cmd_config_check(args) -> int:
 _DEID = None  # the worker process's Deidentifier (set by _deid_worker_init)
 _POLICY = None  # the worker process's verifier policy
 _BURNED_IN = None  # its node.burnedin.BurnedInStep with --burned-in clean
+_STRICT_UIDS = True  # the UI grammar's leading-zero rule ([node] strict_uids of --config)
 
 
-def _deid_worker_init(deid_settings, secret: bytes, pixels_cleaned: bool, record: bool, regions: Path | None = None) -> None:
+def _deid_worker_init(deid_settings, secret: bytes, pixels_cleaned: bool, record: bool, regions: Path | None = None, strict_uids: bool = True) -> None:
     from node.deid import Deidentifier, Pseudonymizer
     from node.deid.verify import Policy
+    from node.reasons import withhold_library_values
 
-    global _DEID, _POLICY, _BURNED_IN
+    global _DEID, _POLICY, _BURNED_IN, _STRICT_UIDS
+    withhold_library_values()
+    _STRICT_UIDS = strict_uids
     _DEID = Deidentifier(deid_settings, Pseudonymizer(secret), pixels_cleaned=pixels_cleaned, record_changes=record)
     _POLICY = Policy.from_options(deid_settings.options)
     if deid_settings.burned_in == "clean":
@@ -393,6 +397,9 @@ def _deid_file(src: str, out: str, diff: bool) -> tuple[str, str, str, list]:
         res = _DEID.apply(ds, extra_codes=[CLEAN_PIXEL_CODE] if report is not None else [])
     except QuarantineError as exc:
         return "quarantined", src, str(exc), []
+    bad = _invalid_output_uids(res.dataset)
+    if bad:
+        return "quarantined", src, f"invalid UID in the output: {', '.join(bad)} (not the PS3.5 UI grammar: digits and dots, at most 64 characters); nothing written", []
     encoded = to_bytes(res.dataset)
     try:
         findings = verify(data, encoded, _POLICY)
@@ -410,6 +417,24 @@ def _deid_file(src: str, out: str, diff: bool) -> tuple[str, str, str, list]:
         if report is not None:
             lines.extend(_burned_in_lines(report))
     return status, src, str(target), lines
+
+
+# The UIDs the node checks on every C-STORE (node.scp); `casemask deid` checks them in
+# what it would write, where an option (retain-uids) keeps them as they came.
+_CHECKED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _invalid_output_uids(ds) -> list[str]:
+    """Keywords (never values) of the checked UIDs in a de-identified data set that do
+    not follow the PS3.5 UI grammar; the File Meta's copies included."""
+    from node.uid import invalid_uids
+
+    values = {kw: str(ds.get(kw, "") or "").strip("\x00 ") for kw in _CHECKED_UIDS}
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        for kw in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"):
+            values[kw] = str(meta.get(kw, "") or "").strip("\x00 ")
+    return invalid_uids(values, _STRICT_UIDS)
 
 
 def _burned_in_lines(report) -> list[str]:
@@ -509,13 +534,18 @@ def cmd_deid(args) -> int:
     from node.deid import load_or_create_secret
 
     deid_settings, secret_path, regions = _deid_settings(args)
+    strict_uids = True
+    if args.config:
+        from node.config import load
+
+        strict_uids = load(args.config).node.strict_uids
     secret = load_or_create_secret(secret_path)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [str(f) for f in _files(args.paths)]
     jobs = [(f, str(out), args.diff) for f in files]
     n_jobs = args.jobs or os.cpu_count() or 1
-    init = (deid_settings, secret, False, args.diff, regions)  # never pixels_cleaned: see _deid_settings
+    init = (deid_settings, secret, False, args.diff, regions, strict_uids)  # never pixels_cleaned: see _deid_settings
     if n_jobs > 1 and len(files) >= 32:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor

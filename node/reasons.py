@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+import warnings
 from collections.abc import Iterator
 from types import TracebackType
 
@@ -116,3 +117,30 @@ def withhold_warning_texts() -> None:
     logger = logging.getLogger("py.warnings")
     if not any(isinstance(f, WithheldWarnings) for f in logger.filters):
         logger.addFilter(WithheldWarnings())
+
+
+class WithheldLibraryValues(logging.Filter):
+    """For pydicom's and pynetdicom's loggers: they quote a non-conformant value they
+    meet ("Invalid value for VR UI: '...'", "Non-conformant 'Affected SOP Instance UID'
+    value '...'"), and whatever a sender or a file put there (a path, a name) would reach
+    the log. Keeps the message, drops the value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Invalid value for VR"):
+            record.msg, record.args = msg.split(":", 1)[0] + " (value not logged)", ()
+        elif msg.startswith(("Non-conformant '", "Invalid '")) and " value '" in msg:
+            record.msg, record.args = msg.split(" value '", 1)[0] + " value (not logged)", ()
+        return True
+
+
+def withhold_library_values() -> None:
+    """Install :class:`WithheldLibraryValues` on pydicom's and pynetdicom's loggers and
+    silence pydicom's matching warning (it repeats the same text with the value); for
+    the listener and ``casemask deid``."""
+    f = WithheldLibraryValues()
+    for name in ("pydicom", "pynetdicom.utils"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(x, WithheldLibraryValues) for x in logger.filters):
+            logger.addFilter(f)
+    warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning)

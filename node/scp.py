@@ -41,7 +41,6 @@ import socket
 import ssl
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,6 +61,7 @@ from node.admission import MAX_PDU, REJECT_NO_REASON, Admission, guard_dimse, gu
 from node.config import Settings
 from node.deid import Pseudonymizer
 from node.incoming import IncomingFile, IncomingFiles, install as install_incoming
+from node.reasons import withhold_library_values
 from node.spool import place, remove, replace, spool_path
 from node.tls import peer_subject, server_context
 from node.uid import invalid_uids, is_valid_uid
@@ -141,30 +141,6 @@ def _install_reactor_clock(delay: float) -> _ReactorClock:
         pynetdicom.association.time = _clock  # type: ignore[attr-defined]
     _clock.delay = delay
     return _clock
-
-
-class _NoReceivedValues(logging.Filter):
-    """pydicom and pynetdicom quote a non-conformant value they meet ("Invalid value for
-    VR UI: '...'", "Non-conformant 'Affected SOP Instance UID' value '...'"): whatever a
-    sender put there (a path, a name) would reach the node's log. Keep the message, drop
-    the value."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        if msg.startswith("Invalid value for VR"):
-            record.msg, record.args = msg.split(":", 1)[0] + " (value not logged)", ()
-        elif msg.startswith(("Non-conformant '", "Invalid '")) and " value '" in msg:
-            record.msg, record.args = msg.split(" value '", 1)[0] + " value (not logged)", ()
-        return True
-
-
-def _redact_library_logs() -> None:
-    f = _NoReceivedValues()
-    for name in ("pydicom", "pynetdicom.utils"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(x, _NoReceivedValues) for x in logger.filters):
-            logger.addFilter(f)
-    warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning)
 
 
 class _Throttled:
@@ -713,7 +689,7 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     audit_sessions = sessionmaker(engine)
     reactor_delay = node.reactor_delay_s
     _install_reactor_clock(max(reactor_delay, 0.0001))
-    _redact_library_logs()
+    withhold_library_values()
     install_incoming()
     incoming = IncomingFiles(node.data_dir / "spool" / ".incoming", node.max_object_mb * 1024 * 1024, node.min_free_disk_mb * 1024 * 1024)
     store = StoreHandler(settings, engine, pseudo, incoming, on_stored)

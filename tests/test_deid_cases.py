@@ -82,10 +82,15 @@ def test_case01_un_vr_public_sequences_are_cleaned(tmp_path):
 @needs_cases
 def test_case02_deid_output_names_never_come_from_the_uid(tmp_path):
     out = tmp_path / "a" / "b" / "out"
-    r = run_cli(str(case("02") / "traversal.dcm"), "--out", str(out), "--secret", str(tmp_path / "s.key"), "--option", "retain-uids")
+    r = run_cli(str(case("02") / "traversal.dcm"), "--out", str(out), "--secret", str(tmp_path / "s.key"))
     assert r.returncode == 0, r.stderr
     made = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "s.key"]
     assert len(made) == 1 and made[0].parent == out and all(c in "0123456789abcdef." for c in made[0].stem)
+    # retain-uids would write the traversal UID as it came: refused, nothing written.
+    made[0].unlink()
+    r = run_cli(str(case("02") / "traversal.dcm"), "--out", str(out), "--secret", str(tmp_path / "s.key"), "--option", "retain-uids")
+    assert r.returncode == 1 and "invalid UID in the output: SOPInstanceUID" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "s.key"] == []
 
 
 @needs_cases

@@ -122,20 +122,54 @@ def test_spool_files_and_folders_are_owner_only(tmp_path, start_node):
         assert mode & 0o077 == 0, f"{p.relative_to(spool)} has mode {mode:o}"
 
 
-@needs_cases
-@pytest.mark.parametrize("options", [["retain-uids"], []])
-def test_deid_output_names_stay_inside_out(tmp_path, options):
-    out = tmp_path / "work" / "out"
-    args = [sys.executable, "-m", "node.cli", "deid", str(TRAVERSAL), "--out", str(out), "--secret", str(tmp_path / "work" / "secret.key")]
+def _deid(tmp_path: Path, files: list[Path], out: Path, *options: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "node.cli", "deid", *map(str, files), "--out", str(out), "--secret", str(tmp_path / "work" / "secret.key"), "--jobs", "1"]
     for o in options:
         args += ["--option", o]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+@needs_cases
+def test_deid_output_names_stay_inside_out(tmp_path):
+    out = tmp_path / "work" / "out"
+    r = _deid(tmp_path, [TRAVERSAL], out)
     assert r.returncode == 0, r.stderr
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert sorted(p.name for p in written if p.parent == out) and all(p.parent == out or p.name == "secret.key" for p in written), written
+    assert all(p.parent == out or p.name == "secret.key" for p in written), written
     assert escaped_anywhere(out) == []
     (target,) = out.iterdir()
     assert len(target.stem) == 32 and all(c in "0123456789abcdef" for c in target.stem)
+
+
+@needs_cases
+def test_deid_retain_uids_refuses_hostile_uids_with_a_clear_message(tmp_path):
+    """With --option retain-uids a hostile UID would be written as it came: every such
+    file is refused (quarantined, exit 1) with the attribute named, nothing is written
+    outside or inside --out, no traceback, and the value is not printed."""
+    source = make_study(tmp_path / "in", 1)[0]
+    hostile = [TRAVERSAL]
+    for keyword, values in HOSTILE.items():
+        for k, value in enumerate(values):
+            ds = dcmread(source)  # one hostile UID per file (Dataset.copy shares elements)
+            setattr(ds, keyword, value)
+            if keyword == "SOPInstanceUID":
+                ds.file_meta.MediaStorageSOPInstanceUID = value
+            hostile.append(tmp_path / "in" / f"hostile-{keyword}-{k}.dcm")
+            ds.save_as(hostile[-1])
+    out = tmp_path / "work" / "out"
+    r = _deid(tmp_path, hostile, out, "retain-uids")
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.count("invalid UID in the output") == len(hostile), r.stderr
+    assert f"quarantined {len(hostile)}," in r.stderr
+    assert "escaped" not in r.stderr and "1.2.a" not in r.stderr, "values are not printed"
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+    assert files_outside(tmp_path, [tmp_path / "in", tmp_path / "work"]) == [] and escaped_anywhere(out) == []
+    # A valid file in the same run is written; the run still says something was refused.
+    r = _deid(tmp_path, [source, TRAVERSAL], out, "retain-uids")
+    assert r.returncode == 1 and "de-identified 1," in r.stderr and "quarantined 1," in r.stderr, r.stderr
+    (written,) = out.iterdir()
+    assert dcmread(written).SOPInstanceUID == dcmread(source).SOPInstanceUID
 
 
 def test_folder_destination_names_files_by_digest(tmp_path, start_node):
