@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable
 
@@ -168,10 +169,16 @@ def malformed_request(assoc) -> str:
     """Why an A-ASSOCIATE-RQ cannot be negotiated ("" when it can): PS3.8 9.3.2.2 wants
     an abstract syntax and at least one transfer syntax in every presentation context
     (pynetdicom's negotiation raises on a context without one, killing the association's
-    thread and leaving its connection open)."""
+    thread and leaving its connection open), and each context its own odd ID from 1 to
+    255 (pynetdicom refuses an even one while decoding, but answers two contexts with one
+    ID as if both were accepted, and a P-DATA then names either)."""
+    seen: set[int] = set()
     for cx in assoc.requestor.primitive.presentation_context_definition_list:
         if not cx.abstract_syntax or not cx.transfer_syntax:
             return "a presentation context without abstract or transfer syntax"
+        if cx.context_id in seen:
+            return "two presentation contexts with one ID"
+        seen.add(cx.context_id)
     return ""
 
 
@@ -225,25 +232,52 @@ def guard_state_machine(assoc) -> None:
     machine.do_action = do_action
 
 
-def guard_pdu_length(assoc, limit: int = MAX_PDU_READ) -> None:
-    """Make the association's socket refuse to read a PDU longer than ``limit``: the
-    connection is shut down instead (pynetdicom then sees it closed, Evt17).
+def guard_pdu_length(assoc, limit: int = MAX_PDU_READ, read_timeout_s: float | None = None) -> None:
+    """Make the association's socket refuse to read a PDU longer than ``limit``, or to
+    spend more than ``read_timeout_s`` on one PDU: the connection is shut down instead
+    (pynetdicom then sees it closed, Evt17).
 
-    pynetdicom's DUL reads a PDU as ``recv(6)`` (type and length) then ``recv(length)``;
-    this wraps ``recv`` on this one association's ``AssociationSocket`` instance."""
+    pynetdicom's DUL reads a PDU as ``recv(6)`` (type and length) then ``recv(length)``,
+    each a loop of blocking ``socket.recv`` calls whose timeout (``network_timeout_s``)
+    applies to each call alone: a peer that sends one byte now and then, just inside
+    that timeout, would hold the association's threads for as long as it likes (a PDU
+    of 1 MiB at a byte a minute: two years). Here the whole read of a PDU's header or
+    body must end within ``read_timeout_s`` of its first bytes (1 MiB in 60 s is 17 KiB/s,
+    far below any link a modality uses). This replaces ``recv`` on this one
+    association's ``AssociationSocket`` instance with the same loop plus the deadline."""
     sock = assoc.dul.socket
     original = sock.recv
 
+    def refuse(why: str, *args) -> bytearray:
+        log.warning("association from %s: " + why + ": connection closed", _host(assoc), *args)
+        raw = sock.socket
+        if raw is not None:
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return bytearray()
+
     def recv(nr_bytes: int) -> bytearray:
         if nr_bytes > limit:
-            log.warning("association from %s: a PDU declared %d bytes (at most %d accepted): connection closed", _host(assoc), nr_bytes, limit)
-            raw = sock.socket
-            if raw is not None:
-                try:
-                    raw.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            return bytearray()
-        return original(nr_bytes)
+            return refuse("a PDU declared %d bytes (at most %d accepted)", nr_bytes, limit)
+        if read_timeout_s is None:
+            return original(nr_bytes)
+        raw = sock.socket
+        out = bytearray()
+        deadline = 0.0
+        while len(out) < nr_bytes:
+            chunk = raw.recv(min(nr_bytes - len(out), 4096))  # as pynetdicom reads
+            if not chunk:  # closed: pynetdicom sees the short read
+                return out
+            out += chunk
+            if len(out) < nr_bytes:
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + read_timeout_s
+                elif now > deadline:
+                    refuse("a PDU took longer than network_timeout_s = %g s to arrive", read_timeout_s)
+                    return bytearray()
+        return out
 
     sock.recv = recv

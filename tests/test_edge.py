@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -302,6 +303,77 @@ def test_idle_association_is_closed_after_network_timeout(tmp_path, start_node):
     assert assoc.is_established
     wait_until(lambda: not assoc.is_established, timeout=10, what="the node to close an idle association")
     assert assoc.is_aborted
+
+
+def test_a_peer_trickling_a_pdu_is_closed_after_network_timeout(tmp_path, start_node):
+    """One byte every 0.3 s keeps every single read inside network_timeout_s (1 s); the
+    node still closes the connection once one PDU has taken longer than that. Without
+    the bound this PDU (1000 bytes) would hold the association for five minutes."""
+    from tests import rawdicom as rd
+
+    node = folder_node(tmp_path, start_node, network_timeout_s=1.0, max_associations_per_host=1)
+    port = node.settings.node.port
+    with rd.Raw(port, timeout=5.0) as c:
+        assert c.send(rd.associate_rq())
+        kind, _ = c.read_pdu()
+        assert kind == 0x02, "A-ASSOCIATE-AC"
+        assert c.send(struct.pack(">BBI", 0x04, 0, 1000))  # a P-DATA-TF of 1000 bytes...
+        c.sock.settimeout(0.3)
+        closed_after = None
+        for k in range(200):  # ...sent a byte at a time (bounded: 60 s)
+            try:
+                c.sock.sendall(b"\x00")
+                if c.sock.recv(1) == b"":
+                    closed_after = k
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                closed_after = k
+                break
+        assert closed_after is not None, "the node kept a trickling peer for 60 s"
+    # The slot is free again: the one association this host may hold is accepted.
+    wait_until(lambda: (a := _associate(port)).is_established and (a.release() or True), what="an association accepted after the trickling one")
+
+
+def test_presentation_contexts_are_checked_before_negotiation(tmp_path, start_node):
+    """PS3.8 9.3.2.2: every presentation context has an odd ID of its own (1-255), an
+    abstract syntax and at least one transfer syntax; a request that breaks this is
+    refused (A-ASSOCIATE-RJ rejected-permanent), the node goes on serving. A context
+    whose transfer syntaxes the node does not know is refused within an accepted
+    association (PS3.8 Table 9-18, result 4)."""
+    from tests import rawdicom as rd
+
+    node = folder_node(tmp_path, start_node)
+    port = node.settings.node.port
+    ct = rd.CT_IMAGE_STORAGE
+    bad = {
+        "one ID twice": [(1, ct, [rd.EXPLICIT_VR_LE]), (1, rd.VERIFICATION, [rd.IMPLICIT_VR_LE])],
+        "no transfer syntax": [(1, ct, [])],
+        "no abstract syntax": [(1, "", [rd.EXPLICIT_VR_LE])],
+    }
+    for what, contexts in bad.items():
+        with rd.Raw(port) as c:
+            assert c.send(rd.associate_rq(contexts=contexts))
+            reply = c.read_pdu()
+            assert reply is not None and reply[0] == 0x03, what
+            assert reply[1][1] == 0x01, f"{what}: rejected-permanent"
+    with rd.Raw(port) as c:
+        assert c.send(rd.associate_rq(contexts=[(1, ct, ["1.2.3.4.5.6", "1.2.3/../x"]), (3, ct, [rd.EXPLICIT_VR_LE])]))
+        kind, body = c.read_pdu()
+        assert kind == 0x02
+        results = {}
+        pos = 68  # after the fixed fields of the A-ASSOCIATE-AC (PS3.8 9.3.3)
+        while pos + 4 <= len(body):
+            item, length = body[pos], struct.unpack(">H", body[pos + 2 : pos + 4])[0]
+            if item == 0x21:
+                results[body[pos + 4]] = body[pos + 6]
+            pos += 4 + length
+        assert results == {1: 0x04, 3: 0x00}, results  # transfer syntaxes not supported; accepted
+        c.send(rd.RELEASE_RQ)
+    a = _associate(port)
+    assert a.is_established, "the node goes on serving"
+    a.release()
 
 
 def _big_object(folder: Path, mb: int) -> Path:
