@@ -182,8 +182,14 @@ def malformed_request(assoc) -> str:
     return ""
 
 
-def guard_dimse(assoc) -> None:
-    """Turn an exception while decoding a received DIMSE message into an abort.
+# The slowest rate at which a DIMSE message may go on arriving once its
+# ``message_timeout_s`` has passed (bytes per second, averaged from its first fragment).
+MIN_MESSAGE_RATE = 16 * 1024
+
+
+def guard_dimse(assoc, message_timeout_s: float | None = None, min_rate: int = MIN_MESSAGE_RATE) -> None:
+    """Turn an exception while decoding a received DIMSE message into an abort, and
+    abort a message that arrives too slowly.
 
     pynetdicom decodes P-DATA into DIMSE messages on the association's DUL thread, inside
     its state machine, where nothing catches an exception: a command set that pydicom
@@ -192,12 +198,33 @@ def guard_dimse(assoc) -> None:
     association then hangs until its idle timeout, skipping its close event. This wraps
     ``receive_primitive`` on this association's DIMSE provider: on an exception the
     association is aborted (Evt19, "invalid PDU", as pynetdicom does for a message it
-    cannot convert)."""
+    cannot convert).
+
+    The idle timer restarts with every PDU, so a peer that sends a small P-DATA just
+    inside ``network_timeout_s``, again and again, never finishing its C-STORE, would
+    hold the association for good. A message still incomplete ``message_timeout_s``
+    (``[node] dimse_timeout_s``) after its first fragment must have arrived at
+    ``min_rate`` bytes per second on average so far, else the association is aborted
+    (a 4 GiB object at 16 KiB/s takes three days; no modality's link is that slow)."""
     dimse = assoc.dimse
     original = dimse.receive_primitive
+    current = [0.0, 0]  # the message in progress: its first fragment (monotonic s), bytes so far
+
+    def too_slow(primitive) -> bool:
+        now = time.monotonic()
+        if dimse.message is None:  # the first fragment of a new message
+            current[0], current[1] = now, 0
+        current[1] += sum(len(pdv[1]) for pdv in primitive.presentation_data_value_list)
+        elapsed = now - current[0]
+        return elapsed > message_timeout_s and current[1] < min_rate * elapsed  # type: ignore[operator]
 
     def receive_primitive(primitive) -> None:
         try:
+            if message_timeout_s is not None and too_slow(primitive):
+                log.warning("association from %s: a DIMSE message arrived slower than %d bytes/s after dimse_timeout_s = %g s: aborted", _host(assoc), min_rate, message_timeout_s)
+                dimse.message = None
+                assoc.dul.event_queue.put("Evt19")
+                return
             original(primitive)
         except Exception as exc:
             log.warning("association from %s: malformed DIMSE message (%s): aborted", _host(assoc), type(exc).__name__)

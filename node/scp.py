@@ -724,7 +724,7 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     def on_open(event: evt.Event) -> None:
         tune_association(event.assoc, reactor_delay)
         guard_pdu_length(event.assoc, read_timeout_s=node.network_timeout_s)
-        guard_dimse(event.assoc)
+        guard_dimse(event.assoc, message_timeout_s=node.dimse_timeout_s)
         guard_state_machine(event.assoc)
         incoming.watch(event.assoc.dul)
 

@@ -336,6 +336,44 @@ def test_a_peer_trickling_a_pdu_is_closed_after_network_timeout(tmp_path, start_
     wait_until(lambda: (a := _associate(port)).is_established and (a.release() or True), what="an association accepted after the trickling one")
 
 
+def test_a_c_store_that_never_ends_is_aborted_after_dimse_timeout(tmp_path, start_node):
+    """Each P-DATA comes whole and inside network_timeout_s (2 s), so neither the idle
+    timer nor the PDU deadline ends this; the C-STORE's data set arrives at 32 bytes per
+    0.3 s (about 100 bytes/s), and the node aborts it once dimse_timeout_s (1 s) has
+    passed at that rate. Nothing is stored, nothing is left in spool/.incoming. Without
+    the bound the 40 KB data set would hold the association for seven minutes."""
+    from tests import rawdicom as rd
+
+    node = folder_node(tmp_path, start_node, network_timeout_s=2.0, dimse_timeout_s=1.0)
+    port = node.settings.node.port
+    ds = dcmread(make_study(tmp_path / "in", 1)[0])
+    pdus = rd.c_store_pdus(rd.c_store_command(str(ds.SOPClassUID), str(ds.SOPInstanceUID)), rd.encode(ds, implicit=False), fragment=32)
+    with rd.Raw(port, timeout=5.0) as c:
+        assert c.send(rd.associate_rq())
+        kind, _ = c.read_pdu()
+        assert kind == 0x02, "A-ASSOCIATE-AC"
+        c.sock.settimeout(0.3)
+        ended = None
+        for k, pdu in enumerate(pdus[:200]):  # bounded: 60 s
+            try:
+                c.sock.sendall(pdu)
+                reply = c.sock.recv(6)
+                if reply == b"" or reply[:1] == b"\x07":  # closed, or A-ABORT
+                    ended = k
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                ended = k
+                break
+        assert ended is not None and ended < len(pdus) - 1, "the node kept a C-STORE that never ends"
+    assert instances(node) == 0
+    incoming = node.settings.node.data_dir / "spool" / ".incoming"
+    wait_until(lambda: not any(incoming.iterdir()), timeout=10, what="the partial data set deleted")
+    # A normal sender right after, from the same host.
+    assert c_store(port, ds) == 0
+
+
 def test_presentation_contexts_are_checked_before_negotiation(tmp_path, start_node):
     """PS3.8 9.3.2.2: every presentation context has an odd ID of its own (1-255), an
     abstract syntax and at least one transfer syntax; a request that breaks this is
