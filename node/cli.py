@@ -531,7 +531,7 @@ def cmd_deid(args) -> int:
     if not args.out:
         raise UsageError("--out DIR is required (or --verify-only IN OUT)")
 
-    from node.deid import load_or_create_secret
+    from node.startup import read_secret_file
 
     deid_settings, secret_path, regions = _deid_settings(args)
     strict_uids = True
@@ -539,7 +539,7 @@ def cmd_deid(args) -> int:
         from node.config import load
 
         strict_uids = load(args.config).node.strict_uids
-    secret = load_or_create_secret(secret_path)
+    secret = read_secret_file(secret_path)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [str(f) for f in _files(args.paths)]

@@ -99,11 +99,12 @@ class Service:
     def open(cls, settings: Settings) -> Service:
         """For the CLI: the node's database, and its secret when it exists (none is made)."""
         from node.db import make_engine, make_sessionmaker
-        from node.deid import Pseudonymizer, load_or_create_secret
+        from node.deid import Pseudonymizer
+        from node.startup import read_secret_file
 
         engine = make_engine(settings.node.resolved_database_url)
         secret_path = settings.node.resolved_secret_path
-        pseudo = Pseudonymizer(load_or_create_secret(secret_path)) if secret_path.exists() else None
+        pseudo = Pseudonymizer(read_secret_file(secret_path)) if secret_path.exists() else None
         return cls(settings, make_sessionmaker(engine), pseudo)
 
     @property

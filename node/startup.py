@@ -53,8 +53,6 @@ def load_secret(node: NodeSettings) -> bytes:
         StartupError: the variable is unset or not hex of at least 16 bytes, or the
             file is readable by others or not hex.
     """
-    from node.deid import load_or_create_secret
-
     if node.secret_env:
         text = os.environ.get(node.secret_env, "").strip()
         if not text:
@@ -66,7 +64,19 @@ def load_secret(node: NodeSettings) -> bytes:
         if len(secret) < 16:
             raise StartupError(f"environment variable {node.secret_env} holds {len(secret)} bytes: the secret must be at least 16 bytes (32 hex digits)")
         return secret
-    path = node.resolved_secret_path
+    return read_secret_file(node.resolved_secret_path)
+
+
+def read_secret_file(path: Path) -> bytes:
+    """The pseudonym secret in ``path`` (made, mode 0600, when absent), for every command
+    that reads it (serve, deid, status, export).
+
+    Raises:
+        StartupError: the file is readable by group or others, or does not hold hex
+            digits; the message says what to do and quotes nothing from the file.
+    """
+    from node.deid import load_or_create_secret
+
     try:
         return load_or_create_secret(path)
     except PermissionError as exc:

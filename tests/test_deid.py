@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -214,6 +215,24 @@ def test_secret_file_is_created_0600_and_reused(tmp_path):
     p.chmod(0o644)
     with pytest.raises(PermissionError):
         load_or_create_secret(p)
+
+
+@pytest.mark.parametrize("content, mode, expected", [("00" * 32, 0o644, "chmod 600"), ("not hex", 0o600, "hex digits")])
+def test_cli_with_a_bad_secret_file_says_what_to_do_without_a_traceback(tmp_path, content, mode, expected):
+    """casemask deid and casemask status read the secret as serve does: a readable-by-others
+    or malformed file is one line on stderr and exit status 2, never a traceback."""
+    secret = tmp_path / "s.key"
+    secret.write_text(content)
+    secret.chmod(mode)
+    src = tmp_path / "in.dcm"
+    shutil.copy(PYDICOM_FILES / "CT_small.dcm", src)
+    r = subprocess.run([sys.executable, "-m", "node.cli", "deid", str(src), "--out", str(tmp_path / "out"), "--secret", str(secret)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nsecret_path = "{secret}"\n')
+    r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_modified_dates_keep_intervals():
