@@ -128,6 +128,8 @@ def test_wheel_in_fresh_venv_works_from_any_folder(cpu_image, tmp_path: Path) ->
 
     proc = _casemask(cpu_image, "engine", "evaluate", "--help", cwd=tmp_path)
     assert proc.returncode == 0 and "--seed" in proc.stdout, proc.stderr
+    assert "--rib-fit" not in _casemask(cpu_image, "engine", "train", "--help", cwd=tmp_path).stdout
+    assert venv.joinpath("bin", "casemask-research").exists(), "the research entry point is explicit, and separate"
 
 
 def test_fresh_install_got_no_cuda_build_of_torch(cpu_image) -> None:

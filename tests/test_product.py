@@ -150,3 +150,42 @@ def test_demo_removes_its_synthetic_files_unless_out(tmp_path: Path, start_node)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [p for p in kept.rglob("*.dcm")], "--out keeps the synthetic files"
     shutil.rmtree(kept)
+
+
+TRAIN_SWITCHES = ("--generator", "--rib-fit", "--privacy", "--disease-guide", "--width", "--ssim-weight")
+REFINE_SWITCHES = ("--identity-guide", "--disease-guide")
+
+
+def test_shipped_engine_cli_has_no_research_switch_and_casemask_research_has_each(capsys, tmp_path: Path) -> None:
+    from engine.research.cli import TOOLS
+    from engine.research.cli import main as research
+    from node.cli import build_parser
+
+    product = build_parser()
+    for argv, switches in ((["engine", "train", "--help"], TRAIN_SWITCHES), (["engine", "refine", "--help"], REFINE_SWITCHES)):
+        with pytest.raises(SystemExit):
+            product.parse_args(argv)
+        shown = capsys.readouterr().out
+        assert [s for s in switches if s in shown] == [], f"casemask {' '.join(argv[:2])} shows research switches"
+        with pytest.raises(SystemExit):
+            research(argv[1:])
+        shown = capsys.readouterr().out
+        assert [s for s in switches if s not in shown] == []
+    with pytest.raises(SystemExit) as exc:
+        product.parse_args(["engine", "train", "--out", str(tmp_path), "--rib-fit", "1"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        research(["--help"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in TOOLS)
+    with pytest.raises(SystemExit) as exc:
+        research(["sweep", "--help"])  # a tool parses its own arguments
+    assert exc.value.code == 0 and "--variants" in capsys.readouterr().out
+
+
+def test_every_research_switch_and_tool_is_documented() -> None:
+    from engine.research.cli import TOOLS
+
+    doc = (ROOT / "docs" / "engine-research.md").read_text()
+    missing = [s for s in (*TRAIN_SWITCHES, *REFINE_SWITCHES, *(f"casemask-research {t}" for t in TOOLS)) if s not in doc]
+    assert missing == [], f"docs/engine-research.md does not mention {missing}"
