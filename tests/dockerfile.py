@@ -8,6 +8,11 @@ with ``/bin/sh -c`` as the image would run it, with the image's absolute paths m
 under the stage's folder. ``python`` is a clean virtualenv of the interpreter running
 the tests, which must be the image's Python (``ARG PYTHON``).
 
+Debian packages are the one thing it does not install: a RUN of the form ``apt-get
+update && apt-get install ... PKG... && rm -rf /var/lib/apt/lists/*`` is checked instead,
+each PKG having to be installed on this machine (the Makefile's APT_PACKAGES), since
+this machine's Debian stands for the image's.
+
 What it cannot do it refuses loudly rather than skip: a RUN after USER (it runs as the
 caller), an absolute path in a RUN or ENV outside the mapped prefixes, an instruction it
 does not know.
@@ -127,6 +132,18 @@ def _copy(srcs: list[Path], dest: Path, dest_is_dir: bool, context: Path | None,
             shutil.copy2(src, target)
 
 
+_APT_HOUSEKEEPING = re.compile(r"^(apt-get update( -\S+)*|rm -rf /var/lib/apt/lists/\*)$")
+
+
+def _apt_packages(cmd: str) -> list[str] | None:
+    """The packages of an apt-get-only RUN, or None when the RUN does something else."""
+    parts = [p.strip() for p in cmd.split("&&")]
+    installs = [p for p in parts if p.startswith("apt-get install")]
+    if not installs or not all(p in installs or _APT_HOUSEKEEPING.match(p) for p in parts):
+        return None
+    return [w for p in installs for w in p.split()[2:] if not w.startswith("-")]
+
+
 def replay(dockerfile: Path, context: Path, work: Path, build_args: dict[str, str | None] | None = None, timeout_s: float = 900) -> Replay:
     """Replay ``dockerfile`` with ``context`` as build context, stages under ``work``.
 
@@ -196,6 +213,13 @@ def replay(dockerfile: Path, context: Path, work: Path, build_args: dict[str, st
         elif word == "RUN":
             if stage.user not in ("root", "0"):
                 raise ReplayError(f"{where}: RUN after USER {stage.user} cannot be replayed as that user")
+            packages = _apt_packages(rest)
+            if packages is not None:
+                missing = [p for p in packages if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode != 0]
+                if missing:
+                    raise ReplayError(f"{where}: Debian packages {missing} are not installed here (add them to the Makefile's APT_PACKAGES)")
+                runs.append((rest, 0))
+                continue
             cmd = _map_paths(rest, stage, where)
             proc = subprocess.run(["/bin/sh", "-c", cmd], cwd=_host(stage, stage.cwd), env=stage.env, capture_output=True, text=True, timeout=timeout_s)
             runs.append((rest, proc.returncode))
