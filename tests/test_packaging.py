@@ -95,8 +95,11 @@ def test_cpu_dockerfile_every_run_succeeds(cpu_image) -> None:
     assert (st.st_uid, st.st_mode & 0o777) == (10001, 0o700), "the data volume belongs to the node's user alone"
     assert "/var/lib/casemask" in cpu_image.volumes
     assert not cpu_image.path("/opt/casemask/dist").exists(), "the wheel is removed once installed"
+    assert any("load_model('builtin:reference'" in cmd for cmd, _ in cpu_image.runs), "the build runs the shipped graphs once"
     site = next(cpu_image.path("/opt/casemask/venv/lib").glob("python3*/site-packages"))
-    assert list((site / "engine" / "bundles" / "reference" / "onnx").glob("anonymize.*.onnx")), "ONNX graphs made at build"
+    graphs = site / "engine" / "bundles" / "reference" / "graphs"
+    assert {p.stem for p in graphs.glob("*.onnx")} >= {"encode", "identity", "generate", "classify", "domain"}, "the node's graphs ship in the wheel"
+    assert (site / "engine" / "bundles" / "reference" / "gates.pt").is_file(), "the gates' file ships in the wheel"
 
 
 def _casemask(image, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -132,15 +135,21 @@ def test_wheel_in_fresh_venv_works_from_any_folder(cpu_image, tmp_path: Path) ->
     assert venv.joinpath("bin", "casemask-research").exists(), "the research entry point is explicit, and separate"
 
 
-def test_fresh_install_got_no_cuda_build_of_torch(cpu_image) -> None:
-    """constraints.txt holds every pip install to the CPU build of torch."""
+def test_cpu_image_has_no_torch_and_no_cuda_package(cpu_image) -> None:
+    """The node runs on ONNX Runtime alone: the runtime image installs the wheel without
+    casemask[train], so neither PyTorch nor any CUDA package is in it."""
     venv = cpu_image.path("/opt/casemask/venv")
     proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     installed = {p["name"].lower(): p["version"] for p in json.loads(proc.stdout)}
     assert not any(name.startswith("nvidia-") for name in installed), sorted(installed)
-    if "torch" in installed:
-        assert installed["torch"].endswith("+cpu"), installed["torch"]
+    assert "torch" not in installed and "onnx" not in installed, sorted(installed)
+
+
+def test_constraints_admit_only_the_cpu_build_of_torch() -> None:
+    """constraints.txt holds every pip install of the Makefile and the tests to torch's CPU build."""
+    pins = [ln.strip() for ln in (ROOT / "constraints.txt").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert pins == ["torch==2.13.0+cpu"], pins
 
 
 def test_wheel_carries_every_config_data_file(cpu_image) -> None:
