@@ -21,7 +21,7 @@ from engine.cli import REFERENCE_REFINE_SWITCHES, REFERENCE_TRAIN_SWITCHES, add_
 TOOLS = {
     "sweep": ("engine.research.sweep", "several recipes trained side by side on one device within a time budget, judged by one pair of evaluators"),
     "autoencoder-trial": ("engine.research.autoencoder_trial", "a decoder design as a plain autoencoder: SSIM on unseen patients and the latent's read-out"),
-    "make-reference": ("engine.research.make_reference", "rebuild the reference bundle: training, four refinements, evaluation"),
+    "make-reference": ("engine.research.make_reference", "rebuild the reference bundle: training, four refinements, gates, evaluation"),
 }
 
 
