@@ -140,7 +140,7 @@ def test_demo_removes_its_synthetic_files_unless_out(tmp_path: Path, start_node)
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp)}
     casemask = str(Path(sys.executable).parent / "casemask")
-    args = [casemask, "demo", "--config", str(cfg), "--patients", "1", "--visits", "1", "--size", "64", "--timeout", "60"]
+    args = [casemask, "demo", "--running", "--config", str(cfg), "--patients", "1", "--visits", "1", "--size", "64", "--timeout", "60"]
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "processed 1" in proc.stdout
@@ -189,3 +189,44 @@ def test_every_research_switch_and_tool_is_documented() -> None:
     doc = (ROOT / "docs" / "engine-research.md").read_text()
     missing = [s for s in (*TRAIN_SWITCHES, *REFINE_SWITCHES, *(f"casemask-research {t}" for t in TOOLS)) if s not in doc]
     assert missing == [], f"docs/engine-research.md does not mention {missing}"
+
+
+def _readme_config_block() -> str:
+    section = README.split("## Configuration reference", 1)[1]
+    return section.split("```toml\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_readme_configuration_reference_names_every_key_with_its_default(tmp_path: Path) -> None:
+    """The README's reference is the code's: every key of every table in node/config.py
+    appears in it, it loads as it stands, and the values it gives as defaults are the
+    code's defaults."""
+    import tomllib
+
+    from node import config as c
+
+    block = _readme_config_block()
+    named = set(re.findall(r"(\w+)\s*=", block))
+    tables = (c.NodeSettings, c.RetentionSettings, c.Source, c.Destination, c.Route, c.DeidSettings, c.ModelSettings, c.HttpSettings, c.HttpTls, c.AuditSettings)
+    missing = {t.__name__: sorted(set(t.model_fields) - named) for t in tables if set(t.model_fields) - named}
+    assert missing == {}, f"README's configuration reference lacks {missing}"
+    known = set(c.Settings.model_fields) - {"source_file", "warnings"}
+    assert set(re.findall(r"^\[{1,2}(\w+)\]{1,2}", block, flags=re.M)) == known
+    raw = tomllib.loads(block)
+    c.parse(raw, "README", base_dir=tmp_path)  # raises ConfigError with every problem
+    for table, model in (("node", c.NodeSettings), ("retention", c.RetentionSettings), ("http", c.HttpSettings), ("audit", c.AuditSettings)):
+        for key, value in raw[table].items():
+            default = model.model_fields[key].default
+            if table == "node" and key == "host":
+                continue  # the line says what the built-in config writes instead
+            assert str(value) == str(default) or value == default, f"README [{table}] {key} = {value!r}, the code's default is {default!r}"
+    for key, value in raw["models"][0].items():
+        if key != "name":
+            assert value == c.ModelSettings.model_fields[key].default, f"README [[models]] {key} = {value!r}"
+
+
+def test_readme_links_and_make_targets_exist() -> None:
+    for link in re.findall(r"\]\(((?:docs/)?[\w.-]+\.md)\)", README):
+        assert (ROOT / link).is_file(), link
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+    for target in re.findall(r"`make ([\w-]+)", README):
+        assert target in targets, f"README names make {target}"
