@@ -1,7 +1,10 @@
 # casemask: `make serve` starts the node on the built-in config; `make test` runs the tests.
-# Both install what they need: Debian packages (dcmtk, orthanc, orthanc-dicomweb,
-# dicom3tools; chromium and chromium-driver for the dashboard's browser test) and a
-# virtualenv in .venv with the CPU build of PyTorch.
+# `make serve` makes the virtualenv .venv (Python packages only, with the CPU build of
+# PyTorch for the engine's training tools; the node itself needs no PyTorch); `make test`
+# also installs the Debian packages the tests talk to (APT_PACKAGES: dcmtk, orthanc,
+# chromium for the dashboard's browser test, ...) and a Triton server. `make install` puts
+# the built wheel into its own virtualenv (PREFIX); `make clean` removes build artefacts
+# and never data (var/).
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,13 +12,17 @@ TRITON_VENV := .venv-triton
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PREFIX ?= /opt/casemask
+# Every pip install below (and in the tests and Dockerfiles) obeys these pins: never a
+# CUDA build of torch.
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 # tesseract-ocr: the second OCR engine of the burned-in tests; libgl1/libglib2.0-0: OpenCV
 # (pulled in by rapidocr-onnxruntime); the fonts draw the tests' synthetic text.
 APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 fonts-dejavu-core fonts-liberation chromium chromium-driver
 
-.PHONY: serve test test-fast deps venv triton-venv bench bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin clean
+.PHONY: serve test test-fast deps venv triton-venv wheel install docker bench bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade --quiet pip
 	# torch first and pinned: an unpinned resolve pulls a CUDA build of several GB.
@@ -45,6 +52,19 @@ deps:
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+wheel: venv
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
+# The wheel in a virtualenv of its own: $(PREFIX)/bin/casemask works from any folder.
+install: wheel
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install --quiet dist/casemask-*.whl
+	@echo "installed: $(PREFIX)/bin/casemask"
+
+docker:
+	docker build -f docker/Dockerfile -t casemask .
 
 serve: venv
 	$(VENV)/bin/casemask serve $(if $(CONFIG),--config $(CONFIG))
@@ -78,5 +98,8 @@ bench-triton: venv triton-venv
 bench-burnedin: deps venv
 	$(PY) tests/bench/bench_burnedin.py
 
+# Build artefacts only. Never var/ (or any data_dir): it holds the pseudonym secret and
+# the database, and losing the secret changes every pseudonym from then on.
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) var .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache build dist *.egg-info
+	find node engine config tests -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.model import DisentanglementModel, ModelConfig
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "bundles"
+BUILTIN_DIR = Path(str(importlib.resources.files("engine") / "bundles"))  # unzipped by pip: a folder
 FORMAT = "casemask-bundle/1"
 # Only what inference needs is shipped: the heads and discriminator stay behind.
 INFERENCE_PREFIXES = ("encoder.", "generator.", "vae.", "prototypes")

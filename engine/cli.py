@@ -1,5 +1,10 @@
-"""``casemask engine ...``: synth, train, refine, fit-gates, evaluate, export, build, triton-repo."""
+"""``casemask engine ...``: synth, train, refine, fit-gates, evaluate, export, build, triton-repo.
 
+The shipped command trains with the reference recipe (docs/model-card.md). The switches
+that recipe fixes (generator, rib fit, privacy mode, guides, width, SSIM weight) are
+research settings: ``casemask-research`` (engine.research.cli) offers them on the same
+commands, beside the research tools (docs/engine-research.md).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +12,12 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+
+
+# What the reference recipe fixes and only ``casemask-research`` changes (TrainConfig /
+# RefineConfig fields); tests hold it to engine.research.make_reference.
+REFERENCE_TRAIN_SWITCHES = {"generator": "fourier", "rib_fit": 10.0, "privacy": "uniform", "disease_guide": 1.0, "width": 32, "ssim_weight": 10.0}
+REFERENCE_REFINE_SWITCHES = {"disease_guide": 1.0, "identity_guide": 0.0}
 
 
 def cmd_synth(args) -> int:
@@ -312,10 +323,14 @@ def cmd_triton_repo(args) -> int:
     return 0
 
 
-def add_engine_parser(sub) -> None:
+def add_engine_parser(sub, research: bool = False) -> None:
     ep = sub.add_parser("engine", help="the anonymization network: synth, train, refine, evaluate, export, build")
     esub = ep.add_subparsers(dest="engine_command", metavar="SUBCOMMAND", required=True)
+    add_engine_commands(esub, research)
 
+
+def add_engine_commands(esub, research: bool = False) -> None:
+    """The engine's subcommands; ``research`` adds the switches the reference recipe fixes."""
     defaults = argparse.ArgumentDefaultsHelpFormatter
     sp = esub.add_parser("synth", help="write synthetic patients as arrays or DICOM DX studies", formatter_class=defaults)
     sp.add_argument("--patients", type=int, default=10, help="number of patients")
@@ -326,33 +341,27 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--dicom", action="store_true", help="DICOM DX studies with synthetic PHI instead of arrays")
     sp.set_defaults(func=cmd_synth)
 
-    sp = esub.add_parser("train", help="train both stages (resumable) and write a bundle", formatter_class=defaults)
+    sp = esub.add_parser("train", help="train both stages with the reference recipe (resumable) and write a bundle", formatter_class=defaults)
     sp.add_argument("--out", required=True, metavar="DIR", help="checkpoints and history (resumes if present)")
     sp.add_argument("--bundle", metavar="DIR", help="where to write the bundle (default: OUT/bundle)")
     sp.add_argument("--data", default="synthetic", help="synthetic | hdf5:PATH | dicom:FOLDER,CSV")
     sp.add_argument("--size", type=int, default=64, help="image size (synthetic data)")
-    sp.add_argument("--patients", type=int, default=200, help="synthetic patients")
-    sp.add_argument("--visits", type=int, default=16, help="visits per synthetic patient")
+    sp.add_argument("--patients", type=int, default=1000, help="synthetic patients")
+    sp.add_argument("--visits", type=int, default=24, help="visits per synthetic patient")
     sp.add_argument("--val-visits", type=int, default=4, help="visits per patient kept for validation")
-    sp.add_argument("--epochs", type=int, default=40, help="stage 1 (disentanglement) epochs")
-    sp.add_argument("--vae-epochs", type=int, default=40, help="stage 2 (identity VAE) epochs")
-    sp.add_argument("--batch-size", type=int, default=16)
-    sp.add_argument("--seed", type=int, default=0, help="training is deterministic per seed")
-    sp.add_argument("--generator", default="conv", choices=("conv", "fourier"),
-                    help="conv: upsampling convolutions; fourier (the reference model's): latent-modulated, with quadratic-phase sinusoids")
-    sp.add_argument("--rib-fit", type=float, default=0.0, metavar="W",
-                    help="weight of a label-free loss that asks the latent for the ribs as a matched-filter fit reads them (0: off)")
-    sp.add_argument("--privacy", default="reverse", choices=("reverse", "uniform"),
-                    help="reverse: the encoder maximizes the privacy heads' error (gradient reversal); uniform: it makes their prediction uniform (bounded at chance)")
-    sp.add_argument("--disease-guide", type=float, default=0.0, metavar="W",
-                    help="weight of a loss asking generated images to show their disease to a classifier that learns from real images only (0: off)")
-    sp.add_argument("--width", type=int, default=24, help="channels of the first encoder layer (the network's width)")
-    sp.add_argument("--ssim-weight", type=float, default=5.0, metavar="W", help="weight of 1 - SSIM in the reconstruction loss, beside L1")
+    sp.add_argument("--epochs", type=int, default=8, help="stage 1 (disentanglement) epochs")
+    sp.add_argument("--vae-epochs", type=int, default=20, help="stage 2 (identity VAE) epochs")
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--seed", type=int, default=0, help="training is deterministic per seed (on the CPU)")
     sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     sp.add_argument("--intended-use", choices=("demonstration", "research"), help="what the bundle says it is fit for (default: demonstration on synthetic data, research on real data)")
     sp.add_argument("--no-gates", dest="gates", action="store_false", help="skip fitting the gates (the node refuses a bundle without them)")
-    sp.set_defaults(func=cmd_train)
+    if research:
+        from engine.research.cli import add_train_switches
+
+        add_train_switches(sp)
+    sp.set_defaults(func=cmd_train, **REFERENCE_TRAIN_SWITCHES)
 
     sp = esub.add_parser("refine", help="more steps for a trained bundle's generator alone (resumable), as a new bundle",
                          formatter_class=defaults)
@@ -365,14 +374,14 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--steps", type=int, default=2000, help="generator steps (cosine learning rate to 0 over them)")
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--lr", type=float, default=1e-3)
-    sp.add_argument("--disease-guide", type=float, default=1.0, metavar="W",
-                    help="weight of the loss asking reconstructions, anonymized images and counterfactuals to show their disease to a classifier of real images (0: off, not advised)")
     sp.add_argument("--guide-steps", type=int, default=300, help="steps the guide learns real images alone first")
     sp.add_argument("--swaps", type=int, default=8, help="anonymized and counterfactual images (each) per step")
     sp.add_argument("--swap-weight", type=float, default=0.0, metavar="W",
                     help="weight of swap consistency: the fixed encoder must read back the synthetic identity from anonymized images and the source's kept vectors (0: off)")
-    sp.add_argument("--identity-guide", type=float, default=0.0, metavar="W",
-                    help="weight of the re-identification guard: a classifier of the training patients must not find the source patient in anonymized images (0: off)")
+    if research:
+        from engine.research.cli import add_refine_switches
+
+        add_refine_switches(sp)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--monitor-every", type=int, default=250, metavar="N", help="steps between progress lines (and unseen-patient checks)")
     sp.add_argument("--monitor-seed", type=int, default=2000, help="seed of the unseen patients whose SSIM is logged (not the evaluation's 1000)")
@@ -381,7 +390,7 @@ def add_engine_parser(sub) -> None:
     sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     sp.add_argument("--no-gates", dest="gates", action="store_false", help="skip fitting the gates (the node refuses a bundle without them)")
-    sp.set_defaults(func=cmd_refine)
+    sp.set_defaults(func=cmd_refine, **REFERENCE_REFINE_SWITCHES)
 
     sp = esub.add_parser("evaluate", help="the paper's protocol with independent evaluator networks", formatter_class=defaults)
     sp.add_argument("--model", default="builtin:reference", metavar="NAME_OR_PATH", help="builtin:NAME or a bundle folder")

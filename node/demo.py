@@ -20,10 +20,9 @@ from pathlib import Path
 
 def cmd_demo(args) -> int:
     from node.config import load
+    from node.resources import config_file
 
-    from node.config import REPO_ROOT
-
-    settings = load(args.config or REPO_ROOT / "config" / "demo.toml")
+    settings = load(args.config or config_file("demo.toml"))
     node = None
     if not args.running:
         from node.app import Node
@@ -36,13 +35,17 @@ def cmd_demo(args) -> int:
             print(f"cannot listen on {settings.node.host}:{settings.node.port} ({exc.strerror}); is a node already running there? then add --running", file=sys.stderr)
             return 1
     try:
-        return _run(args, settings)
+        if args.out:
+            return _run(args, settings, Path(args.out))
+        with tempfile.TemporaryDirectory(prefix="casemask-demo-") as tmp:
+            return _run(args, settings, Path(tmp))
     finally:
         if node is not None:
             node.stop()
 
 
-def _run(args, settings) -> int:
+def _run(args, settings, folder: Path) -> int:
+    """Send the synthetic studies (written to ``folder``), wait for the node, report."""
     from pydicom import dcmread
     from sqlalchemy import select
 
@@ -53,9 +56,9 @@ def _run(args, settings) -> int:
     from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, Output, make_engine, make_sessionmaker
     from node.scu import DicomSender, Outcome, Work
 
-    folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="casemask-demo-"))
     files = write_dicom_studies(SyntheticPatients(args.patients, args.visits, args.size, args.seed), folder)
-    print(f"wrote {len(files)} synthetic chest studies to {folder}; e.g. patient {dcmread(files[0]).PatientName} ({dcmread(files[0]).PatientID}), synthetic")
+    kept = "" if args.out else " (removed when the demo ends; --out DIR keeps them)"
+    print(f"wrote {len(files)} synthetic chest studies to {folder}{kept}; e.g. patient {dcmread(files[0]).PatientName} ({dcmread(files[0]).PatientID}), synthetic")
     host = "127.0.0.1" if settings.node.host in ("0.0.0.0", "::") else settings.node.host
     dest = Destination(name="demo", kind="dicom", ae_title=settings.node.ae_title, host=host, port=settings.node.port)
     failures: list[str] = []
@@ -112,7 +115,7 @@ def add_demo_parser(sub) -> None:
     sp.add_argument("--visits", type=int, default=2)
     sp.add_argument("--size", type=int, default=256)
     sp.add_argument("--seed", type=int, default=2026)
-    sp.add_argument("--out", metavar="DIR", help="where to write the synthetic studies (default: a temporary folder)")
+    sp.add_argument("--out", metavar="DIR", help="keep the synthetic studies in DIR (default: a temporary folder, removed at the end)")
     sp.add_argument("--calling-ae", default="CASEMASK")
     sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait after the stability period")
     sp.set_defaults(func=cmd_demo)

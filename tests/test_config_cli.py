@@ -137,11 +137,12 @@ def test_a_demonstration_bundle_needs_the_route_to_allow_it(tmp_path):
 
 
 def test_the_built_in_config_anonymizes_headers_only_and_the_demo_config_turns_pixels_on():
-    from node.config import REPO_ROOT, load
+    from node.config import load
+    from node.resources import config_file
 
     builtin = load()
     assert all(r.pixels == "none" for r in builtin.routes)
-    demo = load(REPO_ROOT / "config" / "demo.toml")
+    demo = load(config_file("demo.toml"))
     chest = demo.route("chest")
     assert chest.pixels == "anonymize" and chest.allow_demonstration_model
 

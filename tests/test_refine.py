@@ -113,11 +113,11 @@ def test_swap_consistency_changes_what_the_generator_learns_and_nothing_else(tmp
         assert torch.equal(w, fresh[name]), name
 
 
-def _parser():
+def _parser(research: bool = False):
     from engine.cli import add_engine_parser
 
     parser = argparse.ArgumentParser(prog="casemask")
-    add_engine_parser(parser.add_subparsers(dest="command"))
+    add_engine_parser(parser.add_subparsers(dest="command"), research=research)
     return parser
 
 
@@ -175,7 +175,7 @@ def test_refine_cli_needs_data_for_a_bundle_not_trained_on_synthetic_patients(tm
 
 def test_reference_records_the_refinements_make_reference_runs():
     from engine import bundle
-    from engine.tools.make_reference import REFINE
+    from engine.research.make_reference import REFINE
 
     meta = json.loads((bundle.BUILTIN_DIR / "reference" / "model.json").read_text())
     assert len(meta["refinement"]) == len(REFINE)
@@ -185,7 +185,7 @@ def test_reference_records_the_refinements_make_reference_runs():
 
 def test_refine_cli_reaches_the_reference_refinements(tmp_path):
     from engine.cli import refine_config
-    from engine.tools.make_reference import REFINE
+    from engine.research.make_reference import REFINE
 
     readme = [
         ["--steps", "7500", "--guide-steps", "600", "--threads", "2"],
@@ -195,7 +195,7 @@ def test_refine_cli_reaches_the_reference_refinements(tmp_path):
         ["--patients", "12000", "--visits", "4", "--steps", "4000", "--lr", "3e-4", "--guide-steps", "600", "--swap-weight", "0.5", "--threads", "2"],
     ]
     for flags, (cfg, pop) in zip(readme, REFINE, strict=True):
-        args = _parser().parse_args(["engine", "refine", "--out", str(tmp_path), *flags])
+        args = _parser(research=True).parse_args(["engine", "refine", "--out", str(tmp_path), *flags])
         assert refine_config(args) == cfg
         assert (args.patients, args.visits) == (pop or (0, 0))
 
@@ -265,7 +265,7 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path):
 
 
 def test_make_reference_makes_a_population_shared_by_two_stages_once(monkeypatch):
-    from engine.tools import make_reference
+    from engine.research import make_reference
 
     calls = []
     real = make_reference.synthetic_split

@@ -127,11 +127,33 @@ def test_spin_false_lets_onnxruntime_workers_sleep_and_changes_no_output(bundle)
     assert np.array_equal(a, b)
 
 
-def test_auto_says_why_faster_backends_were_skipped():
+def test_auto_takes_the_fastest_available_and_says_why_it_skipped_the_others(monkeypatch):
+    import engine.runtime as runtime
+
+    def only(*available):
+        monkeypatch.setattr(runtime, "unavailable", lambda b: None if b in available else f"no {b} here")
+
+    only("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "torch")
+    assert choose("auto") == runtime.Choice("tensorrt", "fastest available")
+    only("torch-cuda", "onnxruntime", "torch")
     c = choose("auto")
-    if unavailable("tensorrt"):
-        assert "tensorrt" in c.why
-    assert c.backend in ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "torch")
+    assert c.backend == "torch-cuda" and c.why == "tensorrt: no tensorrt here; onnxruntime-cuda: no onnxruntime-cuda here"
+    only("onnxruntime", "torch")
+    assert choose("auto").backend == "onnxruntime"
+    only("torch")
+    c = choose("auto")
+    assert c.backend == "torch" and c.why.count("no ") == 4
+    only()
+    with pytest.raises(RunnerError, match="no backend is available"):
+        choose("auto")
+
+
+def test_auto_on_a_machine_without_a_gpu_is_onnxruntime_on_the_cpu():
+    if not unavailable("tensorrt") or not unavailable("onnxruntime-cuda") or torch.cuda.is_available():
+        pytest.skip("this machine has a GPU backend; auto rightly prefers it")
+    c = choose("auto")
+    assert c.backend == "onnxruntime"
+    assert all(f"{b}:" in c.why for b in ("tensorrt", "onnxruntime-cuda", "torch-cuda"))
 
 
 def test_asking_for_a_missing_backend_is_a_clear_error():

@@ -25,7 +25,7 @@ def _copy_source(dest: Path) -> Path:
     skip = shutil.ignore_patterns("__pycache__", "onnx", "plans", "*.pyc")
     for d in ("node", "engine", "config"):
         shutil.copytree(ROOT / d, dest / d, ignore=skip)
-    for f in ("pyproject.toml", "README.md"):
+    for f in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(ROOT / f, dest / f)
     return dest
 
@@ -39,10 +39,9 @@ def test_node_anonymizes_and_gates_pixels_in_a_virtualenv_without_torch(tmp_path
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    # The same indexes as `make venv` (pip's configuration); no [train]: no torch. Editable,
-    # because the header profile (config/annex_e.json) is read beside the sources, not
-    # packaged into a wheel.
-    r = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "-e", str(src)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    # The same indexes as `make venv` (pip's configuration); no [train]: no torch. A regular
+    # (wheel) install: the configuration data ships as the package casemask_config.
+    r = subprocess.run([str(py), "-m", "pip", "install", "--quiet", str(src)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     for absent in ("torch", "onnx"):
         r = subprocess.run([str(py), "-c", f"import {absent}"], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)

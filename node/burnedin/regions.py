@@ -25,10 +25,11 @@ from pathlib import Path
 
 from pydantic import StrictInt, field_validator
 
-from node.config import REPO_ROOT, ConfigError, _Table, _validate, hint, read_toml
+from node.config import ConfigError, _Table, _validate, hint, read_toml
+from node.resources import config_file
 from node.wire import peek_float, peek_str, peek_strs
 
-DEFAULT_RULES = REPO_ROOT / "config" / "burned_in_regions.toml"
+DEFAULT_RULES = config_file("burned_in_regions.toml")
 
 Box = tuple[int, int, int, int]  # top, left, bottom, right (exclusive)
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from pydicom.datadict import tag_for_keyword
 
-ANNEX_E_FILE = Path(__file__).resolve().parents[2] / "config" / "annex_e.json"
+from node.resources import config_file
+
+ANNEX_E_FILE = config_file("annex_e.json")
 
 # Option name -> (CID 7050 code value, code meaning)
 OPTIONS: dict[str, tuple[str, str]] = {

@@ -1,6 +1,6 @@
 """Rebuild the shipped reference bundle (engine/bundles/reference) from scratch.
 
-    python -m engine.tools.make_reference [--out engine/bundles/reference] [--run runs/ref] [--device cuda]
+    casemask-research make-reference [--out engine/bundles/reference] [--run runs/ref] [--device cuda]
 
 One training, ``train(REFERENCE)``, on 1000 synthetic patients x (24 training + 4
 validation) visits at 64x64 (seed 0): the fourier generator at width 32, the label-free
@@ -136,8 +136,8 @@ def evaluate_reference(b: bundle.Bundle, out: Path) -> dict:
     return report
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="casemask-research make-reference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(bundle.BUILTIN_DIR / "reference"))
     ap.add_argument("--run", default="runs/ref", help="checkpoint folder (resumed if present; the refinement's in RUN/refine)")
     ap.add_argument("--eval-out", default="runs/ref-eval")
@@ -146,7 +146,7 @@ def main() -> int:
         help="training device (default: cuda when present). On 2 CPU cores a step of this "
         "recipe took 4.5 s, so the 3000 steps take nearly 4 hours.",
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout)
     cfg = dataclasses.replace(REFERENCE, device=args.device)
     data = synthetic_split(cfg, workers=2)

@@ -1,6 +1,6 @@
 """Train the encoder and a generator as a plain autoencoder and say what they learnt.
 
-    python -m engine.tools.autoencoder_trial --generator fourier --epochs 12 [--threads 1]
+    casemask-research autoencoder-trial --generator fourier --epochs 12 [--threads 1]
 
 A quick trial of a decoder design before the two-stage training: L1 + SSIM
 reconstruction only (the reference model's weights), on the reference model's training

@@ -1,9 +1,9 @@
 """Train several recipes side by side on one device within a time budget; judge them alike.
 
-    python -m engine.tools.sweep --variants VARIANTS.json --out runs/sweep --budget 540 [--device cuda]
+    casemask-research sweep --variants VARIANTS.json --out runs/sweep --budget 540 [--device cuda]
 
 VARIANTS.json maps a name to TrainConfig fields, each laid over the reference recipe
-(``engine.tools.make_reference.REFERENCE``), for example::
+(``engine.research.make_reference.REFERENCE``), for example::
 
     {"p1000": {"patients": 1000, "visits": 24},
      "p1000w32": {"patients": 1000, "visits": 24, "width": 32, "ssim_weight": 10}}
@@ -47,7 +47,7 @@ from engine.train import Dataset, TrainConfig, synthetic_split
 
 def recipe(fields: dict, device: str) -> TrainConfig:
     """The reference recipe with ``fields`` laid over it (unknown fields are an error)."""
-    from engine.tools.make_reference import REFERENCE
+    from engine.research.make_reference import REFERENCE
 
     if "device" in fields:
         raise ValueError("a variant does not choose its device: every variant runs on --device")
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         (out / name / "ready").unlink(missing_ok=True)
         (out / name / "spec.json").write_text(json.dumps({**spec, "config": dataclasses.asdict(cfg)}))
         log = open(out / f"{name}.log", "w")
-        procs[name] = subprocess.Popen([sys.executable, "-m", "engine.tools.sweep", "--child", str(out / name)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        procs[name] = subprocess.Popen([sys.executable, "-m", "engine.research.sweep", "--child", str(out / name)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     def waiting() -> int:  # variants neither ready nor ended
         return sum(p.poll() is None and not (out / n / "ready").exists() for n, p in procs.items())
 
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _reference_eval() -> EvalConfig:
-    from engine.tools.make_reference import REFERENCE_EVAL
+    from engine.research.make_reference import REFERENCE_EVAL
 
     return REFERENCE_EVAL
 
@@ -241,7 +241,7 @@ def child(folder: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.tools.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="casemask-research sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", metavar="JSON", help="file: name -> TrainConfig fields over the reference recipe")
     ap.add_argument("--out", metavar="DIR", help="populations, runs, bundles and reports")
     ap.add_argument("--budget", type=float, default=540.0, metavar="S", help="seconds for everything, from the start (default 540)")
