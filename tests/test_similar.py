@@ -1,0 +1,242 @@
+"""The index of similar cases end to end: synthetic patients sent through a node with
+``index = true``, queries of held-out visits through ``casemask similar``, the panel, and
+a re-index after the model changes."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+
+from node.db import IndexEntry, Output
+from tests.conftest import ROOT, STORESCU, dcmtk_env, needs_dcmtk, needs_dicomweb, needs_orthanc, node_config, wait_until, write_toml
+
+pytestmark = pytest.mark.slow
+
+PATIENTS, VISITS = 10, 4  # the last visit of each patient is held out as a query
+
+
+def synthetic_visits(folder: Path) -> tuple[list[Path], list[Path], dict[str, int]]:
+    """(files to send, held-out files, true label per file name) of synthetic DX patients."""
+    from engine.data import SyntheticPatients
+    from engine.data.dicom import write_dicom_studies
+
+    files = write_dicom_studies(SyntheticPatients(PATIENTS, VISITS, 64, seed=3131), folder)
+    labels = {row["file"]: int(row["label"]) for row in csv.DictReader((folder / "labels.csv").open())}
+    held = [f for f in files if f.name.endswith(f"_v{VISITS - 1:02d}.dcm")]
+    return [f for f in files if f not in held], held, labels
+
+
+def casemask(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def snapshot(data_dir: Path) -> dict[str, str]:
+    """Every file under the node's data folder with the SHA-256 of its content, the
+    database excepted (:func:`db_rows` reads it: opening and closing its file here would
+    drop this process's SQLite locks on it)."""
+    return {str(p.relative_to(data_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(data_dir.rglob("*")) if p.is_file() and not p.name.startswith("casemask.db")}
+
+
+def written_from(folder: Path, secrets: list[bytes]) -> list[str]:
+    """Files under ``folder`` holding any of ``secrets`` (UIDs, a run of pixel bytes)."""
+    return [str(p) for p in folder.rglob("*") if p.is_file() and any(s in p.read_bytes() for s in secrets)]
+
+
+def db_rows(node) -> dict[str, list[tuple]]:
+    """Every row of every table of the node's database."""
+    from node.db import Base
+
+    with node.sessions() as s:
+        return {t.name: [tuple(r) for r in s.execute(select(t))] for t in Base.metadata.sorted_tables}
+
+
+def swapped_bundle(tmp_path: Path) -> Path:
+    """A copy of the reference bundle whose encoder weights were moved a little: another
+    model (another weights digest, other medical vectors)."""
+    import torch
+
+    from engine import bundle as bundles
+
+    src = bundles.resolve("builtin:reference")
+    dst = tmp_path / "reference-v2"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("onnx", "plans"))
+    state = torch.load(dst / "weights.pt", weights_only=True)
+    g = torch.Generator().manual_seed(5)
+    w = state["encoder.fc.2.weight"]
+    state["encoder.fc.2.weight"] = w + 0.2 * w.std() * torch.randn(w.shape, generator=g)
+    torch.save(state, dst / "weights.pt")
+    return dst
+
+
+@needs_dcmtk
+@needs_orthanc
+@needs_dicomweb
+def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dicomweb, start_node):
+    from engine import load_model
+    from node.index import describe, model_input
+
+    web = {"name": "archive", "kind": "dicomweb", "url": f"http://127.0.0.1:{orthanc_dicomweb.http_port}/dicom-web"}
+    folder = {"name": "copy", "kind": "folder", "path": str(tmp_path / "copy")}
+    raw = node_config(tmp_path, [web, folder])
+    raw["routes"] = [{"name": "chest", "match": {"Modality": ["DX", "CR"]}, "deid": {"profile": "basic"}, "pixels": "anonymize",
+                      "counterfactuals": True, "model": "reference", "index": True, "destinations": ["archive", "copy"]}]
+    raw["models"] = [{"name": "reference", "path": "builtin:reference", "backend": "onnxruntime"}]
+    config = write_toml(raw, tmp_path / "casemask.toml")
+    node = start_node(raw)
+    sent, held, labels = synthetic_visits(tmp_path / "dx")
+    r = subprocess.run([STORESCU, "-aec", "CASEMASK", "-aet", "STORESCU", "127.0.0.1", str(node.settings.node.port), *map(str, sent)],
+                       env=dcmtk_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # anonymized + counterfactual of each object at the DICOMweb archive and in the folder
+    wait_until(lambda: len(orthanc_dicomweb.instances()) >= 2 * len(sent), timeout=300, what="every output at Orthanc")
+    wait_until(lambda: len(list((tmp_path / "copy").rglob("*.dcm"))) >= 2 * len(sent), timeout=60, what="every output in the folder")
+    node.stop()
+
+    # -- the index: one entry per anonymized output, of the anonymized image, pseudonymous --
+    model = load_model("builtin:reference", backend="onnxruntime")
+    with node.sessions() as s:
+        entries = list(s.scalars(select(IndexEntry)))
+        outputs = {o.id: o for o in s.scalars(select(Output))}
+    assert len(entries) == len(sent)
+    originals = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in sent}
+    study_uids = {str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in sent}
+    for e in entries:
+        out = outputs[e.output_id]
+        assert out.kind == "anonymized" and e.sop_uid == out.sop_instance_uid
+        assert e.sop_uid not in originals and e.study_uid not in study_uids
+        assert e.weights == model.bundle.weights_digest() and json.loads(e.destinations) == ["archive", "copy"]
+        stored = np.frombuffer(e.medical, np.float32)
+        assert stored.shape == (model.bundle.config.med_dim,)  # the medical vector, not identity (id_dim 32)
+        copy = dcmread(tmp_path / "copy" / e.study_uid / e.series_uid / f"{e.sop_uid}.dcm")
+        med, probs = describe(model, model_input(copy, model.image_size))
+        np.testing.assert_allclose(stored, med[0], rtol=1e-4, atol=1e-4)  # of the anonymized image as delivered
+        np.testing.assert_allclose(np.frombuffer(e.probabilities, np.float32), probs[0], atol=1e-5)
+    # ... and not of the original images
+    orig_med, _ = describe(model, np.concatenate([model_input(dcmread(f), model.image_size) for f in sent]))
+    index_med = np.stack([np.frombuffer(e.medical, np.float32) for e in entries])
+    assert np.abs(index_med[:, None] - orig_med[None]).max(-1).min() > 1e-3
+
+    # -- queries through the CLI: nothing of them stored, logged or indexed --
+    before_files, before_rows = snapshot(node.settings.node.data_dir), db_rows(node)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    hits = contrast_ok = agree = 0
+    secrets: list[bytes] = []
+    for f in held:
+        q = dcmread(f)
+        secrets += [str(q.SOPInstanceUID).encode(), str(q.StudyInstanceUID).encode(), q.PixelData[1000:1064]]
+        r = casemask("-vv", "similar", str(f), "--config", str(config), "--json", "--contrast", "--k", "5", env=env)
+        assert r.returncode == 0, r.stderr
+        answer = json.loads(r.stdout)
+        for secret in (str(q.SOPInstanceUID), str(q.StudyInstanceUID), str(q.SeriesInstanceUID), str(q.PatientID), str(q.PatientName)):
+            assert secret not in r.stdout and secret not in r.stderr
+        truth = labels[f.name]
+        classes = model.classes
+        agree += answer["query"]["label"] == classes[truth]
+        assert len(answer["similar"]) == 5 and answer["index"]["cases"] == len(sent)
+        hits += sum(c["label"] == classes[truth] for c in answer["similar"])
+        contrast_ok += all(c["label"] != answer["query"]["label"] for c in answer["contrasting"])
+        known = {e.sop_uid: e for e in entries}
+        for c in answer["similar"] + answer["contrasting"]:
+            e = known[c["sop_uid"]]  # an indexed case, by its pseudonymous UIDs
+            assert (c["study_uid"], c["series_uid"]) == (e.study_uid, e.series_uid)
+            assert [d["destination"] for d in c["fetch"]] == ["archive", "copy"]
+            assert all(d["state"] == "SENT" for d in c["fetch"])
+        sims = [c["similarity"] for c in answer["similar"]]
+        assert sims == sorted(sims, reverse=True)
+    assert agree >= len(held) - 2, f"the model named the true label of {agree} of {len(held)} queries"
+    precision = hits / (5 * len(held))
+    assert precision >= 0.7, f"label precision@5 {precision:.2f}"
+    assert contrast_ok == len(held)
+    assert snapshot(node.settings.node.data_dir) == before_files
+    assert db_rows(node) == before_rows
+    assert not written_from(scratch, secrets)  # (ONNX Runtime leaves a session id file there)
+
+    # -- where to fetch: the WADO-RS URL gives the case back from the archive --
+    url = answer["similar"][0]["fetch"][0]["wado_rs"]
+    req = urllib.request.Request(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
+    with urllib.request.urlopen(req, timeout=30) as rsp:
+        body = rsp.read()
+    assert answer["similar"][0]["sop_uid"].encode() in body
+
+    # -- the panel --
+    png = tmp_path / "panel.png"
+    r = casemask("similar", str(held[0]), "--config", str(config), "--contrast", "--png", str(png), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "similar cases:" in r.stdout and "contrasting cases" in r.stdout and "/instances/" in r.stdout
+    from PIL import Image
+
+    img = Image.open(png)
+    assert img.width >= 6 * 64 * 3 and img.height >= 2 * 64 * 3
+    tiles = np.asarray(img.convert("L"))
+    assert tiles.std() > 20  # images, not a blank panel
+    assert snapshot(node.settings.node.data_dir) == before_files and not written_from(scratch, secrets)
+    (ROOT / "build" / "test-artifacts").mkdir(parents=True, exist_ok=True)
+    shutil.copy(png, ROOT / "build" / "test-artifacts" / "similar-panel.png")  # for a person to look at
+
+    # -- a model change: stale entries are not searched until the index is rebuilt --
+    raw["models"][0]["path"] = str(swapped_bundle(tmp_path))
+    write_toml(raw, config)
+    r = casemask("similar", str(held[0]), "--config", str(config), "--json")
+    assert r.returncode == 0, r.stderr
+    stale = json.loads(r.stdout)
+    assert stale["index"]["cases"] == 0 and stale["index"]["other_weights"] == len(sent) and stale["similar"] == []
+    # retention deleted some outbox files: those come back from the folder copy; one is gone everywhere
+    anon_outputs = sorted((o for o in outputs.values() if o.kind == "anonymized"), key=lambda o: o.id)
+    for o in anon_outputs[:4]:
+        Path(o.path).unlink()
+    lost = anon_outputs[0]
+    lost_entry = next(e for e in entries if e.output_id == lost.id)
+    (tmp_path / "copy" / lost_entry.study_uid / lost_entry.series_uid / f"{lost.sop_instance_uid}.dcm").unlink()
+    r = casemask("index", "rebuild", "--config", str(config))
+    assert r.returncode == 0, r.stderr
+    assert f"{len(sent) - 4} re-indexed from the outbox, 3 from a folder destination, 1 gone" in r.stdout
+    assert f"{len(sent)} stale entries removed" in r.stdout
+    new = load_model(raw["models"][0]["path"], backend="onnxruntime")
+    with node.sessions() as s:
+        rebuilt = list(s.scalars(select(IndexEntry)))
+    assert len(rebuilt) == len(sent) - 1 and {e.weights for e in rebuilt} == {new.bundle.weights_digest()}
+    assert lost.id not in {e.output_id for e in rebuilt}
+    e = rebuilt[-1]
+    copy = dcmread(tmp_path / "copy" / e.study_uid / e.series_uid / f"{e.sop_uid}.dcm")
+    np.testing.assert_allclose(np.frombuffer(e.medical, np.float32), describe(new, model_input(copy, new.image_size))[0][0], rtol=1e-4, atol=1e-4)
+    r = casemask("similar", str(held[0]), "--config", str(config), "--json")
+    assert r.returncode == 0, r.stderr
+    after = json.loads(r.stdout)
+    assert after["index"]["cases"] == len(sent) - 1 and after["index"]["other_weights"] == 0 and len(after["similar"]) == 5
+    r = casemask("index", "rebuild", "--config", str(config))
+    assert f"{len(sent) - 1} current" in r.stdout  # nothing to do twice
+
+
+def test_index_needs_an_anonymizing_route(tmp_path):
+    from node.config import ConfigError, parse
+
+    raw = node_config(tmp_path, [{"name": "copy", "kind": "folder", "path": str(tmp_path / "c")}])
+    raw["routes"][0]["index"] = True
+    with pytest.raises(ConfigError, match="index = true needs pixels"):
+        parse(raw, "test", base_dir=tmp_path)
+
+
+def test_similar_refuses_what_is_not_a_dicom_image_without_echoing_it(tmp_path):
+    raw = node_config(tmp_path, [{"name": "copy", "kind": "folder", "path": str(tmp_path / "c")}])
+    raw["routes"][0].update(pixels="anonymize", index=True)
+    config = write_toml(raw, tmp_path / "casemask.toml")
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not DICOM: MRN-0000123")
+    r = casemask("similar", str(junk), "--config", str(config))
+    assert r.returncode == 1 and "not a DICOM file" in r.stderr and "MRN" not in r.stderr
+    assert not list((tmp_path / "var").rglob("*.dcm"))
