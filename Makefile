@@ -13,7 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (pulled in by rapidocr-onnxruntime); the fonts draw the tests' synthetic text.
 APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 fonts-dejavu-core fonts-liberation chromium chromium-driver
 
-.PHONY: serve test test-fast deps venv triton-venv bench bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin clean
+.PHONY: serve test test-fast deps venv triton-venv bench bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,7 +55,7 @@ test: deps venv triton-venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
-bench: bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin
+bench: bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar
 
 bench-ingest: deps venv
 	$(PY) tests/bench/bench_ingest.py
@@ -74,6 +74,12 @@ bench-triton: venv triton-venv
 
 bench-burnedin: deps venv
 	$(PY) tests/bench/bench_burnedin.py
+
+bench-similar: venv
+	# the searches compared (not dependencies of casemask): usearch, sqlite-vec, and apsw,
+	# whose SQLite can load extensions where the interpreter's sqlite3 cannot
+	$(PIP) install --quiet "usearch>=2.16,<3" "sqlite-vec>=0.1.6,<0.2" "apsw>=3.46"
+	$(PY) tests/bench/bench_similar.py --db build/bench/index.db
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) var .pytest_cache build *.egg-info
