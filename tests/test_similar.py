@@ -63,6 +63,16 @@ def db_rows(node) -> dict[str, list[tuple]]:
         return {t.name: [tuple(r) for r in s.execute(select(t))] for t in Base.metadata.sorted_tables}
 
 
+def allow_demonstration(raw: dict) -> None:
+    """The reference bundle is a demonstration model: where routes must say they accept
+    one (the gates' ``allow_demonstration_model``), say it."""
+    from node.config import Route
+
+    if "allow_demonstration_model" in Route.model_fields:
+        for r in raw["routes"]:
+            r["allow_demonstration_model"] = True
+
+
 def swapped_bundle(tmp_path: Path) -> Path:
     """A copy of the reference bundle whose encoder weights were moved a little: another
     model (another weights digest, other medical vectors)."""
@@ -94,6 +104,7 @@ def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dic
     raw["routes"] = [{"name": "chest", "match": {"Modality": ["DX", "CR"]}, "deid": {"profile": "basic"}, "pixels": "anonymize",
                       "counterfactuals": True, "model": "reference", "index": True, "destinations": ["archive", "copy"]}]
     raw["models"] = [{"name": "reference", "path": "builtin:reference", "backend": "onnxruntime"}]
+    allow_demonstration(raw)
     config = write_toml(raw, tmp_path / "casemask.toml")
     node = start_node(raw)
     sent, held, labels = synthetic_visits(tmp_path / "dx")
@@ -234,6 +245,7 @@ def test_index_needs_an_anonymizing_route(tmp_path):
 def test_similar_refuses_what_is_not_a_dicom_image_without_echoing_it(tmp_path):
     raw = node_config(tmp_path, [{"name": "copy", "kind": "folder", "path": str(tmp_path / "c")}])
     raw["routes"][0].update(pixels="anonymize", index=True)
+    allow_demonstration(raw)
     config = write_toml(raw, tmp_path / "casemask.toml")
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not DICOM: MRN-0000123")
