@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,20 +115,24 @@ class SimilarService:
         Raises:
             QueryError: not DICOM, or pixels the model cannot take.
         """
-        if isinstance(data, Dataset):
-            ds = data
-        else:
+        # pydicom's warnings about odd values quote the values: none of the query's may
+        # reach a terminal or a log
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if isinstance(data, Dataset):
+                ds = data
+            else:
+                try:
+                    ds = dcmread(io.BytesIO(data))
+                except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad input
+                    raise QueryError(f"the query is not a DICOM file pydicom can read ({type(exc).__name__})") from None
+            if "PixelData" not in ds:
+                raise QueryError("the query has no pixel data")
             try:
-                ds = dcmread(io.BytesIO(data))
-            except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad input
-                raise QueryError(f"the query is not a DICOM file pydicom can read ({type(exc).__name__})") from None
-        if "PixelData" not in ds:
-            raise QueryError("the query has no pixel data")
-        try:
-            check_modality(ds, model)
-            x = model_input(ds, model.image_size)
-        except PixelError as exc:
-            raise QueryError(f"the query cannot go through the model: {exc}") from None
+                check_modality(ds, model)
+                x = model_input(ds, model.image_size)
+            except PixelError as exc:
+                raise QueryError(f"the query cannot go through the model: {exc}") from None
         medical, probs = describe(model, x[:1])
         return Query(image=x[0, 0], medical=medical[0], probabilities=probs[0], frames=len(x))
 

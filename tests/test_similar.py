@@ -252,3 +252,41 @@ def test_similar_refuses_what_is_not_a_dicom_image_without_echoing_it(tmp_path):
     r = casemask("similar", str(junk), "--config", str(config))
     assert r.returncode == 1 and "not a DICOM file" in r.stderr and "MRN" not in r.stderr
     assert not list((tmp_path / "var").rglob("*.dcm"))
+
+
+class _EncoderDown:
+    """The route's model with its encoder failing (fault injection for the index hook)."""
+
+    def __init__(self, model) -> None:
+        self.bundle, self.image_size = model.bundle, model.image_size
+
+    def encode(self, x):
+        raise RuntimeError("encoder unavailable")
+
+
+def test_an_index_failure_never_holds_an_output_back(tmp_path, start_node):
+    from engine.data import SyntheticPatients
+    from engine.data.dicom import write_dicom_studies
+    from node.db import Delivery, DeliveryState, Job, JobState
+    from node.index import Indexer
+    from tests.conftest import receive
+
+    folder = {"name": "copy", "kind": "folder", "path": str(tmp_path / "copy")}
+    raw = node_config(tmp_path, [folder])
+    raw["routes"][0].update(match={"Modality": ["DX"]}, pixels="anonymize", index=True)
+    raw["models"] = [{"name": "reference", "path": "builtin:reference", "backend": "onnxruntime"}]
+    allow_demonstration(raw)
+    node = start_node(raw, listen=False, schedule=False)
+    node.pipeline.indexer = Indexer(lambda name: _EncoderDown(node.pixel_step.models[name]))
+    for f in write_dicom_studies(SyntheticPatients(2, 1, 64, seed=77), tmp_path / "dx"):
+        receive(node, dcmread(f))
+    node.tick(stable_after_s=0)
+    with node.sessions() as s:
+        jobs = list(s.scalars(select(Job)))
+        states = set(s.scalars(select(Delivery.state)))
+        assert s.scalar(select(IndexEntry.id).limit(1)) is None
+    assert jobs and all(j.state == JobState.DONE for j in jobs) and states == {DeliveryState.SENT}
+    for j in jobs:
+        note = json.loads(j.record)["index"]
+        assert note["indexed"] == 0 and "encoder unavailable" in note["reason"] and "index rebuild" in note["reason"]
+    assert len(list((tmp_path / "copy").rglob("*.dcm"))) == 2
