@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -17,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from node.db import IndexEntry, Output
 from tests.conftest import ROOT, STORESCU, dcmtk_env, needs_dcmtk, needs_dicomweb, needs_orthanc, node_config, wait_until, write_toml
+from tests.httpnode import http_nodes  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +96,65 @@ def swapped_bundle(tmp_path: Path) -> Path:
 @needs_dcmtk
 @needs_orthanc
 @needs_dicomweb
-def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dicomweb, start_node):
+def judged(node, sent: int) -> int | None:
+    """The number of objects whose job is DONE with every delivery SENT, once each of the
+    ``sent`` objects has a finished job (DONE or QUARANTINED by a gate); None before."""
+    from node.db import Delivery, DeliveryState, Job, JobState
+
+    with node.sessions() as s:
+        states = list(s.scalars(select(Job.state)))
+        pending = s.scalar(select(func.count()).select_from(Delivery).where(Delivery.state != DeliveryState.SENT))
+    if len(states) < sent or pending or any(st not in (JobState.DONE, JobState.QUARANTINED) for st in states):
+        return None
+    return sum(st == JobState.DONE for st in states) or None
+
+
+def query_secrets(f: Path) -> tuple[list[str], list[str], bytes]:
+    """What of a query must never be kept or shown: its own UIDs, its patient's name and
+    ID (shared with the patient's indexed visits), and a run of its pixel bytes."""
+    q = dcmread(f)
+    return ([str(q.SOPInstanceUID), str(q.StudyInstanceUID), str(q.SeriesInstanceUID)], [str(q.PatientID), str(q.PatientName)],
+            q.PixelData[1000:1064])
+
+
+def api_queries(node, held: list[Path], caplog) -> dict[str, dict]:
+    """``POST /api/v1/similar`` of each held-out visit against the running node (viewer
+    token, raw DICOM body); checks that nothing of a query is stored, logged or answered."""
+    import httpx
+
+    from node import accounts
+
+    with node.sessions() as s:
+        token = accounts.create_token(s, "similar-viewer", "viewer")
+        s.commit()
+    data_dir = node.settings.node.data_dir
+    files_before = snapshot(data_dir)
+    with node.sessions() as s:
+        entries_before = s.scalar(select(func.count()).select_from(IndexEntry))
+    answers = {}
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG), httpx.Client(base_url=f"http://127.0.0.1:{node.settings.http.port}",
+                                                      headers={"Authorization": f"Bearer {token}"}, timeout=120) as client:
+        for f in held:
+            r = client.post("/api/v1/similar", params={"k": 5, "contrast": "true"}, content=f.read_bytes(), headers={"Content-Type": "application/dicom"})
+            assert r.status_code == 200, r.text
+            uids, names, _ = query_secrets(f)
+            assert not [v for v in uids + names if v in r.text]
+            answers[f.name] = r.json()
+    uids = [u for f in held for u in query_secrets(f)[0]]
+    names = [n for f in held for n in query_secrets(f)[1]]
+    pixels = [query_secrets(f)[2] for f in held]
+    assert "similar cases:" in caplog.text  # the node logged each query, and nothing of it
+    assert not [v for v in uids + names if v in caplog.text]
+    assert snapshot(data_dir) == files_before and not written_from(data_dir, [u.encode() for u in uids] + pixels)
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(IndexEntry)) == entries_before
+    for table, rows in db_rows(node).items():  # no row of any table holds a query's UID
+        assert not [r for r in rows if any(u in str(r) for u in uids)], table
+    return answers
+
+
+def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dicomweb, start_node, caplog):
     from engine import load_model
     from node.index import describe, model_input
 
@@ -104,16 +164,21 @@ def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dic
     raw["routes"] = [{"name": "chest", "match": {"Modality": ["DX", "CR"]}, "deid": {"profile": "basic"}, "pixels": "anonymize",
                       "counterfactuals": True, "model": "reference", "index": True, "destinations": ["archive", "copy"]}]
     raw["models"] = [{"name": "reference", "path": "builtin:reference", "backend": "onnxruntime"}]
+    raw["retention"] = {"outputs_days": -1}  # the outbox is emptied on purpose below
     allow_demonstration(raw)
     config = write_toml(raw, tmp_path / "casemask.toml")
-    node = start_node(raw)
+    node = start_node(raw, http=True)
     sent, held, labels = synthetic_visits(tmp_path / "dx")
     r = subprocess.run([STORESCU, "-aec", "CASEMASK", "-aet", "STORESCU", "127.0.0.1", str(node.settings.node.port), *map(str, sent)],
                        env=dcmtk_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    # anonymized + counterfactual of each object at the DICOMweb archive and in the folder
-    wait_until(lambda: len(orthanc_dicomweb.instances()) >= 2 * len(sent), timeout=300, what="every output at Orthanc")
-    wait_until(lambda: len(list((tmp_path / "copy").rglob("*.dcm"))) >= 2 * len(sent), timeout=60, what="every output in the folder")
+    # every object judged: the gates quarantine a few in-domain images (docs/gates.md); the
+    # anonymized + counterfactual of each other object at the DICOMweb archive and in the folder
+    passed = wait_until(lambda: judged(node, len(sent)), timeout=600, what="every object processed")
+    assert passed >= len(sent) - 6, f"the gates held back {len(sent) - passed} of {len(sent)}"
+    wait_until(lambda: len(orthanc_dicomweb.instances()) >= 2 * passed, timeout=120, what="every output at Orthanc")
+    wait_until(lambda: len(list((tmp_path / "copy").rglob("*.dcm"))) >= 2 * passed, timeout=60, what="every output in the folder")
+    by_api = api_queries(node, held, caplog)
     node.stop()
 
     # -- the index: one entry per anonymized output, of the anonymized image, pseudonymous --
@@ -121,7 +186,7 @@ def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dic
     with node.sessions() as s:
         entries = list(s.scalars(select(IndexEntry)))
         outputs = {o.id: o for o in s.scalars(select(Output))}
-    assert len(entries) == len(sent)
+    assert len(entries) == passed
     originals = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in sent}
     study_uids = {str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in sent}
     for e in entries:
@@ -158,7 +223,7 @@ def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dic
         truth = labels[f.name]
         classes = model.classes
         agree += answer["query"]["label"] == classes[truth]
-        assert len(answer["similar"]) == 5 and answer["index"]["cases"] == len(sent)
+        assert len(answer["similar"]) == 5 and answer["index"]["cases"] == passed
         hits += sum(c["label"] == classes[truth] for c in answer["similar"])
         contrast_ok += all(c["label"] != answer["query"]["label"] for c in answer["contrasting"])
         known = {e.sop_uid: e for e in entries}
@@ -169,6 +234,12 @@ def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dic
             assert all(d["state"] == "SENT" for d in c["fetch"])
         sims = [c["similarity"] for c in answer["similar"]]
         assert sims == sorted(sims, reverse=True)
+        # the API answered the same (one service; the running node's model, the same weights)
+        api = by_api[f.name]
+        assert api["query"]["label"] == answer["query"]["label"] and api["index"] == answer["index"]
+        for part in ("similar", "contrasting"):
+            assert [c["sop_uid"] for c in api[part]] == [c["sop_uid"] for c in answer[part]]
+            np.testing.assert_allclose([c["similarity"] for c in api[part]], [c["similarity"] for c in answer[part]], atol=1e-4)
     assert agree >= len(held) - 2, f"the model named the true label of {agree} of {len(held)} queries"
     precision = hits / (5 * len(held))
     assert precision >= 0.7, f"label precision@5 {precision:.2f}"
@@ -205,7 +276,7 @@ def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dic
     r = casemask("similar", str(held[0]), "--config", str(config), "--json")
     assert r.returncode == 0, r.stderr
     stale = json.loads(r.stdout)
-    assert stale["index"]["cases"] == 0 and stale["index"]["other_weights"] == len(sent) and stale["similar"] == []
+    assert stale["index"]["cases"] == 0 and stale["index"]["other_weights"] == passed and stale["similar"] == []
     # retention deleted some outbox files: those come back from the folder copy; one is gone everywhere
     anon_outputs = sorted((o for o in outputs.values() if o.kind == "anonymized"), key=lambda o: o.id)
     for o in anon_outputs[:4]:
@@ -215,12 +286,12 @@ def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dic
     (tmp_path / "copy" / lost_entry.study_uid / lost_entry.series_uid / f"{lost.sop_instance_uid}.dcm").unlink()
     r = casemask("index", "rebuild", "--config", str(config))
     assert r.returncode == 0, r.stderr
-    assert f"{len(sent) - 4} re-indexed from the outbox, 3 from a folder destination, 1 gone" in r.stdout
-    assert f"{len(sent)} stale entries removed" in r.stdout
+    assert f"{passed - 4} re-indexed from the outbox, 3 from a folder destination, 1 gone" in r.stdout
+    assert f"{passed} stale entries removed" in r.stdout
     new = load_model(raw["models"][0]["path"], backend="onnxruntime")
     with node.sessions() as s:
         rebuilt = list(s.scalars(select(IndexEntry)))
-    assert len(rebuilt) == len(sent) - 1 and {e.weights for e in rebuilt} == {new.bundle.weights_digest()}
+    assert len(rebuilt) == passed - 1 and {e.weights for e in rebuilt} == {new.bundle.weights_digest()}
     assert lost.id not in {e.output_id for e in rebuilt}
     e = rebuilt[-1]
     copy = dcmread(tmp_path / "copy" / e.study_uid / e.series_uid / f"{e.sop_uid}.dcm")
@@ -228,9 +299,9 @@ def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dic
     r = casemask("similar", str(held[0]), "--config", str(config), "--json")
     assert r.returncode == 0, r.stderr
     after = json.loads(r.stdout)
-    assert after["index"]["cases"] == len(sent) - 1 and after["index"]["other_weights"] == 0 and len(after["similar"]) == 5
+    assert after["index"]["cases"] == passed - 1 and after["index"]["other_weights"] == 0 and len(after["similar"]) == 5
     r = casemask("index", "rebuild", "--config", str(config))
-    assert f"{len(sent) - 1} current" in r.stdout  # nothing to do twice
+    assert f"{passed - 1} current" in r.stdout  # nothing to do twice
 
 
 def test_index_needs_an_anonymizing_route(tmp_path):
@@ -290,3 +361,52 @@ def test_an_index_failure_never_holds_an_output_back(tmp_path, start_node):
         note = json.loads(j.record)["index"]
         assert note["indexed"] == 0 and "encoder unavailable" in note["reason"] and "index rebuild" in note["reason"]
     assert len(list((tmp_path / "copy").rglob("*.dcm"))) == 2
+
+
+def test_similar_api_refuses_a_bad_body_clearly_and_echoes_nothing(tmp_path, http_nodes, monkeypatch):
+    from engine.data import SyntheticPatients
+    from engine.data.dicom import write_dicom_studies
+    from node.http import api
+    from tests.httpnode import start_http_node
+
+    raw = node_config(tmp_path, [{"name": "copy", "kind": "folder", "path": str(tmp_path / "c")}])
+    raw["routes"][0].update(match={"Modality": ["DX"]}, pixels="anonymize", index=True)
+    raw["models"] = [{"name": "reference", "path": "builtin:reference", "backend": "onnxruntime"}]
+    allow_demonstration(raw)
+    hn = start_http_node(raw, tmp_path)
+    http_nodes.append(hn)
+    viewer = hn.client("viewer")
+    dicom = {"Content-Type": "application/dicom"}
+    f = write_dicom_studies(SyntheticPatients(1, 1, 64, seed=5), tmp_path / "dx")[0]
+    q = dcmread(f)
+    uids = [str(q.SOPInstanceUID), str(q.StudyInstanceUID), str(q.PatientID), str(q.PatientName)]
+
+    assert hn.client().post("/api/v1/similar", content=f.read_bytes(), headers=dicom).status_code == 401
+    r = viewer.post("/api/v1/similar", content=f.read_bytes(), headers=dicom)  # an empty index: an empty answer
+    assert r.status_code == 200, r.text
+    assert r.json()["similar"] == [] and r.json()["index"]["cases"] == 0 and not [u for u in uids if u in r.text]
+    # what the caller did wrong, in a sentence, never a traceback nor a value it sent
+    cases = {
+        "not DICOM": (b"not DICOM: MRN-0000123", dicom, 422, "not a DICOM file"),
+        "empty": (b"", dicom, 422, "empty"),
+        "a form": (b"--x\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nMRN-0000123\r\n--x--\r\n",
+                   {"Content-Type": "multipart/form-data; boundary=x"}, 415, "not as a form"),
+    }
+    no_pixels = tmp_path / "no-pixels.dcm"
+    del q.PixelData
+    q.save_as(no_pixels)
+    cases["no pixels"] = (no_pixels.read_bytes(), dicom, 422, "no pixel data")
+    for what, (body, headers, status, says) in cases.items():
+        r = viewer.post("/api/v1/similar", content=body, headers=headers)
+        assert r.status_code == status and says in r.json()["detail"], (what, r.status_code, r.text)
+        assert "MRN" not in r.text and "Traceback" not in r.text and not [u for u in uids if u in r.text], what
+    assert viewer.post("/api/v1/similar", params={"k": 0}, content=f.read_bytes(), headers=dicom).status_code == 422
+    # the size cap: by Content-Length before reading, and while a chunked body is read
+    monkeypatch.setattr(api, "MAX_QUERY", 4096)
+    r = viewer.post("/api/v1/similar", content=f.read_bytes(), headers=dicom)
+    assert r.status_code == 413 and "larger than 4096 bytes" in r.json()["detail"]
+    r = viewer.post("/api/v1/similar", content=iter([f.read_bytes()[:3000], f.read_bytes()[3000:]]), headers=dicom)
+    assert r.status_code == 413, r.text
+    assert not list((tmp_path / "var").rglob("*.dcm"))
+    with hn.node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(IndexEntry)) == 0
