@@ -144,23 +144,17 @@ class Model:
         return out["reconstruction_error"][:, 0], out["latent_distance"][:, 0]
 
     def anonymize_checked(self, x: np.ndarray, noise: np.ndarray, targets: np.ndarray | None = None, counterfactuals: bool = False,
-                          redraw: Callable[[int, np.ndarray], np.ndarray] | None = None, draws: int = 1, medical: np.ndarray | None = None) -> Checked:
+                          redraw: Callable[[int, np.ndarray], np.ndarray] | None = None, draws: int = 1) -> Checked:
         """Anonymize images ``x`` with identity ``noise`` (N, vae_latent); with ``targets``
         (N,), or ``counterfactuals`` (each image's target: the class after the one whose
         prototype its medical vector is nearest), also give each a counterfactual of that
         class carrying the same synthetic identity (unlike :meth:`counterfactual`, which
         keeps the patient's); judge every image by the bundle's gates.
 
-        An image whose failed gates are identity or medical (its synthetic identity landed
-        near the patient's, or the independent classifier reads its image otherwise than
-        the original; ``engine.gates.REDRAWN``) gets up to ``draws - 1`` more identities,
-        ``redraw(attempt, rows)`` giving the noise for those rows (attempt 1, 2, ...); its
-        verdict says which draw passed (``identity.draw`` and ``medical.draw``), or is the
-        last draw's. A failed domain gate is never redrawn: it judges the input.
-
-        ``medical`` (N, med_dim): drawn in place of the encoder's medical vectors, the gates
-        reading the original as usual: what an image whose finding changed would be (the
-        evaluation's ``medical_change`` cases, which must fail every draw).
+        An image whose only failed gate is identity (its synthetic identity landed near the
+        patient's) gets up to ``draws - 1`` more identities, ``redraw(attempt, rows)``
+        giving the noise for those rows (attempt 1, 2, ...); its verdict says which draw
+        passed (``identity.draw``), or is the last draw's.
 
         Raises:
             engine.gates.GateError: the bundle has no current gates.
@@ -172,14 +166,12 @@ class Model:
             nearest = ((med[:, None] - self.prototypes[None]) ** 2).sum(-1).argmin(1)
             targets = (nearest + 1) % len(self.prototypes)
         targets = None if targets is None else np.asarray(targets, np.int64)
-        err, dist = self.domain_scores(x, med, ident, other)  # of the input as it is, always
-        if medical is not None:
-            med = np.asarray(medical, np.float32)
+        err, dist = self.domain_scores(x, med, ident, other)
         p_x = self.classify(x)
         rows = np.arange(len(x))
         out = self._draw(gates, (med, ident, other), err, dist, p_x, noise, targets)
         for attempt in range(1, draws if redraw is not None else 1):
-            again = np.array([r for r in rows if out.verdicts[r].redrawable], np.int64)
+            again = np.array([r for r in rows if out.verdicts[r].failed == ["identity"]], np.int64)
             if not len(again):
                 break
             sub = self._draw(gates, (med[again], ident[again], other[again]), err[again], dist[again], p_x[again], redraw(attempt, again),  # type: ignore[misc]
@@ -189,7 +181,7 @@ class Model:
                 if out.counterfactual is not None:
                     out.counterfactual[r] = sub.counterfactual[j]  # type: ignore[index]
                 out.verdicts[r] = sub.verdicts[j]
-                out.verdicts[r].gates["identity"]["draw"] = out.verdicts[r].gates["medical"]["draw"] = attempt + 1
+                out.verdicts[r].gates["identity"]["draw"] = attempt + 1
         return out
 
     def _draw(self, gates: GateSet, encoded, err, dist, p_x, noise, targets) -> Checked:

@@ -353,12 +353,8 @@ def evaluate_gates(model: Model, cfg: EvalConfig | None = None, images: np.ndarr
     """What the model's gates reject, through :meth:`engine.api.Model.anonymize_checked`
     (what the node runs, with its identity redraws): the rate per gate on in-domain images (the evaluation
     population's held-out visits, patients neither the model nor the gates saw: every
-    rejection there is a false one), with a counterfactual and without (``in_domain``,
-    ``in_domain_without_counterfactuals``); the same images drawn with another class's
-    medical features than the gates' classifier reads in them (``medical_change``: a
-    changed finding, which the medical gate must turn away on every draw); and per
-    out-of-domain case (``engine.data.ood``) the rate the domain gate rejects and the rate
-    any gate does.
+    rejection there is a false one), and per out-of-domain case (``engine.data.ood``) the
+    rate the domain gate rejects and the rate any gate does.
 
     Raises:
         engine.gates.GateError: the bundle has no current gates.
@@ -376,23 +372,16 @@ def evaluate_gates(model: Model, cfg: EvalConfig | None = None, images: np.ndarr
 
     latent = int(model.bundle.dims["vae_latent"])
 
-    def rates(x: np.ndarray, counterfactuals: bool = True, medical: np.ndarray | None = None) -> dict[str, float]:
+    def rates(x: np.ndarray) -> dict[str, float]:
         noise = rng.standard_normal((len(x), latent)).astype(np.float32)
-        targets = rng.integers(0, model.n_classes, len(x)) if counterfactuals else None
+        targets = rng.integers(0, model.n_classes, len(x))
         redraw = lambda attempt, rows: rng.standard_normal((len(rows), latent)).astype(np.float32)  # noqa: E731
-        verdicts = model.anonymize_checked(x, noise, targets, redraw=redraw, draws=IDENTITY_DRAWS, medical=medical).verdicts
+        verdicts = model.anonymize_checked(x, noise, targets, redraw=redraw, draws=IDENTITY_DRAWS).verdicts
         out = {g: float(np.mean([g in v.failed for v in verdicts])) for g in ("domain", "medical", "identity")}
         out["any"] = float(np.mean([not v.passed for v in verdicts]))
         return {k: round(v, 4) for k, v in out.items()} | {"images": len(x)}
 
-    report = {"limits": model.bundle.meta["gates"]["limits"], "stated": model.bundle.meta["gates"]["rates"]["calibration"], "in_domain": rates(images),
-              "in_domain_without_counterfactuals": rates(images, counterfactuals=False)}
-    # A changed finding: each image drawn with the prototype of a class other than the one
-    # the gates' classifier reads in the original, in place of its medical vector, identity
-    # redrawn as in the node: the medical gate must turn it away on every draw.
-    read = model.classify(images).argmax(1)
-    changed = (read + 1 + rng.integers(0, model.n_classes - 1, len(images))) % model.n_classes
-    report["medical_change"] = rates(images, counterfactuals=False, medical=model.prototypes[changed])
+    report = {"limits": model.bundle.meta["gates"]["limits"], "stated": model.bundle.meta["gates"]["rates"]["calibration"], "in_domain": rates(images)}
     sample = images[: min(len(images), 60)]
     report["out_of_domain"] = {name: rates(x) for name, x in out_of_domain(sample, size, cfg.seed).items()}
     report["near"] = {name: rates(x) for name, x in near_cases(sample).items()}
@@ -403,16 +392,10 @@ def gates_markdown(g: dict) -> str:
     """The gate part of a report as Markdown tables."""
     i = g["in_domain"]
     lines = [f"Gates: false rejections on {i['images']} in-domain images (patients neither the model nor the gates saw):", "",
-             "| gate | rejected (with a counterfactual) | rejected (anonymized only) | stated by the bundle (its calibration) |", "|---|---|---|---|"]
+             "| gate | rejected | stated by the bundle (its calibration) |", "|---|---|---|"]
     stated = g.get("stated", {})
-    alone = g.get("in_domain_without_counterfactuals", {})
     for k in ("domain", "medical", "identity", "any"):
-        lines.append(f"| {k} | {i[k]:.3f} | {alone[k]:.3f} | {stated.get('all' if k == 'any' else k, '')} |" if alone else
-                     f"| {k} | {i[k]:.3f} | | {stated.get('all' if k == 'any' else k, '')} |")
-    if "medical_change" in g:
-        c = g["medical_change"]
-        lines += ["", f"A changed finding (another class's prototype in place of the medical vector, {c['images']} images): "
-                      f"rejected by the medical gate {c['medical']:.3f}, by any gate {c['any']:.3f}."]
+        lines.append(f"| {k} | {i[k]:.3f} | {stated.get('all' if k == 'any' else k, '')} |")
     lines += ["", "Out-of-domain and near cases: rejected by the domain gate / by any gate:", "", "| case | images | domain | any |", "|---|---|---|---|"]
     for group in ("out_of_domain", "near"):
         for name, r in g.get(group, {}).items():

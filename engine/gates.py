@@ -22,13 +22,8 @@ image, whether an anonymized image (and a counterfactual) may stand for the pati
   different patients of the training data. Distances are measured after whitening by the
   spread of a patient's own visits, so that what changes between visits of one patient
   (exposure, position) counts for little and what tells patients apart counts for much.
-
-An image that fails the identity or the medical gate (and not the domain gate, which
-judges the input itself) gets another synthetic identity, up to ``IDENTITY_DRAWS`` in all,
-each draw judged by every gate again: the synthetic identity is the anonymization's free
-choice, and a draw that lands near the patient or disturbs what the independent
-classifier reads is replaced as any bad draw is. A changed finding fails every draw
-(``casemask engine evaluate --gates-only``, ``medical_change``: docs/gates.md).
+  An image that fails this gate alone gets another synthetic identity, up to
+  ``IDENTITY_DRAWS`` in all.
 
 Limits, the rates at which they reject held-out in-domain images, and the identity
 whitening are in ``model.json`` (``gates``); the classifier and the domain scorer are in
@@ -44,12 +39,10 @@ from collections.abc import Sequence
 import numpy as np
 
 GATES = ("domain", "medical", "identity")
-# Synthetic identities tried for an image whose failed gates are among REDRAWN: a draw
-# that landed near the patient, or whose image the classifier reads otherwise than the
-# original, is replaced by another (each is an equally valid anonymization, and each is
-# judged by every gate again); after the last, the image is quarantined.
-IDENTITY_DRAWS = 5
-REDRAWN = frozenset({"identity", "medical"})
+# Synthetic identities tried for an image whose only failed gate is identity: a draw that
+# landed near the patient is replaced by another (each is an equally valid anonymization,
+# and each is judged by every gate again); after the last, the image is quarantined.
+IDENTITY_DRAWS = 3
 
 
 class GateError(ValueError):
@@ -159,12 +152,6 @@ class Verdict:
     @property
     def passed(self) -> bool:
         return not self.failed
-
-    @property
-    def redrawable(self) -> bool:
-        """Failed only gates that another synthetic identity may pass (``REDRAWN``)."""
-        failed = self.failed
-        return bool(failed) and set(failed) <= REDRAWN
 
     def reason(self) -> str:
         """Why the first failed gate failed: its name and scores against their limits."""

@@ -69,7 +69,6 @@ def test_another_identity_is_drawn_for_an_image_whose_first_lands_near_the_patie
     once = rejected(model, in_domain.images, seed=3)
     redrawn = rejected(model, in_domain.images, seed=3, draws=IDENTITY_DRAWS)
     assert redrawn["identity"] <= once["identity"] and redrawn["identity"] <= 0.02, (once, redrawn)
-    assert redrawn["medical"] <= once["medical"], (once, redrawn)
     assert redrawn["domain"] == once["domain"]  # the input's own gate does not depend on the draw
 
 
@@ -113,24 +112,6 @@ def test_medical_gate_rejects_an_image_that_lost_the_original_finding(model, in_
     assert "gate medical failed" in bad[int(np.flatnonzero(confident)[0])].reason()
     good = verdicts(anon, "good")
     assert np.mean(["medical" in v.failed for v in good]) <= 0.05
-
-
-def test_a_changed_finding_fails_the_medical_gate_on_every_identity_drawn(model, in_domain):
-    """Medical failures get another synthetic identity, as identity failures do: an image
-    drawn with another class's medical features than the classifier reads in the original
-    must fail on every draw (redrawing is not a search that a changed finding can win)."""
-    from engine.gates import IDENTITY_DRAWS
-
-    x = in_domain.images[:100]
-    changed = (model.classify(x).argmax(1) + 1) % model.n_classes
-    rng = np.random.default_rng(11)
-    latent = int(model.bundle.dims["vae_latent"])
-    redraw = lambda attempt, rows: rng.standard_normal((len(rows), latent)).astype(np.float32)  # noqa: E731
-    noise = rng.standard_normal((len(x), latent)).astype(np.float32)
-    verdicts = model.anonymize_checked(x, noise, redraw=redraw, draws=IDENTITY_DRAWS, medical=model.prototypes[changed]).verdicts
-    assert all("medical" in v.failed for v in verdicts)
-    tried = [v.gates["medical"].get("draw") for v in verdicts if "domain" not in v.failed]
-    assert tried and set(tried) == {IDENTITY_DRAWS}  # each was drawn again, and failed again
 
 
 def test_identity_gate_rejects_an_image_that_keeps_the_patient(model, in_domain):
