@@ -20,7 +20,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 # (pulled in by rapidocr-onnxruntime); the fonts draw the tests' synthetic text.
 APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 fonts-dejavu-core fonts-liberation chromium chromium-driver
 
-.PHONY: serve test test-fast deps venv triton-venv wheel install docker bench bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin clean
+.PHONY: serve test test-fast deps venv triton-venv wheel install docker bench bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar clean
 
 $(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -75,7 +75,7 @@ test: deps venv triton-venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
-bench: bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin
+bench: bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar
 
 bench-ingest: deps venv
 	$(PY) tests/bench/bench_ingest.py
@@ -97,6 +97,12 @@ bench-triton: venv triton-venv
 
 bench-burnedin: deps venv
 	$(PY) tests/bench/bench_burnedin.py
+
+bench-similar: venv
+	# the searches compared (not dependencies of casemask): usearch, sqlite-vec, and apsw,
+	# whose SQLite can load extensions where the interpreter's sqlite3 cannot
+	$(PIP) install --quiet "usearch>=2.16,<3" "sqlite-vec>=0.1.6,<0.2" "apsw>=3.46"
+	$(PY) tests/bench/bench_similar.py --db build/bench/index.db
 
 # Build artefacts only. Never var/ (or any data_dir): it holds the pseudonym secret and
 # the database, and losing the secret changes every pseudonym from then on.

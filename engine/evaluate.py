@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from engine.api import Model
 from engine.data import CLASSES, SyntheticPatients
 from engine.model import ssim as ssim_torch
+from engine.retrieval import ExactSearch, chance_leakage, leakage_at_k, precision_at_k
 from engine.threads import torch_threads
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,7 @@ def _evaluate(model: Model, out: Path, cfg: EvalConfig, evaluators: Evaluators |
         ref_auc = float("nan")
 
     med, real_id, oth = model.encode(pop.images)
+    retrieval = retrieval_privacy(model, pop, held, med, id_net, cfg.seed)
     geometry = identity_geometry(real_id, pop.patient_ids, model.synthetic_identities(512, cfg.seed))
     d_med, d_id, d_oth = model.encode(dis.images)
     probe = latent_probe(
@@ -336,6 +338,7 @@ def _evaluate(model: Model, out: Path, cfg: EvalConfig, evaluators: Evaluators |
         "anonymized_pair_differ_l1": float(np.abs(anon - anon2).mean()),
         **geometry,
         "latent_probe_r2": probe,
+        **retrieval,
     }
     if model.bundle.has_gates:
         report["gates"] = evaluate_gates(model, cfg, x)
@@ -400,6 +403,62 @@ def gates_markdown(g: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+RETRIEVAL_K = 5
+
+
+def retrieval_privacy(model: Model, pop, held: np.ndarray, medical: np.ndarray, id_net: EvaluatorNet, seed: int, k: int = RETRIEVAL_K) -> dict:
+    """What a case base of anonymized images gives away when searched by the medical
+    vector (engine.retrieval, the node's ``casemask similar``), on the evaluation population.
+
+    Gallery: every visit the identity evaluator learnt on, anonymized, as the node indexes
+    it (the medical vector of the anonymized image). Queries: the held-out visits,
+    original images, as a user's query would be. Cosine on the medical vector, exact.
+
+    - label precision@k: share of the k neighbours whose (true) label is the query's;
+    - identity leakage@k: share of the k neighbours that the identity evaluator (a
+      re-identification network trained here on the original first visits, independent
+      of the model) attributes to the query's patient; chance is the share a retrieval
+      picking neighbours at random would get (:func:`engine.retrieval.chance_leakage`);
+    - the same against a gallery of the *original* images, the comparison that says why
+      the index holds anonymized images only;
+    - ``same_patient``: the ground truth beside the evaluator's decision (the neighbour is
+      an image of the query's patient, recognisable or not: linkage of visits).
+
+    ``medical``: the model's medical vectors of every image of ``pop``; ``held``: the
+    held-out visits' mask.
+    """
+    gallery = ~held
+    anon = model.anonymize(pop.images[gallery], seed=seed + 2)
+    galleries = {"anonymized": model.encode(anon)[0], "original": medical[gallery]}
+    decided = {"anonymized": predict(id_net, anon)[0], "original": predict(id_net, pop.images[gallery])[0]}
+    truth = pop.patient_ids[gallery]
+    q_ids, q_labels = pop.patient_ids[held], pop.labels[held]
+    out: dict = {}
+    for name, vectors in galleries.items():
+        _, rows = ExactSearch(vectors).search(medical[held], k)
+        out[name] = {
+            f"label_precision_at_{k}": precision_at_k(pop.labels[gallery][rows], q_labels),
+            f"identity_leakage_at_{k}": leakage_at_k(decided[name][rows], q_ids),
+            "identity_leakage_chance": chance_leakage(decided[name], q_ids),
+            f"same_patient_at_{k}": leakage_at_k(truth[rows], q_ids),
+            "same_patient_chance": chance_leakage(truth, q_ids),
+        }
+    a, o = out["anonymized"], out["original"]
+    return {
+        f"retrieval_label_precision_at_{k}": a[f"label_precision_at_{k}"],
+        f"retrieval_identity_leakage_at_{k}": a[f"identity_leakage_at_{k}"],
+        "retrieval_identity_leakage_chance": a["identity_leakage_chance"],
+        f"retrieval_identity_leakage_at_{k}_original_gallery": o[f"identity_leakage_at_{k}"],
+        "retrieval_identity_leakage_chance_original_gallery": o["identity_leakage_chance"],
+        "retrieval": {
+            "k": k, "gallery_images": int(gallery.sum()), "queries": int(held.sum()), "similarity": "cosine of medical vectors (exact)",
+            "gallery": "anonymized visits the identity evaluator learnt on (originals of them for the comparison)",
+            "query": "held-out original visits", "identity_decided_by": "identity evaluator (re-identification network trained on the original first visits)",
+            "gallery_anonymized": a, "gallery_original": o,
+        },
+    }
+
+
 TARGETS = {
     "reid_top1_original": (">=", 0.90),
     "reid_top1_anonymized": ("<=2x", "reid_chance"),
@@ -408,6 +467,8 @@ TARGETS = {
     "counterfactual_flip_rate": (">=", 0.85),
     "reid_top1_counterfactual": (">=", 0.80),
     "ssim_reconstruction": (">=", 0.85),
+    f"retrieval_label_precision_at_{RETRIEVAL_K}": (">=", 0.90),
+    f"retrieval_identity_leakage_at_{RETRIEVAL_K}": ("<=1.5x", "retrieval_identity_leakage_chance"),
 }
 
 
@@ -420,6 +481,8 @@ def meets(report: dict, key: str) -> bool:
         return v <= ref
     if op == "<=2x":
         return v <= 2 * report[ref]
+    if op == "<=1.5x":
+        return v <= 1.5 * report[ref]
     return abs(v - report[ref]) <= 0.03
 
 
@@ -439,6 +502,17 @@ def markdown(report: dict) -> str:
         lines += [f"| {k} | {v['identity']:.3f} | {v['latent']:.3f} |" for k, v in probe.items()]
     if report.get("gates"):
         lines += ["", gates_markdown(report["gates"]).rstrip("\n")]
+    r = report.get("retrieval")
+    if r:
+        lines += ["", f"Retrieval by the medical vector: {r['queries']} held-out original visits as queries against "
+                      f"{r['gallery_images']} visits of the same patients, k = {r['k']}; identity decided by the identity evaluator "
+                      "(leakage) or by the ground truth (same patient):", "",
+                  "| gallery | label precision | identity leakage | chance | same patient | chance |", "|---|---|---|---|---|---|"]
+        k = r["k"]
+        for name in ("anonymized", "original"):
+            g = r[f"gallery_{name}"]
+            lines.append(f"| {name} | {g[f'label_precision_at_{k}']:.3f} | {g[f'identity_leakage_at_{k}']:.3f} | "
+                         f"{g['identity_leakage_chance']:.3f} | {g[f'same_patient_at_{k}']:.3f} | {g['same_patient_chance']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -79,7 +79,7 @@ class Node:
         if pixel_step == "auto":
             pixel_step = _default_pixel_step(settings)
         self.pixel_step = pixel_step
-        self.pipeline = Pipeline(settings, self.sessions, self.pseudo, pixel_step, owner=self.owner)  # type: ignore[arg-type]
+        self.pipeline = Pipeline(settings, self.sessions, self.pseudo, pixel_step, owner=self.owner, indexer=_indexer(settings, pixel_step))  # type: ignore[arg-type]
         self.dispatchers = {d.name: Dispatcher(settings, self.sessions, d.name, owner=self.owner) for d in settings.destinations}
         self.server = None
         self.scheduler = None
@@ -334,3 +334,13 @@ def _default_pixel_step(settings: Settings) -> PixelStep | None:
     step = EnginePixelStep(settings)
     step.warm()
     return step
+
+
+def _indexer(settings: Settings, pixel_step: PixelStep | None):
+    """The index hook (node.index) when a route has ``index = true``: it encodes outputs
+    with the pixel step's loaded models."""
+    if not any(r.index for r in settings.routes):
+        return None
+    from node.index import Indexer
+
+    return Indexer(lambda name: getattr(pixel_step, "models", {}).get(name))

@@ -13,6 +13,8 @@
     casemask deid PATH... --out DIR [--route NAME] [--burned-in clean] [--diff]
     casemask deid --verify-only ORIGINAL DEIDENTIFIED
     casemask export-mapping --out DIR        (uids.csv, patients.csv; 0700 folder, 0600 files)
+    casemask similar FILE [--k 5] [--contrast] [--json] [--png OUT.png]
+    casemask index rebuild [--route NAME] | status
     casemask engine synth|train|evaluate|export|build ...
     casemask demo
 
@@ -720,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, metavar="DIR")
     sp.set_defaults(func=cmd_export_mapping)
 
+    from node.index_cli import add_index_parsers
+
+    add_index_parsers(sub, with_config)
     try:
         from engine.cli import add_engine_parser
 

@@ -220,6 +220,7 @@ class Route(_Table):
     allow_demonstration_model: StrictBool = hint("true or false: true lets pixels = \"anonymize\" run a bundle whose intended use is demonstration", False)
     partial: Literal["quarantine-study", "skip-object"] = hint("choose one of 'quarantine-study', 'skip-object'", "quarantine-study")
     destinations: list[str] = hint("a list of destination names, e.g. [\"archive\"]", [])
+    index: StrictBool = hint("true or false: true keeps the medical vector of each anonymized output for casemask similar", False)
 
     @field_validator("deid", mode="before")
     @classmethod
@@ -599,6 +600,8 @@ def _check_route(route: Route, where: str, dest_names: set[str], model_names: se
         problems.append(f"{where}: pixels = \"anonymize\" needs a header profile (deid = {{ profile = \"basic\" }}): derived images would carry the whole original header")
     if route.counterfactuals and route.pixels != "anonymize":
         problems.append(f"{where}: counterfactuals = true needs pixels = \"anonymize\"")
+    if route.index and route.pixels != "anonymize":
+        problems.append(f"{where}: index = true needs pixels = \"anonymize\" (the index holds anonymized images only, never original pixels)")
     from node.routing import check_match, match_warnings
 
     if isinstance(route.match, dict):

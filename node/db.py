@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -340,6 +341,31 @@ event.listen(
         "CREATE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_events_append_only()"
     ).execute_if(dialect="postgresql"),
 )
+
+
+class IndexEntry(Base):
+    """One frame of an anonymized output in the index of similar cases (node.index): the
+    model's medical vector of the *anonymized* image and the disease probabilities it
+    gives, under the output's pseudonymous UIDs. Never an identity vector, never original
+    pixels, never a query."""
+
+    __tablename__ = "index_entries"
+    __table_args__ = (UniqueConstraint("output_id", "frame"), Index("ix_index_entries_model", "model", "weights"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    output_id: Mapped[int | None] = mapped_column(ForeignKey("outputs.id"), nullable=True)
+    route: Mapped[str] = mapped_column(String(64))
+    frame: Mapped[int] = mapped_column(Integer, default=0)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_uid: Mapped[str] = mapped_column(String(64), index=True)
+    label: Mapped[int] = mapped_column(Integer)  # index into the model's classes (arg-max of probabilities)
+    probabilities: Mapped[bytes] = mapped_column(LargeBinary)  # float32 (classes,)
+    medical: Mapped[bytes] = mapped_column(LargeBinary)  # float32 (med_dim,)
+    model: Mapped[str] = mapped_column(String(64))  # the [[models]] name
+    weights: Mapped[str] = mapped_column(String(16))  # digest of the weights that made the vector
+    destinations: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of destination names
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 def _sqlite_adapter(engine: Engine) -> None:

@@ -23,7 +23,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydicom import Dataset, dcmread
 from sqlalchemy import select
@@ -39,6 +39,9 @@ from node.deid.verify import Policy, VerifyError, reason, verify
 from node.leases import LeaseKeeper
 from node.reasons import describe, location, scrub
 from node.spool import outbox_path, write_atomic
+
+if TYPE_CHECKING:
+    from node.index import Indexer
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +105,14 @@ class PixelStep(Protocol):
 class Pipeline:
     """Claims batches of jobs (as ``owner``) and takes them through their route."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker, pseudo: Pseudonymizer, pixel_step: PixelStep | None = None, owner: str = "local/0") -> None:
+    def __init__(self, settings: Settings, sessions: sessionmaker, pseudo: Pseudonymizer, pixel_step: PixelStep | None = None, owner: str = "local/0",
+                 indexer: Indexer | None = None) -> None:
         self.settings = settings
         self.sessions = sessions
         self.pseudo = pseudo
         self.pixel_step = pixel_step
         self.owner = owner
+        self.indexer = indexer  # node.index: medical vectors of anonymized outputs (routes with index = true)
         self.outbox = settings.node.data_dir / "outbox"
         self._deid: dict[str, Deidentifier] = {}
         self._burned_in = None  # node.burnedin.BurnedInStep, made for the first route that cleans
@@ -282,8 +287,8 @@ class Pipeline:
             elif job.id in put_off:
                 if queue.defer_job(session, job, self.owner, f"outbox: cannot write ({put_off[job.id]})", node.retry_base_s, node.retry_max_s) is not None:
                     _remove_written(written, [job.id])
-            else:
-                queue.finish_job(session, job, outputs[job.id], route.destinations, owner=self.owner)
+            elif queue.finish_job(session, job, outputs[job.id], route.destinations, owner=self.owner) and route.index and self.indexer is not None:
+                self.indexer.add(session, route, job, [(kind, ds, out) for (kind, ds), out in zip(it.outputs, outputs[job.id])])
         if put_off:
             log.error("route %s: cannot write the outbox (%s): %d jobs put off", route.name, ", ".join(sorted(set(put_off.values()))), len(put_off))
 

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import threading
 import tomllib
 import zipfile
 from collections.abc import Callable
@@ -61,6 +62,10 @@ class Invalid(ServiceError):
     status = 422
 
 
+class Unavailable(ServiceError):
+    status = 503
+
+
 def cli_principal() -> Principal:
     """Who runs a CLI command: the operating-system account, with every right (it can
     read the database and the secret anyway)."""
@@ -94,6 +99,8 @@ class Service:
         self.sessions = sessions
         self.pseudo = pseudo
         self.node = node
+        self._similar = None  # node.similar.SimilarService of the current settings, made on first use
+        self._similar_lock = threading.Lock()
 
     @classmethod
     def open(cls, settings: Settings) -> Service:
@@ -510,6 +517,50 @@ class Service:
             return thumbnail_png(path, size)
         except PreviewError as exc:
             raise NotFound(str(exc)) from None
+
+    # -- similar cases (node.similar) ----------------------------------------------------
+    def similar(self, data: bytes, k: int = 5, contrast: bool = False, model: str | None = None) -> dict[str, Any]:
+        """The indexed anonymized cases nearest to one DICOM image, as ``casemask similar
+        --json`` prints them (:class:`node.similar.SimilarService`). The query is held in
+        memory only: never stored, logged or indexed, and the answer carries none of it
+        but what the model reads in its pixels (label, probabilities).
+
+        Raises:
+            Invalid: not a DICOM image the model can take, ``k`` out of range, nothing
+                indexed, or no single model to search with (the message says which).
+            Unavailable: the model cannot be loaded.
+        """
+        from engine.bundle import BundleError
+        from engine.runtime import RunnerError
+        from node.similar import QueryError, public
+
+        try:
+            answer, _query = self._similar_service().similar(data, k=k, contrast=contrast, model=model)
+        except QueryError as exc:
+            raise Invalid(str(exc)) from None
+        except (BundleError, RunnerError) as exc:
+            log.error("similar cases: the model cannot be loaded (%s)", type(exc).__name__)
+            raise Unavailable(f"the model cannot be loaded ({type(exc).__name__}); see the node's log") from None
+        return public(answer)
+
+    def _similar_service(self):
+        """The similar-case service of the settings in force (a reload makes a new one);
+        in a running node it uses the pixel step's loaded models."""
+        from node.index import model_loader
+        from node.similar import SimilarService
+
+        settings = self.settings
+        with self._similar_lock:
+            if self._similar is None or self._similar.settings is not settings:
+                load = model_loader(settings)
+                node = self.node
+
+                def model(name: str):
+                    loaded = getattr(getattr(node, "pixel_step", None), "models", {}).get(name)
+                    return loaded if loaded is not None else load(name)
+
+                self._similar = SimilarService(settings, self.sessions, model)
+            return self._similar
 
     # -- readiness ------------------------------------------------------------------------
     def ready(self) -> bool:

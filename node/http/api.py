@@ -15,6 +15,7 @@ from node import audit
 from node.accounts import Principal
 from node.db import Role
 from node.http.auth import api_role, client_host, context
+from node.similar import MAX_K
 
 router = APIRouter(prefix="/api/v1")
 viewer = Depends(api_role(Role.VIEWER))
@@ -22,6 +23,7 @@ operator = Depends(api_role(Role.OPERATOR))
 admin = Depends(api_role(Role.ADMIN))
 
 MAX_UPLOAD = 256 * 2**20  # bytes of one file to explain
+MAX_QUERY = 256 * 2**20  # bytes of one similar-case query
 
 
 def svc(request: Request):
@@ -101,6 +103,50 @@ async def explain(request: Request, file: UploadFile = File(..., description="on
     if len(data) > MAX_UPLOAD:
         raise HTTPException(413, f"the file is larger than {MAX_UPLOAD // 2**20} MiB")
     return await run_in_threadpool(svc(request).explain, data, calling_ae)
+
+
+async def _query_body(request: Request, cap: int) -> bytes:
+    """The raw request body (one DICOM file), held in memory only (a form upload would
+    spool a large file to disk). Refused past ``cap`` bytes: by its Content-Length before
+    anything is read, else while a chunked body is read. Errors never quote a header."""
+    if request.headers.get("content-type", "").lower().startswith("multipart/"):
+        raise HTTPException(415, "send the DICOM file as the request body (Content-Type: application/dicom), not as a form")
+    too_large = HTTPException(413, f"the query is larger than {cap // 2**20} MiB" if cap >= 2**20 else f"the query is larger than {cap} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise HTTPException(400, "Content-Length must be a number of bytes")
+        if int(declared) > cap:
+            raise too_large
+        data = await request.body()
+    else:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise too_large
+            chunks.append(chunk)
+        data = b"".join(chunks)
+    if len(data) > cap:
+        raise too_large
+    if not data:
+        raise HTTPException(422, "the request body is empty: send one DICOM file (Content-Type: application/dicom)")
+    return data
+
+
+@router.post("/similar", tags=["similar cases"],
+             openapi_extra={"requestBody": {"required": True, "content": {t: {"schema": {"type": "string", "format": "binary"}}
+                                                                          for t in ("application/dicom", "application/octet-stream")}}})
+async def similar(request: Request, k: int = Query(5, ge=1, le=MAX_K, description="how many cases"),
+                  contrast: bool = Query(False, description="also the k nearest cases whose label differs from the query's"),
+                  model: str = Query("", description="the [[models]] entry whose index to search; empty: the one indexed"),
+                  who: Principal = viewer) -> dict[str, Any]:
+    """The indexed anonymized cases nearest to one DICOM image (the body), as `casemask
+    similar --json` prints them: each with its pseudonymous UIDs, label, cosine similarity
+    of medical vectors and where to fetch it (a WADO-RS URL for a DICOMweb destination).
+    The query is never stored, logged or indexed."""
+    data = await _query_body(request, MAX_QUERY)
+    return await run_in_threadpool(svc(request).similar, data, k, contrast, model or None)
 
 
 @router.get("/config", tags=["configuration"])
