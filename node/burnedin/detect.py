@@ -78,6 +78,11 @@ class TextDetector:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.settings.threads
         opts.inter_op_num_threads = 1
+        # Idle threads sleep instead of spinning: on cores shared with the rest of the
+        # node (and on a loaded machine) spinning burned half the CPU time of a run and
+        # made it slower (docs/burned-in.md, "Speed").
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(model_path()), opts, providers=["CPUExecutionProvider"])
         except DetectorUnavailable:
