@@ -42,6 +42,13 @@ class Token:
     size: int
     font: str
     over_content: bool
+    ink: np.ndarray | None = None  # bool (bottom - top, right - left): the glyphs' pixels in ``box`` (not the gaps between words)
+
+    def uncovered_ink(self, masked: np.ndarray) -> int:
+        """How many of the token's ink pixels ``masked`` (rows x cols bool) leaves uncovered."""
+        t, l, b, r = self.box
+        ink = self.ink if self.ink is not None else np.ones((b - t, r - l), bool)
+        return int((ink & ~masked[t:b, l:r]).sum())
 
 
 def random_token(rng: np.random.Generator) -> str:
@@ -125,8 +132,10 @@ def draw_tokens(frame: np.ndarray, content: np.ndarray, rng: np.random.Generator
             grey = int(rng.choice([255, 230, 200, 170]))
             ink = (grey, grey, rng.choice([grey, 0])) if frame.ndim == 3 else grey
         draw.text((x - x0, y - y0), text, font=font, fill=ink)
+        glyphs = Image.new("L", (w, h))
+        ImageDraw.Draw(glyphs).text((-x0, -y0), text, font=font, fill=255)
         occupied[top:bottom, left:right] = True
-        tokens.append(Token(text, (top, left, bottom, right), size, path.name, on))
+        tokens.append(Token(text, (top, left, bottom, right), size, path.name, on, np.asarray(glyphs) >= 64))
     frame[...] = np.asarray(img)
     return tokens
 

@@ -65,6 +65,13 @@ class DetectorSettings:
     max_batch: int = 4
 
 
+# The second reading (clean.py) runs the same network tuned apart: twice the resolution
+# (text of 7-11 px over speckle, which the first reading at 1.25 misses), lower
+# thresholds, and its own session. It sees the masked frame only; what it finds that is
+# not masked quarantines the object. Measured: docs/burned-in.md, "Second reading".
+VERIFIER = DetectorSettings(scale=2.0, check_scale=1.0, thresh=0.2, box_thresh=0.4, max_batch=2)
+
+
 class TextDetector:
     """Batched text detection on 8-bit RGB frames (N, rows, cols, 3).
 
@@ -78,6 +85,11 @@ class TextDetector:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.settings.threads
         opts.inter_op_num_threads = 1
+        # Idle threads sleep instead of spinning: on cores shared with the rest of the
+        # node (and on a loaded machine) spinning burned half the CPU time of a run and
+        # made it slower (docs/burned-in.md, "Speed").
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(model_path()), opts, providers=["CPUExecutionProvider"])
         except DetectorUnavailable:

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydicom import Dataset
 
 from node.burnedin.clean import BurnedInError, CleanReport, clean
-from node.burnedin.detect import DetectorSettings, DetectorUnavailable, TextDetector, shared_detector
+from node.burnedin.detect import VERIFIER, DetectorSettings, DetectorUnavailable, TextDetector, shared_detector
 from node.burnedin.regions import RegionRules
 from node.deid import Deidentifier, QuarantineError
 
@@ -30,6 +30,7 @@ class BurnedInStep:
         self.rules = RegionRules.load(rules_path)
         self.detector_settings = detector or DetectorSettings()
         self._detector: TextDetector | None = None
+        self._verifier: TextDetector | None = None
         self._lock = threading.Lock()
 
     def detector(self) -> TextDetector:
@@ -38,6 +39,15 @@ class BurnedInStep:
             if self._detector is None:
                 self._detector = shared_detector(self.detector_settings)
             return self._detector
+
+    def verifier(self) -> TextDetector:
+        """The second reading's detector (its own session, :data:`VERIFIER` settings).
+
+        Raises DetectorUnavailable like :meth:`detector`."""
+        with self._lock:
+            if self._verifier is None:
+                self._verifier = shared_detector(VERIFIER)
+            return self._verifier
 
     @staticmethod
     def needed(ds: Dataset, deid: Deidentifier) -> bool:
@@ -58,10 +68,10 @@ class BurnedInStep:
         if not self.needed(ds, deid):
             return None
         try:
-            detector = self.detector()
+            detector, verifier = self.detector(), self.verifier()
         except DetectorUnavailable as exc:
             raise BurnedInError(f"burned-in text: the text detector is not available ({exc})") from None
-        report = clean(ds, detector, self.rules)
+        report = clean(ds, detector, self.rules, verifier)
         log.info("burned-in step: %d frame(s), %d read, %d box(es) masked, %.2f s (OCR %.2f s)", report.frames, len(report.read),
                  sum(len(v) for v in report.masked.values()), report.seconds, report.ocr_seconds)
         return report
