@@ -1,73 +1,297 @@
-"""Durable ingest rate: casemask vs Orthanc, same corpus, same sender, side by side.
+"""Durable ingest rate: casemask vs Orthanc, same corpus, same senders, side by side.
 
-    python tests/bench/bench_ingest.py [--instances 1000] [--rounds 3]
+    python tests/bench/bench_ingest.py [--rounds 5] [--loads single,concurrent] [--big-mb 1024]
 
-Both peers store durably (Orthanc with SyncStorageArea, casemask with fsync + committed
-row before Success). dcmtk storescu sends the corpus over one association with
-TCP_NODELAY=1; each round sends to both, in alternating order, into empty storage.
-casemask runs with stable_after_s high so that only ingest is measured, as for Orthanc.
-Prints instances/s for each and the ratio casemask/Orthanc (median over rounds).
+Two loads, each over ``--rounds`` rounds (at least 5 for a median worth quoting):
+
+- ``single``: one dcmtk storescu sends ``--instances`` CT objects of one study over one
+  association;
+- ``concurrent``: ``--senders`` storescu processes at once, each sending ``--per-sender``
+  objects of its own study over its own association.
+
+Every round starts a fresh casemask node (fresh data folder), a fresh Orthanc (fresh
+storage) and a fresh *ceiling*: a pynetdicom SCP (a subprocess) that accepts every
+object and stores nothing, so the senders' and the DICOM stack's own cost is visible.
+The three are sent to in an order that rotates from round to round. Both real peers
+store durably: Orthanc with SyncStorageArea, casemask with fsync + committed row before
+Success; after each round the bench checks that each holds every object.
+
+Printed: every round (instances/s of each, the ratio casemask/Orthanc, the node's and
+Orthanc's peak resident memory, read from /proc VmHWM of each process, summed over the
+node's processes), then per load the median ratio and its spread (min-max over the
+rounds). The machine is shared: quote the spread with the median.
+
+``--big-mb N`` (0: skip) sends one object of N MiB to a fresh node and prints how much
+its resident memory grew while receiving it (sampled every 20 ms; target: under 300 MB
+for 1024).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.conftest import STORESCU, NodeProcess, Orthanc, dcmtk_env, make_study, node_config, wait_until, write_toml  # noqa: E402
+from tests.conftest import STORESCU, NodeProcess, Orthanc, dcmtk_env, free_port, make_study, node_config, stop_process, wait_until, write_toml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def send(port: int, corpus: Path, aec: str) -> float:
+# -- the ceiling: an SCP that stores nothing ---------------------------------------------------
+def null_scp(port: int) -> int:
+    """Run a pynetdicom C-STORE SCP on ``port`` that answers Success and keeps nothing
+    (as a subprocess of the bench: ``--null-scp PORT``), with the node's socket and
+    reactor tuning (TCP_NODELAY, short poll) so that only storing differs."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    from node import scp
+
+    delay = 0.00005  # [node] reactor_delay_s's default
+    scp._install_reactor_clock(delay)
+
+    def on_open(event) -> None:
+        scp.tune_association(event.assoc, delay)
+
+    def on_store(event) -> int:
+        if scp._clock is not None:
+            scp._clock.mark_busy()
+        return 0x0000
+
+    ae = AE(ae_title="CEILING")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.maximum_associations = 64
+    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, on_store)])
+    return 0
+
+
+class Ceiling:
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.aet = "CEILING"
+        self.log = log.open("wb")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--null-scp", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=dcmtk_env())
+        wait_until(lambda: _listening(self.port, self.proc), timeout=60, what="the ceiling SCP to listen")
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
+        self.log.close()
+
+
+def _listening(port: int, proc: subprocess.Popen) -> bool:
+    import socket
+
+    if proc.poll() is not None:
+        raise RuntimeError(f"process exited with {proc.returncode}")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+# -- memory ----------------------------------------------------------------------------------
+def _status_kib(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc/<pid>/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return out
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident memory (VmHWM) summed over ``pid`` and its descendants, MiB."""
+    return sum(_status_kib(p, "VmHWM") for p in process_tree(pid)) / 1024
+
+
+def rss_mib(pid: int) -> float:
+    return sum(_status_kib(p, "VmRSS") for p in process_tree(pid)) / 1024
+
+
+# -- senders ---------------------------------------------------------------------------------
+def send(port: int, corpora: list[Path], aec: str) -> float:
+    """Seconds from starting one storescu per corpus folder (all at once) until the last
+    one finished; fails the bench if any of them did not store everything."""
     t0 = time.perf_counter()
-    r = subprocess.run([STORESCU, "-aec", aec, "+sd", "127.0.0.1", str(port), str(corpus)], env=dcmtk_env(), capture_output=True, text=True)
+    procs = [subprocess.Popen([STORESCU, "-aec", aec, "+sd", "127.0.0.1", str(port), str(c)], env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in corpora]
+    outs = [p.communicate(timeout=900) for p in procs]
     dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"storescu to {aec} failed: {r.stderr[-500:]}")
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode != 0:
+            raise SystemExit(f"storescu to {aec} failed: {err[-500:]}")
     return dt
+
+
+def node_rows(data_dir: Path) -> int:
+    with sqlite3.connect(data_dir / "casemask.db") as db:
+        return db.execute("select count(*) from instances").fetchone()[0]
+
+
+def start_node(work: Path, tag: str, **node_kw) -> tuple[NodeProcess, dict]:
+    raw = node_config(work / f"node-{tag}", [{"name": "f", "kind": "folder", "path": str(work / f"out-{tag}")}], stable_after_s=86400, **node_kw)
+    cfg = write_toml(raw, work / f"node-{tag}.toml")
+    node = NodeProcess(cfg, work / f"node-{tag}.log")
+    node.start(raw["node"]["port"])
+    return node, raw
+
+
+# -- one round -------------------------------------------------------------------------------
+def run_round(work: Path, tag: str, corpora: list[Path], total: int, rnd: int, node_kw: dict) -> dict[str, float]:
+    orthanc = Orthanc(work / f"orthanc-{tag}")
+    ceiling = Ceiling(work / f"ceiling-{tag}.log")
+    node, raw = start_node(work, tag, **node_kw)
+    res: dict[str, float] = {}
+    try:
+        peers = [("casemask", raw["node"]["port"], "CASEMASK"), ("orthanc", orthanc.dicom_port, orthanc.aet), ("ceiling", ceiling.port, ceiling.aet)]
+        k = rnd % 3
+        for name, port, aec in peers[k:] + peers[:k]:
+            res[name] = total / send(port, corpora, aec)
+        res["node_rss"] = peak_rss_mib(node.proc.pid)  # type: ignore[union-attr]
+        res["orthanc_rss"] = peak_rss_mib(orthanc.proc.pid)
+        wait_until(lambda: orthanc.get("/statistics")["CountInstances"] == total, timeout=120, what="Orthanc to count every object")
+    finally:
+        node.stop()
+        orthanc.stop()
+        ceiling.stop()
+    stored = node_rows(Path(raw["node"]["data_dir"]))
+    if stored != total:
+        raise SystemExit(f"round {rnd + 1}: casemask holds {stored} rows, {total} were acknowledged")
+    for d in (work / f"orthanc-{tag}", work / f"node-{tag}", work / f"out-{tag}"):
+        shutil.rmtree(d, ignore_errors=True)
+    return res
+
+
+def run_load(work: Path, name: str, corpora: list[Path], total: int, rounds: int, node_kw: dict) -> list[dict[str, float]]:
+    print(f"\n== load {name}: {len(corpora)} sender(s) x {total // len(corpora)} instances, {rounds} rounds", flush=True)
+    results = []
+    for rnd in range(rounds):
+        r = run_round(work, f"{name}{rnd}", corpora, total, rnd, node_kw)
+        results.append(r)
+        print(f"round {rnd + 1}: casemask {r['casemask']:6.1f}/s  Orthanc {r['orthanc']:6.1f}/s  ratio {r['casemask'] / r['orthanc']:.2f}  "
+              f"ceiling {r['ceiling']:6.1f}/s  peak RSS: node {r['node_rss']:.0f} MiB, Orthanc {r['orthanc_rss']:.0f} MiB", flush=True)
+    ratios = [r["casemask"] / r["orthanc"] for r in results]
+    med = lambda key: statistics.median(r[key] for r in results)  # noqa: E731
+    print(f"{name}: median casemask {med('casemask'):.1f}/s, Orthanc {med('orthanc'):.1f}/s, ceiling {med('ceiling'):.1f}/s; "
+          f"ratio casemask/Orthanc median {statistics.median(ratios):.2f}, spread {min(ratios):.2f}-{max(ratios):.2f}; "
+          f"node peak RSS max {max(r['node_rss'] for r in results):.0f} MiB", flush=True)
+    return results
+
+
+# -- one big object --------------------------------------------------------------------------
+def write_big_object(path: Path, mib: int) -> None:
+    """A CT object whose Pixel Data is ``mib`` MiB of zeros, written in pieces (the bench
+    never holds it in memory)."""
+    import struct
+
+    from pydicom import dcmread
+
+    src = make_study(path.parent / "big-src", 1)[0]
+    ds = dcmread(src)
+    del ds.PixelData
+    n = mib * 1024 * 1024
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.Columns = 16384
+    ds.Rows = n // 2 // 16384
+    ds.save_as(path, enforce_file_format=True)
+    with path.open("ab") as fp:
+        fp.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, ds.Rows * ds.Columns * 2))
+        block = bytes(8 * 1024 * 1024)
+        left = ds.Rows * ds.Columns * 2
+        while left:
+            fp.write(block[: min(left, len(block))])
+            left -= min(left, len(block))
+
+
+def big_object(work: Path, mib: int, node_kw: dict) -> None:
+    big = work / "big" / "big.dcm"
+    big.parent.mkdir(parents=True, exist_ok=True)
+    write_big_object(big, mib)
+    node, raw = start_node(work, "big", max_object_mb=mib + 64, **node_kw)
+    try:
+        pid = node.proc.pid  # type: ignore[union-attr]
+        time.sleep(1.0)
+        base = rss_mib(pid)
+        peak, stop = [base], threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.02):
+                peak.append(rss_mib(pid))
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        dt = send(raw["node"]["port"], [big.parent], "CASEMASK")
+        stop.set()
+        t.join()
+        stored = node_rows(Path(raw["node"]["data_dir"]))
+    finally:
+        node.stop()
+    grown = max(peak) - base
+    print(f"\n== one {mib} MiB object: stored {stored}, {dt:.1f} s; node RSS {base:.0f} MiB before, peak {max(peak):.0f} MiB while receiving: grew {grown:.0f} MiB (target < 300)", flush=True)
+    shutil.rmtree(work / "big", ignore_errors=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--instances", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--loads", default="single,concurrent", help="comma-separated: single, concurrent")
+    ap.add_argument("--instances", type=int, default=1000, help="objects the single sender sends")
+    ap.add_argument("--senders", type=int, default=4)
+    ap.add_argument("--per-sender", type=int, default=250)
+    ap.add_argument("--big-mb", type=int, default=1024, help="size of the one big object (0: skip that check)")
+    ap.add_argument("--receivers", type=int, default=None, help="[node] receivers for the node (default: the node's default)")
+    ap.add_argument("--null-scp", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.null_scp:
+        return null_scp(args.null_scp)
+    if STORESCU is None:
+        raise SystemExit("dcmtk's storescu is not installed (apt-get install -y dcmtk)")
+    node_kw = {} if args.receivers is None else {"receivers": args.receivers}
     work = Path(tempfile.mkdtemp(prefix="casemask-bench-ingest-"))
-    corpus = work / "corpus"
-    make_study(corpus, args.instances)
-    size_kb = sum(p.stat().st_size for p in corpus.iterdir()) / args.instances / 1024
-    print(f"corpus: {args.instances} CT instances, {size_kb:.0f} KB each; sender: dcmtk storescu, TCP_NODELAY=1")
-    ours, theirs = [], []
     try:
-        for rnd in range(args.rounds):
-            orthanc = Orthanc(work / f"orthanc{rnd}")
-            raw = node_config(work / f"node{rnd}", [{"name": "f", "kind": "folder", "path": str(work / f"out{rnd}")}], stable_after_s=86400)
-            cfg = write_toml(raw, work / f"node{rnd}.toml")
-            node = NodeProcess(cfg, work / f"node{rnd}.log")
-            node.start(raw["node"]["port"])
-            try:
-                order = [("casemask", raw["node"]["port"], "CASEMASK"), ("orthanc", orthanc.dicom_port, orthanc.aet)]
-                if rnd % 2:
-                    order.reverse()
-                for name, port, aec in order:
-                    dt = send(port, corpus, aec)
-                    (ours if name == "casemask" else theirs).append(args.instances / dt)
-                    print(f"round {rnd + 1}: {name:<8} {args.instances / dt:7.1f} instances/s ({dt:.2f} s)")
-                wait_until(lambda: orthanc.get("/statistics")["CountInstances"] == args.instances, timeout=60, what="Orthanc count")
-            finally:
-                node.stop()
-                orthanc.stop()
+        loads = [x.strip() for x in args.loads.split(",") if x.strip()]
+        print(f"cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; sender: dcmtk storescu, TCP_NODELAY=1; node settings: {node_kw or 'defaults'}")
+        if "single" in loads:
+            corpus = work / "single"
+            make_study(corpus, args.instances)
+            kb = sum(p.stat().st_size for p in corpus.iterdir()) / args.instances / 1024
+            print(f"corpus single: {args.instances} CT instances of one study, {kb:.0f} KB each")
+            run_load(work, "single", [corpus], args.instances, args.rounds, node_kw)
+        if "concurrent" in loads:
+            corpora = [work / f"concurrent{s}" for s in range(args.senders)]
+            for c in corpora:
+                make_study(c, args.per_sender)
+            run_load(work, "concurrent", corpora, args.senders * args.per_sender, args.rounds, node_kw)
+        if args.big_mb:
+            big_object(work, args.big_mb, node_kw)
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    a, b = statistics.median(ours), statistics.median(theirs)
-    print(f"median: casemask {a:.1f}/s, Orthanc {b:.1f}/s, ratio casemask/Orthanc {a / b:.2f} (target >= 1.2)")
     return 0
 
 
