@@ -29,6 +29,7 @@ for 1024).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -163,27 +164,33 @@ def start_node(work: Path, tag: str, **node_kw) -> tuple[NodeProcess, dict]:
 
 # -- one round -------------------------------------------------------------------------------
 def run_round(work: Path, tag: str, corpora: list[Path], total: int, rnd: int, node_kw: dict) -> dict[str, float]:
-    orthanc = Orthanc(work / f"orthanc-{tag}")
-    ceiling = Ceiling(work / f"ceiling-{tag}.log")
-    node, raw = start_node(work, tag, **node_kw)
-    res: dict[str, float] = {}
-    try:
-        peers = [("casemask", raw["node"]["port"], "CASEMASK"), ("orthanc", orthanc.dicom_port, orthanc.aet), ("ceiling", ceiling.port, ceiling.aet)]
-        k = rnd % 3
-        for name, port, aec in peers[k:] + peers[:k]:
-            res[name] = total / send(port, corpora, aec)
-        res["node_rss"] = peak_rss_mib(node.proc.pid)  # type: ignore[union-attr]
-        res["orthanc_rss"] = peak_rss_mib(orthanc.proc.pid)
-        wait_until(lambda: orthanc.get("/statistics")["CountInstances"] == total, timeout=120, what="Orthanc to count every object")
-    finally:
-        node.stop()
-        orthanc.stop()
-        ceiling.stop()
+    with contextlib.ExitStack() as stack:
+        orthanc = Orthanc(work / f"orthanc-{tag}")
+        stack.callback(orthanc.stop)
+        ceiling = Ceiling(work / f"ceiling-{tag}.log")
+        stack.callback(ceiling.stop)
+        node, raw = start_node(work, tag, **node_kw)
+        stack.callback(node.stop)
+        res = _send_all(node, raw, orthanc, ceiling, corpora, total, rnd)
     stored = node_rows(Path(raw["node"]["data_dir"]))
     if stored != total:
         raise SystemExit(f"round {rnd + 1}: casemask holds {stored} rows, {total} were acknowledged")
     for d in (work / f"orthanc-{tag}", work / f"node-{tag}", work / f"out-{tag}"):
         shutil.rmtree(d, ignore_errors=True)
+    return res
+
+
+def _send_all(node: NodeProcess, raw: dict, orthanc: Orthanc, ceiling: Ceiling, corpora: list[Path], total: int, rnd: int) -> dict[str, float]:
+    """Send the corpora to the three, in an order rotated by the round; their rates and
+    peak memory."""
+    res: dict[str, float] = {}
+    peers = [("casemask", raw["node"]["port"], "CASEMASK"), ("orthanc", orthanc.dicom_port, orthanc.aet), ("ceiling", ceiling.port, ceiling.aet)]
+    k = rnd % 3
+    for name, port, aec in peers[k:] + peers[:k]:
+        res[name] = total / send(port, corpora, aec)
+    res["node_rss"] = peak_rss_mib(node.proc.pid)  # type: ignore[union-attr]
+    res["orthanc_rss"] = peak_rss_mib(orthanc.proc.pid)
+    wait_until(lambda: orthanc.get("/statistics")["CountInstances"] == total, timeout=120, what="Orthanc to count every object")
     return res
 
 
