@@ -42,6 +42,7 @@ from node import queue
 from node.config import Route, Settings
 from node.db import IndexEntry, Job, JobState, Output
 from node.pixels import PixelError, frames_of, mapping_for, to_model_batch
+from node.spool import digest
 from node.wire import peek_str
 
 if TYPE_CHECKING:
@@ -212,8 +213,9 @@ class RebuildReport:
 
 
 def _folder_files(settings: Settings, route: Route) -> dict[str, Path]:
-    """SOP Instance UID -> file, in every folder destination of ``route``
-    (``node.scu.FolderSender`` writes ``path/<study>/<series>/<instance>.dcm``)."""
+    """Digest of the SOP Instance UID -> file, in every folder destination of ``route``
+    (``node.scu.FolderSender`` writes ``path/<digest>/<digest>/<digest>.dcm``, names from
+    :func:`node.spool.folder_path`)."""
     found: dict[str, Path] = {}
     for name in route.destinations:
         dest = settings.destination(name)
@@ -281,8 +283,8 @@ def _rebuild_one(session: Session, settings: Settings, route: Route, model: Mode
     ds, where = None, ""
     if Path(out.path).is_file():
         ds, where = _read(Path(out.path), out.sop_instance_uid), "outbox"
-    if ds is None and out.sop_instance_uid in folders:
-        ds, where = _read(folders[out.sop_instance_uid], out.sop_instance_uid), "folder"
+    if ds is None and digest(out.sop_instance_uid) in folders:
+        ds, where = _read(folders[digest(out.sop_instance_uid)], out.sop_instance_uid), "folder"
     new: list[IndexEntry] = []
     if ds is None:
         rep.gone += 1

@@ -271,14 +271,14 @@ def main() -> int:
     ap.add_argument("--senders", type=int, default=4)
     ap.add_argument("--per-sender", type=int, default=250)
     ap.add_argument("--big-mb", type=int, default=1024, help="size of the one big object (0: skip that check)")
-    ap.add_argument("--receivers", type=int, default=None, help="[node] receivers for the node (default: the node's default)")
+    ap.add_argument("--node", action="append", default=[], metavar="KEY=INT", help="a [node] setting for the node under test, e.g. --node max_associations=64 (repeatable)")
     ap.add_argument("--null-scp", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.null_scp:
         return null_scp(args.null_scp)
     if STORESCU is None:
         raise SystemExit("dcmtk's storescu is not installed (apt-get install -y dcmtk)")
-    node_kw = {} if args.receivers is None else {"receivers": args.receivers}
+    node_kw = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.node)}
     work = Path(tempfile.mkdtemp(prefix="casemask-bench-ingest-"))
     try:
         loads = [x.strip() for x in args.loads.split(",") if x.strip()]
