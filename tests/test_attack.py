@@ -1,0 +1,84 @@
+"""Attacks by a hostile sender that the node does not handle yet (security review of the
+network edge, issue #18). Each test fails while the problem is there."""
+
+from __future__ import annotations
+
+import struct
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from tests.conftest import node_config, wait_until
+from tests.rawdicom import CT_IMAGE_STORAGE, EXPLICIT_VR_LE, VERIFICATION, IMPLICIT_VR_LE, RELEASE_RQ, Raw, associate_rq, c_store_command, c_store_pdus, encode, store_status
+
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+
+def _ct(pn: str = "SYNTHETIC^ATTACK", pid: str = "SYNTH-ATTACK-1") -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality, ds.StudyDate = pn, pid, "CT", "20200101"
+    ds.Rows = ds.Columns = 4
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.SamplesPerPixel, ds.PixelRepresentation = 7, 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = b"\0" * 16
+    return ds
+
+
+def _raw_store(port: int, ds: Dataset) -> int | None:
+    """C-STORE ``ds`` (explicit VR little endian) with raw PDUs; the response status."""
+    with Raw(port, timeout=10) as r:
+        r.send(associate_rq(calling="STORESCU", contexts=[(1, CT_IMAGE_STORAGE, [EXPLICIT_VR_LE]), (3, VERIFICATION, [IMPLICIT_VR_LE])]))
+        assert r.read_pdu()[0] == 0x02  # A-ASSOCIATE-AC
+        for pdu in c_store_pdus(c_store_command(CT_IMAGE_STORAGE, str(ds.SOPInstanceUID)), encode(ds, implicit=False)):
+            r.send(pdu)
+        pdu = r.read_pdu()
+        r.send(RELEASE_RQ)
+        r.read_pdu()
+        return store_status(pdu[1]) if pdu and pdu[0] == 0x04 else None
+
+
+def _folder_node(tmp_path, start_node):
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=0.2)
+    return start_node(raw)
+
+
+def test_file_meta_group_inside_the_data_set_does_not_relabel_the_output(tmp_path, start_node):
+    """A sender puts (0002,0010) Transfer Syntax UID = JPEG Baseline inside a native,
+    explicit VR little endian data set (group 0002 has no place in a C-STORE data set,
+    PS3.10 7.1). The node answers Success, the spool file gets two File Meta groups
+    (pydicom keeps the sender's), and the object reaching the destination says JPEG
+    Baseline over native pixel data: a consumer cannot decode it. It must either be
+    refused (0xC210) or the sender's group 0002 dropped, so the output's transfer syntax
+    is the one the bytes are in."""
+    node = _folder_node(tmp_path, start_node)
+    ds = _ct()
+    ds.add_new(0x00020010, "UI", JPEG_BASELINE)
+    status = _raw_store(node.settings.node.port, ds)
+    if status != 0x0000:
+        assert status == 0xC210  # refused: fine, as long as nothing went out
+        return
+    out = tmp_path / "out"
+    wait_until(lambda: list(out.rglob("*.dcm")), timeout=30, what="the object in the folder destination")
+    got = dcmread(next(out.rglob("*.dcm")))
+    assert got.file_meta.TransferSyntaxUID != JPEG_BASELINE
+    got.pixel_array  # decodes: the bytes are what the File Meta says
+
+
+def test_unknown_public_elements_never_reach_the_destination(tmp_path, start_node):
+    """Public (even-group) elements that are in no DICOM dictionary, here in the Patient
+    group (0010,9999) and in (0008,9999), pass the basic profile unchanged: the default
+    for an attribute Table E.1-1 does not list is Keep, even when nothing is known about
+    it. Synthetic identifying text planted there reaches the folder destination."""
+    node = _folder_node(tmp_path, start_node)
+    ds = _ct()
+    ds.add_new(0x00109999, "LO", "PLANTED-PHI-PATIENT-GROUP")
+    ds.add_new(0x00089999, "LO", "PLANTED-PHI-GROUP-8")
+    assert _raw_store(node.settings.node.port, ds) == 0x0000
+    out = tmp_path / "out"
+    wait_until(lambda: list(out.rglob("*.dcm")), timeout=30, what="the object in the folder destination")
+    data = b"".join(p.read_bytes() for p in out.rglob("*.dcm"))
+    assert b"PLANTED-PHI" not in data
