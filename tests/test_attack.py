@@ -70,13 +70,15 @@ def test_file_meta_group_inside_the_data_set_does_not_relabel_the_output(tmp_pat
 
 def test_unknown_public_elements_never_reach_the_destination(tmp_path, start_node):
     """Public (even-group) elements that are in no DICOM dictionary, here in the Patient
-    group (0010,9999) and in (0008,9999), pass the basic profile unchanged: the default
+    group (0010,9999) and in (0008,9999), as LO, UN or OB, pass the basic profile unchanged: the default
     for an attribute Table E.1-1 does not list is Keep, even when nothing is known about
     it. Synthetic identifying text planted there reaches the folder destination."""
     node = _folder_node(tmp_path, start_node)
     ds = _ct()
     ds.add_new(0x00109999, "LO", "PLANTED-PHI-PATIENT-GROUP")
     ds.add_new(0x00089999, "LO", "PLANTED-PHI-GROUP-8")
+    ds.add_new(0x00189999, "UN", b"PLANTED-PHI-AS-UN")
+    ds.add_new(0x00409999, "OB", b"PLANTED-PHI-AS-OB-")
     assert _raw_store(node.settings.node.port, ds) == 0x0000
     out = tmp_path / "out"
     wait_until(lambda: list(out.rglob("*.dcm")), timeout=30, what="the object in the folder destination")
