@@ -84,3 +84,40 @@ def test_unknown_public_elements_never_reach_the_destination(tmp_path, start_nod
     wait_until(lambda: list(out.rglob("*.dcm")), timeout=30, what="the object in the folder destination")
     data = b"".join(p.read_bytes() for p in out.rglob("*.dcm"))
     assert b"PLANTED-PHI" not in data
+
+
+def test_a_data_set_the_node_cannot_read_is_not_acknowledged(tmp_path, start_node):
+    """Sequences nested 200 deep (undefined lengths, implicit VR): the edge's structure
+    walk (wire.dataset_end) accepts them and answers Success, then routing cannot read the
+    spooled file (pydicom RecursionError) and quarantines it. The sender has deleted its
+    copy believing the object stored; docs/security.md promises 0xC210 for a data set
+    that cannot be decoded. Either refuse it at the edge or process it."""
+    node = _folder_node(tmp_path, start_node)
+    ds = _ct()
+    body = encode(ds, implicit=True)
+    depth = 200
+    nest = struct.pack("<HHI", 0x0008, 0x1140, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    close = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    at = body.find(struct.pack("<HH", 0x0028, 0x0002))  # (0008,1140) sorts before group 0028
+    body = body[:at] + nest * depth + close * depth + body[at:]
+    with Raw(node.settings.node.port, timeout=10) as r:
+        r.send(associate_rq(calling="STORESCU", contexts=[(1, CT_IMAGE_STORAGE, [IMPLICIT_VR_LE])]))
+        assert r.read_pdu()[0] == 0x02
+        for pdu in c_store_pdus(c_store_command(CT_IMAGE_STORAGE, str(ds.SOPInstanceUID)), body):
+            r.send(pdu)
+        pdu = r.read_pdu()
+        r.send(RELEASE_RQ)
+        r.read_pdu()
+    status = store_status(pdu[1])
+    if status == 0xC210:
+        return
+    assert status == 0x0000
+    from node.db import Instance
+    from sqlalchemy import select
+
+    def state():
+        with node.sessions() as s:
+            return s.scalars(select(Instance.state)).first()
+
+    wait_until(lambda: str(state()).split(".")[-1].upper() in ("PROCESSED", "QUARANTINED"), timeout=30, what="the instance routed")
+    assert "QUARANTINED" not in str(state()).upper()
