@@ -121,3 +121,55 @@ def test_a_data_set_the_node_cannot_read_is_not_acknowledged(tmp_path, start_nod
 
     wait_until(lambda: str(state()).split(".")[-1].upper() in ("PROCESSED", "QUARANTINED"), timeout=30, what="the instance routed")
     assert "QUARANTINED" not in str(state()).upper()
+
+
+def test_a_c_store_on_the_verification_context_is_refused(tmp_path, start_node):
+    """A CT object sent on the presentation context negotiated for Verification
+    (1.2.840.10008.1.1) is stored and answered Success: the abstract syntax a context
+    was accepted for is never compared with the command's Affected SOP Class UID (PS3.7
+    9.3.1: a DIMSE message travels on a context of its SOP Class), so a sender can store
+    a SOP class whose context the node refused."""
+    node = _folder_node(tmp_path, start_node)
+    ds = _ct()
+    with Raw(node.settings.node.port, timeout=10) as r:
+        r.send(associate_rq(calling="STORESCU", contexts=[(3, VERIFICATION, [IMPLICIT_VR_LE])]))
+        assert r.read_pdu()[0] == 0x02
+        for pdu in c_store_pdus(c_store_command(CT_IMAGE_STORAGE, str(ds.SOPInstanceUID)), encode(ds, implicit=True), context_id=3):
+            r.send(pdu)
+        pdu = r.read_pdu()
+        r.send(RELEASE_RQ)
+        r.read_pdu()
+    assert pdu is None or pdu[0] != 0x04 or store_status(pdu[1]) != 0x0000
+
+
+def test_a_calling_ae_title_cannot_forge_log_lines(tmp_path, start_node, monkeypatch):
+    """An A-ASSOCIATE-RQ whose calling AE title holds a line feed ("EV\\nFORGED ...")
+    is rejected, but pynetdicom logs the title as received, so the node's log (as
+    `casemask serve` configures it) gets a line of the sender's choosing."""
+    import io
+    import logging
+
+    from node import cli
+
+    node = _folder_node(tmp_path, start_node)
+    root = logging.getLogger()
+    saved, saved_level = root.handlers[:], root.level
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    root.handlers = []
+    try:
+        cli._setup_logging(0)
+        rq = associate_rq(calling="STORESCU")
+        at = rq.find(b"STORESCU        ")
+        rq = rq[:at] + b"EV\nFORGED LINE".ljust(16) + rq[at + 16 :]
+        with Raw(node.settings.node.port, timeout=5) as r:
+            r.send(rq)
+            r.read_pdu()
+        wait_until(lambda: "EV" in stream.getvalue(), timeout=10, what="the rejection logged")
+    finally:
+        for h in root.handlers:
+            root.removeHandler(h)
+        root.handlers, root.level = saved, saved_level
+        for name in ("pynetdicom", "apscheduler"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
+    assert not [line for line in stream.getvalue().splitlines() if line.startswith("FORGED")]
