@@ -6,7 +6,7 @@ de-identifier (``node.deid.deidentify`` and the modules it uses): it reads both 
 its own element scanner, from their bytes, and takes from pydicom only the data
 dictionary and the character-set codecs. It collects the input's identifying values —
 person names, patient and order IDs, accession numbers, dates, addresses, telephone
-numbers, institution names, instance UIDs — from any attribute at any depth, private ones
+numbers, institution names, instance UIDs, text in public elements no dictionary knows — from any attribute at any depth, private ones
 included where their VR is written, decoded with the object's Specific Character Set;
 then it searches the output twice: its encoded bytes (as the input encoded them, in
 UTF-8, and in the output's character set), and its text decoded with the output's
@@ -51,6 +51,7 @@ _INSTITUTION_KEYWORDS = frozenset({"InstitutionName", "InstitutionalDepartmentNa
 _DEFINITION_UID = re.compile(r"ClassUID|TransferSyntax|CodingScheme|ContextUID|MappingResource|CreatorUID|OrganizationUID|ImplementationClass")
 _DUMMIES = frozenset({"ANON", "ANONYMIZED", "ANONYMOUS", "19000101"})
 _EQUIPMENT = frozenset({0x00080070, 0x00081090})  # Manufacturer, ManufacturerModelName
+_PRINTABLE_RUN = re.compile(rb"[\x20-\x7e]{4,}")
 _SKIP_META = frozenset({0x00020001, 0x00020002, 0x00020010, 0x00020012, 0x00020013})
 
 
@@ -71,7 +72,7 @@ class Policy:
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    kind: str  # name | id | accession | date | birth-date | address | phone | institution | uid
+    kind: str  # name | id | accession | date | birth-date | address | phone | institution | uid | unknown
     source: str  # the input attribute, e.g. "(0010,0010) PatientName"
     where: str  # the output attribute, e.g. "(0020,4000) ImageComments"
 
@@ -130,6 +131,10 @@ def identifying_values(data: bytes, policy: Policy = Policy()) -> list[_Needle]:
 def _classify(el: _Element, keyword: str, scan: _Scan, policy: Policy) -> Iterator[tuple[str, str]]:
     vr = el.vr
     if el.tag >> 16 == 0x0002 and el.tag in _SKIP_META:
+        return
+    if _unknown_public(el.tag):  # no dictionary says what it holds: any text in it is suspect
+        for v in scan.values(el) if vr in _TEXT_VRS else [r.decode("ascii") for r in _PRINTABLE_RUN.findall(el.raw)]:
+            yield "unknown", v
         return
     if vr == "PN":
         for v in scan.values(el):
@@ -480,6 +485,19 @@ def _header(b: bytes, pos: int, implicit: bool, little: bool) -> tuple[int, str,
 @functools.lru_cache(maxsize=8192)
 def _keyword(tag: int) -> str:
     return keyword_for_tag(tag) or ""
+
+
+@functools.lru_cache(maxsize=8192)
+def _unknown_public(tag: int) -> bool:
+    """A public data element (even group, not a group length) that no DICOM dictionary knows."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if group % 2 or group in (0x0000, 0x0002, 0xFFFE) or element == 0x0000:
+        return False
+    try:
+        dictionary_VR(tag)
+    except KeyError:
+        return True
+    return False
 
 
 @functools.lru_cache(maxsize=8192)
