@@ -65,7 +65,7 @@ from node.reasons import withhold_library_values
 from node.spool import place, remove, replace, spool_path
 from node.tls import peer_subject, server_context
 from node.uid import invalid_uids, is_valid_uid
-from node.wire import ROW_KEYWORDS, Incomplete, dataset_end, row_attributes, row_attributes_from_file, scan_whole
+from node.wire import ROW_KEYWORDS, Incomplete, Refused, dataset_end, row_attributes, row_attributes_from_file, scan_whole
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +316,9 @@ class StoreHandler:
                 with open(incoming.path, "rb") as fp:
                     fp.seek(offset)
                     return row_attributes_from_file(fp, ts.is_implicit_VR, True)
+        except Refused as exc:
+            log.warning("C-STORE from %s: %s -> 0xC210", calling, exc)
+            raise _Refusal(CANNOT_UNDERSTAND, str(exc)) from None
         except Incomplete:
             log.warning("C-STORE from %s: the data set ends inside an element -> 0xC210", calling)
             raise _Refusal(CANNOT_UNDERSTAND, "data set ends inside an element") from None
@@ -523,6 +526,8 @@ def _decode_file(path: Path) -> dict[str, str]:
     from pydicom import dcmread
 
     ds = dcmread(path)
+    if any(tag >> 16 == 0x0002 for tag in ds.keys()):
+        raise Refused("a File Meta element (group 0002) inside the data set")
     return {kw: str(ds.get(kw, "") or "").strip("\x00 ") for kw in ROW_KEYWORDS}
 
 

@@ -52,6 +52,17 @@ class Incomplete(ValueError):
     """The data set ends inside an element, or an element's length runs past its end."""
 
 
+class Refused(ValueError):
+    """A data set the node will not take: sequences nested deeper than
+    :data:`MAX_SEQUENCE_DEPTH`, or File Meta elements (group 0002) among its elements."""
+
+
+# Sequences inside sequences, at most. pydicom reads and writes about 190 levels before
+# a RecursionError (pydicom 3, default recursion limit, measured); de-identification
+# recurses too. Real objects (SR content trees included) stay far below 64.
+MAX_SEQUENCE_DEPTH = 64
+
+
 def row_attributes(encoded: bytes, implicit_vr: bool, little_endian: bool, complete: bool = True) -> dict[str, str]:
     """The :data:`ROW_KEYWORDS` attributes of an encoded dataset (empty strings for
     absent ones). Reading stops after (0020,000E).
@@ -124,6 +135,8 @@ def dataset_end(b, implicit: bool, start: int = 0) -> int:
     Raises:
         Incomplete: an element's header or value runs past the end of ``b``, or an
             undefined-length value has no delimiter before it.
+        Refused: a File Meta element (group 0002, PS3.10 7.1) at the top level, or
+            undefined-length sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`.
         ValueError: the structure cannot be followed (a sequence item without an item
             tag, for instance).
     """
@@ -135,7 +148,7 @@ def scan_whole(b, implicit: bool, start: int = 0) -> tuple[dict[str, str] | None
     attributes are None when a value needs pydicom (not ASCII): use :func:`row_attributes`.
 
     Raises:
-        Incomplete, ValueError: as :func:`dataset_end`.
+        Incomplete, Refused, ValueError: as :func:`dataset_end`.
     """
     out = dict.fromkeys(ROW_KEYWORDS, "")
     end = _walk(b, implicit, start, out)
@@ -149,6 +162,8 @@ def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
         while pos < end:
             if end - pos < 8:
                 raise Incomplete("the data set ends inside an element header")
+            if b[pos] == 0x02 and b[pos + 1] == 0x00:  # group 0002 belongs to the File Meta only
+                raise Refused("a File Meta element (group 0002) inside the data set")
             # the hot loop of every C-STORE: _header() inlined
             if implicit or (b[pos] == 0xFE and b[pos + 1] == 0xFF):  # item and delimiter tags have no VR
                 length, value, nested = u32(b, pos + 4)[0], pos + 8, implicit
@@ -201,8 +216,15 @@ def _header(b: bytes, pos: int, implicit: bool) -> tuple[int, int, int, bool]:
     return tag, struct.unpack_from("<H", b, pos + 6)[0], pos + 8, False
 
 
-def _skip_sequence(b: bytes, pos: int, implicit: bool) -> int:
-    """Position after an undefined-length sequence whose items start at ``pos``."""
+def _skip_sequence(b: bytes, pos: int, implicit: bool, depth: int = 1) -> int:
+    """Position after an undefined-length sequence whose items start at ``pos``, at
+    nesting level ``depth`` (1: a top-level sequence).
+
+    Raises:
+        Refused: sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`.
+    """
+    if depth > MAX_SEQUENCE_DEPTH:
+        raise Refused(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
     while True:
         tag, length, pos, _ = _header(b, pos, implicit)
         if tag == _SEQUENCE_DELIMITER:
@@ -216,7 +238,7 @@ def _skip_sequence(b: bytes, pos: int, implicit: bool) -> int:
             tag, length, pos, nested_implicit = _header(b, pos, implicit)
             if tag == _ITEM_DELIMITER:
                 break
-            pos = _skip_sequence(b, pos, nested_implicit) if length == 0xFFFFFFFF else pos + length
+            pos = _skip_sequence(b, pos, nested_implicit, depth + 1) if length == 0xFFFFFFFF else pos + length
             if pos > len(b):
                 raise _Unusual
 
