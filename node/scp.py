@@ -8,6 +8,8 @@ name and its row committed, and a failure status otherwise, so the sender keeps 
 
 =======  ====================================================================
 0x0000   stored (or stored before: the same object, see below)
+0x0122   sent on a presentation context negotiated for another SOP class
+         (PS3.7 9.3.1); nothing is stored
 0xA700   out of resources: object above ``max_object_mb``, disk below
          ``min_free_disk_mb``, spool file or row could not be written
 0xA900   the data set's SOP Class UID differs from the command's
@@ -71,6 +73,7 @@ log = logging.getLogger(__name__)
 
 # C-STORE statuses (PS3.4 B.2.3 and Annex C of PS3.7); see the module docstring.
 SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 SOP_CLASS_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
@@ -246,6 +249,9 @@ class StoreHandler:
         ts = UID(str(event.context.transfer_syntax))
         cmd_class = str(event.request.AffectedSOPClassUID or "")
         cmd_sop = str(event.request.AffectedSOPInstanceUID or "")
+        if str(event.context.abstract_syntax) != cmd_class:
+            log.warning("C-STORE from %s: sent on a presentation context of another SOP class -> 0x0122", calling)
+            raise _Refusal(SOP_CLASS_NOT_SUPPORTED, "the presentation context was negotiated for another SOP class")
         bad = invalid_uids({"transfer syntax": str(ts), "Affected SOP Class UID": cmd_class, "Affected SOP Instance UID": cmd_sop}, self.strict_uids, required=("transfer syntax", "Affected SOP Class UID", "Affected SOP Instance UID"))
         if bad or str(ts) not in _KNOWN_SYNTAXES:
             what = ", ".join(bad) or "transfer syntax (unknown)"
