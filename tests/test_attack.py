@@ -173,3 +173,14 @@ def test_a_calling_ae_title_cannot_forge_log_lines(tmp_path, start_node, monkeyp
         for name in ("pynetdicom", "apscheduler"):
             logging.getLogger(name).setLevel(logging.NOTSET)
     assert not [line for line in stream.getvalue().splitlines() if line.startswith("FORGED")]
+
+
+def test_an_association_request_without_presentation_contexts_is_rejected(tmp_path, start_node):
+    """An A-ASSOCIATE-RQ with no presentation context (PS3.8 9.3.2 wants one at least)
+    was accepted: an association on which nothing can be sent holds a slot until it
+    times out. It is answered A-ASSOCIATE-RJ."""
+    node = _folder_node(tmp_path, start_node)
+    with Raw(node.settings.node.port, timeout=10) as r:
+        r.send(associate_rq(calling="STORESCU", contexts=[]))
+        pdu = r.read_pdu()
+    assert pdu is not None and pdu[0] == 0x03  # A-ASSOCIATE-RJ
