@@ -9,7 +9,7 @@ import io
 import struct
 
 from pydicom import Dataset
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
 
@@ -157,7 +157,7 @@ def scan_whole(b, implicit: bool, start: int = 0) -> tuple[dict[str, str] | None
 
 def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
     pos, end = start, len(b)
-    u16, u32, vr_is_long, wanted = _U16.unpack_from, _U32.unpack_from, _VR_IS_LONG.get, _ROW_KEYWORDS
+    u16, u32, vr_is_long, wanted, sequences = _U16.unpack_from, _U32.unpack_from, _VR_IS_LONG.get, _ROW_KEYWORDS, _SEQUENCE_TAGS_AS_READ
     try:
         while pos < end:
             if end - pos < 8:
@@ -166,7 +166,7 @@ def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
                 raise Refused("a File Meta element (group 0002) inside the data set")
             # the hot loop of every C-STORE: _header() inlined
             if implicit or (b[pos] == 0xFE and b[pos + 1] == 0xFF):  # item and delimiter tags have no VR
-                length, value, nested = u32(b, pos + 4)[0], pos + 8, implicit
+                length, value, nested, vr = u32(b, pos + 4)[0], pos + 8, implicit, None
             else:
                 vr = b[pos + 4 : pos + 6]
                 is_long = vr_is_long(vr)
@@ -179,6 +179,8 @@ def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
             if length == 0xFFFFFFFF:
                 pos = _skip_sequence(b, value, nested)
                 continue
+            if length and (vr == b"SQ" or ((implicit or vr == b"UN") and u32(b, pos)[0] in sequences)):
+                _check_nesting(b, value, value + length, nested, 1)  # defined-length items: nesting counted too
             if rows is not None:
                 v = u32(b, pos)[0]
                 tag = (v & 0xFFFF) << 16 | v >> 16
@@ -232,15 +234,82 @@ def _skip_sequence(b: bytes, pos: int, implicit: bool, depth: int = 1) -> int:
         if tag != _ITEM:
             raise _Unusual
         if length != 0xFFFFFFFF:
+            _check_nesting_in_item(b, pos, pos + length, implicit, depth)
             pos += length
             continue
-        while True:  # an undefined-length item: its elements up to the item delimiter
-            tag, length, pos, nested_implicit = _header(b, pos, implicit)
-            if tag == _ITEM_DELIMITER:
-                break
-            pos = _skip_sequence(b, pos, nested_implicit, depth + 1) if length == 0xFFFFFFFF else pos + length
-            if pos > len(b):
-                raise _Unusual
+        pos = _item_elements(b, pos, None, implicit, depth)  # an undefined-length item: up to its delimiter
+
+
+def _is_sequence(b, pos: int, implicit: bool) -> bool:
+    """Whether the element whose header starts at ``pos`` holds sequence items: VR SQ,
+    or (implicit VR, or explicit UN) a tag the dictionary knows as a sequence."""
+    vr = None if implicit else bytes(b[pos + 4 : pos + 6])
+    return vr == b"SQ" or (vr in (None, b"UN") and _tag(b, pos) in _SEQUENCE_TAGS)
+
+
+def _tag(b, pos: int) -> int:
+    group, element = _HH.unpack_from(b, pos)
+    return group << 16 | element
+
+
+# Tags the data dictionary knows as sequences (VR SQ): pydicom reads their items in
+# implicit VR (or written as UN), so their nesting is counted even at a defined length.
+_SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
+_SEQUENCE_TAGS_AS_READ = frozenset((t & 0xFFFF) << 16 | t >> 16 for t in _SEQUENCE_TAGS)  # a tag's 4 bytes read as one little-endian u32
+_HH = struct.Struct("<HH")
+
+
+def _check_nesting(b, pos: int, end: int, implicit: bool, depth: int) -> None:
+    """Refused when the defined-length sequence value ``b[pos:end]`` (at nesting level
+    ``depth``) holds sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`. Content
+    the walk cannot follow is left as it was (skipped by its length) for pydicom."""
+    if depth > MAX_SEQUENCE_DEPTH:
+        raise Refused(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
+    try:
+        while pos < end:
+            tag, length, pos, _ = _header(b, pos, implicit)
+            if tag != _ITEM:
+                return
+            if length == 0xFFFFFFFF:  # an undefined-length item inside: walked to its delimiter
+                pos = _item_elements(b, pos, None, implicit, depth)
+            else:
+                _item_elements(b, pos, pos + length, implicit, depth)
+                pos += length
+    except (_Unusual, Incomplete, struct.error, IndexError):
+        return
+
+
+def _check_nesting_in_item(b, pos: int, end: int, implicit: bool, depth: int) -> None:
+    """:func:`_check_nesting` for the elements of one defined-length item."""
+    try:
+        _item_elements(b, pos, end, implicit, depth)
+    except (_Unusual, Incomplete, struct.error, IndexError):
+        return
+
+
+def _item_elements(b, pos: int, end: int | None, implicit: bool, depth: int) -> int:
+    """Walk one item's elements (up to ``end``, or past its item delimiter when None) of
+    a sequence at level ``depth``, descending into the sequences they hold; the position
+    after them.
+
+    Raises:
+        Refused: sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`.
+        _Unusual, struct.error, IndexError: a structure the walk cannot follow.
+    """
+    while end is None or pos < end:
+        at = pos
+        tag, length, pos, nested_implicit = _header(b, pos, implicit)
+        if tag == _ITEM_DELIMITER:
+            return pos
+        if length == 0xFFFFFFFF:
+            pos = _skip_sequence(b, pos, nested_implicit, depth + 1)
+            continue
+        if length and _is_sequence(b, at, implicit):
+            _check_nesting(b, pos, pos + length, nested_implicit, depth + 1)
+        pos += length
+        if pos > len(b):
+            raise _Unusual
+    return pos
 
 
 def sequence_elements(value: bytes, implicit: bool) -> list[tuple[int, str | None]]:

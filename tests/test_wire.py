@@ -151,3 +151,30 @@ def test_a_file_meta_element_inside_the_data_set_is_refused():
     planted = struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(ts)) + ts
     with pytest.raises(wire.Refused):
         wire.dataset_end(planted, False)
+
+
+def _nested_defined(depth: int, implicit: bool, mixed: bool = False) -> bytes:
+    """(0008,1140) sequences of defined length nested ``depth`` deep; ``mixed``: every
+    other level an undefined-length sequence whose item has a defined length."""
+    import struct
+
+    inner = b""
+    for level in range(depth):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+        undefined = mixed and level % 2
+        length = 0xFFFFFFFF if undefined else len(item)
+        tail = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0) if undefined else b""
+        head = struct.pack("<HHI", 0x0008, 0x1140, length) if implicit else struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, length)
+        inner = head + item + tail
+    return inner
+
+
+@pytest.mark.parametrize("implicit,mixed", [(True, False), (False, False), (True, True), (False, True)])
+def test_defined_length_sequences_count_toward_the_nesting_cap(implicit, mixed):
+    at_cap = _nested_defined(wire.MAX_SEQUENCE_DEPTH, implicit, mixed)
+    assert wire.dataset_end(at_cap, implicit) == len(at_cap)
+    read_dataset(io.BytesIO(at_cap), implicit, True).to_json_dict()
+    with pytest.raises(wire.Refused):
+        wire.dataset_end(_nested_defined(wire.MAX_SEQUENCE_DEPTH + 1, implicit, mixed), implicit)
+    with pytest.raises(wire.Refused):
+        wire.dataset_end(_nested_defined(400, implicit, mixed), implicit)
