@@ -641,9 +641,9 @@ def test_unknown_public_elements_and_file_meta_in_the_data_set_are_removed():
     assert out.SliceThickness == 1.5
 
 
-def test_verifier_finds_text_of_unknown_public_elements_in_the_output():
-    """The verifier's second pair of eyes: text carried by a public element no dictionary
-    knows, in the input, found in the output, is a finding (kind 'unknown')."""
+def test_verifier_finds_unknown_public_elements_in_the_output():
+    """The verifier's second pair of eyes: a public element no dictionary knows, left in
+    the output, is a finding (kind 'unknown') whatever it holds, naming no value."""
     src, out = _leaky_pair()
     src.add_new(0x00109999, "LO", "PLANTEDTEXT ONE")
     src.add_new(0x00409999, "OB", b"PLANTEDTEXT-TWO-")
@@ -655,6 +655,9 @@ def test_verifier_finds_text_of_unknown_public_elements_in_the_output():
         findings = verify(original, to_bytes(leaky))
         assert [f for f in findings if f.kind == "unknown"], vr
         assert all("PLANTEDTEXT" not in str(f) for f in findings)
+    leaky = copy.deepcopy(out)
+    leaky.add_new(0x00189999, "UN", b"AXIAL ")  # a value shared with kept attributes: still a finding
+    assert [f.where for f in verify(original, to_bytes(leaky)) if f.kind == "unknown"] == ["(0018,9999) unknown"]
 
 
 def test_verifier_respects_what_options_keep_and_reads_any_tool(tmp_path):

@@ -6,11 +6,12 @@ de-identifier (``node.deid.deidentify`` and the modules it uses): it reads both 
 its own element scanner, from their bytes, and takes from pydicom only the data
 dictionary and the character-set codecs. It collects the input's identifying values —
 person names, patient and order IDs, accession numbers, dates, addresses, telephone
-numbers, institution names, instance UIDs, text in public elements no dictionary knows — from any attribute at any depth, private ones
+numbers, institution names, instance UIDs — from any attribute at any depth, private ones
 included where their VR is written, decoded with the object's Specific Character Set;
 then it searches the output twice: its encoded bytes (as the input encoded them, in
 UTF-8, and in the output's character set), and its text decoded with the output's
-character set. Pixel Data is not searched (the header step does not change pixels; the
+character set. A public element that no dictionary knows is a finding wherever it is
+in the output, whatever it holds. Pixel Data is not searched (the header step does not change pixels; the
 burned-in-text policy and the pixel step answer for them).
 
 What the route's options keep on purpose is not searched for: dates under
@@ -51,7 +52,6 @@ _INSTITUTION_KEYWORDS = frozenset({"InstitutionName", "InstitutionalDepartmentNa
 _DEFINITION_UID = re.compile(r"ClassUID|TransferSyntax|CodingScheme|ContextUID|MappingResource|CreatorUID|OrganizationUID|ImplementationClass")
 _DUMMIES = frozenset({"ANON", "ANONYMIZED", "ANONYMOUS", "19000101"})
 _EQUIPMENT = frozenset({0x00080070, 0x00081090})  # Manufacturer, ManufacturerModelName
-_PRINTABLE_RUN = re.compile(rb"[\x20-\x7e]{4,}")
 _SKIP_META = frozenset({0x00020001, 0x00020002, 0x00020010, 0x00020012, 0x00020013})
 
 
@@ -77,6 +77,8 @@ class Finding:
     where: str  # the output attribute, e.g. "(0020,4000) ImageComments"
 
     def __str__(self) -> str:
+        if self.kind == "unknown":
+            return f"a public element no dictionary knows in the output at {self.where}"
         return f"{self.kind} from {self.source} of the input found in the output at {self.where}"
 
 
@@ -90,10 +92,17 @@ def verify(original: bytes, output: bytes, policy: Policy = Policy()) -> list[Fi
     Raises:
         VerifyError: either file cannot be parsed as a DICOM data set.
     """
+    out = _Scan(output)
+    findings = _unknown_public_elements(out)
     needles = identifying_values(original, policy)
-    if not needles:
-        return []
-    return _search(needles, _Scan(output), policy)
+    return findings + (_search(needles, out, policy) if needles else [])
+
+
+def _unknown_public_elements(out: _Scan) -> list[Finding]:
+    """A public element that no DICOM dictionary knows, anywhere in the output: nothing
+    says what it holds (a sender can plant any text there) and the de-identifier removes
+    every one, so its presence is a finding whatever its value."""
+    return [Finding("unknown", _name(el), _name(el)) for el in out.elements if _unknown_public(el.tag)]
 
 
 def reason(findings: list[Finding]) -> str:
@@ -131,10 +140,6 @@ def identifying_values(data: bytes, policy: Policy = Policy()) -> list[_Needle]:
 def _classify(el: _Element, keyword: str, scan: _Scan, policy: Policy) -> Iterator[tuple[str, str]]:
     vr = el.vr
     if el.tag >> 16 == 0x0002 and el.tag in _SKIP_META:
-        return
-    if _unknown_public(el.tag):  # no dictionary says what it holds: any text in it is suspect
-        for v in scan.values(el) if vr in _TEXT_VRS else [r.decode("ascii") for r in _PRINTABLE_RUN.findall(el.raw)]:
-            yield "unknown", v
         return
     if vr == "PN":
         for v in scan.values(el):
@@ -510,4 +515,4 @@ def _dict_vr(tag: int) -> str:
 
 
 def _name(el: _Element) -> str:
-    return f"{el.path}({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {_keyword(el.tag) or 'private'}"
+    return f"{el.path}({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {_keyword(el.tag) or ('private' if el.tag >> 16 & 1 else 'unknown')}"
