@@ -171,9 +171,13 @@ def malformed_request(assoc) -> str:
     (pynetdicom's negotiation raises on a context without one, killing the association's
     thread and leaving its connection open), and each context its own odd ID from 1 to
     255 (pynetdicom refuses an even one while decoding, but answers two contexts with one
-    ID as if both were accepted, and a P-DATA then names either)."""
+    ID as if both were accepted, and a P-DATA then names either). A request needs one
+    presentation context at least (PS3.8 9.3.2): with none, nothing can be sent on it."""
+    contexts = assoc.requestor.primitive.presentation_context_definition_list
+    if not contexts:
+        return "no presentation context"
     seen: set[int] = set()
-    for cx in assoc.requestor.primitive.presentation_context_definition_list:
+    for cx in contexts:
         if not cx.abstract_syntax or not cx.transfer_syntax:
             return "a presentation context without abstract or transfer syntax"
         if cx.context_id in seen:

@@ -30,6 +30,8 @@ import re
 import sys
 from pathlib import Path
 
+from node import logfmt
+
 log = logging.getLogger("casemask")
 
 
@@ -39,7 +41,7 @@ class UsageError(Exception):
 
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logfmt.configure(level)  # control characters a peer sent are escaped: one record, one line
     if verbose < 2:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("apscheduler").setLevel(logging.ERROR)  # 'skipped: already running' is normal

@@ -8,6 +8,8 @@ name and its row committed, and a failure status otherwise, so the sender keeps 
 
 =======  ====================================================================
 0x0000   stored (or stored before: the same object, see below)
+0x0122   sent on a presentation context negotiated for another SOP class
+         (PS3.7 9.3.1); nothing is stored
 0xA700   out of resources: object above ``max_object_mb``, disk below
          ``min_free_disk_mb``, spool file or row could not be written
 0xA900   the data set's SOP Class UID differs from the command's
@@ -65,12 +67,13 @@ from node.reasons import withhold_library_values
 from node.spool import place, remove, replace, spool_path
 from node.tls import peer_subject, server_context
 from node.uid import invalid_uids, is_valid_uid
-from node.wire import ROW_KEYWORDS, Incomplete, dataset_end, row_attributes, row_attributes_from_file, scan_whole
+from node.wire import ROW_KEYWORDS, Incomplete, Refused, dataset_end, row_attributes, row_attributes_from_file, scan_whole
 
 log = logging.getLogger(__name__)
 
 # C-STORE statuses (PS3.4 B.2.3 and Annex C of PS3.7); see the module docstring.
 SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 SOP_CLASS_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
@@ -246,6 +249,9 @@ class StoreHandler:
         ts = UID(str(event.context.transfer_syntax))
         cmd_class = str(event.request.AffectedSOPClassUID or "")
         cmd_sop = str(event.request.AffectedSOPInstanceUID or "")
+        if str(event.context.abstract_syntax) != cmd_class:
+            log.warning("C-STORE from %s: sent on a presentation context of another SOP class -> 0x0122", calling)
+            raise _Refusal(SOP_CLASS_NOT_SUPPORTED, "the presentation context was negotiated for another SOP class")
         bad = invalid_uids({"transfer syntax": str(ts), "Affected SOP Class UID": cmd_class, "Affected SOP Instance UID": cmd_sop}, self.strict_uids, required=("transfer syntax", "Affected SOP Class UID", "Affected SOP Instance UID"))
         if bad or str(ts) not in _KNOWN_SYNTAXES:
             what = ", ".join(bad) or "transfer syntax (unknown)"
@@ -316,6 +322,9 @@ class StoreHandler:
                 with open(incoming.path, "rb") as fp:
                     fp.seek(offset)
                     return row_attributes_from_file(fp, ts.is_implicit_VR, True)
+        except Refused as exc:
+            log.warning("C-STORE from %s: %s -> 0xC210", calling, exc)
+            raise _Refusal(CANNOT_UNDERSTAND, str(exc)) from None
         except Incomplete:
             log.warning("C-STORE from %s: the data set ends inside an element -> 0xC210", calling)
             raise _Refusal(CANNOT_UNDERSTAND, "data set ends inside an element") from None
@@ -523,6 +532,8 @@ def _decode_file(path: Path) -> dict[str, str]:
     from pydicom import dcmread
 
     ds = dcmread(path)
+    if any(tag >> 16 == 0x0002 for tag in ds.keys()):
+        raise Refused("a File Meta element (group 0002) inside the data set")
     return {kw: str(ds.get(kw, "") or "").strip("\x00 ") for kw in ROW_KEYWORDS}
 
 

@@ -9,7 +9,7 @@ import io
 import struct
 
 from pydicom import Dataset
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
 
@@ -50,6 +50,17 @@ class _Unusual(Exception):
 
 class Incomplete(ValueError):
     """The data set ends inside an element, or an element's length runs past its end."""
+
+
+class Refused(ValueError):
+    """A data set the node will not take: sequences nested deeper than
+    :data:`MAX_SEQUENCE_DEPTH`, or File Meta elements (group 0002) among its elements."""
+
+
+# Sequences inside sequences, at most. pydicom reads and writes about 190 levels before
+# a RecursionError (pydicom 3, default recursion limit, measured); de-identification
+# recurses too. Real objects (SR content trees included) stay far below 64.
+MAX_SEQUENCE_DEPTH = 64
 
 
 def row_attributes(encoded: bytes, implicit_vr: bool, little_endian: bool, complete: bool = True) -> dict[str, str]:
@@ -124,6 +135,8 @@ def dataset_end(b, implicit: bool, start: int = 0) -> int:
     Raises:
         Incomplete: an element's header or value runs past the end of ``b``, or an
             undefined-length value has no delimiter before it.
+        Refused: a File Meta element (group 0002, PS3.10 7.1) at the top level, or
+            undefined-length sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`.
         ValueError: the structure cannot be followed (a sequence item without an item
             tag, for instance).
     """
@@ -135,7 +148,7 @@ def scan_whole(b, implicit: bool, start: int = 0) -> tuple[dict[str, str] | None
     attributes are None when a value needs pydicom (not ASCII): use :func:`row_attributes`.
 
     Raises:
-        Incomplete, ValueError: as :func:`dataset_end`.
+        Incomplete, Refused, ValueError: as :func:`dataset_end`.
     """
     out = dict.fromkeys(ROW_KEYWORDS, "")
     end = _walk(b, implicit, start, out)
@@ -144,14 +157,16 @@ def scan_whole(b, implicit: bool, start: int = 0) -> tuple[dict[str, str] | None
 
 def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
     pos, end = start, len(b)
-    u16, u32, vr_is_long, wanted = _U16.unpack_from, _U32.unpack_from, _VR_IS_LONG.get, _ROW_KEYWORDS
+    u16, u32, vr_is_long, wanted, sequences = _U16.unpack_from, _U32.unpack_from, _VR_IS_LONG.get, _ROW_KEYWORDS, _SEQUENCE_TAGS_AS_READ
     try:
         while pos < end:
             if end - pos < 8:
                 raise Incomplete("the data set ends inside an element header")
+            if b[pos] == 0x02 and b[pos + 1] == 0x00:  # group 0002 belongs to the File Meta only
+                raise Refused("a File Meta element (group 0002) inside the data set")
             # the hot loop of every C-STORE: _header() inlined
             if implicit or (b[pos] == 0xFE and b[pos + 1] == 0xFF):  # item and delimiter tags have no VR
-                length, value, nested = u32(b, pos + 4)[0], pos + 8, implicit
+                length, value, nested, vr = u32(b, pos + 4)[0], pos + 8, implicit, None
             else:
                 vr = b[pos + 4 : pos + 6]
                 is_long = vr_is_long(vr)
@@ -164,6 +179,8 @@ def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
             if length == 0xFFFFFFFF:
                 pos = _skip_sequence(b, value, nested)
                 continue
+            if length and (vr == b"SQ" or ((implicit or vr == b"UN") and u32(b, pos)[0] in sequences)):
+                _check_nesting(b, value, value + length, nested, 1)  # defined-length items: nesting counted too
             if rows is not None:
                 v = u32(b, pos)[0]
                 tag = (v & 0xFFFF) << 16 | v >> 16
@@ -201,8 +218,15 @@ def _header(b: bytes, pos: int, implicit: bool) -> tuple[int, int, int, bool]:
     return tag, struct.unpack_from("<H", b, pos + 6)[0], pos + 8, False
 
 
-def _skip_sequence(b: bytes, pos: int, implicit: bool) -> int:
-    """Position after an undefined-length sequence whose items start at ``pos``."""
+def _skip_sequence(b: bytes, pos: int, implicit: bool, depth: int = 1) -> int:
+    """Position after an undefined-length sequence whose items start at ``pos``, at
+    nesting level ``depth`` (1: a top-level sequence).
+
+    Raises:
+        Refused: sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`.
+    """
+    if depth > MAX_SEQUENCE_DEPTH:
+        raise Refused(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
     while True:
         tag, length, pos, _ = _header(b, pos, implicit)
         if tag == _SEQUENCE_DELIMITER:
@@ -210,15 +234,82 @@ def _skip_sequence(b: bytes, pos: int, implicit: bool) -> int:
         if tag != _ITEM:
             raise _Unusual
         if length != 0xFFFFFFFF:
+            _check_nesting_in_item(b, pos, pos + length, implicit, depth)
             pos += length
             continue
-        while True:  # an undefined-length item: its elements up to the item delimiter
-            tag, length, pos, nested_implicit = _header(b, pos, implicit)
-            if tag == _ITEM_DELIMITER:
-                break
-            pos = _skip_sequence(b, pos, nested_implicit) if length == 0xFFFFFFFF else pos + length
-            if pos > len(b):
-                raise _Unusual
+        pos = _item_elements(b, pos, None, implicit, depth)  # an undefined-length item: up to its delimiter
+
+
+def _is_sequence(b, pos: int, implicit: bool) -> bool:
+    """Whether the element whose header starts at ``pos`` holds sequence items: VR SQ,
+    or (implicit VR, or explicit UN) a tag the dictionary knows as a sequence."""
+    vr = None if implicit else bytes(b[pos + 4 : pos + 6])
+    return vr == b"SQ" or (vr in (None, b"UN") and _tag(b, pos) in _SEQUENCE_TAGS)
+
+
+def _tag(b, pos: int) -> int:
+    group, element = _HH.unpack_from(b, pos)
+    return group << 16 | element
+
+
+# Tags the data dictionary knows as sequences (VR SQ): pydicom reads their items in
+# implicit VR (or written as UN), so their nesting is counted even at a defined length.
+_SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
+_SEQUENCE_TAGS_AS_READ = frozenset((t & 0xFFFF) << 16 | t >> 16 for t in _SEQUENCE_TAGS)  # a tag's 4 bytes read as one little-endian u32
+_HH = struct.Struct("<HH")
+
+
+def _check_nesting(b, pos: int, end: int, implicit: bool, depth: int) -> None:
+    """Refused when the defined-length sequence value ``b[pos:end]`` (at nesting level
+    ``depth``) holds sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`. Content
+    the walk cannot follow is left as it was (skipped by its length) for pydicom."""
+    if depth > MAX_SEQUENCE_DEPTH:
+        raise Refused(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
+    try:
+        while pos < end:
+            tag, length, pos, _ = _header(b, pos, implicit)
+            if tag != _ITEM:
+                return
+            if length == 0xFFFFFFFF:  # an undefined-length item inside: walked to its delimiter
+                pos = _item_elements(b, pos, None, implicit, depth)
+            else:
+                _item_elements(b, pos, pos + length, implicit, depth)
+                pos += length
+    except (_Unusual, Incomplete, struct.error, IndexError):
+        return
+
+
+def _check_nesting_in_item(b, pos: int, end: int, implicit: bool, depth: int) -> None:
+    """:func:`_check_nesting` for the elements of one defined-length item."""
+    try:
+        _item_elements(b, pos, end, implicit, depth)
+    except (_Unusual, Incomplete, struct.error, IndexError):
+        return
+
+
+def _item_elements(b, pos: int, end: int | None, implicit: bool, depth: int) -> int:
+    """Walk one item's elements (up to ``end``, or past its item delimiter when None) of
+    a sequence at level ``depth``, descending into the sequences they hold; the position
+    after them.
+
+    Raises:
+        Refused: sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`.
+        _Unusual, struct.error, IndexError: a structure the walk cannot follow.
+    """
+    while end is None or pos < end:
+        at = pos
+        tag, length, pos, nested_implicit = _header(b, pos, implicit)
+        if tag == _ITEM_DELIMITER:
+            return pos
+        if length == 0xFFFFFFFF:
+            pos = _skip_sequence(b, pos, nested_implicit, depth + 1)
+            continue
+        if length and _is_sequence(b, at, implicit):
+            _check_nesting(b, pos, pos + length, nested_implicit, depth + 1)
+        pos += length
+        if pos > len(b):
+            raise _Unusual
+    return pos
 
 
 def sequence_elements(value: bytes, implicit: bool) -> list[tuple[int, str | None]]:

@@ -626,6 +626,40 @@ def test_verifier_catches_a_planted_leak_of_each_kind(kind, where):
     assert any((where == "ImageComments" and "ImageComments" in f.where) or (where == "nested" and "CodeMeaning" in f.where) or (where == "private" and "private" in f.where) for f in findings)
 
 
+def test_unknown_public_elements_and_file_meta_in_the_data_set_are_removed():
+    """Public elements no dictionary knows (any VR) are removed, never kept (nothing says
+    what they hold); known unlisted ones keep Annex E's default; group 0002 found among
+    the data set's elements (a sender's File Meta) is removed like command elements."""
+    src, _ = _leaky_pair()
+    src.add_new(0x00109999, "LO", "PLANTED-PHI-LO")
+    src.add_new(0x00189999, "UN", b"PLANTED-PHI-UN")
+    src.add_new(0x00409999, "OB", b"PLANTED-PHI-OB")
+    src.add_new(0x00020010, "UI", "1.2.840.10008.1.2.4.50")
+    src.SliceThickness = "1.5"  # listed nowhere in Table E.1-1, known to the dictionary: kept
+    out = deid(burned_in="allow").apply(src).dataset
+    assert not [t for t in (0x00109999, 0x00189999, 0x00409999, 0x00020010) if t in out]
+    assert out.SliceThickness == 1.5
+
+
+def test_verifier_finds_unknown_public_elements_in_the_output():
+    """The verifier's second pair of eyes: a public element no dictionary knows, left in
+    the output, is a finding (kind 'unknown') whatever it holds, naming no value."""
+    src, out = _leaky_pair()
+    src.add_new(0x00109999, "LO", "PLANTEDTEXT ONE")
+    src.add_new(0x00409999, "OB", b"PLANTEDTEXT-TWO-")
+    original = to_bytes(copy.deepcopy(src))
+    assert verify(original, to_bytes(copy.deepcopy(out))) == []
+    for tag, vr, value in ((0x00109999, "LO", "PLANTEDTEXT ONE"), (0x00409999, "OB", b"PLANTEDTEXT-TWO-")):
+        leaky = copy.deepcopy(out)
+        leaky.add_new(tag, vr, value)
+        findings = verify(original, to_bytes(leaky))
+        assert [f for f in findings if f.kind == "unknown"], vr
+        assert all("PLANTEDTEXT" not in str(f) for f in findings)
+    leaky = copy.deepcopy(out)
+    leaky.add_new(0x00189999, "UN", b"AXIAL ")  # a value shared with kept attributes: still a finding
+    assert [f.where for f in verify(original, to_bytes(leaky)) if f.kind == "unknown"] == ["(0018,9999) unknown"]
+
+
 def test_verifier_respects_what_options_keep_and_reads_any_tool(tmp_path):
     src, _ = _leaky_pair()
     original = to_bytes(copy.deepcopy(src))

@@ -121,3 +121,60 @@ def test_sequence_scanner_lists_what_pydicom_decodes():
                 assert got == list(walk(decoded.value)), (path.name, hex(tag))
                 compared += 1
     assert compared > 20
+
+
+def _nested(depth: int) -> bytes:
+    """(0008,1140) sequences of undefined length nested ``depth`` deep, implicit VR."""
+    import struct
+
+    nest = struct.pack("<HHI", 0x0008, 0x1140, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    close = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return nest * depth + close * depth
+
+
+def test_sequences_nested_beyond_the_cap_are_refused_and_pydicom_reads_the_cap():
+    """The walk takes MAX_SEQUENCE_DEPTH levels (pydicom reads that deep) and refuses one
+    more, before pydicom's own recursion limit (about 190 levels) is near."""
+    at_cap = _nested(wire.MAX_SEQUENCE_DEPTH)
+    assert wire.dataset_end(at_cap, True) == len(at_cap)
+    read_dataset(io.BytesIO(at_cap), True, True).to_json_dict()  # decoded to the bottom
+    with pytest.raises(wire.Refused):
+        wire.dataset_end(_nested(wire.MAX_SEQUENCE_DEPTH + 1), True)
+    with pytest.raises(wire.Refused):
+        wire.scan_whole(_nested(900), True)
+
+
+def test_a_file_meta_element_inside_the_data_set_is_refused():
+    import struct
+
+    ts = b"1.2.840.10008.1.2.4.50\x00"
+    planted = struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(ts)) + ts
+    with pytest.raises(wire.Refused):
+        wire.dataset_end(planted, False)
+
+
+def _nested_defined(depth: int, implicit: bool, mixed: bool = False) -> bytes:
+    """(0008,1140) sequences of defined length nested ``depth`` deep; ``mixed``: every
+    other level an undefined-length sequence whose item has a defined length."""
+    import struct
+
+    inner = b""
+    for level in range(depth):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+        undefined = mixed and level % 2
+        length = 0xFFFFFFFF if undefined else len(item)
+        tail = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0) if undefined else b""
+        head = struct.pack("<HHI", 0x0008, 0x1140, length) if implicit else struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, length)
+        inner = head + item + tail
+    return inner
+
+
+@pytest.mark.parametrize("implicit,mixed", [(True, False), (False, False), (True, True), (False, True)])
+def test_defined_length_sequences_count_toward_the_nesting_cap(implicit, mixed):
+    at_cap = _nested_defined(wire.MAX_SEQUENCE_DEPTH, implicit, mixed)
+    assert wire.dataset_end(at_cap, implicit) == len(at_cap)
+    read_dataset(io.BytesIO(at_cap), implicit, True).to_json_dict()
+    with pytest.raises(wire.Refused):
+        wire.dataset_end(_nested_defined(wire.MAX_SEQUENCE_DEPTH + 1, implicit, mixed), implicit)
+    with pytest.raises(wire.Refused):
+        wire.dataset_end(_nested_defined(400, implicit, mixed), implicit)

@@ -252,7 +252,7 @@ class Deidentifier:
         UID unless it is a registry UID, 'private' is decided with its Private Creator."""
         if tag.is_private:
             return "private"
-        if tag >> 16 == 0x0000:  # command elements have no place in a stored dataset
+        if tag >> 16 in (0x0000, 0x0002):  # command and File Meta elements have no place in a data set
             return "X"
         act = self._base(tag)
         if vr is None or vr == "UN":
@@ -275,8 +275,12 @@ class Deidentifier:
         return act
 
     def _unlisted(self, tag: int, vr: str) -> str:
-        """Attributes Table E.1-1 does not list: dates and times by VR (E.1.1 note 4),
-        person names emptied, instance UIDs replaced, the rest kept."""
+        """Attributes Table E.1-1 does not list: removed when no DICOM dictionary knows the
+        tag (nothing says what it holds: a sender can plant text there); else dates and
+        times by VR (E.1.1 note 4), person names emptied, instance UIDs replaced, the rest
+        kept."""
+        if not _in_dictionary(tag):
+            return "X"
         if vr in ("DA", "DT"):
             return "K" if self.full_dates else ("S" if self.modified_dates else "D")
         if vr == "PN":
@@ -591,6 +595,15 @@ def _or_dummy(value: str | None, vr: str) -> str:
 
 def _tagstr(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _in_dictionary(tag: int) -> bool:
+    """Whether pydicom's data dictionary (repeating groups included) knows a public tag."""
+    try:
+        dictionary_VR(tag)
+    except KeyError:
+        return False
+    return True
 
 
 def _vr_of(tag: int) -> str:

@@ -10,7 +10,8 @@ numbers, institution names, instance UIDs — from any attribute at any depth, p
 included where their VR is written, decoded with the object's Specific Character Set;
 then it searches the output twice: its encoded bytes (as the input encoded them, in
 UTF-8, and in the output's character set), and its text decoded with the output's
-character set. Pixel Data is not searched (the header step does not change pixels; the
+character set. A public element that no dictionary knows is a finding wherever it is
+in the output, whatever it holds. Pixel Data is not searched (the header step does not change pixels; the
 burned-in-text policy and the pixel step answer for them).
 
 What the route's options keep on purpose is not searched for: dates under
@@ -71,11 +72,13 @@ class Policy:
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    kind: str  # name | id | accession | date | birth-date | address | phone | institution | uid
+    kind: str  # name | id | accession | date | birth-date | address | phone | institution | uid | unknown
     source: str  # the input attribute, e.g. "(0010,0010) PatientName"
     where: str  # the output attribute, e.g. "(0020,4000) ImageComments"
 
     def __str__(self) -> str:
+        if self.kind == "unknown":
+            return f"a public element no dictionary knows in the output at {self.where}"
         return f"{self.kind} from {self.source} of the input found in the output at {self.where}"
 
 
@@ -89,10 +92,17 @@ def verify(original: bytes, output: bytes, policy: Policy = Policy()) -> list[Fi
     Raises:
         VerifyError: either file cannot be parsed as a DICOM data set.
     """
+    out = _Scan(output)
+    findings = _unknown_public_elements(out)
     needles = identifying_values(original, policy)
-    if not needles:
-        return []
-    return _search(needles, _Scan(output), policy)
+    return findings + (_search(needles, out, policy) if needles else [])
+
+
+def _unknown_public_elements(out: _Scan) -> list[Finding]:
+    """A public element that no DICOM dictionary knows, anywhere in the output: nothing
+    says what it holds (a sender can plant any text there) and the de-identifier removes
+    every one, so its presence is a finding whatever its value."""
+    return [Finding("unknown", _name(el), _name(el)) for el in out.elements if _unknown_public(el.tag)]
 
 
 def reason(findings: list[Finding]) -> str:
@@ -483,6 +493,19 @@ def _keyword(tag: int) -> str:
 
 
 @functools.lru_cache(maxsize=8192)
+def _unknown_public(tag: int) -> bool:
+    """A public data element (even group, not a group length) that no DICOM dictionary knows."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if group % 2 or group in (0x0000, 0x0002, 0xFFFE) or element == 0x0000:
+        return False
+    try:
+        dictionary_VR(tag)
+    except KeyError:
+        return True
+    return False
+
+
+@functools.lru_cache(maxsize=8192)
 def _dict_vr(tag: int) -> str:
     try:
         vr = dictionary_VR(tag)
@@ -492,4 +515,4 @@ def _dict_vr(tag: int) -> str:
 
 
 def _name(el: _Element) -> str:
-    return f"{el.path}({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {_keyword(el.tag) or 'private'}"
+    return f"{el.path}({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {_keyword(el.tag) or ('private' if el.tag >> 16 & 1 else 'unknown')}"
