@@ -1,6 +1,7 @@
 # casemask: `make serve` starts the node on the built-in config; `make test` runs the tests.
 # Both install what they need: Debian packages (dcmtk, orthanc, orthanc-dicomweb,
-# dicom3tools; chromium and chromium-driver for the dashboard's browser test) and a
+# dicom3tools; chromium and chromium-driver for the dashboard's browser test; postgresql:
+# the tests start their own cluster) and a
 # virtualenv in .venv with the CPU build of PyTorch.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # tesseract-ocr: the second OCR engine of the burned-in tests; libgl1/libglib2.0-0: OpenCV
 # (pulled in by rapidocr-onnxruntime); the fonts draw the tests' synthetic text.
-APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 fonts-dejavu-core fonts-liberation chromium chromium-driver
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl postgresql tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 fonts-dejavu-core fonts-liberation chromium chromium-driver
 
 .PHONY: serve test test-fast deps venv triton-venv bench bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin clean
 

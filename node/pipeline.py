@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit, metrics, queue
 from node.config import Route, Settings
-from node.db import Job, Output, Pseudonym, insert_if_absent
+from node.db import Job, Output, Pseudonym, data_path, insert_if_absent, row_path
 from node.deid import Deidentifier, Pseudonymizer, QuarantineError, Result, to_bytes
 from node.deid.profile import CLEAN_PIXEL_CODE, CLEAN_VISUAL_CODE
 from node.deid.verify import Policy, VerifyError, reason, verify
@@ -109,6 +109,7 @@ class Pipeline:
         self.pseudo = pseudo
         self.pixel_step = pixel_step
         self.owner = owner
+        self.data_dir = settings.node.data_dir
         self.outbox = settings.node.data_dir / "outbox"
         self._deid: dict[str, Deidentifier] = {}
         self._burned_in = None  # node.burnedin.BurnedInStep, made for the first route that cleans
@@ -180,7 +181,7 @@ class Pipeline:
         items = [Item(job=j) for j in jobs]
         for it in items:
             try:
-                with open(it.job.instance.path, "rb") as fh:
+                with open(data_path(self.data_dir, it.job.instance.path), "rb") as fh:
                     it.original = fh.read()
                 it.source = dcmread(io.BytesIO(it.original))
             except Exception as exc:
@@ -292,7 +293,7 @@ class Pipeline:
         """``text`` (a reason) with any text value of the object's original header cut
         out (a step's own message should hold none; this makes sure)."""
         try:
-            original = dcmread(io.BytesIO(it.original) if it.original else it.job.instance.path, stop_before_pixels=True)
+            original = dcmread(io.BytesIO(it.original) if it.original else data_path(self.data_dir, it.job.instance.path), stop_before_pixels=True)
         except Exception:  # nothing to compare against: keep the step and the class only
             return text.split(":", 1)[0] + ": (details withheld: the object is unreadable)" if ":" in text else text
         return scrub(text, original)
@@ -355,7 +356,7 @@ class Pipeline:
             sop_instance_uid=sop,
             sop_class_uid=str(ds.SOPClassUID),
             transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-            path=str(path),
+            path=row_path(self.data_dir, path),
         )
 
     def _save_mappings(self, session: Session, mappings: dict[str, dict[str, str]]) -> None:

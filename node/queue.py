@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, object_session
@@ -35,7 +36,9 @@ from node.db import (
     Output,
     Study,
     StudyState,
+    data_path,
     db_now,
+    lock_row,
     utcnow,
 )
 
@@ -57,6 +60,7 @@ class Received:
     calling_ae: str
     called_ae: str
     peer_host: str
+    received_by: str = ""  # the writing process's owner token (node.leases)
 
 
 # The two statements of every C-STORE, built once: constructing a statement per call
@@ -114,6 +118,7 @@ def record_received(conn: Connection, r: Received) -> str:
             "called_ae": r.called_ae,
             "peer_host": r.peer_host,
             "received_at": now,
+            "received_by": r.received_by or None,
             "state": InstanceState.RECEIVED,
             "reason": "",
         },
@@ -128,13 +133,20 @@ def forget_received(conn: Connection, sop_instance_uid: str) -> None:
     conn.execute(instances.delete().where(instances.c.sop_instance_uid == sop_instance_uid, instances.c.state == InstanceState.RECEIVED))
 
 
-def drop_unspooled(session: Session) -> list[str]:
-    """At start: received instances whose spool file is missing were committed while
-    their file was still being written when the node stopped, so they were never
-    acknowledged; delete them. Returns their SOP Instance UIDs."""
-    from pathlib import Path
-
-    gone = [i for i in session.scalars(select(Instance).where(Instance.state == InstanceState.RECEIVED)) if not Path(i.path).exists()]
+def drop_unspooled(session: Session, data_dir: Path, node_id: str, owner: str, grace_s: float) -> list[str]:
+    """Delete the received instances whose spool file never came, where that proves the
+    object was never acknowledged: rows written by an *earlier run of this node*
+    (``received_by`` starts with ``node_id/`` and is not ``owner``, the running
+    process), more than ``grace_s`` seconds ago (that process's clock, which is this
+    host's), still RECEIVED, with no file at their path. The handler answers a C-STORE
+    only once its row and file are both durable, so such a row was committed while its
+    file was still being written when that run stopped. Rows of other nodes (still
+    writing, perhaps, on a slow shared file system) and rows of unknown writers are
+    left alone. Returns the SOP Instance UIDs dropped."""
+    cutoff = db_now(session) - dt.timedelta(seconds=grace_s)
+    mine_before = and_(Instance.received_by.startswith(f"{node_id}/", autoescape=True), Instance.received_by != owner)
+    rows = session.scalars(select(Instance).where(Instance.state == InstanceState.RECEIVED, mine_before, Instance.received_at < cutoff))
+    gone = [i for i in rows if not data_path(data_dir, i.path).exists()]
     for inst in gone:
         session.delete(inst)
     session.flush()
@@ -151,19 +163,22 @@ def on_resend(conn: Connection, sop_instance_uid: str) -> str:
     the caller's transaction; returns the state change to log ("" when none).
 
     A HELD or IGNORED object (it matched no route) goes back to RECEIVED and its study
-    to RECEIVING, so that it is routed again with the routes configured now. An object
+    to RECEIVING, so that it is routed again with the routes configured now; so does an
+    object quarantined because its spool file never came (:data:`SPOOL_FILE_MISSING`:
+    the node that wrote its row stopped mid-write, and the sender, never answered
+    Success, sent it again, through this or another node, which rewrote the file). An object
     whose spooled file retention already deleted has it back (the C-STORE handler
     rewrote it): it is marked unpurged, so that the next retention run deletes it again.
     Anything else is left as it is (a re-send is idempotent).
     """
     instances, studies = Instance.__table__, Study.__table__
     row = conn.execute(
-        select(instances.c.id, instances.c.state, instances.c.study_id, instances.c.purged_at).where(instances.c.sop_instance_uid == sop_instance_uid)
+        select(instances.c.id, instances.c.state, instances.c.reason, instances.c.study_id, instances.c.purged_at).where(instances.c.sop_instance_uid == sop_instance_uid)
     ).first()
     if row is None:
         return ""
     now = utcnow()
-    if row.state in (InstanceState.HELD, InstanceState.IGNORED):
+    if row.state in (InstanceState.HELD, InstanceState.IGNORED) or (row.state == InstanceState.QUARANTINED and row.reason == SPOOL_FILE_MISSING):
         conn.execute(
             update(instances)
             .where(instances.c.id == row.id, instances.c.state == row.state)
@@ -237,8 +252,13 @@ def route_instance(session: Session, inst: Instance, routes: Sequence[str], unro
         _set_instance(inst, InstanceState.HELD, "matched no route (unrouted = hold)")
 
 
+# The reason routing gives an instance whose spool file is still missing after the grace
+# time; a re-send of the object (which brings the file) routes it again (on_resend).
+SPOOL_FILE_MISSING = "route: the spooled file is missing (the writing node stopped mid-write?)"
+
+
 def quarantine_instance(session: Session, inst: Instance, reason: str) -> None:
-    """An instance that could not even be routed (unreadable file)."""
+    """An instance that could not even be routed (unreadable or missing file)."""
     _set_instance(inst, InstanceState.QUARANTINED, reason)
 
 
@@ -494,14 +514,21 @@ def _back_to_pending(session: Session, job: Job, reason: str, delay: float) -> f
 
 
 def _after_job(session: Session, job: Job) -> None:
-    inst = job.instance
+    """The instance's and the study's state once one of their jobs ended. Both rows are
+    locked first (PostgreSQL; SQLite's write lock is held already), so that workers
+    ending the last jobs of one instance or study at the same moment take turns, and
+    the last one sees the others' jobs ended (else each would see the other's still
+    open, and the instance would never be PROCESSED, nor its original deleted)."""
+    session.flush()
+    inst = lock_row(session, Instance, job.instance_id)
+    assert inst is not None
     states = set(session.scalars(select(Job.state).where(Job.instance_id == inst.id)))
     if JobState.QUARANTINED in states and inst.state != InstanceState.QUARANTINED:
         _set_instance(inst, InstanceState.QUARANTINED, job.reason)
     elif states == {JobState.DONE}:
         _set_instance(inst, InstanceState.PROCESSED)
     session.flush()
-    study = session.get(Study, job.study_id)
+    study = lock_row(session, Study, job.study_id)
     if study is not None and study.state == StudyState.ROUTED and not _open_jobs(session, job.study_id):
         _set_study(study, StudyState.DONE)
 

@@ -27,6 +27,7 @@ from sqlalchemy.orm import sessionmaker
 
 from node import audit, metrics, queue
 from node.config import Settings
+from node.db import row_path
 from node.spool import spool_path, write_atomic
 from node.wire import part10_header, row_attributes
 
@@ -136,7 +137,9 @@ class StoreHandler:
     a failed write deletes the row again, and at start rows left without a file by a crash
     are dropped (those objects were never acknowledged)."""
 
-    def __init__(self, settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None, writer: str = "") -> None:
+        self.data_dir = settings.node.data_dir
+        self.writer = writer  # the owner token rows are marked with (received_by)
         self.spool_dir = settings.node.data_dir / "spool"
         self.engine = engine
         self.on_stored = on_stored
@@ -230,11 +233,12 @@ class StoreHandler:
             series_uid=series_uid,
             modality=modality,
             transfer_syntax=ts,
-            path=str(path),
+            path=row_path(self.data_dir, path),
             size=len(header) + len(encoded),
             calling_ae=calling,
             called_ae=assoc.acceptor.ae_title.strip(),
             peer_host=str(assoc.requestor.address),
+            received_by=self.writer,
         )
         try:
             is_new = self._record(self._connection(assoc), received)
@@ -272,8 +276,9 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None) -> ThreadedAssociationServer:
-    """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
+def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None, writer: str = "") -> ThreadedAssociationServer:
+    """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it.
+    ``writer``: the owner token stored with each received row (``received_by``)."""
     policy = AccessPolicy(settings)
     audit_sessions = sessionmaker(engine)
     reactor_delay = settings.node.reactor_delay_s
@@ -308,7 +313,7 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
         log.info("C-ECHO from %s", event.assoc.requestor.ae_title.strip())
         return SUCCESS
 
-    store = StoreHandler(settings, engine, on_stored)
+    store = StoreHandler(settings, engine, on_stored, writer)
     handlers = [
         (evt.EVT_CONN_OPEN, on_open),
         (evt.EVT_CONN_CLOSE, on_close),

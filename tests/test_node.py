@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from sqlalchemy import func, select
 
-from node.db import Delivery, DeliveryState, Instance, InstanceState, Study, StudyState
+from node.db import Delivery, DeliveryState, Instance, InstanceState, Study, StudyState, data_path
 from tests.conftest import (
     ECHOSCU,
     PHI,
@@ -30,7 +30,7 @@ from tests.conftest import (
     write_toml,
 )
 
-pytestmark = needs_dcmtk
+pytestmark = [needs_dcmtk, pytest.mark.usefixtures("database")]  # each test on SQLite and on PostgreSQL
 
 
 def storescu(port: int, files: list[Path], aet: str = "STORESCU", aec: str = "CASEMASK", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -171,14 +171,17 @@ def test_spool_write_failure_answers_out_of_resources(tmp_path, start_node, monk
     assert c_store(node.settings.node.port, ds) == 0x0000
     with node.sessions() as s:
         inst = s.scalars(select(Instance)).one()
-        assert Path(inst.path).stat().st_size == inst.size
+        assert data_path(node.settings.node.data_dir, inst.path).stat().st_size == inst.size
 
 
 def test_rows_without_spool_file_wait_then_are_dropped_at_start(tmp_path, start_node):
     """The handler commits a row while its file is still being renamed into place (and
     answers only when both are durable): routing waits for the file, and a node that
-    starts after a crash in that moment drops such rows (never acknowledged)."""
-    from node.app import Node
+    starts after a crash in that moment drops such rows (never acknowledged) once they
+    are older than the grace time."""
+    import datetime as dt
+
+    from node.app import SPOOL_GRACE_S, Node
     from tests.conftest import receive
 
     raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=0)
@@ -188,13 +191,17 @@ def test_rows_without_spool_file_wait_then_are_dropped_at_start(tmp_path, start_
         receive(node, dcmread(f))
     with node.sessions() as s:
         missing = s.scalars(select(Instance)).first()
-        path = Path(missing.path)
+        path = data_path(node.settings.node.data_dir, missing.path)
     hidden = path.with_name("elsewhere")
     path.rename(hidden)
     assert node.route_stable(0) == 0  # the study waits for its file
     with node.sessions() as s:
         assert {i.state for i in s.scalars(select(Instance))} == {InstanceState.RECEIVED}
     node.stop()
+    with node.sessions() as s:  # the rows are older than the grace time
+        for inst in s.scalars(select(Instance)):
+            inst.received_at -= dt.timedelta(seconds=SPOOL_GRACE_S + 1)
+        s.commit()
     restarted = Node(node.settings, pixel_step=None)  # a crash at that moment, then a start
     try:
         with restarted.sessions() as s:
