@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from sqlalchemy import (
@@ -345,15 +346,19 @@ event.listen(
 )
 
 
-def lock_row(session: Session, model: type[Base], row_id: object) -> Base | None:
-    """The row ``row_id`` of ``model``, locked until the session's transaction ends and
-    read afresh (PostgreSQL: ``SELECT ... FOR UPDATE``). On SQLite a writing
-    transaction holds the whole database's write lock already, so the session's copy
-    is returned (no query when it is loaded)."""
-    if session.get_bind().dialect.name == "sqlite":
-        return session.get(model, row_id)
+def lock_rows(session: Session, model: type[Base], ids: Iterable[object]) -> list:
+    """The rows ``ids`` of ``model``, read afresh and locked until the session's
+    transaction ends, in key order so that transactions locking overlapping sets take
+    turns instead of deadlocking (PostgreSQL: ``SELECT ... ORDER BY id FOR NO KEY
+    UPDATE``, the lock an UPDATE takes, which leaves inserts of rows referring to these
+    free; SQLite renders none: a writing transaction holds the database's write lock
+    already)."""
     key = model.__mapper__.primary_key[0]
-    return session.scalars(select(model).where(key == row_id).with_for_update().execution_options(populate_existing=True)).first()
+    wanted = sorted(ids)  # type: ignore[type-var]
+    if not wanted:
+        return []
+    query = select(model).where(key.in_(wanted)).order_by(key).with_for_update(key_share=True)
+    return list(session.scalars(query.execution_options(populate_existing=True)))
 
 
 def _sqlite_adapter(engine: Engine) -> None:

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -133,9 +134,9 @@ class Pipeline:
             route = jobs[0].route
             written: dict[int, list[Path]] = {}
             failure: Exception | None = None
-            with LeaseKeeper(self.sessions, lambda s: queue.renew_jobs(s, self.owner, ids, node.lease_s), len(ids), node.lease_s / 3):
+            with LeaseKeeper(self.sessions, lambda s: queue.renew_jobs(s, self.owner, ids, node.lease_s), len(ids), node.lease_s / 3) as keeper:
                 try:
-                    self.process(session, jobs, written)
+                    self.process(session, jobs, written, before_finish=keeper.stop)
                     session.commit()
                 except Exception as exc:
                     session.rollback()
@@ -163,9 +164,11 @@ class Pipeline:
         audit.processed(session, jobs)  # those whose last try this was are quarantined
         metrics.observe_processed(jobs)
 
-    def process(self, session: Session, jobs: list[Job], written: dict[int, list[Path]] | None = None) -> None:
+    def process(self, session: Session, jobs: list[Job], written: dict[int, list[Path]] | None = None, before_finish: Callable[[], None] | None = None) -> None:
         """Take claimed jobs of one route through its steps and finish each (guarded by
-        this worker's lease). ``written`` collects the outbox files made, per job.
+        this worker's lease). ``written`` collects the outbox files made, per job;
+        ``before_finish`` is called once the steps are done, before anything is written
+        to the database (run_once stops renewing the lease there).
 
         Raises:
             BatchError: a step failed for the whole batch (the caller counts a try).
@@ -175,6 +178,8 @@ class Pipeline:
         try:
             route = self.settings.route(route_name)
         except KeyError:
+            if before_finish is not None:
+                before_finish()
             for job in jobs:
                 queue.quarantine_job(session, job, f"route {route_name!r} is no longer configured", owner=self.owner)
             return
@@ -249,6 +254,8 @@ class Pipeline:
             for it in items:
                 if not it.error and it.job.study_id in first_error:
                     it.error = f"another object of this study was quarantined (partial = quarantine-study): {first_error[it.job.study_id]}"
+        if before_finish is not None:
+            before_finish()
         self._finish(session, route, items, written)
         self._save_mappings(session, mappings)
         audit.processed(session, jobs)
@@ -274,18 +281,26 @@ class Pipeline:
                 put_off[it.job.id] = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
             except Exception as exc:  # the output cannot be encoded: a verdict on this object
                 it.error = describe("write", exc)
+        # Jobs whose lease passed to another worker are left alone, and keep their
+        # files: that worker writes the same paths. The others are held (locked) in one
+        # statement, and their instances and studies settled together at the end.
+        held = {job.id for job in queue.hold_jobs(session, [it.job for it in items], self.owner)}
+        ended = []
         for it in items:
             job = it.job
-            # A job whose lease passed to another worker keeps its files: that worker
-            # writes the same paths.
+            if job.id not in held:
+                continue
             if it.error:
-                if queue.quarantine_job(session, job, it.error, owner=self.owner):
-                    _remove_written(written, [job.id])
+                queue.quarantine_job(session, job, it.error, settle=False)
+                _remove_written(written, [job.id])
+                ended.append(job)
             elif job.id in put_off:
-                if queue.defer_job(session, job, self.owner, f"outbox: cannot write ({put_off[job.id]})", node.retry_base_s, node.retry_max_s) is not None:
-                    _remove_written(written, [job.id])
+                queue.defer_job(session, job, None, f"outbox: cannot write ({put_off[job.id]})", node.retry_base_s, node.retry_max_s)
+                _remove_written(written, [job.id])
             else:
-                queue.finish_job(session, job, outputs[job.id], route.destinations, owner=self.owner)
+                queue.finish_job(session, job, outputs[job.id], route.destinations, settle=False)
+                ended.append(job)
+        queue.settle_jobs(session, ended)
         if put_off:
             log.error("route %s: cannot write the outbox (%s): %d jobs put off", route.name, ", ".join(sorted(set(put_off.values()))), len(put_off))
 

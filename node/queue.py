@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, update
-from sqlalchemy.orm import Session, object_session
+from sqlalchemy.orm import Session, object_session, selectinload
 
 from node.db import (
     Delivery,
@@ -38,7 +38,7 @@ from node.db import (
     StudyState,
     data_path,
     db_now,
-    lock_row,
+    lock_rows,
     utcnow,
 )
 
@@ -362,9 +362,11 @@ def claim_jobs(session: Session, owner: str, lease_s: float, max_attempts: int =
         .values(state=JobState.PROCESSING, owner=owner, lease_until=lease, attempts=Job.attempts + 1, updated_at=now)
         .execution_options(synchronize_session=False)
     )
+    # Their instances in the same round trip (the pipeline reads every one's path).
     return list(
         session.scalars(
             select(Job).where(Job.id.in_(ids), Job.owner == owner, Job.state == JobState.PROCESSING).order_by(Job.study_id, Job.id)
+            .options(selectinload(Job.instance))
             .execution_options(populate_existing=True)
         )
     )
@@ -409,10 +411,29 @@ def _hold(session: Session, model, row_id: int, owner: str, state) -> bool:
 def _held_job(session: Session, job: Job, owner: str) -> bool:
     """Whether ``job`` is still ``owner``'s claim (then locked till commit); when not,
     the caller's unflushed changes to it are discarded."""
-    if _hold(session, Job, job.id, owner, JobState.PROCESSING):
-        return True
-    session.expire(job)
-    return False
+    return bool(hold_jobs(session, [job], owner))
+
+
+def hold_jobs(session: Session, jobs: Sequence[Job], owner: str) -> list[Job]:
+    """Those of ``jobs`` that are still ``owner``'s claims (PROCESSING), in one
+    statement; they stay locked for the rest of the caller's transaction (row locks on
+    PostgreSQL, the write lock on SQLite), so no other worker can take them before the
+    caller commits. The others passed to another worker: the caller's unflushed
+    changes to them are discarded, and each is logged."""
+    if not jobs:
+        return []
+    t = Job.__table__
+    with session.no_autoflush:  # the caller's pending changes to the rows wait for the verdict
+        held = set(
+            session.execute(
+                update(t).where(t.c.id.in_([j.id for j in jobs]), t.c.owner == owner, t.c.state == JobState.PROCESSING).values(owner=owner).returning(t.c.id)
+            ).scalars()
+        )
+    for job in jobs:
+        if job.id not in held:
+            session.expire(job)
+            log.warning("job %d: its lease passed to another worker; this worker's result is dropped", job.id)
+    return [j for j in jobs if j.id in held]
 
 
 def note_job(job: Job, step: str, value: object) -> None:
@@ -424,50 +445,53 @@ def note_job(job: Job, step: str, value: object) -> None:
     job.record = json.dumps(record, sort_keys=True)
 
 
-def finish_job(session: Session, job: Job, outputs: Iterable[Output], destinations: Sequence[str], owner: str | None = None) -> bool:
+def finish_job(session: Session, job: Job, outputs: Iterable[Output], destinations: Sequence[str], owner: str | None = None, settle: bool = True) -> bool:
     """PROCESSING -> DONE, with its outputs and one PENDING delivery per destination.
 
     With ``owner``, only if the job is still that worker's claim; False (nothing
-    written) when another worker took it over: the caller gives up."""
+    written) when another worker took it over: the caller gives up. Without it, the
+    caller holds the job already (:func:`hold_jobs`). ``settle=False``: the caller
+    settles the instance's and study's states itself, once for a whole batch
+    (:func:`settle_jobs`)."""
     if owner is not None and not _held_job(session, job, owner):
-        log.warning("job %d: its lease passed to another worker; this worker's result is dropped", job.id)
         return False
     now = utcnow()
     for out in outputs:
         out.job_id = job.id
         session.add(out)
-        session.flush()
-        for dest in destinations:
-            session.add(Delivery(output_id=out.id, destination=dest, state=DeliveryState.PENDING, next_attempt_at=now))
+        for dest in destinations:  # output_id is filled in when the session flushes them together
+            session.add(Delivery(output=out, destination=dest, state=DeliveryState.PENDING, next_attempt_at=now))
     job.state = JobState.DONE
     job.owner = None
     job.lease_until = None
     job.reason = ""
     job.updated_at = now
-    _after_job(session, job)
+    if settle:
+        settle_jobs(session, [job])
     return True
 
 
-def quarantine_job(session: Session, job: Job, reason: str, owner: str | None = None) -> bool:
+def quarantine_job(session: Session, job: Job, reason: str, owner: str | None = None, settle: bool = True) -> bool:
     """PROCESSING -> QUARANTINED: nothing of this object leaves the node (fail closed).
 
     With ``owner``, only if the job is still that worker's claim; returns whether it
-    was quarantined. ``reason`` names the step and the attribute, never a value."""
+    was quarantined. ``reason`` names the step and the attribute, never a value.
+    ``settle``: as for :func:`finish_job`."""
     if owner is not None and not _held_job(session, job, owner):
-        log.warning("job %d: its lease passed to another worker; not quarantined by this one", job.id)
         return False
-    _quarantine(session, job, reason)
+    _quarantine(session, job, reason, settle)
     return True
 
 
-def _quarantine(session: Session, job: Job, reason: str) -> None:
+def _quarantine(session: Session, job: Job, reason: str, settle: bool = True) -> None:
     job.state = JobState.QUARANTINED
     job.owner = None
     job.lease_until = None
     job.reason = reason
     job.updated_at = utcnow()
     log.warning("job %d (route %s, %s): QUARANTINED: %s", job.id, job.route, _label("instance", job.instance_id, job.instance.sop_instance_uid, session), reason)
-    _after_job(session, job)
+    if settle:
+        settle_jobs(session, [job])
 
 
 def backoff_s(tries: int, base_s: float, max_s: float) -> float:
@@ -489,13 +513,13 @@ def fail_attempt(session: Session, job: Job, owner: str, reason: str, max_attemp
     return True
 
 
-def defer_job(session: Session, job: Job, owner: str, reason: str, base_s: float, max_s: float) -> float | None:
+def defer_job(session: Session, job: Job, owner: str | None, reason: str, base_s: float, max_s: float) -> float | None:
     """A try of a claimed job could not run because something it needs is out of reach
     for now (an inference server, the outbox's disk): PENDING again after a backoff,
-    and the try is not counted. Only if the job is still ``owner``'s; returns the delay
-    (seconds), None when the job was no longer this worker's. Logs nothing: the caller
-    logs once per batch."""
-    if not _held_job(session, job, owner):
+    and the try is not counted. Only if the job is still ``owner``'s (None: the caller
+    holds it already, :func:`hold_jobs`); returns the delay (seconds), None when the job
+    was no longer this worker's. Logs nothing: the caller logs once per batch."""
+    if owner is not None and not _held_job(session, job, owner):
         return None
     job.deferrals += 1
     job.attempts = max(0, job.attempts - 1)
@@ -513,24 +537,46 @@ def _back_to_pending(session: Session, job: Job, reason: str, delay: float) -> f
     return delay
 
 
-def _after_job(session: Session, job: Job) -> None:
-    """The instance's and the study's state once one of their jobs ended. Both rows are
-    locked first (PostgreSQL; SQLite's write lock is held already), so that workers
-    ending the last jobs of one instance or study at the same moment take turns, and
-    the last one sees the others' jobs ended (else each would see the other's still
-    open, and the instance would never be PROCESSED, nor its original deleted)."""
+def settle_jobs(session: Session, jobs: Sequence[Job]) -> None:
+    """The states of the instances and studies of ``jobs``, which just ended (DONE or
+    QUARANTINED): an instance is QUARANTINED when any of its jobs is, PROCESSED when all
+    are DONE; a ROUTED study with no open job left is DONE. A few statements for the
+    whole batch.
+
+    The study rows, then the instance rows, are locked first, each in id order
+    (PostgreSQL; SQLite's write lock is held already), so that workers ending the last
+    jobs of one instance or study at the same moment take turns and the last one sees
+    the others' jobs ended (else each would see the other's still open, the instance
+    would never be PROCESSED, nor its original deleted by retention). Studies before
+    instances: the order in which a C-STORE takes them (its study's row, then the
+    instance's unique key), so that the two never wait for each other in a circle."""
+    if not jobs:
+        return
     session.flush()
-    inst = lock_row(session, Instance, job.instance_id)
-    assert inst is not None
-    states = set(session.scalars(select(Job.state).where(Job.instance_id == inst.id)))
-    if JobState.QUARANTINED in states and inst.state != InstanceState.QUARANTINED:
-        _set_instance(inst, InstanceState.QUARANTINED, job.reason)
-    elif states == {JobState.DONE}:
-        _set_instance(inst, InstanceState.PROCESSED)
-    session.flush()
-    study = lock_row(session, Study, job.study_id)
-    if study is not None and study.state == StudyState.ROUTED and not _open_jobs(session, job.study_id):
-        _set_study(study, StudyState.DONE)
+    why = {j.instance_id: j.reason for j in jobs if j.state == JobState.QUARANTINED}
+    studies = lock_rows(session, Study, {j.study_id for j in jobs})
+    instances = lock_rows(session, Instance, {j.instance_id for j in jobs})
+    states: dict[int, set[JobState]] = {}
+    for instance_id, state in session.execute(select(Job.instance_id, Job.state).where(Job.instance_id.in_([i.id for i in instances]))):
+        states.setdefault(instance_id, set()).add(state)
+    for inst in instances:
+        mine = states.get(inst.id, set())
+        if JobState.QUARANTINED in mine and inst.state != InstanceState.QUARANTINED:
+            reason = why.get(inst.id) or session.scalar(select(Job.reason).where(Job.instance_id == inst.id, Job.state == JobState.QUARANTINED).limit(1)) or ""
+            _set_instance(inst, InstanceState.QUARANTINED, reason)
+        elif mine == {JobState.DONE}:
+            _set_instance(inst, InstanceState.PROCESSED)
+    routed = [st for st in studies if st.state == StudyState.ROUTED]
+    if routed:
+        session.flush()
+        still_open = set(
+            session.scalars(
+                select(Job.study_id).where(Job.study_id.in_([st.id for st in routed]), Job.state.in_([JobState.PENDING, JobState.PROCESSING])).distinct()
+            )
+        )
+        for study in routed:
+            if study.id not in still_open:
+                _set_study(study, StudyState.DONE)
 
 
 def take_over(session: Session, node_id: str, owner: str) -> tuple[int, int]:
@@ -580,6 +626,7 @@ def claim_deliveries(session: Session, destination: str, owner: str, lease_s: fl
     return list(
         session.scalars(
             select(Delivery).where(Delivery.id.in_(ids), Delivery.owner == owner, Delivery.state == DeliveryState.SENDING).order_by(Delivery.id)
+            .options(selectinload(Delivery.output))  # the dispatcher reads every one's file
             .execution_options(populate_existing=True)
         )
     )

@@ -270,10 +270,16 @@ def pg_cluster():
 
 @pytest.fixture
 def pg_database(pg_cluster) -> Iterator[str]:
-    """A new PostgreSQL database at the schema's head; its URL. Dropped afterwards."""
+    """A new PostgreSQL database at the schema's head; its URL. Dropped afterwards.
+    A test during which the server detected a deadlock fails: workers, ingest and
+    routing must take their row locks in one order (a deadlock costs a C-STORE its
+    answer or a batch its work)."""
     name = pg_cluster.create_database(template="casemask_template")
+    mark = pg_cluster.log_size()
     yield pg_cluster.url(name)
     pg_cluster.drop_database(name)
+    deadlocks = [line for line in pg_cluster.log_since(mark).splitlines() if "deadlock detected" in line]
+    assert not deadlocks, f"PostgreSQL detected {len(deadlocks)} deadlock(s) during the test"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -145,6 +145,8 @@ class PostgresCluster:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if os.environ.get("CASEMASK_PG_KEEP_LOG"):
+            shutil.copy(self.root / "server.log", os.environ["CASEMASK_PG_KEEP_LOG"])
         shutil.rmtree(self.root, ignore_errors=True)
 
     # -- databases ------------------------------------------------------------------
@@ -177,6 +179,17 @@ class PostgresCluster:
         """Connections open to ``name`` right now."""
         with self._admin() as conn:
             return int(conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)).fetchone()[0])
+
+    def log_size(self) -> int:
+        """The server log's size now (a mark for :meth:`log_since`)."""
+        path = self.root / "server.log"
+        return path.stat().st_size if path.exists() else 0
+
+    def log_since(self, mark: int) -> str:
+        """What the server logged after ``mark``."""
+        with (self.root / "server.log").open("rb") as f:
+            f.seek(mark)
+            return f.read().decode(errors="replace")
 
     def dump(self, name: str) -> bytes:
         """``pg_dump`` of ``name`` (schema and data), for tests that search what was stored."""
