@@ -24,7 +24,6 @@ from pathlib import Path
 from sqlalchemy import (
     BigInteger,
     Connection,
-    DDL,
     Boolean,
     DateTime,
     Enum,
@@ -330,20 +329,8 @@ class AuditCursor(Base):
     last_id: Mapped[int] = mapped_column(Integer, default=0)
 
 
-for _verb in ("UPDATE", "DELETE"):
-    event.listen(
-        AuditEvent.__table__,
-        "after_create",
-        DDL(f"CREATE TRIGGER audit_events_no_{_verb.lower()} BEFORE {_verb} ON audit_events BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END").execute_if(dialect="sqlite"),
-    )
-event.listen(
-    AuditEvent.__table__,
-    "after_create",
-    DDL(
-        "CREATE FUNCTION audit_events_append_only() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'the audit trail is append-only'; END $$ LANGUAGE plpgsql; "
-        "CREATE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_events_append_only()"
-    ).execute_if(dialect="postgresql"),
-)
+# The triggers that make audit_events append-only are made by the migration
+# (node/migrations/versions/0001_schema.py).
 
 
 def lock_rows(session: Session, model: type[Base], ids: Iterable[object]) -> list:

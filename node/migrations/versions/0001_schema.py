@@ -1,5 +1,6 @@
 """casemask's schema: claims with owners, retention marks, node_meta, the writer of each
-received row; from an empty database, or from the previous release's.
+received row, operators' accounts, tokens and sessions, the append-only audit trail;
+from an empty database, or from the previous release's.
 
 The previous release (before migrations: commit a9551c1) made its tables with
 ``create_all`` and has no ``alembic_version``. This revision makes every table in an
@@ -8,7 +9,9 @@ columns and indexes it lacks are added (and only those, so a database made by a
 development build in between upgrades too), ``instances.size`` becomes 64-bit and
 ``pseudonyms.old`` 512 characters. Its rows keep their values; their ``path`` stays
 absolute (``node.db.data_path`` honours it) and ``received_by`` is NULL (a row of an
-unknown writer, which the start-up clean-up never drops).
+unknown writer, which the start-up clean-up never drops). The operators' tables and
+the audit trail (with the triggers that refuse UPDATE and DELETE on it) are made where
+they are missing.
 
 Revision ID: 0001
 Revises:
@@ -32,6 +35,7 @@ def upgrade() -> None:
         _from_previous_release(inspector)
     else:
         _create_all()
+    _operator_tables(inspector)
 
 
 def downgrade() -> None:
@@ -203,3 +207,85 @@ def _from_previous_release(inspector: sa.Inspector) -> None:
             sa.Column("value", sa.Text(), nullable=False),
             sa.PrimaryKeyConstraint("key"),
         )
+
+
+def _operator_tables(inspector: sa.Inspector) -> None:
+    """Accounts, API tokens, dashboard sessions and the audit trail (node.accounts,
+    node.audit), each where it is missing; the audit trail is append-only (triggers)."""
+    role = sa.Enum("VIEWER", "OPERATOR", "ADMIN", name="role", native_enum=False, length=16)
+    if not inspector.has_table("api_tokens"):
+        op.create_table(
+            "api_tokens",
+            sa.Column("id", sa.Integer(), nullable=False),
+            sa.Column("name", sa.String(length=64), nullable=False),
+            sa.Column("role", role, nullable=False),
+            sa.Column("token_hash", sa.String(length=64), nullable=False),
+            sa.Column("created_at", sa.DateTime(), nullable=False),
+            sa.Column("revoked_at", sa.DateTime(), nullable=True),
+            sa.PrimaryKeyConstraint("id"),
+            sa.UniqueConstraint("name"),
+            sa.UniqueConstraint("token_hash"),
+        )
+    if not inspector.has_table("audit_cursors"):
+        op.create_table(
+            "audit_cursors",
+            sa.Column("sink", sa.String(length=64), nullable=False),
+            sa.Column("last_id", sa.Integer(), nullable=False),
+            sa.PrimaryKeyConstraint("sink"),
+        )
+    if not inspector.has_table("audit_events"):
+        op.create_table(
+            "audit_events",
+            sa.Column("id", sa.Integer(), nullable=False),
+            sa.Column("at", sa.DateTime(), nullable=False),
+            sa.Column("event", sa.String(length=32), nullable=False),
+            sa.Column("outcome", sa.Integer(), nullable=False),
+            sa.Column("actor", sa.String(length=128), nullable=False),
+            sa.Column("actor_kind", sa.String(length=16), nullable=False),
+            sa.Column("host", sa.String(length=64), nullable=False),
+            sa.Column("study_id", sa.Integer(), nullable=True),
+            sa.Column("object_kind", sa.String(length=32), nullable=False),
+            sa.Column("object_ref", sa.String(length=128), nullable=False),
+            sa.Column("detail", sa.Text(), nullable=False),
+            sa.PrimaryKeyConstraint("id"),
+        )
+        op.create_index(op.f("ix_audit_events_at"), "audit_events", ["at"], unique=False)
+        op.create_index(op.f("ix_audit_events_event"), "audit_events", ["event"], unique=False)
+        op.create_index(op.f("ix_audit_events_study_id"), "audit_events", ["study_id"], unique=False)
+        _audit_append_only()
+    if not inspector.has_table("users"):
+        op.create_table(
+            "users",
+            sa.Column("id", sa.Integer(), nullable=False),
+            sa.Column("name", sa.String(length=64), nullable=False),
+            sa.Column("role", role, nullable=False),
+            sa.Column("password_hash", sa.Text(), nullable=False),
+            sa.Column("created_at", sa.DateTime(), nullable=False),
+            sa.Column("disabled", sa.Boolean(), nullable=False),
+            sa.PrimaryKeyConstraint("id"),
+            sa.UniqueConstraint("name"),
+        )
+    if not inspector.has_table("ui_sessions"):
+        op.create_table(
+            "ui_sessions",
+            sa.Column("id", sa.Integer(), nullable=False),
+            sa.Column("token_hash", sa.String(length=64), nullable=False),
+            sa.Column("user_id", sa.Integer(), nullable=False),
+            sa.Column("csrf", sa.String(length=64), nullable=False),
+            sa.Column("created_at", sa.DateTime(), nullable=False),
+            sa.Column("expires_at", sa.DateTime(), nullable=False),
+            sa.ForeignKeyConstraint(["user_id"], ["users.id"]),
+            sa.PrimaryKeyConstraint("id"),
+            sa.UniqueConstraint("token_hash"),
+        )
+        op.create_index(op.f("ix_ui_sessions_user_id"), "ui_sessions", ["user_id"], unique=False)
+
+
+def _audit_append_only() -> None:
+    """Triggers that make every UPDATE and DELETE of ``audit_events`` fail."""
+    if op.get_bind().dialect.name == "sqlite":
+        for verb in ("UPDATE", "DELETE"):
+            op.execute(f"CREATE TRIGGER audit_events_no_{verb.lower()} BEFORE {verb} ON audit_events BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END")
+    else:
+        op.execute("CREATE FUNCTION audit_events_append_only() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'the audit trail is append-only'; END $$ LANGUAGE plpgsql")
+        op.execute("CREATE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_events_append_only()")
