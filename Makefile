@@ -14,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (pulled in by rapidocr-onnxruntime); the fonts draw the tests' synthetic text.
 APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl postgresql tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 fonts-dejavu-core fonts-liberation chromium chromium-driver
 
-.PHONY: serve test test-fast deps venv triton-venv bench bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin clean
+.PHONY: serve test test-fast deps venv triton-venv bench bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-cluster clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +56,7 @@ test: deps venv triton-venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
-bench: bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin
+bench: bench-ingest bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-cluster
 
 bench-ingest: deps venv
 	$(PY) tests/bench/bench_ingest.py
@@ -75,6 +75,9 @@ bench-triton: venv triton-venv
 
 bench-burnedin: deps venv
 	$(PY) tests/bench/bench_burnedin.py
+
+bench-cluster: deps venv
+	$(PY) tests/bench/bench_cluster.py
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) var .pytest_cache build *.egg-info

@@ -107,8 +107,10 @@ class Node:
     def _engine(self):
         """The process's engine, its pool sized for the role (``[node] db_pool_size``,
         or the formula of node.db.pool_size_for), its schema brought up to date."""
+        from node.scp import MAX_ASSOCIATIONS
+
         node = self.settings.node
-        size = node.db_pool_size or pool_size_for(self.role, getattr(node, "max_associations", 32), len(self.settings.destinations))
+        size = node.db_pool_size or pool_size_for(self.role, MAX_ASSOCIATIONS, len(self.settings.destinations))
         return make_engine(node.resolved_database_url, size, node.db_max_overflow, node.db_pool_timeout_s, name=f"{self.node_id}:{self.role}")
 
     def _recover(self, secret: bytes) -> None:
@@ -157,6 +159,9 @@ class Node:
                 study = queue.next_stable_study(session, stable, waiting)
                 if study is None:
                     break
+                if not queue.hold_study(session, study):
+                    session.rollback()  # another worker routed it meanwhile
+                    continue
                 instances = queue.received_instances(session, study)
                 if any(self._still_arriving(inst) for inst in instances):
                     waiting.add(study.id)  # a row is committed while its file is renamed into place

@@ -634,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_config(sub.add_parser("serve", help="receive, de-identify and forward until stopped"))
     sp.add_argument("--role", choices=("all", "ingest", "worker"), default="all",
-                    help="all (default): everything; ingest: receive only (SCP); worker: route, process, dispatch, retention (see docs/scaling.md)")
+                    help="all (default): everything; ingest: receive only (SCP and HTTP); worker: route, process, dispatch, retention (see docs/cluster.md)")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("db", help="the database's schema (Alembic migrations)")

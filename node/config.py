@@ -58,8 +58,8 @@ class NodeSettings(_Table):
     port: StrictInt = hint("a TCP port is an integer from 1 to 65535", 11112)
     data_dir: Path = hint("a folder for the spool, outbox, database and secret, e.g. \"var\"", Path("var"), strict=False)
     database_url: str = hint("empty for SQLite under data_dir, or a PostgreSQL URL, e.g. \"postgresql+psycopg://casemask@db-host/casemask\"", "")
-    # Connections this process may hold (docs/scaling.md, "Connection budget"); 0: as many as its role needs.
-    db_pool_size: StrictInt = hint("an integer, 0 or more (0: sized for the role: associations + 2 for ingest, destinations + 4 for a worker)", 0, ge=0)
+    # Connections this process may hold (docs/cluster.md, "Connection budget"); 0: as many as its role needs.
+    db_pool_size: StrictInt = hint("an integer, 0 or more (0: sized for the role: 32 associations + 4 for ingest, destinations + 5 for a worker, both for all; docs/cluster.md)", 0, ge=0)
     db_max_overflow: StrictInt = hint("an integer, 0 or more (connections beyond db_pool_size for bursts)", 4, ge=0)
     db_pool_timeout_s: Seconds = hint("seconds, more than 0 (how long a thread waits for a free connection)", 30.0, gt=0)
     secret_path: Path | None = hint("a file holding the pseudonym secret (hex)", None, strict=False)

@@ -362,14 +362,23 @@ def _sqlite_adapter(engine: Engine) -> None:
 
 
 def pool_size_for(role: str, associations: int, destinations: int) -> int:
-    """Connections one process needs at most at once (docs/scaling.md, "Connection
-    budget"): an ingest process holds one per open association (node.scp keeps an
-    association's connection while it lasts) plus 2 (deleting the row of an object
-    whose file could not be written, and the sweep of unspooled rows); a worker needs
-    4 plus one per destination (routing 1, processing 2 with its lease keeper,
-    retention 1, one dispatcher per destination); ``all`` needs both."""
-    ingest = associations + 2
-    worker = 4 + destinations
+    """Connections one process needs at most at once (docs/cluster.md, "Connection
+    budget"); the pool is sized to it unless ``[node] db_pool_size`` says otherwise.
+
+    - ingest: ``associations + 4``: one per association *while it stores* (node.scp
+      gives an association's connection back after IDLE_RELEASE_S without a C-STORE,
+      so an idle association holds none), plus the sweep of unspooled rows, the
+      deletion of a row whose file could not be written, and two for the HTTP API and
+      the audit records of associations;
+    - worker: ``destinations + 5``: routing, processing and its lease keeper,
+      retention, the audit forwarder, and one dispatcher per destination;
+    - all: both.
+
+    A PostgreSQL server must allow the sum over every process of ``pool size +
+    db_max_overflow`` (plus a few for the operators' tools) in ``max_connections``.
+    """
+    ingest = associations + 4
+    worker = destinations + 5
     return {"ingest": ingest, "worker": worker}.get(role, ingest + worker)
 
 

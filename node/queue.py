@@ -221,6 +221,20 @@ def next_stable_study(session: Session, stable_after_s: float, exclude: Iterable
     return session.scalars(q.order_by(Study.id).limit(1).with_for_update(skip_locked=True)).first()
 
 
+def hold_study(session: Session, study: Study) -> bool:
+    """Hold ``study`` (from :func:`next_stable_study`) for routing in the caller's
+    transaction; False when another node routed it meanwhile (the caller rolls back and
+    goes on). A guarded ``UPDATE ... WHERE state = RECEIVING``: on SQLite, which has no
+    row locks and reads outside a transaction, it takes the database's write lock, so a
+    second worker waits here and then finds the study ROUTED instead of making its jobs
+    twice; on PostgreSQL the row is locked already (``FOR UPDATE SKIP LOCKED``)."""
+    t = Study.__table__
+    held = session.execute(update(t).where(t.c.id == study.id, t.c.state == StudyState.RECEIVING).values(state=StudyState.RECEIVING)).rowcount
+    if held:
+        session.refresh(study)
+    return bool(held)
+
+
 def stable_studies(session: Session, stable_after_s: float, now: dt.datetime | None = None) -> list[Study]:
     """Studies that received nothing for ``stable_after_s`` seconds and await routing
     (read only; routing takes them one by one with :func:`next_stable_study`)."""

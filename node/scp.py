@@ -127,6 +127,39 @@ def _resolve(host: str) -> str:
         return host
 
 
+# Associations open at once (more are refused by pynetdicom); the ingest pool is sized
+# for as many storing at the same time (node.db.pool_size_for).
+MAX_ASSOCIATIONS = 32
+
+# An association keeps its database connection between the C-STOREs of a burst (checking
+# one out of the pool and back, with its reset, for every object cost a third of a
+# commit) and gives it back once it stored nothing for this long: a sender that keeps
+# an association open without sending holds no connection (docs/cluster.md, "Connection
+# budget").
+IDLE_RELEASE_S = 1.0
+
+
+class _Lent:
+    """The connection one association holds between C-STOREs, and when it last used it.
+    ``lock``: held by the association's thread while it stores, so that the reaper
+    never takes a connection in use."""
+
+    __slots__ = ("conn", "lock", "used")
+
+    def __init__(self) -> None:
+        self.conn: Connection | None = None
+        self.lock = threading.Lock()
+        self.used = time.monotonic()
+
+    def give_back(self) -> int:
+        """Close the connection (back to the pool); 1 if there was one. Hold ``lock``."""
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return 0
+        conn.close()
+        return 1
+
+
 class StoreHandler:
     """C-STORE: spool the file atomically and commit its row, then answer.
 
@@ -144,22 +177,60 @@ class StoreHandler:
         self.engine = engine
         self.on_stored = on_stored
         self._spool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool")
-        self._conns: dict[int, Connection] = {}
+        self._lent: dict[int, _Lent] = {}
+        self._lent_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="scp-idle-connections", daemon=True)
+        self._reaper.start()
 
-    def _connection(self, assoc) -> Connection:
-        """The association's own database connection, held until it closes: checking one
-        out of the pool and back (with its reset) for every object cost a third of a
-        commit."""
-        conn = self._conns.get(id(assoc))
-        if conn is None or conn.closed or conn.invalidated:
-            conn = self._conns[id(assoc)] = self.engine.connect()
-        return conn
+    def _lent_to(self, assoc) -> _Lent:
+        with self._lent_lock:
+            return self._lent.setdefault(id(assoc), _Lent())
+
+    def _reap(self) -> None:
+        while not self._closing.wait(IDLE_RELEASE_S / 2):
+            self.release_idle(IDLE_RELEASE_S)
+
+    def release_idle(self, idle_s: float) -> int:
+        """Give back the connections of associations that stored nothing for ``idle_s``
+        seconds (one busy storing keeps its own); returns how many. The reaper thread
+        calls it every ``IDLE_RELEASE_S / 2`` seconds."""
+        now = time.monotonic()
+        with self._lent_lock:
+            lent = list(self._lent.values())
+        released = 0
+        for held in lent:
+            if held.conn is not None and now - held.used >= idle_s and held.lock.acquire(blocking=False):
+                try:
+                    released += held.give_back()
+                finally:
+                    held.lock.release()
+        return released
+
+    def held(self) -> int:
+        """How many database connections associations hold now."""
+        with self._lent_lock:
+            return sum(1 for held in self._lent.values() if held.conn is not None)
 
     def release(self, assoc) -> None:
         """The association closed: give its connection back."""
-        conn = self._conns.pop(id(assoc), None)
-        if conn is not None:
-            conn.close()
+        with self._lent_lock:
+            held = self._lent.pop(id(assoc), None)
+        if held is not None:
+            with held.lock:
+                held.give_back()
+
+    def _record_lent(self, assoc, received: queue.Received) -> bool:
+        """:meth:`_record` on the association's connection, checked out of the pool if
+        it holds none now (the pool waits ``db_pool_timeout_s`` for one, then raises)."""
+        held = self._lent_to(assoc)
+        with held.lock:
+            try:
+                if held.conn is None or held.conn.closed or held.conn.invalidated:
+                    held.conn = self.engine.connect()
+                return self._record(held.conn, received)
+            finally:
+                held.used = time.monotonic()
 
     def _record(self, conn: Connection, received: queue.Received) -> bool:
         """Commit the row; False when the object was stored before (a re-send)."""
@@ -188,11 +259,14 @@ class StoreHandler:
             log.error("C-STORE %s: could not delete the row of the unwritten object (%s)", sop_uid, type(exc).__name__)
 
     def close(self) -> None:
+        self._closing.set()
+        self._reaper.join()
         self._spool.shutdown(wait=True)
-        for key in list(self._conns):
-            conn = self._conns.pop(key, None)
-            if conn is not None:
-                conn.close()
+        with self._lent_lock:
+            lent, self._lent = list(self._lent.values()), {}
+        for held in lent:
+            with held.lock:
+                held.give_back()
 
     def __call__(self, event: evt.Event) -> int:
         if _clock is not None:
@@ -241,7 +315,7 @@ class StoreHandler:
             received_by=self.writer,
         )
         try:
-            is_new = self._record(self._connection(assoc), received)
+            is_new = self._record_lent(assoc, received)
         except Exception as exc:
             wait([writing])
             log.error("C-STORE %s from %s: cannot commit (%s) -> 0xA700", sop_uid, calling, type(exc).__name__)
@@ -272,7 +346,7 @@ def make_ae(settings: Settings) -> AE:
     ae.acse_timeout = settings.node.acse_timeout_s
     ae.dimse_timeout = settings.node.dimse_timeout_s
     ae.network_timeout = settings.node.network_timeout_s
-    ae.maximum_associations = 32
+    ae.maximum_associations = MAX_ASSOCIATIONS
     return ae
 
 

@@ -1,4 +1,4 @@
-"""Several nodes on one PostgreSQL database and one data folder (docs/scaling.md):
+"""Several nodes on one PostgreSQL database and one data folder (docs/cluster.md):
 ``casemask serve --role ingest`` and ``--role worker`` processes split the work, a
 study may arrive through several ingest nodes, and a worker killed with SIGKILL in the
 middle of a batch loses and repeats nothing."""

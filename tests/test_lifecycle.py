@@ -662,3 +662,80 @@ def test_warnings_reach_the_log_without_their_text(caplog):
         logging.captureWarnings(False)
         for f in [f for f in logger.filters if isinstance(f, WithheldWarnings)]:
             logger.removeFilter(f)
+
+
+def _as_node(settings, node_id: str):
+    """``settings`` with another ``[node] node_id`` (a second node on the same database
+    and data folder)."""
+    return settings.model_copy(update={"node": settings.node.model_copy(update={"node_id": node_id})})
+
+
+def test_the_start_up_sweep_drops_only_its_own_earlier_rows(tmp_path, start_node):
+    """A row whose spool file is missing, older than the grace time, is dropped at start
+    only by a later run of the node that wrote it: another node sharing the database
+    and data folder leaves it alone (its writer may still be renaming the file into
+    place on a slow shared file system), and so does the writer's own live process."""
+    from node.app import SPOOL_GRACE_S
+
+    raw = node_config(tmp_path, [folder(tmp_path)], stable_after_s=3600, node_id="ingest-a")
+    writer = start_node(raw, schedule=False, listen=False)
+    for f in make_study(tmp_path / "s", 2):
+        receive(writer, dcmread(f))
+    with writer.sessions() as s:
+        first = s.scalars(select(Instance).order_by(Instance.id)).first()
+        data_path(writer.settings.node.data_dir, first.path).unlink()
+        for inst in s.scalars(select(Instance)):
+            inst.received_at -= dt.timedelta(seconds=SPOOL_GRACE_S + 1)
+        s.commit()
+    assert writer.sweep_unspooled() == 0  # the live writer: its own rows of this run
+    other = Node(_as_node(writer.settings, "ingest-b"), pixel_step=None, role="ingest")
+    try:
+        assert other.sweep_unspooled() == 0
+        with other.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Instance)) == 2
+    finally:
+        other.stop()
+    writer.stop()
+    again = Node(writer.settings, pixel_step=None, role="ingest")  # ingest-a's next run sweeps at start
+    try:
+        with again.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Instance)) == 1
+    finally:
+        again.stop()
+
+
+def test_two_workers_routing_at_once_route_each_study_once(tmp_path, start_node):
+    """Two workers on one database route the same stable studies at the same time: each
+    study is routed by one of them (claimed per study), every instance gets exactly one
+    job per route, and neither fails on the jobs' unique key."""
+    raw = node_config(tmp_path, [folder(tmp_path)], stable_after_s=3600, node_id="work-a")
+    first = start_node(raw, schedule=False, listen=False)
+    second = Node(_as_node(first.settings, "work-b"), pixel_step=None, role="worker")
+    try:
+        for k in range(8):
+            for f in make_study(tmp_path / f"s{k}", 3):
+                receive(first, dcmread(f))
+        routed: dict[str, int] = {}
+        errors: list[BaseException] = []
+        go = threading.Barrier(2)
+
+        def route(name: str, n: Node) -> None:
+            try:
+                go.wait(10)
+                routed[name] = n.route_stable(0)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=route, args=(name, n)) for name, n in (("a", first), ("b", second))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert sum(routed.values()) == 24, routed  # instances routed, by one worker each
+        with first.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Job)) == 24
+            assert s.scalar(select(func.count(func.distinct(Job.instance_id))).select_from(Job)) == 24
+            assert set(s.scalars(select(Study.state))) == {StudyState.ROUTED}
+    finally:
+        second.stop()

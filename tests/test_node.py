@@ -212,7 +212,7 @@ def test_rows_without_spool_file_wait_then_are_dropped_at_start(tmp_path, start_
 
 
 def test_many_open_associations_all_store(tmp_path, start_node):
-    """Each association holds a database connection while it is open: 24 at once (the
+    """An association holds a database connection while it stores: 24 at once (the
     node accepts 32) must all be answered Success, none left waiting for a connection."""
     node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600), schedule=False)
     files = make_study(tmp_path / "s", 24)
@@ -229,6 +229,28 @@ def test_many_open_associations_all_store(tmp_path, start_node):
     assert statuses == [0] * len(datasets)
     with node.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Instance)) == len(datasets)
+
+
+def test_an_idle_association_gives_its_database_connection_back(tmp_path, start_node):
+    """An association open but not sending holds no database connection (the connection
+    budget counts associations storing, not associations open): it is given back after
+    IDLE_RELEASE_S, and the next C-STORE on the same association takes one again."""
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600), schedule=False)
+    store = node.server.store_handler
+    datasets = [dcmread(f) for f in make_study(tmp_path / "s", 2)]
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="CASEMASK")
+    try:
+        assert assoc.is_established
+        assert int(assoc.send_c_store(datasets[0]).Status) == 0
+        wait_until(lambda: store.held() == 0, timeout=30, what="the idle association's connection given back")
+        assert assoc.is_established
+        assert int(assoc.send_c_store(datasets[1]).Status) == 0
+    finally:
+        assoc.release()
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 2
 
 
 def test_dataset_without_study_uid_answers_cannot_understand(tmp_path, start_node):

@@ -12,13 +12,13 @@ synchronous=FULL here). One dcmtk storescu (TCP_NODELAY=1) sends the corpus (CT 
 ``--studies`` studies); the route de-identifies headers (Basic Profile, verifier) and
 forwards to a pynetdicom archive in this process, which notes when each object arrives.
 The clock starts when storescu starts and stops when the last object reaches the
-archive. Each round runs every configuration once, in a rotated order; medians and
-ratios to SQLite are printed. PostgreSQL is reached over its Unix socket (a database on
+archive. Each round runs every configuration once, in a rotated order; medians,
+spreads (min-max) and ratios to SQLite are printed. PostgreSQL is reached over its Unix socket (a database on
 the same host), or with ``--pg-tcp`` over loopback TCP.
 
 The target on a 2-core machine is PostgreSQL single node within 15% of SQLite (ratio
 >= 0.85). A 2-core machine cannot show what more workers bring (three processes share
-two cores); docs/scaling.md says what to expect on a real cluster.
+two cores); docs/cluster.md says what to expect on a real cluster.
 """
 
 from __future__ import annotations
@@ -130,7 +130,10 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     med = {c: statistics.median(r["e2e"] for r in results[c]) for c in CONFIGS}
     base = med["sqlite-1"]
-    print("median end to end (instances/s): " + ", ".join(f"{c} {med[c]:.1f} ({med[c] / base:.2f} x SQLite)" for c in CONFIGS))
+    for c in CONFIGS:
+        runs = [r["e2e"] for r in results[c]]
+        print(f"{c:<16} median {med[c]:6.1f} instances/s end to end, spread {min(runs):.1f}-{max(runs):.1f} over {len(runs)} rounds, {med[c] / base:.2f} x SQLite; "
+              f"duplicates {sum(r['duplicates'] for r in results[c])}")
     print(f"PostgreSQL single node / SQLite: {med['postgresql-1'] / base:.2f} (target >= 0.85)")
     return 0
 
