@@ -44,12 +44,12 @@ def test_an_ingest_node_only_receives_and_a_worker_only_works(tmp_path, start_no
         ingest.start()
         for f in make_study(tmp_path / "s", 3):
             receive(ingest, dcmread(f))
-        assert ingest.server is not None and sorted(j.id for j in ingest.scheduler.get_jobs()) == ["sweep"]
+        assert ingest.server is not None and sorted(j.id for j in ingest.scheduler.get_jobs()) == ["health", "sweep"]
         with ingest.sessions() as s:
             assert s.scalar(select(func.count()).select_from(Job)) == 0
         worker.start()
         assert worker.server is None
-        assert "sweep" not in {j.id for j in worker.scheduler.get_jobs()} and "route" in {j.id for j in worker.scheduler.get_jobs()}
+        assert sorted(j.id for j in worker.scheduler.get_jobs()) == ["audit:syslog", "dispatch:pacs", "health", "process", "retention", "route"]
         wait_until(lambda: len(archive.received) == 3, timeout=30, what="the worker to deliver what the ingest node stored")
     finally:
         ingest.stop()
