@@ -739,3 +739,36 @@ def test_two_workers_routing_at_once_route_each_study_once(tmp_path, start_node)
             assert set(s.scalars(select(Study.state))) == {StudyState.ROUTED}
     finally:
         second.stop()
+
+
+def test_a_pseudonym_mapping_written_by_two_workers_is_kept_once(tmp_path, start_node):
+    """Two workers that worked objects of one study write the same mappings: the second
+    insert does nothing (ON CONFLICT DO NOTHING) instead of failing its batch, and the
+    first mapping stays."""
+    from threading import Thread
+
+    from node.db import Pseudonym, insert_if_absent
+
+    node = start_node(node_config(tmp_path, [folder(tmp_path)]), schedule=False, listen=False)
+    first = [{"kind": "uid", "old": "1.2.826.0.1.3680043.8.498.77", "new": "2.25.1"}]
+    second = [{"kind": "uid", "old": "1.2.826.0.1.3680043.8.498.77", "new": "2.25.2"}, {"kind": "uid", "old": "1.2.826.0.1.3680043.8.498.78", "new": "2.25.3"}]
+    errors: list[BaseException] = []
+    with node.sessions() as a:
+        insert_if_absent(a, Pseudonym, first)  # not committed yet: the other worker's insert waits for it (PostgreSQL)
+
+        def other() -> None:
+            try:
+                with node.sessions() as b:
+                    insert_if_absent(b, Pseudonym, second)
+                    b.commit()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        t = Thread(target=other)
+        t.start()
+        time.sleep(0.5)
+        a.commit()
+        t.join(60)
+    assert not errors, errors
+    with node.sessions() as s:
+        assert dict(s.execute(select(Pseudonym.old, Pseudonym.new)).all()) == {"1.2.826.0.1.3680043.8.498.77": "2.25.1", "1.2.826.0.1.3680043.8.498.78": "2.25.3"}
