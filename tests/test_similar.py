@@ -20,7 +20,8 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import func, select
 
-from node.db import IndexEntry, Output
+from node.db import IndexEntry, Output, data_path
+from node.spool import digest
 from tests.conftest import ROOT, STORESCU, dcmtk_env, needs_dcmtk, needs_dicomweb, needs_orthanc, node_config, wait_until, write_toml
 from tests.httpnode import http_nodes  # noqa: F401 (fixture)
 
@@ -196,7 +197,7 @@ def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dic
         assert e.weights == model.bundle.weights_digest() and json.loads(e.destinations) == ["archive", "copy"]
         stored = np.frombuffer(e.medical, np.float32)
         assert stored.shape == (model.bundle.config.med_dim,)  # the medical vector, not identity (id_dim 32)
-        copy = dcmread(tmp_path / "copy" / e.study_uid / e.series_uid / f"{e.sop_uid}.dcm")
+        copy = dcmread(tmp_path / "copy" / digest(e.study_uid) / digest(e.series_uid) / f"{digest(e.sop_uid)}.dcm")
         med, probs = describe(model, model_input(copy, model.image_size))
         np.testing.assert_allclose(stored, med[0], rtol=1e-4, atol=1e-4)  # of the anonymized image as delivered
         np.testing.assert_allclose(np.frombuffer(e.probabilities, np.float32), probs[0], atol=1e-5)
@@ -280,10 +281,10 @@ def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dic
     # retention deleted some outbox files: those come back from the folder copy; one is gone everywhere
     anon_outputs = sorted((o for o in outputs.values() if o.kind == "anonymized"), key=lambda o: o.id)
     for o in anon_outputs[:4]:
-        Path(o.path).unlink()
+        data_path(node.settings.node.data_dir, o.path).unlink()
     lost = anon_outputs[0]
     lost_entry = next(e for e in entries if e.output_id == lost.id)
-    (tmp_path / "copy" / lost_entry.study_uid / lost_entry.series_uid / f"{lost.sop_instance_uid}.dcm").unlink()
+    (tmp_path / "copy" / digest(lost_entry.study_uid) / digest(lost_entry.series_uid) / f"{digest(lost.sop_instance_uid)}.dcm").unlink()
     r = casemask("index", "rebuild", "--config", str(config))
     assert r.returncode == 0, r.stderr
     assert f"{passed - 4} re-indexed from the outbox, 3 from a folder destination, 1 gone" in r.stdout
@@ -294,7 +295,7 @@ def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dic
     assert len(rebuilt) == passed - 1 and {e.weights for e in rebuilt} == {new.bundle.weights_digest()}
     assert lost.id not in {e.output_id for e in rebuilt}
     e = rebuilt[-1]
-    copy = dcmread(tmp_path / "copy" / e.study_uid / e.series_uid / f"{e.sop_uid}.dcm")
+    copy = dcmread(tmp_path / "copy" / digest(e.study_uid) / digest(e.series_uid) / f"{digest(e.sop_uid)}.dcm")
     np.testing.assert_allclose(np.frombuffer(e.medical, np.float32), describe(new, model_input(copy, new.image_size))[0][0], rtol=1e-4, atol=1e-4)
     r = casemask("similar", str(held[0]), "--config", str(config), "--json")
     assert r.returncode == 0, r.stderr
