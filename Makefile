@@ -2,9 +2,9 @@
 # `make serve` makes the virtualenv .venv (Python packages only, with the CPU build of
 # PyTorch for the engine's training tools; the node itself needs no PyTorch); `make test`
 # also installs the Debian packages the tests talk to (APT_PACKAGES: dcmtk, orthanc,
-# chromium for the dashboard's browser test, ...) and a Triton server. `make install` puts
-# the built wheel into its own virtualenv (PREFIX); `make clean` removes build artefacts
-# and never data (var/).
+# chromium for the dashboard's browser test, postgresql: the tests start their own
+# cluster, ...) and a Triton server. `make install` puts the built wheel into its own
+# virtualenv (PREFIX); `make clean` removes build artefacts and never data (var/).
 
 PYTHON ?= python3
 VENV := .venv
@@ -18,9 +18,9 @@ PREFIX ?= /opt/casemask
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 # tesseract-ocr: the second OCR engine of the burned-in tests; libgl1/libglib2.0-0: OpenCV
 # (pulled in by rapidocr-onnxruntime); the fonts draw the tests' synthetic text.
-APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 fonts-dejavu-core fonts-liberation chromium chromium-driver
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl postgresql tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 fonts-dejavu-core fonts-liberation chromium chromium-driver
 
-.PHONY: serve test test-fast deps venv triton-venv wheel install docker bench bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar clean
+.PHONY: serve test test-fast deps venv triton-venv wheel install docker bench bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar bench-cluster clean
 
 $(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -75,7 +75,7 @@ test: deps venv triton-venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
-bench: bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar
+bench: bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar bench-cluster
 
 bench-ingest: deps venv
 	$(PY) tests/bench/bench_ingest.py
@@ -103,6 +103,9 @@ bench-similar: venv
 	# whose SQLite can load extensions where the interpreter's sqlite3 cannot
 	$(PIP) install --quiet "usearch>=2.16,<3" "sqlite-vec>=0.1.6,<0.2" "apsw>=3.46"
 	$(PY) tests/bench/bench_similar.py --db build/bench/index.db
+
+bench-cluster: deps venv
+	$(PY) tests/bench/bench_cluster.py
 
 # Build artefacts only. Never var/ (or any data_dir): it holds the pseudonym secret and
 # the database, and losing the secret changes every pseudonym from then on.

@@ -1,10 +1,18 @@
 """The node: settings, database, secret, SCP, pipeline, dispatch, retention and the
-scheduler wired together.
+scheduler wired together, in one of three roles:
+
+- ``all`` (default): everything in one process;
+- ``ingest``: the network edge only (the SCP, and the HTTP server where there is one):
+  receive, spool, record. Several ingest processes may share one database and data
+  folder, behind one load-balanced port; a study may arrive through several of them;
+- ``worker``: routing, processing, dispatch and retention. Several workers share the
+  work through claims (node.queue); routing takes a stable study at a time.
 
 At start (in this order): the data folder is made owner-only; the pseudonym secret is
-read (file or environment) and its fingerprint checked against the database's; rows
-left without a spool file are dropped; claims of this node's previous run are taken up
-at once; held objects are routed again when the routes changed.
+read (file or environment) and its fingerprint checked against the database's, whose
+schema is brought up to date where safe (node.schema); an ingest process drops the rows
+its own earlier runs left without a spool file; a worker takes up its previous run's
+claims at once and routes held objects again when the routes changed.
 """
 
 from __future__ import annotations
@@ -13,14 +21,14 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from pathlib import Path
+from typing import Literal
 
 from pydicom import dcmread
 from sqlalchemy.orm import sessionmaker
 
 from node import audit, metrics, queue, retention, routing
 from node.config import Settings
-from node.db import make_engine, make_sessionmaker
+from node.db import data_path, make_engine, make_sessionmaker, pool_size_for
 from node.deid import Pseudonymizer
 from node.dispatch import Dispatcher
 from node.leases import node_identity, owner_token
@@ -32,34 +40,38 @@ from node.startup import StartupError, check_secret, load_secret, owner_only_fol
 log = logging.getLogger(__name__)
 
 
+Role = Literal["all", "ingest", "worker"]
+ROLES: tuple[str, ...] = ("all", "ingest", "worker")
+
 # How long a committed row may wait for its spool file before the file counts as lost
 # (the C-STORE handler writes the file and commits the row at the same time, and answers
-# only when both are done).
+# only when both are done; on a shared file system another node may see the file late).
 SPOOL_GRACE_S = 120.0
 
 
-def _still_arriving(inst) -> bool:
-    if Path(inst.path).exists():
-        return False
-    age = (queue.utcnow() - inst.received_at).total_seconds()
-    return age < SPOOL_GRACE_S
-
-
 class Node:
-    """A running casemask node. ``start()`` listens and schedules; ``tick()`` runs each
-    stage once, synchronously (for tests and tools)."""
+    """A running casemask node. ``start()`` listens and schedules what its ``role``
+    does; ``tick()`` runs each worker stage once, synchronously (for tests and tools)."""
 
-    def __init__(self, settings: Settings, pixel_step: PixelStep | None | str = "auto") -> None:
+    def __init__(self, settings: Settings, pixel_step: PixelStep | None | str = "auto", role: Role = "all") -> None:
         """Prepare a node (nothing listens or runs yet).
 
         Raises:
             StartupError: the secret is missing or is not the one the database was made
-                with, or the node id file is damaged.
+                with, the node id file is damaged, the role is unknown, or the
+                database's schema cannot be brought to this version's (node.schema).
         """
+        if role not in ROLES:
+            raise StartupError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
         self.settings = settings
+        self.role = role
+        self.ingests = role in ("all", "ingest")
+        self.works = role in ("all", "worker")
         data = settings.node.data_dir
         owner_only_folder(data)
-        removed = clean_stale_temporaries(data)
+        # Other processes may share this folder (roles, a cluster): only what nobody has
+        # written to for the grace time is a crash's leftover; the sweep takes the rest.
+        removed = clean_stale_temporaries(data, SPOOL_GRACE_S)
         if removed:
             log.info("removed %d temporary files left by an interrupted write", removed)
         secret = load_secret(settings.node)
@@ -69,7 +81,7 @@ class Node:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.owner = owner_token(self.node_id)
-        self.engine = make_engine(settings.node.resolved_database_url)
+        self.engine = self._engine()
         self.sessions: sessionmaker = make_sessionmaker(self.engine, info={"log_id": self.pseudo.log_id})
         try:
             self._recover(secret)
@@ -77,7 +89,7 @@ class Node:
             self.engine.dispose()
             raise
         if pixel_step == "auto":
-            pixel_step = _default_pixel_step(settings)
+            pixel_step = _default_pixel_step(settings) if self.works else None
         self.pixel_step = pixel_step
         self.pipeline = Pipeline(settings, self.sessions, self.pseudo, pixel_step, owner=self.owner, indexer=_indexer(settings, pixel_step))  # type: ignore[arg-type]
         self.dispatchers = {d.name: Dispatcher(settings, self.sessions, d.name, owner=self.owner) for d in settings.destinations}
@@ -94,18 +106,47 @@ class Node:
         self.service = Service(settings, self.sessions, self.pseudo, node=self)
         self.syslog = self._audit_forwarder(settings)
 
+    def _engine(self):
+        """The process's engine, its pool sized for the role (``[node] db_pool_size``,
+        or the formula of node.db.pool_size_for), its schema brought up to date."""
+        node = self.settings.node
+        size = node.db_pool_size or pool_size_for(self.role, node.max_associations, len(self.settings.destinations))
+        return make_engine(node.resolved_database_url, size, node.db_max_overflow, node.db_pool_timeout_s, name=f"{self.node_id}:{self.role}")
+
     def _recover(self, secret: bytes) -> None:
         """The start-up checks and recoveries that need the database (one transaction)."""
         where = self.settings.node.database_url and "at database_url" or f"in {self.settings.node.data_dir}"
         with self.sessions() as session:
             check_secret(session, secret, where)
-            dropped = queue.drop_unspooled(session)
-            queue.take_over(session, self.node_id, self.owner)
-            if routes_changed(session, self.settings.routes):
-                queue.release_held(session)
+            if self.works:
+                queue.take_over(session, self.node_id, self.owner)
+                if routes_changed(session, self.settings.routes):
+                    queue.release_held(session)
             session.commit()
+        if self.ingests:
+            self.sweep_unspooled()
+
+    def sweep_unspooled(self) -> int:
+        """Drop the rows this node's earlier runs committed but never gave a spool file,
+        once SPOOL_GRACE_S old (node.queue.drop_unspooled), and incoming files no
+        process wrote to for that long; returns how many rows."""
+        with self.sessions() as session:
+            dropped = queue.drop_unspooled(session, self.settings.node.data_dir, self.node_id, self.owner, SPOOL_GRACE_S)
+            session.commit()
+        left = clean_stale_temporaries(self.settings.node.data_dir / "spool" / ".incoming", SPOOL_GRACE_S)
+        if left:
+            log.info("removed %d incoming files left by an interrupted C-STORE", left)
         if dropped:
-            log.warning("%d received objects had no spool file (interrupted before they were acknowledged): dropped", len(dropped))
+            log.warning("%d received objects had no spool file (an earlier run stopped before they were acknowledged): dropped", len(dropped))
+        return len(dropped)
+
+    def _still_arriving(self, inst) -> bool:
+        """Whether ``inst``'s file is missing but may still come (its row is younger than
+        SPOOL_GRACE_S, measured with this node's clock against the writer's)."""
+        if data_path(self.settings.node.data_dir, inst.path).exists():
+            return False
+        age = (queue.utcnow() - inst.received_at).total_seconds()
+        return age < SPOOL_GRACE_S
 
     # -- stages ---------------------------------------------------------------------
     def route_stable(self, stable_after_s: float | None = None) -> int:
@@ -122,14 +163,20 @@ class Node:
                 study = queue.next_stable_study(session, stable, waiting)
                 if study is None:
                     break
+                if not queue.hold_study(session, study):
+                    session.rollback()  # another worker routed it meanwhile
+                    continue
                 instances = queue.received_instances(session, study)
-                if any(_still_arriving(inst) for inst in instances):
+                if any(self._still_arriving(inst) for inst in instances):
                     waiting.add(study.id)  # a row is committed while its file is renamed into place
                     session.rollback()
                     continue
                 for inst in instances:
                     try:
-                        ds = dcmread(inst.path, stop_before_pixels=True)
+                        ds = dcmread(data_path(self.settings.node.data_dir, inst.path), stop_before_pixels=True)
+                    except FileNotFoundError:
+                        queue.quarantine_instance(session, inst, queue.SPOOL_FILE_MISSING)
+                        continue
                     except Exception as exc:
                         queue.quarantine_instance(session, inst, f"route: spooled file unreadable ({type(exc).__name__})")
                         metrics.QUARANTINED.labels(step="read").inc()
@@ -162,34 +209,38 @@ class Node:
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self, listen: bool = True, http: bool = False) -> None:
-        """Listen for DICOM (``listen``), run the stages on the scheduler, and serve the
-        operator's HTTP API and dashboard (``http``; ``casemask serve`` passes
-        ``[http] enabled``).
+        """Listen for DICOM (``listen``; roles all and ingest), run the role's stages on
+        the scheduler, and serve the operator's HTTP API and dashboard (``http``; roles
+        all and ingest; ``casemask serve`` passes ``[http] enabled``).
 
         Raises:
             RuntimeError: the HTTP server could not listen on its address.
         """
         from node.scheduler import make_scheduler
 
-        if listen:
+        if listen and self.ingests:
             from node.scp import start_server
 
-            self.server = start_server(self.settings, self.engine, pseudo=self.pseudo)
+            self.server = start_server(self.settings, self.engine, pseudo=self.pseudo, writer=self.owner)
         # Jobs look the pipeline and dispatchers up at each run, so that a reload can
         # replace them (and add or remove dispatch jobs) without restarting anything.
-        jobs: dict[str, Callable[[], int]] = {"route": self.route_stable, "process": lambda: self.pipeline.run_once(), "health": self.health.check_due,
-                                              "audit:syslog": self._forward_audit, "retention": self.retain}
-        for name in self.dispatchers:
-            jobs[f"dispatch:{name}"] = self._dispatch_job(name)
-        self.scheduler = make_scheduler(self.settings.node.poll_interval_s, jobs, {"retention": self.settings.retention.interval_s})
+        jobs: dict[str, Callable[[], int]] = {"health": self.health.check_due}
+        intervals = {"retention": self.settings.retention.interval_s, "sweep": SPOOL_GRACE_S / 2}
+        if self.ingests:
+            jobs["sweep"] = self.sweep_unspooled
+        if self.works:
+            jobs.update({"route": self.route_stable, "process": lambda: self.pipeline.run_once(), "audit:syslog": self._forward_audit, "retention": self.retain})
+            for name in self.dispatchers:
+                jobs[f"dispatch:{name}"] = self._dispatch_job(name)
+        self.scheduler = make_scheduler(self.settings.node.poll_interval_s, jobs, intervals)
         self.scheduler.start()
-        if http:
+        if http and self.ingests:
             from node.http.server import HttpServer
 
             self.http = HttpServer(self)
             self.http.start()
-        audit.record_now(self.sessions, "node-started", actor=self.settings.node.ae_title, detail={"routes": len(self.settings.routes), "destinations": len(self.settings.destinations)})
-        log.info("node %s started (id %s): %d routes, %d destinations", self.settings.node.ae_title, self.node_id, len(self.settings.routes), len(self.settings.destinations))
+        audit.record_now(self.sessions, "node-started", actor=self.settings.node.ae_title, detail={"routes": len(self.settings.routes), "destinations": len(self.settings.destinations), "role": self.role})
+        log.info("node %s started (id %s, role %s): %d routes, %d destinations", self.settings.node.ae_title, self.node_id, self.role, len(self.settings.routes), len(self.settings.destinations))
 
     def _dispatch_job(self, name: str) -> Callable[[], int]:
         def run() -> int:
@@ -230,10 +281,11 @@ class Node:
             if old.node != merged_node:
                 applied.append("node")
             pixel_step = self.pixel_step
-            if _pixel_models(old) != _pixel_models(new) or (new.models != old.models and _pixel_models(new)):
-                pixel_step = _default_pixel_step(new)
-            dispatchers = {d.name: Dispatcher(new, self.sessions, d.name) for d in new.destinations}
-            self.pipeline = Pipeline(new, self.sessions, self.pseudo, pixel_step)  # type: ignore[arg-type]
+            if self.works and (_pixel_models(old) != _pixel_models(new) or (new.models != old.models and _pixel_models(new))):
+                pixel_step = _default_pixel_step(new)  # an ingest process loads no model
+            # The same owner token: claims made before the reload stay this process's.
+            dispatchers = {d.name: Dispatcher(new, self.sessions, d.name, owner=self.owner) for d in new.destinations}
+            self.pipeline = Pipeline(new, self.sessions, self.pseudo, pixel_step, owner=self.owner, indexer=_indexer(new, pixel_step))  # type: ignore[arg-type]
             self.pixel_step = pixel_step
             self.dispatchers = dispatchers
             self.settings = new
@@ -245,7 +297,7 @@ class Node:
             policy = getattr(self.server, "access_policy", None)
             if policy is not None:  # who may associate from now on (open associations go on)
                 policy.update(new)
-            if self.scheduler is not None:
+            if self.scheduler is not None and self.works:
                 wanted = {f"dispatch:{d}" for d in dispatchers}
                 present = {j.id for j in self.scheduler.get_jobs() if j.id.startswith("dispatch:")}
                 from node.scheduler import add_job
@@ -311,7 +363,7 @@ class Node:
 
 
 # [node] settings a reload cannot change in a running node.
-_RESTART_KEYS = ("ae_title", "host", "port", "data_dir", "database_url", "secret_path", "secret_env", "node_id", "poll_interval_s",
+_RESTART_KEYS = ("ae_title", "host", "port", "data_dir", "database_url", "db_pool_size", "db_max_overflow", "db_pool_timeout_s", "secret_path", "secret_env", "node_id", "poll_interval_s",
                  "acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "reactor_delay_s",
                  "max_associations", "max_associations_per_host", "max_object_mb", "min_free_disk_mb", "strict_uids", "tls")
 

@@ -34,7 +34,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.db import AuditCursor, AuditEvent, Delivery, DeliveryState, Job, JobState, Output, Study, utcnow
+from node.db import AuditCursor, AuditEvent, Delivery, DeliveryState, Job, JobState, Output, Study, insert_if_absent, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -432,11 +432,13 @@ def forward(sessions: sessionmaker, sender: SyslogSender, source: Source, uid_of
     hostname = socket.gethostname()
     sent = 0
     with sessions() as session:
-        cursor = session.get(AuditCursor, sink)
+        insert_if_absent(session, AuditCursor, [{"sink": sink, "last_id": 0}])
+        session.commit()
+        # One forwarder at a time per sink when several workers share the database
+        # (PostgreSQL: the others skip the locked cursor and send nothing this time).
+        cursor = session.scalars(select(AuditCursor).where(AuditCursor.sink == sink).with_for_update(skip_locked=True)).first()
         if cursor is None:
-            cursor = AuditCursor(sink=sink, last_id=0)
-            session.add(cursor)
-            session.flush()
+            return 0
         events = query(session, Filter(after_id=cursor.last_id), limit=batch)
         uids = study_uids(session, events, uid_of)
         try:

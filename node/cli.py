@@ -1,6 +1,7 @@
 """The ``casemask`` command.
 
-    casemask serve [--config FILE]
+    casemask serve [--config FILE] [--role all|ingest|worker]
+    casemask db upgrade|current
     casemask echo AE@HOST:PORT
     casemask send PATH... --to AE@HOST:PORT
     casemask status [--json]
@@ -45,6 +46,7 @@ def _setup_logging(verbose: int) -> None:
     if verbose < 2:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("apscheduler").setLevel(logging.ERROR)  # 'skipped: already running' is normal
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # node.schema says what it upgraded
 
 
 def _settings(args):
@@ -83,10 +85,35 @@ def cmd_serve(args) -> int:
 
     for entry in route_models(settings):
         log.info("%s", describe_route(entry))
-    node = Node(settings)
-    print(f"casemask {settings.node.ae_title} listening on {settings.node.host}:{settings.node.port}; data in {settings.node.data_dir}", file=sys.stderr)
+    node = Node(settings, role=args.role)
+    doing = f"listening on {settings.node.host}:{settings.node.port}" if node.ingests else "working (routing, processing, dispatch, retention)"
+    print(f"casemask {settings.node.ae_title} ({args.role}) {doing}; data in {settings.node.data_dir}", file=sys.stderr)
     node.serve_forever()
     return 0
+
+
+def cmd_db(args) -> int:
+    """``casemask db upgrade``: bring the database's schema to this version's (under the
+    same rules as at start, node.schema). ``casemask db current``: its revision."""
+    settings = _settings(args)
+    from node import schema
+    from node.db import make_engine
+    from node.startup import owner_only_folder
+
+    if not settings.node.database_url:  # SQLite in data_dir: the folder holds patient data
+        owner_only_folder(settings.node.data_dir)
+    engine = make_engine(settings.node.resolved_database_url, 1, 0, prepare=False)
+    try:
+        if args.db_command == "upgrade":
+            changed = schema.prepare(engine)
+            print(f"upgraded the schema from revision {changed[0] or 'none'} to {changed[1]}" if changed else f"the schema is at revision {schema.HEAD} already")
+            return 0
+        with engine.connect() as conn:
+            current = schema.current_revision(conn)
+        print(f"database: revision {current or 'none'}; this casemask: revision {schema.HEAD}" + ("" if current == schema.HEAD else " (run `casemask db upgrade`)"))
+        return 0 if current == schema.HEAD else 1
+    finally:
+        engine.dispose()
 
 
 def cmd_echo(args) -> int:
@@ -643,7 +670,14 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = with_config(sub.add_parser("serve", help="receive, de-identify and forward until stopped"))
+    sp.add_argument("--role", choices=("all", "ingest", "worker"), default="all",
+                    help="all (default): everything; ingest: receive only (SCP and HTTP); worker: route, process, dispatch, retention (see docs/cluster.md)")
     sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("db", help="the database's schema (Alembic migrations)")
+    dsub = sp.add_subparsers(dest="db_command", metavar="SUBCOMMAND", required=True)
+    with_config(dsub.add_parser("upgrade", help="upgrade the schema to this version's (the node does it at start when safe)")).set_defaults(func=cmd_db)
+    with_config(dsub.add_parser("current", help="the database's schema revision and this version's (exit 1 when they differ)")).set_defaults(func=cmd_db)
 
     sp = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     sp.add_argument("peer", metavar="AE@HOST:PORT")

@@ -68,7 +68,11 @@ class NodeSettings(_Table):
     host: str = hint("an address to listen on, e.g. \"0.0.0.0\" or \"127.0.0.1\"", "0.0.0.0")
     port: StrictInt = hint("a TCP port is an integer from 1 to 65535 (0: no plain listener, [node.tls] only)", 11112, ge=0, le=65535)
     data_dir: Path = hint("a folder for the spool, outbox, database and secret, e.g. \"var\"", Path("var"), strict=False)
-    database_url: str = hint("empty for SQLite under data_dir, or a SQLAlchemy URL", "")
+    database_url: str = hint("empty for SQLite under data_dir, or a PostgreSQL URL, e.g. \"postgresql+psycopg://casemask@db-host/casemask\"", "")
+    # Connections this process may hold (docs/cluster.md, "Connection budget"); 0: as many as its role needs.
+    db_pool_size: StrictInt = hint("an integer, 0 or more (0: sized for the role: max_associations + 4 for ingest, destinations + 5 for a worker, both for all; docs/cluster.md)", 0, ge=0)
+    db_max_overflow: StrictInt = hint("an integer, 0 or more (connections beyond db_pool_size for bursts)", 4, ge=0)
+    db_pool_timeout_s: Seconds = hint("seconds, more than 0 (how long a thread waits for a free connection)", 30.0, gt=0)
     secret_path: Path | None = hint("a file holding the pseudonym secret (hex)", None, strict=False)
     secret_env: str = hint("the name of an environment variable holding the pseudonym secret (hex), e.g. \"CASEMASK_SECRET\"", "")
     node_id: str = hint("this node's name among nodes sharing a database: letters, digits, '.', '_', '-' (1 to 40); empty: made once and kept in data_dir/node-id", "")
@@ -105,6 +109,13 @@ class NodeSettings(_Table):
     def _env_name(cls, v: str) -> str:
         if v and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", v):
             raise ValueError("the name of an environment variable: letters, digits and '_', not starting with a digit, e.g. \"CASEMASK_SECRET\"")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        if v and not v.startswith(("sqlite:///", "postgresql+psycopg://")):
+            raise ValueError("empty for SQLite under data_dir, \"sqlite:////path/to/file.db\", or \"postgresql+psycopg://user@host/dbname\" (psycopg 3)")
         return v
 
     @field_validator("node_id")

@@ -1,8 +1,16 @@
 """SQLAlchemy 2 typed models and the one engine/session factory of a process.
 
-SQLite-specific settings (WAL, synchronous=FULL, busy timeout) live in
-:func:`_sqlite_adapter`; everything else is portable SQL so that PostgreSQL can follow.
-State columns hold the enums of :mod:`node.queue`, the only module that changes them.
+Two databases: SQLite (the embedded default, a file under ``data_dir``) and PostgreSQL
+(``postgresql+psycopg://...``, psycopg 3) for nodes that share one database. The SQL is
+portable; what differs lives here: SQLite's settings (WAL, synchronous=FULL, busy
+timeout) in :func:`_sqlite_adapter`, the database clock in :func:`db_now`, ON CONFLICT
+in :func:`insert_if_absent`. The schema is made and changed by Alembic migrations
+(:mod:`node.schema`), never by ``create_all``. State columns hold the enums of
+:mod:`node.queue`, the only module that changes them.
+
+Rows name files by their path *relative to* ``data_dir`` (:func:`row_path`,
+:func:`data_path`), so that nodes sharing the data folder on a network file system
+may mount it anywhere.
 """
 
 from __future__ import annotations
@@ -10,11 +18,12 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
-    DDL,
     Boolean,
     DateTime,
     Enum,
@@ -39,17 +48,24 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+# Added to the database's clock by db_now: always zero, except in tests, which move the
+# clock with it (on PostgreSQL the server's clock cannot be moved otherwise).
+clock_offset = dt.timedelta(0)
+
+
 def db_now(conn: Connection | Session) -> dt.datetime:
     """The database's clock, naive UTC: what leases, retry times and retention compare
     against, so that nodes whose clocks disagree still agree on who holds what.
 
     PostgreSQL: ``statement_timestamp()`` of the server. SQLite is embedded, so the
-    database's clock *is* this process's clock (:func:`utcnow`, which tests may replace).
+    database's clock *is* this process's clock (:func:`utcnow`). Every comparison with
+    it is made with the value returned here (a parameter), never with the SQL's own
+    ``now()``, so :data:`clock_offset` moves it everywhere.
     """
     bind = conn.get_bind() if isinstance(conn, Session) else conn
     if bind.dialect.name == "postgresql":
-        return conn.execute(select(func.timezone("UTC", func.statement_timestamp()))).scalar_one()
-    return utcnow()
+        return conn.execute(select(func.timezone("UTC", func.statement_timestamp()))).scalar_one() + clock_offset
+    return utcnow() + clock_offset
 
 
 class StudyState(enum.StrEnum):
@@ -112,7 +128,7 @@ class Instance(Base):
     modality: Mapped[str] = mapped_column(String(16), default="")
     transfer_syntax: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(Integer, default=0)
+    size: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes; multi-frame objects pass 2 GiB
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     called_ae: Mapped[str] = mapped_column(String(16), default="")
     peer_host: Mapped[str] = mapped_column(String(64), default="")
@@ -120,6 +136,9 @@ class Instance(Base):
     # the same object, another one under this SOP Instance UID a conflict (node.scp).
     identity: Mapped[str] = mapped_column(String(32), default="")
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # The owner token (node.leases) of the process whose C-STORE handler wrote the row:
+    # at start, a node drops only rows of its own earlier runs whose file never came.
+    received_by: Mapped[str | None] = mapped_column(String(80), nullable=True)
     state: Mapped[InstanceState] = mapped_column(Enum(InstanceState, native_enum=False, length=16), default=InstanceState.RECEIVED)
     reason: Mapped[str] = mapped_column(Text, default="")
     # When the state last changed (NULL: still as received); retention counts from it.
@@ -327,20 +346,23 @@ class AuditCursor(Base):
     last_id: Mapped[int] = mapped_column(Integer, default=0)
 
 
-for _verb in ("UPDATE", "DELETE"):
-    event.listen(
-        AuditEvent.__table__,
-        "after_create",
-        DDL(f"CREATE TRIGGER audit_events_no_{_verb.lower()} BEFORE {_verb} ON audit_events BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END").execute_if(dialect="sqlite"),
-    )
-event.listen(
-    AuditEvent.__table__,
-    "after_create",
-    DDL(
-        "CREATE FUNCTION audit_events_append_only() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'the audit trail is append-only'; END $$ LANGUAGE plpgsql; "
-        "CREATE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_events_append_only()"
-    ).execute_if(dialect="postgresql"),
-)
+# The triggers that make audit_events append-only are made by the migration
+# (node/migrations/versions/0001_schema.py).
+
+
+def lock_rows(session: Session, model: type[Base], ids: Iterable[object]) -> list:
+    """The rows ``ids`` of ``model``, read afresh and locked until the session's
+    transaction ends, in key order so that transactions locking overlapping sets take
+    turns instead of deadlocking (PostgreSQL: ``SELECT ... ORDER BY id FOR NO KEY
+    UPDATE``, the lock an UPDATE takes, which leaves inserts of rows referring to these
+    free; SQLite renders none: a writing transaction holds the database's write lock
+    already)."""
+    key = model.__mapper__.primary_key[0]
+    wanted = sorted(ids)  # type: ignore[type-var]
+    if not wanted:
+        return []
+    query = select(model).where(key.in_(wanted)).order_by(key).with_for_update(key_share=True)
+    return list(session.scalars(query.execution_options(populate_existing=True)))
 
 
 class IndexEntry(Base):
@@ -381,9 +403,25 @@ def _sqlite_adapter(engine: Engine) -> None:
         cur.close()
 
 
-# Each open association holds a connection while it lasts (node.scp) and the node accepts
-# up to 32 at once; the scheduler's jobs need a few more.
-POOL_SIZE, POOL_OVERFLOW = 40, 16
+def pool_size_for(role: str, associations: int, destinations: int) -> int:
+    """Connections one process needs at most at once (docs/cluster.md, "Connection
+    budget"); the pool is sized to it unless ``[node] db_pool_size`` says otherwise.
+
+    - ingest: ``associations + 4``: one per association *while it stores* (node.scp
+      gives an association's connection back after IDLE_RELEASE_S without a C-STORE,
+      so an idle association holds none), plus the sweep of unspooled rows, the
+      deletion of a row whose file could not be written, and two for the HTTP API and
+      the audit records of associations;
+    - worker: ``destinations + 5``: routing, processing and its lease keeper,
+      retention, the audit forwarder, and one dispatcher per destination;
+    - all: both.
+
+    A PostgreSQL server must allow the sum over every process of ``pool size +
+    db_max_overflow`` (plus a few for the operators' tools) in ``max_connections``.
+    """
+    ingest = associations + 4
+    worker = destinations + 5
+    return {"ingest": ingest, "worker": worker}.get(role, ingest + worker)
 
 
 def _owner_only_file(path: Path) -> None:
@@ -397,19 +435,57 @@ def _owner_only_file(path: Path) -> None:
             os.chmod(path, 0o600)
 
 
-def make_engine(url: str) -> Engine:
-    """The process's one engine. Creates the tables that do not exist yet; a SQLite
-    database file is readable by its owner only (0600)."""
+def make_engine(url: str, pool_size: int = 8, max_overflow: int = 4, pool_timeout_s: float = 30.0, name: str = "", prepare: bool = True) -> Engine:
+    """The process's one engine, with at most ``pool_size + max_overflow`` connections
+    (a thread waits up to ``pool_timeout_s`` for one). A SQLite database file is
+    readable by its owner only (0600). On PostgreSQL every connection carries the
+    application name ``casemask/<schema revision>/<name>``, which the schema check
+    reads (node.schema) and ``pg_stat_activity`` shows.
+
+    ``prepare``: bring the schema up to date where that is safe, else refuse
+    (:func:`node.schema.prepare`).
+
+    Raises:
+        node.schema.SchemaError: the schema is not this version's and cannot be
+            upgraded now (the message says what to do).
+    """
+    from node.schema import HEAD
+
+    pool = {"pool_size": max(1, pool_size), "max_overflow": max(0, max_overflow), "pool_timeout": pool_timeout_s}
     if url.startswith("sqlite:///"):
         db_file = Path(url.removeprefix("sqlite:///"))
         db_file.parent.mkdir(parents=True, exist_ok=True)
         _owner_only_file(db_file)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         _sqlite_adapter(engine)
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
-    Base.metadata.create_all(engine)
+        connect_args = {"application_name": f"casemask/{HEAD}/{name or 'cli'}"[:63]} if url.startswith("postgresql") else {}
+        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
+    if prepare:
+        from node.schema import prepare as prepare_schema
+
+        try:
+            prepare_schema(engine)
+        except BaseException:
+            engine.dispose()
+            raise
     return engine
+
+
+def row_path(data_dir: Path, path: Path) -> str:
+    """How a row names ``path``: relative to ``data_dir`` (POSIX separators), so that
+    every node sharing the data folder finds it wherever the folder is mounted.
+
+    Raises:
+        ValueError: ``path`` is not inside ``data_dir``.
+    """
+    return Path(path).relative_to(data_dir).as_posix()
+
+
+def data_path(data_dir: Path, stored: str) -> Path:
+    """The file a row names. Rows written before paths were relative hold absolute
+    paths, which are returned as they are."""
+    return data_dir / stored
 
 
 def make_sessionmaker(engine: Engine, info: dict | None = None) -> sessionmaker:

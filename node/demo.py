@@ -53,7 +53,7 @@ def _run(args, settings, folder: Path) -> int:
     from engine.data.dicom import write_dicom_studies
     from node import queue
     from node.config import Destination
-    from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, Output, make_engine, make_sessionmaker
+    from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, Output, data_path, make_engine, make_sessionmaker
     from node.scu import DicomSender, Outcome, Work
 
     files = write_dicom_studies(SyntheticPatients(args.patients, args.visits, args.size, args.seed), folder)
@@ -99,7 +99,9 @@ def _run(args, settings, folder: Path) -> int:
     if gated:
         failed = [g for r in gated for g in r["failed"]]
         print(f"gates: {len(gated)} images judged, {sum(r['passed'] for r in gated)} passed" + (f"; failed: {', '.join(sorted(set(failed)))}" if failed else ""))
-    if example and Path(example).exists():
+    if example:
+        example = data_path(settings.node.data_dir, example)
+    if example and example.exists():
         print(f"each output says what it is, e.g. DerivationDescription: {dcmread(example, stop_before_pixels=True).get('DerivationDescription', '(none)')}")
     for d in settings.destinations:
         where = str(d.path) if d.kind == "folder" else (f"{d.ae_title}@{d.host}:{d.port}" if d.kind == "dicom" else d.url)

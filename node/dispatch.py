@@ -14,14 +14,13 @@ import datetime as dt
 import logging
 import time
 from collections import Counter
-from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 
 from node import audit, metrics, queue
 from node.config import Settings
-from node.db import Delivery, DeliveryState, db_now
+from node.db import Delivery, DeliveryState, data_path, db_now
 from node.scu import Outcome, Work, make_sender
 
 log = logging.getLogger(__name__)
@@ -103,7 +102,8 @@ class Dispatcher:
                 return 0
             lease = _Lease(self.owner, node.lease_s, claimed)
             by_id: dict[int, Delivery] = {d.id: d for d in claimed}
-            work = [Work(d.id, Path(d.output.path), d.output.sop_class_uid, d.output.transfer_syntax) for d in claimed]
+            data = self.settings.node.data_dir
+            work = [Work(d.id, data_path(data, d.output.path), d.output.sop_class_uid, d.output.transfer_syntax) for d in claimed]
             tally: Counter = Counter()
             reasons: dict[str, str] = {}
 

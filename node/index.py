@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from engine.retrieval import CaseBase, softmax_distance
 from node import queue
 from node.config import Route, Settings
-from node.db import IndexEntry, Job, JobState, Output
+from node.db import IndexEntry, Job, JobState, Output, data_path
 from node.pixels import PixelError, frames_of, mapping_for, to_model_batch
 from node.spool import digest
 from node.wire import peek_str
@@ -214,8 +214,8 @@ class RebuildReport:
 
 def _folder_files(settings: Settings, route: Route) -> dict[str, Path]:
     """Digest of the SOP Instance UID -> file, in every folder destination of ``route``
-    (``node.scu.FolderSender`` writes ``path/<digest>/<digest>/<digest>.dcm``, names from
-    :func:`node.spool.folder_path`)."""
+    (``node.scu.FolderSender`` writes ``path/<study>/<series>/<instance>.dcm``, each
+    named by its UID's digest: ``node.spool.folder_path``)."""
     found: dict[str, Path] = {}
     for name in route.destinations:
         dest = settings.destination(name)
@@ -281,10 +281,12 @@ def _rebuild_one(session: Session, settings: Settings, route: Route, model: Mode
         rep.current += 1
         return
     ds, where = None, ""
-    if Path(out.path).is_file():
-        ds, where = _read(Path(out.path), out.sop_instance_uid), "outbox"
-    if ds is None and digest(out.sop_instance_uid) in folders:
-        ds, where = _read(folders[digest(out.sop_instance_uid)], out.sop_instance_uid), "folder"
+    outbox = data_path(settings.node.data_dir, out.path)
+    if outbox.is_file():
+        ds, where = _read(outbox, out.sop_instance_uid), "outbox"
+    copy = folders.get(digest(out.sop_instance_uid))
+    if ds is None and copy is not None:
+        ds, where = _read(copy, out.sop_instance_uid), "folder"
     new: list[IndexEntry] = []
     if ds is None:
         rep.gone += 1

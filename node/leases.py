@@ -85,8 +85,16 @@ class LeaseKeeper:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop renewing, once a renewal under way has ended. The pipeline calls it
+        before it writes the batch's outcome: a renewal then would wait for the rows the
+        outcome locks (on PostgreSQL, while holding rows the outcome waits for: a
+        deadlock), or count the rows just finished as lost."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):

@@ -22,6 +22,7 @@ import errno
 import io
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit, metrics, queue
 from node.config import Route, Settings
-from node.db import Job, Output, Pseudonym, insert_if_absent
+from node.db import Job, Output, Pseudonym, data_path, insert_if_absent, row_path
 from node.deid import Deidentifier, Pseudonymizer, QuarantineError, Result, to_bytes
 from node.deid.profile import CLEAN_PIXEL_CODE, CLEAN_VISUAL_CODE
 from node.deid.verify import Policy, VerifyError, reason, verify
@@ -113,6 +114,7 @@ class Pipeline:
         self.pixel_step = pixel_step
         self.owner = owner
         self.indexer = indexer  # node.index: medical vectors of anonymized outputs (routes with index = true)
+        self.data_dir = settings.node.data_dir
         self.outbox = settings.node.data_dir / "outbox"
         self._deid: dict[str, Deidentifier] = {}
         self._burned_in = None  # node.burnedin.BurnedInStep, made for the first route that cleans
@@ -136,9 +138,9 @@ class Pipeline:
             route = jobs[0].route
             written: dict[int, list[Path]] = {}
             failure: Exception | None = None
-            with LeaseKeeper(self.sessions, lambda s: queue.renew_jobs(s, self.owner, ids, node.lease_s), len(ids), node.lease_s / 3):
+            with LeaseKeeper(self.sessions, lambda s: queue.renew_jobs(s, self.owner, ids, node.lease_s), len(ids), node.lease_s / 3) as keeper:
                 try:
-                    self.process(session, jobs, written)
+                    self.process(session, jobs, written, before_finish=keeper.stop)
                     session.commit()
                 except Exception as exc:
                     session.rollback()
@@ -166,9 +168,11 @@ class Pipeline:
         audit.processed(session, jobs)  # those whose last try this was are quarantined
         metrics.observe_processed(jobs)
 
-    def process(self, session: Session, jobs: list[Job], written: dict[int, list[Path]] | None = None) -> None:
+    def process(self, session: Session, jobs: list[Job], written: dict[int, list[Path]] | None = None, before_finish: Callable[[], None] | None = None) -> None:
         """Take claimed jobs of one route through its steps and finish each (guarded by
-        this worker's lease). ``written`` collects the outbox files made, per job.
+        this worker's lease). ``written`` collects the outbox files made, per job;
+        ``before_finish`` is called once the steps are done, before anything is written
+        to the database (run_once stops renewing the lease there).
 
         Raises:
             BatchError: a step failed for the whole batch (the caller counts a try).
@@ -178,13 +182,15 @@ class Pipeline:
         try:
             route = self.settings.route(route_name)
         except KeyError:
+            if before_finish is not None:
+                before_finish()
             for job in jobs:
                 queue.quarantine_job(session, job, f"route {route_name!r} is no longer configured", owner=self.owner)
             return
         items = [Item(job=j) for j in jobs]
         for it in items:
             try:
-                with open(it.job.instance.path, "rb") as fh:
+                with open(data_path(self.data_dir, it.job.instance.path), "rb") as fh:
                     it.original = fh.read()
                 it.source = dcmread(io.BytesIO(it.original))
             except Exception as exc:
@@ -252,6 +258,8 @@ class Pipeline:
             for it in items:
                 if not it.error and it.job.study_id in first_error:
                     it.error = f"another object of this study was quarantined (partial = quarantine-study): {first_error[it.job.study_id]}"
+        if before_finish is not None:
+            before_finish()
         self._finish(session, route, items, written)
         self._save_mappings(session, mappings)
         audit.processed(session, jobs)
@@ -277,18 +285,28 @@ class Pipeline:
                 put_off[it.job.id] = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
             except Exception as exc:  # the output cannot be encoded: a verdict on this object
                 it.error = describe("write", exc)
+        # Jobs whose lease passed to another worker are left alone, and keep their
+        # files: that worker writes the same paths. The others are held (locked) in one
+        # statement, and their instances and studies settled together at the end.
+        held = {job.id for job in queue.hold_jobs(session, [it.job for it in items], self.owner)}
+        ended = []
         for it in items:
             job = it.job
-            # A job whose lease passed to another worker keeps its files: that worker
-            # writes the same paths.
+            if job.id not in held:
+                continue
             if it.error:
-                if queue.quarantine_job(session, job, it.error, owner=self.owner):
-                    _remove_written(written, [job.id])
+                queue.quarantine_job(session, job, it.error, settle=False)
+                _remove_written(written, [job.id])
+                ended.append(job)
             elif job.id in put_off:
-                if queue.defer_job(session, job, self.owner, f"outbox: cannot write ({put_off[job.id]})", node.retry_base_s, node.retry_max_s) is not None:
-                    _remove_written(written, [job.id])
-            elif queue.finish_job(session, job, outputs[job.id], route.destinations, owner=self.owner) and route.index and self.indexer is not None:
-                self.indexer.add(session, route, job, [(kind, ds, out) for (kind, ds), out in zip(it.outputs, outputs[job.id])])
+                queue.defer_job(session, job, None, f"outbox: cannot write ({put_off[job.id]})", node.retry_base_s, node.retry_max_s)
+                _remove_written(written, [job.id])
+            else:
+                queue.finish_job(session, job, outputs[job.id], route.destinations, settle=False)
+                ended.append(job)
+                if route.index and self.indexer is not None:
+                    self.indexer.add(session, route, job, [(kind, ds, out) for (kind, ds), out in zip(it.outputs, outputs[job.id])])
+        queue.settle_jobs(session, ended)
         if put_off:
             log.error("route %s: cannot write the outbox (%s): %d jobs put off", route.name, ", ".join(sorted(set(put_off.values()))), len(put_off))
 
@@ -296,7 +314,7 @@ class Pipeline:
         """``text`` (a reason) with any text value of the object's original header cut
         out (a step's own message should hold none; this makes sure)."""
         try:
-            original = dcmread(io.BytesIO(it.original) if it.original else it.job.instance.path, stop_before_pixels=True)
+            original = dcmread(io.BytesIO(it.original) if it.original else data_path(self.data_dir, it.job.instance.path), stop_before_pixels=True)
         except Exception:  # nothing to compare against: keep the step and the class only
             return text.split(":", 1)[0] + ": (details withheld: the object is unreadable)" if ":" in text else text
         return scrub(text, original)
@@ -358,7 +376,7 @@ class Pipeline:
             sop_instance_uid=sop,
             sop_class_uid=str(ds.SOPClassUID),
             transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-            path=str(path),
+            path=row_path(self.data_dir, path),
         )
 
     def _save_mappings(self, session: Session, mappings: dict[str, dict[str, str]]) -> None:

@@ -21,9 +21,10 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from sqlalchemy import Connection, and_, bindparam, func, insert, or_, select, update
-from sqlalchemy.orm import Session, object_session
+from sqlalchemy.orm import Session, object_session, selectinload
 
 from node.db import (
     Conflict,
@@ -36,7 +37,9 @@ from node.db import (
     Output,
     Study,
     StudyState,
+    data_path,
     db_now,
+    lock_rows,
     utcnow,
 )
 
@@ -59,6 +62,7 @@ class Received:
     called_ae: str
     peer_host: str
     identity: str = ""  # keyed hash of what makes it this object (node.scp: SOP UID conflicts)
+    received_by: str = ""  # the writing process's owner token (node.leases)
 
 
 # The two statements of every C-STORE, built once: constructing a statement per call
@@ -117,6 +121,7 @@ def record_received(conn: Connection, r: Received) -> str:
             "peer_host": r.peer_host,
             "identity": r.identity,
             "received_at": now,
+            "received_by": r.received_by or None,
             "state": InstanceState.RECEIVED,
             "reason": "",
         },
@@ -131,13 +136,20 @@ def forget_received(conn: Connection, sop_instance_uid: str) -> None:
     conn.execute(instances.delete().where(instances.c.sop_instance_uid == sop_instance_uid, instances.c.state == InstanceState.RECEIVED))
 
 
-def drop_unspooled(session: Session) -> list[str]:
-    """At start: received instances whose spool file is missing were committed while
-    their file was still being written when the node stopped, so they were never
-    acknowledged; delete them. Returns their SOP Instance UIDs."""
-    from pathlib import Path
-
-    gone = [i for i in session.scalars(select(Instance).where(Instance.state == InstanceState.RECEIVED)) if not Path(i.path).exists()]
+def drop_unspooled(session: Session, data_dir: Path, node_id: str, owner: str, grace_s: float) -> list[str]:
+    """Delete the received instances whose spool file never came, where that proves the
+    object was never acknowledged: rows written by an *earlier run of this node*
+    (``received_by`` starts with ``node_id/`` and is not ``owner``, the running
+    process), more than ``grace_s`` seconds ago (that process's clock, which is this
+    host's), still RECEIVED, with no file at their path. The handler answers a C-STORE
+    only once its row and file are both durable, so such a row was committed while its
+    file was still being written when that run stopped. Rows of other nodes (still
+    writing, perhaps, on a slow shared file system) and rows of unknown writers are
+    left alone. Returns the SOP Instance UIDs dropped."""
+    cutoff = db_now(session) - dt.timedelta(seconds=grace_s)
+    mine_before = and_(Instance.received_by.startswith(f"{node_id}/", autoescape=True), Instance.received_by != owner)
+    rows = session.scalars(select(Instance).where(Instance.state == InstanceState.RECEIVED, mine_before, Instance.received_at < cutoff))
+    gone = [i for i in rows if not data_path(data_dir, i.path).exists()]
     for inst in gone:
         session.delete(inst)
     session.flush()
@@ -154,19 +166,22 @@ def on_resend(conn: Connection, sop_instance_uid: str) -> str:
     the caller's transaction; returns the state change to log ("" when none).
 
     A HELD or IGNORED object (it matched no route) goes back to RECEIVED and its study
-    to RECEIVING, so that it is routed again with the routes configured now. An object
+    to RECEIVING, so that it is routed again with the routes configured now; so does an
+    object quarantined because its spool file never came (:data:`SPOOL_FILE_MISSING`:
+    the node that wrote its row stopped mid-write, and the sender, never answered
+    Success, sent it again, through this or another node, which rewrote the file). An object
     whose spooled file retention already deleted has it back (the C-STORE handler
     rewrote it): it is marked unpurged, so that the next retention run deletes it again.
     Anything else is left as it is (a re-send is idempotent).
     """
     instances, studies = Instance.__table__, Study.__table__
     row = conn.execute(
-        select(instances.c.id, instances.c.state, instances.c.study_id, instances.c.purged_at).where(instances.c.sop_instance_uid == sop_instance_uid)
+        select(instances.c.id, instances.c.state, instances.c.reason, instances.c.study_id, instances.c.purged_at).where(instances.c.sop_instance_uid == sop_instance_uid)
     ).first()
     if row is None:
         return ""
     now = utcnow()
-    if row.state in (InstanceState.HELD, InstanceState.IGNORED):
+    if row.state in (InstanceState.HELD, InstanceState.IGNORED) or (row.state == InstanceState.QUARANTINED and row.reason == SPOOL_FILE_MISSING):
         conn.execute(
             update(instances)
             .where(instances.c.id == row.id, instances.c.state == row.state)
@@ -222,6 +237,20 @@ def record_conflict(conn: Connection, r: Received) -> None:
     conn.execute(insert(Conflict.__table__).values(sop_instance_uid=r.sop_instance_uid, calling_ae=r.calling_ae, peer_host=r.peer_host, received_at=utcnow()))
 
 
+def hold_study(session: Session, study: Study) -> bool:
+    """Hold ``study`` (from :func:`next_stable_study`) for routing in the caller's
+    transaction; False when another node routed it meanwhile (the caller rolls back and
+    goes on). A guarded ``UPDATE ... WHERE state = RECEIVING``: on SQLite, which has no
+    row locks and reads outside a transaction, it takes the database's write lock, so a
+    second worker waits here and then finds the study ROUTED instead of making its jobs
+    twice; on PostgreSQL the row is locked already (``FOR UPDATE SKIP LOCKED``)."""
+    t = Study.__table__
+    held = session.execute(update(t).where(t.c.id == study.id, t.c.state == StudyState.RECEIVING).values(state=StudyState.RECEIVING)).rowcount
+    if held:
+        session.refresh(study)
+    return bool(held)
+
+
 def stable_studies(session: Session, stable_after_s: float, now: dt.datetime | None = None) -> list[Study]:
     """Studies that received nothing for ``stable_after_s`` seconds and await routing
     (read only; routing takes them one by one with :func:`next_stable_study`)."""
@@ -253,8 +282,13 @@ def route_instance(session: Session, inst: Instance, routes: Sequence[str], unro
         _set_instance(inst, InstanceState.HELD, "matched no route (unrouted = hold)")
 
 
+# The reason routing gives an instance whose spool file is still missing after the grace
+# time; a re-send of the object (which brings the file) routes it again (on_resend).
+SPOOL_FILE_MISSING = "route: the spooled file is missing (the writing node stopped mid-write?)"
+
+
 def quarantine_instance(session: Session, inst: Instance, reason: str) -> None:
-    """An instance that could not even be routed (unreadable file)."""
+    """An instance that could not even be routed (unreadable or missing file)."""
     _set_instance(inst, InstanceState.QUARANTINED, reason)
 
 
@@ -358,9 +392,11 @@ def claim_jobs(session: Session, owner: str, lease_s: float, max_attempts: int =
         .values(state=JobState.PROCESSING, owner=owner, lease_until=lease, attempts=Job.attempts + 1, updated_at=now)
         .execution_options(synchronize_session=False)
     )
+    # Their instances in the same round trip (the pipeline reads every one's path).
     return list(
         session.scalars(
             select(Job).where(Job.id.in_(ids), Job.owner == owner, Job.state == JobState.PROCESSING).order_by(Job.study_id, Job.id)
+            .options(selectinload(Job.instance))
             .execution_options(populate_existing=True)
         )
     )
@@ -405,10 +441,29 @@ def _hold(session: Session, model, row_id: int, owner: str, state) -> bool:
 def _held_job(session: Session, job: Job, owner: str) -> bool:
     """Whether ``job`` is still ``owner``'s claim (then locked till commit); when not,
     the caller's unflushed changes to it are discarded."""
-    if _hold(session, Job, job.id, owner, JobState.PROCESSING):
-        return True
-    session.expire(job)
-    return False
+    return bool(hold_jobs(session, [job], owner))
+
+
+def hold_jobs(session: Session, jobs: Sequence[Job], owner: str) -> list[Job]:
+    """Those of ``jobs`` that are still ``owner``'s claims (PROCESSING), in one
+    statement; they stay locked for the rest of the caller's transaction (row locks on
+    PostgreSQL, the write lock on SQLite), so no other worker can take them before the
+    caller commits. The others passed to another worker: the caller's unflushed
+    changes to them are discarded, and each is logged."""
+    if not jobs:
+        return []
+    t = Job.__table__
+    with session.no_autoflush:  # the caller's pending changes to the rows wait for the verdict
+        held = set(
+            session.execute(
+                update(t).where(t.c.id.in_([j.id for j in jobs]), t.c.owner == owner, t.c.state == JobState.PROCESSING).values(owner=owner).returning(t.c.id)
+            ).scalars()
+        )
+    for job in jobs:
+        if job.id not in held:
+            session.expire(job)
+            log.warning("job %d: its lease passed to another worker; this worker's result is dropped", job.id)
+    return [j for j in jobs if j.id in held]
 
 
 def note_job(job: Job, step: str, value: object) -> None:
@@ -420,50 +475,53 @@ def note_job(job: Job, step: str, value: object) -> None:
     job.record = json.dumps(record, sort_keys=True)
 
 
-def finish_job(session: Session, job: Job, outputs: Iterable[Output], destinations: Sequence[str], owner: str | None = None) -> bool:
+def finish_job(session: Session, job: Job, outputs: Iterable[Output], destinations: Sequence[str], owner: str | None = None, settle: bool = True) -> bool:
     """PROCESSING -> DONE, with its outputs and one PENDING delivery per destination.
 
     With ``owner``, only if the job is still that worker's claim; False (nothing
-    written) when another worker took it over: the caller gives up."""
+    written) when another worker took it over: the caller gives up. Without it, the
+    caller holds the job already (:func:`hold_jobs`). ``settle=False``: the caller
+    settles the instance's and study's states itself, once for a whole batch
+    (:func:`settle_jobs`)."""
     if owner is not None and not _held_job(session, job, owner):
-        log.warning("job %d: its lease passed to another worker; this worker's result is dropped", job.id)
         return False
     now = utcnow()
     for out in outputs:
         out.job_id = job.id
         session.add(out)
-        session.flush()
-        for dest in destinations:
-            session.add(Delivery(output_id=out.id, destination=dest, state=DeliveryState.PENDING, next_attempt_at=now))
+        for dest in destinations:  # output_id is filled in when the session flushes them together
+            session.add(Delivery(output=out, destination=dest, state=DeliveryState.PENDING, next_attempt_at=now))
     job.state = JobState.DONE
     job.owner = None
     job.lease_until = None
     job.reason = ""
     job.updated_at = now
-    _after_job(session, job)
+    if settle:
+        settle_jobs(session, [job])
     return True
 
 
-def quarantine_job(session: Session, job: Job, reason: str, owner: str | None = None) -> bool:
+def quarantine_job(session: Session, job: Job, reason: str, owner: str | None = None, settle: bool = True) -> bool:
     """PROCESSING -> QUARANTINED: nothing of this object leaves the node (fail closed).
 
     With ``owner``, only if the job is still that worker's claim; returns whether it
-    was quarantined. ``reason`` names the step and the attribute, never a value."""
+    was quarantined. ``reason`` names the step and the attribute, never a value.
+    ``settle``: as for :func:`finish_job`."""
     if owner is not None and not _held_job(session, job, owner):
-        log.warning("job %d: its lease passed to another worker; not quarantined by this one", job.id)
         return False
-    _quarantine(session, job, reason)
+    _quarantine(session, job, reason, settle)
     return True
 
 
-def _quarantine(session: Session, job: Job, reason: str) -> None:
+def _quarantine(session: Session, job: Job, reason: str, settle: bool = True) -> None:
     job.state = JobState.QUARANTINED
     job.owner = None
     job.lease_until = None
     job.reason = reason
     job.updated_at = utcnow()
     log.warning("job %d (route %s, %s): QUARANTINED: %s", job.id, job.route, _label("instance", job.instance_id, job.instance.sop_instance_uid, session), reason)
-    _after_job(session, job)
+    if settle:
+        settle_jobs(session, [job])
 
 
 def backoff_s(tries: int, base_s: float, max_s: float) -> float:
@@ -485,13 +543,13 @@ def fail_attempt(session: Session, job: Job, owner: str, reason: str, max_attemp
     return True
 
 
-def defer_job(session: Session, job: Job, owner: str, reason: str, base_s: float, max_s: float) -> float | None:
+def defer_job(session: Session, job: Job, owner: str | None, reason: str, base_s: float, max_s: float) -> float | None:
     """A try of a claimed job could not run because something it needs is out of reach
     for now (an inference server, the outbox's disk): PENDING again after a backoff,
-    and the try is not counted. Only if the job is still ``owner``'s; returns the delay
-    (seconds), None when the job was no longer this worker's. Logs nothing: the caller
-    logs once per batch."""
-    if not _held_job(session, job, owner):
+    and the try is not counted. Only if the job is still ``owner``'s (None: the caller
+    holds it already, :func:`hold_jobs`); returns the delay (seconds), None when the job
+    was no longer this worker's. Logs nothing: the caller logs once per batch."""
+    if owner is not None and not _held_job(session, job, owner):
         return None
     job.deferrals += 1
     job.attempts = max(0, job.attempts - 1)
@@ -509,17 +567,46 @@ def _back_to_pending(session: Session, job: Job, reason: str, delay: float) -> f
     return delay
 
 
-def _after_job(session: Session, job: Job) -> None:
-    inst = job.instance
-    states = set(session.scalars(select(Job.state).where(Job.instance_id == inst.id)))
-    if JobState.QUARANTINED in states and inst.state != InstanceState.QUARANTINED:
-        _set_instance(inst, InstanceState.QUARANTINED, job.reason)
-    elif states == {JobState.DONE}:
-        _set_instance(inst, InstanceState.PROCESSED)
+def settle_jobs(session: Session, jobs: Sequence[Job]) -> None:
+    """The states of the instances and studies of ``jobs``, which just ended (DONE or
+    QUARANTINED): an instance is QUARANTINED when any of its jobs is, PROCESSED when all
+    are DONE; a ROUTED study with no open job left is DONE. A few statements for the
+    whole batch.
+
+    The study rows, then the instance rows, are locked first, each in id order
+    (PostgreSQL; SQLite's write lock is held already), so that workers ending the last
+    jobs of one instance or study at the same moment take turns and the last one sees
+    the others' jobs ended (else each would see the other's still open, the instance
+    would never be PROCESSED, nor its original deleted by retention). Studies before
+    instances: the order in which a C-STORE takes them (its study's row, then the
+    instance's unique key), so that the two never wait for each other in a circle."""
+    if not jobs:
+        return
     session.flush()
-    study = session.get(Study, job.study_id)
-    if study is not None and study.state == StudyState.ROUTED and not _open_jobs(session, job.study_id):
-        _set_study(study, StudyState.DONE)
+    why = {j.instance_id: j.reason for j in jobs if j.state == JobState.QUARANTINED}
+    studies = lock_rows(session, Study, {j.study_id for j in jobs})
+    instances = lock_rows(session, Instance, {j.instance_id for j in jobs})
+    states: dict[int, set[JobState]] = {}
+    for instance_id, state in session.execute(select(Job.instance_id, Job.state).where(Job.instance_id.in_([i.id for i in instances]))):
+        states.setdefault(instance_id, set()).add(state)
+    for inst in instances:
+        mine = states.get(inst.id, set())
+        if JobState.QUARANTINED in mine and inst.state != InstanceState.QUARANTINED:
+            reason = why.get(inst.id) or session.scalar(select(Job.reason).where(Job.instance_id == inst.id, Job.state == JobState.QUARANTINED).limit(1)) or ""
+            _set_instance(inst, InstanceState.QUARANTINED, reason)
+        elif mine == {JobState.DONE}:
+            _set_instance(inst, InstanceState.PROCESSED)
+    routed = [st for st in studies if st.state == StudyState.ROUTED]
+    if routed:
+        session.flush()
+        still_open = set(
+            session.scalars(
+                select(Job.study_id).where(Job.study_id.in_([st.id for st in routed]), Job.state.in_([JobState.PENDING, JobState.PROCESSING])).distinct()
+            )
+        )
+        for study in routed:
+            if study.id not in still_open:
+                _set_study(study, StudyState.DONE)
 
 
 def take_over(session: Session, node_id: str, owner: str) -> tuple[int, int]:
@@ -569,6 +656,7 @@ def claim_deliveries(session: Session, destination: str, owner: str, lease_s: fl
     return list(
         session.scalars(
             select(Delivery).where(Delivery.id.in_(ids), Delivery.owner == owner, Delivery.state == DeliveryState.SENDING).order_by(Delivery.id)
+            .options(selectinload(Delivery.output))  # the dispatcher reads every one's file
             .execution_options(populate_existing=True)
         )
     )

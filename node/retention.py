@@ -39,7 +39,7 @@ from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
-from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, Output, db_now
+from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, Output, data_path, db_now
 
 log = logging.getLogger(__name__)
 
@@ -94,21 +94,21 @@ def originals_due(session: Session, settings: Settings, now: dt.datetime, limit:
             .order_by(Instance.id)
             .limit(limit)
         ).all()
-        out += [Candidate("original", i, Path(p)) for i, p in rows]
-        out += _in_state_since(session, InstanceState.IGNORED, "original", cutoff, limit)
+        out += [Candidate("original", i, data_path(settings.node.data_dir, p)) for i, p in rows]
+        out += _in_state_since(session, settings, InstanceState.IGNORED, "original", cutoff, limit)
     cutoff = _cutoff(now, r.quarantine_days)
     if cutoff is not None:
-        out += _in_state_since(session, InstanceState.QUARANTINED, "quarantined", cutoff, limit)
+        out += _in_state_since(session, settings, InstanceState.QUARANTINED, "quarantined", cutoff, limit)
     return out
 
 
-def _in_state_since(session: Session, state: InstanceState, kind: str, cutoff: dt.datetime, limit: int) -> list[Candidate]:
+def _in_state_since(session: Session, settings: Settings, state: InstanceState, kind: str, cutoff: dt.datetime, limit: int) -> list[Candidate]:
     """Unpurged instances that entered ``state`` at or before ``cutoff``."""
     changed = func.coalesce(Instance.state_changed_at, Instance.received_at)
     rows = session.execute(
         select(Instance.id, Instance.path).where(Instance.state == state, Instance.purged_at.is_(None), changed <= cutoff).order_by(Instance.id).limit(limit)
     ).all()
-    return [Candidate(kind, i, Path(p)) for i, p in rows]
+    return [Candidate(kind, i, data_path(settings.node.data_dir, p)) for i, p in rows]
 
 
 def outputs_due(session: Session, settings: Settings, now: dt.datetime, limit: int) -> list[Candidate]:
@@ -125,7 +125,7 @@ def outputs_due(session: Session, settings: Settings, now: dt.datetime, limit: i
         .order_by(Output.id)
         .limit(limit)
     ).all()
-    return [Candidate("output", i, Path(p)) for i, p in rows]
+    return [Candidate("output", i, data_path(settings.node.data_dir, p)) for i, p in rows]
 
 
 def _files(root: Path) -> Iterator[os.DirEntry]:

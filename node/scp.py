@@ -44,6 +44,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from socketserver import TCPServer
@@ -61,6 +62,7 @@ from sqlalchemy.orm import sessionmaker
 from node import audit, metrics, queue
 from node.admission import MAX_PDU, REJECT_NO_REASON, Admission, guard_dimse, guard_pdu_length, guard_state_machine, malformed_request, wake_if_waiting
 from node.config import Settings
+from node.db import data_path, row_path
 from node.deid import Pseudonymizer
 from node.incoming import IncomingFile, IncomingFiles, install as install_incoming
 from node.reasons import withhold_library_values
@@ -84,6 +86,7 @@ SOP_UID_CONFLICT = 0xC214
 
 _KNOWN_SYNTAXES = frozenset(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
 _LOCK_STRIPES = 256
+T = TypeVar("T")
 
 
 def failure(status: int, comment: str) -> Dataset:
@@ -179,6 +182,35 @@ class _Refusal(Exception):
         self.why = why
 
 
+# An association keeps its database connection between the C-STOREs of a burst (checking
+# one out of the pool and back, with its reset, for every object cost a third of a
+# commit) and gives it back once it stored nothing for this long: a sender that keeps
+# an association open without sending holds no connection (docs/cluster.md, "Connection
+# budget").
+IDLE_RELEASE_S = 1.0
+
+
+class _Lent:
+    """The connection one association holds between C-STOREs, and when it last used it.
+    ``lock``: held by the association's thread while it stores, so that the reaper
+    never takes a connection in use."""
+
+    __slots__ = ("conn", "lock", "used")
+
+    def __init__(self) -> None:
+        self.conn: Connection | None = None
+        self.lock = threading.Lock()
+        self.used = time.monotonic()
+
+    def give_back(self) -> int:
+        """Close the connection (back to the pool); 1 if there was one. Hold ``lock``."""
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return 0
+        conn.close()
+        return 1
+
+
 class StoreHandler:
     """C-STORE: check, spool and commit, then answer.
 
@@ -190,9 +222,13 @@ class StoreHandler:
     of them never race for one spool file. A row can be committed a moment before its
     file is in place: routing waits for the file (``Node.route_stable``), a failed write
     deletes the row again, and at start rows left without a file by a crash are dropped
-    (those objects were never acknowledged)."""
+    (those objects were never acknowledged). Rows name their files relative to
+    ``data_dir`` (shared by the nodes of a cluster) and carry ``writer``, the process's
+    owner token (``received_by``)."""
 
-    def __init__(self, settings: Settings, engine: Engine, pseudo: Pseudonymizer, incoming: IncomingFiles, on_stored: Callable[[], None] | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, pseudo: Pseudonymizer, incoming: IncomingFiles, on_stored: Callable[[], None] | None = None, writer: str = "") -> None:
+        self.data_dir = settings.node.data_dir
+        self.writer = writer
         self.spool_dir = settings.node.data_dir / "spool"
         self.engine = engine
         self.pseudo = pseudo
@@ -202,31 +238,72 @@ class StoreHandler:
         self.max_object_mb = settings.node.max_object_mb
         self.min_free_disk_mb = settings.node.min_free_disk_mb
         self._spool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool")
-        self._conns: dict[int, Connection] = {}
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._disk = _Throttled()
+        self._lent: dict[int, _Lent] = {}
+        self._lent_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="scp-idle-connections", daemon=True)
+        self._reaper.start()
 
-    def _connection(self, assoc) -> Connection:
-        """The association's own database connection, held until it closes: checking one
-        out of the pool and back (with its reset) for every object cost a third of a
-        commit."""
-        conn = self._conns.get(id(assoc))
-        if conn is None or conn.closed or conn.invalidated:
-            conn = self._conns[id(assoc)] = self.engine.connect()
-        return conn
+    def _lent_to(self, assoc) -> _Lent:
+        with self._lent_lock:
+            return self._lent.setdefault(id(assoc), _Lent())
+
+    def _reap(self) -> None:
+        while not self._closing.wait(IDLE_RELEASE_S / 2):
+            self.release_idle(IDLE_RELEASE_S)
+
+    def release_idle(self, idle_s: float) -> int:
+        """Give back the connections of associations that stored nothing for ``idle_s``
+        seconds (one busy storing keeps its own); returns how many. The reaper thread
+        calls it every ``IDLE_RELEASE_S / 2`` seconds."""
+        now = time.monotonic()
+        with self._lent_lock:
+            lent = list(self._lent.values())
+        released = 0
+        for held in lent:
+            if held.conn is not None and now - held.used >= idle_s and held.lock.acquire(blocking=False):
+                try:
+                    released += held.give_back()
+                finally:
+                    held.lock.release()
+        return released
+
+    def held(self) -> int:
+        """How many database connections associations hold now."""
+        with self._lent_lock:
+            return sum(1 for held in self._lent.values() if held.conn is not None)
 
     def release(self, assoc) -> None:
         """The association closed: give its connection back."""
-        conn = self._conns.pop(id(assoc), None)
-        if conn is not None:
-            conn.close()
+        with self._lent_lock:
+            held = self._lent.pop(id(assoc), None)
+        if held is not None:
+            with held.lock:
+                held.give_back()
+
+    def _on_connection(self, assoc, step: Callable[[Connection], T]) -> T:
+        """``step`` on the association's connection, checked out of the pool if it holds
+        none now (the pool waits ``db_pool_timeout_s`` for one, then raises)."""
+        held = self._lent_to(assoc)
+        with held.lock:
+            try:
+                if held.conn is None or held.conn.closed or held.conn.invalidated:
+                    held.conn = self.engine.connect()
+                return step(held.conn)
+            finally:
+                held.used = time.monotonic()
 
     def close(self) -> None:
+        self._closing.set()
+        self._reaper.join()
         self._spool.shutdown(wait=True)
-        for key in list(self._conns):
-            conn = self._conns.pop(key, None)
-            if conn is not None:
-                conn.close()
+        with self._lent_lock:
+            lent, self._lent = list(self._lent.values()), {}
+        for held in lent:
+            with held.lock:
+                held.give_back()
 
     # -- the handler ------------------------------------------------------------------------
     def __call__(self, event: evt.Event) -> int | Dataset:
@@ -351,15 +428,16 @@ class StoreHandler:
             series_uid=attrs["SeriesInstanceUID"],
             modality=attrs["Modality"],
             transfer_syntax=str(ts),
-            path=str(path),
+            path=row_path(self.data_dir, path),
             size=incoming.size,
             calling_ae=calling,
             called_ae=assoc.acceptor.ae_title.strip(),
             peer_host=str(assoc.requestor.address),
             identity=_identity(self.pseudo, sop_class, attrs),
+            received_by=self.writer,
         )
         try:
-            stored = self._record(self._connection(assoc), received)
+            stored = self._on_connection(assoc, lambda conn: self._record(conn, received))
         except Exception as exc:
             created = _outcome(placing)
             if created is True:
@@ -388,15 +466,13 @@ class StoreHandler:
                 remove(path)  # the conflicting object's file: nobody's
             self._conflict(received, name, calling)
             raise _Refusal(SOP_UID_CONFLICT, "SOP Instance UID conflict: another object")
-        if created and stored_path != str(path):
+        if created and data_path(self.data_dir, stored_path) != path:
             remove(path)  # a row of an older layout keeps its own file
         # The same object again. Where its file was gone (retention deleted it), this one
         # takes its place: queue.on_resend routes a held object again, or marks the file
         # for the next retention run.
-        conn = self._connection(event.assoc)
         try:
-            with conn.begin():
-                change = queue.on_resend(conn, sop_uid)
+            change = self._on_connection(assoc, lambda conn: _resend(conn, sop_uid))
         except Exception as exc:
             log.error("C-STORE %s from %s: cannot record the re-send (%s) -> 0xA700", name, calling, type(exc).__name__)
             raise _Refusal(OUT_OF_RESOURCES, "cannot record the object") from None
@@ -437,6 +513,11 @@ class StoreHandler:
                 queue.forget_received(conn, sop_uid)
         except Exception as exc:  # the next start drops it (no file)
             log.error("C-STORE %s: could not delete the row of the unwritten object (%s)", name, type(exc).__name__)
+
+
+def _resend(conn: Connection, sop_uid: str) -> str:
+    with conn.begin():
+        return queue.on_resend(conn, sop_uid)
 
 
 def _make_durable(incoming: IncomingFile, path: Path) -> bool:
@@ -683,9 +764,10 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None, pseudo: Pseudonymizer | None = None) -> Listeners:
+def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None, pseudo: Pseudonymizer | None = None, writer: str = "") -> Listeners:
     """Start listening (non-blocking) on the plain port (unless 0) and the TLS port (when
     [node.tls] is set); returns the listeners, whose ``shutdown()`` stops them.
+    ``writer``: the owner token stored with each received row (``received_by``).
 
     Raises:
         OSError: a port cannot be bound, or a TLS file cannot be read.
@@ -703,7 +785,7 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     withhold_library_values()
     install_incoming()
     incoming = IncomingFiles(node.data_dir / "spool" / ".incoming", node.max_object_mb * 1024 * 1024, node.min_free_disk_mb * 1024 * 1024)
-    store = StoreHandler(settings, engine, pseudo, incoming, on_stored)
+    store = StoreHandler(settings, engine, pseudo, incoming, on_stored, writer)
 
     def on_requested(event: evt.Event) -> None:
         assoc = event.assoc

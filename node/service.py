@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node import audit, queue, routing
 from node.accounts import Principal
 from node.config import DEFAULT_CONFIG, ConfigError, Settings, parse
-from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Role, Study, StudyState, utcnow
+from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Role, Study, StudyState, data_path, utcnow
 from node.metrics import disk_free
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ class Service:
             "id": j.id, "route": j.route, "state": j.state.value, "reason": j.reason, "attempts": j.attempts,
             "updated_at": _iso(j.updated_at), "modality": j.instance.modality, "record": json.loads(j.record or "{}"),
             "outputs": [
-                {"id": o.id, "kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "in_outbox": Path(o.path).exists(),
+                {"id": o.id, "kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "in_outbox": data_path(self.settings.node.data_dir, o.path).exists(),
                  "deliveries": [self._delivery_view(d) for d in deliveries.get(o.id, [])]}
                 for o in outputs
             ],
@@ -512,7 +512,7 @@ class Service:
             o = session.get(Output, output_id)
             if o is None:
                 raise NotFound(f"no output {output_id}")
-            path = Path(o.path)
+            path = data_path(self.settings.node.data_dir, o.path)
         try:
             return thumbnail_png(path, size)
         except PreviewError as exc:

@@ -31,9 +31,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from node.config import Settings
-from node.db import Delivery, IndexEntry, Output
+from node.db import Delivery, IndexEntry, Output, data_path
 from node.index import Cases, check_modality, describe, entries, load_case_base, model_input, weights_of
 from node.pixels import PixelError
+from node.spool import digest
 
 if TYPE_CHECKING:
     from engine.api import Model
@@ -193,7 +194,7 @@ class SimilarService:
         if not ids:
             return out
         for o in session.scalars(select(Output).where(Output.id.in_(ids))):
-            out[o.id]["path"] = o.path
+            out[o.id]["path"] = str(data_path(self.settings.node.data_dir, o.path))
         for d in session.scalars(select(Delivery).where(Delivery.output_id.in_(ids))):
             out[d.output_id]["deliveries"][d.destination] = str(d.state.value if hasattr(d.state, "value") else d.state)
         return out
@@ -229,11 +230,12 @@ class SimilarService:
         with self.sessions() as s:
             out = s.get(Output, case["_output_id"]) if case.get("_output_id") else None
             if out is not None:
-                paths.append(Path(out.path))
+                paths.append(data_path(self.settings.node.data_dir, out.path))
         for f in case["fetch"]:
             if f.get("kind") == "folder":
                 dest = self.settings.destination(f["destination"])
-                paths.append(Path(dest.path) / case["study_uid"] / case["series_uid"] / f"{case['sop_uid']}.dcm")  # type: ignore[arg-type]
+                # named as node.spool.folder_path names it
+                paths.append(Path(dest.path) / digest(case["study_uid"]) / digest(case["series_uid"]) / f"{digest(case['sop_uid'])}.dcm")  # type: ignore[arg-type]
         for p in paths:
             if not p.is_file():
                 continue

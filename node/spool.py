@@ -28,6 +28,7 @@ import errno
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 
 from pydicom import Dataset
@@ -170,12 +171,20 @@ def remove(path: Path) -> None:
             raise
 
 
-def clean_stale_temporaries(root: Path) -> int:
+def clean_stale_temporaries(root: Path, older_than_s: float = 0.0) -> int:
     """Remove temporary files left by a crash mid-write (``.*.tmp``, and whatever a
-    C-STORE left in ``spool/.incoming``); returns how many."""
+    C-STORE left in ``spool/.incoming``) not written to for ``older_than_s`` seconds;
+    returns how many. Nodes sharing a data folder pass their grace time: a younger
+    temporary may be another process's write in progress (a C-STORE still arriving)."""
     n = 0
     if root.exists():
+        cutoff = time.time() - older_than_s
         for p in root.rglob(".*.tmp"):
-            p.unlink(missing_ok=True)
+            try:
+                if older_than_s and p.stat().st_mtime > cutoff:
+                    continue
+                p.unlink()
+            except FileNotFoundError:  # finished (renamed) or removed meanwhile
+                continue
             n += 1
     return n

@@ -256,6 +256,67 @@ def archive_factory() -> Iterator[Callable[..., CountingArchive]]:
         a.stop()
 
 
+# -- databases ----------------------------------------------------------------------------------
+# The database_url node_config() writes while a test runs under the `database` fixture:
+# "" (SQLite under data_dir) or a fresh PostgreSQL database's URL.
+_DATABASE = {"url": ""}
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One PostgreSQL cluster for the whole session (tests/pg.py), started on first use,
+    with a template database already at the schema's head (each test's database is a
+    copy of it, which is quicker than migrating each)."""
+    from tests import pg
+
+    why = pg.missing()
+    if why:
+        pytest.skip(why)
+    cluster = pg.PostgresCluster().start()
+    try:
+        from node.db import make_engine
+
+        cluster.create_database("casemask_template")
+        make_engine(cluster.url("casemask_template")).dispose()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_database(pg_cluster) -> Iterator[str]:
+    """A new PostgreSQL database at the schema's head; its URL. Dropped afterwards.
+    A test during which the server detected a deadlock fails: workers, ingest and
+    routing must take their row locks in one order (a deadlock costs a C-STORE its
+    answer or a batch its work)."""
+    name = pg_cluster.create_database(template="casemask_template")
+    mark = pg_cluster.log_size()
+    yield pg_cluster.url(name)
+    pg_cluster.drop_database(name)
+    deadlocks = [line for line in pg_cluster.log_since(mark).splitlines() if "deadlock detected" in line]
+    assert not deadlocks, f"PostgreSQL detected {len(deadlocks)} deadlock(s) during the test"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request) -> Iterator[str]:
+    """Runs a test once on SQLite and once on PostgreSQL: node_config() writes the
+    database_url ("" for SQLite under data_dir). Use it with
+    ``pytestmark = pytest.mark.usefixtures("database")``."""
+    url = request.getfixturevalue("pg_database") if request.param == "postgresql" else ""
+    before = _DATABASE["url"]
+    _DATABASE["url"] = url
+    yield url
+    _DATABASE["url"] = before
+
+
+def database_engine(node_or_settings):
+    """A small engine on a node's database (for tests that look into it from outside)."""
+    from node.db import make_engine
+
+    settings = getattr(node_or_settings, "settings", node_or_settings)
+    return make_engine(settings.node.resolved_database_url, 1, 0, prepare=False)
+
+
 # -- nodes ------------------------------------------------------------------------------------
 def node_config(tmp_path: Path, destinations: list[dict], routes: list[dict] | None = None, **node_kw) -> dict:
     node = {
@@ -263,6 +324,7 @@ def node_config(tmp_path: Path, destinations: list[dict], routes: list[dict] | N
         "host": "127.0.0.1",
         "port": free_port(),
         "data_dir": str(tmp_path / "var"),
+        "database_url": _DATABASE["url"],
         "stable_after_s": 0.5,
         "poll_interval_s": 0.1,
         "retry_base_s": 0.2,
@@ -324,7 +386,7 @@ def start_node(tmp_path: Path):
         elif listen:
             from node.scp import start_server
 
-            n.server = start_server(settings, n.engine)
+            n.server = start_server(settings, n.engine, pseudo=n.pseudo, writer=n.owner)
         nodes.append(n)
         return n
 
@@ -336,38 +398,49 @@ def start_node(tmp_path: Path):
 def receive(node, ds: Dataset, modality: str = "") -> None:
     """Put an object into a node's spool and queue as the C-STORE handler would."""
     from node import queue
+    from node.db import row_path
     from node.spool import spool_path, write_atomic
     from node.deid import to_bytes
 
-    p = spool_path(node.settings.node.data_dir / "spool", str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    data = node.settings.node.data_dir
+    p = spool_path(data / "spool", str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
     size = write_atomic(p, to_bytes(ds))
     r = queue.Received(str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.get("SeriesInstanceUID", "")),
-                       modality or str(ds.get("Modality", "")), str(ds.file_meta.TransferSyntaxUID), str(p), size, "MODALITY1", "CASEMASK", "127.0.0.1")
+                       modality or str(ds.get("Modality", "")), str(ds.file_meta.TransferSyntaxUID), row_path(data, p), size, "MODALITY1", "CASEMASK", "127.0.0.1",
+                       received_by=node.owner)
     with node.engine.begin() as conn:
         queue.record_received(conn, r)  # returns the study's state change, not needed here
 
 
 class NodeProcess:
-    """``casemask serve`` as a subprocess (for SIGKILL tests)."""
+    """``casemask serve [--role ROLE]`` as a subprocess (for SIGKILL tests)."""
 
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.logpath = config, log
+    def __init__(self, config: Path, log: Path, role: str = "all", env: dict | None = None) -> None:
+        self.config, self.logpath, self.role, self.env = config, log, role, env
         self.proc: subprocess.Popen | None = None
 
-    def start(self, port: int) -> None:
+    def start(self, port: int | None = None) -> None:
+        """Start it and wait until it listens on ``port`` (a worker: until it says it
+        started)."""
         self.log = self.logpath.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        seen = self.logpath.stat().st_size
+        args = [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config), "--role", self.role]
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env)
 
         def up() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}; see {self.logpath}")
+            if port is None:
+                with self.logpath.open("rb") as f:
+                    f.seek(seen)
+                    return b" started (id " in f.read()
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                     return True
             except OSError:
                 return False
 
-        wait_until(up, timeout=60, what="the node to listen")
+        wait_until(up, timeout=60, what=f"the node ({self.role}) to start")
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -244,9 +244,8 @@ def test_hostile_traffic_leaves_the_node_serving_and_nothing_unacknowledged(targ
         t["acked"] |= {str(dcmread(f).SOPInstanceUID) for f in (tmp_path / "after").iterdir()}
     wait_until(lambda: threading.active_count() <= threads0 + 2, timeout=30, what=f"threads back to about {threads0}")
     wait_until(lambda: open_fds() <= fds0 + 5, timeout=30, what=f"file descriptors back to about {fds0}")
-    from node.db import POOL_OVERFLOW, POOL_SIZE
-
-    assert open_fds(database=True) <= 3 * (POOL_SIZE + POOL_OVERFLOW), "database connections beyond the pool's bound"
+    bound = node.engine.pool.size() + node.settings.node.db_max_overflow  # the role's pool (node.db.pool_size_for)
+    assert open_fds(database=True) <= 3 * bound, "database connections beyond the pool's bound"
     gc.collect()
     kept = sum(stat.size for stat in snapshot.statistics("filename"))
     top = "\n".join(str(x) for x in snapshot.statistics("traceback")[:3] for x in [x, *x.traceback.format()[-8:]])

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from engine.data import SyntheticPatients
 from engine.data.ood import out_of_domain
 from engine.gates import Scores
-from node.db import Instance, InstanceState, Job, Output
+from node.db import Instance, InstanceState, Job, Output, data_path
 from tests.conftest import PYDICOM_FILES, receive
 from tests.test_pixels import make_dx, pixel_route
 
@@ -206,7 +206,7 @@ def test_node_quarantines_with_the_gate_name_and_records_every_score(tmp_path, s
         assert g["passed"] and g["bundle"] == "reference" and set(g["frames"][0]) == {"domain", "medical", "identity"}
         assert {"anonymized", "counterfactual"} <= set(g["frames"][0]["identity"])
     assert len(outputs) == 2 * len(good)  # an anonymized image and a counterfactual each; nothing of the others
-    out = dcmread(next(o.path for o in outputs if o.kind == "anonymized"))
+    out = dcmread(data_path(node.settings.node.data_dir, next(o.path for o in outputs if o.kind == "anonymized")))
     assert (out.Rows, out.Columns) == (64, 64)
     assert "synthesised at 64x64 by model reference " + node.pixel_step.models["reference"].bundle.weights_digest() in out.DerivationDescription
 

@@ -1,7 +1,7 @@
 """Data lifecycle and failure isolation (#19): retention, poison jobs, claims with owner
 tokens and leases, reasons without PHI, the secret's fingerprint, held objects, and
-delivery problems logged as state changes. Only the clock is mocked (``node.db.utcnow``,
-which is the database's clock on SQLite)."""
+delivery problems logged as state changes. Every test runs on SQLite and on PostgreSQL.
+Only the clock is mocked (``node.db.clock_offset``, added to the database's clock)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import copy
 import datetime as dt
 import errno
 import logging
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ import node.db as db
 from node import queue, retention
 from node.app import Node
 from node.config import ConfigError, parse
-from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Study, StudyState
+from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Study, StudyState, data_path
 from node.dispatch import Dispatcher
 from node.pipeline import Pipeline
 from node.startup import StartupError
@@ -32,6 +31,7 @@ from tests.conftest import (
     ROOT,
     STORESCU,
     NodeProcess,
+    database_engine,
     dcmtk_env,
     free_port,
     make_study,
@@ -45,6 +45,9 @@ from tests.conftest import (
 
 def storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess:
     return subprocess.run([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=180)
+
+
+pytestmark = pytest.mark.usefixtures("database")  # each test on SQLite and on PostgreSQL
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -85,13 +88,12 @@ def files_under(folder: Path) -> list[Path]:
 
 @pytest.fixture
 def clock(monkeypatch):
-    """The database's clock (this process's on SQLite), moved on at will."""
-    real = db.utcnow
-    state = {"skew": dt.timedelta(0)}
-    monkeypatch.setattr(db, "utcnow", lambda: real() + state["skew"])
+    """The database's clock (this process's on SQLite, the server's on PostgreSQL),
+    moved on at will (``node.db.clock_offset``)."""
+    monkeypatch.setattr(db, "clock_offset", dt.timedelta(0))
 
     def advance(**kw) -> None:
-        state["skew"] += dt.timedelta(**kw)
+        db.clock_offset += dt.timedelta(**kw)
 
     return advance
 
@@ -152,14 +154,18 @@ def test_delivered_study_leaves_no_file_under_the_data_folder(tmp_path, start_no
     wait_until(lambda: delivery_states(node) == {"SENT": 5}, what="5 deliveries SENT")
     wait_until(lambda: not files_under(data / "spool") and not files_under(data / "outbox"), timeout=30, what="retention to empty spool and outbox")
     assert len(archive.received) == 5
+
+    def all_marked() -> bool:  # the files go first, then their rows are marked (committed a moment later)
+        with node.sessions() as s:
+            rows = s.scalars(select(Instance)).all()
+            return len(rows) == 5 and all(i.state == InstanceState.PROCESSED and i.purged_at is not None for i in rows) \
+                and all(o.purged_at is not None for o in s.scalars(select(Output)))
+
+    wait_until(all_marked, timeout=10, what="the rows marked purged")
     left = {p.name for p in files_under(data)}
     assert left <= {"casemask.db", "casemask.db-wal", "casemask.db-shm", "secret.key", "node-id"}, left
-    with node.sessions() as s:
-        rows = s.scalars(select(Instance)).all()
-        assert len(rows) == 5 and all(i.state == InstanceState.PROCESSED and i.purged_at is not None for i in rows)
-        assert all(o.purged_at is not None for o in s.scalars(select(Output)))
     assert data.stat().st_mode & 0o777 == 0o700
-    for name in ("casemask.db", "secret.key", "node-id"):
+    for name in ("casemask.db", "secret.key", "node-id") if not node.settings.node.database_url else ("secret.key", "node-id"):
         assert (data / name).stat().st_mode & 0o777 == 0o600, name
 
 
@@ -172,7 +178,7 @@ def test_quarantined_original_stays_until_its_days_are_over(tmp_path, start_node
     with node.sessions() as s:
         inst = s.scalars(select(Instance)).one()
     assert inst.state == InstanceState.QUARANTINED
-    path = Path(inst.path)
+    path = data_path(node.settings.node.data_dir, inst.path)
     for days, kept in ((0, True), (29, True), (2, False)):  # 0, 29, then 31 days later
         clock(days=days)
         retention.run(node.sessions, node.settings)
@@ -225,11 +231,12 @@ def test_resend_of_a_purged_object_is_purged_again(tmp_path, start_node):
     retention.run(node.sessions, node.settings)
     with node.sessions() as s:
         inst = s.scalars(select(Instance)).one()
-    write_atomic(Path(inst.path), b"the same object again")  # what the handler does on a re-send
+    path = data_path(node.settings.node.data_dir, inst.path)
+    write_atomic(path, b"the same object again")  # what the handler does on a re-send
     with node.engine.begin() as conn:
         assert queue.on_resend(conn, uid) == ""
     retention.run(node.sessions, node.settings)
-    assert not Path(inst.path).exists()
+    assert not path.exists()
 
 
 # -- 2. poison jobs ------------------------------------------------------------------------
@@ -420,11 +427,11 @@ def test_sigkill_while_processing_300_objects_recovers_in_seconds(tmp_path, arch
     port = raw["node"]["port"]
     node = NodeProcess(write_toml(raw, tmp_path / "node.toml"), tmp_path / "node.log")
     files = make_study(tmp_path / "study", n=300)
-    dbfile = Path(raw["node"]["data_dir"]) / "casemask.db"
+    engine = database_engine(parse(raw, "test", base_dir=tmp_path))
 
     def processing() -> int:
-        with sqlite3.connect(f"file:{dbfile}?mode=ro", uri=True, timeout=5) as c:
-            return c.execute("SELECT count(*) FROM jobs WHERE state = 'PROCESSING'").fetchone()[0]
+        with engine.connect() as c:
+            return c.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.PROCESSING))
 
     node.start(port)
     try:
@@ -437,6 +444,7 @@ def test_sigkill_while_processing_300_objects_recovers_in_seconds(tmp_path, arch
         wait_until(lambda: len(set(archive.received)) >= 300, timeout=30, what="all 300 objects at the archive within 30 s of the restart")
     finally:
         node.stop()
+        engine.dispose()
     assert len(archive.received) - len(set(archive.received)) <= 1  # at most the one in flight at the kill
     assert "took up the previous run's claims" in (tmp_path / "node.log").read_text()
 
@@ -445,7 +453,7 @@ def test_sigkill_while_processing_300_objects_recovers_in_seconds(tmp_path, arch
 NAME = "Zebulon^Quixote^Marmaduke"
 
 
-def test_a_step_failing_on_the_patient_name_leaves_it_in_no_reason_database_or_log(tmp_path, start_node, monkeypatch, caplog):
+def test_a_step_failing_on_the_patient_name_leaves_it_in_no_reason_database_or_log(tmp_path, start_node, monkeypatch, caplog, request):
     """pydicom's value errors quote the value they choke on. A header step and a pixel
     step fail on an object whose PatientName is NAME: neither the database file nor the
     log holds the name afterwards."""
@@ -476,7 +484,10 @@ def test_a_step_failing_on_the_patient_name_leaves_it_in_no_reason_database_or_l
     assert any("pixels: RuntimeError" in r for r in reasons), reasons
     node.engine.dispose()  # close connections; the WAL may still hold pages: read it too
     data = node.settings.node.data_dir
-    stored = b"".join(p.read_bytes() for p in data.glob("casemask.db*"))
+    if node.settings.node.database_url:  # PostgreSQL: everything it stores, as pg_dump writes it
+        stored = request.getfixturevalue("pg_cluster").dump(node.settings.node.database_url.rsplit("/", 1)[1])
+    else:
+        stored = b"".join(p.read_bytes() for p in data.glob("casemask.db*"))
     for part in [NAME, *NAME.split("^")]:
         assert part.encode() not in stored, f"{part!r} is in the database"
         assert part not in caplog.text, f"{part!r} is in the log"
@@ -651,3 +662,113 @@ def test_warnings_reach_the_log_without_their_text(caplog):
         logging.captureWarnings(False)
         for f in [f for f in logger.filters if isinstance(f, WithheldWarnings)]:
             logger.removeFilter(f)
+
+
+def _as_node(settings, node_id: str):
+    """``settings`` with another ``[node] node_id`` (a second node on the same database
+    and data folder)."""
+    return settings.model_copy(update={"node": settings.node.model_copy(update={"node_id": node_id})})
+
+
+def test_the_start_up_sweep_drops_only_its_own_earlier_rows(tmp_path, start_node):
+    """A row whose spool file is missing, older than the grace time, is dropped at start
+    only by a later run of the node that wrote it: another node sharing the database
+    and data folder leaves it alone (its writer may still be renaming the file into
+    place on a slow shared file system), and so does the writer's own live process."""
+    from node.app import SPOOL_GRACE_S
+
+    raw = node_config(tmp_path, [folder(tmp_path)], stable_after_s=3600, node_id="ingest-a")
+    writer = start_node(raw, schedule=False, listen=False)
+    for f in make_study(tmp_path / "s", 2):
+        receive(writer, dcmread(f))
+    with writer.sessions() as s:
+        first = s.scalars(select(Instance).order_by(Instance.id)).first()
+        data_path(writer.settings.node.data_dir, first.path).unlink()
+        for inst in s.scalars(select(Instance)):
+            inst.received_at -= dt.timedelta(seconds=SPOOL_GRACE_S + 1)
+        s.commit()
+    assert writer.sweep_unspooled() == 0  # the live writer: its own rows of this run
+    other = Node(_as_node(writer.settings, "ingest-b"), pixel_step=None, role="ingest")
+    try:
+        assert other.sweep_unspooled() == 0
+        with other.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Instance)) == 2
+    finally:
+        other.stop()
+    writer.stop()
+    again = Node(writer.settings, pixel_step=None, role="ingest")  # ingest-a's next run sweeps at start
+    try:
+        with again.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Instance)) == 1
+    finally:
+        again.stop()
+
+
+def test_two_workers_routing_at_once_route_each_study_once(tmp_path, start_node):
+    """Two workers on one database route the same stable studies at the same time: each
+    study is routed by one of them (claimed per study), every instance gets exactly one
+    job per route, and neither fails on the jobs' unique key."""
+    raw = node_config(tmp_path, [folder(tmp_path)], stable_after_s=3600, node_id="work-a")
+    first = start_node(raw, schedule=False, listen=False)
+    second = Node(_as_node(first.settings, "work-b"), pixel_step=None, role="worker")
+    try:
+        for k in range(8):
+            for f in make_study(tmp_path / f"s{k}", 3):
+                receive(first, dcmread(f))
+        routed: dict[str, int] = {}
+        errors: list[BaseException] = []
+        go = threading.Barrier(2)
+
+        def route(name: str, n: Node) -> None:
+            try:
+                go.wait(10)
+                routed[name] = n.route_stable(0)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=route, args=(name, n)) for name, n in (("a", first), ("b", second))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert sum(routed.values()) == 24, routed  # instances routed, by one worker each
+        with first.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Job)) == 24
+            assert s.scalar(select(func.count(func.distinct(Job.instance_id))).select_from(Job)) == 24
+            assert set(s.scalars(select(Study.state))) == {StudyState.ROUTED}
+    finally:
+        second.stop()
+
+
+def test_a_pseudonym_mapping_written_by_two_workers_is_kept_once(tmp_path, start_node):
+    """Two workers that worked objects of one study write the same mappings: the second
+    insert does nothing (ON CONFLICT DO NOTHING) instead of failing its batch, and the
+    first mapping stays."""
+    from threading import Thread
+
+    from node.db import Pseudonym, insert_if_absent
+
+    node = start_node(node_config(tmp_path, [folder(tmp_path)]), schedule=False, listen=False)
+    first = [{"kind": "uid", "old": "1.2.826.0.1.3680043.8.498.77", "new": "2.25.1"}]
+    second = [{"kind": "uid", "old": "1.2.826.0.1.3680043.8.498.77", "new": "2.25.2"}, {"kind": "uid", "old": "1.2.826.0.1.3680043.8.498.78", "new": "2.25.3"}]
+    errors: list[BaseException] = []
+    with node.sessions() as a:
+        insert_if_absent(a, Pseudonym, first)  # not committed yet: the other worker's insert waits for it (PostgreSQL)
+
+        def other() -> None:
+            try:
+                with node.sessions() as b:
+                    insert_if_absent(b, Pseudonym, second)
+                    b.commit()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        t = Thread(target=other)
+        t.start()
+        time.sleep(0.5)
+        a.commit()
+        t.join(60)
+    assert not errors, errors
+    with node.sessions() as s:
+        assert dict(s.execute(select(Pseudonym.old, Pseudonym.new)).all()) == {"1.2.826.0.1.3680043.8.498.77": "2.25.1", "1.2.826.0.1.3680043.8.498.78": "2.25.3"}

@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from sqlalchemy import func, select
 
-from node.db import Delivery, DeliveryState, Instance, InstanceState, Study, StudyState
+from node.db import Delivery, DeliveryState, Instance, InstanceState, Study, StudyState, data_path
 from tests.conftest import (
     ECHOSCU,
     PHI,
@@ -30,7 +30,7 @@ from tests.conftest import (
     write_toml,
 )
 
-pytestmark = needs_dcmtk
+pytestmark = [needs_dcmtk, pytest.mark.usefixtures("database")]  # each test on SQLite and on PostgreSQL
 
 
 def storescu(port: int, files: list[Path], aet: str = "STORESCU", aec: str = "CASEMASK", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -171,14 +171,17 @@ def test_spool_write_failure_answers_out_of_resources(tmp_path, start_node, monk
     assert c_store(node.settings.node.port, ds) == 0x0000
     with node.sessions() as s:
         inst = s.scalars(select(Instance)).one()
-        assert Path(inst.path).stat().st_size == inst.size
+        assert data_path(node.settings.node.data_dir, inst.path).stat().st_size == inst.size
 
 
 def test_rows_without_spool_file_wait_then_are_dropped_at_start(tmp_path, start_node):
     """The handler commits a row while its file is still being renamed into place (and
     answers only when both are durable): routing waits for the file, and a node that
-    starts after a crash in that moment drops such rows (never acknowledged)."""
-    from node.app import Node
+    starts after a crash in that moment drops such rows (never acknowledged) once they
+    are older than the grace time."""
+    import datetime as dt
+
+    from node.app import SPOOL_GRACE_S, Node
     from tests.conftest import receive
 
     raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=0)
@@ -188,13 +191,17 @@ def test_rows_without_spool_file_wait_then_are_dropped_at_start(tmp_path, start_
         receive(node, dcmread(f))
     with node.sessions() as s:
         missing = s.scalars(select(Instance)).first()
-        path = Path(missing.path)
+        path = data_path(node.settings.node.data_dir, missing.path)
     hidden = path.with_name("elsewhere")
     path.rename(hidden)
     assert node.route_stable(0) == 0  # the study waits for its file
     with node.sessions() as s:
         assert {i.state for i in s.scalars(select(Instance))} == {InstanceState.RECEIVED}
     node.stop()
+    with node.sessions() as s:  # the rows are older than the grace time
+        for inst in s.scalars(select(Instance)):
+            inst.received_at -= dt.timedelta(seconds=SPOOL_GRACE_S + 1)
+        s.commit()
     restarted = Node(node.settings, pixel_step=None)  # a crash at that moment, then a start
     try:
         with restarted.sessions() as s:
@@ -205,7 +212,7 @@ def test_rows_without_spool_file_wait_then_are_dropped_at_start(tmp_path, start_
 
 
 def test_many_open_associations_all_store(tmp_path, start_node):
-    """Each association holds a database connection while it is open: 24 at once (the
+    """An association holds a database connection while it stores: 24 at once (the
     node accepts 32; all from one host here, so its per-host limit is raised) must all be
     answered Success, none left waiting for a connection."""
     node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600, max_associations_per_host=32), schedule=False)
@@ -223,6 +230,28 @@ def test_many_open_associations_all_store(tmp_path, start_node):
     assert statuses == [0] * len(datasets)
     with node.sessions() as s:
         assert s.scalar(select(func.count()).select_from(Instance)) == len(datasets)
+
+
+def test_an_idle_association_gives_its_database_connection_back(tmp_path, start_node):
+    """An association open but not sending holds no database connection (the connection
+    budget counts associations storing, not associations open): it is given back after
+    IDLE_RELEASE_S, and the next C-STORE on the same association takes one again."""
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600), schedule=False)
+    store = node.server.store_handler
+    datasets = [dcmread(f) for f in make_study(tmp_path / "s", 2)]
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="CASEMASK")
+    try:
+        assert assoc.is_established
+        assert int(assoc.send_c_store(datasets[0]).Status) == 0
+        wait_until(lambda: store.held() == 0, timeout=30, what="the idle association's connection given back")
+        assert assoc.is_established
+        assert int(assoc.send_c_store(datasets[1]).Status) == 0
+    finally:
+        assoc.release()
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 2
 
 
 def test_dataset_without_study_uid_answers_cannot_understand(tmp_path, start_node):
@@ -401,3 +430,28 @@ def test_resend_after_processing_neither_reopens_the_study_nor_logs_an_amendment
     assert not any("amendment" in r.getMessage() for r in caplog.records)
     assert sum("already stored" in r.getMessage() for r in caplog.records) == 2
     assert delivery_states(node) == {"SENT": 2}
+
+
+def test_a_start_leaves_the_temporaries_another_process_is_writing(tmp_path, start_node):
+    """Processes may share a data folder (roles, a cluster): a start removes only the
+    temporaries nobody wrote to for the grace time (a crash's leftovers), never one a
+    C-STORE on another process is still writing into spool/.incoming."""
+    import os
+    import time
+
+    from node.app import SPOOL_GRACE_S, Node
+
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), listen=False, schedule=False)
+    incoming = node.settings.node.data_dir / "spool" / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    arriving, left = incoming / ".arriving.tmp", incoming / ".left.tmp"
+    arriving.write_bytes(b"x")
+    left.write_bytes(b"x")
+    old = time.time() - SPOOL_GRACE_S - 5
+    os.utime(left, (old, old))
+    second = Node(node.settings, pixel_step=None, role="worker")
+    try:
+        assert arriving.exists(), "another process's C-STORE in progress was deleted"
+        assert not left.exists(), "a crash's leftover was kept"
+    finally:
+        second.stop()

@@ -129,6 +129,10 @@ def test_wheel_in_fresh_venv_works_from_any_folder(cpu_image, tmp_path: Path) ->
     assert ds.PatientIdentityRemoved == "YES" and str(ds.PatientName) != PHI["PatientName"]
     assert PHI["AccessionNumber"].encode() not in outs[0].read_bytes()
 
+    # the schema's migrations (node/migrations, package data) are in the wheel
+    proc = _casemask(cpu_image, "db", "upgrade", cwd=tmp_path)
+    assert proc.returncode == 0 and "upgraded the schema" in proc.stdout, proc.stdout + proc.stderr
+
     proc = _casemask(cpu_image, "engine", "evaluate", "--help", cwd=tmp_path)
     assert proc.returncode == 0 and "--seed" in proc.stdout, proc.stderr
     assert "--rib-fit" not in _casemask(cpu_image, "engine", "train", "--help", cwd=tmp_path).stdout

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, generate_uid
 from sqlalchemy import select
 
-from node.db import Instance, InstanceState
+from node.db import Instance, InstanceState, data_path
 from node.pixels import _native_frames, from_model, mapping_for, to_model, to_model_batch
 from node.wire import peek
 from tests.conftest import PYDICOM_FILES, STORESCU, dcmtk_env, needs_dcmtk, needs_orthanc, node_config, receive, wait_until
@@ -295,7 +295,7 @@ def test_derived_objects_say_they_were_synthesised_and_at_what_size(tmp_path, st
     node.tick(stable_after_s=0)
     with node.sessions() as s:
         (path,) = s.scalars(select(Output.path)).all()
-    out = dcmread(path)
+    out = dcmread(data_path(node.settings.node.data_dir, path))
     digest = node.pixel_step.models["reference"].bundle.weights_digest()
     assert f"synthesised at 64x64 by model reference {digest}" in out.DerivationDescription
     spacing = float(src.PixelSpacing[0])

@@ -20,7 +20,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import func, select
 
-from node.db import IndexEntry, Output
+from node.db import IndexEntry, Output, data_path
 from node.spool import digest
 from tests.conftest import ROOT, STORESCU, dcmtk_env, needs_dcmtk, needs_dicomweb, needs_orthanc, node_config, wait_until, write_toml
 from tests.httpnode import http_nodes  # noqa: F401 (fixture)
@@ -281,7 +281,7 @@ def test_similar_cases_of_held_out_visits_through_the_node(tmp_path, orthanc_dic
     # retention deleted some outbox files: those come back from the folder copy; one is gone everywhere
     anon_outputs = sorted((o for o in outputs.values() if o.kind == "anonymized"), key=lambda o: o.id)
     for o in anon_outputs[:4]:
-        Path(o.path).unlink()
+        data_path(node.settings.node.data_dir, o.path).unlink()
     lost = anon_outputs[0]
     lost_entry = next(e for e in entries if e.output_id == lost.id)
     (tmp_path / "copy" / digest(lost_entry.study_uid) / digest(lost_entry.series_uid) / f"{digest(lost.sop_instance_uid)}.dcm").unlink()
