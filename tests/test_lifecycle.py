@@ -608,7 +608,13 @@ def test_an_outage_is_logged_as_state_changes_not_per_object(tmp_path, start_nod
     wait_until(tried_three_times, timeout=60, what="three delivery attempts of every object")
     archive_factory(port=port)
     wait_until(lambda: delivery_states(node) == {"SENT": n}, timeout=60, what="all SENT after the archive came up")
-    about = [r.getMessage() for r in caplog.records if r.name.startswith("node.") and ("pacs" in r.getMessage() or "deliver" in r.getMessage())]
+
+    def about_pacs() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name.startswith("node.") and ("pacs" in r.getMessage() or "deliver" in r.getMessage())]
+
+    # The dispatcher logs a batch's outcome after committing its states: wait for that line.
+    wait_until(lambda: any("back up" in m for m in about_pacs()), timeout=10, what="the 'back up' line")
+    about = about_pacs()
     assert any("down" in m for m in about) and any("back up" in m for m in about), about
     assert len(about) <= 4, about  # not one line per object per attempt (that was 3 x 40 here)
 
