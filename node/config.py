@@ -11,6 +11,7 @@ table validated on its own.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -51,6 +52,37 @@ class _Table(BaseModel):
 
 def valid_ae_title(value: Any) -> bool:
     return isinstance(value, str) and bool(_AE_RE.match(value)) and value.strip() != ""
+
+
+_HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+HOST_HINT = "a host name or IP address, without port or scheme, e.g. \"127.0.0.1\" or \"pacs.example.org\""
+
+
+def valid_host(value: str) -> bool:
+    """True for an IPv4 or IPv6 address, or a host name (RFC 1123: dot-separated labels of
+    letters, digits and '-', 253 characters at most). Dotted digits must be an address:
+    "10.0.0.300" is refused rather than looked up as a name."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    labels = value[:-1].split(".") if value.endswith(".") else value.split(".")
+    if not value or len(value) > 253 or labels[-1].isdigit():
+        return False
+    return all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
+
+
+def _host(cls: type, v: str | None) -> str | None:
+    """A field validator shared by the tables with a host to listen on or connect to."""
+    if v is not None and not valid_host(v):
+        raise ValueError(HOST_HINT)
+    return v
+
+
+def _host_or_empty(cls: type, v: str) -> str:
+    """As :func:`_host`, where empty has a meaning (all interfaces; no syslog)."""
+    return v if v == "" else _host(cls, v)
 
 
 class NodeTLS(_Table):
@@ -96,6 +128,8 @@ class NodeSettings(_Table):
     min_free_disk_mb: StrictInt = hint("megabytes, an integer 0 or more (0: no floor)", 1024, ge=0)
     strict_uids: StrictBool = hint("true or false (false lets UID components with leading zeros in)", True)
     tls: NodeTLS | None = hint("a table: [node.tls] port, certificate, private_key, ca_certificates, require_client_certificate", None)
+
+    _check_host = field_validator("host")(_host_or_empty)
 
     @field_validator("ae_title")
     @classmethod
@@ -148,6 +182,8 @@ class Source(_Table):
     ae_title: str = hint("an AE title is 1 to 16 characters, no backslash")
     host: str | None = hint("a host name or address the source must connect from", None)
 
+    _check_host = field_validator("host")(_host)
+
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, v: str) -> str:
@@ -186,6 +222,8 @@ class Destination(_Table):
     timeout_s: Seconds = hint("seconds, more than 0", 30.0, gt=0)
     tls: DestinationTLS | None = hint("a table: tls = { ca_certificates = \"...\", certificate = \"...\", private_key = \"...\" }", None)
     auth: DicomWebAuth | None = hint("a table: auth = { kind = \"bearer\", secret_file = \"...\" } or { kind = \"basic\", username = \"...\", secret_env = \"...\" }", None)
+
+    _check_host = field_validator("host")(_host)
 
 
 class DeidSettings(_Table):
@@ -297,6 +335,7 @@ class HttpSettings(_Table):
     login_window_s: Seconds = hint("seconds, more than 0", 900.0, gt=0)
 
     _port = field_validator("port")(_tcp_port)
+    _check_host = field_validator("host")(_host)
 
 
 class AuditSettings(_Table):
@@ -309,6 +348,7 @@ class AuditSettings(_Table):
     syslog_ca: Path | None = hint("for tls: a PEM file of the CA that signed the collector's certificate", None, strict=False)
 
     _port = field_validator("syslog_port")(_tcp_port)
+    _check_host = field_validator("syslog_host")(_host_or_empty)
 
 
 class Settings(BaseModel):

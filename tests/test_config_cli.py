@@ -169,3 +169,21 @@ def test_status_says_which_bundle_each_route_uses_and_its_intended_use(tmp_path)
     r = run_cli("status", "--json", "--config", str(tmp_path / "c.toml"))
     routes = {e["route"]: e for e in json.loads(r.stdout)["routes"]}
     assert routes["chest"]["intended_use"]["kind"] == "demonstration" and routes["chest"]["training_data"]["kind"] == "synthetic"
+
+
+def test_a_host_that_cannot_be_bound_or_reached_is_a_problem_with_what_to_write(tmp_path):
+    """A port or scheme in a host, or dotted digits that are no address, used to pass the
+    check and stop `casemask serve` with a socket traceback."""
+    raw = node_config(tmp_path, [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "http://pacs", "port": 104}])
+    raw["node"]["host"] = "localhost:11112"
+    raw["sources"] = [{"ae_title": "MODALITY1", "host": "10.0.0.300"}]
+    raw["http"] = {"host": "not a host"}
+    raw["audit"] = {"syslog_host": "syslog:514"}
+    with pytest.raises(ConfigError) as exc:
+        parse(raw, "bad.toml")
+    text = str(exc.value)
+    for where in ("[node] host = 'localhost:11112'", "host = '10.0.0.300'", "host = 'http://pacs'", "[http] host = 'not a host'", "[audit] syslog_host = 'syslog:514'"):
+        assert f"{where}: a host name or IP address, without port or scheme" in text, where
+    raw["node"]["host"], raw["sources"][0]["host"], raw["http"]["host"] = "", "fe80::1", "casemask-1.example.org"
+    raw["destinations"][0]["host"], raw["audit"]["syslog_host"] = "192.0.2.7", ""
+    parse(raw, "good.toml")
