@@ -187,3 +187,12 @@ def test_a_host_that_cannot_be_bound_or_reached_is_a_problem_with_what_to_write(
     raw["node"]["host"], raw["sources"][0]["host"], raw["http"]["host"] = "", "fe80::1", "casemask-1.example.org"
     raw["destinations"][0]["host"], raw["audit"]["syslog_host"] = "192.0.2.7", ""
     parse(raw, "good.toml")
+
+
+def test_the_shipped_configs_check_without_warnings():
+    """A newcomer's first `casemask config check` on the built-in config warned that its
+    catch-all route's regex matched every object."""
+    from node.resources import config_file
+
+    for path in (config_file("casemask.toml"), config_file("demo.toml"), ROOT / "docker" / "casemask.toml"):
+        assert load(path).warnings == [], path
