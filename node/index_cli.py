@@ -109,5 +109,5 @@ def add_index_parsers(sub, with_config) -> None:
     rb.add_argument("--force", action="store_true", help="also encode outputs already indexed by the current weights")
     rb.set_defaults(func=cmd_index_rebuild)
     st = with_config(isub.add_parser("status", help="entries per model and weights"))
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_index_status)

@@ -89,6 +89,26 @@ def test_every_command_has_help():
         assert r.returncode == 0 and "usage:" in r.stdout, cmd
 
 
+def test_every_argument_of_the_node_commands_says_what_it_takes():
+    """`casemask echo --help` listed --calling-ae and --timeout with no word on them. The
+    walk reads argparse's parser tree (it has no public API for that); the engine's
+    research commands are left to their own lane."""
+    import argparse
+
+    from node.cli import build_parser
+
+    def bare(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    if (*path, name) != ("engine",):
+                        yield from bare(child, (*path, name))
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                yield " ".join(path), action.option_strings or action.dest
+
+    assert list(bare(build_parser(), ())) == []
+
+
 def test_types_are_checked_strictly_and_unsafe_routes_refused():
     raw = {
         "node": {"stable_after_s": "30", "accept_unknown_sources": "yes", "max_attempts": 0},
