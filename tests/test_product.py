@@ -23,6 +23,7 @@ from tests.conftest import dcmtk_env, node_config, write_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 STORESCU = "/usr/bin/storescu"
 
@@ -191,42 +192,57 @@ def test_every_research_switch_and_tool_is_documented() -> None:
     assert missing == [], f"docs/engine-research.md does not mention {missing}"
 
 
-def _readme_config_block() -> str:
-    section = README.split("## Configuration reference", 1)[1]
+def _toml_block(text: str, after: str) -> str:
+    """The first ```toml block after the heading ``after``."""
+    section = text.split(after, 1)[1]
     return section.split("```toml\n", 1)[1].split("\n```", 1)[0]
 
 
-def test_readme_configuration_reference_names_every_key_with_its_default(tmp_path: Path) -> None:
-    """The README's reference is the code's: every key of every table in node/config.py
-    appears in it, it loads as it stands, and the values it gives as defaults are the
-    code's defaults."""
+def test_configuration_reference_names_every_key_with_its_default(tmp_path: Path) -> None:
+    """docs/configuration.md is the code's reference: every key of every table in
+    node/config.py appears in it, it loads as it stands, and the values it gives as
+    defaults are the code's defaults."""
     import tomllib
 
     from node import config as c
 
-    block = _readme_config_block()
+    block = _toml_block(CONFIGURATION, "# Configuration reference")
     named = set(re.findall(r"(\w+)\s*=", block))
     tables = (c.NodeSettings, c.RetentionSettings, c.Source, c.Destination, c.Route, c.DeidSettings, c.ModelSettings, c.HttpSettings, c.HttpTls, c.AuditSettings)
     missing = {t.__name__: sorted(set(t.model_fields) - named) for t in tables if set(t.model_fields) - named}
-    assert missing == {}, f"README's configuration reference lacks {missing}"
+    assert missing == {}, f"docs/configuration.md lacks {missing}"
     known = set(c.Settings.model_fields) - {"source_file", "warnings"}
     assert set(re.findall(r"^\[{1,2}(\w+)\]{1,2}", block, flags=re.M)) == known
     raw = tomllib.loads(block)
-    c.parse(raw, "README", base_dir=tmp_path)  # raises ConfigError with every problem
+    c.parse(raw, "docs/configuration.md", base_dir=tmp_path)  # raises ConfigError with every problem
     for table, model in (("node", c.NodeSettings), ("retention", c.RetentionSettings), ("http", c.HttpSettings), ("audit", c.AuditSettings)):
         for key, value in raw[table].items():
             default = model.model_fields[key].default
             if table == "node" and key == "host":
                 continue  # the line says what the built-in config writes instead
-            assert str(value) == str(default) or value == default, f"README [{table}] {key} = {value!r}, the code's default is {default!r}"
+            assert str(value) == str(default) or value == default, f"docs/configuration.md [{table}] {key} = {value!r}, the code's default is {default!r}"
     for key, value in raw["models"][0].items():
         if key != "name":
-            assert value == c.ModelSettings.model_fields[key].default, f"README [[models]] {key} = {value!r}"
+            assert value == c.ModelSettings.model_fields[key].default, f"docs/configuration.md [[models]] {key} = {value!r}"
+
+
+def test_readme_first_keys_load_and_link_to_the_full_reference(tmp_path: Path) -> None:
+    """The README keeps the keys a site sets first, as a file that loads as it stands."""
+    import tomllib
+
+    from node import config as c
+
+    block = _toml_block(README, "## Configure your site")
+    settings = c.parse(tomllib.loads(block), "README", base_dir=tmp_path)
+    assert {d.kind for d in settings.destinations} == {"dicom", "dicomweb", "folder"}
+    assert "(docs/configuration.md)" in README
 
 
 def test_readme_links_and_make_targets_exist() -> None:
-    for link in re.findall(r"\]\(((?:docs/)?[\w.-]+\.md)\)", README):
+    for link in re.findall(r"\]\(((?:docs/)?[\w.-]+\.md)(?:#[\w-]+)?\)", README):
         assert (ROOT / link).is_file(), link
+    for link in re.findall(r"\]\(([\w.-]+\.md)(?:#[\w-]+)?\)", CONFIGURATION):
+        assert (ROOT / "docs" / link).is_file(), f"docs/configuration.md links {link}"
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
     for target in re.findall(r"`make ([\w-]+)", README):
         assert target in targets, f"README names make {target}"
