@@ -101,6 +101,22 @@ def add_user(session: Session, name: str, role: Role | str, password: str, repla
     return user
 
 
+def disable_user(session: Session, name: str) -> User:
+    """Lock a user out: refuse their logins and end their dashboard sessions at once.
+    ``add_user(..., replace=True)`` lets them in again with a new password.
+
+    Raises:
+        AccountError: no such user.
+    """
+    user = session.scalar(select(User).where(User.name == name)) if _NAME_RE.match(name) else None
+    if user is None:
+        raise AccountError(f"no user {name!r} (casemask user list)")
+    user.disabled = True
+    session.execute(delete(UiSession).where(UiSession.user_id == user.id))
+    session.flush()
+    return user
+
+
 def authenticate(session: Session, name: str, password: str) -> Principal | None:
     """The user's principal when ``password`` is theirs; None otherwise (same cost)."""
     user = session.scalar(select(User).where(User.name == name)) if _NAME_RE.match(name) else None

@@ -266,13 +266,17 @@ def cmd_user(args) -> int:
                 print(f"{u.name:<24} {u.role.value:<9} {'disabled' if u.disabled else ''}")
             return 0
         try:
-            user = accounts.add_user(session, args.name, args.role, _read_password(), replace=args.replace)
+            if args.user_command == "disable":
+                user, action = accounts.disable_user(session, args.name), "disabled"
+            else:
+                user = accounts.add_user(session, args.name, args.role, _read_password(), replace=args.replace)
+                action = "replaced" if args.replace else "added"
         except AccountError as exc:
             raise UsageError(str(exc)) from None
         audit.record(session, "account-changed", actor=who.label, actor_kind=who.kind, object_kind="user", object_ref=user.name,
-                     detail={"action": "replaced" if args.replace else "added", "role": user.role.value})
+                     detail={"action": action, "role": user.role.value})
         session.commit()
-    print(f"user {args.name} ({user.role.value}) {'updated' if args.replace else 'added'}")
+    print(f"user {args.name} ({user.role.value}) {({'replaced': 'updated'}).get(action, action)}")
     return 0
 
 
@@ -722,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     ua.set_defaults(func=cmd_user)
     ul = with_config(usub.add_parser("list", help="list users"))
     ul.set_defaults(func=cmd_user)
+    ud = with_config(usub.add_parser("disable", help="lock a user out now (logins refused, sessions ended); 'add --replace' lets them in again"))
+    ud.add_argument("name", metavar="NAME", help="the login name")
+    ud.set_defaults(func=cmd_user)
 
     sp = sub.add_parser("token", help="API bearer tokens")
     tsub = sp.add_subparsers(dest="token_command", metavar="SUBCOMMAND", required=True)

@@ -257,3 +257,31 @@ def test_cli_status_retry_and_export_use_the_service_layer(tmp_path):
 
     entries = Service.open(load(cfg)).audit(audit.Filter())
     assert [e["event"] for e in entries] == ["mapping-exported", "deliveries-retried"]  # the refused retry changed nothing
+
+
+def test_cli_disables_a_user_at_once_and_replace_lets_them_in_again(tmp_path, http_nodes):
+    """An admin had no way to lock out someone who left: the users table had a disabled
+    flag that logins honoured, and no command set it."""
+    raw = node_config(tmp_path, [{"name": "out", "kind": "folder", "path": str(tmp_path / "out")}])
+    cfg = write_toml(raw, tmp_path / "cli.toml")
+    assert cli("user", "add", "dora", "--role", "operator", "--config", str(cfg), stdin="correct horse battery\n").returncode == 0
+    hn = start_http_node(raw, tmp_path, name="cli2.toml")
+    http_nodes.append(hn)
+    c = hn.client()
+
+    def login(password: str) -> int:
+        page = c.get("/login")
+        tok = re.search(r'name="login_token" value="([^"]+)"', page.text).group(1)
+        return c.post("/login", data={"name": "dora", "password": password, "login_token": tok, "next": "/"}, follow_redirects=False).status_code
+
+    assert login("correct horse battery") == 303 and c.get("/studies", follow_redirects=False).status_code == 200
+    r = cli("user", "disable", "dora", "--config", str(cfg))
+    assert r.returncode == 0 and "disabled" in r.stdout, r.stderr
+    assert c.get("/studies", follow_redirects=False).status_code == 303  # the open session ended
+    assert login("correct horse battery") == 401
+    assert "disabled" in cli("user", "list", "--config", str(cfg)).stdout
+    assert cli("user", "disable", "nobody", "--config", str(cfg)).returncode == 2
+    assert cli("user", "add", "dora", "--role", "viewer", "--replace", "--config", str(cfg), stdin="a new long passphrase\n").returncode == 0
+    assert login("a new long passphrase") == 303
+    changes = hn.client("viewer").get("/api/v1/audit", params={"event": "account-changed"}).json()
+    assert [e["detail"]["action"] for e in changes if e["object_ref"] == "dora"][:2] == ["replaced", "disabled"]  # newest first
