@@ -214,14 +214,20 @@ class Node:
         all and ingest; ``casemask serve`` passes ``[http] enabled``).
 
         Raises:
-            RuntimeError: the HTTP server could not listen on its address.
+            StartupError: the DICOM listener or the HTTP server could not listen on its
+                address (in use by another process, or not an address of this machine).
         """
         from node.scheduler import make_scheduler
 
         if listen and self.ingests:
             from node.scp import start_server
 
-            self.server = start_server(self.settings, self.engine, pseudo=self.pseudo, writer=self.owner)
+            try:
+                self.server = start_server(self.settings, self.engine, pseudo=self.pseudo, writer=self.owner)
+            except OSError as exc:
+                node = self.settings.node
+                raise StartupError(f"cannot listen for DICOM on {node.host}:{node.port} ({exc.strerror or exc}): another casemask or DICOM "
+                                   "node may hold the port; stop it, or set [node] host and port") from None
         # Jobs look the pipeline and dispatchers up at each run, so that a reload can
         # replace them (and add or remove dispatch jobs) without restarting anything.
         jobs: dict[str, Callable[[], int]] = {"health": self.health.check_due}
@@ -238,7 +244,11 @@ class Node:
             from node.http.server import HttpServer
 
             self.http = HttpServer(self)
-            self.http.start()
+            try:
+                self.http.start()
+            except RuntimeError as exc:
+                self.http = None
+                raise StartupError(str(exc)) from None
         audit.record_now(self.sessions, "node-started", actor=self.settings.node.ae_title, detail={"routes": len(self.settings.routes), "destinations": len(self.settings.destinations), "role": self.role})
         log.info("node %s started (id %s, role %s): %d routes, %d destinations", self.settings.node.ae_title, self.node_id, self.role, len(self.settings.routes), len(self.settings.destinations))
 
@@ -352,8 +362,8 @@ class Node:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
-        self.start(http=self.settings.http.enabled)
         try:
+            self.start(http=self.settings.http.enabled)  # inside: a failed start stops what it started
             while not self._stop.wait(0.5):
                 if self._reload_requested.is_set():
                     self._reload_requested.clear()

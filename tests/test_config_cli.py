@@ -216,3 +216,21 @@ def test_the_shipped_configs_check_without_warnings():
 
     for path in (config_file("casemask.toml"), config_file("demo.toml"), ROOT / "docker" / "casemask.toml"):
         assert load(path).warnings == [], path
+
+
+@pytest.mark.parametrize("taken", ["node", "http"])
+def test_serve_on_a_port_in_use_says_which_and_what_to_set(tmp_path, taken):
+    """A second `make serve` beside a running node ended in an OSError traceback (DICOM
+    port) or a traceback and scheduler errors (HTTP port), exit 1."""
+    import socket
+
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+    port = raw[taken]["port"]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        r = run_cli("serve", "--config", str(write_toml(raw, tmp_path / "c.toml")))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    wanted = f"cannot listen for DICOM on 127.0.0.1:{port}" if taken == "node" else f"could not listen on 127.0.0.1:{port}"
+    assert wanted in r.stderr and f"[{taken}] host and port" in r.stderr
