@@ -83,7 +83,14 @@ def delivery_states(node) -> dict[str, int]:
 
 
 def files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+    """The files under ``folder``, read again when retention removes a subfolder while
+    the walk is in it (rglob then raises FileNotFoundError)."""
+    for _ in range(10):
+        try:
+            return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+        except FileNotFoundError:
+            continue
+    raise AssertionError(f"{folder} kept changing under the walk")
 
 
 @pytest.fixture
