@@ -68,30 +68,32 @@ def speed_singles(det: TextDetector, n: int, seed: int) -> dict:
         f, _ = sb.us_frame(seed + k, colour=k % 2 == 1)
         dss.append(sb.dataset(f, "RGB" if f.ndim == 3 else "MONOCHROME2"))
     clean(sb.dataset(sb.us_frame(seed - 1)[0]), det)  # warm
-    total = ocr = 0.0
+    total = ocr = cpu = 0.0
     quarantined = 0
     for ds in dss:
-        t0, o0 = time.perf_counter(), ocr_seconds(det)
+        t0, o0, c0 = time.perf_counter(), ocr_seconds(det), time.process_time()
         try:
             clean(ds, det)
         except BurnedInError:
             quarantined += 1
         total += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         ocr += ocr_seconds(det) - o0
-    return {"frames": n, "frames_per_s": n / total, "ocr_share": ocr / total, "quarantined": quarantined}
+    return {"frames": n, "frames_per_s": n / total, "ocr_share": ocr / total, "quarantined": quarantined, "cpu_s_per_frame": cpu / n}
 
 
 def speed_cine(det: TextDetector, n: int, seed: int) -> dict:
     frames, _ = sb.cine(seed, n_frames=n, colour=True)
     ds = sb.dataset(frames, "RGB")
-    t0, o0 = time.perf_counter(), ocr_seconds(det)
+    t0, o0, c0 = time.perf_counter(), ocr_seconds(det), time.process_time()
     try:
         report = clean(ds, det)
         read, outcome = len(report.read), "cleaned"
     except BurnedInError as exc:
         read, outcome = -1, str(exc)
     dt = time.perf_counter() - t0
-    return {"frames": n, "seconds": dt, "frames_per_s": n / dt, "ocr_share": (ocr_seconds(det) - o0) / dt, "frames_read": read, "outcome": outcome}
+    return {"frames": n, "seconds": dt, "cpu_seconds": time.process_time() - c0, "frames_per_s": n / dt,
+            "ocr_share": (ocr_seconds(det) - o0) / dt, "frames_read": read, "outcome": outcome}
 
 
 def quality(det: TextDetector, n: int, seed: int) -> dict:
@@ -116,6 +118,7 @@ def quality(det: TextDetector, n: int, seed: int) -> dict:
         return out
 
     cleaning._first_reading = spy
+    c0 = time.process_time()
     try:
         for k in range(n):
             f, toks = sb.us_frame(seed + k, colour=k % 2 == 1)
@@ -157,7 +160,7 @@ def quality(det: TextDetector, n: int, seed: int) -> dict:
     return {
         "frames": n, "tokens": tokens, "recall": covered / tokens if tokens else 0.0, "tokens_missed": tokens - covered,
         "tokens_leaked": leaked, "precision": touching / boxes if boxes else 0.0, "objects_quarantined": quarantined,
-        "tokens_held_back": held, "reasons": reasons,
+        "tokens_held_back": held, "reasons": reasons, "cpu_s_per_frame": (time.process_time() - c0) / max(n, 1),
         "missed": [{"size": s, "font": f, "over_content": o, "covered": c, "quarantined": q} for s, f, o, c, q in missed[:40]],
     }
 
@@ -276,15 +279,15 @@ def main() -> None:
     u1 = unit(det)
     s["units_per_frame"] = 1 / s["frames_per_s"] / ((u0 + u1) / 2)
     print(f"one plain 640x480 detection (scale 1.0): {u0:.3f} s before, {u1:.3f} s after (the unit below)")
-    print(f"single 640x480 frames: {s['frames_per_s']:.2f} frames/s = {s['units_per_frame']:.2f} units a frame, OCR {s['ocr_share']:.0%} of the time ({s['quarantined']} of {s['frames']} quarantined)")
+    print(f"single 640x480 frames: {s['frames_per_s']:.2f} frames/s = {s['units_per_frame']:.2f} units a frame, {s['cpu_s_per_frame']:.2f} CPU s a frame, OCR {s['ocr_share']:.0%} of the time ({s['quarantined']} of {s['frames']} quarantined)")
     c = speed_cine(det, args.cine, args.seed + 800_000)
     u2 = unit(det)
     c["units"] = c["seconds"] / ((u1 + u2) / 2)
-    print(f"{c['frames']}-frame cine: {c['seconds']:.2f} s = {c['units']:.1f} units ({c['frames_per_s']:.1f} frames/s), OCR {c['ocr_share']:.0%}, {c['frames_read']} frames read, {c['outcome']}")
+    print(f"{c['frames']}-frame cine: {c['seconds']:.2f} s = {c['units']:.1f} units, {c['cpu_seconds']:.1f} CPU s ({c['frames_per_s']:.1f} frames/s), OCR {c['ocr_share']:.0%}, {c['frames_read']} frames read, {c['outcome']}")
     q = quality(det, args.frames, args.seed)
     print(f"quality on {q['frames']} frames, {q['tokens']} tokens: first-reading recall {q['recall']:.4f} ({q['tokens_missed']} not fully masked), "
           f"precision {q['precision']:.4f}, {q['objects_quarantined']} objects quarantined holding {q['tokens_held_back']} tokens {q['reasons']}, "
-          f"{q['tokens_leaked']} tokens leaked (ink left uncovered in a passed object)")
+          f"{q['tokens_leaked']} tokens leaked (ink left uncovered in a passed object); {q['cpu_s_per_frame']:.2f} CPU s a frame")
     for m in q["missed"]:
         print(f"  missed: {m}")
     z = text_free(det, max(10, args.frames // 10), args.seed + 700_000)
