@@ -2,6 +2,7 @@
 
     python tests/bench/bench_burnedin.py [--frames 500] [--singles 20] [--cine 100] [--seed 10000]
     python tests/bench/bench_burnedin.py --engines 30     # the OCR candidates compared
+    python tests/bench/bench_burnedin.py --quality-only --frames 166 --seed 10000   # a slice of the quality set
 
 ``--engines N`` compares, on N frames, how well and how fast candidate detectors find
 the drawn tokens (a token counts as found when boxes, grown by 3 pixels, cover it
