@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +62,7 @@ class DetectorSettings:
     box_thresh: float = 0.5
     unclip: float = 1.6
     min_side: int = 3  # components thinner than this (scaled pixels) are noise
-    threads: int = 2
+    threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)  # ONNX Runtime's intra-op threads: the cores
     max_batch: int = 4
 
 

@@ -2,6 +2,7 @@
 
     python tests/bench/bench_burnedin.py [--frames 500] [--singles 20] [--cine 100] [--seed 10000]
     python tests/bench/bench_burnedin.py --engines 30     # the OCR candidates compared
+    python tests/bench/bench_burnedin.py --quality-only --frames 166 --seed 10000   # a slice of the quality set
 
 ``--engines N`` compares, on N frames, how well and how fast candidate detectors find
 the drawn tokens (a token counts as found when boxes, grown by 3 pixels, cover it
@@ -68,30 +69,32 @@ def speed_singles(det: TextDetector, n: int, seed: int) -> dict:
         f, _ = sb.us_frame(seed + k, colour=k % 2 == 1)
         dss.append(sb.dataset(f, "RGB" if f.ndim == 3 else "MONOCHROME2"))
     clean(sb.dataset(sb.us_frame(seed - 1)[0]), det)  # warm
-    total = ocr = 0.0
+    total = ocr = cpu = 0.0
     quarantined = 0
     for ds in dss:
-        t0, o0 = time.perf_counter(), ocr_seconds(det)
+        t0, o0, c0 = time.perf_counter(), ocr_seconds(det), time.process_time()
         try:
             clean(ds, det)
         except BurnedInError:
             quarantined += 1
         total += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         ocr += ocr_seconds(det) - o0
-    return {"frames": n, "frames_per_s": n / total, "ocr_share": ocr / total, "quarantined": quarantined}
+    return {"frames": n, "frames_per_s": n / total, "ocr_share": ocr / total, "quarantined": quarantined, "cpu_s_per_frame": cpu / n}
 
 
 def speed_cine(det: TextDetector, n: int, seed: int) -> dict:
     frames, _ = sb.cine(seed, n_frames=n, colour=True)
     ds = sb.dataset(frames, "RGB")
-    t0, o0 = time.perf_counter(), ocr_seconds(det)
+    t0, o0, c0 = time.perf_counter(), ocr_seconds(det), time.process_time()
     try:
         report = clean(ds, det)
         read, outcome = len(report.read), "cleaned"
     except BurnedInError as exc:
         read, outcome = -1, str(exc)
     dt = time.perf_counter() - t0
-    return {"frames": n, "seconds": dt, "frames_per_s": n / dt, "ocr_share": (ocr_seconds(det) - o0) / dt, "frames_read": read, "outcome": outcome}
+    return {"frames": n, "seconds": dt, "cpu_seconds": time.process_time() - c0, "frames_per_s": n / dt,
+            "ocr_share": (ocr_seconds(det) - o0) / dt, "frames_read": read, "outcome": outcome}
 
 
 def quality(det: TextDetector, n: int, seed: int) -> dict:
@@ -104,6 +107,8 @@ def quality(det: TextDetector, n: int, seed: int) -> dict:
     quarantined = 0
     reasons: dict[str, int] = {}
     missed: list[tuple] = []
+    leaks: list[dict] = []
+    held_frames: list[int] = []
     import node.burnedin.clean as cleaning
 
     first: dict[int, list] = {}
@@ -116,6 +121,7 @@ def quality(det: TextDetector, n: int, seed: int) -> dict:
         return out
 
     cleaning._first_reading = spy
+    c0 = time.process_time()
     try:
         for k in range(n):
             f, toks = sb.us_frame(seed + k, colour=k % 2 == 1)
@@ -127,6 +133,7 @@ def quality(det: TextDetector, n: int, seed: int) -> dict:
                 masks = report.masked.get(0, [])
             except BurnedInError as exc:
                 quarantined += 1
+                held_frames.append(k)
                 held += len(toks)
                 why = str(exc).split(": ", 1)[-1].split(" (frame")[0]
                 reasons[why] = reasons.get(why, 0) + 1
@@ -139,7 +146,7 @@ def quality(det: TextDetector, n: int, seed: int) -> dict:
                 if fm[t:b, l:r].all():
                     covered += 1
                 else:
-                    missed.append((tok.size, tok.font, tok.over_content, round(float(fm[t:b, l:r].mean()), 2), masks is None))
+                    missed.append((k, tok.size, tok.font, tok.over_content, round(float(fm[t:b, l:r].mean()), 2), masks is None))
             if masks is None:
                 continue
             m = np.zeros(f.shape[:2], bool)
@@ -149,7 +156,9 @@ def quality(det: TextDetector, n: int, seed: int) -> dict:
             for tok in toks:
                 t, l, b, r = tok.box
                 drawn[t:b, l:r] = True
-                leaked += bool(tok.uncovered_ink(m))
+                if tok.uncovered_ink(m):
+                    leaked += 1
+                    leaks.append({"frame": k, "size": tok.size, "font": tok.font, "ink_left": tok.uncovered_ink(m)})
             boxes += len(masks)
             touching += sum(bool(drawn[t:b, l:r].any()) for t, l, b, r in masks)
     finally:
@@ -157,8 +166,9 @@ def quality(det: TextDetector, n: int, seed: int) -> dict:
     return {
         "frames": n, "tokens": tokens, "recall": covered / tokens if tokens else 0.0, "tokens_missed": tokens - covered,
         "tokens_leaked": leaked, "precision": touching / boxes if boxes else 0.0, "objects_quarantined": quarantined,
-        "tokens_held_back": held, "reasons": reasons,
-        "missed": [{"size": s, "font": f, "over_content": o, "covered": c, "quarantined": q} for s, f, o, c, q in missed[:40]],
+        "tokens_held_back": held, "reasons": reasons, "cpu_s_per_frame": (time.process_time() - c0) / max(n, 1),
+        "missed": [{"frame": k, "size": s, "font": f, "over_content": o, "covered": c, "quarantined": q} for k, s, f, o, c, q in missed[:40]],
+        "leaks": leaks, "quarantined_frames": held_frames,
     }
 
 
@@ -264,6 +274,7 @@ def main() -> None:
     ap.add_argument("--singles", type=int, default=20, help="single frames timed")
     ap.add_argument("--cine", type=int, default=100, help="frames in the timed cine")
     ap.add_argument("--seed", type=int, default=10000)
+    ap.add_argument("--quality-only", action="store_true", help="only the quality set (no timing, no text-free frames)")
     ap.add_argument("--engines", type=int, default=0, metavar="N", help="compare the OCR candidates on N frames instead")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (figures scale with the load)")
@@ -271,25 +282,37 @@ def main() -> None:
         engines(args.engines, args.seed)
         return
     det = TextDetector()
+    if args.quality_only:
+        q = quality(det, args.frames, args.seed)
+        _print_quality(q)
+        print(json.dumps({"load": os.getloadavg()[0], "quality": {k: v for k, v in q.items() if k not in ("missed", "leaks", "quarantined_frames")}}))
+        return
     u0 = unit(det)
     s = speed_singles(det, args.singles, args.seed + 900_000)
     u1 = unit(det)
     s["units_per_frame"] = 1 / s["frames_per_s"] / ((u0 + u1) / 2)
     print(f"one plain 640x480 detection (scale 1.0): {u0:.3f} s before, {u1:.3f} s after (the unit below)")
-    print(f"single 640x480 frames: {s['frames_per_s']:.2f} frames/s = {s['units_per_frame']:.2f} units a frame, OCR {s['ocr_share']:.0%} of the time ({s['quarantined']} of {s['frames']} quarantined)")
+    print(f"single 640x480 frames: {s['frames_per_s']:.2f} frames/s = {s['units_per_frame']:.2f} units a frame, {s['cpu_s_per_frame']:.2f} CPU s a frame, OCR {s['ocr_share']:.0%} of the time ({s['quarantined']} of {s['frames']} quarantined)")
     c = speed_cine(det, args.cine, args.seed + 800_000)
     u2 = unit(det)
     c["units"] = c["seconds"] / ((u1 + u2) / 2)
-    print(f"{c['frames']}-frame cine: {c['seconds']:.2f} s = {c['units']:.1f} units ({c['frames_per_s']:.1f} frames/s), OCR {c['ocr_share']:.0%}, {c['frames_read']} frames read, {c['outcome']}")
+    print(f"{c['frames']}-frame cine: {c['seconds']:.2f} s = {c['units']:.1f} units, {c['cpu_seconds']:.1f} CPU s ({c['frames_per_s']:.1f} frames/s), OCR {c['ocr_share']:.0%}, {c['frames_read']} frames read, {c['outcome']}")
     q = quality(det, args.frames, args.seed)
-    print(f"quality on {q['frames']} frames, {q['tokens']} tokens: first-reading recall {q['recall']:.4f} ({q['tokens_missed']} not fully masked), "
-          f"precision {q['precision']:.4f}, {q['objects_quarantined']} objects quarantined holding {q['tokens_held_back']} tokens {q['reasons']}, "
-          f"{q['tokens_leaked']} tokens leaked (ink left uncovered in a passed object)")
-    for m in q["missed"]:
-        print(f"  missed: {m}")
+    _print_quality(q)
     z = text_free(det, max(10, args.frames // 10), args.seed + 700_000)
     print(f"text-free frames: {z['with_a_mask']} of {z['frames']} got a mask (mean {z['masked_fraction_mean']:.2%} of the frame), {z['quarantined']} quarantined")
-    print(json.dumps({"load": os.getloadavg()[0], "singles": s, "cine": c, "quality": {k: v for k, v in q.items() if k != "missed"}, "text_free": z}))
+    print(json.dumps({"load": os.getloadavg()[0], "singles": s, "cine": c, "quality": {k: v for k, v in q.items() if k not in ("missed", "leaks", "quarantined_frames")}, "text_free": z}))
+
+
+def _print_quality(q: dict) -> None:
+    print(f"quality on {q['frames']} frames, {q['tokens']} tokens: first-reading recall {q['recall']:.4f} ({q['tokens_missed']} not fully masked), "
+          f"precision {q['precision']:.4f}, {q['objects_quarantined']} objects quarantined holding {q['tokens_held_back']} tokens {q['reasons']}, "
+          f"{q['tokens_leaked']} tokens leaked (ink left uncovered in a passed object); {q['cpu_s_per_frame']:.2f} CPU s a frame")
+    for m in q["missed"]:
+        print(f"  missed: {m}")
+    for m in q["leaks"]:
+        print(f"  leaked: {m}")
+    print(f"  quarantined frames: {q['quarantined_frames']}")
 
 
 if __name__ == "__main__":
