@@ -220,6 +220,39 @@ def test_purge_dry_run_says_what_it_would_delete_and_deletes_nothing(tmp_path, s
     assert not files_under(data / "spool") and not files_under(data / "outbox")
 
 
+def test_files_no_row_names_are_deleted_after_the_grace_time(tmp_path, start_node):
+    """A spooled file whose row was never committed (the node stopped between placing it
+    and committing: never acknowledged) and an outbox file whose output row was never
+    committed, both named as node.spool names files (digests), go once older than
+    ORPHAN_GRACE_S; files rows name, hidden folders and younger orphans stay."""
+    import os
+
+    from node.spool import outbox_path, spool_path, write_atomic
+
+    raw = node_config(tmp_path, [folder(tmp_path)])
+    raw["retention"] = {"originals_days": -1, "outputs_days": -1, "quarantine_days": 30}
+    node = start_node(raw, schedule=False, listen=False)
+    data = node.settings.node.data_dir
+    fill(node, tmp_path, 2)  # acknowledged, still RECEIVED: their files must stay
+    spooled = files_under(data / "spool")
+    assert len(spooled) == 2
+    orphan = spool_path(data / "spool", "1.2.826.0.1.3680043.2.1125.9.1", "1.2.826.0.1.3680043.2.1125.9.1.1")
+    young = spool_path(data / "spool", "1.2.826.0.1.3680043.2.1125.9.1", "1.2.826.0.1.3680043.2.1125.9.1.2")
+    hidden = data / "spool" / ".incoming" / (orphan.name)
+    out_orphan = outbox_path(data / "outbox", "chest", "2.25.1", "2.25.2")
+    for p in (orphan, young, hidden, out_orphan):
+        write_atomic(p, b"a DICOM object")
+    week_ago = time.time() - 7 * 86400
+    for p in (orphan, hidden, out_orphan, *spooled):
+        os.utime(p, (week_ago, week_ago))
+    assert retention.run(node.sessions, node.settings, dry_run=True).files == {"orphan": 1}  # outputs kept (-1): outbox not searched
+    node.settings.retention.outputs_days = 0
+    report = retention.run(node.sessions, node.settings)
+    assert report.files == {"orphan": 2}
+    assert not orphan.exists() and not out_orphan.exists()
+    assert young.exists() and hidden.exists() and all(p.exists() for p in spooled)
+
+
 def test_resend_of_a_purged_object_is_purged_again(tmp_path, start_node):
     """The C-STORE handler rewrites the file of an object sent again; once retention
     deleted the first copy, the second is deleted at the next run as well."""
