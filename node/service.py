@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit, queue, routing
 from node.accounts import Principal
-from node.config import DEFAULT_CONFIG, ConfigError, Settings, parse
+from node.config import DEFAULT_CONFIG, ConfigError, Settings, hide_credentials, parse
 from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Role, Study, StudyState, data_path, utcnow
 from node.metrics import disk_free
 
@@ -341,7 +341,7 @@ class Service:
         out = []
         for d in self.settings.destinations:
             h = monitor.get(d.name) if monitor is not None else None
-            address = {"dicom": f"{d.ae_title}@{d.host}:{d.port}", "folder": str(d.path), "dicomweb": d.url}[d.kind]
+            address = {"dicom": f"{d.ae_title}@{d.host}:{d.port}", "folder": str(d.path), "dicomweb": hide_credentials(d.url)}[d.kind]
             out.append({"name": d.name, "kind": d.kind, "address": address, "deliveries": counts.get(d.name, {}), "last_sent_at": _iso(last.get(d.name)),
                         "reachable": None if h is None else h.reachable, "health": "not checked yet" if h is None else h.detail,
                         "checked_at": None if h is None else dt.datetime.fromtimestamp(h.checked_at, dt.UTC).isoformat(timespec="seconds")})
@@ -375,11 +375,16 @@ class Service:
         return [r.model_dump(mode="json") for r in self.settings.routes]
 
     # -- configuration --------------------------------------------------------------------
-    def config_text(self) -> dict[str, Any]:
+    def config_text(self, reveal: bool = True) -> dict[str, Any]:
+        """The configuration file the node runs on. ``reveal=False`` (anyone but an
+        admin): the passwords of URLs in it (``database_url``, a dicomweb ``url``) are
+        hidden (:func:`hide_credentials`), and it is not editable."""
         src = self.settings.source_file
         builtin = src is None or Path(src).resolve() == DEFAULT_CONFIG.resolve()
         text = Path(src).read_text() if src and Path(src).exists() else ""
-        return {"path": str(src) if src else None, "builtin": builtin, "editable": not builtin, "text": text,
+        if not reveal:
+            text = hide_credentials(text)
+        return {"path": str(src) if src else None, "builtin": builtin, "editable": reveal and not builtin, "text": text,
                 "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
     def check_config(self, text: str) -> Settings:
