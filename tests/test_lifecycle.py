@@ -743,6 +743,36 @@ def test_the_start_up_sweep_drops_only_its_own_earlier_rows(tmp_path, start_node
         again.stop()
 
 
+def test_the_start_up_sweep_drops_nothing_when_more_files_are_missing_than_could_be_in_flight(tmp_path, start_node, caplog):
+    """At most one C-STORE per association is under way when a node stops, so at most
+    max_associations rows can lack their file because of it. When more do (the data
+    folder is not mounted, the files were moved), they are acknowledged objects: the
+    next run drops none of them, says so, and routing quarantines them (a re-send, or
+    the folder back and their study re-sent, brings them back); nothing is lost."""
+    from node.app import SPOOL_GRACE_S
+
+    raw = node_config(tmp_path, [folder(tmp_path)], stable_after_s=3600, node_id="ingest-a", max_associations=2)
+    writer = start_node(raw, schedule=False, listen=False)
+    for f in make_study(tmp_path / "s", 3):
+        receive(writer, dcmread(f))
+    data = writer.settings.node.data_dir
+    (data / "spool").rename(data / "spool-elsewhere")  # the data folder as seen without its mount
+    with writer.sessions() as s:
+        for inst in s.scalars(select(Instance)):
+            inst.received_at -= dt.timedelta(seconds=SPOOL_GRACE_S + 1)
+        s.commit()
+    writer.stop()
+    with caplog.at_level(logging.ERROR, logger="node.queue"):
+        again = Node(writer.settings, pixel_step=None, role="ingest")
+    try:
+        assert again.sweep_unspooled() == 0
+        with again.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Instance)) == 3
+        assert "3 received objects of this node's earlier runs have no spool file" in caplog.text
+    finally:
+        again.stop()
+
+
 def test_two_workers_routing_at_once_route_each_study_once(tmp_path, start_node):
     """Two workers on one database route the same stable studies at the same time: each
     study is routed by one of them (claimed per study), every instance gets exactly one
