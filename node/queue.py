@@ -763,6 +763,22 @@ def requeue_quarantined(session: Session) -> int:
     return len(jobs)
 
 
+def requeue_missing_files(session: Session, data_dir: Path) -> int:
+    """QUARANTINED -> RECEIVED for the objects routing quarantined because their spool
+    file was missing (:data:`SPOOL_FILE_MISSING`) whose file is there now (the data
+    folder is back), and RECEIVING for their studies, so that they are routed at the
+    next tick (``casemask retry --quarantined``); returns how many."""
+    rows = session.scalars(select(Instance).where(Instance.state == InstanceState.QUARANTINED, Instance.reason == SPOOL_FILE_MISSING, Instance.purged_at.is_(None)))
+    back = [i for i in rows if data_path(data_dir, i.path).exists()]
+    for inst in back:
+        _set_instance(inst, InstanceState.RECEIVED, "")
+    studies = {i.study_id for i in back}
+    for study in session.scalars(select(Study).where(Study.id.in_(studies))) if studies else ():
+        _set_study(study, StudyState.RECEIVING)
+    session.flush()
+    return len(back)
+
+
 def requeue_job(session: Session, job: Job) -> None:
     """QUARANTINED -> PENDING with its tries reset: process this job again (its study
     reopens if DONE).

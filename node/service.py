@@ -284,16 +284,21 @@ class Service:
             return {"job_id": job.id, "state": job.state.value}
 
     def retry_quarantined(self, who: Principal, host: str = "") -> int:
-        """Every quarantined job back to PENDING; returns how many."""
+        """Every quarantined job back to PENDING, and every object quarantined because
+        its spool file was missing whose file is there now back to routing; returns how
+        many."""
         with self.sessions() as session:
             jobs = list(session.scalars(select(Job).join(Instance, Instance.id == Job.instance_id).where(Job.state == JobState.QUARANTINED, Instance.purged_at.is_(None))))
             for job in jobs:
                 queue.requeue_job(session, job)
+            found = queue.requeue_missing_files(session, self.settings.node.data_dir)
+            if found:
+                audit.record(session, "job-retried", actor=who.label, actor_kind=who.kind, host=host, object_kind="instance", detail={"instances": found, "reason": "spool file found again"})
             for study_id in sorted({j.study_id for j in jobs}):
                 n = sum(1 for j in jobs if j.study_id == study_id)
                 audit.record(session, "job-retried", actor=who.label, actor_kind=who.kind, host=host, study_id=study_id, object_kind="job", detail={"jobs": n})
             session.commit()
-        return len(jobs)
+        return len(jobs) + found
 
     def retry_held(self, who: Principal, host: str = "") -> int:
         """Objects held because they matched no route are routed again (by the running

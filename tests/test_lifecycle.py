@@ -747,8 +747,8 @@ def test_the_start_up_sweep_drops_nothing_when_more_files_are_missing_than_could
     """At most one C-STORE per association is under way when a node stops, so at most
     max_associations rows can lack their file because of it. When more do (the data
     folder is not mounted, the files were moved), they are acknowledged objects: the
-    next run drops none of them, says so, and routing quarantines them (a re-send, or
-    the folder back and their study re-sent, brings them back); nothing is lost."""
+    next run drops none of them, says so, and routing quarantines them; once the folder
+    is back, casemask retry --quarantined routes them again: nothing is lost."""
     from node.app import SPOOL_GRACE_S
 
     raw = node_config(tmp_path, [folder(tmp_path)], stable_after_s=3600, node_id="ingest-a", max_associations=2)
@@ -763,12 +763,20 @@ def test_the_start_up_sweep_drops_nothing_when_more_files_are_missing_than_could
         s.commit()
     writer.stop()
     with caplog.at_level(logging.ERROR, logger="node.queue"):
-        again = Node(writer.settings, pixel_step=None, role="ingest")
+        again = Node(writer.settings, pixel_step=None)
     try:
         assert again.sweep_unspooled() == 0
         with again.sessions() as s:
             assert s.scalar(select(func.count()).select_from(Instance)) == 3
         assert "3 received objects of this node's earlier runs have no spool file" in caplog.text
+        again.tick(0)
+        with again.sessions() as s:
+            assert {(i.state, i.reason) for i in s.scalars(select(Instance))} == {(InstanceState.QUARANTINED, queue.SPOOL_FILE_MISSING)}
+        (data / "spool-elsewhere").rename(data / "spool")  # the folder is back
+        from node.service import cli_principal
+
+        assert again.service.retry_quarantined(cli_principal()) == 3  # casemask retry --quarantined
+        drain(again, until=lambda: delivery_states(again) == {"SENT": 3})
     finally:
         again.stop()
 
