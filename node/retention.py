@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
@@ -167,7 +167,12 @@ def orphans(session: Session, settings: Settings, limit: int) -> list[Candidate]
             if by_path:
                 names = [*by_path, *(_absolute(data, rel) for rel in by_path)]  # rows of before relative paths: absolute
                 known = set(session.scalars(select(model.path).where(model.path.in_(names))))
-                out.extend(Candidate("orphan", None, Path(f)) for rel, f in by_path.items() if rel not in known and _absolute(data, rel) not in known)
+                unknown = [rel for rel in by_path if rel not in known and _absolute(data, rel) not in known]
+                if unknown:  # rare: an older row may name the folder as it was spelt then
+                    tails = or_(*(model.path.endswith("/" + rel, autoescape=True) for rel in unknown))
+                    paths = list(session.scalars(select(model.path).where(tails)))
+                    named = {rel for rel in unknown if any(p.endswith("/" + rel) for p in paths)}
+                    out.extend(Candidate("orphan", None, Path(by_path[rel])) for rel in unknown if rel not in named)
             if by_uid:
                 uids = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(list(by_uid)))))
                 out.extend(Candidate("orphan", None, Path(f)) for uid, f in by_uid.items() if uid not in uids)

@@ -236,6 +236,10 @@ def test_files_no_row_names_are_deleted_after_the_grace_time(tmp_path, start_nod
     fill(node, tmp_path, 2)  # acknowledged, still RECEIVED: their files must stay
     spooled = files_under(data / "spool")
     assert len(spooled) == 2
+    with node.sessions() as s:  # a row of before relative paths, the folder spelt as it was then
+        first = s.scalars(select(Instance).order_by(Instance.id)).first()
+        first.path = "/srv/old-mount/casemask/" + first.path
+        s.commit()
     orphan = spool_path(data / "spool", "1.2.826.0.1.3680043.2.1125.9.1", "1.2.826.0.1.3680043.2.1125.9.1.1")
     young = spool_path(data / "spool", "1.2.826.0.1.3680043.2.1125.9.1", "1.2.826.0.1.3680043.2.1125.9.1.2")
     hidden = data / "spool" / ".incoming" / (orphan.name)
