@@ -66,6 +66,13 @@ class Unavailable(ServiceError):
     status = 503
 
 
+def _audit_digest(text: str) -> str:
+    """SHA-256 of a configuration as the audit trail records it: with the passwords of
+    its URLs hidden, since every viewer reads the trail and the rest of the file (a
+    digest of the whole would let a weak password be guessed offline)."""
+    return hashlib.sha256(hide_credentials(text).encode()).hexdigest()
+
+
 def cli_principal() -> Principal:
     """Who runs a CLI command: the operating-system account, with every right (it can
     read the database and the secret anyway)."""
@@ -426,7 +433,7 @@ class Service:
         new = self.check_config(text)
         path = Path(current["path"])
         write_atomic(path, text.encode())
-        detail: dict[str, Any] = {"sha256_before": current["sha256"], "sha256_after": hashlib.sha256(text.encode()).hexdigest()}
+        detail: dict[str, Any] = {"sha256_before": _audit_digest(current["text"]), "sha256_after": _audit_digest(text)}
         result: dict[str, Any] = {"saved": str(path), "warnings": new.warnings}
         if self.node is not None:
             applied = self.node.reload(new)
@@ -450,7 +457,7 @@ class Service:
         applied = self.node.reload(new)
         with self.sessions() as session:
             audit.record(session, "config-reloaded", actor=who.label, actor_kind=who.kind, host=host, object_kind="config",
-                         object_ref=Path(text["path"] or "config").name, detail={"sha256": text["sha256"], **applied})
+                         object_ref=Path(text["path"] or "config").name, detail={"sha256": _audit_digest(text["text"]), **applied})
             session.commit()
         return applied
 
