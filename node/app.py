@@ -131,7 +131,7 @@ class Node:
         once SPOOL_GRACE_S old (node.queue.drop_unspooled), and incoming files no
         process wrote to for that long; returns how many rows."""
         with self.sessions() as session:
-            dropped = queue.drop_unspooled(session, self.settings.node.data_dir, self.node_id, self.owner, SPOOL_GRACE_S)
+            dropped = queue.drop_unspooled(session, self.settings.node.data_dir, self.node_id, self.owner, SPOOL_GRACE_S, self.settings.node.max_associations)
             session.commit()
         left = clean_stale_temporaries(self.settings.node.data_dir / "spool" / ".incoming", SPOOL_GRACE_S)
         if left:

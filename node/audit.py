@@ -194,7 +194,7 @@ class Filter:
     since: dt.datetime | None = None
     until: dt.datetime | None = None
     failures_only: bool = False
-    after_id: int = 0
+    after_id: int | None = None  # set (0 included): oldest first, after this id
 
 
 def query(session: Session, f: Filter, limit: int = 200) -> list[AuditEvent]:
@@ -212,7 +212,7 @@ def query(session: Session, f: Filter, limit: int = 200) -> list[AuditEvent]:
         q = q.where(AuditEvent.at <= f.until)
     if f.failures_only:
         q = q.where(AuditEvent.outcome != SUCCESS)
-    if f.after_id:
+    if f.after_id is not None:
         q = q.where(AuditEvent.id > f.after_id).order_by(AuditEvent.id)
     else:
         q = q.order_by(AuditEvent.id.desc())
@@ -439,7 +439,7 @@ def forward(sessions: sessionmaker, sender: SyslogSender, source: Source, uid_of
         cursor = session.scalars(select(AuditCursor).where(AuditCursor.sink == sink).with_for_update(skip_locked=True)).first()
         if cursor is None:
             return 0
-        events = query(session, Filter(after_id=cursor.last_id), limit=batch)
+        events = _committed_in_order(query(session, Filter(after_id=cursor.last_id), limit=batch), cursor.last_id)
         uids = study_uids(session, events, uid_of)
         try:
             for e in events:
@@ -449,6 +449,30 @@ def forward(sessions: sessionmaker, sender: SyslogSender, source: Source, uid_of
         finally:
             session.commit()
     return sent
+
+
+# How long the forwarder waits for a missing entry id before it passes over it.
+GAP_WAIT_S = 60.0
+
+
+def _committed_in_order(events: Sequence[AuditEvent], last_id: int) -> list[AuditEvent]:
+    """The leading ``events`` (ids after ``last_id``, in order) that may be sent now.
+
+    Ids are handed out when an entry is inserted, not when its transaction commits: on
+    PostgreSQL an entry with a smaller id may still be on its way while a later one is
+    visible, and a cursor moved past the later one would never send it. So the events
+    are taken while their ids follow on without a gap; an entry after a gap is taken
+    only once it is GAP_WAIT_S old (the missing id then belongs to a transaction that
+    rolled back, which leaves a gap for good)."""
+    ready: list[AuditEvent] = []
+    expected = last_id + 1
+    now = utcnow()
+    for e in events:
+        if e.id != expected and (now - e.at).total_seconds() < GAP_WAIT_S:
+            break
+        ready.append(e)
+        expected = e.id + 1
+    return ready
 
 
 def pending(session: Session, sink: str = "syslog") -> int:

@@ -29,6 +29,17 @@ ROUTE_SPECIAL_KEYS = ("calling_ae", "called_ae")
 Seconds = float  # TOML integers are accepted for seconds (strict floats take ints)
 
 
+# The password of a URL's user information (RFC 3986 3.2.1): ``scheme://user:password@``.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:'\"]*):[^\s/?#'\"]*@")
+
+
+def hide_credentials(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***`` (the user name
+    stays): what a viewer or operator is shown of the configuration, e.g. a
+    ``database_url = "postgresql+psycopg://user:password@host/db"``."""
+    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+
+
 class ConfigError(ValueError):
     """Raised with every problem found in a configuration, one per line."""
 

@@ -136,7 +136,7 @@ def forget_received(conn: Connection, sop_instance_uid: str) -> None:
     conn.execute(instances.delete().where(instances.c.sop_instance_uid == sop_instance_uid, instances.c.state == InstanceState.RECEIVED))
 
 
-def drop_unspooled(session: Session, data_dir: Path, node_id: str, owner: str, grace_s: float) -> list[str]:
+def drop_unspooled(session: Session, data_dir: Path, node_id: str, owner: str, grace_s: float, in_flight: int | None = None) -> list[str]:
     """Delete the received instances whose spool file never came, where that proves the
     object was never acknowledged: rows written by an *earlier run of this node*
     (``received_by`` starts with ``node_id/`` and is not ``owner``, the running
@@ -145,11 +145,21 @@ def drop_unspooled(session: Session, data_dir: Path, node_id: str, owner: str, g
     only once its row and file are both durable, so such a row was committed while its
     file was still being written when that run stopped. Rows of other nodes (still
     writing, perhaps, on a slow shared file system) and rows of unknown writers are
-    left alone. Returns the SOP Instance UIDs dropped."""
+    left alone. Returns the SOP Instance UIDs dropped.
+
+    ``in_flight``: how many C-STOREs that run can have had under way at once (one per
+    association: ``[node] max_associations``). When more rows than that lack their file,
+    a stop mid-write cannot explain it: the files are elsewhere (a data folder not
+    mounted, or moved), the rows are of acknowledged objects, and none is dropped (logged
+    as an error; routing then quarantines them, and a re-send routes them again)."""
     cutoff = db_now(session) - dt.timedelta(seconds=grace_s)
     mine_before = and_(Instance.received_by.startswith(f"{node_id}/", autoescape=True), Instance.received_by != owner)
     rows = session.scalars(select(Instance).where(Instance.state == InstanceState.RECEIVED, mine_before, Instance.received_at < cutoff))
     gone = [i for i in rows if not data_path(data_dir, i.path).exists()]
+    if in_flight is not None and len(gone) > in_flight:
+        log.error("%d received objects of this node's earlier runs have no spool file under %s, more than could have been in flight (%d): "
+                  "is the data folder mounted? None is dropped", len(gone), data_dir, in_flight)
+        return []
     for inst in gone:
         session.delete(inst)
     session.flush()
@@ -751,6 +761,22 @@ def requeue_quarantined(session: Session) -> int:
     for job in jobs:
         requeue_job(session, job)
     return len(jobs)
+
+
+def requeue_missing_files(session: Session, data_dir: Path) -> int:
+    """QUARANTINED -> RECEIVED for the objects routing quarantined because their spool
+    file was missing (:data:`SPOOL_FILE_MISSING`) whose file is there now (the data
+    folder is back), and RECEIVING for their studies, so that they are routed at the
+    next tick (``casemask retry --quarantined``); returns how many."""
+    rows = session.scalars(select(Instance).where(Instance.state == InstanceState.QUARANTINED, Instance.reason == SPOOL_FILE_MISSING, Instance.purged_at.is_(None)))
+    back = [i for i in rows if data_path(data_dir, i.path).exists()]
+    for inst in back:
+        _set_instance(inst, InstanceState.RECEIVED, "")
+    studies = {i.study_id for i in back}
+    for study in session.scalars(select(Study).where(Study.id.in_(studies))) if studies else ():
+        _set_study(study, StudyState.RECEIVING)
+    session.flush()
+    return len(back)
 
 
 def requeue_job(session: Session, job: Job) -> None:

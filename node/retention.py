@@ -15,7 +15,8 @@ are no longer needed, and keep the rows (UIDs and states, no PHI) for the audit 
 Outputs with a dead-letter (FAILED) delivery, and their originals, are kept until the
 delivery is re-queued and sent. Spooled files that no row names (left by a crash between
 writing a file and committing its row: never acknowledged, and the sender did not send
-it again) are deleted after :data:`ORPHAN_GRACE_S`.
+it again), and outbox files no output row names (a worker stopped before committing
+them), are deleted after :data:`ORPHAN_GRACE_S`.
 
 A file is deleted only if it lies inside the data folder's ``spool`` or ``outbox`` and
 is not a symbolic link; nothing is ever overwritten. The file goes first, then the row
@@ -35,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.config import Settings
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 ORPHAN_GRACE_S = 24 * 3600.0  # a spooled file without a row for this long is an orphan
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_DIGEST = re.compile(r"[0-9a-f]{32}")  # node.spool.digest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,38 +138,68 @@ def _files(root: Path) -> Iterator[os.DirEntry]:
         with os.scandir(stack.pop()) as it:
             for e in it:
                 if e.is_dir(follow_symlinks=False):
-                    stack.append(Path(e.path))
+                    if not e.name.startswith("."):  # spool/.incoming: C-STOREs still arriving
+                        stack.append(Path(e.path))
                 elif e.is_file(follow_symlinks=False) and not e.name.endswith(".tmp"):
                     yield e
 
 
 def orphans(session: Session, settings: Settings, limit: int) -> list[Candidate]:
-    """Spooled files ``<SOP Instance UID>.dcm`` that no instance row names, older than
-    ORPHAN_GRACE_S by their modification time. Files named otherwise are not judged
-    (not retention's); nothing is searched when originals are kept (-1)."""
+    """Files that no row names, older than ORPHAN_GRACE_S by their modification time:
+    spooled originals (a crash between placing the file and committing its row: never
+    acknowledged) no instance row names, and outbox files (a worker stopped between
+    writing an output and committing it) no output row names. Files are judged by the
+    names :mod:`node.spool` gives (``<digest>.dcm``) against the rows' paths, and spooled
+    files of the older layout (``<SOP Instance UID>.dcm``) against the instances' UIDs;
+    other names, and hidden folders (``spool/.incoming``), are not retention's. The spool
+    is not searched when originals are kept (-1), the outbox when outputs are."""
     r = settings.retention
-    if r.originals_days < 0 and r.quarantine_days < 0:
-        return []
     old = time.time() - ORPHAN_GRACE_S
+    data = settings.node.data_dir
     out: list[Candidate] = []
-    chunk: dict[str, str] = {}
+    searched = [(data / "spool", Instance)] if r.originals_days >= 0 or r.quarantine_days >= 0 else []
+    searched += [(data / "outbox", Output)] if r.outputs_days >= 0 else []
+    for root, model in searched:
+        by_path: dict[str, str] = {}  # how a row names the file (relative) -> the file
+        by_uid: dict[str, str] = {}  # older layout: SOP Instance UID -> the file
 
-    def flush() -> None:
-        known = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(list(chunk)))))
-        out.extend(Candidate("orphan", None, Path(p)) for uid, p in chunk.items() if uid not in known)
-        chunk.clear()
+        def flush() -> None:
+            if by_path:
+                names = [*by_path, *(_absolute(data, rel) for rel in by_path)]  # rows of before relative paths: absolute
+                known = set(session.scalars(select(model.path).where(model.path.in_(names))))
+                unknown = [rel for rel in by_path if rel not in known and _absolute(data, rel) not in known]
+                if unknown:  # rare: an older row may name the folder as it was spelt then
+                    tails = or_(*(model.path.endswith("/" + rel, autoescape=True) for rel in unknown))
+                    paths = list(session.scalars(select(model.path).where(tails)))
+                    named = {rel for rel in unknown if any(p.endswith("/" + rel) for p in paths)}
+                    out.extend(Candidate("orphan", None, Path(by_path[rel])) for rel in unknown if rel not in named)
+            if by_uid:
+                uids = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(list(by_uid)))))
+                out.extend(Candidate("orphan", None, Path(f)) for uid, f in by_uid.items() if uid not in uids)
+            by_path.clear()
+            by_uid.clear()
 
-    for e in _files(settings.node.data_dir / "spool"):
-        uid = e.name.removesuffix(".dcm")
-        if e.name.endswith(".dcm") and _UID.fullmatch(uid) and e.stat(follow_symlinks=False).st_mtime < old:
-            chunk[uid] = e.path
-            if len(chunk) >= 500:
+        for e in _files(root):
+            if not e.name.endswith(".dcm") or e.stat(follow_symlinks=False).st_mtime >= old:
+                continue
+            stem = e.name.removesuffix(".dcm")
+            if _DIGEST.fullmatch(stem):
+                by_path[Path(e.path).relative_to(data).as_posix()] = e.path
+            elif model is Instance and _UID.fullmatch(stem):
+                by_uid[stem] = e.path
+            else:
+                continue
+            if len(by_path) + len(by_uid) >= 500:
                 flush()
                 if len(out) >= limit:
-                    break
-    if chunk:
+                    return out[:limit]
         flush()
     return out[:limit]
+
+
+def _absolute(data: Path, rel: str) -> str:
+    """How a row written before paths were relative names the file ``rel``."""
+    return str(data / rel)
 
 
 def plan(session: Session, settings: Settings, now: dt.datetime | None = None, limit: int = 1000) -> list[Candidate]:

@@ -301,6 +301,9 @@ class DicomWebSender:
         # proxy or .netrc credentials from the environment (REQUESTS_CA_BUNDLE would
         # silently replace ca_certificates).
         session.trust_env = False
+        # A redirect is never followed: requests turns a POST answered 301/302 into a GET,
+        # whose 200 would read as stored. TooManyRedirects: retried, and visible.
+        session.max_redirects = 0
         t = self.dest.tls
         session.verify = str(t.ca_certificates) if t is not None and t.ca_certificates else True
         if t is not None and t.certificate is not None:
@@ -345,12 +348,27 @@ class DicomWebSender:
             except (requests.exceptions.RequestException, OSError) as exc:
                 report(w, Outcome("retry", f"cannot reach {url} ({type(exc).__name__})"))
                 continue
-            failed = result.get("FailedSOPSequence") if result is not None else None
-            if failed:
-                reason = failed[0].get("FailureReason", "")
-                report(w, Outcome("failed", f"STOW-RS refused the object (failure reason {reason})"))
-            else:
-                report(w, Outcome("sent"))
+            except Exception as exc:  # the answer could not be read as a Store Instances Response
+                report(w, Outcome("retry", f"STOW-RS answer unreadable ({type(exc).__name__})"))
+                continue
+            report(w, stow_outcome(result, str(ds.get("SOPInstanceUID", "") or "")))
+
+
+def stow_outcome(result, sop_instance_uid: str) -> Outcome:
+    """What a STOW-RS answer with a success status (2xx) says about one object (PS3.18
+    10.5.3): sent only when its Store Instances Response lists the object among the
+    stored (ReferencedSOPSequence); failed when it lists it as refused
+    (FailedSOPSequence). An answer that says neither (an empty body, a proxy's page)
+    stored nothing that can be trusted: retried, never taken for SENT, since retention
+    then deletes the original and the output."""
+    failed = result.get("FailedSOPSequence") if result is not None else None
+    if failed:
+        reason = failed[0].get("FailureReason", "")
+        return Outcome("failed", f"STOW-RS refused the object (failure reason {reason})")
+    stored = result.get("ReferencedSOPSequence") if result is not None else None
+    if stored and any(str(item.get("ReferencedSOPInstanceUID", "")) == sop_instance_uid for item in stored):
+        return Outcome("sent")
+    return Outcome("retry", "STOW-RS answered without listing the object as stored (ReferencedSOPSequence)")
 
 
 def make_sender(dest: Destination, calling_ae: str, reactor_delay_s: float = 0.0002):

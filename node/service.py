@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit, queue, routing
 from node.accounts import Principal
-from node.config import DEFAULT_CONFIG, ConfigError, Settings, parse
+from node.config import DEFAULT_CONFIG, ConfigError, Settings, hide_credentials, parse
 from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Role, Study, StudyState, data_path, utcnow
 from node.metrics import disk_free
 
@@ -64,6 +64,13 @@ class Invalid(ServiceError):
 
 class Unavailable(ServiceError):
     status = 503
+
+
+def _audit_digest(text: str) -> str:
+    """SHA-256 of a configuration as the audit trail records it: with the passwords of
+    its URLs hidden, since every viewer reads the trail and the rest of the file (a
+    digest of the whole would let a weak password be guessed offline)."""
+    return hashlib.sha256(hide_credentials(text).encode()).hexdigest()
 
 
 def cli_principal() -> Principal:
@@ -284,16 +291,21 @@ class Service:
             return {"job_id": job.id, "state": job.state.value}
 
     def retry_quarantined(self, who: Principal, host: str = "") -> int:
-        """Every quarantined job back to PENDING; returns how many."""
+        """Every quarantined job back to PENDING, and every object quarantined because
+        its spool file was missing whose file is there now back to routing; returns how
+        many."""
         with self.sessions() as session:
             jobs = list(session.scalars(select(Job).join(Instance, Instance.id == Job.instance_id).where(Job.state == JobState.QUARANTINED, Instance.purged_at.is_(None))))
             for job in jobs:
                 queue.requeue_job(session, job)
+            found = queue.requeue_missing_files(session, self.settings.node.data_dir)
+            if found:
+                audit.record(session, "job-retried", actor=who.label, actor_kind=who.kind, host=host, object_kind="instance", detail={"instances": found, "reason": "spool file found again"})
             for study_id in sorted({j.study_id for j in jobs}):
                 n = sum(1 for j in jobs if j.study_id == study_id)
                 audit.record(session, "job-retried", actor=who.label, actor_kind=who.kind, host=host, study_id=study_id, object_kind="job", detail={"jobs": n})
             session.commit()
-        return len(jobs)
+        return len(jobs) + found
 
     def retry_held(self, who: Principal, host: str = "") -> int:
         """Objects held because they matched no route are routed again (by the running
@@ -341,7 +353,7 @@ class Service:
         out = []
         for d in self.settings.destinations:
             h = monitor.get(d.name) if monitor is not None else None
-            address = {"dicom": f"{d.ae_title}@{d.host}:{d.port}", "folder": str(d.path), "dicomweb": d.url}[d.kind]
+            address = {"dicom": f"{d.ae_title}@{d.host}:{d.port}", "folder": str(d.path), "dicomweb": hide_credentials(d.url)}[d.kind]
             out.append({"name": d.name, "kind": d.kind, "address": address, "deliveries": counts.get(d.name, {}), "last_sent_at": _iso(last.get(d.name)),
                         "reachable": None if h is None else h.reachable, "health": "not checked yet" if h is None else h.detail,
                         "checked_at": None if h is None else dt.datetime.fromtimestamp(h.checked_at, dt.UTC).isoformat(timespec="seconds")})
@@ -375,11 +387,16 @@ class Service:
         return [r.model_dump(mode="json") for r in self.settings.routes]
 
     # -- configuration --------------------------------------------------------------------
-    def config_text(self) -> dict[str, Any]:
+    def config_text(self, reveal: bool = True) -> dict[str, Any]:
+        """The configuration file the node runs on. ``reveal=False`` (anyone but an
+        admin): the passwords of URLs in it (``database_url``, a dicomweb ``url``) are
+        hidden (:func:`hide_credentials`), and it is not editable."""
         src = self.settings.source_file
         builtin = src is None or Path(src).resolve() == DEFAULT_CONFIG.resolve()
         text = Path(src).read_text() if src and Path(src).exists() else ""
-        return {"path": str(src) if src else None, "builtin": builtin, "editable": not builtin, "text": text,
+        if not reveal:
+            text = hide_credentials(text)
+        return {"path": str(src) if src else None, "builtin": builtin, "editable": reveal and not builtin, "text": text,
                 "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
     def check_config(self, text: str) -> Settings:
@@ -416,7 +433,7 @@ class Service:
         new = self.check_config(text)
         path = Path(current["path"])
         write_atomic(path, text.encode())
-        detail: dict[str, Any] = {"sha256_before": current["sha256"], "sha256_after": hashlib.sha256(text.encode()).hexdigest()}
+        detail: dict[str, Any] = {"sha256_before": _audit_digest(current["text"]), "sha256_after": _audit_digest(text)}
         result: dict[str, Any] = {"saved": str(path), "warnings": new.warnings}
         if self.node is not None:
             applied = self.node.reload(new)
@@ -440,7 +457,7 @@ class Service:
         applied = self.node.reload(new)
         with self.sessions() as session:
             audit.record(session, "config-reloaded", actor=who.label, actor_kind=who.kind, host=host, object_kind="config",
-                         object_ref=Path(text["path"] or "config").name, detail={"sha256": text["sha256"], **applied})
+                         object_ref=Path(text["path"] or "config").name, detail={"sha256": _audit_digest(text["text"]), **applied})
             session.commit()
         return applied
 

@@ -30,7 +30,7 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from node.config import Settings
+from node.config import Settings, hide_credentials
 from node.db import Delivery, IndexEntry, Output, data_path
 from node.index import Cases, check_modality, describe, entries, load_case_base, model_input, weights_of
 from node.pixels import PixelError
@@ -211,7 +211,7 @@ class SimilarService:
             else:
                 item["kind"] = dest.kind
                 if dest.kind == "dicomweb":
-                    item["wado_rs"] = f"{dest.url.rstrip('/')}/studies/{e.study_uid}/series/{e.series_uid}/instances/{e.sop_uid}"
+                    item["wado_rs"] = f"{hide_credentials(dest.url).rstrip('/')}/studies/{e.study_uid}/series/{e.series_uid}/instances/{e.sop_uid}"
                 elif dest.kind == "dicom":
                     item["ae_title"] = dest.ae_title
             fetch.append(item)

@@ -285,3 +285,48 @@ def test_cli_disables_a_user_at_once_and_replace_lets_them_in_again(tmp_path, ht
     assert login("a new long passphrase") == 303
     changes = hn.client("viewer").get("/api/v1/audit", params={"event": "account-changed"}).json()
     assert [e["detail"]["action"] for e in changes if e["object_ref"] == "dora"][:2] == ["replaced", "disabled"]  # newest first
+
+
+def test_an_entry_committed_after_a_later_one_still_reaches_the_collector(pg_database, monkeypatch):
+    """PostgreSQL hands out ids at insert, not at commit: an entry (an association
+    record, say) whose transaction commits after a later entry's must still be sent,
+    not passed over by the cursor. A gap left by a rolled-back entry is passed over once
+    audit.GAP_WAIT_S has gone by."""
+    from node.db import make_engine, make_sessionmaker
+
+    engine = make_engine(pg_database, 4, 0)
+    sessions = make_sessionmaker(engine)
+    receiver = SyslogReceiver("tcp")
+    sender = audit.SyslogSender("127.0.0.1", receiver.port, "tcp")
+    source = audit.Source("CASEMASK")
+
+    def actors() -> list[str]:
+        return [parse_syslog(m)[2].find("ActiveParticipant").get("UserID") for m in receiver.messages]
+
+    try:
+        slow = sessions()
+        audit.record(slow, "login", actor="early", actor_kind="user")
+        slow.flush()  # its id is taken; its transaction is still open
+        audit.record_now(sessions, "login", actor="late", actor_kind="user")
+        assert audit.forward(sessions, sender, source, None) == 0  # "late" waits for the id before it
+        slow.commit()
+        slow.close()
+        assert audit.forward(sessions, sender, source, None) == 2
+        wait_until(lambda: len(receiver.messages) == 2, what="both entries at the collector")
+        assert actors() == ["early", "late"]  # oldest first, from a new cursor too
+        assert audit.forward(sessions, sender, source, None) == 0  # and not again
+        # A rolled-back entry leaves a gap for good: the next one goes once GAP_WAIT_S passed.
+        with sessions() as gone:
+            audit.record(gone, "login", actor="rolled-back", actor_kind="user")
+            gone.flush()
+            gone.rollback()
+        audit.record_now(sessions, "login", actor="after-the-gap", actor_kind="user")
+        assert audit.forward(sessions, sender, source, None) == 0
+        monkeypatch.setattr(audit, "GAP_WAIT_S", 0.0)
+        assert audit.forward(sessions, sender, source, None) == 1
+        wait_until(lambda: len(receiver.messages) == 3, what="the entry after the gap")
+        assert actors()[-1] == "after-the-gap"
+    finally:
+        sender.close()
+        receiver.stop()
+        engine.dispose()

@@ -121,6 +121,47 @@ def test_quarantined_object_retried_through_the_api_reaches_orthanc(tmp_path, ht
     assert all(e["study_uid"] == detail["study_uid"] for e in entries)
 
 
+def test_passwords_in_the_configuration_are_shown_to_admins_only(tmp_path, http_nodes, caplog):
+    """A viewer or operator reads the configuration (API and dashboard) and the
+    destinations, but not the password of a URL in it (a database_url or a dicomweb url
+    with user:password@): with it they could read the database, or the archive, directly."""
+    import re
+
+    from node import accounts
+
+    password = "Xq7-never-shown-9z"
+    dw = {"name": "dw", "kind": "dicomweb", "url": f"http://archiver:{password}@127.0.0.1:9/dicom-web"}
+    hn = start_http_node(node_config(tmp_path, [folder(tmp_path), dw]), tmp_path)
+    http_nodes.append(hn)
+    assert password in hn.config.read_text()
+    for role in ("viewer", "operator"):
+        c = hn.client(role)
+        cfg = c.get("/api/v1/config").json()
+        assert password not in cfg["text"] and "archiver:***@127.0.0.1:9" in cfg["text"] and not cfg["editable"], role
+        assert password not in c.get("/api/v1/destinations").text and password not in c.get("/api/v1/status").text
+    admin = hn.client("admin").get("/api/v1/config").json()
+    assert password in admin["text"] and admin["editable"]  # the admin edits the file as it is
+    # The trail every viewer reads names the configuration by a digest of what a viewer
+    # sees: one of the whole file would let a weak password be guessed offline.
+    import hashlib
+
+    assert hn.client("admin").post("/api/v1/config/reload").status_code == 200
+    shown = hn.client("viewer").get("/api/v1/config").json()["text"]
+    entry = hn.client("viewer").get("/api/v1/audit", params={"event": "config-reloaded"}).json()[0]
+    assert entry["detail"]["sha256"] == hashlib.sha256(shown.encode()).hexdigest() != hashlib.sha256(admin["text"].encode()).hexdigest()
+    # The dashboard's configuration page, logged in as a viewer.
+    with hn.node.sessions() as s:
+        accounts.add_user(s, "vera", "viewer", "a long enough password")
+        s.commit()
+    ui = hn.client()
+    token = re.search(r'name="login_token" value="([^"]+)"', ui.get("/login").text).group(1)
+    r = ui.post("/login", data={"name": "vera", "password": "a long enough password", "login_token": token}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    page = ui.get("/config")
+    assert page.status_code == 200 and "archiver:***@" in page.text and password not in page.text
+    assert password not in caplog.text
+
+
 def test_config_put_adds_a_destination_while_storescu_sends_and_nothing_is_lost(tmp_path, http_nodes, archive_factory):
     raw = node_config(tmp_path, [folder(tmp_path, "first")], stable_after_s=2.0)
     hn = start_http_node(raw, tmp_path)

@@ -227,6 +227,43 @@ def test_purge_dry_run_says_what_it_would_delete_and_deletes_nothing(tmp_path, s
     assert not files_under(data / "spool") and not files_under(data / "outbox")
 
 
+def test_files_no_row_names_are_deleted_after_the_grace_time(tmp_path, start_node):
+    """A spooled file whose row was never committed (the node stopped between placing it
+    and committing: never acknowledged) and an outbox file whose output row was never
+    committed, both named as node.spool names files (digests), go once older than
+    ORPHAN_GRACE_S; files rows name, hidden folders and younger orphans stay."""
+    import os
+
+    from node.spool import outbox_path, spool_path, write_atomic
+
+    raw = node_config(tmp_path, [folder(tmp_path)])
+    raw["retention"] = {"originals_days": -1, "outputs_days": -1, "quarantine_days": 30}
+    node = start_node(raw, schedule=False, listen=False)
+    data = node.settings.node.data_dir
+    fill(node, tmp_path, 2)  # acknowledged, still RECEIVED: their files must stay
+    spooled = files_under(data / "spool")
+    assert len(spooled) == 2
+    with node.sessions() as s:  # a row of before relative paths, the folder spelt as it was then
+        first = s.scalars(select(Instance).order_by(Instance.id)).first()
+        first.path = "/srv/old-mount/casemask/" + first.path
+        s.commit()
+    orphan = spool_path(data / "spool", "1.2.826.0.1.3680043.2.1125.9.1", "1.2.826.0.1.3680043.2.1125.9.1.1")
+    young = spool_path(data / "spool", "1.2.826.0.1.3680043.2.1125.9.1", "1.2.826.0.1.3680043.2.1125.9.1.2")
+    hidden = data / "spool" / ".incoming" / (orphan.name)
+    out_orphan = outbox_path(data / "outbox", "chest", "2.25.1", "2.25.2")
+    for p in (orphan, young, hidden, out_orphan):
+        write_atomic(p, b"a DICOM object")
+    week_ago = time.time() - 7 * 86400
+    for p in (orphan, hidden, out_orphan, *spooled):
+        os.utime(p, (week_ago, week_ago))
+    assert retention.run(node.sessions, node.settings, dry_run=True).files == {"orphan": 1}  # outputs kept (-1): outbox not searched
+    node.settings.retention.outputs_days = 0
+    report = retention.run(node.sessions, node.settings)
+    assert report.files == {"orphan": 2}
+    assert not orphan.exists() and not out_orphan.exists()
+    assert young.exists() and hidden.exists() and all(p.exists() for p in spooled)
+
+
 def test_resend_of_a_purged_object_is_purged_again(tmp_path, start_node):
     """The C-STORE handler rewrites the file of an object sent again; once retention
     deleted the first copy, the second is deleted at the next run as well."""
@@ -713,6 +750,44 @@ def test_the_start_up_sweep_drops_only_its_own_earlier_rows(tmp_path, start_node
     try:
         with again.sessions() as s:
             assert s.scalar(select(func.count()).select_from(Instance)) == 1
+    finally:
+        again.stop()
+
+
+def test_the_start_up_sweep_drops_nothing_when_more_files_are_missing_than_could_be_in_flight(tmp_path, start_node, caplog):
+    """At most one C-STORE per association is under way when a node stops, so at most
+    max_associations rows can lack their file because of it. When more do (the data
+    folder is not mounted, the files were moved), they are acknowledged objects: the
+    next run drops none of them, says so, and routing quarantines them; once the folder
+    is back, casemask retry --quarantined routes them again: nothing is lost."""
+    from node.app import SPOOL_GRACE_S
+
+    raw = node_config(tmp_path, [folder(tmp_path)], stable_after_s=3600, node_id="ingest-a", max_associations=2)
+    writer = start_node(raw, schedule=False, listen=False)
+    for f in make_study(tmp_path / "s", 3):
+        receive(writer, dcmread(f))
+    data = writer.settings.node.data_dir
+    (data / "spool").rename(data / "spool-elsewhere")  # the data folder as seen without its mount
+    with writer.sessions() as s:
+        for inst in s.scalars(select(Instance)):
+            inst.received_at -= dt.timedelta(seconds=SPOOL_GRACE_S + 1)
+        s.commit()
+    writer.stop()
+    with caplog.at_level(logging.ERROR, logger="node.queue"):
+        again = Node(writer.settings, pixel_step=None)
+    try:
+        assert again.sweep_unspooled() == 0
+        with again.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Instance)) == 3
+        assert "3 received objects of this node's earlier runs have no spool file" in caplog.text
+        again.tick(0)
+        with again.sessions() as s:
+            assert {(i.state, i.reason) for i in s.scalars(select(Instance))} == {(InstanceState.QUARANTINED, queue.SPOOL_FILE_MISSING)}
+        (data / "spool-elsewhere").rename(data / "spool")  # the folder is back
+        from node.service import cli_principal
+
+        assert again.service.retry_quarantined(cli_principal()) == 3  # casemask retry --quarantined
+        drain(again, until=lambda: delivery_states(again) == {"SENT": 3})
     finally:
         again.stop()
 

@@ -13,6 +13,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from sqlalchemy import func, select
 
+from node import retention
 from node.db import Delivery, DeliveryState, Instance, InstanceState, Study, StudyState, data_path
 from tests.conftest import (
     ECHOSCU,
@@ -26,6 +27,7 @@ from tests.conftest import (
     needs_dicomweb,
     needs_orthanc,
     node_config,
+    receive,
     wait_until,
     write_toml,
 )
@@ -100,6 +102,75 @@ def test_dicomweb_destination_stores_through_stow_rs(tmp_path, orthanc_dicomweb,
     with node.sessions() as s:
         reasons = {d.reason for d in s.scalars(select(Delivery).where(Delivery.state == DeliveryState.FAILED))}
     assert reasons == {"STOW-RS answered HTTP 404"}
+
+
+class _NotAnArchive:
+    """An HTTP server on loopback that answers STOW-RS without storing anything: a
+    proxy's 200 page at /proxy, a 301 to a QIDO-like search (200 "[]") at /moved."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        posts = self.posts = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, status: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (extra or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers.get("Content-Length", "0") or 0))
+                posts.append(self.path)
+                if self.path.startswith("/proxy/"):
+                    self._answer(200, b"<html>Please sign in</html>", "text/html")
+                else:
+                    self._answer(301, b"", "text/plain", {"Location": "/search/studies"})
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer(200, b"[]", "application/dicom+json")
+
+            def log_message(self, *a) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_stow_answer_that_does_not_list_the_object_is_never_taken_for_sent(tmp_path, start_node):
+    """A 200 that is not a Store Instances Response naming the object (a proxy's sign-in
+    page), or a redirect (which requests would follow as a GET, answered 200), stored
+    nothing: the deliveries wait for a retry, never SENT (retention would then delete
+    the original and the output, and the object would be lost)."""
+    stub = _NotAnArchive()
+    try:
+        dests = [{"name": "proxy", "kind": "dicomweb", "url": f"http://127.0.0.1:{stub.port}/proxy/dicom-web"},
+                 {"name": "moved", "kind": "dicomweb", "url": f"http://127.0.0.1:{stub.port}/moved/dicom-web"}]
+        node = start_node(node_config(tmp_path, dests), schedule=False, listen=False)
+        for f in make_study(tmp_path / "s", 2):
+            receive(node, dcmread(f))
+        node.tick(0)
+        assert delivery_states(node) == {"RETRY_WAIT": 4}
+        assert sorted(stub.posts) == ["/moved/dicom-web/studies"] * 2 + ["/proxy/dicom-web/studies"] * 2
+        with node.sessions() as s:
+            reasons = {d.destination: d.reason for d in s.scalars(select(Delivery))}
+        assert reasons == {"proxy": "STOW-RS answered without listing the object as stored (ReferencedSOPSequence)",
+                           "moved": f"cannot reach http://127.0.0.1:{stub.port}/moved/dicom-web/studies (TooManyRedirects)"}
+        retention.run(node.sessions, node.settings)
+        with node.sessions() as s:
+            assert all(data_path(node.settings.node.data_dir, i.path).exists() for i in s.scalars(select(Instance)))
+    finally:
+        stub.stop()
 
 
 def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(tmp_path, start_node):

@@ -265,6 +265,22 @@ def test_dicomweb_over_https_with_basic_auth_from_a_file(tmp_path, start_node, p
         orthanc.stop()
 
 
+def _sop_uids(body: bytes, content_type: str) -> list[str]:
+    """The SOP Instance UIDs of the DICOM parts of a multipart/related request."""
+    import io
+    import re
+
+    from pydicom import dcmread
+
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    uids = []
+    for part in body.split(b"--" + m.group(1).encode()) if m else []:
+        head, sep, payload = part.partition(b"\r\n\r\n")
+        if sep and b"application/dicom" in head:
+            uids.append(str(dcmread(io.BytesIO(payload.removesuffix(b"\r\n"))).SOPInstanceUID))
+    return uids
+
+
 class _StowServer(http.server.BaseHTTPRequestHandler):
     """A STOW-RS endpoint that wants one bearer token (records what it saw)."""
 
@@ -272,11 +288,13 @@ class _StowServer(http.server.BaseHTTPRequestHandler):
     seen: list[str] = []
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        self.rfile.read(int(self.headers.get("Content-Length", "0") or 0)) if self.headers.get("Content-Length") else None
+        data = self.rfile.read(int(self.headers.get("Content-Length", "0") or 0)) if self.headers.get("Content-Length") else b""
         auth = self.headers.get("Authorization", "")
         self.seen.append(auth)
         ok = auth == f"Bearer {self.token}"
-        body = json.dumps({}).encode()
+        # A Store Instances Response (PS3.18 10.5.3) naming the objects of the request.
+        stored = [{"00081155": {"vr": "UI", "Value": [uid]}} for uid in _sop_uids(data, self.headers.get("Content-Type", ""))]
+        body = json.dumps({"00081199": {"vr": "SQ", "Value": stored}}).encode()
         self.send_response(200 if ok else 401)
         self.send_header("Content-Type", "application/dicom+json")
         self.send_header("Content-Length", str(len(body)))

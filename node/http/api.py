@@ -151,8 +151,9 @@ async def similar(request: Request, k: int = Query(5, ge=1, le=MAX_K, descriptio
 
 @router.get("/config", tags=["configuration"])
 def get_config(request: Request, who: Principal = viewer) -> dict[str, Any]:
-    """The configuration file the node runs on (TOML text), and whether it can be changed here."""
-    return svc(request).config_text()
+    """The configuration file the node runs on (TOML text), and whether it can be changed
+    here. Passwords in URLs (`database_url`) are shown to admins only."""
+    return svc(request).config_text(reveal=who.may(Role.ADMIN))
 
 
 async def _toml_body(request: Request) -> str:

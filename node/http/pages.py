@@ -262,7 +262,7 @@ def audit_export(request: Request, event: str = "", actor: str = "", study_id: s
 
 @router.get("/config")
 def config(request: Request, user: UiUser = viewer) -> HTMLResponse:
-    cfg = context(request).service.config_text()
+    cfg = context(request).service.config_text(reveal=user.principal.may(Role.ADMIN))
     return render(request, "config.html", user, cfg=cfg, text=cfg["text"], problems=[], result=None)
 
 
