@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -341,7 +342,7 @@ def _evaluate(model: Model, out: Path, cfg: EvalConfig, evaluators: Evaluators |
         **retrieval,
     }
     if model.bundle.has_gates:
-        report["gates"] = evaluate_gates(model, cfg, x)
+        report["gates"] = evaluate_gates(model, cfg, x, y)
     report["seconds"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))
@@ -349,12 +350,18 @@ def _evaluate(model: Model, out: Path, cfg: EvalConfig, evaluators: Evaluators |
     return report
 
 
-def evaluate_gates(model: Model, cfg: EvalConfig | None = None, images: np.ndarray | None = None) -> dict:
+def evaluate_gates(model: Model, cfg: EvalConfig | None = None, images: np.ndarray | None = None, labels: np.ndarray | None = None) -> dict:
     """What the model's gates reject, through :meth:`engine.api.Model.anonymize_checked`
     (what the node runs, with its identity redraws): the rate per gate on in-domain images (the evaluation
     population's held-out visits, patients neither the model nor the gates saw: every
-    rejection there is a false one), and per out-of-domain case (``engine.data.ood``) the
-    rate the domain gate rejects and the rate any gate does.
+    rejection there is a false one), with a counterfactual of a random class and without
+    (``in_domain``, ``in_domain_anonymized_only``); ``changed_finding``: each image drawn
+    with the prototype of each class other than its true one (``labels``) in place of its
+    medical vector, judged as the node judges an anonymized image (the classifier reading
+    the original, identity redrawn): every one must be turned away, and the rate that
+    passes the medical gate is the rate at which a fabricated finding would go out; and
+    per out-of-domain case (``engine.data.ood``) the rate the domain gate rejects and the
+    rate any gate does.
 
     Raises:
         engine.gates.GateError: the bundle has no current gates.
@@ -365,27 +372,50 @@ def evaluate_gates(model: Model, cfg: EvalConfig | None = None, images: np.ndarr
     size = model.image_size
     if images is None:
         pop = SyntheticPatients(cfg.patients, cfg.visits, size, cfg.seed).batch()
-        images = pop.images[pop.visits >= cfg.visits - cfg.held_out]
+        held = pop.visits >= cfg.visits - cfg.held_out
+        images, labels = pop.images[held], pop.labels[held]
     rng = np.random.default_rng(cfg.seed + 17)
 
     from engine.gates import IDENTITY_DRAWS
 
     latent = int(model.bundle.dims["vae_latent"])
 
-    def rates(x: np.ndarray) -> dict[str, float]:
+    def rates(x: np.ndarray, counterfactuals: bool = True, medical: np.ndarray | None = None) -> dict[str, float]:
         noise = rng.standard_normal((len(x), latent)).astype(np.float32)
-        targets = rng.integers(0, model.n_classes, len(x))
+        targets = rng.integers(0, model.n_classes, len(x)) if counterfactuals else None
         redraw = lambda attempt, rows: rng.standard_normal((len(rows), latent)).astype(np.float32)  # noqa: E731
-        verdicts = model.anonymize_checked(x, noise, targets, redraw=redraw, draws=IDENTITY_DRAWS).verdicts
+        verdicts = model.anonymize_checked(x, noise, targets, redraw=redraw, draws=IDENTITY_DRAWS, medical=medical).verdicts
         out = {g: float(np.mean([g in v.failed for v in verdicts])) for g in ("domain", "medical", "identity")}
         out["any"] = float(np.mean([not v.passed for v in verdicts]))
         return {k: round(v, 4) for k, v in out.items()} | {"images": len(x)}
 
-    report = {"limits": model.bundle.meta["gates"]["limits"], "stated": model.bundle.meta["gates"]["rates"]["calibration"], "in_domain": rates(images)}
+    report = {"limits": model.bundle.meta["gates"]["limits"], "stated": model.bundle.meta["gates"]["rates"]["calibration"], "in_domain": rates(images),
+              "in_domain_anonymized_only": rates(images, counterfactuals=False)}
+    if labels is not None:
+        report["changed_finding"] = changed_finding(model, images, np.asarray(labels), lambda n: rng.standard_normal((n, latent)).astype(np.float32))
     sample = images[: min(len(images), 60)]
     report["out_of_domain"] = {name: rates(x) for name, x in out_of_domain(sample, size, cfg.seed).items()}
     report["near"] = {name: rates(x) for name, x in near_cases(sample).items()}
     return report
+
+
+def changed_finding(model: Model, images: np.ndarray, labels: np.ndarray, noise: Callable[[int], np.ndarray]) -> dict:
+    """Images whose finding was changed, judged as anonymized images of their originals:
+    each image drawn with the prototype of every class other than its true one (``labels``)
+    in place of its medical vector, identity redrawn as in the node (``noise(n)``: n rows of
+    identity noise). ``passed_medical``: the rate the medical gate lets through (it must
+    be 0); ``passed``: the rate that passes every gate and would go out."""
+    from engine.gates import IDENTITY_DRAWS
+
+    xs, meds = [], []
+    for shift in range(1, model.n_classes):
+        xs.append(images)
+        meds.append(model.prototypes[(labels + shift) % model.n_classes])
+    x, med = np.concatenate(xs), np.concatenate(meds)
+    verdicts = model.anonymize_checked(x, noise(len(x)), redraw=lambda attempt, rows: noise(len(rows)), draws=IDENTITY_DRAWS, medical=med).verdicts
+    through = [int("medical" not in v.failed) for v in verdicts]
+    return {"images": len(x), "passed_medical": round(float(np.mean(through)), 4), "passed_medical_count": int(sum(through)),
+            "passed": round(float(np.mean([v.passed for v in verdicts])), 4)}
 
 
 def gates_markdown(g: dict) -> str:
@@ -396,6 +426,13 @@ def gates_markdown(g: dict) -> str:
     stated = g.get("stated", {})
     for k in ("domain", "medical", "identity", "any"):
         lines.append(f"| {k} | {i[k]:.3f} | {stated.get('all' if k == 'any' else k, '')} |")
+    if "in_domain_anonymized_only" in g:
+        a = g["in_domain_anonymized_only"]
+        lines += ["", f"Anonymized only (no counterfactual): medical {a['medical']:.3f}, any {a['any']:.3f}."]
+    if "changed_finding" in g:
+        c = g["changed_finding"]
+        lines += ["", f"A changed finding (each image drawn with every other class's prototype, {c['images']} images; each must be turned away): "
+                      f"passed the medical gate {c['passed_medical']:.4f} ({c['passed_medical_count']}), passed every gate {c['passed']:.4f}."]
     lines += ["", "Out-of-domain and near cases: rejected by the domain gate / by any gate:", "", "| case | images | domain | any |", "|---|---|---|---|"]
     for group in ("out_of_domain", "near"):
         for name, r in g.get(group, {}).items():
