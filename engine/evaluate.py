@@ -62,9 +62,12 @@ class EvaluatorNet(nn.Module):
         return self.head(self.embed(x))
 
 
-def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, g: torch.Generator, blur: float = 0.0) -> torch.Tensor:
     """Small random rotations (up to 4.6 degrees), scalings, shifts and exposure changes of
-    a batch (N, 1, S, S), for classifiers that must not depend on the exact acquisition."""
+    a batch (N, 1, S, S), for classifiers that must not depend on the exact acquisition;
+    with ``blur`` > 0, half the images are also blurred (:func:`blur_batch`, sigma drawn
+    up to ``blur`` pixels), so that sharpness is no cue (a generator draws smoother images
+    than the detector's)."""
     n = x.shape[0]
     theta = torch.zeros(n, 2, 3)
     ang = (torch.rand(n, generator=g) - 0.5) * 0.16
@@ -77,25 +80,44 @@ def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     gain = 1 + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.3
-    return (x * gain + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.2).clamp(-1, 1)
+    x = (x * gain + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.2).clamp(-1, 1)
+    if blur > 0:
+        sigma = torch.rand(n, generator=g) * blur
+        sigma[torch.rand(n, generator=g) < 0.5] = 0.0
+        x = blur_batch(x, sigma)
+    return x
 
 
-def fit_classifier(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, augment: bool = True, logits=None) -> nn.Module:
+def blur_batch(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
+    """Each image of ``x`` (N, 1, S, S) blurred by a separable Gaussian of its own ``sigma``
+    (N,) in pixels (0: unchanged), edges replicated."""
+    n, _, h, w = x.shape
+    r = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)
+    xp = F.pad(x, (radius,) * 4, mode="replicate").view(1, n, h + 2 * radius, w + 2 * radius)
+    xp = F.conv2d(xp, k.view(n, 1, 1, -1), groups=n)
+    return F.conv2d(xp, k.view(n, 1, -1, 1), groups=n).view(n, 1, h, w)
+
+
+def fit_classifier(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, augment: bool = True, logits=None,
+                   blur: float = 0.0, max_lr: float = 3e-3) -> nn.Module:
     """Train ``net`` (``logits``: its function giving logits, default the net itself) to
-    classify images ``x`` as ``y``: AdamW, one-cycle learning rate, batches of 64, with
-    :func:`augment_batch` when ``augment``; returns it in eval mode."""
+    classify images ``x`` as ``y``: AdamW, one-cycle learning rate up to ``max_lr``,
+    batches of 64, with :func:`augment_batch` (and its ``blur``) when ``augment``; returns
+    it in eval mode."""
     g = torch.Generator().manual_seed(seed)
     logits = logits or net
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     steps = max(1, len(xt) // 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=epochs * steps)
     net.train()
     for _ in range(epochs):
         order = torch.randperm(len(xt), generator=g)
         for k in range(steps):
             idx = order[k * 64 : (k + 1) * 64]
-            xb = augment_batch(xt[idx], g) if augment else xt[idx]
+            xb = augment_batch(xt[idx], g, blur) if augment else xt[idx]
             loss = F.cross_entropy(logits(xb), yt[idx])
             opt.zero_grad()
             loss.backward()

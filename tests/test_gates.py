@@ -255,3 +255,30 @@ def test_a_real_chest_radiograph_is_quarantined_by_the_domain_gate(tmp_path, sta
     # Not a near miss: the real image is several times beyond the limit of the synthetic domain.
     assert domain["reconstruction_error"] > 2 * domain["reconstruction_limit"], domain
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.dcm"))
+
+
+def test_refit_classifier_keeps_the_domain_scorer_and_identity_metric(tmp_path):
+    """fit-gates --refit-classifier trains the classifier further and calibrates again; the
+    domain scorer's weights, the identity whitening and the identity limit stay."""
+    import shutil
+
+    import torch
+
+    from engine import bundle as bundles
+    from engine.gate_fit import GateFitConfig, fit_gates
+
+    src = bundles.load("builtin:reference")
+    shutil.copytree(src.path, tmp_path / "b")
+    before = torch.load(tmp_path / "b" / "gates.pt", weights_only=True)
+    old = json.loads((tmp_path / "b" / "model.json").read_text())["gates"]
+    cfg = GateFitConfig(classifier_epochs=1, classifier_blur=1.0, classifier_lr=1e-3, threads=1)
+    b = fit_gates(bundles.load(tmp_path / "b"), cfg, SyntheticPatients(8, 2, 64, 0).batch(), SyntheticPatients(8, 2, 64, 5000).batch(), ship=False, refit_classifier=True)
+    after = torch.load(tmp_path / "b" / "gates.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("domain."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("classifier.") and after[k].is_floating_point())
+    g = b.meta["gates"]
+    assert g["identity_whiten"] == old["identity_whiten"] and g["limits"]["identity_distance"] == old["limits"]["identity_distance"]
+    assert g["fit"]["classifier_refit"]["from_digest"] == old["digest"] and g["fit"]["classifier_refit"]["blur"] == 1.0
+    assert g["digest"] != old["digest"] and b.has_gates
+    with pytest.raises(ValueError, match="calibrate-only"):
+        fit_gates(b, cfg, calibrate_only=True, refit_classifier=True)
