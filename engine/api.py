@@ -144,7 +144,7 @@ class Model:
         return out["reconstruction_error"][:, 0], out["latent_distance"][:, 0]
 
     def anonymize_checked(self, x: np.ndarray, noise: np.ndarray, targets: np.ndarray | None = None, counterfactuals: bool = False,
-                          redraw: Callable[[int, np.ndarray], np.ndarray] | None = None, draws: int = 1) -> Checked:
+                          redraw: Callable[[int, np.ndarray], np.ndarray] | None = None, draws: int = 1, medical: np.ndarray | None = None) -> Checked:
         """Anonymize images ``x`` with identity ``noise`` (N, vae_latent); with ``targets``
         (N,), or ``counterfactuals`` (each image's target: the class after the one whose
         prototype its medical vector is nearest), also give each a counterfactual of that
@@ -156,6 +156,10 @@ class Model:
         giving the noise for those rows (attempt 1, 2, ...); its verdict says which draw
         passed (``identity.draw``), or is the last draw's.
 
+        ``medical`` (N, med_dim): drawn in place of the encoder's medical vectors while the
+        gates read the original as it is: an image whose finding was changed, which the
+        medical gate must turn away (the evaluation's ``changed_finding`` cases).
+
         Raises:
             engine.gates.GateError: the bundle has no current gates.
         """
@@ -166,7 +170,9 @@ class Model:
             nearest = ((med[:, None] - self.prototypes[None]) ** 2).sum(-1).argmin(1)
             targets = (nearest + 1) % len(self.prototypes)
         targets = None if targets is None else np.asarray(targets, np.int64)
-        err, dist = self.domain_scores(x, med, ident, other)
+        err, dist = self.domain_scores(x, med, ident, other)  # of the input as it is, always
+        if medical is not None:
+            med = np.asarray(medical, np.float32)
         p_x = self.classify(x)
         rows = np.arange(len(x))
         out = self._draw(gates, (med, ident, other), err, dist, p_x, noise, targets)

@@ -216,10 +216,11 @@ def gate_fit_config(args):
 
     return GateFitConfig(patients=args.patients, visits=args.visits, calibration_seed=args.calibration_seed,
                          domain_frr=args.domain_frr, medical_frr=args.medical_frr, identity_quantile=args.identity_quantile,
-                         classifier_epochs=args.classifier_epochs, decoder_epochs=args.decoder_epochs, threads=args.threads)
+                         classifier_epochs=args.classifier_epochs, classifier_blur=args.classifier_blur, classifier_lr=args.classifier_lr,
+                         decoder_epochs=args.decoder_epochs, threads=args.threads)
 
 
-def fit_and_report(path: Path, cfg, data: str | None = None, calibrate_only: bool = False) -> None:
+def fit_and_report(path: Path, cfg, data: str | None = None, calibrate_only: bool = False, refit_classifier: bool = False) -> None:
     """Fit the gates of the bundle at ``path`` (``engine.gate_fit``) and print what they
     reject; training and refinement end with it, so every bundle they write has gates."""
     from engine import bundle
@@ -229,7 +230,7 @@ def fit_and_report(path: Path, cfg, data: str | None = None, calibrate_only: boo
     fit = cal = None
     if data is not None and data != "synthetic":
         fit, cal = _load_batches(data, b.image_size, b.meta.get("training", {}).get("val_visits", 4))
-    b = fit_gates(b, cfg, fit, cal, calibrate_only=calibrate_only)
+    b = fit_gates(b, cfg, fit, cal, calibrate_only=calibrate_only, refit_classifier=refit_classifier)
     g = b.meta["gates"]
     print(f"gates of {path}: limits {json.dumps(g['limits'])}")
     print(f"  rejected on {g['rates']['calibration_images']} held-out in-domain images: {json.dumps(g['rates']['calibration'])}")
@@ -262,7 +263,7 @@ def cmd_fit_gates(args) -> int:
     from engine import bundle
 
     try:
-        fit_and_report(bundle.resolve(args.model), gate_fit_config(args), args.data, args.calibrate_only)
+        fit_and_report(bundle.resolve(args.model), gate_fit_config(args), args.data, args.calibrate_only, args.refit_classifier)
     except ValueError as exc:
         raise SystemExit(f"casemask engine fit-gates: {exc}") from None
     return 0
@@ -418,10 +419,14 @@ def add_engine_commands(esub, research: bool = False) -> None:
     sp.add_argument("--medical-frr", type=float, default=0.01, help="false-rejection rate the medical limits aim at (never below probability 0.5)")
     sp.add_argument("--identity-quantile", type=float, default=0.01, help="the identity limit: this quantile of distances between different training patients")
     sp.add_argument("--classifier-epochs", type=int, default=8)
+    sp.add_argument("--classifier-blur", type=float, default=0.0, help="blur half the classifier's training images by up to this sigma (pixels), so that sharpness is no cue")
+    sp.add_argument("--classifier-lr", type=float, default=3e-3, help="the classifier's peak learning rate (one-cycle)")
     sp.add_argument("--decoder-epochs", type=int, default=20)
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     sp.add_argument("--calibrate-only", action="store_true",
                     help="keep the fitted networks, identity metric and identity limit; set the other limits and every rate again")
+    sp.add_argument("--refit-classifier", action="store_true",
+                    help="keep the domain scorer and identity metric; train the classifier further from its fitted weights, then calibrate")
     sp.set_defaults(func=cmd_fit_gates)
 
     sp = esub.add_parser("export", help="export the inference graphs to ONNX (checked)")

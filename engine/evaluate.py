@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +62,12 @@ class EvaluatorNet(nn.Module):
         return self.head(self.embed(x))
 
 
-def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, g: torch.Generator, blur: float = 0.0) -> torch.Tensor:
     """Small random rotations (up to 4.6 degrees), scalings, shifts and exposure changes of
-    a batch (N, 1, S, S), for classifiers that must not depend on the exact acquisition."""
+    a batch (N, 1, S, S), for classifiers that must not depend on the exact acquisition;
+    with ``blur`` > 0, half the images are also blurred (:func:`blur_batch`, sigma drawn
+    up to ``blur`` pixels), so that sharpness is no cue (a generator draws smoother images
+    than the detector's)."""
     n = x.shape[0]
     theta = torch.zeros(n, 2, 3)
     ang = (torch.rand(n, generator=g) - 0.5) * 0.16
@@ -76,25 +80,44 @@ def augment_batch(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     gain = 1 + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.3
-    return (x * gain + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.2).clamp(-1, 1)
+    x = (x * gain + (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.2).clamp(-1, 1)
+    if blur > 0:
+        sigma = torch.rand(n, generator=g) * blur
+        sigma[torch.rand(n, generator=g) < 0.5] = 0.0
+        x = blur_batch(x, sigma)
+    return x
 
 
-def fit_classifier(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, augment: bool = True, logits=None) -> nn.Module:
+def blur_batch(x: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.Tensor:
+    """Each image of ``x`` (N, 1, S, S) blurred by a separable Gaussian of its own ``sigma``
+    (N,) in pixels (0: unchanged), edges replicated."""
+    n, _, h, w = x.shape
+    r = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)
+    xp = F.pad(x, (radius,) * 4, mode="replicate").view(1, n, h + 2 * radius, w + 2 * radius)
+    xp = F.conv2d(xp, k.view(n, 1, 1, -1), groups=n)
+    return F.conv2d(xp, k.view(n, 1, -1, 1), groups=n).view(n, 1, h, w)
+
+
+def fit_classifier(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, augment: bool = True, logits=None,
+                   blur: float = 0.0, max_lr: float = 3e-3) -> nn.Module:
     """Train ``net`` (``logits``: its function giving logits, default the net itself) to
-    classify images ``x`` as ``y``: AdamW, one-cycle learning rate, batches of 64, with
-    :func:`augment_batch` when ``augment``; returns it in eval mode."""
+    classify images ``x`` as ``y``: AdamW, one-cycle learning rate up to ``max_lr``,
+    batches of 64, with :func:`augment_batch` (and its ``blur``) when ``augment``; returns
+    it in eval mode."""
     g = torch.Generator().manual_seed(seed)
     logits = logits or net
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     steps = max(1, len(xt) // 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=epochs * steps)
     net.train()
     for _ in range(epochs):
         order = torch.randperm(len(xt), generator=g)
         for k in range(steps):
             idx = order[k * 64 : (k + 1) * 64]
-            xb = augment_batch(xt[idx], g) if augment else xt[idx]
+            xb = augment_batch(xt[idx], g, blur) if augment else xt[idx]
             loss = F.cross_entropy(logits(xb), yt[idx])
             opt.zero_grad()
             loss.backward()
@@ -341,7 +364,7 @@ def _evaluate(model: Model, out: Path, cfg: EvalConfig, evaluators: Evaluators |
         **retrieval,
     }
     if model.bundle.has_gates:
-        report["gates"] = evaluate_gates(model, cfg, x)
+        report["gates"] = evaluate_gates(model, cfg, x, y)
     report["seconds"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))
@@ -349,12 +372,18 @@ def _evaluate(model: Model, out: Path, cfg: EvalConfig, evaluators: Evaluators |
     return report
 
 
-def evaluate_gates(model: Model, cfg: EvalConfig | None = None, images: np.ndarray | None = None) -> dict:
+def evaluate_gates(model: Model, cfg: EvalConfig | None = None, images: np.ndarray | None = None, labels: np.ndarray | None = None) -> dict:
     """What the model's gates reject, through :meth:`engine.api.Model.anonymize_checked`
     (what the node runs, with its identity redraws): the rate per gate on in-domain images (the evaluation
     population's held-out visits, patients neither the model nor the gates saw: every
-    rejection there is a false one), and per out-of-domain case (``engine.data.ood``) the
-    rate the domain gate rejects and the rate any gate does.
+    rejection there is a false one), with a counterfactual of a random class and without
+    (``in_domain``, ``in_domain_anonymized_only``); ``changed_finding``: each image drawn
+    with the prototype of each class other than its true one (``labels``) in place of its
+    medical vector, judged as the node judges an anonymized image (the classifier reading
+    the original, identity redrawn): every one must be turned away, and the rate that
+    passes the medical gate is the rate at which a fabricated finding would go out; and
+    per out-of-domain case (``engine.data.ood``) the rate the domain gate rejects and the
+    rate any gate does.
 
     Raises:
         engine.gates.GateError: the bundle has no current gates.
@@ -365,27 +394,63 @@ def evaluate_gates(model: Model, cfg: EvalConfig | None = None, images: np.ndarr
     size = model.image_size
     if images is None:
         pop = SyntheticPatients(cfg.patients, cfg.visits, size, cfg.seed).batch()
-        images = pop.images[pop.visits >= cfg.visits - cfg.held_out]
+        held = pop.visits >= cfg.visits - cfg.held_out
+        images, labels = pop.images[held], pop.labels[held]
     rng = np.random.default_rng(cfg.seed + 17)
 
     from engine.gates import IDENTITY_DRAWS
 
     latent = int(model.bundle.dims["vae_latent"])
 
-    def rates(x: np.ndarray) -> dict[str, float]:
+    def rates(x: np.ndarray, counterfactuals: bool = True, medical: np.ndarray | None = None) -> dict[str, float]:
         noise = rng.standard_normal((len(x), latent)).astype(np.float32)
-        targets = rng.integers(0, model.n_classes, len(x))
+        targets = rng.integers(0, model.n_classes, len(x)) if counterfactuals else None
         redraw = lambda attempt, rows: rng.standard_normal((len(rows), latent)).astype(np.float32)  # noqa: E731
-        verdicts = model.anonymize_checked(x, noise, targets, redraw=redraw, draws=IDENTITY_DRAWS).verdicts
+        verdicts = model.anonymize_checked(x, noise, targets, redraw=redraw, draws=IDENTITY_DRAWS, medical=medical).verdicts
         out = {g: float(np.mean([g in v.failed for v in verdicts])) for g in ("domain", "medical", "identity")}
         out["any"] = float(np.mean([not v.passed for v in verdicts]))
         return {k: round(v, 4) for k, v in out.items()} | {"images": len(x)}
 
-    report = {"limits": model.bundle.meta["gates"]["limits"], "stated": model.bundle.meta["gates"]["rates"]["calibration"], "in_domain": rates(images)}
+    report = {"limits": model.bundle.meta["gates"]["limits"], "stated": model.bundle.meta["gates"]["rates"]["calibration"], "in_domain": rates(images),
+              "in_domain_anonymized_only": rates(images, counterfactuals=False)}
+    if labels is not None:
+        report["changed_finding"] = changed_finding(model, images, np.asarray(labels), lambda n: rng.standard_normal((n, latent)).astype(np.float32))
     sample = images[: min(len(images), 60)]
     report["out_of_domain"] = {name: rates(x) for name, x in out_of_domain(sample, size, cfg.seed).items()}
     report["near"] = {name: rates(x) for name, x in near_cases(sample).items()}
     return report
+
+
+def changed_finding(model: Model, images: np.ndarray, labels: np.ndarray, noise: Callable[[int], np.ndarray]) -> dict:
+    """Images whose finding was changed, judged as anonymized images of their originals:
+    each image drawn with the prototype of every class in place of its medical vector,
+    identity redrawn as in the node (``noise(n)``: n rows of identity noise), the gates
+    reading the original as it is. Two counts of what must be turned away:
+
+    - ``passed_medical``: among images drawn with a class other than the true one
+      (``labels``), the rate that passes the medical gate. It includes originals that the
+      gates' classifier misreads as the drawn class (the gate then confirms the change).
+    - ``passed_medical_read``: among images drawn with a class other than the one the gates'
+      classifier reads in the original, the rate that passes: what the gate's own rule lets
+      through (it must be 0).
+
+    ``passed``: the rate (true-class definition) that passes every gate and would go out.
+    """
+    from engine.gates import IDENTITY_DRAWS
+
+    n, k = len(images), model.n_classes
+    drawn = np.repeat(np.arange(k), n)
+    x = np.concatenate([images] * k)
+    verdicts = model.anonymize_checked(x, noise(len(x)), redraw=lambda attempt, rows: noise(len(rows)), draws=IDENTITY_DRAWS,
+                                       medical=model.prototypes[drawn]).verdicts
+    through = np.array(["medical" not in v.failed for v in verdicts])
+    passed = np.array([v.passed for v in verdicts])
+    read = np.tile(model.classify(images).argmax(1), k)
+    changed, changed_read = drawn != np.tile(labels, k), drawn != read
+    return {"images": int(changed.sum()), "passed_medical": round(float(through[changed].mean()), 4), "passed_medical_count": int(through[changed].sum()),
+            "passed": round(float(passed[changed].mean()), 4),
+            "images_read": int(changed_read.sum()), "passed_medical_read": round(float(through[changed_read].mean()), 4),
+            "passed_medical_read_count": int(through[changed_read].sum())}
 
 
 def gates_markdown(g: dict) -> str:
@@ -396,6 +461,14 @@ def gates_markdown(g: dict) -> str:
     stated = g.get("stated", {})
     for k in ("domain", "medical", "identity", "any"):
         lines.append(f"| {k} | {i[k]:.3f} | {stated.get('all' if k == 'any' else k, '')} |")
+    if "in_domain_anonymized_only" in g:
+        a = g["in_domain_anonymized_only"]
+        lines += ["", f"Anonymized only (no counterfactual): medical {a['medical']:.3f}, any {a['any']:.3f}."]
+    if "changed_finding" in g:
+        c = g["changed_finding"]
+        lines += ["", f"A changed finding (each image drawn with another class's prototype; each must be turned away): against the true class, "
+                      f"{c['passed_medical_count']} of {c['images']} passed the medical gate ({c['passed_medical']:.4f}; every gate {c['passed']:.4f}); "
+                      f"against the class the gates' classifier reads in the original, {c['passed_medical_read_count']} of {c['images_read']} ({c['passed_medical_read']:.4f})."]
     lines += ["", "Out-of-domain and near cases: rejected by the domain gate / by any gate:", "", "| case | images | domain | any |", "|---|---|---|---|"]
     for group in ("out_of_domain", "near"):
         for name, r in g.get(group, {}).items():

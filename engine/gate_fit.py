@@ -57,6 +57,8 @@ class GateFitConfig:
     medical_frr: float = 0.01
     identity_quantile: float = 0.01
     classifier_epochs: int = 8
+    classifier_blur: float = 0.0  # blur augmentation, the largest sigma in pixels (engine.evaluate.augment_batch)
+    classifier_lr: float = 3e-3  # one-cycle peak learning rate
     decoder_epochs: int = 20
     seed: int = 0
     threads: int = 0
@@ -187,12 +189,17 @@ def synthesise(model: DisentanglementModel, x: np.ndarray, noise: np.ndarray, ta
     return torch.cat(anon).numpy(), torch.cat(cf).numpy()
 
 
-def _fit_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, epochs: int, seed: int) -> GateClassifier:
+def _fit_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: GateFitConfig, seed: int, start: GateClassifier | None = None) -> GateClassifier:
+    """The gates' classifier trained on images ``x`` and labels ``y`` (from ``start``'s
+    weights when given: a refit), with ``cfg``'s epochs, blur and learning rate."""
     from engine.evaluate import fit_classifier
 
     torch.manual_seed(seed)
     net = GateClassifier(n_classes)
-    return fit_classifier(net, x, y, epochs, seed, augment=True, logits=net.logits)  # type: ignore[return-value]
+    if start is not None:
+        net.load_state_dict(start.state_dict())
+    return fit_classifier(net, x, y, cfg.classifier_epochs, seed, augment=True, logits=net.logits,  # type: ignore[return-value]
+                          blur=cfg.classifier_blur, max_lr=cfg.classifier_lr)
 
 
 def _fit_domain(scorer: DomainScorer, z: np.ndarray, x: np.ndarray, epochs: int, seed: int) -> None:
@@ -322,7 +329,8 @@ def training_domain(b: bundles.Bundle, cfg: GateFitConfig):
     return fit, cal
 
 
-def fit_gates(b: bundles.Bundle, cfg: GateFitConfig | None = None, fit=None, calibration=None, ship: bool = True, calibrate_only: bool = False) -> bundles.Bundle:
+def fit_gates(b: bundles.Bundle, cfg: GateFitConfig | None = None, fit=None, calibration=None, ship: bool = True, calibrate_only: bool = False,
+              refit_classifier: bool = False) -> bundles.Bundle:
     """Fit the gates of bundle ``b`` and write them into it (``gates.pt`` and ``model.json``),
     then (``ship``) its node graphs as ONNX (``engine.export.ship``).
 
@@ -331,11 +339,15 @@ def fit_gates(b: bundles.Bundle, cfg: GateFitConfig | None = None, fit=None, cal
     synthetic population the bundle was trained on (:func:`training_domain`).
     ``calibrate_only``: keep the bundle's fitted networks, identity metric and identity
     limit, and set the domain and medical limits and every rate again (new rates, or a
-    change in how they are measured, without fitting again).
+    change in how they are measured, without fitting again). ``refit_classifier``: keep
+    the domain scorer, identity metric and identity limit, train the classifier further
+    from its fitted weights on ``fit`` (``cfg``'s classifier settings), then calibrate.
     """
     cfg = cfg or GateFitConfig()
+    if calibrate_only and refit_classifier:
+        raise ValueError("calibrate-only keeps the classifier: give one of --calibrate-only and --refit-classifier")
     with torch_threads(cfg.threads):
-        return _fit_gates(b, cfg, fit, calibration, ship, calibrate_only)
+        return _fit_gates(b, cfg, fit, calibration, ship, calibrate_only, refit_classifier)
 
 
 def _fit_nets(model: DisentanglementModel, dims: dict, size: int, cfg: GateFitConfig, fit) -> tuple[GateNets, np.ndarray, float]:
@@ -347,11 +359,17 @@ def _fit_nets(model: DisentanglementModel, dims: dict, size: int, cfg: GateFitCo
     med, ident, other = _encode(model, x)
     _fit_domain(nets.domain, np.concatenate([med, ident, other], 1), x, cfg.decoder_epochs, cfg.seed)
     log.info("gates: fitting the classifier on %d images", len(x))
-    nets.classifier = _fit_classifier(x, labels, n_classes, cfg.classifier_epochs, cfg.seed + 1)
+    nets.classifier = _fit_classifier(x, labels, n_classes, cfg, cfg.seed + 1)
     nets.eval()
     whiten = identity_whitening(ident, pids)
     between = different_patient_distances(ident, pids, whiten, 20000, cfg.seed + 2)
     return nets, whiten, float(np.quantile(between, cfg.identity_quantile))
+
+
+def _refit_classifier(start: GateClassifier, fit, cfg: GateFitConfig, n_classes: int) -> GateClassifier:
+    x, labels = fit.images.astype(np.float32), np.asarray(fit.labels).astype(np.int64)
+    log.info("gates: refitting the classifier on %d images (%d epochs, blur %.2f)", len(x), cfg.classifier_epochs, cfg.classifier_blur)
+    return _fit_classifier(x, labels, n_classes, cfg, cfg.seed + 5, start=start).eval()
 
 
 def calibrate(model: DisentanglementModel, nets: GateNets, whiten: np.ndarray, identity_limit: float, cal, cfg: GateFitConfig) -> tuple[dict, dict]:
@@ -389,18 +407,24 @@ def calibrate(model: DisentanglementModel, nets: GateNets, whiten: np.ndarray, i
     return limits, {**rates, "identity_first_draw": round(first, 4)}
 
 
-def _fit_gates(b: bundles.Bundle, cfg: GateFitConfig, fit, cal, ship: bool, calibrate_only: bool) -> bundles.Bundle:
+def _fit_gates(b: bundles.Bundle, cfg: GateFitConfig, fit, cal, ship: bool, calibrate_only: bool, refit_classifier: bool = False) -> bundles.Bundle:
     t0 = time.time()
     if fit is None or cal is None:
         fit, cal = training_domain(b, cfg)
     model = b.load_torch()
     path = b.path / "gates.pt"
-    if calibrate_only:
+    if calibrate_only or refit_classifier:
         old = b.meta.get("gates") or {}
         if not b.has_gates:
-            raise ValueError(f"{b.path} has no gates to calibrate again: fit them first")
+            raise ValueError(f"{b.path} has no gates to calibrate or refit: fit them first")
         nets, whiten, identity_limit = load_gate_nets(b), np.asarray(old["identity_whiten"], np.float32), float(old["limits"]["identity_distance"])
         fitted = old["fit"]
+        if refit_classifier:
+            nets.classifier = _refit_classifier(nets.classifier, fit, cfg, int(b.dims["n_classes"]))
+            torch.save(nets.state_dict(), path)
+            fitted = {**fitted, "classifier_refit": {"from_digest": old.get("digest"), "epochs": cfg.classifier_epochs, "blur": cfg.classifier_blur,
+                                                     "lr": cfg.classifier_lr, "patients": int(len(np.unique(fit.patient_ids))), "images": len(fit.images),
+                                                     "seed": cfg.seed + 5, "threads": cfg.threads, "seconds": round(time.time() - t0, 1)}}
     else:
         nets, whiten, identity_limit = _fit_nets(model, b.dims, b.image_size, cfg, fit)
         torch.save(nets.state_dict(), path)
@@ -425,7 +449,9 @@ def _fit_gates(b: bundles.Bundle, cfg: GateFitConfig, fit, cal, ship: bool, cali
     log.info("gates %s: limits %s; calibration rejections %s", "calibrated" if calibrate_only else "fitted", meta["gates"]["limits"], rates)
     if ship and not (calibrate_only and out.meta.get("shipped_graphs")):
         from engine.export import ship as ship_graphs
+        from engine.graphs import GATE_GRAPHS, NODE_GRAPHS
 
-        ship_graphs(out)
+        # A refit changes gates.pt only: the model's graphs stay as shipped.
+        ship_graphs(out, GATE_GRAPHS if refit_classifier and out.meta.get("shipped_graphs") else NODE_GRAPHS)
         out = bundles.load(b.path)
     return out
