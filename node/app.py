@@ -94,6 +94,7 @@ class Node:
         self.pipeline = Pipeline(settings, self.sessions, self.pseudo, pixel_step, owner=self.owner, indexer=_indexer(settings, pixel_step))  # type: ignore[arg-type]
         self.dispatchers = {d.name: Dispatcher(settings, self.sessions, d.name, owner=self.owner) for d in settings.destinations}
         self.server = None
+        self.receivers = None
         self.scheduler = None
         self.http = None
         self._stop = threading.Event()
@@ -208,20 +209,22 @@ class Node:
                     break
 
     # -- lifecycle ------------------------------------------------------------------
-    def start(self, listen: bool = True, http: bool = False) -> None:
+    def start(self, listen: bool = True, http: bool = False, receivers: int = 1) -> None:
         """Listen for DICOM (``listen``; roles all and ingest), run the role's stages on
         the scheduler, and serve the operator's HTTP API and dashboard (``http``; roles
-        all and ingest; ``casemask serve`` passes ``[http] enabled``).
+        all and ingest; ``casemask serve`` passes ``[http] enabled``). ``receivers``:
+        processes receiving DICOM on the port, this one included (node.receivers;
+        ``casemask serve`` passes ``[node] receivers``).
 
         Raises:
             RuntimeError: the HTTP server could not listen on its address.
+            OSError: a DICOM port cannot be bound.
+            StartupError: with receivers > 1, something listens on a DICOM port already.
         """
         from node.scheduler import make_scheduler
 
         if listen and self.ingests:
-            from node.scp import start_server
-
-            self.server = start_server(self.settings, self.engine, pseudo=self.pseudo, writer=self.owner)
+            self._listen(receivers)
         # Jobs look the pipeline and dispatchers up at each run, so that a reload can
         # replace them (and add or remove dispatch jobs) without restarting anything.
         jobs: dict[str, Callable[[], int]] = {"health": self.health.check_due}
@@ -241,6 +244,29 @@ class Node:
             self.http.start()
         audit.record_now(self.sessions, "node-started", actor=self.settings.node.ae_title, detail={"routes": len(self.settings.routes), "destinations": len(self.settings.destinations), "role": self.role})
         log.info("node %s started (id %s, role %s): %d routes, %d destinations", self.settings.node.ae_title, self.node_id, self.role, len(self.settings.routes), len(self.settings.destinations))
+
+    def _listen(self, receivers: int) -> None:
+        from node.receivers import Receivers, check_port_free
+        from node.scp import start_server
+
+        shared = receivers > 1
+        if shared:
+            node = self.settings.node
+            for port in (node.port, node.tls.port if node.tls else 0):
+                if port:
+                    try:
+                        check_port_free(node.host, port)
+                    except OSError as exc:
+                        raise StartupError(f"cannot listen on {node.host}:{port}: {exc.strerror or exc} (another node or program listens there?)") from None
+            self.receivers = Receivers(self.settings, receivers - 1, writer=self.owner)
+            self.receivers.start()  # before this process listens: once the port answers, all do
+        try:
+            self.server = start_server(self.settings, self.engine, pseudo=self.pseudo, writer=self.owner, shared_port=shared)
+        except BaseException:
+            if self.receivers is not None:
+                self.receivers.stop()
+                self.receivers = None
+            raise
 
     def _dispatch_job(self, name: str) -> Callable[[], int]:
         def run() -> int:
@@ -297,6 +323,8 @@ class Node:
             policy = getattr(self.server, "access_policy", None)
             if policy is not None:  # who may associate from now on (open associations go on)
                 policy.update(new)
+            if self.receivers is not None:
+                self.receivers.update(new)
             if self.scheduler is not None and self.works:
                 wanted = {f"dispatch:{d}" for d in dispatchers}
                 present = {j.id for j in self.scheduler.get_jobs() if j.id.startswith("dispatch:")}
@@ -327,6 +355,9 @@ class Node:
         if self.http is not None:
             self.http.stop()
             self.http = None
+        if self.receivers is not None:
+            self.receivers.stop()
+            self.receivers = None
         if self.server is not None:
             self.server.shutdown()
             store = getattr(self.server, "store_handler", None)
@@ -352,7 +383,7 @@ class Node:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
-        self.start(http=self.settings.http.enabled)
+        self.start(http=self.settings.http.enabled, receivers=self.settings.node.receivers)
         try:
             while not self._stop.wait(0.5):
                 if self._reload_requested.is_set():
@@ -365,7 +396,7 @@ class Node:
 # [node] settings a reload cannot change in a running node.
 _RESTART_KEYS = ("ae_title", "host", "port", "data_dir", "database_url", "db_pool_size", "db_max_overflow", "db_pool_timeout_s", "secret_path", "secret_env", "node_id", "poll_interval_s",
                  "acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "reactor_delay_s",
-                 "max_associations", "max_associations_per_host", "max_object_mb", "min_free_disk_mb", "strict_uids", "tls")
+                 "max_associations", "max_associations_per_host", "max_object_mb", "min_free_disk_mb", "strict_uids", "tls", "receivers")
 
 
 def _pixel_models(settings: Settings) -> set[str]:

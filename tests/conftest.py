@@ -412,6 +412,25 @@ def receive(node, ds: Dataset, modality: str = "") -> None:
         queue.record_received(conn, r)  # returns the study's state change, not needed here
 
 
+def child_pids(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux /proc)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def is_alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 class NodeProcess:
     """``casemask serve [--role ROLE]`` as a subprocess (for SIGKILL tests)."""
 
@@ -443,9 +462,13 @@ class NodeProcess:
         wait_until(up, timeout=60, what=f"the node ({self.role}) to start")
 
     def kill(self) -> None:
+        """SIGKILL the node and wait until its receiver processes (node.receivers: they
+        die with it) are gone too, as a supervisor killing its process group would."""
         assert self.proc is not None
+        children = child_pids(self.proc.pid)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        wait_until(lambda: not any(is_alive(p) for p in children), timeout=30, what="the node's receiver processes to exit")
         self.log.close()
 
     def stop(self) -> None:

@@ -158,7 +158,11 @@ def start_node(work: Path, tag: str, **node_kw) -> tuple[NodeProcess, dict]:
     raw = node_config(work / f"node-{tag}", [{"name": "f", "kind": "folder", "path": str(work / f"out-{tag}")}], stable_after_s=86400, **node_kw)
     cfg = write_toml(raw, work / f"node-{tag}.toml")
     node = NodeProcess(cfg, work / f"node-{tag}.log")
-    node.start(raw["node"]["port"])
+    try:
+        node.start(raw["node"]["port"])
+    except RuntimeError:
+        print((work / f"node-{tag}.log").read_text()[-3000:], file=sys.stderr)
+        raise
     return node, raw
 
 

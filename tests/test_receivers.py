@@ -1,0 +1,165 @@
+"""``[node] receivers``: several processes receiving on one port (node.receivers)."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import STORESCU, NodeProcess, child_pids, dcmtk_env, is_alive, make_study, needs_dcmtk, node_config, wait_until, write_toml
+
+pytestmark = [needs_dcmtk, pytest.mark.slow]
+
+
+def _rows(data_dir: Path) -> int:
+    with sqlite3.connect(data_dir / "casemask.db") as db:
+        return db.execute("select count(*) from instances").fetchone()[0]
+
+
+def _node(tmp_path: Path, name: str, port: int | None = None, receivers: int = 3) -> tuple[NodeProcess, dict]:
+    raw = node_config(tmp_path / name, [{"name": "f", "kind": "folder", "path": str(tmp_path / f"out-{name}")}], stable_after_s=3600, receivers=receivers)
+    if port is not None:
+        raw["node"]["port"] = port
+    return NodeProcess(write_toml(raw, tmp_path / f"{name}.toml"), tmp_path / f"{name}.log"), raw
+
+
+def test_receivers_share_the_port_store_everything_and_die_with_the_node(tmp_path):
+    node, raw = _node(tmp_path, "a")
+    port = raw["node"]["port"]
+    corpora = [tmp_path / f"in{k}" for k in range(8)]
+    for c in corpora:
+        make_study(c, 10)
+    node.start(port)
+    try:
+        receivers = child_pids(node.proc.pid)  # type: ignore[union-attr]
+        assert len(receivers) == 2, "receivers = 3: the node and two receiver processes"
+        senders = [subprocess.Popen([STORESCU, "-aec", "CASEMASK", "+sd", "127.0.0.1", str(port), str(c)], env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in corpora]
+        for s in senders:
+            out, _ = s.communicate(timeout=180)
+            assert s.returncode == 0, out
+        assert _rows(Path(raw["node"]["data_dir"])) == 80
+        log = (tmp_path / "a.log").read_text()
+        assert "[receiver " in log and "study" in log, "no association reached a receiver process"
+    finally:
+        node.kill()
+    # SIGKILL of the node: its receivers go with it and the port is free again.
+    wait_until(lambda: not any(is_alive(p) for p in receivers), timeout=10, what="the receivers to die with the node")
+    with socket.socket() as s:  # SO_REUSEADDR: the closed connections' TIME_WAIT does not count
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
+def test_a_second_node_on_a_port_in_use_does_not_start(tmp_path):
+    first, raw = _node(tmp_path, "first")
+    port = raw["node"]["port"]
+    first.start(port)
+    try:
+        second, _ = _node(tmp_path, "second", port=port)
+        with pytest.raises(RuntimeError, match="node exited"):
+            second.start(_unused_port())  # waits on a port nobody opens: until it exits
+        assert "already in use" in (tmp_path / "second.log").read_text()
+    finally:
+        first.stop()
+
+
+def _unused_port() -> int:
+    from tests.conftest import free_port
+
+    return free_port()
+
+
+# -- group commit (node.groupcommit) ------------------------------------------------------------
+def _received(study: str, sop: str, path: str = "p") -> object:
+    from node import queue
+
+    return queue.Received(sop, "1.2.840.10008.5.1.4.1.1.2", study, "1.2.3.9", "CT", "1.2.840.10008.1.2.1", path, 10, "MODALITY1", "CASEMASK", "127.0.0.1", identity="id")
+
+
+def test_a_batch_with_a_resend_commits_every_other_row_and_answers_each_its_own(tmp_path):
+    from concurrent.futures import Future
+
+    from node.db import make_engine
+    from node.groupcommit import GroupCommit
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    changes = []
+    gc = GroupCommit(engine, lambda r, change: changes.append(change))
+    try:
+        assert gc.record(_received("1.2.3.1", "1.2.3.1.1", "first")) is None
+        batch = [(_received("1.2.3.1", "1.2.3.1.2"), Future()), (_received("1.2.3.1", "1.2.3.1.1"), Future()), (_received("1.2.3.2", "1.2.3.2.1"), Future())]
+        with engine.connect() as conn:
+            gc._commit(conn, batch)  # the batch fails on its second row: each on its own
+        results = [done.result(timeout=5) for _, done in batch]
+        assert results == [None, ("id", "first"), None]
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("select count(*) from instances").scalar() == 3
+            assert conn.exec_driver_sql("select count(*) from studies").scalar() == 2
+        assert len(changes) == 2, "one 'RECEIVING' per new study, logged once committed"
+    finally:
+        gc.close()
+        engine.dispose()
+
+
+def test_four_associations_sending_the_same_study_at_once_store_it_once(tmp_path, start_node):
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600))
+    port = node.settings.node.port
+    files = make_study(tmp_path / "s", 30)
+    senders = [subprocess.Popen([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    for s in senders:
+        out, _ = s.communicate(timeout=180)
+        assert s.returncode == 0, out
+    assert _rows(node.settings.node.data_dir) == 30
+    assert len([p for p in (node.settings.node.data_dir / "spool").rglob("*.dcm")]) == 30
+
+
+def test_a_reload_reaches_the_receivers(tmp_path):
+    """SIGHUP with a source removed: the receivers take the new [[sources]] too, so no
+    process lets the removed modality in."""
+    import signal
+
+    node, raw = _node(tmp_path, "r")
+    port = raw["node"]["port"]
+    files = make_study(tmp_path / "in", 1)
+    node.start(port)
+    try:
+        raw["sources"] = [s for s in raw["sources"] if s["ae_title"] != "STORESCU"]
+        write_toml(raw, tmp_path / "r.toml")
+        node.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        log = tmp_path / "r.log"
+        wait_until(lambda: log.read_text().count("[[sources]] and accept_unknown_sources taken") == 2, timeout=30, what="both receivers to take the reload")
+        for _ in range(8):  # spread over the three processes by the kernel
+            r = subprocess.run([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), str(files[0])], env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+            assert r.returncode != 0 and "Rejected" in r.stderr, r.stderr
+        assert _rows(Path(raw["node"]["data_dir"])) == 0
+    finally:
+        node.stop()
+
+
+def test_receiver_counters_are_added_to_the_nodes(monkeypatch):
+    """A receiver's counter growth, as its JSON lines, lands in the node's counters."""
+    import io
+
+    from prometheus_client import REGISTRY
+
+    from node import metrics, receivers
+
+    out = io.BytesIO()
+    monkeypatch.setattr("sys.stdout", type("Out", (), {"buffer": out})())
+    reporter = receivers._CountReporter()
+    reporter.report()  # what was counted before is sent once
+    out.seek(0)
+    out.truncate()
+    before = REGISTRY.get_sample_value("casemask_instances_received_total") or 0.0
+    metrics.observe_received(1000)
+    metrics.ASSOCIATIONS.labels(result="accepted").inc()
+    reporter.report()
+    reporter.report()  # nothing grew since: nothing sent
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    accepted = REGISTRY.get_sample_value("casemask_associations_total", {"result": "accepted"})
+    receivers._add_counts(io.BytesIO(lines[0] + b"\n"))  # here the same registry: counted twice
+    assert REGISTRY.get_sample_value("casemask_instances_received_total") == before + 2
+    assert REGISTRY.get_sample_value("casemask_associations_total", {"result": "accepted"}) == accepted + 1
