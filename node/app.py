@@ -95,6 +95,7 @@ class Node:
         self.dispatchers = {d.name: Dispatcher(settings, self.sessions, d.name, owner=self.owner) for d in settings.destinations}
         self.server = None
         self.receivers = None
+        self.slots = None
         self.scheduler = None
         self.http = None
         self._stop = threading.Event()
@@ -246,11 +247,14 @@ class Node:
         log.info("node %s started (id %s, role %s): %d routes, %d destinations", self.settings.node.ae_title, self.node_id, self.role, len(self.settings.routes), len(self.settings.destinations))
 
     def _listen(self, receivers: int) -> None:
+        """Listen in this process and, with ``receivers`` > 1, in receiver processes that
+        share the port and one association table (node.receivers, node.slots)."""
+        from node.admission import still_open
         from node.receivers import Receivers, check_port_free
         from node.scp import start_server
+        from node.slots import SharedSlots
 
-        shared = receivers > 1
-        if shared:
+        if receivers > 1:
             node = self.settings.node
             for port in (node.port, node.tls.port if node.tls else 0):
                 if port:
@@ -258,15 +262,23 @@ class Node:
                         check_port_free(node.host, port)
                     except OSError as exc:
                         raise StartupError(f"cannot listen on {node.host}:{port}: {exc.strerror or exc} (another node or program listens there?)") from None
-            self.receivers = Receivers(self.settings, receivers - 1, writer=self.owner)
-            self.receivers.start()  # before this process listens: once the port answers, all do
+            self.slots = SharedSlots.create(node.max_associations, node.max_associations_per_host, still_open)
+            self.receivers = Receivers(self.settings, receivers - 1, writer=self.owner, slots_fd=self.slots.fd)
         try:
-            self.server = start_server(self.settings, self.engine, pseudo=self.pseudo, writer=self.owner, shared_port=shared)
-        except BaseException:
             if self.receivers is not None:
-                self.receivers.stop()
-                self.receivers = None
+                self.receivers.start()  # before this process listens: once the port answers, all do
+            self.server = start_server(self.settings, self.engine, pseudo=self.pseudo, writer=self.owner, slots=self.slots)
+        except BaseException:
+            self._stop_receivers()
             raise
+
+    def _stop_receivers(self) -> None:
+        if self.receivers is not None:
+            self.receivers.stop()
+            self.receivers = None
+        if self.slots is not None:
+            self.slots.close()
+            self.slots = None
 
     def _dispatch_job(self, name: str) -> Callable[[], int]:
         def run() -> int:
@@ -364,6 +376,9 @@ class Node:
             if store is not None:
                 store.close()
             self.server = None
+        if self.slots is not None:  # after the listeners: their associations are gone
+            self.slots.close()
+            self.slots = None
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
             self.scheduler = None

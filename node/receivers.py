@@ -23,9 +23,11 @@ Guarantees kept:
   without ``SO_REUSEPORT``; if anything listens there already, it stops with "address
   in use" as a single process would.
 
-Limits (``max_associations``, ``max_associations_per_host``, the TCP gate) are counted
-by each process for the associations it holds: the node as a whole admits up to
-``receivers`` times those numbers.
+- One node's limits: ``max_associations`` and ``max_associations_per_host`` are counted
+  for the node as a whole, in a table the node process makes before starting its
+  receivers and each inherits (:mod:`node.slots`); a receiver that dies frees its slots
+  (the kernel drops its record locks). The TCP gate of node.admission (a flood guard,
+  with its margins) stays per process.
 
 A configuration reload (SIGHUP, the API) reaches the receivers: the node sends each the
 new settings through its stdin and it takes the new [[sources]] and
@@ -84,12 +86,14 @@ def check_port_free(host: str, port: int, wait_s: float = 10.0) -> None:
 class Receivers:
     """The node's receiver processes (``count`` of them, possibly 0)."""
 
-    def __init__(self, settings: Settings, count: int, writer: str = "") -> None:
+    def __init__(self, settings: Settings, count: int, writer: str, slots_fd: int) -> None:
         """``writer``: the node process's owner token, which the receivers' rows carry
-        (``received_by``): they are part of its run (node.queue.drop_unspooled)."""
+        (``received_by``): they are part of its run (node.queue.drop_unspooled).
+        ``slots_fd``: the node's association table (node.slots), inherited by each."""
         self.settings = settings
         self.count = count
         self.writer = writer
+        self.slots_fd = slots_fd
         self.procs: list[subprocess.Popen] = []
 
     def start(self, timeout_s: float = 120.0) -> None:
@@ -100,9 +104,9 @@ class Receivers:
             OSError: a receiver exited or did not listen within ``timeout_s`` (the others
                 are stopped).
         """
-        blob = pickle.dumps((self.settings, logging.getLogger().level, os.getpid(), self.writer))
+        blob = pickle.dumps((self.settings, logging.getLogger().level, os.getpid(), self.writer, self.slots_fd))
         for _ in range(self.count):
-            p = subprocess.Popen([sys.executable, "-m", "node.receivers"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            p = subprocess.Popen([sys.executable, "-m", "node.receivers"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self.slots_fd,))
             assert p.stdin is not None
             p.stdin.write(blob)
             p.stdin.flush()
@@ -161,10 +165,13 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def run_receiver(settings: Settings, parent: int, writer: str) -> int:
+def run_receiver(settings: Settings, parent: int, writer: str, slots_fd: int) -> int:
     """A receiver process: listen until SIGTERM (or the node's death). Its rows carry
-    ``writer``, the node process's owner token."""
+    ``writer``, the node process's owner token; it counts associations in the node's
+    table ``slots_fd`` (node.slots)."""
+    from node.admission import still_open
     from node.db import make_engine, pool_size_for
+    from node.slots import SharedSlots
     from node.deid import Pseudonymizer
     from node.reasons import withhold_warning_texts
     from node.scp import start_server
@@ -179,7 +186,8 @@ def run_receiver(settings: Settings, parent: int, writer: str) -> int:
     node = settings.node
     size = node.db_pool_size or pool_size_for("ingest", node.max_associations, 0)
     engine = make_engine(node.resolved_database_url, size, node.db_max_overflow, node.db_pool_timeout_s, name=f"{node.node_id or 'node'}:receiver", prepare=False)
-    listeners = start_server(settings, engine, pseudo=Pseudonymizer(load_secret(node)), writer=writer, shared_port=True)
+    slots = SharedSlots.attach(slots_fd, node.max_associations, node.max_associations_per_host, still_open)
+    listeners = start_server(settings, engine, pseudo=Pseudonymizer(load_secret(node)), writer=writer, slots=slots)
     sys.stdout.buffer.write(READY)
     sys.stdout.buffer.flush()
     threading.Thread(target=_take_updates, args=(listeners,), name="receiver-config", daemon=True).start()
@@ -190,6 +198,7 @@ def run_receiver(settings: Settings, parent: int, writer: str) -> int:
     finally:
         listeners.shutdown()
         listeners.store_handler.close()
+        slots.close()
         engine.dispose()
         counts.report()
     return 0
@@ -257,7 +266,7 @@ def _add_counts(stream) -> None:
 
 
 def main() -> int:
-    settings, level, parent, writer = pickle.load(sys.stdin.buffer)
+    settings, level, parent, writer, slots_fd = pickle.load(sys.stdin.buffer)
     from node.logfmt import EscapingFormatter
 
     handler = logging.StreamHandler()  # control characters a peer sent are escaped, as in the node (node.logfmt)
@@ -266,7 +275,7 @@ def main() -> int:
     logging.getLogger().setLevel(level)
     if level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    return run_receiver(settings, parent, writer)
+    return run_receiver(settings, parent, writer, slots_fd)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ from node.groupcommit import GroupCommit
 from node.incoming import IncomingFile, IncomingFiles, install as install_incoming
 from node.reasons import withhold_library_values
 from node.receivers import LOCK_FILE
+from node.slots import SharedSlots
 from node.spool import place, remove, replace, spool_path
 from node.tls import peer_subject, server_context
 from node.uid import invalid_uids, is_valid_uid
@@ -691,12 +692,13 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None, pseudo: Pseudonymizer | None = None, writer: str = "", shared_port: bool = False) -> Listeners:
+def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None, pseudo: Pseudonymizer | None = None, writer: str = "", slots: SharedSlots | None = None) -> Listeners:
     """Start listening (non-blocking) on the plain port (unless 0) and the TLS port (when
     [node.tls] is set); returns the listeners, whose ``shutdown()`` stops them.
     ``writer``: the owner token stored with each received row (``received_by``).
-    ``shared_port``: this is one of the node's receiver processes (node.receivers): bind
-    with SO_REUSEPORT and serialize C-STOREs of one SOP Instance UID across processes.
+    ``slots``: this is one of the node's receiver processes (node.receivers), counting
+    associations in the node's shared table: bind with SO_REUSEPORT and serialize
+    C-STOREs of one SOP Instance UID across processes. The caller closes ``slots``.
 
     Raises:
         OSError: a port cannot be bound, or a TLS file cannot be read.
@@ -707,7 +709,8 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
         from node.startup import load_secret
 
         pseudo = Pseudonymizer(load_secret(node))
-    admission = Admission(settings)
+    admission = Admission(settings, slots)
+    shared_port = slots is not None
     audit_sessions = sessionmaker(engine)
     reactor_delay = node.reactor_delay_s
     _install_reactor_clock(max(reactor_delay, 0.0001))
