@@ -225,7 +225,7 @@ class Node:
         from node.scheduler import make_scheduler
 
         if listen and self.ingests:
-            self._listen(receivers)
+            self.start_listening(receivers)
         # Jobs look the pipeline and dispatchers up at each run, so that a reload can
         # replace them (and add or remove dispatch jobs) without restarting anything.
         jobs: dict[str, Callable[[], int]] = {"health": self.health.check_due}
@@ -246,7 +246,7 @@ class Node:
         audit.record_now(self.sessions, "node-started", actor=self.settings.node.ae_title, detail={"routes": len(self.settings.routes), "destinations": len(self.settings.destinations), "role": self.role})
         log.info("node %s started (id %s, role %s): %d routes, %d destinations", self.settings.node.ae_title, self.node_id, self.role, len(self.settings.routes), len(self.settings.destinations))
 
-    def _listen(self, receivers: int) -> None:
+    def start_listening(self, receivers: int = 1) -> None:
         """Listen in this process and, with ``receivers`` > 1, in receiver processes that
         share the port and one association table (node.receivers, node.slots)."""
         from node.admission import still_open

@@ -33,7 +33,14 @@ A configuration reload (SIGHUP, the API) reaches the receivers: the node sends e
 new settings through its stdin and it takes the new [[sources]] and
 ``accept_unknown_sources`` (:meth:`Receivers.update`). The Prometheus counters a
 receiver bumps (associations, instances and bytes received, audit write errors) are
-added to the node process's, which serves /metrics (:func:`_add_counts`).
+added to the node process's, which serves /metrics (:func:`_add_counts`). Their log
+records go to the node process too, which writes them through its own handlers with
+"[receiver PID]" before the message (:func:`_read_receiver`): one log, escaped as the
+node's (node.logfmt).
+
+Per process still: the TCP gate, the "disk below min_free_disk_mb" message (once a
+minute in each process), and a receiver that dies is not restarted (the others and the
+node process go on receiving; its slots come back).
 """
 
 from __future__ import annotations
@@ -48,7 +55,6 @@ import signal
 import socket
 import subprocess
 import sys
-import select
 import threading
 import time
 
@@ -111,16 +117,17 @@ class Receivers:
             p.stdin.write(blob)
             p.stdin.flush()
             self.procs.append(p)
+        readies = []
+        for p in self.procs:
+            ready = threading.Event()
+            readies.append(ready)
+            threading.Thread(target=_read_receiver, args=(p.stdout, p.pid, ready), name=f"receiver-{p.pid}", daemon=True).start()
         deadline = time.monotonic() + timeout_s
-        for p in self.procs:
-            assert p.stdout is not None
-            ready, _, _ = select.select([p.stdout], [], [], max(deadline - time.monotonic(), 0))
-            line = p.stdout.readline() if ready else b""
-            if line != READY:
-                self.stop()
-                raise OSError(f"a receiver process did not start listening (exit status {p.poll()}); see the log above")
-        for p in self.procs:
-            threading.Thread(target=_add_counts, args=(p.stdout,), name=f"receiver-counts-{p.pid}", daemon=True).start()
+        for p, ready in zip(self.procs, readies):
+            while not ready.wait(0.2):
+                if p.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise OSError(f"a receiver process did not start listening (exit status {p.poll()}); see the log above")
         log.info("%d receiver process(es) listening on the node's port(s)", self.count)
 
     def update(self, settings: Settings) -> None:
@@ -188,8 +195,7 @@ def run_receiver(settings: Settings, parent: int, writer: str, slots_fd: int) ->
     engine = make_engine(node.resolved_database_url, size, node.db_max_overflow, node.db_pool_timeout_s, name=f"{node.node_id or 'node'}:receiver", prepare=False)
     slots = SharedSlots.attach(slots_fd, node.max_associations, node.max_associations_per_host, still_open)
     listeners = start_server(settings, engine, pseudo=Pseudonymizer(load_secret(node)), writer=writer, slots=slots)
-    sys.stdout.buffer.write(READY)
-    sys.stdout.buffer.flush()
+    _send(READY)
     threading.Thread(target=_take_updates, args=(listeners,), name="receiver-config", daemon=True).start()
     counts = _CountReporter()
     try:
@@ -249,30 +255,67 @@ class _CountReporter:
                     self.sent[key] = sample.value
                     grown.append([family.name, sample.labels, delta])
         if grown:
-            sys.stdout.buffer.write(json.dumps(grown).encode() + b"\n")
-            sys.stdout.buffer.flush()
+            _send(json.dumps(grown).encode() + b"\n")
 
 
-def _add_counts(stream) -> None:
-    """Node side: add what a receiver's counters grew by (until its stdout closes)."""
+def _add_counts(grown: list) -> None:
+    """Node side: add what a receiver's counters grew by."""
     names = _forwarded()
-    for line in stream:
+    for name, labels, delta in grown:
+        counter = names[name]
+        (counter.labels(**labels) if labels else counter).inc(delta)
+
+
+# -- the pipe from a receiver to the node ------------------------------------------------------
+# A receiver's stdout carries, one per line: READY once it listens, its counters' growth
+# (a JSON list) and its log records (a JSON object {"log": [logger, level, message]}). The
+# node re-emits each record through its own logger of that name, prefixed with
+# "[receiver PID]": one log, formatted (and escaped, node.logfmt) by the node's handlers.
+_send_lock = threading.Lock()
+
+
+def _send(line: bytes) -> None:
+    with _send_lock:
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+
+
+class _ForwardHandler(logging.Handler):
+    """Receiver side: each log record, as a line to the node."""
+
+    def emit(self, record: logging.LogRecord) -> None:
         try:
-            for name, labels, delta in json.loads(line):
-                counter = names[name]
-                (counter.labels(**labels) if labels else counter).inc(delta)
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            _send(json.dumps({"log": [record.name, record.levelno, text]}).encode() + b"\n")
+        except Exception:
+            self.handleError(record)
+
+
+def _read_receiver(stream, pid: int, ready: threading.Event) -> None:
+    """Node side: read receiver ``pid``'s lines until its stdout closes."""
+    for line in stream:
+        if line == READY:
+            ready.set()
+            continue
+        try:
+            item = json.loads(line)
+            if isinstance(item, dict):
+                name, level, text = item["log"]
+                logging.getLogger(name).handle(logging.makeLogRecord({"name": name, "levelno": level, "levelname": logging.getLevelName(level), "msg": "[receiver %d] %s", "args": (pid, text)}))
+            else:
+                _add_counts(item)
         except (ValueError, KeyError, TypeError) as exc:
-            log.error("a receiver's counters could not be read (%s)", type(exc).__name__)
+            log.error("a line from receiver process %d could not be read (%s)", pid, type(exc).__name__)
+    log.info("receiver process %d: its output closed (it stopped)", pid)
 
 
 def main() -> int:
     settings, level, parent, writer, slots_fd = pickle.load(sys.stdin.buffer)
-    from node.logfmt import EscapingFormatter
-
-    handler = logging.StreamHandler()  # control characters a peer sent are escaped, as in the node (node.logfmt)
-    handler.setFormatter(EscapingFormatter(f"%(asctime)s %(levelname)s %(name)s[receiver {os.getpid()}]: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(level)
+    root = logging.getLogger()
+    root.addHandler(_ForwardHandler())
+    root.setLevel(level)
     if level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     return run_receiver(settings, parent, writer, slots_fd)

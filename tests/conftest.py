@@ -370,23 +370,30 @@ def write_toml(raw: dict, path: Path) -> Path:
     return path
 
 
+# Receiving processes of the in-process nodes (``[node] receivers``; the node process is
+# one of them): CASEMASK_TEST_RECEIVERS=2 runs the network-edge tests against a node whose
+# associations the kernel spreads over two processes (`make test-receivers`).
+TEST_RECEIVERS = int(os.environ.get("CASEMASK_TEST_RECEIVERS", "1"))
+
+
 @pytest.fixture
-def start_node(tmp_path: Path):
-    """Start in-process nodes from raw config dicts; stopped at teardown."""
+def start_node(tmp_path: Path, request):
+    """Start in-process nodes from raw config dicts; stopped at teardown. They receive
+    in ``CASEMASK_TEST_RECEIVERS`` processes (default 1), unless the test is marked
+    ``single_process``."""
     from node.app import Node
     from node.config import parse
 
     nodes = []
+    receivers = 1 if request.node.get_closest_marker("single_process") else TEST_RECEIVERS
 
     def start(raw: dict, pixel_step="auto", listen: bool = True, schedule: bool = True, http: bool = False) -> Node:
         settings = parse(raw, "test", base_dir=tmp_path)
         n = Node(settings, pixel_step=pixel_step)
         if schedule:
-            n.start(listen=listen, http=http)
+            n.start(listen=listen, http=http, receivers=receivers)
         elif listen:
-            from node.scp import start_server
-
-            n.server = start_server(settings, n.engine, pseudo=n.pseudo, writer=n.owner)
+            n.start_listening(receivers)
         nodes.append(n)
         return n
 

@@ -154,6 +154,7 @@ def test_resend_of_same_instance_is_stored_once(tmp_path, start_node):
         assert s.scalar(select(func.count()).select_from(Instance)) == 2
 
 
+@pytest.mark.single_process  # makes the node process's spool fail
 def test_spool_write_failure_answers_out_of_resources(tmp_path, start_node, monkeypatch):
     import node.scp as scp
 
@@ -232,6 +233,7 @@ def test_many_open_associations_all_store(tmp_path, start_node):
         assert s.scalar(select(func.count()).select_from(Instance)) == len(datasets)
 
 
+@pytest.mark.single_process  # counts the node process's pool
 def test_idle_associations_hold_no_database_connection(tmp_path, start_node):
     """Associations open but not sending hold no database connection (the connection
     budget counts associations storing, not associations open): rows are committed by
@@ -379,7 +381,7 @@ def test_sigkill_during_receive_and_forward_loses_and_duplicates_nothing(tmp_pat
     every object reaches the archive; re-sends carry the same SOP Instance UID."""
     archive = archive_factory(delay_s=0.01)
     dest = {"name": "pacs", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port}
-    raw = node_config(tmp_path, [dest], stable_after_s=1.0, lease_s=2.0, poll_interval_s=0.2)
+    raw = node_config(tmp_path, [dest], stable_after_s=1.0, lease_s=2.0, poll_interval_s=0.2, receivers=2)  # two receiving processes on every machine
     port = raw["node"]["port"]
     cfg = write_toml(raw, tmp_path / "node.toml")
     node = NodeProcess(cfg, tmp_path / "node.log")

@@ -141,6 +141,7 @@ def test_a_reload_reaches_the_receivers(tmp_path):
 def test_receiver_counters_are_added_to_the_nodes(monkeypatch):
     """A receiver's counter growth, as its JSON lines, lands in the node's counters."""
     import io
+    import threading
 
     from prometheus_client import REGISTRY
 
@@ -160,7 +161,7 @@ def test_receiver_counters_are_added_to_the_nodes(monkeypatch):
     lines = out.getvalue().splitlines()
     assert len(lines) == 1
     accepted = REGISTRY.get_sample_value("casemask_associations_total", {"result": "accepted"})
-    receivers._add_counts(io.BytesIO(lines[0] + b"\n"))  # here the same registry: counted twice
+    receivers._read_receiver(io.BytesIO(lines[0] + b"\n"), 0, threading.Event())  # here the same registry: counted twice
     assert REGISTRY.get_sample_value("casemask_instances_received_total") == before + 2
     assert REGISTRY.get_sample_value("casemask_associations_total", {"result": "accepted"}) == accepted + 1
 
