@@ -69,14 +69,16 @@ docker:
 serve: venv
 	$(VENV)/bin/casemask serve $(if $(CONFIG),--config $(CONFIG))
 
+# The network-edge tests run twice: the second time with in-process nodes receiving in
+# two processes ([node] receivers = 2: the kernel spreads associations over both).
+RECEIVER_TESTS = CASEMASK_TEST_RECEIVERS=2 $(PY) -m pytest tests/test_edge.py tests/test_attack.py tests/test_tls.py tests/test_fuzz.py tests/test_node.py
+
 test: deps venv triton-venv
 	$(PY) -m pytest
-	$(MAKE) test-receivers
+	$(RECEIVER_TESTS)
 
-# The network-edge tests again, with in-process nodes receiving in two processes
-# ([node] receivers = 2: the kernel spreads associations over both).
 test-receivers: venv
-	CASEMASK_TEST_RECEIVERS=2 $(PY) -m pytest tests/test_edge.py tests/test_attack.py tests/test_tls.py tests/test_fuzz.py tests/test_node.py
+	$(RECEIVER_TESTS)
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow"

@@ -18,6 +18,7 @@ claims at once and routes held objects again when the routes changed.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -398,7 +399,7 @@ class Node:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
-        self.start(http=self.settings.http.enabled, receivers=self.settings.node.receivers)
+        self.start(http=self.settings.http.enabled, receivers=self.settings.node.receivers or os.cpu_count() or 1)
         try:
             while not self._stop.wait(0.5):
                 if self._reload_requested.is_set():
