@@ -20,7 +20,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 # (pulled in by rapidocr-onnxruntime); the fonts draw the tests' synthetic text.
 APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl postgresql tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 fonts-dejavu-core fonts-liberation chromium chromium-driver
 
-.PHONY: serve test test-fast deps venv triton-venv wheel install docker bench bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar bench-cluster clean
+.PHONY: test-receivers serve test test-fast deps venv triton-venv wheel install docker bench bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar bench-cluster clean
 
 $(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -69,8 +69,16 @@ docker:
 serve: venv
 	$(VENV)/bin/casemask serve $(if $(CONFIG),--config $(CONFIG))
 
+# The network-edge tests run twice: the second time with in-process nodes receiving in
+# two processes ([node] receivers = 2: the kernel spreads associations over both).
+RECEIVER_TESTS = CASEMASK_TEST_RECEIVERS=2 $(PY) -m pytest tests/test_edge.py tests/test_attack.py tests/test_tls.py tests/test_fuzz.py tests/test_node.py
+
 test: deps venv triton-venv
 	$(PY) -m pytest
+	$(RECEIVER_TESTS)
+
+test-receivers: venv
+	$(RECEIVER_TESTS)
 
 test-fast: venv
 	$(PY) -m pytest -m "not slow"

@@ -13,7 +13,9 @@ Three gates, from the cheapest:
    more than ``max_associations`` admitted associations, or ``max_associations_per_host``
    from one address, is refused with A-ASSOCIATE-RJ rejected-transient, service-provider
    (presentation), reason 2 "local-limit-exceeded" (PS3.8 9.3.4): the sender tries
-   again later.
+   again later. With ``[node] receivers`` these two limits are counted for the node as a
+   whole, in a table its processes share (:mod:`node.slots`); the TCP gate stays per
+   process (a flood guard, its margins apply to each listening process).
 3. PDUs: pynetdicom reads a whole PDU into memory before decoding it, whatever length
    its header declares. :func:`guard_pdu_length` closes a connection whose PDU declares
    more than the node announced as its maximum (``MAX_PDU``) plus room for an
@@ -33,6 +35,7 @@ import weakref
 from collections.abc import Callable, Iterable
 
 from node.config import Settings
+from node.slots import SharedSlots
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +90,13 @@ class AccessPolicy:
 class Admission:
     """The three gates for every listener of one node (plain and TLS share the limits)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, slots: SharedSlots | None = None) -> None:
+        """``slots``: the node-wide association table its processes share
+        (``[node] receivers`` > 1); None: this process counts alone."""
         self.policy = AccessPolicy(settings)
         self.max_total = settings.node.max_associations
         self.max_per_host = settings.node.max_associations_per_host
+        self.slots = slots
         self._lock = threading.Lock()
         self._admitted: weakref.WeakSet = weakref.WeakSet()
         self._connecting: dict[int, str] = {}  # accepted sockets not yet an association
@@ -128,8 +134,15 @@ class Admission:
         refusal = self.policy.check(calling_ae, called_ae, host)
         if refusal is not None:
             return refusal
+        if self.slots is not None:
+            why = self.slots.take(assoc, host)
+            if why:
+                return REJECT_LOCAL_LIMIT, why
+            with self._lock:
+                self._admitted.add(assoc)
+            return None
         with self._lock:
-            admitted = [a for a in self._admitted if a.is_alive() and not _closed(a)]
+            admitted = [a for a in self._admitted if still_open(a)]
             if len(admitted) >= self.max_total:
                 return REJECT_LOCAL_LIMIT, f"local limit exceeded: {len(admitted)} associations open (max_associations = {self.max_total})"
             from_host = sum(1 for a in admitted if _host(a) == host)
@@ -142,6 +155,8 @@ class Admission:
         """The association's connection closed: it no longer counts."""
         with self._lock:
             self._admitted.discard(assoc)
+        if self.slots is not None:
+            self.slots.give_back(assoc)
 
 
 def _host(assoc) -> str:
@@ -163,6 +178,11 @@ def wake_if_waiting(assoc) -> None:
 
 def _closed(assoc) -> bool:
     return bool(assoc.is_released or assoc.is_aborted or assoc.is_rejected)
+
+
+def still_open(assoc) -> bool:
+    """An admitted association still counts: its thread runs and it has not ended."""
+    return bool(assoc.is_alive() and not _closed(assoc))
 
 
 def malformed_request(assoc) -> str:

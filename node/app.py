@@ -18,6 +18,7 @@ claims at once and routes held objects again when the routes changed.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -94,6 +95,8 @@ class Node:
         self.pipeline = Pipeline(settings, self.sessions, self.pseudo, pixel_step, owner=self.owner, indexer=_indexer(settings, pixel_step))  # type: ignore[arg-type]
         self.dispatchers = {d.name: Dispatcher(settings, self.sessions, d.name, owner=self.owner) for d in settings.destinations}
         self.server = None
+        self.receivers = None
+        self.slots = None
         self.scheduler = None
         self.http = None
         self._stop = threading.Event()
@@ -208,10 +211,12 @@ class Node:
                     break
 
     # -- lifecycle ------------------------------------------------------------------
-    def start(self, listen: bool = True, http: bool = False) -> None:
+    def start(self, listen: bool = True, http: bool = False, receivers: int = 1) -> None:
         """Listen for DICOM (``listen``; roles all and ingest), run the role's stages on
         the scheduler, and serve the operator's HTTP API and dashboard (``http``; roles
-        all and ingest; ``casemask serve`` passes ``[http] enabled``).
+        all and ingest; ``casemask serve`` passes ``[http] enabled``). ``receivers``:
+        processes receiving DICOM on the port, this one included (node.receivers;
+        ``casemask serve`` passes ``[node] receivers``).
 
         Raises:
             StartupError: the DICOM listener or the HTTP server could not listen on its
@@ -220,10 +225,8 @@ class Node:
         from node.scheduler import make_scheduler
 
         if listen and self.ingests:
-            from node.scp import start_server
-
             try:
-                self.server = start_server(self.settings, self.engine, pseudo=self.pseudo, writer=self.owner)
+                self.start_listening(receivers)
             except OSError as exc:
                 node = self.settings.node
                 raise StartupError(f"cannot listen for DICOM on {node.host}:{node.port} ({exc.strerror or exc}): another casemask or DICOM "
@@ -251,6 +254,41 @@ class Node:
                 raise StartupError(str(exc)) from None
         audit.record_now(self.sessions, "node-started", actor=self.settings.node.ae_title, detail={"routes": len(self.settings.routes), "destinations": len(self.settings.destinations), "role": self.role})
         log.info("node %s started (id %s, role %s): %d routes, %d destinations", self.settings.node.ae_title, self.node_id, self.role, len(self.settings.routes), len(self.settings.destinations))
+
+    def start_listening(self, receivers: int = 1) -> None:
+        """Listen in this process and, with ``receivers`` > 1, in receiver processes that
+        share the port and one association table (node.receivers, node.slots)."""
+        from node.admission import still_open
+        from node.receivers import Receivers, check_port_free
+        from node.scp import start_server
+        from node.slots import SharedSlots
+
+        if receivers > 1:
+            node = self.settings.node
+            for port in (node.port, node.tls.port if node.tls else 0):
+                if port:
+                    try:
+                        check_port_free(node.host, port)
+                    except OSError as exc:
+                        raise StartupError(f"cannot listen for DICOM on {node.host}:{port} ({exc.strerror or exc}): another casemask or DICOM "
+                                           "node may hold the port; stop it, or set [node] host and port") from None
+            self.slots = SharedSlots.create(node.max_associations, node.max_associations_per_host, still_open)
+            self.receivers = Receivers(self.settings, receivers - 1, writer=self.owner, slots_fd=self.slots.fd)
+        try:
+            if self.receivers is not None:
+                self.receivers.start()  # before this process listens: once the port answers, all do
+            self.server = start_server(self.settings, self.engine, pseudo=self.pseudo, writer=self.owner, slots=self.slots)
+        except BaseException:
+            self._stop_receivers()
+            raise
+
+    def _stop_receivers(self) -> None:
+        if self.receivers is not None:
+            self.receivers.stop()
+            self.receivers = None
+        if self.slots is not None:
+            self.slots.close()
+            self.slots = None
 
     def _dispatch_job(self, name: str) -> Callable[[], int]:
         def run() -> int:
@@ -307,6 +345,8 @@ class Node:
             policy = getattr(self.server, "access_policy", None)
             if policy is not None:  # who may associate from now on (open associations go on)
                 policy.update(new)
+            if self.receivers is not None:
+                self.receivers.update(new)
             if self.scheduler is not None and self.works:
                 wanted = {f"dispatch:{d}" for d in dispatchers}
                 present = {j.id for j in self.scheduler.get_jobs() if j.id.startswith("dispatch:")}
@@ -337,12 +377,18 @@ class Node:
         if self.http is not None:
             self.http.stop()
             self.http = None
+        if self.receivers is not None:
+            self.receivers.stop()
+            self.receivers = None
         if self.server is not None:
             self.server.shutdown()
             store = getattr(self.server, "store_handler", None)
             if store is not None:
                 store.close()
             self.server = None
+        if self.slots is not None:  # after the listeners: their associations are gone
+            self.slots.close()
+            self.slots = None
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
             self.scheduler = None
@@ -363,7 +409,8 @@ class Node:
             signal.signal(sig, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
         try:
-            self.start(http=self.settings.http.enabled)  # inside: a failed start stops what it started
+            # inside: a failed start stops what it started
+            self.start(http=self.settings.http.enabled, receivers=self.settings.node.receivers or os.cpu_count() or 1)
             while not self._stop.wait(0.5):
                 if self._reload_requested.is_set():
                     self._reload_requested.clear()
@@ -375,7 +422,7 @@ class Node:
 # [node] settings a reload cannot change in a running node.
 _RESTART_KEYS = ("ae_title", "host", "port", "data_dir", "database_url", "db_pool_size", "db_max_overflow", "db_pool_timeout_s", "secret_path", "secret_env", "node_id", "poll_interval_s",
                  "acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "reactor_delay_s",
-                 "max_associations", "max_associations_per_host", "max_object_mb", "min_free_disk_mb", "strict_uids", "tls")
+                 "max_associations", "max_associations_per_host", "max_object_mb", "min_free_disk_mb", "strict_uids", "tls", "receivers")
 
 
 def _pixel_models(settings: Settings) -> set[str]:

@@ -133,6 +133,7 @@ class NodeSettings(_Table):
     network_timeout_s: Seconds = hint("seconds, more than 0", 60.0, gt=0)
     reactor_delay_s: Seconds = hint("seconds, 0 or more (the reactor's poll interval)", 0.00005, ge=0)
     burned_in_regions: Path | None = hint("a TOML file of region rules (default: config/burned_in_regions.toml)", None, strict=False)
+    receivers: StrictInt = hint("an integer, 0 or more (processes receiving on the port; 0: the number of cores)", 0, ge=0)
     max_associations: StrictInt = hint("an integer, 1 or more", 32, ge=1)
     max_associations_per_host: StrictInt = hint("an integer, 1 or more", 8, ge=1)
     max_object_mb: StrictInt = hint("megabytes, an integer 1 or more", 4096, ge=1)

@@ -407,9 +407,10 @@ def pool_size_for(role: str, associations: int, destinations: int) -> int:
     """Connections one process needs at most at once (docs/cluster.md, "Connection
     budget"); the pool is sized to it unless ``[node] db_pool_size`` says otherwise.
 
-    - ingest: ``associations + 4``: one per association *while it stores* (node.scp
-      gives an association's connection back after IDLE_RELEASE_S without a C-STORE,
-      so an idle association holds none), plus the sweep of unspooled rows, the
+    - ingest: ``associations + 4``: at most one per association *while it stores*
+      (rows are committed by one group-commit connection, node.groupcommit; a re-send
+      or a conflict takes one for its own transaction; an idle association holds
+      none), plus the sweep of unspooled rows, the
       deletion of a row whose file could not be written, and two for the HTTP API and
       the audit records of associations;
     - worker: ``destinations + 5``: routing, processing and its lease keeper,

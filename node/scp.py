@@ -37,14 +37,16 @@ Logs name objects by ``Pseudonymizer.log_id`` (a keyed hash), never by original 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import mmap
+import os
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from socketserver import TCPServer
@@ -55,8 +57,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 from node import audit, metrics, queue
@@ -64,8 +65,11 @@ from node.admission import MAX_PDU, REJECT_NO_REASON, Admission, guard_dimse, gu
 from node.config import Settings
 from node.db import data_path, row_path
 from node.deid import Pseudonymizer
+from node.groupcommit import GroupCommit
 from node.incoming import IncomingFile, IncomingFiles, install as install_incoming
 from node.reasons import withhold_library_values
+from node.receivers import LOCK_FILE
+from node.slots import SharedSlots
 from node.spool import place, remove, replace, spool_path
 from node.tls import peer_subject, server_context
 from node.uid import invalid_uids, is_valid_uid
@@ -86,7 +90,6 @@ SOP_UID_CONFLICT = 0xC214
 
 _KNOWN_SYNTAXES = frozenset(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
 _LOCK_STRIPES = 256
-T = TypeVar("T")
 
 
 def failure(status: int, comment: str) -> Dataset:
@@ -182,41 +185,13 @@ class _Refusal(Exception):
         self.why = why
 
 
-# An association keeps its database connection between the C-STOREs of a burst (checking
-# one out of the pool and back, with its reset, for every object cost a third of a
-# commit) and gives it back once it stored nothing for this long: a sender that keeps
-# an association open without sending holds no connection (docs/cluster.md, "Connection
-# budget").
-IDLE_RELEASE_S = 1.0
-
-
-class _Lent:
-    """The connection one association holds between C-STOREs, and when it last used it.
-    ``lock``: held by the association's thread while it stores, so that the reaper
-    never takes a connection in use."""
-
-    __slots__ = ("conn", "lock", "used")
-
-    def __init__(self) -> None:
-        self.conn: Connection | None = None
-        self.lock = threading.Lock()
-        self.used = time.monotonic()
-
-    def give_back(self) -> int:
-        """Close the connection (back to the pool); 1 if there was one. Hold ``lock``."""
-        conn, self.conn = self.conn, None
-        if conn is None:
-            return 0
-        conn.close()
-        return 1
-
-
 class StoreHandler:
     """C-STORE: check, spool and commit, then answer.
 
     The data set arrived in an :class:`IncomingFile`. The file (fsynced, linked under its
     final name unless one is there, directory fsynced) and the row (committed, WAL
-    fsynced) are made durable at the same time, the file on a spool thread; the answer
+    fsynced, with the rows of concurrent C-STOREs: :mod:`node.groupcommit`) are made
+    durable at the same time, the file on a spool thread; the answer
     waits for both, then settles a re-send or a conflict (see the module docstring).
     C-STOREs of one SOP Instance UID are handled one at a time in this process, so two
     of them never race for one spool file. A row can be committed a moment before its
@@ -226,7 +201,10 @@ class StoreHandler:
     ``data_dir`` (shared by the nodes of a cluster) and carry ``writer``, the process's
     owner token (``received_by``)."""
 
-    def __init__(self, settings: Settings, engine: Engine, pseudo: Pseudonymizer, incoming: IncomingFiles, on_stored: Callable[[], None] | None = None, writer: str = "") -> None:
+    def __init__(self, settings: Settings, engine: Engine, pseudo: Pseudonymizer, incoming: IncomingFiles, on_stored: Callable[[], None] | None = None, writer: str = "", shared: bool = False) -> None:
+        """``writer``: the owner token stored with each row (``received_by``). ``shared``:
+        other processes receive into the same spool (``[node] receivers``); C-STOREs of
+        one SOP Instance UID are then also serialized across processes."""
         self.data_dir = settings.node.data_dir
         self.writer = writer
         self.spool_dir = settings.node.data_dir / "spool"
@@ -238,72 +216,36 @@ class StoreHandler:
         self.max_object_mb = settings.node.max_object_mb
         self.min_free_disk_mb = settings.node.min_free_disk_mb
         self._spool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool")
+        self._rows = GroupCommit(engine, self._log_change)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._lock_fd = os.open(settings.node.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600) if shared else None
         self._disk = _Throttled()
-        self._lent: dict[int, _Lent] = {}
-        self._lent_lock = threading.Lock()
-        self._closing = threading.Event()
-        self._reaper = threading.Thread(target=self._reap, name="scp-idle-connections", daemon=True)
-        self._reaper.start()
 
-    def _lent_to(self, assoc) -> _Lent:
-        with self._lent_lock:
-            return self._lent.setdefault(id(assoc), _Lent())
-
-    def _reap(self) -> None:
-        while not self._closing.wait(IDLE_RELEASE_S / 2):
-            self.release_idle(IDLE_RELEASE_S)
-
-    def release_idle(self, idle_s: float) -> int:
-        """Give back the connections of associations that stored nothing for ``idle_s``
-        seconds (one busy storing keeps its own); returns how many. The reaper thread
-        calls it every ``IDLE_RELEASE_S / 2`` seconds."""
-        now = time.monotonic()
-        with self._lent_lock:
-            lent = list(self._lent.values())
-        released = 0
-        for held in lent:
-            if held.conn is not None and now - held.used >= idle_s and held.lock.acquire(blocking=False):
-                try:
-                    released += held.give_back()
-                finally:
-                    held.lock.release()
-        return released
-
-    def held(self) -> int:
-        """How many database connections associations hold now."""
-        with self._lent_lock:
-            return sum(1 for held in self._lent.values() if held.conn is not None)
-
-    def release(self, assoc) -> None:
-        """The association closed: give its connection back."""
-        with self._lent_lock:
-            held = self._lent.pop(id(assoc), None)
-        if held is not None:
-            with held.lock:
-                held.give_back()
-
-    def _on_connection(self, assoc, step: Callable[[Connection], T]) -> T:
-        """``step`` on the association's connection, checked out of the pool if it holds
-        none now (the pool waits ``db_pool_timeout_s`` for one, then raises)."""
-        held = self._lent_to(assoc)
-        with held.lock:
+    @contextlib.contextmanager
+    def _one_at_a_time(self, sop_uid: str):
+        """Hold the SOP Instance UID's lock stripe: this process's thread lock and, where
+        other receiver processes share the spool, a byte lock of the lock file (POSIX
+        record locks belong to the process, hence the thread lock first)."""
+        stripe = hash(sop_uid) % _LOCK_STRIPES
+        with self._locks[stripe]:
+            if self._lock_fd is None:
+                yield
+                return
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX, 1, stripe)
             try:
-                if held.conn is None or held.conn.closed or held.conn.invalidated:
-                    held.conn = self.engine.connect()
-                return step(held.conn)
+                yield
             finally:
-                held.used = time.monotonic()
+                fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, stripe)
+
+    def _log_change(self, received: queue.Received, change: str) -> None:
+        log.info(change.replace(received.study_uid, self.pseudo.log_id(received.study_uid)))
 
     def close(self) -> None:
-        self._closing.set()
-        self._reaper.join()
         self._spool.shutdown(wait=True)
-        with self._lent_lock:
-            lent, self._lent = list(self._lent.values()), {}
-        for held in lent:
-            with held.lock:
-                held.give_back()
+        self._rows.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- the handler ------------------------------------------------------------------------
     def __call__(self, event: evt.Event) -> int | Dataset:
@@ -349,7 +291,7 @@ class StoreHandler:
         if attrs["SOPClassUID"] and attrs["SOPClassUID"] != cmd_class:
             log.warning("C-STORE %s from %s: the data set's SOP Class UID is not the command's -> 0xA900", self.pseudo.log_id(sop_uid), calling)
             raise _Refusal(SOP_CLASS_MISMATCH, "SOP Class UID differs from the command's")
-        with self._locks[hash(sop_uid) % _LOCK_STRIPES]:
+        with self._one_at_a_time(sop_uid):
             status = self._spool_and_record(event, incoming, attrs, ts, cmd_class, calling)
         if status == SUCCESS:
             metrics.observe_received(incoming.size)
@@ -437,7 +379,7 @@ class StoreHandler:
             received_by=self.writer,
         )
         try:
-            stored = self._on_connection(assoc, lambda conn: self._record(conn, received))
+            stored = self._rows.record(received)
         except Exception as exc:
             created = _outcome(placing)
             if created is True:
@@ -472,7 +414,8 @@ class StoreHandler:
         # takes its place: queue.on_resend routes a held object again, or marks the file
         # for the next retention run.
         try:
-            change = self._on_connection(assoc, lambda conn: _resend(conn, sop_uid))
+            with self.engine.begin() as conn:
+                change = queue.on_resend(conn, sop_uid)
         except Exception as exc:
             log.error("C-STORE %s from %s: cannot record the re-send (%s) -> 0xA700", name, calling, type(exc).__name__)
             raise _Refusal(OUT_OF_RESOURCES, "cannot record the object") from None
@@ -480,24 +423,6 @@ class StoreHandler:
             log.info(change)
         log.info("C-STORE %s from %s: already stored, answered Success", name, calling)
         return SUCCESS
-
-    def _record(self, conn: Connection, received: queue.Received) -> tuple[str, str] | None:
-        """Commit the row; None for a new object, else the stored object's (identity,
-        path) (a re-send or a conflict)."""
-        for _ in range(2):
-            try:
-                with conn.begin():
-                    change = queue.record_received(conn, received)
-                if change:  # logged only once committed: a rolled-back re-send changes nothing
-                    log.info(change.replace(received.study_uid, self.pseudo.log_id(received.study_uid)))
-                return None
-            except IntegrityError:
-                with conn.begin():
-                    stored = queue.stored_instance(conn, received.sop_instance_uid)
-                if stored is not None:
-                    return stored
-                # Another association created the same study meanwhile: once more.
-        raise RuntimeError("could not record the object")
 
     def _conflict(self, received: queue.Received, name: str, calling: str) -> None:
         log.warning("C-STORE %s from %s@%s: SOP Instance UID conflict (another SOP class, patient, study or series is stored under it) -> 0xC214", name, calling, received.peer_host)
@@ -513,11 +438,6 @@ class StoreHandler:
                 queue.forget_received(conn, sop_uid)
         except Exception as exc:  # the next start drops it (no file)
             log.error("C-STORE %s: could not delete the row of the unwritten object (%s)", name, type(exc).__name__)
-
-
-def _resend(conn: Connection, sop_uid: str) -> str:
-    with conn.begin():
-        return queue.on_resend(conn, sop_uid)
 
 
 def _make_durable(incoming: IncomingFile, path: Path) -> bool:
@@ -673,7 +593,10 @@ class EdgeServer(ThreadedAssociationServer):
     daemon_threads = True
     request_queue_size = 128  # socketserver's 5 drops SYNs (a 1 s retry) when connections come in bursts
 
-    def __init__(self, ae: AE, address: tuple[str, int], admission: Admission, tls: ssl.SSLContext | None, handshake_timeout_s: float, evt_handlers: list) -> None:
+    def __init__(self, ae: AE, address: tuple[str, int], admission: Admission, tls: ssl.SSLContext | None, handshake_timeout_s: float, evt_handlers: list, reuse_port: bool = False) -> None:
+        """``reuse_port``: bind with SO_REUSEPORT, sharing the port with the node's other
+        receiver processes (node.receivers)."""
+        self.reuse_port = reuse_port
         self.admission = admission
         self.tls = tls
         self.handshake_timeout_s = handshake_timeout_s
@@ -686,6 +609,11 @@ class EdgeServer(ThreadedAssociationServer):
         verification = [cx for cx in ae.supported_contexts if cx.abstract_syntax == Verification]
         super().__init__(ae, address, ae.ae_title, verification, None, evt_handlers)
         admission.add_listener(lambda: self.active_associations)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def verify_request(self, request, client_address) -> bool:  # socketserver: False closes it
         ok = self.admission.connect(id(request), str(client_address[0]))
@@ -764,10 +692,13 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None, pseudo: Pseudonymizer | None = None, writer: str = "") -> Listeners:
+def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None, pseudo: Pseudonymizer | None = None, writer: str = "", slots: SharedSlots | None = None) -> Listeners:
     """Start listening (non-blocking) on the plain port (unless 0) and the TLS port (when
     [node.tls] is set); returns the listeners, whose ``shutdown()`` stops them.
     ``writer``: the owner token stored with each received row (``received_by``).
+    ``slots``: this is one of the node's receiver processes (node.receivers), counting
+    associations in the node's shared table: bind with SO_REUSEPORT and serialize
+    C-STOREs of one SOP Instance UID across processes. The caller closes ``slots``.
 
     Raises:
         OSError: a port cannot be bound, or a TLS file cannot be read.
@@ -778,14 +709,15 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
         from node.startup import load_secret
 
         pseudo = Pseudonymizer(load_secret(node))
-    admission = Admission(settings)
+    admission = Admission(settings, slots)
+    shared_port = slots is not None
     audit_sessions = sessionmaker(engine)
     reactor_delay = node.reactor_delay_s
     _install_reactor_clock(max(reactor_delay, 0.0001))
     withhold_library_values()
     install_incoming()
     incoming = IncomingFiles(node.data_dir / "spool" / ".incoming", node.max_object_mb * 1024 * 1024, node.min_free_disk_mb * 1024 * 1024)
-    store = StoreHandler(settings, engine, pseudo, incoming, on_stored, writer)
+    store = StoreHandler(settings, engine, pseudo, incoming, on_stored, writer, shared=shared_port)
 
     def on_requested(event: evt.Event) -> None:
         assoc = event.assoc
@@ -824,7 +756,6 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     def on_close(event: evt.Event) -> None:
         wake_if_waiting(event.assoc)
         admission.closed(event.assoc)
-        store.release(event.assoc)
         left = incoming.release(event.assoc.dul)
         if left:
             log.warning("association from %s closed mid-object: %d partial data set(s) deleted (never acknowledged)", event.assoc.requestor.ae_title.strip() or event.assoc.requestor.address, left)
@@ -845,12 +776,12 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     servers: list[EdgeServer] = []
     try:
         if node.port:
-            servers.append(_serve(EdgeServer(ae, (node.host, node.port), admission, None, node.acse_timeout_s, handlers)))
+            servers.append(_serve(EdgeServer(ae, (node.host, node.port), admission, None, node.acse_timeout_s, handlers, shared_port)))
             log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
         if node.tls is not None:
             t = node.tls
             ctx = server_context(t.certificate, t.private_key, t.ca_certificates, t.require_client_certificate)
-            servers.append(_serve(EdgeServer(ae, (node.host, t.port), admission, ctx, node.acse_timeout_s, handlers)))
+            servers.append(_serve(EdgeServer(ae, (node.host, t.port), admission, ctx, node.acse_timeout_s, handlers, shared_port)))
             log.info("listening as %s on %s:%d (DICOM TLS%s)", node.ae_title, node.host, t.port, ", client certificate required" if t.require_client_certificate else "")
     except BaseException:
         for s in servers:

@@ -370,23 +370,30 @@ def write_toml(raw: dict, path: Path) -> Path:
     return path
 
 
+# Receiving processes of the in-process nodes (``[node] receivers``; the node process is
+# one of them): CASEMASK_TEST_RECEIVERS=2 runs the network-edge tests against a node whose
+# associations the kernel spreads over two processes (`make test-receivers`).
+TEST_RECEIVERS = int(os.environ.get("CASEMASK_TEST_RECEIVERS", "1"))
+
+
 @pytest.fixture
-def start_node(tmp_path: Path):
-    """Start in-process nodes from raw config dicts; stopped at teardown."""
+def start_node(tmp_path: Path, request):
+    """Start in-process nodes from raw config dicts; stopped at teardown. They receive
+    in ``CASEMASK_TEST_RECEIVERS`` processes (default 1), unless the test is marked
+    ``single_process``."""
     from node.app import Node
     from node.config import parse
 
     nodes = []
+    receivers = 1 if request.node.get_closest_marker("single_process") else TEST_RECEIVERS
 
     def start(raw: dict, pixel_step="auto", listen: bool = True, schedule: bool = True, http: bool = False) -> Node:
         settings = parse(raw, "test", base_dir=tmp_path)
         n = Node(settings, pixel_step=pixel_step)
         if schedule:
-            n.start(listen=listen, http=http)
+            n.start(listen=listen, http=http, receivers=receivers)
         elif listen:
-            from node.scp import start_server
-
-            n.server = start_server(settings, n.engine, pseudo=n.pseudo, writer=n.owner)
+            n.start_listening(receivers)
         nodes.append(n)
         return n
 
@@ -410,6 +417,25 @@ def receive(node, ds: Dataset, modality: str = "") -> None:
                        received_by=node.owner)
     with node.engine.begin() as conn:
         queue.record_received(conn, r)  # returns the study's state change, not needed here
+
+
+def child_pids(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux /proc)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def is_alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 class NodeProcess:
@@ -443,9 +469,13 @@ class NodeProcess:
         wait_until(up, timeout=60, what=f"the node ({self.role}) to start")
 
     def kill(self) -> None:
+        """SIGKILL the node and wait until its receiver processes (node.receivers: they
+        die with it) are gone too, as a supervisor killing its process group would."""
         assert self.proc is not None
+        children = child_pids(self.proc.pid)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        wait_until(lambda: not any(is_alive(p) for p in children), timeout=30, what="the node's receiver processes to exit")
         self.log.close()
 
     def stop(self) -> None:

@@ -445,6 +445,7 @@ def test_object_above_max_object_mb_is_refused_without_holding_it_in_memory(tmp_
 
 
 @needs_dcmtk
+@pytest.mark.single_process  # frees the disk by setting the node process's floor
 def test_below_min_free_disk_answers_out_of_resources_then_recovers_by_itself(tmp_path, start_node, caplog):
     from node.incoming import free_bytes
 

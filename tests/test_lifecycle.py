@@ -467,7 +467,7 @@ def test_sigkill_while_processing_300_objects_recovers_in_seconds(tmp_path, arch
     takes up its previous run's claims at once (lease_s is 300 s) and delivers all of
     them within 30 s, each once."""
     archive = archive_factory()
-    raw = node_config(tmp_path, [dicom(archive)], stable_after_s=0.5, lease_s=300.0, poll_interval_s=0.2)
+    raw = node_config(tmp_path, [dicom(archive)], stable_after_s=0.5, lease_s=300.0, poll_interval_s=0.2, receivers=2)  # two receiving processes on every machine
     port = raw["node"]["port"]
     node = NodeProcess(write_toml(raw, tmp_path / "node.toml"), tmp_path / "node.log")
     files = make_study(tmp_path / "study", n=300)

@@ -1,6 +1,6 @@
 """Durable ingest rate: casemask vs Orthanc, same corpus, same senders, side by side.
 
-    python tests/bench/bench_ingest.py [--rounds 5] [--loads single,concurrent] [--big-mb 1024]
+    python tests/bench/bench_ingest.py [--rounds 5] [--loads single,concurrent] [--big-mb 1024] [--node KEY=INT ...] [--variant KEY=INT ...]
 
 Two loads, each over ``--rounds`` rounds (at least 5 for a median worth quoting):
 
@@ -16,10 +16,17 @@ The three are sent to in an order that rotates from round to round. Both real pe
 store durably: Orthanc with SyncStorageArea, casemask with fsync + committed row before
 Success; after each round the bench checks that each holds every object.
 
-Printed: every round (instances/s of each, the ratio casemask/Orthanc, the node's and
-Orthanc's peak resident memory, read from /proc VmHWM of each process, summed over the
-node's processes), then per load the median ratio and its spread (min-max over the
-rounds). The machine is shared: quote the spread with the median.
+``--variant KEY=INT`` (repeatable; e.g. ``--variant receivers=1``) adds a second node
+to every round, with those [node] settings on top of ``--node``'s, sent to in the same
+rotation: two configurations side by side under the same load.
+
+Printed: every round (the machine's load average, instances/s of each, the ratio
+casemask/Orthanc, the CPU seconds the node's processes used per 1000 objects, from
+/proc utime + stime of the node and its receivers, the node's and Orthanc's peak
+resident memory, read from /proc VmHWM of each process, summed over the node's
+processes), then per load the median ratio and its spread (min-max over the rounds).
+The machine is shared: quote the spread with the median; CPU seconds per object move
+less with the load than rates do.
 
 ``--big-mb N`` (0: skip) sends one object of N MiB to a fresh node and prints how much
 its resident memory grew while receiving it (sampled every 20 ms; target: under 300 MB
@@ -135,6 +142,18 @@ def rss_mib(pid: int) -> float:
     return sum(_status_kib(p, "VmRSS") for p in process_tree(pid)) / 1024
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants (/proc stat)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 # -- senders ---------------------------------------------------------------------------------
 def send(port: int, corpora: list[Path], aec: str) -> float:
     """Seconds from starting one storescu per corpus folder (all at once) until the last
@@ -154,59 +173,81 @@ def node_rows(data_dir: Path) -> int:
         return db.execute("select count(*) from instances").fetchone()[0]
 
 
+# The tests' node_config polls the queue every 0.1 s (tests wait less); the bench runs
+# the node as shipped (NodeSettings.poll_interval_s), unless --node sets it.
+SHIPPED = {"poll_interval_s": 1.0}
+
+
 def start_node(work: Path, tag: str, **node_kw) -> tuple[NodeProcess, dict]:
-    raw = node_config(work / f"node-{tag}", [{"name": "f", "kind": "folder", "path": str(work / f"out-{tag}")}], stable_after_s=86400, **node_kw)
+    raw = node_config(work / f"node-{tag}", [{"name": "f", "kind": "folder", "path": str(work / f"out-{tag}")}], stable_after_s=86400, **{**SHIPPED, **node_kw})
     cfg = write_toml(raw, work / f"node-{tag}.toml")
     node = NodeProcess(cfg, work / f"node-{tag}.log")
-    node.start(raw["node"]["port"])
+    try:
+        node.start(raw["node"]["port"])
+    except RuntimeError:
+        print((work / f"node-{tag}.log").read_text()[-3000:], file=sys.stderr)
+        raise
     return node, raw
 
 
 # -- one round -------------------------------------------------------------------------------
-def run_round(work: Path, tag: str, corpora: list[Path], total: int, rnd: int, node_kw: dict) -> dict[str, float]:
+def run_round(work: Path, tag: str, corpora: list[Path], total: int, rnd: int, node_kw: dict, variant_kw: dict) -> dict[str, float]:
     with contextlib.ExitStack() as stack:
         orthanc = Orthanc(work / f"orthanc-{tag}")
         stack.callback(orthanc.stop)
         ceiling = Ceiling(work / f"ceiling-{tag}.log")
         stack.callback(ceiling.stop)
-        node, raw = start_node(work, tag, **node_kw)
-        stack.callback(node.stop)
-        res = _send_all(node, raw, orthanc, ceiling, corpora, total, rnd)
-    stored = node_rows(Path(raw["node"]["data_dir"]))
-    if stored != total:
-        raise SystemExit(f"round {rnd + 1}: casemask holds {stored} rows, {total} were acknowledged")
-    for d in (work / f"orthanc-{tag}", work / f"node-{tag}", work / f"out-{tag}"):
-        shutil.rmtree(d, ignore_errors=True)
+        nodes = {"casemask": start_node(work, tag, **node_kw)}
+        stack.callback(nodes["casemask"][0].stop)
+        if variant_kw:
+            nodes["variant"] = start_node(work, f"{tag}v", **{**node_kw, **variant_kw})
+            stack.callback(nodes["variant"][0].stop)
+        res = _send_all(nodes, orthanc, ceiling, corpora, total, rnd)
+    for name, (_, raw) in nodes.items():
+        stored = node_rows(Path(raw["node"]["data_dir"]))
+        if stored != total:
+            raise SystemExit(f"round {rnd + 1}: {name} holds {stored} rows, {total} were acknowledged")
+    for t in (tag, f"{tag}v"):
+        for d in (work / f"orthanc-{t}", work / f"node-{t}", work / f"out-{t}"):
+            shutil.rmtree(d, ignore_errors=True)
     return res
 
 
-def _send_all(node: NodeProcess, raw: dict, orthanc: Orthanc, ceiling: Ceiling, corpora: list[Path], total: int, rnd: int) -> dict[str, float]:
-    """Send the corpora to the three, in an order rotated by the round; their rates and
-    peak memory."""
-    res: dict[str, float] = {}
-    peers = [("casemask", raw["node"]["port"], "CASEMASK"), ("orthanc", orthanc.dicom_port, orthanc.aet), ("ceiling", ceiling.port, ceiling.aet)]
-    k = rnd % 3
+def _send_all(nodes: dict[str, tuple[NodeProcess, dict]], orthanc: Orthanc, ceiling: Ceiling, corpora: list[Path], total: int, rnd: int) -> dict[str, float]:
+    """Send the corpora to each peer, in an order rotated by the round; their rates,
+    the nodes' CPU seconds per 1000 objects and peak memory."""
+    res: dict[str, float] = {"load": os.getloadavg()[0]}
+    peers = [(name, raw["node"]["port"], "CASEMASK") for name, (_, raw) in nodes.items()] + [("orthanc", orthanc.dicom_port, orthanc.aet), ("ceiling", ceiling.port, ceiling.aet)]
+    k = rnd % len(peers)
     for name, port, aec in peers[k:] + peers[:k]:
+        pid = nodes[name][0].proc.pid if name in nodes else None  # type: ignore[union-attr]
+        before = cpu_s(pid) if pid else 0.0
         res[name] = total / send(port, corpora, aec)
-    res["node_rss"] = peak_rss_mib(node.proc.pid)  # type: ignore[union-attr]
+        if pid:
+            res[f"{name}_cpu"] = (cpu_s(pid) - before) * 1000 / total
+    for name, (node, _) in nodes.items():
+        res[f"{name}_rss"] = peak_rss_mib(node.proc.pid)  # type: ignore[union-attr]
     res["orthanc_rss"] = peak_rss_mib(orthanc.proc.pid)
     wait_until(lambda: orthanc.get("/statistics")["CountInstances"] == total, timeout=120, what="Orthanc to count every object")
     return res
 
 
-def run_load(work: Path, name: str, corpora: list[Path], total: int, rounds: int, node_kw: dict) -> list[dict[str, float]]:
+def run_load(work: Path, name: str, corpora: list[Path], total: int, rounds: int, node_kw: dict, variant_kw: dict) -> list[dict[str, float]]:
     print(f"\n== load {name}: {len(corpora)} sender(s) x {total // len(corpora)} instances, {rounds} rounds", flush=True)
+    label = {"casemask": "casemask", "variant": "variant " + ",".join(f"{k}={v}" for k, v in variant_kw.items())}
+    nodes = ["casemask", "variant"] if variant_kw else ["casemask"]
     results = []
     for rnd in range(rounds):
-        r = run_round(work, f"{name}{rnd}", corpora, total, rnd, node_kw)
+        r = run_round(work, f"{name}{rnd}", corpora, total, rnd, node_kw, variant_kw)
         results.append(r)
-        print(f"round {rnd + 1}: casemask {r['casemask']:6.1f}/s  Orthanc {r['orthanc']:6.1f}/s  ratio {r['casemask'] / r['orthanc']:.2f}  "
-              f"ceiling {r['ceiling']:6.1f}/s  peak RSS: node {r['node_rss']:.0f} MiB, Orthanc {r['orthanc_rss']:.0f} MiB", flush=True)
-    ratios = [r["casemask"] / r["orthanc"] for r in results]
+        each = "  ".join(f"{label[n]} {r[n]:6.1f}/s ratio {r[n] / r['orthanc']:.2f} cpu {r[n + '_cpu']:.1f} s/1000 rss {r[n + '_rss']:.0f} MiB" for n in nodes)
+        print(f"round {rnd + 1} (load {r['load']:.1f}): {each}  Orthanc {r['orthanc']:6.1f}/s rss {r['orthanc_rss']:.0f} MiB  ceiling {r['ceiling']:6.1f}/s", flush=True)
     med = lambda key: statistics.median(r[key] for r in results)  # noqa: E731
-    print(f"{name}: median casemask {med('casemask'):.1f}/s, Orthanc {med('orthanc'):.1f}/s, ceiling {med('ceiling'):.1f}/s; "
-          f"ratio casemask/Orthanc median {statistics.median(ratios):.2f}, spread {min(ratios):.2f}-{max(ratios):.2f}; "
-          f"node peak RSS max {max(r['node_rss'] for r in results):.0f} MiB", flush=True)
+    for n in nodes:
+        ratios = [r[n] / r["orthanc"] for r in results]
+        print(f"{name}: {label[n]}: median {med(n):.1f}/s, Orthanc {med('orthanc'):.1f}/s, ceiling {med('ceiling'):.1f}/s; "
+              f"ratio to Orthanc median {statistics.median(ratios):.2f}, spread {min(ratios):.2f}-{max(ratios):.2f}; "
+              f"cpu median {med(n + '_cpu'):.1f} s per 1000 objects; peak RSS max {max(r[n + '_rss'] for r in results):.0f} MiB", flush=True)
     return results
 
 
@@ -272,6 +313,7 @@ def main() -> int:
     ap.add_argument("--per-sender", type=int, default=250)
     ap.add_argument("--big-mb", type=int, default=1024, help="size of the one big object (0: skip that check)")
     ap.add_argument("--node", action="append", default=[], metavar="KEY=INT", help="a [node] setting for the node under test, e.g. --node max_associations=64 (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], metavar="KEY=INT", help="a second node in every round with these [node] settings on top of --node's, e.g. --variant receivers=1 (repeatable)")
     ap.add_argument("--null-scp", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.null_scp:
@@ -279,21 +321,22 @@ def main() -> int:
     if STORESCU is None:
         raise SystemExit("dcmtk's storescu is not installed (apt-get install -y dcmtk)")
     node_kw = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.node)}
+    variant_kw = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.variant)}
     work = Path(tempfile.mkdtemp(prefix="casemask-bench-ingest-"))
     try:
         loads = [x.strip() for x in args.loads.split(",") if x.strip()]
-        print(f"cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; sender: dcmtk storescu, TCP_NODELAY=1; node settings: {node_kw or 'defaults'}")
+        print(f"cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; sender: dcmtk storescu, TCP_NODELAY=1; node settings: {node_kw or 'defaults'}; variant: {variant_kw or 'none'}")
         if "single" in loads:
             corpus = work / "single"
             make_study(corpus, args.instances)
             kb = sum(p.stat().st_size for p in corpus.iterdir()) / args.instances / 1024
             print(f"corpus single: {args.instances} CT instances of one study, {kb:.0f} KB each")
-            run_load(work, "single", [corpus], args.instances, args.rounds, node_kw)
+            run_load(work, "single", [corpus], args.instances, args.rounds, node_kw, variant_kw)
         if "concurrent" in loads:
             corpora = [work / f"concurrent{s}" for s in range(args.senders)]
             for c in corpora:
                 make_study(c, args.per_sender)
-            run_load(work, "concurrent", corpora, args.senders * args.per_sender, args.rounds, node_kw)
+            run_load(work, "concurrent", corpora, args.senders * args.per_sender, args.rounds, node_kw, variant_kw)
         if args.big_mb:
             big_object(work, args.big_mb, node_kw)
         print(f"load average at the end {os.getloadavg()[0]:.1f}")

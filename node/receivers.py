@@ -1,0 +1,325 @@
+"""More processes receiving on the node's port: ``[node] receivers = N``.
+
+One Python process decodes DIMSE messages and runs C-STORE handlers on one core at a
+time (the GIL), however many modalities send at once. With ``receivers = N`` the node
+process listens as before and starts N - 1 *receiver processes* that listen on the same
+port (and TLS port) with ``SO_REUSEPORT``: the kernel spreads incoming connections
+across the N listening sockets (by a hash of the connection's addresses), so
+associations are received on up to N cores. A receiver runs only the network edge
+(:func:`node.scp.start_server`, with its own database engine): it stores, commits and
+answers exactly as the node process does; routing, processing and delivery stay in the
+node process, which reads the rows the receivers committed.
+
+Guarantees kept:
+
+- Success only after the file and row are durable: the receivers run the same handler.
+- Two associations sending the same SOP Instance UID to two processes at once are
+  handled one at a time: the handler takes a lock on a byte of
+  ``data_dir/receivers.lock`` (``fcntl.lockf``, released by the kernel if a process
+  dies), as well as its per-process lock.
+- No orphan listener: a receiver asks the kernel for SIGKILL when the node process dies
+  (``PR_SET_PDEATHSIG``), so a SIGKILLed node leaves no process holding the port.
+- No silent sharing with another node: before binding, the node binds the port once
+  without ``SO_REUSEPORT``; if anything listens there already, it stops with "address
+  in use" as a single process would.
+
+- One node's limits: ``max_associations`` and ``max_associations_per_host`` are counted
+  for the node as a whole, in a table the node process makes before starting its
+  receivers and each inherits (:mod:`node.slots`); a receiver that dies frees its slots
+  (the kernel drops its record locks). The TCP gate of node.admission (a flood guard,
+  with its margins) stays per process.
+
+A configuration reload (SIGHUP, the API) reaches the receivers: the node sends each the
+new settings through its stdin and it takes the new [[sources]] and
+``accept_unknown_sources`` (:meth:`Receivers.update`). The Prometheus counters a
+receiver bumps (associations, instances and bytes received, audit write errors) are
+added to the node process's, which serves /metrics (:func:`_add_counts`). Their log
+records go to the node process too, which writes them through its own handlers with
+"[receiver PID]" before the message (:func:`_read_receiver`): one log, escaped as the
+node's (node.logfmt).
+
+Per process still: the TCP gate, the "disk below min_free_disk_mb" message (once a
+minute in each process), and a receiver that dies is not restarted (the others and the
+node process go on receiving; its slots come back).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from node.config import Settings
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "receivers.lock"
+_PR_SET_PDEATHSIG = 1
+READY = b"listening\n"
+
+
+def check_port_free(host: str, port: int, wait_s: float = 10.0) -> None:
+    """Bind ``(host, port)`` once without SO_REUSEPORT and let go. While the address is
+    in use, try again for up to ``wait_s`` seconds (the receivers of a node killed a
+    moment ago may still be exiting, e.g. from a long fsync).
+
+    Raises:
+        OSError: something listens there still (EADDRINUSE), or the address is wrong.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host, port))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
+class Receivers:
+    """The node's receiver processes (``count`` of them, possibly 0)."""
+
+    def __init__(self, settings: Settings, count: int, writer: str, slots_fd: int) -> None:
+        """``writer``: the node process's owner token, which the receivers' rows carry
+        (``received_by``): they are part of its run (node.queue.drop_unspooled).
+        ``slots_fd``: the node's association table (node.slots), inherited by each."""
+        self.settings = settings
+        self.count = count
+        self.writer = writer
+        self.slots_fd = slots_fd
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Start the receiver processes and wait until each listens (importing the
+        node takes a few seconds).
+
+        Raises:
+            OSError: a receiver exited or did not listen within ``timeout_s`` (the others
+                are stopped).
+        """
+        blob = pickle.dumps((self.settings, logging.getLogger().level, os.getpid(), self.writer, self.slots_fd))
+        for _ in range(self.count):
+            p = subprocess.Popen([sys.executable, "-m", "node.receivers"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self.slots_fd,))
+            assert p.stdin is not None
+            p.stdin.write(blob)
+            p.stdin.flush()
+            self.procs.append(p)
+        readies = []
+        for p in self.procs:
+            ready = threading.Event()
+            readies.append(ready)
+            threading.Thread(target=_read_receiver, args=(p.stdout, p.pid, ready), name=f"receiver-{p.pid}", daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        for p, ready in zip(self.procs, readies):
+            while not ready.wait(0.2):
+                if p.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise OSError(f"a receiver process did not start listening (exit status {p.poll()}); see the log above")
+        log.info("%d receiver process(es) listening on the node's port(s)", self.count)
+
+    def update(self, settings: Settings) -> None:
+        """A configuration reload: each receiver takes the new [[sources]] and
+        accept_unknown_sources (as the node process's own listeners do)."""
+        blob = pickle.dumps(settings)
+        for p in self.procs:
+            try:
+                assert p.stdin is not None
+                p.stdin.write(blob)
+                p.stdin.flush()
+            except (OSError, ValueError) as exc:
+                log.error("receiver process %d did not take the new configuration (%s)", p.pid, type(exc).__name__)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM every receiver (each finishes the C-STOREs it is answering), then
+        SIGKILL what is still running after ``timeout_s``."""
+        for p in self.procs:
+            if p.stdin is not None:
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass  # it is gone already
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGKILL when the process that started this one dies; exit at
+    once if it is already gone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def run_receiver(settings: Settings, parent: int, writer: str, slots_fd: int) -> int:
+    """A receiver process: listen until SIGTERM (or the node's death). Its rows carry
+    ``writer``, the node process's owner token; it counts associations in the node's
+    table ``slots_fd`` (node.slots)."""
+    from node.admission import still_open
+    from node.db import make_engine, pool_size_for
+    from node.slots import SharedSlots
+    from node.deid import Pseudonymizer
+    from node.reasons import withhold_warning_texts
+    from node.scp import start_server
+    from node.startup import load_secret
+
+    _die_with_parent(parent)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the node's (Receivers.update)
+    withhold_warning_texts()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    node = settings.node
+    size = node.db_pool_size or pool_size_for("ingest", node.max_associations, 0)
+    engine = make_engine(node.resolved_database_url, size, node.db_max_overflow, node.db_pool_timeout_s, name=f"{node.node_id or 'node'}:receiver", prepare=False)
+    slots = SharedSlots.attach(slots_fd, node.max_associations, node.max_associations_per_host, still_open)
+    listeners = start_server(settings, engine, pseudo=Pseudonymizer(load_secret(node)), writer=writer, slots=slots)
+    _send(READY)
+    threading.Thread(target=_take_updates, args=(listeners,), name="receiver-config", daemon=True).start()
+    counts = _CountReporter()
+    try:
+        while not stop.wait(1.0):
+            counts.report()
+    finally:
+        listeners.shutdown()
+        listeners.store_handler.close()
+        slots.close()
+        engine.dispose()
+        counts.report()
+    return 0
+
+
+def _take_updates(listeners) -> None:
+    """Receiver side of :meth:`Receivers.update` (until the node closes the pipe)."""
+    while True:
+        try:
+            new = pickle.load(sys.stdin.buffer)
+        except EOFError:
+            return
+        policy = getattr(listeners, "access_policy", None)
+        if policy is not None:
+            policy.update(new)
+            log.info("configuration reloaded: [[sources]] and accept_unknown_sources taken")
+
+
+# -- counters ---------------------------------------------------------------------------------
+# Prometheus counters live in each process's registry; /metrics is served by the node
+# process. Each receiver sends what its counters grew by, once a second, as a JSON line
+# on its stdout; the node adds it to its own counters of the same name.
+def _forwarded() -> dict:
+    from node import metrics
+
+    return {"casemask_associations": metrics.ASSOCIATIONS, "casemask_instances_received": metrics.INSTANCES_RECEIVED,
+            "casemask_bytes_received": metrics.BYTES_RECEIVED, "casemask_audit_write_errors": metrics.AUDIT_WRITE_ERRORS}
+
+
+class _CountReporter:
+    def __init__(self) -> None:
+        self.sent: dict[tuple[str, tuple], float] = {}
+
+    def report(self) -> None:
+        from prometheus_client import REGISTRY
+
+        names = _forwarded()
+        grown = []
+        for family in REGISTRY.collect():
+            if family.name not in names:
+                continue
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                key = (family.name, tuple(sorted(sample.labels.items())))
+                delta = sample.value - self.sent.get(key, 0.0)
+                if delta:
+                    self.sent[key] = sample.value
+                    grown.append([family.name, sample.labels, delta])
+        if grown:
+            _send(json.dumps(grown).encode() + b"\n")
+
+
+def _add_counts(grown: list) -> None:
+    """Node side: add what a receiver's counters grew by."""
+    names = _forwarded()
+    for name, labels, delta in grown:
+        counter = names[name]
+        (counter.labels(**labels) if labels else counter).inc(delta)
+
+
+# -- the pipe from a receiver to the node ------------------------------------------------------
+# A receiver's stdout carries, one per line: READY once it listens, its counters' growth
+# (a JSON list) and its log records (a JSON object {"log": [logger, level, message]}). The
+# node re-emits each record through its own logger of that name, prefixed with
+# "[receiver PID]": one log, formatted (and escaped, node.logfmt) by the node's handlers.
+_send_lock = threading.Lock()
+
+
+def _send(line: bytes) -> None:
+    with _send_lock:
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+
+
+class _ForwardHandler(logging.Handler):
+    """Receiver side: each log record, as a line to the node."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            _send(json.dumps({"log": [record.name, record.levelno, text]}).encode() + b"\n")
+        except Exception:
+            self.handleError(record)
+
+
+def _read_receiver(stream, pid: int, ready: threading.Event) -> None:
+    """Node side: read receiver ``pid``'s lines until its stdout closes."""
+    for line in stream:
+        if line == READY:
+            ready.set()
+            continue
+        try:
+            item = json.loads(line)
+            if isinstance(item, dict):
+                name, level, text = item["log"]
+                logging.getLogger(name).handle(logging.makeLogRecord({"name": name, "levelno": level, "levelname": logging.getLevelName(level), "msg": "[receiver %d] %s", "args": (pid, text)}))
+            else:
+                _add_counts(item)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("a line from receiver process %d could not be read (%s)", pid, type(exc).__name__)
+    log.info("receiver process %d: its output closed (it stopped)", pid)
+
+
+def main() -> int:
+    settings, level, parent, writer, slots_fd = pickle.load(sys.stdin.buffer)
+    root = logging.getLogger()
+    root.addHandler(_ForwardHandler())
+    root.setLevel(level)
+    if level > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    return run_receiver(settings, parent, writer, slots_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""``[node] receivers``: several processes receiving on one port (node.receivers)."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import STORESCU, NodeProcess, child_pids, dcmtk_env, is_alive, make_study, needs_dcmtk, node_config, wait_until, write_toml
+
+pytestmark = [needs_dcmtk, pytest.mark.slow]
+
+
+def _rows(data_dir: Path) -> int:
+    with sqlite3.connect(data_dir / "casemask.db") as db:
+        return db.execute("select count(*) from instances").fetchone()[0]
+
+
+def _node(tmp_path: Path, name: str, port: int | None = None, receivers: int = 3) -> tuple[NodeProcess, dict]:
+    raw = node_config(tmp_path / name, [{"name": "f", "kind": "folder", "path": str(tmp_path / f"out-{name}")}], stable_after_s=3600, receivers=receivers)
+    if port is not None:
+        raw["node"]["port"] = port
+    return NodeProcess(write_toml(raw, tmp_path / f"{name}.toml"), tmp_path / f"{name}.log"), raw
+
+
+def test_receivers_share_the_port_store_everything_and_die_with_the_node(tmp_path):
+    node, raw = _node(tmp_path, "a")
+    port = raw["node"]["port"]
+    corpora = [tmp_path / f"in{k}" for k in range(8)]
+    for c in corpora:
+        make_study(c, 10)
+    node.start(port)
+    try:
+        receivers = child_pids(node.proc.pid)  # type: ignore[union-attr]
+        assert len(receivers) == 2, "receivers = 3: the node and two receiver processes"
+        senders = [subprocess.Popen([STORESCU, "-aec", "CASEMASK", "+sd", "127.0.0.1", str(port), str(c)], env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in corpora]
+        for s in senders:
+            out, _ = s.communicate(timeout=180)
+            assert s.returncode == 0, out
+        assert _rows(Path(raw["node"]["data_dir"])) == 80
+        log = (tmp_path / "a.log").read_text()
+        assert "[receiver " in log and "study" in log, "no association reached a receiver process"
+    finally:
+        node.kill()
+    # SIGKILL of the node: its receivers go with it and the port is free again.
+    wait_until(lambda: not any(is_alive(p) for p in receivers), timeout=10, what="the receivers to die with the node")
+    with socket.socket() as s:  # SO_REUSEADDR: the closed connections' TIME_WAIT does not count
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+
+
+def test_a_second_node_on_a_port_in_use_does_not_start(tmp_path):
+    first, raw = _node(tmp_path, "first")
+    port = raw["node"]["port"]
+    first.start(port)
+    try:
+        second, _ = _node(tmp_path, "second", port=port)
+        with pytest.raises(RuntimeError, match="node exited"):
+            second.start(_unused_port())  # waits on a port nobody opens: until it exits
+        assert "already in use" in (tmp_path / "second.log").read_text()
+    finally:
+        first.stop()
+
+
+def _unused_port() -> int:
+    from tests.conftest import free_port
+
+    return free_port()
+
+
+# -- group commit (node.groupcommit) ------------------------------------------------------------
+def _received(study: str, sop: str, path: str = "p") -> object:
+    from node import queue
+
+    return queue.Received(sop, "1.2.840.10008.5.1.4.1.1.2", study, "1.2.3.9", "CT", "1.2.840.10008.1.2.1", path, 10, "MODALITY1", "CASEMASK", "127.0.0.1", identity="id")
+
+
+def test_a_batch_with_a_resend_commits_every_other_row_and_answers_each_its_own(tmp_path):
+    from concurrent.futures import Future
+
+    from node.db import make_engine
+    from node.groupcommit import GroupCommit
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    changes = []
+    gc = GroupCommit(engine, lambda r, change: changes.append(change))
+    try:
+        assert gc.record(_received("1.2.3.1", "1.2.3.1.1", "first")) is None
+        batch = [(_received("1.2.3.1", "1.2.3.1.2"), Future()), (_received("1.2.3.1", "1.2.3.1.1"), Future()), (_received("1.2.3.2", "1.2.3.2.1"), Future())]
+        with engine.connect() as conn:
+            gc._commit(conn, batch)  # the batch fails on its second row: each on its own
+        results = [done.result(timeout=5) for _, done in batch]
+        assert results == [None, ("id", "first"), None]
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("select count(*) from instances").scalar() == 3
+            assert conn.exec_driver_sql("select count(*) from studies").scalar() == 2
+        assert len(changes) == 2, "one 'RECEIVING' per new study, logged once committed"
+    finally:
+        gc.close()
+        engine.dispose()
+
+
+def test_four_associations_sending_the_same_study_at_once_store_it_once(tmp_path, start_node):
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600))
+    port = node.settings.node.port
+    files = make_study(tmp_path / "s", 30)
+    senders = [subprocess.Popen([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    for s in senders:
+        out, _ = s.communicate(timeout=180)
+        assert s.returncode == 0, out
+    assert _rows(node.settings.node.data_dir) == 30
+    assert len([p for p in (node.settings.node.data_dir / "spool").rglob("*.dcm")]) == 30
+
+
+def test_a_reload_reaches_the_receivers(tmp_path):
+    """SIGHUP with a source removed: the receivers take the new [[sources]] too, so no
+    process lets the removed modality in."""
+    import signal
+
+    node, raw = _node(tmp_path, "r")
+    port = raw["node"]["port"]
+    files = make_study(tmp_path / "in", 1)
+    node.start(port)
+    try:
+        raw["sources"] = [s for s in raw["sources"] if s["ae_title"] != "STORESCU"]
+        write_toml(raw, tmp_path / "r.toml")
+        node.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        log = tmp_path / "r.log"
+        wait_until(lambda: log.read_text().count("[[sources]] and accept_unknown_sources taken") == 2, timeout=30, what="both receivers to take the reload")
+        for _ in range(8):  # spread over the three processes by the kernel
+            r = subprocess.run([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), str(files[0])], env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+            assert r.returncode != 0 and "Rejected" in r.stderr, r.stderr
+        assert _rows(Path(raw["node"]["data_dir"])) == 0
+    finally:
+        node.stop()
+
+
+def test_receiver_counters_are_added_to_the_nodes(monkeypatch):
+    """A receiver's counter growth, as its JSON lines, lands in the node's counters."""
+    import io
+    import threading
+
+    from prometheus_client import REGISTRY
+
+    from node import metrics, receivers
+
+    out = io.BytesIO()
+    monkeypatch.setattr("sys.stdout", type("Out", (), {"buffer": out})())
+    reporter = receivers._CountReporter()
+    reporter.report()  # what was counted before is sent once
+    out.seek(0)
+    out.truncate()
+    before = REGISTRY.get_sample_value("casemask_instances_received_total") or 0.0
+    metrics.observe_received(1000)
+    metrics.ASSOCIATIONS.labels(result="accepted").inc()
+    reporter.report()
+    reporter.report()  # nothing grew since: nothing sent
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    accepted = REGISTRY.get_sample_value("casemask_associations_total", {"result": "accepted"})
+    receivers._read_receiver(io.BytesIO(lines[0] + b"\n"), 0, threading.Event())  # here the same registry: counted twice
+    assert REGISTRY.get_sample_value("casemask_instances_received_total") == before + 2
+    assert REGISTRY.get_sample_value("casemask_associations_total", {"result": "accepted"}) == accepted + 1
+
+
+# -- node-wide association limits (node.slots) -----------------------------------------------------
+_HOLD_SLOT = """
+import sys, time
+from node.slots import SharedSlots
+slots = SharedSlots.attach(int(sys.argv[1]), 2, 1, lambda holder: True)
+class Holder: pass
+holder = Holder()
+assert slots.take(holder, "10.0.0.1") == ""
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+class _Holder:
+    """Stands for an association (the table only keeps a weak reference to it)."""
+
+
+def test_slots_are_counted_across_processes_and_a_dead_processs_slots_come_back():
+    """Two processes share one table of 2 slots, 1 per host: the other process's slot
+    counts towards both limits, and once that process is SIGKILLed its slot is free."""
+    import signal
+    import sys
+
+    from tests.conftest import ROOT
+
+    from node.slots import SharedSlots
+
+    open_holders: set[int] = set()
+    slots = SharedSlots.create(2, 1, lambda holder: id(holder) in open_holders)
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_SLOT, str(slots.fd)], pass_fds=(slots.fd,), stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "held\n"
+        a, b, c = _Holder(), _Holder(), _Holder()
+        open_holders.update(map(id, (a, b, c)))
+        assert "max_associations_per_host = 1" in slots.take(a, "10.0.0.1"), "the other process holds 10.0.0.1's one slot"
+        assert slots.take(b, "10.0.0.2") == ""
+        assert "max_associations = 2" in slots.take(c, "10.0.0.3")
+        assert slots.in_use() == 2
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        assert slots.take(c, "10.0.0.3") == "", "the dead process's slot was taken back"
+        assert "max_associations = 2" in slots.take(a, "10.0.0.1")
+        open_holders.discard(id(b))  # an association of this process that ended without its close event
+        assert slots.take(a, "10.0.0.1") == ""
+        slots.give_back(c)
+        assert slots.in_use() == 1
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+        slots.close()
+
+
+def _associate(port: int, source: str = "127.0.0.1"):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 30
+    return ae.associate("127.0.0.1", port, ae_title="CASEMASK", bind_address=(source, 0))
+
+
+def _rejections(log: Path) -> tuple[int, int]:
+    """Associations rejected for a local limit, by the node process and by receivers."""
+    lines = [ln for ln in log.read_text().splitlines() if "rejected (local limit exceeded" in ln]
+    by_receiver = sum("[receiver " in ln for ln in lines)
+    return len(lines) - by_receiver, by_receiver
+
+
+def _third_is_rejected_by_every_process(port: int, log: Path, source: str = "127.0.0.1") -> None:
+    """With the limit reached, open one association more again and again (the kernel
+    hands each connection to one of the processes) until both processes have rejected
+    one; each must be rejected."""
+    for _ in range(60):
+        a = _associate(port, source)
+        established = a.is_established
+        if established:
+            a.release()
+        assert a.is_rejected and not established, "an association beyond the node's limit was accepted"
+        if all(_rejections(log)):
+            return
+    raise AssertionError(f"the kernel never gave the extra association to both processes: {_rejections(log)}")
+
+
+@pytest.mark.parametrize("limit", ["max_associations", "max_associations_per_host"])
+def test_association_limits_hold_for_the_whole_node_with_two_receivers(tmp_path, limit):
+    """receivers = 2 and a limit of 2: with two associations open, a third is rejected
+    (A-ASSOCIATE-RJ) whichever process the kernel gives it to; for the per-host limit,
+    another host is still admitted."""
+    kw = {"max_associations": 2, "max_associations_per_host": 8} if limit == "max_associations" else {"max_associations": 8, "max_associations_per_host": 2}
+    node, raw = _node(tmp_path, "lim", receivers=2)
+    raw["node"].update(kw)
+    write_toml(raw, tmp_path / "lim.toml")
+    port = raw["node"]["port"]
+    node.start(port)
+    held = []
+    try:
+        held = [_associate(port) for _ in range(2)]
+        assert all(a.is_established for a in held)
+        _third_is_rejected_by_every_process(port, tmp_path / "lim.log")
+        other = _associate(port, "127.0.0.2")
+        try:
+            assert other.is_established == (limit == "max_associations_per_host")
+        finally:
+            if other.is_established:
+                other.release()
+        for a in held:
+            a.release()
+        again = [_associate(port) for _ in range(2)]  # released slots are free again
+        assert all(a.is_established for a in again)
+        held = again
+    finally:
+        for a in held:
+            if a.is_established:
+                a.release()
+        node.stop()
+
+
+def _server_pid(node_port: int, client_port: int, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds the accepted socket of the connection from
+    ``client_port`` to ``node_port`` (Linux /proc)."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].split(":")[1], 16) == node_port and int(f[2].split(":")[1], 16) == client_port:
+            inode = f[9]
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if fd.readlink().name == f"socket:[{inode}]" or str(fd.readlink()) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def test_a_receiver_killed_while_holding_an_association_leaks_no_slot(tmp_path):
+    """receivers = 2, max_associations = 2: one association on the receiver process and
+    one on the node process; SIGKILL the receiver. Its slot comes back (one more
+    association is admitted), and the limit still holds (the next is rejected)."""
+    import os
+    import signal
+
+    node, raw = _node(tmp_path, "dead", receivers=2)
+    raw["node"]["max_associations"] = 2
+    write_toml(raw, tmp_path / "dead.toml")
+    port = raw["node"]["port"]
+    node.start(port)
+    held: dict[str, object] = {}
+    extra = []
+    try:
+        node_pid = node.proc.pid  # type: ignore[union-attr]
+        (receiver,) = child_pids(node_pid)
+        for _ in range(60):  # one association held by each process
+            a = _associate(port)
+            assert a.is_established
+            owner = _server_pid(port, a.dul.socket.socket.getsockname()[1], [node_pid, receiver])
+            kind = "receiver" if owner == receiver else "node" if owner == node_pid else ""
+            if kind and kind not in held:
+                held[kind] = a
+                if len(held) == 2:
+                    break
+            else:
+                a.release()
+        assert set(held) == {"receiver", "node"}, "the kernel never gave an association to each process"
+        assert _associate(port).is_rejected
+        os.kill(receiver, signal.SIGKILL)
+        wait_until(lambda: not is_alive(receiver), timeout=30, what="the receiver to die")
+        wait_until(lambda: held["receiver"].is_aborted or not held["receiver"].is_established, timeout=30, what="its association to end")  # type: ignore[attr-defined]
+        extra.append(_associate(port))
+        assert extra[-1].is_established, "the dead receiver's slot was not taken back"
+        extra.append(_associate(port))
+        assert extra[-1].is_rejected, "the limit no longer holds after the receiver died"
+    finally:
+        for a in [*held.values(), *extra]:
+            if a.is_established:  # type: ignore[attr-defined]
+                a.release()  # type: ignore[attr-defined]
+        node.stop()
