@@ -38,6 +38,8 @@ from pydicom.charset import decode_bytes, encode_string
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.uid import UID_dictionary
 
+_ASCII_VRS = frozenset({"UI", "DA", "DT", "TM", "DS", "IS", "AS", "CS", "AE"})
+_PARTS_VRS = frozenset({"PN"})  # decoded through pydicom even when plain ASCII (component groups)
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
 _LONG = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})
 _PIXELS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
@@ -174,8 +176,11 @@ def _classify(el: _Element, keyword: str, scan: _Scan, policy: Policy) -> Iterat
             yield "institution", v
 
 
+_SEPARATORS = re.compile(r"[\s^=,]+")
+
+
 def _norm(text: str) -> str:
-    return " ".join(re.split(r"[\s^=,]+", text.upper())).strip()
+    return " ".join(_SEPARATORS.split(text.upper())).strip()
 
 
 def _needles(kind: str, value: str, source: str, raw: bytes) -> Iterator[_Needle]:
@@ -405,17 +410,21 @@ class _Scan:
 
     # -- views --------------------------------------------------------------------------
     def values(self, el: _Element) -> list[str]:
-        if el.vr not in _TEXT_VRS and el.vr != "UN":
+        return self._decode(el.vr, el.raw)
+
+    def _decode(self, vr: str, raw: bytes) -> list[str]:
+        """The values of an element's bytes as text (decoded with the character set)."""
+        if vr not in _TEXT_VRS and vr != "UN":
             return []
         try:
-            if el.vr in ("UI", "DA", "DT", "TM", "DS", "IS", "AS", "CS", "AE"):
-                text = el.raw.decode("ascii", "replace")
+            if vr in _ASCII_VRS or (raw.isascii() and b"\\" not in raw and vr not in _PARTS_VRS and b"\x1b" not in raw):
+                text = raw.decode("ascii", "replace")  # one plain value: what every character set decodes it to
             else:
-                text = decode_bytes(el.raw, self.charsets, {"^", "="} if el.vr == "PN" else set())
+                text = decode_bytes(raw, self.charsets, {"^", "="} if vr == "PN" else set())
         except (LookupError, ValueError):
-            text = el.raw.decode("latin-1")
-        parts = [text] if el.vr in ("LT", "ST", "UT", "UR") else text.split("\\")
-        return [p.strip(" \x00") for p in parts if p.strip(" \x00")]
+            text = raw.decode("latin-1")
+        parts = [text] if vr in ("LT", "ST", "UT", "UR") else text.split("\\")
+        return [q for q in (p.strip(" \x00") for p in parts) if q]
 
     def text(self) -> tuple[str, list[tuple[int, int, _Element, str]]]:
         """All text values, normalised, joined; with (start, end, element, VR) spans."""
@@ -426,7 +435,7 @@ class _Scan:
             vr = el.vr
             if vr not in _TEXT_VRS and vr != "UN":
                 continue
-            value = " \\ ".join(self.values(_Element(el.tag, vr if vr in _TEXT_VRS else "LO", el.raw, el.start, el.path)))
+            value = " \\ ".join(self._decode(vr if vr in _TEXT_VRS else "LO", el.raw))
             if not value:
                 continue
             n = _norm(value)
@@ -471,20 +480,26 @@ class _Scan:
         return "the file's bytes outside any value", ""
 
 
+_TAG_U32 = {True: struct.Struct("<HHI"), False: struct.Struct(">HHI")}  # tag and a 4-byte length
+_U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
+_U16 = {True: struct.Struct("<H"), False: struct.Struct(">H")}
+
+
 def _header(b: bytes, pos: int, implicit: bool, little: bool) -> tuple[int, str, int, int]:
-    e = "<" if little else ">"
-    group, elem = struct.unpack_from(e + "HH", b, pos)
+    """(tag, VR, value length, value position) of the element at ``pos`` (structs
+    compiled once: this runs for every element of both files)."""
+    group, elem, length = _TAG_U32[little].unpack_from(b, pos)
     tag = group << 16 | elem
     if group == 0xFFFE:
-        return tag, "", struct.unpack_from(e + "I", b, pos + 4)[0], pos + 8
+        return tag, "", length, pos + 8
     if implicit:
-        return tag, _dict_vr(tag), struct.unpack_from(e + "I", b, pos + 4)[0], pos + 8
+        return tag, _dict_vr(tag), length, pos + 8
     vr = b[pos + 4 : pos + 6].decode("ascii", "replace")
     if vr in _LONG:
-        return tag, vr, struct.unpack_from(e + "I", b, pos + 8)[0], pos + 12
+        return tag, vr, _U32[little].unpack_from(b, pos + 8)[0], pos + 12
     if not vr.isalpha():
         raise ValueError("not an explicit VR")
-    return tag, vr, struct.unpack_from(e + "H", b, pos + 6)[0], pos + 8
+    return tag, vr, _U16[little].unpack_from(b, pos + 6)[0], pos + 8
 
 
 @functools.lru_cache(maxsize=8192)
