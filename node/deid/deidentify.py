@@ -138,6 +138,7 @@ class Deidentifier:
         self.raw_fast = True
         self._marks: dict[tuple, list[RawDataElement]] = {}
         self._memo: dict[int, tuple[dict | None, dict[tuple, str]]] = {}  # id(IOD) -> (IOD, {(tag, VR, parent): action})
+        self._decoded_sequences: set[int] = set()  # top-level sequence tags that needed decoding (see _keeps_whole)
 
     # -- public -------------------------------------------------------------------
     def check_burned_in(self, ds: Dataset) -> None:
@@ -341,18 +342,21 @@ class Deidentifier:
     # -- the walk -----------------------------------------------------------------
     def _walk(self, ds: Dataset, ctx: _Context, path: str, mode: str, parent: int) -> None:
         """``mode``: '' normal, 'D' inside a dummied sequence, 'C' inside a cleaned one."""
-        for tag in list(ds.keys()):
-            raw = ds.get_item(tag)
-            vr = getattr(raw, "VR", None)
+        elements = ds._dict
+        for tag in list(elements):
+            raw = elements[tag]
+            if raw.value is None and isinstance(raw, RawDataElement):
+                raw = ds.get_item(tag)  # what get_item does for every element: reads a deferred value
+            vr = raw.VR
             act = self._action(tag, vr, ctx.iod, parent)
             if mode:
                 act = self._inner(act, mode, tag, vr)
             if act == "private":
-                if 0x0010 <= tag.element < 0x0100:  # a private creator: decided after its block
+                if 0x0010 <= tag & 0xFFFF < 0x0100:  # a private creator: decided after its block
                     continue
                 if self.safe_private and self._is_safe_private(ds, tag):
                     continue
-                del ds[tag]
+                del elements[tag]  # not a creator nor pixel data: nothing of pydicom's to reset (Dataset.__delitem__)
                 self._note(ctx, path, tag, "X")
                 continue
             if act == "K":
@@ -468,17 +472,25 @@ class Deidentifier:
 
     def _keeps_whole(self, raw: RawDataElement) -> bool:
         """True when every element inside a raw sequence, at any depth, is kept as it is
-        (what walking its decoded items would conclude, without decoding them)."""
-        if not raw.is_little_endian or raw.value is None:
+        (what walking its decoded items would conclude, without decoding them).
+
+        A sequence attribute that needed decoding once is decoded from then on without
+        this scan (in a series, the same attribute holds the same kinds of elements in
+        every object): decoding is the reference path, whose output is the same bytes
+        (test_byte_level_actions_write_what_the_decoded_path_writes), so this only
+        saves the scan, never changes a file."""
+        if not raw.is_little_endian or raw.value is None or raw.tag in self._decoded_sequences:
             return False
         try:
             inside = sequence_elements(raw.value, bool(raw.is_implicit_VR))
         except ValueError:
             return False
         for tag, vr in inside:
-            if tag & 0xFFFF == 0:
-                return False  # a group length: pydicom's writer drops it, so decode
-            if self._action(tag, vr, None, -1) not in ("K", "recurse"):
+            if tag & 0xFFFF == 0 or self._action(tag, vr, None, -1) not in ("K", "recurse"):
+                # a group length (pydicom's writer drops it) or an element to change: decode
+                if len(self._decoded_sequences) >= _MEMO_LIMIT:
+                    self._decoded_sequences.clear()
+                self._decoded_sequences.add(int(raw.tag))
                 return False
         return True
 
