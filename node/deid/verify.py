@@ -130,6 +130,8 @@ def identifying_values(data: bytes, policy: Policy = Policy()) -> list[_Needle]:
     out: dict[tuple[str, str], _Needle] = {}
     equipment = {_norm(v) for el in scan.elements if el.tag in _EQUIPMENT for v in scan.values(el)}
     for el in scan.elements:
+        if not _may_identify(el.tag, el.vr):
+            continue
         keyword = _keyword(el.tag)
         for kind, value in _classify(el, keyword, scan, policy):
             source = f"({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {keyword or 'private'}"
@@ -137,6 +139,24 @@ def identifying_values(data: bytes, policy: Policy = Policy()) -> list[_Needle]:
                 if not any(n.text in e for e in equipment):  # a vendor's name shared by an institution identifies the vendor
                     out.setdefault((n.kind, n.text), n)
     return list(out.values())
+
+
+@functools.lru_cache(maxsize=8192)
+def _may_identify(tag: int, vr: str) -> bool:
+    """Whether ``_classify`` can find anything in an element of this tag and VR (it
+    decides, value by value, for those that can; this only skips the others)."""
+    if tag >> 16 == 0x0002 and tag in _SKIP_META:
+        return False
+    if vr in ("PN", "UI", "DA", "DT"):
+        return True
+    keyword = _keyword(tag)
+    return (
+        keyword == "AccessionNumber"
+        or (keyword in _ID_KEYWORDS and vr in ("LO", "SH", "LT", "ST", "UC"))
+        or ("Address" in keyword and vr in ("LO", "ST", "LT", "UT", "UC", "SH"))
+        or ("Telephone" in keyword and vr in ("SH", "LO", "ST", "LT", "UC"))
+        or keyword in _INSTITUTION_KEYWORDS
+    )
 
 
 def _classify(el: _Element, keyword: str, scan: _Scan, policy: Policy) -> Iterator[tuple[str, str]]:
@@ -356,8 +376,25 @@ class _Scan:
                 self.charsets = [n or "ISO_IR 6" for n in names] or ["ISO_IR 6"]
 
     def _walk(self, b: bytes, pos: int, end: int, implicit: bool, little: bool, path: str, out: list[_Element]) -> int:
+        # _header inlined, with its lookups bound once: this loop runs for every element
+        # of both files of every object.
+        tag_u32, u32, u16 = _TAG_U32[little].unpack_from, _U32[little].unpack_from, _U16[little].unpack_from
         while pos + 8 <= end:
-            tag, vr, length, vpos = _header(b, pos, implicit, little)
+            group, elem, length = tag_u32(b, pos)
+            tag = group << 16 | elem
+            vpos = pos + 8
+            if group == 0xFFFE:
+                vr = ""
+            elif implicit:
+                vr = _dict_vr(tag)
+            else:
+                vr = _VR_TEXT.get(b[pos + 4 : pos + 6]) or b[pos + 4 : pos + 6].decode("ascii", "replace")
+                if vr in _LONG:
+                    length, vpos = u32(b, pos + 8)[0], pos + 12
+                elif not vr.isalpha():
+                    raise ValueError("not an explicit VR")
+                else:
+                    length = u16(b, pos + 6)[0]
             if tag in (_ITEM_END, _SEQ_END):
                 return vpos
             if vr == "SQ" or (length == 0xFFFFFFFF and tag not in _PIXELS):
@@ -480,6 +517,10 @@ class _Scan:
         return "the file's bytes outside any value", ""
 
 
+_VR_TEXT = {vr.encode(): vr for vr in (
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV", "OW", "PN", "SH",
+    "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV",
+)}
 _TAG_U32 = {True: struct.Struct("<HHI"), False: struct.Struct(">HHI")}  # tag and a 4-byte length
 _U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
 _U16 = {True: struct.Struct("<H"), False: struct.Struct(">H")}
