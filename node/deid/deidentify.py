@@ -138,7 +138,6 @@ class Deidentifier:
         self.raw_fast = True
         self._marks: dict[tuple, list[RawDataElement]] = {}
         self._memo: dict[int, tuple[dict | None, dict[tuple, str]]] = {}  # id(IOD) -> (IOD, {(tag, VR, parent): action})
-        self._decoded_sequences: set[int] = set()  # top-level sequence tags that needed decoding (see _keeps_whole)
 
     # -- public -------------------------------------------------------------------
     def check_burned_in(self, ds: Dataset) -> None:
@@ -472,25 +471,17 @@ class Deidentifier:
 
     def _keeps_whole(self, raw: RawDataElement) -> bool:
         """True when every element inside a raw sequence, at any depth, is kept as it is
-        (what walking its decoded items would conclude, without decoding them).
-
-        A sequence attribute that needed decoding once is decoded from then on without
-        this scan (in a series, the same attribute holds the same kinds of elements in
-        every object): decoding is the reference path, whose output is the same bytes
-        (test_byte_level_actions_write_what_the_decoded_path_writes), so this only
-        saves the scan, never changes a file."""
-        if not raw.is_little_endian or raw.value is None or raw.tag in self._decoded_sequences:
+        (what walking its decoded items would conclude, without decoding them)."""
+        if not raw.is_little_endian or raw.value is None:
             return False
         try:
             inside = sequence_elements(raw.value, bool(raw.is_implicit_VR))
         except ValueError:
             return False
         for tag, vr in inside:
-            if tag & 0xFFFF == 0 or self._action(tag, vr, None, -1) not in ("K", "recurse"):
-                # a group length (pydicom's writer drops it) or an element to change: decode
-                if len(self._decoded_sequences) >= _MEMO_LIMIT:
-                    self._decoded_sequences.clear()
-                self._decoded_sequences.add(int(raw.tag))
+            if tag & 0xFFFF == 0:
+                return False  # a group length: pydicom's writer drops it, so decode
+            if self._action(tag, vr, None, -1) not in ("K", "recurse"):
                 return False
         return True
 
