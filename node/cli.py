@@ -505,7 +505,9 @@ def _changed(path: str, changed: set[str]) -> bool:
 # What pydicom imports when present and `casemask deid` never uses: numpy, and the pixel
 # codec plugins it probes at import time. Keeping them out takes a fresh `casemask deid`
 # from about 0.25 s to 0.13 s of start-up, which is most of the time on a small folder.
-_PIXEL_MODULES = ("numpy", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "jpeg_ls", "pyjpegls", "gdcm")
+# requests and tqdm are what pydicom.data (imported by pydicom.pixels) uses to download
+# its test files: another 0.05 s of CPU (docs/deid.md, "Start-up").
+_PIXEL_MODULES = ("numpy", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "jpeg_ls", "pyjpegls", "gdcm", "requests", "tqdm")
 
 
 def _import_headers_only() -> None:
@@ -581,15 +583,21 @@ def cmd_deid(args) -> int:
     jobs = [(f, str(out), args.diff) for f in files]
     n_jobs = args.jobs or os.cpu_count() or 1
     init = (deid_settings, secret, False, args.diff, regions, strict_uids)  # never pixels_cleaned: see _deid_settings
+    # The pixel step's runtime may start threads, which a fork does not carry: with it,
+    # each worker builds its own; without it, the profile is compiled once, here, and
+    # the forked workers inherit it (and every cache it has filled).
+    fork_ready = deid_settings.burned_in != "clean"
+    if fork_ready or n_jobs == 1 or len(files) < 32:
+        _deid_worker_init(*init)
     if n_jobs > 1 and len(files) >= 32:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = mp.get_context("fork")
-        with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_deid_worker_init, initargs=init) as pool:
+        setup = {} if fork_ready else {"initializer": _deid_worker_init, "initargs": init}
+        with ProcessPoolExecutor(n_jobs, mp_context=ctx, **setup) as pool:
             results = list(pool.map(_deid_one, jobs, chunksize=max(1, len(jobs) // (n_jobs * 8))))
     else:
-        _deid_worker_init(*init)
         results = [_deid_one(j) for j in jobs]
     return _deid_summary(results, out, args.diff)
 

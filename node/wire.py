@@ -359,16 +359,26 @@ def _elements(b: bytes, pos: int, end: int | None, implicit: bool, out: list) ->
         if implicit:
             if tag >> 16 & 1:
                 raise _Unusual  # a private element's VR is not in the dictionary
-            try:
-                is_sequence = dictionary_VR(tag) == "SQ"
-            except KeyError:
-                raise _Unusual from None
+            dict_vr = _dictionary_vr(tag)
+            if dict_vr is None:
+                raise _Unusual
+            is_sequence = dict_vr == "SQ"
         if is_sequence:
             _items(b, value_pos, value_pos + length, implicit, out)
         pos = value_pos + length
     if pos != end:
         raise _Unusual
     return pos
+
+
+@functools.lru_cache(maxsize=8192)
+def _dictionary_vr(tag: int) -> str | None:
+    """pydicom's dictionary VR of a tag (None when unknown), remembered: the sequence
+    scanner asks it for every implicit-VR element, and pydicom's lookup is slow."""
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
 
 
 def _elem(group: int, elem: int, vr: bytes, value: bytes) -> bytes:

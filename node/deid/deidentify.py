@@ -66,6 +66,8 @@ _ENCAPSULATED_LENGTH = 0x00420015
 _MIME_TYPE = 0x00420012
 _SOP_CLASS = 0x00080016
 _LEVEL_UIDS = {"SOPInstanceUID": 0x00080018, "SeriesInstanceUID": 0x0020000E, "StudyInstanceUID": 0x0020000D, "FrameOfReferenceUID": 0x00200052}
+# Actions remembered per IOD before the memo starts again (a bound for hostile inputs).
+_MEMO_LIMIT = 65536
 # Unlisted UIDs that name definitions, not instances: kept (every other unlisted UID is replaced).
 _DEFINITION_UID_WORDS = ("ClassUID", "TransferSyntax", "CodingSchemeUID", "ContextUID", "MappingResourceUID", "CreatorUID", "OrganizationUID")
 
@@ -135,6 +137,7 @@ class Deidentifier:
         # every action through pydicom's decoded values (the reference the tests compare).
         self.raw_fast = True
         self._marks: dict[tuple, list[RawDataElement]] = {}
+        self._memo: dict[int, tuple[dict | None, dict[tuple, str]]] = {}  # id(IOD) -> (IOD, {(tag, VR, parent): action})
 
     # -- public -------------------------------------------------------------------
     def check_burned_in(self, ds: Dataset) -> None:
@@ -249,7 +252,26 @@ class Deidentifier:
 
     def _action(self, tag: BaseTag, vr: str | None, iod: dict | None, parent: int) -> str:
         """The action at this place; 'recurse' walks a sequence's items, 'U?' replaces a
-        UID unless it is a registry UID, 'private' is decided with its Private Creator."""
+        UID unless it is a registry UID, 'private' is decided with its Private Creator.
+
+        Decided once per (tag, VR, IOD, parent) and remembered: it depends on nothing
+        else (tags only, never a value), and a run meets the same few hundred places in
+        every object."""
+        if tag & 0x10000:  # odd group: private
+            return "private"
+        memo = self._memo.get(id(iod))
+        if memo is None or memo[0] is not iod:
+            memo = self._memo[id(iod)] = (iod, {})
+        key = (int(tag), vr, parent)
+        act = memo[1].get(key)
+        if act is None:
+            if len(memo[1]) >= _MEMO_LIMIT:
+                memo[1].clear()
+            act = memo[1][key] = self._decide(BaseTag(tag), vr, iod, parent)
+        return act
+
+    def _decide(self, tag: BaseTag, vr: str | None, iod: dict | None, parent: int) -> str:
+        """``_action`` without the memo."""
         if tag.is_private:
             return "private"
         if tag >> 16 in (0x0000, 0x0002):  # command and File Meta elements have no place in a data set
@@ -319,18 +341,21 @@ class Deidentifier:
     # -- the walk -----------------------------------------------------------------
     def _walk(self, ds: Dataset, ctx: _Context, path: str, mode: str, parent: int) -> None:
         """``mode``: '' normal, 'D' inside a dummied sequence, 'C' inside a cleaned one."""
-        for tag in list(ds.keys()):
-            raw = ds.get_item(tag)
-            vr = getattr(raw, "VR", None)
+        elements = ds._dict
+        for tag in list(elements):
+            raw = elements[tag]
+            if raw.value is None and isinstance(raw, RawDataElement):
+                raw = ds.get_item(tag)  # what get_item does for every element: reads a deferred value
+            vr = raw.VR
             act = self._action(tag, vr, ctx.iod, parent)
             if mode:
                 act = self._inner(act, mode, tag, vr)
             if act == "private":
-                if 0x0010 <= tag.element < 0x0100:  # a private creator: decided after its block
+                if 0x0010 <= tag & 0xFFFF < 0x0100:  # a private creator: decided after its block
                     continue
                 if self.safe_private and self._is_safe_private(ds, tag):
                     continue
-                del ds[tag]
+                del elements[tag]  # not a creator nor pixel data: nothing of pydicom's to reset (Dataset.__delitem__)
                 self._note(ctx, path, tag, "X")
                 continue
             if act == "K":
@@ -456,7 +481,7 @@ class Deidentifier:
         for tag, vr in inside:
             if tag & 0xFFFF == 0:
                 return False  # a group length: pydicom's writer drops it, so decode
-            if self._action(BaseTag(tag), vr, None, -1) not in ("K", "recurse"):
+            if self._action(tag, vr, None, -1) not in ("K", "recurse"):
                 return False
         return True
 

@@ -38,6 +38,8 @@ from pydicom.charset import decode_bytes, encode_string
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.uid import UID_dictionary
 
+_ASCII_VRS = frozenset({"UI", "DA", "DT", "TM", "DS", "IS", "AS", "CS", "AE"})
+_PARTS_VRS = frozenset({"PN"})  # decoded through pydicom even when plain ASCII (component groups)
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
 _LONG = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})
 _PIXELS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
@@ -128,6 +130,8 @@ def identifying_values(data: bytes, policy: Policy = Policy()) -> list[_Needle]:
     out: dict[tuple[str, str], _Needle] = {}
     equipment = {_norm(v) for el in scan.elements if el.tag in _EQUIPMENT for v in scan.values(el)}
     for el in scan.elements:
+        if not _may_identify(el.tag, el.vr):
+            continue
         keyword = _keyword(el.tag)
         for kind, value in _classify(el, keyword, scan, policy):
             source = f"({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {keyword or 'private'}"
@@ -135,6 +139,24 @@ def identifying_values(data: bytes, policy: Policy = Policy()) -> list[_Needle]:
                 if not any(n.text in e for e in equipment):  # a vendor's name shared by an institution identifies the vendor
                     out.setdefault((n.kind, n.text), n)
     return list(out.values())
+
+
+@functools.lru_cache(maxsize=8192)
+def _may_identify(tag: int, vr: str) -> bool:
+    """Whether ``_classify`` can find anything in an element of this tag and VR (it
+    decides, value by value, for those that can; this only skips the others)."""
+    if tag >> 16 == 0x0002 and tag in _SKIP_META:
+        return False
+    if vr in ("PN", "UI", "DA", "DT"):
+        return True
+    keyword = _keyword(tag)
+    return (
+        keyword == "AccessionNumber"
+        or (keyword in _ID_KEYWORDS and vr in ("LO", "SH", "LT", "ST", "UC"))
+        or ("Address" in keyword and vr in ("LO", "ST", "LT", "UT", "UC", "SH"))
+        or ("Telephone" in keyword and vr in ("SH", "LO", "ST", "LT", "UC"))
+        or keyword in _INSTITUTION_KEYWORDS
+    )
 
 
 def _classify(el: _Element, keyword: str, scan: _Scan, policy: Policy) -> Iterator[tuple[str, str]]:
@@ -174,8 +196,11 @@ def _classify(el: _Element, keyword: str, scan: _Scan, policy: Policy) -> Iterat
             yield "institution", v
 
 
+_SEPARATORS = re.compile(r"[\s^=,]+")
+
+
 def _norm(text: str) -> str:
-    return " ".join(re.split(r"[\s^=,]+", text.upper())).strip()
+    return " ".join(_SEPARATORS.split(text.upper())).strip()
 
 
 def _needles(kind: str, value: str, source: str, raw: bytes) -> Iterator[_Needle]:
@@ -351,8 +376,25 @@ class _Scan:
                 self.charsets = [n or "ISO_IR 6" for n in names] or ["ISO_IR 6"]
 
     def _walk(self, b: bytes, pos: int, end: int, implicit: bool, little: bool, path: str, out: list[_Element]) -> int:
+        # _header inlined, with its lookups bound once: this loop runs for every element
+        # of both files of every object.
+        tag_u32, u32, u16 = _TAG_U32[little].unpack_from, _U32[little].unpack_from, _U16[little].unpack_from
         while pos + 8 <= end:
-            tag, vr, length, vpos = _header(b, pos, implicit, little)
+            group, elem, length = tag_u32(b, pos)
+            tag = group << 16 | elem
+            vpos = pos + 8
+            if group == 0xFFFE:
+                vr = ""
+            elif implicit:
+                vr = _dict_vr(tag)
+            else:
+                vr = _VR_TEXT.get(b[pos + 4 : pos + 6]) or b[pos + 4 : pos + 6].decode("ascii", "replace")
+                if vr in _LONG:
+                    length, vpos = u32(b, pos + 8)[0], pos + 12
+                elif not vr.isalpha():
+                    raise ValueError("not an explicit VR")
+                else:
+                    length = u16(b, pos + 6)[0]
             if tag in (_ITEM_END, _SEQ_END):
                 return vpos
             if vr == "SQ" or (length == 0xFFFFFFFF and tag not in _PIXELS):
@@ -405,17 +447,21 @@ class _Scan:
 
     # -- views --------------------------------------------------------------------------
     def values(self, el: _Element) -> list[str]:
-        if el.vr not in _TEXT_VRS and el.vr != "UN":
+        return self._decode(el.vr, el.raw)
+
+    def _decode(self, vr: str, raw: bytes) -> list[str]:
+        """The values of an element's bytes as text (decoded with the character set)."""
+        if vr not in _TEXT_VRS and vr != "UN":
             return []
         try:
-            if el.vr in ("UI", "DA", "DT", "TM", "DS", "IS", "AS", "CS", "AE"):
-                text = el.raw.decode("ascii", "replace")
+            if vr in _ASCII_VRS or (raw.isascii() and b"\\" not in raw and vr not in _PARTS_VRS and b"\x1b" not in raw):
+                text = raw.decode("ascii", "replace")  # one plain value: what every character set decodes it to
             else:
-                text = decode_bytes(el.raw, self.charsets, {"^", "="} if el.vr == "PN" else set())
+                text = decode_bytes(raw, self.charsets, {"^", "="} if vr == "PN" else set())
         except (LookupError, ValueError):
-            text = el.raw.decode("latin-1")
-        parts = [text] if el.vr in ("LT", "ST", "UT", "UR") else text.split("\\")
-        return [p.strip(" \x00") for p in parts if p.strip(" \x00")]
+            text = raw.decode("latin-1")
+        parts = [text] if vr in ("LT", "ST", "UT", "UR") else text.split("\\")
+        return [q for q in (p.strip(" \x00") for p in parts) if q]
 
     def text(self) -> tuple[str, list[tuple[int, int, _Element, str]]]:
         """All text values, normalised, joined; with (start, end, element, VR) spans."""
@@ -426,7 +472,7 @@ class _Scan:
             vr = el.vr
             if vr not in _TEXT_VRS and vr != "UN":
                 continue
-            value = " \\ ".join(self.values(_Element(el.tag, vr if vr in _TEXT_VRS else "LO", el.raw, el.start, el.path)))
+            value = " \\ ".join(self._decode(vr if vr in _TEXT_VRS else "LO", el.raw))
             if not value:
                 continue
             n = _norm(value)
@@ -471,20 +517,30 @@ class _Scan:
         return "the file's bytes outside any value", ""
 
 
+_VR_TEXT = {vr.encode(): vr for vr in (
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV", "OW", "PN", "SH",
+    "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV",
+)}
+_TAG_U32 = {True: struct.Struct("<HHI"), False: struct.Struct(">HHI")}  # tag and a 4-byte length
+_U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
+_U16 = {True: struct.Struct("<H"), False: struct.Struct(">H")}
+
+
 def _header(b: bytes, pos: int, implicit: bool, little: bool) -> tuple[int, str, int, int]:
-    e = "<" if little else ">"
-    group, elem = struct.unpack_from(e + "HH", b, pos)
+    """(tag, VR, value length, value position) of the element at ``pos`` (structs
+    compiled once: this runs for every element of both files)."""
+    group, elem, length = _TAG_U32[little].unpack_from(b, pos)
     tag = group << 16 | elem
     if group == 0xFFFE:
-        return tag, "", struct.unpack_from(e + "I", b, pos + 4)[0], pos + 8
+        return tag, "", length, pos + 8
     if implicit:
-        return tag, _dict_vr(tag), struct.unpack_from(e + "I", b, pos + 4)[0], pos + 8
+        return tag, _dict_vr(tag), length, pos + 8
     vr = b[pos + 4 : pos + 6].decode("ascii", "replace")
     if vr in _LONG:
-        return tag, vr, struct.unpack_from(e + "I", b, pos + 8)[0], pos + 12
+        return tag, vr, _U32[little].unpack_from(b, pos + 8)[0], pos + 12
     if not vr.isalpha():
         raise ValueError("not an explicit VR")
-    return tag, vr, struct.unpack_from(e + "H", b, pos + 6)[0], pos + 8
+    return tag, vr, _U16[little].unpack_from(b, pos + 6)[0], pos + 8
 
 
 @functools.lru_cache(maxsize=8192)

@@ -10,11 +10,15 @@ each tool and the ratios casemask/dicognito (target: >= 3x) and casemask/dcmanon
 bar to approach), medians over rounds. dcmanon has no command: a three-line driver
 reads each file, anonymizes it with its default profile and writes it, in one process
 (as dicognito runs). All start from compiled bytecode (see below), as installed programs do.
+Each line also gives the CPU seconds (user + sys, the command and its worker processes,
+median over rounds) of casemask and dicognito: on a shared machine they move much less
+with the load than the wall-clock rates do (docs/deid.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import statistics
 import subprocess
@@ -49,13 +53,16 @@ def copies(src: Path, folder: Path, n: int) -> Path:
     return folder
 
 
-def run(cmd: list[str]) -> float:
+def run(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and the children it waited for)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed: {r.stderr[-800:]}")
-    return dt
+    return dt, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def main() -> int:
@@ -89,6 +96,7 @@ def main() -> int:
         for name, folder in corpora.items():
             n = len(list(folder.glob("*.dcm")))
             speed: dict[str, list[float]] = {"casemask": [], "dicognito": [], "dcmanon": []}
+            cpu: dict[str, list[float]] = {tool: [] for tool in speed}
             for rnd in range(args.rounds):
                 outs = {tool: work / f"{tool}{rnd}-{name[:6]}" for tool in speed}
                 commands = {
@@ -100,13 +108,19 @@ def main() -> int:
                 order = list(commands)
                 order = order[rnd % 3 :] + order[: rnd % 3]
                 for tool in order:
-                    speed[tool].append(n / run(commands[tool]))
+                    wall, used = run(commands[tool])
+                    speed[tool].append(n / wall)
+                    cpu[tool].append(used)
                 for out in outs.values():
                     shutil.rmtree(out, ignore_errors=True)
             a, b, c = (statistics.median(speed[t]) for t in ("casemask", "dicognito", "dcmanon"))
             ratios.append(a / b)
             ratios_rust.append(a / c)
-            print(f"{name:<16} {n:4d} files: casemask {a:7.1f}/s  dicognito {b:7.1f}/s  dcmanon {c:7.1f}/s  casemask/dicognito {a / b:5.2f}  casemask/dcmanon {a / c:5.2f}")
+            ca, cb = statistics.median(cpu["casemask"]), statistics.median(cpu["dicognito"])
+            print(
+                f"{name:<16} {n:4d} files: casemask {a:7.1f}/s  dicognito {b:7.1f}/s  dcmanon {c:7.1f}/s  casemask/dicognito {a / b:5.2f}  casemask/dcmanon {a / c:5.2f}"
+                f"  | CPU s: casemask {ca:5.2f}  dicognito {cb:5.2f}  dicognito/casemask {cb / ca:5.2f}"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"median ratio casemask/dicognito over corpora: {statistics.median(ratios):.2f} (target >= 3)")
