@@ -545,6 +545,9 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
         for key in ("certificate", "private_key"):
             if not Path(getattr(http.tls, key)).is_file():
                 problems.append(f"[http] tls.{key} = {str(getattr(http.tls, key))!r}: no such file (a PEM file the node can read)")
+    elif http.enabled and not _loopback(http.host):
+        warnings.append(f"[http] host = {http.host!r} without [http] tls: passwords, tokens and session cookies cross the network in clear; "
+                        "set [http] tls = { certificate = \"...\", private_key = \"...\" } or keep host = \"127.0.0.1\"")
     audit = _validate(AuditSettings, raw.get("audit", {}), "[audit]", problems) or AuditSettings()
     audit.syslog_ca = _absolute(audit.syslog_ca, base_dir)
 
@@ -622,8 +625,20 @@ def _check_destination(dest: Destination, where: str, base_dir: Path, problems: 
             dest.path = _absolute(dest.path, base_dir)
     elif dest.kind == "dicomweb" and not dest.url.startswith(("http://", "https://")):
         problems.append(f"{where}: a dicomweb destination needs url = \"http://host:port/dicom-web\"")
+    elif dest.kind == "dicomweb" and dest.url.startswith("http://") and "@" in dest.url.split("/", 3)[2]:
+        problems.append(f"{where}: a user or password in an http:// url would travel in clear: use an https:// url with auth = {{ ... }}")
     if dest.calling_ae and not valid_ae_title(dest.calling_ae):
         problems.append(f"{where} calling_ae = {dest.calling_ae!r}: an AE title is 1 to 16 characters")
+
+
+def _loopback(host: str) -> bool:
+    """True when ``host`` (an address or name from the configuration) is this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")

@@ -214,8 +214,11 @@ def test_the_shipped_configs_check_without_warnings():
     catch-all route's regex matched every object."""
     from node.resources import config_file
 
-    for path in (config_file("casemask.toml"), config_file("demo.toml"), ROOT / "docker" / "casemask.toml"):
+    for path in (config_file("casemask.toml"), config_file("demo.toml")):
         assert load(path).warnings == [], path
+    # In the container the dashboard listens on every interface; compose publishes it on the
+    # host's loopback only, and the warning says what to do before publishing it further.
+    assert [w[:29] for w in load(ROOT / "docker" / "casemask.toml").warnings] == ["[http] host = '0.0.0.0' witho"]
 
 
 @pytest.mark.parametrize("taken", ["node", "http"])
@@ -234,3 +237,25 @@ def test_serve_on_a_port_in_use_says_which_and_what_to_set(tmp_path, taken):
     assert "Traceback" not in r.stderr
     wanted = f"cannot listen for DICOM on 127.0.0.1:{port}" if taken == "node" else f"could not listen on 127.0.0.1:{port}"
     assert wanted in r.stderr and f"[{taken}] host and port" in r.stderr
+
+
+@pytest.mark.parametrize("host,warned", [("0.0.0.0", True), ("10.1.2.3", True), ("127.0.0.1", False), ("localhost", False), ("::1", False)])
+def test_a_dashboard_on_the_network_without_tls_is_warned_about(tmp_path, host, warned):
+    """Passwords, tokens and session cookies (Secure only with [http] tls) would cross the
+    network in clear: `config check` says so and what to write."""
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+    raw["http"]["host"] = host
+    warnings = [w for w in load(write_toml(raw, tmp_path / "c.toml")).warnings if w.startswith("[http]")]
+    assert bool(warnings) == warned, warnings
+    if warned:
+        assert "in clear" in warnings[0] and "tls" in warnings[0]
+
+
+def test_credentials_in_a_plain_http_dicomweb_url_are_refused(tmp_path):
+    dests = [{"name": "web", "kind": "dicomweb", "url": "http://user:pw@127.0.0.1:8042/dicom-web"}]
+    with pytest.raises(ConfigError) as exc:
+        load(write_toml(node_config(tmp_path, dests), tmp_path / "c.toml"))
+    assert any("would travel in clear" in p and "https://" in p for p in exc.value.problems)
+    assert "pw" not in str(exc.value).replace("password", "")  # the password itself is not repeated
+    dests[0]["url"] = "http://127.0.0.1:8042/dicom-web"
+    load(write_toml(node_config(tmp_path, dests), tmp_path / "c2.toml"))  # without credentials: fine
