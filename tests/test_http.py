@@ -130,7 +130,7 @@ def test_passwords_in_the_configuration_are_shown_to_admins_only(tmp_path, http_
     from node import accounts
 
     password = "Xq7-never-shown-9z"
-    dw = {"name": "dw", "kind": "dicomweb", "url": f"http://archiver:{password}@127.0.0.1:9/dicom-web"}
+    dw = {"name": "dw", "kind": "dicomweb", "url": f"https://archiver:{password}@127.0.0.1:9/dicom-web"}
     hn = start_http_node(node_config(tmp_path, [folder(tmp_path), dw]), tmp_path)
     http_nodes.append(hn)
     assert password in hn.config.read_text()
