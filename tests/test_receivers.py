@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -47,9 +48,24 @@ def test_receivers_share_the_port_store_everything_and_die_with_the_node(tmp_pat
         node.kill()
     # SIGKILL of the node: its receivers go with it and the port is free again.
     wait_until(lambda: not any(is_alive(p) for p in receivers), timeout=10, what="the receivers to die with the node")
-    with socket.socket() as s:  # SO_REUSEADDR: the closed connections' TIME_WAIT does not count
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
+
+    def bindable() -> bool:
+        with socket.socket() as s:  # SO_REUSEADDR: the closed connections' TIME_WAIT does not count
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+            return True
+
+    # The kernel finishes closing the killed processes' connections (FIN/ACK on loopback) a
+    # moment after they are gone; a listener left behind would keep the port for good.
+    if not bindable():
+        try:
+            wait_until(bindable, timeout=10, what=f"port {port} to be free")
+        except AssertionError:
+            held = subprocess.run(["ss", "-tanp", f"sport = :{port}"], capture_output=True, text=True).stdout if shutil.which("ss") else "(no ss to list the sockets)"
+            raise AssertionError(f"port {port} still held 10 s after the node was killed:\n{held}") from None
 
 
 def test_a_second_node_on_a_port_in_use_does_not_start(tmp_path):
