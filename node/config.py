@@ -535,6 +535,11 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
             problems.append(f"{label}: two routes have this name")
         routes.append(route)
 
+    if not sources:
+        warnings.append("no [[sources]]: every association is rejected; add [[sources]] ae_title = \"MODALITY\" for each sender")
+    if not routes:
+        warnings.append(f"no [[routes]]: every object received is {'held' if node.unrouted == 'hold' else 'discarded'} "
+                        "(unrouted); add [[routes]] with deid = { profile = \"basic\" } and destinations = [\"...\"]")
     if any(r.deid is not None and r.deid.burned_in == "clean" for r in routes):
         _check_burned_in_regions(node, problems)
     _check_pixel_models(routes, models, problems)

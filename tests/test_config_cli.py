@@ -259,3 +259,13 @@ def test_credentials_in_a_plain_http_dicomweb_url_are_refused(tmp_path):
     assert "pw" not in str(exc.value).replace("password", "")  # the password itself is not repeated
     dests[0]["url"] = "http://127.0.0.1:8042/dicom-web"
     load(write_toml(node_config(tmp_path, dests), tmp_path / "c2.toml"))  # without credentials: fine
+
+
+def test_a_config_that_can_take_or_send_nothing_is_warned_about(tmp_path):
+    """An empty [[sources]] rejects every sender and no [[routes]] holds every object: both
+    passed `config check` silently."""
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+    assert [w for w in load(write_toml(raw, tmp_path / "a.toml")).warnings if w.startswith("no [[")] == []
+    del raw["sources"], raw["routes"]
+    warnings = load(write_toml(raw, tmp_path / "b.toml")).warnings
+    assert any(w.startswith("no [[sources]]") for w in warnings) and any(w.startswith("no [[routes]]: every object received is held") for w in warnings), warnings
