@@ -399,10 +399,11 @@ class Node:
         self.engine.dispose()
         log.info("node stopped")
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, started: Callable[[], None] | None = None) -> None:
         """Start (with the HTTP server when ``[http] enabled``) and block until SIGINT or
-        SIGTERM; SIGHUP reloads the configuration file. Python warnings go to the log
-        with their text withheld (pydicom's quote header values)."""
+        SIGTERM; SIGHUP reloads the configuration file. ``started`` is called once the
+        listeners are bound. Python warnings go to the log with their text withheld
+        (pydicom's quote header values)."""
         withhold_warning_texts()
         # Handlers first: a SIGHUP during start-up would otherwise end the process.
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -411,6 +412,8 @@ class Node:
         try:
             # inside: a failed start stops what it started
             self.start(http=self.settings.http.enabled, receivers=self.settings.node.receivers or os.cpu_count() or 1)
+            if started is not None:  # the ports are bound: say so only now
+                started()
             while not self._stop.wait(0.5):
                 if self._reload_requested.is_set():
                     self._reload_requested.clear()

@@ -87,8 +87,7 @@ def cmd_serve(args) -> int:
         log.info("%s", describe_route(entry))
     node = Node(settings, role=args.role)
     doing = f"listening on {settings.node.host}:{settings.node.port}" if node.ingests else "working (routing, processing, dispatch, retention)"
-    print(f"casemask {settings.node.ae_title} ({args.role}) {doing}; data in {settings.node.data_dir}", file=sys.stderr)
-    node.serve_forever()
+    node.serve_forever(started=lambda: print(f"casemask {settings.node.ae_title} ({args.role}) {doing}; data in {settings.node.data_dir}", file=sys.stderr, flush=True))
     return 0
 
 

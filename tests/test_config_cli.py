@@ -237,6 +237,7 @@ def test_serve_on_a_port_in_use_says_which_and_what_to_set(tmp_path, taken):
     assert "Traceback" not in r.stderr
     wanted = f"cannot listen for DICOM on 127.0.0.1:{port}" if taken == "node" else f"could not listen on 127.0.0.1:{port}"
     assert wanted in r.stderr and f"[{taken}] host and port" in r.stderr
+    assert "(all) listening on" not in r.stderr  # serve says so only once the ports are bound
 
 
 @pytest.mark.parametrize("host,warned", [("0.0.0.0", True), ("10.1.2.3", True), ("127.0.0.1", False), ("localhost", False), ("::1", False)])
