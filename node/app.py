@@ -371,7 +371,12 @@ class Node:
         try:
             self.service.reload(Principal("SIGHUP", Role.ADMIN, "node"))
         except ServiceError as exc:
-            log.error("configuration not reloaded: %s", exc)
+            if exc.problems:  # one line each: the log escapes line breaks inside a record
+                log.error("configuration not reloaded: %s", str(exc).splitlines()[0])
+                for problem in exc.problems:
+                    log.error("  - %s", problem)
+            else:
+                log.error("configuration not reloaded: %s", exc)
 
     def stop(self) -> None:
         if self.http is not None:

@@ -214,6 +214,14 @@ def test_sighup_reloads_the_configuration_file(tmp_path, archive_factory):
         assert subprocess.run([*newcomer, str(make_study(tmp_path / "m", 1)[0])], env=dcmtk_env(), capture_output=True, timeout=60).returncode == 0  # a new source
         wait_until(lambda: len(archive.received) == 3, timeout=60, what="3 objects at the destination added by SIGHUP")
         assert proc.proc.poll() is None
+        # A broken file: refused, each problem on a line of its own (not one line of \n).
+        good = cfg.read_text()
+        cfg.write_text(good.replace('stable_after_s = 0.5', 'stable_after_s = "soon"'))
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "configuration not reloaded" in (tmp_path / "node.log").read_text(), timeout=30, what="the refused reload in the log")
+        refused = [line for line in (tmp_path / "node.log").read_text().splitlines() if "stable_after_s" in line]
+        assert refused and all("\\n" not in line for line in refused), refused
+        assert proc.proc.poll() is None
     finally:
         proc.stop()
 
