@@ -32,7 +32,7 @@ from node.config import Settings
 from node.db import data_path, make_engine, make_sessionmaker, pool_size_for
 from node.deid import Pseudonymizer
 from node.dispatch import Dispatcher
-from node.leases import node_identity, owner_token
+from node.leases import PRESENCE_BEAT_S, PRESENCE_STALE_S, NodeIdInUse, claim_presence, node_identity, owner_token, release_presence, renew_presence
 from node.pipeline import PixelStep, Pipeline
 from node.reasons import withhold_warning_texts
 from node.spool import clean_stale_temporaries
@@ -117,10 +117,23 @@ class Node:
         return make_engine(node.resolved_database_url, size, node.db_max_overflow, node.db_pool_timeout_s, name=f"{self.node_id}:{self.role}")
 
     def _recover(self, secret: bytes) -> None:
-        """The start-up checks and recoveries that need the database (one transaction)."""
+        """The start-up checks and recoveries that need the database: the secret's
+        fingerprint, this node id's presence (node.leases.claim_presence), the take-over
+        of earlier claims, the sweep of unspooled rows.
+
+        Raises:
+            StartupError: another secret made the database, or a running node holds
+                this node id in an overlapping role.
+        """
         where = self.settings.node.database_url and "at database_url" or f"in {self.settings.node.data_dir}"
         with self.sessions() as session:
             check_secret(session, secret, where)
+            session.commit()
+        try:  # before the take-over and the sweep, which treat this node id's other rows as a crashed run's
+            claim_presence(self.sessions, self.node_id, self.role, self.owner)
+        except NodeIdInUse as exc:
+            raise StartupError(str(exc)) from None
+        with self.sessions() as session:
             if self.works:
                 queue.take_over(session, self.node_id, self.owner)
                 if routes_changed(session, self.settings.routes):
@@ -233,8 +246,8 @@ class Node:
                                    "node may hold the port; stop it, or set [node] host and port") from None
         # Jobs look the pipeline and dispatchers up at each run, so that a reload can
         # replace them (and add or remove dispatch jobs) without restarting anything.
-        jobs: dict[str, Callable[[], int]] = {"health": self.health.check_due}
-        intervals = {"retention": self.settings.retention.interval_s, "sweep": SPOOL_GRACE_S / 2}
+        jobs: dict[str, Callable[[], int]] = {"health": self.health.check_due, "presence": lambda: renew_presence(self.sessions, self.node_id, self.role, self.owner)}
+        intervals = {"retention": self.settings.retention.interval_s, "sweep": SPOOL_GRACE_S / 2, "presence": PRESENCE_BEAT_S}
         if self.ingests:
             jobs["sweep"] = self.sweep_unspooled
         if self.works:
@@ -398,6 +411,10 @@ class Node:
             self.scheduler.shutdown(wait=True)
             self.scheduler = None
             audit.record_now(self.sessions, "node-stopped", actor=self.settings.node.ae_title)
+        try:
+            release_presence(self.sessions, self.node_id, self.role, self.owner)
+        except Exception as exc:  # the database is away: the entry goes stale by itself
+            log.warning("could not remove this node's presence entry (%s); it counts as gone after %.0f s", type(exc).__name__, PRESENCE_STALE_S)
         if self.syslog is not None:
             self.syslog.flush()  # the last entries, if the collector is there
             self.syslog.close()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from sqlalchemy import func, select
 
 from node.config import parse
 from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Pseudonym, Study
-from tests.conftest import STORESCU, NodeProcess, database_engine, dcmtk_env, free_port, make_study, needs_dcmtk, node_config, receive, wait_until, write_toml
+from tests.conftest import ROOT, STORESCU, NodeProcess, database_engine, dcmtk_env, free_port, make_study, needs_dcmtk, node_config, receive, wait_until, write_toml
 
 SECRET = "5e" * 32  # the cluster's pseudonym secret, given to every node by environment
 
@@ -44,12 +46,12 @@ def test_an_ingest_node_only_receives_and_a_worker_only_works(tmp_path, start_no
         ingest.start()
         for f in make_study(tmp_path / "s", 3):
             receive(ingest, dcmread(f))
-        assert ingest.server is not None and sorted(j.id for j in ingest.scheduler.get_jobs()) == ["health", "sweep"]
+        assert ingest.server is not None and sorted(j.id for j in ingest.scheduler.get_jobs()) == ["health", "presence", "sweep"]
         with ingest.sessions() as s:
             assert s.scalar(select(func.count()).select_from(Job)) == 0
         worker.start()
         assert worker.server is None
-        assert sorted(j.id for j in worker.scheduler.get_jobs()) == ["audit:syslog", "dispatch:pacs", "health", "process", "retention", "route"]
+        assert sorted(j.id for j in worker.scheduler.get_jobs()) == ["audit:syslog", "dispatch:pacs", "health", "presence", "process", "retention", "route"]
         wait_until(lambda: len(archive.received) == 3, timeout=30, what="the worker to deliver what the ingest node stored")
     finally:
         ingest.stop()
@@ -144,3 +146,73 @@ def test_two_ingest_nodes_two_workers_one_killed_mid_batch(tmp_path, pg_database
     assert len({next(iter(u)) for u in per_study.values()}) == len(studies)
     logs = {name: (tmp_path / f"{name}.log").read_text() for name in procs}
     assert "role ingest" in logs["ingest-a"] and "role worker" in logs["worker-b"]
+
+
+def _presence(node, role: str, *, host: str | None = None, pid: int, age_s: float = 0.0, owner: str = "other/1-x") -> None:
+    """Write another process's presence entry for ``node``'s node id (node.leases)."""
+    import datetime as dt
+    import json
+    import socket
+
+    from node.db import Meta, db_now
+    from node.leases import _put_presence
+
+    with node.sessions() as s:
+        _put_presence(s, node.node_id, role, owner, db_now(s))
+        row = s.get(Meta, f"alive/{node.node_id}/{role}")
+        row.value = json.dumps({"owner": owner, "host": host or socket.gethostname(), "pid": pid, "at": (db_now(s) - dt.timedelta(seconds=age_s)).isoformat()})
+        s.commit()
+
+
+def test_a_second_node_with_a_running_nodes_id_refuses_to_start_and_starts_once_it_stopped(tmp_path, start_node, archive_factory):
+    """Two processes with one node id and the same role (a shared data folder without
+    [node] node_id gives every node the same id): the second's start-up sweep and
+    take-over would treat the first's rows and claims as a crashed run's. It exits 2,
+    naming the running node; once the first stops, it starts."""
+    archive = archive_factory()
+    raw = node_config(tmp_path, [{"name": "pacs", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port}], node_id="in-1")
+    first = start_node(raw)
+    second_raw = {**raw, "node": {**raw["node"], "port": free_port()}, "http": {"host": "127.0.0.1", "port": free_port()}}
+    config = write_toml(second_raw, tmp_path / "second.toml")
+    out = subprocess.run([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"node id 'in-1' is in use by a running node (role all, host {socket.gethostname()}, PID {os.getpid()}" in out.stderr
+    first.stop()
+    second = NodeProcess(config, tmp_path / "second.log")
+    try:
+        second.start(second_raw["node"]["port"])
+    finally:
+        second.stop()
+
+
+@pytest.mark.usefixtures("database")
+def test_which_presence_entries_keep_a_node_id_busy(tmp_path, start_node, archive_factory):
+    """A live process of this host, or another host's entry younger than
+    PRESENCE_STALE_S, holds the id in the roles it meets; a dead PID, an old entry, a
+    role that does not meet, or this process's own PID (a node made again in the same
+    process, a container's PID 1) does not."""
+    from node.leases import PRESENCE_STALE_S, NodeIdInUse, claim_presence
+
+    archive = archive_factory()
+    raw = node_config(tmp_path, [{"name": "pacs", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port}], node_id="n-1")
+    node = start_node(raw, listen=False, schedule=False)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        _presence(node, "ingest", pid=sleeper.pid)
+        with pytest.raises(NodeIdInUse, match=f"role ingest, host .*, PID {sleeper.pid}"):
+            claim_presence(node.sessions, "n-1", "all", "n-1/me")
+        with pytest.raises(NodeIdInUse):
+            claim_presence(node.sessions, "n-1", "ingest", "n-1/me")
+        claim_presence(node.sessions, "n-1", "worker", "n-1/me")  # ingest and worker do not meet
+        _presence(node, "ingest", pid=os.getpid())
+        claim_presence(node.sessions, "n-1", "ingest", "n-1/me")  # this process's own PID: an earlier node object
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    _presence(node, "ingest", pid=sleeper.pid)
+    claim_presence(node.sessions, "n-1", "ingest", "n-1/me2")  # dead PID on this host: gone at once
+    _presence(node, "ingest", host="elsewhere.example", pid=sleeper.pid, owner="n-1/far")
+    with pytest.raises(NodeIdInUse, match="host elsewhere.example"):
+        claim_presence(node.sessions, "n-1", "ingest", "n-1/me3")
+    _presence(node, "ingest", host="elsewhere.example", pid=sleeper.pid, owner="n-1/far", age_s=PRESENCE_STALE_S + 1)
+    claim_presence(node.sessions, "n-1", "ingest", "n-1/me4")  # silent for longer than the stale time
