@@ -378,22 +378,30 @@ def _output_name(ds) -> str:
 def _write_new(target: Path, data: bytes) -> tuple[str, Path]:
     """Write ``data`` at ``target`` unless a file is there: ('ok', path), ('duplicate',
     path) when the same bytes are already there, or ('conflict', other path) when other
-    bytes are (another input with the same SOP Instance UID): both are kept."""
+    bytes are (another input with the same SOP Instance UID): both are kept.
+
+    A name appears only with its whole content (written under a temporary name, then
+    hard-linked, which fails if the name exists): a parallel worker never compares
+    with a file another worker is still writing."""
     import hashlib
     import os
+    import tempfile
 
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".deid-", suffix=".tmp")
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    except FileExistsError:
-        if target.read_bytes() == data:
-            return "duplicate", target
-        other = target.with_name(f"{target.stem}.{hashlib.sha256(data).hexdigest()[:12]}{target.suffix}")
-        if not other.exists():
-            other.write_bytes(data)
-        return "conflict", other
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    return "ok", target
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o640)
+        for status, name in (("ok", target), ("conflict", target.with_name(f"{target.stem}.{hashlib.sha256(data).hexdigest()[:12]}{target.suffix}"))):
+            try:
+                os.link(tmp, name)
+                return status, name
+            except FileExistsError:
+                if name.read_bytes() == data:
+                    return ("duplicate" if status == "ok" else "conflict"), name
+        raise AssertionError("unreachable: the second name holds these bytes' digest")
+    finally:
+        os.unlink(tmp)
 
 
 def _deid_one(job: tuple[str, str, bool]) -> tuple[str, str, str, list]:

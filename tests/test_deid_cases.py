@@ -725,3 +725,19 @@ def test_deid_with_a_borrowed_pixel_route_still_applies_the_header_only_burned_i
     path = write_toml(cfg, tmp_path / "pix.toml")
     r = run_cli(str(case("04") / "dose_mono.dcm"), "--out", str(tmp_path / "o"), "--secret", str(tmp_path / "s.key"), "--config", str(path))
     assert r.returncode == 1 and "quarantined" in r.stderr and not list((tmp_path / "o").glob("*.dcm"))
+
+
+def test_parallel_run_reports_copies_of_one_object_as_duplicates(tmp_path):
+    """40 copies of one file through two worker processes: one output, every other copy
+    a duplicate (a worker comparing with a file another was still writing would call
+    it a conflict and write a second file)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    data = (PYDICOM_FILES / "CT_small.dcm").read_bytes()
+    for k in range(40):
+        (src / f"c{k:02d}.dcm").write_bytes(data)
+    out = tmp_path / "out"
+    r = run_cli(str(src), "--out", str(out), "--secret", str(tmp_path / "s.key"), "-j", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "de-identified 1, duplicates 39, conflicts 0" in r.stderr.splitlines()[-1]
+    assert len(list(out.glob("*.dcm"))) == 1 and not list(out.glob(".deid-*"))
