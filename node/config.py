@@ -238,6 +238,31 @@ class Destination(_Table):
     _check_host = field_validator("host")(_host)
 
 
+def _check_attribute(name: str, keep: bool) -> None:
+    """A name in keep/remove/replace must be a DICOM keyword or a tag; an attribute kept
+    (or replaced) must not be a public element no dictionary knows, which the verifier
+    finds in every output that holds it (every such object would be quarantined).
+
+    Raises:
+        ValueError: says what to write instead.
+    """
+    from pydicom.datadict import dictionary_VR
+
+    from node.deid.profile import tag_of
+
+    try:
+        tag = tag_of(name)
+    except ValueError:
+        raise ValueError(f"{name!r} is neither a DICOM keyword (e.g. \"PatientAge\") nor a tag (e.g. \"00101010\" or \"(0010,1010)\")") from None
+    group, element = tag >> 16, tag & 0xFFFF
+    if keep and not group % 2 and group not in (0x0000, 0x0002, 0xFFFE) and element:
+        try:
+            dictionary_VR(tag)
+        except KeyError:
+            raise ValueError(f"{name!r} is a public element no DICOM dictionary knows: the verifier quarantines every output that holds one "
+                             "(nothing says what it carries); remove it from the list") from None
+
+
 class DeidSettings(_Table):
     profile: Literal["basic"] = hint("the PS3.15 Basic Profile: profile = \"basic\"", "basic")
     options: list[str] = hint("a list of PS3.15 options, e.g. [\"retain-longitudinal-modified-dates\"]", default_factory=list)
@@ -260,6 +285,20 @@ class DeidSettings(_Table):
         for group in MUTUALLY_EXCLUSIVE:
             if len(group & set(v)) > 1:
                 raise ValueError(f"{' and '.join(sorted(group))} exclude each other (PS3.15 E.3.6): keep one")
+        return v
+
+    @field_validator("keep", "remove")
+    @classmethod
+    def _attributes(cls, v: list[str], info) -> list[str]:
+        for name in v:
+            _check_attribute(name, keep=info.field_name == "keep")
+        return v
+
+    @field_validator("replace")
+    @classmethod
+    def _replaced(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            _check_attribute(name, keep=True)
         return v
 
     @field_validator("date_shift_days")

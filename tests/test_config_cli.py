@@ -270,3 +270,20 @@ def test_a_config_that_can_take_or_send_nothing_is_warned_about(tmp_path):
     del raw["sources"], raw["routes"]
     warnings = load(write_toml(raw, tmp_path / "b.toml")).warnings
     assert any(w.startswith("no [[sources]]") for w in warnings) and any(w.startswith("no [[routes]]: every object received is held") for w in warnings), warnings
+
+
+def test_keep_remove_and_replace_name_attributes_the_profile_can_act_on(tmp_path):
+    """A misspelt keyword in a route's keep/remove/replace passed `config check` and then
+    failed every `casemask deid` and start with a traceback; an unknown public tag in
+    keep would have quarantined every object that holds it (the verifier's finding)."""
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": "out"}])
+    raw["routes"][0]["deid"] = {"keep": ["PatientAge", "(0019,0010)", "00181030", "PatientsAge"], "remove": ["Foo"], "replace": {"(0018,99F1)": "x"}}
+    with pytest.raises(ConfigError) as exc:
+        parse(raw, "c.toml", base_dir=tmp_path)
+    problems = exc.value.problems
+    assert len(problems) == 3, problems
+    assert any("'PatientsAge' is neither a DICOM keyword" in p for p in problems)
+    assert any("deid.remove" in p and "'Foo' is neither" in p for p in problems)
+    assert any("'(0018,99F1)' is a public element no DICOM dictionary knows" in p for p in problems)
+    raw["routes"][0]["deid"] = {"keep": ["PatientAge", "(0019,0010)", "00181030"], "remove": ["(0018,99F1)"], "replace": {"PatientName": "ANON"}}
+    parse(raw, "ok.toml", base_dir=tmp_path)  # a private tag kept, an unknown public one removed: fine
