@@ -312,8 +312,10 @@ def cmd_token(args) -> int:
 def cmd_config_check(args) -> int:
     from node.config import ConfigError, load
 
+    if args.file and args.config_file and args.file != args.config_file:
+        raise UsageError("give the configuration file once: FILE or --config FILE")
     try:
-        s = load(args.file)
+        s = load(args.file or args.config_file)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -761,6 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     csub = sp.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     ck = csub.add_parser("check", help="validate a configuration file")
     ck.add_argument("file", nargs="?", metavar="FILE", help="default: the built-in config")
+    ck.add_argument("--config", "-c", dest="config_file", metavar="FILE", help="the same as FILE (as the other commands take it)")
     ck.set_defaults(func=cmd_config_check)
 
     sp = sub.add_parser("deid", help="de-identify files with a route's header profile, and verify each output")

@@ -40,6 +40,8 @@ def test_config_check_command(tmp_path):
     good = write_toml(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": "out"}]), tmp_path / "good.toml")
     r = run_cli("config", "check", str(good))
     assert r.returncode == 0 and "OK" in r.stdout
+    r = run_cli("config", "check", "--config", str(good))  # as serve, status, deid... take it
+    assert r.returncode == 0 and str(good) in r.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text('[node]\nport = "eleven"\n')
     r = run_cli("config", "check", str(bad))
