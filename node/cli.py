@@ -235,6 +235,8 @@ def cmd_purge(args) -> int:
     for kind in ("original", "output", "quarantined", "orphan"):
         if report.files[kind]:
             print(f"  {kind:<12} {report.files[kind]:>8} files {report.bytes[kind] / 1e6:10.1f} MB")
+    if r.mapping_days >= 0:
+        print(f"  mapping      {report.mapping_rows:>8} rows of the pseudonym mapping (mapping_days={r.mapping_days})")
     if report.refused:
         print(f"  refused      {report.refused:>8} rows pointing outside the spool and outbox (see the log)")
     return 0
@@ -320,6 +322,9 @@ def cmd_config_check(args) -> int:
     for w in s.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{s.source_file}: OK ({len(s.sources)} sources, {len(s.destinations)} destinations, {len(s.routes)} routes, {len(s.models)} models)")
+    print("retention:")
+    for line in s.retention.describe():
+        print(f"  {line}")
     return 0
 
 
