@@ -213,3 +213,47 @@ def test_a_study_nothing_of_which_went_out_does_not_end_done(tmp_path, start_nod
     assert "QUARANTINED" in study_states(node), "one object is still quarantined"
     service.discard_job(first[1].id, who)
     assert sorted(study_states(node)) == ["DONE", "IGNORED", "PARTIAL"]
+
+
+# -- 4. the operator's quarantine commands -------------------------------------------------------
+def test_quarantine_commands_list_show_retry_and_discard_without_phi_and_audited(tmp_path, start_node):
+    from node.db import Job, JobState
+
+    raw = node_config(tmp_path, [folder(tmp_path)])
+    raw["retention"] = {"quarantine_days": 30}
+    node = start_node(raw, schedule=False, listen=False)
+    fill(node, tmp_path, 3, modality="US")  # burned-in text likely, the route does not clean pixels
+    drain(node, until=lambda: study_states(node) == ["QUARANTINED"])
+    cfg = str(write_toml(raw, tmp_path / "node.toml"))
+    with node.sessions() as s:
+        ids = sorted(s.scalars(select(Job.id).where(Job.state == JobState.QUARANTINED)))
+    assert len(ids) == 3
+
+    r = run_cli("quarantine", "list", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("3 quarantined")
+    assert sorted(int(line.split()[0]) for line in lines[2:]) == ids
+    assert all(" headers " in line for line in lines[2:]), r.stdout  # the step that refused them
+    listed = json.loads(run_cli("quarantine", "list", "--json", "--config", cfg).stdout)
+    assert {row["job_id"] for row in listed} == set(ids) and all(row["original_kept"] for row in listed)
+
+    r = run_cli("quarantine", "show", str(ids[0]), "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    shown = dict(line.split(None, 1) for line in r.stdout.splitlines() if len(line.split(None, 1)) == 2)
+    assert shown["study_state"] == "QUARANTINED" and shown["step"] == "headers" and shown["original_kept"] == "True"
+    assert shown["original_deleted_after"] != "-"  # quarantine_days from the quarantine
+    for out in (r.stdout, json.dumps(listed)):
+        assert not any(v in out for v in PHI.values()), "no header value of the patient"
+        assert node.settings.node.data_dir.name + "/" not in out, "no path"
+    assert run_cli("quarantine", "show", "999999", "--config", cfg).returncode == 1
+
+    r = run_cli("quarantine", "discard", str(ids[0]), "--config", cfg)
+    assert r.returncode == 0 and f"job {ids[0]}: DISCARDED" in r.stdout, r.stdout + r.stderr
+    r = run_cli("quarantine", "retry", str(ids[1]), str(ids[0]), "--config", cfg)
+    assert r.returncode == 1 and f"job {ids[1]}: PENDING" in r.stdout and "not QUARANTINED" in r.stderr, r.stdout + r.stderr
+    with node.sessions() as s:
+        states = dict(s.execute(select(Job.id, Job.state).where(Job.id.in_(ids))).all())
+        events = [e.event for e in s.scalars(select(AuditEvent).where(AuditEvent.actor.startswith("cli:")).order_by(AuditEvent.id))]
+    assert states == {ids[0]: JobState.DISCARDED, ids[1]: JobState.PENDING, ids[2]: JobState.QUARANTINED}
+    assert events == ["job-discarded", "job-retried"]
