@@ -291,6 +291,7 @@ class Service:
                 raise NotFound(f"no quarantined {'job' if job_id is not None else 'object'} {job_id if job_id is not None else instance_id}")
             study = session.get(Study, inst.study_id)
             since = (job.updated_at if job is not None else None) or inst.state_changed_at or inst.received_at
+            counted = inst.state_changed_at or inst.received_at  # what retention counts quarantine_days from
             days = self.settings.retention.quarantine_days
             reason = job.reason if job is not None else inst.reason
             return {
@@ -300,7 +301,7 @@ class Service:
                 "step": _step(reason), "reason": reason, "attempts": job.attempts if job is not None else 0,
                 "received_at": _iso(inst.received_at), "quarantined_at": _iso(since),
                 "original_kept": inst.purged_at is None, "original_deleted_at": _iso(inst.purged_at),
-                "original_deleted_after": None if days < 0 or inst.purged_at is not None else _iso(since + dt.timedelta(days=days)),
+                "original_deleted_after": None if days < 0 or inst.purged_at is not None else _iso(counted + dt.timedelta(days=days)),
                 "record": json.loads(job.record or "{}") if job is not None else {},
             }
 
