@@ -15,7 +15,6 @@ are no longer needed, and keep the rows (UIDs and states, no PHI) for the audit 
   Patient's Name, UIDs -> pseudonyms; :mod:`node.mapping`) is deleted that many days
   after it was last met; 0 stores none. Each run that deletes rows is audited
   (``mapping-purged``, the count only).
-
 - ``unconfigured_days`` (default 30): a delivery owed to a destination that was removed
   from the configuration is marked UNCONFIGURED at each run (PENDING again if the
   destination comes back, :func:`node.queue.sort_unconfigured`); that many days later it
