@@ -138,6 +138,7 @@ class Node:
                 queue.take_over(session, self.node_id, self.owner)
                 if routes_changed(session, self.settings.routes):
                     queue.release_held(session)
+                queue.sort_unconfigured(session, [d.name for d in self.settings.destinations])
             session.commit()
         if self.ingests:
             self.sweep_unspooled()
@@ -326,7 +327,8 @@ class Node:
         """Apply a validated configuration without a restart: sources, destinations,
         routes, models, [audit] and the queue's timings. Open associations, claimed work
         and queued objects are untouched: stages pick the new settings up at their next
-        batch; deliveries to a destination that was removed wait in the database.
+        batch; deliveries to a destination that was removed wait in the database,
+        UNCONFIGURED (node.queue.sort_unconfigured), PENDING again if it comes back.
         Settings that need a restart (listening addresses, data folder, database, secret,
         timeouts of the DICOM server, [http]) keep their running values and are listed.
 
@@ -369,6 +371,10 @@ class Node:
                     self.scheduler.remove_job(job_id)
                 for job_id in sorted(wanted - present):
                     add_job(self.scheduler, job_id, self._dispatch_job(job_id.split(":", 1)[1]), new.node.poll_interval_s)
+            if self.works and "destinations" in applied:  # owed to a removed one: UNCONFIGURED now, not at the next retention run
+                with self.sessions() as session:
+                    queue.sort_unconfigured(session, [d.name for d in new.destinations])
+                    session.commit()
         log.info("configuration reloaded: %s changed%s", ", ".join(applied) or "nothing", f"; needs a restart: {', '.join(restart)}" if restart else "")
         return {"applied": applied, "restart_required": restart}
 

@@ -68,6 +68,7 @@ KINDS: dict[str, Kind] = {
     "config-changed": Kind(("110113", _DCM, "Security Alert"), "U", ("110131", _DCM, "Software Configuration")),
     "config-reloaded": Kind(("110113", _DCM, "Security Alert"), "E", ("110131", _DCM, "Software Configuration")),
     "mapping-exported": Kind(("110106", _DCM, "Export"), "R"),
+    "mapping-purged": Kind(("110110", _DCM, "Patient Record"), "D"),
     "login": Kind(("110114", _DCM, "User Authentication"), "E", ("110122", _DCM, "Login")),
     "logout": Kind(("110114", _DCM, "User Authentication"), "E", ("110123", _DCM, "Logout")),
     "account-changed": Kind(("110113", _DCM, "Security Alert"), "U", ("110137", _DCM, "User Security Attributes Changed")),

@@ -7,6 +7,7 @@
     casemask status [--json]
     casemask routes explain FILE...
     casemask retry [--destination NAME] [--quarantined] [--held]
+    casemask quarantine list [--json] | show JOB [--instance] | retry JOB... | discard JOB...
     casemask purge [--dry-run]
     casemask config check [FILE]
     casemask user add NAME --role viewer|operator|admin   (password on standard input)
@@ -222,6 +223,56 @@ def cmd_retry(args) -> int:
     return 0
 
 
+def cmd_quarantine(args) -> int:
+    """``casemask quarantine list|show|retry|discard``: the quarantine as the dashboard
+    and the API show it (:class:`node.service.Service`, which audits every action);
+    pseudonymous: row ids, the Study Instance UID the archive receives, reasons that
+    name a step and an attribute, never a value."""
+    from node.service import ServiceError, cli_principal
+
+    service = _service(args)
+    if args.quarantine_command == "list":
+        rows = service.quarantine(args.limit)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{len(rows)} quarantined" + (" (casemask quarantine show JOB for one; retry or discard JOB...)" if rows else ""))
+        if rows:
+            print(f"{'JOB':>7} {'INSTANCE':>8} {'STUDY':>6} {'ROUTE':<12} {'STEP':<10} {'SINCE':<20} {'KEPT':<4} REASON")
+        for r in rows:
+            job = str(r["job_id"]) if r["job_id"] is not None else "-"
+            print(f"{job:>7} {r['instance_id']:>8} {r['study_id']:>6} {r['route'] or '-':<12} {r['step']:<10} {r['updated_at'] or '-':<20} "
+                  f"{'yes' if r['original_kept'] else 'no':<4} {r['reason']}")
+        return 0
+    if args.quarantine_command == "show":
+        try:
+            info = service.quarantined(instance_id=args.id) if args.instance else service.quarantined(job_id=args.id)
+        except ServiceError as exc:
+            print(f"casemask: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        for key, value in info.items():
+            if key != "record":
+                print(f"{key:<24} {value if value is not None else '-'}")
+        for step, found in info["record"].items():
+            print(f"{'found by ' + step:<24} {json.dumps(found, sort_keys=True)}")
+        return 0
+    who = cli_principal()
+    act = service.retry_job if args.quarantine_command == "retry" else service.discard_job
+    status = 0
+    for job_id in args.ids:
+        try:
+            done = act(job_id, who)
+        except ServiceError as exc:
+            print(f"casemask: job {job_id}: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"job {job_id}: {done['state']}")
+    return status
+
+
 def cmd_purge(args) -> int:
     settings = _settings(args)
     from node import retention
@@ -235,6 +286,8 @@ def cmd_purge(args) -> int:
     for kind in ("original", "output", "quarantined", "orphan"):
         if report.files[kind]:
             print(f"  {kind:<12} {report.files[kind]:>8} files {report.bytes[kind] / 1e6:10.1f} MB")
+    if r.mapping_days >= 0:
+        print(f"  mapping      {report.mapping_rows:>8} rows of the pseudonym mapping (mapping_days={r.mapping_days})")
     if report.refused:
         print(f"  refused      {report.refused:>8} rows pointing outside the spool and outbox (see the log)")
     return 0
@@ -322,6 +375,9 @@ def cmd_config_check(args) -> int:
     for w in s.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{s.source_file}: OK ({len(s.sources)} sources, {len(s.destinations)} destinations, {len(s.routes)} routes, {len(s.models)} models)")
+    print("retention:")
+    for line in s.retention.describe():
+        print(f"  {line}")
     return 0
 
 
@@ -729,6 +785,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quarantined", action="store_true", help="also re-process quarantined objects")
     sp.add_argument("--held", action="store_true", help="also route held objects (matched no route) again")
     sp.set_defaults(func=cmd_retry)
+
+    sp = sub.add_parser("quarantine", help="quarantined objects: list, show one, retry or discard (audited)")
+    qsub = sp.add_subparsers(dest="quarantine_command", metavar="SUBCOMMAND", required=True)
+    ql = with_config(qsub.add_parser("list", help="quarantined jobs and objects, newest first: ids, study, route, step, when, reason (no PHI)"))
+    ql.add_argument("--limit", type=int, default=500, metavar="N", help="at most N of each kind (default: 500)")
+    ql.add_argument("--json", action="store_true", help="machine-readable output (what GET /api/v1/quarantine answers)")
+    qs = with_config(qsub.add_parser("show", help="one quarantined job: reason, what the steps found, when its original is deleted"))
+    qs.add_argument("id", type=int, metavar="JOB", help="a job id from 'quarantine list' (with --instance: an instance id)")
+    qs.add_argument("--instance", action="store_true", help="ID is an instance quarantined before routing (no job)")
+    qs.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, text in (("retry", "process these quarantined jobs again (after fixing the cause); 'casemask retry --quarantined' takes all"),
+                       ("discard", "give up on these quarantined jobs: nothing of them is ever sent")):
+        qa = with_config(qsub.add_parser(name, help=text))
+        qa.add_argument("ids", nargs="+", type=int, metavar="JOB", help="job ids from 'quarantine list'")
+    sp.set_defaults(func=cmd_quarantine)
 
     sp = with_config(sub.add_parser("purge", help="delete what retention says is due now ([retention]); rows stay"))
     sp.add_argument("--dry-run", action="store_true", help="only say what would be deleted")

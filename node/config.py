@@ -187,7 +187,29 @@ class RetentionSettings(_Table):
     originals_days: StrictInt = hint("days; 0 deletes a received object once everything made from it is SENT, -1 keeps it", 0, ge=-1)
     outputs_days: StrictInt = hint("days; 0 deletes a de-identified file once delivered to every destination, -1 keeps it", 0, ge=-1)
     quarantine_days: StrictInt = hint("days a quarantined object is kept for review, then deleted; -1 keeps it", 30, ge=-1)
+    mapping_days: StrictInt = hint("days a pseudonym mapping row (original Patient ID, name and UIDs, for casemask export-mapping) is kept "
+                                   "after it was last met; 0 stores none, -1 keeps it", 30, ge=-1)
+    unconfigured_days: StrictInt = hint("days deliveries to a destination removed from the configuration are kept owed, then given up "
+                                        "(their files deleted); -1 keeps them", 30, ge=-1)
     interval_s: Seconds = hint("seconds between retention runs, more than 0", 300.0, gt=0)
+
+    def describe(self) -> list[str]:
+        """What retention does with these settings, one line per kind of data (for
+        ``casemask config check``)."""
+
+        def days(n: int, after: str) -> str:
+            return "kept for ever (-1)" if n < 0 else f"deleted {n} days after {after}" if n else f"deleted once {after}"
+
+        return [
+            f"originals: {days(self.originals_days, 'every output made from them is delivered')}",
+            f"de-identified outputs: {days(self.outputs_days, 'delivered to every destination')}",
+            f"quarantined originals: {days(self.quarantine_days, 'they were quarantined')}",
+            "pseudonym mapping (original Patient IDs, names, UIDs): "
+            + ("not stored (mapping_days = 0): casemask export-mapping has nothing to export" if self.mapping_days == 0
+               else days(self.mapping_days, "a patient's or UID's last object") + ("" if self.mapping_days < 0 else "; export it before then (casemask export-mapping)")),
+            f"deliveries to a destination no longer configured: {days(self.unconfigured_days, 'it was removed') if self.unconfigured_days else 'given up at once'}"
+            + (" (then their files are deleted like delivered ones)" if self.unconfigured_days >= 0 else ""),
+        ]
 
 
 class Source(_Table):
@@ -574,6 +596,9 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
             problems.append(f"{label}: two routes have this name")
         routes.append(route)
 
+    if retention.mapping_days < 0:
+        warnings.append("[retention] mapping_days = -1: the pseudonym mapping (original Patient IDs and names in clear) is kept for ever; "
+                        "write a number of days (the honest broker exports it before then), or 0 to store none")
     if not sources:
         warnings.append("no [[sources]]: every association is rejected; add [[sources]] ae_title = \"MODALITY\" for each sender")
     if not routes:

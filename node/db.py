@@ -69,9 +69,19 @@ def db_now(conn: Connection | Session) -> dt.datetime:
 
 
 class StudyState(enum.StrEnum):
+    """A study's state; once no job of it is open it ends in one of the last five, which
+    say what became of its objects (node.queue.end_state)."""
+
     RECEIVING = "RECEIVING"  # objects still arriving (or arrived after the last processing)
     ROUTED = "ROUTED"  # stable: its instances have been routed to jobs
-    DONE = "DONE"  # every job of it has finished
+    DONE = "DONE"  # every job of it has finished, and every object was processed (or matched no route, discard)
+    PARTIAL = "PARTIAL"  # some objects processed, others quarantined or held: the study went out incomplete
+    QUARANTINED = "QUARANTINED"  # no object processed, some quarantined: nothing of it goes out
+    HELD = "HELD"  # no object processed, some held (matched no route, unrouted = hold)
+    IGNORED = "IGNORED"  # every object matched no route (discard) or was discarded by an operator: nothing goes out
+
+
+STUDY_ENDED = frozenset({StudyState.DONE, StudyState.PARTIAL, StudyState.QUARANTINED, StudyState.HELD, StudyState.IGNORED})
 
 
 class InstanceState(enum.StrEnum):
@@ -97,6 +107,10 @@ class DeliveryState(enum.StrEnum):
     RETRY_WAIT = "RETRY_WAIT"
     SENT = "SENT"
     FAILED = "FAILED"
+    # Owed to a destination no longer in the configuration: PENDING again if it comes
+    # back; given up after [retention] unconfigured_days. ``next_attempt_at`` holds when
+    # it became so (node.queue.sort_unconfigured).
+    UNCONFIGURED = "UNCONFIGURED"
 
 
 class Base(DeclarativeBase):
@@ -230,7 +244,8 @@ class Delivery(Base):
 class Pseudonym(Base):
     """Old -> new identifiers, kept so that mappings can be exported (kinds: see
     node.pipeline._collect_mappings: <level>/<output kind>, uid, patient, patient-name,
-    date-offset)."""
+    date-offset). ``old`` holds PHI in clear: rows are deleted ``[retention]
+    mapping_days`` after ``seen_at`` (node.mapping, node.retention)."""
 
     __tablename__ = "pseudonyms"
     __table_args__ = (UniqueConstraint("kind", "old"),)
@@ -239,6 +254,8 @@ class Pseudonym(Base):
     kind: Mapped[str] = mapped_column(String(16))
     old: Mapped[str] = mapped_column(String(512))
     new: Mapped[str] = mapped_column(String(128))
+    # When the mapping was written, or last met again (refreshed at most once a day).
+    seen_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True, index=True)
 
 
 class Meta(Base):

@@ -5,20 +5,32 @@ UID); ``patients.csv``: issuer, Patient ID, Patient's Name -> pseudonymous ID an
 and the date offset in days. Built from the ``pseudonyms`` table that the pipeline
 fills; written owner-only (folder 0700, files 0600). :class:`node.service.Service` writes
 it for ``casemask export-mapping`` and zips it for the API, auditing both.
+
+The table holds original Patient IDs, Patient's Names and UIDs in clear, so it is
+bounded by ``[retention] mapping_days``: each row carries ``seen_at`` (when it was written
+or last met again, refreshed at most once per :data:`REFRESH_AFTER`), and retention
+deletes the rows not met for that many days (:func:`expire`). ``mapping_days = 0``
+stores none (:func:`save` is then not called). Pseudonyms are keyed hashes of the
+originals: deleting a row changes no output, it only leaves it out of the export.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import os
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
-from node.db import Pseudonym
+from node.db import Pseudonym, db_now
+
+# A row met again is given a new ``seen_at`` only when its own is older than this: most
+# batches then write no row they did not add (pseudonyms of one patient recur).
+REFRESH_AFTER = dt.timedelta(days=1)
 
 UIDS_HEADER = ["level", "output_kind", "id_old", "id_new"]
 PATIENTS_HEADER = ["issuer", "patient_id", "patient_name", "patient_id_new", "patient_name_new", "date_offset_days"]
@@ -32,6 +44,51 @@ def tables(session: Session) -> dict[str, tuple[list[str], list[list[str]]]]:
     """File name -> (header, rows) of the whole mapping."""
     rows = session.execute(select(Pseudonym.kind, Pseudonym.old, Pseudonym.new).order_by(Pseudonym.id)).all()
     return {"uids.csv": (UIDS_HEADER, uid_rows(rows)), "patients.csv": (PATIENTS_HEADER, patient_rows(rows))}
+
+
+def save(session: Session, rows: list[dict[str, str]]) -> None:
+    """Store mappings (dicts of ``kind``, ``old``, ``new``) in the caller's transaction:
+    a new (kind, old) is inserted with ``seen_at`` = now (database time), one already
+    stored keeps its ``new`` (pseudonyms are stable, so a later one is the same) and has
+    its ``seen_at`` moved to now when older than :data:`REFRESH_AFTER`, so that a patient
+    who comes back keeps the rows an export needs. ``ON CONFLICT``: workers that meet the
+    same patient at once do not fail on the unique constraint. Rows are written in key
+    order, so that two such transactions on PostgreSQL wait for each other rather than
+    deadlock."""
+    if not rows:
+        return
+    now = db_now(session)
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    t = Pseudonym.__table__
+    stmt = dialect_insert(t)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[t.c.kind, t.c.old],
+        set_={"seen_at": stmt.excluded.seen_at},
+        where=or_(t.c.seen_at.is_(None), t.c.seen_at < now - REFRESH_AFTER),
+    )
+    session.execute(stmt, [{**r, "seen_at": now} for r in sorted(rows, key=lambda r: (r["kind"], r["old"]))])
+
+
+def due(session: Session, cutoff: dt.datetime) -> int:
+    """How many rows were last met at or before ``cutoff`` (or never dated)."""
+    return int(session.scalar(select(func.count()).select_from(Pseudonym).where(_stale(cutoff))) or 0)
+
+
+def expire(session: Session, cutoff: dt.datetime, limit: int = 5000) -> int:
+    """Delete up to ``limit`` rows last met at or before ``cutoff`` (rows never dated
+    too), in the caller's transaction; returns how many."""
+    ids = list(session.scalars(select(Pseudonym.id).where(_stale(cutoff)).order_by(Pseudonym.id).limit(limit)))
+    if not ids:
+        return 0
+    session.execute(delete(Pseudonym).where(Pseudonym.id.in_(ids)).execution_options(synchronize_session=False))
+    return len(ids)
+
+
+def _stale(cutoff: dt.datetime):
+    return or_(Pseudonym.seen_at.is_(None), Pseudonym.seen_at <= cutoff)
 
 
 def csv_text(header: list[str], rows: list[list[str]]) -> str:

@@ -31,9 +31,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node import audit, metrics, queue
+from node import audit, mapping, metrics, queue
 from node.config import Route, Settings
-from node.db import Job, Output, Pseudonym, data_path, insert_if_absent, row_path
+from node.db import Job, Output, data_path, row_path
 from node.deid import Deidentifier, Pseudonymizer, QuarantineError, Result, to_bytes
 from node.deid.profile import CLEAN_PIXEL_CODE, CLEAN_VISUAL_CODE
 from node.deid.verify import Policy, VerifyError, reason, verify
@@ -380,12 +380,14 @@ class Pipeline:
         )
 
     def _save_mappings(self, session: Session, mappings: dict[str, dict[str, str]]) -> None:
-        """Store every mapping the header step made (kinds: see _collect_mappings), the
-        first value of each (kind, old) winning: pseudonyms are stable, so a later one
-        is the same. ON CONFLICT DO NOTHING: workers that meet the same patient at once
-        must not fail their batches on the unique constraint (each job would lose a try)."""
-        rows = [{"kind": kind, "old": old, "new": new} for kind, mapping in mappings.items() for old, new in mapping.items()]
-        insert_if_absent(session, Pseudonym, rows)
+        """Store every mapping the header step made (kinds: see _collect_mappings) with
+        :func:`node.mapping.save` (the first value of each (kind, old) wins, its age is
+        refreshed); none with ``[retention] mapping_days = 0`` (no re-identification
+        wanted: nothing but the keyed pseudonyms, which need no table)."""
+        if self.settings.retention.mapping_days == 0:
+            return
+        rows = [{"kind": kind, "old": old, "new": new} for kind, pairs in mappings.items() for old, new in pairs.items()]
+        mapping.save(session, rows)
 
 
 _LEVELS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID")

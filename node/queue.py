@@ -35,6 +35,7 @@ from node.db import (
     Job,
     JobState,
     Output,
+    STUDY_ENDED,
     Study,
     StudyState,
     data_path,
@@ -303,11 +304,41 @@ def quarantine_instance(session: Session, inst: Instance, reason: str) -> None:
 
 
 def mark_study_routed(session: Session, study: Study) -> None:
-    """RECEIVING -> ROUTED, or straight to DONE when none of its jobs is open."""
+    """RECEIVING -> ROUTED, or straight to its end state (:func:`end_state`) when none of
+    its jobs is open."""
     _set_study(study, StudyState.ROUTED)
     session.flush()
     if not _open_jobs(session, study.id):
-        _set_study(study, StudyState.DONE)
+        _end_studies(session, [study])
+
+
+def end_state(instances: Iterable[InstanceState]) -> StudyState:
+    """What a study whose jobs all ended has become, from its instances' states: DONE
+    when every object was processed (objects that matched no route with ``unrouted =
+    "discard"`` aside); PARTIAL when some were processed and others quarantined or held;
+    QUARANTINED, or HELD, when none was processed; IGNORED when every object matched no
+    route (discard) or an operator discarded it. So that no one reads "delivered" into a
+    study nothing of which went out."""
+    states = set(instances)
+    processed = InstanceState.PROCESSED in states
+    if InstanceState.QUARANTINED in states:
+        return StudyState.PARTIAL if processed else StudyState.QUARANTINED
+    if InstanceState.HELD in states:
+        return StudyState.PARTIAL if processed else StudyState.HELD
+    return StudyState.IGNORED if states and not processed and states <= {InstanceState.IGNORED} else StudyState.DONE
+
+
+def _end_studies(session: Session, studies: Sequence[Study]) -> None:
+    """Each of ``studies`` (no job of them open) to its :func:`end_state`, in one query."""
+    if not studies:
+        return
+    session.flush()
+    states: dict[int, set[InstanceState]] = {}
+    rows = session.execute(select(Instance.study_id, Instance.state).where(Instance.study_id.in_([st.id for st in studies])).distinct())
+    for study_id, state in rows:
+        states.setdefault(study_id, set()).add(state)
+    for study in studies:
+        _set_study(study, end_state(states.get(study.id, ())))
 
 
 def _open_jobs(session: Session, study_id: int) -> int:
@@ -580,8 +611,8 @@ def _back_to_pending(session: Session, job: Job, reason: str, delay: float) -> f
 def settle_jobs(session: Session, jobs: Sequence[Job]) -> None:
     """The states of the instances and studies of ``jobs``, which just ended (DONE or
     QUARANTINED): an instance is QUARANTINED when any of its jobs is, PROCESSED when all
-    are DONE; a ROUTED study with no open job left is DONE. A few statements for the
-    whole batch.
+    are DONE; a ROUTED study with no open job left takes its :func:`end_state`. A few
+    statements for the whole batch.
 
     The study rows, then the instance rows, are locked first, each in id order
     (PostgreSQL; SQLite's write lock is held already), so that workers ending the last
@@ -614,9 +645,7 @@ def settle_jobs(session: Session, jobs: Sequence[Job]) -> None:
                 select(Job.study_id).where(Job.study_id.in_([st.id for st in routed]), Job.state.in_([JobState.PENDING, JobState.PROCESSING])).distinct()
             )
         )
-        for study in routed:
-            if study.id not in still_open:
-                _set_study(study, StudyState.DONE)
+        _end_studies(session, [st for st in routed if st.id not in still_open])
 
 
 def take_over(session: Session, node_id: str, owner: str) -> tuple[int, int]:
@@ -736,6 +765,44 @@ def mark_failed(session: Session, delivery: Delivery, owner: str, reason: str) -
     return ok
 
 
+UNCONFIGURED_REASON = "its destination is no longer configured ([[destinations]]); owed until [retention] unconfigured_days"
+GIVEN_UP_REASON = "its output was deleted by retention ([retention] unconfigured_days) while the destination was not configured"
+
+
+def sort_unconfigured(session: Session, configured: Iterable[str]) -> tuple[int, int]:
+    """Deliveries still owed (PENDING, RETRY_WAIT, FAILED, or SENDING with an expired
+    lease) to a destination not in ``configured`` -> UNCONFIGURED, ``next_attempt_at``
+    set to now (database time: retention counts ``unconfigured_days`` from it); and
+    UNCONFIGURED ones whose destination is configured again -> PENDING (to be sent, with
+    their tries reset), or FAILED when retention deleted their output meanwhile.
+    Returns (made UNCONFIGURED, back to PENDING or FAILED)."""
+    names = sorted(set(configured))
+    now = db_now(session)
+    owed = or_(
+        Delivery.state.in_([DeliveryState.PENDING, DeliveryState.RETRY_WAIT, DeliveryState.FAILED]),
+        and_(Delivery.state == DeliveryState.SENDING, Delivery.lease_until < now),
+    )
+    gone = session.execute(
+        update(Delivery).where(owed, Delivery.destination.not_in(names))
+        .values(state=DeliveryState.UNCONFIGURED, owner=None, lease_until=None, next_attempt_at=now, reason=UNCONFIGURED_REASON)
+        .execution_options(synchronize_session=False)
+    ).rowcount or 0
+    back = and_(Delivery.state == DeliveryState.UNCONFIGURED, Delivery.destination.in_(names))
+    kept = Delivery.output_id.in_(select(Output.id).where(Output.purged_at.is_(None)))
+    again = session.execute(
+        update(Delivery).where(back, kept).values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now, reason="")
+        .execution_options(synchronize_session=False)
+    ).rowcount or 0
+    again += session.execute(
+        update(Delivery).where(back, ~kept).values(state=DeliveryState.FAILED, reason=GIVEN_UP_REASON).execution_options(synchronize_session=False)
+    ).rowcount or 0
+    if gone:
+        log.warning("%d deliveries are owed to destinations no longer configured: UNCONFIGURED (casemask status)", gone)
+    if again:
+        log.info("%d UNCONFIGURED deliveries have their destination again", again)
+    return int(gone), int(again)
+
+
 def requeue_failed(session: Session, destination: str | None = None) -> int:
     """FAILED -> PENDING (``casemask retry``); returns how many. Deliveries whose
     outbox file retention deleted cannot be sent again and stay FAILED."""
@@ -781,7 +848,7 @@ def requeue_missing_files(session: Session, data_dir: Path) -> int:
 
 def requeue_job(session: Session, job: Job) -> None:
     """QUARANTINED -> PENDING with its tries reset: process this job again (its study
-    reopens if DONE).
+    reopens if it had ended).
 
     Raises:
         ValueError: the job is not quarantined, or retention already deleted its original.
@@ -799,7 +866,7 @@ def requeue_job(session: Session, job: Job) -> None:
     job.updated_at = utcnow()
     _set_instance(job.instance, InstanceState.ROUTED)
     study = session.get(Study, job.study_id)
-    if study is not None and study.state == StudyState.DONE:
+    if study is not None and study.state in STUDY_ENDED:
         _set_study(study, StudyState.ROUTED)
 
 
@@ -817,6 +884,9 @@ def discard_job(session: Session, job: Job, reason: str) -> None:
     states = set(session.scalars(select(Job.state).where(Job.instance_id == inst.id)))
     if states <= {JobState.DONE, JobState.DISCARDED}:
         _set_instance(inst, InstanceState.PROCESSED if JobState.DONE in states else InstanceState.IGNORED, reason)
+    study = session.get(Study, job.study_id)
+    if study is not None and study.state in STUDY_ENDED:  # e.g. QUARANTINED -> IGNORED once the last one is discarded
+        _end_studies(session, [study])
 
 
 def counts(session: Session) -> dict[str, dict[str, int]]:

@@ -11,6 +11,15 @@ are no longer needed, and keep the rows (UIDs and states, no PHI) for the audit 
   many days after it was delivered to every destination.
 - ``quarantine_days`` (default 30): a quarantined original is kept that long for review
   (``casemask retry --quarantined``), then deleted.
+- ``mapping_days`` (default 30): a row of the pseudonym mapping (original Patient ID,
+  Patient's Name, UIDs -> pseudonyms; :mod:`node.mapping`) is deleted that many days
+  after it was last met; 0 stores none. Each run that deletes rows is audited
+  (``mapping-purged``, the count only).
+- ``unconfigured_days`` (default 30): a delivery owed to a destination that was removed
+  from the configuration is marked UNCONFIGURED at each run (PENDING again if the
+  destination comes back, :func:`node.queue.sort_unconfigured`); that many days later it
+  counts as done for the two rules above, so its output, and its original once nothing
+  else is owed to a configured destination, are deleted then.
 
 Outputs with a dead-letter (FAILED) delivery, and their originals, are kept until the
 delivery is re-queued and sent. Spooled files that no row names (left by a crash between
@@ -39,6 +48,7 @@ from pathlib import Path
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from node import audit, mapping, queue
 from node.config import Settings
 from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, Output, data_path, db_now
 
@@ -65,6 +75,7 @@ class Report:
     files: Counter = dataclasses.field(default_factory=Counter)
     bytes: Counter = dataclasses.field(default_factory=Counter)
     refused: int = 0  # paths outside the spool/outbox, or links: never touched
+    mapping_rows: int = 0  # rows of the pseudonym mapping deleted (or due)
 
     @property
     def deleted(self) -> int:
@@ -75,8 +86,16 @@ def _cutoff(now: dt.datetime, days: int) -> dt.datetime | None:
     return None if days < 0 else now - dt.timedelta(days=days)
 
 
-def _all_sent():
-    return func.sum(case((Delivery.state == DeliveryState.SENT, 0), else_=1)) == 0
+def _delivered(settings: Settings, now: dt.datetime, cutoff: dt.datetime):
+    """A HAVING clause over the deliveries of a group: none is still owed (each is SENT,
+    or UNCONFIGURED for ``unconfigured_days``), and the last SENT (if any) was at or
+    before ``cutoff``."""
+    done = Delivery.state == DeliveryState.SENT
+    given_up = _cutoff(now, settings.retention.unconfigured_days)
+    if given_up is not None:
+        done = or_(done, and_(Delivery.state == DeliveryState.UNCONFIGURED, Delivery.next_attempt_at <= given_up))
+    last = func.max(Delivery.sent_at)
+    return and_(func.sum(case((done, 0), else_=1)) == 0, or_(last.is_(None), last <= cutoff))
 
 
 def originals_due(session: Session, settings: Settings, now: dt.datetime, limit: int) -> list[Candidate]:
@@ -92,7 +111,7 @@ def originals_due(session: Session, settings: Settings, now: dt.datetime, limit:
             .join(Delivery, Delivery.output_id == Output.id)
             .where(Instance.state == InstanceState.PROCESSED, Instance.purged_at.is_(None))
             .group_by(Instance.id, Instance.path)
-            .having(and_(_all_sent(), func.max(Delivery.sent_at) <= cutoff))
+            .having(_delivered(settings, now, cutoff))
             .order_by(Instance.id)
             .limit(limit)
         ).all()
@@ -123,7 +142,7 @@ def outputs_due(session: Session, settings: Settings, now: dt.datetime, limit: i
         .join(Delivery, Delivery.output_id == Output.id)
         .where(Output.purged_at.is_(None))
         .group_by(Output.id, Output.path)
-        .having(and_(_all_sent(), func.max(Delivery.sent_at) <= cutoff))
+        .having(_delivered(settings, now, cutoff))
         .order_by(Output.id)
         .limit(limit)
     ).all()
@@ -236,22 +255,57 @@ def _remove(path: Path, roots: list[Path]) -> int:
 
 
 def run(sessions: sessionmaker, settings: Settings, dry_run: bool = False, batch: int = 1000) -> Report:
-    """One retention pass: delete what is due, a batch at a time, marking each row
-    purged once its file is gone. ``dry_run``: only count what would be deleted.
+    """One retention pass: mark the deliveries owed to destinations no longer
+    configured, delete what is due, a batch at a time, marking each row purged once its
+    file is gone, then the mapping rows that are due. ``dry_run``: only count what
+    would be deleted (nothing is marked).
 
     Raises:
         OSError: a file could not be deleted for another reason than being gone already
             (the rows of the files deleted before it are marked).
     """
-    data = settings.node.data_dir.resolve()
-    roots = [data / "spool", data / "outbox"]
     report = Report()
     if dry_run:
         with sessions() as session:
             for c in plan(session, settings, limit=10**9):
                 report.files[c.kind] += 1
                 report.bytes[c.kind] += c.path.stat().st_size if c.path.is_file() else 0
+            cutoff = _cutoff(db_now(session), settings.retention.mapping_days)
+            report.mapping_rows = mapping.due(session, cutoff) if cutoff is not None else 0
         return report
+    with sessions() as session:
+        queue.sort_unconfigured(session, [d.name for d in settings.destinations])
+        session.commit()
+    _delete_files(sessions, settings, report, batch)
+    report.mapping_rows = _expire_mapping(sessions, settings)
+    return report
+
+
+def _expire_mapping(sessions: sessionmaker, settings: Settings, batch: int = 5000) -> int:
+    """Delete the mapping rows not met for ``mapping_days``, a batch per transaction,
+    each with its audit entry (the count, never a value). Returns how many."""
+    days = settings.retention.mapping_days
+    total = 0
+    for _ in range(100_000):
+        with sessions() as session:
+            cutoff = _cutoff(db_now(session), days)
+            n = mapping.expire(session, cutoff, batch) if cutoff is not None else 0
+            if n:
+                audit.record(session, "mapping-purged", actor="retention", object_kind="mapping", detail={"rows": n, "mapping_days": days})
+            session.commit()
+        total += n
+        if n < batch:
+            break
+    if total:
+        log.info("retention: deleted %d rows of the pseudonym mapping (mapping_days = %d)", total, days)
+    return total
+
+
+def _delete_files(sessions: sessionmaker, settings: Settings, report: Report, batch: int) -> None:
+    """The files that are due, a batch per transaction, marking each row purged once
+    its file is gone."""
+    data = settings.node.data_dir.resolve()
+    roots = [data / "spool", data / "outbox"]
     for _ in range(100_000):
         with sessions() as session:
             now = db_now(session)
@@ -279,4 +333,3 @@ def run(sessions: sessionmaker, settings: Settings, dry_run: bool = False, batch
                 session.commit()
     if report.deleted:
         log.info("retention: deleted %s", ", ".join(f"{n} {k}" for k, n in sorted(report.files.items())))
-    return report

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import threading
 import tomllib
 import zipfile
@@ -31,7 +32,7 @@ from node import audit, queue, routing
 from node.accounts import Principal
 from node.config import DEFAULT_CONFIG, ConfigError, Settings, hide_credentials, parse
 from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Role, Study, StudyState, data_path, utcnow
-from node.metrics import disk_free
+from node.metrics import disk_free, step_of
 
 if TYPE_CHECKING:
     from node.app import Node
@@ -91,6 +92,16 @@ def version() -> str:
         return v("casemask")
     except PackageNotFoundError:
         return "unknown"
+
+
+_STEP_PREFIX = re.compile(r"[a-z][a-z_ -]{0,30}")
+
+
+def _step(reason: str) -> str:
+    """The step that wrote a quarantine reason: its prefix (reasons read ``step: what``,
+    node.reasons), else what :func:`node.metrics.step_of` finds in it."""
+    head, sep, _ = reason.partition(":")
+    return head.strip().replace(" ", "_") if sep and _STEP_PREFIX.fullmatch(head.strip()) else step_of(reason)
 
 
 def _iso(t: dt.datetime | None) -> str | None:
@@ -248,17 +259,51 @@ class Service:
     # -- quarantine -----------------------------------------------------------------------
     def quarantine(self, limit: int = 500) -> list[dict[str, Any]]:
         """Quarantined jobs (retry or discard them) and objects quarantined before any
-        route (unreadable files), newest first."""
+        route (unreadable files), newest first. Each names the step that quarantined it
+        (read, route, pixels, gates, burned-in, headers, verifier, study, ...: :func:`_step`) and whether its original is still kept (else it cannot
+        be retried)."""
         with self.sessions() as session:
             jobs = list(session.scalars(select(Job).where(Job.state == JobState.QUARANTINED).order_by(Job.updated_at.desc()).limit(limit)))
             studies = {s.id: s for s in session.scalars(select(Study).where(Study.id.in_({j.study_id for j in jobs})))}
-            out = [{"job_id": j.id, "study_id": j.study_id, "study_uid": self.study_uid(studies[j.study_id].study_uid) if j.study_id in studies else None,
-                    "route": j.route, "modality": j.instance.modality, "reason": j.reason, "attempts": j.attempts,
-                    "updated_at": _iso(j.updated_at), "record": json.loads(j.record or "{}")} for j in jobs]
+            out = [{"job_id": j.id, "instance_id": j.instance_id, "study_id": j.study_id,
+                    "study_uid": self.study_uid(studies[j.study_id].study_uid) if j.study_id in studies else None,
+                    "route": j.route, "modality": j.instance.modality, "step": _step(j.reason), "reason": j.reason, "attempts": j.attempts,
+                    "updated_at": _iso(j.updated_at), "original_kept": j.instance.purged_at is None, "record": json.loads(j.record or "{}")} for j in jobs]
             loose = session.scalars(select(Instance).where(Instance.state == InstanceState.QUARANTINED, ~Instance.id.in_(select(Job.instance_id))).limit(limit))
-            out += [{"job_id": None, "study_id": i.study_id, "study_uid": None, "route": "", "modality": i.modality, "reason": i.reason,
-                     "attempts": 0, "updated_at": _iso(i.received_at), "record": {}} for i in loose]
+            out += [{"job_id": None, "instance_id": i.id, "study_id": i.study_id, "study_uid": None, "route": "", "modality": i.modality, "step": _step(i.reason),
+                     "reason": i.reason, "attempts": 0, "updated_at": _iso(i.state_changed_at or i.received_at), "original_kept": i.purged_at is None,
+                     "record": {}} for i in loose]
         return out
+
+    def quarantined(self, job_id: int | None = None, instance_id: int | None = None) -> dict[str, Any]:
+        """One quarantined job (or object quarantined before routing): what
+        :meth:`quarantine` lists, plus its study's state and pseudonymous UID, what the
+        steps found, and when retention deletes its original (``[retention]
+        quarantine_days``). No header value, path or original UID.
+
+        Raises:
+            NotFound: no such job or object, or it is not quarantined.
+        """
+        with self.sessions() as session:
+            job = session.get(Job, job_id) if job_id is not None else None
+            inst = job.instance if job is not None else session.get(Instance, instance_id) if instance_id is not None else None
+            if inst is None or (job is not None and job.state != JobState.QUARANTINED) or (job is None and inst.state != InstanceState.QUARANTINED):
+                raise NotFound(f"no quarantined {'job' if job_id is not None else 'object'} {job_id if job_id is not None else instance_id}")
+            study = session.get(Study, inst.study_id)
+            since = (job.updated_at if job is not None else None) or inst.state_changed_at or inst.received_at
+            counted = inst.state_changed_at or inst.received_at  # what retention counts quarantine_days from
+            days = self.settings.retention.quarantine_days
+            reason = job.reason if job is not None else inst.reason
+            return {
+                "job_id": job.id if job is not None else None, "instance_id": inst.id, "study_id": inst.study_id,
+                "study_uid": self.study_uid(study.study_uid) if study is not None else None, "study_state": study.state.value if study is not None else None,
+                "route": job.route if job is not None else "", "modality": inst.modality, "sender": inst.calling_ae,
+                "step": _step(reason), "reason": reason, "attempts": job.attempts if job is not None else 0,
+                "received_at": _iso(inst.received_at), "quarantined_at": _iso(since),
+                "original_kept": inst.purged_at is None, "original_deleted_at": _iso(inst.purged_at),
+                "original_deleted_after": None if days < 0 or inst.purged_at is not None else _iso(counted + dt.timedelta(days=days)),
+                "record": json.loads(job.record or "{}") if job is not None else {},
+            }
 
     def retry_job(self, job_id: int, who: Principal, host: str = "") -> dict[str, Any]:
         """Process a quarantined job again.

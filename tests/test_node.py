@@ -439,11 +439,11 @@ def test_unrouted_objects_are_held(tmp_path, start_node):
 
     wait_until(held, what="2 HELD instances")
 
-    def study_done():
+    def study_held():
         with node.sessions() as s:
-            return s.scalar(select(Study.state)) == StudyState.DONE
+            return s.scalar(select(Study.state)) == StudyState.HELD
 
-    wait_until(study_done, what="the study to be DONE (nothing left to do)")
+    wait_until(study_held, what="the study to be HELD (nothing left to do, nothing went out)")
 
 
 @pytest.mark.slow

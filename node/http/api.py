@@ -39,7 +39,7 @@ def status(request: Request, who: Principal = viewer) -> dict[str, Any]:
 
 
 @router.get("/studies", tags=["studies"])
-def studies(request: Request, state: str = Query("", description="RECEIVING | ROUTED | DONE"), limit: int = Query(100, ge=1, le=1000),
+def studies(request: Request, state: str = Query("", description="RECEIVING | ROUTED | DONE | PARTIAL | QUARANTINED | HELD | IGNORED"), limit: int = Query(100, ge=1, le=1000),
             offset: int = Query(0, ge=0), who: Principal = viewer) -> list[dict[str, Any]]:
     """Studies, newest first (pseudonymous: row id and the Study Instance UID the archive receives)."""
     try:
