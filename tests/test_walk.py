@@ -4,13 +4,16 @@ walk (a pseudonym secret file they wrote themselves)."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYDICOM_FILES, ROOT
+from tests.conftest import ECHOSCU, PYDICOM_FILES, ROOT, dcmtk_env, needs_dcmtk, node_config, stop_process, wait_until, write_toml
 
 README = ROOT / "README.md"
 
@@ -31,3 +34,32 @@ def test_a_secret_file_that_is_short_or_not_hex_is_refused_with_what_to_write(tm
     assert "Traceback" not in r.stderr and "openssl rand -hex 32" in r.stderr, r.stderr
     assert not list((tmp_path / "o").glob("*.dcm")) if (tmp_path / "o").exists() else True
 
+
+
+@needs_dcmtk
+def test_the_start_line_names_the_pid_that_reloads_the_configuration(tmp_path):
+    """README: a running node re-reads its file on `kill -HUP <pid>`; the start line
+    gives that pid (the walk had to guess it among the node's processes), and a source
+    added to the file is let in after the signal, without a restart."""
+    cfg = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+    config = write_toml(cfg, tmp_path / "site.toml")
+    port = cfg["node"]["port"]
+    log = tmp_path / "node.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_until(lambda: re.search(r"listening on .*; pid (\d+) \(kill -HUP \1 ", log.read_text()), timeout=60, what="the start line")
+        pid = int(re.search(r"; pid (\d+) ", log.read_text()).group(1))
+        assert pid == proc.pid
+
+        def echo() -> int:
+            return subprocess.run([ECHOSCU, "-aet", "NEWMODALITY", "-aec", "CASEMASK", "127.0.0.1", str(port)], env=dcmtk_env(), capture_output=True, timeout=30).returncode
+
+        assert echo() != 0  # not yet a source
+        cfg["sources"].append({"ae_title": "NEWMODALITY"})
+        write_toml(cfg, config)
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: "[[sources]] and accept_unknown_sources taken" in log.read_text(), timeout=30, what="the receivers to take the new sources")
+        assert echo() == 0
+    finally:
+        stop_process(proc, 15)
