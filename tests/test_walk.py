@@ -63,3 +63,15 @@ def test_the_start_line_names_the_pid_that_reloads_the_configuration(tmp_path):
         assert echo() == 0
     finally:
         stop_process(proc, 15)
+
+
+def test_readme_is_at_most_300_lines_and_starts_with_its_two_commands():
+    """The manual's length (a project hook holds it to 300 lines), its two first
+    commands (`make serve`, `make test`) ahead of every section, and every relative
+    link pointing at a file of the repository."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300
+    first_section = text.index("\n## ")
+    assert text.index("make serve") < first_section and text.index("make test") < first_section
+    for target in re.findall(r"\]\(((?!https?:|#)[^)#]+)(?:#[^)]*)?\)", text):
+        assert (ROOT / target).exists(), target
