@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -88,7 +89,7 @@ def cmd_serve(args) -> int:
         log.info("%s", describe_route(entry))
     node = Node(settings, role=args.role)
     doing = f"listening on {settings.node.host}:{settings.node.port}" if node.ingests else "working (routing, processing, dispatch, retention)"
-    node.serve_forever(started=lambda: print(f"casemask {settings.node.ae_title} ({args.role}) {doing}; data in {settings.node.data_dir}", file=sys.stderr, flush=True))
+    node.serve_forever(started=lambda: print(f"casemask {settings.node.ae_title} ({args.role}) {doing}; data in {settings.node.data_dir}; pid {os.getpid()} (kill -HUP {os.getpid()} re-reads the configuration)", file=sys.stderr, flush=True))
     return 0
 
 

@@ -72,17 +72,22 @@ def read_secret_file(path: Path) -> bytes:
     that reads it (serve, deid, status, export).
 
     Raises:
-        StartupError: the file is readable by group or others, or does not hold hex
-            digits; the message says what to do and quotes nothing from the file.
+        StartupError: the file is readable by group or others, does not hold hex
+            digits, or holds fewer than 16 bytes; the message says what to do and
+            quotes nothing from the file.
     """
     from node.deid import load_or_create_secret
 
+    what = f"write 64 hex digits into it (openssl rand -hex 32 > {path}; chmod 600 {path}), or name a file that does not exist yet and casemask makes one"
     try:
-        return load_or_create_secret(path)
+        secret = load_or_create_secret(path)
     except PermissionError as exc:
         raise StartupError(str(exc)) from None
     except ValueError:
-        raise StartupError(f"{path} must hold the pseudonym secret as hex digits") from None
+        raise StartupError(f"{path} must hold the pseudonym secret as hex digits: {what}") from None
+    if len(secret) < 16:
+        raise StartupError(f"{path} holds {len(secret)} bytes: the pseudonym secret must be at least 16 bytes (32 hex digits); {what}")
+    return secret
 
 
 def fingerprint(secret: bytes) -> str:

@@ -1,18 +1,23 @@
 """The shared cases re-run through the node as a user runs it (``casemask serve`` as a
 subprocess, dcmtk's storescu as the modality, a folder destination): the cases whose
 README expectation only shows over the network (02: a SOP Instance UID used as a path;
-03: the same SOP Instance UID in another study), and what the node's log may say about
-them (no original UIDs, no patient data)."""
+03: the same SOP Instance UID in another study), every other case's README outcome read
+back from what the node delivered (or quarantined), and what the node's log may say
+about them (no original UIDs, no patient data)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
+import numpy as np
 from pydicom import dcmread
+
+from node.deid.pseudonyms import Pseudonymizer, patient_key
 
 from tests.conftest import ROOT, STORESCU, NodeProcess, dcmtk_env, needs_dcmtk, node_config, wait_until, write_toml
 
@@ -51,10 +56,10 @@ def serve(tmp_path: Path):
     in tmp_path (an escape by ``../`` x8 from the spool still lands inside tmp_path)."""
     procs: list[NodeProcess] = []
 
-    def start() -> tuple[NodeProcess, dict]:
+    def start(**node_kw) -> tuple[NodeProcess, dict]:
         deep = tmp_path / "a" / "b" / "c" / "d" / "e" / "f" / "g" / "h"
         deep.mkdir(parents=True)
-        cfg = node_config(deep, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+        cfg = node_config(deep, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], **node_kw)
         node = NodeProcess(write_toml(cfg, tmp_path / "node.toml"), tmp_path / "node.log")
         procs.append(node)
         node.start(cfg["node"]["port"])
@@ -103,3 +108,78 @@ def test_case02_and_03_node_log_quotes_no_original_uid_or_patient_data(tmp_path,
     log = (tmp_path / "node.log").read_text()
     quoted = sum(v in log for v in originals(files) | {"escaped/evil"})  # a count: the values stay out of test output
     assert quoted == 0, "the log quotes original values (UIDs or patient data)"
+
+
+SECRET = bytes(range(32))
+
+
+def node_status(config: Path) -> dict:
+    """``casemask status --json`` of the node on ``config``, as an operator reads it."""
+    import json
+
+    r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def phi_values(files: list[Path]) -> set[bytes]:
+    """Every identifying text of the inputs (names, IDs, accession and order numbers,
+    institution, dates of birth, UIDs), five characters or more, as bytes."""
+    found: set[bytes] = set()
+    for f in files:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = dcmread(f, force=True)
+        for e in ds.iterall():
+            if e.VR == "PN" and e.value:
+                found.update(str(part) for part in (e.value.family_name, e.value.given_name) if len(str(part)) >= 5)
+            elif e.keyword in ("PatientID", "AccessionNumber", "InstitutionName", "PatientBirthDate", "RequestedProcedureID",
+                               "PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest", "IssuerOfPatientID",
+                               "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "ReferencedSOPInstanceUID") and e.value:
+                found.add(str(e.value))
+    return {v.encode() for v in found if len(v) >= 5}
+
+
+def test_every_case_through_the_node_reaches_its_readme_outcome(tmp_path, serve):
+    """Every other case's files (01, 04, 05, 06, 09, 10, 13, 15, 16) sent by storescu to a
+    node whose one route de-identifies headers only (retain-longitudinal-modified-dates)
+    into a folder, each README's outcome read back from what arrived: 04 (screen
+    captures labelled CT) and 09 (PDF with BurnedInAnnotation YES) quarantined, never
+    delivered; no input's name, ID, accession or order number, birth date or UID in any
+    delivered file's bytes (01 UN sequences, 05 SR text, 09 DocumentTitle); 06's
+    presentation state points at the delivered CT; 10 has no bit above BitsStored and no
+    overlay group; 13 arrives as a DICOM file with file meta; 15's two patients (ID 12345
+    at two issuers) get different pseudonyms and date offsets; 16 has no birth date."""
+    key = tmp_path / "secret.key"
+    key.write_text(SECRET.hex())
+    key.chmod(0o600)
+    node, cfg = serve(secret_path=str(key))
+    config = tmp_path / "node.toml"
+    quarantine = [case("04") / "dose_mono.dcm", case("04") / "dose_rgb.dcm", case("09") / "report_pdf.dcm"]
+    delivered = [f for n in ("01", "05", "06", "10", "13", "15", "16") for f in sorted(case(n).glob("*.dcm"))]
+    statuses = storescu_statuses(cfg["node"]["port"], quarantine + delivered)
+    assert statuses == ["Success"] * (len(quarantine) + len(delivered))
+
+    def settled() -> bool:
+        counts = node_status(config)["counts"]
+        return counts.get("instances", {}).get("QUARANTINED") == len(quarantine) and counts.get("destination:f", {}).get("SENT") == len(delivered)
+
+    wait_until(settled, timeout=90, what="every case processed: delivered or quarantined")
+    paths = sorted((tmp_path / "out").rglob("*.dcm"))
+    assert len(paths) == len(delivered)
+    secrets = phi_values(quarantine + delivered)
+    leaked = sum(v in p.read_bytes() for p in paths for v in secrets)  # a count: the values stay out of test output
+    assert leaked == 0, "a delivered file holds an input's identifying value"
+    outs = [dcmread(p) for p in paths]
+    assert not [o for o in outs if o.Modality in ("DOC", "OT") or o.SOPClassUID.name.startswith(("Secondary", "Encapsulated"))]
+    assert all(o.preamble is not None and o.file_meta.MediaStorageSOPInstanceUID == o.SOPInstanceUID for o in outs)  # 13 too
+    assert all(o.get("PatientBirthDate", "") == "" and o.PatientIdentityRemoved == "YES" for o in outs)  # 16
+    pr = next(o for o in outs if o.Modality == "PR")
+    cts = {str(o.SOPInstanceUID) for o in outs if o.Modality == "CT"}
+    assert str(pr.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID) in cts  # 06
+    mr = next(o for o in outs if o.Modality == "MR")
+    assert not (mr.pixel_array.astype(np.uint16) >> mr.BitsStored).any() and not any(0x6000 <= e.tag.group <= 0x601E for e in mr)  # 10
+    pseudo = Pseudonymizer(SECRET)
+    a, b = (pseudo.patient_id(patient_key("12345", issuer)) for issuer in ("HOSP_A", "HOSP_B"))
+    dates = {str(o.PatientID): str(o.StudyDate) for o in outs if o.PatientID in (a, b)}  # 15: both input studies 20210314
+    assert a != b and set(dates) == {a, b} and dates[a] != dates[b] and "20210314" not in dates.values()

@@ -388,7 +388,8 @@ def test_case15_issuer_and_id_make_a_patient(tmp_path):
     assert a.dataset.PatientID != b.dataset.PatientID and a.dataset.PatientName != b.dataset.PatientName
     (pa,), (pb,) = a.patients.values(), b.patients.values()
     assert (pa.issuer, pa.patient_id) == ("HOSP_A", "12345") and (pb.issuer, pb.patient_id) == ("HOSP_B", "12345")
-    assert pa.offset_days != pb.offset_days or pa.new_id != pb.new_id
+    assert pa.offset_days != pb.offset_days and pa.new_id != pb.new_id  # the README asks for both
+    assert a.dataset.StudyDate != b.dataset.StudyDate  # same input date 20210314, shifted apart
     again = d.apply(read(case("15") / "patient_HOSP_A.dcm"))
     assert again.dataset.PatientID == a.dataset.PatientID and again.dataset.StudyDate == a.dataset.StudyDate
 

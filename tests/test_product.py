@@ -1,6 +1,6 @@
 """What the README and the Makefile promise a user, checked as the user would meet it:
 `make clean` keeps the data, `make serve` installs no Debian package, the storescu
-options of the README send compressed files, the backup command copies a live database,
+options of the README's sending page (docs/sending.md) send compressed files, the backup command copies a live database,
 and `casemask demo` leaves no synthetic files behind."""
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from tests.conftest import dcmtk_env, node_config, write_toml
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
+SENDING = (ROOT / "docs" / "sending.md").read_text()
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 STORESCU = "/usr/bin/storescu"
 
-# One pydicom test file per compressed transfer syntax of the README's storescu table.
+# One pydicom test file per compressed transfer syntax of the storescu table (docs/sending.md).
 COMPRESSED = {
     "1.2.840.10008.1.2.4.50": "SC_rgb_jpeg_dcmtk.dcm",
     "1.2.840.10008.1.2.4.51": "JPEG-lossy.dcm",
@@ -72,9 +73,10 @@ def test_make_serve_installs_no_debian_package_and_make_test_does(tmp_path: Path
 
 
 def _readme_storescu_options() -> dict[str, str]:
-    """Transfer syntax UID -> storescu option, from the README's table."""
-    rows = re.findall(r"^\| [^|]+ \| `(-x\w)` \| ([\d.]+) \|$", README, flags=re.M)
-    assert len(rows) >= len(COMPRESSED), "the README's storescu table is gone or changed shape"
+    """Transfer syntax UID -> storescu option, from the table the README links to."""
+    assert "(docs/sending.md)" in README
+    rows = re.findall(r"^\| [^|]+ \| `(-x\w)` \| ([\d.]+) \|$", SENDING, flags=re.M)
+    assert len(rows) >= len(COMPRESSED), "docs/sending.md's storescu table is gone or changed shape"
     return {uid: opt for opt, uid in rows}
 
 

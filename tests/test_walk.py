@@ -1,0 +1,77 @@
+"""What a new admin meets walking through README.md from a fresh clone: the manual's
+length and its first commands, and the messages of the steps that went wrong on the
+walk (a pseudonym secret file they wrote themselves)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ECHOSCU, PYDICOM_FILES, ROOT, dcmtk_env, needs_dcmtk, node_config, stop_process, wait_until, write_toml
+
+README = ROOT / "README.md"
+
+
+def casemask(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("content", ["", "ab\n", "not hex at all\n"])
+def test_a_secret_file_that_is_short_or_not_hex_is_refused_with_what_to_write(tmp_path, content):
+    """A hand-written secret (empty, one byte, not hex) is refused with exit 2 and a
+    message saying what to write, never a traceback; nothing is written."""
+    key = tmp_path / "s.key"
+    key.write_text(content)
+    key.chmod(0o600)
+    r = casemask("deid", str(PYDICOM_FILES / "CT_small.dcm"), "--out", str(tmp_path / "o"), "--secret", str(key), "-j", "1")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "openssl rand -hex 32" in r.stderr, r.stderr
+    assert not list((tmp_path / "o").glob("*.dcm")) if (tmp_path / "o").exists() else True
+
+
+
+@needs_dcmtk
+def test_the_start_line_names_the_pid_that_reloads_the_configuration(tmp_path):
+    """README: a running node re-reads its file on `kill -HUP <pid>`; the start line
+    gives that pid (the walk had to guess it among the node's processes), and a source
+    added to the file is let in after the signal, without a restart."""
+    cfg = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+    config = write_toml(cfg, tmp_path / "site.toml")
+    port = cfg["node"]["port"]
+    log = tmp_path / "node.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_until(lambda: re.search(r"listening on .*; pid (\d+) \(kill -HUP \1 ", log.read_text()), timeout=60, what="the start line")
+        pid = int(re.search(r"; pid (\d+) ", log.read_text()).group(1))
+        assert pid == proc.pid
+
+        def echo() -> int:
+            return subprocess.run([ECHOSCU, "-aet", "NEWMODALITY", "-aec", "CASEMASK", "127.0.0.1", str(port)], env=dcmtk_env(), capture_output=True, timeout=30).returncode
+
+        assert echo() != 0  # not yet a source
+        cfg["sources"].append({"ae_title": "NEWMODALITY"})
+        write_toml(cfg, config)
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: "[[sources]] and accept_unknown_sources taken" in log.read_text(), timeout=30, what="the receivers to take the new sources")
+        assert echo() == 0
+    finally:
+        stop_process(proc, 15)
+
+
+def test_readme_is_at_most_300_lines_and_starts_with_its_two_commands():
+    """The manual's length (a project hook holds it to 300 lines), its two first
+    commands (`make serve`, `make test`) ahead of every section, and every relative
+    link pointing at a file of the repository."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300
+    first_section = text.index("\n## ")
+    assert text.index("make serve") < first_section and text.index("make test") < first_section
+    for target in re.findall(r"\]\(((?!https?:|#)[^)#]+)(?:#[^)]*)?\)", text):
+        assert (ROOT / target).exists(), target
