@@ -84,11 +84,12 @@ class _FailingSpool:
 
 
 @pytest.mark.single_process
-def test_a_failed_write_never_deletes_a_row_another_node_acknowledged(tmp_path, start_node):
+def test_a_failed_write_never_deletes_a_row_another_node_acknowledged(tmp_path, database, start_node):
     """Two nodes share a database and a data folder (docs/cluster.md). Node A commits the
     row of an object; before its file is written, node B receives the same object,
     finds A's row, writes the file and answers Success; then A's write fails. A must
-    not delete the row B acknowledged (it did, by SOP Instance UID, before)."""
+    not delete the row B acknowledged (it did, by SOP Instance UID, before). On SQLite
+    and on PostgreSQL (what a cluster runs on)."""
     from node.scp import start_server
 
     raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600)
