@@ -86,25 +86,30 @@ def check_pynetdicom() -> list[str]:
 
 # -- wake-ups -------------------------------------------------------------------------------------
 class _Wake:
-    """An eventfd the DUL thread polls beside its socket."""
+    """An eventfd the DUL thread polls beside its socket. Writes and the close are
+    serialized: a write racing the close must never reach a file that reused the number."""
 
     def __init__(self) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._guard = threading.Lock()
 
     def set(self) -> None:
-        try:
-            os.eventfd_write(self.fd, 1)
-        except OSError:  # closed: the reactor has ended
-            pass
+        with self._guard:
+            if self.fd >= 0:
+                try:
+                    os.eventfd_write(self.fd, 1)
+                except BlockingIOError:  # the counter is full: a wake-up is pending anyway
+                    pass
 
     def drain(self) -> None:
         try:
             os.eventfd_read(self.fd)
-        except (BlockingIOError, OSError):
+        except BlockingIOError:  # nothing written since the last drain
             pass
 
     def close(self) -> None:
-        fd, self.fd = self.fd, -1
+        with self._guard:
+            fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
 
