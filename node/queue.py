@@ -130,11 +130,33 @@ def record_received(conn: Connection, r: Received) -> str:
     return change
 
 
-def forget_received(conn: Connection, sop_instance_uid: str) -> None:
+def forget_received(conn: Connection, sop_instance_uid: str, writer: str | None = None) -> bool:
     """Delete a received instance whose file could not be written: it was never
-    acknowledged, so the sender still has it (and will send it again)."""
+    acknowledged, so the sender still has it (and will send it again). ``writer``: only
+    the row that process wrote (``received_by``), still RECEIVED: once another node
+    answered Success for a re-send of it (:func:`vouch_for_resend`) it is theirs and
+    stays. Returns whether a row was deleted."""
     instances = Instance.__table__
-    conn.execute(instances.delete().where(instances.c.sop_instance_uid == sop_instance_uid, instances.c.state == InstanceState.RECEIVED))
+    where = [instances.c.sop_instance_uid == sop_instance_uid, instances.c.state == InstanceState.RECEIVED]
+    if writer is not None:
+        where.append(instances.c.received_by == writer)
+    return bool(conn.execute(instances.delete().where(*where)).rowcount)
+
+
+def vouch_for_resend(conn: Connection, sop_instance_uid: str, writer: str) -> bool:
+    """Before a re-send of a stored object is answered Success, in the caller's
+    transaction: the row must still exist (False: its writer withdrew it, its file never
+    came, and the re-send must not be acknowledged on its strength), and a row still
+    RECEIVED that another process wrote becomes ``writer``'s, so that its first writer,
+    if its own file then fails, cannot delete it (:func:`forget_received`): the object
+    was acknowledged."""
+    instances = Instance.__table__
+    conn.execute(
+        update(instances)
+        .where(instances.c.sop_instance_uid == sop_instance_uid, instances.c.state == InstanceState.RECEIVED, or_(instances.c.received_by.is_(None), instances.c.received_by != writer))
+        .values(received_by=writer)
+    )
+    return conn.execute(select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)).first() is not None
 
 
 def drop_unspooled(session: Session, data_dir: Path, node_id: str, owner: str, grace_s: float, in_flight: int | None = None) -> list[str]:

@@ -51,7 +51,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from socketserver import TCPServer
 
-import pynetdicom.association
 from pydicom import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -60,7 +59,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
-from node import audit, metrics, queue
+from node import audit, metrics, queue, reactor
 from node.admission import MAX_PDU, REJECT_NO_REASON, Admission, guard_dimse, guard_pdu_length, guard_state_machine, malformed_request, wake_if_waiting
 from node.config import Settings
 from node.db import data_path, row_path
@@ -70,7 +69,7 @@ from node.incoming import IncomingFile, IncomingFiles, install as install_incomi
 from node.reasons import withhold_library_values
 from node.receivers import LOCK_FILE
 from node.slots import SharedSlots
-from node.spool import place, remove, replace, spool_path
+from node.spool import place, remove_if_same, replace, spool_path
 from node.tls import peer_subject, server_context
 from node.uid import invalid_uids, is_valid_uid
 from node.wire import ROW_KEYWORDS, Incomplete, Refused, dataset_end, row_attributes, row_attributes_from_file, scan_whole
@@ -107,49 +106,11 @@ def set_nodelay(sock: socket.socket | None) -> None:
 
 
 def tune_association(assoc, reactor_delay_s: float) -> None:
-    """TCP_NODELAY on the association's socket and a shorter idle sleep in its reactor."""
+    """TCP_NODELAY on the association's socket and a shorter idle sleep in its reactor
+    (what a requested association polls at; accepted ones wait, see node.reactor)."""
     sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     set_nodelay(sock)
     assoc.dul._run_loop_delay = reactor_delay_s  # pynetdicom sleeps 1 ms per idle loop by default
-
-
-class _ReactorClock:
-    """Stands in for the ``time`` module inside ``pynetdicom.association``.
-
-    An association's reactor thread polls for the next DIMSE message with a fixed
-    ``time.sleep(0.001)``, so every C-STORE waits up to 1 ms (0.5 ms on average, a sixth
-    of the whole exchange here) before its handler runs. While an association is busy
-    (a C-STORE in the last half second on that thread) its poll sleeps ``delay``
-    instead; an idle one goes back to 1 ms. Every other sleep is left alone."""
-
-    BUSY_S = 0.5
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.local = threading.local()
-
-    def mark_busy(self) -> None:
-        self.local.busy_until = time.monotonic() + self.BUSY_S
-
-    def sleep(self, seconds: float) -> None:
-        if seconds == 0.001 and getattr(self.local, "busy_until", 0.0) > time.monotonic():
-            seconds = self.delay
-        time.sleep(seconds)
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
-
-
-_clock: _ReactorClock | None = None
-
-
-def _install_reactor_clock(delay: float) -> _ReactorClock:
-    global _clock
-    if _clock is None:
-        _clock = _ReactorClock(delay)
-        pynetdicom.association.time = _clock  # type: ignore[attr-defined]
-    _clock.delay = delay
-    return _clock
 
 
 class _Throttled:
@@ -249,8 +210,7 @@ class StoreHandler:
 
     # -- the handler ------------------------------------------------------------------------
     def __call__(self, event: evt.Event) -> int | Dataset:
-        if _clock is not None:
-            _clock.mark_busy()
+        reactor.mark_busy()
         calling = event.assoc.requestor.ae_title.strip()
         incoming = self.incoming.take(event.dataset_path)
         if incoming is None:
@@ -383,14 +343,14 @@ class StoreHandler:
         except Exception as exc:
             created = _outcome(placing)
             if created is True:
-                remove(path)  # nobody's file: no row names it
+                remove_if_same(path, incoming.path)  # nobody's file: no row names it
             log.error("C-STORE %s from %s: cannot commit (%s) -> 0xA700", name, calling, type(exc).__name__)
             raise _Refusal(OUT_OF_RESOURCES, "cannot record the object") from None
         created = _outcome(placing)
         if isinstance(created, OSError):
             log.error("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", name, calling, created.strerror or type(created).__name__)
             if stored is None:
-                self._forget(sop_uid, name)
+                self._forget(sop_uid, name, calling)
             raise _Refusal(OUT_OF_RESOURCES, "cannot write the spool file")
         if stored is None:  # a new object
             if not created:  # left by an earlier attempt that was never acknowledged
@@ -398,27 +358,33 @@ class StoreHandler:
                     replace(incoming.path, path)
                 except OSError as exc:
                     log.error("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", name, calling, exc.strerror or type(exc).__name__)
-                    self._forget(sop_uid, name)
+                    self._forget(sop_uid, name, calling)
                     raise _Refusal(OUT_OF_RESOURCES, "cannot write the spool file") from None
             log.debug("C-STORE %s from %s: stored", name, calling)
             return SUCCESS
         identity, stored_path = stored
         if identity and identity != received.identity:
             if created:
-                remove(path)  # the conflicting object's file: nobody's
+                remove_if_same(path, incoming.path)  # the conflicting object's file: nobody's
             self._conflict(received, name, calling)
             raise _Refusal(SOP_UID_CONFLICT, "SOP Instance UID conflict: another object")
         if created and data_path(self.data_dir, stored_path) != path:
-            remove(path)  # a row of an older layout keeps its own file
+            remove_if_same(path, incoming.path)  # a row of an older layout keeps its own file
         # The same object again. Where its file was gone (retention deleted it), this one
         # takes its place: queue.on_resend routes a held object again, or marks the file
         # for the next retention run.
         try:
+            if not created and data_path(self.data_dir, stored_path) == path:
+                _sync_existing(path)  # what a writer still at work elsewhere placed: durable before Success
             with self.engine.begin() as conn:
                 change = queue.on_resend(conn, sop_uid)
+                kept = queue.vouch_for_resend(conn, sop_uid, self.writer)
         except Exception as exc:
             log.error("C-STORE %s from %s: cannot record the re-send (%s) -> 0xA700", name, calling, type(exc).__name__)
             raise _Refusal(OUT_OF_RESOURCES, "cannot record the object") from None
+        if not kept:  # its writer withdrew the row (its file failed) after we read it
+            log.error("C-STORE %s from %s: the stored row was withdrawn by its writer meanwhile -> 0xA700", name, calling)
+            raise _Refusal(OUT_OF_RESOURCES, "cannot record the object")
         if change:
             log.info(change)
         log.info("C-STORE %s from %s: already stored, answered Success", name, calling)
@@ -432,12 +398,18 @@ class StoreHandler:
         except Exception as exc:  # counted in the log at least
             log.error("C-STORE %s: could not count the conflict (%s)", name, type(exc).__name__)
 
-    def _forget(self, sop_uid: str, name: str) -> None:
+    def _forget(self, sop_uid: str, name: str, calling: str) -> None:
+        """Delete the row this process committed for an object whose file failed, unless
+        another process answered Success for a re-send of it meanwhile (a node sharing
+        the database: :func:`queue.vouch_for_resend` made the row its own)."""
         try:
             with self.engine.begin() as conn:
-                queue.forget_received(conn, sop_uid)
+                deleted = queue.forget_received(conn, sop_uid, self.writer)
         except Exception as exc:  # the next start drops it (no file)
             log.error("C-STORE %s: could not delete the row of the unwritten object (%s)", name, type(exc).__name__)
+            return
+        if not deleted:
+            log.warning("C-STORE %s from %s: its row was kept: another node stored and acknowledged the same object meanwhile", name, calling)
 
 
 def _make_durable(incoming: IncomingFile, path: Path) -> bool:
@@ -445,6 +417,25 @@ def _make_durable(incoming: IncomingFile, path: Path) -> bool:
     file is there; True when it was linked."""
     incoming.sync()
     return place(incoming.path, path)
+
+
+def _sync_existing(path: Path) -> None:
+    """fsync a file another handler placed (and its folder): a re-send answered Success
+    on the strength of it must not depend on that handler's fsyncs.
+
+    Raises:
+        OSError: the file is gone or the disk fails.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _outcome(future) -> bool | OSError:
@@ -713,7 +704,7 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     shared_port = slots is not None
     audit_sessions = sessionmaker(engine)
     reactor_delay = node.reactor_delay_s
-    _install_reactor_clock(max(reactor_delay, 0.0001))
+    reactor.install(max(reactor_delay, 0.0001), node.reactor_max_wait_ms / 1000)
     withhold_library_values()
     install_incoming()
     incoming = IncomingFiles(node.data_dir / "spool" / ".incoming", node.max_object_mb * 1024 * 1024, node.min_free_disk_mb * 1024 * 1024)

@@ -171,6 +171,21 @@ def remove(path: Path) -> None:
             raise
 
 
+def remove_if_same(path: Path, ours: Path) -> bool:
+    """Delete ``path`` only while it is the same file as ``ours`` (a hard link the
+    caller made): a writer elsewhere (a node sharing the data folder) may have replaced
+    it with its own since. Returns whether it was deleted. Between the check and the
+    unlink another node could still replace it: nodes on one host never race here (they
+    serialize C-STOREs of one SOP Instance UID); see docs/ingest.md."""
+    try:
+        if not os.path.samefile(path, ours):
+            return False
+    except FileNotFoundError:
+        return False
+    remove(path)
+    return True
+
+
 def clean_stale_temporaries(root: Path, older_than_s: float = 0.0) -> int:
     """Remove temporary files left by a crash mid-write (``.*.tmp``, and whatever a
     C-STORE left in ``spool/.incoming``) not written to for ``older_than_s`` seconds;

@@ -69,13 +69,13 @@ def test_busy_association_polls_at_the_reactor_delay(monkeypatch):
     """pynetdicom's association reactor sleeps 1 ms between polls; on a thread that just
     handled a C-STORE the node's clock sleeps the configured delay instead, and goes back
     to 1 ms once the association has been idle for half a second."""
-    import node.scp as scp
+    import node.reactor as scp
 
     slept: list[float] = []
     now = [100.0]
     monkeypatch.setattr(scp.time, "sleep", slept.append)
     monkeypatch.setattr(scp.time, "monotonic", lambda: now[0])
-    clock = scp._ReactorClock(0.0002)
+    clock = scp.ReactorClock(0.0002)
     clock.sleep(0.001)  # idle
     clock.mark_busy()
     clock.sleep(0.001)  # busy

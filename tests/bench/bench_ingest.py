@@ -59,20 +59,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def null_scp(port: int) -> int:
     """Run a pynetdicom C-STORE SCP on ``port`` that answers Success and keeps nothing
     (as a subprocess of the bench: ``--null-scp PORT``), with the node's socket and
-    reactor tuning (TCP_NODELAY, short poll) so that only storing differs."""
+    reactor tuning (TCP_NODELAY, node.reactor's waits) so that only storing differs."""
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
-    from node import scp
+    from node import reactor, scp
 
     delay = 0.00005  # [node] reactor_delay_s's default
-    scp._install_reactor_clock(delay)
+    reactor.install(delay)
 
     def on_open(event) -> None:
         scp.tune_association(event.assoc, delay)
 
     def on_store(event) -> int:
-        if scp._clock is not None:
-            scp._clock.mark_busy()
+        reactor.mark_busy()
         return 0x0000
 
     ae = AE(ae_title="CEILING")
