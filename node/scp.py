@@ -46,6 +46,7 @@ import socket
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -226,7 +227,7 @@ class StoreHandler:
         """Hold the SOP Instance UID's lock stripe: this process's thread lock and, where
         other receiver processes share the spool, a byte lock of the lock file (POSIX
         record locks belong to the process, hence the thread lock first)."""
-        stripe = hash(sop_uid) % _LOCK_STRIPES
+        stripe = zlib.crc32(sop_uid.encode()) % _LOCK_STRIPES  # the same in every process (hash() of a str is salted per process)
         with self._locks[stripe]:
             if self._lock_fd is None:
                 yield
