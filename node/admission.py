@@ -45,6 +45,9 @@ MAX_PDU = 1024 * 1024
 # 64-character UIDs is about 0.2 MB).
 MAX_PDU_READ = MAX_PDU + 64 * 1024
 
+# The smallest Maximum Length a peer may announce: a PDV's 6-byte header and 1 byte.
+MIN_PEER_PDU = 7
+
 # A-ASSOCIATE-RJ (PS3.8 Table 9-21): (result, source, reason)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -192,7 +195,17 @@ def malformed_request(assoc) -> str:
     thread and leaving its connection open), and each context its own odd ID from 1 to
     255 (pynetdicom refuses an even one while decoding, but answers two contexts with one
     ID as if both were accepted, and a P-DATA then names either). A request needs one
-    presentation context at least (PS3.8 9.3.2): with none, nothing can be sent on it."""
+    presentation context at least (PS3.8 9.3.2): with none, nothing can be sent on it.
+
+    The Maximum Length sub-item is required (PS3.8 D.1), and a length of 1 to 6 bytes
+    leaves no room for a PDV's header: pynetdicom accepts both, then fails to fragment
+    its first answer (TypeError, ValueError) and aborts the association after the
+    C-STORE was handled, so the sender never gets a status. 0 means no limit."""
+    max_length = assoc.requestor.maximum_length
+    if max_length is None:
+        return "no Maximum Length item"
+    if 0 < max_length < MIN_PEER_PDU:
+        return f"a Maximum Length below {MIN_PEER_PDU} bytes"
     contexts = assoc.requestor.primitive.presentation_context_definition_list
     if not contexts:
         return "no presentation context"

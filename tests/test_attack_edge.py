@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, node_config
+from tests.rawdicom import IMPLICIT_VR_LE, RELEASE_RQ, VERIFICATION, Raw, associate_rq, encode, p_data
 
 # In a receiver process: which byte of data_dir/receivers.lock the C-STORE handler locks
 # for each SOP Instance UID given on the command line.
@@ -41,3 +42,56 @@ def test_one_sop_instance_uid_locks_the_same_byte_in_every_receiver_process():
         assert out.returncode == 0, out.stderr
         seen.append(out.stdout.strip().splitlines()[-1])
     assert seen[0] == seen[1], f"the byte locked for one SOP Instance UID differs between processes: {seen}"
+
+
+def _request_without_maximum_length() -> bytes:
+    """An A-ASSOCIATE-RQ whose User Information item has no Maximum Length sub-item
+    (PS3.8 D.1 requires one)."""
+    import struct
+
+    from tests.rawdicom import APPLICATION_CONTEXT, _ae, _item
+
+    items = _item(0x10, APPLICATION_CONTEXT.encode())
+    sub = _item(0x30, VERIFICATION.encode()) + _item(0x40, IMPLICIT_VR_LE.encode())
+    items += _item(0x20, struct.pack(">BBBB", 1, 0, 0, 0) + sub)
+    items += _item(0x50, _item(0x52, b"1.2.826.0.1.3680043.9.9999"))
+    body = struct.pack(">HH", 1, 0) + _ae("CASEMASK") + _ae("MODALITY1") + b"\x00" * 32 + items
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def _echo_rq(context_id: int) -> bytes:
+    import struct
+
+    from pydicom import Dataset
+
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID, cmd.CommandField, cmd.MessageID, cmd.CommandDataSetType = VERIFICATION, 0x0030, 1, 0x0101
+    body = encode(cmd)
+    return p_data([(context_id, 0x03, struct.pack("<HHII", 0, 0, 4, len(body)) + body)])
+
+
+def test_a_maximum_pdu_length_the_node_cannot_answer_within_is_rejected_up_front(tmp_path, start_node):
+    """An A-ASSOCIATE-RQ with a Maximum Length of 1 to 6 bytes (no room for a PDV's
+    header) or none at all was accepted; the node's first answer then failed inside
+    pynetdicom (ValueError, TypeError) and the association was aborted *after* the
+    C-STORE was handled, so the sender never got a status, on every retry. It is
+    rejected at once (A-ASSOCIATE-RJ); 0 (no limit) and 7 are answered."""
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600))
+    port = node.settings.node.port
+    for request in (associate_rq(max_pdu=1), associate_rq(max_pdu=6), _request_without_maximum_length()):
+        with Raw(port, timeout=10) as r:
+            r.send(request)
+            answer = r.read_pdu()
+            assert answer is not None and answer[0] == 0x03, f"answered PDU type {answer and answer[0]}, not A-ASSOCIATE-RJ"
+    for max_pdu in (0, 7):
+        with Raw(port, timeout=10) as r:
+            r.send(associate_rq(max_pdu=max_pdu))
+            assert r.read_pdu()[0] == 0x02
+            r.send(_echo_rq(3))
+            fragments = []
+            while (pdu := r.read_pdu()) is not None and pdu[0] == 0x04:
+                fragments.append(pdu)
+                if pdu[1][5] & 0x02:  # the last fragment of the command
+                    break
+            assert fragments and fragments[-1][1][5] & 0x02, f"max_pdu = {max_pdu}: no C-ECHO response"
+            r.send(RELEASE_RQ)
