@@ -3,6 +3,7 @@ node.slots): each test failed before its fix."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -95,3 +96,55 @@ def test_a_maximum_pdu_length_the_node_cannot_answer_within_is_rejected_up_front
                     break
             assert fragments and fragments[-1][1][5] & 0x02, f"max_pdu = {max_pdu}: no C-ECHO response"
             r.send(RELEASE_RQ)
+
+
+def test_a_sender_that_never_waits_for_answers_is_aborted_before_it_piles_up_data_sets(tmp_path, start_node):
+    """One association sends 300 C-STOREs back to back without reading an answer (no
+    asynchronous operations were negotiated: it must wait for each). pynetdicom queued
+    them all (measured: thousands of incoming files and +230 MiB in ten seconds). The
+    node aborts it after a few; every object it answered Success is stored, nothing is
+    left in spool/.incoming, and a sender that waits is served afterwards."""
+    import socket
+    import sqlite3
+
+    from pydicom.uid import generate_uid
+
+    from tests.conftest import STORESCU, dcmtk_env, make_study, wait_until
+    from tests.rawdicom import CT_IMAGE_STORAGE, c_store_command, c_store_pdus, store_status
+    from tests.test_attack import _ct
+
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600))
+    port = node.settings.node.port
+    data = node.settings.node.data_dir
+    ds = _ct()
+    ds.PixelData, ds.Rows, ds.Columns = b"\1" * 30000, 150, 200
+    blob = b""
+    for k in range(300):
+        ds.SOPInstanceUID = generate_uid()
+        blob += b"".join(c_store_pdus(c_store_command(CT_IMAGE_STORAGE, str(ds.SOPInstanceUID), k + 1), encode(ds, implicit=False)))
+    successes, aborted = 0, False
+    with Raw(port, timeout=30) as r:
+        r.send(associate_rq(calling="STORESCU"))
+        assert r.read_pdu()[0] == 0x02
+        r.sock.settimeout(30)
+        try:
+            r.sock.sendall(blob)  # never reads until all is sent (or the node closes)
+        except OSError:
+            pass  # closed by the node while sending
+        while (pdu := r.read_pdu()) is not None:
+            if pdu[0] == 0x07:
+                aborted = True
+                break
+            if pdu[0] == 0x04 and store_status(pdu[1]) == 0x0000:
+                successes += 1
+        with contextlib.suppress(OSError):
+            r.sock.shutdown(socket.SHUT_RDWR)
+    assert successes < 50, f"{successes} of 300 pipelined C-STOREs were answered: the sender was not stopped"
+    assert aborted or successes < 300
+    with sqlite3.connect(data / "casemask.db") as db:
+        rows = db.execute("select count(*) from instances").fetchone()[0]
+    assert rows >= successes, "an object answered Success has no row"
+    wait_until(lambda: not list((data / "spool" / ".incoming").glob("*")), timeout=30, what="the aborted association's data sets to be deleted")
+    files = make_study(tmp_path / "in", 3)
+    ok = subprocess.run([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
