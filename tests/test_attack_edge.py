@@ -148,3 +148,36 @@ def test_a_sender_that_never_waits_for_answers_is_aborted_before_it_piles_up_dat
     files = make_study(tmp_path / "in", 3)
     ok = subprocess.run([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_a_data_set_repeating_an_element_out_of_order_is_refused(tmp_path, start_node):
+    """The data set carries its SOP Instance UID (the command's) and, after the last
+    element, a second SOP Instance UID (another object's) and Patient ID. The node's
+    check read the first copy and answered Success; pydicom keeps the last, so the
+    object de-identified and sent on would carry the other object's UID (its output
+    UID too: the archive would get two objects under one). PS3.5 7.1 wants ascending
+    tags, each once: 0xC210, nothing stored."""
+    import sqlite3
+    import struct
+
+    from pydicom.uid import generate_uid
+
+    from tests.rawdicom import CT_IMAGE_STORAGE, c_store_command, c_store_pdus, store_status
+    from tests.test_attack import _ct
+
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600))
+    ds = _ct()
+    other = generate_uid().encode()
+    other += b"\0" * (len(other) % 2)
+    tail = struct.pack("<HH2sH", 0x0008, 0x0018, b"UI", len(other)) + other + struct.pack("<HH2sH", 0x0010, 0x0020, b"LO", 8) + b"SYNTH-B2"
+    with Raw(node.settings.node.port, timeout=10) as r:
+        r.send(associate_rq(calling="STORESCU"))
+        assert r.read_pdu()[0] == 0x02
+        for pdu in c_store_pdus(c_store_command(CT_IMAGE_STORAGE, str(ds.SOPInstanceUID)), encode(ds, implicit=False) + tail):
+            r.send(pdu)
+        answer = r.read_pdu()
+        r.send(RELEASE_RQ)
+    assert answer is not None and answer[0] == 0x04
+    assert store_status(answer[1]) == 0xC210
+    with sqlite3.connect(node.settings.node.data_dir / "casemask.db") as db:
+        assert db.execute("select count(*) from instances").fetchone()[0] == 0
