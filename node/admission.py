@@ -90,6 +90,46 @@ class AccessPolicy:
         return None
 
 
+class RejectionRecord:
+    """Which rejected associations are written to the audit trail and the log: per
+    sender address, at most one per ``every_s`` seconds; the next one written says how
+    many were left out.
+
+    Each rejection was an audit row committed on its own (an fsync) and a log line: a
+    peer that is not in [[sources]] reconnecting in a loop (measured: 116 rejections a
+    second from one client on a loaded 2-core machine) grew the database by some
+    10 million rows a day and slowed every sender's C-STOREs (100 objects took 4.5 s
+    instead of 1.9 s). The Prometheus counter still counts every rejection."""
+
+    def __init__(self, every_s: float = 1.0, max_hosts: int = 4096) -> None:
+        self.every_s = every_s
+        self.max_hosts = max_hosts
+        self._lock = threading.Lock()
+        self._hosts: dict[str, list] = {}  # host -> [when last written (monotonic), left out since]
+
+    def should_record(self, host: str) -> int | None:
+        """None: leave this rejection out (counted); else write it, and the number of
+        rejections from ``host`` left out since the last one written."""
+        now = time.monotonic()
+        with self._lock:
+            entry = self._hosts.get(host)
+            if entry is not None and now - entry[0] < self.every_s:
+                entry[1] += 1
+                return None
+            left_out = entry[1] if entry is not None else 0
+            if entry is None and len(self._hosts) >= self.max_hosts:
+                self._hosts = {h: e for h, e in self._hosts.items() if now - e[0] < self.every_s or e[1]}
+                if len(self._hosts) >= self.max_hosts:  # many addresses at once: one line each second for all
+                    host = "*"
+                    entry = self._hosts.get(host)
+                    if entry is not None and now - entry[0] < self.every_s:
+                        entry[1] += 1
+                        return None
+                    left_out = entry[1] if entry is not None else 0
+            self._hosts[host] = [now, 0]
+            return left_out
+
+
 class Admission:
     """The three gates for every listener of one node (plain and TLS share the limits)."""
 
@@ -100,6 +140,7 @@ class Admission:
         self.max_total = settings.node.max_associations
         self.max_per_host = settings.node.max_associations_per_host
         self.slots = slots
+        self.rejections = RejectionRecord()
         self._lock = threading.Lock()
         self._admitted: weakref.WeakSet = weakref.WeakSet()
         self._connecting: dict[int, str] = {}  # accepted sockets not yet an association

@@ -733,7 +733,10 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
             admission.closed(assoc)
             refusal = REJECT_NO_REASON, bad
         metrics.ASSOCIATIONS.labels(result="accepted" if refusal is None else "rejected").inc()
-        audit.association(audit_sessions, calling, host, called, refusal[1] if refusal else "", tls_subject=subject or "")
+        left_out = 0 if refusal is None else admission.rejections.should_record(host)
+        if left_out is not None:  # rejections: at most one a second per address (RejectionRecord)
+            more = f"; {left_out} more from this address not recorded" if left_out else ""
+            audit.association(audit_sessions, calling, host, called, refusal[1] + more if refusal else "", tls_subject=subject or "")
         if refusal is None:
             assoc.acceptor.supported_contexts = supported  # shared: negotiation only reads it
             unknown = _offer_unknown_storage(assoc, node.strict_uids)
@@ -741,7 +744,8 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
             log.info("association from %s@%s to %s%s: accepted%s", calling, host, called, via, extra)
             return
         (result, source, reason), why = refusal
-        log.warning("association from %s@%s to %s%s: rejected (%s)", calling, host, called, via, why)
+        if left_out is not None:
+            log.warning("association from %s@%s to %s%s: rejected (%s)%s", calling, host, called, via, why, more)
         assoc.acse.send_reject(result, source, reason)
         assoc.is_rejected = True
         evt.trigger(assoc, evt.EVT_REJECTED, {})

@@ -181,3 +181,45 @@ def test_a_data_set_repeating_an_element_out_of_order_is_refused(tmp_path, start
     assert store_status(answer[1]) == 0xC210
     with sqlite3.connect(node.settings.node.data_dir / "casemask.db") as db:
         assert db.execute("select count(*) from instances").fetchone()[0] == 0
+
+
+def test_a_rejected_peer_reconnecting_in_a_loop_does_not_fill_the_audit_trail(tmp_path, start_node):
+    """A peer that is not in [[sources]] sends 60 A-ASSOCIATE-RQs as fast as it can.
+    Each rejection was an audit row committed on its own and a log line (measured: 116
+    a second from one client; ten million rows a day). Every one is still rejected, but
+    the audit trail records at most about one a second per address (per receiving
+    process), the next saying how many were left out; a sender that belongs is still
+    recorded."""
+    import time
+
+    from sqlalchemy import select
+
+    from node.db import AuditEvent
+    from tests.conftest import TEST_RECEIVERS, database_engine, wait_until
+
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600))
+    port = node.settings.node.port
+    t0 = time.monotonic()
+    for k in range(60):
+        with Raw(port, timeout=10) as r:
+            r.send(associate_rq(calling=f"INTRUDER{k}"))
+            answer = r.read_pdu()
+            assert answer is not None and answer[0] == 0x03, "a peer not in [[sources]] was not rejected"
+    elapsed = time.monotonic() - t0
+    with Raw(port, timeout=10) as r:
+        r.send(associate_rq(calling="MODALITY1"))
+        assert r.read_pdu()[0] == 0x02
+        r.send(RELEASE_RQ)
+        r.read_pdu()
+    engine = database_engine(node)
+    try:
+        def events():
+            with engine.connect() as conn:
+                return conn.execute(select(AuditEvent.actor, AuditEvent.detail).where(AuditEvent.event == "association")).all()
+
+        wait_until(lambda: any(actor == "MODALITY1" for actor, _ in events()), timeout=10, what="the accepted association's audit row")
+        rejected = [detail for actor, detail in events() if actor.startswith("INTRUDER")]
+    finally:
+        engine.dispose()
+    bound = TEST_RECEIVERS * (int(elapsed) + 2)
+    assert 1 <= len(rejected) <= bound, f"{len(rejected)} audit rows for 60 rejections in {elapsed:.1f} s (at most {bound} expected)"
