@@ -113,7 +113,8 @@ def test_a_sender_that_never_waits_for_answers_is_aborted_before_it_piles_up_dat
     from tests.rawdicom import CT_IMAGE_STORAGE, c_store_command, c_store_pdus, store_status
     from tests.test_attack import _ct
 
-    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600))
+    # short timeouts: an aborted association's connection closes within acse_timeout_s
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600, acse_timeout_s=5, network_timeout_s=10))
     port = node.settings.node.port
     data = node.settings.node.data_dir
     ds = _ct()  # small objects: they arrive far faster than the handler makes them durable
@@ -143,7 +144,7 @@ def test_a_sender_that_never_waits_for_answers_is_aborted_before_it_piles_up_dat
     with sqlite3.connect(data / "casemask.db") as db:
         rows = db.execute("select count(*) from instances").fetchone()[0]
     assert rows >= successes, "an object answered Success has no row"
-    wait_until(lambda: not list((data / "spool" / ".incoming").glob("*")), timeout=30, what="the aborted association's data sets to be deleted")
+    wait_until(lambda: not list((data / "spool" / ".incoming").glob("*")), timeout=60, what="the aborted association's data sets to be deleted")
     files = make_study(tmp_path / "in", 3)
     ok = subprocess.run([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
