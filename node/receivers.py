@@ -38,9 +38,12 @@ records go to the node process too, which writes them through its own handlers w
 "[receiver PID]" before the message (:func:`_read_receiver`): one log, escaped as the
 node's (node.logfmt).
 
-Per process still: the TCP gate, the "disk below min_free_disk_mb" message (once a
-minute in each process), and a receiver that dies is not restarted (the others and the
-node process go on receiving; its slots come back).
+Per process still: the TCP gate and the "disk below min_free_disk_mb" message (once a
+minute in each process).
+
+A receiver that dies while the node runs (its slots come back; the others and the node
+process go on receiving) is started again after a pause, logged; one that keeps dying
+within a minute of its start is given up after a few tries (:class:`Restarts`).
 """
 
 from __future__ import annotations
@@ -89,8 +92,45 @@ def check_port_free(host: str, port: int, wait_s: float = 10.0) -> None:
             time.sleep(0.2)
 
 
+# A receiver that dies while the node runs is started again after a pause that doubles
+# with each *quick* death in a row (one within QUICK_DEATH_S of its start): 1 s, 2 s,
+# 4 s ... at most MAX_BACKOFF_S. After MAX_QUICK_DEATHS quick deaths in a row it is not
+# started again (something kills it at once: a restart loop would only fill the log);
+# the node goes on receiving in its other processes.
+QUICK_DEATH_S = 60.0
+MAX_QUICK_DEATHS = 5
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+
+
+class Restarts:
+    """When to start one receiver again after it died (one per receiver place)."""
+
+    def __init__(self, quick_s: float = QUICK_DEATH_S, max_quick: int = MAX_QUICK_DEATHS, first_s: float = FIRST_BACKOFF_S, max_s: float = MAX_BACKOFF_S) -> None:
+        self.quick_s, self.max_quick, self.first_s, self.max_s = quick_s, max_quick, first_s, max_s
+        self.quick = 0  # quick deaths in a row
+
+    def after_death(self, lived_s: float) -> float | None:
+        """The receiver died ``lived_s`` seconds after it was started: seconds to wait
+        before starting it again, or None to give up (``max_quick`` quick deaths in a row)."""
+        self.quick = self.quick + 1 if lived_s < self.quick_s else 0
+        if self.quick >= self.max_quick:
+            return None
+        return min(self.first_s * 2 ** max(self.quick - 1, 0), self.max_s)
+
+
+def _exit_status(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
 class Receivers:
-    """The node's receiver processes (``count`` of them, possibly 0)."""
+    """The node's receiver processes (``count`` of them, possibly 0). One that dies while
+    the node runs is started again (:class:`Restarts`)."""
 
     def __init__(self, settings: Settings, count: int, writer: str, slots_fd: int) -> None:
         """``writer``: the node process's owner token, which the receivers' rows carry
@@ -101,6 +141,26 @@ class Receivers:
         self.writer = writer
         self.slots_fd = slots_fd
         self.procs: list[subprocess.Popen] = []
+        self._lock = threading.Lock()  # self.procs and the settings a new receiver gets
+        self._stopping = threading.Event()
+
+    def _spawn(self) -> subprocess.Popen:
+        """One receiver process, given the current settings.
+
+        Raises:
+            OSError: it could not be started.
+        """
+        blob = pickle.dumps((self.settings, logging.getLogger().level, os.getpid(), self.writer, self.slots_fd))
+        p = subprocess.Popen([sys.executable, "-m", "node.receivers"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self.slots_fd,))
+        assert p.stdin is not None
+        try:
+            p.stdin.write(blob)
+            p.stdin.flush()
+        except OSError:
+            p.kill()
+            p.wait()
+            raise
+        return p
 
     def start(self, timeout_s: float = 120.0) -> None:
         """Start the receiver processes and wait until each listens (importing the
@@ -110,18 +170,14 @@ class Receivers:
             OSError: a receiver exited or did not listen within ``timeout_s`` (the others
                 are stopped).
         """
-        blob = pickle.dumps((self.settings, logging.getLogger().level, os.getpid(), self.writer, self.slots_fd))
-        for _ in range(self.count):
-            p = subprocess.Popen([sys.executable, "-m", "node.receivers"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self.slots_fd,))
-            assert p.stdin is not None
-            p.stdin.write(blob)
-            p.stdin.flush()
-            self.procs.append(p)
+        with self._lock:
+            for _ in range(self.count):
+                self.procs.append(self._spawn())
         readies = []
-        for p in self.procs:
+        for place, p in enumerate(self.procs):
             ready = threading.Event()
             readies.append(ready)
-            threading.Thread(target=_read_receiver, args=(p.stdout, p.pid, ready), name=f"receiver-{p.pid}", daemon=True).start()
+            threading.Thread(target=self._watch, args=(place, p, ready), name=f"receiver-{place}", daemon=True).start()
         deadline = time.monotonic() + timeout_s
         for p, ready in zip(self.procs, readies):
             while not ready.wait(0.2):
@@ -130,11 +186,58 @@ class Receivers:
                     raise OSError(f"a receiver process did not start listening (exit status {p.poll()}); see the log above")
         log.info("%d receiver process(es) listening on the node's port(s)", self.count)
 
+    def _watch(self, place: int, p: subprocess.Popen, ready: threading.Event) -> None:
+        """Read receiver ``place``'s output until it exits; while the node runs, start it
+        again (bounded by :class:`Restarts`)."""
+        restarts = Restarts()
+        started = time.monotonic()
+        restarted = False
+        while True:
+            _read_receiver(p.stdout, p.pid, ready, restarted)
+            code = p.wait()
+            if self._stopping.is_set() or not ready.is_set() and not restarted:
+                return  # stopped by the node, or it failed at start (start() says so)
+            lived = time.monotonic() - started
+            log.error("receiver process %d died (%s) after %.0f s while the node runs", p.pid, _exit_status(code), lived)
+            new = self._restart(place, p.pid, restarts, lived)
+            if new is None:
+                return
+            p, ready, restarted, started = new, threading.Event(), True, time.monotonic()
+
+    def _restart(self, place: int, pid: int, restarts: Restarts, lived: float) -> subprocess.Popen | None:
+        """Start receiver ``place`` again (dead process ``pid``, which lived ``lived``
+        seconds) after the pause :class:`Restarts` says; None when it gives up or the node
+        stops."""
+        while True:
+            delay = restarts.after_death(lived)
+            if delay is None:
+                log.error("receiver process %d is not restarted: %d quick deaths in a row (each within %g s of its start); the node goes on receiving "
+                          "in its other process(es); find the cause in the log above, then restart the node", pid, restarts.quick, restarts.quick_s)
+                return None
+            log.warning("starting a receiver process in place of %d in %g s", pid, delay)
+            if self._stopping.wait(delay):
+                return None
+            with self._lock:
+                if self._stopping.is_set():
+                    return None
+                try:
+                    new = self._spawn()
+                except OSError as exc:
+                    log.error("a receiver process could not be started in place of %d (%s)", pid, exc.strerror or type(exc).__name__)
+                    lived = 0.0  # a quick death
+                    continue
+                self.procs[place] = new
+                return new
+
     def update(self, settings: Settings) -> None:
         """A configuration reload: each receiver takes the new [[sources]] and
-        accept_unknown_sources (as the node process's own listeners do)."""
+        accept_unknown_sources (as the node process's own listeners do); a receiver
+        started later gets them too."""
         blob = pickle.dumps(settings)
-        for p in self.procs:
+        with self._lock:
+            self.settings = settings
+            procs = list(self.procs)
+        for p in procs:
             try:
                 assert p.stdin is not None
                 p.stdin.write(blob)
@@ -144,8 +247,11 @@ class Receivers:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every receiver (each finishes the C-STOREs it is answering), then
-        SIGKILL what is still running after ``timeout_s``."""
-        for p in self.procs:
+        SIGKILL what is still running after ``timeout_s``. None is started again."""
+        self._stopping.set()
+        with self._lock:
+            procs, self.procs = self.procs, []
+        for p in procs:
             if p.stdin is not None:
                 try:
                     p.stdin.close()
@@ -153,13 +259,12 @@ class Receivers:
                     pass  # it is gone already
             if p.poll() is None:
                 p.terminate()
-        for p in self.procs:
+        for p in procs:
             try:
                 p.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        self.procs = []
 
 
 def _die_with_parent(parent: int) -> None:
@@ -293,11 +398,13 @@ class _ForwardHandler(logging.Handler):
             self.handleError(record)
 
 
-def _read_receiver(stream, pid: int, ready: threading.Event) -> None:
+def _read_receiver(stream, pid: int, ready: threading.Event, restarted: bool = False) -> None:
     """Node side: read receiver ``pid``'s lines until its stdout closes."""
     for line in stream:
         if line == READY:
             ready.set()
+            if restarted:
+                log.warning("receiver process %d listening (started in place of one that died)", pid)
             continue
         try:
             item = json.loads(line)

@@ -46,6 +46,7 @@ import socket
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -187,7 +188,7 @@ class StoreHandler:
         """Hold the SOP Instance UID's lock stripe: this process's thread lock and, where
         other receiver processes share the spool, a byte lock of the lock file (POSIX
         record locks belong to the process, hence the thread lock first)."""
-        stripe = hash(sop_uid) % _LOCK_STRIPES
+        stripe = zlib.crc32(sop_uid.encode()) % _LOCK_STRIPES  # the same in every process (hash() of a str is salted per process)
         with self._locks[stripe]:
             if self._lock_fd is None:
                 yield
@@ -723,7 +724,10 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
             admission.closed(assoc)
             refusal = REJECT_NO_REASON, bad
         metrics.ASSOCIATIONS.labels(result="accepted" if refusal is None else "rejected").inc()
-        audit.association(audit_sessions, calling, host, called, refusal[1] if refusal else "", tls_subject=subject or "")
+        left_out = 0 if refusal is None else admission.rejections.should_record(host)
+        if left_out is not None:  # rejections: at most one a second per address (RejectionRecord)
+            more = f"; {left_out} more from this address not recorded" if left_out else ""
+            audit.association(audit_sessions, calling, host, called, refusal[1] + more if refusal else "", tls_subject=subject or "")
         if refusal is None:
             assoc.acceptor.supported_contexts = supported  # shared: negotiation only reads it
             unknown = _offer_unknown_storage(assoc, node.strict_uids)
@@ -731,7 +735,8 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
             log.info("association from %s@%s to %s%s: accepted%s", calling, host, called, via, extra)
             return
         (result, source, reason), why = refusal
-        log.warning("association from %s@%s to %s%s: rejected (%s)", calling, host, called, via, why)
+        if left_out is not None:
+            log.warning("association from %s@%s to %s%s: rejected (%s)%s", calling, host, called, via, why, more)
         assoc.acse.send_reject(result, source, reason)
         assoc.is_rejected = True
         evt.trigger(assoc, evt.EVT_REJECTED, {})

@@ -158,12 +158,21 @@ def scan_whole(b, implicit: bool, start: int = 0) -> tuple[dict[str, str] | None
 def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
     pos, end = start, len(b)
     u16, u32, vr_is_long, wanted, sequences = _U16.unpack_from, _U32.unpack_from, _VR_IS_LONG.get, _ROW_KEYWORDS, _SEQUENCE_TAGS_AS_READ
+    previous = -1
     try:
         while pos < end:
             if end - pos < 8:
                 raise Incomplete("the data set ends inside an element header")
             if b[pos] == 0x02 and b[pos + 1] == 0x00:  # group 0002 belongs to the File Meta only
                 raise Refused("a File Meta element (group 0002) inside the data set")
+            # PS3.5 7.1: ascending tags, each once. The row's attributes are the first
+            # copy's, pydicom keeps the last: a repeated SOP Instance UID would let the
+            # checked UID differ from the one de-identified and sent on.
+            v = u32(b, pos)[0]
+            tag = (v & 0xFFFF) << 16 | v >> 16
+            if tag <= previous:
+                raise Refused("elements out of ascending tag order, or repeated")
+            previous = tag
             # the hot loop of every C-STORE: _header() inlined
             if implicit or (b[pos] == 0xFE and b[pos + 1] == 0xFF):  # item and delimiter tags have no VR
                 length, value, nested, vr = u32(b, pos + 4)[0], pos + 8, implicit, None
@@ -182,8 +191,6 @@ def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
             if length and (vr == b"SQ" or ((implicit or vr == b"UN") and u32(b, pos)[0] in sequences)):
                 _check_nesting(b, value, value + length, nested, 1)  # defined-length items: nesting counted too
             if rows is not None:
-                v = u32(b, pos)[0]
-                tag = (v & 0xFFFF) << 16 | v >> 16
                 keyword = wanted.get(tag)
                 if tag > _LAST_ROW_TAG:
                     rows = None  # read as pydicom reads them: up to (0020,000E)

@@ -361,3 +361,57 @@ def test_a_receiver_killed_while_holding_an_association_leaks_no_slot(tmp_path):
             if a.is_established:  # type: ignore[attr-defined]
                 a.release()  # type: ignore[attr-defined]
         node.stop()
+
+
+# -- a receiver that dies is started again (node.receivers.Restarts) ------------------------------
+def test_a_sigkilled_receiver_is_restarted_and_serves_the_port(tmp_path):
+    """receivers = 2: SIGKILL the receiver process. The node logs its death, starts
+    another in its place, and the kernel hands connections to the new one (an
+    association served by the new process, and a C-STORE through it stored)."""
+    import os
+    import signal
+
+    node, raw = _node(tmp_path, "restart", receivers=2)
+    port = raw["node"]["port"]
+    files = make_study(tmp_path / "in", 1)
+    node.start(port)
+    try:
+        log = tmp_path / "restart.log"
+        wait_until(lambda: " started (id " in log.read_text(), timeout=60, what="the node to finish starting (a receiver listens a moment before the node hears so)")
+        node_pid = node.proc.pid  # type: ignore[union-attr]
+        (first,) = child_pids(node_pid)
+        os.kill(first, signal.SIGKILL)
+        replaced = wait_until(lambda: [p for p in child_pids(node_pid) if p != first and is_alive(p)], timeout=60, what="a receiver started in place of the killed one")
+        (second,) = replaced  # type: ignore[misc]
+        wait_until(lambda: "listening (started in place of one that died)" in log.read_text(), timeout=60, what="the new receiver to listen")
+        text = log.read_text()
+        assert f"receiver process {first} died (killed by SIGKILL)" in text
+        for _ in range(60):  # the kernel spreads connections over the two processes
+            a = _associate(port)
+            assert a.is_established
+            owner = _server_pid(port, a.dul.socket.socket.getsockname()[1], [node_pid, second])
+            a.release()
+            if owner == second:
+                break
+        else:
+            raise AssertionError("the kernel never gave an association to the restarted receiver")
+        for _ in range(30):
+            r = subprocess.run([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), str(files[0])], env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+        assert _rows(Path(raw["node"]["data_dir"])) == 1
+        assert is_alive(second) and child_pids(node_pid) == [second]
+    finally:
+        node.stop()
+
+
+def test_restarts_back_off_and_give_up_after_quick_deaths():
+    """The restart policy: pauses that double with each quick death in a row (1, 2, 4 s,
+    at most the cap), back to the first after a receiver lived long, and no restart
+    after max_quick quick deaths in a row."""
+    from node.receivers import Restarts
+
+    r = Restarts(quick_s=60, max_quick=4, first_s=1, max_s=3)
+    assert [r.after_death(1.0) for _ in range(3)] == [1, 2, 3]
+    assert r.after_death(600.0) == 1, "a receiver that lived long starts the count again"
+    assert [r.after_death(0.5) for _ in range(3)] == [1, 2, 3]
+    assert r.after_death(0.5) is None, "the fourth quick death in a row: given up"
