@@ -51,9 +51,9 @@ def test_in_domain_patients_pass_each_gate_at_the_stated_rate(model, in_domain):
     """200 images of unseen synthetic patients, judged as the node judges them (identity
     redrawn): each gate rejects them at about the rate the bundle states (its calibration
     on other patients; a binomial margin for 200 images)."""
-    from engine.gates import IDENTITY_DRAWS
+    from engine.gates import DRAWS
 
-    rates = rejected(model, in_domain.images, draws=IDENTITY_DRAWS)
+    rates = rejected(model, in_domain.images, draws=DRAWS)
     calibration = model.bundle.meta["gates"]["rates"]["calibration"]
     for gate, rate in rates.items():
         if gate == "any":
@@ -64,10 +64,10 @@ def test_in_domain_patients_pass_each_gate_at_the_stated_rate(model, in_domain):
 
 
 def test_another_identity_is_drawn_for_an_image_whose_first_lands_near_the_patient(model, in_domain):
-    from engine.gates import IDENTITY_DRAWS
+    from engine.gates import DRAWS
 
     once = rejected(model, in_domain.images, seed=3)
-    redrawn = rejected(model, in_domain.images, seed=3, draws=IDENTITY_DRAWS)
+    redrawn = rejected(model, in_domain.images, seed=3, draws=DRAWS)
     assert redrawn["identity"] <= once["identity"] and redrawn["identity"] <= 0.02, (once, redrawn)
     assert redrawn["domain"] == once["domain"]  # the input's own gate does not depend on the draw
 
