@@ -153,7 +153,8 @@ def test_medical_gate_rejects_an_image_that_lost_the_original_finding(model, in_
 def test_no_changed_finding_passes_the_medical_gate(model, in_domain):
     """Every image drawn with the prototype of each class other than the one the gates'
     classifier reads in the original, in place of its medical vector, judged as the node
-    judges an anonymized image (identity redrawn): the medical gate lets none through. A
+    judges an anonymized image (redrawn as in the node: a medical or identity failure gets
+    another identity, up to DRAWS, every draw another chance): the medical gate lets none through. A
     fabricated finding must never go out. Against the true class, the originals the
     classifier misreads let some through (docs/gates.md): held under the rate measured."""
     from engine.evaluate import changed_finding
