@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import bundle as bundles
-from engine.gates import GateSet, Scores, Verdict
+from engine.gates import RETRIED, GateSet, Scores, Verdict
 from engine.runtime import Choice, Runner, TritonTarget, make_runner
 
 log = logging.getLogger(__name__)
@@ -144,17 +144,23 @@ class Model:
         return out["reconstruction_error"][:, 0], out["latent_distance"][:, 0]
 
     def anonymize_checked(self, x: np.ndarray, noise: np.ndarray, targets: np.ndarray | None = None, counterfactuals: bool = False,
-                          redraw: Callable[[int, np.ndarray], np.ndarray] | None = None, draws: int = 1, medical: np.ndarray | None = None) -> Checked:
+                          redraw: Callable[[int, np.ndarray], np.ndarray] | None = None, draws: int = 1, medical: np.ndarray | None = None,
+                          retry: tuple[str, ...] = RETRIED) -> Checked:
         """Anonymize images ``x`` with identity ``noise`` (N, vae_latent); with ``targets``
         (N,), or ``counterfactuals`` (each image's target: the class after the one whose
         prototype its medical vector is nearest), also give each a counterfactual of that
         class carrying the same synthetic identity (unlike :meth:`counterfactual`, which
         keeps the patient's); judge every image by the bundle's gates.
 
-        An image whose only failed gate is identity (its synthetic identity landed near the
-        patient's) gets up to ``draws - 1`` more identities, ``redraw(attempt, rows)``
-        giving the noise for those rows (attempt 1, 2, ...); its verdict says which draw
-        passed (``identity.draw``), or is the last draw's.
+        An image whose failed gates are all in ``retry`` (by default identity and medical:
+        gates that judge the draw, not the input; the domain gate judges the input, so an
+        image it fails is never drawn again) gets up to ``draws - 1`` more synthetic
+        identities, ``redraw(attempt, rows)`` giving the noise for those rows (attempt 1,
+        2, ...). Each draw is judged by every gate afresh; the image, counterfactual and
+        verdict kept are those of the first draw that passes every gate, or of the last
+        draw (``Verdict.draw`` says which). A changed finding gets the same draws as an
+        honest image: the evaluation's ``changed_finding`` calls this with the node's
+        ``draws`` and ``retry``.
 
         ``medical`` (N, med_dim): drawn in place of the encoder's medical vectors while the
         gates read the original as it is: an image whose finding was changed, which the
@@ -162,7 +168,10 @@ class Model:
 
         Raises:
             engine.gates.GateError: the bundle has no current gates.
+            ValueError: ``retry`` names a gate that does not judge the draw.
         """
+        if not set(retry) <= set(RETRIED):
+            raise ValueError(f"retry: only {', '.join(RETRIED)} judge the draw and may earn another (got {', '.join(sorted(retry))})")
         gates = self.gates
         x = self._check(x)
         med, ident, other = self.encode(x)
@@ -176,8 +185,9 @@ class Model:
         p_x = self.classify(x)
         rows = np.arange(len(x))
         out = self._draw(gates, (med, ident, other), err, dist, p_x, noise, targets)
+        retried = set(retry)
         for attempt in range(1, draws if redraw is not None else 1):
-            again = np.array([r for r in rows if out.verdicts[r].failed == ["identity"]], np.int64)
+            again = np.array([r for r in rows if out.verdicts[r].failed and set(out.verdicts[r].failed) <= retried], np.int64)
             if not len(again):
                 break
             sub = self._draw(gates, (med[again], ident[again], other[again]), err[again], dist[again], p_x[again], redraw(attempt, again),  # type: ignore[misc]
@@ -187,7 +197,7 @@ class Model:
                 if out.counterfactual is not None:
                     out.counterfactual[r] = sub.counterfactual[j]  # type: ignore[index]
                 out.verdicts[r] = sub.verdicts[j]
-                out.verdicts[r].gates["identity"]["draw"] = attempt + 1
+                out.verdicts[r].draw = attempt + 1
         return out
 
     def _draw(self, gates: GateSet, encoded, err, dist, p_x, noise, targets) -> Checked:

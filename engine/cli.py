@@ -189,7 +189,8 @@ def cmd_evaluate(args) -> int:
 
     model = load_model(args.model, backend=args.backend)
     cfg = EvalConfig(seed=args.seed, patients=args.patients, visits=args.visits, held_out=args.held_out, epochs=args.epochs,
-                     disease_patients=args.disease_patients, threads=args.threads)
+                     disease_patients=args.disease_patients, threads=args.threads, gate_draws=args.draws,
+                     gate_retry=tuple(g for g in args.retry.split(",") if g))
     if args.gates_only:
         report = evaluate_gates(model, cfg)
         out = Path(args.out)
@@ -407,6 +408,9 @@ def add_engine_commands(esub, research: bool = False) -> None:
                     help="CPU threads (0: torch's default); the evaluators' weights, and so the figures, depend on it")
     sp.add_argument("--write-bundle", action="store_true", help="store the metrics in the bundle's model.json")
     sp.add_argument("--gates-only", action="store_true", help="only what the gates reject, in-domain and out of domain (gates.json)")
+    sp.add_argument("--draws", type=int, default=0, help="synthetic identities per image for the gates (0: the node's)")
+    sp.add_argument("--retry", default="", metavar="GATES",
+                    help="comma-separated gates whose failure earns another draw (medical, identity; empty: the node's)")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = esub.add_parser("fit-gates", help="fit the gates every synthesised image must pass, into the bundle", formatter_class=defaults)

@@ -40,6 +40,8 @@ class EvalConfig:
     disease_visits: int = 8
     epochs: int = 30
     threads: int = 0
+    gate_draws: int = 0  # synthetic identities per image for the gates (0: the node's, engine.gates.DRAWS)
+    gate_retry: tuple[str, ...] = ()  # gates whose failure earns another draw (empty: the node's, engine.gates.RETRIED)
 
 
 class EvaluatorNet(nn.Module):
@@ -398,30 +400,34 @@ def evaluate_gates(model: Model, cfg: EvalConfig | None = None, images: np.ndarr
         images, labels = pop.images[held], pop.labels[held]
     rng = np.random.default_rng(cfg.seed + 17)
 
-    from engine.gates import IDENTITY_DRAWS
+    from engine.gates import DRAWS, RETRIED
 
     latent = int(model.bundle.dims["vae_latent"])
+    draws, retry = cfg.gate_draws or DRAWS, tuple(cfg.gate_retry) or RETRIED
 
     def rates(x: np.ndarray, counterfactuals: bool = True, medical: np.ndarray | None = None) -> dict[str, float]:
         noise = rng.standard_normal((len(x), latent)).astype(np.float32)
         targets = rng.integers(0, model.n_classes, len(x)) if counterfactuals else None
         redraw = lambda attempt, rows: rng.standard_normal((len(rows), latent)).astype(np.float32)  # noqa: E731
-        verdicts = model.anonymize_checked(x, noise, targets, redraw=redraw, draws=IDENTITY_DRAWS, medical=medical).verdicts
+        verdicts = model.anonymize_checked(x, noise, targets, redraw=redraw, draws=draws, medical=medical, retry=retry).verdicts
         out = {g: float(np.mean([g in v.failed for v in verdicts])) for g in ("domain", "medical", "identity")}
         out["any"] = float(np.mean([not v.passed for v in verdicts]))
-        return {k: round(v, 4) for k, v in out.items()} | {"images": len(x)}
+        kept = np.bincount([v.draw for v in verdicts if v.passed], minlength=draws + 1)[1:]
+        return {k: round(v, 4) for k, v in out.items()} | {"images": len(x), "passed_on_draw": [int(c) for c in kept]}
 
-    report = {"limits": model.bundle.meta["gates"]["limits"], "stated": model.bundle.meta["gates"]["rates"]["calibration"], "in_domain": rates(images),
-              "in_domain_anonymized_only": rates(images, counterfactuals=False)}
+    report = {"limits": model.bundle.meta["gates"]["limits"], "stated": model.bundle.meta["gates"]["rates"]["calibration"],
+              "draws": draws, "retry": list(retry), "in_domain": rates(images), "in_domain_anonymized_only": rates(images, counterfactuals=False)}
     if labels is not None:
-        report["changed_finding"] = changed_finding(model, images, np.asarray(labels), lambda n: rng.standard_normal((n, latent)).astype(np.float32))
+        report["changed_finding"] = changed_finding(model, images, np.asarray(labels), lambda n: rng.standard_normal((n, latent)).astype(np.float32),
+                                                    draws, retry)
     sample = images[: min(len(images), 60)]
     report["out_of_domain"] = {name: rates(x) for name, x in out_of_domain(sample, size, cfg.seed).items()}
     report["near"] = {name: rates(x) for name, x in near_cases(sample).items()}
     return report
 
 
-def changed_finding(model: Model, images: np.ndarray, labels: np.ndarray, noise: Callable[[int], np.ndarray]) -> dict:
+def changed_finding(model: Model, images: np.ndarray, labels: np.ndarray, noise: Callable[[int], np.ndarray], draws: int = 0,
+                    retry: tuple[str, ...] = ()) -> dict:
     """Images whose finding was changed, judged as anonymized images of their originals:
     each image drawn with the prototype of every class in place of its medical vector,
     identity redrawn as in the node (``noise(n)``: n rows of identity noise), the gates
@@ -435,14 +441,17 @@ def changed_finding(model: Model, images: np.ndarray, labels: np.ndarray, noise:
       through (it must be 0).
 
     ``passed``: the rate (true-class definition) that passes every gate and would go out.
+    A changed finding gets as many draws as an honest image (``draws``, ``retry``: the
+    node's ``engine.gates.DRAWS`` and ``RETRIED`` by default): every draw is another chance
+    for it to pass.
     """
-    from engine.gates import IDENTITY_DRAWS
+    from engine.gates import DRAWS, RETRIED
 
     n, k = len(images), model.n_classes
     drawn = np.repeat(np.arange(k), n)
     x = np.concatenate([images] * k)
-    verdicts = model.anonymize_checked(x, noise(len(x)), redraw=lambda attempt, rows: noise(len(rows)), draws=IDENTITY_DRAWS,
-                                       medical=model.prototypes[drawn]).verdicts
+    verdicts = model.anonymize_checked(x, noise(len(x)), redraw=lambda attempt, rows: noise(len(rows)), draws=draws or DRAWS,
+                                       medical=model.prototypes[drawn], retry=tuple(retry) or RETRIED).verdicts
     through = np.array(["medical" not in v.failed for v in verdicts])
     passed = np.array([v.passed for v in verdicts])
     read = np.tile(model.classify(images).argmax(1), k)
@@ -456,7 +465,8 @@ def changed_finding(model: Model, images: np.ndarray, labels: np.ndarray, noise:
 def gates_markdown(g: dict) -> str:
     """The gate part of a report as Markdown tables."""
     i = g["in_domain"]
-    lines = [f"Gates: false rejections on {i['images']} in-domain images (patients neither the model nor the gates saw):", "",
+    lines = [f"Gates: false rejections on {i['images']} in-domain images (patients neither the model nor the gates saw; "
+             f"up to {g.get('draws', 1)} draws for a failure of {' or '.join(g.get('retry', ['identity']))}):", "",
              "| gate | rejected | stated by the bundle (its calibration) |", "|---|---|---|"]
     stated = g.get("stated", {})
     for k in ("domain", "medical", "identity", "any"):

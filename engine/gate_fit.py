@@ -374,10 +374,11 @@ def _refit_classifier(start: GateClassifier, fit, cfg: GateFitConfig, n_classes:
 
 def calibrate(model: DisentanglementModel, nets: GateNets, whiten: np.ndarray, identity_limit: float, cal, cfg: GateFitConfig) -> tuple[dict, dict]:
     """(limits, rates) on held-out in-domain images ``cal``: each image anonymized and given
-    a counterfactual as the node does (identity redrawn where that gate alone fails, up to
-    ``engine.gates.IDENTITY_DRAWS``); ``rates`` also holds the identity gate's rate on the
-    first draw (``identity_first_draw``)."""
-    from engine.gates import IDENTITY_DRAWS
+    a counterfactual as the node does (identity redrawn where only the gates that judge the
+    draw fail, up to ``engine.gates.DRAWS``); ``rates`` also holds the identity and medical
+    gates' rates on the first draw (``identity_first_draw``, ``medical_first_draw``). The
+    limits are set on the first draw."""
+    from engine.gates import DRAWS
 
     xc = cal.images.astype(np.float32)
     latent = model.cfg.vae_latent
@@ -394,17 +395,18 @@ def calibrate(model: DisentanglementModel, nets: GateNets, whiten: np.ndarray, i
         "counterfactual": float(np.clip(np.quantile(s["medical_counterfactual"], cfg.medical_frr), 0.5, 0.99)),
         "identity_distance": identity_limit,
     }
-    first = float(rejections(s, limits)["identity"].mean())
-    for _ in range(1, IDENTITY_DRAWS):
+    rej = rejections(s, limits)
+    first = {f"{g}_first_draw": round(float(rej[g].mean()), 4) for g in ("identity", "medical", "all")}
+    for _ in range(1, DRAWS):
         rej = rejections(s, limits)
-        again = np.flatnonzero(rej["identity"] & ~rej["domain"] & ~rej["medical"])
+        again = np.flatnonzero((rej["identity"] | rej["medical"]) & ~rej["domain"])
         if not len(again):
             break
         redo = gate_scores(model, nets, whiten, xc[again], rng.standard_normal((len(again), latent)).astype(np.float32), targets[again])
         for k in s:
             s[k][again] = redo[k]
     rates = {k: round(float(v.mean()), 4) for k, v in rejections(s, limits).items()}
-    return limits, {**rates, "identity_first_draw": round(first, 4)}
+    return limits, {**rates, **first}
 
 
 def _fit_gates(b: bundles.Bundle, cfg: GateFitConfig, fit, cal, ship: bool, calibrate_only: bool, refit_classifier: bool = False) -> bundles.Bundle:

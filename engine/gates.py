@@ -22,8 +22,10 @@ image, whether an anonymized image (and a counterfactual) may stand for the pati
   different patients of the training data. Distances are measured after whitening by the
   spread of a patient's own visits, so that what changes between visits of one patient
   (exposure, position) counts for little and what tells patients apart counts for much.
-  An image that fails this gate alone gets another synthetic identity, up to
-  ``IDENTITY_DRAWS`` in all.
+
+An image that fails only the gates that judge the draw (medical, identity) gets another
+synthetic identity, up to ``DRAWS`` in all; the first draw that passes every gate is kept
+(``Verdict.draw``; docs/gates.md has what this costs in changed findings that pass).
 
 Limits, the rates at which they reject held-out in-domain images, and the identity
 whitening are in ``model.json`` (``gates``); the classifier and the domain scorer are in
@@ -39,10 +41,13 @@ from collections.abc import Sequence
 import numpy as np
 
 GATES = ("domain", "medical", "identity")
-# Synthetic identities tried for an image whose only failed gate is identity: a draw that
-# landed near the patient is replaced by another (each is an equally valid anonymization,
-# and each is judged by every gate again); after the last, the image is quarantined.
-IDENTITY_DRAWS = 3
+# Synthetic identities tried for an image whose failed gates all judge the draw (RETRIED):
+# a draw that landed near the patient, or that the classifier reads as another class, is
+# replaced by another (each is an equally valid anonymization, and each is judged by every
+# gate again); after the last, the image is quarantined. The domain gate judges the input
+# and is never retried.
+DRAWS = 3
+RETRIED = ("medical", "identity")
 
 
 class GateError(ValueError):
@@ -144,6 +149,7 @@ class Verdict:
     """The gates' scores for one image, gate by gate (JSON-ready, no PHI)."""
 
     gates: dict[str, dict]
+    draw: int = 1  # which synthetic identity this verdict is of (1: the first)
 
     @property
     def failed(self) -> list[str]:
@@ -173,4 +179,5 @@ class Verdict:
 def summarize(verdicts: Sequence[Verdict]) -> dict:
     """The job record of one object (its frames' verdicts): passed, failed gates, scores."""
     failed = sorted({g for v in verdicts for g in v.failed}, key=GATES.index)
-    return {"passed": not failed, "failed": failed, "frames": [v.gates for v in verdicts]}
+    return {"passed": not failed, "failed": failed, "draws": max((v.draw for v in verdicts), default=1),
+            "frames": [{**v.gates, "draw": v.draw} for v in verdicts]}

@@ -36,7 +36,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import IS, DSfloat, PersonName
 
-from engine.gates import IDENTITY_DRAWS, summarize
+from engine.gates import DRAWS, summarize
 from engine.imaging import fit_box, resize
 from node import metrics
 from node.config import Route, Settings
@@ -356,7 +356,7 @@ class EnginePixelStep:
 
         with self._lock:  # one inference at a time per model
             with metrics.timed("engine", metrics.ENGINE_BATCH_SECONDS):
-                checked = model.anonymize_checked(x, np.stack(noises), counterfactuals=route.counterfactuals, redraw=redraw, draws=IDENTITY_DRAWS)  # type: ignore[attr-defined]
+                checked = model.anonymize_checked(x, np.stack(noises), counterfactuals=route.counterfactuals, redraw=redraw, draws=DRAWS)  # type: ignore[attr-defined]
         classes = meta.get("classes", [])
         bundle = model.bundle  # type: ignore[attr-defined]
         model_id = f"{bundle.name} {bundle.weights_digest()}"

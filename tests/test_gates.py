@@ -51,9 +51,9 @@ def test_in_domain_patients_pass_each_gate_at_the_stated_rate(model, in_domain):
     """200 images of unseen synthetic patients, judged as the node judges them (identity
     redrawn): each gate rejects them at about the rate the bundle states (its calibration
     on other patients; a binomial margin for 200 images)."""
-    from engine.gates import IDENTITY_DRAWS
+    from engine.gates import DRAWS
 
-    rates = rejected(model, in_domain.images, draws=IDENTITY_DRAWS)
+    rates = rejected(model, in_domain.images, draws=DRAWS)
     calibration = model.bundle.meta["gates"]["rates"]["calibration"]
     for gate, rate in rates.items():
         if gate == "any":
@@ -64,12 +64,48 @@ def test_in_domain_patients_pass_each_gate_at_the_stated_rate(model, in_domain):
 
 
 def test_another_identity_is_drawn_for_an_image_whose_first_lands_near_the_patient(model, in_domain):
-    from engine.gates import IDENTITY_DRAWS
+    from engine.gates import DRAWS
 
     once = rejected(model, in_domain.images, seed=3)
-    redrawn = rejected(model, in_domain.images, seed=3, draws=IDENTITY_DRAWS)
+    redrawn = rejected(model, in_domain.images, seed=3, draws=DRAWS)
     assert redrawn["identity"] <= once["identity"] and redrawn["identity"] <= 0.02, (once, redrawn)
     assert redrawn["domain"] == once["domain"]  # the input's own gate does not depend on the draw
+
+
+def test_a_medical_failure_earns_another_draw_and_a_domain_failure_none(model, in_domain):
+    """An image whose synthetic identity was drawn so that the classifier reads another
+    class gets another identity (each draw judged by every gate; the first that passes
+    all is kept, and says which it was); an image the domain gate turns away is not drawn
+    again, and a gate that judges the input cannot be asked to retry."""
+    from engine.gates import DRAWS
+
+    rng = np.random.default_rng(21)
+    latent = int(model.bundle.dims["vae_latent"])
+    x = in_domain.images
+    noise = rng.standard_normal((len(x), latent)).astype(np.float32)
+    calls: list[int] = []
+
+    def redraw(attempt, rows):
+        calls.append(len(rows))
+        return np.random.default_rng(100 + attempt).standard_normal((len(rows), latent)).astype(np.float32)
+
+    first = model.anonymize_checked(x, noise).verdicts
+    kept = model.anonymize_checked(x, noise, redraw=redraw, draws=DRAWS).verdicts
+    only_identity = model.anonymize_checked(x, noise, redraw=redraw, draws=DRAWS, retry=("identity",)).verdicts
+    med_first = [i for i, v in enumerate(first) if v.failed == ["medical"]]
+    assert med_first, "no medical failure among 200 first draws: the test needs another seed"
+    assert calls[0] >= len(med_first)
+    # Some medical failures pass on a later draw; with identity-only retries none does.
+    assert any(kept[i].passed and kept[i].draw > 1 for i in med_first)
+    assert all("medical" in only_identity[i].failed for i in med_first)
+    assert np.mean(["medical" in v.failed for v in kept]) < np.mean(["medical" in v.failed for v in first])
+    for v0, v in zip(first, kept):
+        if "domain" in v0.failed:
+            assert v.draw == 1 and v.failed == v0.failed
+        if v0.passed:  # a first draw that passed is kept
+            assert v.draw == 1 and v.gates == v0.gates
+    with pytest.raises(ValueError, match="retry"):
+        model.anonymize_checked(x[:2], noise[:2], redraw=redraw, draws=DRAWS, retry=("domain",))
 
 
 def test_domain_gate_turns_away_every_out_of_domain_case(model, in_domain):
@@ -117,7 +153,8 @@ def test_medical_gate_rejects_an_image_that_lost_the_original_finding(model, in_
 def test_no_changed_finding_passes_the_medical_gate(model, in_domain):
     """Every image drawn with the prototype of each class other than the one the gates'
     classifier reads in the original, in place of its medical vector, judged as the node
-    judges an anonymized image (identity redrawn): the medical gate lets none through. A
+    judges an anonymized image (redrawn as in the node: a medical or identity failure gets
+    another identity, up to DRAWS, every draw another chance): the medical gate lets none through. A
     fabricated finding must never go out. Against the true class, the originals the
     classifier misreads let some through (docs/gates.md): held under the rate measured."""
     from engine.evaluate import changed_finding
@@ -190,6 +227,8 @@ def fixed_secret(tmp_path) -> str:
 
 
 def test_node_quarantines_with_the_gate_name_and_records_every_score(tmp_path, start_node):
+    from engine.gates import DRAWS
+
     raw = pixel_route(tmp_path, {"name": "f", "kind": "folder", "path": str(tmp_path / "out")}, secret_path=fixed_secret(tmp_path))
     raw["routes"][0]["partial"] = "skip-object"
     raw["routes"][0]["counterfactuals"] = True
@@ -211,6 +250,7 @@ def test_node_quarantines_with_the_gate_name_and_records_every_score(tmp_path, s
         state, reason, record = jobs[str(bad.SOPInstanceUID)]
         assert state == InstanceState.QUARANTINED and "gate domain failed" in reason, reason
         assert record["gates"]["failed"][0] == "domain" and not record["gates"]["passed"]
+        assert record["gates"]["draws"] == 1  # the input's own gate: no other identity is tried
         frame = record["gates"]["frames"][0]["domain"]
         assert frame["reconstruction_error"] > frame["reconstruction_limit"] or frame["latent_distance"] > frame["latent_limit"]
         for value in (str(bad.PatientName), str(bad.PatientID)):
@@ -219,7 +259,8 @@ def test_node_quarantines_with_the_gate_name_and_records_every_score(tmp_path, s
         state, reason, record = jobs[str(ds.SOPInstanceUID)]
         assert state == InstanceState.PROCESSED, reason
         g = record["gates"]
-        assert g["passed"] and g["bundle"] == "reference" and set(g["frames"][0]) == {"domain", "medical", "identity"}
+        assert g["passed"] and g["bundle"] == "reference" and set(g["frames"][0]) == {"domain", "medical", "identity", "draw"}
+        assert 1 <= g["frames"][0]["draw"] == g["draws"] <= DRAWS  # which synthetic identity was kept
         assert {"anonymized", "counterfactual"} <= set(g["frames"][0]["identity"])
     assert len(outputs) == 2 * len(good)  # an anonymized image and a counterfactual each; nothing of the others
     out = dcmread(data_path(node.settings.node.data_dir, next(o.path for o in outputs if o.kind == "anonymized")))
