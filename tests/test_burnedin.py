@@ -515,7 +515,11 @@ def test_text_the_first_reading_misses_is_quarantined_by_the_second(step):
             assert _norm(t.text)[:4] not in _norm(str(err.value))
 
 
-SMALL_TEXT_SEEDS = (501, 502, 503)  # 7 px text over speckle; seed 500's is missed by both readings (docs/burned-in.md, Limits)
+# 7 px text over speckle that the first reading (scale 1.5) misses in part. Seeds 500,
+# 503 and 504 hold 7 px tokens that every reading misses (network and ink): they pass
+# with the tokens left (docs/burned-in.md, Limits); at scale 1.25, 503 was held back only
+# because the second reading saw another token on it that the first missed.
+SMALL_TEXT_SEEDS = (502, 506, 507)
 
 
 def test_small_text_the_first_reading_misses_is_quarantined(step):

@@ -143,7 +143,8 @@ def extend_along_ink(rgb: np.ndarray, boxes: Sequence[Box], steps: int = 32) -> 
     of the ring RING pixels wide around the box holds) of the line's ink value (the commonest value of the
     flat strokes inside the box) equal to a neighbour, thin or not (where the line
     crosses a bright wall its letters do not stand out of their surroundings, but
-    keep their value); ``steps`` strips a side at most. A box with no flat strokes
+    keep their value); ``steps`` strips a side at most, and one more strip on a side
+    that grew. A box with no flat strokes
     inside stays as it is."""
     if not boxes:
         return []
@@ -177,10 +178,10 @@ def extend_along_ink(rgb: np.ndarray, boxes: Sequence[Box], steps: int = 32) -> 
             if r >= cols or ink[:, r : min(cols, r + 2 * step)].sum() < need:
                 break
             r = min(cols, r + step)
-        # A side that grew gets the margin again: the last letter's soft edge lies past
-        # the last strip that held its ink value.
-        margin = max(2, (b - t) // 5)
-        l = max(0, l - margin) if l < box[1] else l
-        r = min(cols, r + margin) if r > box[3] else r
+        # A side that grew gets one more step: the last letter's end (its soft edge, or
+        # the few strokes of its value that fall short of ``need``) lies past the last
+        # strip taken.
+        l = max(0, l - step) if l < box[1] else l
+        r = min(cols, r + step) if r > box[3] else r
         out.append((t, l, b, r))
     return out
