@@ -17,7 +17,8 @@ For each object, in order:
    reading's by geometry: a box that touches a mask and sticks out of it is the rest
    of a line the first box cut short, and is masked too; a line of text away from
    every mask is text the first reading missed;
-5. every box is masked, with a margin, on every frame (the union: text found on one
+5. every box is grown along its line while the strip beside it holds the line's ink
+   value (:func:`node.burnedin.ink.extend_along_ink`), then masked, with a margin, on every frame (the union: text found on one
    frame of a cine is blanked on all);
 6. verification, on each frame read in 3.: the masked areas and their surroundings are
    read again (pieces of text next to a mask are masked too, twice at most), the
@@ -26,6 +27,9 @@ For each object, in order:
    masked frames (masks flattened) once more: what the surroundings of a line hide can
    come up once the other lines are masked; what sticks out of a mask is masked, a
    line of text away from the masks is text missed.
+   Then the classical ink reading (:mod:`node.burnedin.ink`: flat strokes of one
+   value, no network) looks at the masked frames: ink beside a mask (the rest of its
+   line) is masked too, ink away from every mask is text both readings missed.
    Text left after 6., text missed (4. or 6.), or a frame either detector cannot
    process raises :class:`BurnedInError` and the object is quarantined.
 
@@ -46,6 +50,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from node.burnedin import ink
 from node.burnedin.detect import VERIFIER, Box, DetectorUnavailable, TextDetector, shared_detector
 from node.burnedin.regions import RegionRules
 from node.wire import peek, peek_float, peek_str
@@ -213,6 +218,16 @@ def display(ds: Dataset, px: _Pixels, frames: Sequence[int]) -> np.ndarray:
             v = 255 - v
         out[i] = v.astype(np.uint8)[..., None]
     return out
+
+
+def _shows_stored_values(ds: Dataset, px: _Pixels) -> bool:
+    """True when :func:`display` shows each stored value as a value of its own (8-bit
+    grayscale without a window, RGB, YBR, palette): what the ink reading needs. A window
+    or a percentile stretch clips the brightest values together (a bright wall becomes
+    flat strokes of 255, like ink) and merges neighbouring ones."""
+    if px.photometric in ("RGB", "YBR_FULL", "PALETTE COLOR"):
+        return px.bits_stored <= 8
+    return px.bits_stored <= 8 and not np.isfinite(peek_float(ds, "WindowWidth", np.nan))
 
 
 def low_contrast_view(rgb: np.ndarray) -> np.ndarray:
@@ -416,6 +431,9 @@ def clean(ds: Dataset, detector: TextDetector, rules: RegionRules | None = None,
     shown = view[read]
     found = _first_reading(shown, read, n, detector)
     found = _second_reading(shown, read, n, found, verifier)
+    exact = _shows_stored_values(ds, px)
+    if exact:
+        found = _extend_along_ink(shown, read, n, found)
     del shown
     masks = {i: _distinct(rule_boxes + found.get(i, [])) for i in range(n)}
     for i in range(n):
@@ -425,6 +443,8 @@ def clean(ds: Dataset, detector: TextDetector, rules: RegionRules | None = None,
         _flatten(view[k], masks[i])
     _verify(ds, px, view, read, masks, found, detector)
     _masked_reading(ds, px, view, read, masks, verifier)
+    if exact:
+        _ink_reading(ds, px, view, read, masks)
     if n > CINE_FRAMES:  # pieces masked on a read frame are masked on all
         union = _distinct([b for i in read for b in masks[i]])
         for i in range(n):
@@ -633,3 +653,81 @@ def _masked_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[int],
         if not grown:
             return
         todo = grown
+
+
+def _extend_along_ink(frames: np.ndarray, read: list[int], n: int, found: dict[int, list[Box]]) -> dict[int, list[Box]]:
+    """The masks to apply (``found``) grown sideways along their line while the strip
+    beside them still holds the line's ink (:func:`node.burnedin.ink.extend_along_ink`
+    on ``frames``, the display before masking in the order of ``read``); for a cine,
+    the union over the frames read, on every frame."""
+    out = {i: list(v) for i, v in found.items()}
+    grown: list[Box] = []
+    for k, i in enumerate(read):
+        boxes = ink.extend_along_ink(frames[k], found.get(i, []))
+        if n > CINE_FRAMES:
+            grown += boxes
+        else:
+            out[i] = _distinct(boxes)
+    if n > CINE_FRAMES:
+        union = _distinct(grown)
+        out = {i: list(union) for i in range(n)}
+    return out
+
+
+def _ink_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[int], masks: dict[int, list[Box]]) -> None:
+    """The classical ink reading (:func:`node.burnedin.ink.ink_lines`) of the masked
+    frames (``view``: their display with the masks flattened, in the order of
+    ``read``): a line of ink next to a mask (within its height, on rows it shares) is
+    masked too (``px``, ``masks`` and ``view`` change) and the frame read again (ROUNDS
+    times at most); a line of ink away from every mask is text both readings of the
+    network missed.
+
+    Raises:
+        BurnedInError: ink away from the masks, or still found after ROUNDS rounds.
+    """
+    rows, cols = px.stored.shape[1:3]
+    for k, i in enumerate(read):
+        for _round in range(ROUNDS + 1):
+            lines = ink.ink_lines(view[k], masks[i])
+            if not lines:
+                break
+            near = _chained(lines, masks[i], rows, cols)
+            if len(near) < len(lines):
+                raise BurnedInError(f"burned-in text: the ink reading found text the detector did not mask (frame {i})")
+            if _round == ROUNDS:
+                raise BurnedInError(f"burned-in text: the ink reading still finds text beside a mask after masking (frame {i})")
+            masks[i] = _distinct(masks[i] + near)
+            _mask(ds, px, i, near)
+            view[k] = display(ds, px, [i])[0]
+            _flatten(view[k], masks[i])
+
+
+def _chained(lines: Sequence[Box], masks: Sequence[Box], rows: int, cols: int) -> list[Box]:
+    """The masks to add for the ink ``lines`` that continue a mask, directly or through
+    other such lines (a line is found in pieces): one per line, :func:`_along` the mask
+    or piece it continues. Lines that continue nothing are left out."""
+    reach, out, todo = list(masks), [], list(lines)
+    while todo:
+        step = [(b, next(m for m in reach if _beside(b, m))) for b in todo if any(_beside(b, m) for m in reach)]
+        if not step:
+            break
+        for b, m in step:
+            todo.remove(b)
+            out.append(_along(b, m, rows, cols))
+            reach.append(out[-1])
+    return out
+
+
+def _along(box: Box, mask: Box, rows: int, cols: int) -> Box:
+    """The mask to add for ink ``box`` beside ``mask``: the mask's rows (the line's
+    height, whatever part of the letters the strokes were found in) over the ink's
+    columns, with the sideways margin of :func:`_pad` (a fifth of the line height)."""
+    dx = max(2, (mask[2] - mask[0]) // 5)
+    return min(box[0], mask[0]), max(0, box[1] - dx), max(box[2], mask[2]), min(cols, box[3] + dx)
+
+
+def _beside(box: Box, mask: Box) -> bool:
+    """True when ``box`` shares rows with ``mask`` and lies within the mask's height of it
+    sideways (or overlaps it): the rest of the masked line."""
+    h = mask[2] - mask[0]
+    return box[0] < mask[2] and mask[0] < box[2] and box[1] < mask[3] + h and mask[1] - h < box[3]

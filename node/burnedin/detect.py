@@ -56,7 +56,7 @@ class DetectorSettings:
     """How frames are read: ``scale`` enlarges them first (small text is found from about
     11 px at 1.5, not at 1.0); ``thresh``/``box_thresh``/``unclip`` are DB's own."""
 
-    scale: float = 1.25
+    scale: float = 1.5  # 1.25 until 2026-11-30: recall 0.9893 on the 500 seeded frames, 1.5 found the rest (docs/burned-in.md)
     check_scale: float = 1.0  # the low-contrast check looks for larger, fainter text
     thresh: float = 0.3
     box_thresh: float = 0.5
@@ -66,8 +66,8 @@ class DetectorSettings:
     max_batch: int = 4
 
 
-# The second reading (clean.py) runs the same network tuned apart: twice the resolution
-# (text of 7-11 px over speckle, which the first reading at 1.25 misses), lower
+# The second reading (clean.py) runs the same network tuned apart: scale 2.0 (text of
+# 7-11 px over speckle, which the first reading at 1.25 missed; 1.5 since 2026-11-30), lower
 # thresholds, and its own session. It sees the masked frame only; what it finds that is
 # not masked quarantines the object. Measured: docs/burned-in.md, "Second reading".
 VERIFIER = DetectorSettings(scale=2.0, check_scale=1.0, thresh=0.2, box_thresh=0.4, max_batch=2)

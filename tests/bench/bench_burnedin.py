@@ -12,7 +12,7 @@ words with a confidence), and the PP-OCRv4 detector as this step runs it at scal
 (docs/burned-in.md).
 
 1. Speed: frames/s of the whole step (decode, region rules, detection, masking,
-   verification, low-contrast check, second reading, write-back) on single 640 x 480 frames (half
+   verification, low-contrast check, second reading, ink reading, write-back) on single 640 x 480 frames (half
    grayscale, half RGB), and seconds for one 100-frame RGB cine with a static overlay;
    with the share of the time spent in the OCR model. Targets: >= 3 single frames/s on
    2 cores; the cine in under 10 s.
