@@ -548,6 +548,29 @@ def test_small_text_the_first_reading_misses_is_quarantined(step):
     assert missed_first and quarantined >= missed_first, "the first reading missed text on these seeds and each such object was held back"
 
 
+@pytest.mark.xfail(strict=True, reason="known leak (docs/burned-in.md, Limits): 7 px tokens on these seeds are missed by every reading "
+                   "(network at scale 1.5 and 2.0, ink reading) and the object passes; the default burned_in = 'quarantine' is unaffected")
+def test_seven_pixel_text_every_reading_misses_is_not_yet_held_back(step):
+    """The seeds SMALL_TEXT_SEEDS leaves out, run the same way: each object must be
+    quarantined or pass with no token uncovered. Fails today (strict xfail: it turns
+    into a failure, to be removed, the day it passes)."""
+    from node.burnedin import BurnedInError
+    from node.burnedin.clean import clean
+
+    leaked = []
+    for seed in (500, 503, 504):
+        f, tokens = sb.us_frame(seed, over_content=1.0, sizes=(7,))
+        try:
+            report = clean(sb.dataset(f), step.detector(), step.rules, step.verifier())
+        except BurnedInError:
+            continue
+        m = np.zeros(f.shape, bool)
+        for t, l, b, r in report.masked[0]:
+            m[t:b, l:r] = True
+        leaked += [seed for t in tokens if t.uncovered_ink(m)]
+    assert not leaked, f"seeds {sorted(set(leaked))} passed with 7 px tokens left uncovered"
+
+
 # -- the ink reading: what both readings of the network miss -------------------------------
 def test_text_both_readings_miss_is_quarantined_by_the_ink_reading(step):
     """Both readings of the network blind (what the benchmark saw on small, faint text
