@@ -36,7 +36,7 @@ from node.leases import PRESENCE_BEAT_S, PRESENCE_STALE_S, NodeIdInUse, claim_pr
 from node.pipeline import PixelStep, Pipeline
 from node.reasons import withhold_warning_texts
 from node.spool import clean_stale_temporaries
-from node.startup import StartupError, check_secret, load_secret, owner_only_folder, routes_changed
+from node.startup import StartupError, check_secret, load_secret, owner_only_folder, refuse_lost_secret, routes_changed
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,19 @@ class Node:
         removed = clean_stale_temporaries(data, SPOOL_GRACE_S)
         if removed:
             log.info("removed %d temporary files left by an interrupted write", removed)
-        secret = load_secret(settings.node)
-        self.pseudo = Pseudonymizer(secret)
         try:
             self.node_id = node_identity(data, settings.node.node_id)
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.owner = owner_token(self.node_id)
         self.engine = self._engine()
+        try:  # a secret is made only for a database that has none yet
+            refuse_lost_secret(self.engine, settings.node)
+            secret = load_secret(settings.node)
+        except BaseException:
+            self.engine.dispose()
+            raise
+        self.pseudo = Pseudonymizer(secret)
         self.sessions: sessionmaker = make_sessionmaker(self.engine, info={"log_id": self.pseudo.log_id})
         try:
             self._recover(secret)

@@ -593,7 +593,8 @@ def _import_headers_only() -> None:
 
 
 def _deid_settings(args):
-    """(DeidSettings, secret path, region rules file) for `casemask deid`. A borrowed
+    """(DeidSettings, secret path or the node's NodeSettings to read it from, region rules
+    file) for `casemask deid`. A borrowed
     route's header profile is used, but never its pixel step: this command touches
     pixels only with --burned-in clean (masking burned-in text), so otherwise the
     burned-in-text policy is that of a header-only route (a route's "clean" included)."""
@@ -620,7 +621,7 @@ def _deid_route_settings(args):
         deid_settings = route.deid if route and route.deid else DeidSettings()
         if args.option:
             deid_settings = deid_settings.model_copy(update={"options": sorted(set(deid_settings.options) | set(args.option))})
-        return deid_settings, Path(args.secret) if args.secret else settings.node.resolved_secret_path, settings.node.burned_in_regions
+        return deid_settings, Path(args.secret) if args.secret else settings.node, settings.node.burned_in_regions
     return DeidSettings(options=args.option or []), Path(args.secret) if args.secret else Path("var/secret.key"), None
 
 
@@ -634,15 +635,16 @@ def cmd_deid(args) -> int:
     if not args.out:
         raise UsageError("--out DIR is required (or --verify-only IN OUT)")
 
-    from node.startup import read_secret_file
+    from node.startup import read_secret_file, secret_for_tool
 
-    deid_settings, secret_path, regions = _deid_settings(args)
+    deid_settings, secret_from, regions = _deid_settings(args)
     strict_uids = True
     if args.config:
         from node.config import load
 
         strict_uids = load(args.config).node.strict_uids
-    secret = read_secret_file(secret_path)
+    # --secret FILE, or the node's own secret (its secret_env or secret_path) with --config
+    secret = read_secret_file(secret_from) if isinstance(secret_from, Path) else secret_for_tool(secret_from)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [str(f) for f in _files(args.paths)]

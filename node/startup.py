@@ -115,6 +115,73 @@ def _meta_put_once(session: Session, key: str, value: str) -> str:
     return stored
 
 
+def recorded_fingerprint(engine) -> str | None:
+    """The secret fingerprint a database records, or None for a database (or a schema)
+    that holds none yet."""
+    from sqlalchemy import inspect
+    from sqlalchemy.orm import Session as _Session
+
+    from node.db import Meta
+
+    if not inspect(engine).has_table(Meta.__tablename__):
+        return None
+    with _Session(engine) as session:
+        return _meta_get(session, SECRET_FINGERPRINT_KEY)
+
+
+def refuse_lost_secret(engine, node: NodeSettings) -> None:
+    """Refuse to make a new secret file for a database made with a secret.
+
+    ``load_secret`` creates ``secret_path`` when it is absent, which is right on a first
+    start; on a database that already records a secret's fingerprint the file was lost
+    or moved, and a new one would only be refused a moment later by ``check_secret``,
+    after writing a stray secret where the admin restores the right one.
+
+    Raises:
+        StartupError: the secret file is absent and the database records a secret's
+            fingerprint; the message says to restore it.
+    """
+    if node.secret_env or node.resolved_secret_path.exists():
+        return
+    stored = recorded_fingerprint(engine)
+    if stored is not None:
+        raise StartupError(
+            f"the pseudonym secret file {node.resolved_secret_path} is missing, but the database was made with a secret (fingerprint {stored}). "
+            "A new secret would change every pseudonym: restore the file from your backup (mode 0600), "
+            "or point [node] secret_path / secret_env at it. casemask writes no new secret for an existing database."
+        )
+
+
+def secret_for_tool(node: NodeSettings) -> bytes:
+    """The node's pseudonym secret for a command run beside the node on its config
+    (``casemask deid --config``): from ``secret_env`` when the node reads it there,
+    else from ``secret_path``, made only when the node's database does not exist yet or
+    records no secret. Opens the database only to read the fingerprint; creates none.
+
+    Raises:
+        StartupError: as ``load_secret``; or the secret file is missing while the
+            node's database records a secret (or cannot be read to tell).
+    """
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if not node.secret_env and not node.resolved_secret_path.exists():
+        url = make_url(node.resolved_database_url)
+        if not url.drivername.startswith("sqlite") or (url.database and Path(url.database).exists()):
+            engine = create_engine(url)
+            try:
+                refuse_lost_secret(engine, node)
+            except SQLAlchemyError:
+                raise StartupError(
+                    f"the pseudonym secret file {node.resolved_secret_path} is missing and the node's database could not be read "
+                    "to tell whether it was made with one: restore the secret file, or name another with --secret"
+                ) from None
+            finally:
+                engine.dispose()
+    return load_secret(node)
+
+
 def check_secret(session: Session, secret: bytes, where: str) -> None:
     """Store the secret's fingerprint in a new database; compare it in an old one.
 

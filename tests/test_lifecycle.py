@@ -572,6 +572,60 @@ def test_a_database_made_with_another_secret_refuses_to_start(tmp_path):
     assert "ab" * 16 not in r.stderr  # the secret itself is never shown
 
 
+def test_a_lost_secret_file_is_not_replaced_by_a_new_one(tmp_path):
+    """A database made with a secret whose file is gone: start-up refuses and writes no
+    new secret (a stray key where the admin restores the right one); the message says
+    to restore it. With the file restored the node starts."""
+    raw = node_config(tmp_path, [folder(tmp_path)])
+    settings = parse(raw, "test", base_dir=tmp_path)
+    Node(settings, pixel_step=None).stop()
+    key = settings.node.data_dir / "secret.key"
+    kept = key.read_bytes()
+    key.unlink()
+    with pytest.raises(StartupError, match="is missing") as exc:
+        Node(settings, pixel_step=None)
+    assert "restore the file from your backup" in str(exc.value)
+    assert not key.exists()
+    r = run_cli("serve", "--config", str(write_toml(raw, tmp_path / "node.toml")))
+    assert r.returncode == 2 and "is missing" in r.stderr, r.stderr[-500:]
+    assert not key.exists()
+    key.write_bytes(kept)
+    key.chmod(0o600)
+    Node(settings, pixel_step=None).stop()
+
+
+def test_deid_beside_a_node_reads_the_node_secret_and_never_makes_one(tmp_path):
+    """`casemask deid --config NODE.toml` pseudonymises with the node's secret: from its
+    secret_env (before, it made a random secret.key in the data folder and every
+    pseudonym differed from the node's), and never a new file for a database made with
+    a secret whose file is missing."""
+    import os
+
+    files = make_study(tmp_path / "in", 1)
+    raw = node_config(tmp_path, [folder(tmp_path)], secret_env="CASEMASK_TEST_SECRET")
+    cfg = write_toml(raw, tmp_path / "env.toml")
+    env = {**os.environ, "CASEMASK_TEST_SECRET": "12" * 32}
+    r = run_cli("deid", "--config", str(cfg), "--out", str(tmp_path / "by-env"), str(files[0]), env=env)
+    assert r.returncode == 0, r.stderr[-800:]
+    settings = parse(raw, "test", base_dir=tmp_path)
+    assert not (settings.node.data_dir / "secret.key").exists()
+    key = tmp_path / "same.key"
+    key.write_text("12" * 32 + "\n")
+    key.chmod(0o600)
+    r = run_cli("deid", "--secret", str(key), "--out", str(tmp_path / "by-file"), str(files[0]))
+    assert r.returncode == 0, r.stderr[-800:]
+    (a,), (b,) = (list((tmp_path / d).rglob("*.dcm")) for d in ("by-env", "by-file"))
+    assert dcmread(a).PatientID == dcmread(b).PatientID != dcmread(files[0]).PatientID
+
+    raw = node_config(tmp_path / "n2", [folder(tmp_path)])
+    settings = parse(raw, "test", base_dir=tmp_path)
+    Node(settings, pixel_step=None).stop()
+    (settings.node.data_dir / "secret.key").unlink()
+    r = run_cli("deid", "--config", str(write_toml(raw, tmp_path / "n2.toml")), "--out", str(tmp_path / "lost"), str(files[0]))
+    assert r.returncode == 2 and "is missing" in r.stderr, r.stderr[-800:]
+    assert not (settings.node.data_dir / "secret.key").exists()
+
+
 def test_secret_from_an_environment_variable(tmp_path, monkeypatch):
     raw = node_config(tmp_path, [folder(tmp_path)], secret_env="CASEMASK_TEST_SECRET")
     settings = parse(raw, "test", base_dir=tmp_path)
