@@ -27,7 +27,7 @@ from typing import Literal
 from pydicom import dcmread
 from sqlalchemy.orm import sessionmaker
 
-from node import audit, metrics, queue, retention, routing
+from node import audit, logfmt, metrics, queue, retention, routing
 from node.config import Settings
 from node.db import data_path, make_engine, make_sessionmaker, pool_size_for
 from node.deid import Pseudonymizer
@@ -88,6 +88,7 @@ class Node:
             self.engine.dispose()
             raise
         self.pseudo = Pseudonymizer(secret)
+        logfmt.name_uids_with(self.pseudo.log_id)  # pynetdicom's -vv lines name UIDs as the node's do
         self.sessions: sessionmaker = make_sessionmaker(self.engine, info={"log_id": self.pseudo.log_id})
         try:
             self._recover(secret)

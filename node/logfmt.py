@@ -6,17 +6,57 @@ one of them would start a line of the sender's choosing, or rewrite the terminal
 :class:`EscapingFormatter` writes every C0 and C1 control character (and U+2028/U+2029)
 of the formatted record as a visible escape, so one record is one line; traceback
 lines are escaped one by one and indented, so none can pass for a record.
+
+The node's own records name an original UID by its keyed hash (``Pseudonymizer.log_id``);
+pynetdicom's (``-vv``) quote the UIDs of what it receives, e.g. "Affected SOP Instance
+UID : 1.2...". The formatter names every UID in a pynetdicom record the same way (the
+standard's own UIDs, such as SOP classes and transfer syntaxes, stay readable), so an
+original UID, which may embed dates or device serials, never reaches the log.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from typing import Callable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\x1b"}
+
+
+# A UID as written in a log line: 4 or more numeric components (PS3.5 9.1); not part of
+# a longer run of digits and dots. Four components of 0-255 are taken for an IPv4
+# address and kept.
+_UID = re.compile(r"(?<![\d.])\d+(?:\.\d+){3,}(?![\d.])")
+_uid_namer: Callable[[str], str] | None = None
+
+
+def name_uids_with(namer: Callable[[str], str] | None) -> None:
+    """Name UIDs in pynetdicom's records by ``namer`` (the node's ``log_id``) from now
+    on; before a node set one (or with None), such UIDs read ``h:?``."""
+    global _uid_namer
+    _uid_namer = namer
+
+
+def _is_ipv4(text: str) -> bool:
+    parts = text.split(".")
+    return len(parts) == 4 and all(len(p) <= 3 and int(p) <= 255 for p in parts)
+
+
+def name_uids(text: str) -> str:
+    """``text`` with each UID that is not one of the standard's (pydicom's UID
+    dictionary: SOP classes, transfer syntaxes, contexts) replaced by its keyed name."""
+    from pydicom.uid import UID_dictionary
+
+    def sub(m: re.Match) -> str:
+        uid = m.group()
+        if uid in UID_dictionary or _is_ipv4(uid):
+            return uid
+        return _uid_namer(uid) if _uid_namer is not None else "h:?"
+
+    return _UID.sub(sub, text)
 
 
 def escape_controls(text: str) -> str:
@@ -29,7 +69,10 @@ class EscapingFormatter(logging.Formatter):
     """A :class:`logging.Formatter` whose records are always one line (see the module)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return escape_controls(super().formatMessage(record))
+        text = super().formatMessage(record)
+        if record.name.startswith("pynetdicom"):
+            text = name_uids(text)
+        return escape_controls(text)
 
     def formatException(self, ei) -> str:
         return _indented(super().formatException(ei))
