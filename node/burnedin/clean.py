@@ -50,7 +50,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from node.burnedin import ink
+from node.burnedin import ink, small
 from node.burnedin.detect import VERIFIER, Box, DetectorUnavailable, TextDetector, shared_detector
 from node.burnedin.regions import RegionRules
 from node.wire import peek, peek_float, peek_str
@@ -443,6 +443,7 @@ def clean(ds: Dataset, detector: TextDetector, rules: RegionRules | None = None,
         _flatten(view[k], masks[i])
     _verify(ds, px, view, read, masks, found, detector)
     _masked_reading(ds, px, view, read, masks, verifier)
+    _small_text_reading(ds, px, view, read, masks, verifier)
     if exact:
         _ink_reading(ds, px, view, read, masks)
     if n > CINE_FRAMES:  # pieces masked on a read frame are masked on all
@@ -652,6 +653,47 @@ def _masked_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[int],
             grown.append(k)
         if not grown:
             return
+        todo = grown
+
+
+def _small_text_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[int], masks: dict[int, list[Box]], verifier: TextDetector) -> None:
+    """The second detector on the top-hat view of the masked frames (``view``: their
+    display with the masks flattened, in the order of ``read``), whole, at scale
+    :data:`node.burnedin.small.SCALE`: 7 px text over speckle that no other reading
+    sees (docs/burned-in.md, "Small text"). Frames with no place dense enough in thin
+    marks to hold a line of small text (:func:`node.burnedin.small.candidate_areas`) are
+    not read. Read whole, not by those places: the network pools over the whole
+    image, and crops of speckle read alone gave lines of text on text-free frames.
+    What touches a mask and sticks out of it is masked (``px``, ``masks`` and ``view``
+    change) and the frame read again (ROUNDS times at most); a line of text away from
+    every mask is text missed.
+
+    Raises:
+        BurnedInError: a line of text away from the masks, text still beside a mask
+            after ROUNDS rounds, or a frame the detector cannot process.
+    """
+    rows, cols = px.stored.shape[1:3]
+    todo = [k for k, i in enumerate(read) if small.candidate_areas(view[k], masks[i])]
+    for _round in range(ROUNDS + 1):
+        if not todo:
+            return
+        try:
+            found = verifier.detect(np.stack([small.tophat_view(view[k]) for k in todo]), small.SCALE)
+        except Exception as exc:
+            raise BurnedInError(f"burned-in text: the small-text reading could not process the masked frames ({type(exc).__name__})") from None
+        grown = []
+        for k, boxes in zip(todo, found):
+            i = read[k]
+            left = [b for b in boxes if b[2] - b[0] <= MAX_TEXT_HEIGHT and not _inside(b, masks[i])]
+            rest = [b for b in left if _touches(_grow(b, 2, rows, cols), masks[i])]
+            if any(_line_of_text(b) for b in left if b not in rest):
+                raise BurnedInError(f"burned-in text: the small-text reading found text the detector did not mask (frame {i})")
+            if not rest:
+                continue
+            if _round == ROUNDS:
+                raise BurnedInError(f"burned-in text: the small-text reading still finds text beside a mask after masking (frame {i})")
+            _mask_more(ds, px, view, k, i, masks, rest)
+            grown.append(k)
         todo = grown
 
 

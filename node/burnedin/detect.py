@@ -163,11 +163,13 @@ class TextDetector:
         rows, cols = frames.shape[1:3]
         return [self.boxes(p, rows, cols, scale) for p in self.probability(frames, scale)]
 
-    def detect_regions(self, frame: np.ndarray, regions: Sequence[Box]) -> list[Box]:
-        """Text boxes found inside ``regions`` of one frame (rows, cols, 3), in frame pixels.
+    def detect_regions(self, frame: np.ndarray, regions: Sequence[Box], scale: float | None = None) -> list[Box]:
+        """Text boxes found inside ``regions`` of one frame (rows, cols, 3), in frame
+        pixels, the crops read at ``scale`` (the settings' by default).
 
-        Used to verify a masked frame where it changed: the rest of the frame was
-        already read in full and found clean."""
+        Used to verify a masked frame where it changed (the rest of the frame was
+        already read in full and found clean) and to read the small-text view where it
+        may hold text (:mod:`node.burnedin.small`)."""
         if not regions:
             return []
         gap = 16  # black rows between crops: no text line spans them
@@ -177,7 +179,7 @@ class TextDetector:
         for (top, left, bottom, right), y in zip(regions, tops):
             canvas[0, y : y + bottom - top, : right - left] = frame[top:bottom, left:right]
         found: list[Box] = []
-        for t, l, b, r in self.detect(canvas)[0]:
+        for t, l, b, r in self.detect(canvas, scale)[0]:
             k = int(np.searchsorted(tops, t, side="right")) - 1
             top, left, bottom, right = regions[k]
             y = int(tops[k])
