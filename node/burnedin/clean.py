@@ -665,8 +665,9 @@ def _small_text_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[i
     not read. Read whole, not by those places: the network pools over the whole
     image, and crops of speckle read alone gave lines of text on text-free frames.
     What touches a mask and sticks out of it is masked (``px``, ``masks`` and ``view``
-    change) and the frame read again (ROUNDS times at most); a line of text away from
-    every mask is text missed.
+    change) and the frame read again (ROUNDS times at most); a line of small text away
+    from every mask (:data:`node.burnedin.small.MAX_HEIGHT` tall at most,
+    :data:`node.burnedin.small.LINE_RATIO` times as wide as tall) is text missed.
 
     Raises:
         BurnedInError: a line of text away from the masks, text still beside a mask
@@ -686,7 +687,7 @@ def _small_text_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[i
             i = read[k]
             left = [b for b in boxes if b[2] - b[0] <= MAX_TEXT_HEIGHT and not _inside(b, masks[i])]
             rest = [b for b in left if _touches(_grow(b, 2, rows, cols), masks[i])]
-            if any(_line_of_text(b) for b in left if b not in rest):
+            if any(b[2] - b[0] <= small.MAX_HEIGHT and _line_of_text(b, small.LINE_RATIO) for b in left if b not in rest):
                 raise BurnedInError(f"burned-in text: the small-text reading found text the detector did not mask (frame {i})")
             if not rest:
                 continue
