@@ -27,6 +27,11 @@ For each object, in order:
    masked frames (masks flattened) once more: what the surroundings of a line hide can
    come up once the other lines are masked; what sticks out of a mask is masked, a
    line of text away from the masks is text missed.
+   Then the small-text reading (:mod:`node.burnedin.small`): the second detector on the
+   masked frame's white top-hat (thin bright marks on black) at scale 3, whole, where
+   thin marks are dense enough somewhere to be a line of 7 px text, which no other
+   reading sees; same rules (beside a mask: masked; a line of small text elsewhere:
+   missed).
    Then the classical ink reading (:mod:`node.burnedin.ink`: flat strokes of one
    value, no network) looks at the masked frames: ink beside a mask (the rest of its
    line) is masked too, ink away from every mask is text both readings missed.
