@@ -381,6 +381,12 @@ def _covered(box: Box, masks: Sequence[Box]) -> bool:
 
 
 # -- the step ---------------------------------------------------------------------------
+def _sample(n: int) -> list[int]:
+    """The SAMPLE frames of an n-frame cine read whatever they show, evenly spaced,
+    first and last included."""
+    return sorted({round(i * (n - 1) / (SAMPLE - 1)) for i in range(SAMPLE)})
+
+
 def frames_to_read(view: np.ndarray) -> list[int]:
     """Which frames of a (frames, rows, cols, 3) view the detector reads.
 
@@ -392,7 +398,7 @@ def frames_to_read(view: np.ndarray) -> list[int]:
         return list(range(n))
     import cv2
 
-    sample = sorted({round(i * (n - 1) / (SAMPLE - 1)) for i in range(SAMPLE)})
+    sample = _sample(n)
     ref = view[sample[0]]
     moving = np.zeros(ref.shape[:2], np.uint8)
     for i in sample[1:]:
@@ -667,7 +673,8 @@ def _small_text_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[i
     :data:`node.burnedin.small.SCALE`: 7 px text over speckle that no other reading
     sees (docs/burned-in.md, "Small text"). Frames with no place dense enough in thin
     marks to hold a line of small text (:func:`node.burnedin.small.candidate_areas`) are
-    not read. Read whole, not by those places: the network pools over the whole
+    not read, nor, in a cine, the sampled frames between the first and the last (a
+    static overlay; each x3 reading costs about nine plain ones). Read whole, not by those places: the network pools over the whole
     image, and crops of speckle read alone gave lines of text on text-free frames.
     What touches a mask and sticks out of it is masked (``px``, ``masks`` and ``view``
     change) and the frame read again (ROUNDS times at most); a line of small text away
@@ -679,7 +686,11 @@ def _small_text_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[i
             after ROUNDS rounds, or a frame the detector cannot process.
     """
     rows, cols = px.stored.shape[1:3]
-    todo = [k for k, i in enumerate(read) if small.candidate_areas(view[k], masks[i])]
+    n = len(px.stored)
+    # A cine's overlay is static (the other readings see it on every sampled frame):
+    # of the sample, its first and last frames, and every frame read for a changed overlay.
+    ends = {_sample(n)[0], _sample(n)[-1]} if n > CINE_FRAMES else set(read)
+    todo = [k for k, i in enumerate(read) if (i in ends or i not in _sample(n)) and small.candidate_areas(view[k], masks[i])]
     for _round in range(ROUNDS + 1):
         if not todo:
             return
