@@ -1,0 +1,106 @@
+"""A hostile client of the operator's HTTP server (API, dashboard): each test is an
+attack that worked before its fix (docs/security.md, "The HTTP side")."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from tests.conftest import node_config, wait_until
+from tests.httpnode import http_nodes, start_http_node  # noqa: F401  (fixture)
+
+
+def _node(tmp_path, http_nodes):  # noqa: F811
+    hn = start_http_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), tmp_path)
+    http_nodes.append(hn)
+    return hn
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    """True once the server has closed (or reset) the connection."""
+    s.settimeout(0.05)
+    try:
+        return s.recv(4096) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def _half_request(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the blank line never comes
+    return s
+
+
+def test_connections_that_never_finish_their_headers_are_closed(tmp_path, http_nodes, monkeypatch):  # noqa: F811
+    """Slowloris: before, uvicorn kept a connection with half a request head open for
+    ever (measured: 300 of them under a limit of 256 descriptors made the node refuse
+    DICOM associations). Now the head must be complete within HEADER_TIMEOUT_S of the
+    connection's start, however it trickles in, and a complete request is still served."""
+    from node.http import server
+
+    monkeypatch.setattr(server, "HEADER_TIMEOUT_S", 1.0)
+    hn = _node(tmp_path, http_nodes)
+    port = hn.node.settings.http.port
+    silent = [_half_request(port) for _ in range(5)]
+    trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        deadline = time.monotonic() + 20
+        closed_trickle = False
+        while time.monotonic() < deadline and not closed_trickle:
+            try:
+                trickle.sendall(b"X-Pad: 1\r\n")  # a header line every 0.2 s: never a whole request
+            except OSError:
+                closed_trickle = True
+                break
+            closed_trickle = _closed_by_server(trickle)
+            time.sleep(0.2)
+        assert closed_trickle, "a client trickling header lines kept its connection for 20 s"
+        wait_until(lambda: all(_closed_by_server(s) for s in silent), timeout=10, what="half requests closed by the server")
+        with hn.client() as c:
+            assert c.get("/healthz").status_code == 200
+    finally:
+        for s in [*silent, trickle]:
+            s.close()
+
+
+def test_open_connections_are_capped_and_the_server_still_answers_afterwards(tmp_path, http_nodes, monkeypatch):  # noqa: F811
+    """Connections beyond the cap are closed at once (they cost the process descriptors
+    it needs for DICOM, spool and database); once the hoarder's connections time out, a
+    normal request is served."""
+    from node.http import server
+
+    monkeypatch.setattr(server, "CONNECTION_CAP", 8)
+    monkeypatch.setattr(server, "HEADER_TIMEOUT_S", 3.0)
+    hn = _node(tmp_path, http_nodes)
+    port = hn.node.settings.http.port
+    held = [_half_request(port) for _ in range(8)]
+    extra = [_half_request(port) for _ in range(4)]
+    try:
+        wait_until(lambda: all(_closed_by_server(s) for s in extra), timeout=2.5, what="connections beyond the cap closed at once")
+        assert not any(_closed_by_server(s) for s in held[:4])  # within the cap: still open before the deadline
+        wait_until(lambda: all(_closed_by_server(s) for s in held), timeout=15, what="held connections closed at their deadline")
+        with hn.client() as c:
+            assert c.get("/healthz").status_code == 200
+    finally:
+        for s in held + extra:
+            s.close()
+
+
+def test_the_protocol_hooks_uvicorn_offers_are_still_there():
+    """BoundedH11Protocol overrides uvicorn internals: fail loudly when they move."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    for name in ("connection_made", "data_received", "on_response_complete", "connection_lost"):
+        assert callable(getattr(H11Protocol, name, None)), name
+    import inspect
+
+    assert "http" in inspect.signature(__import__("uvicorn").Config).parameters
+
+
+@pytest.fixture(autouse=True)
+def _quiet_uvicorn(caplog):
+    caplog.set_level("ERROR", logger="uvicorn.error")
