@@ -8,7 +8,9 @@ and writes the database: measured, 300 such connections under a limit of 256 des
 made the node answer no association and log ``Too many open files`` 77 000 times in 90 s.
 :class:`BoundedH11Protocol` closes a connection whose request head is not complete within
 ``HEADER_TIMEOUT_S`` (from its opening, or from the previous response), one whose body
-stalls for ``BODY_IDLE_S``, and every connection beyond ``max_connections()``.
+stalls for ``BODY_IDLE_S``, and every connection beyond ``max_connections()``; the
+listen backlog (which is also how many connections asyncio accepts in one go) is
+``ACCEPT_BACKLOG``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 HEADER_TIMEOUT_S = 10.0  # seconds for a request line and headers (browsers send them in one packet)
 BODY_IDLE_S = 30.0  # seconds a request body may pause between two reads
 CONNECTION_CAP = 256  # open HTTP connections at most (also at most a quarter of the descriptor limit)
+# asyncio accepts up to the listen backlog in one go before any connection_made runs
+# (uvicorn's default 2048: a burst of 300 connections took every descriptor at once).
+ACCEPT_BACKLOG = 64
 
 
 def max_connections() -> int:
@@ -103,7 +108,7 @@ class HttpServer:
         config = uvicorn.Config(
             self.app, host=s.host, port=s.port, log_config=None, lifespan="off", server_header=False, proxy_headers=False,
             ssl_certfile=str(s.tls.certificate) if s.tls else None, ssl_keyfile=str(s.tls.private_key) if s.tls else None,
-            http=BoundedH11Protocol, ws="none",
+            http=BoundedH11Protocol, ws="none", backlog=ACCEPT_BACKLOG,
         )
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
