@@ -6,8 +6,6 @@ from __future__ import annotations
 import socket
 import time
 
-import pytest
-
 from tests.conftest import node_config, wait_until
 from tests.httpnode import http_nodes, start_http_node  # noqa: F401  (fixture)
 
@@ -90,6 +88,36 @@ def test_open_connections_are_capped_and_the_server_still_answers_afterwards(tmp
             s.close()
 
 
+def test_a_viewer_cannot_make_the_node_hold_a_huge_or_deep_configuration(tmp_path, http_nodes, caplog):  # noqa: F811
+    """POST /api/v1/config/check is open to the lowest role. Before, its body was read
+    whole whatever its size (a 200 MB body: the node's resident memory rose by 650 MB,
+    and nothing stopped four at once), and a TOML document of arrays nested 5000 deep
+    raised RecursionError: a 500 and a 3000-line traceback in the log per request. Now a
+    body over 1 MiB is refused (413) by its Content-Length or while it streams, and deep
+    nesting is a problem like any other (422)."""
+    hn = _node(tmp_path, http_nodes)
+    with hn.client("viewer") as c:
+        r = c.post("/api/v1/config/check", content=b"x = 1\n" + b"#" * (2 * 2**20))
+        assert r.status_code == 413, r.text
+
+        def chunks():
+            yield b"x = 1\n"
+            for _ in range(40):
+                yield b"#" * 65536
+
+        r = c.post("/api/v1/config/check", content=chunks())  # no Content-Length: chunked
+        assert r.status_code == 413, r.text
+        caplog.clear()
+        r = c.post("/api/v1/config/check", content=("x = " + "[" * 5000 + "]" * 5000).encode())
+        assert r.status_code == 422, r.text
+        assert "nested too deep" in r.json()["detail"]
+        assert not [rec for rec in caplog.records if rec.levelname == "ERROR"], "a traceback was logged"
+    with hn.client("admin") as c:
+        r = c.put("/api/v1/config", content=b"#" * (2 * 2**20))
+        assert r.status_code == 413, r.text
+        assert c.get("/api/v1/config").json()["text"] == hn.config.read_text()  # nothing written
+
+
 def test_the_protocol_hooks_uvicorn_offers_are_still_there():
     """BoundedH11Protocol overrides uvicorn internals: fail loudly when they move."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -101,6 +129,3 @@ def test_the_protocol_hooks_uvicorn_offers_are_still_there():
     assert "http" in inspect.signature(__import__("uvicorn").Config).parameters
 
 
-@pytest.fixture(autouse=True)
-def _quiet_uvicorn(caplog):
-    caplog.set_level("ERROR", logger="uvicorn.error")
