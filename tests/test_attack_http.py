@@ -129,3 +129,52 @@ def test_the_protocol_hooks_uvicorn_offers_are_still_there():
     assert "http" in inspect.signature(__import__("uvicorn").Config).parameters
 
 
+
+
+def test_concurrent_logins_check_at_most_two_passwords_at_once(tmp_path, http_nodes, monkeypatch):  # noqa: F811
+    """An argon2id check holds 64 MiB: 60 logins sent at once by a client without an
+    account took the node from 0.2 to 1.8 GB resident (every one had passed the rate
+    limiter, which counts failures). Now at most VERIFY_SLOTS run at once, and the rate
+    limiter is asked after the wait, so once an address has failed 5 times its queued
+    attempts are refused without a check (but for those already checking then)."""
+    import re
+    import threading
+
+    import httpx
+
+    from node import accounts
+    from node.http import auth
+
+    running, peak, calls, lock = [0], [0], [0], threading.Lock()
+    real = accounts.authenticate
+
+    def counted(*a, **kw):
+        with lock:
+            running[0] += 1
+            calls[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            return real(*a, **kw)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(accounts, "authenticate", counted)
+    hn = _node(tmp_path, http_nodes)
+    statuses: list[int] = []
+
+    def attempt(i: int) -> None:
+        with httpx.Client(base_url=hn.base, timeout=120) as w:
+            page = w.get("/login").text
+            token = re.search(r'name="login_token" value="([^"]+)"', page).group(1)
+            r = w.post("/login", data={"name": f"nobody{i}", "password": "x" * 12, "login_token": token})
+            statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(statuses) == 12 and set(statuses) <= {401, 429, 503}, statuses
+    assert peak[0] <= getattr(auth, "VERIFY_SLOTS", 2), f"{peak[0]} password checks at once"
+    assert calls[0] <= 5 + getattr(auth, "VERIFY_SLOTS", 2) - 1, f"{calls[0]} passwords checked for one address past its 5 failures"
