@@ -88,15 +88,30 @@ def test_open_connections_are_capped_and_the_server_still_answers_afterwards(tmp
             s.close()
 
 
-def test_a_viewer_cannot_make_the_node_hold_a_huge_or_deep_configuration(tmp_path, http_nodes, caplog):  # noqa: F811
-    """POST /api/v1/config/check is open to the lowest role. Before, its body was read
+def test_a_viewer_cannot_probe_the_node_s_files_through_a_configuration_check(tmp_path, http_nodes):  # noqa: F811
+    """POST /api/v1/config/check was open to viewers, and checking opens the files a
+    configuration names: ``burned_in_regions = "/any/path"`` told a viewer whether the
+    file exists and the names of its TOML tables. The dashboard checks for admins only;
+    now so does the API."""
+    hn = _node(tmp_path, http_nodes)
+    text = hn.config.read_text().replace("[node]", f'[node]\nburned_in_regions = "{hn.config}"', 1)
+    with hn.client("viewer") as c:
+        assert c.post("/api/v1/config/check", content=text.encode()).status_code == 403
+    with hn.client("operator") as c:
+        assert c.post("/api/v1/config/check", content=text.encode()).status_code == 403
+    with hn.client("admin") as c:
+        assert c.post("/api/v1/config/check", content=hn.config.read_bytes()).status_code == 200
+
+
+def test_a_client_cannot_make_the_node_hold_a_huge_or_deep_configuration(tmp_path, http_nodes, caplog):  # noqa: F811
+    """POST /api/v1/config/check was open to the lowest role. Before, its body was read
     whole whatever its size (a 200 MB body: the node's resident memory rose by 650 MB,
     and nothing stopped four at once), and a TOML document of arrays nested 5000 deep
     raised RecursionError: a 500 and a 3000-line traceback in the log per request. Now a
     body over 1 MiB is refused (413) by its Content-Length or while it streams, and deep
     nesting is a problem like any other (422)."""
     hn = _node(tmp_path, http_nodes)
-    with hn.client("viewer") as c:
+    with hn.client("admin") as c:
         r = c.post("/api/v1/config/check", content=b"x = 1\n" + b"#" * (2 * 2**20))
         assert r.status_code == 413, r.text
 
@@ -112,7 +127,6 @@ def test_a_viewer_cannot_make_the_node_hold_a_huge_or_deep_configuration(tmp_pat
         assert r.status_code == 422, r.text
         assert "nested too deep" in r.json()["detail"]
         assert not [rec for rec in caplog.records if rec.levelname == "ERROR"], "a traceback was logged"
-    with hn.client("admin") as c:
         r = c.put("/api/v1/config", content=b"#" * (2 * 2**20))
         assert r.status_code == 413, r.text
         assert c.get("/api/v1/config").json()["text"] == hn.config.read_text()  # nothing written

@@ -184,8 +184,9 @@ async def put_config(request: Request, who: Principal = admin) -> dict[str, Any]
 
 @router.post("/config/check", tags=["configuration"],
              openapi_extra={"requestBody": {"required": True, "content": {"application/toml": {"schema": {"type": "string"}}}}})
-async def check_config(request: Request, who: Principal = viewer) -> dict[str, Any]:
-    """Validate a configuration without saving it."""
+async def check_config(request: Request, who: Principal = admin) -> dict[str, Any]:
+    """Validate a configuration without saving it (admins: checking reads the files the
+    text names, on the node's machine, and says what it found there)."""
     text = await _toml_body(request)
     s = await run_in_threadpool(svc(request).check_config, text)
     return {"ok": True, "warnings": s.warnings, "sources": len(s.sources), "destinations": len(s.destinations), "routes": len(s.routes), "models": len(s.models)}
