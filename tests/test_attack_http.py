@@ -192,3 +192,26 @@ def test_concurrent_logins_check_at_most_two_passwords_at_once(tmp_path, http_no
     assert len(statuses) == 12 and set(statuses) <= {401, 429, 503}, statuses
     assert peak[0] <= getattr(auth, "VERIFY_SLOTS", 2), f"{peak[0]} password checks at once"
     assert calls[0] <= 5 + getattr(auth, "VERIFY_SLOTS", 2) - 1, f"{calls[0]} passwords checked for one address past its 5 failures"
+
+
+def test_what_a_rate_limited_login_typed_as_its_name_is_not_kept(tmp_path, http_nodes):  # noqa: F811
+    """A failed login with an unknown name is audited as "(unknown name)" (it may be a
+    password typed into the wrong box); a login refused by the rate limiter stored the
+    typed text as the entry's object, shown to every viewer on the audit page."""
+    import re
+
+    import httpx
+
+    hn = _node(tmp_path, http_nodes)
+    typed = "Tr0ub4dor-typed-in-the-name-box"
+    with httpx.Client(base_url=hn.base, timeout=60) as w:
+        def attempt(name: str) -> int:
+            token = re.search(r'name="login_token" value="([^"]+)"', w.get("/login").text).group(1)
+            return w.post("/login", data={"name": name, "password": "x" * 12, "login_token": token}).status_code
+
+        assert [attempt("nobody") for _ in range(5)] == [401] * 5
+        assert attempt(typed) == 429
+    with hn.client("viewer") as c:
+        entries = c.get("/api/v1/audit", params={"event": "login", "limit": 50}).text
+    assert "too many failed logins" in entries
+    assert typed not in entries

@@ -125,8 +125,9 @@ def login(ctx: AuthContext, name: str, password: str, host: str) -> tuple[str, s
     try:
         wait = ctx.limiter.retry_after(*keys)  # after the wait for a slot: failures meanwhile count
         if wait > 0:
-            audit.record_now(sessions, "login", actor=name if _known(ctx, name) else "(unknown name)", actor_kind="user", host=host,
-                             outcome=audit.MINOR_FAILURE, object_kind="user", object_ref=name[:64], detail={"reason": "too many failed logins: refused without checking"})
+            known = _known(ctx, name)  # an unknown "name" may be a password typed in the wrong box: never stored
+            audit.record_now(sessions, "login", actor=name if known else "(unknown name)", actor_kind="user", host=host, outcome=audit.MINOR_FAILURE,
+                             object_kind="user", object_ref=name[:64] if known else "", detail={"reason": "too many failed logins: refused without checking"})
             return f"Too many failed logins. Try again in {int(wait) + 1} seconds."
         with sessions() as session:
             return _check_password(ctx, session, name, password, host, keys)
