@@ -215,3 +215,33 @@ def test_what_a_rate_limited_login_typed_as_its_name_is_not_kept(tmp_path, http_
         entries = c.get("/api/v1/audit", params={"event": "login", "limit": 50}).text
     assert "too many failed logins" in entries
     assert typed not in entries
+
+
+def _answer_before_body(port: int, path: str, headers: str = "") -> bytes:
+    """Send a request head announcing 100 MB of multipart body and none of it; the
+    status line the server sends back within 8 s (b"" when it waits for the body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=8) as s:
+        s.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=XX\r\n"
+                   f"Content-Length: 100000000\r\n{headers}\r\n").encode())
+        try:
+            return s.recv(4096).split(b"\r\n", 1)[0]
+        except TimeoutError:
+            return b""
+
+
+def test_an_anonymous_upload_is_answered_before_its_body_is_read(tmp_path, http_nodes):  # noqa: F811
+    """FastAPI parses a form (and spools a file over 1 MB to the system's temporary
+    folder) before the route's dependencies check credentials: an anonymous 150 MB
+    upload to /routes/explain was read whole, then redirected to the login page. Now a
+    write request without a live token or session is answered at once, as the route
+    would answer it (API: 401 with WWW-Authenticate; pages: 303 to /login), forged
+    credentials included; a real token still reaches the route."""
+    hn = _node(tmp_path, http_nodes)
+    port = hn.node.settings.http.port
+    assert _answer_before_body(port, "/api/v1/routes/explain").startswith(b"HTTP/1.1 401")
+    assert _answer_before_body(port, "/api/v1/routes/explain", "Authorization: Bearer cm_forged\r\n").startswith(b"HTTP/1.1 401")
+    assert _answer_before_body(port, "/routes/explain").startswith(b"HTTP/1.1 303")
+    assert _answer_before_body(port, "/routes/explain", "Cookie: casemask_session=forged\r\n").startswith(b"HTTP/1.1 303")
+    with hn.client("viewer") as c:
+        r = c.post("/api/v1/routes/explain", files={"file": ("x.dcm", b"not dicom")})
+        assert r.status_code == 422, r.text  # through to the route, which reads the file
