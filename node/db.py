@@ -408,7 +408,8 @@ class IndexEntry(Base):
 
 
 def _sqlite_adapter(engine: Engine) -> None:
-    """SQLite only: WAL for concurrent readers, FULL sync so a commit survives power loss."""
+    """SQLite only: WAL for concurrent readers, FULL sync so a commit survives power loss,
+    deleted content overwritten (node.retention)."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
@@ -417,6 +418,7 @@ def _sqlite_adapter(engine: Engine) -> None:
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA secure_delete=ON")  # deleted rows (the mapping's names) zeroed, whatever SQLite's build default
         cur.close()
 
 

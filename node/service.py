@@ -456,6 +456,9 @@ class Service:
         except tomllib.TOMLDecodeError as exc:
             err = ConfigError([f"not valid TOML: {exc}"], src)
             raise Invalid(str(err), err.problems) from None
+        except RecursionError:  # tomllib recurses per nested array or inline table
+            err = ConfigError(["not valid TOML here: arrays or tables nested too deep"], src)
+            raise Invalid(str(err), err.problems) from None
         try:
             new = parse(raw, src)
         except ConfigError as exc:

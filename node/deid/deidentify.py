@@ -32,6 +32,7 @@ from node.wire import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, raw_stri
 
 __all__ = ["Deidentifier", "Patient", "QuarantineError", "Result", "to_bytes"]
 
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
 TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "PN", "AE", "CS", "AS", "UR"}
 DUMMY: dict[str, object] = {
     "AE": "ANONYMOUS", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101", "DT": "19000101000000",
@@ -276,6 +277,8 @@ class Deidentifier:
             return "private"
         if tag >> 16 in (0x0000, 0x0002):  # command and File Meta elements have no place in a data set
             return "X"
+        if vr in BINARY_VRS and _opaque_in_dictionary(tag):
+            return "X"  # a sequence or text sent as bytes: not walked, not cleaned, so not kept
         act = self._base(tag)
         if vr is None or vr == "UN":
             try:
@@ -629,6 +632,17 @@ def _in_dictionary(tag: int) -> bool:
     except KeyError:
         return False
     return True
+
+
+def _opaque_in_dictionary(tag: int) -> bool:
+    """Whether pydicom's dictionary knows ``tag`` with no binary VR among its VRs (a
+    sequence, text or numbers): such an element written as OB/OW/... hides its content
+    from the walk (a ProcedureCodeSequence sent as OB kept its items' names whole)."""
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return False
+    return not any(v in BINARY_VRS for v in vr.split(" or "))
 
 
 def _vr_of(tag: int) -> str:

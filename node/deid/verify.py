@@ -74,13 +74,15 @@ class Policy:
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    kind: str  # name | id | accession | date | birth-date | address | phone | institution | uid | unknown
+    kind: str  # name | id | accession | date | birth-date | address | phone | institution | uid | unknown | opaque
     source: str  # the input attribute, e.g. "(0010,0010) PatientName"
     where: str  # the output attribute, e.g. "(0020,4000) ImageComments"
 
     def __str__(self) -> str:
         if self.kind == "unknown":
             return f"a public element no dictionary knows in the output at {self.where}"
+        if self.kind == "opaque":
+            return f"a public element written as bytes (the dictionary gives it no binary VR) in the output at {self.where}"
         return f"{self.kind} from {self.source} of the input found in the output at {self.where}"
 
 
@@ -103,8 +105,12 @@ def verify(original: bytes, output: bytes, policy: Policy = Policy()) -> list[Fi
 def _unknown_public_elements(out: _Scan) -> list[Finding]:
     """A public element that no DICOM dictionary knows, anywhere in the output: nothing
     says what it holds (a sender can plant any text there) and the de-identifier removes
-    every one, so its presence is a finding whatever its value."""
-    return [Finding("unknown", _name(el), _name(el)) for el in out.elements if _unknown_public(el.tag)]
+    every one, so its presence is a finding whatever its value. So is a public element
+    written with a binary VR (OB, OW, ...) that its dictionary entry does not allow (a
+    sequence or text sent as bytes: neither the de-identifier nor this scan reads inside,
+    and the input's names there were never collected)."""
+    found = [Finding("unknown", _name(el), _name(el)) for el in out.elements if _unknown_public(el.tag)]
+    return found + [Finding("opaque", _name(el), _name(el)) for el in out.elements if el.vr in _BINARY and _opaque(el.tag)]
 
 
 def reason(findings: list[Finding]) -> str:
@@ -240,6 +246,8 @@ def _needles(kind: str, value: str, source: str, raw: bytes) -> Iterator[_Needle
         if ascii_only and (len(n) < 4 if kind in ("id", "accession") else len(n) < 3):
             continue  # too short to tell from other text
         spellings = {t.encode("utf-8"), t.upper().encode("utf-8")}
+        if kind in ("name", "id", "accession"):  # also as UTF-16, as text is often written into binary values
+            spellings |= {t.upper().encode("utf-16-le"), t.upper().encode("utf-16-be")}
         if t == value and raw:
             spellings.add(raw)  # as the input encoded it (ISO 2022 escapes and all)
         yield _Needle(kind, source, n, tuple(sorted(spellings)), "word" if ascii_only else "none")
@@ -559,6 +567,22 @@ def _unknown_public(tag: int) -> bool:
     except KeyError:
         return True
     return False
+
+
+_BINARY = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
+
+
+@functools.lru_cache(maxsize=8192)
+def _opaque(tag: int) -> bool:
+    """A public data element whose dictionary VR has no binary alternative."""
+    group = tag >> 16
+    if group % 2 or group in (0x0000, 0x0002, 0xFFFE) or tag in _PIXELS:
+        return False
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return False  # unknown: _unknown_public's finding
+    return not any(v in _BINARY for v in vr.split(" or "))
 
 
 @functools.lru_cache(maxsize=8192)

@@ -24,6 +24,7 @@ admin = Depends(api_role(Role.ADMIN))
 
 MAX_UPLOAD = 256 * 2**20  # bytes of one file to explain
 MAX_QUERY = 256 * 2**20  # bytes of one similar-case query
+MAX_CONFIG = 2**20  # bytes of a configuration sent to check or save (a site's file is a few KiB)
 
 
 def svc(request: Request):
@@ -105,13 +106,11 @@ async def explain(request: Request, file: UploadFile = File(..., description="on
     return await run_in_threadpool(svc(request).explain, data, calling_ae)
 
 
-async def _query_body(request: Request, cap: int) -> bytes:
-    """The raw request body (one DICOM file), held in memory only (a form upload would
-    spool a large file to disk). Refused past ``cap`` bytes: by its Content-Length before
-    anything is read, else while a chunked body is read. Errors never quote a header."""
-    if request.headers.get("content-type", "").lower().startswith("multipart/"):
-        raise HTTPException(415, "send the DICOM file as the request body (Content-Type: application/dicom), not as a form")
-    too_large = HTTPException(413, f"the query is larger than {cap // 2**20} MiB" if cap >= 2**20 else f"the query is larger than {cap} bytes")
+async def _bounded_body(request: Request, cap: int) -> bytes:
+    """The raw request body, held in memory only. Refused past ``cap`` bytes: by its
+    Content-Length before anything is read, else while a chunked body is read. Errors
+    never quote a header."""
+    too_large = HTTPException(413, f"the body is larger than {cap // 2**20} MiB" if cap >= 2**20 else f"the body is larger than {cap} bytes")
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
@@ -129,6 +128,15 @@ async def _query_body(request: Request, cap: int) -> bytes:
         data = b"".join(chunks)
     if len(data) > cap:
         raise too_large
+    return data
+
+
+async def _query_body(request: Request, cap: int) -> bytes:
+    """The raw request body (one DICOM file), held in memory only (a form upload would
+    spool a large file to disk), at most ``cap`` bytes (:func:`_bounded_body`)."""
+    if request.headers.get("content-type", "").lower().startswith("multipart/"):
+        raise HTTPException(415, "send the DICOM file as the request body (Content-Type: application/dicom), not as a form")
+    data = await _bounded_body(request, cap)
     if not data:
         raise HTTPException(422, "the request body is empty: send one DICOM file (Content-Type: application/dicom)")
     return data
@@ -157,7 +165,7 @@ def get_config(request: Request, who: Principal = viewer) -> dict[str, Any]:
 
 
 async def _toml_body(request: Request) -> str:
-    raw = await request.body()
+    raw = await _bounded_body(request, MAX_CONFIG)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -176,8 +184,9 @@ async def put_config(request: Request, who: Principal = admin) -> dict[str, Any]
 
 @router.post("/config/check", tags=["configuration"],
              openapi_extra={"requestBody": {"required": True, "content": {"application/toml": {"schema": {"type": "string"}}}}})
-async def check_config(request: Request, who: Principal = viewer) -> dict[str, Any]:
-    """Validate a configuration without saving it."""
+async def check_config(request: Request, who: Principal = admin) -> dict[str, Any]:
+    """Validate a configuration without saving it (admins: checking reads the files the
+    text names, on the node's machine, and says what it found there)."""
     text = await _toml_body(request)
     s = await run_in_threadpool(svc(request).check_config, text)
     return {"ok": True, "warnings": s.warnings, "sources": len(s.sources), "destinations": len(s.destinations), "routes": len(s.routes), "models": len(s.models)}

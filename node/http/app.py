@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.middleware.base import BaseHTTPMiddleware
 
+from node import accounts
 from node.accounts import LoginLimiter
 from node.config import HttpSettings
 from node.http import api, pages
-from node.http.auth import AuthContext, LoginRequired, bearer, token_principal
+from node.http.auth import SESSION_COOKIE, AuthContext, LoginRequired, bearer, token_principal
 from node.metrics import exposition, node_registry
 from node.service import Service, ServiceError, version
 
@@ -36,6 +39,39 @@ class SecurityHeaders(BaseHTTPMiddleware):
         return response
 
 
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class CredentialsBeforeBody(BaseHTTPMiddleware):
+    """A request that may carry a body (a form, a file, a configuration) is answered
+    before its body is read when it holds no valid token (API) or session (pages), as the
+    route would answer it: FastAPI reads a form, and spools a file over 1 MB to the
+    system's temporary folder, before the route's dependencies check who is asking (an
+    anonymous 150 MB upload to /routes/explain was read whole, then redirected to the
+    login page). Roles and CSRF tokens are still checked by the routes."""
+
+    async def dispatch(self, request: Request, call_next):
+        path = request.url.path
+        if request.method in _WRITES and path != "/login" and not await run_in_threadpool(_signed_in, request):
+            if path.startswith("/api/"):
+                return JSONResponse({"detail": "a valid bearer token is required (casemask token create)"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return RedirectResponse(f"/login?next={quote(path)}", status_code=303)
+        return await call_next(request)
+
+
+def _signed_in(request: Request) -> bool:
+    """Whether the request holds a live bearer token (API) or dashboard session (pages)."""
+    ctx = request.app.state.auth
+    if request.url.path.startswith("/api/"):
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and token_principal(ctx, value.strip()) is not None
+    cookie = request.cookies.get(SESSION_COOKIE, "")
+    if not cookie:
+        return False
+    with ctx.service.sessions() as session:
+        return accounts.session_principal(session, cookie) is not None
+
+
 def create_app(service: Service, http: HttpSettings | None = None) -> FastAPI:
     """The application for one node's service layer."""
     http = http or HttpSettings()
@@ -47,7 +83,8 @@ def create_app(service: Service, http: HttpSettings | None = None) -> FastAPI:
     )
     app.state.auth = AuthContext(service, http, LoginLimiter(http.login_attempts, http.login_window_s))
     registry = node_registry(service.sessions, service.settings.node.data_dir)
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(CredentialsBeforeBody)
+    app.add_middleware(SecurityHeaders)  # added last: the outermost, so it also heads the answers above
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
@@ -58,8 +95,6 @@ def create_app(service: Service, http: HttpSettings | None = None) -> FastAPI:
     @app.exception_handler(LoginRequired)
     async def _login(request: Request, exc: LoginRequired):
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        from urllib.parse import quote
-
         return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
 
     @app.exception_handler(HTTPException)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import threading
 from collections.abc import Callable
 
 from fastapi import Depends, HTTPException, Request
@@ -25,6 +26,14 @@ SESSION_COOKIE = "casemask_session"
 LOGIN_COOKIE = "casemask_login"  # double-submit token of the login form (login CSRF)
 
 bearer = HTTPBearer(auto_error=False, description="a token from `casemask token create`")
+
+# Password checks at once. Each argon2id verification holds 64 MiB (argon2-cffi's
+# default memory cost) and a CPU for about 0.1 s: 60 logins sent at once, before any had
+# failed (the rate limiter counts failures), took the node from 0.2 to 1.8 GB resident.
+VERIFY_SLOTS = 2
+VERIFY_WAIT_S = 10.0  # a login waits this long for a slot, then is told to try again
+_verifying = threading.BoundedSemaphore(VERIFY_SLOTS)
+BUSY = "The node is busy checking other logins. Try again in a few seconds."
 
 
 @dataclasses.dataclass
@@ -106,29 +115,42 @@ def check_csrf(user: UiUser, token: str) -> None:
 
 def login(ctx: AuthContext, name: str, password: str, host: str) -> tuple[str, str] | str:
     """Check a login; returns (cookie, csrf) or the message to show. Rate-limited per
-    name and per address; every attempt is audited (an unknown name as such)."""
+    name and per address; every attempt is audited (an unknown name as such). At most
+    ``VERIFY_SLOTS`` passwords are checked at once; a login that finds none free within
+    ``VERIFY_WAIT_S`` gets ``BUSY``."""
     keys = (f"name:{name.lower()}", f"addr:{host}")
-    wait = ctx.limiter.retry_after(*keys)
     sessions = ctx.service.sessions
-    if wait > 0:
-        audit.record_now(sessions, "login", actor=name if _known(ctx, name) else "(unknown name)", actor_kind="user", host=host,
-                         outcome=audit.MINOR_FAILURE, object_kind="user", object_ref=name[:64], detail={"reason": "too many failed logins: refused without checking"})
-        return f"Too many failed logins. Try again in {int(wait) + 1} seconds."
-    with sessions() as session:
-        p = accounts.authenticate(session, name, password)
-        if p is None:
-            known = accounts.user_exists(session, name)
-            audit.record(session, "login", actor=name if known else "(unknown name)", actor_kind="user", host=host, outcome=audit.MINOR_FAILURE,
-                         object_kind="user", object_ref=name[:64] if known else "", detail={"reason": "wrong name or password"})
-            session.commit()
-            ctx.limiter.failed(*keys)
-            from node.metrics import LOGIN_FAILURES
+    if not _verifying.acquire(timeout=VERIFY_WAIT_S):
+        return BUSY
+    try:
+        wait = ctx.limiter.retry_after(*keys)  # after the wait for a slot: failures meanwhile count
+        if wait > 0:
+            known = _known(ctx, name)  # an unknown "name" may be a password typed in the wrong box: never stored
+            audit.record_now(sessions, "login", actor=name if known else "(unknown name)", actor_kind="user", host=host, outcome=audit.MINOR_FAILURE,
+                             object_kind="user", object_ref=name[:64] if known else "", detail={"reason": "too many failed logins: refused without checking"})
+            return f"Too many failed logins. Try again in {int(wait) + 1} seconds."
+        with sessions() as session:
+            return _check_password(ctx, session, name, password, host, keys)
+    finally:
+        _verifying.release()
 
-            LOGIN_FAILURES.inc()
-            return "Wrong name or password."
-        cookie, csrf = accounts.open_session(session, p.name, ctx.http.session_hours)
-        audit.record(session, "login", actor=p.name, actor_kind="user", host=host, object_kind="user", object_ref=p.name, detail={"role": p.role.value})
+
+def _check_password(ctx: AuthContext, session, name: str, password: str, host: str, keys: tuple[str, str]) -> tuple[str, str] | str:
+    """``login`` once a verification slot is held: (cookie, csrf) or the message."""
+    p = accounts.authenticate(session, name, password)
+    if p is None:
+        known = accounts.user_exists(session, name)
+        audit.record(session, "login", actor=name if known else "(unknown name)", actor_kind="user", host=host, outcome=audit.MINOR_FAILURE,
+                     object_kind="user", object_ref=name[:64] if known else "", detail={"reason": "wrong name or password"})
         session.commit()
+        ctx.limiter.failed(*keys)
+        from node.metrics import LOGIN_FAILURES
+
+        LOGIN_FAILURES.inc()
+        return "Wrong name or password."
+    cookie, csrf = accounts.open_session(session, p.name, ctx.http.session_hours)
+    audit.record(session, "login", actor=p.name, actor_kind="user", host=host, object_kind="user", object_ref=p.name, detail={"role": p.role.value})
+    session.commit()
     ctx.limiter.succeeded(keys[0])
     return cookie, csrf
 

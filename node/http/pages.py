@@ -119,7 +119,7 @@ def login_submit(request: Request, name: str = Form(...), password: str = Form(.
         outcome = auth.login(ctx, name.strip(), password, client_host(request))
     if isinstance(outcome, str):
         token = auth.new_login_token()
-        resp = render(request, "login.html", None, status_code=401 if "Wrong" in outcome else 429 if "Too many" in outcome else 400,
+        resp = render(request, "login.html", None, status_code=401 if "Wrong" in outcome else 429 if "Too many" in outcome else 503 if outcome == auth.BUSY else 400,
                       next=_safe_next(next), login_token=token, error=outcome, name=name)
         resp.set_cookie(auth.LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=ctx.secure_cookies, path="/login")
         return resp

@@ -1,13 +1,30 @@
-"""uvicorn in a thread of the node: started by ``Node.start(http=True)``, stopped with it."""
+"""uvicorn in a thread of the node: started by ``Node.start(http=True)``, stopped with it.
+
+uvicorn (0.54) bounds neither the connections it holds nor the time a request's headers
+take: a client that opens connections and sends half a request line, or a byte now and
+then, keeps each open for ever. Every one costs the node's process a file descriptor, and
+that process also receives DICOM (it shares the port with the receivers), reads the spool
+and writes the database: measured, 300 such connections under a limit of 256 descriptors
+made the node answer no association and log ``Too many open files`` 77 000 times in 90 s.
+:class:`BoundedH11Protocol` closes a connection whose request head is not complete within
+``HEADER_TIMEOUT_S`` (from its opening, or from the previous response), one whose body
+stalls for ``BODY_IDLE_S``, and every connection beyond ``max_connections()``; the
+listen backlog (which is also how many connections asyncio accepts in one go) is
+``ACCEPT_BACKLOG``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import resource
 import threading
 import time
 from typing import TYPE_CHECKING
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from node.http.app import create_app
 
@@ -15,6 +32,69 @@ if TYPE_CHECKING:
     from node.app import Node
 
 log = logging.getLogger(__name__)
+
+HEADER_TIMEOUT_S = 10.0  # seconds for a request line and headers (browsers send them in one packet)
+BODY_IDLE_S = 30.0  # seconds a request body may pause between two reads
+CONNECTION_CAP = 256  # open HTTP connections at most (also at most a quarter of the descriptor limit)
+# asyncio accepts up to the listen backlog in one go before any connection_made runs
+# (uvicorn's default 2048: a burst of 300 connections took every descriptor at once).
+ACCEPT_BACKLOG = 64
+
+
+def max_connections() -> int:
+    """Open HTTP connections allowed at once: ``CONNECTION_CAP``, and never more than a
+    quarter of this process's file-descriptor limit (the rest is for DICOM, spool, database)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(8, min(CONNECTION_CAP, soft // 4)) if soft != resource.RLIM_INFINITY else CONNECTION_CAP
+
+
+class BoundedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's head, an idle limit on its
+    body and a cap on open connections (see the module's docstring). Overrides uvicorn's
+    ``connection_made``, ``data_received``, ``on_response_complete`` and
+    ``connection_lost`` (tests/test_attack_http.py fails when they change)."""
+
+    _timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > max_connections():
+            transport.abort()  # no answer: what a full listen backlog would do, at no cost
+            return
+        self._arm(HEADER_TIMEOUT_S)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.SEND_BODY:
+            self._arm(BODY_IDLE_S)
+        elif self.conn.their_state is not h11.IDLE:
+            self._disarm()  # the request is in; the application answers in its own time
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm(HEADER_TIMEOUT_S)  # the next request on this connection (keep-alive)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self, seconds: float) -> None:
+        """(Re)start the deadline."""
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        if not self.transport.is_closing():
+            self.transport.abort()
 
 
 class HttpServer:
@@ -28,6 +108,7 @@ class HttpServer:
         config = uvicorn.Config(
             self.app, host=s.host, port=s.port, log_config=None, lifespan="off", server_header=False, proxy_headers=False,
             ssl_certfile=str(s.tls.certificate) if s.tls else None, ssl_keyfile=str(s.tls.private_key) if s.tls else None,
+            http=BoundedH11Protocol, ws="none", backlog=ACCEPT_BACKLOG,
         )
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
