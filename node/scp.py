@@ -70,7 +70,7 @@ from node.incoming import IncomingFile, IncomingFiles, install as install_incomi
 from node.reasons import withhold_library_values
 from node.receivers import LOCK_FILE
 from node.slots import SharedSlots
-from node.spool import fsync_dir, make_dirs, matches_digest, place, remove_if_same, replace, spool_path
+from node.spool import fsync_dir, matches_digest, place, remove_if_same, replace, spool_path
 from node.tls import peer_subject, server_context
 from node.uid import invalid_uids, is_valid_uid
 from node.wire import ROW_KEYWORDS, Incomplete, Refused, dataset_end, row_attributes, row_attributes_from_file, scan_whole
@@ -349,9 +349,10 @@ class StoreHandler:
         created = placing.outcome()
         if isinstance(created, OSError):
             log.error("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", name, calling, created.strerror or type(created).__name__)
-            # Our link goes with the row; a row another node vouched for keeps the file
+            forgotten = stored is None and self._forget(sop_uid, name, calling)
+            # Our link goes with our row; a row another node vouched for keeps the file
             # it answered Success for (the same inode).
-            if placing.linked and (stored is not None or self._forget(sop_uid, name, calling)):
+            if placing.linked and (stored is not None or forgotten):
                 remove_if_same(path, incoming.path)
             raise _Refusal(OUT_OF_RESOURCES, "cannot write the spool file")
         if stored is None:  # a new object
@@ -454,11 +455,7 @@ class _Placing:
                 return
             try:
                 incoming.hand_to_kernel()
-                make_dirs(path.parent)
-                os.link(incoming.path, path)
-                self.linked = True
-            except FileExistsError:
-                pass
+                self.linked = place(incoming.path, path, fsync_folder=False)
             except OSError as exc:
                 self._early = exc
                 return

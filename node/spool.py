@@ -170,10 +170,12 @@ def write_atomic(path: Path, chunks: bytes | list[bytes], mode: int = FILE_MODE,
     return size
 
 
-def place(tmp: Path, path: Path) -> bool:
+def place(tmp: Path, path: Path, fsync_folder: bool = True) -> bool:
     """Give the durable (already fsynced) file ``tmp`` the name ``path`` unless a file
     is there already; returns True when it did (the new entry is then durable), False
     when ``path`` existed and was left alone. ``tmp`` keeps its own name either way.
+    ``fsync_folder=False``: the caller fsyncs the folder itself (:func:`fsync_dir`),
+    and ``tmp`` need not be durable yet (node.scp's parallel durability).
 
     Raises:
         OSError: the directory cannot be made or the link fails (disk full, read-only).
@@ -183,7 +185,8 @@ def place(tmp: Path, path: Path) -> bool:
         os.link(tmp, path)
     except FileExistsError:
         return False
-    _fsync_dir(path.parent)
+    if fsync_folder:
+        _fsync_dir(path.parent)
     return True
 
 

@@ -267,3 +267,27 @@ def test_a_received_file_is_whole_and_matches_its_digest_either_way(tmp_path, st
         assert file_digest(path) == inst.digest and path.stat().st_size == inst.size
         assert path.stat().st_nlink == 1, "the incoming name is gone"
     assert not any((node.settings.node.data_dir / "spool" / ".incoming").iterdir())
+
+
+def test_a_failed_folder_fsync_after_the_early_link_leaves_neither_row_nor_file(tmp_path, start_node, monkeypatch):
+    """The file is linked under its final name before its folder's fsync: when that
+    fsync fails (EIO), the C-STORE is answered 0xA700, and its row and its link are both
+    gone (no unacknowledged copy stays under a name a row could point to); the retry is
+    stored."""
+    import node.scp as scp
+    from node.spool import spool_path
+
+    node = start_node(node_config(tmp_path, [_folder(tmp_path)], stable_after_s=3600), schedule=False)
+
+    def disk_error(*a, **k):
+        raise OSError(errno.EIO, "injected disk error")
+
+    monkeypatch.setattr(scp, "fsync_dir", disk_error)
+    ds = dcmread(make_study(tmp_path / "in", 1)[0])
+    assert c_store(node.settings.node.port, ds) == 0xA700
+    assert _instances(node) == {}
+    path = spool_path(node.settings.node.data_dir / "spool", str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    assert not path.exists(), "the early link went with the row"
+    monkeypatch.undo()
+    assert c_store(node.settings.node.port, ds) == 0
+    assert path.is_file() and len(_instances(node)) == 1
