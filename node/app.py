@@ -35,7 +35,7 @@ from node.dispatch import Dispatcher
 from node.leases import PRESENCE_BEAT_S, PRESENCE_STALE_S, NodeIdInUse, claim_presence, node_identity, owner_token, release_presence, renew_presence
 from node.pipeline import PixelStep, Pipeline
 from node.reasons import withhold_warning_texts
-from node.spool import clean_stale_temporaries
+from node.spool import clean_stale_temporaries, matches_digest
 from node.startup import StartupError, check_secret, load_secret, owner_only_folder, refuse_lost_secret, routes_changed
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,26 @@ class Node:
                 queue.sort_unconfigured(session, [d.name for d in self.settings.destinations])
             session.commit()
         if self.ingests:
+            self.sweep_torn()
             self.sweep_unspooled()
+
+    def sweep_torn(self) -> int:
+        """At start: drop the rows of this node's earlier runs whose spool file does not
+        match its digest (a crash tore it before its C-STORE was acknowledged,
+        node.queue.drop_torn), audited and counted; returns how many."""
+        with self.sessions() as session:
+            dropped = queue.drop_torn(session, self.settings.node.data_dir, self.node_id, self.owner, self.settings.node.max_associations)
+            studies: dict[int, int] = {}
+            for _, study_id in dropped:
+                studies[study_id] = studies.get(study_id, 0) + 1
+            for study_id, n in studies.items():
+                audit.record(session, "spool-dropped", outcome=audit.MINOR_FAILURE, study_id=study_id, object_kind="original",
+                             detail={"instances": n, "reason": "spool file torn by a crash before it was acknowledged (digest mismatch)"})
+            session.commit()
+        if dropped:
+            metrics.SPOOL_DIGEST_MISMATCHES.labels(where="startup").inc(len(dropped))
+            log.warning("%d received objects' spool files were torn by a crash before they were acknowledged (digest mismatch): dropped", len(dropped))
+        return len(dropped)
 
     def sweep_unspooled(self) -> int:
         """Drop the rows this node's earlier runs committed but never gave a spool file,
@@ -196,7 +215,13 @@ class Node:
                     continue
                 for inst in instances:
                     try:
-                        ds = dcmread(data_path(self.settings.node.data_dir, inst.path), stop_before_pixels=True)
+                        spooled = data_path(self.settings.node.data_dir, inst.path)
+                        if not matches_digest(spooled, inst.digest):
+                            queue.quarantine_instance(session, inst, queue.SPOOL_FILE_TORN)
+                            metrics.SPOOL_DIGEST_MISMATCHES.labels(where="route").inc()
+                            metrics.QUARANTINED.labels(step="read").inc()
+                            continue
+                        ds = dcmread(spooled, stop_before_pixels=True)
                     except FileNotFoundError:
                         queue.quarantine_instance(session, inst, queue.SPOOL_FILE_MISSING)
                         continue

@@ -61,6 +61,7 @@ KINDS: dict[str, Kind] = {
     "deidentified": Kind(("110103", _DCM, "DICOM Instances Accessed"), "C"),
     "quarantined": Kind(("110103", _DCM, "DICOM Instances Accessed"), "E"),
     "sent": Kind(("110104", _DCM, "DICOM Instances Transferred"), "R"),
+    "spool-dropped": Kind(("110103", _DCM, "DICOM Instances Accessed"), "D"),  # never-acknowledged objects whose file a crash tore
     "job-retried": Kind(("110103", _DCM, "DICOM Instances Accessed"), "U"),
     "job-discarded": Kind(("110103", _DCM, "DICOM Instances Accessed"), "D"),
     "deliveries-retried": Kind(("110103", _DCM, "DICOM Instances Accessed"), "U"),

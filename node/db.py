@@ -149,6 +149,11 @@ class Instance(Base):
     # Keyed hash of SOP class, study, series and patient: a re-send with the same one is
     # the same object, another one under this SOP Instance UID a conflict (node.scp).
     identity: Mapped[str] = mapped_column(String(32), default="")
+    # SHA-256 (hex) of the spool file's bytes as received: the handler links the file
+    # under its final name before its data fsync returns, so a crash can leave a torn
+    # file under a committed row; readers check this first (docs/ingest.md). NULL: a
+    # row written before it existed (its file was fsynced before it was linked).
+    digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     # The owner token (node.leases) of the process whose C-STORE handler wrote the row:
     # at start, a node drops only rows of its own earlier runs whose file never came.

@@ -30,7 +30,7 @@ from node import queue
 
 log = logging.getLogger(__name__)
 
-Stored = tuple[str, str] | None  # (identity, path) of an object stored before, or None
+Stored = tuple[str, str, str | None] | None  # (identity, path, digest) of an object stored before, or None
 
 
 class GroupCommit:
@@ -49,7 +49,7 @@ class GroupCommit:
 
     def record(self, received: queue.Received) -> Stored:
         """Commit ``received``'s row; returns None for a new object, else the stored
-        object's (identity, path) (a re-send or a conflict; nothing was written).
+        object's (identity, path, digest) (a re-send or a conflict; nothing was written).
 
         Raises:
             RuntimeError: the committer is closed (the node is stopping).

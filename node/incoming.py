@@ -20,6 +20,9 @@ the File Meta Information, five times cheaper than a pydicom FileMetaDataset):
   (the handler answers 0xA700);
 - refusing to start below ``min_free_disk_mb`` of free space (0xA700 as well);
 - keeping the first 64 KiB in memory, where the handler reads the row's attributes;
+- hashing every byte as it is written (SHA-256, :attr:`IncomingFile.digest`): the row
+  carries it, and every reader checks the file against it (the file gets its final name
+  before its data is fsynced, docs/ingest.md "Parallel durability");
 - deleted when its association closes before a handler took it.
 
 This reaches below pynetdicom's public API; ``tests/test_edge.py`` fails loudly if the
@@ -40,6 +43,8 @@ from pathlib import Path
 
 from pynetdicom import _config
 from pynetdicom import dimse_messages
+
+from node.spool import new_digest
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ class IncomingFile:
         self.file = self  # pynetdicom calls ``.file.flush()`` after every fragment
         self.size = 0
         self.head = bytearray()
+        self._hash = new_digest()
         self.refused = ""  # "too large" | "disk below its floor" | "cannot write (ENOSPC)"
         self._fp = None
         self._next_check = _CHECK_FREE_EVERY
@@ -94,12 +100,29 @@ class IncomingFile:
                 return n
         try:
             self._fp.write(data)  # type: ignore[union-attr]
+            self._hash.update(data)
         except OSError as exc:
             self._drop(f"cannot write ({errno.errorcode.get(exc.errno or 0, type(exc).__name__)})")
         return n
 
     def flush(self) -> None:
         """Nothing: the handler makes the file durable once, with :meth:`sync`."""
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 (hex) of every byte written to the file."""
+        return self._hash.hexdigest()
+
+    def hand_to_kernel(self) -> None:
+        """Flush Python's buffer: from now on every process that opens the file by any
+        of its names reads all of its bytes (not yet durable: :meth:`sync`).
+
+        Raises:
+            OSError: the disk is full or failing.
+        """
+        if self._fp is None:
+            raise OSError(errno.EIO, "incoming file is not open")
+        self._fp.flush()
 
     def sync(self) -> None:
         """Flush and fsync the data; the file stays open.

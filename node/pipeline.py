@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -192,6 +193,11 @@ class Pipeline:
             try:
                 with open(data_path(self.data_dir, it.job.instance.path), "rb") as fh:
                     it.original = fh.read()
+                expected = it.job.instance.digest
+                if expected is not None and hashlib.sha256(it.original).hexdigest() != expected:  # node.spool.matches_digest, on the bytes read
+                    metrics.SPOOL_DIGEST_MISMATCHES.labels(where="pipeline").inc()
+                    it.error = "read: the spooled object does not match its digest (torn by a crash mid-write?)"
+                    continue
                 it.source = dcmread(io.BytesIO(it.original))
             except Exception as exc:
                 it.error = f"read: cannot read the spooled object ({type(exc).__name__})"

@@ -64,6 +64,7 @@ class Received:
     peer_host: str
     identity: str = ""  # keyed hash of what makes it this object (node.scp: SOP UID conflicts)
     received_by: str = ""  # the writing process's owner token (node.leases)
+    digest: str | None = None  # SHA-256 (hex) of the spool file's bytes (node.incoming)
 
 
 # The two statements of every C-STORE, built once: constructing a statement per call
@@ -121,6 +122,7 @@ def record_received(conn: Connection, r: Received) -> str:
             "called_ae": r.called_ae,
             "peer_host": r.peer_host,
             "identity": r.identity,
+            "digest": r.digest,
             "received_at": now,
             "received_by": r.received_by or None,
             "state": InstanceState.RECEIVED,
@@ -157,6 +159,57 @@ def vouch_for_resend(conn: Connection, sop_instance_uid: str, writer: str) -> bo
         .values(received_by=writer)
     )
     return conn.execute(select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)).first() is not None
+
+
+def adopt_resent_file(conn: Connection, sop_instance_uid: str, seen: str | None, digest: str | None, size: int) -> None:
+    """A re-send's own file took the place of the stored object's (which was missing or
+    torn), in the caller's transaction: the row now describes those bytes, so that a
+    reader checks them against the right digest. Only while the row still names
+    ``seen``, the digest the handler read (another node's re-send may have adopted its
+    own file meanwhile; on one host C-STOREs of one SOP Instance UID are serialized,
+    across nodes see docs/ingest.md)."""
+    instances = Instance.__table__
+    conn.execute(
+        update(instances)
+        .where(instances.c.sop_instance_uid == sop_instance_uid, instances.c.digest.is_not_distinct_from(seen))
+        .values(digest=digest, size=size)
+    )
+
+
+def drop_torn(session: Session, data_dir: Path, node_id: str, owner: str, in_flight: int | None = None) -> list[tuple[str, int]]:
+    """At start: delete the received instances whose spool file does not match its
+    row's digest, where that proves the object was never acknowledged (docs/ingest.md,
+    "Parallel durability"): rows written by an *earlier run of this node*, still
+    RECEIVED, with a digest, whose file is there but torn. The handler links a file
+    before its data fsync returns and answers Success only after it returned, so such a
+    file's C-STORE was never answered Success: its sender still holds the object. The
+    files are deleted too. Returns (SOP Instance UID, study row id) of each dropped.
+
+    ``in_flight``: as for :func:`drop_unspooled`: more mismatches than C-STOREs that
+    could have been in flight is not a crash's doing (a damaged or replaced data
+    folder); logged as an error, nothing dropped (routing quarantines them)."""
+    from node.spool import matches_digest, remove
+
+    mine_before = and_(Instance.received_by.startswith(f"{node_id}/", autoescape=True), Instance.received_by != owner)
+    rows = session.scalars(select(Instance).where(Instance.state == InstanceState.RECEIVED, mine_before, Instance.digest.is_not(None)))
+    torn = []
+    for inst in rows:
+        path = data_path(data_dir, inst.path)
+        try:
+            if not matches_digest(path, inst.digest):
+                torn.append(inst)
+        except FileNotFoundError:  # drop_unspooled's case
+            continue
+    if in_flight is not None and len(torn) > in_flight:
+        log.error("%d received objects of this node's earlier runs do not match their digest, more than could have been in flight (%d): "
+                  "is the data folder damaged? None is dropped (routing quarantines them)", len(torn), in_flight)
+        return []
+    out = [(i.sop_instance_uid, i.study_id) for i in torn]
+    for inst in torn:
+        remove(data_path(data_dir, inst.path))
+        session.delete(inst)
+    session.flush()
+    return out
 
 
 def drop_unspooled(session: Session, data_dir: Path, node_id: str, owner: str, grace_s: float, in_flight: int | None = None) -> list[str]:
@@ -214,7 +267,7 @@ def on_resend(conn: Connection, sop_instance_uid: str) -> str:
     if row is None:
         return ""
     now = utcnow()
-    if row.state in (InstanceState.HELD, InstanceState.IGNORED) or (row.state == InstanceState.QUARANTINED and row.reason == SPOOL_FILE_MISSING):
+    if row.state in (InstanceState.HELD, InstanceState.IGNORED) or (row.state == InstanceState.QUARANTINED and row.reason in (SPOOL_FILE_MISSING, SPOOL_FILE_TORN)):
         conn.execute(
             update(instances)
             .where(instances.c.id == row.id, instances.c.state == row.state)
@@ -257,11 +310,11 @@ def next_stable_study(session: Session, stable_after_s: float, exclude: Iterable
     return session.scalars(q.order_by(Study.id).limit(1).with_for_update(skip_locked=True)).first()
 
 
-def stored_instance(conn: Connection, sop_instance_uid: str) -> tuple[str, str] | None:
-    """(identity, path) of the stored instance with this SOP Instance UID, or None."""
+def stored_instance(conn: Connection, sop_instance_uid: str) -> tuple[str, str, str | None] | None:
+    """(identity, path, digest) of the stored instance with this SOP Instance UID, or None."""
     instances = Instance.__table__
-    row = conn.execute(select(instances.c.identity, instances.c.path).where(instances.c.sop_instance_uid == sop_instance_uid)).first()
-    return None if row is None else (row.identity or "", row.path)
+    row = conn.execute(select(instances.c.identity, instances.c.path, instances.c.digest).where(instances.c.sop_instance_uid == sop_instance_uid)).first()
+    return None if row is None else (row.identity or "", row.path, row.digest)
 
 
 def record_conflict(conn: Connection, r: Received) -> None:
@@ -318,6 +371,7 @@ def route_instance(session: Session, inst: Instance, routes: Sequence[str], unro
 # The reason routing gives an instance whose spool file is still missing after the grace
 # time; a re-send of the object (which brings the file) routes it again (on_resend).
 SPOOL_FILE_MISSING = "route: the spooled file is missing (the writing node stopped mid-write?)"
+SPOOL_FILE_TORN = "route: the spooled file does not match its digest (torn by a crash mid-write?)"
 
 
 def quarantine_instance(session: Session, inst: Instance, reason: str) -> None:

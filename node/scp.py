@@ -70,7 +70,7 @@ from node.incoming import IncomingFile, IncomingFiles, install as install_incomi
 from node.reasons import withhold_library_values
 from node.receivers import LOCK_FILE
 from node.slots import SharedSlots
-from node.spool import place, remove_if_same, replace, spool_path
+from node.spool import fsync_dir, matches_digest, place, remove_if_same, replace, spool_path
 from node.tls import peer_subject, server_context
 from node.uid import invalid_uids, is_valid_uid
 from node.wire import ROW_KEYWORDS, Incomplete, Refused, dataset_end, row_attributes, row_attributes_from_file, scan_whole
@@ -177,7 +177,8 @@ class StoreHandler:
         self.strict_uids = settings.node.strict_uids
         self.max_object_mb = settings.node.max_object_mb
         self.min_free_disk_mb = settings.node.min_free_disk_mb
-        self._spool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool")
+        self.parallel_durability = settings.node.parallel_durability
+        self._spool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool")
         self._rows = GroupCommit(engine, self._log_change)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._lock_fd = os.open(settings.node.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600) if shared else None
@@ -320,10 +321,7 @@ class StoreHandler:
         sop_uid, study_uid = attrs["SOPInstanceUID"], attrs["StudyInstanceUID"]
         name = self.pseudo.log_id(sop_uid)
         path = spool_path(self.spool_dir, study_uid, sop_uid)
-        try:
-            placing = self._spool.submit(_make_durable, incoming, path)
-        except RuntimeError:  # shutting down
-            raise _Refusal(OUT_OF_RESOURCES, "node shutting down") from None
+        placing = _Placing(self._spool, incoming, path, self.parallel_durability)
         received = queue.Received(
             sop_instance_uid=sop_uid,
             sop_class_uid=sop_class,
@@ -338,20 +336,24 @@ class StoreHandler:
             peer_host=str(assoc.requestor.address),
             identity=_identity(self.pseudo, sop_class, attrs),
             received_by=self.writer,
+            digest=incoming.digest,
         )
         try:
             stored = self._rows.record(received)
         except Exception as exc:
-            created = _outcome(placing)
-            if created is True:
+            placing.outcome()
+            if placing.linked:
                 remove_if_same(path, incoming.path)  # nobody's file: no row names it
             log.error("C-STORE %s from %s: cannot commit (%s) -> 0xA700", name, calling, type(exc).__name__)
             raise _Refusal(OUT_OF_RESOURCES, "cannot record the object") from None
-        created = _outcome(placing)
+        created = placing.outcome()
         if isinstance(created, OSError):
             log.error("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", name, calling, created.strerror or type(created).__name__)
-            if stored is None:
-                self._forget(sop_uid, name, calling)
+            forgotten = stored is None and self._forget(sop_uid, name, calling)
+            # Our link goes with our row; a row another node vouched for keeps the file
+            # it answered Success for (the same inode).
+            if placing.linked and (stored is not None or forgotten):
+                remove_if_same(path, incoming.path)
             raise _Refusal(OUT_OF_RESOURCES, "cannot write the spool file")
         if stored is None:  # a new object
             if not created:  # left by an earlier attempt that was never acknowledged
@@ -363,22 +365,33 @@ class StoreHandler:
                     raise _Refusal(OUT_OF_RESOURCES, "cannot write the spool file") from None
             log.debug("C-STORE %s from %s: stored", name, calling)
             return SUCCESS
-        identity, stored_path = stored
+        identity, stored_path, stored_digest = stored
         if identity and identity != received.identity:
             if created:
                 remove_if_same(path, incoming.path)  # the conflicting object's file: nobody's
             self._conflict(received, name, calling)
             raise _Refusal(SOP_UID_CONFLICT, "SOP Instance UID conflict: another object")
-        if created and data_path(self.data_dir, stored_path) != path:
+        same_place = data_path(self.data_dir, stored_path) == path
+        if created and not same_place:
             remove_if_same(path, incoming.path)  # a row of an older layout keeps its own file
-        # The same object again. Where its file was gone (retention deleted it), this one
-        # takes its place: queue.on_resend routes a held object again, or marks the file
-        # for the next retention run.
+        # The same object again. Where its file was gone (retention deleted it) or torn (a
+        # crash before its data fsync returned: never acknowledged), this one takes its
+        # place and the row its digest: queue.on_resend routes a held (or quarantined for
+        # that) object again, or marks the file for the next retention run.
         try:
-            if not created and data_path(self.data_dir, stored_path) == path:
-                _sync_existing(path)  # what a writer still at work elsewhere placed: durable before Success
+            adopt = created and same_place
+            if same_place and not created:
+                if matches_digest(path, stored_digest):
+                    _sync_existing(path)  # what a writer still at work elsewhere placed: durable before Success
+                else:
+                    metrics.SPOOL_DIGEST_MISMATCHES.labels(where="resend").inc()
+                    log.warning("C-STORE %s from %s: the stored file does not match its digest (torn by a crash before it was acknowledged): replaced by this one", name, calling)
+                    replace(incoming.path, path)
+                    adopt = True
             with self.engine.begin() as conn:
                 change = queue.on_resend(conn, sop_uid)
+                if adopt:
+                    queue.adopt_resent_file(conn, sop_uid, stored_digest, received.digest, received.size)
                 kept = queue.vouch_for_resend(conn, sop_uid, self.writer)
         except Exception as exc:
             log.error("C-STORE %s from %s: cannot record the re-send (%s) -> 0xA700", name, calling, type(exc).__name__)
@@ -399,25 +412,74 @@ class StoreHandler:
         except Exception as exc:  # counted in the log at least
             log.error("C-STORE %s: could not count the conflict (%s)", name, type(exc).__name__)
 
-    def _forget(self, sop_uid: str, name: str, calling: str) -> None:
+    def _forget(self, sop_uid: str, name: str, calling: str) -> bool:
         """Delete the row this process committed for an object whose file failed, unless
         another process answered Success for a re-send of it meanwhile (a node sharing
-        the database: :func:`queue.vouch_for_resend` made the row its own)."""
+        the database: :func:`queue.vouch_for_resend` made the row its own); returns
+        whether it was deleted."""
         try:
             with self.engine.begin() as conn:
                 deleted = queue.forget_received(conn, sop_uid, self.writer)
-        except Exception as exc:  # the next start drops it (no file)
+        except Exception as exc:  # the next start drops it (no file, or a file not matching its digest)
             log.error("C-STORE %s: could not delete the row of the unwritten object (%s)", name, type(exc).__name__)
-            return
+            return False
         if not deleted:
             log.warning("C-STORE %s from %s: its row was kept: another node stored and acknowledged the same object meanwhile", name, calling)
+        return deleted
 
 
 def _make_durable(incoming: IncomingFile, path: Path) -> bool:
     """On a spool thread: fsync the incoming file and link it under ``path`` unless a
-    file is there; True when it was linked."""
+    file is there; True when it was linked (``parallel_durability = false``)."""
     incoming.sync()
     return place(incoming.path, path)
+
+
+class _Placing:
+    """Making a C-STORE's file durable under its final name, beside the row's commit.
+
+    ``parallel``: the file is flushed to the kernel and linked under ``path`` at once
+    (unless a file is there), then its data and its folder are fsynced on two spool
+    threads at the same time (the row carries the bytes' digest: a crash before the
+    data fsync returned leaves a torn file that every reader recognizes, see
+    docs/ingest.md). Otherwise one spool thread fsyncs the data, then links, then
+    fsyncs the folder (:func:`_make_durable`)."""
+
+    def __init__(self, pool, incoming: IncomingFile, path: Path, parallel: bool) -> None:
+        self.linked = False  # our link is at ``path`` (known at once when parallel, else after outcome())
+        self._early: bool | OSError | None = None
+        self._futures: list = []
+        try:
+            if not parallel:
+                self._futures = [pool.submit(_make_durable, incoming, path)]
+                return
+            try:
+                incoming.hand_to_kernel()
+                self.linked = place(incoming.path, path, fsync_folder=False)
+            except OSError as exc:
+                self._early = exc
+                return
+            self._early = self.linked
+            self._futures = [pool.submit(incoming.sync)]
+            if self.linked:
+                self._futures.append(pool.submit(fsync_dir, path.parent))
+        except RuntimeError:  # the pool is shut down: the node is stopping
+            for f in self._futures:
+                _outcome(f)
+            if self.linked:
+                remove_if_same(path, incoming.path)
+            raise _Refusal(OUT_OF_RESOURCES, "node shutting down") from None
+
+    def outcome(self) -> bool | OSError:
+        """Wait for the fsyncs: whether the file was linked under its path (False: a
+        file was there and was left alone), or the OSError that failed it."""
+        outcomes = [_outcome(f) for f in self._futures]
+        if self._early is None:  # the serial way: one future, its result says it all
+            if outcomes[0] is True:
+                self.linked = True
+            return outcomes[0]
+        failed = [o for o in [self._early, *outcomes] if isinstance(o, OSError)]
+        return failed[0] if failed else self._early
 
 
 def _sync_existing(path: Path) -> None:

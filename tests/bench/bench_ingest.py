@@ -1,6 +1,6 @@
 """Durable ingest rate: casemask vs Orthanc, same corpus, same senders, side by side.
 
-    python tests/bench/bench_ingest.py [--rounds 5] [--loads single,concurrent] [--big-mb 1024] [--node KEY=INT ...] [--variant KEY=INT ...]
+    python tests/bench/bench_ingest.py [--rounds 5] [--loads single,concurrent] [--big-mb 1024] [--node KEY=VALUE ...] [--variant KEY=VALUE ...]
 
 Two loads, each over ``--rounds`` rounds (at least 5 for a median worth quoting):
 
@@ -16,7 +16,8 @@ The three are sent to in an order that rotates from round to round. Both real pe
 store durably: Orthanc with SyncStorageArea, casemask with fsync + committed row before
 Success; after each round the bench checks that each holds every object.
 
-``--variant KEY=INT`` (repeatable; e.g. ``--variant receivers=1``) adds a second node
+``--variant KEY=VALUE`` (repeatable; e.g. ``--variant receivers=1``, or
+``--variant parallel_durability=false`` for the serial fsyncs of before) adds a second node
 to every round, with those [node] settings on top of ``--node``'s, sent to in the same
 rotation: two configurations side by side under the same load.
 
@@ -190,6 +191,12 @@ def start_node(work: Path, tag: str, **node_kw) -> tuple[NodeProcess, dict]:
 
 
 # -- one round -------------------------------------------------------------------------------
+def _setting(value: str) -> int | bool:
+    """A --node / --variant value: true or false (a switch such as parallel_durability), else an integer."""
+    switch = {"true": True, "false": False}
+    return switch[value.lower()] if value.lower() in switch else int(value)
+
+
 def run_round(work: Path, tag: str, corpora: list[Path], total: int, rnd: int, node_kw: dict, variant_kw: dict) -> dict[str, float]:
     with contextlib.ExitStack() as stack:
         orthanc = Orthanc(work / f"orthanc-{tag}")
@@ -311,16 +318,16 @@ def main() -> int:
     ap.add_argument("--senders", type=int, default=4)
     ap.add_argument("--per-sender", type=int, default=250)
     ap.add_argument("--big-mb", type=int, default=1024, help="size of the one big object (0: skip that check)")
-    ap.add_argument("--node", action="append", default=[], metavar="KEY=INT", help="a [node] setting for the node under test, e.g. --node max_associations=64 (repeatable)")
-    ap.add_argument("--variant", action="append", default=[], metavar="KEY=INT", help="a second node in every round with these [node] settings on top of --node's, e.g. --variant receivers=1 (repeatable)")
+    ap.add_argument("--node", action="append", default=[], metavar="KEY=VALUE", help="a [node] setting (an integer, or true/false) for the node under test, e.g. --node max_associations=64 (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE", help="a second node in every round with these [node] settings on top of --node's, e.g. --variant receivers=1 or --variant parallel_durability=false (repeatable)")
     ap.add_argument("--null-scp", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.null_scp:
         return null_scp(args.null_scp)
     if STORESCU is None:
         raise SystemExit("dcmtk's storescu is not installed (apt-get install -y dcmtk)")
-    node_kw = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.node)}
-    variant_kw = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.variant)}
+    node_kw = {k: _setting(v) for k, v in (kv.split("=", 1) for kv in args.node)}
+    variant_kw = {k: _setting(v) for k, v in (kv.split("=", 1) for kv in args.variant)}
     work = Path(tempfile.mkdtemp(prefix="casemask-bench-ingest-"))
     try:
         loads = [x.strip() for x in args.loads.split(",") if x.strip()]
