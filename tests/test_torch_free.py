@@ -57,6 +57,7 @@ def test_node_anonymizes_and_gates_pixels_in_a_virtualenv_without_torch(tmp_path
         "routes": [{"name": "chest", "match": {"Modality": ["DX", "CR"]}, "deid": {"profile": "basic"}, "pixels": "anonymize",
                     "model": "reference", "allow_demonstration_model": True, "partial": "skip-object", "destinations": ["f"]}],
         "models": [{"name": "reference", "path": "builtin:reference", "backend": "auto"}],
+        "http": {"host": "127.0.0.1", "port": free_port()},  # not the default 8080, which another node on this machine may hold
     }
     cfg = write_toml(raw, tmp_path / "node.toml")
     files, _ = make_dx(tmp_path / "dx", n_patients=3, seed=2025)  # well inside the domain (see test_gates)
