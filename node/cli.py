@@ -276,7 +276,8 @@ def cmd_quarantine(args) -> int:
         try:
             done = act(job_id, who)
         except ServiceError as exc:
-            print(f"casemask: job {job_id}: {exc}", file=sys.stderr)
+            said = str(exc)  # the queue's reasons name the job already ("job 6 is DISCARDED, ...")
+            print(f"casemask: {said}" if said.startswith(f"job {job_id}") else f"casemask: job {job_id}: {said}", file=sys.stderr)
             status = 1
             continue
         print(f"job {job_id}: {done['state']}")

@@ -252,6 +252,7 @@ def test_quarantine_commands_list_show_retry_and_discard_without_phi_and_audited
     assert r.returncode == 0 and f"job {ids[0]}: DISCARDED" in r.stdout, r.stdout + r.stderr
     r = run_cli("quarantine", "retry", str(ids[1]), str(ids[0]), "--config", cfg)
     assert r.returncode == 1 and f"job {ids[1]}: PENDING" in r.stdout and "not QUARANTINED" in r.stderr, r.stdout + r.stderr
+    assert f"casemask: job {ids[0]} is DISCARDED, not QUARANTINED" in r.stderr, r.stderr  # said once, not "job N: job N is"
     with node.sessions() as s:
         states = dict(s.execute(select(Job.id, Job.state).where(Job.id.in_(ids))).all())
         events = [e.event for e in s.scalars(select(AuditEvent).where(AuditEvent.actor.startswith("cli:")).order_by(AuditEvent.id))]
