@@ -194,7 +194,11 @@ class Node:
                     waiting.add(study.id)  # a row is committed while its file is renamed into place
                     session.rollback()
                     continue
+                routed_before = queue.instances_with_jobs(session, study)
                 for inst in instances:
+                    if inst.id in routed_before:
+                        queue.keep_discarded(session, inst)
+                        continue
                     try:
                         ds = dcmread(data_path(self.settings.node.data_dir, inst.path), stop_before_pixels=True)
                     except FileNotFoundError:

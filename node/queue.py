@@ -312,6 +312,19 @@ def received_instances(session: Session, study: Study) -> list[Instance]:
     )
 
 
+def instances_with_jobs(session: Session, study: Study) -> set[int]:
+    """Ids of ``study``'s instances that have jobs already: among those awaiting routing,
+    only an operator-discarded object that an older version put back to routing when it
+    was sent again (routing it again would add a second job per route, which the
+    database refuses: every tick failed from then on)."""
+    return set(session.scalars(select(Job.instance_id).where(Job.study_id == study.id).distinct()))
+
+
+def keep_discarded(session: Session, inst: Instance) -> None:
+    """An instance awaiting routing whose jobs an operator discarded goes back to IGNORED."""
+    _set_instance(inst, InstanceState.IGNORED, "discarded by an operator; sent again, not processed again")
+
+
 def route_instance(session: Session, inst: Instance, routes: Sequence[str], unrouted: str) -> None:
     """RECEIVED -> ROUTED (one PENDING job per route) | HELD | IGNORED."""
     if routes:

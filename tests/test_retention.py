@@ -300,3 +300,31 @@ def test_a_discarded_object_sent_again_is_not_processed_again_and_blocks_nothing
     assert sorted(study_states(node)) == ["DONE", "IGNORED"]
     retention.run(node.sessions, node.settings)
     assert files_under(node.settings.node.data_dir / "spool") == []  # the re-sent copy is not kept
+
+
+def test_a_node_an_older_version_left_routing_a_discarded_object_again_recovers(tmp_path, start_node):
+    """The state an older version left behind (a discarded object put back to RECEIVED by
+    its re-send, its study RECEIVING): routing failed at every tick. Routing now puts it
+    back to IGNORED and goes on with the other studies."""
+    from sqlalchemy import update
+
+    from node.accounts import Principal
+    from node.db import Instance, InstanceState, Job, JobState, Role, Study, StudyState
+    from node.service import Service
+
+    node = start_node(node_config(tmp_path, [folder(tmp_path)]), schedule=False, listen=False)
+    fill(node, tmp_path, 1, name="us", modality="US")
+    drain(node, until=lambda: study_states(node) == ["QUARANTINED"])
+    with node.sessions() as s:
+        job = s.scalars(select(Job).where(Job.state == JobState.QUARANTINED)).one()
+    Service(node.settings, node.sessions).discard_job(job.id, Principal("olga", Role.OPERATOR, "user"))
+    with node.sessions() as s:  # what the older version's re-send did
+        s.execute(update(Instance).where(Instance.id == job.instance_id).values(state=InstanceState.RECEIVED))
+        s.execute(update(Study).where(Study.id == job.study_id).values(state=StudyState.RECEIVING))
+        s.commit()
+    fill(node, tmp_path, 2, name="ct")
+    drain(node, until=lambda: delivery_states(node) == {"SENT": 2})
+    with node.sessions() as s:
+        assert s.get(Instance, job.instance_id).state == InstanceState.IGNORED
+        assert [j.state for j in s.scalars(select(Job).where(Job.instance_id == job.instance_id))] == [JobState.DISCARDED]
+    assert sorted(study_states(node)) == ["DONE", "IGNORED"]
