@@ -213,7 +213,11 @@ class Node:
                     waiting.add(study.id)  # a row is committed while its file is renamed into place
                     session.rollback()
                     continue
+                routed_before = queue.instances_with_jobs(session, study)
                 for inst in instances:
+                    if inst.id in routed_before:
+                        queue.keep_discarded(session, inst)
+                        continue
                     try:
                         spooled = data_path(self.settings.node.data_dir, inst.path)
                         if not matches_digest(spooled, inst.digest):

@@ -117,10 +117,18 @@ def cmd_db(args) -> int:
         engine.dispose()
 
 
+def _quiet_association_errors(args) -> None:
+    """echo and send say in one line of their own when a peer cannot be reached;
+    pynetdicom's two ERROR records about the same refusal repeat it (``-v`` shows them)."""
+    if not args.verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+
 def cmd_echo(args) -> int:
     from node.scu import echo
 
     ae, host, port = parse_peer(args.peer)
+    _quiet_association_errors(args)
     status = echo(ae, host, port, calling_ae=args.calling_ae, timeout=args.timeout)
     if status is None:
         print(f"C-ECHO {args.peer}: no association (refused, rejected or timed out)", file=sys.stderr)
@@ -137,6 +145,7 @@ def cmd_send(args) -> int:
     from node.scu import DicomSender, Outcome, Work
 
     ae, host, port = parse_peer(args.to)
+    _quiet_association_errors(args)
     work = []
     for k, f in enumerate(_files(args.paths)):
         try:
@@ -267,7 +276,8 @@ def cmd_quarantine(args) -> int:
         try:
             done = act(job_id, who)
         except ServiceError as exc:
-            print(f"casemask: job {job_id}: {exc}", file=sys.stderr)
+            said = str(exc)  # the queue's reasons name the job already ("job 6 is DISCARDED, ...")
+            print(f"casemask: {said}" if said.startswith(f"job {job_id}") else f"casemask: job {job_id}: {said}", file=sys.stderr)
             status = 1
             continue
         print(f"job {job_id}: {done['state']}")

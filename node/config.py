@@ -15,6 +15,7 @@ import ipaddress
 import re
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
@@ -539,6 +540,12 @@ def _entries(raw: dict[str, Any], key: str, problems: list[str]) -> list[Any]:
     return value
 
 
+def _names(raw: dict[str, Any], key: str) -> set[str]:
+    """The ``name`` of every ``[[key]]`` entry that has a string one, valid or not."""
+    value = raw.get(key, [])
+    return {e["name"] for e in value if isinstance(e, dict) and isinstance(e.get("name"), str)} if isinstance(value, list) else set()
+
+
 def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = None) -> Settings:
     """Validate a parsed TOML document and return :class:`Settings`.
 
@@ -583,7 +590,10 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
     model_names = {m.name for m in models} | {"reference"}
 
     routes: list[Route] = []
-    dest_names = {d.name for d in destinations}
+    # Names of every entry written, valid or not: a route naming a destination or model
+    # whose own entry has a problem is not reported again as naming an undefined one.
+    dest_names = {d.name for d in destinations} | _names(raw, "destinations")
+    model_names |= _names(raw, "models")
     for k, e in enumerate(_entries(raw, "routes", problems)):
         label = f"[[routes]] '{e.get('name')}'" if isinstance(e, dict) and e.get("name") else f"[[routes]] #{k + 1}"
         route = _validate(Route, e, label, problems)
@@ -598,6 +608,10 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
             problems.append(f"{label}: two routes have this name")
         routes.append(route)
 
+    for d in destinations:
+        if d.kind == "dicomweb" and d.url.startswith("http://") and not _loopback(urlsplit(d.url).hostname or ""):
+            warnings.append(f"[[destinations]] '{d.name}' url = {d.url!r}: plain HTTP to another machine; the de-identified objects "
+                            "cross the network unencrypted and the server is not authenticated: write an https:// url")
     if retention.mapping_days < 0:
         warnings.append("[retention] mapping_days = -1: the pseudonym mapping (original Patient IDs and names in clear) is kept for ever; "
                         "write a number of days (the honest broker exports it before then), or 0 to store none")
@@ -636,11 +650,12 @@ def _check_burned_in_regions(node: NodeSettings, problems: list[str]) -> None:
         problems.extend(f"[node] burned_in_regions: {p}" for p in exc.problems)
 
 
-def _check_file(path: Path | None, where: str, base_dir: Path, problems: list[str]) -> Path | None:
-    """``path`` resolved against ``base_dir``; a problem when it is not a readable file."""
+def _check_file(path: Path | None, where: str, base_dir: Path, problems: list[str], what: str = "a PEM file") -> Path | None:
+    """``path`` resolved against ``base_dir``; a problem naming ``what`` the file holds
+    when it is not a readable file."""
     p = _absolute(path, base_dir)
     if p is not None and not p.is_file():
-        problems.append(f"{where} = {str(path)!r}: no such file (write the path of a PEM file, relative to the working folder or absolute)")
+        problems.append(f"{where} = {str(path)!r}: no such file (write the path of {what}, relative to the working folder or absolute)")
     return p
 
 
@@ -677,7 +692,8 @@ def _check_destination_security(dest: Destination, where: str, base_dir: Path, p
             problems.append(f"{where}: auth needs an https:// url (credentials would travel in clear)")
         if (a.secret_file is None) == (not a.secret_env):
             problems.append(f"{where}: auth needs one of secret_file = \"...\" or secret_env = \"NAME\"")
-        a.secret_file = _check_file(a.secret_file, f"{where} auth.secret_file", base_dir, problems)
+        a.secret_file = _check_file(a.secret_file, f"{where} auth.secret_file", base_dir, problems,
+                                    "a file holding the token" if a.kind == "bearer" else "a file holding the password")
         if a.kind == "basic" and not a.username:
             problems.append(f"{where}: auth kind = \"basic\" needs username = \"...\"")
 

@@ -251,8 +251,11 @@ def on_resend(conn: Connection, sop_instance_uid: str) -> str:
     """An object already stored was sent again (same SOP Instance UID, same content), in
     the caller's transaction; returns the state change to log ("" when none).
 
-    A HELD or IGNORED object (it matched no route) goes back to RECEIVED and its study
-    to RECEIVING, so that it is routed again with the routes configured now; so does an
+    A HELD or IGNORED object that matched no route goes back to RECEIVED and its study
+    to RECEIVING, so that it is routed again with the routes configured now (an IGNORED
+    one that has jobs was discarded by an operator: it stays as it is, since routing it
+    again would add a second job per route, which the database refuses, and that
+    refusal stopped the routing of every study after it); so does an
     object quarantined because its spool file never came (:data:`SPOOL_FILE_MISSING`:
     the node that wrote its row stopped mid-write, and the sender, never answered
     Success, sent it again, through this or another node, which rewrote the file). An object
@@ -267,7 +270,11 @@ def on_resend(conn: Connection, sop_instance_uid: str) -> str:
     if row is None:
         return ""
     now = utcnow()
-    if row.state in (InstanceState.HELD, InstanceState.IGNORED) or (row.state == InstanceState.QUARANTINED and row.reason in (SPOOL_FILE_MISSING, SPOOL_FILE_TORN)):
+    jobs = Job.__table__
+    discarded = row.state == InstanceState.IGNORED and conn.execute(select(jobs.c.id).where(jobs.c.instance_id == row.id).limit(1)).first() is not None
+    if discarded:
+        said = f"instance {row.id}: discarded by an operator, sent again: not processed again"
+    elif row.state in (InstanceState.HELD, InstanceState.IGNORED) or (row.state == InstanceState.QUARANTINED and row.reason in (SPOOL_FILE_MISSING, SPOOL_FILE_TORN)):
         conn.execute(
             update(instances)
             .where(instances.c.id == row.id, instances.c.state == row.state)
@@ -275,9 +282,11 @@ def on_resend(conn: Connection, sop_instance_uid: str) -> str:
         )
         conn.execute(update(studies).where(studies.c.id == row.study_id).values(state=StudyState.RECEIVING, last_received_at=now))
         return f"instance {row.id}: {InstanceState(row.state).value} -> RECEIVED (sent again: routed again)"
+    else:
+        said = ""
     if row.purged_at is not None:
         conn.execute(update(instances).where(instances.c.id == row.id).values(purged_at=None))
-    return ""
+    return said
 
 
 def release_held(session: Session) -> int:
@@ -354,6 +363,19 @@ def received_instances(session: Session, study: Study) -> list[Instance]:
             select(Instance).where(Instance.study_id == study.id, Instance.state == InstanceState.RECEIVED).order_by(Instance.id)
         )
     )
+
+
+def instances_with_jobs(session: Session, study: Study) -> set[int]:
+    """Ids of ``study``'s instances that have jobs already: among those awaiting routing,
+    only an operator-discarded object that an older version put back to routing when it
+    was sent again (routing it again would add a second job per route, which the
+    database refuses: every tick failed from then on)."""
+    return set(session.scalars(select(Job.instance_id).where(Job.study_id == study.id).distinct()))
+
+
+def keep_discarded(session: Session, inst: Instance) -> None:
+    """An instance awaiting routing whose jobs an operator discarded goes back to IGNORED."""
+    _set_instance(inst, InstanceState.IGNORED, "discarded by an operator; sent again, not processed again")
 
 
 def route_instance(session: Session, inst: Instance, routes: Sequence[str], unrouted: str) -> None:

@@ -8,6 +8,7 @@ about them (no original UIDs, no patient data)."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -111,6 +112,13 @@ def test_case02_and_03_node_log_quotes_no_original_uid_or_patient_data(tmp_path,
 
 
 SECRET = bytes(range(32))
+DCIODVFY = shutil.which("dciodvfy")
+
+
+def dciodvfy_errors(path: Path) -> set[str]:
+    """dciodvfy's error lines for ``path`` (the messages, without the file's values)."""
+    r = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    return {line.split(" - ", 1)[-1].strip() for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")}
 
 
 def node_status(config: Path) -> dict:
@@ -146,8 +154,10 @@ def test_every_case_through_the_node_reaches_its_readme_outcome(tmp_path, serve)
     into a folder, each README's outcome read back from what arrived: 04 (screen
     captures labelled CT) and 09 (PDF with BurnedInAnnotation YES) quarantined, never
     delivered; no input's name, ID, accession or order number, birth date or UID in any
-    delivered file's bytes (01 UN sequences, 05 SR text, 09 DocumentTitle); 06's
-    presentation state points at the delivered CT; 10 has no bit above BitsStored and no
+    delivered file's bytes (01 UN sequences, 05 SR text, 09 DocumentTitle); 01's UN
+    person name and order numbers emptied, 05's TextValues dummied; 06's presentation
+    state points at the delivered CT, whose Type 3 references are removed, and neither
+    has a dciodvfy error its input lacks; 10 has no bit above BitsStored and no
     overlay group; 13 arrives as a DICOM file with file meta; 15's two patients (ID 12345
     at two issuers) get different pseudonyms and date offsets; 16 has no birth date."""
     key = tmp_path / "secret.key"
@@ -177,8 +187,24 @@ def test_every_case_through_the_node_reaches_its_readme_outcome(tmp_path, serve)
     pr = next(o for o in outs if o.Modality == "PR")
     cts = {str(o.SOPInstanceUID) for o in outs if o.Modality == "CT"}
     assert str(pr.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID) in cts  # 06
+    ct06 = next(o for o in outs if o.Modality == "CT" and str(o.SOPInstanceUID) == str(pr.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID))
+    assert "ReferencedImageSequence" not in ct06 and "SourceImageSequence" not in ct06  # 06: Type 3 in CT, removed, not emptied
+    if DCIODVFY:  # 06 (and the rest): no dciodvfy error the input lacks
+        inputs = {dcmread(f, force=True).Modality: f for f in (case("06") / "ct.dcm", case("06") / "pr.dcm")}
+        for o, p in ((ct06, next(q for q in paths if dcmread(q).SOPInstanceUID == ct06.SOPInstanceUID)), (pr, next(q for q in paths if dcmread(q).Modality == "PR"))):
+            new = dciodvfy_errors(p) - dciodvfy_errors(inputs[o.Modality])
+            assert not new, (o.Modality, sorted(new))
+    srs = [o for o in outs if o.Modality == "SR"]
+    assert len(srs) == 3  # 01 a, 01 b, 05
+    for sr, p in ((o, q) for o, q in zip(outs, paths) if o.Modality == "SR"):  # 01: the UN person name emptied, as a PN
+        assert sr.get("SecondaryReviewerName", "") == "" and b"\x14\x00\x04\x01UN" not in p.read_bytes()  # (bytes: pydicom reads UN as PN)
+        assert {str(e.value) for e in sr.iterall() if e.keyword == "TextValue"} <= {"ANONYMIZED"}  # 05: the basic profile dummies every TextValue
+        for item in sr.get("ReferencedRequestSequence", []):  # 01: the UN sequence's content cleaned like any SQ
+            assert all(item.get(kw, "") == "" for kw in ("AccessionNumber", "RequestedProcedureID", "PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest"))
     mr = next(o for o in outs if o.Modality == "MR")
-    assert not (mr.pixel_array.astype(np.uint16) >> mr.BitsStored).any() and not any(0x6000 <= e.tag.group <= 0x601E for e in mr)  # 10
+    # 10: the raw words (pixel_array masks the bits above BitsStored away, so it cannot see them)
+    words = np.frombuffer(mr.PixelData, "<u2")
+    assert int(mr.BitsAllocated) == 16 and not (words >> int(mr.BitsStored)).any() and not any(0x6000 <= e.tag.group <= 0x601E for e in mr)
     pseudo = Pseudonymizer(SECRET)
     a, b = (pseudo.patient_id(patient_key("12345", issuer)) for issuer in ("HOSP_A", "HOSP_B"))
     dates = {str(o.PatientID): str(o.StudyDate) for o in outs if o.PatientID in (a, b)}  # 15: both input studies 20210314

@@ -79,8 +79,12 @@ def test_send_and_echo_report_an_unreachable_peer(tmp_path):
     port = free_port()
     r = run_cli("echo", f"NOBODY@127.0.0.1:{port}", "--timeout", "2")
     assert r.returncode == 1 and "no association" in r.stderr
+    # one line of its own, not pynetdicom's two ERROR records about the same refusal
+    assert "pynetdicom" not in r.stderr and "ERROR" not in r.stderr, r.stderr
     r = run_cli("send", str(make_study(tmp_path / "s", 1)[0]), "--to", f"NOBODY@127.0.0.1:{port}", "--timeout", "2")
-    assert r.returncode == 1 and "not sent" in r.stdout
+    assert r.returncode == 1 and "not sent" in r.stdout and "cannot associate" in r.stderr and "pynetdicom" not in r.stderr, r.stderr
+    r = run_cli("-v", "echo", f"NOBODY@127.0.0.1:{port}", "--timeout", "2")
+    assert r.returncode == 1 and "pynetdicom" in r.stderr  # -v shows them
     r = run_cli("send", "x.dcm", "--to", "bad-peer")
     assert r.returncode == 2 and "AE_TITLE@HOST:PORT" in r.stderr
 
@@ -289,3 +293,42 @@ def test_keep_remove_and_replace_name_attributes_the_profile_can_act_on(tmp_path
     assert any("'(0018,99F1)' is a public element no DICOM dictionary knows" in p for p in problems)
     raw["routes"][0]["deid"] = {"keep": ["PatientAge", "(0019,0010)", "00181030"], "remove": ["(0018,99F1)"], "replace": {"PatientName": "ANON"}}
     parse(raw, "ok.toml", base_dir=tmp_path)  # a private tag kept, an unknown public one removed: fine
+
+
+def test_a_route_naming_a_destination_with_a_problem_is_not_told_it_is_undefined(tmp_path):
+    """A new admin's typo in one destination's key (`timout_s`) came back as three problems:
+    the typo, then every route naming that destination 'is not defined', which sent them
+    looking for a missing [[destinations]] entry. Only the typo is reported; a name that
+    really is missing still is."""
+    raw = node_config(tmp_path, [{"name": "archive", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": 104, "timout_s": 3}])
+    raw["models"] = [{"name": "mine", "path": "builtin:reference", "bakend": "auto"}]
+    raw["routes"].append({"name": "px", "match": {"Modality": "CR"}, "deid": {"profile": "basic"}, "pixels": "anonymize",
+                          "model": "mine", "allow_demonstration_model": True, "destinations": ["archive", "nowhere"]})
+    r = run_cli("config", "check", str(write_toml(raw, tmp_path / "c.toml")))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    problems = [line for line in r.stderr.splitlines() if line.startswith("  - ")]
+    assert any("unknown setting 'timout_s'" in p for p in problems) and any("unknown setting 'bakend'" in p for p in problems), problems
+    assert [p for p in problems if "is not defined" in p] == [
+        "  - [[routes]] 'px': destination 'nowhere' is not defined in [[destinations]] (defined: archive)"], problems
+
+
+def test_a_missing_token_file_is_not_called_a_pem_file(tmp_path):
+    dests = [{"name": "web", "kind": "dicomweb", "url": "https://archive.example.org/dicom-web",
+              "auth": {"kind": "bearer", "secret_file": "stow.token"}}]
+    with pytest.raises(ConfigError) as exc:
+        load(write_toml(node_config(tmp_path, dests), tmp_path / "c.toml"))
+    (problem,) = [p for p in exc.value.problems if "secret_file" in p]
+    assert "no such file" in problem and "token" in problem and "PEM" not in problem, problem
+
+
+@pytest.mark.parametrize("url,warned", [("http://archive.example.org/dicom-web", True), ("http://10.1.2.50:8042/dicom-web", True),
+                                        ("http://127.0.0.1:8042/dicom-web", False), ("http://localhost:8042/dicom-web", False),
+                                        ("https://archive.example.org/dicom-web", False)])
+def test_plain_http_dicomweb_to_another_machine_is_warned_about(tmp_path, url, warned):
+    """STOW-RS over plain HTTP to another machine passed `config check` silently: the
+    outputs cross the network unencrypted to a server nobody authenticated."""
+    s = load(write_toml(node_config(tmp_path, [{"name": "web", "kind": "dicomweb", "url": url}]), tmp_path / "c.toml"))
+    found = [w for w in s.warnings if w.startswith("[[destinations]] 'web'")]
+    assert bool(found) == warned, found
+    if warned:
+        assert "https://" in found[0]

@@ -70,16 +70,27 @@ def test_case01_un_vr_public_sequences_are_cleaned(tmp_path):
     key = tmp_path / "s.key"  # a fixed secret: the same outputs every run
     key.write_text("5e" * 32)
     key.chmod(0o600)
+    # Without --diff the profile edits undecoded elements in place (the node's way); --diff
+    # decodes them to list each change: both ways must write the same clean objects.
+    plain = run_cli(*map(str, sorted(case("01").glob("*.dcm"))), "--out", str(tmp_path / "plain"), "--secret", str(key))
+    assert plain.returncode == 0, plain.stderr
     r = run_cli(*map(str, sorted(case("01").glob("*.dcm"))), "--out", str(out), "--secret", str(key), "--diff")
     assert r.returncode == 0, r.stderr
-    for f in out.glob("*.dcm"):
+    written = sorted(out.glob("*.dcm")) + sorted((tmp_path / "plain").glob("*.dcm"))
+    assert len(written) == 4
+    for f in written:
         data = f.read_bytes()
         # ".4242." is the input's UID component; a bare "4242" also turned up now and then
         # inside a new pseudonymous UID's digits (2.25.<39 digits>, made from a new secret).
         for phi in (b"ACC7781234", b"RP556677", b"PLACER4455", b"FILLER4455", b"DOE", b"ROE", b"RICHARD", b".4242."):
             assert phi not in data, (f.name, phi)
         ds = dcmread(f)
-        assert ds.SecondaryReviewerName == "" and ds[0x0014, 0x0104].VR == "PN"
+        assert ds.SecondaryReviewerName == ""
+        # Written with their dictionary VR (explicit VR LE: tag, then the VR's two letters).
+        # Checked in the bytes: pydicom's reader turns a UN it knows into its VR, so
+        # ds[...].VR said PN even when the output still said UN.
+        for tag, vr in ((b"\x14\x00\x04\x01", b"PN"), (b"\x40\x00\x70\xa3", b"SQ"), (b"\x40\x00\x75\xa3", b"SQ")):
+            assert tag + vr in data and tag + b"UN" not in data, (f.name, tag, vr)
     kept = [line for line in r.stdout.splitlines() if "kept" in line]
     assert kept and all("AccessionNumber" not in line and "RequestedProcedureID" not in line for line in kept)
 

@@ -115,9 +115,11 @@ def test_readme_storescu_options_send_compressed_files(tmp_path: Path, start_nod
 
 
 def test_readme_backup_command_copies_a_live_database(tmp_path: Path) -> None:
+    """The README's line, run by the shell as written (the node's interpreter and the
+    backup folder swapped in): a consistent copy of a live WAL database, owner-only (the
+    copy holds the pseudonym mapping; it was made 0644 before the line set umask 077)."""
     line = next(ln for ln in README.splitlines() if "sqlite3.connect(sys.argv[1]).backup" in ln)
-    argv = shlex.split(line)
-    assert argv[0] == ".venv/bin/python"
+    assert line.startswith("(umask 077; .venv/bin/python -c ") and line.endswith(" var/casemask.db /backup/casemask.db)"), line
     (tmp_path / "var").mkdir()
     live = sqlite3.connect(tmp_path / "var" / "casemask.db")
     live.execute("PRAGMA journal_mode=WAL")
@@ -126,10 +128,11 @@ def test_readme_backup_command_copies_a_live_database(tmp_path: Path) -> None:
     live.commit()  # the node keeps its connection open; the WAL holds the rows
     target = tmp_path / "backup" / "casemask.db"
     target.parent.mkdir()
-    argv = [sys.executable, *argv[1:-1], str(target)]
-    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    command = line.replace(".venv/bin/python", shlex.quote(sys.executable)).replace("/backup/casemask.db", shlex.quote(str(target)))
+    proc = subprocess.run(["bash", "-c", "umask 022; " + command], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert sqlite3.connect(target).execute("SELECT count(*) FROM t").fetchone() == (100,)
+    assert target.stat().st_mode & 0o777 == 0o600
     live.close()
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from node import retention
 from node.db import AuditEvent, Pseudonym
-from tests.conftest import PHI, ROOT, make_study, node_config, receive, write_toml
+from tests.conftest import PHI, ROOT, STORESCU, dcmtk_env, make_study, needs_dcmtk, node_config, receive, write_toml
 from tests.test_lifecycle import clock, delivery_states, drain, fill, folder  # noqa: F401  (clock is a fixture)
 
 pytestmark = pytest.mark.usefixtures("database")
@@ -252,8 +252,79 @@ def test_quarantine_commands_list_show_retry_and_discard_without_phi_and_audited
     assert r.returncode == 0 and f"job {ids[0]}: DISCARDED" in r.stdout, r.stdout + r.stderr
     r = run_cli("quarantine", "retry", str(ids[1]), str(ids[0]), "--config", cfg)
     assert r.returncode == 1 and f"job {ids[1]}: PENDING" in r.stdout and "not QUARANTINED" in r.stderr, r.stdout + r.stderr
+    assert f"casemask: job {ids[0]} is DISCARDED, not QUARANTINED" in r.stderr, r.stderr  # said once, not "job N: job N is"
     with node.sessions() as s:
         states = dict(s.execute(select(Job.id, Job.state).where(Job.id.in_(ids))).all())
         events = [e.event for e in s.scalars(select(AuditEvent).where(AuditEvent.actor.startswith("cli:")).order_by(AuditEvent.id))]
     assert states == {ids[0]: JobState.DISCARDED, ids[1]: JobState.PENDING, ids[2]: JobState.QUARANTINED}
     assert events == ["job-discarded", "job-retried"]
+
+
+@needs_dcmtk
+def test_a_discarded_object_sent_again_is_not_processed_again_and_blocks_nothing(tmp_path, start_node):
+    """Found in a new admin's walk: quarantined, discarded by an operator, sent again by
+    the modality (storescu). The re-send put the discarded object back to routing, which
+    added a second job for its route; the database refused it (one job per instance and
+    route), and routing failed at every tick from then on, for every study: nothing
+    received afterwards was ever processed. Now the re-send is answered Success, the
+    object stays discarded, its rewritten file goes at the next retention run, and a
+    study sent afterwards is delivered."""
+    from node.accounts import Principal
+    from node.db import Instance, InstanceState, Job, JobState, Role
+    from node.service import Service
+    from tests.test_lifecycle import files_under
+
+    raw = node_config(tmp_path, [folder(tmp_path)])
+    node = start_node(raw, schedule=False)
+    port = node.settings.node.port
+
+    def send(files) -> None:
+        r = subprocess.run([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+
+    us = make_study(tmp_path / "us", 1, modality="US")  # burned-in text likely, the route does not clean pixels
+    send(us)
+    drain(node, until=lambda: study_states(node) == ["QUARANTINED"])
+    with node.sessions() as s:
+        job = s.scalars(select(Job).where(Job.state == JobState.QUARANTINED)).one()
+    Service(node.settings, node.sessions).discard_job(job.id, Principal("olga", Role.OPERATOR, "user"))
+    retention.run(node.sessions, node.settings)  # the discarded original goes
+    assert files_under(node.settings.node.data_dir / "spool") == []
+    send(us)  # the modality sends it again
+    send(make_study(tmp_path / "ct", 2))
+    drain(node, until=lambda: delivery_states(node) == {"SENT": 2})
+    with node.sessions() as s:
+        inst = s.scalars(select(Instance).where(Instance.id == job.instance_id)).one()
+        assert inst.state == InstanceState.IGNORED
+        assert [j.state for j in s.scalars(select(Job).where(Job.instance_id == inst.id))] == [JobState.DISCARDED]
+    assert sorted(study_states(node)) == ["DONE", "IGNORED"]
+    retention.run(node.sessions, node.settings)
+    assert files_under(node.settings.node.data_dir / "spool") == []  # the re-sent copy is not kept
+
+
+def test_a_node_an_older_version_left_routing_a_discarded_object_again_recovers(tmp_path, start_node):
+    """The state an older version left behind (a discarded object put back to RECEIVED by
+    its re-send, its study RECEIVING): routing failed at every tick. Routing now puts it
+    back to IGNORED and goes on with the other studies."""
+    from sqlalchemy import update
+
+    from node.accounts import Principal
+    from node.db import Instance, InstanceState, Job, JobState, Role, Study, StudyState
+    from node.service import Service
+
+    node = start_node(node_config(tmp_path, [folder(tmp_path)]), schedule=False, listen=False)
+    fill(node, tmp_path, 1, name="us", modality="US")
+    drain(node, until=lambda: study_states(node) == ["QUARANTINED"])
+    with node.sessions() as s:
+        job = s.scalars(select(Job).where(Job.state == JobState.QUARANTINED)).one()
+    Service(node.settings, node.sessions).discard_job(job.id, Principal("olga", Role.OPERATOR, "user"))
+    with node.sessions() as s:  # what the older version's re-send did
+        s.execute(update(Instance).where(Instance.id == job.instance_id).values(state=InstanceState.RECEIVED))
+        s.execute(update(Study).where(Study.id == job.study_id).values(state=StudyState.RECEIVING))
+        s.commit()
+    fill(node, tmp_path, 2, name="ct")
+    drain(node, until=lambda: delivery_states(node) == {"SENT": 2})
+    with node.sessions() as s:
+        assert s.get(Instance, job.instance_id).state == InstanceState.IGNORED
+        assert [j.state for j in s.scalars(select(Job).where(Job.instance_id == job.instance_id))] == [JobState.DISCARDED]
+    assert sorted(study_states(node)) == ["DONE", "IGNORED"]
