@@ -302,7 +302,9 @@ def test_case_04_dose_screens_are_cleaned(step):
 def test_cli_deid_burned_in_clean_with_diff(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    f, _ = sb.us_frame(141)
+    # Seed 150: cleaned. (Seed 141, used here before, is now held back by the small-text
+    # reading with every token masked: a false alarm, docs/burned-in.md Limits.)
+    f, _ = sb.us_frame(150)
     sb.dataset(f).save_as(src / "us.dcm", enforce_file_format=True)
     low, _ = sb.us_frame(142, contrast=5, over_content=0.0, sizes=(18, 24))
     sb.dataset(low).save_as(src / "faint.dcm", enforce_file_format=True)
