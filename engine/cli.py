@@ -218,6 +218,7 @@ def gate_fit_config(args):
     return GateFitConfig(patients=args.patients, visits=args.visits, calibration_seed=args.calibration_seed,
                          domain_frr=args.domain_frr, medical_frr=args.medical_frr, identity_quantile=args.identity_quantile,
                          classifier_epochs=args.classifier_epochs, classifier_blur=args.classifier_blur, classifier_lr=args.classifier_lr,
+                         classifier_width=args.classifier_width,
                          decoder_epochs=args.decoder_epochs, threads=args.threads)
 
 
@@ -425,12 +426,14 @@ def add_engine_commands(esub, research: bool = False) -> None:
     sp.add_argument("--classifier-epochs", type=int, default=8)
     sp.add_argument("--classifier-blur", type=float, default=0.0, help="blur half the classifier's training images by up to this sigma (pixels), so that sharpness is no cue")
     sp.add_argument("--classifier-lr", type=float, default=3e-3, help="the classifier's peak learning rate (one-cycle)")
+    sp.add_argument("--classifier-width", type=int, default=8,
+                    help="channels of the classifier's first convolution (8, 16, 32, 64 in its four); a refit of another width trains from scratch")
     sp.add_argument("--decoder-epochs", type=int, default=20)
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     sp.add_argument("--calibrate-only", action="store_true",
                     help="keep the fitted networks, identity metric and identity limit; set the other limits and every rate again")
     sp.add_argument("--refit-classifier", action="store_true",
-                    help="keep the domain scorer and identity metric; train the classifier further from its fitted weights, then calibrate")
+                    help="keep the domain scorer and identity metric; train the classifier again (further from its fitted weights, or from scratch at another --classifier-width), then calibrate")
     sp.set_defaults(func=cmd_fit_gates)
 
     sp = esub.add_parser("export", help="export the inference graphs to ONNX (checked)")
