@@ -217,6 +217,7 @@ def gate_fit_config(args):
 
     return GateFitConfig(patients=args.patients, visits=args.visits, calibration_seed=args.calibration_seed,
                          domain_frr=args.domain_frr, medical_frr=args.medical_frr, identity_quantile=args.identity_quantile,
+                         medical_original=args.medical_original,
                          classifier_epochs=args.classifier_epochs, classifier_blur=args.classifier_blur, classifier_lr=args.classifier_lr,
                          classifier_width=args.classifier_width,
                          decoder_epochs=args.decoder_epochs, threads=args.threads)
@@ -423,6 +424,8 @@ def add_engine_commands(esub, research: bool = False) -> None:
     sp.add_argument("--domain-frr", type=float, default=0.01, help="false-rejection rate of the domain gate on held-out in-domain images")
     sp.add_argument("--medical-frr", type=float, default=0.01, help="false-rejection rate the medical limits aim at (never below probability 0.5)")
     sp.add_argument("--identity-quantile", type=float, default=0.01, help="the identity limit: this quantile of distances between different training patients")
+    sp.add_argument("--medical-original", type=float, default=0.0, metavar="P",
+                    help="hold back an original the medical classifier reads with probability below P (0: none; no draw can vouch for a finding it cannot tell)")
     sp.add_argument("--classifier-epochs", type=int, default=8)
     sp.add_argument("--classifier-blur", type=float, default=0.0, help="blur half the classifier's training images by up to this sigma (pixels), so that sharpness is no cue")
     sp.add_argument("--classifier-lr", type=float, default=3e-3, help="the classifier's peak learning rate (one-cycle)")

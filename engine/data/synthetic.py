@@ -187,6 +187,22 @@ def render(
     return np.clip(img, -1.0, 1.0).astype(np.float32)[:, None]
 
 
+# An effusion that brightens fewer pixels than this (by at least 0.2, at 64 x 64) is one
+# the image does not show: below the diaphragm, or a sliver at the costophrenic angle.
+# No classifier of the project reads it (docs/gates.md: the gates' classifiers read
+# none of the held-out effusions under 6 pixels as effusion, nearly all above 35).
+EFFUSION_SHOWN_PIXELS = 6
+
+
+def finding_shown(params: dict[str, np.ndarray], labels: np.ndarray, min_effusion_pixels: int = EFFUSION_SHOWN_PIXELS) -> np.ndarray:
+    """(N,) bool: the visit's image shows its finding (``params`` of a :class:`Batch`):
+    every normal visit and every nodule (a nodule's brightening always survives the
+    exposure's clipping, ``nodule_contrast`` at least 0.8), and an effusion that brightens at
+    least ``min_effusion_pixels`` pixels (``effusion_pixels``)."""
+    labels = np.asarray(labels)
+    return (labels != CLASSES.index("effusion")) | (np.asarray(params["effusion_pixels"]) >= min_effusion_pixels)
+
+
 BLOCK = 256  # patients per block of batch(): a block's visits are seeded by its first patient
 
 
