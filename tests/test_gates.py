@@ -48,19 +48,22 @@ def rejected(model, x: np.ndarray, seed: int = 0, draws: int = 1) -> dict[str, f
 
 
 def test_in_domain_patients_pass_each_gate_at_the_stated_rate(model, in_domain):
-    """200 images of unseen synthetic patients, judged as the node judges them (identity
-    redrawn): each gate rejects them at about the rate the bundle states (its calibration
-    on other patients; a binomial margin for 200 images)."""
+    """200 images of unseen synthetic patients, judged as the node judges them (redrawn):
+    each gate rejects them at about the rate the bundle states (``gates.rates.targets``,
+    which is never below what its calibration on other patients measured; a binomial
+    margin for 200 images)."""
     from engine.gates import DRAWS
 
     rates = rejected(model, in_domain.images, draws=DRAWS)
-    calibration = model.bundle.meta["gates"]["rates"]["calibration"]
+    rates_meta = model.bundle.meta["gates"]["rates"]
+    stated = rates_meta["targets"]
     for gate, rate in rates.items():
         if gate == "any":
             gate = "all"
-        # 3 standard deviations of a binomial at the calibration rate (at least 1%), 200 images.
-        p = max(calibration[gate], 0.01)
-        assert rate <= p + 3 * np.sqrt(p * (1 - p) / len(in_domain.images)), (gate, rate, calibration)
+        assert stated[gate] >= rates_meta["calibration"][gate], (gate, stated, rates_meta["calibration"])
+        # 3 standard deviations of a binomial at the stated rate (at least 1%), 200 images.
+        p = max(stated[gate], 0.01)
+        assert rate <= p + 3 * np.sqrt(p * (1 - p) / len(in_domain.images)), (gate, rate, stated)
 
 
 def test_another_identity_is_drawn_for_an_image_whose_first_lands_near_the_patient(model, in_domain):
