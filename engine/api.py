@@ -153,8 +153,9 @@ class Model:
         keeps the patient's); judge every image by the bundle's gates.
 
         An image whose failed gates are all in ``retry`` (by default identity and medical:
-        gates that judge the draw, not the input; the domain gate judges the input, so an
-        image it fails is never drawn again) gets up to ``draws - 1`` more synthetic
+        gates that judge the draw, not the input; the domain gate, and the medical gate's
+        reading of the original, judge the input, so an image they fail is never drawn
+        again) gets up to ``draws - 1`` more synthetic
         identities, ``redraw(attempt, rows)`` giving the noise for those rows (attempt 1,
         2, ...). Each draw is judged by every gate afresh; the image, counterfactual and
         verdict kept are those of the first draw that passes every gate, or of the last
@@ -187,7 +188,8 @@ class Model:
         out = self._draw(gates, (med, ident, other), err, dist, p_x, noise, targets)
         retried = set(retry)
         for attempt in range(1, draws if redraw is not None else 1):
-            again = np.array([r for r in rows if out.verdicts[r].failed and set(out.verdicts[r].failed) <= retried], np.int64)
+            again = np.array([r for r in rows if out.verdicts[r].failed and set(out.verdicts[r].failed) <= retried and not out.verdicts[r].input_failed],
+                             np.int64)
             if not len(again):
                 break
             sub = self._draw(gates, (med[again], ident[again], other[again]), err[again], dist[again], p_x[again], redraw(attempt, again),  # type: ignore[misc]

@@ -217,7 +217,9 @@ def gate_fit_config(args):
 
     return GateFitConfig(patients=args.patients, visits=args.visits, calibration_seed=args.calibration_seed,
                          domain_frr=args.domain_frr, medical_frr=args.medical_frr, identity_quantile=args.identity_quantile,
+                         medical_original=args.medical_original,
                          classifier_epochs=args.classifier_epochs, classifier_blur=args.classifier_blur, classifier_lr=args.classifier_lr,
+                         classifier_width=args.classifier_width,
                          decoder_epochs=args.decoder_epochs, threads=args.threads)
 
 
@@ -422,15 +424,19 @@ def add_engine_commands(esub, research: bool = False) -> None:
     sp.add_argument("--domain-frr", type=float, default=0.01, help="false-rejection rate of the domain gate on held-out in-domain images")
     sp.add_argument("--medical-frr", type=float, default=0.01, help="false-rejection rate the medical limits aim at (never below probability 0.5)")
     sp.add_argument("--identity-quantile", type=float, default=0.01, help="the identity limit: this quantile of distances between different training patients")
+    sp.add_argument("--medical-original", type=float, default=0.0, metavar="P",
+                    help="hold back an original the medical classifier reads with probability below P (0: none; no draw can vouch for a finding it cannot tell)")
     sp.add_argument("--classifier-epochs", type=int, default=8)
     sp.add_argument("--classifier-blur", type=float, default=0.0, help="blur half the classifier's training images by up to this sigma (pixels), so that sharpness is no cue")
     sp.add_argument("--classifier-lr", type=float, default=3e-3, help="the classifier's peak learning rate (one-cycle)")
+    sp.add_argument("--classifier-width", type=int, default=8,
+                    help="channels of the classifier's first convolution (8, 16, 32, 64 in its four); a refit of another width trains from scratch")
     sp.add_argument("--decoder-epochs", type=int, default=20)
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     sp.add_argument("--calibrate-only", action="store_true",
                     help="keep the fitted networks, identity metric and identity limit; set the other limits and every rate again")
     sp.add_argument("--refit-classifier", action="store_true",
-                    help="keep the domain scorer and identity metric; train the classifier further from its fitted weights, then calibrate")
+                    help="keep the domain scorer and identity metric; train the classifier again (further from its fitted weights, or from scratch at another --classifier-width), then calibrate")
     sp.set_defaults(func=cmd_fit_gates)
 
     sp = esub.add_parser("export", help="export the inference graphs to ONNX (checked)")

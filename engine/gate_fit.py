@@ -56,9 +56,11 @@ class GateFitConfig:
     domain_frr: float = 0.01
     medical_frr: float = 0.01
     identity_quantile: float = 0.01
+    medical_original: float = 0.0  # the least probability of the classifier's reading of an original (0: any; engine.gates)
     classifier_epochs: int = 8
     classifier_blur: float = 0.0  # blur augmentation, the largest sigma in pixels (engine.evaluate.augment_batch)
     classifier_lr: float = 3e-3  # one-cycle peak learning rate
+    classifier_width: int = 8  # channels of the classifier's first convolution (GateClassifier)
     decoder_epochs: int = 20
     seed: int = 0
     threads: int = 0
@@ -74,9 +76,10 @@ class GateFitConfig:
 class GateClassifier(nn.Module):
     """Image (N, 1, S, S) in [-1, 1] -> class probabilities (N, classes).
 
-    Four convolutions of 8 to 64 channels, each halving the image, then an average: about
-    4 million multiply-adds an image at 64 x 64, 2% of the model's generator, so that
-    reading the original, the anonymized image and the counterfactual costs little."""
+    Four convolutions of ``width`` to 8 ``width`` channels, each halving the image, then an
+    average: at width 8, about 4 million multiply-adds an image at 64 x 64, 2% of the
+    model's generator (the cost grows with the square of the width), so that reading the
+    original, the anonymized image and the counterfactual costs little."""
 
     def __init__(self, n_classes: int, width: int = 8) -> None:
         super().__init__()
@@ -124,11 +127,12 @@ class DomainScorer(nn.Module):
 
 
 class GateNets(nn.Module):
-    """The gates' networks, as stored in ``gates.pt``."""
+    """The gates' networks, as stored in ``gates.pt`` (``classifier_width``: its
+    classifier's, read back from the stored weights by :func:`load_gate_nets`)."""
 
-    def __init__(self, n_classes: int, latent_dim: int, image_size: int) -> None:
+    def __init__(self, n_classes: int, latent_dim: int, image_size: int, classifier_width: int = 8) -> None:
         super().__init__()
-        self.classifier = GateClassifier(n_classes)
+        self.classifier = GateClassifier(n_classes, classifier_width)
         self.domain = DomainScorer(latent_dim, image_size)
 
 
@@ -139,11 +143,13 @@ def load_gate_nets(b: bundles.Bundle) -> GateNets:
         bundles.BundleError: no gates.pt, or it does not fit.
     """
     d = b.dims
-    nets = GateNets(int(d["n_classes"]), int(d["med_dim"]) + int(d["id_dim"]) + int(d["other_dim"]), b.image_size)
     path = b.path / "gates.pt"
     if not path.exists():
         raise bundles.BundleError(f"{b.path}: no gates.pt (run `casemask engine fit-gates --model {b.path}`)")
-    nets.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    width = int(state["classifier.features.0.weight"].shape[0])
+    nets = GateNets(int(d["n_classes"]), int(d["med_dim"]) + int(d["id_dim"]) + int(d["other_dim"]), b.image_size, width)
+    nets.load_state_dict(state)
     return nets.eval()
 
 
@@ -191,12 +197,13 @@ def synthesise(model: DisentanglementModel, x: np.ndarray, noise: np.ndarray, ta
 
 def _fit_classifier(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: GateFitConfig, seed: int, start: GateClassifier | None = None) -> GateClassifier:
     """The gates' classifier trained on images ``x`` and labels ``y`` (from ``start``'s
-    weights when given: a refit), with ``cfg``'s epochs, blur and learning rate."""
+    weights when given and of ``cfg``'s width: a refit), with ``cfg``'s width, epochs,
+    blur and learning rate."""
     from engine.evaluate import fit_classifier
 
     torch.manual_seed(seed)
-    net = GateClassifier(n_classes)
-    if start is not None:
+    net = GateClassifier(n_classes, cfg.classifier_width)
+    if start is not None and start.head.in_features == net.head.in_features:
         net.load_state_dict(start.state_dict())
     return fit_classifier(net, x, y, cfg.classifier_epochs, seed, augment=True, logits=net.logits,  # type: ignore[return-value]
                           blur=cfg.classifier_blur, max_lr=cfg.classifier_lr)
@@ -299,9 +306,21 @@ def rejections(scores: dict[str, np.ndarray], limits: dict[str, float]) -> dict[
     domain = (scores["reconstruction_error"] > limits["reconstruction_error"]) | (scores["latent_distance"] > limits["latent_distance"])
     out = {"domain": domain}
     if "medical_anonymized" in scores:
-        out["medical"] = (scores["medical_anonymized"] < limits["medical"]) | (scores["medical_counterfactual"] < limits["counterfactual"])
+        out["medical_original"] = scores["p_original"] < limits.get("medical_original", 0.0)
+        out["medical"] = (scores["medical_anonymized"] < limits["medical"]) | (scores["medical_counterfactual"] < limits["counterfactual"]) | out["medical_original"]
         out["identity"] = (scores["identity_anonymized"] <= limits["identity_distance"]) | (scores["identity_counterfactual"] <= limits["identity_distance"])
     out["all"] = np.logical_or.reduce(list(out.values()))
+    return out
+
+
+def stated_rates(calibration: dict[str, float], cfg: GateFitConfig) -> dict[str, float]:
+    """The false-rejection rate a bundle states for each gate (``gates.rates.targets``): the
+    rate its limits aim at where calibration reached it (the domain gate's quantiles), and
+    otherwise the rate calibration measured, never a wish (the medical limit cannot go
+    below probability 0.5, so its aim may be out of reach; docs/gates.md says why)."""
+    aims = {"domain": cfg.domain_frr, "medical": cfg.medical_frr, "identity": cfg.identity_quantile}
+    out = {g: round(max(aim, float(calibration[g])), 4) for g, aim in aims.items()}
+    out["all"] = round(max(float(calibration["all"]), max(out.values())), 4)
     return out
 
 
@@ -340,8 +359,9 @@ def fit_gates(b: bundles.Bundle, cfg: GateFitConfig | None = None, fit=None, cal
     ``calibrate_only``: keep the bundle's fitted networks, identity metric and identity
     limit, and set the domain and medical limits and every rate again (new rates, or a
     change in how they are measured, without fitting again). ``refit_classifier``: keep
-    the domain scorer, identity metric and identity limit, train the classifier further
-    from its fitted weights on ``fit`` (``cfg``'s classifier settings), then calibrate.
+    the domain scorer, identity metric and identity limit, train the classifier on ``fit``
+    (``cfg``'s classifier settings: further from its fitted weights when ``cfg``'s width is
+    theirs, from scratch when it is another), then calibrate.
     """
     cfg = cfg or GateFitConfig()
     if calibrate_only and refit_classifier:
@@ -353,7 +373,7 @@ def fit_gates(b: bundles.Bundle, cfg: GateFitConfig | None = None, fit=None, cal
 def _fit_nets(model: DisentanglementModel, dims: dict, size: int, cfg: GateFitConfig, fit) -> tuple[GateNets, np.ndarray, float]:
     """The gates' networks, the identity whitening and the identity limit, from training-domain images."""
     n_classes = int(dims["n_classes"])
-    nets = GateNets(n_classes, int(dims["med_dim"]) + int(dims["id_dim"]) + int(dims["other_dim"]), size)
+    nets = GateNets(n_classes, int(dims["med_dim"]) + int(dims["id_dim"]) + int(dims["other_dim"]), size, cfg.classifier_width)
     x, pids, labels = fit.images.astype(np.float32), np.asarray(fit.patient_ids), np.asarray(fit.labels)
     log.info("gates: encoding %d training-domain images", len(x))
     med, ident, other = _encode(model, x)
@@ -368,7 +388,7 @@ def _fit_nets(model: DisentanglementModel, dims: dict, size: int, cfg: GateFitCo
 
 def _refit_classifier(start: GateClassifier, fit, cfg: GateFitConfig, n_classes: int) -> GateClassifier:
     x, labels = fit.images.astype(np.float32), np.asarray(fit.labels).astype(np.int64)
-    log.info("gates: refitting the classifier on %d images (%d epochs, blur %.2f)", len(x), cfg.classifier_epochs, cfg.classifier_blur)
+    log.info("gates: refitting the classifier on %d images (width %d, %d epochs, blur %.2f)", len(x), cfg.classifier_width, cfg.classifier_epochs, cfg.classifier_blur)
     return _fit_classifier(x, labels, n_classes, cfg, cfg.seed + 5, start=start).eval()
 
 
@@ -394,12 +414,13 @@ def calibrate(model: DisentanglementModel, nets: GateNets, whiten: np.ndarray, i
         "medical": float(np.clip(np.quantile(s["medical_anonymized"], cfg.medical_frr), 0.5, 0.99)),
         "counterfactual": float(np.clip(np.quantile(s["medical_counterfactual"], cfg.medical_frr), 0.5, 0.99)),
         "identity_distance": identity_limit,
+        "medical_original": float(cfg.medical_original),
     }
     rej = rejections(s, limits)
     first = {f"{g}_first_draw": round(float(rej[g].mean()), 4) for g in ("identity", "medical", "all")}
     for _ in range(1, DRAWS):
         rej = rejections(s, limits)
-        again = np.flatnonzero((rej["identity"] | rej["medical"]) & ~rej["domain"])
+        again = np.flatnonzero((rej["identity"] | rej["medical"]) & ~rej["domain"] & ~rej["medical_original"])
         if not len(again):
             break
         redo = gate_scores(model, nets, whiten, xc[again], rng.standard_normal((len(again), latent)).astype(np.float32), targets[again])
@@ -424,7 +445,7 @@ def _fit_gates(b: bundles.Bundle, cfg: GateFitConfig, fit, cal, ship: bool, cali
         if refit_classifier:
             nets.classifier = _refit_classifier(nets.classifier, fit, cfg, int(b.dims["n_classes"]))
             torch.save(nets.state_dict(), path)
-            fitted = {**fitted, "classifier_refit": {"from_digest": old.get("digest"), "epochs": cfg.classifier_epochs, "blur": cfg.classifier_blur,
+            fitted = {**fitted, "classifier_refit": {"from_digest": old.get("digest"), "width": cfg.classifier_width, "epochs": cfg.classifier_epochs, "blur": cfg.classifier_blur,
                                                      "lr": cfg.classifier_lr, "patients": int(len(np.unique(fit.patient_ids))), "images": len(fit.images),
                                                      "seed": cfg.seed + 5, "threads": cfg.threads, "seconds": round(time.time() - t0, 1)}}
     else:
@@ -438,7 +459,8 @@ def _fit_gates(b: bundles.Bundle, cfg: GateFitConfig, fit, cal, ship: bool, cali
         "digest": bundles.file_digest(path),
         "limits": {k: round(v, 6) for k, v in limits.items()},
         "rates": {
-            "targets": {"domain": cfg.domain_frr, "medical": cfg.medical_frr, "identity_quantile_of_different_patients": cfg.identity_quantile},
+            "targets": stated_rates(rates, cfg),
+            "aims": {"domain": cfg.domain_frr, "medical": cfg.medical_frr, "identity_quantile_of_different_patients": cfg.identity_quantile},
             "calibration": rates,
             "calibration_images": len(cal.images),
             "calibration_seconds": round(time.time() - t0, 1) if calibrate_only else None,

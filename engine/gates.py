@@ -13,9 +13,12 @@ image, whether an anonymized image (and a counterfactual) may stand for the pati
   cases a little better, but costs a second generator pass per image, about 90% more
   pixel-step time (docs/gates.md).
 - ``medical``: an independent classifier (fitted on the training images at gate-fitting
-  time, not the generator's own head) gives the original's class; the anonymized image
-  must show that class with probability at least ``limit``, and each counterfactual its
-  target class with probability at least ``counterfactual_limit``.
+  time, not the generator's own head) gives the original's class, which it must read with
+  probability at least ``original_limit`` (an original whose finding the classifier
+  cannot tell is held back: no draw can be vouched for; this part judges the input and
+  earns no other draw); the anonymized image must show that class with probability at
+  least ``limit``, and each counterfactual its target class with probability at least
+  ``counterfactual_limit``.
 - ``identity``: the identity vector the model's encoder reads from the anonymized image
   (and from the counterfactual, which carries the same synthetic identity) must lie
   farther from the original's than ``limit``: a low quantile of the distances between
@@ -62,6 +65,7 @@ class GateSet:
     latent_limit: float
     medical_limit: float
     counterfactual_limit: float
+    original_limit: float  # the classifier's least probability for its reading of the original (0: any)
     identity_limit: float
     identity_whiten: np.ndarray  # (id_dim, id_dim): distance = |(a - b) @ W|
     classes: tuple[str, ...]
@@ -85,6 +89,7 @@ class GateSet:
             latent_limit=float(lim["latent_distance"]),
             medical_limit=float(lim["medical"]),
             counterfactual_limit=float(lim["counterfactual"]),
+            original_limit=float(lim.get("medical_original", 0.0)),
             identity_limit=float(lim["identity_distance"]),
             identity_whiten=np.asarray(g["identity_whiten"], np.float32),
             classes=tuple(meta.get("classes", [str(i) for i in range(int(meta["model_config"]["n_classes"]))])),
@@ -109,7 +114,10 @@ class GateSet:
             expected = int(np.argmax(scores.p_original[i]))
             medical: dict = {"class": self.classes[expected], "p_original": _r(scores.p_original[i, expected]), "limit": _r(self.medical_limit)}
             identity: dict = {"limit": _r(self.identity_limit)}
-            ok_med, ok_id = True, True
+            ok_id = True
+            ok_med = bool(scores.p_original[i, expected] >= self.original_limit)
+            if self.original_limit > 0:
+                medical["original_limit"], medical["original_passed"] = _r(self.original_limit), ok_med
             for kind, probs in scores.p_outputs.items():
                 want = expected if kind == "anonymized" else int(scores.targets[i])  # type: ignore[index]
                 limit = self.medical_limit if kind == "anonymized" else self.counterfactual_limit
@@ -159,6 +167,12 @@ class Verdict:
     def passed(self) -> bool:
         return not self.failed
 
+    @property
+    def input_failed(self) -> bool:
+        """A gate that judges the input failed (domain, or the medical gate's reading of the
+        original): another draw cannot pass."""
+        return not self.gates["domain"]["passed"] or not self.gates["medical"].get("original_passed", True)
+
     def reason(self) -> str:
         """Why the first failed gate failed: its name and scores against their limits."""
         for g in self.failed:
@@ -166,6 +180,9 @@ class Verdict:
             if g == "domain":
                 return (f"gate domain failed: reconstruction_error {s['reconstruction_error']:.4f} (limit {s['reconstruction_limit']:.4f}), "
                         f"latent_distance {s['latent_distance']:.2f} (limit {s['latent_limit']:.2f}): the input does not look like the model's training data")
+            if g == "medical" and not s.get("original_passed", True):
+                return (f"gate medical failed: original p({s['class']}) {s['p_original']:.3f} (limit {s['original_limit']:.3f}): "
+                        "the classifier cannot tell the original's medical content, so no synthesised image of it can be vouched for")
             if g == "medical":
                 parts = [f"anonymized p({s['class']}) {s['anonymized']:.3f} (limit {s['limit']:.3f})"]
                 if "counterfactual" in s:

@@ -48,19 +48,22 @@ def rejected(model, x: np.ndarray, seed: int = 0, draws: int = 1) -> dict[str, f
 
 
 def test_in_domain_patients_pass_each_gate_at_the_stated_rate(model, in_domain):
-    """200 images of unseen synthetic patients, judged as the node judges them (identity
-    redrawn): each gate rejects them at about the rate the bundle states (its calibration
-    on other patients; a binomial margin for 200 images)."""
+    """200 images of unseen synthetic patients, judged as the node judges them (redrawn):
+    each gate rejects them at about the rate the bundle states (``gates.rates.targets``,
+    which is never below what its calibration on other patients measured; a binomial
+    margin for 200 images)."""
     from engine.gates import DRAWS
 
     rates = rejected(model, in_domain.images, draws=DRAWS)
-    calibration = model.bundle.meta["gates"]["rates"]["calibration"]
+    rates_meta = model.bundle.meta["gates"]["rates"]
+    stated = rates_meta["targets"]
     for gate, rate in rates.items():
         if gate == "any":
             gate = "all"
-        # 3 standard deviations of a binomial at the calibration rate (at least 1%), 200 images.
-        p = max(calibration[gate], 0.01)
-        assert rate <= p + 3 * np.sqrt(p * (1 - p) / len(in_domain.images)), (gate, rate, calibration)
+        assert stated[gate] >= rates_meta["calibration"][gate], (gate, stated, rates_meta["calibration"])
+        # 3 standard deviations of a binomial at the stated rate (at least 1%), 200 images.
+        p = max(stated[gate], 0.01)
+        assert rate <= p + 3 * np.sqrt(p * (1 - p) / len(in_domain.images)), (gate, rate, stated)
 
 
 def test_another_identity_is_drawn_for_an_image_whose_first_lands_near_the_patient(model, in_domain):
@@ -156,15 +159,22 @@ def test_no_changed_finding_passes_the_medical_gate(model, in_domain):
     judges an anonymized image (redrawn as in the node: a medical or identity failure gets
     another identity, up to DRAWS, every draw another chance): the medical gate lets none through. A
     fabricated finding must never go out. Against the true class, the originals the
-    classifier misreads let some through (docs/gates.md): held under the rate measured."""
+    classifier misreads let some through (docs/gates.md): held under the rates measured,
+    also among originals whose image shows their finding (faint effusions the classifier
+    misreads surely; 5 of 398 here, 2 of 592 on the evaluation's seed), the others being
+    effusions below the diaphragm, which no reader of the pixels sees."""
+    from engine.data.synthetic import finding_shown
     from engine.evaluate import changed_finding
 
     rng = np.random.default_rng(13)
     latent = int(model.bundle.dims["vae_latent"])
-    report = changed_finding(model, in_domain.images, np.asarray(in_domain.labels), lambda n: rng.standard_normal((n, latent)).astype(np.float32))
+    labels = np.asarray(in_domain.labels)
+    shown = finding_shown(in_domain.params, labels)
+    report = changed_finding(model, in_domain.images, labels, lambda n: rng.standard_normal((n, latent)).astype(np.float32), shown=shown)
     assert report["images"] == report["images_read"] == 2 * len(in_domain.images)
     assert report["passed_medical_read_count"] == 0, report
     assert report["passed_medical"] <= 0.03, report
+    assert report["images_shown"] == 2 * int(shown.sum()) and report["passed_medical_shown_count"] <= 0.02 * report["images_shown"], report
 
 
 def test_identity_gate_rejects_an_image_that_keeps_the_patient(model, in_domain):

@@ -8,6 +8,7 @@ research tools. Not part of the shipped ``casemask`` command; see docs/engine-re
     casemask-research sweep ...              several recipes side by side in a time budget
     casemask-research autoencoder-trial ...  a decoder design as a plain autoencoder
     casemask-research make-reference ...     rebuild the reference bundle from scratch
+    casemask-research gate-findings ...      the medical gate's failures against what the images show
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ TOOLS = {
     "sweep": ("engine.research.sweep", "several recipes trained side by side on one device within a time budget, judged by one pair of evaluators"),
     "autoencoder-trial": ("engine.research.autoencoder_trial", "a decoder design as a plain autoencoder: SSIM on unseen patients and the latent's read-out"),
     "make-reference": ("engine.research.make_reference", "rebuild the reference bundle: training, four refinements, gates, evaluation"),
+    "gate-findings": ("engine.research.gate_findings", "the medical gate's failures: a classifier's misreadings, or findings the image does not show"),
 }
 
 
