@@ -21,10 +21,12 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Literal
 
 from pydicom import dcmread
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from node import audit, logfmt, metrics, queue, retention, routing
@@ -106,6 +108,7 @@ class Node:
         self.scheduler = None
         self.http = None
         self._stop = threading.Event()
+        self._route_failures: dict[int, tuple[int, float]] = {}  # study id -> (failures, monotonic time of the next try)
         self._reload_requested = threading.Event()
         self._reload_lock = threading.Lock()
         from node.health import HealthMonitor
@@ -195,54 +198,82 @@ class Node:
         """Route every instance of the studies that are stable; returns instances routed.
 
         Each study is routed in its own transaction, which holds it (PostgreSQL: SKIP
-        LOCKED) so that nodes sharing the database never route one study twice."""
+        LOCKED) so that nodes sharing the database never route one study twice. A study
+        whose routing the database refuses (a constraint, a value) is rolled back alone
+        and tried again later (1, 2, 4 ... 300 s), with an error naming it: the other
+        studies are routed meanwhile (before, one such study stopped routing for all).
+        A database out of reach (OperationalError) still ends the whole pass."""
         stable = self.settings.node.stable_after_s if stable_after_s is None else stable_after_s
-        keys = routing.keys_used(self.settings.routes)
         n = 0
-        waiting: set[int] = set()  # studies whose files are still being renamed into place
+        now = time.monotonic()
+        waiting: set[int] = {sid for sid, (_, until) in self._route_failures.items() if until > now}
         with self.sessions() as session:
             for _ in range(100_000):
                 study = queue.next_stable_study(session, stable, waiting)
                 if study is None:
                     break
-                if not queue.hold_study(session, study):
-                    session.rollback()  # another worker routed it meanwhile
-                    continue
-                instances = queue.received_instances(session, study)
-                if any(self._still_arriving(inst) for inst in instances):
-                    waiting.add(study.id)  # a row is committed while its file is renamed into place
+                sid = study.id
+                try:
+                    routed = self._route_study(session, study, waiting)
+                except OperationalError:
+                    raise
+                except Exception as exc:
                     session.rollback()
+                    waiting.add(sid)
+                    failures = self._route_failures.get(sid, (0, 0.0))[0] + 1
+                    delay = min(300.0, 2.0 ** (failures - 1))
+                    self._route_failures[sid] = (failures, time.monotonic() + delay)
+                    log.error("routing study %d failed (%s, %d time(s)); tried again in %.0f s, other studies go on", sid, type(exc).__name__, failures, delay)
                     continue
-                routed_before = queue.instances_with_jobs(session, study)
-                for inst in instances:
-                    if inst.id in routed_before:
-                        queue.keep_discarded(session, inst)
-                        continue
-                    try:
-                        spooled = data_path(self.settings.node.data_dir, inst.path)
-                        if not matches_digest(spooled, inst.digest):
-                            queue.quarantine_instance(session, inst, queue.SPOOL_FILE_TORN)
-                            metrics.SPOOL_DIGEST_MISMATCHES.labels(where="route").inc()
-                            metrics.QUARANTINED.labels(step="read").inc()
-                            continue
-                        ds = dcmread(spooled, stop_before_pixels=True)
-                    except FileNotFoundError:
-                        queue.quarantine_instance(session, inst, queue.SPOOL_FILE_MISSING)
-                        continue
-                    except Exception as exc:
-                        queue.quarantine_instance(session, inst, f"route: spooled file unreadable ({type(exc).__name__})")
-                        metrics.QUARANTINED.labels(step="read").inc()
-                        continue
-                    attrs = routing.attributes_of(ds, inst.calling_ae, inst.called_ae, keys)
-                    matched = [v.route for v in routing.match_routes(self.settings.routes, attrs) if v.matched]
-                    if not matched and not routing.is_known_sop_class(inst.sop_class_uid):
-                        queue.quarantine_instance(session, inst, routing.UNKNOWN_SOP_CLASS)  # held for review, never forwarded
-                        continue
-                    queue.route_instance(session, inst, matched, self.settings.node.unrouted)
-                    n += 1
-                queue.mark_study_routed(session, study)
-                audit.study_received(session, study, len(instances), instances[0].calling_ae if instances else "", instances[0].peer_host if instances else "")
-                session.commit()
+                if routed is not None:
+                    self._route_failures.pop(sid, None)
+                    n += routed
+        return n
+
+    def _route_study(self, session, study, waiting: set[int]) -> int | None:
+        """Route one stable study in ``session`` and commit; the number of instances
+        routed, or None when it is not this pass's to route (held by another worker, or
+        a file still being placed: then it joins ``waiting``)."""
+        keys = routing.keys_used(self.settings.routes)
+        if not queue.hold_study(session, study):
+            session.rollback()  # another worker routed it meanwhile
+            return None
+        instances = queue.received_instances(session, study)
+        if any(self._still_arriving(inst) for inst in instances):
+            waiting.add(study.id)  # a row is committed while its file is renamed into place
+            session.rollback()
+            return None
+        n = 0
+        routed_before = queue.instances_with_jobs(session, study)
+        for inst in instances:
+            if inst.id in routed_before:
+                queue.keep_discarded(session, inst)
+                continue
+            try:
+                spooled = data_path(self.settings.node.data_dir, inst.path)
+                if not matches_digest(spooled, inst.digest):
+                    queue.quarantine_instance(session, inst, queue.SPOOL_FILE_TORN)
+                    metrics.SPOOL_DIGEST_MISMATCHES.labels(where="route").inc()
+                    metrics.QUARANTINED.labels(step="read").inc()
+                    continue
+                ds = dcmread(spooled, stop_before_pixels=True)
+            except FileNotFoundError:
+                queue.quarantine_instance(session, inst, queue.SPOOL_FILE_MISSING)
+                continue
+            except Exception as exc:
+                queue.quarantine_instance(session, inst, f"route: spooled file unreadable ({type(exc).__name__})")
+                metrics.QUARANTINED.labels(step="read").inc()
+                continue
+            attrs = routing.attributes_of(ds, inst.calling_ae, inst.called_ae, keys)
+            matched = [v.route for v in routing.match_routes(self.settings.routes, attrs) if v.matched]
+            if not matched and not routing.is_known_sop_class(inst.sop_class_uid):
+                queue.quarantine_instance(session, inst, routing.UNKNOWN_SOP_CLASS)  # held for review, never forwarded
+                continue
+            queue.route_instance(session, inst, matched, self.settings.node.unrouted)
+            n += 1
+        queue.mark_study_routed(session, study)
+        audit.study_received(session, study, len(instances), instances[0].calling_ae if instances else "", instances[0].peer_host if instances else "")
+        session.commit()
         return n
 
     def retain(self) -> int:

@@ -328,3 +328,33 @@ def test_a_node_an_older_version_left_routing_a_discarded_object_again_recovers(
         assert s.get(Instance, job.instance_id).state == InstanceState.IGNORED
         assert [j.state for j in s.scalars(select(Job).where(Job.instance_id == job.instance_id))] == [JobState.DISCARDED]
     assert sorted(study_states(node)) == ["DONE", "IGNORED"]
+
+
+def test_a_study_the_database_refuses_to_route_does_not_stop_the_others(tmp_path, start_node, monkeypatch, caplog):
+    """Whatever makes the database refuse one study's routing (here: an IntegrityError
+    raised for its instances), the other studies are routed and delivered; that study
+    is rolled back alone, named in an error, and tried again later, and routed once
+    the cause is gone. Before, the exception ended every routing pass."""
+    from sqlalchemy.exc import IntegrityError
+
+    from node import queue as q
+
+    node = start_node(node_config(tmp_path, [folder(tmp_path)]), schedule=False, listen=False)
+    bad = fill(node, tmp_path, 1, name="bad")
+    real = q.route_instance
+
+    def refuse(session, inst, *a, **kw):
+        if inst.sop_instance_uid in bad:
+            raise IntegrityError("INSERT INTO jobs", {}, Exception("UNIQUE constraint failed"))
+        return real(session, inst, *a, **kw)
+
+    monkeypatch.setattr(q, "route_instance", refuse)
+    fill(node, tmp_path, 2, name="good")
+    with caplog.at_level("ERROR", logger="node.app"):
+        drain(node, until=lambda: delivery_states(node) == {"SENT": 2})
+    assert any("routing study" in r.getMessage() and "IntegrityError" in r.getMessage() for r in caplog.records)
+    assert sorted(study_states(node)) == ["DONE", "RECEIVING"]
+    monkeypatch.setattr(q, "route_instance", real)
+    node._route_failures.clear()  # the back-off's wait, over
+    drain(node, until=lambda: delivery_states(node) == {"SENT": 3})
+    assert study_states(node) == ["DONE", "DONE"]
