@@ -302,6 +302,8 @@ def test_https_with_the_configured_certificate(tmp_path, http_nodes):
     with httpx.Client(base_url=base, verify=ctx) as c:
         assert c.get("/healthz").text == "ok\n"
         assert c.get("/api/v1/status", headers={"Authorization": f"Bearer {hn.tokens['viewer']}"}).status_code == 200
-        assert "secure" in c.get("/login").headers["set-cookie"].lower()
+        login = c.get("/login")
+        assert "secure" in login.headers["set-cookie"].lower()
+        assert login.headers["strict-transport-security"] == "max-age=31536000"
     with pytest.raises(httpx.HTTPError):  # plain HTTP is not served on that port
         httpx.get(hn.base + "/healthz", timeout=5)

@@ -34,6 +34,8 @@ class SecurityHeaders(BaseHTTPMiddleware):
         h.setdefault("X-Content-Type-Options", "nosniff")
         h.setdefault("X-Frame-Options", "DENY")
         h.setdefault("Referrer-Policy", "no-referrer")
+        if request.url.scheme == "https":  # [http] tls: browsers keep to HTTPS for this host (RFC 6797)
+            h.setdefault("Strict-Transport-Security", "max-age=31536000")
         if not request.url.path.startswith("/static/"):
             h.setdefault("Cache-Control", "no-store")
         return response
