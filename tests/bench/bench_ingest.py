@@ -155,6 +155,10 @@ def cpu_s(pid: int) -> float:
 
 
 # -- senders ---------------------------------------------------------------------------------
+class SendFailed(Exception):
+    """A storescu of a round did not store everything: the round is not counted."""
+
+
 def send(port: int, corpora: list[Path], aec: str) -> float:
     """Seconds from starting one storescu per corpus folder (all at once) until the last
     one finished; fails the bench if any of them did not store everything."""
@@ -162,9 +166,9 @@ def send(port: int, corpora: list[Path], aec: str) -> float:
     procs = [subprocess.Popen([STORESCU, "-aec", aec, "+sd", "127.0.0.1", str(port), str(c)], env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in corpora]
     outs = [p.communicate(timeout=900) for p in procs]
     dt = time.perf_counter() - t0
-    for p, (_, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs):
         if p.returncode != 0:
-            raise SystemExit(f"storescu to {aec} failed: {err[-500:]}")
+            raise SendFailed(f"storescu to {aec} failed (exit {p.returncode}): {(err or out)[-500:].strip() or 'no output'}")
     return dt
 
 
@@ -244,10 +248,16 @@ def run_load(work: Path, name: str, corpora: list[Path], total: int, rounds: int
     nodes = ["casemask", "variant"] if variant_kw else ["casemask"]
     results = []
     for rnd in range(rounds):
-        r = run_round(work, f"{name}{rnd}", corpora, total, rnd, node_kw, variant_kw)
+        try:
+            r = run_round(work, f"{name}{rnd}", corpora, total, rnd, node_kw, variant_kw)
+        except SendFailed as exc:  # one failed sender ends the round, not the run
+            print(f"round {rnd + 1}: not counted: {exc}", flush=True)
+            continue
         results.append(r)
         each = "  ".join(f"{label[n]} {r[n]:6.1f}/s ratio {r[n] / r['orthanc']:.2f} cpu {r[n + '_cpu']:.1f} s/1000 rss {r[n + '_rss']:.0f} MiB" for n in nodes)
         print(f"round {rnd + 1} (load {r['load']:.1f}): {each}  Orthanc {r['orthanc']:6.1f}/s rss {r['orthanc_rss']:.0f} MiB  ceiling {r['ceiling']:6.1f}/s", flush=True)
+    if not results:
+        raise SystemExit(f"load {name}: no round was counted")
     med = lambda key: statistics.median(r[key] for r in results)  # noqa: E731
     for n in nodes:
         ratios = [r[n] / r["orthanc"] for r in results]
