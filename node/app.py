@@ -204,6 +204,7 @@ class Node:
         studies are routed meanwhile (before, one such study stopped routing for all).
         A database out of reach (OperationalError) still ends the whole pass."""
         stable = self.settings.node.stable_after_s if stable_after_s is None else stable_after_s
+        keys = routing.keys_used(self.settings.routes)
         n = 0
         now = time.monotonic()
         waiting: set[int] = {sid for sid, (_, until) in self._route_failures.items() if until > now}
@@ -214,7 +215,7 @@ class Node:
                     break
                 sid = study.id
                 try:
-                    routed = self._route_study(session, study, waiting)
+                    routed = self._route_study(session, study, waiting, keys)
                 except OperationalError:
                     raise
                 except Exception as exc:
@@ -230,11 +231,11 @@ class Node:
                     n += routed
         return n
 
-    def _route_study(self, session, study, waiting: set[int]) -> int | None:
+    def _route_study(self, session, study, waiting: set[int], keys) -> int | None:
         """Route one stable study in ``session`` and commit; the number of instances
         routed, or None when it is not this pass's to route (held by another worker, or
-        a file still being placed: then it joins ``waiting``)."""
-        keys = routing.keys_used(self.settings.routes)
+        a file still being placed: then it joins ``waiting``). ``keys``: the attributes
+        the routes read (``routing.keys_used``, once per pass)."""
         if not queue.hold_study(session, study):
             session.rollback()  # another worker routed it meanwhile
             return None
