@@ -38,6 +38,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_listens(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on ``host:port``. free_port() hands out ports of the
+    kernel's ephemeral range, so a probe polling a port nobody listens on yet can be
+    given that very port as its own source port and connect to itself (TCP simultaneous
+    open): that is not a listener, and is answered False."""
+    try:
+        with socket.create_connection((host, port), timeout=0.2) as s:
+            return s.getsockname() != s.getpeername()
+    except OSError:
+        return False
+
+
 def wait_until(pred: Callable[[], object], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> object:
     """Poll ``pred`` until it returns something truthy (bounded); fail the test otherwise."""
     deadline = time.monotonic() + timeout
@@ -460,11 +472,7 @@ class NodeProcess:
                 with self.logpath.open("rb") as f:
                     f.seek(seen)
                     return b" started (id " in f.read()
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return True
-            except OSError:
-                return False
+            return port_listens(port)
 
         wait_until(up, timeout=60, what=f"the node ({self.role}) to start")
 

@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.conftest import STORESCU, NodeProcess, Orthanc, dcmtk_env, free_port, make_study, node_config, stop_process, wait_until, write_toml  # noqa: E402
+from tests.conftest import STORESCU, NodeProcess, Orthanc, dcmtk_env, free_port, make_study, node_config, port_listens, stop_process, wait_until, write_toml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,15 +97,9 @@ class Ceiling:
 
 
 def _listening(port: int, proc: subprocess.Popen) -> bool:
-    import socket
-
     if proc.poll() is not None:
         raise RuntimeError(f"process exited with {proc.returncode}")
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+    return port_listens(port)
 
 
 # -- memory ----------------------------------------------------------------------------------
