@@ -89,6 +89,28 @@ def test_detection_model_ships_in_the_ocr_wheel():
     assert det.detect(np.zeros((1, 64, 96, 3), np.uint8)) == [[]]
 
 
+def test_folded_graph_reads_as_the_shipped_one():
+    """node.burnedin.graph folds the detector's element-wise chains into its
+    convolutions: every chain the shipped model holds is found (a new model in the
+    wheel fails here, and would run unfolded), and on text over speckle, grey and
+    colour, at the scales the step reads, the probabilities agree to float rounding and
+    the boxes are the same."""
+    from node.burnedin.detect import DetectorSettings, TextDetector, model_path
+    from node.burnedin.graph import EXPECTED, fold
+
+    _, done = fold(model_path())
+    assert done == EXPECTED
+    folded, shipped = TextDetector(DetectorSettings(fold=True)), TextDetector(DetectorSettings(fold=False))
+    assert len(folded.session.get_providers()) and folded.session is not shipped.session
+    grey_or_rgb = [sb.us_frame(seed, colour=seed % 2 == 1)[0] for seed in (500, 501, 10045, 10066)]
+    frames = np.stack([f if f.ndim == 3 else np.repeat(f[..., None], 3, 2) for f in grey_or_rgb])
+    for scale in (1.0, 1.5, 2.0):
+        a, b = folded.probability(frames, scale), shipped.probability(frames, scale)
+        assert float(np.abs(a - b).max()) < 1e-3
+        rows, cols = frames.shape[1:3]
+        assert [folded.boxes(p, rows, cols, scale) for p in a] == [shipped.boxes(p, rows, cols, scale) for p in b]
+
+
 # -- cleaning ------------------------------------------------------------------------------
 def _objects():
     """(label, dataset, tokens, palette) for each kind of synthetic object."""
