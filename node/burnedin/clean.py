@@ -67,10 +67,6 @@ CINE_FRAMES = 8  # objects with more frames are read by sample (see module docst
 SAMPLE = 6  # frames sampled from a cine, first and last included
 MAX_TEXT_HEIGHT = 80  # pixels: taller detections are image structures, not text lines
 ROUNDS = 2  # extra masking rounds for pieces of text found next to a mask
-# A line of text away from the masks, as the second reading of the masked frame counts
-# it: twice as wide as tall (1.5 for the reading of the frame as shown). On the masked
-# frame a 36 x 23 px patch of speckle came up at 1.56 (docs/burned-in.md).
-MASKED_LINE_RATIO = 2.0
 
 
 class BurnedInError(Exception):
@@ -453,7 +449,6 @@ def clean(ds: Dataset, detector: TextDetector, rules: RegionRules | None = None,
     for k, i in enumerate(read):
         _flatten(view[k], masks[i])
     _verify(ds, px, view, read, masks, found, detector)
-    _masked_reading(ds, px, view, read, masks, verifier)
     _small_text_reading(ds, px, view, read, masks, verifier)
     if exact:
         _ink_reading(ds, px, view, read, masks)
@@ -630,41 +625,6 @@ def _second_reading(frames: np.ndarray, read: list[int], n: int, found: dict[int
         for j in (range(n) if n > CINE_FRAMES else [i]):
             out[j] = _distinct(out.get(j, []) + grown)
     return out
-
-
-def _masked_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[int], masks: dict[int, list[Box]], verifier: TextDetector) -> None:
-    """The second detector once more, on the masked frames (``view``: their display
-    with the masks flattened, in the order of ``read``): the network's output depends on
-    what surrounds a line, and text it did not see on the frame as shown can come up
-    once the other lines are masked (measured: docs/burned-in.md).
-
-    A line of text away from every mask: BurnedInError. Anything touching a mask and
-    sticking out of it is masked (``px``, ``masks`` and ``view`` change) and the frame read
-    again; still there after ROUNDS rounds: BurnedInError.
-    """
-    rows, cols = px.stored.shape[1:3]
-    # A frame with nothing masked shows what the second reading already read.
-    todo = [k for k, i in enumerate(read) if masks[i]]
-    for _round in range(ROUNDS + 1):
-        if not todo:
-            return
-        try:
-            found = _read_second(view[todo], [masks[read[k]] for k in todo], verifier)
-        except Exception as exc:
-            raise BurnedInError(f"burned-in text: the second reading could not process the masked frames ({type(exc).__name__})") from None
-        grown = []
-        for k, boxes in zip(todo, found):
-            i = read[k]
-            rest = _rest_of_lines(boxes, masks[i], rows, cols, i, MASKED_LINE_RATIO)
-            if not rest:
-                continue
-            if _round == ROUNDS:
-                raise BurnedInError(f"burned-in text: the second reading still finds text beside a mask after masking (frame {i})")
-            _mask_more(ds, px, view, k, i, masks, rest)
-            grown.append(k)
-        if not grown:
-            return
-        todo = grown
 
 
 def _small_text_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[int], masks: dict[int, list[Box]], verifier: TextDetector) -> None:
