@@ -23,15 +23,16 @@ For each object, in order:
 6. verification, on each frame read in 3.: the masked areas and their surroundings are
    read again (pieces of text next to a mask are masked too, twice at most), the
    whole frame is read once more through a low-contrast view (dark values lifted) that
-   finds faint text the first reading may miss, and the second detector reads the
-   masked frames (masks flattened) once more: what the surroundings of a line hide can
-   come up once the other lines are masked; what sticks out of a mask is masked, a
-   line of text away from the masks is text missed.
+   finds faint text the first reading may miss.
    Then the small-text reading (:mod:`node.burnedin.small`): the second detector on the
    masked frame's white top-hat (thin bright marks on black) at scale 3, whole, where
    thin marks are dense enough somewhere to be a line of 7 px text, which no other
    reading sees; same rules (beside a mask: masked; a line of small text elsewhere:
-   missed).
+   missed). On the frames it reads (most ultrasound frames have such a place) it is
+   also the network's reading of the masked frame as a whole, where what the
+   surroundings of a line hid can come up once the other lines are masked: the second
+   detector's own reading of the masked frame at x2.0 was dropped for it on 2026-11-30
+   (docs/burned-in.md, "Folding the detector's graph").
    Then the classical ink reading (:mod:`node.burnedin.ink`: flat strokes of one
    value, no network) looks at the masked frames: ink beside a mask (the rest of its
    line) is masked too, ink away from every mask is text both readings missed.
