@@ -44,12 +44,16 @@ def start_http_node(raw: dict, tmp_path: Path, pixel_step=None, name: str = "nod
     cfg = write_toml(raw, tmp_path / name)
     settings = load(cfg)
     node = Node(settings, pixel_step=pixel_step)
-    node.start(http=True)
-    tokens = {}
-    with node.sessions() as s:
-        for role in ("viewer", "operator", "admin"):
-            tokens[role] = accounts.create_token(s, f"test-{role}", role)
-        s.commit()
+    try:  # the caller stops it only once it has it: a failed start stops what it started here
+        node.start(http=True)
+        tokens = {}
+        with node.sessions() as s:
+            for role in ("viewer", "operator", "admin"):
+                tokens[role] = accounts.create_token(s, f"test-{role}", role)
+            s.commit()
+    except BaseException:
+        node.stop()
+        raise
     return HttpNode(node, f"http://127.0.0.1:{settings.http.port}", cfg, tokens)
 
 
