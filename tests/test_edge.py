@@ -316,7 +316,7 @@ def test_a_peer_trickling_a_pdu_is_closed_after_network_timeout(tmp_path, start_
 
     node = folder_node(tmp_path, start_node, network_timeout_s=1.0, max_associations_per_host=1)
     port = node.settings.node.port
-    with rd.Raw(port, timeout=5.0) as c:
+    with rd.Raw(port, timeout=30.0) as c:  # the A-ASSOCIATE-AC from a loaded machine
         assert c.send(rd.associate_rq())
         kind, _ = c.read_pdu()
         assert kind == 0x02, "A-ASSOCIATE-AC"
@@ -351,7 +351,7 @@ def test_a_c_store_that_never_ends_is_aborted_after_dimse_timeout(tmp_path, star
     port = node.settings.node.port
     ds = dcmread(make_study(tmp_path / "in", 1)[0])
     pdus = rd.c_store_pdus(rd.c_store_command(str(ds.SOPClassUID), str(ds.SOPInstanceUID)), rd.encode(ds, implicit=False), fragment=32)
-    with rd.Raw(port, timeout=5.0) as c:
+    with rd.Raw(port, timeout=30.0) as c:  # the A-ASSOCIATE-AC from a loaded machine
         assert c.send(rd.associate_rq())
         kind, _ = c.read_pdu()
         assert kind == 0x02, "A-ASSOCIATE-AC"
@@ -394,12 +394,12 @@ def test_presentation_contexts_are_checked_before_negotiation(tmp_path, start_no
         "no abstract syntax": [(1, "", [rd.EXPLICIT_VR_LE])],
     }
     for what, contexts in bad.items():
-        with rd.Raw(port) as c:
+        with rd.Raw(port, timeout=30.0) as c:
             assert c.send(rd.associate_rq(contexts=contexts))
             reply = c.read_pdu()
             assert reply is not None and reply[0] == 0x03, what
             assert reply[1][1] == 0x01, f"{what}: rejected-permanent"
-    with rd.Raw(port) as c:
+    with rd.Raw(port, timeout=30.0) as c:
         assert c.send(rd.associate_rq(contexts=[(1, ct, ["1.2.3.4.5.6", "1.2.3/../x"]), (3, ct, [rd.EXPLICIT_VR_LE])]))
         kind, body = c.read_pdu()
         assert kind == 0x02
@@ -498,7 +498,7 @@ def test_association_cut_off_mid_object_leaves_no_file_and_no_row(tmp_path, star
     data = rd.encode(ds, implicit=False)
     command = rd.c_store_command(str(ds.SOPClassUID), str(ds.SOPInstanceUID))
     incoming = node.settings.node.data_dir / "spool" / ".incoming"
-    with rd.Raw(port) as c:
+    with rd.Raw(port, timeout=30.0) as c:
         assert c.send(rd.associate_rq())
         assert c.read_pdu()[0] == 0x02  # A-ASSOCIATE-AC
         for pdu in rd.c_store_pdus(command, data, fragment=4000)[:4]:  # command + 3 of 10 fragments
@@ -506,7 +506,7 @@ def test_association_cut_off_mid_object_leaves_no_file_and_no_row(tmp_path, star
         wait_until(lambda: any(incoming.iterdir()), timeout=10, what="the partial data set on disk")
     wait_until(lambda: not any(incoming.iterdir()), timeout=15, what="the partial data set to be deleted")
     assert instances(node) == 0
-    with rd.Raw(port) as c:
+    with rd.Raw(port, timeout=30.0) as c:
         assert c.send(rd.associate_rq())
         assert c.read_pdu()[0] == 0x02
         for pdu in rd.c_store_pdus(command, data):
