@@ -326,8 +326,7 @@ def archive_factory() -> Iterator[Callable[..., CountingArchive]]:
         return a
 
     yield make
-    for a in made:
-        a.stop()
+    _stop_all([a.stop for a in made])
 
 
 # -- databases ----------------------------------------------------------------------------------
@@ -464,16 +463,28 @@ def start_node(tmp_path: Path, request):
     def start(raw: dict, pixel_step="auto", listen: bool = True, schedule: bool = True, http: bool = False) -> Node:
         settings = parse(raw, "test", base_dir=tmp_path)
         n = Node(settings, pixel_step=pixel_step)
+        nodes.append(n)  # before starting: a start that fails half-way is stopped at teardown too
         if schedule:
             n.start(listen=listen, http=http, receivers=receivers)
         elif listen:
             n.start_listening(receivers)
-        nodes.append(n)
         return n
 
     yield start
-    for n in nodes:
-        n.stop()
+    _stop_all([n.stop for n in nodes])
+
+
+def _stop_all(stops: list[Callable[[], None]]) -> None:
+    """Call every one of ``stops``, even after one raised (then raise the first error):
+    a node left running holds its port and threads for the rest of the session."""
+    errors = []
+    for stop in stops:
+        try:
+            stop()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def receive(node, ds: Dataset, modality: str = "") -> None:

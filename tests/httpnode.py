@@ -13,7 +13,7 @@ import pytest
 from node import accounts
 from node.app import Node
 from node.config import load
-from tests.conftest import write_toml
+from tests.conftest import _stop_all, write_toml
 
 
 @dataclasses.dataclass
@@ -74,8 +74,7 @@ def http_nodes():
     """A list to put started :class:`HttpNode` in; each is stopped at teardown."""
     made: list[HttpNode] = []
     yield made
-    for hn in made:
-        hn.node.stop()
+    _stop_all([hn.node.stop for hn in made])
 
 
 def breakable_deid(monkeypatch) -> dict[str, bool]:
