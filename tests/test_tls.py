@@ -81,7 +81,7 @@ def test_tls_listener_accepts_a_signed_client_and_refuses_the_others(tmp_path, s
     assert untrusted.returncode != 0
     plain_to_tls = dcmtk(ECHOSCU, port)
     assert plain_to_tls.returncode != 0
-    wait_until(lambda: caplog.text.count("handshake failed") >= 3, timeout=10, what="three failed handshakes logged")
+    wait_logged(caplog, "handshake failed", 3)  # three failed handshakes logged
     # A client that does not trust the node's certificate gives up by itself.
     wrong_ca = dcmtk(ECHOSCU, port, "+tls", str(pki["modality"].key), str(pki["modality"].cert), "+cf", str(pki["rogue"].pair.cert))
     assert wrong_ca.returncode != 0
