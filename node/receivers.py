@@ -31,7 +31,9 @@ Guarantees kept:
 
 A configuration reload (SIGHUP, the API) reaches the receivers: the node sends each the
 new settings through its stdin and it takes the new [[sources]] and
-``accept_unknown_sources`` (:meth:`Receivers.update`). The Prometheus counters a
+``accept_unknown_sources`` (:meth:`Receivers.update`), and says so on its stdout; the
+reload returns once every receiver has (bounded), so a source removed is refused by
+every process by the time the reload is reported done. The Prometheus counters a
 receiver bumps (associations, instances and bytes received, audit write errors) are
 added to the node process's, which serves /metrics (:func:`_add_counts`). Their log
 records go to the node process too, which writes them through its own handlers with
@@ -60,6 +62,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from node.config import Settings
 
@@ -68,6 +71,8 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "receivers.lock"
 _PR_SET_PDEATHSIG = 1
 READY = b"listening\n"
+RELOADED = b"reloaded\n"  # a receiver took the settings the node sent it (Receivers.update)
+RELOAD_WAIT_S = 10.0
 
 
 def check_port_free(host: str, port: int, wait_s: float = 10.0) -> None:
@@ -143,6 +148,8 @@ class Receivers:
         self.procs: list[subprocess.Popen] = []
         self._lock = threading.Lock()  # self.procs and the settings a new receiver gets
         self._stopping = threading.Event()
+        self._reloads: dict[int, int] = {}  # PID -> settings updates it has confirmed
+        self._reloaded = threading.Condition()
 
     def _spawn(self) -> subprocess.Popen:
         """One receiver process, given the current settings.
@@ -193,7 +200,7 @@ class Receivers:
         started = time.monotonic()
         restarted = False
         while True:
-            _read_receiver(p.stdout, p.pid, ready, restarted)
+            _read_receiver(p.stdout, p.pid, ready, restarted, on_reloaded=self._confirmed)
             code = p.wait()
             if self._stopping.is_set() or not ready.is_set() and not restarted:
                 return  # stopped by the node, or it failed at start (start() says so)
@@ -229,21 +236,41 @@ class Receivers:
                 self.procs[place] = new
                 return new
 
-    def update(self, settings: Settings) -> None:
+    def _confirmed(self, pid: int) -> None:
+        """Receiver ``pid`` took the settings sent to it (its RELOADED line)."""
+        with self._reloaded:
+            self._reloads[pid] = self._reloads.get(pid, 0) + 1
+            self._reloaded.notify_all()
+
+    def update(self, settings: Settings, wait_s: float = RELOAD_WAIT_S) -> None:
         """A configuration reload: each receiver takes the new [[sources]] and
         accept_unknown_sources (as the node process's own listeners do); a receiver
-        started later gets them too."""
+        started later gets them too. Returns once each running receiver has confirmed
+        it (before, a reload reported done could still find a receiver admitting a
+        source it removed), or after ``wait_s`` seconds, naming those that did not."""
         blob = pickle.dumps(settings)
         with self._lock:
             self.settings = settings
             procs = list(self.procs)
+        with self._reloaded:
+            before = {p.pid: self._reloads.get(p.pid, 0) for p in procs}
+        sent = []
         for p in procs:
             try:
                 assert p.stdin is not None
                 p.stdin.write(blob)
                 p.stdin.flush()
+                sent.append(p)
             except (OSError, ValueError) as exc:
                 log.error("receiver process %d did not take the new configuration (%s)", p.pid, type(exc).__name__)
+        deadline = time.monotonic() + wait_s
+        with self._reloaded:
+            while waiting := [p.pid for p in sent if self._reloads.get(p.pid, 0) <= before[p.pid] and p.poll() is None]:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("receiver process(es) %s did not confirm the new configuration within %g s", ", ".join(map(str, waiting)), wait_s)
+                    return
+                self._reloaded.wait(min(left, 0.5))  # 0.5: a receiver that dies meanwhile is noticed
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every receiver (each finishes the C-STOREs it is answering), then
@@ -326,6 +353,7 @@ def _take_updates(listeners) -> None:
         if policy is not None:
             policy.update(new)
             log.info("configuration reloaded: [[sources]] and accept_unknown_sources taken")
+        _send(RELOADED)  # the node's reload waits for this (Receivers.update)
 
 
 # -- counters ---------------------------------------------------------------------------------
@@ -398,13 +426,18 @@ class _ForwardHandler(logging.Handler):
             self.handleError(record)
 
 
-def _read_receiver(stream, pid: int, ready: threading.Event, restarted: bool = False) -> None:
-    """Node side: read receiver ``pid``'s lines until its stdout closes."""
+def _read_receiver(stream, pid: int, ready: threading.Event, restarted: bool = False, on_reloaded: Callable[[int], None] | None = None) -> None:
+    """Node side: read receiver ``pid``'s lines until its stdout closes;
+    ``on_reloaded(pid)`` for each settings update it confirms."""
     for line in stream:
         if line == READY:
             ready.set()
             if restarted:
                 log.warning("receiver process %d listening (started in place of one that died)", pid)
+            continue
+        if line == RELOADED:
+            if on_reloaded is not None:
+                on_reloaded(pid)
             continue
         try:
             item = json.loads(line)

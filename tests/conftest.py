@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,17 +33,58 @@ needs_dcmtk = pytest.mark.skipif(STORESCU is None, reason="dcmtk is not installe
 needs_orthanc = pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (apt-get install -y orthanc)")
 
 
+# Ports for the servers tests start come from below the kernel's ephemeral range
+# (net.ipv4.ip_local_port_range, 32768-60999 by default), which every outgoing
+# connection draws its source port from: a port handed out from inside that range can be
+# taken by an unrelated outgoing connection (a storescu, a database client) before the
+# server binds it, and a probe polling it before anyone listens can connect to itself
+# (TCP simultaneous open). A port is never handed out twice in one session, so that a
+# server started late never meets a port another test's server still holds.
+_PORTS = range(20000, 32000)
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+_random = random.SystemRandom()  # not the seeded module generator: two sessions at once draw differently
+
+
+def _ephemeral_range() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port nothing is bound to now, outside the ephemeral range, not
+    handed out before in this session."""
+    ephemeral = _ephemeral_range()
+    with _ports_lock:
+        for _ in range(2000):
+            port = _random.choice(_PORTS)
+            if port in _handed_out or port in ephemeral:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))  # no SO_REUSEADDR: a TIME_WAIT on it counts as taken
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+        for _ in range(100):  # the ephemeral range covers ours on this machine: the kernel's choice
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise RuntimeError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1} outside the ephemeral range {ephemeral.start}-{ephemeral.stop - 1}")
 
 
 def port_listens(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something listens on ``host:port``. free_port() hands out ports of the
-    kernel's ephemeral range, so a probe polling a port nobody listens on yet can be
-    given that very port as its own source port and connect to itself (TCP simultaneous
-    open): that is not a listener, and is answered False."""
+    """Whether something listens on ``host:port``. A probe polling a port of the kernel's
+    ephemeral range that nobody listens on yet can be given that very port as its own
+    source port and connect to itself (TCP simultaneous open; free_port() avoids that
+    range, other ports may be in it): that is not a listener, and is answered False."""
     try:
         with socket.create_connection((host, port), timeout=0.2) as s:
             return s.getsockname() != s.getpeername()
@@ -59,6 +101,16 @@ def wait_until(pred: Callable[[], object], timeout: float = 30.0, interval: floa
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_logged(caplog, text: str, count: int = 1, timeout: float = 30.0) -> str:
+    """Wait until ``text`` occurs ``count`` times (or more) in ``caplog``'s text, and
+    return that text. With receiver processes (CASEMASK_TEST_RECEIVERS=2) an association
+    the kernel gave to a receiver is logged there, and its records reach the node
+    process's log through a pipe a moment after the peer got its answer; the caller
+    then asserts the exact count."""
+    wait_until(lambda: caplog.text.count(text) >= count, timeout=timeout, what=f"{count} x {text!r} in the log")
+    return caplog.text
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -159,16 +211,26 @@ class Orthanc:
         self.log = (workdir / "orthanc.log").open("wb")
         # Orthanc speaks DICOM through dcmtk, which reads TCP_NODELAY from the environment.
         self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir, env=dcmtk_env())
-        wait_until(self._up, timeout=30, what="Orthanc to start")
+        try:
+            wait_until(self._up, timeout=60, what="Orthanc to start")
+        except BaseException:
+            self.stop()  # a failed start leaves no Orthanc behind holding its ports
+            raise
 
     def _up(self) -> bool:
+        """Orthanc answers /system (it opens its DICOM port before its HTTP port) and
+        is the process this object started (not another one on a reused port)."""
+        import http.client
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; see {self.workdir / 'orthanc.log'}")
+        if not port_listens(self.http_port):
+            return False
         try:
             self.get("/system")
-            return True
-        except OSError:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; see {self.workdir / 'orthanc.log'}")
+        except (OSError, http.client.HTTPException):
             return False
+        return self.proc.poll() is None and port_listens(self.dicom_port)
 
     @property
     def base_url(self) -> str:
@@ -182,7 +244,7 @@ class Orthanc:
         if self.http_auth:
             req.add_header("Authorization", "Basic " + base64.b64encode(":".join(self.http_auth).encode()).decode())
         ctx = ssl.create_default_context(cafile=str(self.https_ca)) if self.https_ca else None
-        with urllib.request.urlopen(req, timeout=10, context=ctx) as r:
+        with urllib.request.urlopen(req, timeout=30, context=ctx) as r:  # Orthanc busy storing on a loaded machine
             return json.loads(r.read())
 
     def instances(self) -> list[str]:
@@ -264,8 +326,7 @@ def archive_factory() -> Iterator[Callable[..., CountingArchive]]:
         return a
 
     yield make
-    for a in made:
-        a.stop()
+    _stop_all([a.stop for a in made])
 
 
 # -- databases ----------------------------------------------------------------------------------
@@ -402,16 +463,28 @@ def start_node(tmp_path: Path, request):
     def start(raw: dict, pixel_step="auto", listen: bool = True, schedule: bool = True, http: bool = False) -> Node:
         settings = parse(raw, "test", base_dir=tmp_path)
         n = Node(settings, pixel_step=pixel_step)
+        nodes.append(n)  # before starting: a start that fails half-way is stopped at teardown too
         if schedule:
             n.start(listen=listen, http=http, receivers=receivers)
         elif listen:
             n.start_listening(receivers)
-        nodes.append(n)
         return n
 
     yield start
-    for n in nodes:
-        n.stop()
+    _stop_all([n.stop for n in nodes])
+
+
+def _stop_all(stops: list[Callable[[], None]]) -> None:
+    """Call every one of ``stops``, even after one raised (then raise the first error):
+    a node left running holds its port and threads for the rest of the session."""
+    errors = []
+    for stop in stops:
+        try:
+            stop()
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def receive(node, ds: Dataset, modality: str = "") -> None:
@@ -458,8 +531,10 @@ class NodeProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, port: int | None = None) -> None:
-        """Start it and wait until it listens on ``port`` (a worker: until it says it
-        started)."""
+        """Start it and wait until it has started: it says so in its log (after its
+        listeners, HTTP server and scheduler are up) and, given ``port``, something
+        answers there while it runs. A start that fails or times out leaves no process
+        behind."""
         self.log = self.logpath.open("ab")
         seen = self.logpath.stat().st_size
         args = [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config), "--role", self.role]
@@ -468,25 +543,36 @@ class NodeProcess:
         def up() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}; see {self.logpath}")
-            if port is None:
-                with self.logpath.open("rb") as f:
-                    f.seek(seen)
-                    return b" started (id " in f.read()
-            return port_listens(port)
+            with self.logpath.open("rb") as f:
+                f.seek(seen)
+                if b" started (id " not in f.read():
+                    return False
+            return port is None or port_listens(port)
 
-        wait_until(up, timeout=60, what=f"the node ({self.role}) to start")
+        try:
+            wait_until(up, timeout=120, what=f"the node ({self.role}) to start")
+        except BaseException:
+            self.kill()
+            raise
 
     def kill(self) -> None:
         """SIGKILL the node and wait until its receiver processes (node.receivers: they
         die with it) are gone too, as a supervisor killing its process group would."""
         assert self.proc is not None
         children = child_pids(self.proc.pid)
-        self.proc.send_signal(signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
         wait_until(lambda: not any(is_alive(p) for p in children), timeout=30, what="the node's receiver processes to exit")
         self.log.close()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        """SIGTERM (SIGKILL after 15 s) and wait until its receiver processes are gone
+        too: a node started next on the same port must not meet them still listening."""
+        if self.proc is None:
+            return
+        children = child_pids(self.proc.pid)
+        if self.proc.poll() is None:
             stop_process(self.proc, 15)
-            self.log.close()
+        wait_until(lambda: not any(is_alive(p) for p in children), timeout=30, what="the node's receiver processes to exit")
+        self.log.close()

@@ -13,7 +13,7 @@ import pytest
 from node import accounts
 from node.app import Node
 from node.config import load
-from tests.conftest import write_toml
+from tests.conftest import _stop_all, write_toml
 
 
 @dataclasses.dataclass
@@ -44,12 +44,16 @@ def start_http_node(raw: dict, tmp_path: Path, pixel_step=None, name: str = "nod
     cfg = write_toml(raw, tmp_path / name)
     settings = load(cfg)
     node = Node(settings, pixel_step=pixel_step)
-    node.start(http=True)
-    tokens = {}
-    with node.sessions() as s:
-        for role in ("viewer", "operator", "admin"):
-            tokens[role] = accounts.create_token(s, f"test-{role}", role)
-        s.commit()
+    try:  # the caller stops it only once it has it: a failed start stops what it started here
+        node.start(http=True)
+        tokens = {}
+        with node.sessions() as s:
+            for role in ("viewer", "operator", "admin"):
+                tokens[role] = accounts.create_token(s, f"test-{role}", role)
+            s.commit()
+    except BaseException:
+        node.stop()
+        raise
     return HttpNode(node, f"http://127.0.0.1:{settings.http.port}", cfg, tokens)
 
 
@@ -70,8 +74,7 @@ def http_nodes():
     """A list to put started :class:`HttpNode` in; each is stopped at teardown."""
     made: list[HttpNode] = []
     yield made
-    for hn in made:
-        hn.node.stop()
+    _stop_all([hn.node.stop for hn in made])
 
 
 def breakable_deid(monkeypatch) -> dict[str, bool]:

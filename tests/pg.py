@@ -15,7 +15,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -50,9 +49,12 @@ def missing() -> str | None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port outside the kernel's ephemeral range (tests.conftest.free_port says why):
+    initdb takes seconds, during which an outgoing connection could take a port of that
+    range."""
+    from tests.conftest import free_port
+
+    return free_port()
 
 
 def _run_as() -> dict:
@@ -123,11 +125,14 @@ class PostgresCluster:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postgres exited with {self.proc.returncode}; see {self.root / 'server.log'}")
-            try:
-                with self._admin():
-                    return self
+            try:  # over this cluster's own Unix socket: a server of another session on the port would answer TCP
+                with self._admin(socket_dir=True):
+                    pass
             except Exception:
                 time.sleep(0.1)
+                continue
+            if self.proc.poll() is None:  # it bound the TCP port too (it exits when it cannot)
+                return self
         self.stop()
         raise RuntimeError("postgres did not accept connections within 60 s")
 
@@ -157,10 +162,11 @@ class PostgresCluster:
             return f"postgresql+psycopg://{SUPERUSER}@/{dbname}?host={self.root}&port={self.port}"
         return f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{self.port}/{dbname}"
 
-    def _admin(self):
+    def _admin(self, socket_dir: bool = False):
         import psycopg
 
-        return psycopg.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, dbname="postgres", autocommit=True, connect_timeout=5)
+        host = str(self.root) if socket_dir else "127.0.0.1"
+        return psycopg.connect(host=host, port=self.port, user=SUPERUSER, dbname="postgres", autocommit=True, connect_timeout=30)
 
     def create_database(self, name: str | None = None, template: str | None = None) -> str:
         """A new, empty database (or a copy of ``template``); returns its name."""

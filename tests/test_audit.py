@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from node import audit
-from tests.conftest import PHI, ROOT, STORESCU, dcmtk_env, make_study, needs_dcmtk, node_config, wait_until, write_toml
+from tests.conftest import PHI, ROOT, STORESCU, dcmtk_env, free_port, make_study, needs_dcmtk, node_config, wait_until, write_toml
 from tests.httpnode import http_nodes, start_http_node  # noqa: F401 (fixture)
 
 SCHEMA = etree.RelaxNG(etree.parse(str(Path(__file__).parent / "data" / "dicom_audit_message.rng")))
@@ -34,7 +34,10 @@ class SyslogReceiver:
         self.messages: list[bytes] = []
         kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
         self.sock = socket.socket(socket.AF_INET, kind)
-        self.sock.bind(("127.0.0.1", 0))
+        # Outside the ephemeral range (free_port): a test stops it and binds the port again
+        # later, and meanwhile the node's own connection attempts to it must not be able
+        # to take the port (as their source port) or connect to themselves.
+        self.sock.bind(("127.0.0.1", free_port()))
         self.port = self.sock.getsockname()[1]
         self.sock.settimeout(0.2)
         if transport == "tcp":

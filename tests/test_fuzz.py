@@ -119,10 +119,11 @@ def _associated(port: int) -> rd.Raw:
     counts associations whose close it has not processed yet) is retried, as a modality
     would."""
     for _ in range(100):
-        c = rd.Raw(port, timeout=3.0)
+        c = rd.Raw(port, timeout=30.0)  # the A-ASSOCIATE-AC may take seconds on a loaded machine; None would fail below
         if c.send(rd.associate_rq()):
             reply = c.read_pdu()
             if reply is not None and reply[0] == 0x02:
+                c.sock.settimeout(3.0)  # what the conversation reads next may never be answered
                 return c
             c.close()
             assert reply is not None and reply[0] == 0x03 and reply[1][1] == 0x02, "a well-formed association is accepted (or refused for a while)"
@@ -183,8 +184,9 @@ def _store(t: dict, c: rd.Raw, damage: str, seed: int, fragment: int) -> None:
             return
     if damage == "no-last":
         return  # hang up with the data set unfinished
-    if damage == "garbage-pdv":
-        c.sock.settimeout(0.5)  # an unfinished message is awaited, not answered
+    # An answer, an abort or a close comes within the node's own timeouts (3 s idle); a
+    # Success read after the client gave up would count as never acknowledged.
+    c.sock.settimeout(0.5 if damage == "garbage-pdv" else 30.0)  # garbage-pdv: an unfinished message is awaited, not answered
     reply = c.read_pdu()
     if not reply or reply[0] != 0x04:
         return  # aborted or closed: nothing acknowledged

@@ -93,9 +93,9 @@ def test_quarantined_object_retried_through_the_api_reaches_orthanc(tmp_path, ht
     dest = {"name": "orthanc", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
     hn = start_http_node(node_config(tmp_path, [dest]), tmp_path)
     http_nodes.append(hn)
+    before = hn.metrics()  # before the objects arrive: they may be quarantined by the time storescu exits
     assert storescu(hn.node.settings.node.port, make_study(tmp_path / "s", 3)).returncode == 0
     viewer, operator = hn.client("viewer"), hn.client("operator")
-    before = hn.metrics()
     rows = wait_until(lambda: len(q := viewer.get("/api/v1/quarantine").json()) == 3 and q, timeout=60, what="3 quarantined jobs")
     assert sample(hn.metrics(), "casemask_quarantined_total", step="headers") - sample(before, "casemask_quarantined_total", step="headers") == 3
     assert all(r["reason"] == "headers: RuntimeError" for r in rows)
@@ -196,7 +196,7 @@ def test_config_put_adds_a_destination_while_storescu_sends_and_nothing_is_lost(
 
 def test_sighup_reloads_the_configuration_file(tmp_path, archive_factory):
     archive = archive_factory()
-    raw = node_config(tmp_path, [folder(tmp_path, "first")])
+    raw = node_config(tmp_path, [folder(tmp_path, "first")], receivers=2)  # one receiver process, on every machine
     port = raw["node"]["port"]
     cfg = write_toml(raw, tmp_path / "node.toml")
     proc = NodeProcess(cfg, tmp_path / "node.log")
@@ -210,6 +210,8 @@ def test_sighup_reloads_the_configuration_file(tmp_path, archive_factory):
         write_toml(raw, cfg)
         proc.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "configuration reloaded" in (tmp_path / "node.log").read_text(), timeout=30, what="the reload in the log")
+        # The receiver process takes the new [[sources]] a moment after the node logged it.
+        wait_until(lambda: "[[sources]] and accept_unknown_sources taken" in (tmp_path / "node.log").read_text(), timeout=30, what="the receiver to take the reload")
         assert storescu(port, make_study(tmp_path / "s", 2)).returncode == 0
         assert subprocess.run([*newcomer, str(make_study(tmp_path / "m", 1)[0])], env=dcmtk_env(), capture_output=True, timeout=60).returncode == 0  # a new source
         wait_until(lambda: len(archive.received) == 3, timeout=60, what="3 objects at the destination added by SIGHUP")
@@ -236,8 +238,16 @@ def test_metrics_change_as_studies_flow(tmp_path, http_nodes, archive_factory):
     size = sum(len(Path(f).read_bytes()) for f in files)
     assert storescu(hn.node.settings.node.port, files).returncode == 0
     wait_until(lambda: len(archive.received) == 4, timeout=60, what="4 objects at the archive")
-    wait_until(lambda: sample(hn.metrics(), "casemask_queue_depth", kind="deliveries", state="SENT") == 4, what="4 SENT in the queue depth")
-    after = hn.metrics()
+
+    def settled() -> dict[str, float] | None:
+        """/metrics once the queue says 4 SENT and the dispatch batch that sent them has
+        counted them (after committing each delivery SENT) and the study is DONE."""
+        m = hn.metrics()
+        done = (sample(m, "casemask_queue_depth", kind="deliveries", state="SENT") == 4 and sample(m, "casemask_queue_depth", kind="studies", state="DONE") == 1
+                and sample(m, "casemask_deliveries_total", destination="pacs", result="sent") - sample(before, "casemask_deliveries_total", destination="pacs", result="sent") >= 4)
+        return m if done else None
+
+    after = wait_until(settled, what="4 SENT in the queue depth and counted as sent")
 
     def delta(name: str, **labels: str) -> float:
         return sample(after, name, **labels) - sample(before, name, **labels)

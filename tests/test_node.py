@@ -28,6 +28,7 @@ from tests.conftest import (
     needs_orthanc,
     node_config,
     receive,
+    wait_logged,
     wait_until,
     write_toml,
 )
@@ -337,7 +338,9 @@ def test_dataset_without_study_uid_answers_cannot_understand(tmp_path, start_nod
 
 def test_destination_down_then_up_delivers_exactly_once(tmp_path, start_node, archive_factory):
     port = free_port()
-    dest = {"name": "pacs", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": port, "timeout_s": 2.0}
+    # Refused at once while down; once up, an answer slower than timeout_s (a loaded
+    # machine, the archive in this process) would be sent again: not exactly once.
+    dest = {"name": "pacs", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": port, "timeout_s": 30.0}
     node = start_node(node_config(tmp_path, [dest]))
     storescu(node.settings.node.port, make_study(tmp_path / "s", 4))
     wait_until(lambda: delivery_states(node).get("RETRY_WAIT", 0) == 4, timeout=30, what="deliveries waiting to retry")
@@ -458,27 +461,31 @@ def test_sigkill_during_receive_and_forward_loses_and_duplicates_nothing(tmp_pat
     node = NodeProcess(cfg, tmp_path / "node.log")
     files = make_study(tmp_path / "study", n=150)
 
-    # 1. Kill while receiving.
-    node.start(port)
-    sender = subprocess.Popen([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    spool = Path(raw["node"]["data_dir"]) / "spool"
-    wait_until(lambda: spool.exists() and len(list(spool.rglob("*.dcm"))) >= 40, timeout=60, what="40 objects spooled")
-    node.kill()
-    sender.wait(60)
-    # 2. Restart; the modality sends everything again (it keeps what was not acknowledged).
-    node.start(port)
-    r = subprocess.run([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    # 3. Kill while forwarding.
-    wait_until(lambda: len(archive.received) >= 30, timeout=60, what="forwarding to start")
-    node.kill()
-    at_kill = len(archive.received)
-    assert at_kill < 150, "forwarding finished before the kill; the test proves nothing"
-    node.start(port)
-    try:
+    sender = None
+    try:  # a failure at any step leaves no node (nor its receivers) running
+        # 1. Kill while receiving.
+        node.start(port)
+        sender = subprocess.Popen([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spool = Path(raw["node"]["data_dir"]) / "spool"
+        wait_until(lambda: spool.exists() and len(list(spool.rglob("*.dcm"))) >= 40, timeout=60, what="40 objects spooled")
+        node.kill()
+        sender.wait(60)
+        # 2. Restart; the modality sends everything again (it keeps what was not acknowledged).
+        node.start(port)
+        r = subprocess.run([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        # 3. Kill while forwarding.
+        wait_until(lambda: len(archive.received) >= 30, timeout=60, what="forwarding to start")
+        node.kill()
+        at_kill = len(archive.received)
+        assert at_kill < 150, "forwarding finished before the kill; the test proves nothing"
+        node.start(port)
         wait_until(lambda: len(set(archive.received)) >= 150, timeout=120, what="all 150 objects at the archive")
     finally:
         node.stop()
+        if sender is not None and sender.poll() is None:
+            sender.kill()
+            sender.wait(10)
     distinct = set(archive.received)
     assert len(distinct) == 150
     # On the wire, only the object in flight at the kill may be sent twice (same UID).
@@ -500,6 +507,7 @@ def test_resend_after_processing_neither_reopens_the_study_nor_logs_an_amendment
     caplog.clear()
     with caplog.at_level("INFO", logger="node"):
         assert storescu(node.settings.node.port, files).returncode == 0
+        wait_logged(caplog, "already stored", 2)  # from a receiver process: through its pipe, a moment later
     assert study_state() == StudyState.DONE
     assert not any("amendment" in r.getMessage() for r in caplog.records)
     assert sum("already stored" in r.getMessage() for r in caplog.records) == 2

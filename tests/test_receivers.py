@@ -43,8 +43,8 @@ def test_receivers_share_the_port_store_everything_and_die_with_the_node(tmp_pat
             out, _ = s.communicate(timeout=180)
             assert s.returncode == 0, out
         assert _rows(Path(raw["node"]["data_dir"])) == 80
-        log = (tmp_path / "a.log").read_text()
-        assert "[receiver " in log and "study" in log, "no association reached a receiver process"
+        # A receiver's log lines reach the node's log through a pipe, a moment later.
+        wait_until(lambda: "[receiver " in (log := (tmp_path / "a.log").read_text()) and "study" in log, timeout=30, what="an association logged by a receiver process")
     finally:
         node.kill()
     # SIGKILL of the node: its receivers go with it and the port is free again.
@@ -153,6 +153,54 @@ def test_a_reload_reaches_the_receivers(tmp_path):
         assert _rows(Path(raw["node"]["data_dir"])) == 0
     finally:
         node.stop()
+
+
+_TAKES_SETTINGS = """
+import pickle, sys, time
+from pathlib import Path
+while True:
+    try:
+        pickle.load(sys.stdin.buffer)  # settings the node sent
+    except EOFError:  # the node closed the pipe
+        break
+    if sys.argv[1] != "silent":
+        time.sleep(0.3)  # applying them takes a moment
+        Path(sys.argv[1]).write_text("taken")
+        sys.stdout.buffer.write(b"reloaded\\n")
+        sys.stdout.buffer.flush()
+"""
+
+
+def test_a_reload_returns_once_every_receiver_has_taken_it(tmp_path, caplog):
+    """Receivers.update (a SIGHUP or API reload) returns only once each receiver says it
+    took the new settings: before, a reload reported done could meet a receiver still
+    admitting a source the reload removed. One that never says so holds the reload up
+    for wait_s at most, and is named."""
+    import sys
+    import threading
+
+    from node.config import parse
+    from node.receivers import Receivers, _read_receiver
+    from tests.conftest import ROOT
+
+    settings = parse(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), "test", base_dir=tmp_path)
+    receivers = Receivers(settings, 0, writer="n/1", slots_fd=-1)
+    marks = [tmp_path / "taken-1", tmp_path / "taken-2"]
+    procs = [subprocess.Popen([sys.executable, "-c", _TAKES_SETTINGS, str(m)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT) for m in marks]
+    procs.append(subprocess.Popen([sys.executable, "-c", _TAKES_SETTINGS, "silent"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT))
+    try:
+        for p in procs:
+            threading.Thread(target=_read_receiver, args=(p.stdout, p.pid, threading.Event()), kwargs={"on_reloaded": receivers._confirmed}, daemon=True).start()
+        receivers.procs = procs[:2]
+        receivers.update(settings)
+        assert all(m.exists() for m in marks), "the reload returned before every receiver had taken it"
+        receivers.procs = procs
+        receivers.update(settings, wait_s=1.0)  # returns although one never confirms
+        assert f"receiver process(es) {procs[2].pid} did not confirm the new configuration" in caplog.text
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait(30)
 
 
 def test_receiver_counters_are_added_to_the_nodes(monkeypatch):
