@@ -3,7 +3,8 @@ process commit the rows of all concurrent C-STOREs, several per transaction.
 
 A C-STORE handler hands its row over (:meth:`GroupCommit.record`) and waits; the
 committer takes every row waiting at that moment (at most ``max_batch``), inserts them
-in one transaction and commits once (one WAL fsync for SQLite, one round trip for
+in one transaction (two statements for the whole batch, :func:`queue.record_received_many`)
+and commits once (one WAL fsync for SQLite, one round trip for
 PostgreSQL), then wakes each handler with its own outcome. Nothing waits for a batch
 to fill: one sender gets its commit at once, concurrent senders share the commits that
 are in flight anyway. Associations hold no database connection while they wait for
@@ -100,7 +101,7 @@ class GroupCommit:
         if len(batch) > 1:
             try:
                 with conn.begin():
-                    changes = [queue.record_received(conn, r) for r, _ in batch]
+                    changes = queue.record_received_many(conn, [r for r, _ in batch])
             except Exception as exc:  # one row failed (rolled back whole): each on its own below
                 log.debug("batch of %d rows rolled back (%s): committing them one by one", len(batch), type(exc).__name__)
             else:

@@ -291,3 +291,41 @@ def test_a_failed_folder_fsync_after_the_early_link_leaves_neither_row_nor_file(
     monkeypatch.undo()
     assert c_store(node.settings.node.port, ds) == 0
     assert path.is_file() and len(_instances(node)) == 1
+
+
+def _row(study: str, sop: str) -> "queue.Received":
+    from node import queue
+
+    return queue.Received(sop, "1.2.840.10008.5.1.4.1.1.2", study, "1.2.3.9", "CT", "1.2.840.10008.1.2.1", f"spool/{sop}.dcm", 10, "MODALITY1", "CASEMASK", "127.0.0.1", identity="id")
+
+
+def test_one_batch_of_rows_files_each_under_its_study_and_reports_each_study_change_once(tmp_path):
+    """record_received_many (the group commit's batch): rows of a study still receiving,
+    of a new study (twice) and of a routed study (an amendment) in one transaction; each
+    row lands in its own study, the routed study is reopened, and each change is
+    reported once, on the study's first row."""
+    from sqlalchemy import update
+
+    from node import queue
+    from node.db import Study, StudyState, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        with engine.begin() as conn:
+            queue.record_received(conn, _row("1.2.3.1", "1.2.3.1.1"))
+            queue.record_received(conn, _row("1.2.3.2", "1.2.3.2.1"))
+            conn.execute(update(Study.__table__).where(Study.__table__.c.study_uid == "1.2.3.2").values(state=StudyState.ROUTED))
+        batch = [_row("1.2.3.1", "1.2.3.1.2"), _row("1.2.3.3", "1.2.3.3.1"), _row("1.2.3.2", "1.2.3.2.2"), _row("1.2.3.3", "1.2.3.3.2"), _row("1.2.3.1", "1.2.3.1.3")]
+        with engine.begin() as conn:
+            changes = queue.record_received_many(conn, batch)
+        assert changes[0] == "" and changes[4] == "", "a study still receiving changes nothing"
+        assert changes[1].endswith(": RECEIVING") and changes[3] == "", "a new study: once, on its first row"
+        assert changes[2].endswith("ROUTED -> RECEIVING (amendment)")
+        with engine.connect() as conn:
+            studies = dict(conn.execute(select(Study.__table__.c.study_uid, Study.__table__.c.id)).all())
+            states = dict(conn.execute(select(Study.__table__.c.study_uid, Study.__table__.c.state)).all())
+            rows = dict(conn.execute(select(Instance.__table__.c.sop_instance_uid, Instance.__table__.c.study_id)).all())
+        assert len(studies) == 3 and set(states.values()) == {StudyState.RECEIVING}
+        assert rows == {r.sop_instance_uid: studies[r.study_uid] for r in [_row("1.2.3.1", "1.2.3.1.1"), _row("1.2.3.2", "1.2.3.2.1"), *batch]}
+    finally:
+        engine.dispose()
