@@ -88,9 +88,18 @@ def cmd_serve(args) -> int:
     for entry in route_models(settings):
         log.info("%s", describe_route(entry))
     node = Node(settings, role=args.role)
-    doing = f"listening on {settings.node.host}:{settings.node.port}" if node.ingests else "working (routing, processing, dispatch, retention)"
+    doing = f"listening on {_listeners(settings.node)}" if node.ingests else "working (routing, processing, dispatch, retention)"
     node.serve_forever(started=lambda: print(f"casemask {settings.node.ae_title} ({args.role}) {doing}; data in {settings.node.data_dir}; pid {os.getpid()} (kill -HUP {os.getpid()} re-reads the configuration)", file=sys.stderr, flush=True))
     return 0
+
+
+def _listeners(node) -> str:
+    """The DICOM ports of the start line: ``127.0.0.1:11112`` and/or ``127.0.0.1:2762 (DICOM TLS)``
+    (``[node] port = 0``: TLS only)."""
+    ports = [f"{node.host}:{node.port}"] if node.port else []
+    if node.tls is not None:
+        ports.append(f"{node.host}:{node.tls.port} (DICOM TLS)")
+    return " and ".join(ports)
 
 
 def cmd_db(args) -> int:
@@ -101,6 +110,12 @@ def cmd_db(args) -> int:
     from node.db import make_engine
     from node.startup import owner_only_folder
 
+    url = settings.node.resolved_database_url
+    if args.db_command == "current" and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        # Opening it would make an empty file that later commands take for the node's.
+        print(f"database: revision none (no file at {url.removeprefix('sqlite:///')}); this casemask: revision {schema.HEAD} "
+              "(run `casemask db upgrade`, or run this in the folder the node is started in)")
+        return 1
     if not settings.node.database_url:  # SQLite in data_dir: the folder holds patient data
         owner_only_folder(settings.node.data_dir)
     engine = make_engine(settings.node.resolved_database_url, 1, 0, prepare=False)
@@ -172,10 +187,40 @@ def cmd_send(args) -> int:
     return 0 if not failures else 1
 
 
-def _service(args):
+def _require_database(settings, create: bool = False) -> None:
+    """Refuse to open a SQLite database that is not there: a command run outside the
+    node's folder (``data_dir = "var"`` is relative to it) or on another file would make
+    an empty one, report an empty node and keep accounts no node reads. ``create``
+    (``user add``, ``token create`` before the first start): make it, and say so.
+
+    Raises:
+        node.startup.StartupError: no database file, and ``create`` is false (exit 2;
+            not UsageError: node.index_cli calls this from ``node.cli`` while ``python
+            -m node.cli`` runs it as ``__main__``, whose UsageError is another class).
+    """
+    from node.startup import StartupError
+
+    url = settings.node.resolved_database_url
+    if not url.startswith("sqlite:///"):
+        return  # PostgreSQL: made by its admin; the schema check names a wrong one
+    db_file = Path(url.removeprefix("sqlite:///"))
+    if db_file.exists():
+        return
+    where = f"the configuration {settings.source_file}" if settings.source_file else "the built-in configuration"
+    if create:
+        print(f"casemask: no database at {db_file} yet ({where}): made a new one; the node started on the same "
+              "configuration in this folder uses it", file=sys.stderr)
+        return
+    raise StartupError(f"no database at {db_file}: no node has run on {where} here. Run the command in the folder the node "
+                     "is started in (a relative data_dir is relative to it), or give it the node's --config FILE")
+
+
+def _service(args, create: bool = False):
     from node.service import Service
 
-    return Service.open(_settings(args))
+    settings = _settings(args)
+    _require_database(settings, create)
+    return Service.open(settings)
 
 
 def cmd_status(args) -> int:
@@ -290,6 +335,7 @@ def cmd_purge(args) -> int:
     from node.db import make_engine, make_sessionmaker
 
     r = settings.retention
+    _require_database(settings)
     sessions = make_sessionmaker(make_engine(settings.node.resolved_database_url))
     report = retention.run(sessions, settings, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
@@ -321,7 +367,7 @@ def cmd_user(args) -> int:
     from node.accounts import AccountError
     from node.service import cli_principal
 
-    service = _service(args)
+    service = _service(args, create=args.user_command == "add")
     who = cli_principal()
     with service.sessions() as session:
         if args.user_command == "list":
@@ -348,7 +394,7 @@ def cmd_token(args) -> int:
     from node.accounts import AccountError
     from node.service import cli_principal
 
-    service = _service(args)
+    service = _service(args, create=args.token_command == "create")
     who = cli_principal()
     with service.sessions() as session:
         if args.token_command == "list":
@@ -750,9 +796,34 @@ def cmd_export_mapping(args) -> int:
     return 0
 
 
+class _ShowVersion(argparse.Action):
+    """``--version``: print ``casemask X.Y.Z`` and exit 0 (the installed package's version,
+    read only when asked)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from node.service import version
+
+        print(f"casemask {version()}")
+        parser.exit()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every subcommand also takes ``-v`` after its name (``casemask status -v`` as well as
+    ``casemask -v status``): argparse builds each subparser with the class of its parent."""
+
+    def __init__(self, *args, root: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not root:
+            self.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging (-v info, -vv debug)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="casemask", description="DICOM de-identification node.")
+    p = _Parser(prog="casemask", description="DICOM de-identification node.", root=True)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    p.add_argument("--version", action=_ShowVersion, help="print the installed version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def with_config(sp):

@@ -10,10 +10,11 @@ from pathlib import Path
 
 
 def _open(args):
-    from node.cli import _settings
+    from node.cli import _require_database, _settings
     from node.db import make_engine, make_sessionmaker
 
     settings = _settings(args)
+    _require_database(settings)
     engine = make_engine(settings.node.resolved_database_url)
     return settings, engine, make_sessionmaker(engine)
 

@@ -248,6 +248,7 @@ def test_cli_accounts_tokens_and_rate_limited_audited_logins(tmp_path, http_node
 def test_cli_status_retry_and_export_use_the_service_layer(tmp_path):
     raw = node_config(tmp_path, [{"name": "out", "kind": "folder", "path": str(tmp_path / "out")}])
     cfg = write_toml(raw, tmp_path / "n.toml")
+    assert cli("db", "upgrade", "--config", str(cfg)).returncode == 0  # the node's first start (status refuses to make a database)
     r = cli("status", "--json", "--config", str(cfg))
     assert r.returncode == 0 and '"throughput"' in r.stdout and '"disk_free_bytes"' in r.stdout
     assert cli("retry", "--destination", "nowhere", "--config", str(cfg)).returncode == 2

@@ -209,3 +209,26 @@ def test_every_case_through_the_node_reaches_its_readme_outcome(tmp_path, serve)
     a, b = (pseudo.patient_id(patient_key("12345", issuer)) for issuer in ("HOSP_A", "HOSP_B"))
     dates = {str(o.PatientID): str(o.StudyDate) for o in outs if o.PatientID in (a, b)}  # 15: both input studies 20210314
     assert a != b and set(dates) == {a, b} and dates[a] != dates[b] and "20210314" not in dates.values()
+
+
+def test_case05_and_16_through_a_node_whose_route_takes_the_options(tmp_path, serve):
+    """The outcomes the cases' READMEs give under options, through the node (the test
+    above runs the basic profile with modified dates only, so a route with
+    clean-structured-content could keep SR text verbatim unseen): 05 with
+    clean-structured-content arrives with every TextValue cleaned, none verbatim and
+    none of the input's identifying values in its bytes; 16 under
+    retain-longitudinal-full-dates arrives without its birth date, its study date kept."""
+    route = {"name": "opts", "deid": {"profile": "basic", "options": ["retain-longitudinal-full-dates", "clean-structured-content"]}, "destinations": ["f"]}
+    node, cfg = serve(routes=[route])
+    files = [case("05") / "sr_phi.dcm", case("16") / "ct_age91.dcm"]
+    assert storescu_statuses(cfg["node"]["port"], files) == ["Success", "Success"]
+    out = tmp_path / "out"
+    wait_until(lambda: len(list(out.rglob("*.dcm"))) == 2, timeout=60, what="both objects delivered")
+    paths = sorted(out.rglob("*.dcm"))
+    assert sum(v in p.read_bytes() for p in paths for v in phi_values(files)) == 0, "a delivered file holds an input's identifying value"
+    outs = {o.Modality: o for o in map(dcmread, paths)}
+    ins = {i.Modality: i for i in (dcmread(f, force=True) for f in files)}
+    texts = [str(e.value) for e in outs["SR"].iterall() if e.keyword == "TextValue"]
+    originals = {str(e.value) for e in ins["SR"].iterall() if e.keyword == "TextValue"}
+    assert len(texts) == len(originals) and not set(texts) & originals and not set(texts) <= {"ANONYMIZED"}  # cleaned, not kept, not only dummied
+    assert outs["CT"].get("PatientBirthDate", "") == "" and str(outs["CT"].StudyDate) == str(ins["CT"].StudyDate)

@@ -66,6 +66,7 @@ def test_routes_explain_says_which_routes_match_and_why(tmp_path):
 
 def test_status_json_and_retry_on_an_empty_node(tmp_path):
     cfg = write_toml(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": "out"}]), tmp_path / "c.toml")
+    assert run_cli("db", "upgrade", "--config", str(cfg)).returncode == 0  # as a node's first start would (status refuses to make a database)
     r = run_cli("status", "--config", str(cfg), "--json")
     assert r.returncode == 0
     assert json.loads(r.stdout)["node"] == "CASEMASK"
@@ -188,7 +189,8 @@ def test_status_says_which_bundle_each_route_uses_and_its_intended_use(tmp_path)
         {"name": "chest", "pixels": "anonymize", "allow_demonstration_model": True, "deid": {"profile": "basic"}, "destinations": ["f"]},
         {"name": "other", "destinations": ["f"]},
     ]
-    r = run_cli("status", "--config", str(write_toml(raw, tmp_path / "c.toml")))
+    assert run_cli("db", "upgrade", "--config", str(write_toml(raw, tmp_path / "c.toml"))).returncode == 0
+    r = run_cli("status", "--config", str(tmp_path / "c.toml"))
     assert r.returncode == 0, r.stderr
     assert "route chest: pixels anonymized by model reference = bundle reference" in r.stdout
     assert "intended use: demonstration" in r.stdout and "route other: headers only" in r.stdout

@@ -231,6 +231,8 @@ def test_cli_with_a_bad_secret_file_says_what_to_do_without_a_traceback(tmp_path
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nsecret_path = "{secret}"\n')
+    (tmp_path / "data").mkdir(mode=0o700)
+    (tmp_path / "data" / "casemask.db").touch(mode=0o600)  # a node's database: status reads the secret next
     r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, r.stderr
 

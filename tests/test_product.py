@@ -118,7 +118,7 @@ def test_readme_backup_command_copies_a_live_database(tmp_path: Path) -> None:
     """The README's line, run by the shell as written (the node's interpreter and the
     backup folder swapped in): a consistent copy of a live WAL database, owner-only (the
     copy holds the pseudonym mapping; it was made 0644 before the line set umask 077)."""
-    line = next(ln for ln in README.splitlines() if "sqlite3.connect(sys.argv[1]).backup" in ln)
+    line = next(ln for ln in README.splitlines() if "sqlite3.connect(" in ln and ").backup(" in ln)
     assert line.startswith("(umask 077; .venv/bin/python -c ") and line.endswith(" var/casemask.db /backup/casemask.db)"), line
     (tmp_path / "var").mkdir()
     live = sqlite3.connect(tmp_path / "var" / "casemask.db")
@@ -134,6 +134,14 @@ def test_readme_backup_command_copies_a_live_database(tmp_path: Path) -> None:
     assert sqlite3.connect(target).execute("SELECT count(*) FROM t").fetchone() == (100,)
     assert target.stat().st_mode & 0o777 == 0o600
     live.close()
+    # Run where there is no database (another folder, a data_dir elsewhere): it fails and
+    # makes nothing (it made an empty var/casemask.db and backed that up, exit 0).
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "var").mkdir(parents=True)
+    proc = subprocess.run(["bash", "-c", command.replace(shlex.quote(str(target)), shlex.quote(str(tmp_path / "backup" / "wrong.db")))],
+                          cwd=elsewhere, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "unable to open database file" in proc.stderr, proc.stderr
+    assert not (elsewhere / "var" / "casemask.db").exists() and not (tmp_path / "backup" / "wrong.db").exists()
 
 
 @pytest.mark.slow

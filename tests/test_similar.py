@@ -321,6 +321,7 @@ def test_similar_refuses_what_is_not_a_dicom_image_without_echoing_it(tmp_path):
     config = write_toml(raw, tmp_path / "casemask.toml")
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not DICOM: MRN-0000123")
+    assert casemask("db", "upgrade", "--config", str(config)).returncode == 0  # a node's database (similar refuses to make one)
     r = casemask("similar", str(junk), "--config", str(config))
     assert r.returncode == 1 and "not a DICOM file" in r.stderr and "MRN" not in r.stderr
     assert not list((tmp_path / "var").rglob("*.dcm"))

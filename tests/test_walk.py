@@ -75,3 +75,59 @@ def test_readme_is_at_most_300_lines_and_starts_with_its_two_commands():
     assert text.index("make serve") < first_section and text.index("make test") < first_section
     for target in re.findall(r"\]\(((?!https?:|#)[^)#]+)(?:#[^)]*)?\)", text):
         assert (ROOT / target).exists(), target
+
+
+def test_version_and_verbose_after_the_command_as_other_tools_take_them(tmp_path):
+    """`casemask --version` (an admin upgrading asks which version runs: it was 'the
+    following arguments are required: COMMAND') and `-v` after the command's name
+    (`casemask status -v` was 'unrecognized arguments: -v'; only `casemask -v status`
+    worked)."""
+    r = casemask("--version")
+    assert r.returncode == 0 and re.fullmatch(r"casemask \S+\n", r.stdout), r.stdout + r.stderr
+    cfg = write_toml(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], database_url=""), tmp_path / "site.toml")
+    for args in (("config", "check", str(cfg), "-v"), ("-v", "config", "check", str(cfg)), ("routes", "explain", "-vv", "--config", str(cfg), str(PYDICOM_FILES / "CT_small.dcm"))):
+        r = casemask(*args)
+        assert r.returncode == 0, (args, r.stderr)
+    assert "-v, --verbose" in casemask("quarantine", "list", "--help").stdout
+
+
+def test_commands_run_outside_the_nodes_folder_refuse_instead_of_making_an_empty_database(tmp_path):
+    """The walk ran `casemask status` in another folder than the node's: with `data_dir =
+    "var"` it made ./var/casemask.db there and reported an empty node (as did `quarantine
+    list`, `purge`, `db current`, and `token create` put a token in a database no node
+    reads). Now the read commands refuse with exit 2 and say where to run them, making
+    nothing; `db current` says revision none without making the file; `user add` and
+    `token create` (an admin may make accounts before the first start) make it and say so."""
+    cfg = write_toml(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], database_url="", data_dir="var"), tmp_path / "site.toml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    db = elsewhere / "var" / "casemask.db"
+    for args in (["status"], ["quarantine", "list"], ["purge", "--dry-run"], ["retry"], ["token", "list"], ["user", "list"], ["export-mapping", "--out", "m"], ["index", "status"]):
+        r = casemask(*args, "--config", str(cfg), cwd=elsewhere)
+        assert r.returncode == 2 and f"no database at {db}" in r.stderr and "--config" in r.stderr, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and not db.exists(), args
+    r = casemask("db", "current", "--config", str(cfg), cwd=elsewhere)
+    assert r.returncode == 1 and "revision none" in r.stdout and not db.exists(), r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "node.cli", "user", "add", "alice", "--role", "admin", "--config", str(cfg)], input="a long passphrase\n",
+                       capture_output=True, text=True, cwd=elsewhere, timeout=120)
+    assert r.returncode == 0 and "made a new one" in r.stderr and db.exists(), r.stderr
+    r = casemask("status", "--json", "--config", str(cfg), cwd=elsewhere)
+    assert r.returncode == 0, r.stderr
+    assert "made a new one" not in casemask("token", "create", "--name", "p", "--role", "viewer", "--config", str(cfg), cwd=elsewhere).stderr
+
+
+def test_the_start_line_names_the_dicom_tls_port(tmp_path):
+    """With [node.tls] the start line named only the plain port, and with `port = 0` (TLS
+    only) it said `listening on 127.0.0.1:0`."""
+    from node.cli import _listeners
+    from node.config import load
+    from tests.pki import CA
+
+    ca = CA(tmp_path / "pki")
+    pair = ca.issue("node", server=True)
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], database_url="", port=0)
+    raw["node"]["tls"] = {"port": 2762, "certificate": str(pair.cert), "private_key": str(pair.key), "require_client_certificate": False}
+    node = load(write_toml(raw, tmp_path / "tls.toml")).node
+    assert _listeners(node) == "127.0.0.1:2762 (DICOM TLS)"
+    node.port = 11112
+    assert _listeners(node) == "127.0.0.1:11112 and 127.0.0.1:2762 (DICOM TLS)"
