@@ -90,13 +90,13 @@ def test_case03_same_sop_uid_in_another_study_is_not_dropped_with_success(tmp_pa
     assert len(statuses) == 2 and statuses[0] == "Success"
     out = tmp_path / "out"
     if statuses[1] == "Success":  # acknowledged: it must reach the destination as its own object
-        wait_until(lambda: len(list(out.rglob("*.dcm"))) >= 2, timeout=20, what="both objects delivered")
+        wait_until(lambda: len(list(out.rglob("*.dcm"))) >= 2, timeout=60, what="both objects delivered")
         assert len({str(dcmread(p).StudyInstanceUID) for p in out.rglob("*.dcm")}) == 2
     else:  # refused: the sender keeps it, and the node keeps no copy of it
         spooled = [str(dcmread(p, force=True).PatientID) for p in (Path(cfg["node"]["data_dir"]) / "spool").rglob("*.dcm")]
         assert "PID11223344" not in spooled
     # A receiver process's records reach the node's log a moment later (node.receivers).
-    wait_until(lambda: re.search(r"(WARNING|ERROR) node\.scp: .*(conflict|another|differ)", (tmp_path / "node.log").read_text()), timeout=20, what="the conflict logged")
+    wait_until(lambda: re.search(r"(WARNING|ERROR) node\.scp: .*(conflict|another|differ)", (tmp_path / "node.log").read_text()), timeout=60, what="the conflict logged")
 
 
 def test_case02_and_03_node_log_quotes_no_original_uid_or_patient_data(tmp_path, serve):
