@@ -10,6 +10,7 @@ follows as an amendment.
 
 from __future__ import annotations
 
+import copy
 import time
 
 from pydicom import dcmread
@@ -42,7 +43,7 @@ def test_a_study_kept_busy_by_a_trickling_sender_is_routed_after_max_study_wait_
     routed_while_trickling = False
     try:
         for _ in range(300):  # one object every 0.2 s (well inside stable_after_s), for at most about 60 s
-            ds = template.copy()
+            ds = copy.deepcopy(template)
             ds.StudyInstanceUID, ds.SOPInstanceUID = study, generate_uid()
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             status = assoc.send_c_store(ds)
