@@ -202,7 +202,9 @@ class Node:
         whose routing the database refuses (a constraint, a value) is rolled back alone
         and tried again later (1, 2, 4 ... 300 s), with an error naming it: the other
         studies are routed meanwhile (before, one such study stopped routing for all).
-        A database out of reach (OperationalError) still ends the whole pass."""
+        A database out of reach (OperationalError) still ends the whole pass. A study
+        whose oldest waiting object waited ``[node] max_study_wait_s`` is routed though
+        objects still arrive (a sender trickling objects into it kept it unrouted)."""
         stable = self.settings.node.stable_after_s if stable_after_s is None else stable_after_s
         keys = routing.keys_used(self.settings.routes)
         n = 0
@@ -210,7 +212,7 @@ class Node:
         waiting: set[int] = {sid for sid, (_, until) in self._route_failures.items() if until > now}
         with self.sessions() as session:
             for _ in range(100_000):
-                study = queue.next_stable_study(session, stable, waiting)
+                study = queue.next_stable_study(session, stable, waiting, self.settings.node.max_study_wait_s)
                 if study is None:
                     break
                 sid = study.id

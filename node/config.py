@@ -122,6 +122,8 @@ class NodeSettings(_Table):
     node_id: str = hint("this node's name among nodes sharing a database: letters, digits, '.', '_', '-' (1 to 40); empty: made once and kept in data_dir/node-id", "")
     max_job_attempts: StrictInt = hint("an integer, 1 or more (tries of one object through a route before it is quarantined)", 3, ge=1)
     stable_after_s: Seconds = hint("seconds, 0 or more", 30.0, ge=0)
+    max_study_wait_s: Seconds = hint("seconds, 0 or more (how long a study's oldest object waits at most for the study to become stable; "
+                                     "then what arrived is routed and later objects follow as an amendment; 0: no limit)", 3600.0, ge=0)
     accept_unknown_sources: StrictBool = hint("true or false", False)
     unrouted: Literal["hold", "discard"] = hint("choose one of 'hold', 'discard'", "hold")
     lease_s: Seconds = hint("seconds, more than 0", 300.0, gt=0)

@@ -16,6 +16,7 @@ original UID, which may embed dates or device serials, never reaches the log.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import Callable
@@ -45,17 +46,53 @@ def _is_ipv4(text: str) -> bool:
     return len(parts) == 4 and all(len(p) <= 3 and int(p) <= 255 for p in parts)
 
 
+# Where pynetdicom quotes a UID field as the peer sent it, whatever it holds: after a
+# label ("Affected SOP Instance UID     : ...", "Their Implementation Class UID: ...",
+# "Abstract Syntax: =...", "SOP Class: =...") to the end of the line, or in quotes after
+# "UID" / "Syntax Name" / "syntax:" ("No supported service class available for the SOP
+# Class UID '...'", at ERROR). A sender can put any text there (a patient's name, a UID
+# of one to three components): the field's whole value is named, not only what looks
+# like a UID.
+_LABELLED = re.compile(r"(UID\s*:\s*|Syntax:\s*=|SOP Class:\s*=)(\S(?:.*\S)?)")
+_QUOTED = re.compile(r"((?:UID|Syntax Name|syntax:)\s*')([^']*)(')")
+
+
+def _standard(value: str) -> bool:
+    """A UID of the standard's (pydicom's UID dictionary), or the name pynetdicom
+    prints for one ("CT Image Storage")."""
+    from pydicom.uid import UID_dictionary
+
+    return value in UID_dictionary or value in _standard_names()
+
+
+@functools.cache
+def _standard_names() -> frozenset[str]:
+    from pydicom.uid import UID_dictionary
+
+    return frozenset(entry[0] for entry in UID_dictionary.values())
+
+
+def _named(value: str) -> str:
+    return _uid_namer(value) if _uid_namer is not None else "h:?"
+
+
 def name_uids(text: str) -> str:
     """``text`` with each UID that is not one of the standard's (pydicom's UID
-    dictionary: SOP classes, transfer syntaxes, contexts) replaced by its keyed name."""
-    from pydicom.uid import UID_dictionary
+    dictionary: SOP classes, transfer syntaxes, contexts) replaced by its keyed name,
+    and so the whole value of each UID field pynetdicom quotes (see ``_LABELLED``),
+    whatever a sender put there."""
+
+    def field(m: re.Match) -> str:
+        value = m.group(2)
+        return m.group(1) + (value if _standard(value) else _named(value)) + (m.group(3) if m.lastindex == 3 else "")
 
     def sub(m: re.Match) -> str:
         uid = m.group()
-        if uid in UID_dictionary or _is_ipv4(uid):
+        if _standard(uid) or _is_ipv4(uid):
             return uid
-        return _uid_namer(uid) if _uid_namer is not None else "h:?"
+        return _named(uid)
 
+    text = _QUOTED.sub(field, _LABELLED.sub(field, text))
     return _UID.sub(sub, text)
 
 

@@ -338,13 +338,24 @@ def release_held(session: Session) -> int:
     return len(held)
 
 
-def next_stable_study(session: Session, stable_after_s: float, exclude: Iterable[int] = ()) -> Study | None:
+def next_stable_study(session: Session, stable_after_s: float, exclude: Iterable[int] = (), max_wait_s: float = 0.0) -> Study | None:
     """The first study that received nothing for ``stable_after_s`` seconds (database
     time) and awaits routing, locked for the caller's transaction where the database
     can (PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so that each study is routed by one
-    node); None when there is none. ``exclude``: study ids to pass over this time."""
-    cutoff = db_now(session) - dt.timedelta(seconds=stable_after_s)
-    q = select(Study).where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)
+    node); None when there is none. ``exclude``: study ids to pass over this time.
+
+    ``max_wait_s`` (``[node] max_study_wait_s``; 0: no limit): a study one of whose
+    objects has waited that long is taken too, though objects still arrive: a sender
+    that sends one into it now and then (every ``stable_after_s`` or sooner) would
+    otherwise keep it, and every object in it, unrouted for ever. What arrives after
+    it is routed is an amendment (:func:`record_received`)."""
+    now = db_now(session)
+    cutoff = now - dt.timedelta(seconds=stable_after_s)
+    ready = Study.last_received_at <= cutoff
+    if max_wait_s > 0:
+        waited = select(Instance.study_id).where(Instance.state == InstanceState.RECEIVED, Instance.received_at <= now - dt.timedelta(seconds=max_wait_s))
+        ready = or_(ready, Study.id.in_(waited))
+    q = select(Study).where(Study.state == StudyState.RECEIVING, ready)
     skip = list(exclude)
     if skip:
         q = q.where(Study.id.not_in(skip))

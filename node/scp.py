@@ -286,6 +286,7 @@ class StoreHandler:
                     raise Incomplete("data set length mismatch")
                 return attrs if attrs is not None else row_attributes(data, False, True)
             if not ts.is_little_endian:  # big endian (retired): read by pydicom, no structure check
+                incoming.hand_to_kernel()  # pydicom reads the file by its name: the buffered bytes first
                 return _decode_file(incoming.path)
             with _Bytes(incoming, whole) as data:
                 if whole:  # the structure check and the row's attributes in one walk

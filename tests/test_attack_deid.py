@@ -1,7 +1,7 @@
 """Hostile header content against de-identification (docs/security.md, "Hostile
 headers"): synthetic identifiers planted where a de-identifier may not look, each sent
 through ``casemask deid`` and through a node to a folder destination; then the output
-bytes are searched for them (ASCII, UTF-8 and UTF-16)."""
+bytes are searched for them (ASCII, UTF-8, UTF-16 and Latin-1)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from tests.conftest import ROOT, node_config, wait_until
 
 NAME, GIVEN, PID, BIRTH = "ZQXNAME", "ZQXGIVEN", "ZQXPID4711", "19610317"
 DOCTOR, MOTHER = "ZQXDOC", "ZQXMOTHER"
-TOKENS = (NAME, GIVEN, PID, BIRTH, DOCTOR, MOTHER, "ZQXN")
+LATIN = "ZQXMÜLLER"  # a family name with an accent, written in Latin-1 (ISO_IR 100)
+TOKENS = (NAME, GIVEN, PID, BIRTH, DOCTOR, MOTHER, "ZQXN", LATIN)
 
 
 def _base(implicit: bool = False) -> Dataset:
@@ -116,14 +117,18 @@ def hostile() -> dict[str, Dataset]:
     d = _base()
     d.add_new(0x0008041B, "OB", PID.encode("utf-16-be"))
     v["UTF-16 (big endian) Patient ID in a kept binary attribute"] = d
+    d = _base()
+    d.SpecificCharacterSet, d.PatientName = "ISO_IR 100", f"{LATIN}^{GIVEN}"
+    d.add_new(0x0008041B, "OB", f"{LATIN} ".encode("latin-1"))  # the verifier searched UTF-8 and UTF-16 spellings only
+    v["Latin-1 name in a kept binary attribute"] = d
     return v
 
 
 def leaks(data: bytes) -> list[str]:
-    """The planted tokens found in ``data``, in ASCII, UTF-8 or UTF-16."""
+    """The planted tokens found in ``data``, in ASCII, UTF-8, UTF-16 or Latin-1."""
     found = []
     for t in TOKENS:
-        spellings = (t.encode(), t.encode("utf-16-le"), t.encode("utf-16-be"))
+        spellings = (t.encode(), t.encode("utf-16-le"), t.encode("utf-16-be"), t.encode("latin-1"))
         if any(s in data for s in spellings):
             found.append(t)
     return found

@@ -223,3 +223,34 @@ def test_a_rejected_peer_reconnecting_in_a_loop_does_not_fill_the_audit_trail(tm
         engine.dispose()
     bound = TEST_RECEIVERS * (int(elapsed) + 2)
     assert 1 <= len(rejected) <= bound, f"{len(rejected)} audit rows for 60 rejections in {elapsed:.1f} s (at most {bound} expected)"
+
+
+def test_a_big_endian_object_smaller_than_the_incoming_buffer_is_stored(tmp_path, start_node):
+    """Explicit VR Big Endian (retired) is read by pydicom from the incoming file by its
+    name, which was done before the file's buffer (256 KiB) reached the kernel: every
+    such object under 256 KiB was refused 0xC210 ("cannot be decoded"), found by the
+    third attack pass."""
+    import copy
+
+    from pydicom import dcmread, dcmwrite
+    from pydicom.uid import ExplicitVRBigEndian, generate_uid
+    from pynetdicom import AE
+
+    from tests.conftest import make_study
+
+    node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), schedule=False)
+    ds = copy.deepcopy(dcmread(make_study(tmp_path / "in", 1)[0]))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    path = tmp_path / "be.dcm"
+    dcmwrite(path, ds, little_endian=False, implicit_vr=False, force_encoding=True)
+    ds = dcmread(path)
+    ae = AE(ae_title="MODALITY1")
+    ae.add_requested_context(ds.SOPClassUID, ExplicitVRBigEndian)
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="CASEMASK")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert status and status.Status == 0x0000, f"answered {status.Status:#06x}" if status else "no answer"

@@ -245,3 +245,55 @@ def test_an_anonymous_upload_is_answered_before_its_body_is_read(tmp_path, http_
     with hn.client("viewer") as c:
         r = c.post("/api/v1/routes/explain", files={"file": ("x.dcm", b"not dicom")})
         assert r.status_code == 422, r.text  # through to the route, which reads the file
+
+
+# Who may call what (docs/security.md, third pass): every route the app serves, found by
+# walking it, so that a route added later without a role check fails here.
+_ANONYMOUS = {("GET", "/login"), ("POST", "/login"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/api/v1/openapi.json")}
+_VIEWER_WRITES = {"/api/v1/routes/explain", "/api/v1/similar"}  # a viewer may ask; nothing is stored
+_ADMIN_READS = {"/api/v1/audit/export"}
+
+
+def _routes(app) -> list[tuple[str, str]]:
+    from starlette.routing import Route
+
+    from node.http import api, pages
+
+    out = []
+    for r in [*app.routes, *api.router.routes, *pages.router.routes]:  # FastAPI 0.165 keeps included routers apart
+        if isinstance(r, Route) and r.methods:
+            path = r.path.replace("{action}", "retry")
+            for param in ("{study_id}", "{job_id}", "{output_id}"):
+                path = path.replace(param, "1")
+            out += [(m, path) for m in sorted(r.methods - {"HEAD"})]
+    return out
+
+
+def test_every_route_checks_who_asks(tmp_path, http_nodes):  # noqa: F811
+    """Anonymous: nothing but the login, health and schema routes answers 2xx. With a
+    viewer's token: no API write (but explain and similar) and no admin read gets past
+    403. An operator's token: no admin route. Held in the third pass; kept so that a
+    new route without its role check fails."""
+    hn = _node(tmp_path, http_nodes)
+    routes = _routes(hn.node.http.app)
+    assert len(routes) > 30, "the walk found too few routes: the test would prove nothing"
+    anon = hn.client(None, follow_redirects=False)
+    viewer, operator = hn.client("viewer", follow_redirects=False), hn.client("operator", follow_redirects=False)
+    leaks = []
+    for method, path in routes:
+        if (method, path) in _ANONYMOUS:
+            continue
+        r = anon.request(method, path, content=b"x", headers={"Content-Type": "application/octet-stream"})
+        if r.status_code < 300 or (r.status_code == 303 and path.startswith("/api/")) or (r.status_code == 303 and "/login" not in r.headers.get("location", "")):
+            leaks.append(f"anonymous {method} {path}: {r.status_code}")
+        if not path.startswith("/api/"):
+            continue
+        if (method != "GET" and path not in _VIEWER_WRITES) or path in _ADMIN_READS:
+            r = viewer.request(method, path, content=b"x", headers={"Content-Type": "application/octet-stream"})
+            if r.status_code != 403:
+                leaks.append(f"viewer {method} {path}: {r.status_code}")
+    for method, path in (("PUT", "/api/v1/config"), ("POST", "/api/v1/config/check"), ("POST", "/api/v1/config/reload"), ("POST", "/api/v1/mapping/export"), ("GET", "/api/v1/audit/export")):
+        r = operator.request(method, path, content=b"x", headers={"Content-Type": "application/toml"})
+        if r.status_code != 403:
+            leaks.append(f"operator {method} {path}: {r.status_code}")
+    assert leaks == []

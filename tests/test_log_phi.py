@@ -20,8 +20,9 @@ from tests.conftest import PHI, ROOT, STORESCU, dcmtk_env, make_study, needs_dcm
 def test_name_uids_keeps_the_standards_uids_and_addresses():
     name_uids_with(lambda uid: "h:named")
     try:
-        line = "Affected SOP Class UID : 1.2.840.10008.5.1.4.1.1.2 from 127.0.0.1 uid 1.2.826.0.1.3680043.8.498.123 ts 1.2.840.10008.1.2.1 v2.1.1"
-        assert name_uids(line) == "Affected SOP Class UID : 1.2.840.10008.5.1.4.1.1.2 from 127.0.0.1 uid h:named ts 1.2.840.10008.1.2.1 v2.1.1"
+        assert name_uids("Affected SOP Class UID : 1.2.840.10008.5.1.4.1.1.2") == "Affected SOP Class UID : 1.2.840.10008.5.1.4.1.1.2"
+        line = "from 127.0.0.1 uid 1.2.826.0.1.3680043.8.498.123 ts 1.2.840.10008.1.2.1 v2.1.1"
+        assert name_uids(line) == "from 127.0.0.1 uid h:named ts 1.2.840.10008.1.2.1 v2.1.1"
     finally:
         name_uids_with(None)
     assert name_uids("uid 1.2.826.0.1.3680043.8.498.123") == "uid h:?"

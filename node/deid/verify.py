@@ -135,13 +135,14 @@ def identifying_values(data: bytes, policy: Policy = Policy()) -> list[_Needle]:
     scan = _Scan(data)
     out: dict[tuple[str, str], _Needle] = {}
     equipment = {_norm(v) for el in scan.elements if el.tag in _EQUIPMENT for v in scan.values(el)}
+    codecs = _codecs(tuple(scan.charsets))
     for el in scan.elements:
         if not _may_identify(el.tag, el.vr):
             continue
         keyword = _keyword(el.tag)
         for kind, value in _classify(el, keyword, scan, policy):
             source = f"({el.tag >> 16:04X},{el.tag & 0xFFFF:04X}) {keyword or 'private'}"
-            for n in _needles(kind, value, source, el.raw.strip(b" \x00")):
+            for n in _needles(kind, value, source, el.raw.strip(b" \x00"), codecs):
                 if not any(n.text in e for e in equipment):  # a vendor's name shared by an institution identifies the vendor
                     out.setdefault((n.kind, n.text), n)
     return list(out.values())
@@ -209,7 +210,23 @@ def _norm(text: str) -> str:
     return " ".join(_SEPARATORS.split(text.upper())).strip()
 
 
-def _needles(kind: str, value: str, source: str, raw: bytes) -> Iterator[_Needle]:
+@functools.lru_cache(maxsize=64)
+def _codecs(charsets: tuple[str, ...]) -> tuple[str, ...]:
+    """The Python codecs a data set's text may be written in besides UTF-8 and UTF-16:
+    those of its Specific Character Set (pydicom's table), and Latin-1 always. A
+    hostile sender writes a name with accents into a binary value in its own 8-bit
+    encoding, which a UTF-8 spelling of the needle never matches."""
+    from pydicom.charset import python_encoding
+
+    out = {"latin_1"}
+    for term in charsets:
+        codec = python_encoding.get(term.strip())
+        if codec and codec.lower() not in ("utf8", "iso8859", "iso2022_jp", "iso2022_jp_2"):  # UTF-8 and ASCII are spelled already; ISO 2022 needs escapes (``raw``)
+            out.add(codec)
+    return tuple(sorted(out))
+
+
+def _needles(kind: str, value: str, source: str, raw: bytes, codecs: tuple[str, ...] = ("latin_1",)) -> Iterator[_Needle]:
     value = value.strip(" \x00")
     if not value or value.upper() in _DUMMIES:
         return
@@ -248,6 +265,15 @@ def _needles(kind: str, value: str, source: str, raw: bytes) -> Iterator[_Needle
         spellings = {t.encode("utf-8"), t.upper().encode("utf-8")}
         if kind in ("name", "id", "accession"):  # also as UTF-16, as text is often written into binary values
             spellings |= {t.upper().encode("utf-16-le"), t.upper().encode("utf-16-be")}
+        if not ascii_only:  # also in the 8-bit encodings the data set may use (_codecs)
+            for codec in codecs:
+                for form in (t, t.upper(), t.lower()):
+                    try:
+                        spelled = form.encode(codec)
+                    except UnicodeEncodeError:
+                        continue
+                    if len(spelled) >= 3 and not spelled.isascii():  # a byte or two would match binary values by chance
+                        spellings.add(spelled)
         if t == value and raw:
             spellings.add(raw)  # as the input encoded it (ISO 2022 escapes and all)
         yield _Needle(kind, source, n, tuple(sorted(spellings)), "word" if ascii_only else "none")
