@@ -165,7 +165,7 @@ def test_a_calling_ae_title_cannot_forge_log_lines(tmp_path, start_node, monkeyp
         with Raw(node.settings.node.port, timeout=5) as r:
             r.send(rq)
             r.read_pdu()
-        wait_until(lambda: "EV" in stream.getvalue(), timeout=10, what="the rejection logged")
+        wait_until(lambda: "EV" in stream.getvalue(), timeout=30, what="the rejection logged")
     finally:
         for h in root.handlers:
             root.removeHandler(h)
