@@ -98,7 +98,7 @@ def test_folded_graph_reads_as_the_shipped_one():
     from node.burnedin.detect import DetectorSettings, TextDetector, model_path
     from node.burnedin.graph import EXPECTED, fold
 
-    pytest.importorskip("onnx", reason="the folding needs the onnx package (casemask[train] installs it)")
+    pytest.importorskip("onnx", reason="the folding needs the onnx package (a runtime dependency; missing from this environment)")
     _, done = fold(model_path())
     assert done == EXPECTED
     folded, shipped = TextDetector(DetectorSettings(fold=True)), TextDetector(DetectorSettings(fold=False))
