@@ -105,6 +105,7 @@ class Node:
         self.server = None
         self.receivers = None
         self.slots = None
+        self.listening = None  # node.sharedport.SharedListening, with receivers
         self.scheduler = None
         self.http = None
         self._stop = threading.Event()
@@ -340,27 +341,30 @@ class Node:
 
     def start_listening(self, receivers: int = 1) -> None:
         """Listen in this process and, with ``receivers`` > 1, in receiver processes that
-        share the port and one association table (node.receivers, node.slots)."""
+        share its listening sockets and one association table (node.receivers,
+        node.sharedport, node.slots)."""
         from node.admission import still_open
-        from node.receivers import Receivers, check_port_free
+        from node.receivers import Receivers
         from node.scp import start_server
+        from node.sharedport import AcceptBoard, SharedListening, open_listening
         from node.slots import SharedSlots
 
-        if receivers > 1:
-            node = self.settings.node
-            for port in (node.port, node.tls.port if node.tls else 0):
-                if port:
-                    try:
-                        check_port_free(node.host, port)
-                    except OSError as exc:
-                        raise StartupError(f"cannot listen for DICOM on {node.host}:{port} ({exc.strerror or exc}): another casemask or DICOM "
-                                           "node may hold the port; stop it, or set [node] host and port") from None
-            self.slots = SharedSlots.create(node.max_associations, node.max_associations_per_host, still_open)
-            self.receivers = Receivers(self.settings, receivers - 1, writer=self.owner, slots_fd=self.slots.fd)
         try:
-            if self.receivers is not None:
-                self.receivers.start()  # before this process listens: once the port answers, all do
-            self.server = start_server(self.settings, self.engine, pseudo=self.pseudo, writer=self.owner, slots=self.slots)
+            if receivers > 1:
+                node = self.settings.node
+                self.listening = SharedListening({}, AcceptBoard.create(receivers), place=0, owner=True)
+                for port in (node.port, node.tls.port if node.tls else 0):
+                    if port:
+                        try:
+                            self.listening.sockets[port] = open_listening(node.host, port)
+                        except OSError as exc:
+                            raise StartupError(f"cannot listen for DICOM on {node.host}:{port} ({exc.strerror or exc}): another casemask or DICOM "
+                                               "node may hold the port; stop it, or set [node] host and port") from None
+                self.slots = SharedSlots.create(node.max_associations, node.max_associations_per_host, still_open)
+                fds = {port: sock.fileno() for port, sock in self.listening.sockets.items()}
+                self.receivers = Receivers(self.settings, receivers - 1, writer=self.owner, slots_fd=self.slots.fd, sockets=fds, board_fd=self.listening.board.fd)
+                self.receivers.start()  # each waits until this process listens: once the port answers, all accept
+            self.server = start_server(self.settings, self.engine, pseudo=self.pseudo, writer=self.owner, slots=self.slots, shared=self.listening)
         except BaseException:
             self._stop_receivers()
             raise
@@ -372,6 +376,14 @@ class Node:
         if self.slots is not None:
             self.slots.close()
             self.slots = None
+        self._close_listening()
+
+    def _close_listening(self) -> None:
+        """After the receivers and this process's listeners: the shared sockets and board."""
+        if self.listening is not None:
+            self.listening.close()
+            os.close(self.listening.board.fd)
+            self.listening = None
 
     def _dispatch_job(self, name: str) -> Callable[[], int]:
         def run() -> int:
@@ -482,6 +494,7 @@ class Node:
         if self.slots is not None:  # after the listeners: their associations are gone
             self.slots.close()
             self.slots = None
+        self._close_listening()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
             self.scheduler = None

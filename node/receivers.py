@@ -2,10 +2,10 @@
 
 One Python process decodes DIMSE messages and runs C-STORE handlers on one core at a
 time (the GIL), however many modalities send at once. With ``receivers = N`` the node
-process listens as before and starts N - 1 *receiver processes* that listen on the same
-port (and TLS port) with ``SO_REUSEPORT``: the kernel spreads incoming connections
-across the N listening sockets (by a hash of the connection's addresses), so
-associations are received on up to N cores. A receiver runs only the network edge
+process opens the listening socket of each port (and TLS port) and starts N - 1
+*receiver processes* that inherit it: all N accept from the one socket, a less busy
+process first (node.sharedport), so associations are received on up to N cores. A
+receiver runs only the network edge
 (:func:`node.scp.start_server`, with its own database engine): it stores, commits and
 answers exactly as the node process does; routing, processing and delivery stay in the
 node process, which reads the rows the receivers committed.
@@ -19,7 +19,7 @@ Guarantees kept:
   dies), as well as its per-process lock.
 - No orphan listener: a receiver asks the kernel for SIGKILL when the node process dies
   (``PR_SET_PDEATHSIG``), so a SIGKILLed node leaves no process holding the port.
-- No silent sharing with another node: before binding, the node binds the port once
+- No silent sharing with another node: the port is bound once, by the node process,
   without ``SO_REUSEPORT``; if anything listens there already, it stops with "address
   in use" as a single process would.
 
@@ -51,7 +51,6 @@ within a minute of its start is given up after a few tries (:class:`Restarts`).
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import logging
 import os
@@ -73,28 +72,6 @@ _PR_SET_PDEATHSIG = 1
 READY = b"listening\n"
 RELOADED = b"reloaded\n"  # a receiver took the settings the node sent it (Receivers.update)
 RELOAD_WAIT_S = 10.0
-
-
-def check_port_free(host: str, port: int, wait_s: float = 10.0) -> None:
-    """Bind ``(host, port)`` once without SO_REUSEPORT and let go. While the address is
-    in use, try again for up to ``wait_s`` seconds (the receivers of a node killed a
-    moment ago may still be exiting, e.g. from a long fsync).
-
-    Raises:
-        OSError: something listens there still (EADDRINUSE), or the address is wrong.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind((host, port))
-            return
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.2)
 
 
 # A receiver that dies while the node runs is started again after a pause that doubles
@@ -137,28 +114,35 @@ class Receivers:
     """The node's receiver processes (``count`` of them, possibly 0). One that dies while
     the node runs is started again (:class:`Restarts`)."""
 
-    def __init__(self, settings: Settings, count: int, writer: str, slots_fd: int) -> None:
+    def __init__(self, settings: Settings, count: int, writer: str, slots_fd: int, sockets: dict[int, int] | None = None, board_fd: int = -1) -> None:
         """``writer``: the node process's owner token, which the receivers' rows carry
         (``received_by``): they are part of its run (node.queue.drop_unspooled).
-        ``slots_fd``: the node's association table (node.slots), inherited by each."""
+        ``slots_fd``: the node's association table (node.slots), inherited by each.
+        ``sockets``: port -> descriptor of the listening socket the node process opened
+        for it, and ``board_fd``: who holds how many connections (node.sharedport);
+        inherited by each, receiver ``i`` (0-based) takes place ``i + 1`` on the board."""
         self.settings = settings
         self.count = count
         self.writer = writer
         self.slots_fd = slots_fd
+        self.sockets = dict(sockets or {})
+        self.board_fd = board_fd
         self.procs: list[subprocess.Popen] = []
         self._lock = threading.Lock()  # self.procs and the settings a new receiver gets
         self._stopping = threading.Event()
         self._reloads: dict[int, int] = {}  # PID -> settings updates it has confirmed
         self._reloaded = threading.Condition()
 
-    def _spawn(self) -> subprocess.Popen:
-        """One receiver process, given the current settings.
+    def _spawn(self, place: int) -> subprocess.Popen:
+        """Receiver process ``place`` (0-based), given the current settings.
 
         Raises:
             OSError: it could not be started.
         """
-        blob = pickle.dumps((self.settings, logging.getLogger().level, os.getpid(), self.writer, self.slots_fd))
-        p = subprocess.Popen([sys.executable, "-m", "node.receivers"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self.slots_fd,))
+        shared = (self.sockets, self.board_fd, place + 1, self.count + 1)
+        blob = pickle.dumps((self.settings, logging.getLogger().level, os.getpid(), self.writer, self.slots_fd, shared))
+        fds = (self.slots_fd, self.board_fd, *self.sockets.values())
+        p = subprocess.Popen([sys.executable, "-m", "node.receivers"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=fds)
         assert p.stdin is not None
         try:
             p.stdin.write(blob)
@@ -178,8 +162,8 @@ class Receivers:
                 are stopped).
         """
         with self._lock:
-            for _ in range(self.count):
-                self.procs.append(self._spawn())
+            for place in range(self.count):
+                self.procs.append(self._spawn(place))
         readies = []
         for place, p in enumerate(self.procs):
             ready = threading.Event()
@@ -228,7 +212,7 @@ class Receivers:
                 if self._stopping.is_set():
                     return None
                 try:
-                    new = self._spawn()
+                    new = self._spawn(place)
                 except OSError as exc:
                     log.error("a receiver process could not be started in place of %d (%s)", pid, exc.strerror or type(exc).__name__)
                     lived = 0.0  # a quick death
@@ -304,16 +288,19 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def run_receiver(settings: Settings, parent: int, writer: str, slots_fd: int) -> int:
-    """A receiver process: listen until SIGTERM (or the node's death). Its rows carry
-    ``writer``, the node process's owner token; it counts associations in the node's
-    table ``slots_fd`` (node.slots)."""
+def run_receiver(settings: Settings, parent: int, writer: str, slots_fd: int, shared: tuple[dict[int, int], int, int, int]) -> int:
+    """A receiver process: accept from the node's listening sockets until SIGTERM (or the
+    node's death). Its rows carry ``writer``, the node process's owner token; it counts
+    associations in the node's table ``slots_fd`` (node.slots). ``shared``: (port ->
+    inherited listening socket's descriptor, the accept board's descriptor, this
+    process's place on it, the number of places) (node.sharedport)."""
     from node.admission import still_open
     from node.db import make_engine, pool_size_for
     from node.slots import SharedSlots
     from node.deid import Pseudonymizer
     from node.reasons import withhold_warning_texts
     from node.scp import start_server
+    from node.sharedport import AcceptBoard, SharedListening
     from node.startup import load_secret
 
     _die_with_parent(parent)
@@ -326,7 +313,9 @@ def run_receiver(settings: Settings, parent: int, writer: str, slots_fd: int) ->
     size = node.db_pool_size or pool_size_for("ingest", node.max_associations, 0)
     engine = make_engine(node.resolved_database_url, size, node.db_max_overflow, node.db_pool_timeout_s, name=f"{node.node_id or 'node'}:receiver", prepare=False)
     slots = SharedSlots.attach(slots_fd, node.max_associations, node.max_associations_per_host, still_open)
-    listeners = start_server(settings, engine, pseudo=Pseudonymizer(load_secret(node)), writer=writer, slots=slots)
+    fds, board_fd, place, places = shared
+    listening = SharedListening({port: _inherited(fd) for port, fd in fds.items()}, AcceptBoard(board_fd, places), place, owner=False)
+    listeners = start_server(settings, engine, pseudo=Pseudonymizer(load_secret(node)), writer=writer, slots=slots, shared=listening)
     _send(READY)
     threading.Thread(target=_take_updates, args=(listeners,), name="receiver-config", daemon=True).start()
     counts = _CountReporter()
@@ -336,10 +325,18 @@ def run_receiver(settings: Settings, parent: int, writer: str, slots_fd: int) ->
     finally:
         listeners.shutdown()
         listeners.store_handler.close()
+        listening.close()
         slots.close()
         engine.dispose()
         counts.report()
     return 0
+
+
+def _inherited(fd: int) -> socket.socket:
+    """The listening socket the node process passed as descriptor ``fd``."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)  # as in the node process (node.sharedport.open_listening)
+    return sock
 
 
 def _take_updates(listeners) -> None:
@@ -452,13 +449,13 @@ def _read_receiver(stream, pid: int, ready: threading.Event, restarted: bool = F
 
 
 def main() -> int:
-    settings, level, parent, writer, slots_fd = pickle.load(sys.stdin.buffer)
+    settings, level, parent, writer, slots_fd, shared = pickle.load(sys.stdin.buffer)
     root = logging.getLogger()
     root.addHandler(_ForwardHandler())
     root.setLevel(level)
     if level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    return run_receiver(settings, parent, writer, slots_fd)
+    return run_receiver(settings, parent, writer, slots_fd, shared)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ from node.groupcommit import GroupCommit
 from node.incoming import IncomingFile, IncomingFiles, install as install_incoming
 from node.reasons import withhold_library_values
 from node.receivers import LOCK_FILE
+from node.sharedport import SharedListening, start_listening, wait_listening
 from node.slots import SharedSlots
 from node.spool import fsync_dir, matches_digest, place, remove_if_same, replace, spool_path
 from node.tls import peer_subject, server_context
@@ -648,10 +649,15 @@ class EdgeServer(ThreadedAssociationServer):
     daemon_threads = True
     request_queue_size = 128  # socketserver's 5 drops SYNs (a 1 s retry) when connections come in bursts
 
-    def __init__(self, ae: AE, address: tuple[str, int], admission: Admission, tls: ssl.SSLContext | None, handshake_timeout_s: float, evt_handlers: list, reuse_port: bool = False) -> None:
-        """``reuse_port``: bind with SO_REUSEPORT, sharing the port with the node's other
-        receiver processes (node.receivers)."""
-        self.reuse_port = reuse_port
+    def __init__(self, ae: AE, address: tuple[str, int], admission: Admission, tls: ssl.SSLContext | None, handshake_timeout_s: float, evt_handlers: list,
+                 shared: SharedListening | None = None) -> None:
+        """``shared``: accept from the listening socket the node's receiving processes
+        share (node.sharedport) instead of binding one; ``address`` names its port."""
+        self.shared = shared
+        self.shared_socket = shared.sockets[address[1]] if shared is not None else None
+        self._gate = threading.Event()  # set by shutdown(): stop waiting for the node to listen
+        self._accepting: set[int] = set()  # accepted here, no association thread yet
+        self._accepting_lock = threading.Lock()
         self.admission = admission
         self.tls = tls
         self.handshake_timeout_s = handshake_timeout_s
@@ -665,14 +671,63 @@ class EdgeServer(ThreadedAssociationServer):
         super().__init__(ae, address, ae.ae_title, verification, None, evt_handlers)
         admission.add_listener(lambda: self.active_associations)
 
+    # -- one listening socket shared by the node's processes (node.sharedport) -------------
     def server_bind(self) -> None:
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if self.shared_socket is None:
+            super().server_bind()
+            return
+        self.socket.close()  # the one socketserver made: the shared one takes its place
+        self.socket = self.shared_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.shared is None:
+            super().server_activate()
+        elif self.shared.owner:  # the node process listens once its receivers are ready
+            start_listening(self.socket)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        if self.shared_socket is not None:
+            wait_listening(self.shared_socket, self._gate)  # False: shut down first; serve_forever ends at once
+        super().serve_forever(poll_interval)
+
+    def server_close(self) -> None:
+        if self.shared_socket is None:
+            super().server_close()
+        else:  # never shutdown(): that would stop the socket listening in every process
+            self.socket.close()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection; on the shared socket, first leave it to a less busy
+        process for a moment (node.sharedport.AcceptBoard). Raises BlockingIOError when
+        another process took it (socketserver then waits for the next one)."""
+        if self.shared is not None:
+            self.shared.board.yield_to_idler(self.socket)
+        request, address = self.socket.accept()
+        with self._accepting_lock:
+            self._accepting.add(id(request))
+        if self.shared is not None:
+            self.shared.board.publish()
+        return request, address
+
+    def _accepted_done(self, key: int) -> None:
+        """Accepted connection ``key`` became an association thread or was closed."""
+        with self._accepting_lock:
+            self._accepting.discard(key)
+
+    def open_connections(self) -> int:
+        """Connections this server holds open: accepted and not yet an association, or an
+        association whose socket is open."""
+        with self._accepting_lock:
+            accepting = len(self._accepting)
+        return accepting + sum(1 for a in self.active_associations if getattr(getattr(a.dul, "socket", None), "socket", None) is not None)
 
     def verify_request(self, request, client_address) -> bool:  # socketserver: False closes it
         ok = self.admission.connect(id(request), str(client_address[0]))
         if not ok:
+            self._accepted_done(id(request))
+            if self.shared is not None:
+                self.shared.board.publish()
             log.warning("connection from %s closed at once: too many connections open (max_associations / max_associations_per_host)", client_address[0])
         return ok
 
@@ -689,6 +744,9 @@ class EdgeServer(ThreadedAssociationServer):
             super().process_request_thread(request, client_address)
         finally:
             self.admission.connected(key)
+            self._accepted_done(key)
+            if self.shared is not None:
+                self.shared.board.publish()
 
     def _handshake(self, raw: socket.socket, client_address) -> ssl.SSLSocket | None:
         raw.settimeout(self.handshake_timeout_s)
@@ -703,6 +761,7 @@ class EdgeServer(ThreadedAssociationServer):
 
     def shutdown(self) -> None:
         """Stop accepting, close the listening socket, and abort open associations."""
+        self._gate.set()
         TCPServer.shutdown(self)
         self.server_close()
         for assoc in self.active_associations:
@@ -747,13 +806,16 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None, pseudo: Pseudonymizer | None = None, writer: str = "", slots: SharedSlots | None = None) -> Listeners:
+def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], None] | None = None, pseudo: Pseudonymizer | None = None, writer: str = "", slots: SharedSlots | None = None,
+                 shared: SharedListening | None = None) -> Listeners:
     """Start listening (non-blocking) on the plain port (unless 0) and the TLS port (when
     [node.tls] is set); returns the listeners, whose ``shutdown()`` stops them.
     ``writer``: the owner token stored with each received row (``received_by``).
     ``slots``: this is one of the node's receiver processes (node.receivers), counting
-    associations in the node's shared table: bind with SO_REUSEPORT and serialize
-    C-STOREs of one SOP Instance UID across processes. The caller closes ``slots``.
+    associations in the node's shared table, and serializing C-STOREs of one SOP
+    Instance UID across processes. The caller closes ``slots``.
+    ``shared``: the listening sockets the node's processes share (node.sharedport),
+    one per port, and the board that says who accepts next; None: bind the ports here.
 
     Raises:
         OSError: a port cannot be bound, or a TLS file cannot be read.
@@ -815,6 +877,8 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     def on_close(event: evt.Event) -> None:
         wake_if_waiting(event.assoc)
         admission.closed(event.assoc)
+        if shared is not None:
+            shared.board.publish()  # one connection fewer here (node.sharedport)
         left = incoming.release(event.assoc.dul)
         if left:
             log.warning("association from %s closed mid-object: %d partial data set(s) deleted (never acknowledged)", event.assoc.requestor.ae_title.strip() or event.assoc.requestor.address, left)
@@ -833,14 +897,16 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     ae = make_ae(settings)
     supported = ae.supported_contexts
     servers: list[EdgeServer] = []
+    if shared is not None:
+        shared.board.claim(shared.place, lambda: sum(s.open_connections() for s in servers))
     try:
         if node.port:
-            servers.append(_serve(EdgeServer(ae, (node.host, node.port), admission, None, node.acse_timeout_s, handlers, shared_port)))
+            servers.append(_serve(EdgeServer(ae, (node.host, node.port), admission, None, node.acse_timeout_s, handlers, shared)))
             log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
         if node.tls is not None:
             t = node.tls
             ctx = server_context(t.certificate, t.private_key, t.ca_certificates, t.require_client_certificate)
-            servers.append(_serve(EdgeServer(ae, (node.host, t.port), admission, ctx, node.acse_timeout_s, handlers, shared_port)))
+            servers.append(_serve(EdgeServer(ae, (node.host, t.port), admission, ctx, node.acse_timeout_s, handlers, shared)))
             log.info("listening as %s on %s:%d (DICOM TLS%s)", node.ae_title, node.host, t.port, ", client certificate required" if t.require_client_certificate else "")
     except BaseException:
         for s in servers:

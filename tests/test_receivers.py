@@ -313,10 +313,31 @@ def _associate_once_free(port: int):
     raise AssertionError("no association admitted within 5 s of a released slot")
 
 
+def _hold_one_in_each(port: int, node_pid: int, receiver: int) -> dict[str, object]:
+    """One association held by the node process and one by the receiver ({"node": ...,
+    "receiver": ...}). The less busy process accepts first (node.sharedport), but a
+    connection still closing (the test's port probe, a released association) counts
+    for a moment: retry, bounded."""
+    held: dict[str, object] = {}
+    for _ in range(60):
+        a = _associate_once_free(port)
+        owner = _server_pid(port, a.dul.socket.socket.getsockname()[1], [node_pid, receiver])  # type: ignore[attr-defined]
+        kind = "receiver" if owner == receiver else "node" if owner == node_pid else ""
+        if kind and kind not in held:
+            held[kind] = a
+            if len(held) == 2:
+                return held
+        else:
+            a.release()  # type: ignore[attr-defined]
+    for a in held.values():
+        a.release()  # type: ignore[attr-defined]
+    raise AssertionError("no association was ever accepted by each process")
+
+
 def _third_is_rejected_by_every_process(port: int, log: Path, source: str = "127.0.0.1") -> None:
-    """With the limit reached, open one association more again and again (the kernel
-    hands each connection to one of the processes) until both processes have rejected
-    one; each must be rejected."""
+    """With the limit reached by one association in each process, open one more again
+    and again (both processes are as busy: either accepts it) until both processes have
+    rejected one; each must be rejected."""
     for _ in range(60):
         a = _associate(port, source)
         established = a.is_established
@@ -330,19 +351,19 @@ def _third_is_rejected_by_every_process(port: int, log: Path, source: str = "127
 
 @pytest.mark.parametrize("limit", ["max_associations", "max_associations_per_host"])
 def test_association_limits_hold_for_the_whole_node_with_two_receivers(tmp_path, limit):
-    """receivers = 2 and a limit of 2: with two associations open, a third is rejected
-    (A-ASSOCIATE-RJ) whichever process the kernel gives it to; for the per-host limit,
-    another host is still admitted."""
+    """receivers = 2 and a limit of 2: with two associations open (one in each process),
+    a third is rejected (A-ASSOCIATE-RJ) whichever process accepts it; for the per-host
+    limit, another host is still admitted."""
     kw = {"max_associations": 2, "max_associations_per_host": 8} if limit == "max_associations" else {"max_associations": 8, "max_associations_per_host": 2}
     node, raw = _node(tmp_path, "lim", receivers=2)
     raw["node"].update(kw)
     write_toml(raw, tmp_path / "lim.toml")
     port = raw["node"]["port"]
     node.start(port)
-    held = []
+    held: list = []
     try:
-        held = [_associate(port) for _ in range(2)]
-        assert all(a.is_established for a in held)
+        node_pid = node.proc.pid  # type: ignore[union-attr]
+        held = list(_hold_one_in_each(port, node_pid, *child_pids(node_pid)).values())
         _third_is_rejected_by_every_process(port, tmp_path / "lim.log")
         other = _associate(port, "127.0.0.2")
         try:
@@ -407,17 +428,7 @@ def test_a_receiver_killed_while_holding_an_association_leaks_no_slot(tmp_path):
     try:
         node_pid = node.proc.pid  # type: ignore[union-attr]
         (receiver,) = child_pids(node_pid)
-        for _ in range(60):  # one association held by each process
-            a = _associate_once_free(port)
-            owner = _server_pid(port, a.dul.socket.socket.getsockname()[1], [node_pid, receiver])
-            kind = "receiver" if owner == receiver else "node" if owner == node_pid else ""
-            if kind and kind not in held:
-                held[kind] = a
-                if len(held) == 2:
-                    break
-            else:
-                a.release()
-        assert set(held) == {"receiver", "node"}, "the kernel never gave an association to each process"
+        held.update(_hold_one_in_each(port, node_pid, receiver))
         assert _associate(port).is_rejected
         os.kill(receiver, signal.SIGKILL)
         wait_until(lambda: not is_alive(receiver), timeout=30, what="the receiver to die")
@@ -430,6 +441,62 @@ def test_a_receiver_killed_while_holding_an_association_leaks_no_slot(tmp_path):
         for a in [*held.values(), *extra]:
             if a.is_established:  # type: ignore[attr-defined]
                 a.release()  # type: ignore[attr-defined]
+        node.stop()
+
+
+# -- one listening socket, the idlest process accepts first (node.sharedport) ---------------------
+def _established(port: int) -> int:
+    """Connections to ``port`` open on the node's side: ESTABLISHED or CLOSE_WAIT (Linux /proc)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines if int(line.split()[1].split(":")[1], 16) == port and line.split()[3] in ("01", "08"))
+
+
+def test_associations_go_to_the_least_busy_process(tmp_path):
+    """receivers = 2: four associations opened one after another (each held) end up two
+    in each process, three times over. With SO_REUSEPORT the kernel chose by a hash of
+    the addresses (2-2 in 3 of 8 splits); here both processes accept from one socket and
+    the busier one leaves a waiting connection to the other (node.sharedport)."""
+    from collections import Counter
+
+    node, raw = _node(tmp_path, "spread", receivers=2)
+    port = raw["node"]["port"]
+    node.start(port)
+    try:
+        pids = [node.proc.pid, *child_pids(node.proc.pid)]  # type: ignore[union-attr]
+        assert len(pids) == 2
+        for _ in range(3):
+            wait_until(lambda: _established(port) == 0, timeout=30, what="the last round's connections to close")
+            held = []
+            try:
+                for _ in range(4):
+                    a = _associate(port)
+                    assert a.is_established
+                    held.append(a)
+                owners = Counter(_server_pid(port, a.dul.socket.socket.getsockname()[1], pids) for a in held)
+            finally:
+                for a in held:
+                    a.release()
+            assert sorted(owners.values()) == [2, 2], f"four associations split {dict(owners)} over the node's two processes"
+    finally:
+        node.stop()
+
+
+def test_the_shared_socket_is_bound_once_without_reuseport(tmp_path):
+    """The node's processes share one listening socket: /proc lists one listener on the
+    port, and a socket with SO_REUSEPORT cannot bind next to it (a second node could
+    with the old per-process sockets only if it set SO_REUSEPORT too; now nobody can)."""
+    node, raw = _node(tmp_path, "once", receivers=3)
+    port = raw["node"]["port"]
+    node.start(port)
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        assert sum(1 for line in lines if int(line.split()[1].split(":")[1], 16) == port and line.split()[3] == "0A") == 1
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            with pytest.raises(OSError, match="in use"):
+                s.bind(("127.0.0.1", port))
+    finally:
         node.stop()
 
 

@@ -4,7 +4,7 @@ tests/bench/bench_ingest.py: which thread to make cheaper.
     python tests/bench/threads_ingest.py [--instances 500] [--senders 4] [--node KEY=VALUE ...]
 
 Starts ``casemask serve`` (``receivers = 1`` unless --node says otherwise; with more, the
-receivers' threads are not counted), waits until every receiving process listens, sends
+receivers' threads are not counted), waits until it has started, sends
 the corpus with dcmtk storescu (one study per sender, all at once), and prints the
 node's CPU seconds (utime + stime, /proc) per 1000 objects: in all, and per thread,
 grouped by the thread's Python name (read once mid-run with ``py-spy dump``; pip install
@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.bench.bench_ingest import SHIPPED, _setting, cpu_s, listeners, node_rows, send  # noqa: E402
-from tests.conftest import NodeProcess, make_study, node_config, wait_until, write_toml  # noqa: E402
+from tests.bench.bench_ingest import SHIPPED, _setting, cpu_s, node_rows, send  # noqa: E402
+from tests.conftest import NodeProcess, make_study, node_config, write_toml  # noqa: E402
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
@@ -71,8 +71,7 @@ def main() -> int:
         raw = node_config(work / "node", [{"name": "f", "kind": "folder", "path": str(work / "out")}], stable_after_s=86400, **node_kw)
         port = raw["node"]["port"]
         node = NodeProcess(write_toml(raw, work / "node.toml"), work / "node.log")
-        node.start(port)
-        wait_until(lambda: listeners(port) >= (node_kw["receivers"] or os.cpu_count() or 1), timeout=120, what="every receiving process to listen")
+        node.start(port)  # every receiving process accepts once it says it started (node.sharedport)
         pid = node.proc.pid
         before = thread_cpu(pid)
         last = dict(before)
