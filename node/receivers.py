@@ -175,7 +175,9 @@ class Receivers:
                 if p.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise OSError(f"a receiver process did not start listening (exit status {p.poll()}); see the log above")
-        log.info("%d receiver process(es) listening on the node's port(s)", self.count)
+        # Not "listening" yet: the shared sockets listen once the node process starts its
+        # own listeners (node.sharedport), and "listening on" is what serve says then.
+        log.info("%d receiver process(es) ready to accept on the node's port(s)", self.count)
 
     def _watch(self, place: int, p: subprocess.Popen, ready: threading.Event) -> None:
         """Read receiver ``place``'s output until it exits; while the node runs, start it
