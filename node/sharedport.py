@@ -105,7 +105,9 @@ def wait_listening(sock: socket.socket, stopping: threading.Event) -> bool:
 
 def pending(sock: socket.socket) -> bool:
     """Whether a connection waits on the listening ``sock`` (without taking it)."""
-    return bool(select.select([sock], [], [], 0)[0])
+    poller = select.poll()  # not select(): it fails for descriptors above 1023
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class AcceptBoard:
