@@ -123,9 +123,10 @@ class _OpenVino:
     to 0.9 and changes thresholded pixels; docs/burned-in.md).
 
     A model compiled for one input shape runs about a fifth faster than the
-    dynamic-shape one, and compiling takes about 0.2 CPU s: the shapes the step reads
-    again and again (whole frames at each scale) get a static model each, the last
-    STATIC of them kept; shapes that vary from call to call (the stacked crops of
+    dynamic-shape one, and compiling takes about 0.2 CPU s: a shape the step reads
+    again (whole frames of one size at each scale) gets a static model of its own from
+    its second reading on, the last STATIC of them kept; a shape seen once (a cine's
+    batch of an odd size) and shapes that vary from call to call (the stacked crops of
     :meth:`TextDetector.detect_regions`) run on the dynamic-shape model."""
 
     name = "openvino"
@@ -142,9 +143,15 @@ class _OpenVino:
                         "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
         self._dynamic = self._core.compile_model(self._model, "CPU", self._config).create_infer_request()
         self._static: dict[tuple[int, ...], object] = {}  # shape -> infer request, oldest first
+        self._seen: set[tuple[int, ...]] = set()  # whole-frame shapes read once so far
 
     def _request(self, shape: tuple[int, ...], shape_varies: bool):
         if shape_varies:
+            return self._dynamic
+        if shape not in self._static and shape not in self._seen:
+            if len(self._seen) >= 64:
+                self._seen.clear()
+            self._seen.add(shape)
             return self._dynamic
         req = self._static.pop(shape, None)
         if req is None:
