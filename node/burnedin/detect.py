@@ -8,6 +8,12 @@ that frames of one size go through in batches and the probability map is at hand
 the post-processing (threshold, connected components, score, unclip) follows DB's,
 with axis-aligned boxes, since what is masked is a rectangle anyway.
 
+The network runs on OpenVINO's CPU plugin when the ``openvino`` package is installed
+(a runtime dependency since 2026-11-30: about a fifth less CPU a reading than ONNX
+Runtime on this model, the same probabilities to float rounding, fp32 kept), else on
+ONNX Runtime's CPU provider, which is logged (docs/burned-in.md, "The inference
+runtime").
+
 Why this model and scale: docs/burned-in.md (recall and speed measured against
 Tesseract and RapidOCR's own pipeline on synthetic ultrasound).
 """
@@ -68,6 +74,9 @@ class DetectorSettings:
     # The graph's element-wise chains folded into its convolutions (node.burnedin.graph):
     # the same probabilities to float rounding, about a quarter less CPU a reading.
     fold: bool = True
+    # "auto": OpenVINO when installed and the model compiles, else ONNX Runtime (logged);
+    # "openvino" or "onnxruntime" to insist (the tests compare the two).
+    backend: str = "auto"
 
 
 # The second reading (clean.py) runs the same network tuned apart: scale 2.0 (text of
@@ -84,39 +93,126 @@ def _folded(path: Path) -> bytes | None:
     return folded_model(path)
 
 
-class TextDetector:
-    """Batched text detection on 8-bit RGB frames (N, rows, cols, 3).
+class _OnnxRuntime:
+    """The detector's graph on ONNX Runtime's CPU provider (one session, any input shape)."""
 
-    One ONNX Runtime session per detector; calls are serialised (the session is not
-    used by two threads at once)."""
+    name = "onnxruntime"
 
-    def __init__(self, settings: DetectorSettings | None = None) -> None:
+    def __init__(self, model: bytes | str, threads: int) -> None:
         import onnxruntime as ort
 
-        self.settings = settings or DetectorSettings()
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.settings.threads
+        opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         # Idle threads sleep instead of spinning: on cores shared with the rest of the
         # node (and on a loaded machine) spinning burned half the CPU time of a run and
         # made it slower (docs/burned-in.md, "Speed").
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        try:
-            path = model_path()
-            model = _folded(path) if self.settings.fold else None
-            self.session = ort.InferenceSession(model or str(path), opts, providers=["CPUExecutionProvider"])
-        except DetectorUnavailable:
-            raise
-        except Exception as exc:
-            raise DetectorUnavailable(f"the text detection model cannot be loaded ({type(exc).__name__})") from None
+        self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
+
+    def run(self, x: np.ndarray, shape_varies: bool = False) -> np.ndarray:
+        """(N, 3, R, C) float32 -> (N, 1, R, C) float32 probabilities."""
+        return self.session.run(None, {self.input: x})[0]
+
+
+class _OpenVino:
+    """The detector's graph on OpenVINO's CPU plugin, in fp32 (INFERENCE_PRECISION_HINT
+    f32: bf16, which this CPU would run about twice as fast, moves probabilities by up
+    to 0.9 and changes thresholded pixels; docs/burned-in.md).
+
+    A model compiled for one input shape runs about a fifth faster than the
+    dynamic-shape one, and compiling takes about 0.2 CPU s: a shape the step reads
+    again (whole frames of one size at each scale) gets a static model of its own from
+    its second reading on, the last STATIC of them kept; a shape seen once (a cine's
+    batch of an odd size) and shapes that vary from call to call (the stacked crops of
+    :meth:`TextDetector.detect_regions`) run on the dynamic-shape model."""
+
+    name = "openvino"
+    STATIC = 6  # static models kept per detector (each holds its own buffers: 30-300 MB at 640 x 480 x1.0-x3.0)
+
+    def __init__(self, model: bytes | str, threads: int) -> None:
+        import openvino as ov
+
+        self._core = ov.Core()
+        self._model = self._core.read_model(model) if isinstance(model, str) else self._core.read_model(model, b"")
+        # One stream, the given threads, no pinning (the cores are shared with the rest
+        # of the node), fp32 as the model was trained and measured.
+        self._config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                        "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
+        self._dynamic = self._core.compile_model(self._model, "CPU", self._config).create_infer_request()
+        self._static: dict[tuple[int, ...], object] = {}  # shape -> infer request, oldest first
+        self._seen: set[tuple[int, ...]] = set()  # whole-frame shapes read once so far
+
+    def _request(self, shape: tuple[int, ...], shape_varies: bool):
+        if shape_varies:
+            return self._dynamic
+        if shape not in self._static and shape not in self._seen:
+            if len(self._seen) >= 64:
+                self._seen.clear()
+            self._seen.add(shape)
+            return self._dynamic
+        req = self._static.pop(shape, None)
+        if req is None:
+            model = self._model.clone()
+            model.reshape(list(shape))
+            req = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+            while len(self._static) >= self.STATIC:
+                self._static.pop(next(iter(self._static)))
+        self._static[shape] = req  # most recent last
+        return req
+
+    def run(self, x: np.ndarray, shape_varies: bool = False) -> np.ndarray:
+        """(N, 3, R, C) float32 -> (N, 1, R, C) float32 probabilities."""
+        req = self._request(tuple(x.shape), shape_varies)
+        req.infer({0: x})
+        return req.get_output_tensor(0).data.copy()
+
+
+def _backend(settings: DetectorSettings):
+    """The runtime for ``settings.backend`` with the model (folded when ``settings.fold``).
+
+    Raises:
+        DetectorUnavailable: the model or the runtime asked for cannot be loaded.
+    """
+    path = model_path()
+    model = (_folded(path) if settings.fold else None) or str(path)
+    if settings.backend not in ("auto", "openvino", "onnxruntime"):
+        raise DetectorUnavailable(f"unknown detector backend {settings.backend!r} (write auto, openvino or onnxruntime)")
+    if settings.backend in ("auto", "openvino"):
+        try:
+            return _OpenVino(model, settings.threads)
+        except ModuleNotFoundError:
+            if settings.backend == "openvino":
+                raise DetectorUnavailable("OpenVINO is not installed (pip install openvino)") from None
+            log.info("OpenVINO is not installed: the text detector runs on ONNX Runtime (slower)")
+        except Exception as exc:
+            if settings.backend == "openvino":
+                raise DetectorUnavailable(f"OpenVINO cannot load the text detection model ({type(exc).__name__})") from None
+            log.warning("OpenVINO cannot load the text detection model (%s): the text detector runs on ONNX Runtime", type(exc).__name__)
+    try:
+        return _OnnxRuntime(model, settings.threads)
+    except Exception as exc:
+        raise DetectorUnavailable(f"the text detection model cannot be loaded ({type(exc).__name__})") from None
+
+
+class TextDetector:
+    """Batched text detection on 8-bit RGB frames (N, rows, cols, 3).
+
+    One runtime (OpenVINO or ONNX Runtime, :func:`_backend`) per detector; calls are
+    serialised (an inference request is not used by two threads at once)."""
+
+    def __init__(self, settings: DetectorSettings | None = None) -> None:
+        self.settings = settings or DetectorSettings()
+        self.backend = _backend(self.settings)
         self._lock = threading.Lock()
         self.seconds = 0.0  # time spent in the model, for the benchmark's share of time
 
-    def probability(self, frames: np.ndarray, scale: float | None = None) -> np.ndarray:
+    def probability(self, frames: np.ndarray, scale: float | None = None, shape_varies: bool = False) -> np.ndarray:
         """(N, rows, cols, 3) uint8 -> (N, R, C) float32 text probability on the scaled
-        grid (R, C multiples of 32, at least rows*scale, cols*scale)."""
+        grid (R, C multiples of 32, at least rows*scale, cols*scale). ``shape_varies``:
+        a size not expected again (stacked crops), not worth a model of its own."""
         import time
 
         import cv2
@@ -140,7 +236,7 @@ class TextDetector:
             x[:, :, :, sc:] = -1
             t0 = time.perf_counter()
             with self._lock:
-                pred = self.session.run(None, {self.input: x})[0]
+                pred = self.backend.run(x, shape_varies)
             self.seconds += time.perf_counter() - t0
             out[i : i + len(chunk)] = pred[:, 0]
         return out
@@ -171,10 +267,11 @@ class TextDetector:
                 out.append(box)
         return out
 
-    def detect(self, frames: np.ndarray, scale: float | None = None) -> list[list[Box]]:
-        """Text boxes per frame of (N, rows, cols, 3) uint8 RGB frames."""
+    def detect(self, frames: np.ndarray, scale: float | None = None, shape_varies: bool = False) -> list[list[Box]]:
+        """Text boxes per frame of (N, rows, cols, 3) uint8 RGB frames (``shape_varies``:
+        see :meth:`probability`)."""
         rows, cols = frames.shape[1:3]
-        return [self.boxes(p, rows, cols, scale) for p in self.probability(frames, scale)]
+        return [self.boxes(p, rows, cols, scale) for p in self.probability(frames, scale, shape_varies)]
 
     def detect_regions(self, frame: np.ndarray, regions: Sequence[Box], scale: float | None = None) -> list[Box]:
         """Text boxes found inside ``regions`` of one frame (rows, cols, 3), in frame
@@ -192,7 +289,7 @@ class TextDetector:
         for (top, left, bottom, right), y in zip(regions, tops):
             canvas[0, y : y + bottom - top, : right - left] = frame[top:bottom, left:right]
         found: list[Box] = []
-        for t, l, b, r in self.detect(canvas, scale)[0]:
+        for t, l, b, r in self.detect(canvas, scale, shape_varies=True)[0]:
             k = int(np.searchsorted(tops, t, side="right")) - 1
             top, left, bottom, right = regions[k]
             y = int(tops[k])
@@ -215,5 +312,5 @@ def shared_detector(settings: DetectorSettings | None = None) -> TextDetector:
     with _SHARED_LOCK:
         if key not in _SHARED:
             _SHARED[key] = TextDetector(key)
-            log.info("text detector ready (%s, scale %.2f)", MODEL_FILE, key.scale)
+            log.info("text detector ready (%s, scale %.2f, %s)", MODEL_FILE, key.scale, _SHARED[key].backend.name)
         return _SHARED[key]
