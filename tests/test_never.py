@@ -1,0 +1,149 @@
+"""What the node must never do, found open by hostile reviews and closed here:
+
+1. keep PHI for ever: objects held for a route (``unrouted = "hold"``) had no retention;
+   now ``[retention] held_days``;
+2. merge two patients into one pseudonymous study: an object whose patient (Patient ID
+   with its issuer) differs from its study's first object is quarantined, not merged;
+3. let in a source a reload removed: a receiver process that does not confirm a reload
+   is restarted with the new settings, not just named in an error.
+
+Every test talks to a real node (dcmtk's storescu as the modality) and runs on SQLite
+and on PostgreSQL where it touches the database; only the clock is mocked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from node import retention
+from node.config import parse
+from node.db import AuditEvent, Instance, InstanceState, Study, StudyState, data_path
+from tests.conftest import PHI, ROOT, STORESCU, dcmtk_env, make_study, needs_dcmtk, node_config, write_toml
+from tests.test_lifecycle import clock, drain, folder  # noqa: F401  (clock is a fixture)
+
+
+@pytest.fixture
+def both_clocks(clock, monkeypatch):
+    """The database's clock moved on (``clock``), and the node process's clock with it,
+    which stamps state changes (``Instance.state_changed_at``): objects held after a
+    move are held "later"."""
+    import node.db as db
+    from node import queue
+
+    real = queue.utcnow
+    monkeypatch.setattr(queue, "utcnow", lambda: real() + db.clock_offset)
+    return clock
+
+
+def storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess:
+    return subprocess.run([STORESCU, "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=180)
+
+
+def instances(node) -> dict[str, Instance]:
+    with node.sessions() as s:
+        return {i.sop_instance_uid: i for i in s.scalars(select(Instance))}
+
+
+def study_states(node) -> dict[str, str]:
+    with node.sessions() as s:
+        return {st.study_uid: st.state.value for st in s.scalars(select(Study))}
+
+
+def uids_of(files: list[Path]) -> list[str]:
+    from pydicom import dcmread
+
+    return [str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+
+
+# -- 1. held originals are not kept for ever --------------------------------------------------
+@needs_dcmtk
+@pytest.mark.usefixtures("database")
+def test_held_originals_are_deleted_held_days_after_they_were_held_and_audited(tmp_path, start_node, both_clocks):
+    """Objects that match no route (unrouted = hold) keep their originals held_days
+    (30 by default), then retention deletes the files: the rows stay HELD, marked purged,
+    with a reason saying so; their studies stay HELD; each study's deletion is audited
+    with the count only. Objects held later are kept until their own days are over, and
+    a re-send of a purged held object brings it back to routing."""
+    raw = node_config(tmp_path, [folder(tmp_path)])
+    raw["routes"][0]["match"] = {"Modality": "MR"}  # the CT objects match no route: held
+    node = start_node(raw, schedule=False)
+    clock = both_clocks
+    assert node.settings.retention.held_days == 30, "a bounded default"
+    port = node.settings.node.port
+    old, new = make_study(tmp_path / "old", 2), make_study(tmp_path / "new", 1)
+    assert storescu(port, old).returncode == 0
+    node.tick(0)
+    clock(days=20)
+    assert storescu(port, new).returncode == 0
+    node.tick(0)
+    held = instances(node)
+    assert {i.state for i in held.values()} == {InstanceState.HELD}
+    paths = {uid: data_path(node.settings.node.data_dir, i.path) for uid, i in held.items()}
+    assert all(p.exists() for p in paths.values())
+
+    clock(days=9)  # 29 days after the first study was held: nothing is due yet
+    assert retention.run(node.sessions, node.settings).deleted == 0
+    assert all(p.exists() for p in paths.values())
+
+    clock(days=2)  # 31 days after the first, 11 after the second
+    dry = retention.run(node.sessions, node.settings, dry_run=True)
+    assert dict(dry.files) == {"held": 2}
+    assert dict(retention.run(node.sessions, node.settings).files) == {"held": 2}
+    rows = instances(node)
+    for uid in uids_of(old):
+        assert not paths[uid].exists(), "the held original is deleted"
+        assert rows[uid].state == InstanceState.HELD and rows[uid].purged_at is not None, "the row stays, marked purged"
+        assert rows[uid].reason == retention.HELD_PURGED
+    (kept,) = uids_of(new)
+    assert paths[kept].exists() and rows[kept].purged_at is None and rows[kept].reason == "matched no route (unrouted = hold)"
+    assert set(study_states(node).values()) == {StudyState.HELD.value}
+    with node.sessions() as s:
+        entries = s.scalars(select(AuditEvent).where(AuditEvent.event == "held-purged")).all()
+    old_study = rows[uids_of(old)[0]].study_id
+    assert [(e.study_id, json.loads(e.detail)) for e in entries] == [(old_study, {"instances": 2, "held_days": 30})]
+    assert not any(v in e.detail + e.object_ref for e in entries for v in PHI.values())
+
+    with node.sessions() as s:  # casemask retry --held: nothing left to route for the purged ones
+        from node import queue
+
+        assert queue.release_held(s) == 1
+        s.commit()
+    node.tick(0)  # the kept one is held again (same routes)
+
+    clock(days=29)  # held again 29 days ago (an operator's retry starts its days again): kept
+    assert retention.run(node.sessions, node.settings).deleted == 0
+    clock(days=2)
+    assert dict(retention.run(node.sessions, node.settings).files) == {"held": 1}
+    assert not any(p.exists() for p in paths.values())
+
+    # The modality sends a purged held object again, the routes having changed: it is routed.
+    node.settings.routes[0].match = {"Modality": "CT"}
+    assert storescu(port, old[:1]).returncode == 0
+    drain(node, until=lambda: instances(node)[uids_of(old)[0]].state == InstanceState.PROCESSED)
+
+
+@pytest.mark.usefixtures("database")
+def test_held_days_minus_one_keeps_held_originals_and_config_check_warns(tmp_path, start_node, clock):
+    from tests.test_lifecycle import fill
+
+    raw = node_config(tmp_path, [folder(tmp_path)])
+    raw["routes"][0]["match"] = {"Modality": "MR"}
+    raw["retention"] = {"held_days": -1}
+    node = start_node(raw, schedule=False, listen=False)
+    fill(node, tmp_path, 1)
+    node.tick(0)
+    (inst,) = instances(node).values()
+    assert inst.state == InstanceState.HELD
+    clock(days=3650)
+    assert retention.run(node.sessions, node.settings).deleted == 0
+    assert data_path(node.settings.node.data_dir, inst.path).exists()
+    settings = parse(raw, "test", base_dir=tmp_path)
+    assert any("held_days = -1" in w for w in settings.warnings)
+    assert "held originals (matched no route, unrouted = hold): kept for ever (-1)" in settings.retention.describe()
+    r = subprocess.run([sys.executable, "-m", "node.cli", "config", "check", str(write_toml(raw, tmp_path / "a.toml"))], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "held_days = -1" in r.stdout + r.stderr, r.stdout + r.stderr
