@@ -246,7 +246,7 @@ class Node:
             waiting.add(study.id)  # a row is committed while its file is renamed into place
             session.rollback()
             return None
-        n = 0
+        n = other_patient = 0
         routed_before = queue.instances_with_jobs(session, study)
         for inst in instances:
             if inst.id in routed_before:
@@ -267,6 +267,9 @@ class Node:
                 queue.quarantine_instance(session, inst, f"route: spooled file unreadable ({type(exc).__name__})")
                 metrics.QUARANTINED.labels(step="read").inc()
                 continue
+            if not queue.join_study(session, study, inst, routing.patient_of(ds, self.pseudo.log_id)):
+                other_patient += 1  # another patient under this Study Instance UID: never merged
+                continue
             attrs = routing.attributes_of(ds, inst.calling_ae, inst.called_ae, keys)
             matched = [v.route for v in routing.match_routes(self.settings.routes, attrs) if v.matched]
             if not matched and not routing.is_known_sop_class(inst.sop_class_uid):
@@ -276,6 +279,9 @@ class Node:
             n += 1
         queue.mark_study_routed(session, study)
         audit.study_received(session, study, len(instances), instances[0].calling_ae if instances else "", instances[0].peer_host if instances else "")
+        if other_patient:
+            metrics.QUARANTINED.labels(step="route").inc(other_patient)
+            audit.record(session, "quarantined", outcome=audit.MINOR_FAILURE, study_id=study.id, object_kind="study", detail={"instances": other_patient, "reason": queue.OTHER_PATIENT})
         session.commit()
         return n
 

@@ -147,3 +147,68 @@ def test_held_days_minus_one_keeps_held_originals_and_config_check_warns(tmp_pat
     assert "held originals (matched no route, unrouted = hold): kept for ever (-1)" in settings.retention.describe()
     r = subprocess.run([sys.executable, "-m", "node.cli", "config", "check", str(write_toml(raw, tmp_path / "a.toml"))], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "held_days = -1" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+# -- 2. one Study Instance UID, two patients ------------------------------------------------
+OTHER = {**PHI, "PatientID": "MRN-55500011", "PatientName": "Roe^Richard"}
+OTHER_ISSUER = {**PHI, "IssuerOfPatientID": "SYNTHETIC-OTHER-HOSPITAL"}
+
+
+@needs_dcmtk
+@pytest.mark.usefixtures("database")
+def test_an_object_of_another_patient_under_a_studys_uid_is_quarantined_not_merged(tmp_path, start_node, caplog):
+    """A modality sends one patient's object, then an object of another patient (another
+    Patient ID; then the same Patient ID from another issuer) under the same Study
+    Instance UID, before and after the study was routed (an amendment). Only the first
+    patient's objects leave, as one pseudonymous study of one pseudonymous patient; the
+    others are QUARANTINED with a reason that names the check and no value, and audited.
+    Another object of the first patient is not held up."""
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    from node import queue
+
+    raw = node_config(tmp_path, [folder(tmp_path)])
+    node = start_node(raw, schedule=False)
+    port = node.settings.node.port
+    uid = generate_uid()
+    first = make_study(tmp_path / "a1", 1, study_uid=uid)
+    other = make_study(tmp_path / "b1", 1, study_uid=uid, phi=OTHER)
+    assert storescu(port, first).returncode == 0
+    assert storescu(port, other).returncode == 0
+    drain(node, until=lambda: settled(node))
+    assert set(study_states(node).values()) == {"PARTIAL"}, "one object processed, the other patient's quarantined"
+    later = make_study(tmp_path / "a2", 1, study_uid=uid)  # the first patient's, sent later: an amendment
+    intruders = make_study(tmp_path / "b2", 1, study_uid=uid, phi=OTHER) + make_study(tmp_path / "c", 1, study_uid=uid, phi=OTHER_ISSUER)
+    assert storescu(port, later + intruders).returncode == 0
+    drain(node, until=lambda: settled(node))
+
+    rows = instances(node)
+    for uid_ in uids_of(first + later):
+        assert rows[uid_].state == InstanceState.PROCESSED
+    for uid_ in uids_of(other + intruders):
+        assert rows[uid_].state == InstanceState.QUARANTINED and rows[uid_].reason == queue.OTHER_PATIENT
+    out = [dcmread(f) for f in files(tmp_path)]
+    assert len(out) == 2 and len({str(d.PatientID) for d in out}) == 1 and len({str(d.StudyInstanceUID) for d in out}) == 1
+    assert {str(d.PatientID) for d in out} != {OTHER["PatientID"], PHI["PatientID"]}
+    with node.sessions() as s:
+        study = s.scalars(select(Study)).one()
+        assert study.state == StudyState.PARTIAL and study.patient_key and study.patient_key.startswith("h:")
+        entries = s.scalars(select(AuditEvent).where(AuditEvent.event == "quarantined", AuditEvent.study_id == study.id)).all()
+    assert sorted(json.loads(e.detail)["instances"] for e in entries) == [1, 2]
+    said = caplog.text + queue.OTHER_PATIENT + "".join(e.detail for e in entries) + str(study.patient_key)
+    for value in (*PHI.values(), *OTHER.values(), OTHER_ISSUER["IssuerOfPatientID"]):
+        assert value not in said
+
+
+def settled(node) -> bool:
+    """Every object processed or quarantined, every delivery SENT."""
+    from tests.test_lifecycle import delivery_states
+
+    ended = {i.state for i in instances(node).values()} <= {InstanceState.PROCESSED, InstanceState.QUARANTINED}
+    return ended and set(delivery_states(node)) <= {"SENT"} and set(study_states(node).values()) <= {"DONE", "PARTIAL", "QUARANTINED"}
+
+
+def files(tmp_path: Path) -> list[Path]:
+    root = tmp_path / "archive"
+    return sorted(p for p in root.rglob("*.dcm")) if root.exists() else []
