@@ -435,8 +435,7 @@ class Node:
             policy = getattr(self.server, "access_policy", None)
             if policy is not None:  # who may associate from now on (open associations go on)
                 policy.update(new)
-            if self.receivers is not None:
-                self.receivers.update(new)
+            restarted = self.receivers.update(new) if self.receivers is not None else []  # unconfirmed ones killed (fail closed)
             if self.scheduler is not None and self.works:
                 wanted = {f"dispatch:{d}" for d in dispatchers}
                 present = {j.id for j in self.scheduler.get_jobs() if j.id.startswith("dispatch:")}
@@ -451,7 +450,10 @@ class Node:
                     queue.sort_unconfigured(session, [d.name for d in new.destinations])
                     session.commit()
         log.info("configuration reloaded: %s changed%s", ", ".join(applied) or "nothing", f"; needs a restart: {', '.join(restart)}" if restart else "")
-        return {"applied": applied, "restart_required": restart}
+        result = {"applied": applied, "restart_required": restart}
+        if restarted:  # receivers that did not confirm: killed, started again with the new settings
+            result["receivers_restarted"] = [str(pid) for pid in restarted]
+        return result
 
     def request_reload(self) -> None:
         """Ask the main loop to reload the configuration file (what SIGHUP does)."""

@@ -212,3 +212,51 @@ def settled(node) -> bool:
 def files(tmp_path: Path) -> list[Path]:
     root = tmp_path / "archive"
     return sorted(p for p in root.rglob("*.dcm")) if root.exists() else []
+
+
+# -- 3. a receiver that does not confirm a reload --------------------------------------------
+@needs_dcmtk
+@pytest.mark.slow
+def test_a_receiver_that_does_not_confirm_a_reload_is_replaced_and_admits_no_removed_source(tmp_path):
+    """receivers = 2, the receiver process stopped (SIGSTOP: hung, its socket still
+    listening, the kernel still queueing connections for it); SIGHUP with the modality's
+    source removed. Before, the reload only named it in an error and reported done; the
+    hung process, once it ran again, could admit the removed source. Now it is killed
+    before the reload returns and another, with the new settings, takes its place: every
+    association of the removed source is rejected, by whichever process."""
+    import os
+    import signal
+
+    from tests.conftest import NodeProcess, child_pids, is_alive, wait_until
+
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600, receivers=2)
+    port = raw["node"]["port"]
+    config = write_toml(raw, tmp_path / "node.toml")
+    log = tmp_path / "node.log"
+    node = NodeProcess(config, log)
+    files = make_study(tmp_path / "in", 1)
+    node.start(port)
+    hung = None
+    try:
+        node_pid = node.proc.pid  # type: ignore[union-attr]
+        (hung,) = child_pids(node_pid)
+        os.kill(hung, signal.SIGSTOP)
+        raw["sources"] = [s for s in raw["sources"] if s["ae_title"] != "STORESCU"]
+        write_toml(raw, config)
+        node.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        wait_until(lambda: "configuration reloaded:" in log.read_text(), timeout=60, what="the reload to be reported")
+        text = log.read_text()
+        assert f"receiver process(es) {hung} did not confirm the new configuration within 10 s: killed" in text, text[-3000:]
+        assert not is_alive(hung), "the receiver that did not confirm is gone by the time the reload is reported"
+        wait_until(lambda: "listening (started in place of one that died)" in log.read_text(), timeout=60, what="a receiver in its place")
+        (second,) = [p for p in child_pids(node_pid) if is_alive(p)]
+        assert second != hung
+        for _ in range(8):  # spread over the two processes by the kernel
+            r = storescu(port, files)
+            assert r.returncode != 0 and "Rejected" in r.stderr, r.stderr
+        with __import__("sqlite3").connect(Path(raw["node"]["data_dir"]) / "casemask.db") as db:
+            assert db.execute("select count(*) from instances").fetchone()[0] == 0
+    finally:
+        if hung is not None and is_alive(hung):
+            os.kill(hung, signal.SIGKILL)  # the test's own stopped receiver (before the fix it stayed)
+        node.stop()
