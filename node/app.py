@@ -260,6 +260,7 @@ class Node:
                     metrics.QUARANTINED.labels(step="read").inc()
                     continue
                 ds = dcmread(spooled, stop_before_pixels=True)
+                patient = routing.patient_of(ds, self.pseudo.log_id)  # an undecodable Patient ID: unreadable, quarantined
             except FileNotFoundError:
                 queue.quarantine_instance(session, inst, queue.SPOOL_FILE_MISSING)
                 continue
@@ -267,7 +268,7 @@ class Node:
                 queue.quarantine_instance(session, inst, f"route: spooled file unreadable ({type(exc).__name__})")
                 metrics.QUARANTINED.labels(step="read").inc()
                 continue
-            if not queue.join_study(session, study, inst, routing.patient_of(ds, self.pseudo.log_id)):
+            if not queue.join_study(session, study, inst, patient):
                 other_patient += 1  # another patient under this Study Instance UID: never merged
                 continue
             attrs = routing.attributes_of(ds, inst.calling_ae, inst.called_ae, keys)
