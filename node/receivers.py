@@ -259,16 +259,19 @@ class Receivers:
             procs = list(self.procs)
         with self._reloaded:
             before = {p.pid: self._reloads.get(p.pid, 0) for p in procs}
+        sent, unsent = [], []
         for p in procs:
             try:
                 assert p.stdin is not None
                 p.stdin.write(blob)
                 p.stdin.flush()
+                sent.append(p)
             except (OSError, ValueError) as exc:
                 log.error("receiver process %d did not take the new configuration (%s)", p.pid, type(exc).__name__)
+                unsent.append(p)
         deadline = time.monotonic() + wait_s
         with self._reloaded:
-            while waiting := [p for p in procs if self._reloads.get(p.pid, 0) <= before[p.pid] and p.poll() is None]:
+            while waiting := [p for p in sent if self._reloads.get(p.pid, 0) <= before[p.pid] and p.poll() is None]:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -276,8 +279,9 @@ class Receivers:
         if waiting:
             log.error("receiver process(es) %s did not confirm the new configuration within %g s: killed, so that none admits by the old "
                       "[[sources]]; each is started again with the new configuration", ", ".join(str(p.pid) for p in waiting), wait_s)
-            _kill_unconfirmed(waiting)
-        return [p.pid for p in waiting]
+        unconfirmed = waiting + [p for p in unsent if p.poll() is None]  # a broken pipe: it never will
+        _kill_unconfirmed(unconfirmed)
+        return [p.pid for p in unconfirmed]
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every receiver (each finishes the C-STOREs it is answering), then

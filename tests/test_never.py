@@ -260,3 +260,42 @@ def test_a_receiver_that_does_not_confirm_a_reload_is_replaced_and_admits_no_rem
         if hung is not None and is_alive(hung):
             os.kill(hung, signal.SIGKILL)  # the test's own stopped receiver (before the fix it stayed)
         node.stop()
+
+
+_SILENT = """
+import os, sys, time
+if sys.argv[1] == "closed":
+    os.close(0)  # its pipe from the node is broken: a reload cannot even reach it
+else:
+    sys.stdin.buffer.read(1)  # reads, never confirms
+time.sleep(120)
+"""
+
+
+def test_update_kills_every_receiver_that_cannot_or_does_not_confirm(tmp_path, caplog):
+    """Receivers.update, on stand-ins for receiver processes: one whose pipe is broken
+    is killed at once, one that reads but never confirms after wait_s; both are named
+    and returned (the node's reload lists them), and neither is left running."""
+    import threading
+
+    from node.receivers import Receivers, _read_receiver
+
+    settings = parse(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), "test", base_dir=tmp_path)
+    receivers = Receivers(settings, 0, writer="n/1", slots_fd=-1)
+    procs = [subprocess.Popen([sys.executable, "-c", _SILENT, kind], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT) for kind in ("closed", "silent")]
+    try:
+        for p in procs:
+            threading.Thread(target=_read_receiver, args=(p.stdout, p.pid, threading.Event()), kwargs={"on_reloaded": receivers._confirmed}, daemon=True).start()
+        receivers.procs = procs
+        from tests.conftest import wait_until
+
+        wait_until(lambda: not Path(f"/proc/{procs[0].pid}/fd/0").exists(), what="the first to close its end of the pipe")
+        assert sorted(receivers.update(settings, wait_s=1.0)) == sorted(p.pid for p in procs)
+        assert all(p.poll() is not None for p in procs), "a receiver that did not confirm is still running"
+        assert f"receiver process {procs[0].pid} did not take the new configuration" in caplog.text
+        assert f"receiver process(es) {procs[1].pid} did not confirm the new configuration within 1 s: killed" in caplog.text
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(30)
