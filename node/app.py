@@ -247,7 +247,7 @@ class Node:
             waiting.add(study.id)  # a row is committed while its file is renamed into place
             session.rollback()
             return None
-        n = 0
+        n = other_patient = 0
         routed_before = queue.instances_with_jobs(session, study)
         for inst in instances:
             if inst.id in routed_before:
@@ -261,12 +261,16 @@ class Node:
                     metrics.QUARANTINED.labels(step="read").inc()
                     continue
                 ds = dcmread(spooled, stop_before_pixels=True)
+                patient = routing.patient_of(ds, self.pseudo.log_id)  # an undecodable Patient ID: unreadable, quarantined
             except FileNotFoundError:
                 queue.quarantine_instance(session, inst, queue.SPOOL_FILE_MISSING)
                 continue
             except Exception as exc:
                 queue.quarantine_instance(session, inst, f"route: spooled file unreadable ({type(exc).__name__})")
                 metrics.QUARANTINED.labels(step="read").inc()
+                continue
+            if not queue.join_study(session, study, inst, patient):
+                other_patient += 1  # another patient under this Study Instance UID: never merged
                 continue
             attrs = routing.attributes_of(ds, inst.calling_ae, inst.called_ae, keys)
             matched = [v.route for v in routing.match_routes(self.settings.routes, attrs) if v.matched]
@@ -277,6 +281,9 @@ class Node:
             n += 1
         queue.mark_study_routed(session, study)
         audit.study_received(session, study, len(instances), instances[0].calling_ae if instances else "", instances[0].peer_host if instances else "")
+        if other_patient:
+            metrics.QUARANTINED.labels(step="route").inc(other_patient)
+            audit.record(session, "quarantined", outcome=audit.MINOR_FAILURE, study_id=study.id, object_kind="study", detail={"instances": other_patient, "reason": queue.OTHER_PATIENT})
         session.commit()
         return n
 
@@ -441,8 +448,7 @@ class Node:
             policy = getattr(self.server, "access_policy", None)
             if policy is not None:  # who may associate from now on (open associations go on)
                 policy.update(new)
-            if self.receivers is not None:
-                self.receivers.update(new)
+            restarted = self.receivers.update(new) if self.receivers is not None else []  # unconfirmed ones killed (fail closed)
             if self.scheduler is not None and self.works:
                 wanted = {f"dispatch:{d}" for d in dispatchers}
                 present = {j.id for j in self.scheduler.get_jobs() if j.id.startswith("dispatch:")}
@@ -457,7 +463,10 @@ class Node:
                     queue.sort_unconfigured(session, [d.name for d in new.destinations])
                     session.commit()
         log.info("configuration reloaded: %s changed%s", ", ".join(applied) or "nothing", f"; needs a restart: {', '.join(restart)}" if restart else "")
-        return {"applied": applied, "restart_required": restart}
+        result = {"applied": applied, "restart_required": restart}
+        if restarted:  # receivers that did not confirm: killed, started again with the new settings
+            result["receivers_restarted"] = [str(pid) for pid in restarted]
+        return result
 
     def request_reload(self) -> None:
         """Ask the main loop to reload the configuration file (what SIGHUP does)."""

@@ -66,6 +66,7 @@ KINDS: dict[str, Kind] = {
     "job-discarded": Kind(("110103", _DCM, "DICOM Instances Accessed"), "D"),
     "deliveries-retried": Kind(("110103", _DCM, "DICOM Instances Accessed"), "U"),
     "held-released": Kind(("110103", _DCM, "DICOM Instances Accessed"), "U"),
+    "held-purged": Kind(("110103", _DCM, "DICOM Instances Accessed"), "D"),  # retention deleted held originals (held_days)
     "config-changed": Kind(("110113", _DCM, "Security Alert"), "U", ("110131", _DCM, "Software Configuration")),
     "config-reloaded": Kind(("110113", _DCM, "Security Alert"), "E", ("110131", _DCM, "Software Configuration")),
     "mapping-exported": Kind(("110106", _DCM, "Export"), "R"),

@@ -192,6 +192,7 @@ class RetentionSettings(_Table):
     originals_days: StrictInt = hint("days; 0 deletes a received object once everything made from it is SENT, -1 keeps it", 0, ge=-1)
     outputs_days: StrictInt = hint("days; 0 deletes a de-identified file once delivered to every destination, -1 keeps it", 0, ge=-1)
     quarantine_days: StrictInt = hint("days a quarantined object is kept for review, then deleted; -1 keeps it", 30, ge=-1)
+    held_days: StrictInt = hint("days an object held for a route (unrouted = \"hold\": it matched none) is kept, then deleted; -1 keeps it", 30, ge=-1)
     mapping_days: StrictInt = hint("days a pseudonym mapping row (original Patient ID, name and UIDs, for casemask export-mapping) is kept "
                                    "after it was last met; 0 stores none, -1 keeps it", 30, ge=-1)
     unconfigured_days: StrictInt = hint("days deliveries to a destination removed from the configuration are kept owed, then given up "
@@ -209,6 +210,7 @@ class RetentionSettings(_Table):
             f"originals: {days(self.originals_days, 'every output made from them is delivered')}",
             f"de-identified outputs: {days(self.outputs_days, 'delivered to every destination')}",
             f"quarantined originals: {days(self.quarantine_days, 'they were quarantined')}",
+            f"held originals (matched no route, unrouted = hold): {days(self.held_days, 'they were held')}",
             "pseudonym mapping (original Patient IDs, names, UIDs): "
             + ("not stored (mapping_days = 0): casemask export-mapping has nothing to export" if self.mapping_days == 0
                else days(self.mapping_days, "a patient's or UID's last object") + ("" if self.mapping_days < 0 else "; export it before then (casemask export-mapping)")),
@@ -617,6 +619,9 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
     if retention.mapping_days < 0:
         warnings.append("[retention] mapping_days = -1: the pseudonym mapping (original Patient IDs and names in clear) is kept for ever; "
                         "write a number of days (the honest broker exports it before then), or 0 to store none")
+    if retention.held_days < 0 and node.unrouted == "hold":
+        warnings.append("[retention] held_days = -1: objects that match no route (unrouted = \"hold\") keep their originals, with the patient's data, "
+                        "for ever; write a number of days (default 30), time enough to add a route for them")
     if not sources:
         warnings.append("no [[sources]]: every association is rejected; add [[sources]] ae_title = \"MODALITY\" for each sender")
     if not routes:

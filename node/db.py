@@ -125,6 +125,10 @@ class Study(Base):
     state: Mapped[StudyState] = mapped_column(Enum(StudyState, native_enum=False, length=16), default=StudyState.RECEIVING)
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    # Keyed hash of the patient (Patient ID with its issuer) of the study's first object
+    # routed: an object of another patient under this Study Instance UID is not merged
+    # into it (node.queue.join_study). NULL until its first object is routed.
+    patient_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
 
 

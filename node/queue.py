@@ -439,6 +439,30 @@ SPOOL_FILE_MISSING = "route: the spooled file is missing (the writing node stopp
 SPOOL_FILE_TORN = "route: the spooled file does not match its digest (torn by a crash mid-write?)"
 
 
+# The reason of an object whose patient differs from its study's (join_study): names the
+# check and the attributes, never a value.
+OTHER_PATIENT = ("route: PatientID (0010,0020) / IssuerOfPatientID (0010,0021) differ from the study's first object "
+                 "(another patient under this StudyInstanceUID): not merged into the study")
+
+
+def join_study(session: Session, study: Study, inst: Instance, patient: str) -> bool:
+    """Whether ``inst``, of the patient ``patient`` (a keyed hash, node.routing.patient_of),
+    may join ``study``, in the caller's transaction: the study's first object routed
+    sets the study's patient (``Study.patient_key``); an object of another patient is
+    QUARANTINED with :data:`OTHER_PATIENT` and False is returned. Two patients' objects
+    under one Study Instance UID (a sender's mistake, or a study UID taken from another
+    patient's study) would otherwise leave as one pseudonymous study: one patient's
+    images linked to the other's, or shown under the other's pseudonym. The first
+    patient keeps the study, including for amendments sent later."""
+    if study.patient_key is None:
+        study.patient_key = patient
+        return True
+    if study.patient_key == patient:
+        return True
+    _set_instance(inst, InstanceState.QUARANTINED, OTHER_PATIENT)
+    return False
+
+
 def quarantine_instance(session: Session, inst: Instance, reason: str) -> None:
     """An instance that could not even be routed (unreadable or missing file)."""
     _set_instance(inst, InstanceState.QUARANTINED, reason)

@@ -228,19 +228,24 @@ class Receivers:
             self._reloads[pid] = self._reloads.get(pid, 0) + 1
             self._reloaded.notify_all()
 
-    def update(self, settings: Settings, wait_s: float = RELOAD_WAIT_S) -> None:
+    def update(self, settings: Settings, wait_s: float = RELOAD_WAIT_S) -> list[int]:
         """A configuration reload: each receiver takes the new [[sources]] and
         accept_unknown_sources (as the node process's own listeners do); a receiver
         started later gets them too. Returns once each running receiver has confirmed
         it (before, a reload reported done could still find a receiver admitting a
-        source it removed), or after ``wait_s`` seconds, naming those that did not."""
+        source it removed), or after ``wait_s`` seconds.
+
+        Fails closed: a receiver that did not confirm in time (hung, or its pipe
+        broken) is killed (:func:`_kill_unconfirmed`) before this returns, so that no
+        process still running the old settings accepts anything; the node starts another
+        in its place, with the new settings (:meth:`_watch`). Returns the PIDs killed."""
         blob = pickle.dumps(settings)
         with self._lock:
             self.settings = settings
             procs = list(self.procs)
         with self._reloaded:
             before = {p.pid: self._reloads.get(p.pid, 0) for p in procs}
-        sent = []
+        sent, unsent = [], []
         for p in procs:
             try:
                 assert p.stdin is not None
@@ -249,14 +254,20 @@ class Receivers:
                 sent.append(p)
             except (OSError, ValueError) as exc:
                 log.error("receiver process %d did not take the new configuration (%s)", p.pid, type(exc).__name__)
+                unsent.append(p)
         deadline = time.monotonic() + wait_s
         with self._reloaded:
-            while waiting := [p.pid for p in sent if self._reloads.get(p.pid, 0) <= before[p.pid] and p.poll() is None]:
+            while waiting := [p for p in sent if self._reloads.get(p.pid, 0) <= before[p.pid] and p.poll() is None]:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    log.error("receiver process(es) %s did not confirm the new configuration within %g s", ", ".join(map(str, waiting)), wait_s)
-                    return
+                    break
                 self._reloaded.wait(min(left, 0.5))  # 0.5: a receiver that dies meanwhile is noticed
+        if waiting:
+            log.error("receiver process(es) %s did not confirm the new configuration within %g s: killed, so that none admits by the old "
+                      "[[sources]]; each is started again with the new configuration", ", ".join(str(p.pid) for p in waiting), wait_s)
+        unconfirmed = waiting + [p for p in unsent if p.poll() is None]  # a broken pipe: it never will
+        _kill_unconfirmed(unconfirmed)
+        return [p.pid for p in unconfirmed]
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every receiver (each finishes the C-STOREs it is answering), then
@@ -278,6 +289,22 @@ class Receivers:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _kill_unconfirmed(procs: list[subprocess.Popen], wait_s: float = 5.0) -> None:
+    """SIGKILL receivers that did not confirm a reload (a hung one may not act on
+    SIGTERM) and wait for them to exit: the kernel closes their listening sockets, so
+    connections go to processes that run the new settings. An association one of them
+    was answering ends without an answer, and its sender sends again (nothing it had
+    been answered Success for is lost). The watcher thread starts another in its place."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        try:
+            p.wait(wait_s)
+        except subprocess.TimeoutExpired:  # stuck in the kernel (D state): its threads that accept are gone already
+            log.error("receiver process %d did not exit within %g s of SIGKILL", p.pid, wait_s)
 
 
 def _die_with_parent(parent: int) -> None:

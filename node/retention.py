@@ -6,11 +6,16 @@ are no longer needed, and keep the rows (UIDs and states, no PHI) for the audit 
 - ``originals_days`` (default 0): a received object is deleted from the spool that many
   days after every output of every route made from it was SENT to every destination;
   an object that matched no route with ``unrouted = "discard"`` (IGNORED), that many
-  days after that. HELD objects wait for a route and are kept.
+  days after that.
 - ``outputs_days`` (default 0): a de-identified file is deleted from the outbox that
   many days after it was delivered to every destination.
 - ``quarantine_days`` (default 30): a quarantined original is kept that long for review
   (``casemask retry --quarantined``), then deleted.
+- ``held_days`` (default 30): an object that matched no route with ``unrouted = "hold"``
+  (HELD) waits that long for a route (a reload or restart with new routes, ``casemask
+  retry --held``), then its original is deleted; the row stays HELD, marked purged, with
+  a reason saying so, and each study's deletion is audited (``held-purged``, the count
+  only). Before, held originals had no limit at all.
 - ``mapping_days`` (default 30): a row of the pseudonym mapping (original Patient ID,
   Patient's Name, UIDs -> pseudonyms; :mod:`node.mapping`) is deleted that many days
   after it was last met; 0 stores none. Each run that deletes rows is audited
@@ -63,7 +68,7 @@ _DIGEST = re.compile(r"[0-9a-f]{32}")  # node.spool.digest
 class Candidate:
     """A file retention would delete: ``kind`` is original | quarantined | output | orphan."""
 
-    kind: str
+    kind: str  # original | quarantined | held | output | orphan
     row_id: int | None
     path: Path
 
@@ -120,6 +125,9 @@ def originals_due(session: Session, settings: Settings, now: dt.datetime, limit:
     cutoff = _cutoff(now, r.quarantine_days)
     if cutoff is not None:
         out += _in_state_since(session, settings, InstanceState.QUARANTINED, "quarantined", cutoff, limit)
+    cutoff = _cutoff(now, r.held_days)
+    if cutoff is not None:
+        out += _in_state_since(session, settings, InstanceState.HELD, "held", cutoff, limit)
     return out
 
 
@@ -176,7 +184,7 @@ def orphans(session: Session, settings: Settings, limit: int) -> list[Candidate]
     old = time.time() - ORPHAN_GRACE_S
     data = settings.node.data_dir
     out: list[Candidate] = []
-    searched = [(data / "spool", Instance)] if r.originals_days >= 0 or r.quarantine_days >= 0 else []
+    searched = [(data / "spool", Instance)] if max(r.originals_days, r.quarantine_days, r.held_days) >= 0 else []
     searched += [(data / "outbox", Output)] if r.outputs_days >= 0 else []
     for root, model in searched:
         by_path: dict[str, str] = {}  # how a row names the file (relative) -> the file
@@ -331,7 +339,7 @@ def _delete_files(sessions: sessionmaker, settings: Settings, report: Report, ba
             due = plan(session, settings, now, batch)
             if not due:
                 break
-            instances, outputs = [], []
+            instances, outputs, held = [], [], []
             try:
                 for c in due:
                     if _owned(c.path, roots):
@@ -340,15 +348,35 @@ def _delete_files(sessions: sessionmaker, settings: Settings, report: Report, ba
                     else:  # marked all the same, so that it is not met again and again
                         report.refused += 1
                         log.error("retention: %s %s points outside the spool and outbox (or is a link): not deleted", c.kind, c.row_id)
-                    if c.kind in ("original", "quarantined"):
+                    if c.kind in ("original", "quarantined", "held"):
                         instances.append(c.row_id)
+                        if c.kind == "held":
+                            held.append(c.row_id)
                     elif c.kind == "output":
                         outputs.append(c.row_id)
             finally:
                 if instances:
                     session.execute(update(Instance).where(Instance.id.in_(instances)).values(purged_at=now).execution_options(synchronize_session=False))
+                    _note_held_purged(session, settings, held)
                 if outputs:
                     session.execute(update(Output).where(Output.id.in_(outputs)).values(purged_at=now).execution_options(synchronize_session=False))
                 session.commit()
     if report.deleted:
         log.info("retention: deleted %s", ", ".join(f"{n} {k}" for k, n in sorted(report.files.items())))
+
+
+HELD_PURGED = "matched no route (unrouted = hold); its original was deleted after [retention] held_days"
+
+
+def _note_held_purged(session: Session, settings: Settings, ids: list[int]) -> None:
+    """Held instances whose originals were just deleted: the reason says so (they stay
+    HELD, with ``purged_at``: nothing is left to route, and ``casemask retry --held``
+    passes them over; a re-send brings the object back and routes it), and each study
+    gets a ``held-purged`` audit entry (the count and ``held_days``, no identifier)."""
+    if not ids:
+        return
+    session.execute(update(Instance).where(Instance.id.in_(ids)).values(reason=HELD_PURGED).execution_options(synchronize_session=False))
+    per_study = session.execute(select(Instance.study_id, func.count()).where(Instance.id.in_(ids)).group_by(Instance.study_id).order_by(Instance.study_id))
+    for study_id, n in per_study:
+        audit.record(session, "held-purged", actor="retention", study_id=study_id, object_kind="study", detail={"instances": n, "held_days": settings.retention.held_days})
+    log.info("retention: deleted the originals of %d held objects (held_days = %d)", len(ids), settings.retention.held_days)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydicom.datadict import keyword_dict
@@ -148,6 +148,17 @@ def attributes_of(ds: Any, calling_ae: str = "", called_ae: str = "", keys: Iter
             value = None
         out[key] = value.value if hasattr(value, "value") else value
     return out
+
+
+def patient_of(ds: Any, log_id: Callable[[str], str]) -> str:
+    """Which patient an object belongs to, as a keyed hash (``log_id``, the node's
+    ``Pseudonymizer.log_id``) of its patient key: Patient ID with its issuer, exactly as
+    node.deid derives the patient's pseudonyms from them (``patient_key_of``), so two
+    objects with the same hash get the same pseudonymous patient. Never the value itself:
+    it is stored on the study (node.queue.join_study)."""
+    from node.deid.deidentify import patient_key_of
+
+    return log_id("study-patient\x1f" + patient_key_of(ds))
 
 
 def keys_used(routes: Iterable[Route]) -> set[str]:

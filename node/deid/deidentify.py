@@ -198,7 +198,7 @@ class Deidentifier:
 
     # -- per object ---------------------------------------------------------------
     def _context(self, ds: Dataset) -> _Context:
-        key = _patient_key_of(ds) or first_text(ds, 0x0020000D)  # no Patient ID: the study stands for the patient
+        key = patient_key_of(ds) or first_text(ds, 0x0020000D)  # no Patient ID: the study stands for the patient
         lo, hi = self.settings.date_shift_days
         offset = self.pseudo.date_offset_days(key, lo, hi) if self.modified_dates else None
         sop_class = first_text(ds, _SOP_CLASS)
@@ -455,7 +455,7 @@ class Deidentifier:
 
     def _patient_value(self, ds: Dataset, tag: int, ctx: _Context) -> str:
         if tag == _PATIENT_ID:
-            key = _patient_key_of(ds) if ds is not ctx.root else ctx.key  # an item (OtherPatientIDsSequence) has its own issuer
+            key = patient_key_of(ds) if ds is not ctx.root else ctx.key  # an item (OtherPatientIDsSequence) has its own issuer
             if not key:
                 return ""
             if key not in ctx.patients:
@@ -584,8 +584,10 @@ class _Context:
     root: Dataset | None = None
 
 
-def _patient_key_of(ds: Dataset) -> str:
-    """The patient key of a dataset or item: Patient ID with its issuer."""
+def patient_key_of(ds: Dataset) -> str:
+    """The patient key of a dataset or item: Patient ID with its issuer (the IssuerOfPatientID,
+    or the qualifiers' Universal Entity ID); "" without a Patient ID. What the pseudonyms
+    of the patient are derived from (:func:`node.deid.pseudonyms.patient_key`)."""
     pid = first_text(ds, _PATIENT_ID)
     if not pid:
         return ""
