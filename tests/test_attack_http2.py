@@ -103,3 +103,40 @@ def test_a_stranger_cannot_lock_an_admin_out_by_name(tmp_path, http_nodes):  # n
         assert _login(other, "admin", "guess-xxxxxx") == 401  # not refused unchecked: its own count
     with client("127.0.0.1") as admin:
         assert _login(admin, "admin", "correct horse battery") == 303
+
+
+PLANTED = "DOE^JANE^Q"  # a synthetic patient's name, typed where a number or date belongs
+PLANTED_ID = "PID-0042-SYN"
+
+
+def test_urls_and_rejected_values_reach_neither_the_log_nor_the_answer(tmp_path, http_nodes, caplog):  # noqa: F811
+    """uvicorn's access log wrote every request's path and query string (anonymous ones
+    too) to the node's log at INFO, the level `casemask serve` runs at: a name in a URL
+    went to the log as typed. FastAPI's 422 answers quoted the rejected input back
+    ("input": "DOE^JANE^Q", or an uploaded file's internals where a password belongs).
+    Now the access log names the route (its template), never the path or query, and a
+    422 names the field and what is wrong with it, never the value."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    hn = start_http_node(node_config(tmp_path, _folder(tmp_path)), tmp_path)
+    http_nodes.append(hn)
+    quoted = PLANTED.replace("^", "%5E")
+    answers = []
+    with hn.client() as anonymous:
+        answers.append(anonymous.get(f"/?patient={quoted}"))
+        answers.append(anonymous.get(f"/no/such/{PLANTED_ID}"))
+        answers.append(anonymous.post("/login", files={"name": (None, "admin"), "password": ("pw.txt", PLANTED_ID.encode())}))
+        answers.append(anonymous.post("/login", data={"name": PLANTED_ID}))
+    with hn.client("viewer") as viewer:
+        answers.append(viewer.get(f"/api/v1/studies/{quoted}"))
+        answers.append(viewer.get("/api/v1/studies", params={"limit": PLANTED, "offset": PLANTED_ID}))
+        answers.append(viewer.get("/api/v1/audit", params={"since": PLANTED, "study_id": PLANTED_ID}))
+    assert [a.status_code for a in answers] == [303, 404, 422, 422, 422, 422, 422], [a.status_code for a in answers]
+    for a in answers[2:]:
+        assert PLANTED not in a.text and PLANTED_ID not in a.text and "_TemporaryFileArgs" not in a.text, a.text
+        assert a.json()["detail"][0]["loc"], a.text  # still says which field
+    node_side = [r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]  # not the test's client
+    assert any('"GET /api/v1/studies/{study_id}" 422' in m for m in node_side)  # the access log is still there
+    logged = "\n".join(node_side)
+    assert PLANTED not in logged and quoted not in logged and PLANTED_ID not in logged

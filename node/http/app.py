@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.security import HTTPAuthorizationCredentials
@@ -21,6 +23,7 @@ from node.metrics import exposition, node_registry
 from node.service import Service, ServiceError, version
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger(__name__)
 
 # The dashboard loads nothing from elsewhere and runs no inline script or style.
 _CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -74,6 +77,59 @@ def _signed_in(request: Request) -> bool:
         return accounts.session_principal(session, cookie) is not None
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
+class AccessLog:
+    """One log line per request (INFO): client address, method, the *route* that answered
+    (its template, ``/api/v1/studies/{study_id}``) and the status, never the path or query
+    string as sent. uvicorn's access log (off in ``node.http.server``) wrote those as
+    typed, anonymous requests included, at the level ``casemask serve`` runs at: a name
+    in a URL went to the log. A pure ASGI middleware (no body buffering)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            method = scope.get("method", "")
+            log.info('%s - "%s %s" %d', client[0], method if method in _METHODS else "(other)", route_name(scope), status or 500)
+
+
+def route_name(scope) -> str:
+    """How a request is named in the log: the template of the route that took it, or
+    ``/static/...`` or ``(no route)``; nothing a client chose (path values, query)."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path
+    if str(scope.get("path", "")).startswith("/static/"):
+        return "/static/..."
+    return "(no route)"
+
+
+def validation_problems(exc: RequestValidationError) -> list[dict]:
+    """FastAPI's 422 details without the rejected values: each names the field (``loc``)
+    and what is wrong (``type``, ``msg``); its default answer also quoted the ``input``
+    (a name typed where an ID belongs, an uploaded file's internals where a password
+    belongs)."""
+    return [{"type": e.get("type", ""), "loc": [str(x) for x in e.get("loc", ())], "msg": e.get("msg", "")} for e in exc.errors()]
+
+
 def create_app(service: Service, http: HttpSettings | None = None) -> FastAPI:
     """The application for one node's service layer."""
     http = http or HttpSettings()
@@ -86,13 +142,21 @@ def create_app(service: Service, http: HttpSettings | None = None) -> FastAPI:
     app.state.auth = AuthContext(service, http, LoginLimiter(http.login_attempts, http.login_window_s))
     registry = node_registry(service.sessions, service.settings.node.data_dir)
     app.add_middleware(CredentialsBeforeBody)
-    app.add_middleware(SecurityHeaders)  # added last: the outermost, so it also heads the answers above
+    app.add_middleware(SecurityHeaders)  # added last but one: it also heads the answers above
+    app.add_middleware(AccessLog)  # the outermost: logs every answer, those of the middlewares too
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
         if request.url.path.startswith("/api/"):
             return JSONResponse({"detail": str(exc), "problems": exc.problems}, status_code=exc.status)
         return pages.error_page(request, exc.status, str(exc), exc.problems)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        problems = validation_problems(exc)
+        if request.url.path.startswith("/api/") or request.url.path == "/login":
+            return JSONResponse({"detail": problems}, status_code=422)
+        return pages.error_page(request, 422, "the request is not valid", [f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems])
 
     @app.exception_handler(LoginRequired)
     async def _login(request: Request, exc: LoginRequired):

@@ -188,7 +188,7 @@ class HttpServer:
             protocol = type("BoundedTlsH11Protocol", (BoundedH11Protocol,), {"tls_context": context, "handshaking": set()})
         config = uvicorn.Config(
             self.app, host=s.host, port=s.port, log_config=None, lifespan="off", server_header=False, proxy_headers=False,
-            http=protocol, ws="none", backlog=ACCEPT_BACKLOG,
+            http=protocol, ws="none", backlog=ACCEPT_BACKLOG, access_log=False,  # node.http.app.AccessLog logs routes, not URLs
         )
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
