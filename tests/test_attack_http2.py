@@ -129,14 +129,58 @@ def test_urls_and_rejected_values_reach_neither_the_log_nor_the_answer(tmp_path,
         answers.append(anonymous.post("/login", files={"name": (None, "admin"), "password": ("pw.txt", PLANTED_ID.encode())}))
         answers.append(anonymous.post("/login", data={"name": PLANTED_ID}))
     with hn.client("viewer") as viewer:
+        answers.append(viewer.post("/api/v1/routes/explain", files={"file": (None, PLANTED)}))  # text where a file belongs
         answers.append(viewer.get(f"/api/v1/studies/{quoted}"))
         answers.append(viewer.get("/api/v1/studies", params={"limit": PLANTED, "offset": PLANTED_ID}))
         answers.append(viewer.get("/api/v1/audit", params={"since": PLANTED, "study_id": PLANTED_ID}))
-    assert [a.status_code for a in answers] == [303, 404, 422, 422, 422, 422, 422], [a.status_code for a in answers]
+    # (a login form sent as multipart is refused before it is read: test_form_bodies_are_bounded_before_they_are_read)
+    assert [a.status_code for a in answers] == [303, 404, 415, 422, 422, 422, 422, 422], [a.status_code for a in answers]
     for a in answers[2:]:
         assert PLANTED not in a.text and PLANTED_ID not in a.text and "_TemporaryFileArgs" not in a.text, a.text
+    for a in answers[3:]:
         assert a.json()["detail"][0]["loc"], a.text  # still says which field
     node_side = [r.getMessage() for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]  # not the test's client
     assert any('"GET /api/v1/studies/{study_id}" 422' in m for m in node_side)  # the access log is still there
     logged = "\n".join(node_side)
     assert PLANTED not in logged and quoted not in logged and PLANTED_ID not in logged
+
+
+def _status_before_body(port: int, path: str, content_type: str, length: int | None, headers: str = "") -> bytes:
+    """Send a POST head announcing ``length`` bytes of body (chunked when None) and none
+    of it; the status line the server sends within 10 s (b"" when it waits for the body)."""
+    framing = f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n{framing}{headers}\r\n".encode())
+        try:
+            return s.recv(4096).split(b"\r\n", 1)[0]
+        except TimeoutError:
+            return b""
+
+
+def test_form_bodies_are_bounded_before_they_are_read(tmp_path, http_nodes):  # noqa: F811
+    """POST /login takes no credentials, and Starlette parses a form, writing each file
+    part over 1 MB to the system's temporary folder, before any route runs: an anonymous
+    300 MB "password" file was read whole into /tmp (measured: 294 MB in an unlinked
+    file, no limit), so anyone reaching the login page could fill the disk the node's
+    spool may share. A viewer's upload to routes/explain was likewise read whole before
+    its 256 MiB check. Now form bodies must declare their length, the login form at most
+    LOGIN_FORM_MAX bytes and as a urlencoded form, others at most the upload cap: refused
+    from the head, before a byte of body is read."""
+    from node.http import app as http_app
+
+    hn = start_http_node(node_config(tmp_path, _folder(tmp_path)), tmp_path)
+    http_nodes.append(hn)
+    port = hn.node.settings.http.port
+    multipart = "multipart/form-data; boundary=XX"
+    urlencoded = "application/x-www-form-urlencoded"
+    bearer = f"Authorization: Bearer {hn.tokens['viewer']}\r\n"
+    assert _status_before_body(port, "/login", multipart, 300 * 2**20).startswith(b"HTTP/1.1 415")
+    assert _status_before_body(port, "/login", urlencoded, 300 * 2**20).startswith(b"HTTP/1.1 413")
+    assert _status_before_body(port, "/login", urlencoded, None).startswith(b"HTTP/1.1 411")
+    assert _status_before_body(port, "/api/v1/routes/explain", multipart, 300 * 2**20, bearer).startswith(b"HTTP/1.1 413")
+    assert _status_before_body(port, "/api/v1/routes/explain", multipart, None, bearer).startswith(b"HTTP/1.1 411")
+    assert getattr(http_app, "LOGIN_FORM_MAX", 4096) >= 4096
+    with hn.client() as c:  # the real login form still goes through
+        assert _login(c, "nobody", "wrong password") == 401
+    with hn.client("viewer") as c:
+        assert c.post("/api/v1/routes/explain", files={"file": ("x.dcm", b"not dicom")}).status_code == 422

@@ -64,6 +64,51 @@ class CredentialsBeforeBody(BaseHTTPMiddleware):
         return await call_next(request)
 
 
+LOGIN_FORM_MAX = 16 * 2**10  # bytes of a login form (a name of 64 characters, a password, two tokens)
+_FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+class FormBodyLimit:
+    """Form bodies are bounded from the request head, before Starlette reads them: it
+    parses a form (writing each file part over 1 MB to the system's temporary folder)
+    before any route or dependency runs, with no limit on a file's size, and POST /login
+    takes no credentials: an anonymous 300 MB "password" file filled /tmp. A form must
+    declare its Content-Length (411 otherwise); the login form is urlencoded (415) and
+    at most ``LOGIN_FORM_MAX`` bytes, any other form at most one upload (``api.MAX_UPLOAD``)
+    and 1 MiB of fields (413). Raw bodies (configuration, similar-case queries) are
+    bounded where they are read (``api._bounded_body``). A pure ASGI middleware."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("method") in _WRITES:
+            refusal = _form_refusal(scope)
+            if refusal is not None:
+                status, detail = refusal
+                await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _form_refusal(scope) -> tuple[int, str] | None:
+    """(status, message) for a write request whose form body may not be read, or None."""
+    headers = dict(scope.get("headers") or ())
+    ctype = headers.get(b"content-type", b"").decode("latin-1").split(";", 1)[0].strip().lower()
+    login = scope.get("path") == "/login"
+    if login and ctype != "application/x-www-form-urlencoded":
+        return 415, "the login form is sent as application/x-www-form-urlencoded"
+    if ctype not in _FORMS:
+        return None
+    declared = headers.get(b"content-length", b"").decode("latin-1").strip()
+    if not declared.isdigit():
+        return 411, "a form must be sent with its Content-Length"
+    cap = LOGIN_FORM_MAX if login else api.MAX_UPLOAD + 2**20
+    if int(declared) > cap:
+        return 413, f"the form is larger than {cap // 2**10} KiB" if cap < 2**20 else f"the form is larger than {cap // 2**20} MiB"
+    return None
+
+
 def _signed_in(request: Request) -> bool:
     """Whether the request holds a live bearer token (API) or dashboard session (pages)."""
     ctx = request.app.state.auth
@@ -142,6 +187,7 @@ def create_app(service: Service, http: HttpSettings | None = None) -> FastAPI:
     app.state.auth = AuthContext(service, http, LoginLimiter(http.login_attempts, http.login_window_s))
     registry = node_registry(service.sessions, service.settings.node.data_dir)
     app.add_middleware(CredentialsBeforeBody)
+    app.add_middleware(FormBodyLimit)  # outside the credentials check: POST /login has none
     app.add_middleware(SecurityHeaders)  # added last but one: it also heads the answers above
     app.add_middleware(AccessLog)  # the outermost: logs every answer, those of the middlewares too
 
