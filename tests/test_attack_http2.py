@@ -184,3 +184,35 @@ def test_form_bodies_are_bounded_before_they_are_read(tmp_path, http_nodes):  # 
         assert _login(c, "nobody", "wrong password") == 401
     with hn.client("viewer") as c:
         assert c.post("/api/v1/routes/explain", files={"file": ("x.dcm", b"not dicom")}).status_code == 422
+
+
+def test_bodies_held_in_memory_at_once_are_bounded(tmp_path, http_nodes, monkeypatch):  # noqa: F811
+    """routes/explain and similar hold a body of up to 256 MiB in memory each, and
+    nothing bounded how many at once: a viewer's token and a few connections declaring
+    256 MiB each (sent, or trickled under the body's idle limit) could take the memory of
+    the process that also receives DICOM. Now the bodies in flight share a budget
+    (BODY_BUDGET, by their declared length; a chunked one as a whole upload): a request
+    that does not fit is answered 503 from its head, small ones still pass, and the
+    budget comes back when a hoarder goes away."""
+    from node.http import app as http_app
+
+    monkeypatch.setattr(http_app, "BODY_BUDGET", 3 * 2**20, raising=False)
+    hn = start_http_node(node_config(tmp_path, _folder(tmp_path)), tmp_path)
+    http_nodes.append(hn)
+    port = hn.node.settings.http.port
+    bearer = f"Authorization: Bearer {hn.tokens['viewer']}\r\n"
+    hoarder = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        hoarder.sendall(f"POST /api/v1/similar HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\nContent-Length: {2 * 2**20}\r\n{bearer}\r\n".encode() + b"\0" * 1024)
+        time.sleep(0.5)
+        assert _status_before_body(port, "/api/v1/similar", "application/dicom", 2 * 2**20, bearer).startswith(b"HTTP/1.1 503")
+        assert _status_before_body(port, "/api/v1/routes/explain", "multipart/form-data; boundary=XX", 2 * 2**20, bearer).startswith(b"HTTP/1.1 503")
+        with hn.client("viewer") as c:  # a small one fits beside the hoarder
+            assert c.post("/api/v1/routes/explain", files={"file": ("x.dcm", b"not dicom")}).status_code == 422
+    finally:
+        hoarder.close()
+
+    def fits_again() -> bool:
+        return not _status_before_body(port, "/api/v1/similar", "application/dicom", 2 * 2**20, bearer).startswith(b"HTTP/1.1 503")
+
+    wait_until(fits_again, timeout=20, what="the hoarder's share of the budget back")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -66,29 +67,81 @@ class CredentialsBeforeBody(BaseHTTPMiddleware):
 
 LOGIN_FORM_MAX = 16 * 2**10  # bytes of a login form (a name of 64 characters, a password, two tokens)
 _FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
+# Bytes of request bodies over SMALL_BODY in flight at once, by their declared length (a
+# chunked body counts as a whole upload): explain and similar hold theirs in memory.
+BODY_BUDGET = 512 * 2**20
+SMALL_BODY = 2**20
 
 
-class FormBodyLimit:
-    """Form bodies are bounded from the request head, before Starlette reads them: it
-    parses a form (writing each file part over 1 MB to the system's temporary folder)
-    before any route or dependency runs, with no limit on a file's size, and POST /login
-    takes no credentials: an anonymous 300 MB "password" file filled /tmp. A form must
-    declare its Content-Length (411 otherwise); the login form is urlencoded (415) and
-    at most ``LOGIN_FORM_MAX`` bytes, any other form at most one upload (``api.MAX_UPLOAD``)
-    and 1 MiB of fields (413). Raw bodies (configuration, similar-case queries) are
-    bounded where they are read (``api._bounded_body``). A pure ASGI middleware."""
+class _Budget:
+    """Bytes reserved by request bodies in flight (for ``BodyLimits``; thread-safe, one per process)."""
+
+    def __init__(self) -> None:
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > BODY_BUDGET:
+                return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+_budget = _Budget()
+
+
+class BodyLimits:
+    """Request bodies are bounded from the request head, before anything reads them.
+
+    Forms: Starlette parses a form (writing each file part over 1 MB to the system's
+    temporary folder) before any route or dependency runs, with no limit on a file's
+    size, and POST /login takes no credentials: an anonymous 300 MB "password" file
+    filled /tmp. A form must declare its Content-Length (411 otherwise); the login form
+    is urlencoded (415) and at most ``LOGIN_FORM_MAX`` bytes, any other form at most one
+    upload (``api.MAX_UPLOAD``) and 1 MiB of fields (413).
+
+    All bodies over ``SMALL_BODY``: explain and similar hold theirs (up to 256 MiB) in
+    memory, and a viewer's token with a few connections could take the memory of the
+    process that also receives DICOM; such bodies share ``BODY_BUDGET`` by their declared
+    length (a chunked one as a whole upload), and one that does not fit is answered 503
+    with Retry-After. Raw bodies are also bounded where they are read
+    (``api._bounded_body``). A pure ASGI middleware."""
 
     def __init__(self, app) -> None:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope.get("method") in _WRITES:
-            refusal = _form_refusal(scope)
-            if refusal is not None:
-                status, detail = refusal
-                await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope.get("method") not in _WRITES:
+            await self.app(scope, receive, send)
+            return
+        refusal = _form_refusal(scope)
+        share = 0 if refusal is not None else _declared_share(scope)
+        if refusal is None and share and not _budget.reserve(share):
+            refusal = 503, "the node is reading other large uploads: try again in a minute"
+        if refusal is not None:
+            status, detail = refusal
+            await JSONResponse({"detail": detail}, status_code=status, headers={"Retry-After": "60"} if status == 503 else None)(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if share:
+                _budget.release(share)
+
+
+def _declared_share(scope) -> int:
+    """What a body takes of the budget: its declared length when over SMALL_BODY, a
+    whole upload when chunked, else 0."""
+    headers = dict(scope.get("headers") or ())
+    declared = headers.get(b"content-length", b"").decode("latin-1").strip()
+    if declared.isdigit():
+        return int(declared) if int(declared) > SMALL_BODY else 0
+    return api.MAX_UPLOAD if b"transfer-encoding" in headers else 0
 
 
 def _form_refusal(scope) -> tuple[int, str] | None:
@@ -187,7 +240,7 @@ def create_app(service: Service, http: HttpSettings | None = None) -> FastAPI:
     app.state.auth = AuthContext(service, http, LoginLimiter(http.login_attempts, http.login_window_s))
     registry = node_registry(service.sessions, service.settings.node.data_dir)
     app.add_middleware(CredentialsBeforeBody)
-    app.add_middleware(FormBodyLimit)  # outside the credentials check: POST /login has none
+    app.add_middleware(BodyLimits)  # outside the credentials check: POST /login has none
     app.add_middleware(SecurityHeaders)  # added last but one: it also heads the answers above
     app.add_middleware(AccessLog)  # the outermost: logs every answer, those of the middlewares too
 
