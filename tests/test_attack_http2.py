@@ -216,3 +216,18 @@ def test_bodies_held_in_memory_at_once_are_bounded(tmp_path, http_nodes, monkeyp
         return not _status_before_body(port, "/api/v1/similar", "application/dicom", 2 * 2**20, bearer).startswith(b"HTTP/1.1 503")
 
     wait_until(fits_again, timeout=20, what="the hoarder's share of the budget back")
+
+
+def test_an_https_certificate_that_cannot_be_loaded_stops_the_start_with_a_message(tmp_path):
+    """The HTTPS context is loaded by the node now (not by uvicorn): files that are not
+    PEM are a start-up error naming [http] tls, and nothing is left listening."""
+    from node.startup import StartupError
+
+    raw = node_config(tmp_path, _folder(tmp_path))
+    (tmp_path / "not.crt").write_text("not a certificate\n")
+    (tmp_path / "not.key").write_text("not a key\n")
+    raw["http"]["tls"] = {"certificate": str(tmp_path / "not.crt"), "private_key": str(tmp_path / "not.key")}
+    with pytest.raises(StartupError, match=r"\[http\] tls"):
+        start_http_node(raw, tmp_path)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", raw["http"]["port"])) != 0

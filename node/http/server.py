@@ -79,7 +79,6 @@ class _Early(asyncio.Protocol):
         self.lost = True
 
 
-
 class BoundedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for each request's head, an idle limit on its
     body and a cap on open connections (see the module's docstring). Overrides uvicorn's
@@ -136,7 +135,6 @@ class BoundedH11Protocol(H11Protocol):
         if early.eof and not self.transport.is_closing():
             self.eof_received()
 
-
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self.transport.is_closing():
@@ -182,10 +180,10 @@ class HttpServer:
         self.address = f"{s.host}:{s.port}"
         self.scheme = "https" if s.tls else "http"
         self.app = create_app(node.service, s)
-        protocol = BoundedH11Protocol
-        if s.tls:  # raises OSError / ssl.SSLError for a missing or unreadable file, as uvicorn did at start
-            context = tls.server_context(s.tls.certificate, s.tls.private_key, None, False)
-            protocol = type("BoundedTlsH11Protocol", (BoundedH11Protocol,), {"tls_context": context, "handshaking": set()})
+        self.tls = s.tls
+        protocol = self.protocol = BoundedH11Protocol
+        if s.tls:  # the context is loaded by start(), which reports a file it cannot read
+            protocol = self.protocol = type("BoundedTlsH11Protocol", (BoundedH11Protocol,), {"handshaking": set()})
         config = uvicorn.Config(
             self.app, host=s.host, port=s.port, log_config=None, lifespan="off", server_header=False, proxy_headers=False,
             http=protocol, ws="none", backlog=ACCEPT_BACKLOG, access_log=False,  # node.http.app.AccessLog logs routes, not URLs
@@ -200,7 +198,14 @@ class HttpServer:
             pass
 
     def start(self, timeout_s: float = 20.0) -> None:
-        """Listen, or raise RuntimeError when the address cannot be bound in time."""
+        """Listen, or raise RuntimeError when the address cannot be bound in time or the
+        ``[http] tls`` certificate or key cannot be loaded."""
+        if self.tls is not None:
+            try:
+                self.protocol.tls_context = tls.server_context(self.tls.certificate, self.tls.private_key, None, False)
+            except (OSError, ssl.SSLError) as exc:
+                raise RuntimeError(f"[http] tls: cannot load the certificate or its private key ({getattr(exc, 'strerror', None) or type(exc).__name__}): "
+                                   "give PEM files the node can read") from None
         self.thread = threading.Thread(target=self._run, name="http", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout_s
