@@ -2,7 +2,7 @@
 
 Passwords are hashed with argon2id (argon2-cffi's defaults, RFC 9106); bearer tokens and
 session cookies are 256-bit random values of which only the SHA-256 is stored, so a copy
-of the database lets nobody in. Failed logins are counted per name and per client
+of the database lets nobody in. Failed logins are counted per name from a client address and per client
 address by :class:`LoginLimiter` (in memory: a restart forgets them, argon2 still makes
 each guess slow).
 """
@@ -211,8 +211,10 @@ def same_secret(a: str, b: str) -> bool:
 class LoginLimiter:
     """At most ``attempts`` failed logins per key within ``window_s`` seconds.
 
-    Keys are ``name:<user name>`` and ``addr:<client address>``, so that neither one
-    account nor one address can be guessed at quickly. ``clock`` is for tests.
+    The HTTP server's keys are ``name:<user name>@<client address>`` and
+    ``addr:<client address>`` (``node.http.auth.limiter_keys``: a name alone would let
+    anyone lock its owner out), so that no address can guess quickly. ``clock`` is for
+    tests.
     """
 
     def __init__(self, attempts: int, window_s: float, clock=time.monotonic) -> None:

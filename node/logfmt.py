@@ -12,6 +12,9 @@ pynetdicom's (``-vv``) quote the UIDs of what it receives, e.g. "Affected SOP In
 UID : 1.2...". The formatter names every UID in a pynetdicom record the same way (the
 standard's own UIDs, such as SOP classes and transfer syntaxes, stay readable), so an
 original UID, which may embed dates or device serials, never reaches the log.
+pydicom's records quote the header values they complain about (an unknown Specific
+Character Set, say, which a sender may fill with a name): the formatter withholds every
+quoted span of them.
 """
 
 from __future__ import annotations
@@ -96,6 +99,20 @@ def name_uids(text: str) -> str:
     return _UID.sub(sub, text)
 
 
+# pydicom quotes what it met in a data set in its records ("Unknown encoding '...' - using
+# default encoding instead", "The (0028,0004) 'Photometric Interpretation' value is
+# '...'", "The ... exception '...' occurred"): from the first quote to the last, whatever
+# a sender put there (a quote inside the value included), is withheld.
+_PYDICOM_QUOTED = re.compile(r"'.*'", re.S)
+WITHHELD = "'(value withheld)'"
+
+
+def withhold_quoted(text: str) -> str:
+    """``text`` with everything from its first single quote to its last replaced by
+    ``WITHHELD``; for pydicom's records, which quote header values."""
+    return _PYDICOM_QUOTED.sub(WITHHELD, text)
+
+
 def escape_controls(text: str) -> str:
     """``text`` with each control character written as ``\\n``, ``\\r``, ``\\t``,
     ``\\xNN`` or ``\\uNNNN``."""
@@ -109,6 +126,8 @@ class EscapingFormatter(logging.Formatter):
         text = super().formatMessage(record)
         if record.name.startswith("pynetdicom"):
             text = name_uids(text)
+        elif record.name == "pydicom" or record.name.startswith("pydicom."):
+            text = withhold_quoted(text)
         return escape_controls(text)
 
     def formatException(self, ei) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.security import HTTPAuthorizationCredentials
@@ -21,6 +24,7 @@ from node.metrics import exposition, node_registry
 from node.service import Service, ServiceError, version
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger(__name__)
 
 # The dashboard loads nothing from elsewhere and runs no inline script or style.
 _CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -61,6 +65,103 @@ class CredentialsBeforeBody(BaseHTTPMiddleware):
         return await call_next(request)
 
 
+LOGIN_FORM_MAX = 16 * 2**10  # bytes of a login form (a name of 64 characters, a password, two tokens)
+_FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
+# Bytes of request bodies over SMALL_BODY in flight at once, by their declared length (a
+# chunked body counts as a whole upload): explain and similar hold theirs in memory.
+BODY_BUDGET = 512 * 2**20
+SMALL_BODY = 2**20
+
+
+class _Budget:
+    """Bytes reserved by request bodies in flight (for ``BodyLimits``; thread-safe, one per process)."""
+
+    def __init__(self) -> None:
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > BODY_BUDGET:
+                return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+_budget = _Budget()
+
+
+class BodyLimits:
+    """Request bodies are bounded from the request head, before anything reads them.
+
+    Forms: Starlette parses a form (writing each file part over 1 MB to the system's
+    temporary folder) before any route or dependency runs, with no limit on a file's
+    size, and POST /login takes no credentials: an anonymous 300 MB "password" file
+    filled /tmp. A form must declare its Content-Length (411 otherwise); the login form
+    is urlencoded (415) and at most ``LOGIN_FORM_MAX`` bytes, any other form at most one
+    upload (``api.MAX_UPLOAD``) and 1 MiB of fields (413).
+
+    All bodies over ``SMALL_BODY``: explain and similar hold theirs (up to 256 MiB) in
+    memory, and a viewer's token with a few connections could take the memory of the
+    process that also receives DICOM; such bodies share ``BODY_BUDGET`` by their declared
+    length (a chunked one as a whole upload), and one that does not fit is answered 503
+    with Retry-After. Raw bodies are also bounded where they are read
+    (``api._bounded_body``). A pure ASGI middleware."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in _WRITES:
+            await self.app(scope, receive, send)
+            return
+        refusal = _form_refusal(scope)
+        share = 0 if refusal is not None else _declared_share(scope)
+        if refusal is None and share and not _budget.reserve(share):
+            refusal = 503, "the node is reading other large uploads: try again in a minute"
+        if refusal is not None:
+            status, detail = refusal
+            await JSONResponse({"detail": detail}, status_code=status, headers={"Retry-After": "60"} if status == 503 else None)(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if share:
+                _budget.release(share)
+
+
+def _declared_share(scope) -> int:
+    """What a body takes of the budget: its declared length when over SMALL_BODY, a
+    whole upload when chunked, else 0."""
+    headers = dict(scope.get("headers") or ())
+    declared = headers.get(b"content-length", b"").decode("latin-1").strip()
+    if declared.isdigit():
+        return int(declared) if int(declared) > SMALL_BODY else 0
+    return api.MAX_UPLOAD if b"transfer-encoding" in headers else 0
+
+
+def _form_refusal(scope) -> tuple[int, str] | None:
+    """(status, message) for a write request whose form body may not be read, or None."""
+    headers = dict(scope.get("headers") or ())
+    ctype = headers.get(b"content-type", b"").decode("latin-1").split(";", 1)[0].strip().lower()
+    login = scope.get("path") == "/login"
+    if login and ctype != "application/x-www-form-urlencoded":
+        return 415, "the login form is sent as application/x-www-form-urlencoded"
+    if ctype not in _FORMS:
+        return None
+    declared = headers.get(b"content-length", b"").decode("latin-1").strip()
+    if not declared.isdigit():
+        return 411, "a form must be sent with its Content-Length"
+    cap = LOGIN_FORM_MAX if login else api.MAX_UPLOAD + 2**20
+    if int(declared) > cap:
+        return 413, f"the form is larger than {cap // 2**10} KiB" if cap < 2**20 else f"the form is larger than {cap // 2**20} MiB"
+    return None
+
+
 def _signed_in(request: Request) -> bool:
     """Whether the request holds a live bearer token (API) or dashboard session (pages)."""
     ctx = request.app.state.auth
@@ -72,6 +173,59 @@ def _signed_in(request: Request) -> bool:
         return False
     with ctx.service.sessions() as session:
         return accounts.session_principal(session, cookie) is not None
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
+class AccessLog:
+    """One log line per request (INFO): client address, method, the *route* that answered
+    (its template, ``/api/v1/studies/{study_id}``) and the status, never the path or query
+    string as sent. uvicorn's access log (off in ``node.http.server``) wrote those as
+    typed, anonymous requests included, at the level ``casemask serve`` runs at: a name
+    in a URL went to the log. A pure ASGI middleware (no body buffering)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            method = scope.get("method", "")
+            log.info('%s - "%s %s" %d', client[0], method if method in _METHODS else "(other)", route_name(scope), status or 500)
+
+
+def route_name(scope) -> str:
+    """How a request is named in the log: the template of the route that took it, or
+    ``/static/...`` or ``(no route)``; nothing a client chose (path values, query)."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path
+    if str(scope.get("path", "")).startswith("/static/"):
+        return "/static/..."
+    return "(no route)"
+
+
+def validation_problems(exc: RequestValidationError) -> list[dict]:
+    """FastAPI's 422 details without the rejected values: each names the field (``loc``)
+    and what is wrong (``type``, ``msg``); its default answer also quoted the ``input``
+    (a name typed where an ID belongs, an uploaded file's internals where a password
+    belongs)."""
+    return [{"type": e.get("type", ""), "loc": [str(x) for x in e.get("loc", ())], "msg": e.get("msg", "")} for e in exc.errors()]
 
 
 def create_app(service: Service, http: HttpSettings | None = None) -> FastAPI:
@@ -86,13 +240,22 @@ def create_app(service: Service, http: HttpSettings | None = None) -> FastAPI:
     app.state.auth = AuthContext(service, http, LoginLimiter(http.login_attempts, http.login_window_s))
     registry = node_registry(service.sessions, service.settings.node.data_dir)
     app.add_middleware(CredentialsBeforeBody)
-    app.add_middleware(SecurityHeaders)  # added last: the outermost, so it also heads the answers above
+    app.add_middleware(BodyLimits)  # outside the credentials check: POST /login has none
+    app.add_middleware(SecurityHeaders)  # added last but one: it also heads the answers above
+    app.add_middleware(AccessLog)  # the outermost: logs every answer, those of the middlewares too
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
         if request.url.path.startswith("/api/"):
             return JSONResponse({"detail": str(exc), "problems": exc.problems}, status_code=exc.status)
         return pages.error_page(request, exc.status, str(exc), exc.problems)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        problems = validation_problems(exc)
+        if request.url.path.startswith("/api/") or request.url.path == "/login":
+            return JSONResponse({"detail": problems}, status_code=422)
+        return pages.error_page(request, 422, "the request is not valid", [f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems])
 
     @app.exception_handler(LoginRequired)
     async def _login(request: Request, exc: LoginRequired):

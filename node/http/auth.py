@@ -115,10 +115,10 @@ def check_csrf(user: UiUser, token: str) -> None:
 
 def login(ctx: AuthContext, name: str, password: str, host: str) -> tuple[str, str] | str:
     """Check a login; returns (cookie, csrf) or the message to show. Rate-limited per
-    name and per address; every attempt is audited (an unknown name as such). At most
-    ``VERIFY_SLOTS`` passwords are checked at once; a login that finds none free within
-    ``VERIFY_WAIT_S`` gets ``BUSY``."""
-    keys = (f"name:{name.lower()}", f"addr:{host}")
+    name and address, and per address (``limiter_keys``); every attempt is audited (an
+    unknown name as such). At most ``VERIFY_SLOTS`` passwords are checked at once; a
+    login that finds none free within ``VERIFY_WAIT_S`` gets ``BUSY``."""
+    keys = limiter_keys(name, host)
     sessions = ctx.service.sessions
     if not _verifying.acquire(timeout=VERIFY_WAIT_S):
         return BUSY
@@ -133,6 +133,18 @@ def login(ctx: AuthContext, name: str, password: str, host: str) -> tuple[str, s
             return _check_password(ctx, session, name, password, host, keys)
     finally:
         _verifying.release()
+
+
+def limiter_keys(name: str, host: str) -> tuple[str, str]:
+    """The LoginLimiter keys of one attempt: the name *from this address*, and the address.
+
+    Failures were counted per name alone, so anyone who could reach the login form locked
+    a known admin out for ``login_window_s`` with ``login_attempts`` wrong passwords. Per
+    name and address, a stranger locks out only their own address; guessing one name from
+    many addresses is still bounded per address, slowed by argon2id and by VERIFY_SLOTS
+    checks at once for the whole node, and every failure is audited and counted in
+    ``casemask_login_failures_total``."""
+    return f"name:{name.lower()}@{host}", f"addr:{host}"
 
 
 def _check_password(ctx: AuthContext, session, name: str, password: str, host: str, keys: tuple[str, str]) -> tuple[str, str] | str:

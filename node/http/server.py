@@ -11,6 +11,14 @@ made the node answer no association and log ``Too many open files`` 77 000 times
 stalls for ``BODY_IDLE_S``, and every connection beyond ``max_connections()``; the
 listen backlog (which is also how many connections asyncio accepts in one go) is
 ``ACCEPT_BACKLOG``.
+
+With ``[http] tls`` the handshake is the protocol's too: uvicorn hands asyncio the TLS
+context, and asyncio gives a handshake 60 s while the protocol (and so the cap) sees the
+connection only once it is done: a client sending no ClientHello held a descriptor for a
+minute, uncounted. Here uvicorn serves plain TCP; the protocol counts the connection at
+once, upgrades it with asyncio's public ``loop.start_tls`` (TLS context from
+``node.tls``, BCP 195) within ``HANDSHAKE_TIMEOUT_S``, then serves HTTP on the
+encrypted transport.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -26,6 +35,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from node import tls
 from node.http.app import create_app
 
 if TYPE_CHECKING:
@@ -33,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+HANDSHAKE_TIMEOUT_S = 10.0  # seconds for a TLS handshake ([http] tls), from the connection's start
 HEADER_TIMEOUT_S = 10.0  # seconds for a request line and headers (browsers send them in one packet)
 BODY_IDLE_S = 30.0  # seconds a request body may pause between two reads
 CONNECTION_CAP = 256  # open HTTP connections at most (also at most a quarter of the descriptor limit)
@@ -48,6 +59,26 @@ def max_connections() -> int:
     return max(8, min(CONNECTION_CAP, soft // 4)) if soft != resource.RLIM_INFINITY else CONNECTION_CAP
 
 
+class _Early(asyncio.Protocol):
+    """Holds what arrives on a TLS connection between the end of its handshake and the
+    moment the HTTP protocol takes it over (the client's first request, usually)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.eof = False
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # keep the transport open for the answer; HTTP decides
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
 class BoundedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for each request's head, an idle limit on its
     body and a cap on open connections (see the module's docstring). Overrides uvicorn's
@@ -55,13 +86,54 @@ class BoundedH11Protocol(H11Protocol):
     ``connection_lost`` (tests/test_attack_http.py fails when they change)."""
 
     _timer: asyncio.TimerHandle | None = None
+    # With [http] tls, HttpServer sets these on a subclass: the server's TLS context and
+    # the connections still in their handshake (counted towards the cap).
+    tls_context: ssl.SSLContext | None = None
+    handshaking: set[BoundedH11Protocol] = set()
+    _in_handshake = False
+    _secured = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.tls_context is not None and not self._secured:
+            self._start_tls(transport)
+            return
         super().connection_made(transport)
-        if len(self.connections) > max_connections():
+        if len(self.connections) + len(self.handshaking) > max_connections():
             transport.abort()  # no answer: what a full listen backlog would do, at no cost
             return
         self._arm(HEADER_TIMEOUT_S)
+
+    def _start_tls(self, transport: asyncio.Transport) -> None:
+        """Count a new TCP connection, then upgrade it to TLS within HANDSHAKE_TIMEOUT_S
+        (closed at once beyond the cap, or when the handshake fails or is late)."""
+        if len(self.connections) + len(self.handshaking) >= max_connections():
+            transport.abort()
+            return
+        transport.pause_reading()  # the ClientHello is for the TLS layer that start_tls puts in between
+        self._in_handshake = True
+        self.handshaking.add(self)
+        self.loop.create_task(self._handshake(transport))
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        early = _Early()  # what the TLS layer delivers between the handshake and this task's turn
+        try:
+            secured = await self.loop.start_tls(transport, early, self.tls_context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):  # failed, late, or closed meanwhile
+            secured = None
+        finally:
+            self.handshaking.discard(self)
+        if secured is None or secured.is_closing() or early.lost:
+            transport.abort()
+            return
+        self._in_handshake, self._secured = False, True
+        secured.set_protocol(self)
+        self.connection_made(secured)  # counted as an HTTP connection from here
+        for chunk in early.chunks:
+            if self.transport.is_closing():
+                return
+            self.data_received(chunk)
+        if early.eof and not self.transport.is_closing():
+            self.eof_received()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -79,6 +151,9 @@ class BoundedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._in_handshake:  # the TLS layer (or the socket) closed before HTTP began
+            self.handshaking.discard(self)
+            return
         super().connection_lost(exc)
 
     def _arm(self, seconds: float) -> None:
@@ -105,10 +180,13 @@ class HttpServer:
         self.address = f"{s.host}:{s.port}"
         self.scheme = "https" if s.tls else "http"
         self.app = create_app(node.service, s)
+        self.tls = s.tls
+        protocol = self.protocol = BoundedH11Protocol
+        if s.tls:  # the context is loaded by start(), which reports a file it cannot read
+            protocol = self.protocol = type("BoundedTlsH11Protocol", (BoundedH11Protocol,), {"handshaking": set()})
         config = uvicorn.Config(
             self.app, host=s.host, port=s.port, log_config=None, lifespan="off", server_header=False, proxy_headers=False,
-            ssl_certfile=str(s.tls.certificate) if s.tls else None, ssl_keyfile=str(s.tls.private_key) if s.tls else None,
-            http=BoundedH11Protocol, ws="none", backlog=ACCEPT_BACKLOG,
+            http=protocol, ws="none", backlog=ACCEPT_BACKLOG, access_log=False,  # node.http.app.AccessLog logs routes, not URLs
         )
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
@@ -120,7 +198,14 @@ class HttpServer:
             pass
 
     def start(self, timeout_s: float = 20.0) -> None:
-        """Listen, or raise RuntimeError when the address cannot be bound in time."""
+        """Listen, or raise RuntimeError when the address cannot be bound in time or the
+        ``[http] tls`` certificate or key cannot be loaded."""
+        if self.tls is not None:
+            try:
+                self.protocol.tls_context = tls.server_context(self.tls.certificate, self.tls.private_key, None, False)
+            except (OSError, ssl.SSLError) as exc:
+                raise RuntimeError(f"[http] tls: cannot load the certificate or its private key ({getattr(exc, 'strerror', None) or type(exc).__name__}): "
+                                   "give PEM files the node can read") from None
         self.thread = threading.Thread(target=self._run, name="http", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout_s
