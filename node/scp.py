@@ -20,6 +20,8 @@ name and its row committed, and a failure status otherwise, so the sender keeps 
 0xC213   the data set's SOP Instance UID differs from the command's
 0xC214   SOP Instance UID conflict: another object (other SOP class, patient,
          study or series) is stored under this SOP Instance UID
+0xC215   the C-STORE-RQ carried no data set (Command Data Set Type 0x0101): a
+         request that can never succeed, so not 0xA700 (which says retry)
 =======  ====================================================================
 
 Failures carry an Error Comment (0000,0902) saying which check failed, never a value.
@@ -88,6 +90,7 @@ MISSING_UIDS = 0xC211
 INVALID_UID = 0xC212
 INSTANCE_MISMATCH = 0xC213
 SOP_UID_CONFLICT = 0xC214
+NO_DATA_SET = 0xC215
 
 _KNOWN_SYNTAXES = frozenset(str(ts) for ts in ALL_TRANSFER_SYNTAXES)
 _LOCK_STRIPES = 256
@@ -215,7 +218,11 @@ class StoreHandler:
     def __call__(self, event: evt.Event) -> int | Dataset:
         reactor.mark_busy()
         calling = event.assoc.requestor.ae_title.strip()
-        incoming = self.incoming.take(event.dataset_path)
+        path = getattr(event.request, "_dataset_path", None)  # pynetdicom: None when no data set came
+        if path is None:
+            log.warning("C-STORE from %s: the request carried no data set -> 0x%04X", calling, NO_DATA_SET)
+            return failure(NO_DATA_SET, "C-STORE-RQ without a data set")
+        incoming = self.incoming.take(path)
         if incoming is None:
             log.error("C-STORE from %s: its data set file is gone (association closing?) -> 0xA700", calling)
             return failure(OUT_OF_RESOURCES, "data set not received")

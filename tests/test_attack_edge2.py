@@ -86,10 +86,9 @@ def test_a_c_store_without_a_data_set_is_refused_and_nothing_stored(tmp_path, st
     assert _rows(node) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="node/scp.py (ingest8's lane): a C-STORE without a data set is answered 0xA700 "
-                                        "(out of resources: retry later), a request that can never succeed; PS3.7 C.4.2.1.4 / 9.1.1.1 "
-                                        "want a Failure the sender does not retry, 0xC000-0xCFFF 'cannot understand'")
 def test_a_c_store_without_a_data_set_is_answered_cannot_understand(tmp_path, start_node):
+    """Not 0xA700 (out of resources: the sender retries a request that can never
+    succeed): a Failure in 0xC000-0xCFFF, "cannot understand" (PS3.7 C.4.2.1.4, 9.1.1.1)."""
     node = _folder_node(tmp_path, start_node)
     ds = _ct()
     cmd = _command({"AffectedSOPClassUID": CT_IMAGE_STORAGE, "CommandField": 0x0001, "MessageID": 1, "Priority": 0,
