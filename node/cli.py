@@ -49,6 +49,8 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("apscheduler").setLevel(logging.ERROR)  # 'skipped: already running' is normal
         logging.getLogger("alembic").setLevel(logging.WARNING)  # node.schema says what it upgraded
+        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # "store instances" per object: node.dispatch says what came of it
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start lines repeat node.http.server's; bind errors still show
 
 
 def _settings(args):
@@ -236,6 +238,8 @@ def cmd_status(args) -> int:
     for group, states in info["counts"].items():
         line = "  ".join(f"{k}={v}" for k, v in sorted(states.items())) or "-"
         print(f"  {group:<24} {line}")
+        if group.startswith("destination:") and group.removeprefix("destination:") in info.get("not_sent", {}):
+            print(f"  {'':<24} last {info['not_sent'][group.removeprefix('destination:')]}")
     t = info["throughput"]
     print(f"  last hour: received {t['received_last_hour']}, sent {t['sent_last_hour']}")
     from node.pixels import describe_route

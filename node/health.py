@@ -32,9 +32,10 @@ def probe(dest: Destination, calling_ae: str, timeout_s: float = 5.0) -> Health:
     if dest.kind == "dicom":
         from node.scu import echo
 
-        status = echo(dest.ae_title, dest.host, dest.port, calling_ae=dest.calling_ae or calling_ae, timeout=timeout_s)
+        failure: list[str] = []
+        status = echo(dest.ae_title, dest.host, dest.port, calling_ae=dest.calling_ae or calling_ae, timeout=timeout_s, why=failure)
         ok = status == 0
-        why = "C-ECHO answered Success" if ok else ("no association" if status is None else f"C-ECHO answered 0x{status:04X}")
+        why = "C-ECHO answered Success" if ok else (f"no association ({failure[0] if failure else 'timed out or aborted'})" if status is None else f"C-ECHO answered 0x{status:04X}")
         return Health(ok, why, time.time())
     if dest.kind == "folder":
         p = Path(dest.path or ".")

@@ -40,13 +40,14 @@ class _ConnectFailures(logging.Filter):
     top of the node's own line naming the destination. This filter on
     ``pynetdicom.transport`` drops both and keeps the cause, the OS's words ("Connection
     refused", "timed out"), for the sender to put in its reason (:meth:`cause`), keyed by
-    the thread that connected (the association's DUL thread)."""
+    the name of the thread that connected, the association's DUL thread ("Thread-N
+    (run_reactor)": numbered once per process, where a thread's ident is reused)."""
 
     _ERRNO = re.compile(r"\[Errno \d+\] ([A-Za-z ,'-]+)$")
 
     def __init__(self) -> None:
         super().__init__()
-        self._causes: dict[int, str] = {}
+        self._causes: dict[str, str] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
@@ -55,14 +56,14 @@ class _ConnectFailures(logging.Filter):
             return debug
         if text.startswith("TCP Initialisation Error: "):
             m = self._ERRNO.search(text)
-            self._causes[record.thread] = m.group(1) if m else ("timed out" if "timed out" in text else "connection failed")
+            self._causes[record.threadName] = m.group(1) if m else ("timed out" if "timed out" in text else "connection failed")
             return debug
         return True
 
     def cause(self, assoc) -> str | None:
         """Why ``assoc`` (not established) could not connect, once; None when it did connect."""
-        ident = getattr(getattr(assoc, "dul", None), "ident", None)
-        return None if ident is None else self._causes.pop(ident, None)
+        name = getattr(getattr(assoc, "dul", None), "name", None)
+        return None if name is None else self._causes.pop(name, None)
 
 
 CONNECT_FAILURES = _ConnectFailures()

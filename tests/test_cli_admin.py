@@ -9,12 +9,14 @@ import argparse
 import logging
 import re
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
 from node.cli import build_parser
-from tests.conftest import free_port, node_config
+from tests.conftest import ROOT, free_port, node_config, write_toml
 
 
 def _parsers(parser: argparse.ArgumentParser, name: str = "casemask"):
@@ -92,6 +94,15 @@ def test_a_destination_that_is_down_costs_one_log_line_with_its_cause(tmp_path, 
     assert "Connection refused" in ours[0].getMessage(), ours[0].getMessage()
     theirs = [r.getMessage() for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.ERROR]
     assert not theirs, theirs
+    # What an admin reads next: `casemask status` says why the destination's objects
+    # wait (it showed only RETRY_WAIT=1), and its health says what failed ("no association").
+    from node.health import probe
+
+    config = write_toml(raw, tmp_path / "node.toml")
+    r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and re.search(r"destination:pacs .*RETRY_WAIT=1\n +last RETRY_WAIT: cannot connect to PACS@127\.0\.0\.1:\d+ \(Connection refused\)", r.stdout), r.stdout + r.stderr
+    h = probe(node.settings.destinations[0], "CASEMASK")
+    assert not h.reachable and h.detail == "no association (cannot connect: Connection refused)", h
 
 
 def test_the_http_server_says_what_is_known_when_it_does_not_start(tmp_path, start_node, monkeypatch):
