@@ -130,3 +130,14 @@ def test_the_http_server_says_what_is_known_when_it_does_not_start(tmp_path, sta
     with pytest.raises(RuntimeError) as slow:
         HttpServer(node).start(timeout_s=0.5)
     assert "still starting after" in str(slow.value) and "in use" not in str(slow.value), str(slow.value)
+
+
+def test_a_first_start_says_it_made_a_new_database(tmp_path, caplog):
+    """A new admin's first `make serve` said "database schema upgraded from revision none
+    (empty, or made before migrations) to 0003": a new database is now called one."""
+    from node.db import make_engine
+    from node.schema import HEAD
+
+    caplog.set_level(logging.INFO, logger="node.schema")
+    make_engine(f"sqlite:///{tmp_path / 'casemask.db'}").dispose()  # as the node's start makes it
+    assert f"new database: schema made at revision {HEAD}" in caplog.text and "upgraded" not in caplog.text, caplog.text
