@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import ssl
 import threading
 import time
-import ssl
 from pathlib import Path
 
 from node.config import Destination, Settings
@@ -47,7 +47,7 @@ def probe(dest: Destination, calling_ae: str, timeout_s: float = 5.0) -> Health:
 
 
 # What an HTTP status other than 2xx says about a dicomweb destination's settings.
-_HTTP_MEANING = {401: "credentials refused: check auth", 403: "credentials refused: check auth",
+_HTTP_MEANING = {401: "credentials refused: check auth", 403: "not allowed (to search): check auth",
                  404: "no DICOMweb service at this url: check url", 405: "no QIDO-RS search at this url: check url"}
 
 

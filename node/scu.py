@@ -7,7 +7,8 @@ in which a crash can cause a re-send is one object per destination, and a re-sen
 carries the same SOP Instance UID, which archives store once. Before each object the
 sender asks ``proceed(work)`` (the dispatcher's lease check) and stops at the first
 False: a worker that lost its claim sends nothing more. Outcome reasons carry error
-classes and statuses, never an exception's message (which may quote a header value).
+classes and statuses, never an exception's message (which may quote a header value),
+and the OS's words for a connection that failed (``Connection refused``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class _ConnectFailures(logging.Filter):
             return debug
         if text.startswith("TCP Initialisation Error: "):
             m = self._ERRNO.search(text)
-            self._causes[record.threadName] = m.group(1) if m else ("timed out" if "timed out" in text else "connection failed")
+            self._causes[record.threadName] = m.group(1) if m else ("timed out" if "timed out" in text else "TLS handshake failed" if "SSL" in text else "connection failed")
             return debug
         return True
 

@@ -154,7 +154,7 @@ class HttpServer:
                                    "see [http] host and port)")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the HTTP server on {self.address} was still starting after {timeout_s:.0f} s (a busy machine? "
+                raise RuntimeError(f"the HTTP server on {self.address} was still starting after {timeout_s:g} s (a busy machine? "
                                    "nothing said the address is taken); start the node again")
             time.sleep(0.02)
         log.info("HTTP API and dashboard on %s://%s", self.scheme, self.address)
