@@ -49,6 +49,8 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("apscheduler").setLevel(logging.ERROR)  # 'skipped: already running' is normal
         logging.getLogger("alembic").setLevel(logging.WARNING)  # node.schema says what it upgraded
+        logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # "store instances" per object: node.dispatch says what came of it
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start lines repeat node.http.server's; bind errors still show
 
 
 def _settings(args):
@@ -134,9 +136,12 @@ def cmd_db(args) -> int:
 
 def _quiet_association_errors(args) -> None:
     """echo and send say in one line of their own when a peer cannot be reached;
-    pynetdicom's two ERROR records about the same refusal repeat it (``-v`` shows them)."""
+    pynetdicom's records about the same refusal repeat it (``-vv`` shows them)."""
     if not args.verbose:
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+        # ...but its connection failures reach node.scu's filter, which keeps their cause
+        # for that line (and drops them)
+        logging.getLogger("pynetdicom.transport").setLevel(logging.ERROR)
 
 
 def cmd_echo(args) -> int:
@@ -144,9 +149,10 @@ def cmd_echo(args) -> int:
 
     ae, host, port = parse_peer(args.peer)
     _quiet_association_errors(args)
-    status = echo(ae, host, port, calling_ae=args.calling_ae, timeout=args.timeout)
+    why: list[str] = []
+    status = echo(ae, host, port, calling_ae=args.calling_ae, timeout=args.timeout, why=why)
     if status is None:
-        print(f"C-ECHO {args.peer}: no association (refused, rejected or timed out)", file=sys.stderr)
+        print(f"C-ECHO {args.peer}: no association ({why[0] if why else 'refused, rejected or timed out'})", file=sys.stderr)
         return 1
     print(f"C-ECHO {args.peer}: status 0x{status:04X}")
     return 0 if status == 0 else 1
@@ -232,6 +238,8 @@ def cmd_status(args) -> int:
     for group, states in info["counts"].items():
         line = "  ".join(f"{k}={v}" for k, v in sorted(states.items())) or "-"
         print(f"  {group:<24} {line}")
+        if group.startswith("destination:") and group.removeprefix("destination:") in info.get("not_sent", {}):
+            print(f"  {'':<24} last {info['not_sent'][group.removeprefix('destination:')]}")
     t = info["throughput"]
     print(f"  last hour: received {t['received_last_hour']}, sent {t['sent_last_hour']}")
     from node.pixels import describe_route
@@ -810,11 +818,27 @@ class _ShowVersion(argparse.Action):
         parser.exit()
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option that has a default says it in ``--help``: ``(default: X)`` is added
+    to a help text that does not already name its default (a flag's default, off, and an
+    option without one are not shown)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if (not action.option_strings or "default" in text or d is None or d is False or d is argparse.SUPPRESS
+                or d == [] or isinstance(action, (argparse._StoreConstAction, argparse._CountAction))):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 class _Parser(argparse.ArgumentParser):
     """Every subcommand also takes ``-v`` after its name (``casemask status -v`` as well as
-    ``casemask -v status``): argparse builds each subparser with the class of its parent."""
+    ``casemask -v status``): argparse builds each subparser with the class of its parent,
+    and each shows its options' defaults (:class:`_DefaultsFormatter`)."""
 
     def __init__(self, *args, root: bool = False, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
         if not root:
             self.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging (-v info, -vv debug)")

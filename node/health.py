@@ -1,4 +1,4 @@
-"""Are the destinations reachable? A C-ECHO, a writable folder, an HTTP answer.
+"""Are the destinations reachable? A C-ECHO, a writable folder, a QIDO-RS search answered.
 
 :class:`HealthMonitor` keeps the last result per destination; the node checks every
 ``interval_s`` from its scheduler, so /readyz and the dashboard never wait on a peer.
@@ -9,10 +9,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from node.config import Destination, Settings
@@ -29,13 +28,14 @@ class Health:
 
 def probe(dest: Destination, calling_ae: str, timeout_s: float = 5.0) -> Health:
     """Check one destination now: dicom -> C-ECHO answered Success; folder -> exists (or
-    can be made) and is writable; dicomweb -> the server answers HTTP at all."""
+    can be made) and is writable; dicomweb -> a QIDO-RS search is answered 2xx."""
     if dest.kind == "dicom":
         from node.scu import echo
 
-        status = echo(dest.ae_title, dest.host, dest.port, calling_ae=dest.calling_ae or calling_ae, timeout=timeout_s)
+        failure: list[str] = []
+        status = echo(dest.ae_title, dest.host, dest.port, calling_ae=dest.calling_ae or calling_ae, timeout=timeout_s, why=failure)
         ok = status == 0
-        why = "C-ECHO answered Success" if ok else ("no association" if status is None else f"C-ECHO answered 0x{status:04X}")
+        why = "C-ECHO answered Success" if ok else (f"no association ({failure[0] if failure else 'timed out or aborted'})" if status is None else f"C-ECHO answered 0x{status:04X}")
         return Health(ok, why, time.time())
     if dest.kind == "folder":
         p = Path(dest.path or ".")
@@ -43,13 +43,44 @@ def probe(dest: Destination, calling_ae: str, timeout_s: float = 5.0) -> Health:
             p = p.parent
         ok = os.access(p, os.W_OK)
         return Health(ok, "writable" if ok else "not writable", time.time())
+    return _probe_dicomweb(dest, timeout_s)
+
+
+# What an HTTP status other than 2xx says about a dicomweb destination's settings.
+_HTTP_MEANING = {401: "credentials refused: check auth", 403: "not allowed (to search): check auth",
+                 404: "no DICOMweb service at this url: check url", 405: "no QIDO-RS search at this url: check url"}
+
+
+def _probe_dicomweb(dest: Destination, timeout_s: float) -> Health:
+    """A QIDO-RS search for one study (PS3.18 10.6, ``GET {url}/studies?limit=1``) in
+    the session STOW-RS uses (TLS, auth): reachable only when it is answered 2xx. Any
+    other answer, or none, is unreachable, with what failed (never the url's
+    credentials, never an answer's body)."""
+    import requests
+
+    from node.scu import dicomweb_session
+
+    now = time.time
     try:
-        with urllib.request.urlopen(dest.url, timeout=timeout_s) as r:
-            return Health(True, f"HTTP {r.status}", time.time())
-    except urllib.error.HTTPError as exc:  # it answered: reachable
-        return Health(True, f"HTTP {exc.code}", time.time())
-    except (urllib.error.URLError, OSError) as exc:
-        return Health(False, f"cannot reach ({type(getattr(exc, 'reason', exc)).__name__})", time.time())
+        session = dicomweb_session(dest)
+    except LookupError as exc:
+        return Health(False, str(exc), now())
+    except (OSError, ssl.SSLError) as exc:
+        return Health(False, f"cannot load the TLS certificates ({type(exc).__name__})", now())
+    try:
+        with session:
+            r = session.get(dest.url.rstrip("/") + "/studies", params={"limit": "1"}, headers={"Accept": "application/dicom+json"}, timeout=timeout_s)
+            r.close()
+    except requests.exceptions.SSLError:
+        return Health(False, "TLS failed (certificate not verified?)", now())
+    except requests.exceptions.TooManyRedirects:
+        return Health(False, "answered with a redirect: write the server's own url", now())
+    except (requests.exceptions.RequestException, OSError) as exc:
+        return Health(False, f"cannot reach ({type(exc).__name__})", now())
+    if 200 <= r.status_code < 300:
+        return Health(True, f"QIDO-RS answered HTTP {r.status_code}", now())
+    meaning = _HTTP_MEANING.get(r.status_code, "server error" if r.status_code >= 500 else "not a DICOMweb answer")
+    return Health(False, f"QIDO-RS answered HTTP {r.status_code}: {meaning}", now())
 
 
 class HealthMonitor:

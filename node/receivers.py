@@ -487,5 +487,7 @@ def main() -> int:
     return run_receiver(settings, parent, writer, slots_fd, shared)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as node.receivers, not __main__: its records name their module
+    from node.receivers import main as _main
+
+    sys.exit(_main())

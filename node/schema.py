@@ -151,10 +151,15 @@ def prepare(engine: Engine, upgrade: bool = True) -> tuple[str | None, str] | No
                         f"version are connected ({', '.join(others)}): stop them, then start this one (or run `casemask db upgrade`)"
                     )
             from alembic import command
+            from sqlalchemy import inspect
 
+            empty = before is None and not inspect(conn).get_table_names()
             command.upgrade(_config(conn), "head")
             done = True
         finally:
             _end(conn, done)
-    log.info("database schema upgraded from revision %s to %s", before or "none (empty, or made before migrations)", HEAD)
+    if empty:
+        log.info("new database: schema made at revision %s", HEAD)
+    else:
+        log.info("database schema upgraded from revision %s to %s", before or "none (made before migrations)", HEAD)
     return before, HEAD

@@ -7,7 +7,8 @@ in which a crash can cause a re-send is one object per destination, and a re-sen
 carries the same SOP Instance UID, which archives store once. Before each object the
 sender asks ``proceed(work)`` (the dispatcher's lease check) and stops at the first
 False: a worker that lost its claim sends nothing more. Outcome reasons carry error
-classes and statuses, never an exception's message (which may quote a header value).
+classes and statuses, never an exception's message (which may quote a header value),
+and the OS's words for a connection that failed (``Connection refused``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +33,42 @@ from node.tls import client_context
 from node.spool import SHARED_FILE_MODE, folder_path, write_atomic
 
 log = logging.getLogger(__name__)
+
+
+class _ConnectFailures(logging.Filter):
+    """pynetdicom logs two ERROR lines for each connection it cannot open ("Association
+    request failed: unable to connect to remote", "TCP Initialisation Error: ...") on
+    top of the node's own line naming the destination. This filter on
+    ``pynetdicom.transport`` drops both and keeps the cause, the OS's words ("Connection
+    refused", "timed out"), for the sender to put in its reason (:meth:`cause`), keyed by
+    the name of the thread that connected, the association's DUL thread ("Thread-N
+    (run_reactor)": numbered once per process, where a thread's ident is reused)."""
+
+    _ERRNO = re.compile(r"\[Errno \d+\] ([A-Za-z ,'-]+)$")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._causes: dict[str, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        debug = logging.getLogger("pynetdicom.transport").isEnabledFor(logging.DEBUG)  # -vv: pynetdicom's own words too
+        if text == "Association request failed: unable to connect to remote":
+            return debug
+        if text.startswith("TCP Initialisation Error: "):
+            m = self._ERRNO.search(text)
+            self._causes[record.threadName] = m.group(1) if m else ("timed out" if "timed out" in text else "TLS handshake failed" if "SSL" in text else "connection failed")
+            return debug
+        return True
+
+    def cause(self, assoc) -> str | None:
+        """Why ``assoc`` (not established) could not connect, once; None when it did connect."""
+        name = getattr(getattr(assoc, "dul", None), "name", None)
+        return None if name is None else self._causes.pop(name, None)
+
+
+CONNECT_FAILURES = _ConnectFailures()
+logging.getLogger("pynetdicom.transport").addFilter(CONNECT_FAILURES)
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
@@ -153,7 +191,8 @@ class DicomSender:
                 report(w, Outcome("retry", f"cannot connect to {target} ({type(exc).__name__})"))
             return True
         if not assoc.is_established:
-            outcome = Outcome("retry", f"cannot associate with {target} (connection refused, timed out or aborted)")
+            cause = CONNECT_FAILURES.cause(assoc)
+            outcome = Outcome("retry", f"cannot connect to {target} ({cause})" if cause else f"cannot associate with {target} (timed out or aborted)")
             if assoc.is_rejected:
                 rsp = assoc.acceptor.primitive
                 result = getattr(rsp, "result", 0x02)
@@ -283,6 +322,35 @@ def _secret(auth: DicomWebAuth) -> str:
     return value
 
 
+def dicomweb_session(dest: Destination) -> requests.Session:
+    """The HTTP session a dicomweb destination is reached with (STOW-RS and the health
+    probe alike): certificate verification with ``tls.ca_certificates`` (or the system's
+    CAs), the optional client certificate, bearer or basic ``auth``, no redirect followed.
+
+    Raises:
+        LookupError: the auth secret's file or variable is missing or empty.
+        OSError, ssl.SSLError: the TLS certificates cannot be loaded.
+    """
+    session = requests.Session()
+    # Only the destination's own settings decide what is trusted: no CA bundle,
+    # proxy or .netrc credentials from the environment (REQUESTS_CA_BUNDLE would
+    # silently replace ca_certificates).
+    session.trust_env = False
+    # A redirect is never followed: requests turns a POST answered 301/302 into a GET,
+    # whose 200 would read as stored. TooManyRedirects: retried, and visible.
+    session.max_redirects = 0
+    t = dest.tls
+    session.verify = str(t.ca_certificates) if t is not None and t.ca_certificates else True
+    if t is not None and t.certificate is not None:
+        session.cert = (str(t.certificate), str(t.private_key))
+    session.mount("https://", _HardenedTLS(client_context(t.ca_certificates if t else None)))
+    a = dest.auth
+    if a is not None:
+        secret = _secret(a)
+        session.auth = _Bearer(secret) if a.kind == "bearer" else requests.auth.HTTPBasicAuth(a.username, secret)
+    return session
+
+
 class DicomWebSender:
     """STOW-RS (PS3.18 10.5) with dicomweb-client: one request per object, over HTTPS
     with certificate verification (``tls.ca_certificates``, or the system's CAs) and an
@@ -296,23 +364,7 @@ class DicomWebSender:
     def _make_client(self):
         from dicomweb_client.api import DICOMwebClient
 
-        session = requests.Session()
-        # Only the destination's own settings decide what is trusted: no CA bundle,
-        # proxy or .netrc credentials from the environment (REQUESTS_CA_BUNDLE would
-        # silently replace ca_certificates).
-        session.trust_env = False
-        # A redirect is never followed: requests turns a POST answered 301/302 into a GET,
-        # whose 200 would read as stored. TooManyRedirects: retried, and visible.
-        session.max_redirects = 0
-        t = self.dest.tls
-        session.verify = str(t.ca_certificates) if t is not None and t.ca_certificates else True
-        if t is not None and t.certificate is not None:
-            session.cert = (str(t.certificate), str(t.private_key))
-        session.mount("https://", _HardenedTLS(client_context(t.ca_certificates if t else None)))
-        a = self.dest.auth
-        if a is not None:
-            secret = _secret(a)
-            session.auth = _Bearer(secret) if a.kind == "bearer" else requests.auth.HTTPBasicAuth(a.username, secret)
+        session = dicomweb_session(self.dest)
         client = DICOMwebClient(url=self.dest.url.rstrip("/"), session=session, timeout=self.dest.timeout_s)
         client.set_http_retry_params(retry=False)
         return client
@@ -379,13 +431,17 @@ def make_sender(dest: Destination, calling_ae: str, reactor_delay_s: float = 0.0
     return DicomWebSender(dest)
 
 
-def echo(ae_title: str, host: str, port: int, calling_ae: str = "CASEMASK", timeout: float = 10.0) -> int | None:
-    """C-ECHO a peer; returns its status, or None when no association could be made."""
+def echo(ae_title: str, host: str, port: int, calling_ae: str = "CASEMASK", timeout: float = 10.0, why: list[str] | None = None) -> int | None:
+    """C-ECHO a peer; returns its status, or None when no association could be made (then
+    ``why``, when given, gets what is known: the connection's failure, or a rejection)."""
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context("1.2.840.10008.1.1")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, lambda e: tune_association(e.assoc, 0.0002))])
     if not assoc.is_established:
+        cause = CONNECT_FAILURES.cause(assoc)  # the caller says it, in its own line
+        if why is not None:
+            why.append(f"cannot connect: {cause}" if cause else "association rejected" if assoc.is_rejected else "timed out or aborted")
         return None
     try:
         status = assoc.send_c_echo()

@@ -145,19 +145,26 @@ class Service:
 
     # -- status ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """Counts per state and destination, models, disk, throughput, version."""
+        """Counts per state and destination, why each destination has objects waiting or
+        FAILED (its newest such delivery's reason), models, disk, throughput, version."""
         s = self.settings
         hour_ago = utcnow() - dt.timedelta(hours=1)
         with self.sessions() as session:
             counts = queue.counts(session)
             received_1h = session.scalar(select(func.count()).select_from(Instance).where(Instance.received_at >= hour_ago)) or 0
             sent_1h = session.scalar(select(func.count()).select_from(Delivery).where(Delivery.sent_at >= hour_ago)) or 0
+            waiting = {}  # per destination: why its newest waiting or failed delivery is not sent (no PHI: reasons never carry values)
+            for dest, state, reason in session.execute(select(Delivery.destination, Delivery.state, Delivery.reason)
+                                                       .where(Delivery.state.in_((DeliveryState.RETRY_WAIT, DeliveryState.FAILED)))
+                                                       .order_by(Delivery.id.desc()).limit(1000)):
+                waiting.setdefault(dest, f"{state.value}: {reason or 'no reason recorded'}")
         return {
             "node": s.node.ae_title,
             "version": version(),
             "data_dir": str(s.node.data_dir),
             "counts": counts,
             "throughput": {"received_last_hour": int(received_1h), "sent_last_hour": int(sent_1h)},
+            "not_sent": waiting,
             "disk_free_bytes": disk_free(s.node.data_dir),
             "models": self.models(),
             "routes": _route_models(s),

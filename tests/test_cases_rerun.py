@@ -159,7 +159,8 @@ def test_every_case_through_the_node_reaches_its_readme_outcome(tmp_path, serve)
     state points at the delivered CT, whose Type 3 references are removed, and neither
     has a dciodvfy error its input lacks; 10 has no bit above BitsStored and no
     overlay group; 13 arrives as a DICOM file with file meta; 15's two patients (ID 12345
-    at two issuers) get different pseudonyms and date offsets; 16 has no birth date."""
+    at two issuers) get different pseudonyms and date offsets; 16 has no birth date. The
+    node's log quotes none of the inputs' identifying values."""
     key = tmp_path / "secret.key"
     key.write_text(SECRET.hex())
     key.chmod(0o600)
@@ -180,6 +181,9 @@ def test_every_case_through_the_node_reaches_its_readme_outcome(tmp_path, serve)
     secrets = phi_values(quarantine + delivered)
     leaked = sum(v in p.read_bytes() for p in paths for v in secrets)  # a count: the values stay out of test output
     assert leaked == 0, "a delivered file holds an input's identifying value"
+    log = (tmp_path / "node.log").read_bytes()  # what the node said about every case, quarantined ones included
+    assert b"-> QUARANTINED" in log and b"-> PROCESSED" in log  # it said something about them
+    assert sum(v in log for v in secrets | {b"DOE^JANE", b"DOE JANE"}) == 0, "the node's log quotes an input's identifying value"
     outs = [dcmread(p) for p in paths]
     assert not [o for o in outs if o.Modality in ("DOC", "OT") or o.SOPClassUID.name.startswith(("Secondary", "Encapsulated"))]
     assert all(o.preamble is not None and o.file_meta.MediaStorageSOPInstanceUID == o.SOPInstanceUID for o in outs)  # 13 too

@@ -61,6 +61,10 @@ def test_the_start_line_names_the_pid_that_reloads_the_configuration(tmp_path):
         os.kill(pid, signal.SIGHUP)
         wait_until(lambda: "[[sources]] and accept_unknown_sources taken" in log.read_text(), timeout=30, what="the receivers to take the new sources")
         assert echo() == 0
+        # A receiver process's own records name their module (they said `__main__`, as
+        # `python -m node.receivers` runs it).
+        text = log.read_text()
+        assert re.search(r"INFO node\.receivers: \[receiver \d+\] configuration reloaded", text) and "__main__" not in text, text[-3000:]
     finally:
         stop_process(proc, 15)
 

@@ -24,8 +24,10 @@ encrypted transport.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import resource
+import socket
 import ssl
 import threading
 import time
@@ -172,6 +174,24 @@ class BoundedH11Protocol(H11Protocol):
             self.transport.abort()
 
 
+def _bind_error(host: str, port: int) -> str:
+    """Why ``host``:``port`` cannot be listened on now, as far as a bind of our own
+    tells (the server has already stopped, so its reason is gone with it)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"the host cannot be resolved: {exc.strerror or type(exc).__name__}"
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return {errno.EADDRINUSE: "in use by another program", errno.EADDRNOTAVAIL: "not an address of this machine",
+                    errno.EACCES: "a port below 1024 needs privileges"}.get(exc.errno, exc.strerror or type(exc).__name__)
+    return "it stopped at start; the error logged above says why"
+
+
 class HttpServer:
     """The HTTP server of one node, on ``[http] host``:``port`` (HTTPS with ``tls``)."""
 
@@ -198,8 +218,11 @@ class HttpServer:
             pass
 
     def start(self, timeout_s: float = 20.0) -> None:
-        """Listen, or raise RuntimeError when the address cannot be bound in time or the
-        ``[http] tls`` certificate or key cannot be loaded."""
+        """Listen, or raise RuntimeError saying what is known: the ``[http] tls``
+        certificate or key cannot be loaded; the server stopped at start (its bind error,
+        logged by uvicorn just before, is named: in use, not this machine's address, not
+        permitted); or it was still starting after ``timeout_s`` (a busy machine: nothing
+        says the port is taken)."""
         if self.tls is not None:
             try:
                 self.protocol.tls_context = tls.server_context(self.tls.certificate, self.tls.private_key, None, False)
@@ -210,9 +233,14 @@ class HttpServer:
         self.thread.start()
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
+            if not self.thread.is_alive():
                 self.stop()
-                raise RuntimeError(f"the HTTP server could not listen on {self.address} (in use? see [http] host and port)")
+                raise RuntimeError(f"the HTTP server could not listen on {self.address} ({_bind_error(self.server.config.host, self.server.config.port)}; "
+                                   "see [http] host and port)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the HTTP server on {self.address} was still starting after {timeout_s:g} s (a busy machine? "
+                                   "nothing said the address is taken); start the node again")
             time.sleep(0.02)
         log.info("HTTP API and dashboard on %s://%s", self.scheme, self.address)
 

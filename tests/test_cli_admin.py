@@ -1,0 +1,143 @@
+"""What an admin reads when something is not as it should be: every command's options
+with their defaults in ``--help``, a DICOMweb destination's health that says what failed,
+one line (the node's) per failed attempt to a destination that is down, and an HTTP
+server that did not start saying what is known."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from node.cli import build_parser
+from tests.conftest import ROOT, free_port, node_config, write_toml
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "casemask"):
+    """Every parser of the command tree, with its command line."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                yield from _parsers(p, f"{name} {sub}")
+
+
+def _shows(text: str, default) -> bool:
+    values = {str(default)} | ({f"{default:g}"} if isinstance(default, float) else set())
+    return any(v in text for v in values)
+
+
+def test_every_option_with_a_default_shows_it_in_help():
+    """`casemask similar --help` said `--k K  how many cases (1 to 100)` and `demo --help`
+    `--timeout TIMEOUT  seconds to wait...`: neither said its default. Every option of
+    every command that has a default (a number, a word; not a flag's off) names it."""
+    missing = []
+    for cmd, parser in _parsers(build_parser()):
+        helps = parser.format_help()
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            d = action.default
+            if (not action.option_strings or d in (None, False, [], argparse.SUPPRESS) or action.help == argparse.SUPPRESS
+                    or isinstance(action, (argparse._StoreConstAction, argparse._CountAction))):
+                continue
+            text = (formatter._get_help_string(action) or "") % {"default": d, **vars(action)}
+            if "default" not in text or not _shows(text, d) or action.option_strings[0] not in helps:
+                missing.append(f"{cmd} {action.option_strings[0]}")
+    assert not missing, missing
+    assert "(default: 5)" in " ".join(dict(_parsers(build_parser()))["casemask similar"].format_help().split())
+    assert "(default: 120" in " ".join(dict(_parsers(build_parser()))["casemask demo"].format_help().split())
+
+
+def test_a_dicomweb_destination_is_reachable_only_when_its_service_answers(tmp_path, orthanc_dicomweb):
+    """The probe counted any HTTP answer as reachable: a url with a wrong path (Orthanc's
+    404) read `reachable, HTTP 404` while every STOW-RS would fail. Now a QIDO-RS search
+    answered 2xx is reachable; a 404 is not, and says to check the url; no server at all
+    says it cannot reach it."""
+    from node.config import Destination
+    from node.health import probe
+
+    def health(url: str):
+        return probe(Destination(name="web", kind="dicomweb", url=url), "CASEMASK", timeout_s=10)
+
+    good = health(orthanc_dicomweb.base_url + "/dicom-web")
+    assert good.reachable and "HTTP 200" in good.detail, good
+    wrong = health(orthanc_dicomweb.base_url + "/not-dicom-web")
+    assert not wrong.reachable and "HTTP 404" in wrong.detail and "check url" in wrong.detail, wrong
+    nobody = health(f"http://127.0.0.1:{free_port()}/dicom-web")
+    assert not nobody.reachable and "cannot reach" in nobody.detail, nobody
+
+
+def test_a_destination_that_is_down_costs_one_log_line_with_its_cause(tmp_path, start_node, caplog):
+    """Each failed attempt to a dicom destination that is down logged pynetdicom's two
+    ERROR lines ("Association request failed: unable to connect to remote", "TCP
+    Initialisation Error: [Errno 111] Connection refused") beside the node's own. Now only
+    the node's line, naming the destination and the cause."""
+    from pydicom import dcmread
+
+    from tests.conftest import make_study, receive
+
+    caplog.set_level(logging.WARNING)
+    raw = node_config(tmp_path, [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}])
+    node = start_node(raw)
+    receive(node, dcmread(make_study(tmp_path / "s", 1)[0]))
+    from tests.conftest import wait_until
+
+    wait_until(lambda: "destination pacs: down" in caplog.text, timeout=60, what="the node's line for the destination that is down")
+    wait_until(lambda: "still down" in caplog.text or caplog.text.count("retrying") >= 1, timeout=30, what="a retry")
+    ours = [r for r in caplog.records if "destination pacs: down" in r.getMessage()]
+    assert "Connection refused" in ours[0].getMessage(), ours[0].getMessage()
+    theirs = [r.getMessage() for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.ERROR]
+    assert not theirs, theirs
+    # What an admin reads next: `casemask status` says why the destination's objects
+    # wait (it showed only RETRY_WAIT=1), and its health says what failed ("no association").
+    from node.health import probe
+
+    config = write_toml(raw, tmp_path / "node.toml")
+    r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and re.search(r"destination:pacs .*RETRY_WAIT=1\n +last RETRY_WAIT: cannot connect to PACS@127\.0\.0\.1:\d+ \(Connection refused\)", r.stdout), r.stdout + r.stderr
+    h = probe(node.settings.destinations[0], "CASEMASK")
+    assert not h.reachable and h.detail == "no association (cannot connect: Connection refused)", h
+
+
+def test_the_http_server_says_what_is_known_when_it_does_not_start(tmp_path, start_node, monkeypatch):
+    """`could not listen on ... (in use?)` was said both when the port was taken and when
+    a loaded machine had not started the server within 20 s. Now a taken port is named
+    as such, and a server still starting says so and that nothing said the port is taken."""
+    import uvicorn
+
+    from node.http.server import HttpServer
+
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+    node = start_node(raw, listen=False)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", raw["http"]["port"]))
+        holder.listen()
+        with pytest.raises(RuntimeError) as taken:
+            HttpServer(node).start()
+    assert "in use by another program" in str(taken.value) and "[http] host and port" in str(taken.value)
+
+    def slow_run(self, sockets=None):  # a server that has not got to listening yet
+        while not self.should_exit:
+            time.sleep(0.05)
+
+    monkeypatch.setattr(uvicorn.Server, "run", slow_run)
+    with pytest.raises(RuntimeError) as slow:
+        HttpServer(node).start(timeout_s=0.5)
+    assert "still starting after" in str(slow.value) and "in use" not in str(slow.value), str(slow.value)
+
+
+def test_a_first_start_says_it_made_a_new_database(tmp_path, caplog):
+    """A new admin's first `make serve` said "database schema upgraded from revision none
+    (empty, or made before migrations) to 0003": a new database is now called one."""
+    from node.db import make_engine
+    from node.schema import HEAD
+
+    caplog.set_level(logging.INFO, logger="node.schema")
+    make_engine(f"sqlite:///{tmp_path / 'casemask.db'}").dispose()  # as the node's start makes it
+    assert f"new database: schema made at revision {HEAD}" in caplog.text and "upgraded" not in caplog.text, caplog.text
