@@ -413,9 +413,35 @@ class HttpSettings(_Table):
     session_hours: Seconds = hint("hours a dashboard login lasts, more than 0", 8.0, gt=0)
     login_attempts: StrictInt = hint("failed logins allowed per name and address within login_window_s, 1 or more", 5, ge=1)
     login_window_s: Seconds = hint("seconds, more than 0", 900.0, gt=0)
+    allowed_hosts: list[str] = hint("a list of the names and addresses admins reach the node by, without port, e.g. "
+                                    "[\"casemask.example.org\", \"10.0.0.5\"]; \"*.example.org\" for a domain's hosts", [])
 
     _port = field_validator("port")(_tcp_port)
     _check_host = field_validator("host")(_host)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, v: list[str]) -> list[str]:
+        for name in v:
+            bare = name[2:] if name.startswith("*.") else name
+            if not isinstance(name, str) or not valid_host(bare):
+                raise ValueError("each entry a host name or IP address without port or scheme, or \"*.example.org\", "
+                                 "e.g. allowed_hosts = [\"casemask.example.org\"]")
+        return v
+
+    def trusted_hosts(self) -> list[str]:
+        """The Host header values the HTTP server answers (DNS rebinding defence:
+        a web page whose name an attacker points at this node gets 400): ``allowed_hosts``
+        when given; else this machine's loopback names when ``host`` is a loopback
+        address; else any (``config check`` warns). Returned lower-case, IPv6 addresses
+        also in brackets."""
+        if self.allowed_hosts:
+            names = list(self.allowed_hosts)
+        elif _loopback(self.host):
+            names = ["localhost", "127.0.0.1", "::1"]
+        else:
+            return ["*"]
+        return sorted({n.lower() for n in names} | {f"[{n}]" for n in names if ":" in n})
 
 
 class AuditSettings(_Table):
@@ -640,6 +666,9 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
     elif http.enabled and not _loopback(http.host):
         warnings.append(f"[http] host = {http.host!r} without [http] tls: passwords, tokens and session cookies cross the network in clear; "
                         "set [http] tls = { certificate = \"...\", private_key = \"...\" } or keep host = \"127.0.0.1\"")
+    if http.enabled and not _loopback(http.host) and not http.allowed_hosts:
+        warnings.append(f"[http] host = {http.host!r} without [http] allowed_hosts: the dashboard answers any host name, so a web page "
+                        "whose name an attacker points at this node (DNS rebinding) can reach it; set allowed_hosts = [\"the.name.admins.use\"]")
     audit = _validate(AuditSettings, raw.get("audit", {}), "[audit]", problems) or AuditSettings()
     audit.syslog_ca = _absolute(audit.syslog_ca, base_dir)
 

@@ -203,7 +203,7 @@ def test_bodies_held_in_memory_at_once_are_bounded(tmp_path, http_nodes, monkeyp
     bearer = f"Authorization: Bearer {hn.tokens['viewer']}\r\n"
     hoarder = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
-        hoarder.sendall(f"POST /api/v1/similar HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\nContent-Length: {2 * 2**20}\r\n{bearer}\r\n".encode() + b"\0" * 1024)
+        hoarder.sendall(f"POST /api/v1/similar HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/dicom\r\nContent-Length: {2 * 2**20}\r\n{bearer}\r\n".encode() + b"\0" * 1024)
         time.sleep(0.5)
         assert _status_before_body(port, "/api/v1/similar", "application/dicom", 2 * 2**20, bearer).startswith(b"HTTP/1.1 503")
         assert _status_before_body(port, "/api/v1/routes/explain", "multipart/form-data; boundary=XX", 2 * 2**20, bearer).startswith(b"HTTP/1.1 503")
@@ -231,3 +231,44 @@ def test_an_https_certificate_that_cannot_be_loaded_stops_the_start_with_a_messa
         start_http_node(raw, tmp_path)
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", raw["http"]["port"])) != 0
+
+
+def test_a_page_under_another_host_name_is_refused_dns_rebinding(tmp_path, http_nodes):  # noqa: F811
+    """DNS rebinding: a web page at attacker.example, whose name the attacker then points
+    at 127.0.0.1, reaches a loopback dashboard from the admin's own browser (same address,
+    so it also spends that address's login attempts). The server answers only the Host
+    names it is reached by: 400 for another, before any route runs; with [http]
+    allowed_hosts, those names."""
+    hn = start_http_node(node_config(tmp_path, _folder(tmp_path)), tmp_path)
+    http_nodes.append(hn)
+    port = hn.node.settings.http.port
+    with httpx.Client(base_url=hn.base, timeout=30) as c:
+        assert c.get("/healthz").text == "ok\n"  # Host: 127.0.0.1:port
+        assert c.get("/healthz", headers={"Host": f"localhost:{port}"}).status_code == 200
+        for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.attacker.example:{port}"):
+            r = c.get("/login", headers={"Host": host})
+            assert r.status_code == 400, (host, r.status_code)
+            assert c.post("/login", headers={"Host": host}, data={"name": "admin", "password": "x"}).status_code == 400
+    (tmp_path / "named").mkdir()
+    raw = node_config(tmp_path / "named", _folder(tmp_path / "named"))
+    raw["http"]["allowed_hosts"] = ["casemask.example.org"]
+    named = start_http_node(raw, tmp_path / "named")
+    http_nodes.append(named)
+    with httpx.Client(base_url=named.base, timeout=30) as c:
+        assert c.get("/healthz", headers={"Host": "casemask.example.org"}).status_code == 200
+        assert c.get("/healthz", headers={"Host": "attacker.example"}).status_code == 400
+        assert c.get("/healthz").status_code == 400  # 127.0.0.1 is not among the names given
+
+
+def test_allowed_hosts_is_checked_and_an_open_dashboard_is_warned_about(tmp_path):
+    from node import config
+
+    raw = node_config(tmp_path, _folder(tmp_path))
+    raw["http"]["allowed_hosts"] = ["https://casemask.example.org:8080"]
+    with pytest.raises(config.ConfigError, match="allowed_hosts"):
+        config.parse(raw)
+    raw["http"]["allowed_hosts"] = []
+    raw["http"]["host"] = "0.0.0.0"
+    assert any("allowed_hosts" in w for w in config.parse(raw).warnings)
+    raw["http"]["allowed_hosts"] = ["casemask.example.org"]
+    assert not any("allowed_hosts" in w for w in config.parse(raw).warnings)

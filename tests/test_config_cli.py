@@ -228,8 +228,10 @@ def test_the_shipped_configs_check_without_warnings():
     for path in (config_file("casemask.toml"), config_file("demo.toml")):
         assert load(path).warnings == [], path
     # In the container the dashboard listens on every interface; compose publishes it on the
-    # host's loopback only, and the warning says what to do before publishing it further.
-    assert [w[:29] for w in load(ROOT / "docker" / "casemask.toml").warnings] == ["[http] host = '0.0.0.0' witho"]
+    # host's loopback only, and the warnings say what to do before publishing it further
+    # (tls; allowed_hosts, the names admins will use).
+    assert [w[:53] for w in load(ROOT / "docker" / "casemask.toml").warnings] == [
+        "[http] host = '0.0.0.0' without [http] tls: passwords", "[http] host = '0.0.0.0' without [http] allowed_hosts:"]
 
 
 @pytest.mark.parametrize("taken", ["node", "http"])

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from node import accounts
 from node.accounts import LoginLimiter
@@ -242,6 +243,7 @@ def create_app(service: Service, http: HttpSettings | None = None) -> FastAPI:
     app.add_middleware(CredentialsBeforeBody)
     app.add_middleware(BodyLimits)  # outside the credentials check: POST /login has none
     app.add_middleware(SecurityHeaders)  # added last but one: it also heads the answers above
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=http.trusted_hosts(), www_redirect=False)  # DNS rebinding: 400
     app.add_middleware(AccessLog)  # the outermost: logs every answer, those of the middlewares too
 
     @app.exception_handler(ServiceError)
