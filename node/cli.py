@@ -282,7 +282,7 @@ def cmd_retry(args) -> int:
         raise UsageError(str(exc)) from None
     q = service.retry_quarantined(who) if args.quarantined else 0
     h = service.retry_held(who) if args.held else 0
-    print(f"re-queued {n} failed deliveries" + (f", {q} quarantined jobs" if args.quarantined else "") + (f", {h} held objects (routed again by the running node)" if args.held else ""))
+    print(f"re-queued {n} failed or waiting deliveries" + (f", {q} quarantined jobs" if args.quarantined else "") + (f", {h} held objects (routed again by the running node)" if args.held else ""))
     return 0
 
 
@@ -888,7 +888,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--calling-ae", default="", help="calling AE title to assume for calling_ae conditions")
     ex.set_defaults(func=cmd_routes_explain)
 
-    sp = with_config(sub.add_parser("retry", help="re-queue FAILED deliveries (and quarantined or held objects)"))
+    sp = with_config(sub.add_parser("retry", help="re-queue FAILED deliveries, send waiting ones now (and quarantined or held objects)"))
     sp.add_argument("--destination", metavar="NAME", help="only this destination")
     sp.add_argument("--quarantined", action="store_true", help="also re-process quarantined objects")
     sp.add_argument("--held", action="store_true", help="also route held objects (matched no route) again")

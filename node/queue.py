@@ -982,6 +982,20 @@ def requeue_failed(session: Session, destination: str | None = None) -> int:
     return int(n or 0)
 
 
+def hasten_waiting(session: Session, destination: str | None = None) -> int:
+    """RETRY_WAIT deliveries due now, their attempts counted from 0 again (``casemask
+    retry`` after the admin fixed a destination: otherwise each waits up to
+    ``retry_max_s`` for its next attempt); returns how many. A delivery a dispatcher
+    claims meanwhile is SENDING and not touched."""
+    cond = Delivery.state == DeliveryState.RETRY_WAIT
+    if destination:
+        cond = and_(cond, Delivery.destination == destination)
+    n = session.execute(update(Delivery).where(cond).values(attempts=0, next_attempt_at=db_now(session))).rowcount
+    if n:
+        log.info("%d waiting deliveries%s due now", n, f" to {destination}" if destination else "")
+    return int(n or 0)
+
+
 def requeue_quarantined(session: Session) -> int:
     """QUARANTINED jobs -> PENDING (after the admin fixed the cause), with their tries
     reset; returns how many. Objects whose spooled file retention deleted stay."""

@@ -385,14 +385,18 @@ class Service:
                     for d, o, sid, route in rows]
 
     def retry_deliveries(self, destination: str, who: Principal, host: str = "") -> int:
-        """FAILED deliveries (of one destination, or all when empty) back to PENDING."""
+        """FAILED deliveries (of one destination, or all when empty) back to PENDING, and
+        those waiting for their next attempt (RETRY_WAIT) due now; returns how many of
+        both."""
         if destination and destination not in {d.name for d in self.settings.destinations}:
             raise NotFound(f"no destination {destination!r} is configured")
         with self.sessions() as session:
             n = queue.requeue_failed(session, destination or None)
-            audit.record(session, "deliveries-retried", actor=who.label, actor_kind=who.kind, host=host, object_kind="destination", object_ref=destination or "*", detail={"deliveries": n})
+            w = queue.hasten_waiting(session, destination or None)
+            audit.record(session, "deliveries-retried", actor=who.label, actor_kind=who.kind, host=host, object_kind="destination", object_ref=destination or "*",
+                         detail={"deliveries": n, "waiting_due_now": w})
             session.commit()
-        return n
+        return n + w
 
     def destinations(self) -> list[dict[str, Any]]:
         """Each configured destination: address, deliveries per state, last sent, health."""

@@ -252,7 +252,7 @@ def test_cli_status_retry_and_export_use_the_service_layer(tmp_path):
     r = cli("status", "--json", "--config", str(cfg))
     assert r.returncode == 0 and '"throughput"' in r.stdout and '"disk_free_bytes"' in r.stdout
     assert cli("retry", "--destination", "nowhere", "--config", str(cfg)).returncode == 2
-    assert cli("retry", "--quarantined", "--config", str(cfg)).stdout.startswith("re-queued 0 failed deliveries, 0 quarantined jobs")
+    assert cli("retry", "--quarantined", "--config", str(cfg)).stdout.startswith("re-queued 0 failed or waiting deliveries, 0 quarantined jobs")
     out = tmp_path / "mapping"
     assert cli("export-mapping", "--out", str(out), "--config", str(cfg)).returncode == 0
     assert (out / "uids.csv").stat().st_mode & 0o077 == 0

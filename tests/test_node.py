@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -368,6 +369,28 @@ def test_permanent_rejection_goes_to_dead_letter_at_once_and_retry_requeues(tmp_
         assert queue.requeue_failed(s, "picky") == 3
         s.commit()
     wait_until(lambda: delivery_states(node) == {"FAILED": 3, "SENT": 3}, timeout=30, what="re-queued deliveries to fail again")
+
+
+def test_retry_sends_waiting_deliveries_now(tmp_path, start_node, archive_factory):
+    """After the admin fixed a destination, `casemask retry` sends deliveries waiting
+    for their next attempt now (before, only FAILED ones were re-queued and the waiting
+    ones waited up to retry_max_s)."""
+    from node import queue
+
+    port = free_port()
+    dest = {"name": "pacs", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": port, "timeout_s": 30.0}
+    node = start_node(node_config(tmp_path, [dest], retry_base_s=600.0, retry_max_s=600.0))
+    storescu(node.settings.node.port, make_study(tmp_path / "s", 3))
+    wait_until(lambda: delivery_states(node).get("RETRY_WAIT", 0) == 3, timeout=30, what="deliveries waiting to retry")
+    archive = archive_factory(port=port)
+    time.sleep(2)
+    assert delivery_states(node) == {"RETRY_WAIT": 3}  # their next attempt is 600 s away
+    with node.sessions() as s:
+        assert queue.hasten_waiting(s, "other") == 0
+        assert queue.hasten_waiting(s, "pacs") == 3
+        s.commit()
+    wait_until(lambda: delivery_states(node) == {"SENT": 3}, timeout=30, what="waiting deliveries SENT after retry")
+    assert sorted(set(archive.received)) == sorted(archive.received) and len(archive.received) == 3
 
 
 def test_failing_deid_step_never_forwards(tmp_path, start_node, monkeypatch):

@@ -198,7 +198,7 @@ def retry_deliveries(request: Request, destination: str = Form(""), csrf: str = 
     check_csrf(user, csrf)
     try:
         n = context(request).service.retry_deliveries(destination, user.principal, client_host(request))
-        flash(request, user, f"{n} failed deliveries{' to ' + destination if destination else ''} re-queued.")
+        flash(request, user, f"{n} failed or waiting deliveries{' to ' + destination if destination else ''} re-queued.")
     except ServiceError as exc:
         flash(request, user, str(exc))
     return back(_safe_next(next))
