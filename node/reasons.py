@@ -131,6 +131,11 @@ class WithheldLibraryValues(logging.Filter):
             record.msg, record.args = msg.split(":", 1)[0] + " (value not logged)", ()
         elif msg.startswith(("Non-conformant '", "Invalid '")) and " value '" in msg:
             record.msg, record.args = msg.split(" value '", 1)[0] + " value (not logged)", ()
+        else:
+            return True
+        # pynetdicom.dimse logs such an exception with LOGGER.exception(exc): its traceback
+        # would print the value again.
+        record.exc_info, record.exc_text = None, None
         return True
 
 
@@ -139,7 +144,7 @@ def withhold_library_values() -> None:
     silence pydicom's matching warning (it repeats the same text with the value); for
     the listener and ``casemask deid``."""
     f = WithheldLibraryValues()
-    for name in ("pydicom", "pynetdicom.utils"):
+    for name in ("pydicom", "pynetdicom.utils", "pynetdicom.dimse"):  # dimse: a message it cannot read (receive_primitive)
         logger = logging.getLogger(name)
         if not any(isinstance(x, WithheldLibraryValues) for x in logger.filters):
             logger.addFilter(f)
