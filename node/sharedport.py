@@ -122,6 +122,9 @@ class AcceptBoard:
         self._place = -1
         self._count: Callable[[], int] = lambda: 0
         self._lock = threading.Lock()
+        # place -> (pid, count) of a process that let a connection wait out YIELD_S: not
+        # waited for again until its record changes (it accepted or closed something)
+        self._passed_over: dict[int, tuple[int, int]] = {}
 
     @classmethod
     def create(cls, places: int) -> AcceptBoard:
@@ -161,11 +164,27 @@ class AcceptBoard:
         with self._lock:
             if self._place < 0:
                 return None
-            records = [_RECORD.unpack_from(self._map, i * _RECORD.size) for i in range(self.places) if i != self._place]
-        for pid, count in records:
-            if pid > 0 and _alive(pid):
+            records = [(i, *_RECORD.unpack_from(self._map, i * _RECORD.size)) for i in range(self.places) if i != self._place]
+            passed_over = dict(self._passed_over)
+        for place, pid, count in records:
+            if pid > 0 and passed_over.get(place) != (pid, count) and _alive(pid):
                 least = count if least is None else min(least, count)
         return least
+
+    def _pass_over_idlers(self) -> None:
+        """Every other process less busy than this one let a connection wait the whole
+        :data:`YIELD_S`: a stopped (SIGSTOP, frozen) or hung process never takes one, and
+        waiting for it on every connection held this process's accepting to ten a second,
+        so a flood of connects kept a sender's association waiting past its ACSE timeout.
+        It is waited for again once its record changes."""
+        mine = self._count()
+        with self._lock:
+            if self._place < 0:
+                return
+            for i in range(self.places):
+                pid, count = _RECORD.unpack_from(self._map, i * _RECORD.size)
+                if i != self._place and pid > 0 and count < mine:
+                    self._passed_over[i] = (pid, count)
 
     def should_yield(self) -> bool:
         """Whether another live process holds fewer open connections than this one."""
@@ -184,6 +203,7 @@ class AcceptBoard:
             time.sleep(_LOOK_S)
             if not pending(sock) or not self.should_yield():
                 return
+        self._pass_over_idlers()
 
     def close(self) -> None:
         """Empty this process's record and unmap the board (the descriptor is the

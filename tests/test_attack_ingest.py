@@ -307,3 +307,37 @@ def test_a_uid_too_long_for_pynetdicom_is_not_written_to_the_log(tmp_path, start
     wait_until(lambda: "Received an invalid DIMSE message" in caplog.text, timeout=10, what="pynetdicom to log the message it refused")
     assert "7" * 20 not in caplog.text
     assert _rows(node) == 0
+
+
+def test_the_board_passes_over_an_idler_that_let_a_connection_wait_until_its_record_changes():
+    """The accept board: a live other process (here this test's parent) with 0 open
+    connections against this one's 1 is yielded to; once it has let a pending
+    connection wait out the whole wait, it is not yielded to again, until its record
+    changes (it accepted or closed something)."""
+    from node.sharedport import _RECORD, AcceptBoard, pending
+
+    board = AcceptBoard.create(2)
+    try:
+        # the other process's record (place 1), written by hand: its pid and count
+        _RECORD.pack_into(board._map, _RECORD.size, os.getppid(), 0)
+        board.claim(0, lambda: 1)
+        assert board.should_yield()
+        with socket.socket() as srv, socket.create_connection(("127.0.0.1", _listen(srv))):
+            wait_until(lambda: pending(srv), timeout=5, what="the connection to be pending")
+            board.yield_to_idler(srv, limit_s=0.05)
+            assert not board.should_yield(), "waited again for a process that let a connection wait out the whole wait"
+            _RECORD.pack_into(board._map, _RECORD.size, os.getppid(), 1)
+            _RECORD.pack_into(board._map, _RECORD.size, os.getppid(), 0)  # it accepted one, and closed it
+            assert board.should_yield() is False  # same record as when passed over: (pid, 0)
+            board.claim(0, lambda: 2)
+            _RECORD.pack_into(board._map, _RECORD.size, os.getppid(), 1)
+            assert board.should_yield(), "a process whose record changed is yielded to again"
+    finally:
+        board.close()
+        os.close(board.fd)
+
+
+def _listen(srv: socket.socket) -> int:
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    return srv.getsockname()[1]
