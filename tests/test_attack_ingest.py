@@ -13,7 +13,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 
