@@ -467,3 +467,48 @@ def test_dcmtk_and_pynetdicom_read_the_hand_encoded_response_for_a_64_character_
     finally:
         assoc.release()
     assert _rows(node) == 2
+
+
+@needs_dcmtk
+def test_a_receiver_killed_mid_c_store_leaves_no_stall_and_no_success(tmp_path):
+    """receivers = 2: a raw C-STORE sent half-way on an association the receiver process
+    accepted, then SIGKILL that receiver. The sender gets no Success (the connection
+    ends), nothing of it is stored, and storescu runs right after (before a replacement
+    listens) are each stored: the dead process's board record does not hold connections
+    back. Its partial file in spool/.incoming is the periodic sweep's (after 120 s)."""
+    from tests.test_receivers import _server_pid
+
+    node, raw = _serve(tmp_path, "kill", receivers=2)
+    port = raw["node"]["port"]
+    files = make_study(tmp_path / "in", 3)
+    node.start(port)
+    conns: list[Raw] = []
+    try:
+        node_pid = node.proc.pid  # type: ignore[union-attr]
+        (receiver,) = child_pids(node_pid)
+        target = None
+        for _ in range(20):  # associations until one is the receiver's
+            r = Raw(port, timeout=10)
+            conns.append(r)
+            r.send(associate_rq(calling="STORESCU", contexts=[(1, CT_IMAGE_STORAGE, [EXPLICIT_VR_LE])]))
+            assert r.read_pdu()[0] == 0x02
+            if _server_pid(port, r.sock.getsockname()[1], [node_pid, receiver]) == receiver:
+                target = r
+                break
+        assert target is not None, "no association went to the receiver process"
+        ds = _ct()
+        data = encode(ds, implicit=False) + b"\0" * 200_000
+        pdus = c_store_pdus(_raw_command(CT_IMAGE_STORAGE, str(ds.SOPInstanceUID), 1), data)
+        for pdu in pdus[: len(pdus) // 2]:
+            target.send(pdu)
+        os.kill(receiver, signal.SIGKILL)
+        got = target.read_pdu()
+        assert got is None or got[0] != 0x04, "a response to a C-STORE whose receiver died"
+        for f in files:
+            r = _storescu(port, f, 10)
+            assert r.returncode == 0, r.stderr
+        assert _rows_file(raw) == 3
+    finally:
+        for c in conns:
+            c.close()
+        node.stop()
