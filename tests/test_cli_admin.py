@@ -99,8 +99,13 @@ def test_a_destination_that_is_down_costs_one_log_line_with_its_cause(tmp_path, 
     from node.health import probe
 
     config = write_toml(raw, tmp_path / "node.toml")
-    r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert r.returncode == 0 and re.search(r"destination:pacs .*RETRY_WAIT=1\n +last RETRY_WAIT: cannot connect to PACS@127\.0\.0\.1:\d+ \(Connection refused\)", r.stdout), r.stdout + r.stderr
+    wanted = r"destination:pacs .*RETRY_WAIT=1\n +last RETRY_WAIT: cannot connect to PACS@127\.0\.0\.1:\d+ \(Connection refused\)"
+
+    def status_says_why() -> bool:  # the running node retries: between attempts the delivery is RETRY_WAIT, during one SENDING
+        r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        return r.returncode == 0 and re.search(wanted, r.stdout) is not None
+
+    wait_until(status_says_why, timeout=60, interval=0.5, what="casemask status naming why the delivery waits")
     h = probe(node.settings.destinations[0], "CASEMASK")
     assert not h.reachable and h.detail == "no association (cannot connect: Connection refused)", h
 
