@@ -70,7 +70,7 @@ serve: venv
 	$(VENV)/bin/casemask serve $(if $(CONFIG),--config $(CONFIG))
 
 # The network-edge tests run twice: the second time with in-process nodes receiving in
-# two processes ([node] receivers = 2: the kernel spreads associations over both).
+# two processes ([node] receivers = 2: both accept from one shared listening socket).
 RECEIVER_TESTS = CASEMASK_TEST_RECEIVERS=2 $(PY) -m pytest tests/test_edge.py tests/test_attack.py tests/test_tls.py tests/test_fuzz.py tests/test_node.py
 
 test: deps venv triton-venv

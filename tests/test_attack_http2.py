@@ -13,22 +13,12 @@ import httpx
 import pytest
 
 from tests.conftest import node_config, wait_until
+from tests.test_attack_http import _closed_by_server
 from tests.httpnode import http_nodes, start_http_node  # noqa: F401  (fixture)
 
 
 def _folder(tmp_path) -> list[dict]:
     return [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]
-
-
-def _closed_by_server(s: socket.socket) -> bool:
-    """True once the server has closed (or reset) the connection."""
-    s.settimeout(0.05)
-    try:
-        return s.recv(4096) == b""
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
 
 
 def _https_node(tmp_path, http_nodes):  # noqa: F811
