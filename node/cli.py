@@ -796,7 +796,7 @@ def cmd_export_mapping(args) -> int:
 
     out = Path(args.out)
     try:
-        counts = _service(args).export_mapping(out, cli_principal())
+        counts = _service(args).export_mapping(out, cli_principal(), overwrite=args.force)
     except MappingError as exc:
         raise UsageError(str(exc)) from None
     for name, n in counts.items():
@@ -960,6 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_config(sub.add_parser("export-mapping", help="write uids.csv and patients.csv for an honest broker (owner-only)"))
     sp.add_argument("--out", required=True, metavar="DIR", help="a folder for uids.csv and patients.csv (made owner-only); the files hold PHI")
+    sp.add_argument("--force", action="store_true", help="overwrite uids.csv and patients.csv of an earlier export in DIR (refused without it)")
     sp.set_defaults(func=cmd_export_mapping)
 
     from node.index_cli import add_index_parsers

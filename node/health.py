@@ -1,4 +1,5 @@
-"""Are the destinations reachable? A C-ECHO, a writable folder, a QIDO-RS search answered.
+"""Are the destinations reachable? A C-ECHO, a writable folder, a QIDO-RS search answered
+(or, for an account that may store but not search, an empty STOW-RS request answered).
 
 :class:`HealthMonitor` keeps the last result per destination; the node checks every
 ``interval_s`` from its scheduler, so /readyz and the dashboard never wait on a peer.
@@ -28,7 +29,8 @@ class Health:
 
 def probe(dest: Destination, calling_ae: str, timeout_s: float = 5.0) -> Health:
     """Check one destination now: dicom -> C-ECHO answered Success; folder -> exists (or
-    can be made) and is writable; dicomweb -> a QIDO-RS search is answered 2xx."""
+    can be made) and is writable; dicomweb -> a QIDO-RS search is answered 2xx (or 403
+    and an empty STOW-RS request is not refused: see :func:`_probe_dicomweb`)."""
     if dest.kind == "dicom":
         from node.scu import echo
 
@@ -53,11 +55,13 @@ _HTTP_MEANING = {401: "credentials refused: check auth", 403: "not allowed (to s
 
 def _probe_dicomweb(dest: Destination, timeout_s: float) -> Health:
     """A QIDO-RS search for one study (PS3.18 10.6, ``GET {url}/studies?limit=1``) in
-    the session STOW-RS uses (TLS, auth): reachable only when it is answered 2xx. Any
+    the session STOW-RS uses (TLS, auth): reachable when it is answered 2xx. An account
+    that may store but not search (a research archive's usual upload account) gets 403
+    there: then a STOW-RS request with no part in it (PS3.18 10.5, nothing to store)
+    decides: refused (401, 403), absent (404, 405) or failing (5xx) is unreachable, any
+    other answer (400 for the empty request, 2xx) is reachable, with that note. Any
     other answer, or none, is unreachable, with what failed (never the url's
     credentials, never an answer's body)."""
-    import requests
-
     from node.scu import dicomweb_session
 
     now = time.time
@@ -67,20 +71,46 @@ def _probe_dicomweb(dest: Destination, timeout_s: float) -> Health:
         return Health(False, str(exc), now())
     except (OSError, ssl.SSLError) as exc:
         return Health(False, f"cannot load the TLS certificates ({type(exc).__name__})", now())
+    base = dest.url.rstrip("/") + "/studies"
+    with session:
+        status = _answer(session.get, base, timeout_s, params={"limit": "1"}, headers={"Accept": "application/dicom+json"})
+        if isinstance(status, str):
+            return Health(False, status, now())
+        if 200 <= status < 300:
+            return Health(True, f"QIDO-RS answered HTTP {status}", now())
+        if status != 403:
+            return Health(False, f"QIDO-RS answered HTTP {status}: {_meaning(status)}", now())
+        stow = _answer(session.post, base, timeout_s, data=f"--{_EMPTY_BOUNDARY}--\r\n".encode(),
+                       headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={_EMPTY_BOUNDARY}', "Accept": "application/dicom+json"})
+    if isinstance(stow, str):
+        return Health(False, f"QIDO-RS answered HTTP 403 (this account may not search), then STOW-RS: {stow}", now())
+    if stow in (401, 403) or stow in _HTTP_MEANING or stow >= 500:
+        return Health(False, f"QIDO-RS answered HTTP 403 and STOW-RS HTTP {stow}: {'not allowed to store: check auth' if stow in (401, 403) else _meaning(stow)}", now())
+    return Health(True, f"STOW-RS answered HTTP {stow} to an empty request; QIDO-RS answered HTTP 403 (this account may not search)", now())
+
+
+# The boundary of the probe's empty STOW-RS request (RFC 2046: a multipart body of no part).
+_EMPTY_BOUNDARY = "casemask-probe"
+
+
+def _meaning(status: int) -> str:
+    return _HTTP_MEANING.get(status, "server error" if status >= 500 else "not a DICOMweb answer")
+
+
+def _answer(method, url: str, timeout_s: float, **kw) -> int | str:
+    """The HTTP status ``method`` (a session's get or post) got, or why there was none."""
+    import requests
+
     try:
-        with session:
-            r = session.get(dest.url.rstrip("/") + "/studies", params={"limit": "1"}, headers={"Accept": "application/dicom+json"}, timeout=timeout_s)
-            r.close()
+        r = method(url, timeout=timeout_s, **kw)
+        r.close()
     except requests.exceptions.SSLError:
-        return Health(False, "TLS failed (certificate not verified?)", now())
+        return "TLS failed (certificate not verified?)"
     except requests.exceptions.TooManyRedirects:
-        return Health(False, "answered with a redirect: write the server's own url", now())
+        return "answered with a redirect: write the server's own url"
     except (requests.exceptions.RequestException, OSError) as exc:
-        return Health(False, f"cannot reach ({type(exc).__name__})", now())
-    if 200 <= r.status_code < 300:
-        return Health(True, f"QIDO-RS answered HTTP {r.status_code}", now())
-    meaning = _HTTP_MEANING.get(r.status_code, "server error" if r.status_code >= 500 else "not a DICOMweb answer")
-    return Health(False, f"QIDO-RS answered HTTP {r.status_code}: {meaning}", now())
+        return f"cannot reach ({type(exc).__name__})"
+    return r.status_code
 
 
 class HealthMonitor:

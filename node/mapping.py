@@ -143,8 +143,25 @@ def private_folder(path: Path) -> Path:
     return path
 
 
-def write_private_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def refuse_existing(folder: Path, names: list[str]) -> None:
+    """Refuse to write over an earlier export (it may be the only copy of a mapping
+    that retention has since aged out).
+
+    Raises:
+        MappingError: one of ``names`` already exists in ``folder``.
+    """
+    there = [name for name in names if (folder / name).exists()]
+    if there:
+        raise MappingError(f"{folder} already holds {' and '.join(there)} (an earlier export): give a new folder, or --force to overwrite")
+
+
+def write_private_csv(path: Path, header: list[str], rows: list[list[str]], overwrite: bool = True) -> None:
+    """Write one CSV file owner-only (0600).
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL), 0o600)
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w", newline="") as fh:
         w = csv.writer(fh)

@@ -544,19 +544,25 @@ class Service:
             audit.record(session, "mapping-exported", actor=who.label, actor_kind=who.kind, host=host, object_kind="mapping", object_ref=where[:128], detail=counts)
             session.commit()
 
-    def export_mapping(self, out: Path, who: Principal) -> dict[str, int]:
+    def export_mapping(self, out: Path, who: Principal, overwrite: bool = False) -> dict[str, int]:
         """Write the mapping (node.mapping) owner-only into ``out``; returns rows per file.
 
         Raises:
-            MappingError: ``out`` exists and others can read it.
+            MappingError: ``out`` exists and others can read it, or already holds an
+                export and ``overwrite`` is false.
         """
         from node import mapping
 
         folder = mapping.private_folder(out)
         with self.sessions() as session:
             tables = mapping.tables(session)
+        if not overwrite:
+            mapping.refuse_existing(folder, list(tables))
         for name, (header, rows) in tables.items():
-            mapping.write_private_csv(folder / name, header, rows)
+            try:
+                mapping.write_private_csv(folder / name, header, rows, overwrite=overwrite)
+            except FileExistsError:  # made between the check and the write
+                mapping.refuse_existing(folder, [name])
         counts = {name: len(rows) for name, (_, rows) in tables.items()}
         self._mapping_exported(who, "", str(out), counts)
         return counts

@@ -146,3 +146,32 @@ def test_a_first_start_says_it_made_a_new_database(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="node.schema")
     make_engine(f"sqlite:///{tmp_path / 'casemask.db'}").dispose()  # as the node's start makes it
     assert f"new database: schema made at revision {HEAD}" in caplog.text and "upgraded" not in caplog.text, caplog.text
+
+
+def test_export_mapping_refuses_to_overwrite_an_earlier_export_without_force(tmp_path):
+    """`casemask export-mapping --out DIR` wrote over the uids.csv and patients.csv of an
+    earlier export in DIR (perhaps the only copy of rows retention has since aged out).
+    Now it refuses with exit 2, naming the files and `--force`, changes nothing and
+    audits nothing; with `--force` it writes them again."""
+    from node import audit
+    from node.config import load
+    from node.service import Service
+
+    cfg = write_toml(node_config(tmp_path, [{"name": "out", "kind": "folder", "path": str(tmp_path / "out")}]), tmp_path / "n.toml")
+
+    def casemask(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "node.cli", *args, "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    assert casemask("db", "upgrade").returncode == 0
+    out = tmp_path / "mapping"
+    assert casemask("export-mapping", "--out", str(out)).returncode == 0
+    (out / "uids.csv").write_text("kept\n")
+    r = casemask("export-mapping", "--out", str(out))
+    assert r.returncode == 2 and "already holds uids.csv and patients.csv" in r.stderr and "--force" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and (out / "uids.csv").read_text() == "kept\n"
+    assert "--force" in casemask("export-mapping", "--help").stdout
+    r = casemask("export-mapping", "--out", str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    assert (out / "uids.csv").read_text().startswith("level,") and (out / "uids.csv").stat().st_mode & 0o777 == 0o600
+    events = [e["event"] for e in Service.open(load(cfg)).audit(audit.Filter())]
+    assert events.count("mapping-exported") == 2, events
