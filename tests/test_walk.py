@@ -135,3 +135,43 @@ def test_the_start_line_names_the_dicom_tls_port(tmp_path):
     assert _listeners(node) == "127.0.0.1:2762 (DICOM TLS)"
     node.port = 11112
     assert _listeners(node) == "127.0.0.1:11112 and 127.0.0.1:2762 (DICOM TLS)"
+
+
+@needs_dcmtk
+def test_the_deliveries_pages_say_that_their_button_also_sends_waiting_deliveries(tmp_path):
+    """The deliveries page's button read `Re-queue N failed deliveries` and showed only
+    when some had FAILED, though it also sends the deliveries waiting for their next
+    attempt (RETRY_WAIT) now: an admin who had fixed a destination that was down (its
+    deliveries waiting, none failed yet) found no button at all. Now both pages offer it
+    to an operator and say what it does, and it sends the waiting delivery."""
+    from node import accounts
+    from node.db import Delivery, DeliveryState
+    from tests.conftest import STORESCU, free_port, make_study
+    from tests.httpnode import start_http_node
+
+    down = {"name": "down", "kind": "dicom", "ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port()}
+    hn = start_http_node(node_config(tmp_path, [down], retry_base_s=600.0, retry_max_s=600.0), tmp_path)
+    try:
+        with hn.node.sessions() as s:
+            accounts.add_user(s, "olga", "operator", "a long enough password")
+            s.commit()
+        sent = subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "CASEMASK", "127.0.0.1", str(hn.node.settings.node.port), str(make_study(tmp_path / "s", 1)[0])],
+                              env=dcmtk_env(), capture_output=True, timeout=60)
+        assert sent.returncode == 0
+
+        def states() -> list[DeliveryState]:
+            with hn.node.sessions() as s:
+                return [d.state for d in s.query(Delivery).all()]
+
+        wait_until(lambda: states() == [DeliveryState.RETRY_WAIT], timeout=60, what="the delivery to wait for its next attempt")
+        ui = hn.client()
+        token = re.search(r'name="login_token" value="([^"]+)"', ui.get("/login").text).group(1)
+        assert ui.post("/login", data={"name": "olga", "password": "a long enough password", "login_token": token}, follow_redirects=False).status_code == 303
+        page = ui.get("/deliveries").text
+        assert "Send the deliveries waiting for their next attempt now</button>" in page and "RETRY_WAIT" in page, page
+        assert "Send 1 waiting now</button>" in ui.get("/destinations").text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+        r = ui.post("/deliveries/retry", data={"csrf": csrf, "destination": "", "next": "/deliveries"}, follow_redirects=True)
+        assert "1 failed or waiting deliveries re-queued." in r.text, r.text
+    finally:
+        hn.node.stop()
