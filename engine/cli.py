@@ -327,6 +327,20 @@ def cmd_triton_repo(args) -> int:
     return 0
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after a help text, but only where it says something: not for
+    an option without a default (None, ""), a flag (``store_true`` / ``store_false``:
+    ``--no-gates (default: True)`` read as if the gates were skipped by default) or a
+    help text that names its default already (it read ``(default: OUT/bundle)
+    (default: None)``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        d = action.default
+        if d is None or d == "" or isinstance(action, argparse._StoreConstAction) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def add_engine_parser(sub, research: bool = False) -> None:
     ep = sub.add_parser("engine", help="the anonymization network: synth, train, refine, evaluate, export, build")
     esub = ep.add_subparsers(dest="engine_command", metavar="SUBCOMMAND", required=True)
@@ -335,13 +349,13 @@ def add_engine_parser(sub, research: bool = False) -> None:
 
 def add_engine_commands(esub, research: bool = False) -> None:
     """The engine's subcommands; ``research`` adds the switches the reference recipe fixes."""
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+    defaults = _DefaultsHelp
     sp = esub.add_parser("synth", help="write synthetic patients as arrays or DICOM DX studies", formatter_class=defaults)
     sp.add_argument("--patients", type=int, default=10, help="number of patients")
     sp.add_argument("--visits", type=int, default=3, help="visits (studies) per patient")
     sp.add_argument("--size", type=int, default=64, help="image size in pixels, 64 to 256")
     sp.add_argument("--seed", type=int, default=0, help="the same seed gives the same patients")
-    sp.add_argument("--out", required=True, metavar="DIR")
+    sp.add_argument("--out", required=True, metavar="DIR", help="where the patients go")
     sp.add_argument("--dicom", action="store_true", help="DICOM DX studies with synthetic PHI instead of arrays")
     sp.set_defaults(func=cmd_synth)
 
@@ -355,7 +369,7 @@ def add_engine_commands(esub, research: bool = False) -> None:
     sp.add_argument("--val-visits", type=int, default=4, help="visits per patient kept for validation")
     sp.add_argument("--epochs", type=int, default=8, help="stage 1 (disentanglement) epochs")
     sp.add_argument("--vae-epochs", type=int, default=20, help="stage 2 (identity VAE) epochs")
-    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--batch-size", type=int, default=64, help="images per training step")
     sp.add_argument("--seed", type=int, default=0, help="training is deterministic per seed (on the CPU)")
     sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -376,8 +390,8 @@ def add_engine_commands(esub, research: bool = False) -> None:
     sp.add_argument("--patients", type=int, default=0, help="synthetic patients of the training seed (0: as many as the bundle was trained on)")
     sp.add_argument("--visits", type=int, default=0, help="training visits per synthetic patient (0: as the bundle was trained)")
     sp.add_argument("--steps", type=int, default=2000, help="generator steps (cosine learning rate to 0 over them)")
-    sp.add_argument("--batch-size", type=int, default=32)
-    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--batch-size", type=int, default=32, help="images per generator step")
+    sp.add_argument("--lr", type=float, default=1e-3, help="the generator's peak learning rate")
     sp.add_argument("--guide-steps", type=int, default=300, help="steps the guide learns real images alone first")
     sp.add_argument("--swaps", type=int, default=8, help="anonymized and counterfactual images (each) per step")
     sp.add_argument("--swap-weight", type=float, default=0.0, metavar="W",
@@ -386,10 +400,10 @@ def add_engine_commands(esub, research: bool = False) -> None:
         from engine.research.cli import add_refine_switches
 
         add_refine_switches(sp)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="seed of the swaps and batches")
     sp.add_argument("--monitor-every", type=int, default=250, metavar="N", help="steps between progress lines (and unseen-patient checks)")
     sp.add_argument("--monitor-seed", type=int, default=2000, help="seed of the unseen patients whose SSIM is logged (not the evaluation's 1000)")
-    sp.add_argument("--monitor-patients", type=int, default=64)
+    sp.add_argument("--monitor-patients", type=int, default=64, help="unseen patients of the progress checks")
     sp.add_argument("--workers", type=int, default=0, help="processes making the synthetic patients")
     sp.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -426,12 +440,12 @@ def add_engine_commands(esub, research: bool = False) -> None:
     sp.add_argument("--identity-quantile", type=float, default=0.01, help="the identity limit: this quantile of distances between different training patients")
     sp.add_argument("--medical-original", type=float, default=0.0, metavar="P",
                     help="hold back an original the medical classifier reads with probability below P (0: none; no draw can vouch for a finding it cannot tell)")
-    sp.add_argument("--classifier-epochs", type=int, default=8)
+    sp.add_argument("--classifier-epochs", type=int, default=8, help="epochs of the medical gate's classifier")
     sp.add_argument("--classifier-blur", type=float, default=0.0, help="blur half the classifier's training images by up to this sigma (pixels), so that sharpness is no cue")
     sp.add_argument("--classifier-lr", type=float, default=3e-3, help="the classifier's peak learning rate (one-cycle)")
     sp.add_argument("--classifier-width", type=int, default=8,
                     help="channels of the classifier's first convolution (8, 16, 32, 64 in its four); a refit of another width trains from scratch")
-    sp.add_argument("--decoder-epochs", type=int, default=20)
+    sp.add_argument("--decoder-epochs", type=int, default=20, help="epochs of the identity gate's decoder")
     sp.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     sp.add_argument("--calibrate-only", action="store_true",
                     help="keep the fitted networks, identity metric and identity limit; set the other limits and every rate again")
@@ -440,13 +454,13 @@ def add_engine_commands(esub, research: bool = False) -> None:
     sp.set_defaults(func=cmd_fit_gates)
 
     sp = esub.add_parser("export", help="export the inference graphs to ONNX (checked)")
-    sp.add_argument("--model", default="builtin:reference", metavar="NAME_OR_PATH")
+    sp.add_argument("--model", default="builtin:reference", metavar="NAME_OR_PATH", help="builtin:NAME or a bundle folder")
     sp.add_argument("--graph", action="append", help="only this graph (repeatable)")
     sp.add_argument("--ship", action="store_true", help="write the node's graphs into the bundle itself (graphs/, fp32), as the node runs them without PyTorch")
     sp.set_defaults(func=cmd_export)
 
     sp = esub.add_parser("build", help="build and cache TensorRT engines ahead of time")
-    sp.add_argument("--model", default="builtin:reference", metavar="NAME_OR_PATH")
+    sp.add_argument("--model", default="builtin:reference", metavar="NAME_OR_PATH", help="builtin:NAME or a bundle folder")
     sp.add_argument("--graph", action="append", help="only this graph (repeatable)")
     sp.add_argument("--profile", default="1,32,128", help="min,opt,max batch")
     sp.add_argument("--fp32", action="store_true", help="no FP16, even where the GPU supports it")

@@ -821,12 +821,12 @@ class _ShowVersion(argparse.Action):
 class _DefaultsFormatter(argparse.HelpFormatter):
     """Every option that has a default says it in ``--help``: ``(default: X)`` is added
     to a help text that does not already name its default (a flag's default, off, and an
-    option without one are not shown)."""
+    option without one, or an empty one, are not shown)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         d = action.default
-        if (not action.option_strings or "default" in text or d is None or d is False or d is argparse.SUPPRESS
+        if (not action.option_strings or "default" in text or d is None or d is False or d == "" or d is argparse.SUPPRESS
                 or d == [] or isinstance(action, (argparse._StoreConstAction, argparse._CountAction))):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
@@ -885,7 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = sp.add_subparsers(dest="routes_command", metavar="SUBCOMMAND", required=True)
     ex = with_config(rsub.add_parser("explain", help="which routes each file matches and why; sends nothing"))
     ex.add_argument("files", nargs="+", metavar="FILE", help="DICOM files to test against the routes (read only)")
-    ex.add_argument("--calling-ae", default="", help="calling AE title to assume for calling_ae conditions")
+    ex.add_argument("--calling-ae", default="", help="calling AE title to assume for calling_ae conditions (default: none, so that a route matching on calling_ae does not match)")
     ex.set_defaults(func=cmd_routes_explain)
 
     sp = with_config(sub.add_parser("retry", help="re-queue FAILED deliveries, send waiting ones now (and quarantined or held objects)"))
@@ -901,7 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
     ql.add_argument("--json", action="store_true", help="machine-readable output (what GET /api/v1/quarantine answers)")
     qs = with_config(qsub.add_parser("show", help="one quarantined job: reason, what the steps found, when its original is deleted"))
     qs.add_argument("id", type=int, metavar="JOB", help="a job id from 'quarantine list' (with --instance: an instance id)")
-    qs.add_argument("--instance", action="store_true", help="ID is an instance quarantined before routing (no job)")
+    qs.add_argument("--instance", action="store_true", help="JOB is the id of an instance quarantined before routing (it has no job)")
     qs.add_argument("--json", action="store_true", help="machine-readable output")
     for name, text in (("retry", "process these quarantined jobs again (after fixing the cause); 'casemask retry --quarantined' takes all"),
                        ("discard", "give up on these quarantined jobs: nothing of them is ever sent")):
@@ -915,7 +915,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("user", help="dashboard accounts")
     usub = sp.add_subparsers(dest="user_command", metavar="SUBCOMMAND", required=True)
-    ua = with_config(usub.add_parser("add", help="add a user (password from standard input)"))
+    ua = with_config(usub.add_parser("add", help="add a user (password from standard input)",
+                                     description="The password (10 characters or more) is asked twice at a terminal, else read from the first line of standard input: echo PASSPHRASE | casemask user add NAME --role R."))
     ua.add_argument("name", metavar="NAME", help="the login name")
     ua.add_argument("--role", required=True, choices=["viewer", "operator", "admin"], help="viewer reads; operator also retries and discards; admin also changes configuration and exports mappings")
     ua.add_argument("--replace", action="store_true", help="set a new password and role for an existing user")

@@ -36,14 +36,15 @@ def _shows(text: str, default) -> bool:
 def test_every_option_with_a_default_shows_it_in_help():
     """`casemask similar --help` said `--k K  how many cases (1 to 100)` and `demo --help`
     `--timeout TIMEOUT  seconds to wait...`: neither said its default. Every option of
-    every command that has a default (a number, a word; not a flag's off) names it."""
+    every command that has a default (a number, a word; not a flag's off, not an empty
+    one) names it."""
     missing = []
     for cmd, parser in _parsers(build_parser()):
         helps = parser.format_help()
         formatter = parser._get_formatter()
         for action in parser._actions:
             d = action.default
-            if (not action.option_strings or d in (None, False, [], argparse.SUPPRESS) or action.help == argparse.SUPPRESS
+            if (not action.option_strings or d in (None, False, "", [], argparse.SUPPRESS) or action.help == argparse.SUPPRESS
                     or isinstance(action, (argparse._StoreConstAction, argparse._CountAction))):
                 continue
             text = (formatter._get_help_string(action) or "") % {"default": d, **vars(action)}
@@ -175,3 +176,24 @@ def test_export_mapping_refuses_to_overwrite_an_earlier_export_without_force(tmp
     assert (out / "uids.csv").read_text().startswith("level,") and (out / "uids.csv").stat().st_mode & 0o777 == 0o600
     events = [e["event"] for e in Service.open(load(cfg)).audit(audit.Filter())]
     assert events.count("mapping-exported") == 2, events
+
+
+def test_no_help_text_shows_an_empty_or_misleading_default():
+    """The walk's `--help` of every command: `engine train --no-gates  skip fitting the
+    gates (default: True)` read as if the gates were skipped by default, `--bundle DIR
+    ... (default: OUT/bundle) (default: None)` named two defaults, `routes explain
+    --calling-ae` said `(default: )`, and `--batch-size`, `--lr`, ... said nothing at all.
+    Now no help text shows an empty, None or flag default, none names two, and every
+    option with a default says it in the text printed (not only in the help string)."""
+    bad = []
+    for cmd, parser in _parsers(build_parser()):
+        text = " ".join(parser.format_help().split())
+        for shown in ("(default: None)", "(default: )", "(default: True)", "(default: False)"):
+            if shown in text:
+                bad.append(f"{cmd}: {shown}")
+        bad += [f"{cmd}: two defaults" for m in re.finditer(r"\(default: [^()]*\) \(default:", text)]
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, "", [], argparse.SUPPRESS) and action.help != argparse.SUPPRESS \
+                    and not isinstance(action, (argparse._StoreConstAction, argparse._CountAction)) and not action.help:
+                bad.append(f"{cmd} {action.option_strings[0]}: no help text, so its default is not printed")
+    assert not bad, bad
