@@ -162,31 +162,46 @@ def test_passwords_in_the_configuration_are_shown_to_admins_only(tmp_path, http_
     assert password not in caplog.text
 
 
-def test_config_put_adds_a_destination_while_storescu_sends_and_nothing_is_lost(tmp_path, http_nodes, archive_factory):
-    raw = node_config(tmp_path, [folder(tmp_path, "first")], stable_after_s=2.0)
+def test_config_put_adds_a_destination_while_a_sender_sends_and_nothing_is_lost(tmp_path, http_nodes, archive_factory):
+    """A configuration PUT while a modality's association is open: the association goes
+    on (every C-STORE answered Success, before and after the reload), and every object
+    reaches the destination the PUT added. The sender is a pynetdicom association held
+    open across the PUT (100 objects before it, 100 after): with storescu the test
+    depended on storescu still sending when the PUT came, which a fast run missed."""
+    from pynetdicom import AE
+
+    # The study cannot be routed to the old routes alone before the PUT, however slow
+    # the machine: it is stable only after 600 s; the new file says 2 s.
+    raw = node_config(tmp_path, [folder(tmp_path, "first")], stable_after_s=600.0)
     hn = start_http_node(raw, tmp_path)
     http_nodes.append(hn)
     archive = archive_factory()
-    files = make_study(tmp_path / "s", 200)
-    sender = subprocess.Popen([STORESCU, "-aet", "STORESCU", "-aec", "CASEMASK", "127.0.0.1", str(hn.node.settings.node.port), *map(str, files)],
-                              env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    datasets = [dcmread(f) for f in make_study(tmp_path / "s", 200)]
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", hn.node.settings.node.port, ae_title="CASEMASK")
+    assert assoc.is_established
 
     def stored() -> int:
         with hn.node.sessions() as s:
             return s.scalar(select(func.count()).select_from(Instance)) or 0
 
-    wait_until(lambda: stored() >= 10, timeout=60, what="storescu to be sending")
-    raw2 = {**raw, "destinations": [folder(tmp_path, "first"), {"name": "second", "kind": "dicom", "ae_title": archive.aet, "host": "127.0.0.1", "port": archive.port}]}
-    raw2["routes"] = [{**raw["routes"][0], "destinations": ["first", "second"]}]
-    new_text = write_toml(raw2, tmp_path / "next.toml").read_text()
-    r = hn.client("admin").put("/api/v1/config", content=new_text)
-    assert r.status_code == 200, r.text
-    assert sender.poll() is None, "storescu finished before the reload; the test proves nothing"
-    assert set(r.json()["applied"]) >= {"destinations", "routes"} and r.json()["restart_required"] == []
-    out, err = sender.communicate(timeout=120)
-    assert sender.returncode == 0, err  # no association dropped, every C-STORE answered Success
+    try:
+        statuses = [assoc.send_c_store(ds).Status for ds in datasets[:100]]
+        assert stored() == 100
+        raw2 = {**raw, "node": {**raw["node"], "stable_after_s": 2.0},
+                "destinations": [folder(tmp_path, "first"), {"name": "second", "kind": "dicom", "ae_title": archive.aet, "host": "127.0.0.1", "port": archive.port}]}
+        raw2["routes"] = [{**raw["routes"][0], "destinations": ["first", "second"]}]
+        new_text = write_toml(raw2, tmp_path / "next.toml").read_text()
+        r = hn.client("admin").put("/api/v1/config", content=new_text)
+        assert r.status_code == 200, r.text
+        assert set(r.json()["applied"]) >= {"destinations", "routes"} and r.json()["restart_required"] == []
+        assert assoc.is_established  # the reload dropped no association
+        statuses += [assoc.send_c_store(ds).Status for ds in datasets[100:]]
+    finally:
+        assoc.release()
+    assert statuses == [0x0000] * 200
     assert stored() == 200
-    # Distinct objects: an object whose response was lost is sent again, with the same UID.
     wait_until(lambda: len(set(archive.received)) == 200, timeout=180, what="200 objects at the new destination")
     wait_until(lambda: len(list((tmp_path / "first").rglob("*.dcm"))) == 200, timeout=60, what="200 objects in the first folder")
     assert hn.config.read_text() == new_text
