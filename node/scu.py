@@ -431,6 +431,16 @@ def make_sender(dest: Destination, calling_ae: str, reactor_delay_s: float = 0.0
     return DicomWebSender(dest)
 
 
+def _rejection(assoc) -> str:
+    """What a peer said in its A-ASSOCIATE-RJ (PS3.8 9.3.4: result, source, reason),
+    e.g. ``association rejected (Rejected Permanent: Called AE title not recognised)``."""
+    rsp = getattr(assoc.acceptor, "primitive", None)
+    try:
+        return f"association rejected ({rsp.result_str}: {rsp.reason_str})"
+    except (AttributeError, KeyError, TypeError, ValueError):  # a reply without a known result or reason
+        return "association rejected"
+
+
 def echo(ae_title: str, host: str, port: int, calling_ae: str = "CASEMASK", timeout: float = 10.0, why: list[str] | None = None) -> int | None:
     """C-ECHO a peer; returns its status, or None when no association could be made (then
     ``why``, when given, gets what is known: the connection's failure, or a rejection)."""
@@ -441,7 +451,7 @@ def echo(ae_title: str, host: str, port: int, calling_ae: str = "CASEMASK", time
     if not assoc.is_established:
         cause = CONNECT_FAILURES.cause(assoc)  # the caller says it, in its own line
         if why is not None:
-            why.append(f"cannot connect: {cause}" if cause else "association rejected" if assoc.is_rejected else "timed out or aborted")
+            why.append(f"cannot connect: {cause}" if cause else _rejection(assoc) if assoc.is_rejected else "timed out or aborted")
         return None
     try:
         status = assoc.send_c_echo()

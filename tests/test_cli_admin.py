@@ -197,3 +197,12 @@ def test_no_help_text_shows_an_empty_or_misleading_default():
                     and not isinstance(action, (argparse._StoreConstAction, argparse._CountAction)) and not action.help:
                 bad.append(f"{cmd} {action.option_strings[0]}: no help text, so its default is not printed")
     assert not bad, bad
+
+
+def test_echo_to_a_peer_that_rejects_says_why(archive_factory):
+    """`casemask echo WRONG@host:port` (and a dicom destination's health) said only
+    `no association (association rejected)`: the admin could not tell a wrong called AE
+    title from their own AE title missing at the peer. Now the peer's reason is said."""
+    archive = archive_factory(require_calling=["SOMEONE"])
+    r = subprocess.run([sys.executable, "-m", "node.cli", "echo", f"ARCHIVE@127.0.0.1:{archive.port}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and "association rejected (Rejected Permanent: Calling AE title not recognised)" in r.stdout + r.stderr, r.stdout + r.stderr
