@@ -230,7 +230,8 @@ def _service(args, create: bool = False):
 
 
 def cmd_status(args) -> int:
-    info = _service(args).status()
+    service = _service(args)
+    info = service.status()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -240,6 +241,9 @@ def cmd_status(args) -> int:
         print(f"  {group:<24} {line}")
         if group.startswith("destination:") and group.removeprefix("destination:") in info.get("not_sent", {}):
             print(f"  {'':<24} last {info['not_sent'][group.removeprefix('destination:')]}")
+    for d in service.settings.destinations:  # configured, nothing sent to it yet: an admin checks a new one is there
+        if f"destination:{d.name}" not in info["counts"]:
+            print(f"  {'destination:' + d.name:<24} - (no delivery yet)")
     t = info["throughput"]
     print(f"  last hour: received {t['received_last_hour']}, sent {t['sent_last_hour']}")
     from node.pixels import describe_route

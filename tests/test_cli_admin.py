@@ -206,3 +206,16 @@ def test_echo_to_a_peer_that_rejects_says_why(archive_factory):
     archive = archive_factory(require_calling=["SOMEONE"])
     r = subprocess.run([sys.executable, "-m", "node.cli", "echo", f"ARCHIVE@127.0.0.1:{archive.port}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 1 and "association rejected (Rejected Permanent: Calling AE title not recognised)" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_status_lists_a_destination_that_has_no_delivery_yet(tmp_path):
+    """The walk added a destination and ran `casemask status`: it listed only the
+    destinations that had deliveries, so the new one seemed not to be taken. Now every
+    configured destination has its line."""
+    dests = [{"name": "out", "kind": "folder", "path": str(tmp_path / "out")}, {"name": "newarchive", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": 104}]
+    cfg = write_toml(node_config(tmp_path, dests), tmp_path / "n.toml")
+    run = [sys.executable, "-m", "node.cli"]
+    assert subprocess.run([*run, "db", "upgrade", "--config", str(cfg)], capture_output=True, cwd=ROOT, timeout=120).returncode == 0
+    r = subprocess.run([*run, "status", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"destination:newarchive +- \(no delivery yet\)", r.stdout) and re.search(r"destination:out +- \(no delivery yet\)", r.stdout), r.stdout
