@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from node.config import Destination, Settings
 
@@ -49,7 +50,7 @@ def probe(dest: Destination, calling_ae: str, timeout_s: float = 5.0) -> Health:
 
 
 # What an HTTP status other than 2xx says about a dicomweb destination's settings.
-_HTTP_MEANING = {401: "credentials refused: check auth", 403: "not allowed (to search): check auth",
+_HTTP_MEANING = {401: "credentials refused: check auth", 403: "not allowed: check auth",
                  404: "no DICOMweb service at this url: check url", 405: "no QIDO-RS search at this url: check url"}
 
 
@@ -58,9 +59,9 @@ def _probe_dicomweb(dest: Destination, timeout_s: float) -> Health:
     the session STOW-RS uses (TLS, auth): reachable when it is answered 2xx. An account
     that may store but not search (a research archive's usual upload account) gets 403
     there: then a STOW-RS request with no part in it (PS3.18 10.5, nothing to store)
-    decides: refused (401, 403), absent (404, 405) or failing (5xx) is unreachable, any
-    other answer (400 for the empty request, 2xx) is reachable, with that note. Any
-    other answer, or none, is unreachable, with what failed (never the url's
+    decides: 2xx or a 4xx other than refused (401, 403) or absent (404, 405) is
+    reachable, with that note (Orthanc answers 200, others 400 to the empty request).
+    Any other answer, or none, is unreachable, with what failed (never the url's
     credentials, never an answer's body)."""
     from node.scu import dicomweb_session
 
@@ -84,7 +85,7 @@ def _probe_dicomweb(dest: Destination, timeout_s: float) -> Health:
                        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={_EMPTY_BOUNDARY}', "Accept": "application/dicom+json"})
     if isinstance(stow, str):
         return Health(False, f"QIDO-RS answered HTTP 403 (this account may not search), then STOW-RS: {stow}", now())
-    if stow in (401, 403) or stow in _HTTP_MEANING or stow >= 500:
+    if not (200 <= stow < 300 or 400 <= stow < 500) or stow in (401, 403, 404, 405):
         return Health(False, f"QIDO-RS answered HTTP 403 and STOW-RS HTTP {stow}: {'not allowed to store: check auth' if stow in (401, 403) else _meaning(stow)}", now())
     return Health(True, f"STOW-RS answered HTTP {stow} to an empty request; QIDO-RS answered HTTP 403 (this account may not search)", now())
 
@@ -97,7 +98,7 @@ def _meaning(status: int) -> str:
     return _HTTP_MEANING.get(status, "server error" if status >= 500 else "not a DICOMweb answer")
 
 
-def _answer(method, url: str, timeout_s: float, **kw) -> int | str:
+def _answer(method: Callable[..., Any], url: str, timeout_s: float, **kw: Any) -> int | str:
     """The HTTP status ``method`` (a session's get or post) got, or why there was none."""
     import requests
 
