@@ -240,6 +240,10 @@ def cmd_status(args) -> int:
         print(f"  {group:<24} {line}")
         if group.startswith("destination:") and group.removeprefix("destination:") in info.get("not_sent", {}):
             print(f"  {'':<24} last {info['not_sent'][group.removeprefix('destination:')]}")
+    dead = info.get("dead_letters") or {}
+    if dead.get("originals"):
+        keep = "kept until re-queued (failed_days = -1)" if dead["failed_days"] < 0 else f"deleted after failed_days = {dead['failed_days']}"
+        print(f"  {'dead letters':<24} {dead['originals']} originals with a FAILED delivery, the oldest {dead['oldest_days']:.1f} days; {keep}")
     t = info["throughput"]
     print(f"  last hour: received {t['received_last_hour']}, sent {t['sent_last_hour']}")
     from node.pixels import describe_route
