@@ -26,16 +26,28 @@ are no longer needed, and keep the rows (UIDs and states, no PHI) for the audit 
   counts as done for the two rules above, so its output, and its original once nothing
   else is owed to a configured destination, are deleted then.
 
-Outputs with a dead-letter (FAILED) delivery, and their originals, are kept until the
-delivery is re-queued and sent. Spooled files that no row names (left by a crash between
+- ``failed_days`` (default -1: kept): an original and its outputs with a dead-letter
+  (FAILED) delivery are kept until the delivery is re-queued and sent, or, with a
+  number, that many days after its last attempt; while any is kept, each run counts them
+  (:func:`failed_kept`: ``casemask status``, ``casemask purge``) and a warning is logged
+  once a day.
+- ``audit_days`` (default 2190): audit entries older than that are deleted (never
+  younger than 365 days: the database refuses; with syslog, only entries sent).
+
+Every deletion is audited in the transaction that marks its rows: one entry per study
+and kind (``originals-purged``, ``outputs-purged``, ``quarantined-purged``,
+``held-purged``, ``failed-purged``: the count and the setting), ``orphans-purged``,
+``mapping-purged`` and ``audit-purged`` (counts only). Spooled files that no row names (left by a crash between
 writing a file and committing its row: never acknowledged, and the sender did not send
 it again), and outbox files no output row names (a worker stopped before committing
 them), are deleted after :data:`ORPHAN_GRACE_S`.
 
 A file is deleted only if it lies inside the data folder's ``spool`` or ``outbox`` and
-is not a symbolic link; nothing is ever overwritten. The file goes first, then the row
-is marked (``purged_at``), so a crash in between leaves a mark to set again, never a
-forgotten file. Times come from the database's clock.
+is not a symbolic link; nothing is ever overwritten. The row is claimed first
+(``purged_at`` set under its lock, only while it is still due), then the file goes, then
+the transaction commits, so a re-send racing the run keeps its file, and a crash in
+between leaves a mark to set again, never a forgotten file. Times come from the
+database's clock.
 """
 
 from __future__ import annotations
@@ -67,9 +79,9 @@ _DIGEST = re.compile(r"[0-9a-f]{32}")  # node.spool.digest
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """A file retention would delete: ``kind`` is original | quarantined | output | orphan."""
+    """A file retention would delete, and why (its ``kind``, see :data:`PURGED`)."""
 
-    kind: str  # original | quarantined | held | output | orphan
+    kind: str  # original | failed | quarantined | held | output | failed-output | orphan
     row_id: int | None
     path: Path
 
