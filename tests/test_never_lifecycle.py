@@ -160,6 +160,34 @@ def test_originals_of_failed_deliveries_are_counted_aged_warned_and_deleted_only
     assert retention.run(node.sessions, node.settings).failed_kept.count == 0
 
 
+def test_a_dead_letter_requeued_while_retention_plans_its_deletion_keeps_its_files(tmp_path, start_node, clock, monkeypatch):
+    """An operator re-queues the FAILED deliveries (``casemask retry``) between retention's
+    plan and its deletion: their originals and outputs are owed again and stay."""
+    raw = node_config(tmp_path, [failing(tmp_path)])
+    raw["node"]["max_attempts"] = 1
+    raw["retention"] = {"failed_days": 30}
+    node = start_node(raw, schedule=False, listen=False)
+    fill(node, tmp_path, 1)
+    drain(node, until=lambda: delivery_states(node) == {"FAILED": 1})
+    clock(days=31)
+    real_plan = retention.plan
+
+    def plan_then_requeue(session, settings, now=None, limit=1000):
+        due = real_plan(session, settings, now, limit)
+        if due:
+            session.rollback()
+            with node.sessions() as s:
+                assert queue.requeue_failed(s) == 1
+                s.commit()
+        return due
+
+    monkeypatch.setattr(retention, "plan", plan_then_requeue)
+    assert retention.run(node.sessions, node.settings).deleted == 0
+    assert delivery_states(node) == {"PENDING": 1}
+    (inst,) = instances(node).values()
+    assert inst.purged_at is None and data_path(node.settings.node.data_dir, inst.path).exists()
+
+
 # -- 4. a re-send racing the purge of its held original ----------------------------------------------
 @needs_dcmtk
 def test_a_resend_racing_the_held_purge_is_never_lost(tmp_path, start_node, both_clocks, monkeypatch):
