@@ -37,7 +37,9 @@ are no longer needed, and keep the rows (UIDs and states, no PHI) for the audit 
 Every deletion is audited in the transaction that marks its rows: one entry per study
 and kind (``originals-purged``, ``outputs-purged``, ``quarantined-purged``,
 ``held-purged``, ``failed-purged``: the count and the setting), ``orphans-purged``,
-``mapping-purged`` and ``audit-purged`` (counts only). Spooled files that no row names (left by a crash between
+``mapping-purged`` and ``audit-purged`` (counts only).
+
+Spooled files that no row names (left by a crash between
 writing a file and committing its row: never acknowledged, and the sender did not send
 it again), and outbox files no output row names (a worker stopped before committing
 them), are deleted after :data:`ORPHAN_GRACE_S`.
@@ -509,11 +511,19 @@ def _claim(session: Session, settings: Settings, now: dt.datetime, due: list[Can
         cutoff = _cutoff(now, days)
         return and_(Instance.state == state, changed <= cutoff) if cutoff is not None else None
 
+    cutoff = _cutoff(now, r.originals_days)
+    if cutoff is not None:  # every delivery of every output still done (none re-queued meanwhile)
+        delivered = Instance.id.in_(
+            select(Job.instance_id).join(Output, Output.job_id == Job.id).join(Delivery, Delivery.output_id == Output.id)
+            .where(Job.instance_id.in_([c.row_id for c in due if c.kind in ("original", "failed")]))
+            .group_by(Job.instance_id).having(_delivered(settings, now, cutoff))
+        )
+        processed = and_(Instance.state == InstanceState.PROCESSED, delivered)
     still = {
-        "original": or_(Instance.state == InstanceState.PROCESSED, since(InstanceState.IGNORED, r.originals_days) if r.originals_days >= 0 else false()),
+        "original": or_(processed, since(InstanceState.IGNORED, r.originals_days)) if cutoff is not None else None,
         "quarantined": since(InstanceState.QUARANTINED, r.quarantine_days),
         "held": since(InstanceState.HELD, r.held_days),
-        "failed": Instance.state == InstanceState.PROCESSED,
+        "failed": processed if cutoff is not None else None,
     }
     out: dict[str, set[int]] = {"instances": set(), "outputs": set()}
     for kind, cond in still.items():
@@ -524,9 +534,13 @@ def _claim(session: Session, settings: Settings, now: dt.datetime, due: list[Can
                 update(t).where(t.c.id.in_(ids), t.c.purged_at.is_(None), cond).values(purged_at=now).returning(t.c.id)
             ).scalars())
     ids = [c.row_id for c in due if c.kind in ("output", "failed-output")]
-    if ids:
+    cutoff = _cutoff(now, r.outputs_days)
+    if ids and cutoff is not None:
         t = Output.__table__
-        out["outputs"] = set(session.execute(update(t).where(t.c.id.in_(ids), t.c.purged_at.is_(None)).values(purged_at=now).returning(t.c.id)).scalars())
+        delivered = select(Delivery.output_id).where(Delivery.output_id.in_(ids)).group_by(Delivery.output_id).having(_delivered(settings, now, cutoff))
+        out["outputs"] = set(session.execute(
+            update(t).where(t.c.id.in_(delivered), t.c.purged_at.is_(None)).values(purged_at=now).returning(t.c.id)
+        ).scalars())
     return out
 
 
