@@ -352,7 +352,7 @@ def cmd_purge(args) -> int:
     report = retention.run(sessions, settings, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     print(f"retention: {verb} {report.deleted} files, {report.mapping_rows} mapping rows, {report.audit_rows} audit entries")
-    for kind in ("original", "output", "quarantined", "held", "orphan"):
+    for kind in retention.PURGED:  # original, quarantined, held, output, failed, failed-output, orphan
         if report.files[kind]:
             print(f"  {kind:<12} {report.files[kind]:>8} files {report.bytes[kind] / 1e6:10.1f} MB  ({retention.setting_of(kind, settings)})")
     if report.mapping_rows:

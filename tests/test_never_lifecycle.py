@@ -144,10 +144,16 @@ def test_originals_of_failed_deliveries_are_counted_aged_warned_and_deleted_only
     cfg = write_toml(raw, tmp_path / "node.toml")
     r = run_cli("purge", "--dry-run", "--config", str(cfg))  # the node's clock is not moved in a subprocess: only today's ages
     assert r.returncode == 0 and "kept" in r.stdout and "2 originals with a FAILED delivery" in r.stdout, r.stdout + r.stderr
+    raw["retention"] = {"failed_days": 0}
+    r = run_cli("purge", "--dry-run", "--config", str(write_toml(raw, tmp_path / "node.toml")))
+    lines = {line.split()[0]: line for line in r.stdout.splitlines()[1:] if line.strip()}
+    assert "would delete 4 files" in r.stdout and "failed_days = 0" in lines["failed"] and " 2 files" in lines["failed-output"], r.stdout + r.stderr
 
     node.settings.retention.failed_days = 500
     assert retention.run(node.sessions, node.settings).deleted == 0, "not yet 500 days"
     node.settings.retention.failed_days = 30
+    dry = retention.run(node.sessions, node.settings, dry_run=True)
+    assert dict(dry.files) == {"failed": 2, "failed-output": 2}
     report = retention.run(node.sessions, node.settings)
     assert dict(report.files) == {"failed": 2, "failed-output": 2} and not any(p.exists() for p in paths)
     assert retention.setting_of("failed", node.settings) == "failed_days = 30"
