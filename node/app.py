@@ -248,6 +248,7 @@ class Node:
             session.rollback()
             return None
         n = other_patient = 0
+        routing.recall_patient(session, study, self.settings.node.data_dir, self.pseudo.log_id)  # a study routed before revision 0004
         routed_before = queue.instances_with_jobs(session, study)
         for inst in instances:
             if inst.id in routed_before:

@@ -67,6 +67,12 @@ KINDS: dict[str, Kind] = {
     "deliveries-retried": Kind(("110103", _DCM, "DICOM Instances Accessed"), "U"),
     "held-released": Kind(("110103", _DCM, "DICOM Instances Accessed"), "U"),
     "held-purged": Kind(("110103", _DCM, "DICOM Instances Accessed"), "D"),  # retention deleted held originals (held_days)
+    "quarantined-purged": Kind(("110103", _DCM, "DICOM Instances Accessed"), "D"),  # retention deleted quarantined originals (quarantine_days)
+    "originals-purged": Kind(("110103", _DCM, "DICOM Instances Accessed"), "D"),  # delivered or ignored originals (originals_days)
+    "outputs-purged": Kind(("110103", _DCM, "DICOM Instances Accessed"), "D"),  # delivered de-identified outputs (outputs_days)
+    "failed-purged": Kind(("110103", _DCM, "DICOM Instances Accessed"), "D"),  # originals and outputs of FAILED deliveries (failed_days)
+    "orphans-purged": Kind(("110103", _DCM, "DICOM Instances Accessed"), "D"),  # files no row names (never acknowledged)
+    "audit-purged": Kind(("110101", _DCM, "Audit Log Used"), "D"),  # retention deleted entries older than audit_days
     "config-changed": Kind(("110113", _DCM, "Security Alert"), "U", ("110131", _DCM, "Software Configuration")),
     "config-reloaded": Kind(("110113", _DCM, "Security Alert"), "E", ("110131", _DCM, "Software Configuration")),
     "mapping-exported": Kind(("110106", _DCM, "Export"), "R"),

@@ -244,6 +244,10 @@ def cmd_status(args) -> int:
     for d in service.settings.destinations:  # configured, nothing sent to it yet: an admin checks a new one is there
         if f"destination:{d.name}" not in info["counts"]:
             print(f"  {'destination:' + d.name:<24} - (no delivery yet)")
+    dead = info.get("dead_letters") or {}
+    if dead.get("originals"):
+        keep = "kept until re-queued (failed_days = -1)" if dead["failed_days"] < 0 else f"deleted after failed_days = {dead['failed_days']}"
+        print(f"  {'dead letters':<24} {dead['originals']} originals with a FAILED delivery, the oldest {dead['oldest_days']:.1f} days; {keep}")
     t = info["throughput"]
     print(f"  last hour: received {t['received_last_hour']}, sent {t['sent_last_hour']}")
     from node.pixels import describe_route
@@ -351,14 +355,19 @@ def cmd_purge(args) -> int:
     sessions = make_sessionmaker(make_engine(settings.node.resolved_database_url))
     report = retention.run(sessions, settings, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"retention (originals_days={r.originals_days}, outputs_days={r.outputs_days}, quarantine_days={r.quarantine_days}): {verb} {report.deleted} files")
-    for kind in ("original", "output", "quarantined", "orphan"):
+    print(f"retention: {verb} {report.deleted} files, {report.mapping_rows} mapping rows, {report.audit_rows} audit entries")
+    for kind in retention.PURGED:  # original, quarantined, held, output, failed, failed-output, orphan
         if report.files[kind]:
-            print(f"  {kind:<12} {report.files[kind]:>8} files {report.bytes[kind] / 1e6:10.1f} MB")
-    if r.mapping_days >= 0:
-        print(f"  mapping      {report.mapping_rows:>8} rows of the pseudonym mapping (mapping_days={r.mapping_days})")
+            print(f"  {kind:<12} {report.files[kind]:>8} files {report.bytes[kind] / 1e6:10.1f} MB  ({retention.setting_of(kind, settings)})")
+    if report.mapping_rows:
+        print(f"  mapping      {report.mapping_rows:>8} rows of the pseudonym mapping  (mapping_days = {r.mapping_days})")
+    if report.audit_rows:
+        print(f"  audit        {report.audit_rows:>8} entries of the audit trail  (audit_days = {r.audit_days})")
     if report.refused:
         print(f"  refused      {report.refused:>8} rows pointing outside the spool and outbox (see the log)")
+    failed = report.failed_kept
+    if failed.count:
+        print(f"  kept         {failed.count:>8} originals with a FAILED delivery (dead letter), the oldest {failed.oldest_days:.0f} days  ({retention.failed_setting(settings)})")
     return 0
 
 

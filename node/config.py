@@ -185,6 +185,10 @@ class NodeSettings(_Table):
         return self.database_url or f"sqlite:///{(self.data_dir / 'casemask.db').resolve()}"
 
 
+# The database refuses to delete audit entries younger than this (triggers, migration 0005).
+AUDIT_MIN_DAYS = 365
+
+
 class RetentionSettings(_Table):
     """How long files holding (or derived from) patient data stay in the data folder.
     Rows stay: UIDs and states for the audit trail (see node.retention)."""
@@ -197,7 +201,17 @@ class RetentionSettings(_Table):
                                    "after it was last met; 0 stores none, -1 keeps it", 30, ge=-1)
     unconfigured_days: StrictInt = hint("days deliveries to a destination removed from the configuration are kept owed, then given up "
                                         "(their files deleted); -1 keeps them", 30, ge=-1)
+    failed_days: StrictInt = hint("days an original (and its output) whose delivery is FAILED (dead letter) is kept after the last attempt, "
+                                  "then deleted (audited); -1 keeps it until the delivery is re-queued and sent", -1, ge=-1)
+    audit_days: StrictInt = hint("days an audit trail entry is kept (entries hold no PHI): 365 or more, or -1 to keep them for ever", 2190, ge=-1)
     interval_s: Seconds = hint("seconds between retention runs, more than 0", 300.0, gt=0)
+
+    @field_validator("audit_days")
+    @classmethod
+    def _audit_days(cls, v: int) -> int:
+        if 0 <= v < AUDIT_MIN_DAYS:
+            raise ValueError(f"write {AUDIT_MIN_DAYS} or more days (the database refuses to delete younger entries), or -1 to keep them for ever")
+        return v
 
     def describe(self) -> list[str]:
         """What retention does with these settings, one line per kind of data (for
@@ -214,6 +228,9 @@ class RetentionSettings(_Table):
             "pseudonym mapping (original Patient IDs, names, UIDs): "
             + ("not stored (mapping_days = 0): casemask export-mapping has nothing to export" if self.mapping_days == 0
                else days(self.mapping_days, "a patient's or UID's last object") + ("" if self.mapping_days < 0 else "; export it before then (casemask export-mapping)")),
+            "originals and outputs whose delivery FAILED (dead letter): " + (days(self.failed_days, "the last attempt") if self.failed_days >= 0
+                                                                               else "kept until re-queued and sent (-1; casemask status shows how many and the oldest)"),
+            f"audit trail entries (no PHI): {days(self.audit_days, 'they were written')}",
             f"deliveries to a destination no longer configured: {days(self.unconfigured_days, 'it was removed') if self.unconfigured_days else 'given up at once'}"
             + (" (then their files are deleted like delivered ones)" if self.unconfigured_days >= 0 else ""),
         ]

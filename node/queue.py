@@ -445,6 +445,14 @@ OTHER_PATIENT = ("route: PatientID (0010,0020) / IssuerOfPatientID (0010,0021) d
                  "(another patient under this StudyInstanceUID): not merged into the study")
 
 
+# ``Study.patient_key`` of a study whose objects were routed before revision 0004 (no key
+# then) and whose originals are all gone: its patient cannot be known, so no object joins
+# it any more (node.routing.recall_patient sets it).
+UNKNOWN_PATIENT = "unknown"
+STUDY_PATIENT_UNKNOWN = ("route: the study's first patient is unknown (routed before revision 0004, its originals deleted): "
+                         "not merged into the study (PatientID (0010,0020) / IssuerOfPatientID (0010,0021) cannot be compared)")
+
+
 def join_study(session: Session, study: Study, inst: Instance, patient: str) -> bool:
     """Whether ``inst``, of the patient ``patient`` (a keyed hash, node.routing.patient_of),
     may join ``study``, in the caller's transaction: the study's first object routed
@@ -453,13 +461,16 @@ def join_study(session: Session, study: Study, inst: Instance, patient: str) -> 
     under one Study Instance UID (a sender's mistake, or a study UID taken from another
     patient's study) would otherwise leave as one pseudonymous study: one patient's
     images linked to the other's, or shown under the other's pseudonym. The first
-    patient keeps the study, including for amendments sent later."""
+    patient keeps the study, including for amendments sent later. A study routed before
+    revision 0004 gets its patient from its stored objects first
+    (node.routing.recall_patient); when none is left, nothing joins it
+    (:data:`STUDY_PATIENT_UNKNOWN`)."""
     if study.patient_key is None:
         study.patient_key = patient
         return True
     if study.patient_key == patient:
         return True
-    _set_instance(inst, InstanceState.QUARANTINED, OTHER_PATIENT)
+    _set_instance(inst, InstanceState.QUARANTINED, STUDY_PATIENT_UNKNOWN if study.patient_key == UNKNOWN_PATIENT else OTHER_PATIENT)
     return False
 
 

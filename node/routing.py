@@ -13,11 +13,13 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from pydicom.datadict import keyword_dict
 
 from node.config import ROUTE_SPECIAL_KEYS, Route
+from node.queue import UNKNOWN_PATIENT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,3 +165,37 @@ def patient_of(ds: Any, log_id: Callable[[str], str]) -> str:
 
 def keys_used(routes: Iterable[Route]) -> set[str]:
     return {k for r in routes for k in r.match}
+
+
+
+def recall_patient(session: Any, study: Any, data_dir: Path, log_id: Callable[[str], str]) -> str | None:
+    """For a study without ``patient_key`` that already holds objects routed before (a
+    study received before revision 0004, which had no such column): its patient, taken
+    from the first of those objects whose original is still kept, set on the study and
+    returned; :data:`UNKNOWN_PATIENT` when none is (retention deleted them), so that the
+    check fails closed instead of letting the next object routed decide the patient.
+    None (nothing set) when the study has no object routed before: its first object
+    routed now fixes its patient (node.queue.join_study)."""
+    from pydicom import dcmread
+    from sqlalchemy import select
+
+    from node.db import Instance, InstanceState, data_path
+
+    if study.patient_key is not None:
+        return study.patient_key
+    earlier = session.scalars(
+        select(Instance).where(Instance.study_id == study.id, Instance.state != InstanceState.RECEIVED).order_by(Instance.id).limit(100)
+    ).all()
+    if not earlier:
+        return None
+    for inst in earlier:
+        if inst.purged_at is not None:
+            continue
+        try:
+            ds = dcmread(data_path(data_dir, inst.path), stop_before_pixels=True)
+            study.patient_key = patient_of(ds, log_id)
+        except Exception:  # a missing or unreadable original: the next one may tell
+            continue
+        return study.patient_key
+    study.patient_key = UNKNOWN_PATIENT
+    return study.patient_key

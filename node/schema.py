@@ -32,7 +32,7 @@ from node.startup import StartupError
 
 log = logging.getLogger(__name__)
 
-HEAD = "0004"  # the newest revision under node/migrations/versions (a test checks it)
+HEAD = "0005"  # the newest revision under node/migrations/versions (a test checks it)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _PG_LOCK = 0x6361_7365_6D61_736B  # "casemask": the advisory lock key of schema changes
 

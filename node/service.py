@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from node import audit, queue, routing
+from node import audit, queue, retention, routing
 from node.accounts import Principal
 from node.config import DEFAULT_CONFIG, ConfigError, Settings, hide_credentials, parse
 from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Role, Study, StudyState, data_path, utcnow
@@ -158,6 +158,7 @@ class Service:
                                                        .where(Delivery.state.in_((DeliveryState.RETRY_WAIT, DeliveryState.FAILED)))
                                                        .order_by(Delivery.id.desc()).limit(1000)):
                 waiting.setdefault(dest, f"{state.value}: {reason or 'no reason recorded'}")
+            kept = retention.failed_kept(session)
         return {
             "node": s.node.ae_title,
             "version": version(),
@@ -165,6 +166,8 @@ class Service:
             "counts": counts,
             "throughput": {"received_last_hour": int(received_1h), "sent_last_hour": int(sent_1h)},
             "not_sent": waiting,
+            # Originals kept for a FAILED delivery (dead letter): [retention] failed_days (-1 keeps them).
+            "dead_letters": {"originals": kept.count, "oldest_days": round(kept.oldest_days, 1), "failed_days": s.retention.failed_days},
             "disk_free_bytes": disk_free(s.node.data_dir),
             "models": self.models(),
             "routes": _route_models(s),
