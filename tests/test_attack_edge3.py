@@ -150,3 +150,63 @@ def test_a_receiver_frozen_once_takes_connections_again_once_it_moves(tmp_path):
         for s in held:
             s.close()
         node.stop()
+
+
+# -- 3. a spool that cannot be written -----------------------------------------------------------
+@needs_dcmtk
+def test_a_disk_that_refuses_writes_logs_one_line_not_one_per_c_store(tmp_path):
+    """``min_free_disk_mb = 0`` (the floor off) and every write of the node refused by the
+    kernel (RLIMIT_FSIZE of 1 byte: EFBIG, as a full disk's ENOSPC): 20 objects sent by
+    storescu are each answered 0xA700 (never Success, nothing stored), and the node logs
+    one ERROR line for them. Each refusal wrote an ERROR line, a log flood for as long as
+    the disk stayed full."""
+    from tests.conftest import ROOT, STORESCU, dcmtk_env, node_config, port_listens, write_toml
+    import subprocess
+    import sys
+
+    raw = node_config(tmp_path / "full", [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600, receivers=1, min_free_disk_mb=0)
+    Path(raw["node"]["data_dir"]).mkdir(parents=True, exist_ok=True)
+    port = raw["node"]["port"]
+    files = make_study(tmp_path / "in", 20)
+    # the log goes to a pipe: the file-size limit would refuse a log file's growth too
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(write_toml(raw, tmp_path / "full.toml"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        wait_until(lambda: any(" started (id " in x for x in lines) and port_listens(port), timeout=120, what="the node to start")
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1, 1))
+        r = subprocess.run([STORESCU, "-v", "-nh", "-ta", "20", "-to", "20", "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)],
+                           env=dcmtk_env(), capture_output=True, text=True, timeout=120)
+        assert (r.stdout + r.stderr).count("(Refused: OutOfResources)") == 20, (r.stdout + r.stderr)[-3000:]
+        wait_until(lambda: any("-> 0xA700" in x for x in lines), timeout=20, what="the refusal's log line")
+        time.sleep(1)
+        refused = [x for x in lines if "-> 0xA700" in x]
+        assert len(refused) == 1, f"{len(refused)} log lines for 20 refused C-STOREs"
+        assert " ERROR node.scp: C-STORE " in refused[0]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        reader.join(10)
+
+
+def test_write_failures_left_out_are_counted_in_the_next_line(monkeypatch, caplog):
+    """The line after a minute says how many refusals like it were not logged."""
+    from node import admission, scp
+
+    now = [1000.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(scp, "_WRITE_FAILURES", admission.RejectionRecord(every_s=60.0))
+    caplog.set_level("ERROR", logger="node.scp")
+    for _ in range(5):
+        scp._write_failed("C-STORE from %s: cannot write the incoming file (%s) -> 0xA700", "STORESCU", "EFBIG")
+    now[0] += 61
+    scp._write_failed("C-STORE from %s: cannot write the incoming file (%s) -> 0xA700", "STORESCU", "EFBIG")
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["C-STORE from STORESCU: cannot write the incoming file (EFBIG) -> 0xA700",
+                      "C-STORE from STORESCU: cannot write the incoming file (EFBIG) -> 0xA700 (4 more like it since the last such line not logged)"]
