@@ -33,3 +33,41 @@ def test_the_log_names_https_and_keeps_probes_out_of_the_access_lines(tmp_path, 
         assert c.get("/api/v1/status", headers=viewer).status_code == 200
     access = [r.getMessage() for r in caplog.records if r.name == "node.http.app" and r.levelno >= logging.INFO]
     assert [a.split(" - ", 1)[1] for a in access] == ['"GET /metrics" 401', '"GET /api/v1/status" 200'], access
+
+
+def test_a_stranger_sharing_the_admins_address_cannot_lock_the_admin_out(tmp_path, http_nodes):  # noqa: F811
+    """Behind one NAT or proxy (all here from 127.0.0.2): a stranger's 5 wrong passwords
+    for ``admin`` lock the address out (429, for browsers without a device cookie), but
+    the admin's browser, which logged in as ``admin`` before and holds its device cookie,
+    gets in: failures are counted per device cookie for it. Before, it got 429 for
+    ``login_window_s``. A forged device cookie, or the admin's cookie offered for
+    another name, counts as none; guessing with the admin's cookie is bounded too."""
+    from node import accounts
+    from tests.conftest import node_config
+    from tests.httpnode import start_http_node
+    from tests.test_attack_http2 import _folder, _login
+
+    hn = start_http_node(node_config(tmp_path, _folder(tmp_path)), tmp_path)
+    http_nodes.append(hn)
+    with hn.node.sessions() as s:
+        accounts.add_user(s, "admin", "admin", "correct horse battery")
+        accounts.add_user(s, "viewer1", "viewer", "another long passphrase")
+        s.commit()
+
+    def client(**kw) -> httpx.Client:
+        return httpx.Client(base_url=hn.base, timeout=60, transport=httpx.HTTPTransport(local_address="127.0.0.2"), **kw)
+
+    with client() as admin:
+        assert _login(admin, "admin", "correct horse battery") == 303
+        device = next((c.value for c in admin.cookies.jar if c.name == "casemask_device"), "")
+        with client() as stranger:
+            assert [_login(stranger, "admin", f"guess-{i:06d}") for i in range(5)] == [401] * 5
+            assert _login(stranger, "admin", "correct horse battery") == 429  # the address is locked for browsers without a cookie
+        with client(cookies={"casemask_device": "AAAA." + "0" * 32}) as forger:
+            assert _login(forger, "admin", "correct horse battery") == 429
+        with client(cookies={"casemask_device": device}) as other_name:
+            assert _login(other_name, "viewer1", "another long passphrase") == 429  # the cookie is admin's only
+        assert _login(admin, "admin", "correct horse battery") == 303  # the admin's browser gets in
+    with client(cookies={"casemask_device": device}) as thief:
+        assert [_login(thief, "admin", f"guess-{i:06d}") for i in range(5)] == [401] * 5
+        assert _login(thief, "admin", "correct horse battery") == 429  # a stolen cookie guesses no faster
