@@ -2,10 +2,12 @@
 
 Three gates, from the cheapest:
 
-1. TCP (``accept``): a connection beyond twice ``max_associations`` open connections in
-   all, or twice ``max_associations_per_host`` from one address, or while four times
-   ``max_associations`` association threads are still alive (a flood of connect-and-close),
-   is closed at once, before any thread or TLS handshake is spent on it. The margin lets
+1. TCP (``accept``): a connection beyond twice ``max_associations_per_host`` from one
+   address, or while four times ``max_associations`` association threads are still
+   alive (a flood of connect-and-close), is closed at once, before any thread or TLS
+   handshake is spent on it. Beyond twice ``max_associations`` open connections in all,
+   it takes the place of the oldest connection that sent no A-ASSOCIATE-RQ yet, from
+   the address holding the most of those (else it is closed). The margin lets
    connections just over the association limits get a proper answer.
 2. A-ASSOCIATE-RQ (EVT_REQUESTED): the called AE title must be the node's and the
    calling AE title (and host, where configured) one of ``[[sources]]``, else
@@ -144,6 +146,9 @@ class Admission:
         self._lock = threading.Lock()
         self._admitted: weakref.WeakSet = weakref.WeakSet()
         self._connecting: dict[int, str] = {}  # accepted sockets not yet an association
+        self._first_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # association -> when the TCP gate first saw it
+        self._hung_up: weakref.WeakSet = weakref.WeakSet()  # silent connections closed to make room (their threads end soon)
+        self.hang_ups = RejectionRecord()  # their log lines: one a second per address
         self._listeners: list[Callable[[], Iterable]] = []
 
     def add_listener(self, active_associations: Callable[[], Iterable]) -> None:
@@ -155,16 +160,53 @@ class Admission:
 
     # -- gate 1: TCP ----------------------------------------------------------------------
     def connect(self, key: int, host: str) -> bool:
-        """A TCP connection was accepted; False when it must be closed at once."""
+        """A TCP connection was accepted; False when it must be closed at once.
+
+        Beyond the total, the connection takes the place of a *silent* one (no
+        A-ASSOCIATE-RQ yet, :func:`make_room`) rather than being closed: else connections
+        from a few addresses that never send a request held every place for
+        ``acse_timeout_s`` at a time, and a real sender's connection was closed at once."""
         with self._lock:
             live = self._live()
             if len(live) + len(self._connecting) >= 4 * self.max_total:
                 return False  # threads of closed connections still winding down: a flood
-            hosts = [_host(a) for a in live if _open(a)] + list(self._connecting.values())
-            if len(hosts) >= 2 * self.max_total or hosts.count(host) >= 2 * self.max_per_host:
+            now = time.monotonic()
+            held = [a for a in live if _open(a) and a not in self._hung_up]
+            for a in held:
+                self._first_seen.setdefault(a, now)
+            hosts = [_host(a) for a in held] + list(self._connecting.values())
+            if hosts.count(host) >= 2 * self.max_per_host:
+                return False
+            if len(hosts) >= 2 * self.max_total and not self._make_room(held, host):
                 return False
             self._connecting[key] = host
             return True
+
+    def _make_room(self, held: list, host: str) -> bool:
+        """Close one silent connection for a new one from ``host`` (called holding the
+        lock): the oldest of the address holding the most silent connections, provided it
+        holds more than ``host`` does. A sender's A-ASSOCIATE-RQ follows its connect at
+        once, so its connection is silent for milliseconds and is never the oldest of the
+        busiest address; the flood's connections replace each other. False: none to close
+        (every place holds an association, or ``host`` is the busiest itself)."""
+        silent: dict[str, list] = {}
+        for a in held:
+            if _silent(a):
+                silent.setdefault(_host(a), []).append(a)
+        if not silent:
+            return False
+        busiest = max(silent, key=lambda h: len(silent[h]))
+        if len(silent[busiest]) <= len(silent.get(host, ())):
+            return False
+        victim = min(silent[busiest], key=lambda a: self._first_seen.get(a, 0.0))
+        self._hung_up.add(victim)
+        hang_up(victim)
+        left_out = self.hang_ups.should_record(busiest)
+        if left_out is not None:
+            more = f"; {left_out} more since not logged" if left_out else ""
+            log.warning("connection from %s closed: it sent no A-ASSOCIATE-RQ and its place was needed for a new connection "
+                        "(too many connections open: max_associations)%s", busiest, more)
+        return True
 
     def connected(self, key: int) -> None:
         """The connection became an association thread (or was closed) and counts as such."""
@@ -210,6 +252,22 @@ def _host(assoc) -> str:
 def _open(assoc) -> bool:
     """Its connection is still open (pynetdicom drops the socket when it closes)."""
     return getattr(getattr(assoc.dul, "socket", None), "socket", None) is not None
+
+
+def _silent(assoc) -> bool:
+    """No A-ASSOCIATE-RQ arrived whole on this accepted connection yet."""
+    return bool(assoc.is_acceptor and assoc.requestor.primitive is None)
+
+
+def hang_up(assoc) -> None:
+    """Close the association's connection from our side: pynetdicom's DUL reads the end
+    of the stream (Evt17) and the association ends, its close event included."""
+    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if raw is not None:
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def wake_if_waiting(assoc) -> None:

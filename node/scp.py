@@ -63,7 +63,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
 from node import audit, dimsefast, metrics, queue, reactor
-from node.admission import MAX_PDU, REJECT_NO_REASON, Admission, guard_dimse, guard_pdu_length, guard_state_machine, malformed_request, wake_if_waiting
+from node.admission import MAX_PDU, REJECT_NO_REASON, Admission, RejectionRecord, guard_dimse, guard_pdu_length, guard_state_machine, malformed_request, wake_if_waiting
 from node.config import Settings
 from node.db import data_path, row_path
 from node.deid import Pseudonymizer
@@ -140,6 +140,21 @@ class _Throttled:
             if self._active:
                 log.warning(message)
                 self._active = False
+
+
+_WRITE_FAILURES = RejectionRecord(every_s=60.0)
+
+
+def _write_failed(message: str, *args) -> None:
+    """Log a C-STORE refused (0xA700) because its file or row could not be written: at
+    most once a minute per kind of failure, the next line saying how many were left
+    out. A full disk refuses every C-STORE, and each one wrote an ERROR line (a log
+    flood while it lasted; docs/security.md, sixth attack). Each refusal is still
+    answered 0xA700 and counted."""
+    left_out = _WRITE_FAILURES.should_record(message)
+    if left_out is not None:
+        more = f" ({left_out} more like it since the last such line not logged)" if left_out else ""
+        log.error(message + "%s", *args, more)
 
 
 class _Refusal(Exception):
@@ -278,7 +293,7 @@ class StoreHandler:
             log.warning("C-STORE from %s: object larger than max_object_mb = %d -> 0xA700", calling, self.max_object_mb)
             raise _Refusal(OUT_OF_RESOURCES, "object larger than max_object_mb")
         if incoming.refused:
-            log.error("C-STORE from %s: cannot write the incoming file (%s) -> 0xA700", calling, incoming.refused)
+            _write_failed("C-STORE from %s: cannot write the incoming file (%s) -> 0xA700", calling, incoming.refused)
             raise _Refusal(OUT_OF_RESOURCES, "cannot write the spool file")
         self._disk.clear("free disk above min_free_disk_mb again: C-STOREs accepted")
 
@@ -353,11 +368,11 @@ class StoreHandler:
             placing.outcome()
             if placing.linked:
                 remove_if_same(path, incoming.path)  # nobody's file: no row names it
-            log.error("C-STORE %s from %s: cannot commit (%s) -> 0xA700", name, calling, type(exc).__name__)
+            _write_failed("C-STORE %s from %s: cannot commit (%s) -> 0xA700", name, calling, type(exc).__name__)
             raise _Refusal(OUT_OF_RESOURCES, "cannot record the object") from None
         created = placing.outcome()
         if isinstance(created, OSError):
-            log.error("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", name, calling, created.strerror or type(created).__name__)
+            _write_failed("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", name, calling, created.strerror or type(created).__name__)
             forgotten = stored is None and self._forget(sop_uid, name, calling)
             # Our link goes with our row; a row another node vouched for keeps the file
             # it answered Success for (the same inode).
@@ -369,7 +384,7 @@ class StoreHandler:
                 try:
                     replace(incoming.path, path)
                 except OSError as exc:
-                    log.error("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", name, calling, exc.strerror or type(exc).__name__)
+                    _write_failed("C-STORE %s from %s: cannot write spool file (%s) -> 0xA700", name, calling, exc.strerror or type(exc).__name__)
                     self._forget(sop_uid, name, calling)
                     raise _Refusal(OUT_OF_RESOURCES, "cannot write the spool file") from None
             log.debug("C-STORE %s from %s: stored", name, calling)

@@ -19,8 +19,9 @@ holds a connection back for longer). The losers of the race on ``accept`` get
 to the open file, which all of them share).
 
 The board is an anonymous memory file (``memfd_create``) of one record per process
-place: the process id and how many connections it holds open (accepted and not yet
-closed). The node process makes it before starting its receivers; each inherits it.
+place: the process id, how many connections it holds open (accepted and not yet
+closed), and how many times it wrote its record (so a process that accepted and closed
+a connection is seen to have moved though its count is back where it was). The node process makes it before starting its receivers; each inherits it.
 A record whose process is gone (a receiver killed, waiting to be started again) is
 ignored. Nothing in it is needed for a guarantee: association limits are counted by
 node.slots, admission by node.admission, exactly as before; a wrong count only sends a
@@ -50,10 +51,13 @@ YIELD_S = 0.1
 _LOOK_S = 0.002
 # How often a receiver waiting for the node process to listen looks (wait_listening).
 _GATE_S = 0.02
+# How often a process writes its count again if it changed since it last wrote it
+# (:meth:`AcceptBoard._refresh`).
+REFRESH_S = 0.2
 # Listen backlog (socketserver's 5 drops SYNs when connections come in bursts).
 BACKLOG = 128
 
-_RECORD = struct.Struct("<ii")  # process id (0: none), connections open
+_RECORD = struct.Struct("<iiI")  # process id (0: none), connections open, times published (wraps)
 
 
 def open_listening(host: str, port: int, wait_s: float = 10.0) -> socket.socket:
@@ -121,9 +125,15 @@ class AcceptBoard:
         self._map = mmap.mmap(fd, places * _RECORD.size)
         self._place = -1
         self._count: Callable[[], int] = lambda: 0
+        self._published = 0
+        self._last_count = 0
         self._lock = threading.Lock()
-        # place -> (pid, count) of a process that let a connection wait out YIELD_S: not
-        # waited for again until its record changes (it accepted or closed something)
+        self._closing = threading.Event()
+        # place -> (pid, times published) of a process that let a connection wait out
+        # YIELD_S: not waited for again until it writes its record again (it accepted or
+        # closed something). Keyed by its count instead, a process frozen with 0 open
+        # connections stayed passed over for good once it thawed, accepted one and closed
+        # it (its count back at 0): the node no longer left it any connection.
         self._passed_over: dict[int, tuple[int, int]] = {}
 
     @classmethod
@@ -150,13 +160,26 @@ class AcceptBoard:
         with self._lock:
             self._place, self._count = place, count
         self.publish()
+        threading.Thread(target=self._refresh, name="AcceptBoard", daemon=True).start()
+
+    def _refresh(self) -> None:
+        """Write this process's count again whenever it moved since it was last written.
+        A connection closed by its peer is still counted when its close event publishes
+        (pynetdicom drops the socket after that event): the record then said 1 for a
+        process holding nothing, until its next connection, and a process that has
+        moved looked as if it had not (:meth:`least_other`)."""
+        while not self._closing.wait(REFRESH_S):
+            if self._count() != self._last_count:
+                self.publish()
 
     def publish(self) -> None:
         """Write this process's count of open connections into its record."""
         mine = self._count()
         with self._lock:
             if self._place >= 0:
-                _RECORD.pack_into(self._map, self._place * _RECORD.size, os.getpid(), mine)
+                self._published = (self._published + 1) & 0xFFFFFFFF
+                self._last_count = mine
+                _RECORD.pack_into(self._map, self._place * _RECORD.size, os.getpid(), mine, self._published)
 
     def least_other(self) -> int | None:
         """The fewest open connections a live other process holds; None if none lives."""
@@ -165,9 +188,12 @@ class AcceptBoard:
             if self._place < 0:
                 return None
             records = [(i, *_RECORD.unpack_from(self._map, i * _RECORD.size)) for i in range(self.places) if i != self._place]
+            for place, pid, _count, published in records:
+                if self._passed_over.get(place, (pid, published)) != (pid, published):
+                    del self._passed_over[place]  # it moved since: waited for again
             passed_over = dict(self._passed_over)
-        for place, pid, count in records:
-            if pid > 0 and passed_over.get(place) != (pid, count) and _alive(pid):
+        for place, pid, count, published in records:
+            if pid > 0 and passed_over.get(place) != (pid, published) and _alive(pid):
                 least = count if least is None else min(least, count)
         return least
 
@@ -182,9 +208,9 @@ class AcceptBoard:
             if self._place < 0:
                 return
             for i in range(self.places):
-                pid, count = _RECORD.unpack_from(self._map, i * _RECORD.size)
+                pid, count, published = _RECORD.unpack_from(self._map, i * _RECORD.size)
                 if i != self._place and pid > 0 and count < mine:
-                    self._passed_over[i] = (pid, count)
+                    self._passed_over[i] = (pid, published)
 
     def should_yield(self) -> bool:
         """Whether another live process holds fewer open connections than this one."""
@@ -208,9 +234,10 @@ class AcceptBoard:
     def close(self) -> None:
         """Empty this process's record and unmap the board (the descriptor is the
         caller's: the node process passes it to receivers it starts later)."""
+        self._closing.set()
         with self._lock:
             if self._place >= 0:
-                _RECORD.pack_into(self._map, self._place * _RECORD.size, 0, 0)
+                _RECORD.pack_into(self._map, self._place * _RECORD.size, 0, 0, 0)
                 self._place = -1
             self._map.close()
 

@@ -319,26 +319,30 @@ def test_a_uid_too_long_for_pynetdicom_is_not_written_to_the_log(tmp_path, start
 def test_the_board_passes_over_an_idler_that_let_a_connection_wait_until_its_record_changes():
     """The accept board: a live other process (here this test's parent) with 0 open
     connections against this one's 1 is yielded to; once it has let a pending
-    connection wait out the whole wait, it is not yielded to again, until its record
-    changes (it accepted or closed something)."""
+    connection wait out the whole wait, it is not yielded to again, until it writes its
+    record again (it accepted or closed something). Sixth attack: accepting one and
+    closing it leaves its count where it was (0), and the board used to compare counts:
+    a receiver frozen once was passed over for good after it thawed."""
     from node.sharedport import _RECORD, AcceptBoard, pending
 
     board = AcceptBoard.create(2)
     try:
-        # the other process's record (place 1), written by hand: its pid and count
-        _RECORD.pack_into(board._map, _RECORD.size, os.getppid(), 0)
+        # the other process's record (place 1), written by hand: its pid, count, times written
+        _RECORD.pack_into(board._map, _RECORD.size, os.getppid(), 0, 1)
         board.claim(0, lambda: 1)
         assert board.should_yield()
         with socket.socket() as srv, socket.create_connection(("127.0.0.1", _listen(srv))):
             wait_until(lambda: pending(srv), timeout=5, what="the connection to be pending")
             board.yield_to_idler(srv, limit_s=0.05)
             assert not board.should_yield(), "waited again for a process that let a connection wait out the whole wait"
-            _RECORD.pack_into(board._map, _RECORD.size, os.getppid(), 1)
-            _RECORD.pack_into(board._map, _RECORD.size, os.getppid(), 0)  # it accepted one, and closed it
-            assert board.should_yield() is False  # same record as when passed over: (pid, 0)
-            board.claim(0, lambda: 2)
-            _RECORD.pack_into(board._map, _RECORD.size, os.getppid(), 1)
-            assert board.should_yield(), "a process whose record changed is yielded to again"
+            assert not board.should_yield(), "a record that did not move"
+            _RECORD.pack_into(board._map, _RECORD.size, os.getppid(), 1, 2)
+            _RECORD.pack_into(board._map, _RECORD.size, os.getppid(), 0, 3)  # it accepted one, and closed it
+            assert board.should_yield(), "a process that accepted and closed a connection is yielded to again"
+            board.yield_to_idler(srv, limit_s=0.05)  # frozen again
+            assert not board.should_yield()
+            _RECORD.pack_into(board._map, _RECORD.size, os.getppid(), 0, 4)
+            assert board.should_yield(), "passed over again, it is yielded to again once it moves"
     finally:
         board.close()
         os.close(board.fd)

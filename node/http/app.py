@@ -179,12 +179,20 @@ def _signed_in(request: Request) -> bool:
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
+# Routes a load balancer, an orchestrator or Prometheus asks every few seconds: their
+# successful answers are logged at DEBUG (AccessLog), else a line every few seconds per
+# prober buried the requests an operator looks for.
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class AccessLog:
     """One log line per request (INFO): client address, method, the *route* that answered
     (its template, ``/api/v1/studies/{study_id}``) and the status, never the path or query
     string as sent. uvicorn's access log (off in ``node.http.server``) wrote those as
     typed, anonymous requests included, at the level ``casemask serve`` runs at: a name
-    in a URL went to the log. A pure ASGI middleware (no body buffering)."""
+    in a URL went to the log. Successful answers of :data:`PROBES` are logged at DEBUG; a
+    probe refused or failing (401, 503) at INFO. A pure ASGI middleware (no body
+    buffering)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -206,7 +214,9 @@ class AccessLog:
         finally:
             client = scope.get("client") or ("-", 0)
             method = scope.get("method", "")
-            log.info('%s - "%s %s" %d', client[0], method if method in _METHODS else "(other)", route_name(scope), status or 500)
+            route = route_name(scope)
+            level = logging.DEBUG if route in PROBES and 200 <= status < 400 else logging.INFO
+            log.log(level, '%s - "%s %s" %d', client[0], method if method in _METHODS else "(other)", route, status or 500)
 
 
 def route_name(scope) -> str:

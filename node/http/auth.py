@@ -9,6 +9,8 @@ cookie: 401 (the dashboard redirects to its login page); a role too low: 403.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import secrets
 import threading
 from collections.abc import Callable
@@ -24,6 +26,8 @@ from node.service import Service
 
 SESSION_COOKIE = "casemask_session"
 LOGIN_COOKIE = "casemask_login"  # double-submit token of the login form (login CSRF)
+DEVICE_COOKIE = "casemask_device"  # this browser logged in as a name before (device_keys)
+DEVICE_DAYS = 30
 
 bearer = HTTPBearer(auto_error=False, description="a token from `casemask token create`")
 
@@ -41,6 +45,8 @@ class AuthContext:
     service: Service
     http: HttpSettings
     limiter: LoginLimiter
+    # signs device cookies; made at start, so a restart makes browsers earn theirs again
+    device_key: bytes = dataclasses.field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
     @property
     def secure_cookies(self) -> bool:
@@ -113,12 +119,13 @@ def check_csrf(user: UiUser, token: str) -> None:
         raise HTTPException(403, "the form is out of date (CSRF check failed): reload the page and try again")
 
 
-def login(ctx: AuthContext, name: str, password: str, host: str) -> tuple[str, str] | str:
+def login(ctx: AuthContext, name: str, password: str, host: str, device: str = "") -> tuple[str, str] | str:
     """Check a login; returns (cookie, csrf) or the message to show. Rate-limited per
-    name and address, and per address (``limiter_keys``); every attempt is audited (an
-    unknown name as such). At most ``VERIFY_SLOTS`` passwords are checked at once; a
-    login that finds none free within ``VERIFY_WAIT_S`` gets ``BUSY``."""
-    keys = limiter_keys(name, host)
+    name and address, and per address (``limiter_keys``), or, from a browser holding a
+    device cookie for ``name`` (``device``, :func:`device_keys`), per that cookie; every
+    attempt is audited (an unknown name as such). At most ``VERIFY_SLOTS`` passwords are
+    checked at once; a login that finds none free within ``VERIFY_WAIT_S`` gets ``BUSY``."""
+    keys = device_keys(ctx, name, device) or limiter_keys(name, host)
     sessions = ctx.service.sessions
     if not _verifying.acquire(timeout=VERIFY_WAIT_S):
         return BUSY
@@ -147,7 +154,33 @@ def limiter_keys(name: str, host: str) -> tuple[str, str]:
     return f"name:{name.lower()}@{host}", f"addr:{host}"
 
 
-def _check_password(ctx: AuthContext, session, name: str, password: str, host: str, keys: tuple[str, str]) -> tuple[str, str] | str:
+def new_device_cookie(ctx: AuthContext, name: str) -> str:
+    """The device cookie a browser gets when it logs in as ``name``: a random nonce and
+    its HMAC-SHA256 (with ``ctx.device_key``) bound to the name."""
+    nonce = secrets.token_urlsafe(16)
+    return f"{nonce}.{_device_mac(ctx, name, nonce)}"
+
+
+def _device_mac(ctx: AuthContext, name: str, nonce: str) -> str:
+    return hmac.new(ctx.device_key, f"{name.lower()}\x00{nonce}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def device_keys(ctx: AuthContext, name: str, cookie: str) -> tuple[str] | tuple[()]:
+    """The LoginLimiter key of a login from a browser that logged in as ``name`` before
+    (its device cookie, made by :func:`new_device_cookie`, is valid for that name), else ().
+
+    Failures counted per address let anyone sharing an admin's address (a NAT, a proxy)
+    lock that address out, the admin included. A browser that has logged in as the name
+    before is counted on its own instead (OWASP's "device cookies"): a stranger on the
+    same address locks out only browsers without one, and guessing with a stolen cookie
+    is bounded per cookie. A forged cookie, or one made for another name, is ignored."""
+    nonce, _, mac = cookie.partition(".")
+    if nonce and mac and hmac.compare_digest(mac, _device_mac(ctx, name, nonce)):
+        return (f"device:{nonce}",)
+    return ()
+
+
+def _check_password(ctx: AuthContext, session, name: str, password: str, host: str, keys: tuple[str, ...]) -> tuple[str, str] | str:
     """``login`` once a verification slot is held: (cookie, csrf) or the message."""
     p = accounts.authenticate(session, name, password)
     if p is None:

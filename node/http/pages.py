@@ -116,7 +116,7 @@ def login_submit(request: Request, name: str = Form(...), password: str = Form(.
     if not login_token or not cookie_token or login_token != cookie_token:
         outcome: tuple[str, str] | str = "The login form was out of date. Please try again."
     else:
-        outcome = auth.login(ctx, name.strip(), password, client_host(request))
+        outcome = auth.login(ctx, name.strip(), password, client_host(request), request.cookies.get(auth.DEVICE_COOKIE, ""))
     if isinstance(outcome, str):
         token = auth.new_login_token()
         resp = render(request, "login.html", None, status_code=401 if "Wrong" in outcome else 429 if "Too many" in outcome else 503 if outcome == auth.BUSY else 400,
@@ -127,6 +127,8 @@ def login_submit(request: Request, name: str = Form(...), password: str = Form(.
     resp = back(_safe_next(next))
     resp.set_cookie(auth.SESSION_COOKIE, cookie, httponly=True, samesite="strict", secure=ctx.secure_cookies, path="/",
                     max_age=int(ctx.http.session_hours * 3600))
+    resp.set_cookie(auth.DEVICE_COOKIE, auth.new_device_cookie(ctx, name.strip()), httponly=True, samesite="strict", secure=ctx.secure_cookies, path="/login",
+                    max_age=auth.DEVICE_DAYS * 86400)
     resp.delete_cookie(auth.LOGIN_COOKIE, path="/login")
     return resp
 

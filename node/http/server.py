@@ -192,6 +192,23 @@ def _bind_error(host: str, port: int) -> str:
     return "it stopped at start; the error logged above says why"
 
 
+class WithoutUvicornStartLine(logging.Filter):
+    """Drops uvicorn's "Uvicorn running on http://..." record. uvicorn serves plain TCP
+    here even for ``[http] tls`` (the protocol adds TLS), so that line said ``http://``
+    for an HTTPS server; the node logs its own line with the right scheme
+    (:meth:`HttpServer.start`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Uvicorn running on ")
+
+
+def _drop_uvicorn_start_line() -> None:
+    """Install :class:`WithoutUvicornStartLine` on uvicorn's logger, once."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, WithoutUvicornStartLine) for f in logger.filters):
+        logger.addFilter(WithoutUvicornStartLine())
+
+
 class HttpServer:
     """The HTTP server of one node, on ``[http] host``:``port`` (HTTPS with ``tls``)."""
 
@@ -210,6 +227,7 @@ class HttpServer:
         )
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
+        _drop_uvicorn_start_line()
 
     def _run(self) -> None:
         try:
