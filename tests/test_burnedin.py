@@ -151,9 +151,9 @@ def test_openvino_and_onnx_runtime_read_the_same_boxes():
 
 
 def test_openvino_keeps_one_model_per_whole_frame_shape():
-    """Whole frames of one size get a model compiled for their shape from their second
-    reading on, and reuse it; a shape read once and stacked crops run on the
-    dynamic-shape model; at most STATIC shapes are kept, the least recently used
+    """Whole frames of one size get a model compiled for their shape (and precision)
+    from their second reading on, and reuse it; a shape read once and stacked crops run
+    on the dynamic-shape model; at most STATIC models are kept, the least recently used
     dropped first."""
     pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install openvino; a runtime dependency)")
     from node.burnedin.detect import DetectorSettings, TextDetector
@@ -164,17 +164,18 @@ def test_openvino_keeps_one_model_per_whole_frame_shape():
     det.detect(frames)
     assert not be._static, "a shape read once compiled a model of its own"
     det.detect(frames)
-    assert list(be._static) == [(1, 3, 96, 160)]
-    first = be._static[(1, 3, 96, 160)]
+    key = ((1, 3, 96, 160), "f32")
+    assert list(be._static) == [key]
+    first = be._static[key]
     det.detect(frames)
-    assert be._static[(1, 3, 96, 160)] is first
+    assert be._static[key] is first
     for _ in range(2):
         det.detect_regions(np.zeros((64, 96, 3), np.uint8), [(0, 0, 32, 64)])
-    assert list(be._static) == [(1, 3, 96, 160)], "stacked crops compiled a model of their own"
+    assert list(be._static) == [key], "stacked crops compiled a model of their own"
     for k in range(be.STATIC):
         for _ in range(2):
             det.detect(np.zeros((1, 64 + 32 * k, 64, 3), np.uint8), 1.0)
-    assert len(be._static) == be.STATIC and (1, 3, 96, 160) not in be._static
+    assert len(be._static) == be.STATIC and key not in be._static
 
 
 def test_detector_falls_back_to_onnx_runtime_without_openvino(monkeypatch, caplog):
@@ -502,7 +503,7 @@ class _HalfSighted:
         self.seconds = 0.0
         self.first = True
 
-    def detect(self, frames, scale=None):
+    def detect(self, frames, scale=None, reading=""):
         boxes = self.real.detect(frames, scale)
         if self.stubborn and scale is None and not self.first:
             return [[self.last]]
@@ -511,7 +512,7 @@ class _HalfSighted:
             return [[(t, l, b, l + (r - l) // 2) for t, l, b, r in fb] for fb in boxes]
         return boxes
 
-    def detect_regions(self, frame, regions, scale=None):
+    def detect_regions(self, frame, regions, scale=None, reading=""):
         if self.stubborn:  # a line of text that stays whatever is masked
             t, l, _, _ = regions[0]
             self.last = (t, l, t + 20, l + 80)
@@ -551,13 +552,13 @@ class _CutShort:
     def __init__(self, real) -> None:
         self.real, self.settings, self.seconds = real, real.settings, 0.0
 
-    def detect(self, frames, scale=None):
+    def detect(self, frames, scale=None, reading=""):
         boxes = self.real.detect(frames, scale)
         if scale is None:
             return [[(t, l, b, l + (r - l) // 2) for t, l, b, r in fb] for fb in boxes]
         return boxes
 
-    def detect_regions(self, frame, regions, scale=None):
+    def detect_regions(self, frame, regions, scale=None, reading=""):
         return []
 
 
@@ -596,10 +597,10 @@ class _Blind:
     def __init__(self, real) -> None:
         self.settings, self.seconds = real.settings, 0.0
 
-    def detect(self, frames, scale=None):
+    def detect(self, frames, scale=None, reading=""):
         return [[] for _ in frames]
 
-    def detect_regions(self, frame, regions, scale=None):
+    def detect_regions(self, frame, regions, scale=None, reading=""):
         return []
 
 
