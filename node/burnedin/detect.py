@@ -14,7 +14,7 @@ Runtime on this model, the same probabilities to float rounding), else on ONNX
 Runtime's CPU provider, which is logged (docs/burned-in.md, "The inference runtime").
 Each reading runs in fp32 unless its detector's settings name it in ``bf16`` and the
 CPU has native bf16 (OpenVINO's ``OPTIMIZATION_CAPABILITIES`` says ``BF16``): then in
-bf16, about half the CPU (docs/burned-in.md, "bf16 for the small-text reading").
+bf16, about half the CPU (docs/burned-in.md, "bf16 on OpenVINO").
 
 Why this model and scale: docs/burned-in.md (recall and speed measured against
 Tesseract and RapidOCR's own pipeline on synthetic ultrasound).
@@ -86,9 +86,9 @@ class DetectorSettings:
     # Readings (of READINGS) this detector runs in bf16 where it can: on OpenVINO, on a
     # CPU with native bf16 (its OPTIMIZATION_CAPABILITIES hold "BF16"). Elsewhere they
     # run in fp32 (logged once): on ONNX Runtime, and on a CPU without native bf16, where
-    # OpenVINO would run bf16 emulated on AVX-512 (slower than fp32, and as different).
+    # OpenVINO would run bf16 emulated on AVX-512 (no faster, and as far from fp32).
     # A reading is named here only after the 500 seeded frames and the 7 px tests came
-    # out as in fp32 (docs/burned-in.md, "bf16 for the small-text reading").
+    # out as in fp32 (docs/burned-in.md, "bf16 on OpenVINO").
     bf16: frozenset[str] = frozenset({"first", "re-read", "low-contrast"})
 
     def __post_init__(self) -> None:
@@ -102,9 +102,9 @@ class DetectorSettings:
 # thresholds, and its own session. It sees the masked frame only; what it finds that is
 # not masked quarantines the object. Measured: docs/burned-in.md, "Second reading".
 # Its readings run in bf16 where the CPU has it, as the first detector's: on the 500
-# seeded frames the same recall, no token leaked, the same quarantines but two (text
+# seeded frames the same recall, no token leaked, the same quarantines and two more (text
 # really there, and a false alarm where fp32 masked speckle), and the 7 px tests pass
-# (docs/burned-in.md, "bf16 for the small-text reading" and after).
+# (docs/burned-in.md, "bf16 on OpenVINO").
 VERIFIER = DetectorSettings(scale=2.0, check_scale=1.0, thresh=0.2, box_thresh=0.4, max_batch=2,
                             bf16=frozenset({"second", "chroma", "small-text"}))
 
