@@ -471,7 +471,7 @@ def _first_reading(frames: np.ndarray, read: list[int], n: int, detector: TextDe
     overlay) the union of them on every frame."""
     rows, cols = frames.shape[1:3]
     try:
-        found = detector.detect(frames)
+        found = detector.detect(frames, reading="first")
     except DetectorUnavailable:
         raise
     except Exception as exc:
@@ -493,19 +493,19 @@ def _verify(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[int], masks: 
             recent = new.get(i, [])
             for _round in range(ROUNDS + 1):
                 regions = _merge([_around(b, rows, cols) for b in recent])
-                seen = [b for b in _text_lines(detector.detect_regions(view[k], regions)) if not _covered(b, masks[i]) and _continues(b, recent)]
+                seen = [b for b in _text_lines(detector.detect_regions(view[k], regions, reading="re-read")) if not _covered(b, masks[i]) and _continues(b, recent)]
                 if not seen:
                     break
                 # Confirmed on the whole frame: in a crop, shapes cut by its edges and
                 # texture beside a mask can pass for letters.
-                whole = detector.detect(view[k : k + 1])[0]
+                whole = detector.detect(view[k : k + 1], reading="re-read")[0]
                 left = [b for b in _text_lines(whole) if not _covered(b, masks[i]) and _touches(b, seen)]
                 if not left:
                     break
                 if _round == ROUNDS:
                     raise BurnedInError(f"burned-in text: text is still detected after masking (frame {i})")
                 recent = _mask_more(ds, px, view, k, i, masks, left)
-        faint = detector.detect(low_contrast_view(view), detector.settings.check_scale)
+        faint = detector.detect(low_contrast_view(view), detector.settings.check_scale, reading="low-contrast")
     except BurnedInError:
         raise
     except Exception as exc:
@@ -558,9 +558,9 @@ def _read_second(view: np.ndarray, masks: Sequence[Sequence[Box]], verifier: Tex
     """The second reading's boxes per frame of ``view`` (N, rows, cols, 3; masks
     flattened): the frame as shown and, for a colour frame, its chroma."""
     coloured = [k for k in range(len(view)) if int((view[k].max(-1).astype(np.int16) - view[k].min(-1)).max()) > 16]
-    found = verifier.detect(view)
+    found = verifier.detect(view, reading="second")
     if coloured:
-        chroma = verifier.detect(chroma_view(view[coloured], [masks[k] for k in coloured]), verifier.settings.check_scale)
+        chroma = verifier.detect(chroma_view(view[coloured], [masks[k] for k in coloured]), verifier.settings.check_scale, reading="chroma")
         for k, boxes in zip(coloured, chroma):
             found[k] = found[k] + boxes
     return found
@@ -656,7 +656,7 @@ def _small_text_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[i
         if not todo:
             return
         try:
-            found = verifier.detect(np.stack([small.tophat_view(view[k]) for k in todo]), small.SCALE)
+            found = verifier.detect(np.stack([small.tophat_view(view[k]) for k in todo]), small.SCALE, reading="small-text")
         except Exception as exc:
             raise BurnedInError(f"burned-in text: the small-text reading could not process the masked frames ({type(exc).__name__})") from None
         grown = []

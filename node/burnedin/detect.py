@@ -10,9 +10,11 @@ with axis-aligned boxes, since what is masked is a rectangle anyway.
 
 The network runs on OpenVINO's CPU plugin when the ``openvino`` package is installed
 (a runtime dependency since 2026-11-30: about a fifth less CPU a reading than ONNX
-Runtime on this model, the same probabilities to float rounding, fp32 kept), else on
-ONNX Runtime's CPU provider, which is logged (docs/burned-in.md, "The inference
-runtime").
+Runtime on this model, the same probabilities to float rounding), else on ONNX
+Runtime's CPU provider, which is logged (docs/burned-in.md, "The inference runtime").
+Each reading runs in fp32 unless its detector's settings name it in ``bf16`` and the
+CPU has native bf16 (OpenVINO's ``OPTIMIZATION_CAPABILITIES`` says ``BF16``): then in
+bf16, about half the CPU (docs/burned-in.md, "bf16 on OpenVINO").
 
 Why this model and scale: docs/burned-in.md (recall and speed measured against
 Tesseract and RapidOCR's own pipeline on synthetic ultrasound).
@@ -37,6 +39,10 @@ MODEL_PACKAGE = "rapidocr_onnxruntime"
 MODEL_FILE = "models/ch_PP-OCRv4_det_infer.onnx"
 
 Box = tuple[int, int, int, int]  # top, left, bottom, right (exclusive), frame pixels
+
+# The readings of a frame, as node.burnedin.clean names them when it asks a detector
+# (what each is: the module docstring there). DetectorSettings.bf16 takes these names.
+READINGS = ("first", "re-read", "low-contrast", "second", "chroma", "small-text")
 
 
 class DetectorUnavailable(Exception):
@@ -77,13 +83,30 @@ class DetectorSettings:
     # "auto": OpenVINO when installed and the model compiles, else ONNX Runtime (logged);
     # "openvino" or "onnxruntime" to insist (the tests compare the two).
     backend: str = "auto"
+    # Readings (of READINGS) this detector runs in bf16 where it can: on OpenVINO, on a
+    # CPU with native bf16 (its OPTIMIZATION_CAPABILITIES hold "BF16"). Elsewhere they
+    # run in fp32 (logged once): on ONNX Runtime, and on a CPU without native bf16, where
+    # OpenVINO would run bf16 emulated on AVX-512 (no faster, and as far from fp32).
+    # A reading is named here only after the 500 seeded frames and the 7 px tests came
+    # out as in fp32 (docs/burned-in.md, "bf16 on OpenVINO").
+    bf16: frozenset[str] = frozenset({"first", "re-read", "low-contrast"})
+
+    def __post_init__(self) -> None:
+        unknown = set(self.bf16) - set(READINGS)
+        if unknown:
+            raise ValueError(f"unknown reading(s) {sorted(unknown)} in bf16 (write some of {', '.join(READINGS)})")
 
 
 # The second reading (clean.py) runs the same network tuned apart: scale 2.0 (text of
 # 7-11 px over speckle, which the first reading at 1.25 missed; 1.5 since 2026-11-30), lower
 # thresholds, and its own session. It sees the masked frame only; what it finds that is
 # not masked quarantines the object. Measured: docs/burned-in.md, "Second reading".
-VERIFIER = DetectorSettings(scale=2.0, check_scale=1.0, thresh=0.2, box_thresh=0.4, max_batch=2)
+# Its readings run in bf16 where the CPU has it, as the first detector's: on the 500
+# seeded frames the same recall, no token leaked, the same quarantines and two more (text
+# really there, and a false alarm where fp32 masked speckle), and the 7 px tests pass
+# (docs/burned-in.md, "bf16 on OpenVINO").
+VERIFIER = DetectorSettings(scale=2.0, check_scale=1.0, thresh=0.2, box_thresh=0.4, max_batch=2,
+                            bf16=frozenset({"second", "chroma", "small-text"}))
 
 
 @functools.lru_cache(maxsize=2)
@@ -112,22 +135,29 @@ class _OnnxRuntime:
         self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
-    def run(self, x: np.ndarray, shape_varies: bool = False) -> np.ndarray:
-        """(N, 3, R, C) float32 -> (N, 1, R, C) float32 probabilities."""
+    def precision(self, asked: str) -> str:
+        """What a reading asked in ``asked`` ("f32" or "bf16") runs in: always fp32 here
+        (ONNX Runtime's CPU provider has no bf16 path for this model)."""
+        return "f32"
+
+    def run(self, x: np.ndarray, shape_varies: bool = False, precision: str = "f32") -> np.ndarray:
+        """(N, 3, R, C) float32 -> (N, 1, R, C) float32 probabilities (fp32 whatever
+        ``precision`` asks)."""
         return self.session.run(None, {self.input: x})[0]
 
 
 class _OpenVino:
     """The detector's graph on OpenVINO's CPU plugin, in fp32 (INFERENCE_PRECISION_HINT
-    f32: bf16, which this CPU would run about twice as fast, moves probabilities by up
-    to 0.9 and changes thresholded pixels; docs/burned-in.md).
+    f32, not the plugin's default bf16 on a CPU with native bf16) except for the
+    readings asked in bf16 on such a CPU (:meth:`precision`).
 
     A model compiled for one input shape runs about a fifth faster than the
     dynamic-shape one, and compiling takes about 0.2 CPU s: a shape the step reads
     again (whole frames of one size at each scale) gets a static model of its own from
     its second reading on, the last STATIC of them kept; a shape seen once (a cine's
     batch of an odd size) and shapes that vary from call to call (the stacked crops of
-    :meth:`TextDetector.detect_regions`) run on the dynamic-shape model."""
+    :meth:`TextDetector.detect_regions`) run on the dynamic-shape model. Models are
+    kept per (shape, precision)."""
 
     name = "openvino"
     STATIC = 6  # static models kept per detector (each holds its own buffers: 30-300 MB at 640 x 480 x1.0-x3.0)
@@ -137,35 +167,55 @@ class _OpenVino:
 
         self._core = ov.Core()
         self._model = self._core.read_model(model) if isinstance(model, str) else self._core.read_model(model, b"")
+        # Native bf16 (AVX512_BF16 or AMX): what the plugin itself takes as "BF16" in its
+        # capabilities and makes its default precision on. Asked explicitly, OpenVINO
+        # also runs bf16 on AVX-512 CPUs without it (emulated), which is not wanted here.
+        self.native_bf16 = "BF16" in self._core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         # One stream, the given threads, no pinning (the cores are shared with the rest
-        # of the node), fp32 as the model was trained and measured.
-        self._config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                        "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
-        self._dynamic = self._core.compile_model(self._model, "CPU", self._config).create_infer_request()
-        self._static: dict[tuple[int, ...], object] = {}  # shape -> infer request, oldest first
-        self._seen: set[tuple[int, ...]] = set()  # whole-frame shapes read once so far
+        # of the node).
+        self._config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
+        self._dynamic: dict[str, object] = {"f32": self._compile(self._model, "f32")}  # precision -> infer request
+        self._static: dict[tuple[tuple[int, ...], str], object] = {}  # (shape, precision) -> infer request, oldest first
+        self._seen: set[tuple[tuple[int, ...], str]] = set()  # whole-frame shapes read once so far
+        self._warned = False
 
-    def _request(self, shape: tuple[int, ...], shape_varies: bool):
-        if shape_varies:
-            return self._dynamic
-        if shape not in self._static and shape not in self._seen:
-            if len(self._seen) >= 64:
-                self._seen.clear()
-            self._seen.add(shape)
-            return self._dynamic
-        req = self._static.pop(shape, None)
+    def precision(self, asked: str) -> str:
+        """What a reading asked in ``asked`` ("f32" or "bf16") runs in: bf16 only on a
+        CPU with native bf16, fp32 otherwise."""
+        return "bf16" if asked == "bf16" and self.native_bf16 else "f32"
+
+    def _compile(self, model, precision: str):
+        compiled = self._core.compile_model(model, "CPU", {**self._config, "INFERENCE_PRECISION_HINT": precision})
+        return compiled.create_infer_request()
+
+    def _request(self, shape: tuple[int, ...], shape_varies: bool, precision: str):
+        key = (shape, precision)
+        if shape_varies or (key not in self._static and key not in self._seen):
+            if not shape_varies:
+                if len(self._seen) >= 64:
+                    self._seen.clear()
+                self._seen.add(key)
+            if precision not in self._dynamic:
+                self._dynamic[precision] = self._compile(self._model, precision)
+            return self._dynamic[precision]
+        req = self._static.pop(key, None)
         if req is None:
             model = self._model.clone()
             model.reshape(list(shape))
-            req = self._core.compile_model(model, "CPU", self._config).create_infer_request()
+            req = self._compile(model, precision)
             while len(self._static) >= self.STATIC:
                 self._static.pop(next(iter(self._static)))
-        self._static[shape] = req  # most recent last
+        self._static[key] = req  # most recent last
         return req
 
-    def run(self, x: np.ndarray, shape_varies: bool = False) -> np.ndarray:
-        """(N, 3, R, C) float32 -> (N, 1, R, C) float32 probabilities."""
-        req = self._request(tuple(x.shape), shape_varies)
+    def run(self, x: np.ndarray, shape_varies: bool = False, precision: str = "f32") -> np.ndarray:
+        """(N, 3, R, C) float32 -> (N, 1, R, C) float32 probabilities, in ``precision``
+        where :meth:`precision` allows it (fp32 otherwise, logged once)."""
+        runs = self.precision(precision)
+        if runs != precision and not self._warned:
+            self._warned = True
+            log.info("this CPU has no native bf16: the detector's readings asked in bf16 run in fp32")
+        req = self._request(tuple(x.shape), shape_varies, runs)
         req.infer({0: x})
         return req.get_output_tensor(0).data.copy()
 
@@ -206,13 +256,21 @@ class TextDetector:
     def __init__(self, settings: DetectorSettings | None = None) -> None:
         self.settings = settings or DetectorSettings()
         self.backend = _backend(self.settings)
+        if self.settings.bf16 and self.backend.name != "openvino":
+            log.info("the readings asked in bf16 (%s) run in fp32 on %s", ", ".join(sorted(self.settings.bf16)), self.backend.name)
         self._lock = threading.Lock()
         self.seconds = 0.0  # time spent in the model, for the benchmark's share of time
 
-    def probability(self, frames: np.ndarray, scale: float | None = None, shape_varies: bool = False) -> np.ndarray:
+    def precision(self, reading: str) -> str:
+        """What ``reading`` (one of READINGS) runs in on this detector: "bf16" when the
+        settings name it in ``bf16`` and the runtime and CPU allow it, else "f32"."""
+        return self.backend.precision("bf16" if reading in self.settings.bf16 else "f32")
+
+    def probability(self, frames: np.ndarray, scale: float | None = None, shape_varies: bool = False, reading: str = "") -> np.ndarray:
         """(N, rows, cols, 3) uint8 -> (N, R, C) float32 text probability on the scaled
         grid (R, C multiples of 32, at least rows*scale, cols*scale). ``shape_varies``:
-        a size not expected again (stacked crops), not worth a model of its own."""
+        a size not expected again (stacked crops), not worth a model of its own.
+        ``reading``: which reading asks (READINGS; its precision, :meth:`precision`)."""
         import time
 
         import cv2
@@ -223,6 +281,7 @@ class TextDetector:
         R, C = -(-sr // 32) * 32, -(-sc // 32) * 32
         out = np.empty((n, R, C), np.float32)
         step = self.settings.max_batch
+        precision = "bf16" if reading in self.settings.bf16 else "f32"
         for i in range(0, n, step):
             chunk = frames[i : i + step]
             x = np.zeros((len(chunk), 3, R, C), np.float32)
@@ -236,7 +295,7 @@ class TextDetector:
             x[:, :, :, sc:] = -1
             t0 = time.perf_counter()
             with self._lock:
-                pred = self.backend.run(x, shape_varies)
+                pred = self.backend.run(x, shape_varies, precision)
             self.seconds += time.perf_counter() - t0
             out[i : i + len(chunk)] = pred[:, 0]
         return out
@@ -267,13 +326,13 @@ class TextDetector:
                 out.append(box)
         return out
 
-    def detect(self, frames: np.ndarray, scale: float | None = None, shape_varies: bool = False) -> list[list[Box]]:
-        """Text boxes per frame of (N, rows, cols, 3) uint8 RGB frames (``shape_varies``:
-        see :meth:`probability`)."""
+    def detect(self, frames: np.ndarray, scale: float | None = None, shape_varies: bool = False, reading: str = "") -> list[list[Box]]:
+        """Text boxes per frame of (N, rows, cols, 3) uint8 RGB frames (``shape_varies``,
+        ``reading``: see :meth:`probability`)."""
         rows, cols = frames.shape[1:3]
-        return [self.boxes(p, rows, cols, scale) for p in self.probability(frames, scale, shape_varies)]
+        return [self.boxes(p, rows, cols, scale) for p in self.probability(frames, scale, shape_varies, reading)]
 
-    def detect_regions(self, frame: np.ndarray, regions: Sequence[Box], scale: float | None = None) -> list[Box]:
+    def detect_regions(self, frame: np.ndarray, regions: Sequence[Box], scale: float | None = None, reading: str = "") -> list[Box]:
         """Text boxes found inside ``regions`` of one frame (rows, cols, 3), in frame
         pixels, the crops read at ``scale`` (the settings' by default).
 
@@ -289,7 +348,7 @@ class TextDetector:
         for (top, left, bottom, right), y in zip(regions, tops):
             canvas[0, y : y + bottom - top, : right - left] = frame[top:bottom, left:right]
         found: list[Box] = []
-        for t, l, b, r in self.detect(canvas, scale, shape_varies=True)[0]:
+        for t, l, b, r in self.detect(canvas, scale, shape_varies=True, reading=reading)[0]:
             k = int(np.searchsorted(tops, t, side="right")) - 1
             top, left, bottom, right = regions[k]
             y = int(tops[k])
@@ -312,5 +371,8 @@ def shared_detector(settings: DetectorSettings | None = None) -> TextDetector:
     with _SHARED_LOCK:
         if key not in _SHARED:
             _SHARED[key] = TextDetector(key)
-            log.info("text detector ready (%s, scale %.2f, %s)", MODEL_FILE, key.scale, _SHARED[key].backend.name)
+            det = _SHARED[key]
+            bf16 = sorted(r for r in key.bf16 if det.precision(r) == "bf16")
+            log.info("text detector ready (%s, scale %.2f, %s, %s)", MODEL_FILE, key.scale, det.backend.name,
+                     f"bf16 for {', '.join(bf16)}, fp32 for the rest" if bf16 else "fp32")
         return _SHARED[key]

@@ -81,12 +81,12 @@ class _Profile:
         real = self.real = TextDetector.probability
         prof = self
 
-        def probability(det_self, frames, scale=None, shape_varies=False):
+        def probability(det_self, frames, scale=None, shape_varies=False, reading=""):
             caller = next((f.function for f in inspect.stack()[1:6] if f.filename.endswith("clean.py") and f.function.startswith("_")), "?")
-            key = f"{'first' if det_self is prof.det else 'second'} x{scale or det_self.settings.scale:g} {caller}"
+            key = f"{'first' if det_self is prof.det else 'second'} x{scale or det_self.settings.scale:g} {caller} ({det_self.precision(reading)})"
             c0 = time.process_time()
             try:
-                return real(det_self, frames, scale, shape_varies)
+                return real(det_self, frames, scale, shape_varies, reading)
             finally:
                 prof.cpu[key] = prof.cpu.get(key, 0.0) + time.process_time() - c0
                 prof.calls[key] = prof.calls.get(key, 0) + len(frames)
@@ -320,15 +320,24 @@ def main() -> None:
     ap.add_argument("--quality-only", action="store_true", help="only the quality set (no timing, no text-free frames)")
     ap.add_argument("--engines", type=int, default=0, metavar="N", help="compare the OCR candidates on N frames instead")
     ap.add_argument("--backend", choices=("auto", "openvino", "onnxruntime"), default="auto", help="the detector's runtime (both sessions)")
+    ap.add_argument("--bf16", default=None, metavar="READINGS",
+                    help="comma-separated readings to run in bf16 where the CPU has it (of: " + ", ".join(detect_module.READINGS)
+                    + "), or 'none' for fp32 throughout; default: as shipped (DetectorSettings and VERIFIER)")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (figures scale with the load)")
     if args.engines:
         engines(args.engines, args.seed)
         return
-    det = TextDetector(DetectorSettings(backend=args.backend))
+    first, second = DetectorSettings(backend=args.backend), dataclasses.replace(VERIFIER, backend=args.backend)
+    if args.bf16 is not None:
+        asked = frozenset(r for r in args.bf16.split(",") if r and r != "none")
+        first = dataclasses.replace(first, bf16=asked & {"first", "re-read", "low-contrast"})
+        second = dataclasses.replace(second, bf16=asked & {"second", "chroma", "small-text"})
+    det = TextDetector(first)
     # The second reading's session, which clean() takes from shared_detector(VERIFIER), on the same runtime.
-    detect_module._SHARED[VERIFIER] = TextDetector(dataclasses.replace(VERIFIER, backend=args.backend))
-    print(f"detector runtime: {det.backend.name}")
+    ver = detect_module._SHARED[VERIFIER] = TextDetector(second)
+    bf16 = [r for r in detect_module.READINGS if (det if r in ("first", "re-read", "low-contrast") else ver).precision(r) == "bf16"]
+    print(f"detector runtime: {det.backend.name}; bf16 for: {', '.join(bf16) or 'none'} (fp32 for the rest)")
     if args.quality_only:
         q = quality(det, args.frames, args.seed)
         _print_quality(q)
