@@ -13,8 +13,11 @@ name and its row committed, and a failure status otherwise, so the sender keeps 
 0xA700   out of resources: object above ``max_object_mb``, disk below
          ``min_free_disk_mb``, spool file or row could not be written
 0xA900   the data set's SOP Class UID differs from the command's
-0xC210   the data set cannot be decoded, or ends inside an element
-0xC211   SOP Instance UID or Study Instance UID missing
+0xC210   the data set cannot be decoded, or ends inside an element; or the
+         command set's group length is missing or wrong (node.dimsefast)
+0xC211   SOP Instance UID or Study Instance UID missing; or the C-STORE-RQ's
+         Affected SOP Class / Instance UID or Priority missing or empty
+         (node.dimsefast: pynetdicom would not answer it at all)
 0xC212   a UID (SOP Class, SOP Instance, Study, Series, transfer syntax) does
          not follow the PS3.5 UI grammar, or the transfer syntax is unknown
 0xC213   the data set's SOP Instance UID differs from the command's
@@ -234,6 +237,13 @@ class StoreHandler:
         reactor.mark_busy()
         calling = event.assoc.requestor.ae_title.strip()
         path = getattr(event.request, "_dataset_path", None)  # pynetdicom: None when no data set came
+        refused = dimsefast.refusal(event.request)
+        if refused is not None:
+            status, why = refused
+            log.warning("C-STORE from %s: %s -> 0x%04X", calling, why, status)
+            if path is not None and (incoming := self.incoming.take(path)) is not None:
+                incoming.discard()
+            return failure(status, why)
         if path is None:
             log.warning("C-STORE from %s: the request carried no data set -> 0x%04X", calling, NO_DATA_SET)
             return failure(NO_DATA_SET, "C-STORE-RQ without a data set")

@@ -329,3 +329,29 @@ def test_one_batch_of_rows_files_each_under_its_study_and_reports_each_study_cha
         assert rows == {r.sop_instance_uid: studies[r.study_uid] for r in [_row("1.2.3.1", "1.2.3.1.1"), _row("1.2.3.2", "1.2.3.2.1"), *batch]}
     finally:
         engine.dispose()
+
+
+def test_the_wal_is_checkpointed_beside_the_commits_and_stays_small(tmp_path):
+    """node.groupcommit: the committer's connection leaves checkpoints to the
+    checkpointer thread (every CHECKPOINT_EVERY rows), so the WAL restarts from its first
+    frame every few dozen rows: 320 rows committed one by one leave it far below the
+    4 MB that SQLite's own checkpoint (1000 pages) lets it grow to, and every row is in
+    the database."""
+    from node import groupcommit
+    from node.db import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    gc = groupcommit.GroupCommit(engine, lambda r, change: None)
+    try:
+        assert gc._checkpointer is not None
+        for step in range(20):
+            for i in range(groupcommit.CHECKPOINT_EVERY):
+                assert gc.record(_row(f"1.2.3.{step % 4}", f"1.2.3.{step}.{i}")) is None
+            wait_until(lambda: gc._checkpointer.done > step, timeout=30, what="the checkpointer to run")
+        wal = tmp_path / "db.sqlite-wal"
+        assert wal.stat().st_size < 1024 * 1024, f"the WAL grew to {wal.stat().st_size} bytes"
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("select count(*) from instances").scalar() == 20 * groupcommit.CHECKPOINT_EVERY
+    finally:
+        gc.close()
+        engine.dispose()
