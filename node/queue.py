@@ -279,6 +279,19 @@ def is_stored(conn: Connection, sop_instance_uid: str) -> bool:
     return conn.execute(select(instances.c.id).where(instances.c.sop_instance_uid == sop_instance_uid)).first() is not None
 
 
+def lock_instance(conn: Connection, sop_instance_uid: str) -> None:
+    """Take the instance row's lock in the caller's transaction, until it ends (an UPDATE
+    that changes nothing: PostgreSQL locks the row, SQLite takes its write lock).
+    Retention claims a row under this lock before it deletes the row's file
+    (node.retention), so once it is held the file is either in place for the rest of
+    the transaction or gone for good: the C-STORE handler looks at a re-sent object's
+    file only after taking it."""
+    instances = Instance.__table__
+    conn.execute(
+        update(instances).where(instances.c.sop_instance_uid == sop_instance_uid).values(purged_at=instances.c.purged_at)
+    )
+
+
 def on_resend(conn: Connection, sop_instance_uid: str) -> str:
     """An object already stored was sent again (same SOP Instance UID, same content), in
     the caller's transaction; returns the state change to log ("" when none).

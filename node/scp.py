@@ -423,6 +423,10 @@ class StoreHandler:
                     replace(incoming.path, path)
                     adopt = True
             with self.engine.begin() as conn:
+                queue.lock_instance(conn, sop_uid)
+                if same_place and not path.exists():  # retention deleted it after we looked: ours takes its place
+                    replace(incoming.path, path)
+                    adopt = True
                 change = queue.on_resend(conn, sop_uid)
                 if adopt:
                     queue.adopt_resent_file(conn, sop_uid, stored_digest, received.digest, received.size)

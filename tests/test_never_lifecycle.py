@@ -237,14 +237,11 @@ def test_a_resend_racing_the_held_purge_is_never_lost(tmp_path, start_node, both
 
 
 @needs_dcmtk
-@pytest.mark.xfail(strict=True, reason="node/scp.py (ingest9's lane): a re-send that found the held file in place before retention "
-                   "claimed its row, and records the re-send after retention deleted it, answers Success without a file; the handler "
-                   "must check its file again once queue.on_resend has committed (and place its own copy when it is gone)")
 def test_a_resend_that_saw_the_file_before_the_purge_claimed_it_is_not_lost(tmp_path, start_node, both_clocks, monkeypatch):
     """The other order of the race above: the C-STORE handler has found the held file in
     place, and retention claims the row and deletes the file before the handler records
-    the re-send (queue.on_resend). Made deterministic by running retention inside
-    queue.on_resend, before it reads the row."""
+    the re-send. Made deterministic by running retention just before the handler takes
+    the row's lock (queue.lock_instance), after it found the file in place."""
     raw = node_config(tmp_path, [folder(tmp_path)])
     raw["routes"][0]["match"] = {"Modality": "MR"}
     node = start_node(raw, schedule=False)
@@ -252,7 +249,7 @@ def test_a_resend_that_saw_the_file_before_the_purge_claimed_it_is_not_lost(tmp_
     assert storescu(node.settings.node.port, study).returncode == 0
     node.tick(0)
     both_clocks(days=31)
-    real = queue.on_resend
+    real = queue.lock_instance
     ran = []
 
     def purge_first(conn, sop_instance_uid):
@@ -260,11 +257,11 @@ def test_a_resend_that_saw_the_file_before_the_purge_claimed_it_is_not_lost(tmp_
             ran.append(retention.run(node.sessions, node.settings).deleted)
         return real(conn, sop_instance_uid)
 
-    monkeypatch.setattr(queue, "on_resend", purge_first)
+    monkeypatch.setattr(queue, "lock_instance", purge_first)
     node.settings.routes[0].match = {"Modality": "CT"}
     assert storescu(node.settings.node.port, study).returncode == 0, "answered Success"
     assert ran == [1]
-    monkeypatch.setattr(queue, "on_resend", real)
+    monkeypatch.setattr(queue, "lock_instance", real)
     ended = {InstanceState.PROCESSED, InstanceState.QUARANTINED, InstanceState.HELD}
     drain(node, until=lambda: {i.state for i in instances(node).values()} <= ended)
     assert {(i.state, i.reason) for i in instances(node).values()} == {(InstanceState.PROCESSED, "")}
