@@ -146,9 +146,11 @@ class Admission:
         self._lock = threading.Lock()
         self._admitted: weakref.WeakSet = weakref.WeakSet()
         self._connecting: dict[int, str] = {}  # accepted sockets not yet an association
+        self._handshaking: dict[int, tuple[str, socket.socket, float]] = {}  # TLS: host, a dup of its socket, since (monotonic)
         self._first_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # association -> when the TCP gate first saw it
         self._hung_up: weakref.WeakSet = weakref.WeakSet()  # silent connections closed to make room (their threads end soon)
         self.hang_ups = RejectionRecord()  # their log lines: one a second per address
+        self.closed_at_once = RejectionRecord()  # connections the TCP gate refused: one line a second per address
         self._listeners: list[Callable[[], Iterable]] = []
 
     def add_listener(self, active_associations: Callable[[], Iterable]) -> None:
@@ -159,13 +161,15 @@ class Admission:
         return [a for listing in self._listeners for a in listing()]
 
     # -- gate 1: TCP ----------------------------------------------------------------------
-    def connect(self, key: int, host: str) -> bool:
+    def connect(self, key: int, host: str, handshake: socket.socket | None = None) -> bool:
         """A TCP connection was accepted; False when it must be closed at once.
 
         Beyond the total, the connection takes the place of a *silent* one (no
-        A-ASSOCIATE-RQ yet, :func:`make_room`) rather than being closed: else connections
-        from a few addresses that never send a request held every place for
-        ``acse_timeout_s`` at a time, and a real sender's connection was closed at once."""
+        A-ASSOCIATE-RQ yet, or, on a TLS port, no finished handshake yet: ``handshake``
+        is its socket until :meth:`handshake_done`; :func:`make_room`) rather than being
+        closed: else connections from a few addresses that never send a request (or a
+        ClientHello) held every place for ``acse_timeout_s`` at a time, and a real
+        sender's connection was closed at once."""
         with self._lock:
             live = self._live()
             if len(live) + len(self._connecting) >= 4 * self.max_total:
@@ -180,7 +184,21 @@ class Admission:
             if len(hosts) >= 2 * self.max_total and not self._make_room(held, host):
                 return False
             self._connecting[key] = host
+            if handshake is not None:  # a descriptor of its own: ssl's wrap_socket detaches the one accepted
+                try:
+                    mine = handshake.dup()
+                except OSError:  # out of descriptors: a flood
+                    return False
+                self._handshaking[key] = (host, mine, now)
             return True
+
+    def handshake_done(self, key: int) -> None:
+        """The TLS handshake of connection ``key`` ended (an association may follow, or
+        the connection closed): it can no longer be closed as a silent handshake."""
+        with self._lock:
+            entry = self._handshaking.pop(key, None)
+        if entry is not None:
+            entry[1].close()
 
     def _make_room(self, held: list, host: str) -> bool:
         """Close one silent connection for a new one from ``host`` (called holding the
@@ -189,18 +207,25 @@ class Admission:
         once, so its connection is silent for milliseconds and is never the oldest of the
         busiest address; the flood's connections replace each other. False: none to close
         (every place holds an association, or ``host`` is the busiest itself)."""
-        silent: dict[str, list] = {}
+        silent: dict[str, list] = {}  # host -> [(since, association or handshake key)]
         for a in held:
             if _silent(a):
-                silent.setdefault(_host(a), []).append(a)
+                silent.setdefault(_host(a), []).append((self._first_seen.get(a, 0.0), a))
+        for key, (h, _sock, since) in self._handshaking.items():
+            silent.setdefault(h, []).append((since, key))
         if not silent:
             return False
         busiest = max(silent, key=lambda h: len(silent[h]))
         if len(silent[busiest]) <= len(silent.get(host, ())):
             return False
-        victim = min(silent[busiest], key=lambda a: self._first_seen.get(a, 0.0))
-        self._hung_up.add(victim)
-        hang_up(victim)
+        victim = min(silent[busiest], key=lambda e: e[0])[1]
+        if isinstance(victim, int):  # a TLS handshake: its thread's wrap_socket fails and closes it
+            raw = self._handshaking.pop(victim)[1]
+            _shut(raw)
+            raw.close()
+        else:
+            self._hung_up.add(victim)
+            hang_up(victim)
         left_out = self.hang_ups.should_record(busiest)
         if left_out is not None:
             more = f"; {left_out} more since not logged" if left_out else ""
@@ -264,10 +289,15 @@ def hang_up(assoc) -> None:
     of the stream (Evt17) and the association ends, its close event included."""
     raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if raw is not None:
-        try:
-            raw.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        _shut(raw)
+
+
+def _shut(raw: socket.socket) -> None:
+    """Shut both directions of ``raw``: whoever blocks reading it reads the end."""
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def wake_if_waiting(assoc) -> None:

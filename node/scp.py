@@ -759,19 +759,26 @@ class EdgeServer(ThreadedAssociationServer):
         return accepting + sum(1 for a in self.active_associations if getattr(getattr(a.dul, "socket", None), "socket", None) is not None)
 
     def verify_request(self, request, client_address) -> bool:  # socketserver: False closes it
-        ok = self.admission.connect(id(request), str(client_address[0]))
+        host = str(client_address[0])
+        ok = self.admission.connect(id(request), host, handshake=request if self.tls is not None else None)
         if not ok:
             self._accepted_done(id(request))
             if self.shared is not None:
                 self.shared.board.publish()
-            log.warning("connection from %s closed at once: too many connections open (max_associations / max_associations_per_host)", client_address[0])
+            left_out = self.admission.closed_at_once.should_record(host)  # a connect loop is not a log flood
+            if left_out is not None:
+                more = f"; {left_out} more since not logged" if left_out else ""
+                log.warning("connection from %s closed at once: too many connections open (max_associations / max_associations_per_host)%s", host, more)
         return ok
 
     def process_request_thread(self, request, client_address) -> None:
         key = id(request)
         try:
             if self.tls is not None:
-                request = self._handshake(request, client_address)
+                try:
+                    request = self._handshake(request, client_address)
+                finally:
+                    self.admission.handshake_done(key)
                 if request is None:
                     return
             # pynetdicom reads a PDU with blocking recv() calls: without a timeout, a peer
@@ -779,6 +786,7 @@ class EdgeServer(ThreadedAssociationServer):
             request.settimeout(self.read_timeout_s)
             super().process_request_thread(request, client_address)
         finally:
+            self.admission.handshake_done(key)
             self.admission.connected(key)
             self._accepted_done(key)
             if self.shared is not None:
