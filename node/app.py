@@ -52,6 +52,14 @@ ROLES: tuple[str, ...] = ("all", "ingest", "worker")
 SPOOL_GRACE_S = 120.0
 
 
+
+def _audit_temporaries(session, files: int, when: str) -> None:
+    """One audit entry for temporary files removed (``when``: "start" or "sweep"): what
+    an interrupted write or C-STORE left, never acknowledged, no row naming it; they may
+    hold received data, so their deletion is recorded as retention's deletions are."""
+    audit.record(session, "orphans-purged", actor="startup" if when == "start" else "sweep", object_kind="files",
+                 detail={"files": files, "reason": "temporary files of interrupted writes, never acknowledged", "grace_s": round(SPOOL_GRACE_S)})
+
 class Node:
     """A running casemask node. ``start()`` listens and schedules what its ``role``
     does; ``tick()`` runs each worker stage once, synchronously (for tests and tools)."""
@@ -77,6 +85,7 @@ class Node:
         removed = clean_stale_temporaries(data, SPOOL_GRACE_S)
         if removed:
             log.info("removed %d temporary files left by an interrupted write", removed)
+        self._temporaries_removed = removed  # audited once the database is open (_recover)
         try:
             self.node_id = node_identity(data, settings.node.node_id)
         except ValueError as exc:
@@ -153,6 +162,10 @@ class Node:
         if self.ingests:
             self.sweep_torn()
             self.sweep_unspooled()
+        if self._temporaries_removed:
+            with self.sessions() as session:
+                _audit_temporaries(session, self._temporaries_removed, "start")
+                session.commit()
 
     def sweep_torn(self) -> int:
         """At start: drop the rows of this node's earlier runs whose spool file does not
@@ -178,10 +191,19 @@ class Node:
         process wrote to for that long; returns how many rows."""
         with self.sessions() as session:
             dropped = queue.drop_unspooled(session, self.settings.node.data_dir, self.node_id, self.owner, SPOOL_GRACE_S, self.settings.node.max_associations)
+            studies: dict[int, int] = {}
+            for _, study_id in dropped:
+                studies[study_id] = studies.get(study_id, 0) + 1
+            for study_id, n in studies.items():
+                audit.record(session, "spool-dropped", outcome=audit.MINOR_FAILURE, study_id=study_id, object_kind="original",
+                             detail={"instances": n, "reason": "row committed, file never written: an earlier run stopped before the C-STORE was acknowledged"})
             session.commit()
         left = clean_stale_temporaries(self.settings.node.data_dir / "spool" / ".incoming", SPOOL_GRACE_S)
         if left:
             log.info("removed %d incoming files left by an interrupted C-STORE", left)
+            with self.sessions() as session:
+                _audit_temporaries(session, left, "sweep")
+                session.commit()
         if dropped:
             log.warning("%d received objects had no spool file (an earlier run stopped before they were acknowledged): dropped", len(dropped))
         return len(dropped)

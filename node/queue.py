@@ -244,7 +244,7 @@ def drop_torn(session: Session, data_dir: Path, node_id: str, owner: str, in_fli
     return out
 
 
-def drop_unspooled(session: Session, data_dir: Path, node_id: str, owner: str, grace_s: float, in_flight: int | None = None) -> list[str]:
+def drop_unspooled(session: Session, data_dir: Path, node_id: str, owner: str, grace_s: float, in_flight: int | None = None) -> list[tuple[str, int]]:
     """Delete the received instances whose spool file never came, where that proves the
     object was never acknowledged: rows written by an *earlier run of this node*
     (``received_by`` starts with ``node_id/`` and is not ``owner``, the running
@@ -253,7 +253,7 @@ def drop_unspooled(session: Session, data_dir: Path, node_id: str, owner: str, g
     only once its row and file are both durable, so such a row was committed while its
     file was still being written when that run stopped. Rows of other nodes (still
     writing, perhaps, on a slow shared file system) and rows of unknown writers are
-    left alone. Returns the SOP Instance UIDs dropped.
+    left alone. Returns the (SOP Instance UID, study id) of each row dropped.
 
     ``in_flight``: how many C-STOREs that run can have had under way at once (one per
     association: ``[node] max_associations``). When more rows than that lack their file,
@@ -268,10 +268,11 @@ def drop_unspooled(session: Session, data_dir: Path, node_id: str, owner: str, g
         log.error("%d received objects of this node's earlier runs have no spool file under %s, more than could have been in flight (%d): "
                   "is the data folder mounted? None is dropped", len(gone), data_dir, in_flight)
         return []
+    dropped = [(i.sop_instance_uid, i.study_id) for i in gone]
     for inst in gone:
         session.delete(inst)
     session.flush()
-    return [i.sop_instance_uid for i in gone]
+    return dropped
 
 
 def is_stored(conn: Connection, sop_instance_uid: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import errno
+import json
 import logging
 import subprocess
 import sys
@@ -793,6 +794,7 @@ def test_the_start_up_sweep_drops_only_its_own_earlier_rows(tmp_path, start_node
         receive(writer, dcmread(f))
     with writer.sessions() as s:
         first = s.scalars(select(Instance).order_by(Instance.id)).first()
+        first_study = first.study_id
         data_path(writer.settings.node.data_dir, first.path).unlink()
         for inst in s.scalars(select(Instance)):
             inst.received_at -= dt.timedelta(seconds=SPOOL_GRACE_S + 1)
@@ -810,6 +812,11 @@ def test_the_start_up_sweep_drops_only_its_own_earlier_rows(tmp_path, start_node
     try:
         with again.sessions() as s:
             assert s.scalar(select(func.count()).select_from(Instance)) == 1
+            # The dropped row is audited against its study, as a torn file's is.
+            entries = list(s.scalars(select(db.AuditEvent).where(db.AuditEvent.event == "spool-dropped")))
+            assert [(e.study_id, e.object_kind) for e in entries] == [(first_study, "original")]
+            detail = json.loads(entries[0].detail)
+            assert detail["instances"] == 1 and "never written" in detail["reason"]
     finally:
         again.stop()
 

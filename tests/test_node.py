@@ -558,5 +558,16 @@ def test_a_start_leaves_the_temporaries_another_process_is_writing(tmp_path, sta
     try:
         assert arriving.exists(), "another process's C-STORE in progress was deleted"
         assert not left.exists(), "a crash's leftover was kept"
+        # The leftover may hold received data: its deletion is audited, with the count.
+        import json
+
+        from sqlalchemy import select
+
+        from node.db import AuditEvent
+
+        with second.sessions() as s:
+            entries = [(e.event, e.actor, e.detail) for e in s.scalars(select(AuditEvent).where(AuditEvent.event == "orphans-purged"))]
+        assert len(entries) == 1 and entries[0][:2] == ("orphans-purged", "startup")
+        assert json.loads(entries[0][2])["files"] == 1
     finally:
         second.stop()
