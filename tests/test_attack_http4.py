@@ -1,0 +1,94 @@
+"""A hostile client of the operator's HTTP server, seventh pass (docs/security.md,
+"Seventh attack")."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import httpx
+
+from tests.conftest import node_config
+from tests.httpnode import http_nodes, start_http_node  # noqa: F401  (fixture)
+from tests.test_attack_http2 import _folder, _login
+
+
+def _client(hn, **kw) -> httpx.Client:
+    return httpx.Client(base_url=hn.base, timeout=60, transport=httpx.HTTPTransport(local_address="127.0.0.2"), **kw)
+
+
+def _restart(hn):
+    """The same node (configuration, data folder) started again."""
+    from node.app import Node
+    from node.config import load
+    from tests.httpnode import HttpNode
+
+    node = Node(load(hn.config), pixel_step=None)
+    node.start(http=True)
+    return HttpNode(node, hn.base, hn.config, hn.tokens)
+
+
+def _device(c: httpx.Client) -> str:
+    return next((k.value for k in c.cookies.jar if k.name == "casemask_device"), "")
+
+
+def test_an_admins_device_cookie_outlives_a_restart(tmp_path, http_nodes):  # noqa: F811
+    """The admin logs in from a shared address (127.0.0.2) and gets a device cookie; the
+    node restarts (an upgrade, a crash); a stranger on that address then spends the
+    address's login attempts on ``admin``. The key that signs device cookies was made
+    at each start, so after the restart the admin's browser counted as unknown and got
+    429 for ``login_window_s``. Now the key is kept in ``data_dir/device.key`` (0600):
+    the admin's browser gets in."""
+    from node import accounts
+
+    raw = node_config(tmp_path, _folder(tmp_path))
+    hn = start_http_node(raw, tmp_path)
+    http_nodes.append(hn)
+    with hn.node.sessions() as s:
+        accounts.add_user(s, "admin", "admin", "correct horse battery")
+        s.commit()
+    with _client(hn) as admin:
+        assert _login(admin, "admin", "correct horse battery") == 303
+        device = _device(admin)
+    assert device
+    key = hn.node.settings.node.data_dir / "device.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    hn.node.stop()
+    http_nodes.remove(hn)
+    hn = _restart(hn)
+    http_nodes.append(hn)
+    with _client(hn) as stranger:
+        assert [_login(stranger, "admin", f"guess-{i:06d}") for i in range(5)] == [401] * 5
+        assert _login(stranger, "admin", "correct horse battery") == 429
+    with _client(hn, cookies={"casemask_device": device}) as admin:
+        assert _login(admin, "admin", "correct horse battery") == 303
+
+
+def test_a_device_key_others_can_read_is_not_used(tmp_path, http_nodes, caplog):  # noqa: F811
+    """Whoever reads the device-cookie key can make device cookies, each counted on its
+    own: guessing a password unbounded from one address. A key file readable by group or
+    others is not used (an ERROR says what to fix) and cookies made with it are refused."""
+    import hashlib
+    import hmac
+
+    from node import accounts
+
+    caplog.set_level(logging.ERROR)
+    raw = node_config(tmp_path, _folder(tmp_path))
+    data_dir = tmp_path / "var"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    leaked = bytes(range(32))
+    (data_dir / "device.key").write_text(leaked.hex() + "\n")
+    os.chmod(data_dir / "device.key", 0o644)
+    hn = start_http_node(raw, tmp_path)
+    http_nodes.append(hn)
+    assert "device.key not used (mode 644" in caplog.text
+    with hn.node.sessions() as s:
+        accounts.add_user(s, "admin", "admin", "correct horse battery")
+        s.commit()
+    nonce = "n" * 22
+    forged = f"{nonce}." + hmac.new(leaked, f"admin\x00{nonce}".encode(), hashlib.sha256).hexdigest()[:32]
+    with _client(hn) as stranger:
+        assert [_login(stranger, "admin", f"guess-{i:06d}") for i in range(5)] == [401] * 5
+    with _client(hn, cookies={"casemask_device": forged}) as forger:
+        assert _login(forger, "admin", "guess-more") == 429
