@@ -430,6 +430,9 @@ def guard_dimse(assoc, message_timeout_s: float | None = None, min_rate: int = M
     while ``MAX_WAITING_MESSAGES`` wait, the association is aborted.
 
     Fragments pynetdicom would keep in memory without a bound, or join to a complete
+    command set, abort the association before it reads them (:func:`fragment_problem`).
+
+    Fragments pynetdicom would keep in memory without a bound, or join to a complete
     command set, abort the association before it reads them (:func:`fragment_problem`)."""
     dimse = assoc.dimse
     original = dimse.receive_primitive
