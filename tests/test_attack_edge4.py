@@ -199,3 +199,28 @@ def test_a_second_command_before_the_data_set_is_refused(tmp_path, start_node):
     assert _rows(node) == 0
     time.sleep(0.5)  # the association's close deletes its partial data set
     assert _incoming(node) == []
+
+
+def test_a_c_echo_loop_is_not_a_log_flood(tmp_path, start_node, caplog):
+    """One association sending C-ECHO after C-ECHO: each was an INFO line (measured: 779
+    lines in 10 s from pynetdicom on one association; a raw client goes faster, and 32
+    associations at once). Every echo is still answered Success; the log says so at most
+    once a second per calling AE title and address, with the count of those left out."""
+    from pynetdicom import AE
+
+    caplog.set_level("INFO")
+    node = _folder_node(tmp_path, start_node)
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.settings.node.port, ae_title="CASEMASK")
+    assert assoc.is_established
+    started = time.monotonic()
+    statuses = [assoc.send_c_echo().Status for _ in range(60)]
+    took = time.monotonic() - started
+    time.sleep(1.1)
+    statuses.append(assoc.send_c_echo().Status)
+    assoc.release()
+    assert statuses == [0] * 61
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("C-ECHO from")]
+    assert len(lines) <= 2 + took, lines
+    assert "more" in lines[-1], lines
