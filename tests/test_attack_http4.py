@@ -92,3 +92,36 @@ def test_a_device_key_others_can_read_is_not_used(tmp_path, http_nodes, caplog):
         assert [_login(stranger, "admin", f"guess-{i:06d}") for i in range(5)] == [401] * 5
     with _client(hn, cookies={"casemask_device": forged}) as forger:
         assert _login(forger, "admin", "guess-more") == 429
+
+
+def test_ids_out_of_the_databases_range_are_refused_not_a_server_error(tmp_path, http_nodes, caplog):  # noqa: F811
+    """A viewer (or an operator) asking for a study, an output, a job or an audit page
+    with a number past a database integer's range (2**63, 10**30), or a Unicode digit
+    ('²', which str.isdigit() accepts and int() refuses): SQLite's driver raised
+    OverflowError, answered 500 (or the connection reset), and the log had an "Exception
+    in ASGI application" traceback of 100 to 270 lines per request. Now 404 or 422, and no
+    traceback."""
+    from node import accounts
+
+    caplog.set_level(logging.INFO)
+    hn = start_http_node(node_config(tmp_path, _folder(tmp_path)), tmp_path)
+    http_nodes.append(hn)
+    with hn.node.sessions() as s:
+        accounts.add_user(s, "admin", "admin", "correct horse battery")
+        s.commit()
+    answers = {}
+    with hn.client("operator") as c:
+        for big in (str(2**63), "9" * 30):
+            for path in (f"/api/v1/studies/{big}", f"/api/v1/outputs/{big}/preview.png", f"/api/v1/audit?study_id={big}", f"/api/v1/studies?offset={big}"):
+                answers[path] = c.get(path).status_code
+            for path in (f"/api/v1/jobs/{big}/retry", f"/api/v1/jobs/{big}/discard"):
+                answers[path] = c.post(path).status_code
+    with httpx.Client(base_url=hn.base, timeout=30) as b:
+        assert _login(b, "admin", "correct horse battery") == 303
+        for big in (str(2**63), "9" * 30):
+            for path in (f"/studies/{big}", f"/previews/{big}.png", f"/audit?study_id={big}", f"/studies?page={big}"):
+                answers[path] = b.get(path).status_code
+        answers["/audit?study_id=²"] = b.get("/audit", params={"study_id": "²"}).status_code
+    assert all(400 <= code < 500 or (code == 200 and path.startswith("/audit")) for path, code in answers.items()), answers
+    assert "Exception in ASGI application" not in caplog.text
+    assert "Traceback" not in caplog.text

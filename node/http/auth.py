@@ -18,7 +18,9 @@ import threading
 from pathlib import Path
 from collections.abc import Callable
 
-from fastapi import Depends, HTTPException, Request
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path as PathParam, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from node import accounts, audit
@@ -31,6 +33,19 @@ SESSION_COOKIE = "casemask_session"
 LOGIN_COOKIE = "casemask_login"  # double-submit token of the login form (login CSRF)
 DEVICE_COOKIE = "casemask_device"  # this browser logged in as a name before (device_keys)
 DEVICE_DAYS = 30
+
+# Row ids and offsets a client may name: a database integer (SQLite's and PostgreSQL's
+# bigint). A larger number made SQLite's driver raise OverflowError inside a route: a 500
+# (or a reset connection) and a traceback of some 200 lines in the log, per request.
+MAX_ROW_ID = 2**63 - 1
+RowId = Annotated[int, PathParam(ge=0, le=MAX_ROW_ID)]
+RowIdQuery = Annotated[int | None, Query(ge=0, le=MAX_ROW_ID)]
+
+
+def row_id(text: str) -> int | None:
+    """A row id typed into a form field (ASCII digits, in range), else None."""
+    return int(text) if text.isascii() and text.isdigit() and int(text) <= MAX_ROW_ID else None
+
 
 bearer = HTTPBearer(auto_error=False, description="a token from `casemask token create`")
 
