@@ -376,13 +376,15 @@ def fragment_problem(message, primitive) -> str:
     took the node from 134 to 540 MB resident, on one association). A command fragment
     after the command's last one was joined to it (a second C-STORE-RQ before the first
     one's data set: the data set was stored under the first command, its file named
-    after the second)."""
+    after the second). A data fragment on another presentation context than its
+    command's (PS3.8 9.3.5.1: a message goes on one context) was read as if it were on
+    the command's, in that context's transfer syntax."""
     from pynetdicom.dimse_messages import DIMSEMessage
 
     done = message is not None and type(message) is not DIMSEMessage  # its command set was decoded
     command = message.encoded_command_set.tell() if message is not None and not done else 0
     in_memory = message.data_set.tell() if done and message._data_set_file is None and message.data_set is not None else 0
-    for _context_id, data in primitive.presentation_data_value_list:
+    for context_id, data in primitive.presentation_data_value_list:
         if not data:
             return ""  # pynetdicom refuses it (an exception: aborted below)
         if data[0] & 1:
@@ -395,6 +397,8 @@ def fragment_problem(message, primitive) -> str:
                 return ""  # complete: what follows in this P-DATA is pynetdicom's to judge
         elif not done:
             return "a data set fragment before its command set was complete"
+        elif context_id != message.context_id:
+            return "a data set fragment on another presentation context than its command's"
         elif message._data_set_file is None:
             in_memory += len(data) - 1
             if in_memory > MAX_MEMORY_DATA_SET:

@@ -245,3 +245,21 @@ def test_a_loop_of_refused_c_stores_is_not_a_log_flood(tmp_path, start_node, cap
     lines = [r.getMessage() for r in caplog.records if "-> 0xC212" in r.getMessage()]
     assert len(lines) <= 2 + took, lines
     assert "more like it" in lines[-1], lines
+
+
+def test_a_data_set_on_another_context_than_its_command_is_refused(tmp_path, start_node):
+    """Two contexts accepted for CT (explicit and implicit VR little endian); a C-STORE-RQ
+    command on the first, its data set (explicit VR) on the second. PS3.8 9.3.5.1 keeps a
+    message on one presentation context; pynetdicom read the data set as the command's
+    context's and the node answered Success. Now the association is aborted: no answer
+    says Success, nothing stored; the next association stores the object."""
+    node = _folder_node(tmp_path, start_node)
+    port = node.settings.node.port
+    ds = _ct()
+    with _associated(port, [(1, CT_IMAGE_STORAGE, [EXPLICIT_VR_LE]), (3, CT_IMAGE_STORAGE, ["1.2.840.10008.1.2"])]) as r:
+        r.send(p_data([(1, 0x03, _command(_store_fields(ds, 1)))]))
+        r.send(p_data([(3, 0x02, encode(ds, implicit=False))]))
+        got = r.read_pdu()
+    assert got is None or got[0] != 0x04 or store_status(got[1]) != 0x0000
+    assert _rows(node) == 0
+    assert _statuses(port, [(_command(_store_fields(ds, 1)), encode(ds, implicit=False))]) == [0x0000]
