@@ -55,7 +55,10 @@ stored):
   message" and answers *nothing* (the sender waits for its timeout). With a Message ID
   it now gets 0xC211 with an Error Comment naming the attributes, answered by the
   storage service through the node's handler (which discards the data set); without a
-  usable Message ID nothing can be answered, and the association is aborted. Where one
+  usable Message ID nothing can be answered, and the association is aborted. A
+  command element whose value the primitive refuses (a Priority of 5, a UID over 64
+  characters) made pynetdicom abort the association unanswered: it is answered 0xC210
+  naming the element (:func:`_refused_store_primitive`). Where one
   of the two UID elements is absent from the command set (not merely empty),
   pynetdicom's chunked reception raised AttributeError while it wrote the incoming
   file's File Meta, and the association was aborted unanswered: the command set is
@@ -334,11 +337,38 @@ def _message_to_primitive(self):
     request = self.__dict__.pop("_casemask_request", None)
     if request is not None and type(self) is dimse_messages.C_STORE_RQ:
         return _store_primitive(self, request)
-    primitive = _ORIGINAL_MESSAGE_TO_PRIMITIVE(self)
+    try:
+        primitive = _ORIGINAL_MESSAGE_TO_PRIMITIVE(self)
+    except (ValueError, TypeError):
+        if type(self) is not dimse_messages.C_STORE_RQ:
+            raise
+        return _refused_store_primitive(self)
     if isinstance(self, dimse_messages.C_STORE_RQ):
         problem = group_length_problem(self.encoded_command_set.getvalue())
         if problem:
             setattr(primitive, _REFUSAL, (CANNOT_UNDERSTAND, problem))
+    return primitive
+
+
+def _refused_store_primitive(message) -> C_STORE:
+    """The primitive of a C-STORE-RQ one of whose command elements the primitive's
+    setters refuse (a Priority of 5, a UID over 64 characters): ``message_to_primitive``
+    raised, and pynetdicom aborted the association with no answer to the request. Here
+    each element that can be set is, and the request is marked refused (0xC210, the
+    elements named); without a usable Message ID :func:`_serve_request` still aborts."""
+    primitive = C_STORE()
+    refused = []
+    for elem in message.command_set:
+        if hasattr(primitive, elem.keyword):
+            try:
+                setattr(primitive, elem.keyword, elem.value)
+            except (ValueError, TypeError):
+                refused.append(elem.keyword)
+    primitive.DataSet = message.data_set
+    primitive._context_id = message.context_id
+    primitive._dataset_path = message._data_set_path
+    primitive._dataset_file = message._data_set_file
+    setattr(primitive, _REFUSAL, (CANNOT_UNDERSTAND, f"invalid command element: {', '.join(refused) or 'unknown'}"))
     return primitive
 
 

@@ -263,3 +263,21 @@ def test_a_data_set_on_another_context_than_its_command_is_refused(tmp_path, sta
     assert got is None or got[0] != 0x04 or store_status(got[1]) != 0x0000
     assert _rows(node) == 0
     assert _statuses(port, [(_command(_store_fields(ds, 1)), encode(ds, implicit=False))]) == [0x0000]
+
+
+def test_a_command_element_of_an_invalid_value_is_answered_not_aborted(tmp_path, start_node):
+    """C-STORE-RQs with a Message ID whose Priority is 5 (PS3.7: 0, 1 or 2), or whose
+    Affected SOP Class UID has 80 characters: pynetdicom's primitive refused the value,
+    and the association was aborted with no answer to the request. Now each is answered
+    0xC210 naming the element, nothing is stored, and the association goes on to store
+    the next object."""
+    node = _folder_node(tmp_path, start_node)
+    requests = []
+    for k, change in enumerate(({"Priority": 5}, {"AffectedSOPClassUID": "1." * 40}, {}), start=1):
+        ds = _ct()
+        fields = {**_store_fields(ds, k), **change}
+        requests.append((_command(fields), encode(ds, implicit=False)))
+    statuses = _statuses(node.settings.node.port, requests)
+    assert statuses == [0xC210, 0xC210, 0x0000], [hex(s) if s is not None else None for s in statuses]
+    assert _rows(node) == 1
+    assert _incoming(node) == []
