@@ -125,3 +125,21 @@ def test_ids_out_of_the_databases_range_are_refused_not_a_server_error(tmp_path,
     assert all(400 <= code < 500 or (code == 200 and path.startswith("/audit")) for path, code in answers.items()), answers
     assert "Exception in ASGI application" not in caplog.text
     assert "Traceback" not in caplog.text
+
+
+def test_ipv6_clients_are_limited_per_64_not_per_address():
+    """The login limiter counted failures per client address: an IPv6 client, which
+    chooses any of the 2**64 addresses of its /64, guessed ``login_attempts`` passwords
+    per address without end. Addresses of one /64 now share one count (and an
+    IPv4-mapped address is its IPv4 address); IPv4 addresses stay apart."""
+    from node.accounts import LoginLimiter
+    from node.http.auth import limiter_keys
+
+    limiter = LoginLimiter(attempts=5, window_s=300)
+    for k in range(5):
+        limiter.failed(*limiter_keys("admin", f"2001:db8:1:2::{k + 1:x}"))
+    assert limiter.retry_after(*limiter_keys("admin", "2001:db8:1:2:ffff:ffff:ffff:ffff")) > 0
+    assert limiter.retry_after(*limiter_keys("someone", "2001:db8:1:2::abcd")) > 0  # the address key too
+    assert limiter.retry_after(*limiter_keys("admin", "2001:db8:1:3::1")) == 0  # another /64
+    assert limiter_keys("admin", "::ffff:10.1.2.3") == limiter_keys("admin", "10.1.2.3")
+    assert limiter_keys("admin", "10.1.2.3") != limiter_keys("admin", "10.1.2.4")

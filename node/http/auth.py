@@ -173,7 +173,26 @@ def limiter_keys(name: str, host: str) -> tuple[str, str]:
     many addresses is still bounded per address, slowed by argon2id and by VERIFY_SLOTS
     checks at once for the whole node, and every failure is audited and counted in
     ``casemask_login_failures_total``."""
-    return f"name:{name.lower()}@{host}", f"addr:{host}"
+    where = client_network(host)
+    return f"name:{name.lower()}@{where}", f"addr:{where}"
+
+
+def client_network(host: str) -> str:
+    """What the login limiter counts as one address: an IPv4 address (also written as
+    IPv4-mapped IPv6), or the /64 an IPv6 address lies in. A site hands each IPv6 client
+    a /64, and a client picks any of its 2**64 addresses at will: counted per address,
+    it guessed ``login_attempts`` passwords per address, without end."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def load_device_key(data_dir: Path) -> bytes:
