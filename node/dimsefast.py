@@ -55,7 +55,15 @@ stored):
   message" and answers *nothing* (the sender waits for its timeout). With a Message ID
   it now gets 0xC211 with an Error Comment naming the attributes, answered by the
   storage service through the node's handler (which discards the data set); without a
-  usable Message ID nothing can be answered, and the association is aborted.
+  usable Message ID nothing can be answered, and the association is aborted. A
+  command element whose value the primitive refuses (a Priority of 5, a UID over 64
+  characters) made pynetdicom abort the association unanswered: it is answered 0xC210
+  naming the element (:func:`_refused_store_primitive`). Where one
+  of the two UID elements is absent from the command set (not merely empty),
+  pynetdicom's chunked reception raised AttributeError while it wrote the incoming
+  file's File Meta, and the association was aborted unanswered: the command set is
+  decoded with the absent ones read as empty (:func:`_decode_command`), so it is
+  answered 0xC211 like an empty one.
 
 This reaches below pynetdicom's public API: :func:`check_pynetdicom` compares the
 source of the functions it stands in for with the digests they had when this was
@@ -93,6 +101,7 @@ EXPECTED_SOURCES = {
     "DIMSEMessage.message_to_primitive": "f8f43d34e43450ef",
     "DIMSEServiceProvider.receive_primitive": "5f99c86b14a15cef",
     "DIMSEMessage.decode_msg": "f51c777e841a76be",
+    "dsutils.decode": "33aaa74edebf3188",
 }
 
 # Statuses of the refusals (node.scp's table): the command set cannot be understood;
@@ -108,6 +117,7 @@ _ORIGINAL_LOG_HANDLER_LEVEL = _config.LOG_HANDLER_LEVEL
 _ORIGINAL_SERVE_REQUEST = Association._serve_request
 _ORIGINAL_MESSAGE_TO_PRIMITIVE = dimse_messages.DIMSEMessage.message_to_primitive
 _ORIGINAL_RECEIVE_PRIMITIVE = dimse.DIMSEServiceProvider.receive_primitive
+_ORIGINAL_DECODE = dimse_messages.decode
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
 _TAG_LENGTH = struct.Struct("<HHI")
@@ -132,6 +142,7 @@ def source_digests() -> dict[str, str]:
         "DIMSEMessage.message_to_primitive": _digest(_ORIGINAL_MESSAGE_TO_PRIMITIVE),
         "DIMSEServiceProvider.receive_primitive": _digest(_ORIGINAL_RECEIVE_PRIMITIVE),
         "DIMSEMessage.decode_msg": _digest(dimse_messages.DIMSEMessage.decode_msg),
+        "dsutils.decode": _digest(_ORIGINAL_DECODE),
     }
 
 
@@ -326,11 +337,38 @@ def _message_to_primitive(self):
     request = self.__dict__.pop("_casemask_request", None)
     if request is not None and type(self) is dimse_messages.C_STORE_RQ:
         return _store_primitive(self, request)
-    primitive = _ORIGINAL_MESSAGE_TO_PRIMITIVE(self)
+    try:
+        primitive = _ORIGINAL_MESSAGE_TO_PRIMITIVE(self)
+    except (ValueError, TypeError):
+        if type(self) is not dimse_messages.C_STORE_RQ:
+            raise
+        return _refused_store_primitive(self)
     if isinstance(self, dimse_messages.C_STORE_RQ):
         problem = group_length_problem(self.encoded_command_set.getvalue())
         if problem:
             setattr(primitive, _REFUSAL, (CANNOT_UNDERSTAND, problem))
+    return primitive
+
+
+def _refused_store_primitive(message) -> C_STORE:
+    """The primitive of a C-STORE-RQ one of whose command elements the primitive's
+    setters refuse (a Priority of 5, a UID over 64 characters): ``message_to_primitive``
+    raised, and pynetdicom aborted the association with no answer to the request. Here
+    each element that can be set is, and the request is marked refused (0xC210, the
+    elements named); without a usable Message ID :func:`_serve_request` still aborts."""
+    primitive = C_STORE()
+    refused = []
+    for elem in message.command_set:
+        if hasattr(primitive, elem.keyword):
+            try:
+                setattr(primitive, elem.keyword, elem.value)
+            except (ValueError, TypeError):
+                refused.append(elem.keyword)
+    primitive.DataSet = message.data_set
+    primitive._context_id = message.context_id
+    primitive._dataset_path = message._data_set_path
+    primitive._dataset_file = message._data_set_file
+    setattr(primitive, _REFUSAL, (CANNOT_UNDERSTAND, f"invalid command element: {', '.join(refused) or 'unknown'}"))
     return primitive
 
 
@@ -359,6 +397,30 @@ def _serve_request(self, msg, context_id: int) -> None:
         self.abort()
 
 
+_STORE_UIDS = ("AffectedSOPClassUID", "AffectedSOPInstanceUID")
+
+
+def _decode_command(bytestring, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False):
+    """``dsutils.decode`` as ``decode_msg`` calls it (for command sets only), reading an
+    absent Affected SOP Class or Instance UID of a C-STORE-RQ with a data set as empty.
+
+    ``decode_msg`` reads both attributes of the command set to write the incoming file's
+    File Meta: an absent one raised AttributeError on the DUL thread, and the association
+    was aborted with no answer to the request (an empty one is answered 0xC211 by
+    :func:`_serve_request`). Read as empty, the request takes the empty one's way: its
+    data set goes to an incoming file (bounded as every other) and is discarded, and the
+    answer is 0xC211 naming the attribute. The encoded command set is left as it came
+    (its group length is checked on those bytes)."""
+    ds = _ORIGINAL_DECODE(bytestring, is_implicit_vr, is_little_endian, deflated)
+    if 0x00000002 in ds and 0x00001000 in ds:  # the usual case: no element converted here
+        return ds
+    if ds.get("CommandField") == 0x0001 and ds.get("CommandDataSetType", _NO_DATA_SET) != _NO_DATA_SET:
+        for keyword in _STORE_UIDS:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    return ds
+
+
 def install() -> bool:
     """Use the fast path from now on (idempotent). False, logged, when pynetdicom's code
     differs from what this was written against: pynetdicom then runs as it is."""
@@ -378,6 +440,7 @@ def install() -> bool:
     dimse_messages.DIMSEMessage.message_to_primitive = _message_to_primitive  # type: ignore[method-assign]
     dimse.DIMSEServiceProvider.receive_primitive = _receive_primitive  # type: ignore[method-assign]
     Association._serve_request = _serve_request  # type: ignore[method-assign]
+    dimse_messages.decode = _decode_command  # type: ignore[assignment]
     _installed = True
     return True
 
@@ -390,4 +453,5 @@ def uninstall() -> None:
     dimse_messages.DIMSEMessage.message_to_primitive = _ORIGINAL_MESSAGE_TO_PRIMITIVE  # type: ignore[method-assign]
     dimse.DIMSEServiceProvider.receive_primitive = _ORIGINAL_RECEIVE_PRIMITIVE  # type: ignore[method-assign]
     Association._serve_request = _ORIGINAL_SERVE_REQUEST  # type: ignore[method-assign]
+    dimse_messages.decode = _ORIGINAL_DECODE  # type: ignore[assignment]
     _installed = False

@@ -928,8 +928,13 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
         if left:
             log.warning("association from %s closed mid-object: %d partial data set(s) deleted (never acknowledged)", event.assoc.requestor.ae_title.strip() or event.assoc.requestor.address, left)
 
+    echoes = RejectionRecord()  # a C-ECHO loop is not a log flood: one line a second per peer
+
     def on_echo(event: evt.Event) -> int:
-        log.info("C-ECHO from %s", event.assoc.requestor.ae_title.strip())
+        calling = event.assoc.requestor.ae_title.strip()
+        left_out = echoes.should_record(f"{calling}@{event.assoc.requestor.address}")
+        if left_out is not None:
+            log.info("C-ECHO from %s%s", calling, f" ({left_out} more since not logged)" if left_out else "")
         return SUCCESS
 
     handlers = [

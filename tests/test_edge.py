@@ -80,7 +80,8 @@ def test_hostile_uids_are_refused_and_nothing_is_written_outside_the_data_folder
             ds.save_as(hostile[-1])
     r = storescu(port, hostile, aet="MODALITY1", extra=("-v", "--no-halt"))
     assert (r.stdout + r.stderr).count("Error: CannotUnderstand") == len(hostile), r.stdout + r.stderr
-    assert wait_logged(caplog, "-> 0xC212", len(hostile) + 1).count("-> 0xC212") == len(hostile) + 1
+    # Each refused (above); logged at most once a second per AE title and kind of
+    # refusal (node.admission.RefusedStoreLines: a refusal loop is no log flood).
     # And by pynetdicom (which refuses to send a UID of more than 64 characters itself).
     for keyword, values in HOSTILE.items():
         for value in values:

@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from node import audit
 from node.accounts import Principal
 from node.db import Role
-from node.http.auth import api_role, client_host, context
+from node.http.auth import MAX_ROW_ID, RowId, RowIdQuery, api_role, client_host, context
 from node.similar import MAX_K
 
 router = APIRouter(prefix="/api/v1")
@@ -41,7 +41,7 @@ def status(request: Request, who: Principal = viewer) -> dict[str, Any]:
 
 @router.get("/studies", tags=["studies"])
 def studies(request: Request, state: str = Query("", description="RECEIVING | ROUTED | DONE | PARTIAL | QUARANTINED | HELD | IGNORED"), limit: int = Query(100, ge=1, le=1000),
-            offset: int = Query(0, ge=0), who: Principal = viewer) -> list[dict[str, Any]]:
+            offset: int = Query(0, ge=0, le=MAX_ROW_ID), who: Principal = viewer) -> list[dict[str, Any]]:
     """Studies, newest first (pseudonymous: row id and the Study Instance UID the archive receives)."""
     try:
         return svc(request).studies(state, limit, offset)
@@ -50,7 +50,7 @@ def studies(request: Request, state: str = Query("", description="RECEIVING | RO
 
 
 @router.get("/studies/{study_id}", tags=["studies"])
-def study(request: Request, study_id: int, who: Principal = viewer) -> dict[str, Any]:
+def study(request: Request, study_id: RowId, who: Principal = viewer) -> dict[str, Any]:
     """One study's path: jobs per route with states and reasons, outputs, deliveries, audit timeline."""
     return svc(request).study(study_id)
 
@@ -62,13 +62,13 @@ def quarantine(request: Request, limit: int = Query(500, ge=1, le=5000), who: Pr
 
 
 @router.post("/jobs/{job_id}/retry", tags=["queue"])
-def retry_job(request: Request, job_id: int, who: Principal = operator) -> dict[str, Any]:
+def retry_job(request: Request, job_id: RowId, who: Principal = operator) -> dict[str, Any]:
     """Process a quarantined job again (after its cause was fixed)."""
     return svc(request).retry_job(job_id, who, client_host(request))
 
 
 @router.post("/jobs/{job_id}/discard", tags=["queue"])
-def discard_job(request: Request, job_id: int, who: Principal = operator) -> dict[str, Any]:
+def discard_job(request: Request, job_id: RowId, who: Principal = operator) -> dict[str, Any]:
     """Give up on a quarantined job: nothing of it is ever sent."""
     return svc(request).discard_job(job_id, who, client_host(request))
 
@@ -206,14 +206,14 @@ def _filter(event: str, actor: str, study_id: int | None, since: dt.datetime | N
 
 
 @router.get("/audit", tags=["audit"])
-def audit_list(request: Request, event: str = "", actor: str = "", study_id: int | None = None, since: dt.datetime | None = None,
+def audit_list(request: Request, event: str = "", actor: str = "", study_id: RowIdQuery = None, since: dt.datetime | None = None,
                until: dt.datetime | None = None, failures: bool = False, limit: int = Query(200, ge=1, le=5000), who: Principal = viewer) -> list[dict[str, Any]]:
     """Audit entries, newest first, filtered by event, actor, study, time (UTC) and outcome."""
     return svc(request).audit(_filter(event, actor, study_id, since, until, failures), limit)
 
 
 @router.get("/audit/export", tags=["audit"], response_class=Response, responses={200: {"content": {"application/xml": {}}}})
-def audit_export(request: Request, event: str = "", actor: str = "", study_id: int | None = None, since: dt.datetime | None = None,
+def audit_export(request: Request, event: str = "", actor: str = "", study_id: RowIdQuery = None, since: dt.datetime | None = None,
                  until: dt.datetime | None = None, failures: bool = False, limit: int = Query(5000, ge=1, le=100000), who: Principal = admin) -> Response:
     """The entries as DICOM Audit Messages (PS3.15 A.5 / RFC 3881 XML), oldest first."""
     data = svc(request).audit_export(_filter(event, actor, study_id, since, until, failures), who, client_host(request), limit)
@@ -232,6 +232,6 @@ def mapping_export(request: Request, who: Principal = admin) -> Response:
 
 
 @router.get("/outputs/{output_id}/preview.png", tags=["studies"], response_class=Response, responses={200: {"content": {"image/png": {}}}})
-def preview(request: Request, output_id: int, who: Principal = viewer) -> Response:
+def preview(request: Request, output_id: RowId, who: Principal = viewer) -> Response:
     """A PNG thumbnail of a de-identified output (there is none of originals)."""
     return Response(svc(request).preview(output_id), media_type="image/png")

@@ -20,7 +20,7 @@ from node import accounts
 from node.accounts import LoginLimiter
 from node.config import HttpSettings
 from node.http import api, pages
-from node.http.auth import SESSION_COOKIE, AuthContext, LoginRequired, bearer, token_principal
+from node.http.auth import SESSION_COOKIE, AuthContext, LoginRequired, bearer, load_device_key, token_principal
 from node.metrics import exposition, node_registry
 from node.service import Service, ServiceError, version
 
@@ -248,7 +248,7 @@ def create_app(service: Service, http: HttpSettings | None = None) -> FastAPI:
                     "(`casemask token create --name N --role viewer|operator|admin`). Viewers read; operators retry and "
                     "discard; admins change the configuration and export the pseudonym mapping.",
     )
-    app.state.auth = AuthContext(service, http, LoginLimiter(http.login_attempts, http.login_window_s))
+    app.state.auth = AuthContext(service, http, LoginLimiter(http.login_attempts, http.login_window_s), device_key=load_device_key(service.settings.node.data_dir))
     registry = node_registry(service.sessions, service.settings.node.data_dir)
     app.add_middleware(CredentialsBeforeBody)
     app.add_middleware(BodyLimits)  # outside the credentials check: POST /login has none

@@ -11,11 +11,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import logging
+import os
 import secrets
 import threading
+from pathlib import Path
 from collections.abc import Callable
 
-from fastapi import Depends, HTTPException, Request
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path as PathParam, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from node import accounts, audit
@@ -29,6 +34,19 @@ LOGIN_COOKIE = "casemask_login"  # double-submit token of the login form (login 
 DEVICE_COOKIE = "casemask_device"  # this browser logged in as a name before (device_keys)
 DEVICE_DAYS = 30
 
+# Row ids and offsets a client may name: a database integer (SQLite's and PostgreSQL's
+# bigint). A larger number made SQLite's driver raise OverflowError inside a route: a 500
+# (or a reset connection) and a traceback of some 200 lines in the log, per request.
+MAX_ROW_ID = 2**63 - 1
+RowId = Annotated[int, PathParam(ge=0, le=MAX_ROW_ID)]
+RowIdQuery = Annotated[int | None, Query(ge=0, le=MAX_ROW_ID)]
+
+
+def row_id(text: str) -> int | None:
+    """A row id typed into a form field (ASCII digits, in range), else None."""
+    return int(text) if text.isascii() and text.isdigit() and int(text) <= MAX_ROW_ID else None
+
+
 bearer = HTTPBearer(auto_error=False, description="a token from `casemask token create`")
 
 # Password checks at once. Each argon2id verification holds 64 MiB (argon2-cffi's
@@ -40,12 +58,16 @@ _verifying = threading.BoundedSemaphore(VERIFY_SLOTS)
 BUSY = "The node is busy checking other logins. Try again in a few seconds."
 
 
+DEVICE_KEY_FILE = "device.key"  # in data_dir: signs device cookies (load_device_key)
+log = logging.getLogger(__name__)
+
+
 @dataclasses.dataclass
 class AuthContext:
     service: Service
     http: HttpSettings
     limiter: LoginLimiter
-    # signs device cookies; made at start, so a restart makes browsers earn theirs again
+    # signs device cookies: load_device_key (data_dir/device.key), or made for this run
     device_key: bytes = dataclasses.field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
     @property
@@ -151,7 +173,77 @@ def limiter_keys(name: str, host: str) -> tuple[str, str]:
     many addresses is still bounded per address, slowed by argon2id and by VERIFY_SLOTS
     checks at once for the whole node, and every failure is audited and counted in
     ``casemask_login_failures_total``."""
-    return f"name:{name.lower()}@{host}", f"addr:{host}"
+    where = client_network(host)
+    return f"name:{name.lower()}@{where}", f"addr:{where}"
+
+
+def client_network(host: str) -> str:
+    """What the login limiter counts as one address: an IPv4 address (also written as
+    IPv4-mapped IPv6), or the /64 an IPv6 address lies in. A site hands each IPv6 client
+    a /64, and a client picks any of its 2**64 addresses at will: counted per address,
+    it guessed ``login_attempts`` passwords per address, without end."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def load_device_key(data_dir: Path) -> bytes:
+    """The key that signs device cookies, kept in ``data_dir/device.key`` (32 random
+    bytes as hex, mode 0600, made on first start; nodes sharing a data folder share it).
+
+    It was made anew at each start, so after a restart (an upgrade, a crash) every
+    admin's browser counted as unknown again, and a stranger on a shared address could
+    lock the admin out until the admin's next successful login. Kept, a device cookie
+    lasts its 30 days across restarts; deleting the file and restarting withdraws every
+    device cookie at once. Anyone who reads the key can make device cookies, each with
+    its own count of failed logins (guessing unbounded per address): a file readable by
+    group or others, or one that does not hold a key, is not used. The node then signs
+    with a key made for this run alone (the old behaviour) and logs an ERROR saying what
+    to fix; it never stops the node."""
+    path = data_dir / DEVICE_KEY_FILE
+    try:
+        return _read_device_key(path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        log.error("%s not used (%s): device cookies last until the next restart; fix it, or delete it and casemask makes a new one", path, exc)
+        return secrets.token_bytes(32)
+    key = secrets.token_bytes(32)
+    tmp = path.with_name(f".{DEVICE_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key.hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # whole or not at all; another node's key, made meanwhile, wins
+        except FileExistsError:
+            return _read_device_key(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except (OSError, ValueError) as exc:
+        log.error("cannot keep the device-cookie key in %s (%s): device cookies last until the next restart", path, exc)
+    return key
+
+
+def _read_device_key(path: Path) -> bytes:
+    """Raises FileNotFoundError, PermissionError (readable by others), ValueError (no key)."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(f"mode {mode:o}, must be 0600: chmod 600 {path}")
+    key = bytes.fromhex(path.read_text().strip())
+    if len(key) < 16:
+        raise ValueError("it holds no key of 32 hex digits or more")
+    return key
 
 
 def new_device_cookie(ctx: AuthContext, name: str) -> str:

@@ -20,7 +20,7 @@ from node import audit
 from node.accounts import digest
 from node.db import Role
 from node.http import auth
-from node.http.auth import UiUser, check_csrf, client_host, context, ui_role
+from node.http.auth import MAX_ROW_ID, RowId, UiUser, check_csrf, client_host, context, row_id, ui_role
 from node.service import ServiceError
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -154,7 +154,7 @@ def overview(request: Request, user: UiUser = viewer) -> HTMLResponse:
 
 
 @router.get("/studies")
-def studies(request: Request, state: str = "", page: int = Query(1, ge=1), user: UiUser = viewer) -> HTMLResponse:
+def studies(request: Request, state: str = "", page: int = Query(1, ge=1, le=MAX_ROW_ID // 50), user: UiUser = viewer) -> HTMLResponse:
     per = 50
     state = state.upper() if state.upper() in ("RECEIVING", "ROUTED", "DONE") else ""
     rows = context(request).service.studies(state, per + 1, (page - 1) * per)
@@ -162,7 +162,7 @@ def studies(request: Request, state: str = "", page: int = Query(1, ge=1), user:
 
 
 @router.get("/studies/{study_id}")
-def study(request: Request, study_id: int, user: UiUser = viewer) -> HTMLResponse:
+def study(request: Request, study_id: RowId, user: UiUser = viewer) -> HTMLResponse:
     st = context(request).service.study(study_id)
     return render(request, "study.html", user, study=st, labels=EVENT_LABELS)
 
@@ -173,7 +173,7 @@ def quarantine(request: Request, user: UiUser = viewer) -> HTMLResponse:
 
 
 @router.post("/jobs/{job_id}/{action}")
-def job_action(request: Request, job_id: int, action: str, csrf: str = Form(""), user: UiUser = operator) -> Response:
+def job_action(request: Request, job_id: RowId, action: str, csrf: str = Form(""), user: UiUser = operator) -> Response:
     """The quarantine page's Retry and Discard buttons."""
     check_csrf(user, csrf)
     svc = context(request).service
@@ -241,7 +241,7 @@ def _audit_filter(event: str, actor: str, study_id: str, since: str, until: str,
             d += dt.timedelta(days=1)
         return d
 
-    return audit.Filter(event=event if event in EVENT_LABELS else "", actor=actor.strip(), study_id=int(study_id) if study_id.isdigit() else None,
+    return audit.Filter(event=event if event in EVENT_LABELS else "", actor=actor.strip(), study_id=row_id(study_id),
                         since=day(since, False), until=day(until, True), failures_only=failures == "1")
 
 
@@ -296,5 +296,5 @@ def config_reload(request: Request, csrf: str = Form(""), user: UiUser = admin) 
 
 
 @router.get("/previews/{output_id}.png")
-def preview(request: Request, output_id: int, user: UiUser = viewer) -> Response:
+def preview(request: Request, output_id: RowId, user: UiUser = viewer) -> Response:
     return Response(context(request).service.preview(output_id), media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
