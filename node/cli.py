@@ -239,8 +239,14 @@ def cmd_status(args) -> int:
     for group, states in info["counts"].items():
         line = "  ".join(f"{k}={v}" for k, v in sorted(states.items())) or "-"
         print(f"  {group:<24} {line}")
-        if group.startswith("destination:") and group.removeprefix("destination:") in info.get("not_sent", {}):
-            print(f"  {'':<24} last {info['not_sent'][group.removeprefix('destination:')]}")
+        if group == "studies" and info.get("next_study_complete_in_s") is not None:
+            print(f"  {'':<24} the first RECEIVING study is complete in about {info['next_study_complete_in_s']} s "
+                  f"(once no object came for [node] stable_after_s)")
+        dest = group.removeprefix("destination:")
+        if group.startswith("destination:") and dest in info.get("not_sent", {}):
+            print(f"  {'':<24} last {info['not_sent'][dest]}")
+        if group.startswith("destination:") and dest in info.get("next_attempt", {}):
+            print(f"  {'':<24} {_next_attempt_line(info['next_attempt'][dest], info['max_attempts'])}")
     for d in service.settings.destinations:  # configured, nothing sent to it yet: an admin checks a new one is there
         if f"destination:{d.name}" not in info["counts"]:
             print(f"  {'destination:' + d.name:<24} - (no delivery yet)")
@@ -257,6 +263,14 @@ def cmd_status(args) -> int:
     for name, m in info.get("models", {}).items():
         print(f"  model {name}: backend {m.get('backend')} on {m.get('device')} ({m.get('why', '')})")
     return 0
+
+
+def _next_attempt_line(nxt: dict, max_attempts: int) -> str:
+    """When a destination's waiting deliveries are tried next, for ``casemask status``."""
+    at = (nxt["at"] or "")[11:19]
+    when = "now" if nxt["in_s"] <= 0 else f"in {nxt['in_s']} s"
+    return (f"next attempt {when} ({at} UTC), attempt {nxt['attempts'] + 1} of [node] max_attempts = {max_attempts}; "
+            "casemask retry sends now")
 
 
 def cmd_routes_explain(args) -> int:
@@ -1003,7 +1017,9 @@ def main(argv: list[str] | None = None) -> int:
     from node.startup import StartupError
 
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a reader that left is caught below, not at exit
+        return status
     except (ConfigError, StartupError) as exc:
         print(f"casemask: {exc}" if isinstance(exc, StartupError) else exc, file=sys.stderr)
         return 2
@@ -1012,6 +1028,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `casemask status | head -3`: the reader left. Python's own way out prints a
+        # traceback and then "Exception ignored ... BrokenPipeError" at exit; a pipe that
+        # closes early is no error of the command (what `ls | head` does: quiet).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command ended by it
 
 
 if __name__ == "__main__":

@@ -219,3 +219,50 @@ def test_status_lists_a_destination_that_has_no_delivery_yet(tmp_path):
     r = subprocess.run([*run, "status", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert re.search(r"destination:newarchive +- \(no delivery yet\)", r.stdout) and re.search(r"destination:out +- \(no delivery yet\)", r.stdout), r.stdout
+
+
+def test_status_says_when_the_next_attempt_is_and_when_a_receiving_study_is_complete(tmp_path, start_node):
+    """`casemask status` said `RETRY_WAIT=1` and why, but not when the node tries again:
+    with the backoff doubling up to retry_max_s an admin could not tell a node that waits
+    from one that is stuck. And `RECEIVING=1` did not say when the study would go on.
+    Now both are said: the next attempt's time and number (of max_attempts), and in how
+    many seconds the first receiving study is complete."""
+    from pydicom import dcmread
+
+    from tests.conftest import make_study, receive
+
+    raw = node_config(tmp_path, [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}],
+                      stable_after_s=600, retry_base_s=300, retry_max_s=600, max_attempts=7)
+    node = start_node(raw, listen=False, schedule=False)
+    first, second = make_study(tmp_path / "a", 1), make_study(tmp_path / "b", 1)
+    receive(node, dcmread(first[0]))
+    node.tick(stable_after_s=0)  # routed, processed, one attempt to a port nobody listens on
+    receive(node, dcmread(second[0]))  # a second study, still receiving
+    config = write_toml(raw, tmp_path / "node.toml")
+    r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"destination:pacs +RETRY_WAIT=1\n +last RETRY_WAIT: .*\n +next attempt in (\d+) s \(\d\d:\d\d:\d\d UTC\), attempt 2 of \[node\] max_attempts = 7", r.stdout)
+    assert m and 200 <= int(m.group(1)) <= 300, r.stdout  # the first backoff is retry_base_s
+    m = re.search(r"studies +.*RECEIVING=1.*\n +the first RECEIVING study is complete in about (\d+) s", r.stdout)
+    assert m and 500 <= int(m.group(1)) <= 600, r.stdout
+    info = node_service_status(config)
+    assert info["next_attempt"]["pacs"]["attempts"] == 1 and info["max_attempts"] == 7, info
+
+
+def node_service_status(config) -> dict:
+    """What `casemask status --json` prints."""
+    import json
+
+    r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_a_reader_that_leaves_early_is_no_traceback(tmp_path):
+    """`casemask status | head -4` ended in a BrokenPipeError traceback (Python's, from
+    print) once head had its lines. Now the command ends quietly, with 141 (128 +
+    SIGPIPE) as a shell reports for `yes | head -1`."""
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "config", "check"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()  # the reader is gone before the command writes its first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, (proc.returncode, err.decode())
