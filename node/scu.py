@@ -28,6 +28,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
 from node.config import Destination, DicomWebAuth
+from node.health import stow_meaning
 from node.scp import tune_association
 from node.tls import client_context
 from node.spool import SHARED_FILE_MODE, folder_path, write_atomic
@@ -392,7 +393,7 @@ class DicomWebSender:
             except requests.exceptions.HTTPError as exc:
                 code = exc.response.status_code if exc.response is not None else 0
                 kind = "retry" if code >= 500 or code in (408, 429) else "failed"
-                report(w, Outcome(kind, f"STOW-RS answered HTTP {code}"))
+                report(w, Outcome(kind, f"STOW-RS answered HTTP {code}: {stow_meaning(code)}"))
                 continue
             except requests.exceptions.SSLError:
                 report(w, Outcome("retry", f"TLS with {url} failed (certificate not verified?)"))

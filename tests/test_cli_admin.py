@@ -266,3 +266,61 @@ def test_a_reader_that_leaves_early_is_no_traceback(tmp_path):
     proc.stdout.close()  # the reader is gone before the command writes its first line
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, (proc.returncode, err.decode())
+
+
+def test_a_store_only_dicomweb_account_is_asked_to_store_nothing_every_ten_minutes_not_every_check(tmp_path, monkeypatch, caplog):
+    """The health check of a DICOMweb account that may store but not search (QIDO-RS
+    403) posted an empty STOW-RS request every 30 s: 2880 uploads of nothing a day in the
+    archive's log. Now the empty request goes once per STOW_PROBE_EVERY_S; the checks in
+    between take the search's 403 as the server still there. A destination that is wrong
+    from the start is said in the log at the first check (it was said only on a change)."""
+    import threading
+    import types
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from node import health
+    from node.config import parse
+
+    posts: list[str] = []
+
+    class Archive(BaseHTTPRequestHandler):  # a store-only account: searches 403, uploads 200
+        def do_GET(self):
+            self.send_response(403 if self.path.startswith("/dicom-web/") else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            posts.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Archive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    clock = [1000.0]
+    monkeypatch.setattr(health, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+        dests = [{"name": "web", "kind": "dicomweb", "url": url},
+                 {"name": "nowhere", "kind": "dicomweb", "url": f"http://127.0.0.1:{free_port()}/dicom-web"}]
+        monitor = health.HealthMonitor(parse(node_config(tmp_path, dests), "test", base_dir=tmp_path))
+        caplog.set_level(logging.WARNING, logger="node.health")
+        monitor.check_all()
+        assert posts == ["/dicom-web/studies"] and monitor.get("web").reachable, (posts, monitor.get("web"))
+        assert [r.getMessage() for r in caplog.records] == [
+            f"destination nowhere: unreachable at the first check ({monitor.get('nowhere').detail})"], caplog.text
+        for _ in range(5):  # 2.5 minutes of checks every 30 s
+            clock[0] += 30
+            monitor.check_all()
+        assert len(posts) == 1 and monitor.get("web").reachable and "may not search" in monitor.get("web").detail, (posts, monitor.get("web"))
+        assert len(caplog.records) == 1, caplog.text  # still unreachable: no new line
+        clock[0] += health.STOW_PROBE_EVERY_S
+        monitor.check_all()
+        assert len(posts) == 2 and monitor.get("web").reachable, posts
+    finally:
+        server.shutdown()
+        server.server_close()
