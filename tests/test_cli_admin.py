@@ -324,3 +324,41 @@ def test_a_store_only_dicomweb_account_is_asked_to_store_nothing_every_ten_minut
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_dashboards_own_refresh_is_logged_at_debug(tmp_path, caplog):
+    """An open dashboard re-fetches its page every 3 to 10 s: each was an INFO line of
+    the access log (`GET /destinations 200`), hundreds an hour burying the requests an
+    admin looks for. The refresh says so in a header; its successful GETs are DEBUG. A
+    page opened by hand, and a refresh refused, stay INFO."""
+    from tests.httpnode import start_http_node
+
+    from node import accounts
+
+    hn = start_http_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), tmp_path)
+    try:
+        with hn.node.sessions() as s:
+            accounts.add_user(s, "alice", "viewer", "a long passphrase")
+            s.commit()
+        with hn.client() as viewer, hn.client() as anonymous:
+            token = re.search(r'name="login_token" value="([^"]+)"', viewer.get("/login").text).group(1)
+            assert viewer.post("/login", data={"name": "alice", "password": "a long passphrase", "login_token": token}).status_code == 303
+            caplog.set_level(logging.DEBUG, logger="node.http.app")
+            caplog.clear()
+            assert viewer.get("/destinations", headers={"X-Casemask-Refresh": "1"}).status_code == 200
+            assert viewer.get("/studies").status_code == 200
+            assert anonymous.get("/quarantine", headers={"X-Casemask-Refresh": "1"}).status_code in (303, 401)
+        from tests.conftest import wait_until
+
+        def lines() -> dict[str, int]:  # the access log writes its line once the answer is sent: it may come after the client has it
+            return {r.getMessage().split(" - ")[1]: r.levelno for r in caplog.records if r.name == "node.http.app" and '"GET ' in r.getMessage()}
+
+        wait_until(lambda: len(lines()) == 3, timeout=30, what="the three GETs in the access log")
+        got = lines()
+        assert got['"GET /destinations" 200'] == logging.DEBUG and got['"GET /studies" 200'] == logging.INFO, got
+        (refused,) = [k for k in got if "/destinations" not in k and "/studies" not in k]
+        assert refused.endswith(("303", "401")) and got[refused] == logging.INFO, got  # a refusal stays INFO
+        script = (ROOT / "node" / "http" / "static" / "app.js").read_text()
+        assert '"X-Casemask-Refresh": "1"' in script  # what the dashboard's refresh sends
+    finally:
+        hn.node.stop()
