@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 from node import logfmt
@@ -575,7 +576,7 @@ def _deid_file(src: str, out: str, diff: bool) -> tuple[str, str, str, list]:
         ds = _read_dataset(data)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         return "skipped", src, f"not a DICOM file or data set ({type(exc).__name__})", []
-    before = _leaf_paths(ds) if diff else []
+    before = _leaf_values(ds) if diff else {}
     report = None
     if _BURNED_IN is not None:
         from node.burnedin import BurnedInError
@@ -604,8 +605,19 @@ def _deid_file(src: str, out: str, diff: bool) -> tuple[str, str, str, list]:
     if diff:
         changed = {p for p, _, _ in res.changes}
         lines = [f"  {act} {path} {kw}" for path, act, kw in res.changes]
-        kept = sorted({kw for path, kw in before if not _changed(path, changed)})
-        lines.append(f"  kept {len(kept)} attributes: " + ", ".join(kept))
+        after = _leaf_values(res.dataset)
+        # Kept: the same value at the same place in the output. What changed without a line
+        # of the profile's is said too: X when it is gone (a private creator whose block was
+        # emptied), M when rewritten (the marks, in an object de-identified before).
+        same = {path for path, (kw, value) in before.items() if path in after and after[path][1] == value}
+        lines += [f"  {'M' if path in after else 'X'} {path} {kw}" for path, (kw, _) in before.items()
+                  if path not in same and not _changed(path, changed)]
+        places = Counter(kw for kw, _ in before.values())
+        kept = Counter(kw for path, (kw, _) in before.items() if path in same and not _changed(path, changed))
+        # A keyword kept in one place and changed in another (CodeMeaning in a kept code
+        # sequence and in a removed one) is not simply "kept": say in how many places.
+        lines.append(f"  kept {len(kept)} attributes: " + ", ".join(
+            kw if n == places[kw] else f"{kw} (in {n} of {places[kw]} places)" for kw, n in sorted(kept.items())))
         if report is not None:
             lines.extend(_burned_in_lines(report))
     return status, src, str(target), lines
@@ -639,17 +651,26 @@ def _burned_in_lines(report) -> list[str]:
     return lines
 
 
-def _leaf_paths(ds, prefix: str = "") -> list[tuple[str, str]]:
-    """(path, keyword) of every non-sequence element, at any depth, in --diff's notation."""
-    out = []
+def _leaf_values(ds, prefix: str = "") -> dict[str, tuple[str, object]]:
+    """path -> (keyword, value) of every non-sequence element, at any depth, in --diff's
+    notation; values as plain immutable Python values (the profile edits in place)."""
+    out: dict[str, tuple[str, object]] = {}
     for elem in ds:
         path = f"{prefix}({elem.tag.group:04X},{elem.tag.element:04X})"
         if elem.VR == "SQ":
             for k, item in enumerate(elem.value or []):
-                out += _leaf_paths(item, f"{path}[{k}].")
+                out.update(_leaf_values(item, f"{path}[{k}]."))
         else:
-            out.append((path, elem.keyword or str(elem.tag)))
+            out[path] = (elem.keyword or str(elem.tag), _plain(elem.value))
     return out
+
+
+def _plain(value: object) -> object:
+    if value is None or isinstance(value, (bytes, str, int, float)):
+        return value
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return tuple(_plain(v) for v in value)  # type: ignore[union-attr]
+    return str(value)  # PersonName, DSfloat, IS and the like: compared as written
 
 
 def _changed(path: str, changed: set[str]) -> bool:
