@@ -266,6 +266,11 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 model', '2 models'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _next_attempt_line(nxt: dict, max_attempts: int) -> str:
     """When a destination's waiting deliveries are tried next, for ``casemask status``."""
     at = (nxt["at"] or "")[11:19]
@@ -467,7 +472,8 @@ def cmd_config_check(args) -> int:
         return 2
     for w in s.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"{s.source_file}: OK ({len(s.sources)} sources, {len(s.destinations)} destinations, {len(s.routes)} routes, {len(s.models)} models)")
+    counts = ", ".join(_count(len(items), noun) for items, noun in ((s.sources, "source"), (s.destinations, "destination"), (s.routes, "route"), (s.models, "model")))
+    print(f"{s.source_file}: OK ({counts})")
     print("retention:")
     for line in s.retention.describe():
         print(f"  {line}")

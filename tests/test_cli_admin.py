@@ -362,3 +362,22 @@ def test_the_dashboards_own_refresh_is_logged_at_debug(tmp_path, caplog):
         assert '"X-Casemask-Refresh": "1"' in script  # what the dashboard's refresh sends
     finally:
         hn.node.stop()
+
+
+def test_a_rejected_sender_is_told_apart_from_a_stranger_when_only_case_or_host_differs(tmp_path):
+    """A modality set up as `cr_room7` for a source written `CR_ROOM7` was logged as `is
+    not in [[sources]]`, like a stranger: the admin read the list, saw CR_ROOM7 there, and
+    was lost. Now the line says which entry differs only in case (AE titles are
+    case-sensitive), and a known AE title from another address says where it is allowed."""
+    from node.admission import REJECT_CALLING_AE, AccessPolicy
+    from node.config import parse
+
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+    raw["sources"] = [{"ae_title": "CR_ROOM7", "host": "127.0.0.1"}, {"ae_title": "MODALITY1"}]
+    policy = AccessPolicy(parse(raw, "test", base_dir=tmp_path))
+    assert policy.check("CR_ROOM7", "CASEMASK", "127.0.0.1") is None
+    assert policy.check("cr_room7", "CASEMASK", "127.0.0.1") == (
+        REJECT_CALLING_AE, "calling AE title 'cr_room7' is not in [[sources]] ([[sources]] has 'CR_ROOM7': AE titles are case-sensitive)")
+    assert policy.check("CT_ROOM9", "CASEMASK", "127.0.0.1") == (REJECT_CALLING_AE, "calling AE title 'CT_ROOM9' is not in [[sources]]")
+    assert policy.check("CR_ROOM7", "CASEMASK", "10.9.8.7") == (
+        REJECT_CALLING_AE, "calling AE title 'CR_ROOM7' is not allowed from 10.9.8.7 ([[sources]] host: 127.0.0.1)")
