@@ -380,6 +380,7 @@ class DicomWebSender:
                 for w in batch:
                     report(w, Outcome("retry", why))
                 return
+        client = self._client  # this batch's, even once a refusal drops it for the next
         for w in batch:
             if not proceed(w):
                 return
@@ -389,10 +390,14 @@ class DicomWebSender:
                 report(w, Outcome("failed", f"outbox file unreadable ({type(exc).__name__})"))
                 continue
             try:
-                result = self._client.store_instances([ds])
+                result = client.store_instances([ds])
             except requests.exceptions.HTTPError as exc:
                 code = exc.response.status_code if exc.response is not None else 0
                 kind = "retry" if code >= 500 or code in (408, 429) else "failed"
+                if code in (401, 403):
+                    # Credentials refused: the next batch reads auth's file or variable again, so
+                    # that fixing it and `casemask retry` is enough (it was read once per start).
+                    self._client = None
                 report(w, Outcome(kind, f"STOW-RS answered HTTP {code}: {stow_meaning(code)}"))
                 continue
             except requests.exceptions.SSLError:

@@ -381,3 +381,53 @@ def test_a_rejected_sender_is_told_apart_from_a_stranger_when_only_case_or_host_
     assert policy.check("CT_ROOM9", "CASEMASK", "127.0.0.1") == (REJECT_CALLING_AE, "calling AE title 'CT_ROOM9' is not in [[sources]]")
     assert policy.check("CR_ROOM7", "CASEMASK", "10.9.8.7") == (
         REJECT_CALLING_AE, "calling AE title 'CR_ROOM7' is not allowed from 10.9.8.7 ([[sources]] host: 127.0.0.1)")
+
+
+def test_a_fixed_dicomweb_password_file_is_read_again_after_a_refusal(tmp_path):
+    """An admin whose STOW-RS was refused (401: check auth) fixed auth's secret_file and
+    ran `casemask retry`: refused again, with the old password, until the node was
+    restarted (the sender read the file once). Now a 401 or 403 makes the next batch read
+    it again."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pydicom import dcmread
+
+    from node.config import parse
+    from node.scu import DicomWebSender, Work
+    from tests.conftest import make_study
+
+    seen: list[str] = []
+
+    class Archive(BaseHTTPRequestHandler):  # refuses every upload, noting the password it was given
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append(base64.b64decode(self.headers.get("Authorization", "Basic ").split()[1]).decode().split(":", 1)[1])
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Archive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        secret = tmp_path / "stow.pw"
+        secret.write_text("wrong-one\n")
+        raw = node_config(tmp_path, [{"name": "web", "kind": "dicomweb", "url": f"http://127.0.0.1:{server.server_port}/dicom-web",
+                                      "auth": {"kind": "basic", "username": "casemask", "secret_file": str(secret)}}])
+        sender = DicomWebSender(parse(raw, "test", base_dir=tmp_path).destinations[0])
+        files = make_study(tmp_path / "s", 2)
+        work = [Work(i, f, str(dcmread(f).SOPClassUID), "1.2.840.10008.1.2.1") for i, f in enumerate(files)]
+        outcomes: list = []
+        sender.send(work, lambda w, o: outcomes.append(o))
+        assert seen == ["wrong-one", "wrong-one"], seen  # the whole batch with the password it started with
+        assert [o.reason for o in outcomes] == ["STOW-RS answered HTTP 401: credentials refused: check auth"] * 2, outcomes
+        secret.write_text("the-right-one\n")
+        sender.send(work[:1], lambda w, o: outcomes.append(o))
+        assert seen[-1] == "the-right-one", seen
+    finally:
+        server.shutdown()
+        server.server_close()
