@@ -71,6 +71,24 @@ class _ConnectFailures(logging.Filter):
 CONNECT_FAILURES = _ConnectFailures()
 logging.getLogger("pynetdicom.transport").addFilter(CONNECT_FAILURES)
 
+
+class _RejectionLines(logging.Filter):
+    """pynetdicom logs three ERROR lines when a peer rejects an association it requested
+    ("Association Rejected", "Result: ..., Source: ...", "Reason: ..."): for a destination
+    whose AE title is wrong, at every delivery attempt and every 30 s health check, on
+    top of the node's own line that names the destination and the same result and reason
+    (the delivery's reason, the health detail). This filter on ``pynetdicom.acse`` drops
+    those three unless its DEBUG is on (-vv)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger("pynetdicom.acse").isEnabledFor(logging.DEBUG):
+            return True
+        text = record.getMessage()
+        return not (text == "Association Rejected" or (text.startswith("Result: ") and ", Source: " in text) or text.startswith("Reason: "))
+
+
+logging.getLogger("pynetdicom.acse").addFilter(_RejectionLines())
+
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 

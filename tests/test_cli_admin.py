@@ -431,3 +431,19 @@ def test_a_fixed_dicomweb_password_file_is_read_again_after_a_refusal(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_peer_that_rejects_the_node_is_one_line_of_the_nodes_not_three_of_pynetdicoms(archive_factory, caplog):
+    """A dicom destination with a wrong AE title: each delivery attempt and each 30 s
+    health check wrote pynetdicom's three ERROR lines ("Association Rejected", "Result:
+    ...", "Reason: ...") beside the node's own line that says the same for the named
+    destination. Now only the node's words, which keep the result and the reason."""
+    from node.scu import echo
+
+    archive = archive_factory(require_calling=["SOMEONE"])
+    caplog.set_level(logging.INFO)
+    why: list[str] = []
+    assert echo("ARCHIVE", "127.0.0.1", archive.port, why=why) is None
+    assert why == ["association rejected (Rejected Permanent: Calling AE title not recognised)"], why
+    theirs = [r.getMessage() for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.ERROR]
+    assert not theirs, theirs
