@@ -86,9 +86,14 @@ class AccessPolicy:
             return None
         hosts = self.sources.get(calling_ae.strip())
         if hosts is None:
-            return REJECT_CALLING_AE, f"calling AE title {calling_ae.strip()!r} is not in [[sources]]"
+            # AE titles are compared exactly (PS3.8 9.3.2: case matters); a sender set up as
+            # "ct_room1" for a source written "CT_ROOM1" is told apart from a stranger.
+            same = [ae for ae in self.sources if ae.upper() == calling_ae.strip().upper()]
+            why = f" ([[sources]] has {same[0]!r}: AE titles are case-sensitive)" if same else ""
+            return REJECT_CALLING_AE, f"calling AE title {calling_ae.strip()!r} is not in [[sources]]{why}"
         if None not in hosts and host not in hosts:
-            return REJECT_CALLING_AE, f"calling AE title {calling_ae.strip()!r} is not allowed from {host}"
+            allowed = ", ".join(sorted(h for h in hosts if h is not None))
+            return REJECT_CALLING_AE, f"calling AE title {calling_ae.strip()!r} is not allowed from {host} ([[sources]] host: {allowed})"
         return None
 
 

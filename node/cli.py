@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 from node import logfmt
@@ -239,8 +240,14 @@ def cmd_status(args) -> int:
     for group, states in info["counts"].items():
         line = "  ".join(f"{k}={v}" for k, v in sorted(states.items())) or "-"
         print(f"  {group:<24} {line}")
-        if group.startswith("destination:") and group.removeprefix("destination:") in info.get("not_sent", {}):
-            print(f"  {'':<24} last {info['not_sent'][group.removeprefix('destination:')]}")
+        if group == "studies" and info.get("next_study_complete_in_s") is not None:
+            print(f"  {'':<24} the first RECEIVING study is complete in about {info['next_study_complete_in_s']} s "
+                  f"(once no object came for [node] stable_after_s)")
+        dest = group.removeprefix("destination:")
+        if group.startswith("destination:") and dest in info.get("not_sent", {}):
+            print(f"  {'':<24} last {info['not_sent'][dest]}")
+        if group.startswith("destination:") and dest in info.get("next_attempt", {}):
+            print(f"  {'':<24} {_next_attempt_line(info['next_attempt'][dest], info['max_attempts'])}")
     for d in service.settings.destinations:  # configured, nothing sent to it yet: an admin checks a new one is there
         if f"destination:{d.name}" not in info["counts"]:
             print(f"  {'destination:' + d.name:<24} - (no delivery yet)")
@@ -257,6 +264,19 @@ def cmd_status(args) -> int:
     for name, m in info.get("models", {}).items():
         print(f"  model {name}: backend {m.get('backend')} on {m.get('device')} ({m.get('why', '')})")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 model', '2 models'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _next_attempt_line(nxt: dict, max_attempts: int) -> str:
+    """When a destination's waiting deliveries are tried next, for ``casemask status``."""
+    at = (nxt["at"] or "")[11:19]
+    when = "now" if nxt["in_s"] <= 0 else f"in {nxt['in_s']} s"
+    return (f"next attempt {when} ({at} UTC), attempt {nxt['attempts'] + 1} of [node] max_attempts = {max_attempts}; "
+            "casemask retry sends now")
 
 
 def cmd_routes_explain(args) -> int:
@@ -452,7 +472,8 @@ def cmd_config_check(args) -> int:
         return 2
     for w in s.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"{s.source_file}: OK ({len(s.sources)} sources, {len(s.destinations)} destinations, {len(s.routes)} routes, {len(s.models)} models)")
+    counts = ", ".join(_count(len(items), noun) for items, noun in ((s.sources, "source"), (s.destinations, "destination"), (s.routes, "route"), (s.models, "model")))
+    print(f"{s.source_file}: OK ({counts})")
     print("retention:")
     for line in s.retention.describe():
         print(f"  {line}")
@@ -561,7 +582,7 @@ def _deid_file(src: str, out: str, diff: bool) -> tuple[str, str, str, list]:
         ds = _read_dataset(data)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         return "skipped", src, f"not a DICOM file or data set ({type(exc).__name__})", []
-    before = _leaf_paths(ds) if diff else []
+    before = _leaf_values(ds) if diff else {}
     report = None
     if _BURNED_IN is not None:
         from node.burnedin import BurnedInError
@@ -590,8 +611,19 @@ def _deid_file(src: str, out: str, diff: bool) -> tuple[str, str, str, list]:
     if diff:
         changed = {p for p, _, _ in res.changes}
         lines = [f"  {act} {path} {kw}" for path, act, kw in res.changes]
-        kept = sorted({kw for path, kw in before if not _changed(path, changed)})
-        lines.append(f"  kept {len(kept)} attributes: " + ", ".join(kept))
+        after = _leaf_values(res.dataset)
+        # Kept: the same value at the same place in the output. What changed without a line
+        # of the profile's is said too: X when it is gone (a private creator whose block was
+        # emptied), M when rewritten (the marks, in an object de-identified before).
+        same = {path for path, (kw, value) in before.items() if path in after and after[path][1] == value}
+        lines += [f"  {'M' if path in after else 'X'} {path} {kw}" for path, (kw, _) in before.items()
+                  if path not in same and not _changed(path, changed)]
+        places = Counter(kw for kw, _ in before.values())
+        kept = Counter(kw for path, (kw, _) in before.items() if path in same and not _changed(path, changed))
+        # A keyword kept in one place and changed in another (CodeMeaning in a kept code
+        # sequence and in a removed one) is not simply "kept": say in how many places.
+        lines.append(f"  kept {len(kept)} attributes: " + ", ".join(
+            kw if n == places[kw] else f"{kw} (in {n} of {places[kw]} places)" for kw, n in sorted(kept.items())))
         if report is not None:
             lines.extend(_burned_in_lines(report))
     return status, src, str(target), lines
@@ -625,17 +657,26 @@ def _burned_in_lines(report) -> list[str]:
     return lines
 
 
-def _leaf_paths(ds, prefix: str = "") -> list[tuple[str, str]]:
-    """(path, keyword) of every non-sequence element, at any depth, in --diff's notation."""
-    out = []
+def _leaf_values(ds, prefix: str = "") -> dict[str, tuple[str, object]]:
+    """path -> (keyword, value) of every non-sequence element, at any depth, in --diff's
+    notation; values as plain immutable Python values (the profile edits in place)."""
+    out: dict[str, tuple[str, object]] = {}
     for elem in ds:
         path = f"{prefix}({elem.tag.group:04X},{elem.tag.element:04X})"
         if elem.VR == "SQ":
             for k, item in enumerate(elem.value or []):
-                out += _leaf_paths(item, f"{path}[{k}].")
+                out.update(_leaf_values(item, f"{path}[{k}]."))
         else:
-            out.append((path, elem.keyword or str(elem.tag)))
+            out[path] = (elem.keyword or str(elem.tag), _plain(elem.value))
     return out
+
+
+def _plain(value: object) -> object:
+    if value is None or isinstance(value, (bytes, str, int, float)):
+        return value
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return tuple(_plain(v) for v in value)  # type: ignore[union-attr]
+    return str(value)  # PersonName, DSfloat, IS and the like: compared as written
 
 
 def _changed(path: str, changed: set[str]) -> bool:
@@ -1003,7 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
     from node.startup import StartupError
 
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a reader that left is caught below, not at exit
+        return status
     except (ConfigError, StartupError) as exc:
         print(f"casemask: {exc}" if isinstance(exc, StartupError) else exc, file=sys.stderr)
         return 2
@@ -1012,6 +1055,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `casemask status | head -3`: the reader left. Python's own way out prints a
+        # traceback and then "Exception ignored ... BrokenPipeError" at exit; a pipe that
+        # closes early is no error of the command (what `ls | head` does: quiet).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command ended by it
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ table validated on its own.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Any, Literal
@@ -39,6 +41,23 @@ def hide_credentials(text: str) -> str:
     stays): what a viewer or operator is shown of the configuration, e.g. a
     ``database_url = "postgresql+psycopg://user:password@host/db"``."""
     return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice a mistyped ``word`` most likely meant: the same but for case, else the
+    closest spelling (difflib, ratio 0.7 or more: 'paht' is 'path'), else None."""
+    choices = list(choices)
+    same = [c for c in choices if c.lower() == word.lower()]
+    if same:
+        return same[0]
+    near = difflib.get_close_matches(word, choices, n=1, cutoff=0.7)
+    return near[0] if near else None
+
+
+def did_you_mean(word: str, choices: Iterable[str], show: str = "'{}'") -> str:
+    """': did you mean X?' for :func:`closest`'s answer (``show`` formats it), else ''."""
+    c = closest(word, choices)
+    return f": did you mean {show.format(c)}?" if c is not None else ""
 
 
 class ConfigError(ValueError):
@@ -474,6 +493,13 @@ class AuditSettings(_Table):
     _check_host = field_validator("syslog_host")(_host_or_empty)
 
 
+# Keys an admin writes for a secret where the configuration takes secret_file / secret_env.
+_SECRET_WORDS = ("password", "passwd", "token", "secret", "bearer")
+
+# The tables written [[name]], repeated once per entry (the others are written [name]).
+_ARRAYS_OF_TABLES = ("sources", "destinations", "routes", "models")
+
+
 class Settings(BaseModel):
     """The whole configuration; built by :func:`parse`, never from raw TOML directly."""
 
@@ -534,8 +560,12 @@ def _messages(exc: ValidationError, model: type[BaseModel], where: str, raw: dic
         loc = tuple(err["loc"])
         keys = [p for p in loc if isinstance(p, str)]
         if err["type"] == "extra_forbidden":
-            known = ", ".join(sorted(_known(model, loc[:-1])))
-            out.append(f"{where}: unknown setting '{'.'.join(map(str, loc))}' (known: {known})")
+            names = _known(model, loc[:-1])
+            hint_ = did_you_mean(str(loc[-1]), names)
+            if "secret_file" in names and str(loc[-1]).lower() in _SECRET_WORDS:
+                hint_ = (": a password or token is never written in the configuration file; "
+                         "write secret_file = \"FILE\" (a file holding it, readable by the node only) or secret_env = \"NAME\" (an environment variable)")
+            out.append(f"{where}: unknown setting '{'.'.join(map(str, loc))}'{hint_} (known: {', '.join(sorted(names))})")
             continue
         if err["type"] == "missing":
             out.append(f"{where}: '{'.'.join(keys)}' is required: {_field_hint(model, loc)}")
@@ -607,7 +637,9 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
     known = set(Settings.model_fields) - {"source_file", "warnings"}
     for key in raw:
         if key not in known:
-            problems.append(f"unknown table [{key}] (known: {', '.join(sorted(known))})")
+            near = closest(key, known)
+            hint_ = "" if near is None else f": did you mean [[{near}]]?" if near in _ARRAYS_OF_TABLES else f": did you mean [{near}]?"
+            problems.append(f"unknown table [{key}]{hint_} (known: {', '.join(sorted(known))})")
 
     node = _validate(NodeSettings, raw.get("node", {}), "[node]", problems) or NodeSettings()
     node.data_dir = _absolute(node.data_dir, base_dir)  # type: ignore[assignment]
@@ -741,8 +773,10 @@ def _check_destination_security(dest: Destination, where: str, base_dir: Path, p
         a = dest.auth
         if dest.kind != "dicomweb":
             problems.append(f"{where}: auth = {{ ... }} applies to dicomweb destinations only")
-        elif not dest.url.startswith("https://"):
-            problems.append(f"{where}: auth needs an https:// url (credentials would travel in clear)")
+        elif not dest.url.startswith("https://") and not _loopback(urlsplit(dest.url).hostname or ""):
+            # An archive on this machine (loopback) is reached without crossing a network.
+            problems.append(f"{where}: auth needs an https:// url: the credentials would cross the network in clear "
+                            "(http:// with auth is taken for an archive on this machine only: 127.0.0.1, ::1, localhost)")
         if (a.secret_file is None) == (not a.secret_env):
             problems.append(f"{where}: auth needs one of secret_file = \"...\" or secret_env = \"NAME\"")
         a.secret_file = _check_file(a.secret_file, f"{where} auth.secret_file", base_dir, problems,
@@ -811,9 +845,9 @@ def _check_route(route: Route, where: str, dest_names: set[str], model_names: se
         problems.append(f"{where}: destinations = [...] names at least one destination")
     for dn in route.destinations:
         if dn not in dest_names:
-            problems.append(f"{where}: destination {dn!r} is not defined in [[destinations]] (defined: {', '.join(sorted(dest_names)) or 'none'})")
+            problems.append(f"{where}: destination {dn!r} is not defined in [[destinations]]{did_you_mean(dn, dest_names)} (defined: {', '.join(sorted(dest_names)) or 'none'})")
     if route.pixels == "anonymize" and route.model not in model_names:
-        problems.append(f"{where}: model {route.model!r} is not defined in [[models]]")
+        problems.append(f"{where}: model {route.model!r} is not defined in [[models]]{did_you_mean(route.model, model_names)} (defined: {', '.join(sorted(model_names)) or 'none'})")
     if route.pixels == "anonymize" and route.deid is None:
         problems.append(f"{where}: pixels = \"anonymize\" needs a header profile (deid = {{ profile = \"basic\" }}): derived images would carry the whole original header")
     if route.counterfactuals and route.pixels != "anonymize":

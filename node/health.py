@@ -26,12 +26,21 @@ class Health:
     reachable: bool
     detail: str
     checked_at: float  # time.time()
+    stored_empty: bool = False  # a dicomweb probe whose empty STOW-RS request was answered as reachable
 
 
-def probe(dest: Destination, calling_ae: str, timeout_s: float = 5.0) -> Health:
+# A store-only DICOMweb account (QIDO-RS answers 403) is asked to store an empty STOW-RS
+# request at most this often; at the checks in between its search answered 403 says the
+# server is there and knows the account. Every 30 s, the archive logged (and some audit)
+# an upload of nothing, 2880 a day per node.
+STOW_PROBE_EVERY_S = 600.0
+
+
+def probe(dest: Destination, calling_ae: str, timeout_s: float = 5.0, stow: bool = True) -> Health:
     """Check one destination now: dicom -> C-ECHO answered Success; folder -> exists (or
     can be made) and is writable; dicomweb -> a QIDO-RS search is answered 2xx (or 403
-    and an empty STOW-RS request is not refused: see :func:`_probe_dicomweb`)."""
+    and an empty STOW-RS request is not refused: see :func:`_probe_dicomweb`; with
+    ``stow`` False, a 403 is taken as reachable without that request)."""
     if dest.kind == "dicom":
         from node.scu import echo
 
@@ -46,15 +55,26 @@ def probe(dest: Destination, calling_ae: str, timeout_s: float = 5.0) -> Health:
             p = p.parent
         ok = os.access(p, os.W_OK)
         return Health(ok, "writable" if ok else "not writable", time.time())
-    return _probe_dicomweb(dest, timeout_s)
+    return _probe_dicomweb(dest, timeout_s, stow)
 
 
 # What an HTTP status other than 2xx says about a dicomweb destination's settings.
 _HTTP_MEANING = {401: "credentials refused: check auth", 403: "not allowed: check auth",
                  404: "no DICOMweb service at this url: check url", 405: "no QIDO-RS search at this url: check url"}
+# ... and in answer to a STOW-RS request that carried objects (node.scu).
+_STOW_MEANING = {**_HTTP_MEANING, 403: "not allowed to store: check auth", 405: "no STOW-RS at this url: check url",
+                 400: "the server refused the objects (its log says why)", 409: "the server refused the objects (conflict: its log says why)",
+                 413: "objects too large for the server (its upload limit)", 415: "the server does not take application/dicom: check url",
+                 408: "the server timed out (tried again)", 429: "the server asks to slow down (tried again)"}
 
 
-def _probe_dicomweb(dest: Destination, timeout_s: float) -> Health:
+def stow_meaning(status: int) -> str:
+    """What a STOW-RS answer's HTTP status (not 2xx) says to check: 'check auth' for
+    401/403, 'check url' for 404/405, and so on."""
+    return _STOW_MEANING.get(status, _meaning(status))
+
+
+def _probe_dicomweb(dest: Destination, timeout_s: float, stow: bool = True) -> Health:
     """A QIDO-RS search for one study (PS3.18 10.6, ``GET {url}/studies?limit=1``) in
     the session STOW-RS uses (TLS, auth): reachable when it is answered 2xx. An account
     that may store but not search (a research archive's usual upload account) gets 403
@@ -81,13 +101,15 @@ def _probe_dicomweb(dest: Destination, timeout_s: float) -> Health:
             return Health(True, f"QIDO-RS answered HTTP {status}", now())
         if status != 403:
             return Health(False, f"QIDO-RS answered HTTP {status}: {_meaning(status)}", now())
-        stow = _answer(session.post, base, timeout_s, data=f"--{_EMPTY_BOUNDARY}--\r\n".encode(),
+        if not stow:
+            return Health(True, f"QIDO-RS answered HTTP 403 (this account may not search); an empty STOW-RS request is sent every {STOW_PROBE_EVERY_S:.0f} s", now())
+        stowed = _answer(session.post, base, timeout_s, data=f"--{_EMPTY_BOUNDARY}--\r\n".encode(),
                        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={_EMPTY_BOUNDARY}', "Accept": "application/dicom+json"})
-    if isinstance(stow, str):
-        return Health(False, f"QIDO-RS answered HTTP 403 (this account may not search), then STOW-RS: {stow}", now())
-    if not (200 <= stow < 300 or 400 <= stow < 500) or stow in (401, 403, 404, 405):
-        return Health(False, f"QIDO-RS answered HTTP 403 and STOW-RS HTTP {stow}: {'not allowed to store: check auth' if stow in (401, 403) else _meaning(stow)}", now())
-    return Health(True, f"STOW-RS answered HTTP {stow} to an empty request; QIDO-RS answered HTTP 403 (this account may not search)", now())
+    if isinstance(stowed, str):
+        return Health(False, f"QIDO-RS answered HTTP 403 (this account may not search), then STOW-RS: {stowed}", now())
+    if not (200 <= stowed < 300 or 400 <= stowed < 500) or stowed in (401, 403, 404, 405):
+        return Health(False, f"QIDO-RS answered HTTP 403 and STOW-RS HTTP {stowed}: {'not allowed to store: check auth' if stowed in (401, 403) else _meaning(stowed)}", now())
+    return Health(True, f"STOW-RS answered HTTP {stowed} to an empty request; QIDO-RS answered HTTP 403 (this account may not search)", now(), stored_empty=True)
 
 
 # The boundary of the probe's empty STOW-RS request (RFC 2046: a multipart body of no part).
@@ -123,12 +145,20 @@ class HealthMonitor:
         self.results: dict[str, Health] = {}
         self._lock = threading.Lock()
         self._last = 0.0
+        self._stored_empty: dict[str, float] = {}  # per destination: when (monotonic) its empty STOW-RS was last answered
 
     def check_all(self) -> None:
         for dest in list(self.settings.destinations):
-            h = probe(dest, self.settings.node.ae_title)
+            stowed = self._stored_empty.get(dest.name)
+            h = probe(dest, self.settings.node.ae_title, stow=stowed is None or time.monotonic() - stowed >= STOW_PROBE_EVERY_S)
+            if h.stored_empty:
+                self._stored_empty[dest.name] = time.monotonic()
+            elif not h.reachable:
+                self._stored_empty.pop(dest.name, None)
             before = self.results.get(dest.name)
-            if before is not None and before.reachable != h.reachable:
+            if before is None and not h.reachable:  # a destination wrong from the start: said in the log at once, not only on the dashboard
+                log.warning("destination %s: unreachable at the first check (%s)", dest.name, h.detail)
+            elif before is not None and before.reachable != h.reachable:
                 log.warning("destination %s: %s (%s)", dest.name, "reachable again" if h.reachable else "unreachable", h.detail)
             with self._lock:
                 self.results[dest.name] = h

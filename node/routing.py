@@ -18,7 +18,7 @@ from typing import Any
 
 from pydicom.datadict import keyword_dict
 
-from node.config import ROUTE_SPECIAL_KEYS, Route
+from node.config import ROUTE_SPECIAL_KEYS, Route, did_you_mean
 from node.queue import UNKNOWN_PATIENT
 
 
@@ -31,12 +31,22 @@ class Verdict:
     reasons: tuple[str, ...]
 
 
+def _keyword_meant(key: str) -> str:
+    """': did you mean X?' for a DICOM keyword written in the wrong case ('modality') or
+    misspelt ('StudyDescripton'), else ''."""
+    lower = key.lower()
+    same = [k for k in keyword_dict if k.lower() == lower]
+    if same:
+        return f": did you mean {same[0]!r}?"
+    return did_you_mean(key, [k for k in keyword_dict if abs(len(k) - len(key)) <= 3])
+
+
 def check_match(match: Mapping[str, Any]) -> list[str]:
     """Problems with a match table (unknown keywords, bad regexes, bad value types)."""
     problems = []
     for key, cond in match.items():
         if key not in ROUTE_SPECIAL_KEYS and key not in keyword_dict:
-            problems.append(f"{key!r} is not a DICOM keyword (nor calling_ae / called_ae)")
+            problems.append(f"{key!r} is not a DICOM keyword (nor calling_ae / called_ae){_keyword_meant(key)}")
         if isinstance(cond, dict):
             if set(cond) != {"regex"}:
                 problems.append(f"{key}: a table condition is {{ regex = \"...\" }}")

@@ -28,6 +28,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
 from node.config import Destination, DicomWebAuth
+from node.health import stow_meaning
 from node.scp import tune_association
 from node.tls import client_context
 from node.spool import SHARED_FILE_MODE, folder_path, write_atomic
@@ -69,6 +70,24 @@ class _ConnectFailures(logging.Filter):
 
 CONNECT_FAILURES = _ConnectFailures()
 logging.getLogger("pynetdicom.transport").addFilter(CONNECT_FAILURES)
+
+
+class _RejectionLines(logging.Filter):
+    """pynetdicom logs three ERROR lines when a peer rejects an association it requested
+    ("Association Rejected", "Result: ..., Source: ...", "Reason: ..."): for a destination
+    whose AE title is wrong, at every delivery attempt and every 30 s health check, on
+    top of the node's own line that names the destination and the same result and reason
+    (the delivery's reason, the health detail). This filter on ``pynetdicom.acse`` drops
+    those three unless its DEBUG is on (-vv)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger("pynetdicom.acse").isEnabledFor(logging.DEBUG):
+            return True
+        text = record.getMessage()
+        return not (text == "Association Rejected" or (text.startswith("Result: ") and ", Source: " in text) or text.startswith("Reason: "))
+
+
+logging.getLogger("pynetdicom.acse").addFilter(_RejectionLines())
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
@@ -379,6 +398,7 @@ class DicomWebSender:
                 for w in batch:
                     report(w, Outcome("retry", why))
                 return
+        client = self._client  # this batch's, even once a refusal drops it for the next
         for w in batch:
             if not proceed(w):
                 return
@@ -388,11 +408,15 @@ class DicomWebSender:
                 report(w, Outcome("failed", f"outbox file unreadable ({type(exc).__name__})"))
                 continue
             try:
-                result = self._client.store_instances([ds])
+                result = client.store_instances([ds])
             except requests.exceptions.HTTPError as exc:
                 code = exc.response.status_code if exc.response is not None else 0
                 kind = "retry" if code >= 500 or code in (408, 429) else "failed"
-                report(w, Outcome(kind, f"STOW-RS answered HTTP {code}"))
+                if code in (401, 403):
+                    # Credentials refused: the next batch reads auth's file or variable again, so
+                    # that fixing it and `casemask retry` is enough (it was read once per start).
+                    self._client = None
+                report(w, Outcome(kind, f"STOW-RS answered HTTP {code}: {stow_meaning(code)}"))
                 continue
             except requests.exceptions.SSLError:
                 report(w, Outcome("retry", f"TLS with {url} failed (certificate not verified?)"))

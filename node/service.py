@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node import audit, queue, retention, routing
 from node.accounts import Principal
 from node.config import DEFAULT_CONFIG, ConfigError, Settings, hide_credentials, parse
-from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Role, Study, StudyState, data_path, utcnow
+from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Role, Study, StudyState, data_path, db_now, utcnow
 from node.metrics import disk_free, step_of
 
 if TYPE_CHECKING:
@@ -146,7 +146,8 @@ class Service:
     # -- status ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """Counts per state and destination, why each destination has objects waiting or
-        FAILED (its newest such delivery's reason), models, disk, throughput, version."""
+        FAILED (its newest such delivery's reason) and when it is tried next, when the next
+        receiving study is complete, models, disk, throughput, version."""
         s = self.settings
         hour_ago = utcnow() - dt.timedelta(hours=1)
         with self.sessions() as session:
@@ -158,6 +159,12 @@ class Service:
                                                        .where(Delivery.state.in_((DeliveryState.RETRY_WAIT, DeliveryState.FAILED)))
                                                        .order_by(Delivery.id.desc()).limit(1000)):
                 waiting.setdefault(dest, f"{state.value}: {reason or 'no reason recorded'}")
+            now = db_now(session)
+            next_attempt = {dest: {"at": _iso(due), "in_s": max(0, round((due - now).total_seconds())), "attempts": int(tries)}
+                            for dest, due, tries in session.execute(
+                                select(Delivery.destination, func.min(Delivery.next_attempt_at), func.max(Delivery.attempts))
+                                .where(Delivery.state == DeliveryState.RETRY_WAIT).group_by(Delivery.destination))}
+            oldest_quiet = session.scalar(select(func.min(Study.last_received_at)).where(Study.state == StudyState.RECEIVING))
             kept = retention.failed_kept(session)
         return {
             "node": s.node.ae_title,
@@ -166,6 +173,13 @@ class Service:
             "counts": counts,
             "throughput": {"received_last_hour": int(received_1h), "sent_last_hour": int(sent_1h)},
             "not_sent": waiting,
+            # Per destination with deliveries in RETRY_WAIT: the soonest next attempt (database
+            # time), the most attempts any of them has made, out of [node] max_attempts.
+            "next_attempt": next_attempt,
+            "max_attempts": s.node.max_attempts,
+            # The RECEIVING study that has been quiet longest is complete this many seconds from
+            # now (stable_after_s without a new object); None when no study is receiving.
+            "next_study_complete_in_s": None if oldest_quiet is None else max(0, round(s.node.stable_after_s - (now - oldest_quiet).total_seconds())),
             # Originals kept for a FAILED delivery (dead letter): [retention] failed_days (-1 keeps them).
             "dead_letters": {"originals": kept.count, "oldest_days": round(kept.oldest_days, 1), "failed_days": s.retention.failed_days},
             "disk_free_bytes": disk_free(s.node.data_dir),

@@ -219,3 +219,231 @@ def test_status_lists_a_destination_that_has_no_delivery_yet(tmp_path):
     r = subprocess.run([*run, "status", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert re.search(r"destination:newarchive +- \(no delivery yet\)", r.stdout) and re.search(r"destination:out +- \(no delivery yet\)", r.stdout), r.stdout
+
+
+def test_status_says_when_the_next_attempt_is_and_when_a_receiving_study_is_complete(tmp_path, start_node):
+    """`casemask status` said `RETRY_WAIT=1` and why, but not when the node tries again:
+    with the backoff doubling up to retry_max_s an admin could not tell a node that waits
+    from one that is stuck. And `RECEIVING=1` did not say when the study would go on.
+    Now both are said: the next attempt's time and number (of max_attempts), and in how
+    many seconds the first receiving study is complete."""
+    from pydicom import dcmread
+
+    from tests.conftest import make_study, receive
+
+    raw = node_config(tmp_path, [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}],
+                      stable_after_s=600, retry_base_s=300, retry_max_s=600, max_attempts=7)
+    node = start_node(raw, listen=False, schedule=False)
+    first, second = make_study(tmp_path / "a", 1), make_study(tmp_path / "b", 1)
+    receive(node, dcmread(first[0]))
+    node.tick(stable_after_s=0)  # routed, processed, one attempt to a port nobody listens on
+    receive(node, dcmread(second[0]))  # a second study, still receiving
+    config = write_toml(raw, tmp_path / "node.toml")
+    r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"destination:pacs +RETRY_WAIT=1\n +last RETRY_WAIT: .*\n +next attempt in (\d+) s \(\d\d:\d\d:\d\d UTC\), attempt 2 of \[node\] max_attempts = 7", r.stdout)
+    assert m and 200 <= int(m.group(1)) <= 300, r.stdout  # the first backoff is retry_base_s
+    m = re.search(r"studies +.*RECEIVING=1.*\n +the first RECEIVING study is complete in about (\d+) s", r.stdout)
+    assert m and 500 <= int(m.group(1)) <= 600, r.stdout
+    info = node_service_status(config)
+    assert info["next_attempt"]["pacs"]["attempts"] == 1 and info["max_attempts"] == 7, info
+
+
+def node_service_status(config) -> dict:
+    """What `casemask status --json` prints."""
+    import json
+
+    r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_a_reader_that_leaves_early_is_no_traceback(tmp_path):
+    """`casemask status | head -4` ended in a BrokenPipeError traceback (Python's, from
+    print) once head had its lines. Now the command ends quietly, with 141 (128 +
+    SIGPIPE) as a shell reports for `yes | head -1`."""
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "config", "check"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()  # the reader is gone before the command writes its first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, (proc.returncode, err.decode())
+
+
+def test_a_store_only_dicomweb_account_is_asked_to_store_nothing_every_ten_minutes_not_every_check(tmp_path, monkeypatch, caplog):
+    """The health check of a DICOMweb account that may store but not search (QIDO-RS
+    403) posted an empty STOW-RS request every 30 s: 2880 uploads of nothing a day in the
+    archive's log. Now the empty request goes once per STOW_PROBE_EVERY_S; the checks in
+    between take the search's 403 as the server still there. A destination that is wrong
+    from the start is said in the log at the first check (it was said only on a change)."""
+    import threading
+    import types
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from node import health
+    from node.config import parse
+
+    posts: list[str] = []
+
+    class Archive(BaseHTTPRequestHandler):  # a store-only account: searches 403, uploads 200
+        def do_GET(self):
+            self.send_response(403 if self.path.startswith("/dicom-web/") else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            posts.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Archive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    clock = [1000.0]
+    monkeypatch.setattr(health, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+        dests = [{"name": "web", "kind": "dicomweb", "url": url},
+                 {"name": "nowhere", "kind": "dicomweb", "url": f"http://127.0.0.1:{free_port()}/dicom-web"}]
+        monitor = health.HealthMonitor(parse(node_config(tmp_path, dests), "test", base_dir=tmp_path))
+        caplog.set_level(logging.WARNING, logger="node.health")
+        monitor.check_all()
+        assert posts == ["/dicom-web/studies"] and monitor.get("web").reachable, (posts, monitor.get("web"))
+        assert [r.getMessage() for r in caplog.records] == [
+            f"destination nowhere: unreachable at the first check ({monitor.get('nowhere').detail})"], caplog.text
+        for _ in range(5):  # 2.5 minutes of checks every 30 s
+            clock[0] += 30
+            monitor.check_all()
+        assert len(posts) == 1 and monitor.get("web").reachable and "may not search" in monitor.get("web").detail, (posts, monitor.get("web"))
+        assert len(caplog.records) == 1, caplog.text  # still unreachable: no new line
+        clock[0] += health.STOW_PROBE_EVERY_S
+        monitor.check_all()
+        assert len(posts) == 2 and monitor.get("web").reachable, posts
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_dashboards_own_refresh_is_logged_at_debug(tmp_path, caplog):
+    """An open dashboard re-fetches its page every 3 to 10 s: each was an INFO line of
+    the access log (`GET /destinations 200`), hundreds an hour burying the requests an
+    admin looks for. The refresh says so in a header; its successful GETs are DEBUG. A
+    page opened by hand, and a refresh refused, stay INFO."""
+    from tests.httpnode import start_http_node
+
+    from node import accounts
+
+    hn = start_http_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]), tmp_path)
+    try:
+        with hn.node.sessions() as s:
+            accounts.add_user(s, "alice", "viewer", "a long passphrase")
+            s.commit()
+        with hn.client() as viewer, hn.client() as anonymous:
+            token = re.search(r'name="login_token" value="([^"]+)"', viewer.get("/login").text).group(1)
+            assert viewer.post("/login", data={"name": "alice", "password": "a long passphrase", "login_token": token}).status_code == 303
+            caplog.set_level(logging.DEBUG, logger="node.http.app")
+            caplog.clear()
+            assert viewer.get("/destinations", headers={"X-Casemask-Refresh": "1"}).status_code == 200
+            assert viewer.get("/studies").status_code == 200
+            assert anonymous.get("/quarantine", headers={"X-Casemask-Refresh": "1"}).status_code in (303, 401)
+        from tests.conftest import wait_until
+
+        def lines() -> dict[str, int]:  # the access log writes its line once the answer is sent: it may come after the client has it
+            return {r.getMessage().split(" - ")[1]: r.levelno for r in caplog.records if r.name == "node.http.app" and '"GET ' in r.getMessage()}
+
+        wait_until(lambda: len(lines()) == 3, timeout=30, what="the three GETs in the access log")
+        got = lines()
+        assert got['"GET /destinations" 200'] == logging.DEBUG and got['"GET /studies" 200'] == logging.INFO, got
+        (refused,) = [k for k in got if "/destinations" not in k and "/studies" not in k]
+        assert refused.endswith(("303", "401")) and got[refused] == logging.INFO, got  # a refusal stays INFO
+        script = (ROOT / "node" / "http" / "static" / "app.js").read_text()
+        assert '"X-Casemask-Refresh": "1"' in script  # what the dashboard's refresh sends
+    finally:
+        hn.node.stop()
+
+
+def test_a_rejected_sender_is_told_apart_from_a_stranger_when_only_case_or_host_differs(tmp_path):
+    """A modality set up as `cr_room7` for a source written `CR_ROOM7` was logged as `is
+    not in [[sources]]`, like a stranger: the admin read the list, saw CR_ROOM7 there, and
+    was lost. Now the line says which entry differs only in case (AE titles are
+    case-sensitive), and a known AE title from another address says where it is allowed."""
+    from node.admission import REJECT_CALLING_AE, AccessPolicy
+    from node.config import parse
+
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+    raw["sources"] = [{"ae_title": "CR_ROOM7", "host": "127.0.0.1"}, {"ae_title": "MODALITY1"}]
+    policy = AccessPolicy(parse(raw, "test", base_dir=tmp_path))
+    assert policy.check("CR_ROOM7", "CASEMASK", "127.0.0.1") is None
+    assert policy.check("cr_room7", "CASEMASK", "127.0.0.1") == (
+        REJECT_CALLING_AE, "calling AE title 'cr_room7' is not in [[sources]] ([[sources]] has 'CR_ROOM7': AE titles are case-sensitive)")
+    assert policy.check("CT_ROOM9", "CASEMASK", "127.0.0.1") == (REJECT_CALLING_AE, "calling AE title 'CT_ROOM9' is not in [[sources]]")
+    assert policy.check("CR_ROOM7", "CASEMASK", "10.9.8.7") == (
+        REJECT_CALLING_AE, "calling AE title 'CR_ROOM7' is not allowed from 10.9.8.7 ([[sources]] host: 127.0.0.1)")
+
+
+def test_a_fixed_dicomweb_password_file_is_read_again_after_a_refusal(tmp_path):
+    """An admin whose STOW-RS was refused (401: check auth) fixed auth's secret_file and
+    ran `casemask retry`: refused again, with the old password, until the node was
+    restarted (the sender read the file once). Now a 401 or 403 makes the next batch read
+    it again."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pydicom import dcmread
+
+    from node.config import parse
+    from node.scu import DicomWebSender, Work
+    from tests.conftest import make_study
+
+    seen: list[str] = []
+
+    class Archive(BaseHTTPRequestHandler):  # refuses every upload, noting the password it was given
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append(base64.b64decode(self.headers.get("Authorization", "Basic ").split()[1]).decode().split(":", 1)[1])
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Archive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        secret = tmp_path / "stow.pw"
+        secret.write_text("wrong-one\n")
+        raw = node_config(tmp_path, [{"name": "web", "kind": "dicomweb", "url": f"http://127.0.0.1:{server.server_port}/dicom-web",
+                                      "auth": {"kind": "basic", "username": "casemask", "secret_file": str(secret)}}])
+        sender = DicomWebSender(parse(raw, "test", base_dir=tmp_path).destinations[0])
+        files = make_study(tmp_path / "s", 2)
+        work = [Work(i, f, str(dcmread(f).SOPClassUID), "1.2.840.10008.1.2.1") for i, f in enumerate(files)]
+        outcomes: list = []
+        sender.send(work, lambda w, o: outcomes.append(o))
+        assert seen == ["wrong-one", "wrong-one"], seen  # the whole batch with the password it started with
+        assert [o.reason for o in outcomes] == ["STOW-RS answered HTTP 401: credentials refused: check auth"] * 2, outcomes
+        secret.write_text("the-right-one\n")
+        sender.send(work[:1], lambda w, o: outcomes.append(o))
+        assert seen[-1] == "the-right-one", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_peer_that_rejects_the_node_is_one_line_of_the_nodes_not_three_of_pynetdicoms(archive_factory, caplog):
+    """A dicom destination with a wrong AE title: each delivery attempt and each 30 s
+    health check wrote pynetdicom's three ERROR lines ("Association Rejected", "Result:
+    ...", "Reason: ...") beside the node's own line that says the same for the named
+    destination. Now only the node's words, which keep the result and the reason."""
+    from node.scu import echo
+
+    archive = archive_factory(require_calling=["SOMEONE"])
+    caplog.set_level(logging.INFO)
+    why: list[str] = []
+    assert echo("ARCHIVE", "127.0.0.1", archive.port, why=why) is None
+    assert why == ["association rejected (Rejected Permanent: Calling AE title not recognised)"], why
+    theirs = [r.getMessage() for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.ERROR]
+    assert not theirs, theirs

@@ -339,3 +339,51 @@ def test_plain_http_dicomweb_to_another_machine_is_warned_about(tmp_path, url, w
     assert bool(found) == warned, found
     if warned:
         assert "https://" in found[0]
+
+
+def test_a_typo_is_answered_with_the_name_it_most_likely_meant(tmp_path):
+    """A new admin's typos came back as `unknown setting 'stable_afer_s' (known: ` and 35
+    names to read through; `[destination]`, a keyword in the wrong case (`modality`), a
+    route's `explian` alike. Now each says what it most likely meant, and a password
+    written into auth says where a password goes instead."""
+    raw = node_config(tmp_path, [{"name": "explain", "kind": "dicom", "ae_title": "EXPLAIN", "host": "127.0.0.1", "port": 104, "paht": "x"},
+                                 {"name": "web", "kind": "dicomweb", "url": "https://archive.example.org/dicom-web",
+                                  "auth": {"kind": "basic", "username": "u", "password": "not-here"}}])
+    raw["node"]["stable_afer_s"] = 30
+    raw["routes"][0]["match"] = {"modality": "CR", "StudyDescripton": "chest"}
+    raw["routes"][0]["destinations"] = ["explian"]
+    r = run_cli("config", "check", str(write_toml(raw, tmp_path / "c.toml")))
+    assert r.returncode == 2, r.stderr
+    for expected in ("unknown setting 'stable_afer_s': did you mean 'stable_after_s'? (known: ",
+                     "unknown setting 'paht': did you mean 'path'?",
+                     "'modality' is not a DICOM keyword (nor calling_ae / called_ae): did you mean 'Modality'?",
+                     "'StudyDescripton' is not a DICOM keyword (nor calling_ae / called_ae): did you mean 'StudyDescription'?",
+                     "destination 'explian' is not defined in [[destinations]]: did you mean 'explain'? (defined: explain, web)",
+                     "unknown setting 'auth.password': a password or token is never written in the configuration file; write secret_file = "):
+        assert expected in r.stderr, (expected, r.stderr)
+    assert "not-here" not in r.stderr  # the password itself is not repeated
+    with pytest.raises(ConfigError) as exc:
+        parse({**node_config(tmp_path, []), "destination": [{"name": "x"}], "Node": {}}, "c.toml", base_dir=tmp_path)
+    assert "unknown table [destination]: did you mean [[destinations]]? (known: " in str(exc.value), exc.value
+    assert "unknown table [Node]: did you mean [node]?" in str(exc.value), exc.value
+    raw = node_config(tmp_path, [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": 104, "zzzz": 1}])
+    r = run_cli("config", "check", str(write_toml(raw, tmp_path / "d.toml")))
+    assert "unknown setting 'zzzz' (known: " in r.stderr, r.stderr  # nothing close: no guess
+
+
+@pytest.mark.parametrize("host,refused", [("127.0.0.1", False), ("localhost", False), ("[::1]", False), ("archive.example.org", True), ("10.1.2.50", True)])
+def test_auth_over_plain_http_is_taken_for_an_archive_on_this_machine_only(tmp_path, host, refused):
+    """An Orthanc with accounts on the node's own machine (the usual first archive) could
+    not be given its password: `auth needs an https:// url (credentials would travel in
+    clear)`, though nothing travels off the machine. Loopback is taken; any other host
+    still needs https://, and the refusal says where http:// is taken."""
+    (tmp_path / "pw").write_text("x\n")
+    dests = [{"name": "web", "kind": "dicomweb", "url": f"http://{host}:8042/dicom-web",
+              "auth": {"kind": "basic", "username": "u", "secret_file": str(tmp_path / "pw")}}]
+    raw = node_config(tmp_path, dests)
+    if not refused:
+        assert load(write_toml(raw, tmp_path / "c.toml")).destinations[0].auth is not None
+        return
+    with pytest.raises(ConfigError) as exc:
+        load(write_toml(raw, tmp_path / "c.toml"))
+    assert any("auth needs an https:// url" in p and "127.0.0.1, ::1, localhost" in p for p in exc.value.problems), exc.value.problems

@@ -342,3 +342,50 @@ def test_log_ids_are_keyed_short_and_stable():
     uid = "1.2.840.113619.2.55.3.20240311.1"
     assert a.log_id(uid) == a.log_id(uid) and a.log_id(uid) != b.log_id(uid)
     assert a.log_id(uid).startswith("h:") and len(a.log_id(uid)) == 14 and "20240311" not in a.log_id(uid)
+
+
+def test_cli_deid_diff_keeps_only_what_is_unchanged_in_the_output(tmp_path):
+    """`--diff`'s "kept" list was every keyword of the input minus the profile's lines:
+    CodeMeaning read "kept" though one of its two places (inside a removed
+    SourceImageSequence) was gone, and an object de-identified before listed
+    LongitudinalTemporalInformationModified as kept while the marks rewrote it. Now a
+    keyword is kept where its value is the same at the same place in the output, a
+    keyword kept in some places says in how many, and a change the profile's table did
+    not make (the marks) has its own line, M."""
+    ds = dcmread(PYDICOM_FILES / "CT_small.dcm")
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "T-D3000", "SRT", "Chest"
+    ds.AnatomicRegionSequence = Sequence([code])
+    source = Dataset()
+    source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.8.498.7"
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = "121320", "DCM", "Uncompressed predecessor"
+    source.PurposeOfReferenceCodeSequence = Sequence([purpose])
+    ds.SourceImageSequence = Sequence([source])
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "a.dcm")
+    (tmp_path / "s.key").write_text("5e" * 32)
+    (tmp_path / "s.key").chmod(0o600)
+
+    def diff(src: Path, out: Path, *options: str) -> list[str]:
+        r = subprocess.run([sys.executable, "-m", "node.cli", "deid", str(src), "--out", str(out), "--diff", "--secret", str(tmp_path / "s.key"), *options],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()
+
+    lines = diff(tmp_path / "in", tmp_path / "once")
+    kept = next(line for line in lines if line.startswith("  kept "))
+    assert "  X (0008,2112) SourceImageSequence" in lines
+    for kw in ("CodeMeaning", "CodeValue", "CodingSchemeDesignator"):
+        assert f"{kw} (in 1 of 2 places)" in kept, kept
+    assert ", Manufacturer," in kept and "PatientName" not in kept and not any(line.startswith("  M ") for line in lines), lines
+    assert "  X (0009,0010) (0009,0010)" in lines and "(0009,0010)" not in kept, lines  # a private creator whose block went: was "kept"
+    # Again, with an option: the marks rewrite what the first run wrote.
+    lines = diff(tmp_path / "once", tmp_path / "twice", "--option", "retain-longitudinal-modified-dates")
+    kept = next(line for line in lines if line.startswith("  kept "))
+    assert "  M (0028,0303) LongitudinalTemporalInformationModified" in lines and "LongitudinalTemporalInformationModified" not in kept, lines
+    before, after = dcmread(next((tmp_path / "once").glob("*.dcm"))), dcmread(next((tmp_path / "twice").glob("*.dcm")))
+    assert before.LongitudinalTemporalInformationModified != after.LongitudinalTemporalInformationModified
+    for kw in kept.split(": ", 1)[1].split(", "):
+        if " (in " not in kw:
+            assert str(before.get(kw, "")) == str(after.get(kw, "")), kw  # every keyword said kept at the top level is unchanged

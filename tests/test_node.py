@@ -103,7 +103,7 @@ def test_dicomweb_destination_stores_through_stow_rs(tmp_path, orthanc_dicomweb,
     wait_until(lambda: delivery_states(node) == {"SENT": 3, "FAILED": 3}, timeout=30, what="3 SENT and 3 FAILED")
     with node.sessions() as s:
         reasons = {d.reason for d in s.scalars(select(Delivery).where(Delivery.state == DeliveryState.FAILED))}
-    assert reasons == {"STOW-RS answered HTTP 404"}
+    assert reasons == {"STOW-RS answered HTTP 404: no DICOMweb service at this url: check url"}
 
 
 class _NotAnArchive:

@@ -261,7 +261,7 @@ def test_dicomweb_over_https_with_basic_auth_from_a_file(tmp_path, start_node, p
         wait_until(lambda: len(orthanc.instances()) == 2, timeout=60, what="2 instances stored through STOW-RS over HTTPS")
         wait_until(lambda: delivery_states(node) == {"SENT": 2, "FAILED": 2}, timeout=30, what="2 SENT, 2 FAILED (401)")
         with node.sessions() as s:
-            assert {d.reason for d in s.scalars(select(Delivery).where(Delivery.state == "FAILED"))} == {"STOW-RS answered HTTP 401"}
+            assert {d.reason for d in s.scalars(select(Delivery).where(Delivery.state == "FAILED"))} == {"STOW-RS answered HTTP 401: credentials refused: check auth"}
         assert password not in caplog.text
     finally:
         front.stop()

@@ -183,6 +183,12 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 # successful answers are logged at DEBUG (AccessLog), else a line every few seconds per
 # prober buried the requests an operator looks for.
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+# Sent by the dashboard's own refresh (static/app.js re-fetches an open page every 3 to 10
+# s): a GET it makes that is answered 200 is logged at DEBUG as well, else one open tab
+# wrote 360 to 1200 lines an hour at INFO. A client can send it too, but only to lower
+# the level of its own successful reads; anything refused (303, 401, 403) stays INFO,
+# and what the audit trail records does not depend on it.
+REFRESH_HEADER = b"x-casemask-refresh"
 
 
 class AccessLog:
@@ -190,8 +196,9 @@ class AccessLog:
     (its template, ``/api/v1/studies/{study_id}``) and the status, never the path or query
     string as sent. uvicorn's access log (off in ``node.http.server``) wrote those as
     typed, anonymous requests included, at the level ``casemask serve`` runs at: a name
-    in a URL went to the log. Successful answers of :data:`PROBES` are logged at DEBUG; a
-    probe refused or failing (401, 503) at INFO. A pure ASGI middleware (no body
+    in a URL went to the log. Successful answers of :data:`PROBES` and of the dashboard's
+    refresh (:data:`REFRESH_HEADER`) are logged at DEBUG; a probe refused or failing (401,
+    503) at INFO. A pure ASGI middleware (no body
     buffering)."""
 
     def __init__(self, app) -> None:
@@ -215,8 +222,14 @@ class AccessLog:
             client = scope.get("client") or ("-", 0)
             method = scope.get("method", "")
             route = route_name(scope)
-            level = logging.DEBUG if route in PROBES and 200 <= status < 400 else logging.INFO
+            quiet = (route in PROBES and 200 <= status < 400) or (method == "GET" and status == 200 and _refresh(scope))
+            level = logging.DEBUG if quiet else logging.INFO
             log.log(level, '%s - "%s %s" %d', client[0], method if method in _METHODS else "(other)", route, status or 500)
+
+
+def _refresh(scope) -> bool:
+    """Whether the request says it is the dashboard's periodic refresh (REFRESH_HEADER)."""
+    return any(name == REFRESH_HEADER for name, _ in scope.get("headers") or ())
 
 
 def route_name(scope) -> str:

@@ -6,7 +6,8 @@
   "use strict";
   function refresh(el) {
     if (document.hidden || el.contains(document.activeElement) && document.activeElement.tagName !== "BODY") return;
-    fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
+    // X-Casemask-Refresh: the node logs these GETs at DEBUG (node.http.app.REFRESH_HEADER).
+    fetch(window.location.href, { credentials: "same-origin", headers: { "Accept": "text/html", "X-Casemask-Refresh": "1" } })
       .then(function (r) { return r.ok && !r.redirected ? r.text() : null; })
       .then(function (html) {
         if (!html) return;
