@@ -219,6 +219,25 @@ def test_case10_overlay_bits_in_pixel_data_are_zeroed(tmp_path):
     assert not any(0x6000 <= e.tag.group <= 0x601E for e in out)
 
 
+@needs_cases
+def test_case10_bits_above_bits_stored_are_zeroed_without_an_overlay_group():
+    """The case's own scenario one step upstream (pydicom/deid#201): a de-identifier that
+    removed group 6000 and left the bits. No overlay group arrives, the name is still in
+    bit 12: cleared all the same; an overlay group kept on purpose keeps its bits."""
+    mask = np.load(case("10") / "mask.npy").astype(bool)
+    ds = read(case("10") / "mr_embedded_overlay.dcm")
+    before = np.frombuffer(ds.PixelData, "<u2").reshape(ds.Rows, ds.Columns).copy()
+    for tag in [t for t in ds.keys() if t.group == 0x6000]:
+        del ds[tag]
+    out = dcmread(io.BytesIO(to_bytes(deid().apply(ds).dataset)))
+    pixels = np.frombuffer(out.PixelData, "<u2").reshape(out.Rows, out.Columns)
+    assert int(((pixels >> 12) & 1)[mask].sum()) == 0 and not (pixels >> out.BitsStored).any()
+    assert np.array_equal(pixels, before & 0x0FFF)
+    out = deid(keep=["60003000"]).apply(read(case("10") / "mr_embedded_overlay.dcm")).dataset  # Overlay Data kept
+    assert (0x6000, 0x0102) in out  # the override kept the group: its embedded bitmap stays with it
+    assert np.array_equal(np.frombuffer(out.PixelData, "<u2").reshape(out.Rows, out.Columns), before)
+
+
 def test_overlay_high_bits_more_objects():
     ds = read(PYDICOM_FILES / "MR_small.dcm")  # 16 bits allocated, 16 stored: nothing to clear
     ds.add_new(0x60000010, "US", ds.Rows)
@@ -437,6 +456,23 @@ def test_case16_birth_date_is_emptied_under_every_option(options):
         assert out.PatientAge == "090Y"  # over 89: grouped
     else:
         assert "PatientAge" not in out
+
+
+@pytest.mark.parametrize("options", [[], ["retain-longitudinal-full-dates"], ["retain-longitudinal-modified-dates"], ["retain-patient-characteristics", "retain-longitudinal-full-dates"]])
+def test_birth_and_death_dates_in_an_alternative_calendar_are_removed_under_every_option(options):
+    """The birth date written in another calendar (LO, unlisted in Table E.1-1, so the
+    by-VR date rule never saw it) goes like Patient's Birth Date: under no option does
+    it stay; the death date in that calendar too; the calendar's name is no identifier."""
+    ds = read(PYDICOM_FILES / "CT_small.dcm")
+    ds.PatientBirthDate = "19300105"
+    ds.add_new(0x00100033, "LO", "13481013")  # Patient's Birth Date in Alternative Calendar
+    ds.add_new(0x00100034, "LO", "14420801")  # Patient's Death Date in Alternative Calendar
+    ds.add_new(0x00100035, "CS", "ISLAMIC")  # Patient's Alternative Calendar
+    original = to_bytes(copy.deepcopy(ds))
+    out = deid(options, burned_in="allow").apply(ds).dataset
+    assert out.get("PatientBirthDate", "") == "" and 0x00100033 not in out and 0x00100034 not in out
+    assert out[0x00100035].value == "ISLAMIC"
+    assert b"13481013" not in to_bytes(out) and b"13481013" in original
 
 
 @pytest.mark.parametrize("age,want", [("091Y", "090Y"), ("089Y", "089Y"), ("090Y", "090Y"), ("999M", None), ("030W", "030W")])

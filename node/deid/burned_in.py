@@ -10,6 +10,7 @@ modalities that annotate their images), and BurnedInAnnotation where the sender 
 from __future__ import annotations
 
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 
 from node.deid.text import first_text, texts
 
@@ -64,7 +65,8 @@ def burned_in_reason(ds: Dataset) -> str | None:
 def zero_unused_high_bits(ds: Dataset) -> bool:
     """Clear the bits of native Pixel Data outside BitsStored (where retired overlays
     were embedded, PS3.5 8.1.2 before 2008); signed data keeps its sign extension.
-    Returns whether Pixel Data changed. Encapsulated (compressed) data has no such bits.
+    Returns whether Pixel Data changed (it is left as read, undecoded, when not).
+    Encapsulated (compressed) data has no such bits.
     """
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -80,13 +82,16 @@ def zero_unused_high_bits(ds: Dataset) -> bool:
         return False
     import numpy as np
 
-    elem = ds["PixelData"]
-    if elem.is_undefined_length or not isinstance(elem.value, (bytes, bytearray)):
+    elem = ds.get_item(0x7FE00010)  # the raw element where it is one: read, not converted
+    value = elem.value
+    if elem.length == 0xFFFFFFFF if isinstance(elem, RawDataElement) else elem.is_undefined_length:
+        return False
+    if not isinstance(value, (bytes, bytearray)):
         return False
     order = ">" if syntax == "1.2.840.10008.1.2.2" else "<"
     dtype = np.dtype(f"{order}u{allocated // 8}")
-    n = len(elem.value) // dtype.itemsize
-    words = np.frombuffer(elem.value, dtype, n)
+    n = len(value) // dtype.itemsize
+    words = np.frombuffer(value, dtype, n)
     low = high - stored + 1
     mask = dtype.type(((1 << stored) - 1) << low)
     cleared = words & mask
@@ -96,5 +101,9 @@ def zero_unused_high_bits(ds: Dataset) -> bool:
         cleared = np.where(cleared & sign, cleared | extension, cleared).astype(dtype)
     if np.array_equal(cleared, words):
         return False
-    elem.value = cleared.tobytes() + bytes(elem.value[n * dtype.itemsize :])
+    data = cleared.tobytes() + bytes(value[n * dtype.itemsize :])
+    if isinstance(elem, RawDataElement):
+        ds._dict[elem.tag] = elem._replace(value=data)  # same length
+    else:
+        elem.value = data
     return True
