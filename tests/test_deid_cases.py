@@ -238,6 +238,38 @@ def test_case10_bits_above_bits_stored_are_zeroed_without_an_overlay_group():
     assert np.array_equal(np.frombuffer(out.PixelData, "<u2").reshape(out.Rows, out.Columns), before)
 
 
+@needs_cases
+@pytest.mark.parametrize("bare", [True, False], ids=["bare", "part10"])
+def test_case10_big_endian_words_keep_their_byte_order(bare):
+    """Case 10's object in Explicit VR Big Endian, as a Part 10 file (its overlay group
+    with it) and as a bare data set without file meta (as case 13 comes; the group gone
+    upstream): the high bits are cleared in the byte order the words were read in (numpy
+    computes in native order: written back as they came out, every word was swapped), and
+    a bare input's added file meta says big endian, so the output reads back whole."""
+    from pydicom import dcmwrite
+
+    ds = read(case("10") / "mr_embedded_overlay.dcm")
+    before = np.frombuffer(ds.PixelData, "<u2").reshape(ds.Rows, ds.Columns).copy()
+    ds.PixelData = before.astype(">u2").tobytes()
+    if bare:
+        for tag in [t for t in ds.keys() if t.group == 0x6000]:
+            del ds[tag]
+        del ds.file_meta
+        ds.preamble = None
+    else:
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.2"
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, implicit_vr=False, little_endian=False, enforce_file_format=not bare)
+    data = buf.getvalue()
+    assert (data[128:132] == b"DICM") != bare
+    src = dcmread(io.BytesIO(data), force=True)
+    assert src.original_encoding == (False, False)
+    out = dcmread(io.BytesIO(to_bytes(deid().apply(src).dataset)))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2" and out.PatientIdentityRemoved == "YES"
+    pixels = np.frombuffer(out.PixelData, ">u2").reshape(out.Rows, out.Columns)
+    assert np.array_equal(pixels, before & 0x0FFF)
+
+
 def test_overlay_high_bits_more_objects():
     ds = read(PYDICOM_FILES / "MR_small.dcm")  # 16 bits allocated, 16 stored: nothing to clear
     ds.add_new(0x60000010, "US", ds.Rows)

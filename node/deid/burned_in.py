@@ -88,13 +88,14 @@ def zero_unused_high_bits(ds: Dataset) -> bool:
         return False
     if not isinstance(value, (bytes, bytearray)):
         return False
-    order = ">" if syntax == "1.2.840.10008.1.2.2" else "<"
+    little = syntax != "1.2.840.10008.1.2.2" if syntax else getattr(ds, "original_encoding", (None, True))[1] is not False  # a bare data set: as read
+    order = "<" if little else ">"
     dtype = np.dtype(f"{order}u{allocated // 8}")
     n = len(value) // dtype.itemsize
     words = np.frombuffer(value, dtype, n)
     low = high - stored + 1
     mask = dtype.type(((1 << stored) - 1) << low)
-    cleared = words & mask
+    cleared = (words & mask).astype(dtype)  # numpy computes in native order: back to the data's
     if signed:
         sign = dtype.type(1 << high)
         extension = dtype.type(((1 << allocated) - 1) ^ ((1 << (high + 1)) - 1))

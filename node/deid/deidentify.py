@@ -240,11 +240,14 @@ class Deidentifier:
             set_meta(meta, 0x00020003, "UI", self._uid(str(meta.MediaStorageSOPInstanceUID), ctx))
         if 0x00080016 in ds._dict:
             set_meta(meta, 0x00020002, "UI", first_text(ds, 0x00080016))  # MediaStorageSOPClassUID
-        if "TransferSyntaxUID" not in meta:
-            from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        if "TransferSyntaxUID" not in meta:  # a bare data set: the syntax it was read in
+            from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-            implicit, _ = getattr(ds, "original_encoding", (True, True))
-            meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit in (True, None) else ExplicitVRLittleEndian
+            implicit, little = getattr(ds, "original_encoding", (True, True))
+            if little is False:  # big endian is explicit VR only
+                meta.TransferSyntaxUID = ExplicitVRBigEndian
+            else:
+                meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit in (True, None) else ExplicitVRLittleEndian
         set_meta(meta, 0x00020012, "UI", IMPLEMENTATION_CLASS_UID)
         set_meta(meta, 0x00020013, "SH", IMPLEMENTATION_VERSION)
         for t in (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102):  # AE titles, signatures
