@@ -121,6 +121,12 @@ def test_case04_screen_captures_are_quarantined_whatever_the_modality(tmp_path):
             deid().apply(ds)
         ds.BurnedInAnnotation = "NO"
         deid().apply(ds)  # believed
+        ds = read(f)  # a screen capture labelled CT whose ImageType lost the sign: its series says it
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.SeriesDescription = "Dose Screen Save"
+        with pytest.raises(QuarantineError, match="SeriesDescription names a screen save"):
+            deid().apply(ds)
     r = run_cli(str(case("04")), "--out", str(tmp_path / "o"), "--secret", str(tmp_path / "s.key"))
     assert r.returncode == 1 and r.stderr.count("quarantined") >= 2 and not list((tmp_path / "o").glob("*.dcm"))
 

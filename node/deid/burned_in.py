@@ -27,15 +27,17 @@ _BURNED_IN = 0x00280301
 _MODALITY = 0x00080060
 _SOP_CLASS = 0x00080016
 _IMAGE_TYPE = 0x00080008
+_SERIES_DESCRIPTION = 0x0008103E
 
 
 def burned_in_reason(ds: Dataset) -> str | None:
     """Why ``ds`` may carry text in its pixels or document (None when nothing says so).
 
     BurnedInAnnotation YES always counts; NO is believed. Without it: a Secondary Capture,
-    encapsulated document, video or ultrasound SOP class, an ImageType naming a screen
-    save, or a modality that often annotates its images. Objects without Pixel Data or a
-    document carry no such text."""
+    encapsulated document, video or ultrasound SOP class, an ImageType or a
+    SeriesDescription naming a screen save (CTP's and pydicom/deid's blacklist), or a
+    modality that often annotates its images. Objects without Pixel Data or a document
+    carry no such text."""
     flag = first_text(ds, _BURNED_IN).upper()
     sop_class = first_text(ds, _SOP_CLASS)
     has_content = 0x7FE00010 in ds._dict or 0x00420011 in ds._dict  # Pixel Data, Encapsulated Document
@@ -56,6 +58,8 @@ def burned_in_reason(ds: Dataset) -> str | None:
     image_type = " ".join(texts(ds, _IMAGE_TYPE)).upper()
     if "SAVE" in image_type:
         return "ImageType names a screen save, BurnedInAnnotation is absent"
+    if "SAVE" in first_text(ds, _SERIES_DESCRIPTION).upper():  # the same sign where ImageType lost it
+        return "SeriesDescription names a screen save, BurnedInAnnotation is absent"
     modality = first_text(ds, _MODALITY).upper()
     if modality in BURNED_IN_MODALITIES:
         return f"modality {modality} often has burned-in text, BurnedInAnnotation is absent"
