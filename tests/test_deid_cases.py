@@ -209,6 +209,10 @@ def test_case09_encapsulated_pdf_quarantined_or_valid(tmp_path):
     assert any("DocumentTitle" in f.where for f in findings)
     r = run_cli(str(case("09") / "report_pdf.dcm"), "--out", str(tmp_path / "o"), "--secret", str(tmp_path / "s.key"))
     assert r.returncode == 1 and "quarantined" in r.stderr and not list((tmp_path / "o").glob("*.dcm"))
+    # Let through the burned-in policy, the title naming the patient still stops it.
+    r = run_cli(str(case("09") / "report_pdf.dcm"), "--out", str(tmp_path / "a"), "--secret", str(tmp_path / "s.key"), "--burned-in", "allow")
+    assert r.returncode == 1 and "verifier" in r.stderr and "DocumentTitle" in r.stderr and "DOE" not in r.stderr
+    assert not list((tmp_path / "a").glob("*.dcm"))
 
 
 @needs_cases
