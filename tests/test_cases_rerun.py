@@ -261,3 +261,52 @@ def test_case05_and_16_through_a_node_whose_route_takes_the_options(tmp_path, se
     originals = {str(e.value) for e in ins["SR"].iterall() if e.keyword == "TextValue"}
     assert len(texts) == len(originals) and not set(texts) & originals and not set(texts) <= {"ANONYMIZED"}  # cleaned, not kept, not only dummied
     assert outs["CT"].get("PatientBirthDate", "") == "" and str(outs["CT"].StudyDate) == str(ins["CT"].StudyDate)
+
+
+def test_variants_of_cases_04_10_16_through_the_node(tmp_path, serve):
+    """Each case's kind one step aside, through the node's headers-only route: 10 with
+    its overlay group already removed upstream (the bits stay in Pixel Data), 04 as CT
+    Image Storage whose ImageType lost the sign and whose SeriesDescription says screen
+    save, 16 with the birth date also written in an alternative calendar (LO). 10 and
+    16 are delivered without the name's bits or that date; 04 is quarantined, its reason
+    naming SeriesDescription."""
+    from pydicom.uid import generate_uid
+
+    made = tmp_path / "variants"
+    made.mkdir()
+
+    def fresh(path: Path) -> object:
+        ds = dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        return ds
+
+    mr = fresh(case("10") / "mr_embedded_overlay.dcm")
+    for tag in [t for t in mr.keys() if t.group == 0x6000]:
+        del mr[tag]
+    mr.save_as(made / "mr.dcm")
+    sc = fresh(case("04") / "dose_mono.dcm")
+    sc.SOPClassUID = sc.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    sc.ImageType, sc.SeriesDescription = ["DERIVED", "SECONDARY"], "Dose Screen Save"
+    sc.save_as(made / "screen.dcm")
+    ct = fresh(case("16") / "ct_age91.dcm")
+    ct.add_new(0x00100033, "LO", "13481013")  # Patient's Birth Date in Alternative Calendar
+    ct.save_as(made / "ct.dcm")
+    node, cfg = serve()
+    config = tmp_path / "node.toml"
+    assert storescu_statuses(cfg["node"]["port"], [made / "mr.dcm", made / "screen.dcm", made / "ct.dcm"]) == ["Success"] * 3
+
+    def settled() -> bool:
+        counts = node_status(config)["counts"]
+        return counts.get("instances", {}).get("QUARANTINED") == 1 and counts.get("destination:f", {}).get("SENT") == 2
+
+    wait_until(settled, timeout=90, what="two delivered, one quarantined")
+    outs = {o.Modality: o for o in map(dcmread, (tmp_path / "out").rglob("*.dcm"))}
+    assert set(outs) == {"MR", "CT"}
+    mask = np.load(case("10") / "mask.npy").astype(bool)
+    words = np.frombuffer(outs["MR"].PixelData, "<u2").reshape(outs["MR"].Rows, outs["MR"].Columns)
+    assert int(((words >> 12) & 1)[mask].sum()) == 0 and not (words >> int(outs["MR"].BitsStored)).any()
+    assert (0x0010, 0x0033) not in outs["CT"] and outs["CT"].get("PatientBirthDate", "") == ""
+    r = subprocess.run([sys.executable, "-m", "node.cli", "quarantine", "list", "--json", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    (held,) = json.loads(r.stdout)
+    assert held["step"] == "headers" and "SeriesDescription names a screen save" in held["reason"], held["reason"]
