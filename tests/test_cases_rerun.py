@@ -7,6 +7,7 @@ about them (no original UIDs, no patient data)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -35,6 +36,12 @@ def storescu_statuses(port: int, files: list[Path]) -> list[str]:
     r = subprocess.run([STORESCU, "-v", "-R", "-aet", "STORESCU", "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)],
                        env=dcmtk_env(), capture_output=True, text=True, timeout=120)
     return re.findall(r"Received Store Response \(([^)]*)\)", r.stdout + r.stderr)
+
+
+def refused(status: str) -> bool:
+    """Whether storescu's status text is a failure (the sender keeps its copy): not
+    Success, and not a Warning (stored all the same)."""
+    return bool(status) and not status.startswith(("Success", "Warning"))
 
 
 def originals(files: list[Path]) -> set[str]:
@@ -81,6 +88,13 @@ def test_case02_sop_uid_never_becomes_a_path_outside_the_data_dir(tmp_path, serv
     assert not outside, f"written outside data_dir, answered {statuses[0]}: {outside}"
     spool = data_dir / "spool"
     assert all(".." not in p.relative_to(spool).parts and spool in p.resolve().parents for p in spool.rglob("*.dcm"))
+    spooled = [p for p in spool.rglob("*") if p.is_file()]
+    if statuses[0] == "Success":  # kept: only under a digest's name
+        assert spooled and all(re.fullmatch(r"[0-9a-f]{16,}\.dcm", p.name) for p in spooled), [p.name for p in spooled]
+    else:  # refused with a failure status, and nothing of it kept
+        assert refused(statuses[0]) and not spooled, (statuses[0], len(spooled))
+        log = (tmp_path / "node.log").read_text()
+        assert re.search(r"WARNING node\.scp: .*SOP Instance UID not a valid UID -> 0x[ABC][0-9A-F]{3}", log)
 
 
 def test_case03_same_sop_uid_in_another_study_is_not_dropped_with_success(tmp_path, serve):
@@ -91,8 +105,11 @@ def test_case03_same_sop_uid_in_another_study_is_not_dropped_with_success(tmp_pa
     out = tmp_path / "out"
     if statuses[1] == "Success":  # acknowledged: it must reach the destination as its own object
         wait_until(lambda: len(list(out.rglob("*.dcm"))) >= 2, timeout=60, what="both objects delivered")
-        assert len({str(dcmread(p).StudyInstanceUID) for p in out.rglob("*.dcm")}) == 2
+        outs = [dcmread(p) for p in out.rglob("*.dcm")]
+        assert len({str(o.StudyInstanceUID) for o in outs}) == 2
+        assert len({str(o.SOPInstanceUID) for o in outs}) == 2  # its own object: an archive would drop a second one under the first's UID
     else:  # refused: the sender keeps it, and the node keeps no copy of it
+        assert refused(statuses[1]), statuses[1]
         spooled = [str(dcmread(p, force=True).PatientID) for p in (Path(cfg["node"]["data_dir"]) / "spool").rglob("*.dcm")]
         assert "PID11223344" not in spooled
     # A receiver process's records reach the node's log a moment later (node.receivers).
@@ -123,7 +140,6 @@ def dciodvfy_errors(path: Path) -> set[str]:
 
 def node_status(config: Path) -> dict:
     """``casemask status --json`` of the node on ``config``, as an operator reads it."""
-    import json
 
     r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -176,6 +192,15 @@ def test_every_case_through_the_node_reaches_its_readme_outcome(tmp_path, serve)
         return counts.get("instances", {}).get("QUARANTINED") == len(quarantine) and counts.get("destination:f", {}).get("SENT") == len(delivered)
 
     wait_until(settled, timeout=90, what="every case processed: delivered or quarantined")
+    # What the operator reads about the quarantined ones: the step and why (04 whatever its
+    # Modality CT says, 09 for its BurnedInAnnotation YES), never a value.
+    r = subprocess.run([sys.executable, "-m", "node.cli", "quarantine", "list", "--json", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    held = json.loads(r.stdout)
+    reasons = sorted((q["modality"], q["step"], q["reason"]) for q in held)
+    assert [m for m, _, _ in reasons] == ["CT", "CT", "DOC"] and all(step == "headers" for _, step, _ in reasons), reasons
+    assert all("Secondary Capture" in why and "does not clean pixels" in why for m, _, why in reasons if m == "CT"), reasons
+    assert "BurnedInAnnotation is YES" in reasons[2][2], reasons
     paths = sorted((tmp_path / "out").rglob("*.dcm"))
     assert len(paths) == len(delivered)
     secrets = phi_values(quarantine + delivered)
@@ -236,3 +261,52 @@ def test_case05_and_16_through_a_node_whose_route_takes_the_options(tmp_path, se
     originals = {str(e.value) for e in ins["SR"].iterall() if e.keyword == "TextValue"}
     assert len(texts) == len(originals) and not set(texts) & originals and not set(texts) <= {"ANONYMIZED"}  # cleaned, not kept, not only dummied
     assert outs["CT"].get("PatientBirthDate", "") == "" and str(outs["CT"].StudyDate) == str(ins["CT"].StudyDate)
+
+
+def test_variants_of_cases_04_10_16_through_the_node(tmp_path, serve):
+    """Each case's kind one step aside, through the node's headers-only route: 10 with
+    its overlay group already removed upstream (the bits stay in Pixel Data), 04 as CT
+    Image Storage whose ImageType lost the sign and whose SeriesDescription says screen
+    save, 16 with the birth date also written in an alternative calendar (LO). 10 and
+    16 are delivered without the name's bits or that date; 04 is quarantined, its reason
+    naming SeriesDescription."""
+    from pydicom.uid import generate_uid
+
+    made = tmp_path / "variants"
+    made.mkdir()
+
+    def fresh(path: Path) -> object:
+        ds = dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        return ds
+
+    mr = fresh(case("10") / "mr_embedded_overlay.dcm")
+    for tag in [t for t in mr.keys() if t.group == 0x6000]:
+        del mr[tag]
+    mr.save_as(made / "mr.dcm")
+    sc = fresh(case("04") / "dose_mono.dcm")
+    sc.SOPClassUID = sc.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    sc.ImageType, sc.SeriesDescription = ["DERIVED", "SECONDARY"], "Dose Screen Save"
+    sc.save_as(made / "screen.dcm")
+    ct = fresh(case("16") / "ct_age91.dcm")
+    ct.add_new(0x00100033, "LO", "13481013")  # Patient's Birth Date in Alternative Calendar
+    ct.save_as(made / "ct.dcm")
+    node, cfg = serve()
+    config = tmp_path / "node.toml"
+    assert storescu_statuses(cfg["node"]["port"], [made / "mr.dcm", made / "screen.dcm", made / "ct.dcm"]) == ["Success"] * 3
+
+    def settled() -> bool:
+        counts = node_status(config)["counts"]
+        return counts.get("instances", {}).get("QUARANTINED") == 1 and counts.get("destination:f", {}).get("SENT") == 2
+
+    wait_until(settled, timeout=90, what="two delivered, one quarantined")
+    outs = {o.Modality: o for o in map(dcmread, (tmp_path / "out").rglob("*.dcm"))}
+    assert set(outs) == {"MR", "CT"}
+    mask = np.load(case("10") / "mask.npy").astype(bool)
+    words = np.frombuffer(outs["MR"].PixelData, "<u2").reshape(outs["MR"].Rows, outs["MR"].Columns)
+    assert int(((words >> 12) & 1)[mask].sum()) == 0 and not (words >> int(outs["MR"].BitsStored)).any()
+    assert (0x0010, 0x0033) not in outs["CT"] and outs["CT"].get("PatientBirthDate", "") == ""
+    r = subprocess.run([sys.executable, "-m", "node.cli", "quarantine", "list", "--json", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    (held,) = json.loads(r.stdout)
+    assert held["step"] == "headers" and "SeriesDescription names a screen save" in held["reason"], held["reason"]

@@ -121,6 +121,12 @@ def test_case04_screen_captures_are_quarantined_whatever_the_modality(tmp_path):
             deid().apply(ds)
         ds.BurnedInAnnotation = "NO"
         deid().apply(ds)  # believed
+        ds = read(f)  # a screen capture labelled CT whose ImageType lost the sign: its series says it
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.SeriesDescription = "Dose Screen Save"
+        with pytest.raises(QuarantineError, match="SeriesDescription names a screen save"):
+            deid().apply(ds)
     r = run_cli(str(case("04")), "--out", str(tmp_path / "o"), "--secret", str(tmp_path / "s.key"))
     assert r.returncode == 1 and r.stderr.count("quarantined") >= 2 and not list((tmp_path / "o").glob("*.dcm"))
 
@@ -203,6 +209,10 @@ def test_case09_encapsulated_pdf_quarantined_or_valid(tmp_path):
     assert any("DocumentTitle" in f.where for f in findings)
     r = run_cli(str(case("09") / "report_pdf.dcm"), "--out", str(tmp_path / "o"), "--secret", str(tmp_path / "s.key"))
     assert r.returncode == 1 and "quarantined" in r.stderr and not list((tmp_path / "o").glob("*.dcm"))
+    # Let through the burned-in policy, the title naming the patient still stops it.
+    r = run_cli(str(case("09") / "report_pdf.dcm"), "--out", str(tmp_path / "a"), "--secret", str(tmp_path / "s.key"), "--burned-in", "allow")
+    assert r.returncode == 1 and "verifier" in r.stderr and "DocumentTitle" in r.stderr and "DOE" not in r.stderr
+    assert not list((tmp_path / "a").glob("*.dcm"))
 
 
 @needs_cases
@@ -217,6 +227,57 @@ def test_case10_overlay_bits_in_pixel_data_are_zeroed(tmp_path):
     assert not (pixels >> out.BitsStored).any()
     assert np.array_equal(pixels, before & ((1 << out.BitsStored) - 1))  # the image itself unchanged
     assert not any(0x6000 <= e.tag.group <= 0x601E for e in out)
+
+
+@needs_cases
+def test_case10_bits_above_bits_stored_are_zeroed_without_an_overlay_group():
+    """The case's own scenario one step upstream (pydicom/deid#201): a de-identifier that
+    removed group 6000 and left the bits. No overlay group arrives, the name is still in
+    bit 12: cleared all the same; an overlay group kept on purpose keeps its bits."""
+    mask = np.load(case("10") / "mask.npy").astype(bool)
+    ds = read(case("10") / "mr_embedded_overlay.dcm")
+    before = np.frombuffer(ds.PixelData, "<u2").reshape(ds.Rows, ds.Columns).copy()
+    for tag in [t for t in ds.keys() if t.group == 0x6000]:
+        del ds[tag]
+    out = dcmread(io.BytesIO(to_bytes(deid().apply(ds).dataset)))
+    pixels = np.frombuffer(out.PixelData, "<u2").reshape(out.Rows, out.Columns)
+    assert int(((pixels >> 12) & 1)[mask].sum()) == 0 and not (pixels >> out.BitsStored).any()
+    assert np.array_equal(pixels, before & 0x0FFF)
+    out = deid(keep=["60003000"]).apply(read(case("10") / "mr_embedded_overlay.dcm")).dataset  # Overlay Data kept
+    assert (0x6000, 0x0102) in out  # the override kept the group: its embedded bitmap stays with it
+    assert np.array_equal(np.frombuffer(out.PixelData, "<u2").reshape(out.Rows, out.Columns), before)
+
+
+@needs_cases
+@pytest.mark.parametrize("bare", [True, False], ids=["bare", "part10"])
+def test_case10_big_endian_words_keep_their_byte_order(bare):
+    """Case 10's object in Explicit VR Big Endian, as a Part 10 file (its overlay group
+    with it) and as a bare data set without file meta (as case 13 comes; the group gone
+    upstream): the high bits are cleared in the byte order the words were read in (numpy
+    computes in native order: written back as they came out, every word was swapped), and
+    a bare input's added file meta says big endian, so the output reads back whole."""
+    from pydicom import dcmwrite
+
+    ds = read(case("10") / "mr_embedded_overlay.dcm")
+    before = np.frombuffer(ds.PixelData, "<u2").reshape(ds.Rows, ds.Columns).copy()
+    ds.PixelData = before.astype(">u2").tobytes()
+    if bare:
+        for tag in [t for t in ds.keys() if t.group == 0x6000]:
+            del ds[tag]
+        del ds.file_meta
+        ds.preamble = None
+    else:
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.2"
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, implicit_vr=False, little_endian=False, enforce_file_format=not bare)
+    data = buf.getvalue()
+    assert (data[128:132] == b"DICM") != bare
+    src = dcmread(io.BytesIO(data), force=True)
+    assert src.original_encoding == (False, False)
+    out = dcmread(io.BytesIO(to_bytes(deid().apply(src).dataset)))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2" and out.PatientIdentityRemoved == "YES"
+    pixels = np.frombuffer(out.PixelData, ">u2").reshape(out.Rows, out.Columns)
+    assert np.array_equal(pixels, before & 0x0FFF)
 
 
 def test_overlay_high_bits_more_objects():
@@ -437,6 +498,23 @@ def test_case16_birth_date_is_emptied_under_every_option(options):
         assert out.PatientAge == "090Y"  # over 89: grouped
     else:
         assert "PatientAge" not in out
+
+
+@pytest.mark.parametrize("options", [[], ["retain-longitudinal-full-dates"], ["retain-longitudinal-modified-dates"], ["retain-patient-characteristics", "retain-longitudinal-full-dates"]])
+def test_birth_and_death_dates_in_an_alternative_calendar_are_removed_under_every_option(options):
+    """The birth date written in another calendar (LO, unlisted in Table E.1-1, so the
+    by-VR date rule never saw it) goes like Patient's Birth Date: under no option does
+    it stay; the death date in that calendar too; the calendar's name is no identifier."""
+    ds = read(PYDICOM_FILES / "CT_small.dcm")
+    ds.PatientBirthDate = "19300105"
+    ds.add_new(0x00100033, "LO", "13481013")  # Patient's Birth Date in Alternative Calendar
+    ds.add_new(0x00100034, "LO", "14420801")  # Patient's Death Date in Alternative Calendar
+    ds.add_new(0x00100035, "CS", "ISLAMIC")  # Patient's Alternative Calendar
+    original = to_bytes(copy.deepcopy(ds))
+    out = deid(options, burned_in="allow").apply(ds).dataset
+    assert out.get("PatientBirthDate", "") == "" and 0x00100033 not in out and 0x00100034 not in out
+    assert out[0x00100035].value == "ISLAMIC"
+    assert b"13481013" not in to_bytes(out) and b"13481013" in original
 
 
 @pytest.mark.parametrize("age,want", [("091Y", "090Y"), ("089Y", "089Y"), ("090Y", "090Y"), ("999M", None), ("030W", "030W")])

@@ -10,6 +10,7 @@ modalities that annotate their images), and BurnedInAnnotation where the sender 
 from __future__ import annotations
 
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 
 from node.deid.text import first_text, texts
 
@@ -26,15 +27,17 @@ _BURNED_IN = 0x00280301
 _MODALITY = 0x00080060
 _SOP_CLASS = 0x00080016
 _IMAGE_TYPE = 0x00080008
+_SERIES_DESCRIPTION = 0x0008103E
 
 
 def burned_in_reason(ds: Dataset) -> str | None:
     """Why ``ds`` may carry text in its pixels or document (None when nothing says so).
 
     BurnedInAnnotation YES always counts; NO is believed. Without it: a Secondary Capture,
-    encapsulated document, video or ultrasound SOP class, an ImageType naming a screen
-    save, or a modality that often annotates its images. Objects without Pixel Data or a
-    document carry no such text."""
+    encapsulated document, video or ultrasound SOP class, an ImageType or a
+    SeriesDescription naming a screen save (CTP's and pydicom/deid's blacklist), or a
+    modality that often annotates its images. Objects without Pixel Data or a document
+    carry no such text."""
     flag = first_text(ds, _BURNED_IN).upper()
     sop_class = first_text(ds, _SOP_CLASS)
     has_content = 0x7FE00010 in ds._dict or 0x00420011 in ds._dict  # Pixel Data, Encapsulated Document
@@ -55,6 +58,8 @@ def burned_in_reason(ds: Dataset) -> str | None:
     image_type = " ".join(texts(ds, _IMAGE_TYPE)).upper()
     if "SAVE" in image_type:
         return "ImageType names a screen save, BurnedInAnnotation is absent"
+    if "SAVE" in first_text(ds, _SERIES_DESCRIPTION).upper():  # the same sign where ImageType lost it
+        return "SeriesDescription names a screen save, BurnedInAnnotation is absent"
     modality = first_text(ds, _MODALITY).upper()
     if modality in BURNED_IN_MODALITIES:
         return f"modality {modality} often has burned-in text, BurnedInAnnotation is absent"
@@ -64,7 +69,8 @@ def burned_in_reason(ds: Dataset) -> str | None:
 def zero_unused_high_bits(ds: Dataset) -> bool:
     """Clear the bits of native Pixel Data outside BitsStored (where retired overlays
     were embedded, PS3.5 8.1.2 before 2008); signed data keeps its sign extension.
-    Returns whether Pixel Data changed. Encapsulated (compressed) data has no such bits.
+    Returns whether Pixel Data changed (it is left as read, undecoded, when not).
+    Encapsulated (compressed) data has no such bits.
     """
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -80,21 +86,29 @@ def zero_unused_high_bits(ds: Dataset) -> bool:
         return False
     import numpy as np
 
-    elem = ds["PixelData"]
-    if elem.is_undefined_length or not isinstance(elem.value, (bytes, bytearray)):
+    elem = ds.get_item(0x7FE00010)  # the raw element where it is one: read, not converted
+    value = elem.value
+    if elem.length == 0xFFFFFFFF if isinstance(elem, RawDataElement) else elem.is_undefined_length:
         return False
-    order = ">" if syntax == "1.2.840.10008.1.2.2" else "<"
+    if not isinstance(value, (bytes, bytearray)):
+        return False
+    little = syntax != "1.2.840.10008.1.2.2" if syntax else getattr(ds, "original_encoding", (None, True))[1] is not False  # a bare data set: as read
+    order = "<" if little else ">"
     dtype = np.dtype(f"{order}u{allocated // 8}")
-    n = len(elem.value) // dtype.itemsize
-    words = np.frombuffer(elem.value, dtype, n)
+    n = len(value) // dtype.itemsize
+    words = np.frombuffer(value, dtype, n)
     low = high - stored + 1
     mask = dtype.type(((1 << stored) - 1) << low)
-    cleared = words & mask
+    cleared = (words & mask).astype(dtype)  # numpy computes in native order: back to the data's
     if signed:
         sign = dtype.type(1 << high)
         extension = dtype.type(((1 << allocated) - 1) ^ ((1 << (high + 1)) - 1))
         cleared = np.where(cleared & sign, cleared | extension, cleared).astype(dtype)
     if np.array_equal(cleared, words):
         return False
-    elem.value = cleared.tobytes() + bytes(elem.value[n * dtype.itemsize :])
+    data = cleared.tobytes() + bytes(value[n * dtype.itemsize :])
+    if isinstance(elem, RawDataElement):
+        ds._dict[elem.tag] = elem._replace(value=data)  # same length
+    else:
+        elem.value = data
     return True

@@ -69,6 +69,10 @@ _SOP_CLASS = 0x00080016
 _LEVEL_UIDS = {"SOPInstanceUID": 0x00080018, "SeriesInstanceUID": 0x0020000E, "StudyInstanceUID": 0x0020000D, "FrameOfReferenceUID": 0x00200052}
 # Actions remembered per IOD before the memo starts again (a bound for hostile inputs).
 _MEMO_LIMIT = 65536
+# Unlisted attributes that hold the patient's birth or death date as text (LO), in an
+# alternative calendar: removed under every option, as Patient's Birth Date is never kept
+# (Table E.1-1 lists neither; their VR hides them from the by-VR date rule).
+_DATES_AS_TEXT = frozenset({0x00100033, 0x00100034})  # Patient's Birth/Death Date in Alternative Calendar
 # Unlisted UIDs that name definitions, not instances: kept (every other unlisted UID is replaced).
 _DEFINITION_UID_WORDS = ("ClassUID", "TransferSyntax", "CodingSchemeUID", "ContextUID", "MappingResourceUID", "CreatorUID", "OrganizationUID")
 
@@ -167,8 +171,13 @@ class Deidentifier:
         self.check_burned_in(ds)
         ctx = self._context(ds)
         before = {kw: first_text(ds, tag) for kw, tag in _LEVEL_UIDS.items()}
-        if self._remove_overlays(ds, ctx) and zero_unused_high_bits(ds):
-            self._note(ctx, "", BaseTag(0x7FE00010), "C")  # overlay bits embedded in Pixel Data cleared
+        self._remove_overlays(ds, ctx)
+        # Bits outside BitsStored are no part of the image: an overlay embedded there stays
+        # readable after its 60xx group went (here, or upstream: a sender's de-identifier
+        # that removed the group and left the bits). Cleared unless an overlay group is
+        # kept on purpose (a keep override): its bitmap may live in those bits.
+        if not _has_overlay_group(ds) and zero_unused_high_bits(ds):
+            self._note(ctx, "", BaseTag(0x7FE00010), "C")  # bits above BitsStored cleared
         self._walk(ds, ctx, "", "", 0)
         for tag, value in self.replace.items():  # replacements also add absent attributes
             if tag not in ds:
@@ -231,11 +240,14 @@ class Deidentifier:
             set_meta(meta, 0x00020003, "UI", self._uid(str(meta.MediaStorageSOPInstanceUID), ctx))
         if 0x00080016 in ds._dict:
             set_meta(meta, 0x00020002, "UI", first_text(ds, 0x00080016))  # MediaStorageSOPClassUID
-        if "TransferSyntaxUID" not in meta:
-            from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        if "TransferSyntaxUID" not in meta:  # a bare data set: the syntax it was read in
+            from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-            implicit, _ = getattr(ds, "original_encoding", (True, True))
-            meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit in (True, None) else ExplicitVRLittleEndian
+            implicit, little = getattr(ds, "original_encoding", (True, True))
+            if little is False:  # big endian is explicit VR only
+                meta.TransferSyntaxUID = ExplicitVRBigEndian
+            else:
+                meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit in (True, None) else ExplicitVRLittleEndian
         set_meta(meta, 0x00020012, "UI", IMPLEMENTATION_CLASS_UID)
         set_meta(meta, 0x00020013, "SH", IMPLEMENTATION_VERSION)
         for t in (0x00020016, 0x00020017, 0x00020018, 0x00020100, 0x00020102):  # AE titles, signatures
@@ -302,9 +314,12 @@ class Deidentifier:
     def _unlisted(self, tag: int, vr: str) -> str:
         """Attributes Table E.1-1 does not list: removed when no DICOM dictionary knows the
         tag (nothing says what it holds: a sender can plant text there); else dates and
-        times by VR (E.1.1 note 4), person names emptied, instance UIDs replaced, the rest
+        times by VR (E.1.1 note 4), the patient's birth and death dates written as text in
+        another calendar removed, person names emptied, instance UIDs replaced, the rest
         kept."""
         if not _in_dictionary(tag):
+            return "X"
+        if tag in _DATES_AS_TEXT:
             return "X"
         if vr in ("DA", "DT"):
             return "K" if self.full_dates else ("S" if self.modified_dates else "D")
@@ -598,6 +613,11 @@ def patient_key_of(ds: Dataset) -> str:
             uid, kind = first_text(items[0], 0x00400032), first_text(items[0], 0x00400033)  # UniversalEntityID(Type)
             issuer = f"{kind}:{uid}" if uid else ""
     return patient_key(pid, issuer)
+
+
+def _has_overlay_group(ds: Dataset) -> bool:
+    """Whether any overlay group (60xx, even groups up to 601E) is left in ``ds``."""
+    return any(0x6000 <= (t >> 16) <= 0x601E and not (t >> 16) & 1 for t in ds._dict)
 
 
 def _split(key: str) -> tuple[str, str]:
