@@ -71,21 +71,11 @@ class GroupCommit:
             RuntimeError: the committer is closed (the node is stopping).
             Exception: what the database raised for this row (not committed).
         """
-        return self.submit(received).result()
-
-    def submit(self, received: queue.Received) -> Future:
-        """Hand ``received``'s row to the committer and return at once: the future's
-        result is :meth:`record`'s (its exception, the database's for this row). The row
-        is durable once the future is done without an exception.
-
-        Raises:
-            RuntimeError: the committer is closed (the node is stopping).
-        """
         if self._closed:
             raise RuntimeError("group commit closed")
         done: Future = Future()
         self._waiting.put((received, done))
-        return done
+        return done.result()
 
     def close(self) -> None:
         """Commit what is waiting, then stop the thread."""

@@ -200,8 +200,7 @@ class StoreHandler:
         self.max_object_mb = settings.node.max_object_mb
         self.min_free_disk_mb = settings.node.min_free_disk_mb
         self.parallel_durability = settings.node.parallel_durability
-        self._spool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool")  # parallel_durability = false
-        self._sync = sync_placed  # the handler's own fsyncs (parallel_durability = true)
+        self._spool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool")
         self._rows = GroupCommit(engine, self._log_change)
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._lock_fd = os.open(settings.node.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600) if shared else None
@@ -374,15 +373,7 @@ class StoreHandler:
             digest=incoming.digest,
         )
         try:
-            row = self._rows.submit(received)
-        except RuntimeError:  # the committer is closed: the node is stopping
-            placing.abandon()
-            if placing.linked:
-                remove_if_same(path, incoming.path)
-            raise _Refusal(OUT_OF_RESOURCES, "node shutting down") from None
-        placing.sync(self._sync)  # the fsyncs on this thread while the committer commits the row
-        try:
-            stored = row.result()
+            stored = self._rows.record(received)
         except Exception as exc:
             placing.outcome()
             if placing.linked:
@@ -482,83 +473,51 @@ def _make_durable(incoming: IncomingFile, path: Path) -> bool:
     return place(incoming.path, path)
 
 
-def sync_placed(incoming: IncomingFile, path: Path, linked: bool) -> None:
-    """fsync a received file's data, then (``linked``: its name is new) the folder of
-    ``path``, on the calling thread.
-
-    The link was made before both, so on ext4 the data's fsync commits the journal
-    transaction that holds the new name as well, and the folder's fsync then finds it
-    committed (it waits only if something else changed the folder since).
-
-    Raises:
-        OSError: the disk is full or failing.
-    """
-    incoming.sync()
-    if linked:
-        fsync_dir(path.parent)
-
-
 class _Placing:
     """Making a C-STORE's file durable under its final name, beside the row's commit.
 
     ``parallel``: the file is flushed to the kernel and linked under ``path`` at once
-    (unless a file is there); :meth:`sync` then fsyncs its data and its folder on the
-    handler's own thread while the committer commits the row (the row carries the
-    bytes' digest: a crash before the data fsync returned leaves a torn file that every
-    reader recognizes, see docs/ingest.md). Otherwise one spool thread fsyncs the data,
-    then links, then fsyncs the folder (:func:`_make_durable`), and :meth:`sync` does
-    nothing."""
+    (unless a file is there), then its data and its folder are fsynced on two spool
+    threads at the same time (the row carries the bytes' digest: a crash before the
+    data fsync returned leaves a torn file that every reader recognizes, see
+    docs/ingest.md). Otherwise one spool thread fsyncs the data, then links, then
+    fsyncs the folder (:func:`_make_durable`)."""
 
     def __init__(self, pool, incoming: IncomingFile, path: Path, parallel: bool) -> None:
         self.linked = False  # our link is at ``path`` (known at once when parallel, else after outcome())
-        self.incoming, self.path = incoming, path
         self._early: bool | OSError | None = None
-        self._synced: bool | OSError | None = None  # parallel: None until sync() ran
         self._futures: list = []
-        if not parallel:
-            try:
+        try:
+            if not parallel:
                 self._futures = [pool.submit(_make_durable, incoming, path)]
-            except RuntimeError:  # the pool is shut down: the node is stopping
-                raise _Refusal(OUT_OF_RESOURCES, "node shutting down") from None
-            return
-        try:
-            incoming.hand_to_kernel()
-            self.linked = place(incoming.path, path, fsync_folder=False)
-        except OSError as exc:
-            self._early = exc
-            return
-        self._early = self.linked
-
-    def sync(self, fsyncs: Callable[[IncomingFile, Path, bool], None]) -> None:
-        """Parallel: run ``fsyncs(incoming, path, linked)`` here (:func:`sync_placed`),
-        keeping what it raised for :meth:`outcome`; once only, nothing after a failed link."""
-        if self._early is None or isinstance(self._early, OSError) or self._synced is not None:
-            return
-        try:
-            fsyncs(self.incoming, self.path, self.linked)
-            self._synced = True
-        except OSError as exc:
-            self._synced = exc
-
-    def abandon(self) -> None:
-        """The row will not be committed: wait for the serial way's spool thread (it may
-        link), skip the parallel way's fsyncs; :attr:`linked` then says what to remove."""
-        if self._early is None:
-            self.outcome()
+                return
+            try:
+                incoming.hand_to_kernel()
+                self.linked = place(incoming.path, path, fsync_folder=False)
+            except OSError as exc:
+                self._early = exc
+                return
+            self._early = self.linked
+            self._futures = [pool.submit(incoming.sync)]
+            if self.linked:
+                self._futures.append(pool.submit(fsync_dir, path.parent))
+        except RuntimeError:  # the pool is shut down: the node is stopping
+            for f in self._futures:
+                _outcome(f)
+            if self.linked:
+                remove_if_same(path, incoming.path)
+            raise _Refusal(OUT_OF_RESOURCES, "node shutting down") from None
 
     def outcome(self) -> bool | OSError:
-        """Wait for the fsyncs (parallel: run them now if :meth:`sync` did not): whether
-        the file was linked under its path (False: a file was there and was left alone),
-        or the OSError that failed it."""
+        """Wait for the fsyncs: whether the file was linked under its path (False: a
+        file was there and was left alone), or the OSError that failed it."""
+        outcomes = [_outcome(f) for f in self._futures]
         if self._early is None:  # the serial way: one future, its result says it all
-            result = _outcome(self._futures[0])
-            if result is True:
+            if outcomes[0] is True:
                 self.linked = True
-            return result
-        if isinstance(self._early, OSError):
-            return self._early
-        self.sync(sync_placed)
-        return self._synced if isinstance(self._synced, OSError) else self._early
+            return outcomes[0]
+        failed = [o for o in [self._early, *outcomes] if isinstance(o, OSError)]
+        return failed[0] if failed else self._early
 
 
 def _sync_existing(path: Path) -> None:

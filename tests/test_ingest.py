@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import threading
+from concurrent.futures import Future
 
 import pytest
 from pydicom import dcmread
@@ -61,17 +62,25 @@ def test_accepted_associations_wait_instead_of_polling(tmp_path, start_node):
     assert idle_passes <= 0.5 / reactor.MAX_WAIT_S + 3, idle_passes  # polling at 50 us: thousands
 
 
-class _FailingSync:
-    """Stands in for a StoreHandler's fsyncs of a placed file (``StoreHandler._sync``,
-    run on the handler's thread while the row commits): each fails (EIO) once
+class _FailingSpool:
+    """Stands in for a StoreHandler's spool thread pool: each write fails (EIO) once
     ``release`` is set, as a disk error would after the row was committed."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def __call__(self, incoming, path, linked) -> None:
-        self.release.wait(30)
-        raise OSError(errno.EIO, "injected disk error")
+    def submit(self, fn, *args) -> Future:
+        done: Future = Future()
+
+        def fail() -> None:
+            self.release.wait(30)
+            done.set_exception(OSError(errno.EIO, "injected disk error"))
+
+        threading.Thread(target=fail, daemon=True).start()
+        return done
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.release.set()
 
 
 @pytest.mark.single_process
@@ -85,8 +94,8 @@ def test_a_failed_write_never_deletes_a_row_another_node_acknowledged(tmp_path, 
 
     raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600)
     node_a = start_node(raw, schedule=False)
-    spool = _FailingSync()
-    node_a.server.store_handler._sync = spool
+    spool = _FailingSpool()
+    node_a.server.store_handler._spool = spool
     settings_b = node_a.settings.model_copy(update={"node": node_a.settings.node.model_copy(update={"port": free_port(), "tls": None})})
     node_b = start_server(settings_b, node_a.engine, pseudo=node_a.pseudo, writer="other-node/1-b")
     try:
