@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.bench.bench_ingest import SHIPPED, _setting, cpu_s, node_rows, send  # noqa: E402
+from tests.bench.bench_ingest import SHIPPED, Ceiling, _setting, cpu_s, node_rows, send  # noqa: E402
 from tests.conftest import NodeProcess, make_study, node_config, write_toml  # noqa: E402
 
 
@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=500, help="objects per sender")
     ap.add_argument("--senders", type=int, default=4)
     ap.add_argument("--node", action="append", default=[], metavar="KEY=VALUE", help="a [node] setting, e.g. --node receivers=2")
+    ap.add_argument("--ceiling", action="store_true", help="measure the ceiling (bench_ingest's pynetdicom SCP that stores nothing) instead of the node")
     args = ap.parse_args()
     if shutil.which("py-spy") is None:
         raise SystemExit("py-spy is not installed (pip install py-spy)")
@@ -69,9 +70,13 @@ def main() -> int:
         for c in corpora:
             make_study(c, args.instances)
         raw = node_config(work / "node", [{"name": "f", "kind": "folder", "path": str(work / "out")}], stable_after_s=86400, **node_kw)
-        port = raw["node"]["port"]
-        node = NodeProcess(write_toml(raw, work / "node.toml"), work / "node.log")
-        node.start(port)  # every receiving process accepts once it says it started (node.sharedport)
+        if args.ceiling:
+            node = Ceiling(work / "ceiling.log")
+            port, aet = node.port, node.aet
+        else:
+            port, aet = raw["node"]["port"], raw["node"]["ae_title"]
+            node = NodeProcess(write_toml(raw, work / "node.toml"), work / "node.log")
+            node.start(port)  # every receiving process accepts once it says it started (node.sharedport)
         pid = node.proc.pid
         before = thread_cpu(pid)
         last = dict(before)
@@ -93,7 +98,7 @@ def main() -> int:
         cpu0 = cpu_s(pid)
         sampler.start()
         t0 = time.perf_counter()
-        send(port, corpora, raw["node"]["ae_title"])
+        send(port, corpora, aet)
         seconds = time.perf_counter() - t0
         cpu = cpu_s(pid) - cpu0
         sending.clear()
@@ -107,8 +112,9 @@ def main() -> int:
         per_name: collections.Counter[str] = collections.Counter()
         for tid, secs in last.items():
             per_name[re.sub(r"\d+", "N", names.get(tid, "(ended before it was named)"))] += secs - before.get(tid, 0.0)
-        print(f"settings: {node_kw}; {args.senders} sender(s) x {args.instances}; stored {node_rows(Path(raw['node']['data_dir']))}; {total / seconds:.1f}/s; load average {os.getloadavg()[0]:.1f}")
-        print(f"node CPU {cpu / total * 1000:.2f} s per 1000 objects; per thread:")
+        stored = "nothing (the ceiling)" if args.ceiling else node_rows(Path(raw["node"]["data_dir"]))
+        print(f"settings: {'the ceiling' if args.ceiling else node_kw}; {args.senders} sender(s) x {args.instances}; stored {stored}; {total / seconds:.1f}/s; load average {os.getloadavg()[0]:.1f}")
+        print(f"{'ceiling' if args.ceiling else 'node'} CPU {cpu / total * 1000:.2f} s per 1000 objects; per thread:")
         for name, secs in per_name.most_common():
             if secs > 0:
                 print(f"  {secs / total * 1000:5.2f}  {name}")
