@@ -350,7 +350,7 @@ def _text_lines(boxes: Sequence[Box]) -> list[Box]:
 def _dark(view: np.ndarray, box: Box) -> bool:
     """True when most of ``box`` in the (unlifted) view is dark: below 48 of 255."""
     t, l, b, r = box
-    return bool(np.median(view[t:b, l:r].max(-1)) < 48)
+    return bool(np.median(ink.brightest(view[t:b, l:r])) < 48)
 
 
 def _touches(box: Box, masks: Sequence[Box]) -> bool:
@@ -524,7 +524,7 @@ def chroma_view(rgb: np.ndarray, masks: Sequence[Sequence[Box]] = ()) -> np.ndar
     its largest and smallest channel, less 12 (JPEG's chroma noise), stretched 4 times.
     A grey image is black in it; a coloured overlay (yellow or green text on grey
     ultrasound) is bright. ``masks[k]`` (frame k's masked boxes) show black."""
-    spread = rgb.max(-1).astype(np.int16) - rgb.min(-1)
+    spread = ink.brightest(rgb).astype(np.int16) - ink.darkest(rgb)
     v = np.clip((spread - 12) * 4, 0, 255).astype(np.uint8)
     for k, boxes in enumerate(masks):
         for t, l, b, r in boxes:
@@ -557,7 +557,7 @@ def _uncovered(box: Box, masks: Sequence[Box]) -> int:
 def _read_second(view: np.ndarray, masks: Sequence[Sequence[Box]], verifier: TextDetector) -> list[list[Box]]:
     """The second reading's boxes per frame of ``view`` (N, rows, cols, 3; masks
     flattened): the frame as shown and, for a colour frame, its chroma."""
-    coloured = [k for k in range(len(view)) if int((view[k].max(-1).astype(np.int16) - view[k].min(-1)).max()) > 16]
+    coloured = [k for k in range(len(view)) if int((ink.brightest(view[k]).astype(np.int16) - ink.darkest(view[k])).max()) > 16]
     found = verifier.detect(view, reading="second")
     if coloured:
         chroma = verifier.detect(chroma_view(view[coloured], [masks[k] for k in coloured]), verifier.settings.check_scale, reading="chroma")
