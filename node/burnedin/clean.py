@@ -350,7 +350,7 @@ def _text_lines(boxes: Sequence[Box]) -> list[Box]:
 def _dark(view: np.ndarray, box: Box) -> bool:
     """True when most of ``box`` in the (unlifted) view is dark: below 48 of 255."""
     t, l, b, r = box
-    return bool(np.median(view[t:b, l:r].max(-1)) < 48)
+    return bool(np.median(ink.brightest(view[t:b, l:r])) < 48)
 
 
 def _touches(box: Box, masks: Sequence[Box]) -> bool:
@@ -449,8 +449,9 @@ def clean(ds: Dataset, detector: TextDetector, rules: RegionRules | None = None,
     view = display(ds, px, read)
     for k, i in enumerate(read):
         _flatten(view[k], masks[i])
-    _verify(ds, px, view, read, masks, found, detector)
-    _small_text_reading(ds, px, view, read, masks, verifier)
+    by_small = _small_text_frames(view, read, masks, n)
+    _verify(ds, px, view, read, masks, found, detector, skip=by_small)
+    _small_text_reading(ds, px, view, read, masks, verifier, by_small)
     if exact:
         _ink_reading(ds, px, view, read, masks)
     if n > CINE_FRAMES:  # pieces masked on a read frame are masked on all
@@ -483,14 +484,18 @@ def _first_reading(frames: np.ndarray, read: list[int], n: int, detector: TextDe
     return per_frame
 
 
-def _verify(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[int], masks: dict[int, list[Box]], new: dict[int, list[Box]], detector: TextDetector) -> None:
+def _verify(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[int], masks: dict[int, list[Box]], new: dict[int, list[Box]], detector: TextDetector,
+            skip: Sequence[int] = ()) -> None:
     """Read the masked frames again (``view``: their display, in the order of ``read``;
     see the module docstring). Residual pieces of text are masked too (``px``, ``masks``
-    and ``view`` change); raises BurnedInError when text is left."""
+    and ``view`` change); raises BurnedInError when text is left. The areas around the
+    masks are not read again on the frames ``skip`` (positions in ``read``): those the
+    small-text reading reads whole after this, masking what touches a mask and sticks
+    out of it (docs/burned-in.md, "The re-read left to the small-text reading")."""
     rows, cols = px.stored.shape[1:3]
     try:
         for k, i in enumerate(read):
-            recent = new.get(i, [])
+            recent = [] if k in skip else new.get(i, [])
             for _round in range(ROUNDS + 1):
                 regions = _merge([_around(b, rows, cols) for b in recent])
                 seen = [b for b in _text_lines(detector.detect_regions(view[k], regions, reading="re-read")) if not _covered(b, masks[i]) and _continues(b, recent)]
@@ -524,7 +529,7 @@ def chroma_view(rgb: np.ndarray, masks: Sequence[Sequence[Box]] = ()) -> np.ndar
     its largest and smallest channel, less 12 (JPEG's chroma noise), stretched 4 times.
     A grey image is black in it; a coloured overlay (yellow or green text on grey
     ultrasound) is bright. ``masks[k]`` (frame k's masked boxes) show black."""
-    spread = rgb.max(-1).astype(np.int16) - rgb.min(-1)
+    spread = ink.brightest(rgb).astype(np.int16) - ink.darkest(rgb)
     v = np.clip((spread - 12) * 4, 0, 255).astype(np.uint8)
     for k, boxes in enumerate(masks):
         for t, l, b, r in boxes:
@@ -557,7 +562,7 @@ def _uncovered(box: Box, masks: Sequence[Box]) -> int:
 def _read_second(view: np.ndarray, masks: Sequence[Sequence[Box]], verifier: TextDetector) -> list[list[Box]]:
     """The second reading's boxes per frame of ``view`` (N, rows, cols, 3; masks
     flattened): the frame as shown and, for a colour frame, its chroma."""
-    coloured = [k for k in range(len(view)) if int((view[k].max(-1).astype(np.int16) - view[k].min(-1)).max()) > 16]
+    coloured = [k for k in range(len(view)) if int((ink.brightest(view[k]).astype(np.int16) - ink.darkest(view[k])).max()) > 16]
     found = verifier.detect(view, reading="second")
     if coloured:
         chroma = verifier.detect(chroma_view(view[coloured], [masks[k] for k in coloured]), verifier.settings.check_scale, reading="chroma")
@@ -628,7 +633,17 @@ def _second_reading(frames: np.ndarray, read: list[int], n: int, found: dict[int
     return out
 
 
-def _small_text_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[int], masks: dict[int, list[Box]], verifier: TextDetector) -> None:
+def _small_text_frames(view: np.ndarray, read: list[int], masks: dict[int, list[Box]], n: int) -> list[int]:
+    """The frames (positions in ``read``) the small-text reading reads: those with a
+    place dense in thin marks (:func:`node.burnedin.small.candidate_areas`) outside the
+    masks; of a cine's sample, only the first and last (a static overlay; each x3
+    reading costs about nine plain ones), and every frame read for a changed overlay."""
+    ends = {_sample(n)[0], _sample(n)[-1]} if n > CINE_FRAMES else set(read)
+    return [k for k, i in enumerate(read) if (i in ends or i not in _sample(n)) and small.candidate_areas(view[k], masks[i])]
+
+
+def _small_text_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[int], masks: dict[int, list[Box]], verifier: TextDetector,
+                        todo: Sequence[int] | None = None) -> None:
     """The second detector on the top-hat view of the masked frames (``view``: their
     display with the masks flattened, in the order of ``read``), whole, at scale
     :data:`node.burnedin.small.SCALE`: 7 px text over speckle that no other reading
@@ -641,6 +656,8 @@ def _small_text_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[i
     change) and the frame read again (ROUNDS times at most); a line of small text away
     from every mask (:data:`node.burnedin.small.MAX_HEIGHT` tall at most,
     :data:`node.burnedin.small.LINE_RATIO` times as wide as tall) is text missed.
+    ``todo``: the frames to read (positions in ``read``), :func:`_small_text_frames`
+    when not given.
 
     Raises:
         BurnedInError: a line of text away from the masks, text still beside a mask
@@ -650,8 +667,7 @@ def _small_text_reading(ds: Dataset, px: _Pixels, view: np.ndarray, read: list[i
     n = len(px.stored)
     # A cine's overlay is static (the other readings see it on every sampled frame):
     # of the sample, its first and last frames, and every frame read for a changed overlay.
-    ends = {_sample(n)[0], _sample(n)[-1]} if n > CINE_FRAMES else set(read)
-    todo = [k for k, i in enumerate(read) if (i in ends or i not in _sample(n)) and small.candidate_areas(view[k], masks[i])]
+    todo = _small_text_frames(view, read, masks, n) if todo is None else list(todo)
     for _round in range(ROUNDS + 1):
         if not todo:
             return

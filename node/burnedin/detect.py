@@ -216,7 +216,7 @@ class _OpenVino:
             self._warned = True
             log.info("this CPU has no native bf16: the detector's readings asked in bf16 run in fp32")
         req = self._request(tuple(x.shape), shape_varies, runs)
-        req.infer({0: x})
+        req.infer({0: x}, share_inputs=True)  # x is not changed while the request runs: no copy of it
         return req.get_output_tensor(0).data.copy()
 
 
@@ -284,15 +284,24 @@ class TextDetector:
         precision = "bf16" if reading in self.settings.bf16 else "f32"
         for i in range(0, n, step):
             chunk = frames[i : i + step]
-            x = np.zeros((len(chunk), 3, R, C), np.float32)
+            x = np.empty((len(chunk), 3, R, C), np.float32)
             for j, f in enumerate(chunk):
-                g = f if (sr, sc) == (rows, cols) else cv2.resize(f, (sc, sr), interpolation=cv2.INTER_LINEAR)
-                x[j, :, :sr, :sc] = g.transpose(2, 0, 1)
-            # (v / 255 - 0.5) / 0.5, as PP-OCR normalises; the padding stays at -1 (black)
-            x[:, :, :sr, :sc] *= 2 / 255
-            x[:, :, :sr, :sc] -= 1
+                # A grey frame (the grey image's RGB view, the top-hat, chroma and
+                # low-contrast views of a grey frame): one channel enlarged and
+                # normalised, copied to the other two (the same values, a third of the work).
+                grey = bool((f[..., 0] == f[..., 1]).all() and (f[..., 1] == f[..., 2]).all())
+                g = np.ascontiguousarray(f[..., 0]) if grey else f
+                if (sr, sc) != (rows, cols):
+                    g = cv2.resize(g, (sc, sr), interpolation=cv2.INTER_LINEAR)
+                planes = x[j, :1] if grey else x[j]
+                planes[:, :sr, :sc] = g[None] if grey else g.transpose(2, 0, 1)
+                # (v / 255 - 0.5) / 0.5, as PP-OCR normalises; the padding is -1 (black)
+                planes[:, :sr, :sc] *= 2 / 255
+                planes[:, :sr, :sc] -= 1
+                if grey:
+                    x[j, 1:, :sr, :sc] = planes[:, :sr, :sc]
             x[:, :, sr:, :] = -1
-            x[:, :, :, sc:] = -1
+            x[:, :, :sr, sc:] = -1
             t0 = time.perf_counter()
             with self._lock:
                 pred = self.backend.run(x, shape_varies, precision)
@@ -309,21 +318,22 @@ class TextDetector:
         sy = sx = 1 / (scale or st.scale)
         bitmap = (prob > st.thresh).astype(np.uint8)
         bitmap = cv2.dilate(bitmap, np.ones((2, 2), np.uint8))  # DB's use_dilation
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(bitmap, connectivity=8)
         out: list[Box] = []
-        for i in range(1, n):
-            x, y, w, h, _area = (int(v) for v in stats[i])
-            if min(w, h) < st.min_side:
-                continue
-            window = labels[y : y + h, x : x + w] == i
-            if float(prob[y : y + h, x : x + w][window].mean()) < st.box_thresh:
-                continue
-            d = w * h * st.unclip / (2 * (w + h))  # DB's unclip offset: area * ratio / perimeter
-            top, left = int(np.floor((y - d) * sy)), int(np.floor((x - d) * sx))
-            bottom, right = int(np.ceil((y + h + d) * sy)), int(np.ceil((x + w + d) * sx))
-            box = (max(0, top), max(0, left), min(rows, bottom), min(cols, right))
-            if box[0] < box[2] and box[1] < box[3]:
-                out.append(box)
+        for y0, x0, labels, stats in _components(bitmap):
+            for i in range(1, len(stats)):
+                x, y, w, h, _area = (int(v) for v in stats[i])
+                if min(w, h) < st.min_side:
+                    continue
+                window = labels[y : y + h, x : x + w] == i
+                if float(prob[y0 + y : y0 + y + h, x0 + x : x0 + x + w][window].mean()) < st.box_thresh:
+                    continue
+                x, y = x + x0, y + y0
+                d = w * h * st.unclip / (2 * (w + h))  # DB's unclip offset: area * ratio / perimeter
+                top, left = int(np.floor((y - d) * sy)), int(np.floor((x - d) * sx))
+                bottom, right = int(np.ceil((y + h + d) * sy)), int(np.ceil((x + w + d) * sx))
+                box = (max(0, top), max(0, left), min(rows, bottom), min(cols, right))
+                if box[0] < box[2] and box[1] < box[3]:
+                    out.append(box)
         return out
 
     def detect(self, frames: np.ndarray, scale: float | None = None, shape_varies: bool = False, reading: str = "") -> list[list[Box]]:
@@ -355,6 +365,29 @@ class TextDetector:
             if t - y < bottom - top and l < right - left:
                 found.append((max(top, t - y + top), l + left, min(b - y + top, bottom), min(r + left, right)))
         return found
+
+
+def _components(bitmap: np.ndarray):
+    """The 8-connected components of a (rows, cols) uint8 bitmap, band by band: yields
+    (top, left, labels, stats) for each run of rows that hold a set pixel (no component
+    spans an empty row), labelled inside the bounding rectangle of that band's set
+    pixels (``cv2.connectedComponentsWithStats``; label 0 the background, ``stats``
+    relative to (top, left)). The same components as labelling the whole map, in a
+    fraction of the time: a probability map at x3.0 is 2.8 million pixels of which
+    about 1% are set, and labelling it whole took 25 ms."""
+    import cv2
+
+    rows_set = np.flatnonzero(bitmap.max(1))  # (cv2.reduce took a hundred times as long)
+    if not len(rows_set):
+        return
+    breaks = np.flatnonzero(np.diff(rows_set) > 1)
+    starts = np.concatenate(([rows_set[0]], rows_set[breaks + 1]))
+    ends = np.concatenate((rows_set[breaks], [rows_set[-1]])) + 1
+    for y0, y1 in zip(starts.tolist(), ends.tolist()):
+        band = bitmap[y0:y1]
+        x, _, w, _ = cv2.boundingRect(band)
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(band[:, x : x + w]), connectivity=8)
+        yield y0, x, labels, stats
 
 
 _SHARED: dict[DetectorSettings, TextDetector] = {}

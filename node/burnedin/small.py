@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from node.burnedin.ink import brightest
+
 Box = tuple[int, int, int, int]  # top, left, bottom, right (exclusive)
 
 TOPHAT = 7  # pixels: marks thinner than this stand out (as ink.TOPHAT)
@@ -49,7 +51,7 @@ LINE_RATIO = 2.5
 def _tophat(rgb: np.ndarray) -> np.ndarray:
     import cv2
 
-    g = np.ascontiguousarray(rgb.max(-1))
+    g = np.ascontiguousarray(brightest(rgb))
     return cv2.morphologyEx(g, cv2.MORPH_TOPHAT, np.ones((TOPHAT, TOPHAT), np.uint8))
 
 
