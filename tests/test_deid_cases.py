@@ -721,6 +721,21 @@ def test_verifier_catches_a_planted_leak_of_each_kind(kind, where):
     assert any((where == "ImageComments" and "ImageComments" in f.where) or (where == "nested" and "CodeMeaning" in f.where) or (where == "private" and "private" in f.where) for f in findings)
 
 
+def test_verifier_takes_no_needle_from_a_uid_too_short_to_name_an_instance():
+    """pydicom's reportsi.dcm (a Basic Text SR) references its images by the UID "0":
+    the verifier searched the output for the byte "0" with UID boundaries and found one
+    outside any value (a length field), quarantining a clean output. A UID that short
+    names no instance; a real one left in the output is still found."""
+    src = read(PYDICOM_FILES / "reportsi.dcm")
+    assert {str(e.value) for e in src.iterall() if e.keyword == "ReferencedSOPInstanceUID"} == {"0"}
+    original = to_bytes(copy.deepcopy(src))
+    out = deid(burned_in="allow").apply(copy.deepcopy(src)).dataset
+    assert verify(original, to_bytes(copy.deepcopy(out))) == []
+    leaky = copy.deepcopy(out)
+    leaky.ImageComments = str(src.SOPInstanceUID)
+    assert [f.kind for f in verify(original, to_bytes(leaky))] == ["uid"]
+
+
 def test_unknown_public_elements_and_file_meta_in_the_data_set_are_removed():
     """Public elements no dictionary knows (any VR) are removed, never kept (nothing says
     what they hold); known unlisted ones keep Annex E's default; group 0002 found among

@@ -231,6 +231,8 @@ def _needles(kind: str, value: str, source: str, raw: bytes, codecs: tuple[str, 
     if not value or value.upper() in _DUMMIES:
         return
     if kind == "uid":
+        if len(value) < 8 or "." not in value:
+            return  # too short to tell from other bytes ("0" matched a length field): no instance's UID
         yield _Needle(kind, source, value, (value.encode("ascii", "ignore"),), "uid")
         return
     if kind in ("date", "birth-date"):
