@@ -93,6 +93,12 @@ def test_case01_un_vr_public_sequences_are_cleaned(tmp_path):
             assert tag + vr in data and tag + b"UN" not in data, (f.name, tag, vr)
     kept = [line for line in r.stdout.splitlines() if "kept" in line]
     assert kept and all("AccessionNumber" not in line and "RequestedProcedureID" not in line for line in kept)
+    # In these two objects every attribute the profile changes is changed wherever it
+    # occurs: no keyword may be both listed as kept and named by a change line.
+    changed = {line.split()[-1] for line in r.stdout.splitlines() if line.startswith("  ") and "kept" not in line}
+    assert {"AccessionNumber", "StudyInstanceUID", "SecondaryReviewerName", "TextValue"} <= changed
+    for line in kept:
+        assert not set(line.split(": ", 1)[1].split(", ")) & changed, line
 
 
 @needs_cases
