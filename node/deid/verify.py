@@ -379,7 +379,8 @@ class _Scan:
             pos = 0  # file meta without a preamble
         else:
             implicit = not (b[4:6].isalpha() and b[4:6].isupper())
-            self._walk(b, 0, len(b), implicit, True, "", self.elements)
+            little = implicit or not (b[0] == 0 and b[1] != 0)  # explicit VR big endian: a group's high byte first
+            self._walk(b, 0, len(b), implicit, little, "", self.elements)
             self._set_charset()
             return
         syntax = ""
