@@ -93,6 +93,12 @@ def test_case01_un_vr_public_sequences_are_cleaned(tmp_path):
             assert tag + vr in data and tag + b"UN" not in data, (f.name, tag, vr)
     kept = [line for line in r.stdout.splitlines() if "kept" in line]
     assert kept and all("AccessionNumber" not in line and "RequestedProcedureID" not in line for line in kept)
+    # In these two objects every attribute the profile changes is changed wherever it
+    # occurs: no keyword may be both listed as kept and named by a change line.
+    changed = {line.split()[-1] for line in r.stdout.splitlines() if line.startswith("  ") and "kept" not in line}
+    assert {"AccessionNumber", "StudyInstanceUID", "SecondaryReviewerName", "TextValue"} <= changed
+    for line in kept:
+        assert not set(line.split(": ", 1)[1].split(", ")) & changed, line
 
 
 @needs_cases
@@ -274,10 +280,18 @@ def test_case10_big_endian_words_keep_their_byte_order(bare):
     assert (data[128:132] == b"DICM") != bare
     src = dcmread(io.BytesIO(data), force=True)
     assert src.original_encoding == (False, False)
-    out = dcmread(io.BytesIO(to_bytes(deid().apply(src).dataset)))
+    family = src.PatientName.family_name
+    encoded = to_bytes(deid().apply(src).dataset)
+    out = dcmread(io.BytesIO(encoded))
     assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2" and out.PatientIdentityRemoved == "YES"
     pixels = np.frombuffer(out.PixelData, ">u2").reshape(out.Rows, out.Columns)
     assert np.array_equal(pixels, before & 0x0FFF)
+    # The verifier reads the big-endian original too (a bare one had been read as little
+    # endian: "cannot read the data set", quarantined), and still finds a leak in it.
+    assert verify(data, encoded) == []
+    leaky = copy.deepcopy(out)
+    leaky.ImageComments = f"seen {family}"
+    assert [f.kind for f in verify(data, to_bytes(leaky))] == ["name"]
 
 
 def test_overlay_high_bits_more_objects():
@@ -719,6 +733,21 @@ def test_verifier_catches_a_planted_leak_of_each_kind(kind, where):
     assert findings, (kind, where)
     assert all(value not in str(f) and str(src.PatientID) not in str(f) for f in findings)
     assert any((where == "ImageComments" and "ImageComments" in f.where) or (where == "nested" and "CodeMeaning" in f.where) or (where == "private" and "private" in f.where) for f in findings)
+
+
+def test_verifier_takes_no_needle_from_a_uid_too_short_to_name_an_instance():
+    """pydicom's reportsi.dcm (a Basic Text SR) references its images by the UID "0":
+    the verifier searched the output for the byte "0" with UID boundaries and found one
+    outside any value (a length field), quarantining a clean output. A UID that short
+    names no instance; a real one left in the output is still found."""
+    src = read(PYDICOM_FILES / "reportsi.dcm")
+    assert {str(e.value) for e in src.iterall() if e.keyword == "ReferencedSOPInstanceUID"} == {"0"}
+    original = to_bytes(copy.deepcopy(src))
+    out = deid(burned_in="allow").apply(copy.deepcopy(src)).dataset
+    assert verify(original, to_bytes(copy.deepcopy(out))) == []
+    leaky = copy.deepcopy(out)
+    leaky.ImageComments = str(src.SOPInstanceUID)
+    assert [f.kind for f in verify(original, to_bytes(leaky))] == ["uid"]
 
 
 def test_unknown_public_elements_and_file_meta_in_the_data_set_are_removed():

@@ -231,6 +231,8 @@ def _needles(kind: str, value: str, source: str, raw: bytes, codecs: tuple[str, 
     if not value or value.upper() in _DUMMIES:
         return
     if kind == "uid":
+        if len(value) < 8 or "." not in value:
+            return  # too short to tell from other bytes ("0" matched a length field): no instance's UID
         yield _Needle(kind, source, value, (value.encode("ascii", "ignore"),), "uid")
         return
     if kind in ("date", "birth-date"):
@@ -377,7 +379,8 @@ class _Scan:
             pos = 0  # file meta without a preamble
         else:
             implicit = not (b[4:6].isalpha() and b[4:6].isupper())
-            self._walk(b, 0, len(b), implicit, True, "", self.elements)
+            little = implicit or not (b[0] == 0 and b[1] != 0)  # explicit VR big endian: a group's high byte first
+            self._walk(b, 0, len(b), implicit, little, "", self.elements)
             self._set_charset()
             return
         syntax = ""
