@@ -282,10 +282,11 @@ def test_a_store_only_dicomweb_account_is_asked_to_store_nothing_every_ten_minut
     from node.config import parse
 
     posts: list[str] = []
+    broken = [False]
 
     class Archive(BaseHTTPRequestHandler):  # a store-only account: searches 403, uploads 200
         def do_GET(self):
-            self.send_response(403 if self.path.startswith("/dicom-web/") else 404)
+            self.send_response(503 if broken[0] else 403 if self.path.startswith("/dicom-web/") else 404)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -308,7 +309,7 @@ def test_a_store_only_dicomweb_account_is_asked_to_store_nothing_every_ten_minut
         dests = [{"name": "web", "kind": "dicomweb", "url": url},
                  {"name": "nowhere", "kind": "dicomweb", "url": f"http://127.0.0.1:{free_port()}/dicom-web"}]
         monitor = health.HealthMonitor(parse(node_config(tmp_path, dests), "test", base_dir=tmp_path))
-        caplog.set_level(logging.WARNING, logger="node.health")
+        caplog.set_level(logging.INFO, logger="node.health")
         monitor.check_all()
         assert posts == ["/dicom-web/studies"] and monitor.get("web").reachable, (posts, monitor.get("web"))
         assert [r.getMessage() for r in caplog.records] == [
@@ -321,6 +322,16 @@ def test_a_store_only_dicomweb_account_is_asked_to_store_nothing_every_ten_minut
         clock[0] += health.STOW_PROBE_EVERY_S
         monitor.check_all()
         assert len(posts) == 2 and monitor.get("web").reachable, posts
+        # Down, then back: a WARNING going, an INFO coming back (the node's way for what recovered).
+        broken[0] = True
+        clock[0] += 30
+        monitor.check_all()
+        broken[0] = False
+        clock[0] += 30
+        monitor.check_all()
+        web = [(r.levelno, r.getMessage().split(" (")[0]) for r in caplog.records if "destination web" in r.getMessage()]
+        assert web == [(logging.WARNING, "destination web: unreachable"), (logging.INFO, "destination web: reachable again")], web
+        assert len(posts) == 3, posts  # back from unreachable: the empty STOW-RS is asked again
     finally:
         server.shutdown()
         server.server_close()
