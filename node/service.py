@@ -416,22 +416,32 @@ class Service:
         return n + w
 
     def destinations(self) -> list[dict[str, Any]]:
-        """Each configured destination: address, deliveries per state, last sent, health."""
+        """Each configured destination: address, deliveries per state, last sent, why the
+        newest waiting or failed delivery was not sent and when the next attempt is, health."""
         with self.sessions() as session:
             counts: dict[str, dict[str, int]] = {}
             for dest, st, n in session.execute(select(Delivery.destination, Delivery.state, func.count()).group_by(Delivery.destination, Delivery.state)):
                 counts.setdefault(dest, {})[st.value] = n
             last = dict(session.execute(select(Delivery.destination, func.max(Delivery.sent_at)).group_by(Delivery.destination)).all())
+            why: dict[str, str] = {}  # the newest waiting or failed delivery's reason, as casemask status says it
+            for dest, st, reason in session.execute(select(Delivery.destination, Delivery.state, Delivery.reason)
+                                                    .where(Delivery.state.in_((DeliveryState.RETRY_WAIT, DeliveryState.FAILED)))
+                                                    .order_by(Delivery.id.desc()).limit(1000)):
+                why.setdefault(dest, f"{st.value}: {reason or 'no reason recorded'}")
+            due = dict(session.execute(select(Delivery.destination, func.min(Delivery.next_attempt_at))
+                                       .where(Delivery.state == DeliveryState.RETRY_WAIT).group_by(Delivery.destination)).all())
         monitor = getattr(self.node, "health", None)
         out = []
         for d in self.settings.destinations:
             h = monitor.get(d.name) if monitor is not None else None
             address = {"dicom": f"{d.ae_title}@{d.host}:{d.port}", "folder": str(d.path), "dicomweb": hide_credentials(d.url)}[d.kind]
             out.append({"name": d.name, "kind": d.kind, "address": address, "deliveries": counts.get(d.name, {}), "last_sent_at": _iso(last.get(d.name)),
+                        "not_sent": why.get(d.name), "next_attempt_at": _iso(due.get(d.name)),
                         "reachable": None if h is None else h.reachable, "health": "not checked yet" if h is None else h.detail,
                         "checked_at": None if h is None else dt.datetime.fromtimestamp(h.checked_at, dt.UTC).isoformat(timespec="seconds")})
         for name in sorted(set(counts) - {d.name for d in self.settings.destinations}):
             out.append({"name": name, "kind": "", "address": "no longer configured", "deliveries": counts[name], "last_sent_at": _iso(last.get(name)),
+                        "not_sent": why.get(name), "next_attempt_at": _iso(due.get(name)),
                         "reachable": None, "health": "not configured", "checked_at": None})
         return out
 
