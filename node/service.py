@@ -104,6 +104,22 @@ def _step(reason: str) -> str:
     return head.strip().replace(" ", "_") if sep and _STEP_PREFIX.fullmatch(head.strip()) else step_of(reason)
 
 
+def _burned_in_notes(ds, routes: list) -> dict[str, str]:
+    """Per matched route, what its burned-in text policy does with an object whose pixels
+    may carry text (routes explain matched a route; the header step then quarantined the
+    object, which explain did not say)."""
+    from node.deid.burned_in import burned_in_reason
+
+    why = burned_in_reason(ds)
+    notes: dict[str, str] = {}
+    for r in routes:
+        if not why or r.deid is None or r.pixels == "anonymize" or r.deid.burned_in == "allow":
+            continue
+        notes[r.name] = (f"{why}: its text is masked (burned_in = \"clean\"), what cannot be is quarantined" if r.deid.burned_in == "clean" else
+                         f"{why}: quarantined by this route's deid burned_in = \"quarantine\" (\"clean\" masks the text: docs/burned-in.md)")
+    return notes
+
+
 def _iso(t: dt.datetime | None) -> str | None:
     return t.isoformat(timespec="seconds") + "Z" if t else None
 
@@ -455,7 +471,8 @@ class Service:
         from pydicom import dcmread
 
         try:
-            ds = dcmread(io.BytesIO(data) if isinstance(data, bytes) else data, stop_before_pixels=True)
+            # Pixel Data present but not read (deferred): the burned-in policy asks only whether it is there.
+            ds = dcmread(io.BytesIO(data), defer_size=1024) if isinstance(data, bytes) else dcmread(data, defer_size=1024)
             ds.get("SOPClassUID")
         except Exception as exc:
             raise Invalid(f"not readable as DICOM ({type(exc).__name__})") from None
@@ -464,7 +481,8 @@ class Service:
         verdicts = routing.match_routes(s.routes, attrs)
         matched = [v.route for v in verdicts if v.matched]
         return {"routes": matched, "unrouted": None if matched else s.node.unrouted,
-                "verdicts": [{"route": v.route, "matched": v.matched, "reasons": list(v.reasons)} for v in verdicts]}
+                "verdicts": [{"route": v.route, "matched": v.matched, "reasons": list(v.reasons)} for v in verdicts],
+                "burned_in": _burned_in_notes(ds, [r for r in s.routes if r.name in matched])}
 
     def routes(self) -> list[dict[str, Any]]:
         return [r.model_dump(mode="json") for r in self.settings.routes]
