@@ -296,6 +296,8 @@ def cmd_routes_explain(args) -> int:
         print(f"{f}: " + (f"routes {', '.join(matched)}" if matched else f"no route matches (unrouted = {result['unrouted']})"))
         for v in result["verdicts"]:
             print(f"  {'MATCH' if v['matched'] else 'no   '} {v['route']}: " + "; ".join(v["reasons"]))
+        for route, note in result.get("burned_in", {}).items():
+            print(f"  NOTE  {route}: {note}")
     return status
 
 

@@ -105,7 +105,8 @@ def _run(args, settings, folder: Path) -> int:
         print(f"each output says what it is, e.g. DerivationDescription: {dcmread(example, stop_before_pixels=True).get('DerivationDescription', '(none)')}")
     for d in settings.destinations:
         where = str(d.path) if d.kind == "folder" else (f"{d.ae_title}@{d.host}:{d.port}" if d.kind == "dicom" else d.url)
-        print(f"destination {d.name} ({d.kind}): {counts.get(f'destination:{d.name}', {})} -> {where}")
+        states = counts.get(f"destination:{d.name}", {})
+        print(f"destination {d.name} ({d.kind}): {'  '.join(f'{k}={v}' for k, v in sorted(states.items())) or 'nothing sent'} -> {where}")
     return 0
 
 

@@ -158,8 +158,8 @@ class HealthMonitor:
             before = self.results.get(dest.name)
             if before is None and not h.reachable:  # a destination wrong from the start: said in the log at once, not only on the dashboard
                 log.warning("destination %s: unreachable at the first check (%s)", dest.name, h.detail)
-            elif before is not None and before.reachable != h.reachable:
-                log.warning("destination %s: %s (%s)", dest.name, "reachable again" if h.reachable else "unreachable", h.detail)
+            elif before is not None and before.reachable != h.reachable:  # back: INFO (the node's way: dispatch's "back up", audit's syslog)
+                log.log(logging.INFO if h.reachable else logging.WARNING, "destination %s: %s (%s)", dest.name, "reachable again" if h.reachable else "unreachable", h.detail)
             with self._lock:
                 self.results[dest.name] = h
         self._last = time.monotonic()

@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
-from node.config import Destination, DicomWebAuth
+from node.config import Destination, DicomWebAuth, hide_credentials
 from node.health import stow_meaning
 from node.scp import tune_association
 from node.tls import client_context
@@ -389,7 +389,7 @@ class DicomWebSender:
         return client
 
     def send(self, batch: Sequence[Work], report: Report, proceed: Proceed = _always) -> None:
-        url = self.dest.url.rstrip("/") + "/studies"
+        url = hide_credentials(self.dest.url.rstrip("/") + "/studies")  # for reasons only: a user:password@ in it is never said
         if self._client is None:
             try:
                 self._client = self._make_client()

@@ -104,6 +104,22 @@ def _step(reason: str) -> str:
     return head.strip().replace(" ", "_") if sep and _STEP_PREFIX.fullmatch(head.strip()) else step_of(reason)
 
 
+def _burned_in_notes(ds, routes: list) -> dict[str, str]:
+    """Per matched route, what its burned-in text policy does with an object whose pixels
+    may carry text (routes explain matched a route; the header step then quarantined the
+    object, which explain did not say)."""
+    from node.deid.burned_in import burned_in_reason
+
+    why = burned_in_reason(ds)
+    notes: dict[str, str] = {}
+    for r in routes:
+        if not why or r.deid is None or r.pixels == "anonymize" or r.deid.burned_in == "allow":
+            continue
+        notes[r.name] = (f"{why}: its text is masked (burned_in = \"clean\"), what cannot be is quarantined" if r.deid.burned_in == "clean" else
+                         f"{why}: quarantined by this route's deid burned_in = \"quarantine\" (\"clean\" masks the text: docs/burned-in.md)")
+    return notes
+
+
 def _iso(t: dt.datetime | None) -> str | None:
     return t.isoformat(timespec="seconds") + "Z" if t else None
 
@@ -416,22 +432,32 @@ class Service:
         return n + w
 
     def destinations(self) -> list[dict[str, Any]]:
-        """Each configured destination: address, deliveries per state, last sent, health."""
+        """Each configured destination: address, deliveries per state, last sent, why the
+        newest waiting or failed delivery was not sent and when the next attempt is, health."""
         with self.sessions() as session:
             counts: dict[str, dict[str, int]] = {}
             for dest, st, n in session.execute(select(Delivery.destination, Delivery.state, func.count()).group_by(Delivery.destination, Delivery.state)):
                 counts.setdefault(dest, {})[st.value] = n
             last = dict(session.execute(select(Delivery.destination, func.max(Delivery.sent_at)).group_by(Delivery.destination)).all())
+            why: dict[str, str] = {}  # the newest waiting or failed delivery's reason, as casemask status says it
+            for dest, st, reason in session.execute(select(Delivery.destination, Delivery.state, Delivery.reason)
+                                                    .where(Delivery.state.in_((DeliveryState.RETRY_WAIT, DeliveryState.FAILED)))
+                                                    .order_by(Delivery.id.desc()).limit(1000)):
+                why.setdefault(dest, f"{st.value}: {reason or 'no reason recorded'}")
+            due = dict(session.execute(select(Delivery.destination, func.min(Delivery.next_attempt_at))
+                                       .where(Delivery.state == DeliveryState.RETRY_WAIT).group_by(Delivery.destination)).all())
         monitor = getattr(self.node, "health", None)
         out = []
         for d in self.settings.destinations:
             h = monitor.get(d.name) if monitor is not None else None
             address = {"dicom": f"{d.ae_title}@{d.host}:{d.port}", "folder": str(d.path), "dicomweb": hide_credentials(d.url)}[d.kind]
             out.append({"name": d.name, "kind": d.kind, "address": address, "deliveries": counts.get(d.name, {}), "last_sent_at": _iso(last.get(d.name)),
+                        "not_sent": why.get(d.name), "next_attempt_at": _iso(due.get(d.name)),
                         "reachable": None if h is None else h.reachable, "health": "not checked yet" if h is None else h.detail,
                         "checked_at": None if h is None else dt.datetime.fromtimestamp(h.checked_at, dt.UTC).isoformat(timespec="seconds")})
         for name in sorted(set(counts) - {d.name for d in self.settings.destinations}):
             out.append({"name": name, "kind": "", "address": "no longer configured", "deliveries": counts[name], "last_sent_at": _iso(last.get(name)),
+                        "not_sent": why.get(name), "next_attempt_at": _iso(due.get(name)),
                         "reachable": None, "health": "not configured", "checked_at": None})
         return out
 
@@ -445,7 +471,8 @@ class Service:
         from pydicom import dcmread
 
         try:
-            ds = dcmread(io.BytesIO(data) if isinstance(data, bytes) else data, stop_before_pixels=True)
+            # Pixel Data present but not read (deferred): the burned-in policy asks only whether it is there.
+            ds = dcmread(io.BytesIO(data), defer_size=1024) if isinstance(data, bytes) else dcmread(data, defer_size=1024)
             ds.get("SOPClassUID")
         except Exception as exc:
             raise Invalid(f"not readable as DICOM ({type(exc).__name__})") from None
@@ -454,7 +481,8 @@ class Service:
         verdicts = routing.match_routes(s.routes, attrs)
         matched = [v.route for v in verdicts if v.matched]
         return {"routes": matched, "unrouted": None if matched else s.node.unrouted,
-                "verdicts": [{"route": v.route, "matched": v.matched, "reasons": list(v.reasons)} for v in verdicts]}
+                "verdicts": [{"route": v.route, "matched": v.matched, "reasons": list(v.reasons)} for v in verdicts],
+                "burned_in": _burned_in_notes(ds, [r for r in s.routes if r.name in matched])}
 
     def routes(self) -> list[dict[str, Any]]:
         return [r.model_dump(mode="json") for r in self.settings.routes]

@@ -282,10 +282,11 @@ def test_a_store_only_dicomweb_account_is_asked_to_store_nothing_every_ten_minut
     from node.config import parse
 
     posts: list[str] = []
+    broken = [False]
 
     class Archive(BaseHTTPRequestHandler):  # a store-only account: searches 403, uploads 200
         def do_GET(self):
-            self.send_response(403 if self.path.startswith("/dicom-web/") else 404)
+            self.send_response(503 if broken[0] else 403 if self.path.startswith("/dicom-web/") else 404)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -308,7 +309,7 @@ def test_a_store_only_dicomweb_account_is_asked_to_store_nothing_every_ten_minut
         dests = [{"name": "web", "kind": "dicomweb", "url": url},
                  {"name": "nowhere", "kind": "dicomweb", "url": f"http://127.0.0.1:{free_port()}/dicom-web"}]
         monitor = health.HealthMonitor(parse(node_config(tmp_path, dests), "test", base_dir=tmp_path))
-        caplog.set_level(logging.WARNING, logger="node.health")
+        caplog.set_level(logging.INFO, logger="node.health")
         monitor.check_all()
         assert posts == ["/dicom-web/studies"] and monitor.get("web").reachable, (posts, monitor.get("web"))
         assert [r.getMessage() for r in caplog.records] == [
@@ -321,6 +322,16 @@ def test_a_store_only_dicomweb_account_is_asked_to_store_nothing_every_ten_minut
         clock[0] += health.STOW_PROBE_EVERY_S
         monitor.check_all()
         assert len(posts) == 2 and monitor.get("web").reachable, posts
+        # Down, then back: a WARNING going, an INFO coming back (the node's way for what recovered).
+        broken[0] = True
+        clock[0] += 30
+        monitor.check_all()
+        broken[0] = False
+        clock[0] += 30
+        monitor.check_all()
+        web = [(r.levelno, r.getMessage().split(" (")[0]) for r in caplog.records if "destination web" in r.getMessage()]
+        assert web == [(logging.WARNING, "destination web: unreachable"), (logging.INFO, "destination web: reachable again")], web
+        assert len(posts) == 3, posts  # back from unreachable: the empty STOW-RS is asked again
     finally:
         server.shutdown()
         server.server_close()
@@ -447,3 +458,61 @@ def test_a_peer_that_rejects_the_node_is_one_line_of_the_nodes_not_three_of_pyne
     assert why == ["association rejected (Rejected Permanent: Calling AE title not recognised)"], why
     theirs = [r.getMessage() for r in caplog.records if r.name.startswith("pynetdicom") and r.levelno >= logging.ERROR]
     assert not theirs, theirs
+
+
+def test_the_destinations_page_says_why_objects_wait_and_when_the_next_attempt_is(tmp_path):
+    """The dashboard's Destinations page showed `RETRY_WAIT 1` and the health, but not the
+    delivery's reason nor when the node tries again, which `casemask status` says. Now
+    both pages say the same (API: not_sent, next_attempt_at)."""
+    from pydicom import dcmread
+
+    from node import accounts
+    from tests.conftest import make_study, receive, wait_until
+    from tests.httpnode import start_http_node
+
+    raw = node_config(tmp_path, [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}],
+                      stable_after_s=0, retry_base_s=300, retry_max_s=600)
+    hn = start_http_node(raw, tmp_path)
+    try:
+        receive(hn.node, dcmread(make_study(tmp_path / "s", 1)[0]))
+        api = hn.client("viewer")
+
+        def waiting() -> dict | None:
+            row = next(d for d in api.get("/api/v1/destinations").json() if d["name"] == "pacs")
+            return row if row["deliveries"].get("RETRY_WAIT") else None
+
+        row = wait_until(waiting, timeout=90, what="the delivery waiting for its next attempt")
+        assert row["not_sent"].startswith("RETRY_WAIT: cannot connect to PACS@127.0.0.1:") and row["next_attempt_at"], row
+        with hn.node.sessions() as s:
+            accounts.add_user(s, "alice", "viewer", "a long passphrase")
+            s.commit()
+        with hn.client() as browser:
+            token = re.search(r'name="login_token" value="([^"]+)"', browser.get("/login").text).group(1)
+            assert browser.post("/login", data={"name": "alice", "password": "a long passphrase", "login_token": token}).status_code == 303
+            page = browser.get("/destinations").text
+        assert "last RETRY_WAIT: cannot connect to PACS@127.0.0.1:" in page and "; next attempt " in page, page
+    finally:
+        hn.node.stop()
+
+
+def test_a_password_in_a_dicomweb_url_is_never_in_a_delivery_reason(tmp_path):
+    """A dicomweb url with user:password@ (allowed for https://) went whole into the
+    reason of a delivery that could not reach it: `cannot reach https://archiver:<the
+    password>@.../studies`, which the log, `casemask status`, /api/v1/status and the
+    Destinations page show to every viewer. Now its password is `***` there, as on the
+    configuration page."""
+    from pydicom import dcmread
+
+    from node.config import parse
+    from node.scu import DicomWebSender, Work
+    from tests.conftest import make_study
+
+    password = "Xq7-never-said-9z"
+    raw = node_config(tmp_path, [{"name": "web", "kind": "dicomweb", "url": f"https://archiver:{password}@127.0.0.1:{free_port()}/dicom-web"}])
+    sender = DicomWebSender(parse(raw, "test", base_dir=tmp_path).destinations[0])
+    f = make_study(tmp_path / "s", 1)[0]
+    outcomes: list = []
+    sender.send([Work(1, f, str(dcmread(f).SOPClassUID), "1.2.840.10008.1.2.1")], lambda w, o: outcomes.append(o))
+    (outcome,) = outcomes
+    assert outcome.kind == "retry" and outcome.reason.startswith("cannot reach https://archiver:***@127.0.0.1:"), outcome
+    assert password not in outcome.reason

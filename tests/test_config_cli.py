@@ -387,3 +387,27 @@ def test_auth_over_plain_http_is_taken_for_an_archive_on_this_machine_only(tmp_p
     with pytest.raises(ConfigError) as exc:
         load(write_toml(raw, tmp_path / "c.toml"))
     assert any("auth needs an https:// url" in p and "127.0.0.1, ::1, localhost" in p for p in exc.value.problems), exc.value.problems
+
+
+def test_routes_explain_says_when_the_burned_in_policy_will_quarantine_the_object(tmp_path):
+    """`routes explain` said `routes headers` for an ultrasound image with
+    BurnedInAnnotation YES; the node then quarantined it at the header step, which
+    explain had not said. Now a matched route whose burned-in policy takes the object out
+    has a NOTE saying so and what would clean it (files and uploaded bytes alike)."""
+    from pydicom import dcmread
+
+    from node.service import Service
+
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": "out"}])
+    raw["routes"] = [{"name": "headers", "match": {"Modality": {"regex": "."}}, "deid": {"profile": "basic"}, "destinations": ["f"]},
+                     {"name": "allowed", "match": {"Modality": "CT"}, "deid": {"profile": "basic", "burned_in": "allow"}, "destinations": ["f"]}]
+    cfg = write_toml(raw, tmp_path / "c.toml")
+    ds = dcmread(PYDICOM_FILES / "CT_small.dcm")
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(tmp_path / "burned.dcm")
+    r = run_cli("routes", "explain", "--config", str(cfg), str(tmp_path / "burned.dcm"), str(PYDICOM_FILES / "CT_small.dcm"))
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stdout.splitlines() if "NOTE" in line]
+    assert notes == ['  NOTE  headers: BurnedInAnnotation is YES: quarantined by this route\'s deid burned_in = "quarantine" ("clean" masks the text: docs/burned-in.md)'], r.stdout
+    explained = Service(load(cfg), sessions=None).explain((tmp_path / "burned.dcm").read_bytes())  # as /api/v1/routes/explain
+    assert list(explained["burned_in"]) == ["headers"] and explained["routes"] == ["headers", "allowed"], explained

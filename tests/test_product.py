@@ -158,6 +158,8 @@ def test_demo_removes_its_synthetic_files_unless_out(tmp_path: Path, start_node)
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "processed 1" in proc.stdout
+    # Each destination's deliveries as `casemask status` writes them (it printed a Python dict, {'SENT': 1}).
+    assert re.search(r"^destination out \(folder\): (?:[A-Z_]+=\d+ ?)+ -> ", proc.stdout, flags=re.M), proc.stdout
     assert list(tmp.iterdir()) == [], "the demo left its synthetic files in the temporary folder"
     kept = tmp_path / "kept"
     proc = subprocess.run([*args, "--seed", "7", "--out", str(kept)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
