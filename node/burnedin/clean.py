@@ -21,9 +21,11 @@ For each object, in order:
    value (:func:`node.burnedin.ink.extend_along_ink`), then masked, with a margin, on every frame (the union: text found on one
    frame of a cine is blanked on all);
 6. verification, on each frame read in 3.: the masked areas and their surroundings are
-   read again (pieces of text next to a mask are masked too, twice at most), the
-   whole frame is read once more through a low-contrast view (dark values lifted) that
-   finds faint text the first reading may miss.
+   read again (pieces of text next to a mask are masked too, twice at most) on the
+   frames the small-text reading below does not read (since 2026-11-30: it reads the
+   masked frame whole and masks what touches a mask), the whole frame is read once
+   more through a low-contrast view (dark values lifted) that finds faint text the
+   first reading may miss.
    Then the small-text reading (:mod:`node.burnedin.small`): the second detector on the
    masked frame's white top-hat (thin bright marks on black) at scale 3, whole, where
    thin marks are dense enough somewhere to be a line of 7 px text, which no other
