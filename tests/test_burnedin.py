@@ -740,20 +740,29 @@ def test_text_left_next_to_a_mask_is_masked_on_the_re_check(step, monkeypatch, s
     assert all(m[t.box[0] : t.box[2], t.box[1] : t.box[3]].all() for t in tokens), "the rest of a line was not masked"
 
 
-def test_text_still_found_after_masking_is_quarantined(step, monkeypatch):
-    """The re-read around the masks (on a frame the small-text reading does not read:
-    no place dense in thin marks) finds text beside a mask round after round: the
-    object is quarantined."""
+@pytest.mark.parametrize("frame", ["8-bit, nothing for the small-text reading", "12-bit"])
+def test_text_still_found_after_masking_is_quarantined(step, monkeypatch, frame):
+    """The re-read around the masks finds text beside a mask round after round: the
+    object is quarantined. It runs on frames the small-text reading does not read (no
+    place dense in thin marks) and on those the ink reading cannot follow with exact
+    values (12 bits stored, shown through a percentile stretch), where the small-text
+    reading does read."""
     from node.burnedin import BurnedInError, clean as cleaning, small
     from node.burnedin.clean import clean
 
     monkeypatch.setattr(cleaning, "_continues", lambda box, masks: True)
     monkeypatch.setattr(cleaning, "_covered", lambda box, masks: False)
-    monkeypatch.setattr(small, "candidate_areas", lambda rgb, masks=(): [])
-
     f, _ = sb.us_frame(162, over_content=0.0, sizes=(24,))
+    ds = sb.dataset(f)
+    if frame == "12-bit":
+        assert small.candidate_areas(np.repeat(f[..., None], 3, 2))
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelData = (f.astype(np.uint16) << 4).tobytes()
+        ds["PixelData"].VR = "OW"
+    else:
+        monkeypatch.setattr(small, "candidate_areas", lambda rgb, masks=(): [])
     with pytest.raises(BurnedInError, match="still detected after masking"):
-        clean(sb.dataset(f), _HalfSighted(step.detector(), stubborn=True), None)
+        clean(ds, _HalfSighted(step.detector(), stubborn=True), None)
 
 
 class _CutShort:

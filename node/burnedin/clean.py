@@ -21,9 +21,13 @@ For each object, in order:
    value (:func:`node.burnedin.ink.extend_along_ink`), then masked, with a margin, on every frame (the union: text found on one
    frame of a cine is blanked on all);
 6. verification, on each frame read in 3.: the masked areas and their surroundings are
-   read again (pieces of text next to a mask are masked too, twice at most), the
-   whole frame is read once more through a low-contrast view (dark values lifted) that
-   finds faint text the first reading may miss.
+   read again (pieces of text next to a mask are masked too, twice at most), except on
+   8-bit frames (native or from RLE) the small-text reading below reads (since
+   2026-11-30: it reads the masked frame whole and masks what touches a mask, and the
+   ink reading follows), the
+   whole frame is read once
+   more through a low-contrast view (dark values lifted) that finds faint text the
+   first reading may miss.
    Then the small-text reading (:mod:`node.burnedin.small`): the second detector on the
    masked frame's white top-hat (thin bright marks on black) at scale 3, whole, where
    thin marks are dense enough somewhere to be a line of 7 px text, which no other
@@ -54,7 +58,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from node.burnedin import ink, small
 from node.burnedin.detect import VERIFIER, Box, DetectorUnavailable, TextDetector, shared_detector
@@ -449,8 +453,12 @@ def clean(ds: Dataset, detector: TextDetector, rules: RegionRules | None = None,
     view = display(ds, px, read)
     for k, i in enumerate(read):
         _flatten(view[k], masks[i])
-    by_small = _small_text_frames(view, read, masks, n)
-    _verify(ds, px, view, read, masks, found, detector, skip=by_small)
+    # The re-read around the masks is left to the small-text reading where that reads the
+    # frame and the ink reading follows it with exact values (8-bit views, not decoded
+    # from lossy JPEG): a line beside a mask that neither network reading shows (larger
+    # than small text, beyond a gap) is then ink beside or away from the masks.
+    by_small = _small_text_frames(view, read, masks, n) if exact and report.decoded_from in ("", str(RLELossless)) else None
+    _verify(ds, px, view, read, masks, found, detector, skip=by_small or ())
     _small_text_reading(ds, px, view, read, masks, verifier, by_small)
     if exact:
         _ink_reading(ds, px, view, read, masks)
