@@ -281,3 +281,20 @@ def test_a_command_element_of_an_invalid_value_is_answered_not_aborted(tmp_path,
     assert statuses == [0xC210, 0xC210, 0x0000], [hex(s) if s is not None else None for s in statuses]
     assert _rows(node) == 1
     assert _incoming(node) == []
+
+
+def test_an_ipv6_sender_is_one_host_per_64_for_the_limits(tmp_path):
+    """``max_associations_per_host`` counted per address: a sender on IPv6 (``[node]
+    host = "::"``) picks any of its /64's 2**64 addresses, and one host could take every
+    place the per-host limit leaves to others (at the TCP gate and at A-ASSOCIATE-RQ).
+    Addresses of one /64 now count as one host; an IPv4-mapped address as its IPv4."""
+    from node.admission import Admission, network_of
+    from node.config import parse
+
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], max_associations=8, max_associations_per_host=2)
+    admission = Admission(parse(raw, "test", base_dir=tmp_path))
+    taken = [admission.connect(k, f"2001:db8:1:2::{k + 1:x}") for k in range(6)]
+    assert taken == [True] * 4 + [False] * 2  # twice the per-host limit at the TCP gate
+    assert admission.connect(100, "2001:db8:1:3::1")  # another /64
+    assert network_of("::ffff:10.1.2.3") == "10.1.2.3"
+    assert network_of("10.1.2.3") == "10.1.2.3"
