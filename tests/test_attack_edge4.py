@@ -10,6 +10,7 @@ import sqlite3
 import struct
 import time
 
+import pytest
 from pydicom import Dataset
 
 from tests.conftest import node_config
@@ -298,3 +299,53 @@ def test_an_ipv6_sender_is_one_host_per_64_for_the_limits(tmp_path):
     assert admission.connect(100, "2001:db8:1:3::1")  # another /64
     assert network_of("::ffff:10.1.2.3") == "10.1.2.3"
     assert network_of("10.1.2.3") == "10.1.2.3"
+
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _deflated(ds, pixel_bytes: int) -> bytes:
+    """``ds`` with ``pixel_bytes`` of zeros as Pixel Data (OB), deflated (PS3.5 A.5)."""
+    import zlib
+
+    head = encode(ds, implicit=False)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = c.compress(head + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, pixel_bytes))
+    body += c.compress(b"\0" * pixel_bytes)
+    return body + c.flush()
+
+
+@pytest.mark.single_process
+def test_deflate_bombs_share_a_memory_budget(tmp_path, start_node, monkeypatch):
+    """A deflated data set is inflated in memory to be checked: 296 KB sent inflated to
+    290 MB and took 546 MB of the node's memory (measured, ``max_object_mb = 300``); with
+    the default ``max_object_mb = 4096`` a 4 MB send cost some 7.5 GB, and a few
+    associations at once all the node's memory. Now the inflations of a process share
+    ``INFLATE_BUDGET`` (here 8 MiB): a data set over half of it is refused 0xA700 (too
+    large), one that finds the budget held by others 0xA700 (busy: the sender retries),
+    and it is stored once the budget is free."""
+    from node import scp
+
+    monkeypatch.setattr(scp, "INFLATE_BUDGET", 8 * MIB)
+    monkeypatch.setattr(scp, "_inflating", scp._Budget(8 * MIB))
+    node = _folder_node(tmp_path, start_node)
+    port = node.settings.node.port
+
+    def store(ds, pixel_bytes: int) -> list[int | None]:
+        with _associated(port, [(1, CT_IMAGE_STORAGE, [DEFLATED])]) as r:
+            for pdu in c_store_pdus(_command(_store_fields(ds, 1)), _deflated(ds, pixel_bytes)):
+                r.send(pdu)
+            got = r.read_pdu()
+            r.send(RELEASE_RQ)
+            r.read_pdu()
+        return [store_status(got[1]) if got and got[0] == 0x04 else None]
+
+    bomb, small = _ct(), _ct()
+    del bomb.PixelData, small.PixelData
+    assert store(bomb, 6 * MIB) == [0xA700]  # over half the budget: never fits
+    assert scp._inflating.take(5 * MIB)  # another association's inflation in progress
+    assert store(small, 2 * MIB) == [0xA700]  # busy
+    scp._inflating.give(5 * MIB)
+    assert store(small, 2 * MIB) == [0x0000]
+    assert scp._inflating.used == 0
+    assert _rows(node) == 1
