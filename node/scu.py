@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
-from node.config import Destination, DicomWebAuth
+from node.config import Destination, DicomWebAuth, hide_credentials
 from node.scp import tune_association
 from node.tls import client_context
 from node.spool import SHARED_FILE_MODE, folder_path, write_atomic
@@ -370,7 +370,7 @@ class DicomWebSender:
         return client
 
     def send(self, batch: Sequence[Work], report: Report, proceed: Proceed = _always) -> None:
-        url = self.dest.url.rstrip("/") + "/studies"
+        url = hide_credentials(self.dest.url.rstrip("/") + "/studies")  # only for reasons: viewers read them, the log repeats them
         if self._client is None:
             try:
                 self._client = self._make_client()

@@ -143,3 +143,31 @@ def test_ipv6_clients_are_limited_per_64_not_per_address():
     assert limiter.retry_after(*limiter_keys("admin", "2001:db8:1:3::1")) == 0  # another /64
     assert limiter_keys("admin", "::ffff:10.1.2.3") == limiter_keys("admin", "10.1.2.3")
     assert limiter_keys("admin", "10.1.2.3") != limiter_keys("admin", "10.1.2.4")
+
+
+def test_a_dicomweb_urls_password_never_reaches_a_delivery_reason(tmp_path):
+    """A dicomweb destination written ``https://user:password@host/...`` (the
+    configuration takes it over https): when the archive cannot be reached, the
+    delivery's reason, which viewers read on the deliveries page and the API and which
+    the log repeats, quoted the url whole, password included. Now with the password
+    hidden, as ``node.health`` already does."""
+    import socket
+
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from node.config import Destination
+    from node.scu import DicomWebSender, Work
+    from tests.test_attack import _ct
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ds = _ct()
+    ds.file_meta = __import__("pydicom").dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "o.dcm", enforce_file_format=True)
+    dest = Destination.model_validate({"name": "w", "kind": "dicomweb", "url": f"https://archivist:S3cretPass@127.0.0.1:{port}/dicom-web"})
+    reasons = []
+    DicomWebSender(dest).send([Work(1, tmp_path / "o.dcm", str(ds.SOPClassUID), ExplicitVRLittleEndian)], lambda w, o: reasons.append(o.reason))
+    assert reasons and all("S3cretPass" not in r for r in reasons), reasons
+    assert "127.0.0.1" in reasons[0]
