@@ -100,7 +100,9 @@ _LOCK_STRIPES = 256
 
 
 def failure(status: int, comment: str) -> Dataset:
-    """A C-STORE response status with an Error Comment (LO: at most 64 characters)."""
+    """A C-STORE response status with an Error Comment (LO: at most 64 characters),
+    counted in ``casemask_stores_refused``."""
+    metrics.STORES_REFUSED.labels(status=f"0x{status:04X}").inc()
     ds = Dataset()
     ds.Status = status
     ds.ErrorComment = comment[:64]

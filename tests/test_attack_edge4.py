@@ -227,13 +227,21 @@ def test_a_c_echo_loop_is_not_a_log_flood(tmp_path, start_node, caplog):
     assert "more" in lines[-1], lines
 
 
+@pytest.mark.single_process
 def test_a_loop_of_refused_c_stores_is_not_a_log_flood(tmp_path, start_node, caplog):
     """One association sending the same object, refused 0xC212 (a leading zero in its
     Study Instance UID), 40 times in a row: each refusal was a WARNING line (measured:
-    1486 lines in 10 s). Each is still answered 0xC212; the line is written at most once
-    a second per AE title and kind of refusal, the next saying how many were left out."""
+    1486 lines in 10 s). Each is still answered 0xC212 and counted in
+    ``casemask_stores_refused_total``; the line is written at most once a second per AE
+    title and kind of refusal, the next saying how many were left out."""
+    from prometheus_client import REGISTRY
+
+    def refused() -> float:
+        return REGISTRY.get_sample_value("casemask_stores_refused_total", {"status": "0xC212"}) or 0.0
+
     caplog.set_level("INFO")
     node = _folder_node(tmp_path, start_node)
+    before = refused()
     ds = _ct()
     ds.StudyInstanceUID = "1.2.03"
     request = (_command(_store_fields(ds, 1)), encode(ds, implicit=False))
@@ -246,6 +254,7 @@ def test_a_loop_of_refused_c_stores_is_not_a_log_flood(tmp_path, start_node, cap
     lines = [r.getMessage() for r in caplog.records if "-> 0xC212" in r.getMessage()]
     assert len(lines) <= 2 + took, lines
     assert "more like it" in lines[-1], lines
+    assert refused() - before == 41  # each counted (casemask_stores_refused_total)
 
 
 def test_a_data_set_on_another_context_than_its_command_is_refused(tmp_path, start_node):
