@@ -57,6 +57,24 @@ REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 REJECT_NO_REASON = (0x01, 0x02, 0x01)  # rejected-permanent, service-provider (ACSE), no reason given
 
 
+def network_of(host: str) -> str:
+    """What the limits count as one sender: an IPv4 address (also written IPv4-mapped),
+    or the /64 an IPv6 address lies in (a site hands each IPv6 host a /64, and the host
+    may use any of its 2**64 addresses: counted per address, one host could take every
+    place ``max_associations_per_host`` leaves to the others). Anything else as it is."""
+    if ":" not in host:
+        return host
+    import ipaddress
+
+    try:
+        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+
+
 def _resolve(host: str) -> str:
     try:
         return socket.gethostbyname(host)
@@ -176,6 +194,7 @@ class Admission:
         closed: else connections from a few addresses that never send a request (or a
         ClientHello) held every place for ``acse_timeout_s`` at a time, and a real
         sender's connection was closed at once."""
+        host = network_of(host)
         with self._lock:
             live = self._live()
             if len(live) + len(self._connecting) >= 4 * self.max_total:
@@ -184,7 +203,7 @@ class Admission:
             held = [a for a in live if _open(a) and a not in self._hung_up]
             for a in held:
                 self._first_seen.setdefault(a, now)
-            hosts = [_host(a) for a in held] + list(self._connecting.values())
+            hosts = [network_of(_host(a)) for a in held] + list(self._connecting.values())
             if hosts.count(host) >= 2 * self.max_per_host:
                 return False
             if len(hosts) >= 2 * self.max_total and not self._make_room(held, host):
@@ -216,7 +235,7 @@ class Admission:
         silent: dict[str, list] = {}  # host -> [(since, association or handshake key)]
         for a in held:
             if _silent(a):
-                silent.setdefault(_host(a), []).append((self._first_seen.get(a, 0.0), a))
+                silent.setdefault(network_of(_host(a)), []).append((self._first_seen.get(a, 0.0), a))
         for key, (h, _sock, since) in self._handshaking.items():
             silent.setdefault(h, []).append((since, key))
         if not silent:
@@ -251,6 +270,7 @@ class Admission:
         refusal = self.policy.check(calling_ae, called_ae, host)
         if refusal is not None:
             return refusal
+        host = network_of(host)  # the limits count an IPv6 /64 as one sender
         if self.slots is not None:
             why = self.slots.take(assoc, host)
             if why:
@@ -262,7 +282,7 @@ class Admission:
             admitted = [a for a in self._admitted if still_open(a)]
             if len(admitted) >= self.max_total:
                 return REJECT_LOCAL_LIMIT, f"local limit exceeded: {len(admitted)} associations open (max_associations = {self.max_total})"
-            from_host = sum(1 for a in admitted if _host(a) == host)
+            from_host = sum(1 for a in admitted if network_of(_host(a)) == host)
             if from_host >= self.max_per_host:
                 return REJECT_LOCAL_LIMIT, f"local limit exceeded: {from_host} associations open from {host} (max_associations_per_host = {self.max_per_host})"
             self._admitted.add(assoc)

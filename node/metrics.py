@@ -32,6 +32,7 @@ disable_created_metrics()  # no *_created series: nobody alerts on them, they do
 ASSOCIATIONS = Counter("casemask_associations", "DICOM associations requested, by result (accepted, rejected)", ["result"])
 INSTANCES_RECEIVED = Counter("casemask_instances_received", "Objects received and stored (C-STORE answered Success)")
 BYTES_RECEIVED = Counter("casemask_bytes_received", "Bytes of objects received and stored")
+STORES_REFUSED = Counter("casemask_stores_refused", "C-STOREs answered with a failure status, by status (0xA700, 0xC210, ...); their log lines are written at most once a second per AE title and kind", ["status"])
 SPOOL_DIGEST_MISMATCHES = Counter("casemask_spool_digest_mismatches", "Spool files that did not match their row's digest (torn by a crash mid-write), by where found (startup: dropped; route, pipeline: quarantined; resend: replaced)", ["where"])
 QUARANTINED = Counter("casemask_quarantined", "Objects quarantined, by the step that refused them", ["step"])
 DELIVERIES = Counter("casemask_deliveries", "Delivery attempts, by destination and result (sent, retry, failed)", ["destination", "result"])

@@ -100,7 +100,9 @@ _LOCK_STRIPES = 256
 
 
 def failure(status: int, comment: str) -> Dataset:
-    """A C-STORE response status with an Error Comment (LO: at most 64 characters)."""
+    """A C-STORE response status with an Error Comment (LO: at most 64 characters),
+    counted in ``casemask_stores_refused``."""
+    metrics.STORES_REFUSED.labels(status=f"0x{status:04X}").inc()
     ds = Dataset()
     ds.Status = status
     ds.ErrorComment = comment[:64]
@@ -313,11 +315,11 @@ class StoreHandler:
             offset = _dataset_offset(incoming.head)
             whole = incoming.size <= len(incoming.head)
             if ts == DeflatedExplicitVRLittleEndian:
-                data = _inflate(incoming, offset, self.max_object_mb * 1024 * 1024)
-                attrs, end = scan_whole(data, False, 0)
-                if end != len(data):
-                    raise Incomplete("data set length mismatch")
-                return attrs if attrs is not None else row_attributes(data, False, True)
+                with _inflated(incoming, offset, self.max_object_mb * 1024 * 1024) as data:
+                    attrs, end = scan_whole(data, False, 0)
+                    if end != len(data):
+                        raise Incomplete("data set length mismatch")
+                    return attrs if attrs is not None else row_attributes(data, False, True)
             if not ts.is_little_endian:  # big endian (retired): read by pydicom, no structure check
                 incoming.hand_to_kernel()  # pydicom reads the file by its name: the buffered bytes first
                 return _decode_file(incoming.path)
@@ -344,8 +346,11 @@ class StoreHandler:
             log.warning("C-STORE from %s: the data set ends inside an element -> 0xC210", calling)
             raise _Refusal(CANNOT_UNDERSTAND, "data set ends inside an element") from None
         except _TooLarge:
-            log.warning("C-STORE from %s: deflated object inflates beyond max_object_mb = %d -> 0xA700", calling, self.max_object_mb)
+            log.warning("C-STORE from %s: deflated object inflates beyond max_object_mb = %d (or %d MiB, deflated ones) -> 0xA700", calling, self.max_object_mb, INFLATE_BUDGET >> 21)
             raise _Refusal(OUT_OF_RESOURCES, "object larger than max_object_mb") from None
+        except _InflateBusy:
+            log.warning("C-STORE from %s: deflated object: other deflated objects are being inflated (%d MiB at once) -> 0xA700", calling, INFLATE_BUDGET >> 20)
+            raise _Refusal(OUT_OF_RESOURCES, "busy inflating other objects: try again") from None
         except Exception as exc:
             log.warning("C-STORE from %s: data set cannot be decoded (%s) -> 0xC210", calling, type(exc).__name__)
             raise _Refusal(CANNOT_UNDERSTAND, "data set cannot be decoded") from None
@@ -593,31 +598,90 @@ class _TooLarge(Exception):
     """A deflated data set inflates beyond max_object_mb."""
 
 
-def _inflate(incoming: IncomingFile, offset: int, limit: int) -> bytes:
+class _InflateBusy(Exception):
+    """Inflating this data set would take the process beyond INFLATE_BUDGET."""
+
+
+# Bytes of deflated data sets inflated in memory at once in this process. A deflate
+# stream inflates some 1000 times: 296 KB sent inflated to 290 MB and took 546 MB of
+# memory (measured); with max_object_mb = 4096, a 4 MB send cost 7.5 GB, and a few
+# associations at once the node's memory. A data set that finds no room is refused
+# 0xA700 (out of resources: the sender tries again later); one that could never fit is
+# refused as too large.
+INFLATE_BUDGET = 1024 * 1024 * 1024
+
+
+class _Budget:
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.total:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+_inflating = _Budget(INFLATE_BUDGET)
+
+
+@contextlib.contextmanager
+def _inflated(incoming: IncomingFile, offset: int, limit: int):
+    """:func:`_inflate` whose memory stays counted in :data:`INFLATE_BUDGET` until the
+    ``with`` block (the walk over it) ends."""
+    held = [0]
+    try:
+        yield _inflate(incoming, offset, limit, held)
+    finally:
+        _inflating.give(held[0])
+
+
+def _inflate(incoming: IncomingFile, offset: int, limit: int, held: list[int]) -> bytes:
     """A deflated data set (PS3.5 A.5: raw deflate after the File Meta), inflated in
-    steps and never beyond ``limit`` bytes (a small stream can inflate to gigabytes).
+    steps and never beyond ``limit`` bytes (a small stream can inflate to gigabytes),
+    each step's memory taken from :data:`INFLATE_BUDGET` first (``held[0]``: how much;
+    the caller gives it back, :func:`_inflated`).
 
     Raises:
-        _TooLarge: it inflates beyond ``limit``.
+        _TooLarge: it inflates beyond ``limit`` or beyond the whole budget.
+        _InflateBusy: other data sets being inflated hold the budget.
         Incomplete: the deflate stream ends early.
         zlib.error: it is not a deflate stream.
     """
     import zlib
 
+    limit = min(limit, INFLATE_BUDGET // 2)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     out = bytearray()
+    step = 1024 * 1024
     incoming.sync()
     with open(incoming.path, "rb") as fp:
         fp.seek(offset)
-        while chunk := fp.read(1024 * 1024):
+        while chunk := fp.read(step):
             while chunk:
-                out += inflater.decompress(chunk, limit + 1 - len(out))
+                want = min(len(out) + step, limit + 1)
+                if held[0] < want:
+                    if not _inflating.take(want - held[0]):
+                        raise _InflateBusy
+                    held[0] = want
+                out += inflater.decompress(chunk, want - len(out))
                 if len(out) > limit:
                     raise _TooLarge
                 chunk = inflater.unconsumed_tail
     if not inflater.eof:
         raise Incomplete("the deflate stream ends early")
-    return bytes(out)
+    if not _inflating.take(len(out)):  # the copy the walk reads (it needs bytes), a moment beside ``out``
+        raise _InflateBusy
+    held[0] += len(out)
+    data = bytes(out)
+    out.clear()
+    return data
 
 
 def _decode_file(path: Path) -> dict[str, str]:

@@ -10,6 +10,7 @@ import sqlite3
 import struct
 import time
 
+import pytest
 from pydicom import Dataset
 
 from tests.conftest import node_config
@@ -226,13 +227,21 @@ def test_a_c_echo_loop_is_not_a_log_flood(tmp_path, start_node, caplog):
     assert "more" in lines[-1], lines
 
 
+@pytest.mark.single_process
 def test_a_loop_of_refused_c_stores_is_not_a_log_flood(tmp_path, start_node, caplog):
     """One association sending the same object, refused 0xC212 (a leading zero in its
     Study Instance UID), 40 times in a row: each refusal was a WARNING line (measured:
-    1486 lines in 10 s). Each is still answered 0xC212; the line is written at most once
-    a second per AE title and kind of refusal, the next saying how many were left out."""
+    1486 lines in 10 s). Each is still answered 0xC212 and counted in
+    ``casemask_stores_refused_total``; the line is written at most once a second per AE
+    title and kind of refusal, the next saying how many were left out."""
+    from prometheus_client import REGISTRY
+
+    def refused() -> float:
+        return REGISTRY.get_sample_value("casemask_stores_refused_total", {"status": "0xC212"}) or 0.0
+
     caplog.set_level("INFO")
     node = _folder_node(tmp_path, start_node)
+    before = refused()
     ds = _ct()
     ds.StudyInstanceUID = "1.2.03"
     request = (_command(_store_fields(ds, 1)), encode(ds, implicit=False))
@@ -245,6 +254,7 @@ def test_a_loop_of_refused_c_stores_is_not_a_log_flood(tmp_path, start_node, cap
     lines = [r.getMessage() for r in caplog.records if "-> 0xC212" in r.getMessage()]
     assert len(lines) <= 2 + took, lines
     assert "more like it" in lines[-1], lines
+    assert refused() - before == 41  # each counted (casemask_stores_refused_total)
 
 
 def test_a_data_set_on_another_context_than_its_command_is_refused(tmp_path, start_node):
@@ -281,3 +291,70 @@ def test_a_command_element_of_an_invalid_value_is_answered_not_aborted(tmp_path,
     assert statuses == [0xC210, 0xC210, 0x0000], [hex(s) if s is not None else None for s in statuses]
     assert _rows(node) == 1
     assert _incoming(node) == []
+
+
+def test_an_ipv6_sender_is_one_host_per_64_for_the_limits(tmp_path):
+    """``max_associations_per_host`` counted per address: a sender on IPv6 (``[node]
+    host = "::"``) picks any of its /64's 2**64 addresses, and one host could take every
+    place the per-host limit leaves to others (at the TCP gate and at A-ASSOCIATE-RQ).
+    Addresses of one /64 now count as one host; an IPv4-mapped address as its IPv4."""
+    from node.admission import Admission, network_of
+    from node.config import parse
+
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], max_associations=8, max_associations_per_host=2)
+    admission = Admission(parse(raw, "test", base_dir=tmp_path))
+    taken = [admission.connect(k, f"2001:db8:1:2::{k + 1:x}") for k in range(6)]
+    assert taken == [True] * 4 + [False] * 2  # twice the per-host limit at the TCP gate
+    assert admission.connect(100, "2001:db8:1:3::1")  # another /64
+    assert network_of("::ffff:10.1.2.3") == "10.1.2.3"
+    assert network_of("10.1.2.3") == "10.1.2.3"
+
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _deflated(ds, pixel_bytes: int) -> bytes:
+    """``ds`` with ``pixel_bytes`` of zeros as Pixel Data (OB), deflated (PS3.5 A.5)."""
+    import zlib
+
+    head = encode(ds, implicit=False)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = c.compress(head + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, pixel_bytes))
+    body += c.compress(b"\0" * pixel_bytes)
+    return body + c.flush()
+
+
+@pytest.mark.single_process
+def test_deflate_bombs_share_a_memory_budget(tmp_path, start_node, monkeypatch):
+    """A deflated data set is inflated in memory to be checked: 296 KB sent inflated to
+    290 MB and took 546 MB of the node's memory (measured, ``max_object_mb = 300``); with
+    the default ``max_object_mb = 4096`` a 4 MB send cost some 7.5 GB, and a few
+    associations at once all the node's memory. Now the inflations of a process share
+    ``INFLATE_BUDGET`` (here 8 MiB): a data set over half of it is refused 0xA700 (too
+    large), one that finds the budget held by others 0xA700 (busy: the sender retries),
+    and it is stored once the budget is free."""
+    from node import scp
+
+    monkeypatch.setattr(scp, "INFLATE_BUDGET", 8 * MIB)
+    monkeypatch.setattr(scp, "_inflating", scp._Budget(8 * MIB))
+    node = _folder_node(tmp_path, start_node)
+    port = node.settings.node.port
+
+    def store(ds, pixel_bytes: int) -> list[int | None]:
+        with _associated(port, [(1, CT_IMAGE_STORAGE, [DEFLATED])]) as r:
+            for pdu in c_store_pdus(_command(_store_fields(ds, 1)), _deflated(ds, pixel_bytes)):
+                r.send(pdu)
+            got = r.read_pdu()
+            r.send(RELEASE_RQ)
+            r.read_pdu()
+        return [store_status(got[1]) if got and got[0] == 0x04 else None]
+
+    bomb, small = _ct(), _ct()
+    del bomb.PixelData, small.PixelData
+    assert store(bomb, 6 * MIB) == [0xA700]  # over half the budget: never fits
+    assert scp._inflating.take(5 * MIB)  # another association's inflation in progress
+    assert store(small, 2 * MIB) == [0xA700]  # busy
+    scp._inflating.give(5 * MIB)
+    assert store(small, 2 * MIB) == [0x0000]
+    assert scp._inflating.used == 0
+    assert _rows(node) == 1

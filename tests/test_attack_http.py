@@ -136,7 +136,7 @@ def test_the_protocol_hooks_uvicorn_offers_are_still_there():
     """BoundedH11Protocol overrides uvicorn internals: fail loudly when they move."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    for name in ("connection_made", "data_received", "on_response_complete", "connection_lost"):
+    for name in ("connection_made", "data_received", "on_response_complete", "connection_lost", "pause_writing", "resume_writing"):
         assert callable(getattr(H11Protocol, name, None)), name
     import inspect
 

@@ -143,3 +143,69 @@ def test_ipv6_clients_are_limited_per_64_not_per_address():
     assert limiter.retry_after(*limiter_keys("admin", "2001:db8:1:3::1")) == 0  # another /64
     assert limiter_keys("admin", "::ffff:10.1.2.3") == limiter_keys("admin", "10.1.2.3")
     assert limiter_keys("admin", "10.1.2.3") != limiter_keys("admin", "10.1.2.4")
+
+
+def test_a_dicomweb_urls_password_never_reaches_a_delivery_reason(tmp_path):
+    """A dicomweb destination written ``https://user:password@host/...`` (the
+    configuration takes it over https): when the archive cannot be reached, the
+    delivery's reason, which viewers read on the deliveries page and the API and which
+    the log repeats, quoted the url whole, password included. Now with the password
+    hidden, as ``node.health`` already does."""
+    import socket
+
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from node.config import Destination
+    from node.scu import DicomWebSender, Work
+    from tests.test_attack import _ct
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ds = _ct()
+    ds.file_meta = __import__("pydicom").dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(tmp_path / "o.dcm", enforce_file_format=True)
+    dest = Destination.model_validate({"name": "w", "kind": "dicomweb", "url": f"https://archivist:S3cretPass@127.0.0.1:{port}/dicom-web"})
+    reasons = []
+    DicomWebSender(dest).send([Work(1, tmp_path / "o.dcm", str(ds.SOPClassUID), ExplicitVRLittleEndian)], lambda w, o: reasons.append(o.reason))
+    assert reasons and all("S3cretPass" not in r for r in reasons), reasons
+    assert "127.0.0.1" in reasons[0]
+
+
+def test_a_client_that_stops_reading_its_answers_is_closed(tmp_path, http_nodes, monkeypatch):  # noqa: F811
+    """Anonymous connections (receive buffer 1 KiB) that pipeline 50 requests for the
+    dashboard's style sheet (83 KB) and never read: no deadline ran while an answer was
+    being written, so each was held for good (measured: 10 of 10 open after 25 s; with
+    the API schema, 256 of 260 after 40 s, every place of the connection cap, and
+    /healthz refused). Now a connection whose answer waits ``SEND_STALL_S`` (here 2 s)
+    for the client to read is closed."""
+    import socket
+    import time
+
+    from node.http import server
+    from tests.test_attack_ingest import _sockets_to
+
+    monkeypatch.setattr(server, "SEND_STALL_S", 2.0)
+    hn = start_http_node(node_config(tmp_path, _folder(tmp_path)), tmp_path)
+    http_nodes.append(hn)
+    port = hn.node.settings.http.port
+    hold = []
+    try:
+        for _ in range(10):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /static/vendor/pico/pico.min.css HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 50)
+            hold.append(s)
+        time.sleep(1.0)
+        assert _sockets_to(port, os.getpid()) >= 10  # held while the answers are being written
+        deadline = time.monotonic() + 20
+        while _sockets_to(port, os.getpid()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _sockets_to(port, os.getpid()) == 0
+        with httpx.Client(base_url=hn.base, timeout=10) as c:
+            assert c.get("/healthz").status_code == 200
+    finally:
+        for s in hold:
+            s.close()

@@ -178,21 +178,13 @@ def limiter_keys(name: str, host: str) -> tuple[str, str]:
 
 
 def client_network(host: str) -> str:
-    """What the login limiter counts as one address: an IPv4 address (also written as
-    IPv4-mapped IPv6), or the /64 an IPv6 address lies in. A site hands each IPv6 client
-    a /64, and a client picks any of its 2**64 addresses at will: counted per address,
-    it guessed ``login_attempts`` passwords per address, without end."""
-    import ipaddress
+    """What the login limiter counts as one address (:func:`node.admission.network_of`):
+    an IPv4 address, or the /64 of an IPv6 one. Counted per address, an IPv6 client,
+    which picks any of its /64's 2**64 addresses, guessed ``login_attempts`` passwords
+    per address without end."""
+    from node.admission import network_of
 
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    if ip.version == 6:
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
+    return network_of(host)
 
 
 def load_device_key(data_dir: Path) -> bytes:

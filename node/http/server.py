@@ -8,7 +8,8 @@ and writes the database: measured, 300 such connections under a limit of 256 des
 made the node answer no association and log ``Too many open files`` 77 000 times in 90 s.
 :class:`BoundedH11Protocol` closes a connection whose request head is not complete within
 ``HEADER_TIMEOUT_S`` (from its opening, or from the previous response), one whose body
-stalls for ``BODY_IDLE_S``, and every connection beyond ``max_connections()``; the
+stalls for ``BODY_IDLE_S``, one that stops reading its answer for ``SEND_STALL_S``, and
+every connection beyond ``max_connections()``; the
 listen backlog (which is also how many connections asyncio accepts in one go) is
 ``ACCEPT_BACKLOG``.
 
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0  # seconds for a TLS handshake ([http] tls), from the connection's start
 HEADER_TIMEOUT_S = 10.0  # seconds for a request line and headers (browsers send them in one packet)
 BODY_IDLE_S = 30.0  # seconds a request body may pause between two reads
+SEND_STALL_S = 30.0  # seconds an answer may wait for the client to read (the connection's send buffer full)
 CONNECTION_CAP = 256  # open HTTP connections at most (also at most a quarter of the descriptor limit)
 # asyncio accepts up to the listen backlog in one go before any connection_made runs
 # (uvicorn's default 2048: a burst of 300 connections took every descriptor at once).
@@ -84,10 +86,12 @@ class _Early(asyncio.Protocol):
 class BoundedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for each request's head, an idle limit on its
     body and a cap on open connections (see the module's docstring). Overrides uvicorn's
-    ``connection_made``, ``data_received``, ``on_response_complete`` and
-    ``connection_lost`` (tests/test_attack_http.py fails when they change)."""
+    ``connection_made``, ``data_received``, ``on_response_complete``, ``connection_lost``,
+    ``pause_writing`` and ``resume_writing`` (tests/test_attack_http.py fails when they
+    change)."""
 
     _timer: asyncio.TimerHandle | None = None
+    _send_timer: asyncio.TimerHandle | None = None
     # With [http] tls, HttpServer sets these on a subclass: the server's TLS context and
     # the connections still in their handshake (counted towards the cap).
     tls_context: ssl.SSLContext | None = None
@@ -151,8 +155,32 @@ class BoundedH11Protocol(H11Protocol):
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
             self._arm(HEADER_TIMEOUT_S)  # the next request on this connection (keep-alive)
 
+    def pause_writing(self) -> None:
+        """The connection's send buffer is full (the client reads no more): it has
+        ``SEND_STALL_S`` to start reading again. A client that pipelines requests for an
+        answer larger than the buffers (the API schema, anonymously) and never reads held
+        its connection for good, no deadline running while an answer is being written:
+        256 of them took every place (``max_connections``), health probes included."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(SEND_STALL_S, self._not_reading)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _not_reading(self) -> None:
+        self._send_timer = None
+        if not self.transport.is_closing():
+            self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         if self._in_handshake:  # the TLS layer (or the socket) closed before HTTP began
             self.handshaking.discard(self)
             return
