@@ -65,7 +65,6 @@ def null_scp(port: int) -> int:
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
     from node import reactor, scp
-
     from node.config import NodeSettings
 
     delay = NodeSettings.model_fields["reactor_delay_s"].default
