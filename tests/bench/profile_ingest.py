@@ -11,7 +11,7 @@ each, and the difference: what the node spends beyond pynetdicom's own reception
 
 ``--pyspy DIR``: also records each send with ``py-spy record -r 200 -f raw
 --nonblocking`` (every process of the node, ``--subprocesses``) into DIR, and prints
-the share of the samples per thread kind and per piece of code (see :func:`summarize`).
+the share of the samples per thread kind and, in each, per leaf (see :func:`summarize`).
 py-spy costs CPU of its own on a 2-core machine: the CPU figures of a round with it
 are higher than without.
 """
@@ -36,32 +36,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.bench.bench_ingest import Ceiling, _setting, cpu_s, node_rows, send, start_node  # noqa: E402
 from tests.conftest import make_study  # noqa: E402
 
-# Where a sample's time goes: the first rule (in order) whose pattern occurs in the
-# stack (outermost frame first, "function (file)" per frame) names it.
-CATEGORIES = [
-    ("waiting (node.reactor's poll / event)", r"(^|;)(_wait|wait_for_message) \(node/reactor"),
-    ("node: group commit (SQL, commit, waking the handler)", r"groupcommit\.py"),
-    ("node: spool fsyncs (on spool threads)", r"(^|;)(IncomingFile\.sync|fsync_dir|_sync_existing) \(|_make_durable"),
-    ("node: C-STORE handler (checks, scan, link, hand-offs)", r"node/scp\.py"),
-    ("pynetdicom: response sent (send_msg, DUL send)", r"send_msg|send_pdu|_send \("),
-    ("pynetdicom: C-STORE-RQ command read", r"_start_store_rq|decode_msg|message_to_primitive"),
-    ("pynetdicom: data fragments written (incoming file)", r"node/incoming\.py|_data_set_file"),
-    ("pynetdicom: PDU read + decode", r"_read_pdu_data|_decode_pdu|recv \("),
-    ("pynetdicom: state machine + primitives", r"do_action|_process_recv_primitive|receive_primitive|get_msg|receive_pdu|_is_transport_event"),
-    ("pynetdicom: association thread, other", r"association\.py"),
-    ("threading hand-offs", r"threading\.py|concurrent/futures"),
-]
-
-
 def thread_kind(thread: str) -> str:
     """A py-spy thread label reduced to its kind (numbers dropped)."""
     return re.sub(r"\d+", "N", thread)
 
 
-def summarize(raw: Path) -> tuple[int, collections.Counter, collections.Counter]:
-    """(samples, per thread kind, per category) of a py-spy raw (collapsed) file."""
+def _frame(frame: str) -> str:
+    return re.sub(r" \((?:.*/)?(?:site-packages/)?([\w/<>. -]+?\.py|<[^>]*>):\d+\)", r" (\1)", frame)
+
+
+def summarize(raw: Path) -> tuple[int, collections.Counter, dict[str, collections.Counter]]:
+    """(samples, samples per thread kind, per thread kind the samples per leaf: the
+    innermost Python frame and its caller) of a py-spy raw (collapsed) file. py-spy
+    names the Python function a thread is in, also while it waits in a system call
+    it does not know as idle (fsync, a file's creation, select): read a leaf as "time
+    spent here", not as CPU."""
     per_thread: collections.Counter[str] = collections.Counter()
-    per_cat: collections.Counter[str] = collections.Counter()
+    per_leaf: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     total = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -69,18 +60,14 @@ def summarize(raw: Path) -> tuple[int, collections.Counter, collections.Counter]
             continue
         n = int(count)
         total += n
-        frames = stack.split(";")
+        frames = [f for f in stack.split(";") if not f.startswith("process ")]
         thread = next((f for f in frames if f.startswith("thread (")), "?")
-        proc = "receiver " if any("node.receivers" in f for f in frames if f.startswith("process")) else ""
-        per_thread[proc + thread_kind(thread.split(": ", 1)[-1])] += n
-        for name, pattern in CATEGORIES:
-            if re.search(pattern, stack):
-                per_cat[name] += n
-                break
-        else:
-            leaf = frames[-1] if frames else "?"
-            per_cat["other: " + re.sub(r":\d+", "", leaf)[:80]] += n
-    return total, per_thread, per_cat
+        where = "receiver " if "node.receivers" in stack.split(";thread (")[0] else ""
+        kind = where + thread_kind(thread.split(": ", 1)[-1])
+        per_thread[kind] += n
+        code = [f for f in frames if not f.startswith("thread (")]
+        per_leaf[kind][" < ".join(_frame(f) for f in code[-2:][::-1]) or "?"] += n
+    return total, per_thread, per_leaf
 
 
 def _record(pid: int, out: Path) -> subprocess.Popen:
@@ -142,18 +129,18 @@ def main() -> int:
         print(f"median cpu per 1000 objects: node {n:.2f}, ceiling {c:.2f}, node - ceiling {n - c:.2f}; load average {os.getloadavg()[0]:.1f}")
         if args.pyspy:
             for name in ("ceiling", "node"):
-                samples, per_thread, per_cat = 0, collections.Counter(), collections.Counter()
+                samples, per_thread, per_leaf = 0, collections.Counter(), collections.defaultdict(collections.Counter)
                 for f in sorted(args.pyspy.glob(f"{name}*.raw")):
                     s, t, k = summarize(f)
                     samples += s
                     per_thread.update(t)
-                    per_cat.update(k)
-                print(f"\n{name}: {samples} py-spy samples; per thread kind:")
-                for k, v in per_thread.most_common(12):
-                    print(f"  {100 * v / max(samples, 1):5.1f}%  {k}")
-                print(f"{name}: per piece of code:")
-                for k, v in per_cat.most_common(25):
-                    print(f"  {100 * v / max(samples, 1):5.1f}%  {k}")
+                    for kind, leaves in k.items():
+                        per_leaf[kind].update(leaves)
+                print(f"\n{name}: {samples} py-spy samples")
+                for kind, n in per_thread.most_common(6):
+                    print(f"  {100 * n / max(samples, 1):5.1f}%  {kind}")
+                    for leaf, m in per_leaf[kind].most_common(8):
+                        print(f"          {100 * m / max(samples, 1):5.1f}%  {leaf[:140]}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
