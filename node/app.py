@@ -566,7 +566,7 @@ class Node:
 
 # [node] settings a reload cannot change in a running node.
 _RESTART_KEYS = ("ae_title", "host", "port", "data_dir", "database_url", "db_pool_size", "db_max_overflow", "db_pool_timeout_s", "secret_path", "secret_env", "node_id", "poll_interval_s",
-                 "acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "reactor_delay_s", "reactor_max_wait_ms", "gil_switch_interval_us",
+                 "acse_timeout_s", "dimse_timeout_s", "network_timeout_s", "reactor_delay_s", "reactor_max_wait_ms",
                  "max_associations", "max_associations_per_host", "max_object_mb", "min_free_disk_mb", "strict_uids", "tls", "receivers")
 
 

@@ -155,7 +155,6 @@ class NodeSettings(_Table):
     network_timeout_s: Seconds = hint("seconds, more than 0", 60.0, gt=0)
     reactor_delay_s: Seconds = hint("seconds, 0 or more (the reactor's poll interval)", 0.00005, ge=0)
     reactor_max_wait_ms: StrictInt = hint("milliseconds, an integer 0 to 1000 (0: accepted associations poll every reactor_delay_s, as pynetdicom does)", 50, ge=0, le=1000)
-    gil_switch_interval_us: StrictInt = hint("microseconds, an integer 100 to 100000 (5000: Python's own)", 5000, ge=100, le=100000)
     burned_in_regions: Path | None = hint("a TOML file of region rules (default: config/burned_in_regions.toml)", None, strict=False)
     parallel_durability: StrictBool = hint("true or false (false: fsync a received file, then link it, then fsync its folder, one after the other)", True)
     receivers: StrictInt = hint("an integer, 0 or more (processes receiving on the port; 0: the number of cores)", 0, ge=0)

@@ -49,7 +49,6 @@ import mmap
 import os
 import socket
 import ssl
-import sys
 import threading
 import time
 import zlib
@@ -114,20 +113,6 @@ def set_nodelay(sock: socket.socket | None) -> None:
     """Turn off Nagle's algorithm: without it each C-STORE waits on a delayed ACK."""
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def set_switch_interval(microseconds: int) -> None:
-    """How long a thread may hold the GIL while another waits for it, for the whole
-    receiving process (``[node] gil_switch_interval_us``; Python's default 5 ms).
-
-    Every C-STORE passes through four threads (the DUL thread reads it, the association
-    thread handles it, the committer commits its row, spool threads fsync its file),
-    and a thread back from a system call (an fsync, a commit, a socket read) waits for
-    the GIL until the holder drops it: up to the interval when the holder is busy in
-    Python (reading the next object, scanning a data set). A shorter interval lets it
-    go on sooner, and forces more drops: measured faster with 4 senders and slower with
-    one (docs/ingest.md, "The GIL's switch interval")."""
-    sys.setswitchinterval(microseconds / 1e6)
 
 
 def tune_association(assoc, reactor_delay_s: float) -> None:
@@ -954,7 +939,6 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     audit_sessions = sessionmaker(engine)
     reactor_delay = node.reactor_delay_s
     reactor.install(max(reactor_delay, 0.0001), node.reactor_max_wait_ms / 1000)
-    set_switch_interval(node.gil_switch_interval_us)
     dimsefast.install()
     withhold_library_values()
     install_incoming()

@@ -355,21 +355,3 @@ def test_the_wal_is_checkpointed_beside_the_commits_and_stays_small(tmp_path):
     finally:
         gc.close()
         engine.dispose()
-
-
-def test_a_receiving_process_takes_the_configured_gil_switch_interval(tmp_path, start_node):
-    """[node] gil_switch_interval_us is the receiving process's GIL switch interval
-    once it listens (default 5000 us, Python's own); C-STOREs are stored as before."""
-    import sys
-
-    before = sys.getswitchinterval()
-    try:
-        sys.setswitchinterval(0.002)
-        node = start_node(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600, gil_switch_interval_us=700), schedule=False)
-        assert sys.getswitchinterval() == pytest.approx(0.0007)
-        assert c_store(node.settings.node.port, dcmread(make_study(tmp_path / "in", 1)[0])) == 0
-        from node.config import NodeSettings
-
-        assert NodeSettings.model_fields["gil_switch_interval_us"].default == 5000
-    finally:
-        sys.setswitchinterval(before)

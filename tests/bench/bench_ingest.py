@@ -60,16 +60,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def null_scp(port: int) -> int:
     """Run a pynetdicom C-STORE SCP on ``port`` that answers Success and keeps nothing
     (as a subprocess of the bench: ``--null-scp PORT``), with the node's socket and
-    reactor tuning (TCP_NODELAY, node.reactor's waits, the GIL's switch interval) so
-    that only storing differs."""
+    reactor tuning (TCP_NODELAY, node.reactor's waits) so that only storing differs."""
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
     from node import reactor, scp
-    from node.config import NodeSettings
 
-    delay = NodeSettings.model_fields["reactor_delay_s"].default
+    delay = 0.00005  # [node] reactor_delay_s's default
     reactor.install(delay)
-    scp.set_switch_interval(NodeSettings.model_fields["gil_switch_interval_us"].default)
 
     def on_open(event) -> None:
         scp.tune_association(event.assoc, delay)
