@@ -53,6 +53,18 @@ SPOOL_GRACE_S = 120.0
 
 
 
+def _audit_dropped(session, dropped: list[tuple[str, int]], reason: str) -> None:
+    """One ``spool-dropped`` audit entry per study for the never-acknowledged rows a
+    start dropped (``dropped``: (SOP Instance UID, study row id) pairs), with the count
+    and ``reason``."""
+    studies: dict[int, int] = {}
+    for _, study_id in dropped:
+        studies[study_id] = studies.get(study_id, 0) + 1
+    for study_id, n in studies.items():
+        audit.record(session, "spool-dropped", outcome=audit.MINOR_FAILURE, study_id=study_id, object_kind="original",
+                     detail={"instances": n, "reason": reason})
+
+
 def _audit_temporaries(session, files: int, when: str) -> None:
     """One audit entry for temporary files removed (``when``: "start" or "sweep"): what
     an interrupted write or C-STORE left, never acknowledged, no row naming it; they may
@@ -173,12 +185,7 @@ class Node:
         node.queue.drop_torn), audited and counted; returns how many."""
         with self.sessions() as session:
             dropped = queue.drop_torn(session, self.settings.node.data_dir, self.node_id, self.owner, self.settings.node.max_associations)
-            studies: dict[int, int] = {}
-            for _, study_id in dropped:
-                studies[study_id] = studies.get(study_id, 0) + 1
-            for study_id, n in studies.items():
-                audit.record(session, "spool-dropped", outcome=audit.MINOR_FAILURE, study_id=study_id, object_kind="original",
-                             detail={"instances": n, "reason": "spool file torn by a crash before it was acknowledged (digest mismatch)"})
+            _audit_dropped(session, dropped, "spool file torn by a crash before it was acknowledged (digest mismatch)")
             session.commit()
         if dropped:
             metrics.SPOOL_DIGEST_MISMATCHES.labels(where="startup").inc(len(dropped))
@@ -191,12 +198,7 @@ class Node:
         process wrote to for that long; returns how many rows."""
         with self.sessions() as session:
             dropped = queue.drop_unspooled(session, self.settings.node.data_dir, self.node_id, self.owner, SPOOL_GRACE_S, self.settings.node.max_associations)
-            studies: dict[int, int] = {}
-            for _, study_id in dropped:
-                studies[study_id] = studies.get(study_id, 0) + 1
-            for study_id, n in studies.items():
-                audit.record(session, "spool-dropped", outcome=audit.MINOR_FAILURE, study_id=study_id, object_kind="original",
-                             detail={"instances": n, "reason": "row committed, file never written: an earlier run stopped before the C-STORE was acknowledged"})
+            _audit_dropped(session, dropped, "row committed, file never written: an earlier run stopped before the C-STORE was acknowledged")
             session.commit()
         left = clean_stale_temporaries(self.settings.node.data_dir / "spool" / ".incoming", SPOOL_GRACE_S)
         if left:
