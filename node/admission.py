@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 
 from node.config import Settings
 from node.slots import SharedSlots
+from node.tls import peer_common_name
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,12 @@ def _resolve(host: str) -> str:
         return host
 
 
+def _certificate_cn(assoc) -> str:
+    """The CN of ``assoc``'s verified client certificate ("" when none, or no TLS)."""
+    dul_socket = getattr(getattr(assoc, "dul", None), "socket", None)
+    return peer_common_name(getattr(dul_socket, "socket", None))
+
+
 class AccessPolicy:
     """Who may associate: the [[sources]] list, or anyone when accept_unknown_sources."""
 
@@ -91,18 +98,29 @@ class AccessPolicy:
 
     def update(self, settings: Settings) -> None:
         """Take new [[sources]] and accept_unknown_sources (a configuration reload)."""
-        sources: dict[str, set[str | None]] = {}
+        sources: dict[str, set[tuple[str | None, str | None]]] = {}
         for s in settings.sources:
-            sources.setdefault(s.ae_title.strip(), set()).add(_resolve(s.host) if s.host else None)
+            sources.setdefault(s.ae_title.strip(), set()).add((_resolve(s.host) if s.host else None, s.certificate_cn or None))
         self.accept_unknown, self.sources = settings.node.accept_unknown_sources, sources
 
-    def check(self, calling_ae: str, called_ae: str, host: str) -> tuple[tuple[int, int, int], str] | None:
-        """None when allowed; else (A-ASSOCIATE-RJ result/source/reason, why)."""
+    def check(self, calling_ae: str, called_ae: str, host: str, certificate_cn: str = "") -> tuple[tuple[int, int, int], str] | None:
+        """None when allowed; else (A-ASSOCIATE-RJ result/source/reason, why).
+
+        ``certificate_cn``: the CN of the peer's verified client certificate ("" on the
+        plain port or without one); a source with ``certificate_cn`` admits its AE title
+        only with that CN, whatever accept_unknown_sources says (a bound AE title is
+        never free for anyone to claim)."""
         if called_ae.strip() != self.ae_title:
             return REJECT_CALLED_AE, f"called AE title {called_ae.strip()!r} is not this node's ({self.ae_title!r})"
+        entries = self.sources.get(calling_ae.strip())
+        bound = {cn for _, cn in entries or () if cn is not None}
+        if bound and certificate_cn not in bound:
+            shown = f"a client certificate with CN {certificate_cn!r}" if certificate_cn else "no verified client certificate"
+            return REJECT_CALLING_AE, f"calling AE title {calling_ae.strip()!r} is bound to a client certificate ([[sources]] certificate_cn) and came with {shown}"
         if self.accept_unknown:
             return None
-        hosts = self.sources.get(calling_ae.strip())
+        entries = {(h, cn) for h, cn in entries or () if cn is None or cn == certificate_cn}
+        hosts = {h for h, _ in entries} if entries else None
         if hosts is None:
             # AE titles are compared exactly (PS3.8 9.3.2: case matters); a sender set up as
             # "ct_room1" for a source written "CT_ROOM1" is told apart from a stranger.
@@ -267,7 +285,7 @@ class Admission:
     def request(self, assoc, calling_ae: str, called_ae: str, host: str) -> tuple[tuple[int, int, int], str] | None:
         """None when the association may proceed (it then counts); else the A-ASSOCIATE-RJ
         (result, source, reason) and why."""
-        refusal = self.policy.check(calling_ae, called_ae, host)
+        refusal = self.policy.check(calling_ae, called_ae, host, _certificate_cn(assoc))
         if refusal is not None:
             return refusal
         host = network_of(host)  # the limits count an IPv6 /64 as one sender

@@ -258,6 +258,11 @@ class RetentionSettings(_Table):
 class Source(_Table):
     ae_title: str = hint("an AE title is 1 to 16 characters, no backslash")
     host: str | None = hint("a host name or address the source must connect from", None)
+    # The client certificate binds the AE title: over [node.tls], with a certificate
+    # verified against its ca_certificates (PS3.15 B.1: the TLS peer is authenticated,
+    # the AE title alone is only a claim). Without it any certificate from the CA could
+    # associate under this AE title, and so could any sender on the plain port.
+    certificate_cn: str | None = hint("the Common Name (CN) of the client certificate this source must present over [node.tls]", None)
 
     _check_host = field_validator("host")(_host)
 
@@ -651,6 +656,7 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
     _check_listeners(node, base_dir, problems)
 
     sources = [s for k, e in enumerate(_entries(raw, "sources", problems)) if (s := _validate(Source, e, f"[[sources]] #{k + 1}", problems))]
+    _check_source_certificates(sources, node, problems)
 
     destinations: list[Destination] = []
     for k, e in enumerate(_entries(raw, "destinations", problems)):
@@ -757,6 +763,14 @@ def _check_listeners(node: NodeSettings, base_dir: Path, problems: list[str]) ->
         problems.append("[node.tls] require_client_certificate = true needs ca_certificates = \"...\" (the CAs client certificates must chain to), or write require_client_certificate = false")
     if tls.port == node.port:
         problems.append(f"[node.tls] port = {tls.port}: the TLS listener needs another port than [node] port")
+
+
+def _check_source_certificates(sources: list[Source], node: NodeSettings, problems: list[str]) -> None:
+    """A source bound to a client certificate needs a TLS listener that verifies one."""
+    bound = [s.ae_title for s in sources if s.certificate_cn]
+    if bound and (node.tls is None or node.tls.ca_certificates is None):
+        problems.append(f"[[sources]] {bound[0]!r} certificate_cn needs [node.tls] with ca_certificates = \"...\" (the CAs client certificates are verified against); "
+                        "or remove certificate_cn")
 
 
 def _check_destination_security(dest: Destination, where: str, base_dir: Path, problems: list[str]) -> None:

@@ -338,3 +338,35 @@ def test_dicomweb_bearer_token_from_the_environment_over_verified_https(tmp_path
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_source_bound_to_a_client_certificate_is_admitted_only_with_it(tmp_path, start_node, pki):
+    """[[sources]] certificate_cn binds an AE title to a client certificate: the CA's
+    other certificates, the plain port and accept_unknown_sources cannot claim it; an
+    unbound source is unchanged; a binding without a verifying TLS listener is a
+    configuration problem."""
+    from node.config import ConfigError, parse
+
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600)
+    raw["sources"] = [{"ae_title": "MODALITY1", "certificate_cn": "modality-1"}, {"ae_title": "MODALITY2", "certificate_cn": "modality-2"}, {"ae_title": "ECHOSCU"}]
+    with pytest.raises(ConfigError, match="certificate_cn needs \\[node.tls\\] with ca_certificates"):
+        parse(raw, tmp_path)
+    raw["node"]["tls"] = {"port": free_port(), "certificate": str(pki["node"].cert), "private_key": str(pki["node"].key),
+                          "ca_certificates": str(pki["ca"].pair.cert), "require_client_certificate": True}
+    node = start_node(raw, schedule=False)
+    tls_port, plain_port = node.settings.node.tls.port, node.settings.node.port
+    assert dcmtk(ECHOSCU, tls_port, *client_tls(pki), aet="MODALITY1").returncode == 0  # its own certificate (CN modality-1)
+    claimed = dcmtk(ECHOSCU, tls_port, *client_tls(pki), aet="MODALITY2")  # the same CA, another source's AE title
+    assert claimed.returncode != 0 and "Rejected" in claimed.stdout + claimed.stderr, claimed.stdout + claimed.stderr
+    assert dcmtk(ECHOSCU, plain_port, aet="MODALITY1").returncode != 0  # a bound AE title on the plain port
+    assert dcmtk(ECHOSCU, plain_port, aet="ECHOSCU").returncode == 0  # an unbound source as before
+    # accept_unknown_sources admits strangers, never a bound AE title without its certificate.
+    from node.admission import AccessPolicy
+
+    raw["node"]["accept_unknown_sources"] = True
+    policy = AccessPolicy(parse(raw, tmp_path))
+    assert policy.check("STRANGER", "CASEMASK", "127.0.0.1") is None
+    assert policy.check("MODALITY1", "CASEMASK", "127.0.0.1", "modality-1") is None
+    refusal = policy.check("MODALITY1", "CASEMASK", "127.0.0.1", "modality-2")
+    assert refusal is not None and "certificate_cn" in refusal[1]
+    assert policy.check("MODALITY1", "CASEMASK", "127.0.0.1") is not None
