@@ -65,3 +65,21 @@ def test_a_command_and_its_data_set_in_one_p_data_are_stored(tmp_path, start_nod
         got = r.read_pdu()
     assert got is not None and got[0] == 0x04 and store_status(got[1]) == 0x0000
     assert _rows(node) == 1
+
+
+def test_an_empty_or_padded_certificate_cn_is_a_configuration_problem(tmp_path):
+    """``certificate_cn = ""`` was read as no binding at all (``s.certificate_cn or
+    None``): the operator who wrote it meant to bind the AE title, and it stayed open to
+    any sender on the plain port (and to anyone with accept_unknown_sources). A CN with
+    spaces around it matched no certificate. Both are refused when the configuration is
+    read."""
+    import pytest
+
+    from node.config import ConfigError, parse
+    from tests.conftest import node_config
+
+    for cn in ("", " modality-1", "modality-1 "):
+        raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}])
+        raw["sources"] = [{"ae_title": "MODALITY1", "certificate_cn": cn}]
+        with pytest.raises(ConfigError, match="certificate_cn"):
+            parse(raw, "test", base_dir=tmp_path)
