@@ -83,3 +83,80 @@ def test_an_empty_or_padded_certificate_cn_is_a_configuration_problem(tmp_path):
         raw["sources"] = [{"ae_title": "MODALITY1", "certificate_cn": cn}]
         with pytest.raises(ConfigError, match="certificate_cn"):
             parse(raw, "test", base_dir=tmp_path)
+
+
+def _client_certificate(ca, stem: str, names: list[tuple[str, str]]):
+    """A client certificate ``ca`` signs whose subject is ``names`` ((kind, value):
+    "CN" or "O"), each its own RDN, in that order."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from tests.pki import _write
+
+    oid = {"CN": NameOID.COMMON_NAME, "O": NameOID.ORGANIZATION_NAME}
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(oid[k], v) for k, v in names]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca.key, hashes.SHA256()))
+    return _write(ca.folder, stem, cert, key)
+
+
+def test_a_bound_ae_title_is_not_admitted_with_a_look_alike_certificate(tmp_path, start_node):
+    """MODALITY1 bound to CN ``modality-1`` ([node.tls] verifying client certificates but
+    not requiring one, accept_unknown_sources = true, so only the binding refuses): a
+    certificate with two CNs (``modality-1`` and another, either order), one with the CN
+    in another case, one with no CN but an O of ``modality-1``, none at all, and one
+    with CN ``modality-1`` signed by a CA the node does not trust are refused; the
+    CA's ``modality-1`` is admitted. A reload that removes the binding admits the
+    others again; one that adds it back refuses them (in every receiver process)."""
+    import subprocess
+
+    from node.config import parse
+    from tests.conftest import ECHOSCU, dcmtk_env, free_port, node_config
+    from tests.pki import CA
+
+    if ECHOSCU is None:
+        import pytest
+
+        pytest.skip("dcmtk is not installed")
+    ca, rogue = CA(tmp_path / "pki"), CA(tmp_path / "rogue", name="rogue CA")
+    server = ca.issue("casemask-node", server=True, client=True)
+    good = ca.issue("modality-1", client=True)
+    look_alikes = {
+        "two CNs": _client_certificate(ca, "two", [("CN", "modality-1"), ("CN", "intruder")]),
+        "two CNs, other order": _client_certificate(ca, "two-b", [("CN", "intruder"), ("CN", "modality-1")]),
+        "other case": _client_certificate(ca, "case", [("CN", "MODALITY-1")]),
+        "no CN": _client_certificate(ca, "nocn", [("O", "modality-1")]),
+        "untrusted CA": rogue.issue("modality-1", client=True),
+    }
+    raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600)
+    raw["node"]["accept_unknown_sources"] = True
+    raw["node"]["tls"] = {"port": free_port(), "certificate": str(server.cert), "private_key": str(server.key),
+                          "ca_certificates": str(ca.pair.cert), "require_client_certificate": False}
+    raw["sources"] = [{"ae_title": "MODALITY1", "certificate_cn": "modality-1"}]
+    node = start_node(raw, schedule=False)
+    port = node.settings.node.tls.port
+
+    def echo(pair=None) -> bool:
+        tls = ["+tls", str(pair.key), str(pair.cert)] if pair else ["+tla"]
+        tls += ["+cf", str(ca.pair.cert)]
+        done = subprocess.run([ECHOSCU, "-aet", "MODALITY1", "-aec", "CASEMASK", *tls, "127.0.0.1", str(port)], env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+        return done.returncode == 0
+
+    assert echo(good)
+    admitted = {what: echo(pair) for what, pair in look_alikes.items()} | {"no certificate": echo()}
+    assert not any(admitted.values()), admitted
+    unbound = dict(raw, sources=[{"ae_title": "MODALITY1"}])
+    node.reload(parse(unbound, "test", base_dir=tmp_path))
+    assert echo(look_alikes["other case"]) and echo()  # accept_unknown_sources: anyone
+    node.reload(parse(raw, "test", base_dir=tmp_path))
+    assert not echo(look_alikes["other case"]) and not echo()
+    assert echo(good)
