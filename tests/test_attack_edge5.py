@@ -160,3 +160,27 @@ def test_a_bound_ae_title_is_not_admitted_with_a_look_alike_certificate(tmp_path
     node.reload(parse(raw, "test", base_dir=tmp_path))
     assert not echo(look_alikes["other case"]) and not echo()
     assert echo(good)
+
+
+def test_a_deflated_data_set_holds_its_size_of_the_budget_while_it_is_walked(tmp_path, monkeypatch):
+    """After inflating, the inflated bytes are copied once (the walk reads bytes) and the
+    buffer they were inflated into is freed; the budget kept counting both until the walk
+    ended, so one inflation of half the budget (the most one may take) held all of it:
+    every other deflated sender was refused 0xA700 for as long as that walk ran. Now the
+    walk holds what it reads, the object's size, and all of it is given back after."""
+    import zlib
+
+    import types
+
+    from node import scp
+
+    monkeypatch.setattr(scp, "_inflating", scp._Budget(scp.INFLATE_BUDGET))
+    size = 4 * 1024 * 1024
+    path = tmp_path / "deflated"
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    path.write_bytes(b"HEAD" + c.compress(b"\0" * size) + c.flush())
+    incoming = types.SimpleNamespace(path=path, sync=lambda: None)  # what _inflate reads of an IncomingFile
+    with scp._inflated(incoming, 4, size * 2) as data:
+        assert len(data) == size
+        assert scp._inflating.used == size, f"{scp._inflating.used / size:.2f} times the object held during the walk"
+    assert scp._inflating.used == 0
