@@ -448,10 +448,13 @@ def fragment_problem(message, primitive) -> str:
             return "a data set fragment before its command set was complete"
         elif context_id != command_context:
             return "a data set fragment on another presentation context than its command's"
-        elif not ended_here and message._data_set_file is None:
-            in_memory += len(data) - 1
-            if in_memory > MAX_MEMORY_DATA_SET:
-                return f"a data set over {MAX_MEMORY_DATA_SET} bytes for a message that is not a C-STORE-RQ"
+        else:
+            if not ended_here and message._data_set_file is None:
+                in_memory += len(data) - 1
+                if in_memory > MAX_MEMORY_DATA_SET:
+                    return f"a data set over {MAX_MEMORY_DATA_SET} bytes for a message that is not a C-STORE-RQ"
+            if data[0] & 2:
+                return ""  # the data set's last fragment: pynetdicom ends the message here and reads no further PDV
     return ""
 
 

@@ -184,3 +184,19 @@ def test_a_deflated_data_set_holds_its_size_of_the_budget_while_it_is_walked(tmp
         assert len(data) == size
         assert scp._inflating.used == size, f"{scp._inflating.used / size:.2f} times the object held during the walk"
     assert scp._inflating.used == 0
+
+
+def test_a_store_and_the_next_command_in_one_p_data_store_the_first(tmp_path, start_node):
+    """A C-STORE-RQ's command, its whole data set and the next C-STORE-RQ's command in one
+    P-DATA-TF: pynetdicom ends the first message at its data set's last fragment and
+    reads no further PDV of that P-DATA. The fragment check follows it there (it does not
+    take the next command for a second command of the first message): the first object
+    is stored and answered Success."""
+    node = _folder_node(tmp_path, start_node)
+    port = node.settings.node.port
+    a, b = _ct(), _ct()
+    with _associated(port) as r:
+        r.send(p_data([(1, 0x03, _command(_store_fields(a, 1))), (1, 0x02, encode(a, implicit=False)), (1, 0x03, _command(_store_fields(b, 2)))]))
+        got = r.read_pdu()
+    assert got is not None and got[0] == 0x04 and store_status(got[1]) == 0x0000
+    assert _rows(node) == 1
