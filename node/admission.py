@@ -427,6 +427,8 @@ def fragment_problem(message, primitive) -> str:
     done = message is not None and type(message) is not DIMSEMessage  # its command set was decoded
     command = message.encoded_command_set.tell() if message is not None and not done else 0
     in_memory = message.data_set.tell() if done and message._data_set_file is None and message.data_set is not None else 0
+    command_context = message.context_id if done else None
+    ended_here = False  # the command set's last fragment is in this P-DATA
     for context_id, data in primitive.presentation_data_value_list:
         if not data:
             return ""  # pynetdicom refuses it (an exception: aborted below)
@@ -437,15 +439,22 @@ def fragment_problem(message, primitive) -> str:
             if command > MAX_COMMAND_BYTES:
                 return f"a command set over {MAX_COMMAND_BYTES} bytes"
             if data[0] & 2:
-                return ""  # complete: what follows in this P-DATA is pynetdicom's to judge
+                # complete: the PDVs after it in this P-DATA are checked as those of the
+                # next one (a second command, a data set on another context: pynetdicom
+                # read them as in two P-DATA, unchecked). Their bytes in memory are those
+                # of one PDU (MAX_PDU_READ); the next P-DATA counts them.
+                done, ended_here, command_context = True, True, context_id
         elif not done:
             return "a data set fragment before its command set was complete"
-        elif context_id != message.context_id:
+        elif context_id != command_context:
             return "a data set fragment on another presentation context than its command's"
-        elif message._data_set_file is None:
-            in_memory += len(data) - 1
-            if in_memory > MAX_MEMORY_DATA_SET:
-                return f"a data set over {MAX_MEMORY_DATA_SET} bytes for a message that is not a C-STORE-RQ"
+        else:
+            if not ended_here and message._data_set_file is None:
+                in_memory += len(data) - 1
+                if in_memory > MAX_MEMORY_DATA_SET:
+                    return f"a data set over {MAX_MEMORY_DATA_SET} bytes for a message that is not a C-STORE-RQ"
+            if data[0] & 2:
+                return ""  # the data set's last fragment: pynetdicom ends the message here and reads no further PDV
     return ""
 
 
@@ -475,9 +484,6 @@ def guard_dimse(assoc, message_timeout_s: float | None = None, min_rate: int = M
     an incoming file on disk and its first 64 KiB in memory (measured: 2900 waiting,
     +230 MiB resident, after 10 s of one such association). When a new message begins
     while ``MAX_WAITING_MESSAGES`` wait, the association is aborted.
-
-    Fragments pynetdicom would keep in memory without a bound, or join to a complete
-    command set, abort the association before it reads them (:func:`fragment_problem`).
 
     Fragments pynetdicom would keep in memory without a bound, or join to a complete
     command set, abort the association before it reads them (:func:`fragment_problem`)."""

@@ -273,6 +273,16 @@ class Source(_Table):
             raise ValueError("an AE title is 1 to 16 characters")
         return v
 
+    @field_validator("certificate_cn")
+    @classmethod
+    def _cn(cls, v: str | None) -> str | None:
+        # "" read as no binding (the source was then open to any certificate, the plain
+        # port, and anyone under accept_unknown_sources); a CN with spaces around it
+        # matched no certificate and the refusal did not say why.
+        if v is not None and (not v or v != v.strip()):
+            raise ValueError("a certificate_cn is the certificate's Common Name exactly: not empty, no spaces around it (leave it out for no binding)")
+        return v
+
 
 class DestinationTLS(_Table):
     """TLS towards a destination: verify its certificate, optionally present ours."""

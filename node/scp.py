@@ -681,6 +681,11 @@ def _inflate(incoming: IncomingFile, offset: int, limit: int, held: list[int]) -
     held[0] += len(out)
     data = bytes(out)
     out.clear()
+    # ``out`` is freed: what stays held while the walk runs is ``data`` alone (the budget
+    # counted twice the object until the walk ended, and one 512 MiB inflation kept the
+    # whole budget, every other deflated sender refused, for the length of its walk).
+    _inflating.give(held[0] - len(data))
+    held[0] = len(data)
     return data
 
 

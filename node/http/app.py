@@ -189,6 +189,11 @@ PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 # the level of its own successful reads; anything refused (303, 401, 403) stays INFO,
 # and what the audit trail records does not depend on it.
 REFRESH_HEADER = b"x-casemask-refresh"
+# The pages the dashboard refreshes (their templates have data-refresh): only their
+# answers are quieted by REFRESH_HEADER. Any GET was: a client sending the header read
+# the audit trail's export, a study's API rows or de-identified previews with a token
+# and left only DEBUG lines in the access log an operator reads at INFO.
+REFRESHED_PAGES = frozenset({"/", "/studies", "/studies/{study_id}", "/quarantine", "/destinations"})
 
 
 class AccessLog:
@@ -222,7 +227,7 @@ class AccessLog:
             client = scope.get("client") or ("-", 0)
             method = scope.get("method", "")
             route = route_name(scope)
-            quiet = (route in PROBES and 200 <= status < 400) or (method == "GET" and status == 200 and _refresh(scope))
+            quiet = (route in PROBES and 200 <= status < 400) or (method == "GET" and status == 200 and route in REFRESHED_PAGES and _refresh(scope))
             level = logging.DEBUG if quiet else logging.INFO
             log.log(level, '%s - "%s %s" %d', client[0], method if method in _METHODS else "(other)", route, status or 500)
 
