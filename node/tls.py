@@ -59,32 +59,30 @@ def client_context(ca_certificates: Path | None = None, certificate: Path | None
     return ctx
 
 
-def peer_common_name(sock) -> str:
-    """The Common Name (CN) of the peer's verified certificate ("" when the connection
-    is not TLS, the peer presented none, or its certificate has no CN). Python's
-    ``getpeercert`` returns a certificate only once it was verified against the
-    context's CAs."""
+def _verified_certificate(sock) -> dict:
+    """The peer's certificate as ``getpeercert`` gives it, which is only once it was
+    verified against the context's CAs ({} when the connection is not TLS or the peer
+    presented none)."""
     getpeercert = getattr(sock, "getpeercert", None)
     if getpeercert is None:
-        return ""
+        return {}
     try:
-        cert = getpeercert()
+        return getpeercert() or {}
     except (ValueError, OSError):
-        return ""
-    names = [v for rdn in (cert or {}).get("subject", ()) for k, v in rdn if k == "commonName"]
+        return {}
+
+
+def peer_common_name(sock) -> str:
+    """The Common Name (CN) of the peer's verified certificate ("" when the connection
+    is not TLS, the peer presented none, or its certificate has no CN or several)."""
+    names = [v for rdn in _verified_certificate(sock).get("subject", ()) for k, v in rdn if k == "commonName"]
     return names[-1] if len(names) == 1 else ""  # several CNs: ambiguous, bound to none
 
 
 def peer_subject(sock) -> str:
     """The subject of the peer's verified certificate as ``CN=...,O=...`` ("" when the
     connection is not TLS or the peer presented none)."""
-    getpeercert = getattr(sock, "getpeercert", None)
-    if getpeercert is None:
-        return ""
-    try:
-        cert = getpeercert()
-    except (ValueError, OSError):
-        return ""
+    cert = _verified_certificate(sock)
     if not cert:
         return ""
     parts = [f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
