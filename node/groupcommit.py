@@ -3,8 +3,8 @@ process commit the rows of all concurrent C-STOREs, several per transaction.
 
 A C-STORE handler hands its row over (:meth:`GroupCommit.record`) and waits; the
 committer takes every row waiting at that moment (at most ``max_batch``), inserts them
-in one transaction (two statements for the whole batch, :func:`queue.record_received_many`)
-and commits once (one WAL fsync for SQLite, one round trip for
+in one transaction (an UPDATE per study and one INSERT for the whole batch, on the DBAPI
+cursor: :func:`queue.record_received_many`, :class:`queue.HotStatements`) and commits once (one WAL fsync for SQLite, one round trip for
 PostgreSQL), then wakes each handler with its own outcome. Nothing waits for a batch
 to fill: one sender gets its commit at once, concurrent senders share the commits that
 are in flight anyway. Associations hold no database connection while they wait for
@@ -61,6 +61,7 @@ class GroupCommit:
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._closed = False
         self._checkpointer = _Checkpointer(engine) if engine.dialect.name == "sqlite" else None
+        self._hot = queue.HotStatements(engine.dialect)
         self._thread.start()
 
     def record(self, received: queue.Received) -> Stored:
@@ -131,7 +132,7 @@ class GroupCommit:
         if len(batch) > 1:
             try:
                 with conn.begin():
-                    changes = queue.record_received_many(conn, [r for r, _ in batch])
+                    changes = queue.record_received_many(conn, [r for r, _ in batch], self._hot)
             except Exception as exc:  # one row failed (rolled back whole): each on its own below
                 log.debug("batch of %d rows rolled back (%s): committing them one by one", len(batch), type(exc).__name__)
             else:
@@ -153,7 +154,7 @@ class GroupCommit:
         for _ in range(2):
             try:
                 with conn.begin():
-                    change = queue.record_received(conn, r)
+                    change = queue.record_received(conn, r, self._hot)
                 if change:  # only once committed: a rolled-back re-send changes nothing
                     self.on_change(r, change)
                 return None

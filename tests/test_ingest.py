@@ -355,3 +355,106 @@ def test_the_wal_is_checkpointed_beside_the_commits_and_stays_small(tmp_path):
     finally:
         gc.close()
         engine.dispose()
+
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def two_engines(request, tmp_path):
+    """Engines on two new databases of one kind (SQLite, PostgreSQL), at the schema's head."""
+    from node.db import make_engine
+
+    if request.param == "sqlite":
+        urls = [f"sqlite:///{tmp_path / name}" for name in ("a.sqlite", "b.sqlite")]
+    else:
+        cluster = request.getfixturevalue("pg_cluster")
+        names = [cluster.create_database(template="casemask_template") for _ in range(2)]
+        urls = [cluster.url(name) for name in names]
+    engines = [make_engine(url) for url in urls]
+    yield engines
+    for engine in engines:
+        engine.dispose()
+    if request.param == "postgresql":
+        for name in names:
+            cluster.drop_database(name)
+
+
+def _stored_rows(engine) -> list[tuple]:
+    """Every column of every study and instance row, as the DBAPI returns them (not
+    through SQLAlchemy's result processing), without the row ids."""
+    with engine.connect() as conn:
+        studies = conn.exec_driver_sql("SELECT study_uid, state, first_received_at, last_received_at FROM studies ORDER BY study_uid").all()
+        instances = conn.exec_driver_sql(
+            "SELECT sop_instance_uid, sop_class_uid, series_uid, modality, transfer_syntax, path, size, calling_ae, called_ae,"
+            " peer_host, identity, digest, received_at, received_by, state, reason, state_changed_at, purged_at,"
+            " (SELECT study_uid FROM studies WHERE studies.id = instances.study_id) FROM instances ORDER BY sop_instance_uid"
+        ).all()
+    return [tuple(r) for r in studies] + [tuple(r) for r in instances]
+
+
+def test_the_group_commit_writes_on_the_dbapi_cursor_the_rows_core_writes(two_engines, monkeypatch):
+    """queue.HotStatements (the group commit's UPDATE and INSERT on the DBAPI cursor)
+    stores what SQLAlchemy Core stores for the same batches, value for value as the
+    database holds them (times, the state's enum text, NULLs), on SQLite and
+    PostgreSQL: the same rows, at the same clock, once through Core into one database
+    and once through the hot statements into another, read back raw."""
+    import dataclasses
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from node import queue
+    from node.db import Study, StudyState
+
+    stored = []
+    for engine, hot in zip(two_engines, (None, queue.HotStatements(two_engines[1].dialect))):
+        clock = iter([dt.datetime(2026, 11, 30, 22, 0, 0) + dt.timedelta(microseconds=123457 * k) for k in range(100)])
+        monkeypatch.setattr(queue, "utcnow", lambda: next(clock))
+        with engine.begin() as conn:
+            queue.record_received(conn, _row("1.2.3.1", "1.2.3.1.1"), hot)
+            queue.record_received(conn, _row("1.2.3.2", "1.2.3.2.1"), hot)
+            conn.execute(update(Study.__table__).where(Study.__table__.c.study_uid == "1.2.3.2").values(state=StudyState.ROUTED))
+        batch = [_row("1.2.3.1", "1.2.3.1.2"), _row("1.2.3.3", "1.2.3.3.1"), _row("1.2.3.2", "1.2.3.2.2"), _row("1.2.3.3", "1.2.3.3.2"), _row("1.2.3.1", "1.2.3.1.3")]
+        batch[1] = dataclasses.replace(batch[1], received_by="owner-1", digest="ab" * 32)
+        with engine.begin() as conn:
+            changes = queue.record_received_many(conn, batch, hot)
+        assert changes[0] == changes[3] == changes[4] == ""
+        assert changes[1].endswith(": RECEIVING") and changes[2].endswith("ROUTED -> RECEIVING (amendment)")
+        with engine.begin() as conn:
+            queue.record_received_many(conn, [_row("1.2.3.1", "1.2.3.1.4")], hot)
+        stored.append(_stored_rows(engine))
+    core, hot_rows = stored
+    assert tuple(queue._instance_row(_row("1.2.3.1", "1.2.3.1.9"), 1, dt.datetime(2026, 1, 1))) == queue._INSTANCE_KEYS, "every column the row sets"
+    assert len(core) == 3 + 8
+    assert [r for r in core if r[0] == "1.2.3.3.1"][0][11] == "ab" * 32, "the values differ between the rows"
+    assert hot_rows == core
+
+
+def test_a_stored_sop_instance_uid_raises_integrity_error_on_the_hot_path_and_a_lost_connection_is_invalidated(two_engines):
+    """The hot statements raise what Core raises: IntegrityError for a SOP Instance UID
+    already stored (the group commit then answers the re-send from the stored row);
+    any other database error invalidates the connection, so that the committer opens a
+    new one instead of failing every later batch on a dead one."""
+    from sqlalchemy.exc import DBAPIError, IntegrityError
+
+    from node import groupcommit, queue
+
+    engine = two_engines[0]
+    hot = queue.HotStatements(engine.dialect)
+    with engine.begin() as conn:
+        queue.record_received(conn, _row("1.2.3.1", "1.2.3.1.1"), hot)
+    with engine.connect() as conn:
+        with pytest.raises(IntegrityError):
+            with conn.begin():
+                queue.record_received(conn, _row("1.2.3.1", "1.2.3.1.1"), hot)
+        assert not conn.invalidated
+        conn.connection.driver_connection.close()  # the server went away under it
+        with pytest.raises(DBAPIError):
+            with conn.begin():
+                queue.record_received(conn, _row("1.2.3.1", "1.2.3.1.2"), hot)
+        assert conn.invalidated
+    gc = groupcommit.GroupCommit(engine, lambda r, change: None)
+    try:
+        assert gc.record(_row("1.2.3.1", "1.2.3.1.3")) is None
+        assert gc.record(_row("1.2.3.1", "1.2.3.1.3")) is not None, "a re-send: the stored object"
+    finally:
+        gc.close()
