@@ -411,3 +411,26 @@ def test_routes_explain_says_when_the_burned_in_policy_will_quarantine_the_objec
     assert notes == ['  NOTE  headers: BurnedInAnnotation is YES: quarantined by this route\'s deid burned_in = "quarantine" ("clean" masks the text: docs/burned-in.md)'], r.stdout
     explained = Service(load(cfg), sessions=None).explain((tmp_path / "burned.dcm").read_bytes())  # as /api/v1/routes/explain
     assert list(explained["burned_in"]) == ["headers"] and explained["routes"] == ["headers", "allowed"], explained
+
+
+def test_a_quoted_number_a_foreign_key_name_and_an_unquoted_text_say_what_to_write(tmp_path):
+    """A first site file had `port = "14242"` (quoted, as in many other tools' configs),
+    `type = "folder"` (dcmtk's and Orthanc's word for `kind`) and `ae_title = CASEMASK`
+    (no quotes). `config check` said only that a port is an integer, listed the known
+    keys without naming `kind`, and for the TOML error gave a line and column. Now each
+    message says what to write instead."""
+    cfg = tmp_path / "site.toml"
+    cfg.write_text('[node]\nport = "11112"\n[[destinations]]\nname = "a"\ntype = "folder"\npath = "out"\n'
+                   '[[destinations]]\nname = "b"\naet = "ARCHIVE"\n[http]\nenabled = "false"\n')
+    r = run_cli("config", "check", str(cfg))
+    assert r.returncode == 2, r.stderr
+    assert "port = '11112': a TCP port is an integer" in r.stderr and "write it without quotes: port = 11112" in r.stderr, r.stderr
+    assert "unknown setting 'type': did you mean 'kind'?" in r.stderr, r.stderr
+    assert "unknown setting 'aet': did you mean 'ae_title'?" in r.stderr, r.stderr
+    assert "write it without quotes: enabled = false" in r.stderr, r.stderr
+    cfg.write_text('[node]\nae_title = CASEMASK\n')
+    r = run_cli("config", "check", str(cfg))
+    assert r.returncode == 2 and "not valid TOML" in r.stderr and 'ae_title = "CASEMASK"' in r.stderr, r.stderr
+    cfg.write_text('[node]\nport = "eleven"\n')  # a word is no number: no advice to unquote it
+    r = run_cli("config", "check", str(cfg))
+    assert r.returncode == 2 and "a TCP port is an integer" in r.stderr and "without quotes" not in r.stderr, r.stderr
