@@ -516,3 +516,26 @@ def test_a_password_in_a_dicomweb_url_is_never_in_a_delivery_reason(tmp_path):
     (outcome,) = outcomes
     assert outcome.kind == "retry" and outcome.reason.startswith("cannot reach https://archiver:***@127.0.0.1:"), outcome
     assert password not in outcome.reason
+
+
+def test_every_command_says_what_it_does_in_its_own_help():
+    """`casemask serve --help` and `casemask status --help` printed only their usage and
+    options: what the command does, how to stop or reload a node and which config it
+    reads were in the README only. Now every command's help starts with a description,
+    serve's says how to stop and reload it, and the top-level help names --config, the
+    exit statuses and `config check`."""
+    missing = [cmd for cmd, parser in _parsers(build_parser()) if not (parser.description or "").strip()]
+    assert not missing, missing
+    serve = dict(_parsers(build_parser()))["casemask serve"].format_help()
+    for needed in ("kill -HUP", "Ctrl-C", "config check"):
+        assert needed in serve, needed
+    top = build_parser().format_help()
+    for needed in ("--config FILE", "config/casemask.toml", "Exit status", "config check"):
+        assert needed in top, needed
+
+
+def test_counts_are_singular_for_one():
+    """`export-mapping` printed 'patients.csv: 1 rows'."""
+    from node.cli import _count
+
+    assert [_count(n, "row") for n in (0, 1, 2)] == ["0 rows", "1 row", "2 rows"]
