@@ -43,11 +43,6 @@ class UsageError(Exception):
     pass
 
 
-def _count(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless ``n`` is 1: '1 row', '0 rows', '39 rows'."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
     logfmt.configure(level)  # control characters a peer sent are escaped: one record, one line
