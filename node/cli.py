@@ -479,7 +479,26 @@ def cmd_config_check(args) -> int:
     print("retention:")
     for line in s.retention.describe():
         print(f"  {line}")
-    return 0
+    return _check_destinations(s) if args.destinations else 0
+
+
+def _check_destinations(s) -> int:
+    """``config check --destinations``: try every destination once, now, as the running
+    node's health check does (C-ECHO calling as the node, a writable folder, a QIDO-RS
+    search); 1 when one is not reachable."""
+    from node.config import hide_credentials
+    from node.health import probe
+
+    down = 0
+    print("destinations:")
+    for d in s.destinations:
+        h = probe(d, s.node.ae_title, stow=False)
+        down += not h.reachable
+        where = f"{d.ae_title}@{d.host}:{d.port} as {d.calling_ae or s.node.ae_title}" if d.kind == "dicom" else str(d.path) if d.kind == "folder" else hide_credentials(d.url)
+        print(f"  {d.name} ({d.kind}, {where}): {'reachable' if h.reachable else 'NOT REACHABLE'}: {h.detail}")
+    if down:
+        print(f"{_count(down, 'destination')} not reachable: deliveries to it wait and are retried (casemask status says why)", file=sys.stderr)
+    return 1 if down else 0
 
 
 _DEID = None  # the worker process's Deidentifier (set by _deid_worker_init)
@@ -1041,6 +1060,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(exit 0). A running node re-reads the file on 'kill -HUP PID'.")
     ck.add_argument("file", nargs="?", metavar="FILE", help="default: the built-in config")
     ck.add_argument("--config", "-c", dest="config_file", metavar="FILE", help="the same as FILE (as the other commands take it)")
+    ck.add_argument("--destinations", action="store_true",
+                    help="also try each destination now, as the node does (dicom: C-ECHO calling as the node; folder: writable; "
+                         "dicomweb: a QIDO-RS search); exit 1 when one is not reachable")
     ck.set_defaults(func=cmd_config_check)
 
     sp = sub.add_parser("deid", help="de-identify files with a route's header profile, and verify each output")

@@ -65,7 +65,7 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str], source: str = "config") -> None:
         self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{source}: {len(problems)} problem{'' if len(problems) == 1 else 's'}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def hint(text: str, default: Any = ..., **kw: Any) -> Any:
