@@ -534,8 +534,18 @@ def test_every_command_says_what_it_does_in_its_own_help():
         assert needed in top, needed
 
 
-def test_counts_are_singular_for_one():
-    """`export-mapping` printed 'patients.csv: 1 rows'."""
-    from node.cli import _count
+def test_export_mapping_says_1_row_not_1_rows(tmp_path):
+    """`export-mapping` printed 'patients.csv: 1 rows' for one synthetic patient."""
+    from node.config import load
+    from node.mapping import save
+    from node.service import Service
 
-    assert [_count(n, "row") for n in (0, 1, 2)] == ["0 rows", "1 row", "2 rows"]
+    cfg = write_toml(node_config(tmp_path, [{"name": "out", "kind": "folder", "path": str(tmp_path / "out")}]), tmp_path / "n.toml")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "node.cli", *a, "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=120)  # noqa: E731
+    assert run("db", "upgrade").returncode == 0
+    with Service.open(load(cfg)).sessions() as session:
+        save(session, [{"kind": "patient", "old": '["", "SYN0001"]', "new": "CMSYNTH0001"}])
+        session.commit()
+    r = run("export-mapping", "--out", str(tmp_path / "mapping"))
+    assert r.returncode == 0, r.stderr
+    assert "patients.csv: 1 row\n" in r.stdout and "uids.csv: 0 rows\n" in r.stdout, r.stdout
