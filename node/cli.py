@@ -497,7 +497,7 @@ def _check_destinations(s) -> int:
         where = f"{d.ae_title}@{d.host}:{d.port} as {d.calling_ae or s.node.ae_title}" if d.kind == "dicom" else str(d.path) if d.kind == "folder" else hide_credentials(d.url)
         print(f"  {d.name} ({d.kind}, {where}): {'reachable' if h.reachable else 'NOT REACHABLE'}: {h.detail}")
     if down:
-        print(f"{_count(down, 'destination')} not reachable: deliveries to it wait and are retried (casemask status says why)", file=sys.stderr)
+        print("1 destination not reachable: its deliveries wait and are retried (casemask status says why)" if down == 1 else f"{down} destinations not reachable: their deliveries wait and are retried (casemask status says why)", file=sys.stderr)
     return 1 if down else 0
 
 
