@@ -479,7 +479,26 @@ def cmd_config_check(args) -> int:
     print("retention:")
     for line in s.retention.describe():
         print(f"  {line}")
-    return 0
+    return _check_destinations(s) if args.destinations else 0
+
+
+def _check_destinations(s) -> int:
+    """``config check --destinations``: try every destination once, now, as the running
+    node's health check does (C-ECHO calling as the node, a writable folder, a QIDO-RS
+    search); 1 when one is not reachable."""
+    from node.config import hide_credentials
+    from node.health import probe
+
+    down = 0
+    print("destinations:")
+    for d in s.destinations:
+        h = probe(d, s.node.ae_title, stow=False)
+        down += not h.reachable
+        where = f"{d.ae_title}@{d.host}:{d.port} as {d.calling_ae or s.node.ae_title}" if d.kind == "dicom" else str(d.path) if d.kind == "folder" else hide_credentials(d.url)
+        print(f"  {d.name} ({d.kind}, {where}): {'reachable' if h.reachable else 'NOT REACHABLE'}: {h.detail}")
+    if down:
+        print("1 destination not reachable: its deliveries wait and are retried (casemask status says why)" if down == 1 else f"{down} destinations not reachable: their deliveries wait and are retried (casemask status says why)", file=sys.stderr)
+    return 1 if down else 0
 
 
 _DEID = None  # the worker process's Deidentifier (set by _deid_worker_init)
@@ -856,7 +875,7 @@ def cmd_export_mapping(args) -> int:
     except MappingError as exc:
         raise UsageError(str(exc)) from None
     for name, n in counts.items():
-        print(f"{out / name}: {n} rows")
+        print(f"{out / name}: {_count(n, 'row')}")
     return 0
 
 
@@ -888,6 +907,11 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
+class _RawEpilogFormatter(_DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`_DefaultsFormatter` that keeps the line breaks of a description or epilog
+    written as a paragraph of its own."""
+
+
 class _Parser(argparse.ArgumentParser):
     """Every subcommand also takes ``-v`` after its name (``casemask status -v`` as well as
     ``casemask -v status``): argparse builds each subparser with the class of its parent,
@@ -900,8 +924,37 @@ class _Parser(argparse.ArgumentParser):
             self.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging (-v info, -vv debug)")
 
 
+_EPILOG = """\
+Most commands take --config FILE: the node's TOML configuration (default: the built-in
+config/casemask.toml). Run them in the folder the node is started in: a relative
+data_dir is relative to the current folder. Check a file with 'casemask config check
+FILE' before 'casemask serve --config FILE'. Each command has --help. Exit status: 0
+success, 1 the operation failed, 2 bad usage or configuration. Manual: README.md."""
+
+_SERVE_DESCRIPTION = """\
+Receive, de-identify and forward until stopped. Once it listens it prints 'casemask AE
+(role) listening on HOST:PORT; data in DIR; pid N'. Ctrl-C, SIGTERM or 'kill N' stops it
+(work in progress is taken up again at the next start); 'kill -HUP N' re-reads the
+configuration file (a file with a problem changes nothing; the log says which keys need a
+restart). Check the file first: 'casemask config check FILE'."""
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand without a description its one-line help as one, so that
+    `casemask status --help` says what the command does, not only its usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if not sub.description and helps.get(name):
+                    text = helps[name]
+                    sub.description = text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+                _describe(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="casemask", description="DICOM de-identification node.", root=True)
+    p = _Parser(prog="casemask", description="DICOM de-identification node.", epilog=_EPILOG, root=True,
+                formatter_class=_RawEpilogFormatter)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     p.add_argument("--version", action=_ShowVersion, help="print the installed version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -910,7 +963,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", "-c", metavar="FILE", help="TOML configuration (default: the built-in config/casemask.toml)")
         return sp
 
-    sp = with_config(sub.add_parser("serve", help="receive, de-identify and forward until stopped"))
+    sp = with_config(sub.add_parser("serve", help="receive, de-identify and forward until stopped", description=_SERVE_DESCRIPTION,
+                                    formatter_class=_RawEpilogFormatter))
     sp.add_argument("--role", choices=("all", "ingest", "worker"), default="all",
                     help="all (default): everything; ingest: receive only (SCP and HTTP); worker: route, process, dispatch, retention (see docs/cluster.md)")
     sp.set_defaults(func=cmd_serve)
@@ -933,7 +987,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="association and per-object reply timeout (default: 30)")
     sp.set_defaults(func=cmd_send)
 
-    sp = with_config(sub.add_parser("status", help="counts per state and per destination"))
+    sp = with_config(sub.add_parser("status", help="counts per state and per destination",
+                                    description="Counts per state and per destination: why a destination's objects wait and when it tries "
+                                                "next, when a receiving study is complete, throughput, free disk, each route's pixels "
+                                                "step. Reads the database of the node on --config (run it in the node's folder)."))
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_status)
 
@@ -997,9 +1054,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("config", help="configuration tools")
     csub = sp.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
-    ck = csub.add_parser("check", help="validate a configuration file")
+    ck = csub.add_parser("check", help="validate a configuration file",
+                         description="Validate a configuration file: every problem at once, each with what to write instead "
+                                     "(exit 2), warnings about valid but suspicious settings, and what retention deletes when "
+                                     "(exit 0). A running node re-reads the file on 'kill -HUP PID'.")
     ck.add_argument("file", nargs="?", metavar="FILE", help="default: the built-in config")
     ck.add_argument("--config", "-c", dest="config_file", metavar="FILE", help="the same as FILE (as the other commands take it)")
+    ck.add_argument("--destinations", action="store_true",
+                    help="also try each destination now, as the node does (dicom: C-ECHO calling as the node; folder: writable; "
+                         "dicomweb: a QIDO-RS search); exit 1 when one is not reachable")
     ck.set_defaults(func=cmd_config_check)
 
     sp = sub.add_parser("deid", help="de-identify files with a route's header profile, and verify each output")
@@ -1035,6 +1098,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_demo_parser(sub)
     except ImportError:
         pass
+    _describe(p)
     return p
 
 

@@ -65,7 +65,7 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str], source: str = "config") -> None:
         self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{source}: {len(problems)} problem{'' if len(problems) == 1 else 's'}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def hint(text: str, default: Any = ..., **kw: Any) -> Any:
@@ -510,6 +510,27 @@ class AuditSettings(_Table):
 
 # Keys an admin writes for a secret where the configuration takes secret_file / secret_env.
 _SECRET_WORDS = ("password", "passwd", "token", "secret", "bearer")
+# Words other tools use for a setting of ours, too far from its name for difflib to see
+# (dcmtk and Orthanc say "type" or "AET"; a destination's folder is "path").
+_SYNONYMS = {"type": "kind", "aet": "ae_title", "ae": "ae_title", "aetitle": "ae_title", "address": "host",
+             "hostname": "host", "ip": "host", "folder": "path", "directory": "path", "dir": "path"}
+
+
+def _unquote_hint(err: dict[str, Any], key: str) -> str:
+    """'; write it without quotes: port = 14242' for a number or boolean written as a
+    TOML string (``port = "14242"``, ``enabled = "false"``), else ''."""
+    value = err.get("input")
+    if not isinstance(value, str):
+        return ""
+    v = value.strip()
+    name = key.rsplit(".", 1)[-1]
+    if err["type"] == "int_type" and re.fullmatch(r"[+-]?\d+", v):
+        return f"; write it without quotes: {name} = {int(v)}"
+    if err["type"] in ("float_type", "int_type") and re.fullmatch(r"[+-]?\d+(\.\d*)?", v):
+        return f"; write it without quotes: {name} = {v}"
+    if err["type"] == "bool_type" and v.lower() in ("true", "false"):
+        return f"; write it without quotes: {name} = {v.lower()}"
+    return ""
 
 # The tables written [[name]], repeated once per entry (the others are written [name]).
 _ARRAYS_OF_TABLES = ("sources", "destinations", "routes", "models")
@@ -577,6 +598,8 @@ def _messages(exc: ValidationError, model: type[BaseModel], where: str, raw: dic
         if err["type"] == "extra_forbidden":
             names = _known(model, loc[:-1])
             hint_ = did_you_mean(str(loc[-1]), names)
+            if not hint_ and _SYNONYMS.get(str(loc[-1]).lower()) in names:
+                hint_ = f": did you mean '{_SYNONYMS[str(loc[-1]).lower()]}'?"
             if "secret_file" in names and str(loc[-1]).lower() in _SECRET_WORDS:
                 hint_ = (": a password or token is never written in the configuration file; "
                          "write secret_file = \"FILE\" (a file holding it, readable by the node only) or secret_env = \"NAME\" (an environment variable)")
@@ -592,7 +615,7 @@ def _messages(exc: ValidationError, model: type[BaseModel], where: str, raw: dic
         if value is None or isinstance(value, dict) and key.split(".")[0] not in raw:
             out.append(f"{where} {key}: {why}")
         else:
-            out.append(f"{where} {key} = {value!r}: {why}")
+            out.append(f"{where} {key} = {value!r}: {why}{_unquote_hint(err, key)}")
     return out
 
 
@@ -896,7 +919,9 @@ def read_toml(p: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError([f"no such file: {p}"], str(p)) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"not valid TOML: {exc}"], str(p)) from None
+        quote = ("; text needs double quotes (ae_title = \"CASEMASK\"), numbers and true/false none (port = 11112)"
+                 if str(exc).startswith("Invalid value") else "")
+        raise ConfigError([f"not valid TOML: {exc}{quote}"], str(p)) from None
 
 
 def _check_pixel_models(routes: list[Route], models: list[ModelSettings], problems: list[str]) -> None:

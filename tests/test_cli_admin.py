@@ -516,3 +516,36 @@ def test_a_password_in_a_dicomweb_url_is_never_in_a_delivery_reason(tmp_path):
     (outcome,) = outcomes
     assert outcome.kind == "retry" and outcome.reason.startswith("cannot reach https://archiver:***@127.0.0.1:"), outcome
     assert password not in outcome.reason
+
+
+def test_every_command_says_what_it_does_in_its_own_help():
+    """`casemask serve --help` and `casemask status --help` printed only their usage and
+    options: what the command does, how to stop or reload a node and which config it
+    reads were in the README only. Now every command's help starts with a description,
+    serve's says how to stop and reload it, and the top-level help names --config, the
+    exit statuses and `config check`."""
+    missing = [cmd for cmd, parser in _parsers(build_parser()) if not (parser.description or "").strip()]
+    assert not missing, missing
+    serve = dict(_parsers(build_parser()))["casemask serve"].format_help()
+    for needed in ("kill -HUP", "Ctrl-C", "config check"):
+        assert needed in serve, needed
+    top = build_parser().format_help()
+    for needed in ("--config FILE", "config/casemask.toml", "Exit status", "config check"):
+        assert needed in top, needed
+
+
+def test_export_mapping_says_1_row_not_1_rows(tmp_path):
+    """`export-mapping` printed 'patients.csv: 1 rows' for one synthetic patient."""
+    from node.config import load
+    from node.mapping import save
+    from node.service import Service
+
+    cfg = write_toml(node_config(tmp_path, [{"name": "out", "kind": "folder", "path": str(tmp_path / "out")}]), tmp_path / "n.toml")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "node.cli", *a, "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=120)  # noqa: E731
+    assert run("db", "upgrade").returncode == 0
+    with Service.open(load(cfg)).sessions() as session:
+        save(session, [{"kind": "patient", "old": '["", "SYN0001"]', "new": "CMSYNTH0001"}])
+        session.commit()
+    r = run("export-mapping", "--out", str(tmp_path / "mapping"))
+    assert r.returncode == 0, r.stderr
+    assert "patients.csv: 1 row\n" in r.stdout and "uids.csv: 0 rows\n" in r.stdout, r.stdout

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from node.config import ConfigError, load, parse
-from tests.conftest import PYDICOM_FILES, ROOT, make_study, node_config, write_toml
+from tests.conftest import PYDICOM_FILES, ROOT, free_port, make_study, node_config, write_toml
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -411,3 +411,53 @@ def test_routes_explain_says_when_the_burned_in_policy_will_quarantine_the_objec
     assert notes == ['  NOTE  headers: BurnedInAnnotation is YES: quarantined by this route\'s deid burned_in = "quarantine" ("clean" masks the text: docs/burned-in.md)'], r.stdout
     explained = Service(load(cfg), sessions=None).explain((tmp_path / "burned.dcm").read_bytes())  # as /api/v1/routes/explain
     assert list(explained["burned_in"]) == ["headers"] and explained["routes"] == ["headers", "allowed"], explained
+
+
+def test_a_quoted_number_a_foreign_key_name_and_an_unquoted_text_say_what_to_write(tmp_path):
+    """A first site file had `port = "14242"` (quoted, as in many other tools' configs),
+    `type = "folder"` (dcmtk's and Orthanc's word for `kind`) and `ae_title = CASEMASK`
+    (no quotes). `config check` said only that a port is an integer, listed the known
+    keys without naming `kind`, and for the TOML error gave a line and column. Now each
+    message says what to write instead."""
+    cfg = tmp_path / "site.toml"
+    cfg.write_text('[node]\nport = "11112"\n[[destinations]]\nname = "a"\ntype = "folder"\npath = "out"\n'
+                   '[[destinations]]\nname = "b"\naet = "ARCHIVE"\n[http]\nenabled = "false"\n')
+    r = run_cli("config", "check", str(cfg))
+    assert r.returncode == 2, r.stderr
+    assert "port = '11112': a TCP port is an integer" in r.stderr and "write it without quotes: port = 11112" in r.stderr, r.stderr
+    assert "unknown setting 'type': did you mean 'kind'?" in r.stderr, r.stderr
+    assert "unknown setting 'aet': did you mean 'ae_title'?" in r.stderr, r.stderr
+    assert "write it without quotes: enabled = false" in r.stderr, r.stderr
+    cfg.write_text('[node]\nae_title = CASEMASK\n')
+    r = run_cli("config", "check", str(cfg))
+    assert r.returncode == 2 and "not valid TOML" in r.stderr and 'ae_title = "CASEMASK"' in r.stderr, r.stderr
+    cfg.write_text('[node]\nport = "eleven"\n')  # a word is no number: no advice to unquote it
+    r = run_cli("config", "check", str(cfg))
+    assert r.returncode == 2 and "a TCP port is an integer" in r.stderr and "without quotes" not in r.stderr, r.stderr
+    assert "1 problem:" in r.stderr and "problem(s)" not in r.stderr, r.stderr
+
+
+def test_config_check_destinations_tries_each_destination_as_the_node_would(tmp_path, archive_factory):
+    """A first site file named an archive on the wrong port: `config check` said OK, the
+    node started, and the admin learnt of it from a study waiting in RETRY_WAIT (the CLI's
+    `status` shows no health for a destination without a delivery). `config check
+    --destinations` now tries each one before the node starts: C-ECHO calling as the
+    node's AE title (an archive that knows only that title answers), a writable folder;
+    exit 1 naming the one not reachable and why."""
+    archive = archive_factory(require_calling=["SITENODE"])
+    dests = [{"name": "pacs", "kind": "dicom", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": archive.port},
+             {"name": "f", "kind": "folder", "path": str(tmp_path / "out")}]
+    raw = node_config(tmp_path, dests, ae_title="SITENODE")
+    good = write_toml(raw, tmp_path / "good.toml")
+    r = run_cli("config", "check", "--destinations", str(good))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "pacs (dicom, ARCHIVE@127.0.0.1:%d as SITENODE): reachable: C-ECHO answered Success" % archive.port in r.stdout, r.stdout
+    assert "f (folder, " in r.stdout and "reachable: writable" in r.stdout, r.stdout
+    assert "destinations:" not in run_cli("config", "check", str(good)).stdout  # only on request: no network without it
+    raw["destinations"].append({"name": "gone", "kind": "dicom", "ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port()})
+    raw["routes"][0]["destinations"] = ["pacs", "f", "gone"]
+    bad = write_toml(raw, tmp_path / "bad.toml")
+    r = run_cli("config", "check", "--destinations", str(bad))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "gone (dicom, NOBODY@127.0.0.1:" in r.stdout and "NOT REACHABLE: no association (cannot connect" in r.stdout, r.stdout
+    assert "1 destination not reachable" in r.stderr, r.stderr
