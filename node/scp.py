@@ -1018,15 +1018,18 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     servers: list[EdgeServer] = []
     if shared is not None:
         shared.board.claim(shared.place, lambda: sum(s.open_connections() for s in servers))
+    announce = shared is None or shared.owner  # one listening socket for all receiving processes: said once, by the node process
     try:
         if node.port:
             servers.append(_serve(EdgeServer(ae, (node.host, node.port), admission, None, node.acse_timeout_s, handlers, shared)))
-            log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
+            if announce:
+                log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
         if node.tls is not None:
             t = node.tls
             ctx = server_context(t.certificate, t.private_key, t.ca_certificates, t.require_client_certificate)
             servers.append(_serve(EdgeServer(ae, (node.host, t.port), admission, ctx, node.acse_timeout_s, handlers, shared)))
-            log.info("listening as %s on %s:%d (DICOM TLS%s)", node.ae_title, node.host, t.port, ", client certificate required" if t.require_client_certificate else "")
+            if announce:
+                log.info("listening as %s on %s:%d (DICOM TLS%s)", node.ae_title, node.host, t.port, ", client certificate required" if t.require_client_certificate else "")
     except BaseException:
         for s in servers:
             s.shutdown()

@@ -29,6 +29,8 @@ def _node(tmp_path: Path, name: str, port: int | None = None, receivers: int = 3
 
 
 def test_receivers_share_the_port_store_everything_and_die_with_the_node(tmp_path):
+    """receivers = 3: one port, said once in the log; every object stored; the receiver
+    processes die with the node and the port is free again."""
     node, raw = _node(tmp_path, "a")
     port = raw["node"]["port"]
     corpora = [tmp_path / f"in{k}" for k in range(8)]
@@ -45,6 +47,7 @@ def test_receivers_share_the_port_store_everything_and_die_with_the_node(tmp_pat
         assert _rows(Path(raw["node"]["data_dir"])) == 80
         # A receiver's log lines reach the node's log through a pipe, a moment later.
         wait_until(lambda: "[receiver " in (log := (tmp_path / "a.log").read_text()) and "study" in log, timeout=30, what="an association logged by a receiver process")
+        assert (tmp_path / "a.log").read_text().count("listening as CASEMASK") == 1, "one port, said once (not by each of the 3 processes)"
     finally:
         node.kill()
     # SIGKILL of the node: its receivers go with it and the port is free again.
