@@ -506,11 +506,11 @@ class Node:
             self.service.reload(Principal("SIGHUP", Role.ADMIN, "node"))
         except ServiceError as exc:
             if exc.problems:  # one line each: the log escapes line breaks inside a record
-                log.error("configuration not reloaded: %s", str(exc).splitlines()[0])
+                log.error("configuration not reloaded, still running on the previous one: %s", str(exc).splitlines()[0])
                 for problem in exc.problems:
                     log.error("  - %s", problem)
             else:
-                log.error("configuration not reloaded: %s", exc)
+                log.error("configuration not reloaded, still running on the previous one: %s", exc)
 
     def stop(self) -> None:
         if self.http is not None:

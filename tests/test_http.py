@@ -235,7 +235,7 @@ def test_sighup_reloads_the_configuration_file(tmp_path, archive_factory):
         good = cfg.read_text()
         cfg.write_text(good.replace('stable_after_s = 0.5', 'stable_after_s = "soon"'))
         proc.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: "configuration not reloaded" in (tmp_path / "node.log").read_text(), timeout=30, what="the refused reload in the log")
+        wait_until(lambda: "configuration not reloaded, still running on the previous one" in (tmp_path / "node.log").read_text(), timeout=30, what="the refused reload in the log")
         refused = [line for line in (tmp_path / "node.log").read_text().splitlines() if "stable_after_s" in line]
         assert refused and all("\\n" not in line for line in refused), refused
         assert proc.proc.poll() is None
