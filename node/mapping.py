@@ -12,6 +12,13 @@ or last met again, refreshed at most once per :data:`REFRESH_AFTER`), and retent
 deletes the rows not met for that many days (:func:`expire`). ``mapping_days = 0``
 stores none (:func:`save` is then not called). Pseudonyms are keyed hashes of the
 originals: deleting a row changes no output, it only leaves it out of the export.
+
+The values come from senders (Patient ID, Patient's Name), and the files are often
+opened in a spreadsheet, which runs a cell that begins with ``=``, ``+``, ``-`` or ``@``
+as a formula (OWASP, "CSV Injection"). A value that begins with one of those, a tab, a
+carriage return or a single quote is written with one more single quote in front
+(:func:`csv_cell`), whole numbers excepted; a program reading the files drops a leading
+single quote to get the value back. No other value changes.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import datetime as dt
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 from sqlalchemy import delete, func, or_, select
@@ -91,11 +99,31 @@ def _stale(cutoff: dt.datetime):
     return or_(Pseudonym.seen_at.is_(None), Pseudonym.seen_at <= cutoff)
 
 
-def csv_text(header: list[str], rows: list[list[str]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+_NUMBER = re.compile(r"[-+]?[0-9]+")  # a date offset: a spreadsheet reads it as the number it is
+
+
+def csv_cell(value: str) -> str:
+    """``value`` as written into the mapping's CSV files: a single quote in front of one
+    that a spreadsheet would read as a formula, or that begins with a single quote
+    itself (so that dropping one leading quote always gives the value back); a whole
+number (``-123``, the date offset) stays as it is. Source:
+    OWASP, "CSV Injection"."""
+    if value.startswith(_FORMULA_STARTS) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def _write_rows(fh, header: list[str], rows: list[list[str]]) -> None:
+    w = csv.writer(fh)
     w.writerow(header)
-    w.writerows(rows)
+    w.writerows([csv_cell(str(v)) for v in row] for row in rows)
+
+
+def csv_text(header: list[str], rows: list[list[str]]) -> str:
+    """The CSV file of ``rows`` under ``header`` (values through :func:`csv_cell`)."""
+    buf = io.StringIO()
+    _write_rows(buf, header, rows)
     return buf.getvalue()
 
 
@@ -156,7 +184,7 @@ def refuse_existing(folder: Path, names: list[str]) -> None:
 
 
 def write_private_csv(path: Path, header: list[str], rows: list[list[str]], overwrite: bool = True) -> None:
-    """Write one CSV file owner-only (0600).
+    """Write one CSV file owner-only (0600), values through :func:`csv_cell`.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is false.
@@ -164,6 +192,4 @@ def write_private_csv(path: Path, header: list[str], rows: list[list[str]], over
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL), 0o600)
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
+        _write_rows(fh, header, rows)

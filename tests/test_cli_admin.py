@@ -6,6 +6,7 @@ server that did not start saying what is known."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import socket
@@ -549,3 +550,36 @@ def test_export_mapping_says_1_row_not_1_rows(tmp_path):
     r = run("export-mapping", "--out", str(tmp_path / "mapping"))
     assert r.returncode == 0, r.stderr
     assert "patients.csv: 1 row\n" in r.stdout and "uids.csv: 0 rows\n" in r.stdout, r.stdout
+
+
+def test_export_mapping_writes_no_spreadsheet_formula_from_a_sender(tmp_path):
+    """A Patient ID or Patient's Name that a spreadsheet would run as a formula (synthetic:
+    '=HYPERLINK(...)', '@SUM(1)', '+1+2', "'quoted") is written with a single quote in
+    front; whole numbers (a date offset, -12) and ordinary values are written as they are; dropping one
+    leading quote gives every value back."""
+    import csv
+
+    from node.config import load
+    from node.mapping import save
+    from node.service import Service
+
+    cfg = write_toml(node_config(tmp_path, [{"name": "out", "kind": "folder", "path": str(tmp_path / "out")}]), tmp_path / "n.toml")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "node.cli", *a, "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=120)  # noqa: E731
+    assert run("db", "upgrade").returncode == 0
+    ids = ['=HYPERLINK("http://198.51.100.7/x","open")', "@SUM(1)", "+1+2", "'quoted", "SYN-0002", "-77"]
+    with Service.open(load(cfg)).sessions() as session:
+        for k, pid in enumerate(ids):
+            who = json.dumps(["", pid])
+            save(session, [{"kind": "patient", "old": who, "new": f"CMSYNTH{k}"}, {"kind": "date-offset", "old": who, "new": "-12"},
+                           {"kind": "patient-name", "old": json.dumps(["", pid, "=1+1" if k == 0 else "Synthetic^Patient"]), "new": f"ANON^{k}"}])
+        session.commit()
+    r = run("export-mapping", "--out", str(tmp_path / "mapping"))
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader((tmp_path / "mapping" / "patients.csv").open(newline="")))
+    written = {row["patient_id_new"]: row for row in rows}
+    assert written["CMSYNTH0"]["patient_id"] == "'" + ids[0] and written["CMSYNTH0"]["patient_name"] == "'=1+1"
+    assert written["CMSYNTH1"]["patient_id"] == "'@SUM(1)" and written["CMSYNTH2"]["patient_id"] == "'+1+2"
+    assert written["CMSYNTH3"]["patient_id"] == "''quoted" and written["CMSYNTH4"]["patient_id"] == "SYN-0002"
+    assert written["CMSYNTH5"]["patient_id"] == "-77", "a whole number is no formula"
+    assert {row["date_offset_days"] for row in rows} == {"-12"} and written["CMSYNTH4"]["patient_name"] == "Synthetic^Patient"
+    assert {k: v.removeprefix("'") if v.startswith("'") else v for k, v in ((row["patient_id_new"], row["patient_id"]) for row in rows)} == {f"CMSYNTH{k}": pid for k, pid in enumerate(ids)}
