@@ -116,6 +116,31 @@ def test_case02_deid_output_names_never_come_from_the_uid(tmp_path):
 
 
 @needs_cases
+def test_case03_cli_never_writes_two_objects_under_one_sop_instance_uid(tmp_path):
+    """second.dcm (another patient, study and series under first.dcm's SOP Instance UID)
+    is a conflict: not written (an archive keeps one object per UID; the node refuses it
+    with 0xC214), reported, exit status 1, in either order. A copy of first.dcm in
+    another transfer syntax is the same object: a duplicate, not a second file."""
+    first, second = case("03") / "first.dcm", case("03") / "second.dcm"
+    implicit = read(first)
+    implicit.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    implicit.save_as(tmp_path / "first_implicit.dcm", enforce_file_format=True)
+    key = str(tmp_path / "s.key")
+    for k, files in enumerate(([first, second], [second, first])):
+        out = tmp_path / f"o{k}"
+        r = run_cli(*map(str, files), "--out", str(out), "--secret", key, "-j", "1")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"conflict {files[1]}: another object" in r.stderr and "de-identified 1, duplicates 0, conflicts 1" in r.stderr, r.stderr
+        written = list(out.iterdir())
+        assert len(written) == 1, [p.name for p in written]
+        assert read(written[0]).PatientID == Pseudonymizer(bytes.fromhex(Path(key).read_text())).patient_id(str(read(files[0]).PatientID))
+    out = tmp_path / "same"
+    r = run_cli(str(first), str(tmp_path / "first_implicit.dcm"), "--out", str(out), "--secret", key, "-j", "1")
+    assert r.returncode == 0 and "de-identified 1, duplicates 1, conflicts 0" in r.stderr, r.stderr
+    assert len(list(out.iterdir())) == 1
+
+
+@needs_cases
 def test_case04_screen_captures_are_quarantined_whatever_the_modality(tmp_path):
     for f in sorted(case("04").glob("*.dcm")):
         with pytest.raises(QuarantineError, match="Secondary Capture"):
@@ -347,8 +372,10 @@ def test_folder_run_survives_bad_files_and_never_overwrites(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "conflict" in r.stderr and "de-identified" in r.stderr.splitlines()[-1]
     names = sorted(p.name for p in out.glob("*"))
-    assert ".dcm" not in names and len(names) == len(set(names)) and len(names) >= 5
+    assert ".dcm" not in names and len(names) == len(set(names)) and len(names) >= 4
     assert all(len(n.split(".")[0]) == 32 for n in names)
+    uids = [str(read(out / n).get("SOPInstanceUID", "")) for n in names]
+    assert len(uids) == len(set(uids))  # the twin's output is not written beside g1's
 
 
 # -- the table walk ---------------------------------------------------------------------
