@@ -280,6 +280,43 @@ def test_case10_bits_above_bits_stored_are_zeroed_without_an_overlay_group():
 
 
 @needs_cases
+@pytest.mark.skipif(not (shutil.which("dcmcrle") and shutil.which("dcmdrle")), reason="dcmtk's dcmcrle/dcmdrle are not installed")
+@pytest.mark.parametrize("frames", [1, 2])
+def test_case10_rle_lossless_keeps_no_bit_above_bits_stored(tmp_path, frames):
+    """Case 10 as a sender may send it in RLE Lossless (dcmtk's dcmcrle), one frame and
+    two: RLE codes every byte of a word, so the name in bit 12 travels inside the
+    compressed frames. The node and `casemask deid` clear it there too; dcmtk's dcmdrle
+    decodes the output, whose image is the input's below BitsStored in every frame."""
+    mask = np.load(case("10") / "mask.npy").astype(bool)
+    ds = read(case("10") / "mr_embedded_overlay.dcm")
+    before = np.frombuffer(ds.PixelData, "<u2").reshape(ds.Rows, ds.Columns).copy()
+    if frames > 1:
+        ds.NumberOfFrames = frames
+        ds.PixelData = np.stack([before] * frames).astype("<u2").tobytes()
+    ds.save_as(tmp_path / "native.dcm")
+    subprocess.run(["dcmcrle", str(tmp_path / "native.dcm"), str(tmp_path / "rle.dcm")], check=True, capture_output=True)
+    src = read(tmp_path / "rle.dcm")
+    assert src.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
+    out = tmp_path / "out"
+    r = run_cli(str(tmp_path / "rle.dcm"), "--out", str(out), "--secret", str(tmp_path / "s.key"))
+    assert r.returncode == 0, r.stderr
+    (written,) = out.glob("*.dcm")
+    assert read(written).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
+    subprocess.run(["dcmdrle", str(written), str(tmp_path / "decoded.dcm")], check=True, capture_output=True)
+    back = read(tmp_path / "decoded.dcm")
+    pixels = np.frombuffer(back.PixelData, "<u2").reshape(frames, back.Rows, back.Columns)
+    for frame in pixels:
+        assert int(((frame >> 12) & 1)[mask].sum()) == 0 and not (frame >> back.BitsStored).any()
+        assert np.array_equal(frame, before & 0x0FFF)  # the image itself unchanged
+    # RLE frames that cannot be read: their bits cannot be checked, so nothing leaves.
+    from pydicom.encaps import encapsulate
+
+    src.PixelData = encapsulate([b"\x09" + bytes(63)] * frames)
+    with pytest.raises(QuarantineError, match="PixelData: RLE"):
+        deid().apply(src)
+
+
+@needs_cases
 @pytest.mark.parametrize("bare", [True, False], ids=["bare", "part10"])
 def test_case10_big_endian_words_keep_their_byte_order(bare):
     """Case 10's object in Explicit VR Big Endian, as a Part 10 file (its overlay group
