@@ -317,6 +317,46 @@ def test_case10_rle_lossless_keeps_no_bit_above_bits_stored(tmp_path, frames):
 
 
 @needs_cases
+@pytest.mark.skipif(not (shutil.which("dcmcjpeg") and shutil.which("dcmdjpeg")), reason="dcmtk's dcmcjpeg/dcmdjpeg are not installed")
+def test_case10_jpeg_lossless_with_bits_above_bits_stored_is_quarantined(tmp_path):
+    """Case 10 through dcmtk's dcmcjpeg (JPEG Lossless, which codes all 16 bits of the
+    12-bit image: the name in bit 12 survives, as dcmdjpeg shows) cannot be cleaned
+    without re-encoding: quarantined, nothing written. Case 16's CT through the same
+    encoder has no such bit set: de-identified."""
+    mask = np.load(case("10") / "mask.npy").astype(bool)
+    for name, src in (("mr", case("10") / "mr_embedded_overlay.dcm"), ("ct", case("16") / "ct_age91.dcm")):
+        subprocess.run(["dcmcjpeg", str(src), str(tmp_path / f"{name}.dcm")], check=True, capture_output=True)
+    subprocess.run(["dcmdjpeg", str(tmp_path / "mr.dcm"), str(tmp_path / "mr_back.dcm")], check=True, capture_output=True)
+    back = read(tmp_path / "mr_back.dcm")
+    assert read(tmp_path / "mr.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    assert int(((np.frombuffer(back.PixelData, "<u2").reshape(back.Rows, back.Columns) >> 12) & 1)[mask].sum()) == 105
+    out = tmp_path / "out"
+    r = run_cli(str(tmp_path / "mr.dcm"), str(tmp_path / "ct.dcm"), "--out", str(out), "--secret", str(tmp_path / "s.key"), "-j", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"quarantined {tmp_path / 'mr.dcm'}: PixelData: bits above BitsStored set in compressed frames" in r.stderr, r.stderr
+    (written,) = out.glob("*.dcm")
+    assert read(written).Modality == "CT" and read(written).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    with pytest.raises(QuarantineError, match="PixelData: bits above BitsStored"):  # the node's step (pydicom's pixels loaded)
+        deid().apply(read(tmp_path / "mr.dcm"))
+
+
+@needs_cases
+@pytest.mark.skipif(not shutil.which("dcmconv"), reason="dcmtk's dcmconv is not installed")
+def test_case10_deflated_bits_above_bits_stored_are_zeroed(tmp_path):
+    """Case 10 in Deflated Explicit VR Little Endian (dcmtk's dcmconv +td): read, its
+    Pixel Data is native words; the name in bit 12 is cleared as in Explicit VR."""
+    mask = np.load(case("10") / "mask.npy").astype(bool)
+    subprocess.run(["dcmconv", "+td", str(case("10") / "mr_embedded_overlay.dcm"), str(tmp_path / "mr.dcm")], check=True, capture_output=True)
+    assert read(tmp_path / "mr.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
+    r = run_cli(str(tmp_path / "mr.dcm"), "--out", str(tmp_path / "out"), "--secret", str(tmp_path / "s.key"))
+    assert r.returncode == 0, r.stderr
+    (written,) = (tmp_path / "out").glob("*.dcm")
+    out = read(written)
+    pixels = np.frombuffer(out.PixelData, "<u2").reshape(out.Rows, out.Columns)
+    assert int(((pixels >> 12) & 1)[mask].sum()) == 0 and not (pixels >> out.BitsStored).any()
+
+
+@needs_cases
 @pytest.mark.parametrize("bare", [True, False], ids=["bare", "part10"])
 def test_case10_big_endian_words_keep_their_byte_order(bare):
     """Case 10's object in Explicit VR Big Endian, as a Part 10 file (its overlay group
