@@ -661,7 +661,9 @@ def _invalid_output_uids(ds) -> list[str]:
     if meta is not None:
         for kw in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"):
             values[kw] = str(meta.get(kw, "") or "").strip("\x00 ")
-    return invalid_uids(values, _STRICT_UIDS)
+    # An object needs its SOP Class and Instance UIDs (Type 1): without one it is no
+    # object an archive can keep, and outputs are named and told apart by the latter.
+    return invalid_uids(values, _STRICT_UIDS, required=("SOPClassUID", "SOPInstanceUID"))
 
 
 def _burned_in_lines(report) -> list[str]:
