@@ -553,31 +553,46 @@ def _output_name(ds) -> str:
     return output_name(ds)
 
 
-def _write_new(target: Path, data: bytes) -> tuple[str, Path]:
-    """Write ``data`` at ``target`` unless a file is there: ('ok', path), ('duplicate',
-    path) when the same bytes are already there, or ('conflict', other path) when other
-    bytes are (another input with the same SOP Instance UID): both are kept.
+# What makes two objects under one SOP Instance UID the same object, as the node decides
+# it (docs/security.md, "SOP Instance UID conflicts"); read from the outputs, whose
+# pseudonyms follow from these attributes (the Patient ID's from its issuer too).
+_IDENTITY = ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "IssuerOfPatientID")
+
+
+def _identity(ds) -> tuple[str, ...]:
+    return tuple(str(ds.get(kw, "") or "").strip("\x00 ") for kw in _IDENTITY)
+
+
+def _write_new(target: Path, data: bytes, identity: tuple[str, ...]) -> tuple[str, Path]:
+    """Write ``data`` at ``target`` unless a file is there: ('ok', path); ('duplicate',
+    path) when the file there holds the same bytes, or the same object (``identity``:
+    SOP class, study, series and patient; a copy in another transfer syntax, say), and
+    this copy is not written; ('conflict', path) when it holds another object under the
+    same SOP Instance UID: not written either, since an archive keeps one object per
+    SOP Instance UID and would drop or overwrite the second (the node refuses it with
+    0xC214).
 
     A name appears only with its whole content (written under a temporary name, then
     hard-linked, which fails if the name exists): a parallel worker never compares
     with a file another worker is still writing."""
-    import hashlib
     import os
     import tempfile
+
+    from pydicom import dcmread
 
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".deid-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.chmod(tmp, 0o640)
-        for status, name in (("ok", target), ("conflict", target.with_name(f"{target.stem}.{hashlib.sha256(data).hexdigest()[:12]}{target.suffix}"))):
-            try:
-                os.link(tmp, name)
-                return status, name
-            except FileExistsError:
-                if name.read_bytes() == data:
-                    return ("duplicate" if status == "ok" else "conflict"), name
-        raise AssertionError("unreachable: the second name holds these bytes' digest")
+        try:
+            os.link(tmp, target)
+            return "ok", target
+        except FileExistsError:
+            if target.read_bytes() == data:
+                return "duplicate", target
+            there = dcmread(target, stop_before_pixels=True, specific_tags=list(_IDENTITY), force=True)
+            return ("duplicate" if _identity(there) == identity else "conflict"), target
     finally:
         os.unlink(tmp)
 
@@ -627,7 +642,7 @@ def _deid_file(src: str, out: str, diff: bool) -> tuple[str, str, str, list]:
         return "quarantined", src, str(exc), []
     if findings:
         return "quarantined", src, reason(findings), []
-    status, target = _write_new(Path(out) / _output_name(res.dataset), encoded)
+    status, target = _write_new(Path(out) / _output_name(res.dataset), encoded, _identity(res.dataset))
     lines: list[str] = []
     if diff:
         changed = {p for p, _, _ in res.changes}
@@ -665,7 +680,9 @@ def _invalid_output_uids(ds) -> list[str]:
     if meta is not None:
         for kw in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID"):
             values[kw] = str(meta.get(kw, "") or "").strip("\x00 ")
-    return invalid_uids(values, _STRICT_UIDS)
+    # An object needs its SOP Class and Instance UIDs (Type 1): without one it is no
+    # object an archive can keep, and outputs are named and told apart by the latter.
+    return invalid_uids(values, _STRICT_UIDS, required=("SOPClassUID", "SOPInstanceUID"))
 
 
 def _burned_in_lines(report) -> list[str]:
@@ -818,13 +835,14 @@ def _deid_summary(results, out: Path, diff: bool) -> int:
                 print(f"== {src} -> {msg}")
                 print("\n".join(lines))
         elif status == "duplicate":
-            print(f"duplicate {src}: the same output is already in {msg}", file=sys.stderr)
+            print(f"duplicate {src}: the same object is already in {msg}; not written again", file=sys.stderr)
         elif status == "conflict":
-            print(f"conflict {src}: another input has the same SOP Instance UID; this output kept as {msg}", file=sys.stderr)
+            print(f"conflict {src}: another object (other SOP class, patient, study or series) has the same SOP Instance UID "
+                  f"and is in {msg}; not written (an archive keeps one object per SOP Instance UID)", file=sys.stderr)
         else:
             print(f"{status} {src}: {msg}", file=sys.stderr)
     print(
-        f"de-identified {counts['ok'] + counts['conflict']}, duplicates {counts['duplicate']}, conflicts {counts['conflict']}, "
+        f"de-identified {counts['ok']}, duplicates {counts['duplicate']}, conflicts {counts['conflict']}, "
         f"quarantined {counts['quarantined']}, skipped {counts['skipped']}, failed {counts['failed']}; output in {out}",
         file=sys.stderr,
     )

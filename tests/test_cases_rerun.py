@@ -31,9 +31,10 @@ def case(name: str) -> Path:
     return next(CASES.glob(f"{name}*"))
 
 
-def storescu_statuses(port: int, files: list[Path]) -> list[str]:
-    """Send with dcmtk's storescu; the status text of each C-STORE response, in order."""
-    r = subprocess.run([STORESCU, "-v", "-R", "-aet", "STORESCU", "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)],
+def storescu_statuses(port: int, files: list[Path], *options: str) -> list[str]:
+    """Send with dcmtk's storescu (``options``: say -xr to propose RLE Lossless); the
+    status text of each C-STORE response, in order."""
+    r = subprocess.run([STORESCU, "-v", "-R", *options, "-aet", "STORESCU", "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, files)],
                        env=dcmtk_env(), capture_output=True, text=True, timeout=120)
     return re.findall(r"Received Store Response \(([^)]*)\)", r.stdout + r.stderr)
 
@@ -155,8 +156,8 @@ def phi_values(files: list[Path]) -> set[bytes]:
             warnings.simplefilter("ignore")
             ds = dcmread(f, force=True)
         for e in ds.iterall():
-            if e.VR == "PN" and e.value:
-                found.update(str(part) for part in (e.value.family_name, e.value.given_name) if len(str(part)) >= 5)
+            if e.VR == "PN" and e.value:  # the whole name too: DOE^JANE, whose parts are short
+                found.update(str(part) for part in (e.value, e.value.family_name, e.value.given_name) if len(str(part)) >= 5)
             elif e.keyword in ("PatientID", "AccessionNumber", "InstitutionName", "PatientBirthDate", "RequestedProcedureID",
                                "PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest", "IssuerOfPatientID",
                                "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "ReferencedSOPInstanceUID") and e.value:
@@ -260,6 +261,13 @@ def test_case05_and_16_through_a_node_whose_route_takes_the_options(tmp_path, se
     texts = [str(e.value) for e in outs["SR"].iterall() if e.keyword == "TextValue"]
     originals = {str(e.value) for e in ins["SR"].iterall() if e.keyword == "TextValue"}
     assert len(texts) == len(originals) and not set(texts) & originals and not set(texts) <= {"ANONYMIZED"}  # cleaned, not kept, not only dummied
+    # What the README names (name, MRN, birth date, accession) in the forms the text
+    # writes them, which the header's values do not all match: "Jane Doe", "1970-04-01".
+    p = ins["SR"]
+    birth = str(p.PatientBirthDate)
+    named = {p.PatientName.family_name, p.PatientName.given_name, str(p.PatientID), str(p.AccessionNumber), birth, f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"}
+    words = {w for t in texts for w in re.findall(r"[\w-]+", t.lower())}
+    assert not words & {v.lower() for v in named}, "a TextValue still holds the patient's name, MRN, birth date or accession"
     assert outs["CT"].get("PatientBirthDate", "") == "" and str(outs["CT"].StudyDate) == str(ins["CT"].StudyDate)
 
 
@@ -267,9 +275,12 @@ def test_variants_of_cases_04_10_16_through_the_node(tmp_path, serve):
     """Each case's kind one step aside, through the node's headers-only route: 10 with
     its overlay group already removed upstream (the bits stay in Pixel Data), 04 as CT
     Image Storage whose ImageType lost the sign and whose SeriesDescription says screen
-    save, 16 with the birth date also written in an alternative calendar (LO). 10 and
-    16 are delivered without the name's bits or that date; 04 is quarantined, its reason
-    naming SeriesDescription."""
+    save, 16 with the birth date also written in an alternative calendar (LO), and 10
+    as it comes in RLE Lossless (dcmtk's dcmcrle, sent as RLE: RLE codes every byte of a
+    word, bit 12 with them), and 10 in JPEG Lossless (dcmtk's dcmcjpeg codes all 16 bits,
+    bit 12 with them). 10 (native and RLE) and 16 are delivered without the name's bits or
+    that date; 04 is quarantined, its reason naming SeriesDescription, and 10 in JPEG,
+    its reason naming the bits above BitsStored (not cleaned without re-encoding)."""
     from pydicom.uid import generate_uid
 
     made = tmp_path / "variants"
@@ -285,6 +296,10 @@ def test_variants_of_cases_04_10_16_through_the_node(tmp_path, serve):
     for tag in [t for t in mr.keys() if t.group == 0x6000]:
         del mr[tag]
     mr.save_as(made / "mr.dcm")
+    fresh(case("10") / "mr_embedded_overlay.dcm").save_as(made / "mr_native.dcm")
+    subprocess.run(["dcmcrle", str(made / "mr_native.dcm"), str(made / "mr_rle.dcm")], check=True, capture_output=True)
+    fresh(case("10") / "mr_embedded_overlay.dcm").save_as(made / "mr_native2.dcm")
+    subprocess.run(["dcmcjpeg", str(made / "mr_native2.dcm"), str(made / "mr_jpeg.dcm")], check=True, capture_output=True)
     sc = fresh(case("04") / "dose_mono.dcm")
     sc.SOPClassUID = sc.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     sc.ImageType, sc.SeriesDescription = ["DERIVED", "SECONDARY"], "Dose Screen Save"
@@ -295,18 +310,26 @@ def test_variants_of_cases_04_10_16_through_the_node(tmp_path, serve):
     node, cfg = serve()
     config = tmp_path / "node.toml"
     assert storescu_statuses(cfg["node"]["port"], [made / "mr.dcm", made / "screen.dcm", made / "ct.dcm"]) == ["Success"] * 3
+    assert storescu_statuses(cfg["node"]["port"], [made / "mr_rle.dcm"], "-xr") == ["Success"]
+    assert storescu_statuses(cfg["node"]["port"], [made / "mr_jpeg.dcm"], "-xs") == ["Success"]
 
     def settled() -> bool:
         counts = node_status(config)["counts"]
-        return counts.get("instances", {}).get("QUARANTINED") == 1 and counts.get("destination:f", {}).get("SENT") == 2
+        return counts.get("instances", {}).get("QUARANTINED") == 2 and counts.get("destination:f", {}).get("SENT") == 3
 
-    wait_until(settled, timeout=90, what="two delivered, one quarantined")
+    wait_until(settled, timeout=90, what="three delivered, two quarantined")
+    paths = {dcmread(p).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5": p for p in (tmp_path / "out").rglob("*.dcm") if dcmread(p).Modality == "MR"}
+    assert set(paths) == {True, False}  # the RLE one arrives as RLE: decoded by dcmtk to read its words
+    subprocess.run(["dcmdrle", str(paths[True]), str(made / "rle_out.dcm")], check=True, capture_output=True)
     outs = {o.Modality: o for o in map(dcmread, (tmp_path / "out").rglob("*.dcm"))}
     assert set(outs) == {"MR", "CT"}
     mask = np.load(case("10") / "mask.npy").astype(bool)
-    words = np.frombuffer(outs["MR"].PixelData, "<u2").reshape(outs["MR"].Rows, outs["MR"].Columns)
-    assert int(((words >> 12) & 1)[mask].sum()) == 0 and not (words >> int(outs["MR"].BitsStored)).any()
+    for mr in (dcmread(paths[False]), dcmread(made / "rle_out.dcm")):
+        words = np.frombuffer(mr.PixelData, "<u2").reshape(mr.Rows, mr.Columns)
+        assert int(((words >> 12) & 1)[mask].sum()) == 0 and not (words >> int(mr.BitsStored)).any()
     assert (0x0010, 0x0033) not in outs["CT"] and outs["CT"].get("PatientBirthDate", "") == ""
     r = subprocess.run([sys.executable, "-m", "node.cli", "quarantine", "list", "--json", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    (held,) = json.loads(r.stdout)
-    assert held["step"] == "headers" and "SeriesDescription names a screen save" in held["reason"], held["reason"]
+    held = {q["modality"]: q for q in json.loads(r.stdout)}
+    assert set(held) == {"CT", "MR"} and all(q["step"] == "headers" for q in held.values()), held
+    assert "SeriesDescription names a screen save" in held["CT"]["reason"], held["CT"]["reason"]
+    assert "bits above BitsStored set in compressed frames" in held["MR"]["reason"], held["MR"]["reason"]

@@ -66,15 +66,23 @@ def burned_in_reason(ds: Dataset) -> str | None:
     return None
 
 
+_NATIVE = ("", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+_RLE = "1.2.840.10008.1.2.5"
+
+
 def zero_unused_high_bits(ds: Dataset) -> bool:
-    """Clear the bits of native Pixel Data outside BitsStored (where retired overlays
-    were embedded, PS3.5 8.1.2 before 2008); signed data keeps its sign extension.
-    Returns whether Pixel Data changed (it is left as read, undecoded, when not).
-    Encapsulated (compressed) data has no such bits.
+    """Clear the bits of Pixel Data outside BitsStored (where retired overlays were
+    embedded, PS3.5 8.1.2 before 2008); signed data keeps its sign extension. Native
+    and RLE Lossless Pixel Data (RLE keeps every byte of a word); the other compressed
+    syntaxes code BitsStored bits per sample. Returns whether Pixel Data changed (it is
+    left as read, undecoded, when not).
+
+    Raises:
+        ValueError: RLE Pixel Data whose frames cannot be read (no value in the message).
     """
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if syntax not in ("", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2") or 0x7FE00010 not in ds._dict:
+    if 0x7FE00010 not in ds._dict:
         return False
     try:
         allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
@@ -84,31 +92,151 @@ def zero_unused_high_bits(ds: Dataset) -> bool:
         return False
     if allocated not in (8, 16, 32) or stored >= allocated:
         return False
-    import numpy as np
-
     elem = ds.get_item(0x7FE00010)  # the raw element where it is one: read, not converted
     value = elem.value
-    if elem.length == 0xFFFFFFFF if isinstance(elem, RawDataElement) else elem.is_undefined_length:
-        return False
     if not isinstance(value, (bytes, bytearray)):
         return False
-    little = syntax != "1.2.840.10008.1.2.2" if syntax else getattr(ds, "original_encoding", (None, True))[1] is not False  # a bare data set: as read
-    order = "<" if little else ">"
-    dtype = np.dtype(f"{order}u{allocated // 8}")
-    n = len(value) // dtype.itemsize
-    words = np.frombuffer(value, dtype, n)
+    undefined = elem.length == 0xFFFFFFFF if isinstance(elem, RawDataElement) else elem.is_undefined_length
+    if syntax == _RLE:
+        if not undefined:
+            raise ValueError("RLE Pixel Data not encapsulated")
+        data = _cleared_rle(ds, bytes(value), allocated, stored, high, signed)
+    elif syntax in _NATIVE or not undefined:  # deflated: inflated when read, native here
+        if undefined:
+            return False
+        data = _cleared_native(ds, value, syntax, allocated, stored, high, signed)
+    else:
+        _check_compressed(ds, bytes(value), stored, high, signed)
+        return False
+    if data is None:
+        return False
+    if isinstance(elem, RawDataElement):
+        ds._dict[elem.tag] = elem._replace(value=data, length=0xFFFFFFFF if undefined else len(data))
+    else:
+        elem.value = data
+    return True
+
+
+def _check_compressed(ds: Dataset, value: bytes, stored: int, high: int, signed: bool) -> None:
+    """Raise ValueError when the frames of another compressed syntax (JPEG, JPEG-LS,
+    JPEG 2000) may hold bits outside BitsStored and do: a codestream whose precision is
+    above BitsStored (dcmtk's JPEG Lossless codes 16 bits of a 12-bit image) is decoded
+    (pylibjpeg's own API: pydicom's pixel machinery may have been kept out of this
+    process, see node.cli) and looked at. This step cannot re-encode such frames; the
+    object is quarantined."""
+    from pydicom.encaps import generate_frames
+
+    try:
+        frames = list(generate_frames(value, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+    except Exception as exc:  # pydicom's parser: any malformed item
+        raise ValueError(f"compressed Pixel Data unreadable ({type(exc).__name__})") from None
+    if high == stored - 1 and all((p := _precision(f)) is not None and p <= stored for f in frames):
+        return
+    import numpy as np
+
+    for frame in frames:
+        try:
+            import pylibjpeg
+
+            arr = np.asarray(pylibjpeg.decode(frame))
+        except Exception as exc:  # no decoder for it, or a frame it cannot read: the bits cannot be checked
+            raise ValueError(f"compressed frames could not be decoded to check the bits above BitsStored ({type(exc).__name__})") from None
+        words = arr.view(f"u{arr.dtype.itemsize}") if arr.dtype.kind == "i" else arr
+        if words.dtype.kind != "u" or not np.array_equal(_cleared(words, stored, high, signed), words):
+            raise ValueError("bits above BitsStored set in compressed frames, which this step cannot re-encode")
+
+
+def _precision(frame: bytes) -> int | None:
+    """The sample precision a JPEG (SOFn), JPEG-LS (SOF55) or JPEG 2000 (SIZ) codestream
+    declares (the largest of its components), or None when it is none of these."""
+    if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 42:  # J2K: SOC, SIZ; Csiz at 40
+        n = int.from_bytes(frame[40:42], "big")
+        sizes = frame[42 : 42 + 3 * n : 3]
+        return max((s & 0x7F) + 1 for s in sizes) if len(sizes) == n and n else None
+    if frame[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 < len(frame):
+        if frame[i] != 0xFF:
+            return None
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+            return frame[i + 4]
+        i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
+    return None
+
+
+def _cleared(words, stored: int, high: int, signed: bool):
+    """``words`` with the bits outside [high - stored + 1, high] cleared (signed: set
+    to the sign's extension above high)."""
+    import numpy as np
+
+    dtype = words.dtype
+    allocated = dtype.itemsize * 8
     low = high - stored + 1
-    mask = dtype.type(((1 << stored) - 1) << low)
-    cleared = (words & mask).astype(dtype)  # numpy computes in native order: back to the data's
+    cleared = (words & dtype.type(((1 << stored) - 1) << low)).astype(dtype)
     if signed:
         sign = dtype.type(1 << high)
         extension = dtype.type(((1 << allocated) - 1) ^ ((1 << (high + 1)) - 1))
         cleared = np.where(cleared & sign, cleared | extension, cleared).astype(dtype)
+    return cleared
+
+
+def _cleared_native(ds: Dataset, value: bytes, syntax: str, allocated: int, stored: int, high: int, signed: bool) -> bytes | None:
+    import numpy as np
+
+    little = syntax != "1.2.840.10008.1.2.2" if syntax else getattr(ds, "original_encoding", (None, True))[1] is not False  # a bare data set: as read
+    dtype = np.dtype(f"{'<' if little else '>'}u{allocated // 8}")
+    n = len(value) // dtype.itemsize
+    words = np.frombuffer(value, dtype, n)
+    cleared = _cleared(words, stored, high, signed)  # numpy computes in native order: back to the data's
     if np.array_equal(cleared, words):
-        return False
-    data = cleared.tobytes() + bytes(value[n * dtype.itemsize :])
-    if isinstance(elem, RawDataElement):
-        ds._dict[elem.tag] = elem._replace(value=data)  # same length
-    else:
-        elem.value = data
-    return True
+        return None
+    return cleared.astype(dtype).tobytes() + bytes(value[n * dtype.itemsize :])
+
+
+def _cleared_rle(ds: Dataset, value: bytes, allocated: int, stored: int, high: int, signed: bool) -> bytes | None:
+    """Encapsulated RLE Pixel Data with the bits outside BitsStored cleared in every
+    frame, or None when none was set. Only the byte planes that change are re-encoded."""
+    import numpy as np
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from node.deid import rle
+
+    try:
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        size = int(ds.Rows) * int(ds.Columns)
+        frames = list(generate_frames(value, number_of_frames=n_frames))
+    except Exception as exc:  # pydicom's parser: any malformed item
+        raise ValueError(f"RLE Pixel Data unreadable ({type(exc).__name__})") from None
+    planes = allocated // 8
+    dtype = np.dtype(f"u{planes}")
+    changed = False
+    out: list[bytes] = []
+    for frame in frames:
+        segments = rle.split_frame(frame)
+        if len(segments) != samples * planes:
+            raise ValueError("RLE frame whose segment count is not SamplesPerPixel x BitsAllocated / 8")
+        for s in range(samples):
+            idx = range(s * planes, (s + 1) * planes)
+            raw = [np.frombuffer(rle.decode_segment(segments[i], size), np.uint8) for i in idx]
+            words = np.zeros(size, dtype)
+            for k, plane in enumerate(raw):
+                words |= plane.astype(dtype) << (8 * (planes - 1 - k))
+            cleared = _cleared(words, stored, high, signed)
+            for k, i in enumerate(idx):
+                plane = ((cleared >> (8 * (planes - 1 - k))) & 0xFF).astype(np.uint8)
+                if not np.array_equal(plane, raw[k]):
+                    segments[i] = rle.encode_segment(plane.tobytes())
+                    changed = True
+        out.append(rle.join_frame(segments))
+    if not changed:
+        return None
+    for tag in (0x7FE00001, 0x7FE00002):  # an Extended Offset Table would point into the old frames
+        if tag in ds._dict:
+            del ds[tag]
+    return encapsulate(out, has_bot=value[4:8] != b"\0\0\0\0")

@@ -176,8 +176,11 @@ class Deidentifier:
         # readable after its 60xx group went (here, or upstream: a sender's de-identifier
         # that removed the group and left the bits). Cleared unless an overlay group is
         # kept on purpose (a keep override): its bitmap may live in those bits.
-        if not _has_overlay_group(ds) and zero_unused_high_bits(ds):
-            self._note(ctx, "", BaseTag(0x7FE00010), "C")  # bits above BitsStored cleared
+        try:
+            if not _has_overlay_group(ds) and zero_unused_high_bits(ds):
+                self._note(ctx, "", BaseTag(0x7FE00010), "C")  # bits above BitsStored cleared
+        except ValueError as exc:  # RLE frames that cannot be read: their bits cannot be checked
+            raise QuarantineError(f"PixelData: {exc}") from None
         self._walk(ds, ctx, "", "", 0)
         for tag, value in self.replace.items():  # replacements also add absent attributes
             if tag not in ds:
