@@ -971,3 +971,31 @@ def test_parallel_run_reports_copies_of_one_object_as_duplicates(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "de-identified 1, duplicates 39, conflicts 0" in r.stderr.splitlines()[-1]
     assert len(list(out.glob("*.dcm"))) == 1 and not list(out.glob(".deid-*"))
+
+
+def test_rle_segments_written_back_keep_runs_inside_rows_and_decode_to_the_plane():
+    """node.deid.rle.encode_segment (the byte planes the overlay-bit clearing rewrites):
+    PS3.5 G.3.1 encodes each row on its own, so no run crosses a row boundary; planes
+    with runs across rows, runs longer than 128 and short literals decode back to
+    themselves, with pydicom's own RLE segment decoder as the reference."""
+    import numpy as np
+    from pydicom.pixels.decoders.rle import _rle_decode_segment
+
+    from node.deid import rle
+
+    rng = np.random.default_rng(7)
+    for columns, rows in ((7, 5), (130, 3), (512, 4), (1, 9)):
+        plane = np.repeat(rng.integers(0, 4, columns * rows // 3 + 1, dtype=np.uint8), 3)[: columns * rows]
+        plane[: min(columns * rows, 300)] = 9  # one run over several rows and longer than 128
+        data = plane.tobytes()
+        segment = rle.encode_segment(data, columns)
+        assert len(segment) % 2 == 0
+        assert bytes(_rle_decode_segment(segment))[: len(data)] == data
+        assert rle.decode_segment(segment, len(data)) == data
+        at, i = 0, 0  # walk the runs: each one's output stays inside its row
+        while at < len(data):
+            h = segment[i]
+            n = h + 1 if h < 128 else 257 - h
+            assert at // columns == (at + n - 1) // columns, f"a run crosses a row boundary ({columns} columns)"
+            at += n
+            i += 1 + (n if h < 128 else 1)

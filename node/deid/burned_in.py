@@ -231,7 +231,7 @@ def _cleared_rle(ds: Dataset, value: bytes, allocated: int, stored: int, high: i
             for k, i in enumerate(idx):
                 plane = ((cleared >> (8 * (planes - 1 - k))) & 0xFF).astype(np.uint8)
                 if not np.array_equal(plane, raw[k]):
-                    segments[i] = rle.encode_segment(plane.tobytes())
+                    segments[i] = rle.encode_segment(plane.tobytes(), int(ds.Columns))
                     changed = True
         out.append(rle.join_frame(segments))
     if not changed:

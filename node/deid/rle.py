@@ -66,8 +66,21 @@ def decode_segment(data: bytes, size: int) -> bytes:
     return bytes(out[:size])
 
 
-def encode_segment(data: bytes) -> bytes:
-    """A PackBits segment for ``data``, padded to an even length (PS3.5 G.3.1)."""
+def encode_segment(data: bytes, columns: int) -> bytes:
+    """A PackBits segment for ``data`` (one byte plane, rows of ``columns`` bytes), each
+    row encoded on its own (PS3.5 G.3.1: a run does not cross a row boundary), padded
+    to an even length."""
+    out = bytearray()
+    for start in range(0, len(data), columns):
+        out += _encode_row(data[start : start + columns])
+    if len(out) % 2:
+        out.append(0)
+    return bytes(out)
+
+
+def _encode_row(data: bytes) -> bytearray:
+    """PackBits of one row: runs of 3 or more equal bytes as replicate runs (at most 128),
+    everything else as literal runs (at most 128)."""
     a = np.frombuffer(data, np.uint8)
     out = bytearray()
     literal = bytearray()
@@ -95,6 +108,4 @@ def encode_segment(data: bytes) -> bytes:
             if length:
                 literal.append(value)
     flush()
-    if len(out) % 2:
-        out.append(0)
-    return bytes(out)
+    return out
