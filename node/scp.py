@@ -840,6 +840,24 @@ class EdgeServer(ThreadedAssociationServer):
                 log.warning("connection from %s closed at once: too many connections open (max_associations / max_associations_per_host)%s", host, more)
         return ok
 
+    def process_request(self, request, client_address) -> None:
+        """Start the connection's thread; where it cannot start (no threads left: a
+        flood, or the process's limits), the connection leaves the TCP gate's count
+        before socketserver closes it, else each such failure held a place for good."""
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release(id(request))
+            raise
+
+    def _release(self, key: int) -> None:
+        """Connection ``key`` no longer counts at the TCP gate, here and on the board."""
+        self.admission.handshake_done(key)
+        self.admission.connected(key)
+        self._accepted_done(key)
+        if self.shared is not None:
+            self.shared.board.publish()
+
     def process_request_thread(self, request, client_address) -> None:
         key = id(request)
         try:
@@ -855,11 +873,7 @@ class EdgeServer(ThreadedAssociationServer):
             request.settimeout(self.read_timeout_s)
             super().process_request_thread(request, client_address)
         finally:
-            self.admission.handshake_done(key)
-            self.admission.connected(key)
-            self._accepted_done(key)
-            if self.shared is not None:
-                self.shared.board.publish()
+            self._release(key)
 
     def _handshake(self, raw: socket.socket, client_address) -> ssl.SSLSocket | None:
         raw.settimeout(self.handshake_timeout_s)
