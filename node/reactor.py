@@ -43,6 +43,8 @@ import time
 from pynetdicom import dul as _dul
 from pynetdicom.pdu import A_ABORT_RQ
 
+from node import pdatafast
+
 log = logging.getLogger(__name__)
 
 # The longest a reactor thread sleeps without being woken: it bounds how late a timer
@@ -167,11 +169,14 @@ def _run_reactor(self) -> None:
                 break
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
+            fast = None  # a P-DATA read by node.pdatafast, for DT-2 below
             try:
                 if self._process_recv_primitive():
                     pass
-                elif self._is_transport_event():
+                elif read := pdatafast.read_event(self):
                     self._idle_timer.restart()
+                    if read is not True:
+                        fast = read
             except Exception as exc:  # as pynetdicom: abort, bypassing the state machine
                 log.error("association reactor failed (%s): aborting the association", type(exc).__name__)
                 abort_pdu = A_ABORT_RQ()
@@ -183,6 +188,10 @@ def _run_reactor(self) -> None:
                 self.assoc._kill = True
                 self._kill_thread = True
                 return
+            if fast is not None:  # what do_action("Evt10") does in Sta6; raises as it does
+                pdatafast.deliver(self, fast)
+                if self.assoc.dimse.msg_queue.qsize() or self.to_user_queue.qsize():
+                    assoc_wake.set()
             try:
                 event = self.event_queue.get(block=False)
             except queue.Empty:
