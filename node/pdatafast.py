@@ -33,6 +33,10 @@ same log lines and the same events for a short read, a closed connection or an u
 type; only where ``_read_pdu_data`` would decode a P-DATA-TF that qualifies does this
 module take over.
 
+Before reading, pynetdicom asks ``AssociationSocket.ready`` (a zero-timeout ``select``)
+whether the socket is readable; when node.reactor's ``poll()`` has just said so for the
+same socket, that second system call is skipped (``readable``).
+
 This reaches below pynetdicom's public API: :func:`check_pynetdicom` compares the source
 of the functions it stands in for (PDU reading and decoding, DT-2, the state machine's
 dispatch) with the digests they had in pynetdicom 3.0.4; when one differs,
@@ -50,6 +54,7 @@ import struct
 from pynetdicom import dul as _dul
 from pynetdicom import evt, fsm, pdu
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import AssociationSocket
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ EXPECTED_SOURCES = {
     "P_DATA_TF._wrap_generate_items": "b2ab7ad6fe47ff4a",
     "P_DATA_TF._generate_items": "55a5deea47745b72",
     "P_DATA_TF.to_primitive": "3cba1cd31f03fdf0",
+    "AssociationSocket.ready": "3eb58e3d39dc076d",
 }
 
 _PDU_TYPES = (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07)  # PS3.8 Table 9-1..9-26, as _read_pdu_data knows them
@@ -94,6 +100,7 @@ _ORIGINALS = {
     "P_DATA_TF._wrap_generate_items": pdu.P_DATA_TF._wrap_generate_items,
     "P_DATA_TF._generate_items": pdu.P_DATA_TF._generate_items,
     "P_DATA_TF.to_primitive": pdu.P_DATA_TF.to_primitive,
+    "AssociationSocket.ready": AssociationSocket.ready.fget,
 }
 
 
@@ -158,14 +165,17 @@ def _fast(dul) -> bool:
     return not any(assoc.get_handlers(e) for e in _UNWATCHED)
 
 
-def read_event(dul) -> bool | P_DATA:
+def read_event(dul, readable: bool = False) -> bool | P_DATA:
     """``DULServiceProvider._is_transport_event`` for an accepted association: a P_DATA
     primitive when a P-DATA-TF was read that goes the fast way (hand it to
     :func:`deliver`), else whether a PDU (or the connection's end) was read and its event
-    queued as pynetdicom does."""
+    queued as pynetdicom does. ``readable``: the reactor's poll() found the socket
+    readable just now, so the zero-timeout select of ``AssociationSocket.ready`` would
+    say so too and is skipped (for a connected socket)."""
     if not ENABLED or not _fast(dul):
         return dul._is_transport_event()
-    if dul.socket and dul.socket.ready:
+    sock = dul.socket
+    if sock and (readable and sock.socket is not None and sock._is_connected is not False or sock.ready):
         primitive = _read_pdu(dul)
         return True if primitive is None else primitive
     return False

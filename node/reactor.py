@@ -163,8 +163,9 @@ def _run_reactor(self) -> None:
             if not self.assoc._dul_ready.is_set():
                 self.assoc._dul_ready.set()
                 idle = True
+            readable = False  # poll() just saw the socket readable (node.pdatafast then skips its select)
             if idle:
-                polled = _wait(self, poller, polled, wake)
+                polled, readable = _wait(self, poller, polled, wake)
             if self._kill_thread:
                 break
             if self.artim_timer.expired:
@@ -173,7 +174,7 @@ def _run_reactor(self) -> None:
             try:
                 if self._process_recv_primitive():
                     pass
-                elif read := pdatafast.read_event(self):
+                elif read := pdatafast.read_event(self, readable):
                     self._idle_timer.restart()
                     if read is not True:
                         fast = read
@@ -207,17 +208,18 @@ def _run_reactor(self) -> None:
         wake.close()
 
 
-def _wait(dul, poller, polled, wake: _Wake):
+def _wait(dul, poller, polled, wake: _Wake) -> tuple[int | None, bool]:
     """Block until the socket is readable, a primitive waits to be sent, the thread is
     told to stop, or MAX_WAIT_S (less when the ARTIM timer expires sooner) has passed.
-    Returns the socket file number now registered with ``poller``."""
+    Returns the socket file number now registered with ``poller``, and whether poll()
+    found that socket readable (False when it did not poll)."""
     if dul._kill_thread or dul.to_provider_queue.qsize() or dul.event_queue.qsize():
-        return polled
+        return polled, False
     sock = getattr(dul.socket, "socket", None)
     fileno = -1
     if sock is not None:
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return polled  # decrypted bytes wait in the TLS layer: poll() cannot see them
+            return polled, False  # decrypted bytes wait in the TLS layer: poll() cannot see them
         try:
             fileno = sock.fileno()
         except OSError:
@@ -235,9 +237,13 @@ def _wait(dul, poller, polled, wake: _Wake):
     artim = dul.artim_timer
     if artim._start_time is not None and artim._end_time is None and artim.timeout is not None:
         timeout = max(0.0, min(timeout, artim.remaining))
-    poller.poll(timeout * 1000)
-    wake.drain()
-    return polled
+    readable = False
+    for fd, events in poller.poll(timeout * 1000):
+        if fd == wake.fd:
+            wake.drain()  # only when written: an empty eventfd's read is a failed syscall
+        elif fd == polled and events & select.POLLIN:
+            readable = True
+    return polled, readable
 
 
 def _stop_dul(self) -> bool:
