@@ -23,7 +23,9 @@ associations only (the node's SCU keeps pynetdicom's loops):
   when it ends, again at most :data:`MAX_WAIT_S`.
 
 Each pass of either loop does exactly what pynetdicom's does; only *when* a pass runs
-changes. This reaches below pynetdicom's public API (the names above and the loop's
+changes. One exception on the DUL thread: a P-DATA-TF read in Sta6 goes straight to the
+DIMSE layer (node.pdatafast, "A P-DATA fast path" in docs/ingest.md), with DT-2's
+effects, instead of through the event queue and the state machine. This reaches below pynetdicom's public API (the names above and the loop's
 body): :func:`check_pynetdicom` fails when the installed version's loops differ from
 the ones this module was written against, and ``tests/test_reactor.py`` runs it.
 """
