@@ -23,7 +23,9 @@ associations only (the node's SCU keeps pynetdicom's loops):
   when it ends, again at most :data:`MAX_WAIT_S`.
 
 Each pass of either loop does exactly what pynetdicom's does; only *when* a pass runs
-changes. This reaches below pynetdicom's public API (the names above and the loop's
+changes. One exception on the DUL thread: a P-DATA-TF read in Sta6 goes straight to the
+DIMSE layer (node.pdatafast, "A P-DATA fast path" in docs/ingest.md), with DT-2's
+effects, instead of through the event queue and the state machine. This reaches below pynetdicom's public API (the names above and the loop's
 body): :func:`check_pynetdicom` fails when the installed version's loops differ from
 the ones this module was written against, and ``tests/test_reactor.py`` runs it.
 """
@@ -42,6 +44,8 @@ import time
 
 from pynetdicom import dul as _dul
 from pynetdicom.pdu import A_ABORT_RQ
+
+from node import pdatafast
 
 log = logging.getLogger(__name__)
 
@@ -161,17 +165,21 @@ def _run_reactor(self) -> None:
             if not self.assoc._dul_ready.is_set():
                 self.assoc._dul_ready.set()
                 idle = True
+            readable = False  # poll() just saw the socket readable (node.pdatafast then skips its select)
             if idle:
-                polled = _wait(self, poller, polled, wake)
+                polled, readable = _wait(self, poller, polled, wake)
             if self._kill_thread:
                 break
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
+            fast = None  # a P-DATA read by node.pdatafast, for DT-2 below
             try:
                 if self._process_recv_primitive():
                     pass
-                elif self._is_transport_event():
+                elif read := pdatafast.read_event(self, readable):
                     self._idle_timer.restart()
+                    if read is not True:
+                        fast = read
             except Exception as exc:  # as pynetdicom: abort, bypassing the state machine
                 log.error("association reactor failed (%s): aborting the association", type(exc).__name__)
                 abort_pdu = A_ABORT_RQ()
@@ -183,6 +191,10 @@ def _run_reactor(self) -> None:
                 self.assoc._kill = True
                 self._kill_thread = True
                 return
+            if fast is not None:  # what do_action("Evt10") does in Sta6; raises as it does
+                pdatafast.deliver(self, fast)
+                if self.assoc.dimse.msg_queue.qsize() or self.to_user_queue.qsize():
+                    assoc_wake.set()
             try:
                 event = self.event_queue.get(block=False)
             except queue.Empty:
@@ -198,17 +210,18 @@ def _run_reactor(self) -> None:
         wake.close()
 
 
-def _wait(dul, poller, polled, wake: _Wake):
+def _wait(dul, poller, polled, wake: _Wake) -> tuple[int | None, bool]:
     """Block until the socket is readable, a primitive waits to be sent, the thread is
     told to stop, or MAX_WAIT_S (less when the ARTIM timer expires sooner) has passed.
-    Returns the socket file number now registered with ``poller``."""
+    Returns the socket file number now registered with ``poller``, and whether poll()
+    found that socket readable (False when it did not poll)."""
     if dul._kill_thread or dul.to_provider_queue.qsize() or dul.event_queue.qsize():
-        return polled
+        return polled, False
     sock = getattr(dul.socket, "socket", None)
     fileno = -1
     if sock is not None:
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return polled  # decrypted bytes wait in the TLS layer: poll() cannot see them
+            return polled, False  # decrypted bytes wait in the TLS layer: poll() cannot see them
         try:
             fileno = sock.fileno()
         except OSError:
@@ -226,9 +239,13 @@ def _wait(dul, poller, polled, wake: _Wake):
     artim = dul.artim_timer
     if artim._start_time is not None and artim._end_time is None and artim.timeout is not None:
         timeout = max(0.0, min(timeout, artim.remaining))
-    poller.poll(timeout * 1000)
-    wake.drain()
-    return polled
+    readable = False
+    for fd, events in poller.poll(timeout * 1000):
+        if fd == wake.fd:
+            wake.drain()  # only when written: an empty eventfd's read is a failed syscall
+        elif fd == polled and events & select.POLLIN:
+            readable = True
+    return polled, readable
 
 
 def _stop_dul(self) -> bool:

@@ -65,7 +65,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
-from node import audit, dimsefast, metrics, queue, reactor
+from node import audit, dimsefast, metrics, pdatafast, queue, reactor
 from node.admission import MAX_PDU, REJECT_NO_REASON, Admission, RejectionRecord, guard_dimse, guard_pdu_length, guard_state_machine, malformed_request, wake_if_waiting
 from node.config import Settings
 from node.db import data_path, row_path
@@ -959,6 +959,7 @@ def start_server(settings: Settings, engine: Engine, on_stored: Callable[[], Non
     reactor_delay = node.reactor_delay_s
     reactor.install(max(reactor_delay, 0.0001), node.reactor_max_wait_ms / 1000)
     dimsefast.install()
+    pdatafast.install()
     withhold_library_values()
     install_incoming()
     incoming = IncomingFiles(node.data_dir / "spool" / ".incoming", node.max_object_mb * 1024 * 1024, node.min_free_disk_mb * 1024 * 1024)

@@ -13,7 +13,9 @@ DUL thread (one per association): ``_wait`` (node.reactor's poll), ``_is_transpo
 machine: a P-DATA handed to the DIMSE layer, ``receive_primitive``, or the response
 sent, ``_send``); in ``receive_primitive``: making the incoming file
 (``IncomingFile.__init__``) and writing a fragment into it (``IncomingFile.write``).
-Association thread: the node's C-STORE handler (``StoreHandler.__call__``), in it
+With node.pdatafast (the P-DATA fast path), its ``read_event``, ``_read_pdu`` and
+``deliver`` are counted on the lines of what they stand in for (``_is_transport_event``,
+``_read_pdu_data``, ``do_action``). Association thread: the node's C-STORE handler (``StoreHandler.__call__``), in it
 placing the file (``_Placing.__init__``: flush, link, fsyncs handed to spool threads),
 the row's group commit (``GroupCommit.record``: hand-off and wait), waiting for the
 fsyncs (``_Placing.outcome``); pynetdicom's ``send_msg``; waiting for the next message
@@ -111,6 +113,11 @@ def instrument() -> None:
 
     from node import groupcommit, incoming, reactor, scp
 
+    try:
+        from node import pdatafast
+    except ImportError:  # a tree before the P-DATA fast path
+        pdatafast = None
+
     reactor._wait = _timed("_wait (poll)", reactor._wait)
     dul.DULServiceProvider._is_transport_event = _timed("_is_transport_event", dul.DULServiceProvider._is_transport_event)
     dul.DULServiceProvider._read_pdu_data = _timed("  _read_pdu_data (recv + decode PDU)", dul.DULServiceProvider._read_pdu_data)
@@ -118,6 +125,10 @@ def instrument() -> None:
     dimse.DIMSEServiceProvider.receive_primitive = _timed("  receive_primitive (DIMSE)", dimse.DIMSEServiceProvider.receive_primitive)
     incoming.IncomingFile.__init__ = _timed("    IncomingFile.__init__", incoming.IncomingFile.__init__)
     incoming.IncomingFile.write = _timed("    IncomingFile.write", incoming.IncomingFile.write)
+    if getattr(pdatafast, "ENABLED", False):  # the P-DATA fast path: counted on the same lines
+        pdatafast.read_event = _timed("_is_transport_event", pdatafast.read_event)
+        pdatafast._read_pdu = _timed("  _read_pdu_data (recv + decode PDU)", pdatafast._read_pdu)
+        pdatafast.deliver = _timed("do_action (state machine)", pdatafast.deliver)
     dul.DULServiceProvider._send = _timed("  _send (response to the socket)", dul.DULServiceProvider._send)
     scp.StoreHandler.__call__ = _timed("StoreHandler.__call__", scp.StoreHandler.__call__)
     scp._Placing.__init__ = _timed("  _Placing.__init__", scp._Placing.__init__)
