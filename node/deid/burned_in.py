@@ -107,6 +107,7 @@ def zero_unused_high_bits(ds: Dataset) -> bool:
         data = _cleared_native(ds, value, syntax, allocated, stored, high, signed)
     else:
         _check_compressed(ds, bytes(value), stored, high, signed)
+        _drop_extended_offsets(ds)  # the frames checked are those found without it
         return False
     if data is None:
         return False
@@ -200,9 +201,14 @@ def _cleared_native(ds: Dataset, value: bytes, syntax: str, allocated: int, stor
 
 def _cleared_rle(ds: Dataset, value: bytes, allocated: int, stored: int, high: int, signed: bool) -> bytes | None:
     """Encapsulated RLE Pixel Data with the bits outside BitsStored cleared in every
-    frame, or None when none was set. Only the byte planes that change are re-encoded."""
+    frame, or None when none was set and the Pixel Data holds nothing but the frames
+    read. Only the byte planes that change are re-encoded, and those whose segment holds
+    bytes beyond the frame's (:func:`rle.decode_segment_exact`); frames split over
+    several fragments are written one fragment each; an Extended Offset Table is dropped
+    (a decoder that follows it reads fragments this step did not: the frames are found
+    by the Basic Offset Table or one fragment per frame, as they were read here)."""
     import numpy as np
-    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 
     from node.deid import rle
 
@@ -211,11 +217,12 @@ def _cleared_rle(ds: Dataset, value: bytes, allocated: int, stored: int, high: i
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         size = int(ds.Rows) * int(ds.Columns)
         frames = list(generate_frames(value, number_of_frames=n_frames))
+        fragments = sum(1 for _ in generate_fragments(value))
     except Exception as exc:  # pydicom's parser: any malformed item
         raise ValueError(f"RLE Pixel Data unreadable ({type(exc).__name__})") from None
     planes = allocated // 8
     dtype = np.dtype(f"u{planes}")
-    changed = False
+    changed = _drop_extended_offsets(ds) | (fragments != len(frames))  # both: the table goes in any case
     out: list[bytes] = []
     for frame in frames:
         segments = rle.split_frame(frame)
@@ -223,20 +230,30 @@ def _cleared_rle(ds: Dataset, value: bytes, allocated: int, stored: int, high: i
             raise ValueError("RLE frame whose segment count is not SamplesPerPixel x BitsAllocated / 8")
         for s in range(samples):
             idx = range(s * planes, (s + 1) * planes)
-            raw = [np.frombuffer(rle.decode_segment(segments[i], size), np.uint8) for i in idx]
+            decoded = [rle.decode_segment_exact(segments[i], size) for i in idx]
+            raw = [np.frombuffer(plane, np.uint8) for plane, _ in decoded]
             words = np.zeros(size, dtype)
             for k, plane in enumerate(raw):
                 words |= plane.astype(dtype) << (8 * (planes - 1 - k))
             cleared = _cleared(words, stored, high, signed)
             for k, i in enumerate(idx):
                 plane = ((cleared >> (8 * (planes - 1 - k))) & 0xFF).astype(np.uint8)
-                if not np.array_equal(plane, raw[k]):
+                if not decoded[k][1] or not np.array_equal(plane, raw[k]):
                     segments[i] = rle.encode_segment(plane.tobytes(), int(ds.Columns))
                     changed = True
         out.append(rle.join_frame(segments))
     if not changed:
         return None
-    for tag in (0x7FE00001, 0x7FE00002):  # an Extended Offset Table would point into the old frames
+    return encapsulate(out, has_bot=value[4:8] != b"\0\0\0\0")
+
+
+def _drop_extended_offsets(ds: Dataset) -> bool:
+    """Remove the Extended Offset Table (and its lengths); returns whether there was one.
+    It may point at other fragments than the Basic Offset Table (or one fragment per
+    frame) that this step reads, so it cannot stay beside frames checked without it."""
+    found = False
+    for tag in (0x7FE00001, 0x7FE00002):
         if tag in ds._dict:
             del ds[tag]
-    return encapsulate(out, has_bot=value[4:8] != b"\0\0\0\0")
+            found = True
+    return found

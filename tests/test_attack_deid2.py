@@ -1,0 +1,155 @@
+"""Hostile Pixel Data against the step that clears the bits above BitsStored
+(docs/security.md, ninth attack): RLE Lossless and JPEG-family frames whose bytes hold
+more than the frames that step reads. A synthetic 16 x 16 image of 12 stored bits in 16
+allocated, bit 12 set under a block (an overlay embedded in Pixel Data); each variant
+is de-identified and its output searched for the bits (decoded the way a decoder that
+follows every table would) and for the bytes that carried them."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import generate_uid
+
+from node.config import DeidSettings
+from node.deid import Deidentifier, Pseudonymizer, rle, to_bytes
+
+ROWS = COLUMNS = 16
+CLEAN = np.full(ROWS * COLUMNS, 100, np.uint16)
+DIRTY = CLEAN.copy()
+DIRTY[:40] |= 1 << 12  # the overlay's bit, above BitsStored
+
+
+def _deid() -> Deidentifier:
+    return Deidentifier(DeidSettings(options=[]), Pseudonymizer(b"k" * 32))
+
+
+def _even(b: bytes) -> bytes:
+    return b + b"\0" if len(b) % 2 else b
+
+
+def _rle_frame(words: np.ndarray) -> bytes:
+    high = ((words >> 8) & 0xFF).astype(np.uint8).tobytes()
+    low = (words & 0xFF).astype(np.uint8).tobytes()
+    return _even(rle.join_frame([rle.encode_segment(high, COLUMNS), rle.encode_segment(low, COLUMNS)]))
+
+
+def _object(syntax: str, pixel_data: bytes, frames: int = 1) -> Dataset:
+    """A synthetic MR object with encapsulated ``pixel_data``, as read from a file (raw
+    elements, Pixel Data of undefined length)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.Modality, ds.BurnedInAnnotation = "SYNTH^ONE", "SYN001", "MR", "NO"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = ROWS, COLUMNS, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = pixel_data
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+def _as_read(ds: Dataset) -> Dataset:
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    return dcmread(io.BytesIO(buf.getvalue()))
+
+
+def _with_extended_offsets(ds: Dataset, offsets: list[int], lengths: list[int]) -> Dataset:
+    ds.ExtendedOffsetTable = struct.pack(f"<{len(offsets)}Q", *offsets)
+    ds.ExtendedOffsetTableLengths = struct.pack(f"<{len(lengths)}Q", *lengths)
+    return ds
+
+
+def _frames_any_decoder_reads(ds: Dataset) -> list[bytes]:
+    """The frames of ``ds`` as found by its Extended Offset Table where it has one (as
+    pydicom 3 and DICOMweb servers do), else by the Basic Offset Table or fragments."""
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    kw = {}
+    if "ExtendedOffsetTable" in ds:
+        kw["extended_offsets"] = (ds.ExtendedOffsetTable, ds.get("ExtendedOffsetTableLengths"))
+    return list(generate_frames(ds.PixelData, number_of_frames=n, **kw))
+
+
+def _high_bits_in_rle(ds: Dataset) -> int:
+    set_bits = 0
+    for frame in _frames_any_decoder_reads(ds):
+        msb = np.frombuffer(rle.decode_segment(rle.split_frame(frame)[0], ROWS * COLUMNS), np.uint8)
+        set_bits += int((msb >> 4).astype(bool).sum())
+    return set_bits
+
+
+def _deidentified(ds: Dataset) -> Dataset:
+    return dcmread(io.BytesIO(to_bytes(_deid().apply(_as_read(ds)).dataset)))
+
+
+def _rle_variants() -> dict[str, Dataset]:
+    clean, dirty = _rle_frame(CLEAN), _rle_frame(DIRTY)
+    clean_segments, dirty_segments = rle.split_frame(clean), rle.split_frame(dirty)
+    rle_ts = "1.2.840.10008.1.2.5"
+    return {
+        # a decoder following the table reads the dirty fragment; the step read the first
+        "extended offset table to a second fragment": _with_extended_offsets(
+            _object(rle_ts, encapsulate([clean, dirty], has_bot=False)), [8 + len(clean)], [len(dirty)]
+        ),
+        # one frame in two fragments: the second (a whole dirty frame) rides in the last segment
+        "two fragments for one frame": _object(rle_ts, encapsulate([clean, dirty], has_bot=False)),
+        # the dirty plane's runs after the clean plane's, in the same segment
+        "runs after the frame's in a segment": _object(
+            rle_ts, encapsulate([_even(rle.join_frame([clean_segments[0] + dirty_segments[0], clean_segments[1]]))])
+        ),
+    }
+
+
+@pytest.mark.parametrize("variant", list(_rle_variants()))
+def test_rle_pixel_data_keeps_no_unchecked_bytes(variant):
+    """Before: each output kept the dirty frame's bytes (its most significant plane, the
+    overlay's bitmap in PackBits); with the Extended Offset Table, pydicom 3 read the
+    dirty frame from the output, 40 pixels with bit 12 set."""
+    src = _rle_variants()[variant]
+    dirty_plane = rle.split_frame(_rle_frame(DIRTY))[0]
+    assert dirty_plane in src.PixelData
+    out = _deidentified(src)
+    assert "ExtendedOffsetTable" not in out and "ExtendedOffsetTableLengths" not in out
+    assert _high_bits_in_rle(out) == 0
+    assert dirty_plane not in out.PixelData
+    for frame in _frames_any_decoder_reads(out):  # the image itself unchanged
+        low = np.frombuffer(rle.decode_segment(rle.split_frame(frame)[1], ROWS * COLUMNS), np.uint8)
+        assert np.array_equal(low, (CLEAN & 0xFF).astype(np.uint8))
+
+
+def test_a_clean_rle_object_is_left_as_it_came():
+    """The fix re-encodes only what it must: one clean frame per fragment stays byte for byte."""
+    src = _object("1.2.840.10008.1.2.5", encapsulate([_rle_frame(CLEAN)]))
+    out = _deidentified(src)
+    assert out.PixelData == _as_read(src).PixelData
+
+
+def _jpeg_header(precision: int) -> bytes:
+    """SOI, SOF3 (lossless) of ``precision`` bits, one component, EOI: the step reads the
+    precision and does not decode a frame whose precision is at most BitsStored."""
+    sof = struct.pack(">BHHB", precision, ROWS, COLUMNS, 1) + bytes([1, 0x11, 0])
+    return b"\xff\xd8\xff\xc3" + struct.pack(">H", len(sof) + 2) + sof + b"\xff\xd9"
+
+
+def test_a_jpeg_extended_offset_table_does_not_point_past_the_checked_frames():
+    """JPEG Lossless: fragment 1 declares 12 bits (checked, passes), fragment 2 declares
+    16 (it would be decoded and refused). Before: the Extended Offset Table pointing at
+    fragment 2 was kept, so a decoder that follows it read the 16-bit frame the step never
+    looked at. The table goes; what is left is read as the step read it."""
+    a, b = _even(_jpeg_header(12)), _even(_jpeg_header(16))
+    src = _with_extended_offsets(_object("1.2.840.10008.1.2.4.70", encapsulate([a, b], has_bot=False)), [8 + len(a)], [len(b)])
+    out = _deidentified(src)
+    assert "ExtendedOffsetTable" not in out
+    assert all(frame.startswith(a) for frame in _frames_any_decoder_reads(out))
