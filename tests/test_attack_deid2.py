@@ -18,7 +18,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 
 from node.config import DeidSettings
-from node.deid import Deidentifier, Pseudonymizer, rle, to_bytes
+from node.deid import Deidentifier, Pseudonymizer, QuarantineError, rle, to_bytes
 
 ROWS = COLUMNS = 16
 CLEAN = np.full(ROWS * COLUMNS, 100, np.uint16)
@@ -153,3 +153,47 @@ def test_a_jpeg_extended_offset_table_does_not_point_past_the_checked_frames():
     out = _deidentified(src)
     assert "ExtendedOffsetTable" not in out
     assert all(frame.startswith(a) for frame in _frames_any_decoder_reads(out))
+
+
+def _rle_bomb(n: int) -> Dataset:
+    """One RLE frame of n x n 16-bit pixels, bit 12 set everywhere: PackBits codes 128
+    equal bytes in 2, so 2 n^2 bytes of frame come from n^2 / 32 bytes sent."""
+    high = bytes([257 - 128, 0x10]) * (n * n // 128)
+    low = bytes([257 - 128, 0x01]) * (n * n // 128)
+    ds = _object("1.2.840.10008.1.2.5", encapsulate([rle.join_frame([high, low])]))
+    ds.Rows = ds.Columns = n
+    return ds
+
+
+def test_an_rle_frame_declaring_gigabytes_is_quarantined_before_it_is_decoded(monkeypatch):
+    """PackBits amplifies 64 times, and clearing the bits held some 12 bytes a pixel: a
+    frame of 0.5 MB sent took 195 MB of the worker (4096 x 4096, measured); 65535 x 65535
+    (134 MB sent) would take some 50 GB. A frame over MAX_RLE_FRAME_BYTES decoded is
+    quarantined with a reason, before a byte of it is decoded (here the limit is lowered
+    to 1 MiB, and the frame is 8 MiB decoded, 128 KiB sent)."""
+    from node.deid import burned_in
+
+    def never(*_):
+        raise AssertionError("a segment was decoded")
+
+    monkeypatch.setattr(burned_in, "MAX_RLE_FRAME_BYTES", 1 << 20)
+    monkeypatch.setattr(rle, "decode_segment_exact", never)
+    with pytest.raises(QuarantineError, match="PixelData: RLE frame larger than 1 MiB decoded"):
+        _deid().apply(_as_read(_rle_bomb(2048)))
+
+
+@pytest.mark.parametrize("high_bit", [16, 20, 31])
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"])
+def test_a_high_bit_outside_the_word_is_a_named_quarantine(syntax, high_bit):
+    """HighBit at or above BitsAllocated, signed: before, numpy's OverflowError left the
+    step (the pipeline quarantined it as 'header de-identification raised OverflowError');
+    now the reason names the attribute."""
+    from node.deid import QuarantineError
+
+    pixel_data = encapsulate([_rle_frame(DIRTY)]) if syntax.endswith(".5") else DIRTY.astype("<u2").tobytes()
+    ds = _object(syntax, pixel_data)
+    if not syntax.endswith(".5"):
+        ds["PixelData"].is_undefined_length = False
+    ds.HighBit, ds.PixelRepresentation = high_bit, 1
+    with pytest.raises(QuarantineError, match="PixelData: HighBit outside BitsAllocated"):
+        _deid().apply(_as_read(ds))

@@ -68,6 +68,13 @@ def burned_in_reason(ds: Dataset) -> str | None:
 
 _NATIVE = ("", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 _RLE = "1.2.840.10008.1.2.5"
+# The largest RLE frame decoded to clear its bits (Rows x Columns x SamplesPerPixel x
+# BitsAllocated / 8): PackBits codes 128 equal bytes in 2, so a sender's few megabytes
+# may declare a frame of gigabytes, and clearing holds about 12 bytes per pixel of a
+# 16-bit frame at once (measured: a 4096 x 4096 frame of 0.5 MB sent took 195 MB). A
+# 8192 x 8192 frame of 16-bit RGB (384 MiB) is beyond what any modality writes in one
+# frame (slide scanners write tiles); a larger one is quarantined, never decoded.
+MAX_RLE_FRAME_BYTES = 384 << 20
 
 
 def zero_unused_high_bits(ds: Dataset) -> bool:
@@ -92,6 +99,8 @@ def zero_unused_high_bits(ds: Dataset) -> bool:
         return False
     if allocated not in (8, 16, 32) or stored >= allocated:
         return False
+    if not stored - 1 <= high < allocated:
+        raise ValueError("HighBit outside BitsAllocated, or below BitsStored - 1")
     elem = ds.get_item(0x7FE00010)  # the raw element where it is one: read, not converted
     value = elem.value
     if not isinstance(value, (bytes, bytearray)):
@@ -216,6 +225,11 @@ def _cleared_rle(ds: Dataset, value: bytes, allocated: int, stored: int, high: i
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         size = int(ds.Rows) * int(ds.Columns)
+    except Exception as exc:
+        raise ValueError(f"RLE Pixel Data unreadable ({type(exc).__name__})") from None
+    if size * samples * (allocated // 8) > MAX_RLE_FRAME_BYTES:
+        raise ValueError(f"RLE frame larger than {MAX_RLE_FRAME_BYTES >> 20} MiB decoded")
+    try:
         frames = list(generate_frames(value, number_of_frames=n_frames))
         fragments = sum(1 for _ in generate_fragments(value))
     except Exception as exc:  # pydicom's parser: any malformed item
