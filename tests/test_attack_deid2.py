@@ -168,7 +168,7 @@ def _rle_bomb(n: int) -> Dataset:
 def test_an_rle_frame_declaring_gigabytes_is_quarantined_before_it_is_decoded(monkeypatch):
     """PackBits amplifies 64 times, and clearing the bits held some 12 bytes a pixel: a
     frame of 0.5 MB sent took 195 MB of the worker (4096 x 4096, measured); 65535 x 65535
-    (134 MB sent) would take some 50 GB. A frame over MAX_RLE_FRAME_BYTES decoded is
+    (134 MB sent) would take some 50 GB. A frame over MAX_FRAME_BYTES decoded is
     quarantined with a reason, before a byte of it is decoded (here the limit is lowered
     to 1 MiB, and the frame is 8 MiB decoded, 128 KiB sent)."""
     from node.deid import burned_in
@@ -176,7 +176,7 @@ def test_an_rle_frame_declaring_gigabytes_is_quarantined_before_it_is_decoded(mo
     def never(*_):
         raise AssertionError("a segment was decoded")
 
-    monkeypatch.setattr(burned_in, "MAX_RLE_FRAME_BYTES", 1 << 20)
+    monkeypatch.setattr(burned_in, "MAX_FRAME_BYTES", 1 << 20)
     monkeypatch.setattr(rle, "decode_segment_exact", never)
     with pytest.raises(QuarantineError, match="PixelData: RLE frame larger than 1 MiB decoded"):
         _deid().apply(_as_read(_rle_bomb(2048)))
@@ -197,3 +197,63 @@ def test_a_high_bit_outside_the_word_is_a_named_quarantine(syntax, high_bit):
     ds.HighBit, ds.PixelRepresentation = high_bit, 1
     with pytest.raises(QuarantineError, match="PixelData: HighBit outside BitsAllocated"):
         _deid().apply(_as_read(ds))
+
+
+def _j2k(n: int) -> bytes:
+    """A lossless JPEG 2000 codestream of an n x n constant image declared 16 bits deep
+    (above BitsStored 12: the step decodes it to look at the bits); a few hundred bytes
+    whatever n is."""
+    from openjpeg import encode
+
+    return _even(encode(np.full((n, n), 100, np.uint16), bits_stored=16, photometric_interpretation=2, use_mct=False))
+
+
+@pytest.mark.parametrize("rows", [16, 1024])
+def test_a_jpeg_2000_frame_declaring_gigabytes_is_quarantined_before_it_is_decoded(monkeypatch, rows):
+    """8192 x 8192 in 1.5 KB sent took the worker 392 MB to decode (measured), 65535 x
+    65535 would take some 25 GB. The size is the codestream's (SIZ), not Rows and
+    Columns (16 here, the codestream 1024): the decoder allocates what the codestream
+    declares. The limit is lowered to 1 MiB; the frame is 2 MiB decoded."""
+    import pylibjpeg
+
+    from node.deid import burned_in
+
+    def never(*_, **__):
+        raise AssertionError("a frame was decoded")
+
+    pytest.importorskip("openjpeg")
+    frame = _j2k(1024)
+    monkeypatch.setattr(burned_in, "MAX_FRAME_BYTES", 1 << 20)
+    monkeypatch.setattr(pylibjpeg, "decode", never)
+    ds = _object("1.2.840.10008.1.2.4.90", encapsulate([frame]))
+    ds.Rows = ds.Columns = rows
+    with pytest.raises(QuarantineError, match="PixelData: compressed frame larger than 1 MiB decoded"):
+        _deid().apply(_as_read(ds))
+
+
+def test_a_compressed_frame_of_unknown_size_is_not_decoded(monkeypatch):
+    """A JPEG 2000 codestream in a JP2 file's boxes (openjpeg reads those too), and a
+    JPEG whose line count waits for a DNL marker: no size the step can read before the
+    decoder allocates, so the object is quarantined without decoding."""
+    import pylibjpeg
+
+    def never(*_, **__):
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(pylibjpeg, "decode", never)
+    jp2 = _even(b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(64))
+    dnl = _even(_jpeg_header(16).replace(struct.pack(">HH", ROWS, COLUMNS), struct.pack(">HH", 0, COLUMNS), 1))
+    for frame in (jp2, dnl):
+        ds = _object("1.2.840.10008.1.2.4.90" if frame is jp2 else "1.2.840.10008.1.2.4.70", encapsulate([frame]))
+        with pytest.raises(QuarantineError, match="codestream header cannot be read"):
+            _deid().apply(_as_read(ds))
+
+
+def test_a_clean_jpeg_2000_frame_of_high_precision_is_still_checked_and_let_through():
+    """The limit leaves ordinary frames alone: a 16-bit-deep codestream of a clean
+    12-bit image is decoded, found clean, and written as it came."""
+    pytest.importorskip("openjpeg")
+    src = _object("1.2.840.10008.1.2.4.90", encapsulate([_j2k(64)]))
+    src.Rows = src.Columns = 64
+    out = _deidentified(src)
+    assert out.PixelData == _as_read(src).PixelData

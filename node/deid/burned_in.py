@@ -9,6 +9,8 @@ modalities that annotate their images), and BurnedInAnnotation where the sender 
 
 from __future__ import annotations
 
+import struct
+
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 
@@ -68,13 +70,16 @@ def burned_in_reason(ds: Dataset) -> str | None:
 
 _NATIVE = ("", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 _RLE = "1.2.840.10008.1.2.5"
-# The largest RLE frame decoded to clear its bits (Rows x Columns x SamplesPerPixel x
-# BitsAllocated / 8): PackBits codes 128 equal bytes in 2, so a sender's few megabytes
-# may declare a frame of gigabytes, and clearing holds about 12 bytes per pixel of a
-# 16-bit frame at once (measured: a 4096 x 4096 frame of 0.5 MB sent took 195 MB). A
-# 8192 x 8192 frame of 16-bit RGB (384 MiB) is beyond what any modality writes in one
-# frame (slide scanners write tiles); a larger one is quarantined, never decoded.
-MAX_RLE_FRAME_BYTES = 384 << 20
+# The largest frame decoded to clear or check its bits (rows x columns x samples x bytes
+# per sample, as the frame declares it): PackBits codes 128 equal bytes in 2, and a
+# JPEG 2000 codestream of a constant image is a few hundred bytes whatever its size, so a
+# sender's few kilobytes may declare a frame of gigabytes. Clearing an RLE frame holds
+# about 12 bytes per pixel of a 16-bit frame at once (measured: 4096 x 4096 from 0.5 MB
+# sent took 195 MB); decoding JPEG 2000 about 3 times the frame (8192 x 8192, 1.5 KB
+# sent: 392 MB). An 8192 x 8192 frame of 16-bit RGB (384 MiB) is beyond what a
+# modality writes in one frame (slide scanners write tiles); a larger one is
+# quarantined, never decoded.
+MAX_FRAME_BYTES = 384 << 20
 
 
 def zero_unused_high_bits(ds: Dataset) -> bool:
@@ -133,18 +138,26 @@ def _check_compressed(ds: Dataset, value: bytes, stored: int, high: int, signed:
     above BitsStored (dcmtk's JPEG Lossless codes 16 bits of a 12-bit image) is decoded
     (pylibjpeg's own API: pydicom's pixel machinery may have been kept out of this
     process, see node.cli) and looked at. This step cannot re-encode such frames; the
-    object is quarantined."""
+    object is quarantined. A frame is decoded only when its codestream header says how
+    large it is, at most :data:`MAX_FRAME_BYTES` (the decoder allocates what the header
+    declares, whatever Rows and Columns say)."""
     from pydicom.encaps import generate_frames
 
     try:
         frames = list(generate_frames(value, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
     except Exception as exc:  # pydicom's parser: any malformed item
         raise ValueError(f"compressed Pixel Data unreadable ({type(exc).__name__})") from None
-    if high == stored - 1 and all((p := _precision(f)) is not None and p <= stored for f in frames):
+    headers = [_codestream_header(f) for f in frames]
+    if high == stored - 1 and all(h is not None and h[0] <= stored for h in headers):
         return
     import numpy as np
 
-    for frame in frames:
+    for frame, header in zip(frames, headers):
+        if header is None:  # its size unknown: decoding it could take any memory
+            raise ValueError("compressed frame whose codestream header cannot be read, so its bits above BitsStored cannot be checked")
+        precision, rows, columns, components = header
+        if rows * columns * components * (1 if precision <= 8 else 2 if precision <= 16 else 4) > MAX_FRAME_BYTES:
+            raise ValueError(f"compressed frame larger than {MAX_FRAME_BYTES >> 20} MiB decoded")
         try:
             import pylibjpeg
 
@@ -156,13 +169,17 @@ def _check_compressed(ds: Dataset, value: bytes, stored: int, high: int, signed:
             raise ValueError("bits above BitsStored set in compressed frames, which this step cannot re-encode")
 
 
-def _precision(frame: bytes) -> int | None:
-    """The sample precision a JPEG (SOFn), JPEG-LS (SOF55) or JPEG 2000 (SIZ) codestream
-    declares (the largest of its components), or None when it is none of these."""
+def _codestream_header(frame: bytes) -> tuple[int, int, int, int] | None:
+    """(precision, rows, columns, components) a JPEG (SOFn), JPEG-LS (SOF55) or JPEG 2000
+    (SIZ) codestream declares (the largest precision of its components), or None when it
+    is none of these or declares no size (a JPEG whose line count comes later, in DNL)."""
     if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 42:  # J2K: SOC, SIZ; Csiz at 40
+        xsiz, ysiz, x0, y0 = struct.unpack(">4L", frame[8:24])
         n = int.from_bytes(frame[40:42], "big")
         sizes = frame[42 : 42 + 3 * n : 3]
-        return max((s & 0x7F) + 1 for s in sizes) if len(sizes) == n and n else None
+        if len(sizes) != n or not n or xsiz <= x0 or ysiz <= y0:
+            return None
+        return max((s & 0x7F) + 1 for s in sizes), ysiz - y0, xsiz - x0, n
     if frame[:2] != b"\xff\xd8":
         return None
     i = 2
@@ -174,7 +191,10 @@ def _precision(frame: bytes) -> int | None:
             i += 1
             continue
         if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
-            return frame[i + 4]
+            if i + 10 > len(frame):
+                return None
+            precision, rows, columns, components = struct.unpack(">BHHB", frame[i + 4 : i + 10])
+            return (precision, rows, columns, components) if rows and columns and components else None
         i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
     return None
 
@@ -227,8 +247,8 @@ def _cleared_rle(ds: Dataset, value: bytes, allocated: int, stored: int, high: i
         size = int(ds.Rows) * int(ds.Columns)
     except Exception as exc:
         raise ValueError(f"RLE Pixel Data unreadable ({type(exc).__name__})") from None
-    if size * samples * (allocated // 8) > MAX_RLE_FRAME_BYTES:
-        raise ValueError(f"RLE frame larger than {MAX_RLE_FRAME_BYTES >> 20} MiB decoded")
+    if size * samples * (allocated // 8) > MAX_FRAME_BYTES:
+        raise ValueError(f"RLE frame larger than {MAX_FRAME_BYTES >> 20} MiB decoded")
     try:
         frames = list(generate_frames(value, number_of_frames=n_frames))
         fragments = sum(1 for _ in generate_fragments(value))
