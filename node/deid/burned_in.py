@@ -147,6 +147,10 @@ def _check_compressed(ds: Dataset, value: bytes, stored: int, high: int, signed:
         frames = list(generate_frames(value, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
     except Exception as exc:  # pydicom's parser: any malformed item
         raise ValueError(f"compressed Pixel Data unreadable ({type(exc).__name__})") from None
+    for frame in frames:
+        after = frame[_codestream_end(frame) :]
+        if len(after) > 1 and after.strip(b"\0\xff"):  # padding (0x00, or 0xFF as some encoders write) is no data
+            raise ValueError("compressed frame with bytes after its codestream's end, which this step cannot check")
     headers = [_codestream_header(f) for f in frames]
     if high == stored - 1 and all(h is not None and h[0] <= stored for h in headers):
         return
@@ -167,6 +171,45 @@ def _check_compressed(ds: Dataset, value: bytes, stored: int, high: int, signed:
         words = arr.view(f"u{arr.dtype.itemsize}") if arr.dtype.kind == "i" else arr
         if words.dtype.kind != "u" or not np.array_equal(_cleared(words, stored, high, signed), words):
             raise ValueError("bits above BitsStored set in compressed frames, which this step cannot re-encode")
+
+
+def _codestream_end(frame: bytes) -> int:
+    """Where a JPEG, JPEG-LS (after EOI) or JPEG 2000 (after EOC) codestream ends in
+    ``frame``; 0 when it cannot be walked (then the whole frame counts as after it).
+    JPEG 2000: main header segments, then tile-parts by their length (Psot); JPEG and
+    JPEG-LS: marker segments, and in scan data the next marker (0xFF then 0xC0 or more,
+    not a restart marker: stuffed bytes and JPEG-LS's bit stuffing are below 0xC0)."""
+    n = len(frame)
+    if frame[:4] == b"\xff\x4f\xff\x51":  # J2K
+        i = 2
+        while i + 4 <= n and frame[i] == 0xFF and frame[i + 1] != 0x90:  # main header, up to SOT
+            i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
+        while i + 12 <= n and frame[i : i + 2] == b"\xff\x90":  # tile-parts
+            psot = int.from_bytes(frame[i + 6 : i + 10], "big")
+            if psot == 0:  # the last tile-part: up to EOC
+                return n if frame[n - 2 : n] == b"\xff\xd9" else 0
+            i += psot
+        return i + 2 if frame[i : i + 2] == b"\xff\xd9" else 0
+    if frame[:2] != b"\xff\xd8":
+        return 0
+    i = 2
+    while i + 2 <= n:
+        if frame[i] != 0xFF:
+            return 0
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return i + 2
+        if 0xD0 <= marker <= 0xD7:  # a restart marker between scan data
+            i += 2
+        else:
+            i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
+        if marker in (0xDA, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7):  # scan data follows: to the next marker
+            while i + 1 < n and not (frame[i] == 0xFF and frame[i + 1] >= 0xC0 and not 0xD0 <= frame[i + 1] <= 0xD7 and frame[i + 1] != 0xFF):
+                i += 1 + (frame[i] == 0xFF and 0xD0 <= frame[i + 1] <= 0xD7)
+    return 0
 
 
 def _codestream_header(frame: bytes) -> tuple[int, int, int, int] | None:
