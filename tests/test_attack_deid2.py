@@ -129,9 +129,15 @@ def test_rle_pixel_data_keeps_no_unchecked_bytes(variant):
         assert np.array_equal(low, (CLEAN & 0xFF).astype(np.uint8))
 
 
-def test_a_clean_rle_object_is_left_as_it_came():
-    """The fix re-encodes only what it must: one clean frame per fragment stays byte for byte."""
-    src = _object("1.2.840.10008.1.2.5", encapsulate([_rle_frame(CLEAN)]))
+@pytest.mark.parametrize("frames", [1, 3])
+def test_a_clean_rle_object_is_left_as_it_came(frames):
+    """The fix re-encodes only what it must: clean frames, one fragment each (after the
+    Basic Offset Table, which is no fragment), stay byte for byte and are not reported
+    as changed."""
+    from node.deid.burned_in import zero_unused_high_bits
+
+    src = _object("1.2.840.10008.1.2.5", encapsulate([_rle_frame(CLEAN)] * frames), frames)
+    assert zero_unused_high_bits(_as_read(src)) is False
     out = _deidentified(src)
     assert out.PixelData == _as_read(src).PixelData
 

@@ -280,7 +280,7 @@ def _cleared_rle(ds: Dataset, value: bytes, allocated: int, stored: int, high: i
     (a decoder that follows it reads fragments this step did not: the frames are found
     by the Basic Offset Table or one fragment per frame, as they were read here)."""
     import numpy as np
-    from pydicom.encaps import encapsulate, generate_fragments, generate_frames
+    from pydicom.encaps import encapsulate, generate_frames, parse_fragments
 
     from node.deid import rle
 
@@ -294,7 +294,7 @@ def _cleared_rle(ds: Dataset, value: bytes, allocated: int, stored: int, high: i
         raise ValueError(f"RLE frame larger than {MAX_FRAME_BYTES >> 20} MiB decoded")
     try:
         frames = list(generate_frames(value, number_of_frames=n_frames))
-        fragments = sum(1 for _ in generate_fragments(value))
+        fragments = parse_fragments(value[8 + int.from_bytes(value[4:8], "little") :])[0]  # after the Basic Offset Table
     except Exception as exc:  # pydicom's parser: any malformed item
         raise ValueError(f"RLE Pixel Data unreadable ({type(exc).__name__})") from None
     planes = allocated // 8
