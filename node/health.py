@@ -121,12 +121,15 @@ def _meaning(status: int) -> str:
 
 
 def _answer(method: Callable[..., Any], url: str, timeout_s: float, **kw: Any) -> int | str:
-    """The HTTP status ``method`` (a session's get or post) got, or why there was none."""
+    """The HTTP status ``method`` (a session's get or post) got, or why there was none.
+    The answer's body is never read (``stream``): requests would otherwise read it whole
+    into memory, and a server answering with an endless body held the node's health
+    check (and ``config check --destinations``) for ever, gigabytes growing."""
     import requests
 
     try:
-        r = method(url, timeout=timeout_s, **kw)
-        r.close()
+        with method(url, timeout=timeout_s, stream=True, **kw) as r:
+            pass
     except requests.exceptions.SSLError:
         return "TLS failed (certificate not verified?)"
     except requests.exceptions.TooManyRedirects:

@@ -15,10 +15,12 @@ originals: deleting a row changes no output, it only leaves it out of the export
 
 The values come from senders (Patient ID, Patient's Name), and the files are often
 opened in a spreadsheet, which runs a cell that begins with ``=``, ``+``, ``-`` or ``@``
-as a formula (OWASP, "CSV Injection"). A value that begins with one of those, a tab, a
-carriage return or a single quote is written with one more single quote in front
-(:func:`csv_cell`), whole numbers excepted; a program reading the files drops a leading
-single quote to get the value back. No other value changes.
+as a formula (OWASP, "CSV Injection"). A value that begins with one of those (or their
+fullwidth forms; after leading spaces, control or invisible characters too), with a
+control character (tab, carriage return, line feed, NUL) or a single quote is written
+with one more single quote in front (:func:`csv_cell`), whole numbers excepted; a
+program reading the files drops a leading single quote to get the value back. No other
+value changes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import io
 import json
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 from sqlalchemy import delete, func, or_, select
@@ -99,7 +102,7 @@ def _stale(cutoff: dt.datetime):
     return or_(Pseudonym.seen_at.is_(None), Pseudonym.seen_at <= cutoff)
 
 
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+_FORMULA_STARTS = ("=", "+", "-", "@", "\uff1d", "\uff0b", "\uff0d", "\uff20")  # and their fullwidth forms
 _NUMBER = re.compile(r"[-+]?[0-9]+")  # a date offset: a spreadsheet reads it as the number it is
 
 
@@ -107,9 +110,18 @@ def csv_cell(value: str) -> str:
     """``value`` as written into the mapping's CSV files: a single quote in front of one
     that a spreadsheet would read as a formula, or that begins with a single quote
     itself (so that dropping one leading quote always gives the value back); a whole
-number (``-123``, the date offset) stays as it is. Source:
-    OWASP, "CSV Injection"."""
-    if value.startswith(_FORMULA_STARTS) and not _NUMBER.fullmatch(value):
+    number (``-123``, the date offset) stays as it is. A formula character counts after
+    any leading spaces, control characters (tab, carriage return, line feed, NUL) or
+    invisible format characters (zero-width space, byte order mark), which some
+    spreadsheets drop or trim before they look; a value beginning with a control
+    character is quoted whatever follows. Sources: OWASP, "CSV Injection"; OWASP ASVS
+    5.0 1.2.10."""
+    if _NUMBER.fullmatch(value):
+        return value
+    if value.startswith("'") or (value and unicodedata.category(value[0]) == "Cc"):
+        return "'" + value
+    start = next((c for c in value if not (c.isspace() or unicodedata.category(c) in ("Cc", "Cf"))), "")
+    if start and start in _FORMULA_STARTS:
         return "'" + value
     return value
 

@@ -9,6 +9,8 @@ modalities that annotate their images), and BurnedInAnnotation where the sender 
 
 from __future__ import annotations
 
+import struct
+
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 
@@ -68,6 +70,16 @@ def burned_in_reason(ds: Dataset) -> str | None:
 
 _NATIVE = ("", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
 _RLE = "1.2.840.10008.1.2.5"
+# The largest frame decoded to clear or check its bits (rows x columns x samples x bytes
+# per sample, as the frame declares it): PackBits codes 128 equal bytes in 2, and a
+# JPEG 2000 codestream of a constant image is a few hundred bytes whatever its size, so a
+# sender's few kilobytes may declare a frame of gigabytes. Clearing an RLE frame holds
+# about 12 bytes per pixel of a 16-bit frame at once (measured: 4096 x 4096 from 0.5 MB
+# sent took 195 MB); decoding JPEG 2000 about 3 times the frame (8192 x 8192, 1.5 KB
+# sent: 392 MB). An 8192 x 8192 frame of 16-bit RGB (384 MiB) is beyond what a
+# modality writes in one frame (slide scanners write tiles); a larger one is
+# quarantined, never decoded.
+MAX_FRAME_BYTES = 384 << 20
 
 
 def zero_unused_high_bits(ds: Dataset) -> bool:
@@ -92,6 +104,8 @@ def zero_unused_high_bits(ds: Dataset) -> bool:
         return False
     if allocated not in (8, 16, 32) or stored >= allocated:
         return False
+    if not stored - 1 <= high < allocated:
+        raise ValueError("HighBit outside BitsAllocated, or below BitsStored - 1")
     elem = ds.get_item(0x7FE00010)  # the raw element where it is one: read, not converted
     value = elem.value
     if not isinstance(value, (bytes, bytearray)):
@@ -107,6 +121,7 @@ def zero_unused_high_bits(ds: Dataset) -> bool:
         data = _cleared_native(ds, value, syntax, allocated, stored, high, signed)
     else:
         _check_compressed(ds, bytes(value), stored, high, signed)
+        _drop_extended_offsets(ds)  # the frames checked are those found without it
         return False
     if data is None:
         return False
@@ -123,18 +138,30 @@ def _check_compressed(ds: Dataset, value: bytes, stored: int, high: int, signed:
     above BitsStored (dcmtk's JPEG Lossless codes 16 bits of a 12-bit image) is decoded
     (pylibjpeg's own API: pydicom's pixel machinery may have been kept out of this
     process, see node.cli) and looked at. This step cannot re-encode such frames; the
-    object is quarantined."""
+    object is quarantined. A frame is decoded only when its codestream header says how
+    large it is, at most :data:`MAX_FRAME_BYTES` (the decoder allocates what the header
+    declares, whatever Rows and Columns say)."""
     from pydicom.encaps import generate_frames
 
     try:
         frames = list(generate_frames(value, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
     except Exception as exc:  # pydicom's parser: any malformed item
         raise ValueError(f"compressed Pixel Data unreadable ({type(exc).__name__})") from None
-    if high == stored - 1 and all((p := _precision(f)) is not None and p <= stored for f in frames):
+    for frame in frames:
+        after = frame[_codestream_end(frame) :]
+        if len(after) > 1 and after.strip(b"\0\xff"):  # padding (0x00, or 0xFF as some encoders write) is no data
+            raise ValueError("compressed frame with bytes after its codestream's end, which this step cannot check")
+    headers = [_codestream_header(f) for f in frames]
+    if high == stored - 1 and all(h is not None and h[0] <= stored for h in headers):
         return
     import numpy as np
 
-    for frame in frames:
+    for frame, header in zip(frames, headers):
+        if header is None:  # its size unknown: decoding it could take any memory
+            raise ValueError("compressed frame whose codestream header cannot be read, so its bits above BitsStored cannot be checked")
+        precision, rows, columns, components = header
+        if rows * columns * components * (1 if precision <= 8 else 2 if precision <= 16 else 4) > MAX_FRAME_BYTES:
+            raise ValueError(f"compressed frame larger than {MAX_FRAME_BYTES >> 20} MiB decoded")
         try:
             import pylibjpeg
 
@@ -146,13 +173,56 @@ def _check_compressed(ds: Dataset, value: bytes, stored: int, high: int, signed:
             raise ValueError("bits above BitsStored set in compressed frames, which this step cannot re-encode")
 
 
-def _precision(frame: bytes) -> int | None:
-    """The sample precision a JPEG (SOFn), JPEG-LS (SOF55) or JPEG 2000 (SIZ) codestream
-    declares (the largest of its components), or None when it is none of these."""
+def _codestream_end(frame: bytes) -> int:
+    """Where a JPEG, JPEG-LS (after EOI) or JPEG 2000 (after EOC) codestream ends in
+    ``frame``; 0 when it cannot be walked (then the whole frame counts as after it).
+    JPEG 2000: main header segments, then tile-parts by their length (Psot); JPEG and
+    JPEG-LS: marker segments, and in scan data the next marker (0xFF then 0xC0 or more,
+    not a restart marker: stuffed bytes and JPEG-LS's bit stuffing are below 0xC0)."""
+    n = len(frame)
+    if frame[:4] == b"\xff\x4f\xff\x51":  # J2K
+        i = 2
+        while i + 4 <= n and frame[i] == 0xFF and frame[i + 1] != 0x90:  # main header, up to SOT
+            i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
+        while i + 12 <= n and frame[i : i + 2] == b"\xff\x90":  # tile-parts
+            psot = int.from_bytes(frame[i + 6 : i + 10], "big")
+            if psot == 0:  # the last tile-part: up to EOC
+                return n if frame[n - 2 : n] == b"\xff\xd9" else 0
+            i += psot
+        return i + 2 if frame[i : i + 2] == b"\xff\xd9" else 0
+    if frame[:2] != b"\xff\xd8":
+        return 0
+    i = 2
+    while i + 2 <= n:
+        if frame[i] != 0xFF:
+            return 0
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return i + 2
+        if 0xD0 <= marker <= 0xD7:  # a restart marker between scan data
+            i += 2
+        else:
+            i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
+        if marker in (0xDA, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7):  # scan data follows: to the next marker
+            while i + 1 < n and not (frame[i] == 0xFF and frame[i + 1] >= 0xC0 and not 0xD0 <= frame[i + 1] <= 0xD7 and frame[i + 1] != 0xFF):
+                i += 1 + (frame[i] == 0xFF and 0xD0 <= frame[i + 1] <= 0xD7)
+    return 0
+
+
+def _codestream_header(frame: bytes) -> tuple[int, int, int, int] | None:
+    """(precision, rows, columns, components) a JPEG (SOFn), JPEG-LS (SOF55) or JPEG 2000
+    (SIZ) codestream declares (the largest precision of its components), or None when it
+    is none of these or declares no size (a JPEG whose line count comes later, in DNL)."""
     if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 42:  # J2K: SOC, SIZ; Csiz at 40
+        xsiz, ysiz, x0, y0 = struct.unpack(">4L", frame[8:24])
         n = int.from_bytes(frame[40:42], "big")
         sizes = frame[42 : 42 + 3 * n : 3]
-        return max((s & 0x7F) + 1 for s in sizes) if len(sizes) == n and n else None
+        if len(sizes) != n or not n or xsiz <= x0 or ysiz <= y0:
+            return None
+        return max((s & 0x7F) + 1 for s in sizes), ysiz - y0, xsiz - x0, n
     if frame[:2] != b"\xff\xd8":
         return None
     i = 2
@@ -164,7 +234,10 @@ def _precision(frame: bytes) -> int | None:
             i += 1
             continue
         if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
-            return frame[i + 4]
+            if i + 10 > len(frame):
+                return None
+            precision, rows, columns, components = struct.unpack(">BHHB", frame[i + 4 : i + 10])
+            return (precision, rows, columns, components) if rows and columns and components else None
         i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
     return None
 
@@ -200,9 +273,14 @@ def _cleared_native(ds: Dataset, value: bytes, syntax: str, allocated: int, stor
 
 def _cleared_rle(ds: Dataset, value: bytes, allocated: int, stored: int, high: int, signed: bool) -> bytes | None:
     """Encapsulated RLE Pixel Data with the bits outside BitsStored cleared in every
-    frame, or None when none was set. Only the byte planes that change are re-encoded."""
+    frame, or None when none was set and the Pixel Data holds nothing but the frames
+    read. Only the byte planes that change are re-encoded, and those whose segment holds
+    bytes beyond the frame's (:func:`rle.decode_segment_exact`); frames split over
+    several fragments are written one fragment each; an Extended Offset Table is dropped
+    (a decoder that follows it reads fragments this step did not: the frames are found
+    by the Basic Offset Table or one fragment per frame, as they were read here)."""
     import numpy as np
-    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.encaps import encapsulate, generate_frames, parse_fragments
 
     from node.deid import rle
 
@@ -210,12 +288,18 @@ def _cleared_rle(ds: Dataset, value: bytes, allocated: int, stored: int, high: i
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         size = int(ds.Rows) * int(ds.Columns)
+    except Exception as exc:
+        raise ValueError(f"RLE Pixel Data unreadable ({type(exc).__name__})") from None
+    if size * samples * (allocated // 8) > MAX_FRAME_BYTES:
+        raise ValueError(f"RLE frame larger than {MAX_FRAME_BYTES >> 20} MiB decoded")
+    try:
         frames = list(generate_frames(value, number_of_frames=n_frames))
+        fragments = parse_fragments(value[8 + int.from_bytes(value[4:8], "little") :])[0]  # after the Basic Offset Table
     except Exception as exc:  # pydicom's parser: any malformed item
         raise ValueError(f"RLE Pixel Data unreadable ({type(exc).__name__})") from None
     planes = allocated // 8
     dtype = np.dtype(f"u{planes}")
-    changed = False
+    changed = _drop_extended_offsets(ds) | (fragments != len(frames))  # both: the table goes in any case
     out: list[bytes] = []
     for frame in frames:
         segments = rle.split_frame(frame)
@@ -223,20 +307,30 @@ def _cleared_rle(ds: Dataset, value: bytes, allocated: int, stored: int, high: i
             raise ValueError("RLE frame whose segment count is not SamplesPerPixel x BitsAllocated / 8")
         for s in range(samples):
             idx = range(s * planes, (s + 1) * planes)
-            raw = [np.frombuffer(rle.decode_segment(segments[i], size), np.uint8) for i in idx]
+            decoded = [rle.decode_segment_exact(segments[i], size) for i in idx]
+            raw = [np.frombuffer(plane, np.uint8) for plane, _ in decoded]
             words = np.zeros(size, dtype)
             for k, plane in enumerate(raw):
                 words |= plane.astype(dtype) << (8 * (planes - 1 - k))
             cleared = _cleared(words, stored, high, signed)
             for k, i in enumerate(idx):
                 plane = ((cleared >> (8 * (planes - 1 - k))) & 0xFF).astype(np.uint8)
-                if not np.array_equal(plane, raw[k]):
+                if not decoded[k][1] or not np.array_equal(plane, raw[k]):
                     segments[i] = rle.encode_segment(plane.tobytes(), int(ds.Columns))
                     changed = True
         out.append(rle.join_frame(segments))
     if not changed:
         return None
-    for tag in (0x7FE00001, 0x7FE00002):  # an Extended Offset Table would point into the old frames
+    return encapsulate(out, has_bot=value[4:8] != b"\0\0\0\0")
+
+
+def _drop_extended_offsets(ds: Dataset) -> bool:
+    """Remove the Extended Offset Table (and its lengths); returns whether there was one.
+    It may point at other fragments than the Basic Offset Table (or one fragment per
+    frame) that this step reads, so it cannot stay beside frames checked without it."""
+    found = False
+    for tag in (0x7FE00001, 0x7FE00002):
         if tag in ds._dict:
             del ds[tag]
-    return encapsulate(out, has_bot=value[4:8] != b"\0\0\0\0")
+            found = True
+    return found

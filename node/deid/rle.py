@@ -49,6 +49,19 @@ def decode_segment(data: bytes, size: int) -> bytes:
     Raises:
         ValueError: the segment decodes to fewer than ``size`` bytes.
     """
+    return decode_segment_exact(data, size)[0]
+
+
+def decode_segment_exact(data: bytes, size: int) -> tuple[bytes, bool]:
+    """The first ``size`` bytes a PackBits segment decodes to, and whether the segment
+    holds exactly those: its runs end at ``size`` bytes, and at most one byte (an even
+    length's pad) follows them. Bytes beyond (a run past the frame, a second segment's
+    runs after the first's) are no part of the image, and would leave the node unchecked
+    if the segment were kept as it came.
+
+    Raises:
+        ValueError: the segment decodes to fewer than ``size`` bytes.
+    """
     out = bytearray()
     i, n = 0, len(data)
     while i < n and len(out) < size:
@@ -63,7 +76,7 @@ def decode_segment(data: bytes, size: int) -> bytes:
             i += 1
     if len(out) < size:
         raise ValueError("RLE segment shorter than the frame")
-    return bytes(out[:size])
+    return bytes(out[:size]), len(out) == size and n - i <= 1
 
 
 def encode_segment(data: bytes, columns: int) -> bytes:
