@@ -87,6 +87,11 @@ def frames_of(ds: Dataset) -> np.ndarray:
         raise PixelError("more than one sample per pixel")
     arr = _native_frames(ds)
     if arr is None:
+        from node.deid.burned_in import decoded_size_problem
+
+        too_large = decoded_size_problem(ds)
+        if too_large:
+            raise PixelError(f"pixel data not decoded: {too_large}")
         try:
             arr = ds.pixel_array
         except Exception as exc:

@@ -280,3 +280,43 @@ def test_a_second_codestream_after_a_jpeg_frames_end_is_quarantined():
     assert a.endswith(b"\xff\xd9\x00")  # padded to an even length: no bytes after the end that count
     out = _deidentified(_object("1.2.840.10008.1.2.4.70", encapsulate([a])))
     assert out.PixelData == _as_read(_object("1.2.840.10008.1.2.4.70", encapsulate([a]))).PixelData
+
+
+def test_the_pixel_and_burned_in_steps_do_not_decode_frames_declaring_gigabytes(monkeypatch):
+    """The header step's size limit, in the two steps that decode a whole object with
+    pydicom (node.pixels.frames_of for the pixel model, node.burnedin.clean for burned-in
+    text): a JPEG 2000 codestream of a few hundred bytes declaring a frame of 2 MiB (the
+    limit lowered to 1 MiB), an RLE object whose Rows x Columns exceed it, and frames
+    that exceed the whole-object limit together are refused before any decoder runs
+    (quarantined by the pipeline with the reason); a small frame still decodes."""
+    import pydicom.pixels
+
+    from node import pixels
+    from node.burnedin import clean
+    from node.deid import burned_in
+
+    pytest.importorskip("openjpeg")
+    monkeypatch.setattr(burned_in, "MAX_FRAME_BYTES", 1 << 20)
+    monkeypatch.setattr(burned_in, "MAX_DECODED_BYTES", 3 << 19)
+
+    def never(*_, **__):
+        raise AssertionError("a frame was decoded")
+
+    big = _object("1.2.840.10008.1.2.4.90", encapsulate([_j2k(1024)]))
+    big.Rows = big.Columns = 16
+    rle = _object("1.2.840.10008.1.2.5", encapsulate([_rle_frame(DIRTY)]))
+    rle.Rows = rle.Columns = 1024
+    many = _object("1.2.840.10008.1.2.4.90", encapsulate([_j2k(512)] * 4), frames=4)
+    many.Rows = many.Columns = 512
+    with monkeypatch.context() as m:
+        m.setattr(pydicom.pixels, "decompress", never)
+        m.setattr(type(big), "pixel_array", property(never))
+        for ds, why in ((big, "compressed frame larger than 1 MiB"), (rle, "a frame larger than 1 MiB"), (many, "frames larger than 1 MiB decoded")):
+            ds = _as_read(ds)
+            with pytest.raises(pixels.PixelError, match=why):
+                pixels.frames_of(ds)
+            with pytest.raises(clean.BurnedInError, match=why):
+                clean._read_pixels(ds, clean.CleanReport())
+    small = _as_read(_object("1.2.840.10008.1.2.4.90", encapsulate([_j2k(64)])))
+    small.Rows = small.Columns = 64
+    assert pixels.frames_of(small).shape == (1, 64, 64)

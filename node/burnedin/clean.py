@@ -133,6 +133,11 @@ def _read_pixels(ds: Dataset, report: CleanReport) -> _Pixels:
     if tsyntax not in _NATIVE:
         if tsyntax == "1.2.840.10008.1.2.2":
             raise BurnedInError("burned-in text: big-endian pixel data is not supported")
+        from node.deid.burned_in import decoded_size_problem
+
+        too_large = decoded_size_problem(ds)
+        if too_large:
+            raise BurnedInError(f"burned-in text: pixel data not decoded: {too_large}")
         try:
             decompress(ds, as_rgb=True, generate_instance_uid=False)
         except Exception as exc:

@@ -82,6 +82,63 @@ _RLE = "1.2.840.10008.1.2.5"
 MAX_FRAME_BYTES = 384 << 20
 
 
+# The most the frames of one object may take decoded at once: pydicom's ``pixel_array``
+# and ``decompress`` decode every frame into one array (the pixel step and the burned-in
+# step read a radiograph, or a cine of 100 640 x 480 RGB frames: 92 MB).
+MAX_DECODED_BYTES = 2 << 30
+
+
+def decoded_size_problem(ds: Dataset) -> str | None:
+    """Why the compressed Pixel Data of ``ds`` must not be decoded whole, or None when it
+    may (or is not compressed). The sizes are those the data declares, as the decoders
+    allocate them: Rows x Columns x SamplesPerPixel x BitsAllocated / 8 per frame for
+    RLE and for pydicom's array of all frames, the codestream header's for each JPEG,
+    JPEG-LS or JPEG 2000 frame (:func:`_codestream_header`; a few kilobytes of JPEG 2000
+    may declare gigabytes). A frame over :data:`MAX_FRAME_BYTES`, all frames over
+    :data:`MAX_DECODED_BYTES`, or a JPEG-family frame whose header declares no size is a
+    problem. Native (and deflated, inflated when read) Pixel Data is in memory already:
+    None."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if syntax in _NATIVE or syntax == "1.2.840.10008.1.2.1.99" or 0x7FE00010 not in ds._dict:
+        return None
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        allocated = int(ds.get("BitsAllocated", 8) or 8)
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError, AttributeError):
+        return "Pixel Data without a readable Rows, Columns, SamplesPerPixel, BitsAllocated or NumberOfFrames"
+    frame = rows * columns * samples * max(1, (allocated + 7) // 8)
+    if frame > MAX_FRAME_BYTES:
+        return f"a frame larger than {MAX_FRAME_BYTES >> 20} MiB decoded"
+    if frame * n_frames > MAX_DECODED_BYTES:
+        return f"frames larger than {MAX_DECODED_BYTES >> 20} MiB decoded"
+    if syntax == _RLE:
+        return None
+    from pydicom.encaps import generate_frames
+
+    value = ds.get_item(0x7FE00010).value
+    if not isinstance(value, (bytes, bytearray)):
+        return None
+    try:
+        frames = generate_frames(bytes(value), number_of_frames=n_frames)
+        total = 0
+        for f in frames:
+            header = _codestream_header(f)
+            if header is None:
+                return "a compressed frame whose codestream header declares no size"
+            size = _decoded_bytes(header)
+            if size > MAX_FRAME_BYTES:
+                return f"a compressed frame larger than {MAX_FRAME_BYTES >> 20} MiB decoded"
+            total += size
+            if total > MAX_DECODED_BYTES:
+                return f"compressed frames larger than {MAX_DECODED_BYTES >> 20} MiB decoded"
+    except Exception as exc:  # pydicom's parser: any malformed item
+        return f"compressed Pixel Data unreadable ({type(exc).__name__})"
+    return None
+
+
 def zero_unused_high_bits(ds: Dataset) -> bool:
     """Clear the bits of Pixel Data outside BitsStored (where retired overlays were
     embedded, PS3.5 8.1.2 before 2008); signed data keeps its sign extension. Native
@@ -159,8 +216,7 @@ def _check_compressed(ds: Dataset, value: bytes, stored: int, high: int, signed:
     for frame, header in zip(frames, headers):
         if header is None:  # its size unknown: decoding it could take any memory
             raise ValueError("compressed frame whose codestream header cannot be read, so its bits above BitsStored cannot be checked")
-        precision, rows, columns, components = header
-        if rows * columns * components * (1 if precision <= 8 else 2 if precision <= 16 else 4) > MAX_FRAME_BYTES:
+        if _decoded_bytes(header) > MAX_FRAME_BYTES:
             raise ValueError(f"compressed frame larger than {MAX_FRAME_BYTES >> 20} MiB decoded")
         try:
             import pylibjpeg
@@ -240,6 +296,13 @@ def _codestream_header(frame: bytes) -> tuple[int, int, int, int] | None:
             return (precision, rows, columns, components) if rows and columns and components else None
         i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
     return None
+
+
+def _decoded_bytes(header: tuple[int, int, int, int]) -> int:
+    """The bytes a decoder allocates for a frame whose codestream declares ``header``
+    (:func:`_codestream_header`): rows x columns x components x bytes per sample."""
+    precision, rows, columns, components = header
+    return rows * columns * components * (1 if precision <= 8 else 2 if precision <= 16 else 4)
 
 
 def _cleared(words, stored: int, high: int, signed: bool):
