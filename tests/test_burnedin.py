@@ -843,6 +843,28 @@ def test_text_the_first_reading_misses_is_quarantined_by_the_second(step):
             assert _norm(t.text)[:4] not in _norm(str(err.value))
 
 
+def test_the_second_reading_reads_the_frame_enlarged_one_and_three_quarter_times(step, monkeypatch):
+    """The second reading (the frame as shown, second detector) reads a 640 x 480 frame
+    as 1120 x 864 (x1.75), not 1280 x 960 (x2.0, until 2026-11-30): about a quarter less
+    CPU for that reading, with the same first-reading recall, no token leaked and one
+    object more held back on the 500 seeded frames (docs/burned-in.md, "The two cores,
+    the second reading at x1.75 and the small-text gate")."""
+    from node.burnedin.clean import clean
+
+    verifier = step.verifier()
+    real, shapes = verifier.backend.run, []
+
+    def run(x, shape_varies=False, precision="f32"):
+        shapes.append(tuple(x.shape))
+        return real(x, shape_varies, precision)
+
+    monkeypatch.setattr(verifier.backend, "run", run)
+    f, _ = sb.us_frame(10002)
+    clean(sb.dataset(f), step.detector(), step.rules, verifier)  # cleaned (raises if held back)
+    assert (1, 3, 864, 1120) in shapes, shapes
+    assert not [s for s in shapes if s[2:] == (960, 1280)], shapes
+
+
 # 7 px text over speckle that the first reading (scale 1.5) misses in part. Seeds 500,
 # 503 and 504 hold 7 px tokens that every reading but the small-text one misses (network
 # on the frame as shown, ink): the test after this one.
