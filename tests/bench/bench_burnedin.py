@@ -3,6 +3,7 @@
     python tests/bench/bench_burnedin.py [--frames 500] [--singles 20] [--cine 100] [--seed 10000]
     python tests/bench/bench_burnedin.py --engines 30     # the OCR candidates compared
     python tests/bench/bench_burnedin.py --quality-only --frames 166 --seed 10000   # a slice of the quality set
+    python tests/bench/bench_burnedin.py --singles 10 --frames 0 --in-flight 2    # also 2 objects in flight
 
 ``--engines N`` compares, on N frames, how well and how fast candidate detectors find
 the drawn tokens (a token counts as found when boxes, grown by 3 pixels, cover it
@@ -126,6 +127,56 @@ def speed_singles(det: TextDetector, n: int, seed: int) -> dict:
     per_reading = {k: round(v / n, 4) for k, v in sorted(prof.cpu.items(), key=lambda kv: -kv[1])}
     return {"frames": n, "frames_per_s": n / total, "ocr_share": ocr / total, "quarantined": quarantined, "cpu_s_per_frame": cpu / n,
             "cpu_s_per_frame_by_reading": per_reading}
+
+
+def speed_in_flight(det: TextDetector, n: int, seed: int, lanes: int) -> dict:
+    """The single frames of :func:`speed_singles` with ``lanes`` objects in flight: one
+    thread per lane, each with its own detector pair whose inferences use cores / lanes
+    threads (what OpenVINO's throughput mode does with one stream per core). The node
+    cleans one object after another (``lanes`` 1, inferences on every core); this measures
+    whether it would gain by doing otherwise (docs/burned-in.md, "The two cores, the second
+    reading at x1.75 and the small-text gate"). No per-reading profile: CPU time is the
+    process's."""
+    import queue
+    import threading
+
+    threads = max(1, (os.cpu_count() or 1) // lanes)
+    ver = shared_detector(VERIFIER)
+    pairs = [(TextDetector(dataclasses.replace(det.settings, threads=threads)), TextDetector(dataclasses.replace(ver.settings, threads=threads)))
+             for _ in range(lanes)]
+    for first, second in pairs:  # every shape read twice, as speed_singles warms
+        for k, colour in ((1, False), (2, True), (3, True)):
+            f, _ = sb.us_frame(seed - k, colour=colour)
+            try:
+                clean(sb.dataset(f, "RGB" if colour else "MONOCHROME2"), first, None, second)
+            except BurnedInError:
+                pass
+    work: queue.Queue = queue.Queue()
+    for k in range(n):
+        f, _ = sb.us_frame(seed + k, colour=k % 2 == 1)
+        work.put(sb.dataset(f, "RGB" if f.ndim == 3 else "MONOCHROME2"))
+    held: list[int] = []
+
+    def lane(first: TextDetector, second: TextDetector) -> None:
+        while True:
+            try:
+                ds = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                clean(ds, first, None, second)
+            except BurnedInError:
+                held.append(1)
+
+    workers = [threading.Thread(target=lane, args=pair) for pair in pairs]
+    t0, c0 = time.perf_counter(), time.process_time()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"frames": n, "lanes": lanes, "threads_per_inference": threads, "frames_per_s": n / total, "cpu_s_per_frame": cpu / n,
+            "quarantined": len(held)}
 
 
 def speed_cine(det: TextDetector, n: int, seed: int) -> dict:
@@ -319,6 +370,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=10000)
     ap.add_argument("--quality-only", action="store_true", help="only the quality set (no timing, no text-free frames)")
     ap.add_argument("--engines", type=int, default=0, metavar="N", help="compare the OCR candidates on N frames instead")
+    ap.add_argument("--in-flight", type=int, default=1, metavar="K",
+                    help="also time the single frames with K objects in flight (K threads, inferences on cores / K threads each); "
+                    "the node cleans one at a time (1)")
     ap.add_argument("--backend", choices=("auto", "openvino", "onnxruntime"), default="auto", help="the detector's runtime (both sessions)")
     ap.add_argument("--bf16", default=None, metavar="READINGS",
                     help="comma-separated readings to run in bf16 where the CPU has it (of: " + ", ".join(detect_module.READINGS)
@@ -351,6 +405,11 @@ def main() -> None:
     print(f"single 640x480 frames: {s['frames_per_s']:.2f} frames/s = {s['units_per_frame']:.2f} units a frame, {s['cpu_s_per_frame']:.2f} CPU s a frame, OCR {s['ocr_share']:.0%} of the time ({s['quarantined']} of {s['frames']} quarantined)")
     for k, v in s["cpu_s_per_frame_by_reading"].items():
         print(f"  {v:.3f} CPU s a frame in the model: {k}")
+    if args.in_flight > 1:
+        p = speed_in_flight(det, args.singles, args.seed + 900_000, args.in_flight)
+        s["in_flight"] = p
+        print(f"the same frames, {p['lanes']} in flight ({p['threads_per_inference']} thread(s) an inference): {p['frames_per_s']:.2f} frames/s, "
+              f"{p['cpu_s_per_frame']:.2f} CPU s a frame ({p['quarantined']} of {p['frames']} quarantined)")
     c = speed_cine(det, args.cine, args.seed + 800_000)
     u2 = unit(det)
     c["units"] = c["seconds"] / ((u1 + u2) / 2)
