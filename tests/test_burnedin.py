@@ -1031,7 +1031,7 @@ def test_text_the_detector_misses_is_quarantined_through_the_node(tmp_path, orth
     from node.db import Job
 
     real = BurnedInStep.detector
-    monkeypatch.setattr(BurnedInStep, "detector", lambda self: _Blind(real(self)))
+    monkeypatch.setattr(BurnedInStep, "detector", lambda self, threads=None: _Blind(real(self, threads)))  # every lane's first reading
     dest = {"name": "orthanc", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
     route = {"name": "us", "match": {"Modality": ["US"]}, "deid": {"profile": "basic", "burned_in": "clean"}, "destinations": ["orthanc"]}
     node = start_node(node_config(tmp_path, [dest], routes=[route], lease_s=120.0))

@@ -31,14 +31,14 @@ log = logging.getLogger(__name__)
 class BurnedInStep:
     """Region rules read once; the text detector loaded on first use, once per process.
 
-    ``lanes``: how many objects :meth:`clean_all` cleans at once. With 1, one after
-    another on the process's shared detectors, every inference on all the cores (the
-    default, ``[node] burned_in_lanes``). With K > 1, K at a time, each lane with
+    ``lanes``: how many objects :meth:`clean_all` cleans at once (the node's ``[node]
+    burned_in_lanes``, default 2). With 1, one after another on the process's shared
+    detectors, every inference on all the cores. With K > 1, K at a time, each lane with
     detectors of its own whose inferences use cores / K threads (each lane's compiled
-    models: about 0.75 GB). On 2 cores shared with other work, 2 lanes cleaned from 23%
-    fewer to 55% more single frames a second than one lane, run to run: no gain shown
-    (docs/burned-in.md, "The two cores, the second reading at x1.75 and the small-text
-    gate")."""
+    models: about 0.75 GB). On 2 cores at the evening's lowest load, 2 lanes cleaned
+    16-19% more single frames a second than one, at 10-13% less CPU a frame; under other
+    sessions' load the runs went from 23% fewer to 55% more (docs/burned-in.md, "The two
+    cores, the second reading at x1.75 and the small-text gate")."""
 
     def __init__(self, rules_path: Path | None = None, detector: DetectorSettings | None = None, lanes: int = 1) -> None:
         self.rules = RegionRules.load(rules_path)
@@ -49,17 +49,25 @@ class BurnedInStep:
         self._pairs: queue.Queue[tuple[TextDetector, TextDetector]] | None = None
         self._lock = threading.Lock()
 
-    def detector(self) -> TextDetector:
-        """Raises DetectorUnavailable when the OCR package or its model is missing."""
+    def detector(self, threads: int | None = None) -> TextDetector:
+        """The first reading's detector: the process's shared one, or with ``threads``
+        one of a lane's own, its inferences on that many threads.
+
+        Raises DetectorUnavailable when the OCR package or its model is missing."""
+        if threads is not None:
+            return TextDetector(dataclasses.replace(self.detector_settings, threads=threads))
         with self._lock:
             if self._detector is None:
                 self._detector = shared_detector(self.detector_settings)
             return self._detector
 
-    def verifier(self) -> TextDetector:
-        """The second reading's detector (its own session, :data:`VERIFIER` settings).
+    def verifier(self, threads: int | None = None) -> TextDetector:
+        """The second reading's detector (its own session, :data:`VERIFIER` settings),
+        shared or, with ``threads``, a lane's own as :meth:`detector`.
 
         Raises DetectorUnavailable like :meth:`detector`."""
+        if threads is not None:
+            return TextDetector(dataclasses.replace(VERIFIER, threads=threads))
         with self._lock:
             if self._verifier is None:
                 self._verifier = shared_detector(VERIFIER)
@@ -84,8 +92,7 @@ class BurnedInStep:
                 threads = max(1, (os.cpu_count() or 1) // self.lanes)
                 pairs: queue.Queue[tuple[TextDetector, TextDetector]] = queue.Queue()
                 for _ in range(self.lanes):
-                    pairs.put((TextDetector(dataclasses.replace(self.detector_settings, threads=threads)),
-                               TextDetector(dataclasses.replace(VERIFIER, threads=threads))))
+                    pairs.put((self.detector(threads), self.verifier(threads)))
                 log.info("burned-in step: %d lanes, inferences on %d thread(s) each", self.lanes, threads)
                 self._pairs = pairs
             return self._pairs
