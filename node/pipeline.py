@@ -333,18 +333,16 @@ class Pipeline:
 
         if self._burned_in is None:
             try:
-                self._burned_in = BurnedInStep(self.settings.node.burned_in_regions)
+                self._burned_in = BurnedInStep(self.settings.node.burned_in_regions, lanes=self.settings.node.burned_in_lanes)
             except ConfigError as exc:
                 log.error("burned-in region rules cannot be read: %s", exc)
                 for it in items:
                     it.error = "burned-in text: the region rules file cannot be read (see the log)"
                 return
         deid = self.deidentifier(route)
-        for it in items:
-            try:
-                report = self._burned_in.clean(it.source, deid)
-            except BurnedInError as exc:
-                it.error = str(exc)
+        for it, report in zip(items, self._burned_in.clean_all([(it.source, deid) for it in items])):
+            if isinstance(report, BurnedInError):
+                it.error = str(report)
                 continue
             if report is not None:
                 it.pixels_cleaned = True

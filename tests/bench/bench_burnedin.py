@@ -3,6 +3,7 @@
     python tests/bench/bench_burnedin.py [--frames 500] [--singles 20] [--cine 100] [--seed 10000]
     python tests/bench/bench_burnedin.py --engines 30     # the OCR candidates compared
     python tests/bench/bench_burnedin.py --quality-only --frames 166 --seed 10000   # a slice of the quality set
+    python tests/bench/bench_burnedin.py --singles 10 --frames 0 --in-flight 1    # the node's batch with 1 lane instead of its default
 
 ``--engines N`` compares, on N frames, how well and how fast candidate detectors find
 the drawn tokens (a token counts as found when boxes, grown by 3 pixels, cover it
@@ -15,9 +16,12 @@ words with a confidence), and the PP-OCRv4 detector as this step runs it at scal
    on the machine's load than frames/s, and the model's CPU per reading and scale):
    frames/s of the whole step (decode, region rules, detection, masking,
    verification, low-contrast check, second reading, small-text reading, ink reading, write-back) on single 640 x 480 frames (half
-   grayscale, half RGB), and seconds for one 100-frame RGB cine with a static overlay;
-   with the share of the time spent in the OCR model. Targets: >= 3 single frames/s on
-   2 cores; the cine in under 10 s.
+   grayscale, half RGB), one after another, and seconds for one 100-frame RGB cine with
+   a static overlay; with the share of the time spent in the OCR model. Then the same
+   single frames as the node's pipeline cleans a batch of them
+   (``BurnedInStep.clean_all`` with ``--in-flight`` lanes, by default the node's
+   ``[node] burned_in_lanes``): the figure to hold against the target. Targets: >= 3
+   single frames/s on 2 cores; the cine in under 10 s.
 2. Quality on a seeded set of ``--frames`` frames (6 tokens each: names, IDs, dates,
    11 to 30 px, eight fonts, about 30% over the image): recall = drawn tokens whose
    box the first reading's masks cover entirely (of all tokens, quarantined objects
@@ -126,6 +130,38 @@ def speed_singles(det: TextDetector, n: int, seed: int) -> dict:
     per_reading = {k: round(v / n, 4) for k, v in sorted(prof.cpu.items(), key=lambda kv: -kv[1])}
     return {"frames": n, "frames_per_s": n / total, "ocr_share": ocr / total, "quarantined": quarantined, "cpu_s_per_frame": cpu / n,
             "cpu_s_per_frame_by_reading": per_reading}
+
+
+def speed_in_flight(n: int, seed: int, lanes: int) -> dict:
+    """The single frames of :func:`speed_singles` through the node's own
+    ``BurnedInStep(lanes=K).clean_all``, as the pipeline runs the step on a batch: K
+    objects at a time, each lane with its own detectors whose inferences use cores / K
+    threads (K = 1: one after another on the process's shared detectors, every inference
+    on all the cores, which :func:`speed_singles` times too). No per-reading profile: CPU
+    time is the process's."""
+    from node.burnedin import BurnedInStep
+    from node.config import DeidSettings
+    from node.deid import Deidentifier, Pseudonymizer
+
+    step = BurnedInStep(lanes=lanes)
+    deid = Deidentifier(DeidSettings(burned_in="clean"), Pseudonymizer(b"k" * 32))
+
+    def objects(seeds_colours):
+        out = []
+        for s_, colour in seeds_colours:
+            f, _ = sb.us_frame(s_, colour=colour)
+            out.append((sb.dataset(f, "RGB" if f.ndim == 3 else "MONOCHROME2"), deid))
+        return out
+
+    # Warm: every lane reads each shape at least twice (OpenVINO compiles a model for a
+    # shape on its second reading); lanes take objects as they come free.
+    step.clean_all(objects([(seed - 1 - k, k % 2 == 1) for k in range(4 * lanes + 2)]))
+    timed = objects([(seed + k, k % 2 == 1) for k in range(n)])
+    t0, c0 = time.perf_counter(), time.process_time()
+    results = step.clean_all(timed)
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"frames": n, "lanes": lanes, "threads_per_inference": max(1, (os.cpu_count() or 1) // lanes) if lanes > 1 else (os.cpu_count() or 1),
+            "frames_per_s": n / total, "cpu_s_per_frame": cpu / n, "quarantined": sum(isinstance(r, Exception) for r in results)}
 
 
 def speed_cine(det: TextDetector, n: int, seed: int) -> dict:
@@ -319,6 +355,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=10000)
     ap.add_argument("--quality-only", action="store_true", help="only the quality set (no timing, no text-free frames)")
     ap.add_argument("--engines", type=int, default=0, metavar="N", help="compare the OCR candidates on N frames instead")
+    from node.config import NodeSettings
+
+    lanes = NodeSettings.model_fields["burned_in_lanes"].default
+    ap.add_argument("--in-flight", type=int, default=lanes, metavar="K",
+                    help=f"also time the single frames through the step's clean_all with K lanes (K objects at once, inferences on cores / K "
+                    f"threads each), as the node runs it with [node] burned_in_lanes = K (default: the node's default, {lanes})")
     ap.add_argument("--backend", choices=("auto", "openvino", "onnxruntime"), default="auto", help="the detector's runtime (both sessions)")
     ap.add_argument("--bf16", default=None, metavar="READINGS",
                     help="comma-separated readings to run in bf16 where the CPU has it (of: " + ", ".join(detect_module.READINGS)
@@ -351,6 +393,11 @@ def main() -> None:
     print(f"single 640x480 frames: {s['frames_per_s']:.2f} frames/s = {s['units_per_frame']:.2f} units a frame, {s['cpu_s_per_frame']:.2f} CPU s a frame, OCR {s['ocr_share']:.0%} of the time ({s['quarantined']} of {s['frames']} quarantined)")
     for k, v in s["cpu_s_per_frame_by_reading"].items():
         print(f"  {v:.3f} CPU s a frame in the model: {k}")
+    if args.in_flight >= 1 and args.backend == "auto" and args.bf16 is None:
+        p = speed_in_flight(args.singles, args.seed + 900_000, args.in_flight)
+        s["in_flight"] = p
+        print(f"the same frames as the node cleans a batch, {p['lanes']} lane(s) ({p['threads_per_inference']} thread(s) an inference): "
+              f"{p['frames_per_s']:.2f} frames/s, {p['cpu_s_per_frame']:.2f} CPU s a frame ({p['quarantined']} of {p['frames']} quarantined)")
     c = speed_cine(det, args.cine, args.seed + 800_000)
     u2 = unit(det)
     c["units"] = c["seconds"] / ((u1 + u2) / 2)
