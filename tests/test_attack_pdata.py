@@ -5,6 +5,7 @@ incoming file or association thread left behind, and the node stores the next se
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -320,3 +321,28 @@ def test_a_big_data_set_in_many_pdvs_is_not_held_in_memory(node):
         assert peak - start < 32, f"fast path {'on' if enabled else 'off'}: {start} -> {peak} MiB"
     assert _rows(node) == 2
 
+
+def test_tcp_urgent_data_does_not_spin_the_reactor(node):
+    """One byte of TCP urgent data (MSG_OOB) on an established association: the DUL
+    thread's poll() reported POLLPRI at once, again and again, while the zero-timeout
+    select behind it (which pynetdicom's own loop uses alone) does not count urgent data
+    as readable: the thread spun (measured, 0.68 s of CPU per second, load 6) until the
+    idle timeout ended the association (network_timeout_s, 60 s by default), one byte
+    per connection. Urgent data is ignored now, as pynetdicom ignores it: the process
+    stays idle, and the association stores the next object."""
+    port = node.settings.node.port
+    ds = _ct()
+    command, data = _command(_store_fields(ds, 1)), encode(ds, implicit=False)
+    with Raw(port, timeout=10) as r:
+        r.send(associate_rq(calling="STORESCU", contexts=[(1, CT_IMAGE_STORAGE, [EXPLICIT_VR_LE])], max_pdu=1 << 20))
+        assert r.read_pdu()[0] == 0x02
+        r.sock.send(b"!", socket.MSG_OOB)
+        time.sleep(0.2)
+        start = sum(os.times()[:2])
+        time.sleep(1.0)
+        spent = sum(os.times()[:2]) - start
+        r.send(p_data([(1, 0x03, command)]) + p_data([(1, 0x02, data)]))
+        got = r.read_pdu()
+    assert spent < 0.25, f"{spent:.2f} s of CPU in 1 s after one urgent byte"
+    assert got is not None and got[0] == 0x04 and store_status(got[1]) == 0x0000
+    assert _rows(node) == 1
