@@ -177,12 +177,12 @@ def test_a_p_data_after_the_release_request(node):
     _same_and_no_success(seen, 0, node)
 
 
-@pytest.mark.parametrize("context_id", [0, 2, 3, 5, 255])
+@pytest.mark.parametrize("context_id", [0, 2, 3, 5, 7, 255])
 def test_presentation_context_ids_not_accepted(node, context_id):
-    """A C-STORE on context 0, 2 (even), 3 (rejected: an abstract syntax the node does not
-    know), 5 (never proposed), 255."""
+    """A C-STORE on context 0, 2 (even), 3 (rejected: a transfer syntax the node does not
+    know), 5 (never proposed), 7 (accepted for an unknown SOP class: 0x0122), 255."""
     command, data = _store()
-    contexts = [(1, CT_IMAGE_STORAGE, [EXPLICIT_VR_LE]), (3, "1.2.3.4.5.6.7.8.9", [EXPLICIT_VR_LE])]
+    contexts = [(1, CT_IMAGE_STORAGE, [EXPLICIT_VR_LE]), (3, CT_IMAGE_STORAGE, ["1.2.3.999"]), (7, "1.2.3.4.5.6.7.8.9", [EXPLICIT_VR_LE])]
 
     def send(r):
         r.send(p_data([(context_id, 0x03, command)]) + p_data([(context_id, 0x02, data)]))
@@ -346,3 +346,20 @@ def test_tcp_urgent_data_does_not_spin_the_reactor(node):
     assert spent < 0.25, f"{spent:.2f} s of CPU in 1 s after one urgent byte"
     assert got is not None and got[0] == 0x04 and store_status(got[1]) == 0x0000
     assert _rows(node) == 1
+
+
+def test_a_half_close_right_after_the_last_fragment(node):
+    """A whole C-STORE, then the sender's end shut (SHUT_WR: the node reads end-of-file
+    right after the data set): pynetdicom takes the end-of-file for the connection's
+    close, so the object is stored but never answered; alike with the fast path on and
+    off (a Success would only be for a stored object)."""
+
+    def send(r):
+        command, data = _store()
+        r.send(p_data([(1, 0x03, command)]) + p_data([(1, 0x02, data)]))
+        r.sock.shutdown(socket.SHUT_WR)
+
+    seen = _both(node, send)
+    assert seen[0] == seen[1]
+    assert _rows(node) >= sum(1 for s in seen[0] + seen[1] if s == (0x04, 0x0000)), seen
+    assert _raw_store_ok(node.settings.node.port)
