@@ -397,3 +397,27 @@ def test_pdus_in_one_tls_record_are_all_read(tmp_path, start_node, monkeypatch):
             seen.append(_answers(r, 3.0))
     assert seen[0] == seen[1] == [(0x04, 0x0000), (0x06, None), "closed"], seen
     assert _rows(node) == 2
+
+
+def test_a_p_data_of_too_many_pdvs_is_refused(node):
+    """A C-STORE whose data set follows a P-DATA-TF of 174762 empty data PDVs (1 MiB,
+    item length 2 each): pynetdicom made each an object and handed it on, the fast path
+    a tuple: measured, 30 MiB more resident and 0.8 s of CPU per such PDU on either path
+    (load 4), and the C-STORE was answered Success after ten of them. More than
+    admission.MAX_PDVS PDVs in one P-DATA-TF aborts the association now, on either
+    path, and the fast path makes no more than that many into tuples first."""
+    from node.admission import MAX_PDVS
+
+    count = ((1 << 20) - 6) // 6
+
+    def send(r):
+        command, data = _store()
+        r.send(p_data([(1, 0x03, command)]) + p_data([(1, 0x00, b"")] * count) + p_data([(1, 0x02, data)]))
+
+    seen = _both(node, send)
+    _same_and_no_success(seen, 0, node)
+    assert seen[0][0] == (0x07, None), seen
+    pdu = p_data([(1, 0x00, b"")] * count)
+    assert len(pdatafast.pdv_list(pdu, limit=MAX_PDVS)) == MAX_PDVS + 1
+    assert len(pdatafast.pdv_list(p_data([(1, 0x00, b"")] * MAX_PDVS), limit=MAX_PDVS)) == MAX_PDVS
+    assert _raw_store_ok(node.settings.node.port)
