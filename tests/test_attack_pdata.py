@@ -48,7 +48,7 @@ def _assoc_threads() -> int:
     return sum(1 for t in threading.enumerate() if type(t).__name__ in ("Association", "DULServiceProvider") and t.is_alive())
 
 
-def _both(node, send, wait_s: float = 2.0, contexts=None) -> list[list]:
+def _both(node, send, wait_s: float = 2.0, contexts=None, settle_s: float = 5.0) -> list[list]:
     """``send(raw)`` on an association with the fast path on, then off; what the node
     answered each time. After each: no incoming file left, association threads gone."""
     port = node.settings.node.port
@@ -61,7 +61,7 @@ def _both(node, send, wait_s: float = 2.0, contexts=None) -> list[list]:
             assert r.read_pdu()[0] == 0x02
             send(r)
             seen.append(_answers(r, wait_s))
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + settle_s
         while (_assoc_threads() > before or _incoming(node)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _incoming(node) == [], f"fast path {'on' if enabled else 'off'}: an incoming file left"
@@ -73,7 +73,7 @@ def _both(node, send, wait_s: float = 2.0, contexts=None) -> list[list]:
 @pytest.fixture
 def node(tmp_path, start_node, monkeypatch):
     monkeypatch.setattr(pdatafast, "ENABLED", pdatafast.ENABLED)
-    n = _folder_node(tmp_path, start_node, network_timeout_s=3, dimse_timeout_s=3)
+    n = _folder_node(tmp_path, start_node, network_timeout_s=3, dimse_timeout_s=3, acse_timeout_s=3)
     assert pdatafast.ENABLED
     return n
 
@@ -167,14 +167,19 @@ def test_a_release_or_abort_in_the_segment_of_the_last_fragment(node, after):
 
 
 def test_a_p_data_after_the_release_request(node):
-    """A C-STORE sent after the A-RELEASE-RQ (Sta8): refused as pynetdicom refuses it."""
+    """A C-STORE sent after the A-RELEASE-RQ (Sta8): never goes the fast way, aborted as
+    pynetdicom aborts it. Then, on either path, the node sometimes waits in Sta13 for
+    the ARTIM timer (acse_timeout_s, 3 s here) although the sender closed at once
+    (measured, 4 of 6 and 3 of 6 tries, fast path on and off): the close is left out of
+    the comparison, and the threads get the ARTIM timer's time to end."""
     command, data = _store()
 
     def send(r):
         r.send(RELEASE_RQ + p_data([(1, 0x03, command)]) + p_data([(1, 0x02, data)]))
 
-    seen = _both(node, send)
-    _same_and_no_success(seen, 0, node)
+    seen = _both(node, send, wait_s=1.0, settle_s=8.0)
+    assert [s[:-1] for s in seen] == [[(0x07, None)]] * 2, seen
+    assert _rows(node) == 0
 
 
 @pytest.mark.parametrize("context_id", [0, 2, 3, 5, 7, 255])
