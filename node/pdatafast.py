@@ -56,6 +56,8 @@ from pynetdicom import evt, fsm, pdu
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
+from node.admission import MAX_PDVS
+
 log = logging.getLogger(__name__)
 
 # SHA-256 (first 16 hex digits) of the source of what this module stands in for, as in
@@ -136,16 +138,20 @@ def uninstall() -> None:
     ENABLED = False
 
 
-def pdv_list(data, start: int = 6) -> list[tuple[int, bytes]] | None:
+def pdv_list(data, start: int = 6, limit: int | None = None) -> list[tuple[int, bytes]] | None:
     """The presentation data value list of the P-DATA-TF PDU ``data`` (its variable field
     from ``start``: 6 for a whole PDU), as ``P_DATA_TF.to_primitive`` gives it: one
     (presentation context ID, fragment with its message control header) per PDV item
     (PS3.8 9.3.5.1, Table 9-23). None when the items do not fill the field exactly, an
     item is shorter than its context ID and control header, or there is no item: those
-    are pynetdicom's to decode (and refuse)."""
+    are pynetdicom's to decode (and refuse). With ``limit``, the first ``limit + 1``
+    items alone when there are more (node.admission refuses such a P-DATA whole: the
+    rest is not made into objects first)."""
     view = memoryview(data)
     end, pos, items = len(view), start, []
     while pos < end:
+        if limit is not None and len(items) > limit:
+            return items
         if pos + 5 > end:
             return None
         length, context_id = _ITEM.unpack_from(view, pos)
@@ -218,7 +224,7 @@ def _read_pdu(dul) -> P_DATA | None:
     if pdu_type == _P_DATA_TF and not dul.event_queue.qsize():
         limit = dul.assoc.acceptor.maximum_length
         if not limit or pdu_length <= limit:
-            items = pdv_list(bytestream)
+            items = pdv_list(bytestream, limit=MAX_PDVS)
             if items is not None:
                 primitive = P_DATA()
                 primitive.presentation_data_value_list.extend(items)  # tuples, as to_primitive appends them

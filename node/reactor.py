@@ -233,7 +233,11 @@ def _wait(dul, poller, polled, wake: _Wake) -> tuple[int | None, bool]:
             except (KeyError, ValueError):
                 pass
         if fileno >= 0:
-            poller.register(fileno, select.POLLIN | select.POLLPRI)
+            # POLLIN only: TCP urgent data (POLLPRI) is no PDU, and the select behind a
+            # wake-up does not count it as readable, so a poll() that reported it woke
+            # at once, again and again (a spinning thread until the idle timeout).
+            # pynetdicom's loop ignores it too; errors and hang-ups are always reported.
+            poller.register(fileno, select.POLLIN)
         polled = fileno
     timeout = MAX_WAIT_S or 0.05
     artim = dul.artim_timer
