@@ -428,13 +428,12 @@ def test_a_p_data_of_too_many_pdvs_is_refused(node):
     assert _raw_store_ok(node.settings.node.port)
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: tiny PDVs spread over PDUs of at most MAX_PDVS each still cost about 0.8 s of CPU per MiB "
-                   "on either path (normal traffic about 0.1 s); a per-message bound (PDVs per byte) is needed")
 def test_a_message_of_tiny_pdvs_in_many_p_data_is_refused(node):
     """1 MiB of empty data PDVs in P-DATA-TFs of 4096 PDVs each (43 PDUs), then the last
     fragment: each PDU passes the per-PDU limit, and the DUL thread spends about 0.8 s
     of CPU on the MiB (measured with one 1 MiB PDU, load 4), for a sender sending at
-    1.3 MB/s a whole core. The C-STORE should be refused (aborted), not stored."""
+    1.3 MB/s a whole core. The association is aborted (a message's PDVs beyond its first
+    64 must carry 256 bytes each on average), on both paths, and nothing is stored."""
     from node.admission import MAX_PDVS
 
     def send(r):
