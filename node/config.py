@@ -156,7 +156,7 @@ class NodeSettings(_Table):
     reactor_delay_s: Seconds = hint("seconds, 0 or more (the reactor's poll interval)", 0.00005, ge=0)
     reactor_max_wait_ms: StrictInt = hint("milliseconds, an integer 0 to 1000 (0: accepted associations poll every reactor_delay_s, as pynetdicom does)", 50, ge=0, le=1000)
     burned_in_regions: Path | None = hint("a TOML file of region rules (default: config/burned_in_regions.toml)", None, strict=False)
-    burned_in_lanes: StrictInt = hint("an integer, 1 or more (objects the burned-in step cleans at once, each lane with its own text detectors)", 2, ge=1)
+    burned_in_lanes: StrictInt = hint("an integer, 1 or more (objects the burned-in step cleans at once, each lane with its own text detectors)", 1, ge=1)
     parallel_durability: StrictBool = hint("true or false (false: fsync a received file, then link it, then fsync its folder, one after the other)", True)
     receivers: StrictInt = hint("an integer, 0 or more (processes receiving on the port; 0: the number of cores)", 0, ge=0)
     max_associations: StrictInt = hint("an integer, 1 or more", 32, ge=1)

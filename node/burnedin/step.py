@@ -32,13 +32,12 @@ class BurnedInStep:
     """Region rules read once; the text detector loaded on first use, once per process.
 
     ``lanes``: how many objects :meth:`clean_all` cleans at once (the node's ``[node]
-    burned_in_lanes``, default 2). With 1, one after another on the process's shared
+    burned_in_lanes``, default 1). With 1, one after another on the process's shared
     detectors, every inference on all the cores. With K > 1, K at a time, each lane with
-    detectors of its own whose inferences use cores / K threads (each lane's compiled
-    models: about 0.75 GB). On 2 cores at the evening's lowest load, 2 lanes cleaned
-    16-19% more single frames a second than one, at 10-13% less CPU a frame; under other
-    sessions' load the runs went from 23% fewer to 55% more (docs/burned-in.md, "The two
-    cores, the second reading at x1.75 and the small-text gate")."""
+    detectors of its own whose inferences use cores / K threads. On 2 quiet cores 2 lanes
+    cleaned 16-28% more single frames a second than one, at 10-20% less CPU a frame, and
+    the bench's peak resident memory was 5.8 GB against 3.3 GB (docs/burned-in.md, "The
+    two cores, the second reading at x1.75 and the small-text gate")."""
 
     def __init__(self, rules_path: Path | None = None, detector: DetectorSettings | None = None, lanes: int = 1) -> None:
         self.rules = RegionRules.load(rules_path)
