@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from tests.conftest import node_config
+from tests.conftest import node_config, wait_until
 from tests.httpnode import http_nodes, start_http_node  # noqa: F401  (fixture)
 
 REFRESH = {"X-Casemask-Refresh": "1"}
@@ -37,9 +37,14 @@ def test_the_refresh_header_quiets_only_the_pages_the_dashboard_refreshes(tmp_pa
     assert set(loud.values()) == {200} and quiet == 200, (loud, quiet)
 
     def level(route: str) -> int:
-        lines = [r.levelno for r in caplog.records if r.name == "node.http.app" and f'"GET {route}" 200' in r.getMessage()]
-        assert len(lines) == 1, (route, lines)
-        return lines[0]
+        # the access line is written once the response has gone (the middleware's finally):
+        # the client may read the answer before the server thread logs it
+        def lines() -> list[int]:
+            return [r.levelno for r in caplog.records if r.name == "node.http.app" and f'"GET {route}" 200' in r.getMessage()]
+
+        wait_until(lambda: lines(), timeout=10, what=f"the access log line of {route}")
+        assert len(lines()) == 1, (route, lines())
+        return lines()[0]
 
     assert {route: logging.getLevelName(level(route)) for route in loud} == dict.fromkeys(loud, "INFO")
     assert level("/destinations") == logging.DEBUG  # the dashboard's own refresh stays quiet
