@@ -4,7 +4,7 @@ The model is PP-OCRv4's text detector (DB, "Real-time Scene Text Detection with
 Differentiable Binarization", Liao et al., AAAI 2020), as shipped inside the
 ``rapidocr-onnxruntime`` wheel: nothing is downloaded at run time. It is run here
 through ONNX Runtime directly rather than through RapidOCR's per-image pipeline, so
-that frames of one size go through in batches and the probability map is at hand;
+that the scale is chosen per reading and the probability map is at hand;
 the post-processing (threshold, connected components, score, unclip) follows DB's,
 with axis-aligned boxes, since what is masked is a rectangle anyway.
 
@@ -76,7 +76,13 @@ class DetectorSettings:
     unclip: float = 1.6
     min_side: int = 3  # components thinner than this (scaled pixels) are noise
     threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)  # ONNX Runtime's intra-op threads: the cores
-    max_batch: int = 4
+    # Frames given to one inference. 1 since 2026-12-01 (4, and 2 for VERIFIER, before):
+    # every batch size is a shape of its own, with its own compiled model and buffers
+    # (a cine's x3.0 pair of frames alone held about 0.6 GB), and on this model batching
+    # saved no CPU measurable against the noise; the node's peak memory with one lane fell
+    # from 4.1 to 1.8 GB, the masks of the 100-frame cine the same (docs/burned-in.md,
+    # "One frame an inference").
+    max_batch: int = 1
     # The graph's element-wise chains folded into its convolutions (node.burnedin.graph):
     # the same probabilities to float rounding, about a quarter less CPU a reading.
     fold: bool = True
@@ -107,7 +113,7 @@ class DetectorSettings:
 # seeded frames the same recall, no token leaked, the same quarantines and two more (text
 # really there, and a false alarm where fp32 masked speckle), and the 7 px tests pass
 # (docs/burned-in.md, "bf16 on OpenVINO").
-VERIFIER = DetectorSettings(scale=1.75, check_scale=1.0, thresh=0.2, box_thresh=0.4, max_batch=2,
+VERIFIER = DetectorSettings(scale=1.75, check_scale=1.0, thresh=0.2, box_thresh=0.4, max_batch=1,
                             bf16=frozenset({"second", "chroma", "small-text"}))
 
 
