@@ -205,6 +205,7 @@ def _require_database(settings, create: bool = False) -> None:
             not UsageError: node.index_cli calls this from ``node.cli`` while ``python
             -m node.cli`` runs it as ``__main__``, whose UsageError is another class).
     """
+    from node.config import is_shipped
     from node.startup import StartupError
 
     url = settings.node.resolved_database_url
@@ -218,8 +219,12 @@ def _require_database(settings, create: bool = False) -> None:
         print(f"casemask: no database at {db_file} yet ({where}): made a new one; the node started on the same "
               "configuration in this folder uses it", file=sys.stderr)
         return
-    raise StartupError(f"no database at {db_file}: no node has run on {where} here. Run the command in the folder the node "
-                     "is started in (a relative data_dir is relative to it), or give it the node's --config FILE")
+    if is_shipped(settings.source_file):
+        fix = ("Run the command in the folder the node is started in (the built-in data_dir = \"var\" is relative to it), "
+               "or give it the node's --config FILE")
+    else:
+        fix = "Give it the --config FILE the node runs on ([node] data_dir and database_url say where the database is)"
+    raise StartupError(f"no database at {db_file}: no node has run on {where} yet. {fix}")
 
 
 def _service(args, create: bool = False):
@@ -476,10 +481,53 @@ def cmd_config_check(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     counts = ", ".join(_count(len(items), noun) for items, noun in ((s.sources, "source"), (s.destinations, "destination"), (s.routes, "route"), (s.models, "model")))
     print(f"{s.source_file}: OK ({counts})")
+    _print_paths(s)
     print("retention:")
     for line in s.retention.describe():
         print(f"  {line}")
     return _check_destinations(s) if args.destinations else 0
+
+
+def _config_paths(s) -> list[tuple[str, str]]:
+    """Every file and folder the configuration names, as the node resolves it:
+    ``(key, absolute path)``, for ``config check``."""
+    from node.config import hide_credentials
+
+    n = s.node
+    out: list[tuple[str, str]] = [("[node] data_dir", str(n.data_dir))]
+    url = n.resolved_database_url
+    out.append(("[node] database_url", f"SQLite {url.removeprefix('sqlite:///')}" if url.startswith("sqlite:///") else hide_credentials(url)))
+    out.append(("[node] secret_env", f"${n.secret_env} (environment)") if n.secret_env else ("[node] secret_path", str(n.resolved_secret_path)))
+    if n.burned_in_regions is not None:
+        out.append(("[node] burned_in_regions", str(n.burned_in_regions)))
+    if n.tls is not None:
+        out += [(f"[node.tls] {k}", str(getattr(n.tls, k))) for k in ("certificate", "private_key", "ca_certificates") if getattr(n.tls, k) is not None]
+    for d in s.destinations:
+        if d.kind == "folder":
+            out.append((f"[[destinations]] '{d.name}' path", str(d.path)))
+        if d.tls is not None:
+            out += [(f"[[destinations]] '{d.name}' tls.{k}", str(getattr(d.tls, k))) for k in ("ca_certificates", "certificate", "private_key") if getattr(d.tls, k) is not None]
+        if d.auth is not None and d.auth.secret_file is not None:
+            out.append((f"[[destinations]] '{d.name}' auth.secret_file", str(d.auth.secret_file)))
+    for m in s.models:
+        out.append((f"[[models]] '{m.name}' path", m.path))
+        out += [(f"[[models]] '{m.name}' {k}", str(getattr(m, k))) for k in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(m, k) is not None]
+    if s.http.tls is not None:
+        out += [(f"[http] tls.{k}", str(getattr(s.http.tls, k))) for k in ("certificate", "private_key")]
+    if s.audit.syslog_ca is not None:
+        out.append(("[audit] syslog_ca", str(s.audit.syslog_ca)))
+    return out
+
+
+def _print_paths(s) -> None:
+    from node.config import base_dir_for, is_shipped
+
+    base = "the working folder, as in every file casemask ships" if is_shipped(s.source_file) else "the configuration file's folder"
+    print(f"paths (relative ones in the file are relative to {base}, {base_dir_for(s.source_file)}):")
+    paths = _config_paths(s)
+    width = max(len(k) for k, _ in paths)
+    for key, value in paths:
+        print(f"  {key:<{width}}  {value}")
 
 
 def _check_destinations(s) -> int:
@@ -944,8 +992,9 @@ class _Parser(argparse.ArgumentParser):
 
 _EPILOG = """\
 Most commands take --config FILE: the node's TOML configuration (default: the built-in
-config/casemask.toml). Run them in the folder the node is started in: a relative
-data_dir is relative to the current folder. Check a file with 'casemask config check
+config/casemask.toml, whose data_dir "var" is relative to the current folder: run them
+where the node is started). Relative paths in a FILE are relative to the FILE's folder.
+Check a file with 'casemask config check
 FILE' before 'casemask serve --config FILE'. Each command has --help. Exit status: 0
 success, 1 the operation failed, 2 bad usage or configuration. Manual: README.md."""
 

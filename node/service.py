@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit, queue, retention, routing
 from node.accounts import Principal
-from node.config import DEFAULT_CONFIG, ConfigError, Settings, hide_credentials, parse
+from node.config import DEFAULT_CONFIG, ConfigError, Settings, base_dir_for, hide_credentials, parse
 from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Role, Study, StudyState, data_path, db_now, utcnow
 from node.metrics import disk_free, step_of
 
@@ -516,7 +516,7 @@ class Service:
             err = ConfigError(["not valid TOML here: arrays or tables nested too deep"], src)
             raise Invalid(str(err), err.problems) from None
         try:
-            new = parse(raw, src)
+            new = parse(raw, src, base_dir_for(self.settings.source_file))
         except ConfigError as exc:
             raise Invalid(str(exc), exc.problems) from None
         new.source_file = self.settings.source_file
