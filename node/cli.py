@@ -145,17 +145,41 @@ def _quiet_association_errors(args) -> None:
         logging.getLogger("pynetdicom.transport").setLevel(logging.ERROR)
 
 
+def _calling_aet(args) -> str:
+    """``--calling-aet``, or else the node's own AE title ([node] ae_title of --config,
+    CASEMASK in the built-in configuration), as the node calls its destinations."""
+    from node.config import valid_ae_title
+
+    if args.calling_aet is None:
+        return _settings(args).node.ae_title
+    if not valid_ae_title(args.calling_aet):
+        raise UsageError(f"--calling-aet {args.calling_aet!r}: an AE title is 1 to 16 characters, no backslash")
+    return args.calling_aet
+
+
+def _rejection_hint(why: str, called: str, calling: str) -> str:
+    """What to do about a peer's rejection, beside its reason."""
+    if "Calling AE title not recognised" in why:
+        return (f"; the peer does not accept calls from {calling!r}: add {calling!r} to its known peers "
+                "(Orthanc: DicomModalities; casemask: [[sources]]), or call as a title it knows with --calling-aet")
+    if "Called AE title not recognised" in why:
+        return f"; the peer's AE title is not {called!r}: write its own before '@'"
+    return ""
+
+
 def cmd_echo(args) -> int:
     from node.scu import echo
 
     ae, host, port = parse_peer(args.peer)
+    calling = _calling_aet(args)
     _quiet_association_errors(args)
     why: list[str] = []
-    status = echo(ae, host, port, calling_ae=args.calling_ae, timeout=args.timeout, why=why)
+    status = echo(ae, host, port, calling_ae=calling, timeout=args.timeout, why=why)
     if status is None:
-        print(f"C-ECHO {args.peer}: no association ({why[0] if why else 'refused, rejected or timed out'})", file=sys.stderr)
+        reason = why[0] if why else "refused, rejected or timed out"
+        print(f"C-ECHO {args.peer} as {calling}: no association ({reason}){_rejection_hint(reason, ae, calling)}", file=sys.stderr)
         return 1
-    print(f"C-ECHO {args.peer}: status 0x{status:04X}")
+    print(f"C-ECHO {args.peer} as {calling}: status 0x{status:04X}")
     return 0 if status == 0 else 1
 
 
@@ -167,6 +191,7 @@ def cmd_send(args) -> int:
     from node.scu import DicomSender, Outcome, Work
 
     ae, host, port = parse_peer(args.to)
+    calling = _calling_aet(args)
     _quiet_association_errors(args)
     work = []
     for k, f in enumerate(_files(args.paths)):
@@ -187,16 +212,17 @@ def cmd_send(args) -> int:
         if o.kind != "sent":
             failures.append(f"{w.path}: {o.reason}")
 
-    DicomSender(dest, args.calling_ae).send(work, report)
+    DicomSender(dest, calling).send(work, report)
     for line in failures[:20]:
         print(line, file=sys.stderr)
-    print(f"sent {results.get('sent', 0)} of {len(work)} to {args.to}" + ("" if not failures else f"; {len(failures)} not sent"))
+    hint = next((h for line in failures if (h := _rejection_hint(line, ae, calling))), "")
+    print(f"sent {results.get('sent', 0)} of {len(work)} to {args.to} as {calling}" + ("" if not failures else f"; {len(failures)} not sent{hint}"))
     return 0 if not failures else 1
 
 
 def _require_database(settings, create: bool = False) -> None:
     """Refuse to open a SQLite database that is not there: a command run outside the
-    node's folder (``data_dir = "var"`` is relative to it) or on another file would make
+    node's folder (the built-in ``data_dir = "var"`` is relative to it) or on another file would make
     an empty one, report an empty node and keep accounts no node reads. ``create``
     (``user add``, ``token create`` before the first start): make it, and say so.
 
@@ -1041,16 +1067,18 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(dsub.add_parser("upgrade", help="upgrade the schema to this version's (the node does it at start when safe)")).set_defaults(func=cmd_db)
     with_config(dsub.add_parser("current", help="the database's schema revision and this version's (exit 1 when they differ)")).set_defaults(func=cmd_db)
 
-    sp = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    calling_help = ("the AE title to call as, as echoscu's -aet; the peer must know it (default: the node's own, [node] ae_title "
+                    "of --config: CASEMASK in the built-in configuration)")
+    sp = with_config(sub.add_parser("echo", help="C-ECHO a DICOM peer"))
     sp.add_argument("peer", metavar="AE@HOST:PORT", help="the peer's AE title, host and port, e.g. ARCHIVE@127.0.0.1:104")
-    sp.add_argument("--calling-ae", default="CASEMASK", help="the AE title to call as (default: CASEMASK); the peer must know it")
+    sp.add_argument("--calling-aet", "-aet", "--calling-ae", dest="calling_aet", metavar="AE", help=calling_help)
     sp.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="association and reply timeout (default: 10)")
     sp.set_defaults(func=cmd_echo)
 
-    sp = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
+    sp = with_config(sub.add_parser("send", help="C-STORE files or folders to a DICOM peer"))
     sp.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (recursed); each file is proposed in its own transfer syntax")
     sp.add_argument("--to", required=True, metavar="AE@HOST:PORT", help="the peer's AE title, host and port, e.g. CASEMASK@127.0.0.1:11112")
-    sp.add_argument("--calling-ae", default="CASEMASK", help="the AE title to call as (default: CASEMASK); the peer must know it")
+    sp.add_argument("--calling-aet", "-aet", "--calling-ae", dest="calling_aet", metavar="AE", help=calling_help)
     sp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="association and per-object reply timeout (default: 30)")
     sp.set_defaults(func=cmd_send)
 
