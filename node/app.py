@@ -136,7 +136,7 @@ class Node:
         from node.health import HealthMonitor
         from node.service import Service
 
-        self.health = HealthMonitor(settings)
+        self.health = HealthMonitor(settings, sessions=self.sessions)
         self.service = Service(settings, self.sessions, self.pseudo, node=self)
         self.syslog = self._audit_forwarder(settings)
 

@@ -279,9 +279,12 @@ def cmd_status(args) -> int:
             print(f"  {'':<24} last {info['not_sent'][dest]}")
         if group.startswith("destination:") and dest in info.get("next_attempt", {}):
             print(f"  {'':<24} {_next_attempt_line(info['next_attempt'][dest], info['max_attempts'])}")
+        if group.startswith("destination:") and dest in info["health"]:
+            print(f"  {'':<24} {_health_line(info['health'][dest])}")
     for d in service.settings.destinations:  # configured, nothing sent to it yet: an admin checks a new one is there
         if f"destination:{d.name}" not in info["counts"]:
             print(f"  {'destination:' + d.name:<24} - (no delivery yet)")
+            print(f"  {'':<24} {_health_line(info['health'][d.name])}")
     dead = info.get("dead_letters") or {}
     if dead.get("originals"):
         keep = "kept until re-queued (failed_days = -1)" if dead["failed_days"] < 0 else f"deleted after failed_days = {dead['failed_days']}"
@@ -300,6 +303,15 @@ def cmd_status(args) -> int:
 def _count(n: int, noun: str) -> str:
     """'1 model', '2 models'."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _health_line(h: dict | None) -> str:
+    """A destination's last health check, for ``casemask status``."""
+    if h is None:
+        return ("health: not tried yet (a running node checks each destination every 30 s; "
+                "casemask config check --destinations FILE tries them now)")
+    when = str(h.get("checked_at") or "").replace("T", " ").removesuffix("+00:00")
+    return f"health: {'reachable' if h.get('reachable') else 'NOT REACHABLE'} at the node's last check, {when} UTC ({h.get('detail')})"
 
 
 def _next_attempt_line(nxt: dict, max_attempts: int) -> str:

@@ -1,12 +1,14 @@
 """`casemask echo` and `send` call as an AE title the admin chooses (`--calling-aet`, as
-echoscu's -aet; by default the node's own)."""
+echoscu's -aet; by default the node's own), and `casemask status` says how each
+destination's last health check went, before any delivery too."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
-from tests.conftest import ROOT, make_study, node_config, write_toml
+from tests.conftest import ROOT, free_port, make_study, node_config, write_toml
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -40,3 +42,27 @@ def test_echo_and_send_call_as_the_nodes_own_ae_title_by_default(tmp_path, archi
     assert r.returncode == 1 and "does not accept calls from 'CASEMASK'" in r.stdout, r.stdout + r.stderr
     assert len(archive.received) == 2
 
+
+def test_status_says_each_destinations_health_before_the_first_delivery(tmp_path, start_node):
+    closed = free_port()  # nobody listens there
+    dests = [{"name": "out", "kind": "folder", "path": str(tmp_path / "out")},
+             {"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": closed}]
+    raw = node_config(tmp_path, dests)
+    cfg = write_toml(raw, tmp_path / "n.toml")
+    assert run_cli("db", "upgrade", "--config", str(cfg)).returncode == 0
+    r = run_cli("status", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    for name in ("out", "pacs"):
+        assert re.search(rf"destination:{name} +- \(no delivery yet\)\n +health: not tried yet", r.stdout), r.stdout
+    node = start_node(raw, listen=False, schedule=False)
+    node.health.check_all()  # what the node's scheduler does every 30 s
+    node.stop()
+    r = run_cli("status", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"destination:out +- \(no delivery yet\)\n +health: reachable at the node's last check, \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(writable\)", r.stdout), r.stdout
+    assert re.search(r"destination:pacs +- \(no delivery yet\)\n +health: NOT REACHABLE at the node's last check, .* UTC \(no association \(cannot connect", r.stdout), r.stdout
+    r = run_cli("status", "--json", "--config", str(cfg))
+    import json
+
+    health = json.loads(r.stdout)["health"]
+    assert health["out"]["reachable"] is True and health["pacs"]["reachable"] is False and health["pacs"]["checked_at"]
