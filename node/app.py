@@ -369,7 +369,9 @@ class Node:
                 self.http = None
                 raise StartupError(str(exc)) from None
         audit.record_now(self.sessions, "node-started", actor=self.settings.node.ae_title, detail={"routes": len(self.settings.routes), "destinations": len(self.settings.destinations), "role": self.role})
-        log.info("node %s started (id %s, role %s): %d routes, %d destinations", self.settings.node.ae_title, self.node_id, self.role, len(self.settings.routes), len(self.settings.destinations))
+        routes, dests = len(self.settings.routes), len(self.settings.destinations)
+        log.info("node %s started (id %s, role %s): %d route%s, %d destination%s", self.settings.node.ae_title, self.node_id, self.role,
+                 routes, "" if routes == 1 else "s", dests, "" if dests == 1 else "s")
 
     def start_listening(self, receivers: int = 1) -> None:
         """Listen in this process and, with ``receivers`` > 1, in receiver processes that

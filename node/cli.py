@@ -268,6 +268,8 @@ def cmd_status(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"node {info['node']}  data {info['data_dir']}  version {info['version']}  disk free {info['disk_free_bytes'] / 2**30:.1f} GiB")
+    # The routes and destinations below are this file's: a node started with another --config has others.
+    print(f"  configuration {info['config'] or 'built-in'}" + ("" if getattr(args, "config", None) else " (the built-in one: no --config given)"))
     for group, states in info["counts"].items():
         line = "  ".join(f"{k}={v}" for k, v in sorted(states.items())) or "-"
         print(f"  {group:<24} {line}")

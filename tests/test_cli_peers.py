@@ -52,6 +52,7 @@ def test_status_says_each_destinations_health_before_the_first_delivery(tmp_path
     assert run_cli("db", "upgrade", "--config", str(cfg)).returncode == 0
     r = run_cli("status", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
+    assert f"\n  configuration {cfg}\n" in r.stdout, r.stdout  # whose routes and destinations these are
     for name in ("out", "pacs"):
         assert re.search(rf"destination:{name} +- \(no delivery yet\)\n +health: not tried yet", r.stdout), r.stdout
     node = start_node(raw, listen=False, schedule=False)
