@@ -456,8 +456,8 @@ class Node:
             merged_node = new.node.model_copy(update={k: getattr(old.node, k) for k in _RESTART_KEYS})
             new = new.model_copy(update={"node": merged_node, "http": old.http, "source_file": new.source_file or old.source_file})
             applied = [name for name in ("sources", "destinations", "routes", "models", "audit") if getattr(old, name) != getattr(new, name)]
-            if old.node != merged_node:
-                applied.append("node")
+            # [node] keys by name, as restart_required names them ("node" alone left the admin guessing)
+            applied += [f"node.{k}" for k in type(old.node).model_fields if getattr(old.node, k) != getattr(merged_node, k)]
             pixel_step = self.pixel_step
             if self.works and (_pixel_models(old) != _pixel_models(new) or (new.models != old.models and _pixel_models(new))):
                 pixel_step = _default_pixel_step(new)  # an ingest process loads no model
