@@ -971,12 +971,14 @@ def _check_pixel_models(routes: list[Route], models: list[ModelSettings], proble
 
 def base_dir_for(path: str | Path | None) -> Path:
     """The folder that relative paths in the configuration file ``path`` are resolved
-    against: the file's own folder (as nginx or Orthanc do), so that a file means the
+    against: the folder the file is named in (as nginx or Orthanc do), so that a file means the
     same wherever a command is run. The files casemask ships (``config/``: the built-in
     configuration, ``demo.toml``; ``path`` None) are the exception: their relative paths
     (``data_dir = "var"``) are relative to the working folder, as a package's own folder
     is no place for data."""
-    return Path.cwd() if is_shipped(path) else Path(path).resolve().parent  # type: ignore[arg-type]
+    # absolute(), not resolve(): a file reached through a link (a Kubernetes ConfigMap's
+    # files are links into a hidden folder beside them) means the folder it is named in.
+    return Path.cwd() if is_shipped(path) else Path(path).absolute().parent  # type: ignore[arg-type]
 
 
 def is_shipped(path: str | Path | None) -> bool:

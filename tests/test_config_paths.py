@@ -46,6 +46,19 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     assert load(Path("etc/site.toml")).node.data_dir == etc / "var"
 
 
+def test_a_linked_config_file_is_read_relative_to_the_folder_of_the_link(tmp_path, monkeypatch):
+    """As a Kubernetes ConfigMap mounts it: site.toml a link into a hidden folder beside it."""
+    cfg = _site(tmp_path)
+    hidden = tmp_path / "etc" / "..data"
+    hidden.mkdir()
+    cfg.rename(hidden / "site.toml")
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    (mount / "site.toml").symlink_to(hidden / "site.toml")
+    monkeypatch.chdir(tmp_path)
+    assert load(mount / "site.toml").node.data_dir == (mount / "var").resolve()
+
+
 def test_absolute_paths_and_urls_are_kept(tmp_path, monkeypatch):
     db = tmp_path / "db" / "node.db"
     cfg = _site(tmp_path, data_dir=str(tmp_path / "data"), database_url=f"sqlite:///{db}")
