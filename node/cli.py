@@ -1034,9 +1034,9 @@ _EPILOG = """\
 Most commands take --config FILE: the node's TOML configuration (default: the built-in
 config/casemask.toml, whose data_dir "var" is relative to the current folder: run them
 where the node is started). Relative paths in a FILE are relative to the FILE's folder.
-Check a file with 'casemask config check
-FILE' before 'casemask serve --config FILE'. Each command has --help. Exit status: 0
-success, 1 the operation failed, 2 bad usage or configuration. Manual: README.md."""
+Check a file with 'casemask config check FILE' (it prints every path as resolved) before
+'casemask serve --config FILE'. Each command has --help. Exit status: 0 success, 1 the
+operation failed, 2 bad usage or configuration. Manual: README.md."""
 
 _SERVE_DESCRIPTION = """\
 Receive, de-identify and forward until stopped. Once it listens it prints 'casemask AE
@@ -1165,8 +1165,9 @@ def build_parser() -> argparse.ArgumentParser:
     csub = sp.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     ck = csub.add_parser("check", help="validate a configuration file",
                          description="Validate a configuration file: every problem at once, each with what to write instead "
-                                     "(exit 2), warnings about valid but suspicious settings, and what retention deletes when "
-                                     "(exit 0). A running node re-reads the file on 'kill -HUP PID'.")
+                                     "(exit 2), warnings about valid but suspicious settings, every file and folder it names "
+                                     "as the node resolves it (relative paths: relative to FILE's folder), and what retention "
+                                     "deletes when (exit 0). A running node re-reads the file on 'kill -HUP PID'.")
     ck.add_argument("file", nargs="?", metavar="FILE", help="default: the built-in config")
     ck.add_argument("--config", "-c", dest="config_file", metavar="FILE", help="the same as FILE (as the other commands take it)")
     ck.add_argument("--destinations", action="store_true",
