@@ -997,6 +997,36 @@ def load(path: str | Path | None = None) -> Settings:
         ConfigError: the file is missing, not TOML, or has invalid settings.
     """
     p = Path(path) if path is not None else DEFAULT_CONFIG
-    settings = parse(read_toml(p), str(p), base_dir_for(path))
+    raw = read_toml(p)
+    settings = parse(raw, str(p), base_dir_for(path))
     settings.source_file = p
+    if not is_shipped(path):
+        _check_data_dir_not_moved(raw, settings.node, p)
     return settings
+
+
+def _has_node_data(folder: Path) -> bool:
+    return (folder / "casemask.db").exists() or (folder / "secret.key").exists()
+
+
+def _check_data_dir_not_moved(raw: dict[str, Any], node: NodeSettings, p: Path) -> None:
+    """Refuse a relative ``data_dir`` that, read relative to the file's folder, holds no
+    node's data while the same path under the working folder (where versions before
+    this one read it) does: starting there would make a new database and a new
+    pseudonym secret, and every pseudonym would change. Written as an absolute path,
+    either folder is taken.
+
+    Raises:
+        ConfigError: saying both folders and what to write.
+    """
+    table = raw.get("node")
+    written = table.get("data_dir", "var") if isinstance(table, dict) else "var"
+    if not isinstance(written, str) or Path(written).is_absolute():
+        return
+    before = (Path.cwd() / written).resolve()
+    if before == node.data_dir or _has_node_data(node.data_dir) or not _has_node_data(before):
+        return
+    raise ConfigError([f"[node] data_dir = {written!r}: relative paths are now relative to the configuration file's folder, "
+                       f"and {node.data_dir} holds no node's data, while {before} (relative to the working folder, as before) "
+                       f"holds a node's database or pseudonym secret. Write the folder you mean as an absolute path: "
+                       f"data_dir = \"{before}\" to keep that node's data, or data_dir = \"{node.data_dir}\" for a new node"], str(p))

@@ -72,6 +72,27 @@ def test_absolute_paths_and_urls_are_kept(tmp_path, monkeypatch):
     assert load(cfg).node.resolved_database_url == "postgresql+psycopg://casemask@db-host/casemask"
 
 
+def test_a_data_dir_that_moved_with_the_new_rule_is_refused(tmp_path, monkeypatch):
+    """A site started in /srv/node with --config /etc/casemask/site.toml and data_dir =
+    "var" kept its data in /srv/node/var; read relative to the file, a start would make a
+    new database and secret (every pseudonym would change). Refused, with both paths."""
+    cfg = _site(tmp_path)
+    node_folder = tmp_path / "srv"
+    (node_folder / "var").mkdir(parents=True)
+    (node_folder / "var" / "secret.key").write_text("00" * 32)
+    monkeypatch.chdir(node_folder)
+    with pytest.raises(ConfigError) as exc:
+        load(cfg)
+    text = str(exc.value)
+    etc = (tmp_path / "etc").resolve()
+    assert f'data_dir = "{node_folder.resolve() / "var"}" to keep' in text and f'data_dir = "{etc / "var"}" for a new node' in text, text
+    (etc / "var").mkdir()
+    (etc / "var" / "casemask.db").write_text("")  # a node's data is there too: the file's folder is taken
+    assert load(cfg).node.data_dir == etc / "var"
+    cfg.write_text(cfg.read_text().replace('data_dir = "var"', f'data_dir = "{node_folder / "var"}"'))
+    assert load(cfg).node.data_dir == node_folder / "var"
+
+
 def test_shipped_configs_stay_relative_to_the_working_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load().node.data_dir == tmp_path / "var"
@@ -106,7 +127,7 @@ def test_config_check_shows_resolved_paths_and_commands_work_from_any_folder(tmp
     etc = (tmp_path / "etc").resolve()
     run = lambda *a, cwd: subprocess.run([sys.executable, "-m", "node.cli", *a], capture_output=True, text=True,  # noqa: E731
                                           cwd=cwd, timeout=120, env={**_env(), "PYTHONPATH": str(ROOT)})
-    r = run("config", "check", str(cfg), cwd=ROOT)
+    r = run("config", "check", str(cfg), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"relative to the configuration file's folder, {etc}" in r.stdout
     assert "[node] data_dir" in r.stdout and str(etc / "var") in r.stdout
