@@ -136,7 +136,7 @@ class Node:
         from node.health import HealthMonitor
         from node.service import Service
 
-        self.health = HealthMonitor(settings)
+        self.health = HealthMonitor(settings, sessions=self.sessions)
         self.service = Service(settings, self.sessions, self.pseudo, node=self)
         self.syslog = self._audit_forwarder(settings)
 
@@ -369,7 +369,9 @@ class Node:
                 self.http = None
                 raise StartupError(str(exc)) from None
         audit.record_now(self.sessions, "node-started", actor=self.settings.node.ae_title, detail={"routes": len(self.settings.routes), "destinations": len(self.settings.destinations), "role": self.role})
-        log.info("node %s started (id %s, role %s): %d routes, %d destinations", self.settings.node.ae_title, self.node_id, self.role, len(self.settings.routes), len(self.settings.destinations))
+        routes, dests = len(self.settings.routes), len(self.settings.destinations)
+        log.info("node %s started (id %s, role %s): %d route%s, %d destination%s", self.settings.node.ae_title, self.node_id, self.role,
+                 routes, "" if routes == 1 else "s", dests, "" if dests == 1 else "s")
 
     def start_listening(self, receivers: int = 1) -> None:
         """Listen in this process and, with ``receivers`` > 1, in receiver processes that
@@ -454,8 +456,8 @@ class Node:
             merged_node = new.node.model_copy(update={k: getattr(old.node, k) for k in _RESTART_KEYS})
             new = new.model_copy(update={"node": merged_node, "http": old.http, "source_file": new.source_file or old.source_file})
             applied = [name for name in ("sources", "destinations", "routes", "models", "audit") if getattr(old, name) != getattr(new, name)]
-            if old.node != merged_node:
-                applied.append("node")
+            # [node] keys by name, as restart_required names them ("node" alone left the admin guessing)
+            applied += [f"node.{k}" for k in type(old.node).model_fields if getattr(old.node, k) != getattr(merged_node, k)]
             pixel_step = self.pixel_step
             if self.works and (_pixel_models(old) != _pixel_models(new) or (new.models != old.models and _pixel_models(new))):
                 pixel_step = _default_pixel_step(new)  # an ingest process loads no model

@@ -145,17 +145,41 @@ def _quiet_association_errors(args) -> None:
         logging.getLogger("pynetdicom.transport").setLevel(logging.ERROR)
 
 
+def _calling_aet(args) -> str:
+    """``--calling-aet``, or else the node's own AE title ([node] ae_title of --config,
+    CASEMASK in the built-in configuration), as the node calls its destinations."""
+    from node.config import valid_ae_title
+
+    if args.calling_aet is None:
+        return _settings(args).node.ae_title
+    if not valid_ae_title(args.calling_aet):
+        raise UsageError(f"--calling-aet {args.calling_aet!r}: an AE title is 1 to 16 characters, no backslash")
+    return args.calling_aet
+
+
+def _rejection_hint(why: str, called: str, calling: str) -> str:
+    """What to do about a peer's rejection, beside its reason."""
+    if "Calling AE title not recognised" in why:
+        return (f"; the peer does not accept calls from {calling!r}: add {calling!r} to its known peers "
+                "(Orthanc: DicomModalities; casemask: [[sources]]), or call as a title it knows with --calling-aet")
+    if "Called AE title not recognised" in why:
+        return f"; the peer's AE title is not {called!r}: write its own before '@'"
+    return ""
+
+
 def cmd_echo(args) -> int:
     from node.scu import echo
 
     ae, host, port = parse_peer(args.peer)
+    calling = _calling_aet(args)
     _quiet_association_errors(args)
     why: list[str] = []
-    status = echo(ae, host, port, calling_ae=args.calling_ae, timeout=args.timeout, why=why)
+    status = echo(ae, host, port, calling_ae=calling, timeout=args.timeout, why=why)
     if status is None:
-        print(f"C-ECHO {args.peer}: no association ({why[0] if why else 'refused, rejected or timed out'})", file=sys.stderr)
+        reason = why[0] if why else "refused, rejected or timed out"
+        print(f"C-ECHO {args.peer} as {calling}: no association ({reason}){_rejection_hint(reason, ae, calling)}", file=sys.stderr)
         return 1
-    print(f"C-ECHO {args.peer}: status 0x{status:04X}")
+    print(f"C-ECHO {args.peer} as {calling}: status 0x{status:04X}")
     return 0 if status == 0 else 1
 
 
@@ -167,6 +191,7 @@ def cmd_send(args) -> int:
     from node.scu import DicomSender, Outcome, Work
 
     ae, host, port = parse_peer(args.to)
+    calling = _calling_aet(args)
     _quiet_association_errors(args)
     work = []
     for k, f in enumerate(_files(args.paths)):
@@ -187,16 +212,17 @@ def cmd_send(args) -> int:
         if o.kind != "sent":
             failures.append(f"{w.path}: {o.reason}")
 
-    DicomSender(dest, args.calling_ae).send(work, report)
+    DicomSender(dest, calling).send(work, report)
     for line in failures[:20]:
         print(line, file=sys.stderr)
-    print(f"sent {results.get('sent', 0)} of {len(work)} to {args.to}" + ("" if not failures else f"; {len(failures)} not sent"))
+    hint = next((h for line in failures if (h := _rejection_hint(line, ae, calling))), "")
+    print(f"sent {results.get('sent', 0)} of {len(work)} to {args.to} as {calling}" + ("" if not failures else f"; {len(failures)} not sent{hint}"))
     return 0 if not failures else 1
 
 
 def _require_database(settings, create: bool = False) -> None:
     """Refuse to open a SQLite database that is not there: a command run outside the
-    node's folder (``data_dir = "var"`` is relative to it) or on another file would make
+    node's folder (the built-in ``data_dir = "var"`` is relative to it) or on another file would make
     an empty one, report an empty node and keep accounts no node reads. ``create``
     (``user add``, ``token create`` before the first start): make it, and say so.
 
@@ -205,6 +231,7 @@ def _require_database(settings, create: bool = False) -> None:
             not UsageError: node.index_cli calls this from ``node.cli`` while ``python
             -m node.cli`` runs it as ``__main__``, whose UsageError is another class).
     """
+    from node.config import is_shipped
     from node.startup import StartupError
 
     url = settings.node.resolved_database_url
@@ -218,8 +245,12 @@ def _require_database(settings, create: bool = False) -> None:
         print(f"casemask: no database at {db_file} yet ({where}): made a new one; the node started on the same "
               "configuration in this folder uses it", file=sys.stderr)
         return
-    raise StartupError(f"no database at {db_file}: no node has run on {where} here. Run the command in the folder the node "
-                     "is started in (a relative data_dir is relative to it), or give it the node's --config FILE")
+    if is_shipped(settings.source_file):
+        fix = ("Run the command in the folder the node is started in (the built-in data_dir = \"var\" is relative to it), "
+               "or give it the node's --config FILE")
+    else:
+        fix = "Give it the --config FILE the node runs on ([node] data_dir and database_url say where the database is)"
+    raise StartupError(f"no database at {db_file}: no node has run on {where} yet. {fix}")
 
 
 def _service(args, create: bool = False):
@@ -237,6 +268,8 @@ def cmd_status(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"node {info['node']}  data {info['data_dir']}  version {info['version']}  disk free {info['disk_free_bytes'] / 2**30:.1f} GiB")
+    # The routes and destinations below are this file's: a node started with another --config has others.
+    print(f"  configuration {info['config'] or 'built-in'}" + ("" if getattr(args, "config", None) else " (the built-in one: no --config given)"))
     for group, states in info["counts"].items():
         line = "  ".join(f"{k}={v}" for k, v in sorted(states.items())) or "-"
         print(f"  {group:<24} {line}")
@@ -248,9 +281,12 @@ def cmd_status(args) -> int:
             print(f"  {'':<24} last {info['not_sent'][dest]}")
         if group.startswith("destination:") and dest in info.get("next_attempt", {}):
             print(f"  {'':<24} {_next_attempt_line(info['next_attempt'][dest], info['max_attempts'])}")
+        if group.startswith("destination:") and dest in info["health"]:
+            print(f"  {'':<24} {_health_line(info['health'][dest])}")
     for d in service.settings.destinations:  # configured, nothing sent to it yet: an admin checks a new one is there
         if f"destination:{d.name}" not in info["counts"]:
             print(f"  {'destination:' + d.name:<24} - (no delivery yet)")
+            print(f"  {'':<24} {_health_line(info['health'][d.name])}")
     dead = info.get("dead_letters") or {}
     if dead.get("originals"):
         keep = "kept until re-queued (failed_days = -1)" if dead["failed_days"] < 0 else f"deleted after failed_days = {dead['failed_days']}"
@@ -269,6 +305,15 @@ def cmd_status(args) -> int:
 def _count(n: int, noun: str) -> str:
     """'1 model', '2 models'."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _health_line(h: dict | None) -> str:
+    """A destination's last health check, for ``casemask status``."""
+    if h is None:
+        return ("health: not tried yet (a running node checks each destination every 30 s; "
+                "casemask config check --destinations FILE tries them now)")
+    when = str(h.get("checked_at") or "").replace("T", " ").removesuffix("+00:00")
+    return f"health: {'reachable' if h.get('reachable') else 'NOT REACHABLE'} at the node's last check, {when} UTC ({h.get('detail')})"
 
 
 def _next_attempt_line(nxt: dict, max_attempts: int) -> str:
@@ -476,10 +521,53 @@ def cmd_config_check(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     counts = ", ".join(_count(len(items), noun) for items, noun in ((s.sources, "source"), (s.destinations, "destination"), (s.routes, "route"), (s.models, "model")))
     print(f"{s.source_file}: OK ({counts})")
+    _print_paths(s)
     print("retention:")
     for line in s.retention.describe():
         print(f"  {line}")
     return _check_destinations(s) if args.destinations else 0
+
+
+def _config_paths(s) -> list[tuple[str, str]]:
+    """Every file and folder the configuration names, as the node resolves it:
+    ``(key, absolute path)``, for ``config check``."""
+    from node.config import hide_credentials
+
+    n = s.node
+    out: list[tuple[str, str]] = [("[node] data_dir", str(n.data_dir))]
+    url = n.resolved_database_url
+    out.append(("[node] database_url", f"SQLite {url.removeprefix('sqlite:///')}" if url.startswith("sqlite:///") else hide_credentials(url)))
+    out.append(("[node] secret_env", f"${n.secret_env} (environment)") if n.secret_env else ("[node] secret_path", str(n.resolved_secret_path)))
+    if n.burned_in_regions is not None:
+        out.append(("[node] burned_in_regions", str(n.burned_in_regions)))
+    if n.tls is not None:
+        out += [(f"[node.tls] {k}", str(getattr(n.tls, k))) for k in ("certificate", "private_key", "ca_certificates") if getattr(n.tls, k) is not None]
+    for d in s.destinations:
+        if d.kind == "folder":
+            out.append((f"[[destinations]] '{d.name}' path", str(d.path)))
+        if d.tls is not None:
+            out += [(f"[[destinations]] '{d.name}' tls.{k}", str(getattr(d.tls, k))) for k in ("ca_certificates", "certificate", "private_key") if getattr(d.tls, k) is not None]
+        if d.auth is not None and d.auth.secret_file is not None:
+            out.append((f"[[destinations]] '{d.name}' auth.secret_file", str(d.auth.secret_file)))
+    for m in s.models:
+        out.append((f"[[models]] '{m.name}' path", m.path))
+        out += [(f"[[models]] '{m.name}' {k}", str(getattr(m, k))) for k in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(m, k) is not None]
+    if s.http.tls is not None:
+        out += [(f"[http] tls.{k}", str(getattr(s.http.tls, k))) for k in ("certificate", "private_key")]
+    if s.audit.syslog_ca is not None:
+        out.append(("[audit] syslog_ca", str(s.audit.syslog_ca)))
+    return out
+
+
+def _print_paths(s) -> None:
+    from node.config import base_dir_for, is_shipped
+
+    base = "the working folder, as in every file casemask ships" if is_shipped(s.source_file) else "the configuration file's folder"
+    print(f"paths (relative ones in the file are relative to {base}, {base_dir_for(s.source_file)}):")
+    paths = _config_paths(s)
+    width = max(len(k) for k, _ in paths)
+    for key, value in paths:
+        print(f"  {key:<{width}}  {value}")
 
 
 def _check_destinations(s) -> int:
@@ -944,10 +1032,11 @@ class _Parser(argparse.ArgumentParser):
 
 _EPILOG = """\
 Most commands take --config FILE: the node's TOML configuration (default: the built-in
-config/casemask.toml). Run them in the folder the node is started in: a relative
-data_dir is relative to the current folder. Check a file with 'casemask config check
-FILE' before 'casemask serve --config FILE'. Each command has --help. Exit status: 0
-success, 1 the operation failed, 2 bad usage or configuration. Manual: README.md."""
+config/casemask.toml, whose data_dir "var" is relative to the current folder: run them
+where the node is started). Relative paths in a FILE are relative to the FILE's folder.
+Check a file with 'casemask config check FILE' (it prints every path as resolved) before
+'casemask serve --config FILE'. Each command has --help. Exit status: 0 success, 1 the
+operation failed, 2 bad usage or configuration. Manual: README.md."""
 
 _SERVE_DESCRIPTION = """\
 Receive, de-identify and forward until stopped. Once it listens it prints 'casemask AE
@@ -992,16 +1081,18 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(dsub.add_parser("upgrade", help="upgrade the schema to this version's (the node does it at start when safe)")).set_defaults(func=cmd_db)
     with_config(dsub.add_parser("current", help="the database's schema revision and this version's (exit 1 when they differ)")).set_defaults(func=cmd_db)
 
-    sp = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    calling_help = ("the AE title to call as, as echoscu's -aet; the peer must know it (default: the node's own, [node] ae_title "
+                    "of --config: CASEMASK in the built-in configuration)")
+    sp = with_config(sub.add_parser("echo", help="C-ECHO a DICOM peer"))
     sp.add_argument("peer", metavar="AE@HOST:PORT", help="the peer's AE title, host and port, e.g. ARCHIVE@127.0.0.1:104")
-    sp.add_argument("--calling-ae", default="CASEMASK", help="the AE title to call as (default: CASEMASK); the peer must know it")
+    sp.add_argument("--calling-aet", "-aet", "--calling-ae", dest="calling_aet", metavar="AE", help=calling_help)
     sp.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="association and reply timeout (default: 10)")
     sp.set_defaults(func=cmd_echo)
 
-    sp = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
+    sp = with_config(sub.add_parser("send", help="C-STORE files or folders to a DICOM peer"))
     sp.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (recursed); each file is proposed in its own transfer syntax")
     sp.add_argument("--to", required=True, metavar="AE@HOST:PORT", help="the peer's AE title, host and port, e.g. CASEMASK@127.0.0.1:11112")
-    sp.add_argument("--calling-ae", default="CASEMASK", help="the AE title to call as (default: CASEMASK); the peer must know it")
+    sp.add_argument("--calling-aet", "-aet", "--calling-ae", dest="calling_aet", metavar="AE", help=calling_help)
     sp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="association and per-object reply timeout (default: 30)")
     sp.set_defaults(func=cmd_send)
 
@@ -1074,8 +1165,9 @@ def build_parser() -> argparse.ArgumentParser:
     csub = sp.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
     ck = csub.add_parser("check", help="validate a configuration file",
                          description="Validate a configuration file: every problem at once, each with what to write instead "
-                                     "(exit 2), warnings about valid but suspicious settings, and what retention deletes when "
-                                     "(exit 0). A running node re-reads the file on 'kill -HUP PID'.")
+                                     "(exit 2), warnings about valid but suspicious settings, every file and folder it names "
+                                     "as the node resolves it (relative paths: relative to FILE's folder), and what retention "
+                                     "deletes when (exit 0). A running node re-reads the file on 'kill -HUP PID'.")
     ck.add_argument("file", nargs="?", metavar="FILE", help="default: the built-in config")
     ck.add_argument("--config", "-c", dest="config_file", metavar="FILE", help="the same as FILE (as the other commands take it)")
     ck.add_argument("--destinations", action="store_true",

@@ -648,6 +648,17 @@ def _absolute(p: Path | None, base_dir: Path) -> Path | None:
     return p if p.is_absolute() else (base_dir / p).resolve()
 
 
+def _absolute_sqlite(url: str, base_dir: Path) -> str:
+    """A SQLite URL with a relative file (``sqlite:///casemask.db``: three slashes)
+    made absolute against ``base_dir``; any other URL as it is."""
+    if not url.startswith("sqlite:///"):
+        return url
+    file, sep, query = url.removeprefix("sqlite:///").partition("?")
+    if not file or file.startswith(":memory:") or Path(file).is_absolute():
+        return url
+    return f"sqlite:///{(base_dir / file).resolve()}{sep}{query}"
+
+
 def _entries(raw: dict[str, Any], key: str, problems: list[str]) -> list[Any]:
     value = raw.get(key, [])
     if not isinstance(value, list):
@@ -665,7 +676,9 @@ def _names(raw: dict[str, Any], key: str) -> set[str]:
 def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = None) -> Settings:
     """Validate a parsed TOML document and return :class:`Settings`.
 
-    Relative paths are resolved against ``base_dir`` (default: the current directory).
+    Relative paths (folders, files, a relative SQLite ``database_url``) are resolved
+    against ``base_dir`` (default: the current directory; :func:`load` passes the
+    configuration file's folder).
 
     Raises:
         ConfigError: with one line per problem found, all of them at once.
@@ -683,6 +696,7 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
     node = _validate(NodeSettings, raw.get("node", {}), "[node]", problems) or NodeSettings()
     node.data_dir = _absolute(node.data_dir, base_dir)  # type: ignore[assignment]
     node.secret_path = _absolute(node.secret_path, base_dir)
+    node.database_url = _absolute_sqlite(node.database_url, base_dir)
     if node.secret_path and node.secret_env:
         problems.append("[node]: secret_path and secret_env both name a pseudonym secret: keep one of them")
     retention = _validate(RetentionSettings, raw.get("retention", {}), "[retention]", problems) or RetentionSettings()
@@ -705,6 +719,8 @@ def parse(raw: dict[str, Any], source: str = "config", base_dir: Path | None = N
 
     models = [m for k, e in enumerate(_entries(raw, "models", problems)) if (m := _validate(ModelSettings, e, f"[[models]] #{k + 1}", problems))]
     for m in models:
+        if not m.path.startswith("builtin:"):
+            m.path = str(_absolute(Path(m.path), base_dir))  # a bundle folder
         _check_model(m, f"[[models]] '{m.name}'", base_dir, problems)
     model_names = {m.name for m in models} | {"reference"}
 
@@ -780,7 +796,8 @@ def _check_file(path: Path | None, where: str, base_dir: Path, problems: list[st
     when it is not a readable file."""
     p = _absolute(path, base_dir)
     if p is not None and not p.is_file():
-        problems.append(f"{where} = {str(path)!r}: no such file (write the path of {what}, relative to the working folder or absolute)")
+        resolved = f" ({p})" if str(p) != str(path) else ""
+        problems.append(f"{where} = {str(path)!r}: no such file{resolved} (write the path of {what}, absolute or relative to the configuration file's folder)")
     return p
 
 
@@ -952,16 +969,64 @@ def _check_pixel_models(routes: list[Route], models: list[ModelSettings], proble
                             "in this route to run it anyway (demonstrations, tests), use a bundle trained for your images, or pixels = \"none\"")
 
 
+def base_dir_for(path: str | Path | None) -> Path:
+    """The folder that relative paths in the configuration file ``path`` are resolved
+    against: the folder the file is named in (as nginx or Orthanc do), so that a file means the
+    same wherever a command is run. The files casemask ships (``config/``: the built-in
+    configuration, ``demo.toml``; ``path`` None) are the exception: their relative paths
+    (``data_dir = "var"``) are relative to the working folder, as a package's own folder
+    is no place for data."""
+    # absolute(), not resolve(): a file reached through a link (a Kubernetes ConfigMap's
+    # files are links into a hidden folder beside them) means the folder it is named in.
+    return Path.cwd() if is_shipped(path) else Path(path).absolute().parent  # type: ignore[arg-type]
+
+
+def is_shipped(path: str | Path | None) -> bool:
+    """True for None (the built-in configuration) and the files of casemask's ``config/``."""
+    return path is None or Path(path).resolve().parent == DEFAULT_CONFIG.resolve().parent
+
+
 def load(path: str | Path | None = None) -> Settings:
     """Load and validate a TOML file (the built-in config when ``path`` is None).
 
-    Relative paths inside the file are resolved against the current directory, so
-    ``data_dir = "var"`` means ``./var`` where the node is started.
+    Relative paths inside the file are resolved against the file's folder
+    (:func:`base_dir_for`; the working folder for the files casemask ships), so
+    ``data_dir = "var"`` in ``/etc/casemask/site.toml`` means ``/etc/casemask/var``.
 
     Raises:
         ConfigError: the file is missing, not TOML, or has invalid settings.
     """
     p = Path(path) if path is not None else DEFAULT_CONFIG
-    settings = parse(read_toml(p), str(p))
+    raw = read_toml(p)
+    settings = parse(raw, str(p), base_dir_for(path))
     settings.source_file = p
+    if not is_shipped(path):
+        _check_data_dir_not_moved(raw, settings.node, p)
     return settings
+
+
+def _has_node_data(folder: Path) -> bool:
+    return (folder / "casemask.db").exists() or (folder / "secret.key").exists()
+
+
+def _check_data_dir_not_moved(raw: dict[str, Any], node: NodeSettings, p: Path) -> None:
+    """Refuse a relative ``data_dir`` that, read relative to the file's folder, holds no
+    node's data while the same path under the working folder (where versions before
+    this one read it) does: starting there would make a new database and a new
+    pseudonym secret, and every pseudonym would change. Written as an absolute path,
+    either folder is taken.
+
+    Raises:
+        ConfigError: saying both folders and what to write.
+    """
+    table = raw.get("node")
+    written = table.get("data_dir", "var") if isinstance(table, dict) else "var"
+    if not isinstance(written, str) or Path(written).is_absolute():
+        return
+    before = (Path.cwd() / written).resolve()
+    if before == node.data_dir or _has_node_data(node.data_dir) or not _has_node_data(before):
+        return
+    raise ConfigError([f"[node] data_dir = {written!r}: relative paths are now relative to the configuration file's folder, "
+                       f"and {node.data_dir} holds no node's data, while {before} (relative to the working folder, as before) "
+                       f"holds a node's database or pseudonym secret. Write the folder you mean as an absolute path: "
+                       f"data_dir = \"{before}\" to keep that node's data, or data_dir = \"{node.data_dir}\" for a new node"], str(p))

@@ -119,6 +119,6 @@ def add_demo_parser(sub) -> None:
     sp.add_argument("--size", type=int, default=256, metavar="PIXELS", help="rows and columns of each synthetic radiograph (default: 256)")
     sp.add_argument("--seed", type=int, default=2026, help="random seed of the synthetic patients (default: 2026)")
     sp.add_argument("--out", metavar="DIR", help="keep the synthetic studies in DIR (default: a temporary folder, removed at the end)")
-    sp.add_argument("--calling-ae", default="CASEMASK", help="the AE title to send as (default: CASEMASK); must be in the config's [[sources]]")
+    sp.add_argument("--calling-aet", "-aet", "--calling-ae", dest="calling_ae", default="CASEMASK", metavar="AE", help="the AE title to send as (default: CASEMASK); must be in the config's [[sources]]")
     sp.add_argument("--timeout", type=float, default=120.0, help="seconds to wait after the stability period")
     sp.set_defaults(func=cmd_demo)

@@ -3,11 +3,15 @@
 
 :class:`HealthMonitor` keeps the last result per destination; the node checks every
 ``interval_s`` from its scheduler, so /readyz and the dashboard never wait on a peer.
+It also writes the results to the database (one ``node_meta`` row, :data:`META_KEY`),
+where ``casemask status``, another process, reads them (:func:`saved`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import json
 import logging
 import os
 import ssl
@@ -19,6 +23,10 @@ from typing import Any, Callable
 from node.config import Destination, Settings
 
 log = logging.getLogger(__name__)
+
+# The node_meta row holding the last check of every destination, as JSON:
+# {name: {"reachable": bool, "detail": str, "checked_at": ISO 8601 UTC}}.
+META_KEY = "destination-health"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +150,10 @@ def _answer(method: Callable[..., Any], url: str, timeout_s: float, **kw: Any) -
 class HealthMonitor:
     """The last :class:`Health` of each destination, refreshed by :meth:`check_due`."""
 
-    def __init__(self, settings: Settings, interval_s: float = 30.0) -> None:
+    def __init__(self, settings: Settings, interval_s: float = 30.0, sessions: Any = None) -> None:
         self.settings = settings
         self.interval_s = interval_s
+        self.sessions = sessions  # a sessionmaker: the results are also written for casemask status
         self.results: dict[str, Health] = {}
         self._lock = threading.Lock()
         self._last = 0.0
@@ -166,6 +175,28 @@ class HealthMonitor:
             with self._lock:
                 self.results[dest.name] = h
         self._last = time.monotonic()
+        if self.sessions is not None:
+            self._save()
+
+    def _save(self) -> None:
+        """Write the results of the configured destinations to :data:`META_KEY`. A failure
+        (the database busy or away) is logged and left to the next check: the health
+        check never stops on it."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from node.db import Meta
+
+        names = {d.name for d in self.settings.destinations}
+        with self._lock:
+            value = {n: {"reachable": h.reachable, "detail": h.detail,
+                         "checked_at": dt.datetime.fromtimestamp(h.checked_at, dt.UTC).isoformat(timespec="seconds")}
+                     for n, h in self.results.items() if n in names}
+        try:
+            with self.sessions() as session:
+                session.merge(Meta(key=META_KEY, value=json.dumps(value, sort_keys=True)))
+                session.commit()
+        except SQLAlchemyError as exc:  # e.g. two processes inserting the row at once: the next check writes it
+            log.debug("destination health not saved (%s)", type(exc).__name__)
 
     def check_due(self) -> int:
         """Check every destination when ``interval_s`` has passed (scheduler job; returns
@@ -177,3 +208,18 @@ class HealthMonitor:
     def get(self, name: str) -> Health | None:
         with self._lock:
             return self.results.get(name)
+
+
+def saved(session: Any) -> dict[str, dict[str, Any]]:
+    """The last check of each destination as a node wrote it (:data:`META_KEY`), by
+    name; empty when no node has checked one yet."""
+    from sqlalchemy import select
+
+    from node.db import Meta
+
+    value = session.scalar(select(Meta.value).where(Meta.key == META_KEY))
+    try:
+        found = json.loads(value) if value else {}
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}

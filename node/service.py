@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node import audit, queue, retention, routing
 from node.accounts import Principal
-from node.config import DEFAULT_CONFIG, ConfigError, Settings, hide_credentials, parse
+from node.config import DEFAULT_CONFIG, ConfigError, Settings, base_dir_for, hide_credentials, parse
 from node.db import Delivery, DeliveryState, Instance, InstanceState, Job, JobState, Output, Role, Study, StudyState, data_path, db_now, utcnow
 from node.metrics import disk_free, step_of
 
@@ -182,6 +182,15 @@ class Service:
                                 .where(Delivery.state == DeliveryState.RETRY_WAIT).group_by(Delivery.destination))}
             oldest_quiet = session.scalar(select(func.min(Study.last_received_at)).where(Study.state == StudyState.RECEIVING))
             kept = retention.failed_kept(session)
+            from node import health
+
+            checked = health.saved(session)
+        monitor = getattr(self.node, "health", None)  # in the node's own process: its live results
+        for d in s.destinations:
+            h = monitor.get(d.name) if monitor is not None else None
+            if h is not None:
+                checked[d.name] = {"reachable": h.reachable, "detail": h.detail,
+                                   "checked_at": dt.datetime.fromtimestamp(h.checked_at, dt.UTC).isoformat(timespec="seconds")}
         return {
             "node": s.node.ae_title,
             "version": version(),
@@ -193,6 +202,9 @@ class Service:
             # time), the most attempts any of them has made, out of [node] max_attempts.
             "next_attempt": next_attempt,
             "max_attempts": s.node.max_attempts,
+            # Per configured destination: the node's last health check ({"reachable", "detail",
+            # "checked_at"}), or None where no node has checked it yet.
+            "health": {d.name: checked.get(d.name) for d in s.destinations},
             # The RECEIVING study that has been quiet longest is complete this many seconds from
             # now (stable_after_s without a new object); None when no study is receiving.
             "next_study_complete_in_s": None if oldest_quiet is None else max(0, round(s.node.stable_after_s - (now - oldest_quiet).total_seconds())),
@@ -516,7 +528,7 @@ class Service:
             err = ConfigError(["not valid TOML here: arrays or tables nested too deep"], src)
             raise Invalid(str(err), err.problems) from None
         try:
-            new = parse(raw, src)
+            new = parse(raw, src, base_dir_for(self.settings.source_file))
         except ConfigError as exc:
             raise Invalid(str(exc), exc.problems) from None
         new.source_file = self.settings.source_file
