@@ -128,6 +128,7 @@ _BITS_ALLOCATED, _BITS_STORED, _HIGH_BIT, _PIXEL_REPRESENTATION = 0x00280100, 0x
 _PIXEL_DATA = 0x7FE00010
 _ROWS, _COLUMNS, _SAMPLES, _NUMBER_OF_FRAMES = 0x00280010, 0x00280011, 0x00280002, 0x00280008
 _RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+_PIXEL_TAGS = frozenset({_PIXEL_DATA, _ROWS, _COLUMNS, _SAMPLES, _NUMBER_OF_FRAMES, _BITS_ALLOCATED, _BITS_STORED, _HIGH_BIT, _PIXEL_REPRESENTATION})
 _CHUNK_BYTES = 4 << 20  # words checked per numpy call: the temporaries stay in cache (4 MiB: 0.3x the time of 64 MiB, measured)
 
 
@@ -145,7 +146,7 @@ def _pixel_bits(out: _Scan) -> list[Finding]:
     Double Float Pixel Data, BitsAllocated other than 8, 16, 32, and Pixel Data without
     BitsAllocated and BitsStored (nothing says which bits hold the image). BitsStored or
     HighBit that do not fit BitsAllocated are a finding: the bits cannot be checked."""
-    top = {el.tag: el for el in out.elements if not el.path and (el.tag in (_PIXEL_DATA, _NUMBER_OF_FRAMES, _SAMPLES, _ROWS, _COLUMNS) or el.tag >> 8 == 0x002801)}
+    top = {el.tag: el for el in out.elements if el.tag in _PIXEL_TAGS and not el.path}
     pixels = top.get(_PIXEL_DATA)
     if pixels is None or (pixels.encapsulated and out.syntax != _RLE_LOSSLESS) or not (pixels.raw or pixels.encapsulated):
         return []
