@@ -202,6 +202,49 @@ def test_case05_structured_content_is_cleaned_never_kept(tmp_path):
         assert "ANONYMIZED" not in codes and "DCM" in codes  # concept codes stay codes
 
 
+def _sr_person_names(options: list[str]) -> tuple[bytes, list[str]]:
+    """Case 05 de-identified with ``options``: the output's bytes and the values of its
+    content tree's PersonName (a referring physician's, not the patient's: dummied by
+    the basic profile's D on the content, cleaned by clean-structured-content's C)."""
+    out = to_bytes(deid(options).apply(read(case("05") / "sr_phi.dcm")).dataset)
+    return out, [str(e.value) for e in dcmread(io.BytesIO(out)).iterall() if e.keyword == "PersonName"]
+
+
+@needs_cases
+@pytest.mark.parametrize("options", [[], ["clean-structured-content"]], ids=["basic", "clean-structured-content"])
+def test_pn_dummy_is_a_family_name_with_its_component_delimiter(options):
+    """The PN dummy (D, and C on a name that is not the patient's) is written as a
+    family name with the component delimiter: "ANONYMIZED" alone is a name in the retired
+    ACR-NEMA form without delimiters, which dciodvfy warns about."""
+    _, names = _sr_person_names(options)
+    assert names == ["ANONYMIZED^"]
+
+
+@needs_cases
+@pytest.mark.skipif(DCIODVFY is None, reason="dicom3tools' dciodvfy is not installed (Debian: apt-get install dicom3tools), so its PN warning cannot be checked")
+@pytest.mark.parametrize("options", [[], ["clean-structured-content"]], ids=["basic", "clean-structured-content"])
+def test_pn_dummy_draws_no_dciodvfy_warning(tmp_path, options):
+    """dciodvfy on case 05's output: no "Retired Person Name form" warning for the dummied
+    name (it warned on "ANONYMIZED"), and the same check still warns on that old value
+    (the test would see the warning if it came back)."""
+    out, _ = _sr_person_names(options)
+
+    def warnings_of(data: bytes) -> list[str]:
+        p = tmp_path / "pn.dcm"
+        p.write_bytes(data)
+        r = subprocess.run([DCIODVFY, str(p)], capture_output=True, text=True, timeout=60)
+        return [line for line in (r.stdout + r.stderr).splitlines() if "Person Name" in line and line.startswith(("Warning", "Error"))]
+
+    assert warnings_of(out) == []
+    old = dcmread(io.BytesIO(out))
+    for e in old.iterall():
+        if e.keyword == "PersonName":
+            e.value = "ANONYMIZED"
+    buf = io.BytesIO()
+    old.save_as(buf)
+    assert any("Retired Person Name form" in w for w in warnings_of(buf.getvalue()))
+
+
 @needs_cases
 @pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy is not installed (apt-get install -y dicom3tools)")
 def test_case06_presentation_state_keeps_its_references(tmp_path):

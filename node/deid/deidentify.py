@@ -34,10 +34,14 @@ __all__ = ["Deidentifier", "Patient", "QuarantineError", "Result", "to_bytes"]
 
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
 TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "PN", "AE", "CS", "AS", "UR"}
+# The PN dummy is a family name followed by the component delimiter: a name without any
+# "^" reads as the retired ACR-NEMA form (dciodvfy warns "Retired Person Name form"),
+# while PS3.5 6.2 lets trailing empty components keep their delimiters. Still a dummy
+# consistent with the VR, as PS3.15 E.1.1 asks of D.
 DUMMY: dict[str, object] = {
     "AE": "ANONYMOUS", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101", "DT": "19000101000000",
     "TM": "000000", "DS": "0", "IS": "0", "LO": "ANONYMIZED", "LT": "ANONYMIZED", "SH": "ANONYMIZED",
-    "ST": "ANONYMIZED", "UC": "ANONYMIZED", "UT": "ANONYMIZED", "PN": "ANONYMIZED", "UR": "http://anonymized.invalid",
+    "ST": "ANONYMIZED", "UC": "ANONYMIZED", "UT": "ANONYMIZED", "PN": "ANONYMIZED^", "UR": "http://anonymized.invalid",
     "FL": 0.0, "FD": 0.0, "SL": 0, "SS": 0, "UL": 0, "US": 0, "SV": 0, "UV": 0,
     "OB": b"\x00\x00", "OW": b"\x00\x00", "OF": b"\x00\x00\x00\x00", "OD": bytes(8), "OL": bytes(4), "OV": bytes(8), "UN": b"\x00\x00",
 }
