@@ -73,8 +73,6 @@ is and logs so.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 import struct
 from io import BytesIO
@@ -88,6 +86,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.pdu_primitives import P_DATA
+
+from node.pinning import source_digest
 
 log = logging.getLogger(__name__)
 
@@ -126,23 +126,20 @@ _UID_MAX = 64  # PS3.5 9.1: a UID is at most 64 characters
 _installed = False
 
 
-def _digest(fn) -> str:
-    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
-
 
 def source_digests() -> dict[str, str]:
     """The installed pynetdicom's digests of what :data:`EXPECTED_SOURCES` names."""
     return {
-        "DIMSEServiceProvider.send_msg": _digest(_ORIGINAL_SEND_MSG),
-        "DIMSEMessage.primitive_to_message": _digest(dimse_messages.DIMSEMessage.primitive_to_message),
-        "DIMSEMessage.encode_msg": _digest(dimse_messages.DIMSEMessage.encode_msg),
-        "DIMSEMessage._set_command_group_length": _digest(dimse_messages.DIMSEMessage._set_command_group_length),
-        "_handlers._send_c_store_rsp": _digest(_handlers._send_c_store_rsp),
-        "Association._serve_request": _digest(_ORIGINAL_SERVE_REQUEST),
-        "DIMSEMessage.message_to_primitive": _digest(_ORIGINAL_MESSAGE_TO_PRIMITIVE),
-        "DIMSEServiceProvider.receive_primitive": _digest(_ORIGINAL_RECEIVE_PRIMITIVE),
-        "DIMSEMessage.decode_msg": _digest(dimse_messages.DIMSEMessage.decode_msg),
-        "dsutils.decode": _digest(_ORIGINAL_DECODE),
+        "DIMSEServiceProvider.send_msg": source_digest(_ORIGINAL_SEND_MSG),
+        "DIMSEMessage.primitive_to_message": source_digest(dimse_messages.DIMSEMessage.primitive_to_message),
+        "DIMSEMessage.encode_msg": source_digest(dimse_messages.DIMSEMessage.encode_msg),
+        "DIMSEMessage._set_command_group_length": source_digest(dimse_messages.DIMSEMessage._set_command_group_length),
+        "_handlers._send_c_store_rsp": source_digest(_handlers._send_c_store_rsp),
+        "Association._serve_request": source_digest(_ORIGINAL_SERVE_REQUEST),
+        "DIMSEMessage.message_to_primitive": source_digest(_ORIGINAL_MESSAGE_TO_PRIMITIVE),
+        "DIMSEServiceProvider.receive_primitive": source_digest(_ORIGINAL_RECEIVE_PRIMITIVE),
+        "DIMSEMessage.decode_msg": source_digest(dimse_messages.DIMSEMessage.decode_msg),
+        "dsutils.decode": source_digest(_ORIGINAL_DECODE),
     }
 
 

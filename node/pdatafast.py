@@ -46,8 +46,6 @@ of accepted associations, calls it.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 import struct
 
@@ -57,6 +55,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
 from node.admission import MAX_PDVS
+from node.pinning import source_digest
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +85,6 @@ _UNWATCHED = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
 ENABLED = False
 
 
-def _digest(fn) -> str:
-    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
-
 
 # pynetdicom's own functions, as imported (before anyone wraps them: tests, benches).
 _ORIGINALS = {
@@ -108,7 +104,7 @@ _ORIGINALS = {
 
 def source_digests() -> dict[str, str]:
     """The installed pynetdicom's digests of what :data:`EXPECTED_SOURCES` names."""
-    return {name: _digest(fn) for name, fn in _ORIGINALS.items()}
+    return {name: source_digest(fn) for name, fn in _ORIGINALS.items()}
 
 
 def check_pynetdicom() -> list[str]:

@@ -32,8 +32,6 @@ the ones this module was written against, and ``tests/test_reactor.py`` runs it.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 import os
 import queue
@@ -46,6 +44,7 @@ from pynetdicom import dul as _dul
 from pynetdicom.pdu import A_ABORT_RQ
 
 from node import pdatafast
+from node.pinning import source_digest
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +64,16 @@ EXPECTED_SOURCES = {
 }
 
 
-def _source_digest(fn) -> str:
-    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
-
 
 def source_digests() -> dict[str, str]:
     """The digests :data:`EXPECTED_SOURCES` is compared with, for the installed pynetdicom."""
     from pynetdicom.association import Association
 
     return {
-        "DULServiceProvider.run_reactor": _source_digest(_ORIGINAL_RUN_REACTOR),
-        "DULServiceProvider.stop_dul": _source_digest(_ORIGINAL_STOP_DUL),
-        "DULServiceProvider.kill_dul": _source_digest(_ORIGINAL_KILL_DUL),
-        "Association._run_reactor": _source_digest(Association._run_reactor),
+        "DULServiceProvider.run_reactor": source_digest(_ORIGINAL_RUN_REACTOR),
+        "DULServiceProvider.stop_dul": source_digest(_ORIGINAL_STOP_DUL),
+        "DULServiceProvider.kill_dul": source_digest(_ORIGINAL_KILL_DUL),
+        "Association._run_reactor": source_digest(Association._run_reactor),
     }
 
 
