@@ -225,3 +225,133 @@ def test_postgresql_crashing_while_c_stores_are_committed_loses_no_acknowledged_
                 proc.kill()
                 proc.wait()
         cluster.stop()
+
+
+class _CommitCutter:
+    """A TCP proxy on loopback in front of PostgreSQL that, once armed, forwards the next
+    COMMIT (a simple Query message, as psycopg sends it) of a transaction that inserted
+    into ``instances`` (a C-STORE's row) to the server, lets the server
+    commit it, and then closes that connection both ways without forwarding the answer:
+    the client cannot know whether its transaction committed (it did)."""
+
+    COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+
+    def __init__(self, port: int) -> None:
+        import socket
+        import threading
+
+        self.target = port
+        self.armed = threading.Event()
+        self.cut = 0
+        self._stop = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            held = threading.Event()  # set: the server's answers on this connection are never forwarded
+            for a, b, watch in ((client, upstream, True), (upstream, client, False)):
+                t = threading.Thread(target=self._pipe, args=(a, b, watch, (client, upstream), held), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pipe(self, src, dst, watch: bool, pair, held) -> None:
+        import re
+        import time
+
+        inserted = False  # this transaction inserted a C-STORE's row
+        names: set[bytes] = set()  # the INSERT's prepared statement names on this connection
+        try:
+            while not self._stop.is_set():
+                data = src.recv(65536)
+                if not data or held.is_set():
+                    break
+                if watch:
+                    # psycopg prepares the INSERT (Parse, with a statement name) and binds
+                    # it by that name afterwards
+                    for m in re.finditer(rb"P....([^\x00]*)\x00INSERT INTO instances ", data, re.S):
+                        names.add(m.group(1))
+                    inserted = inserted or b"INSERT INTO instances" in data or any(b"B" + n in data or b"\x00" + n + b"\x00" in data for n in names if n)
+                if watch and self.COMMIT in data and inserted and self.armed.is_set():
+                    self.armed.clear()
+                    held.set()  # the server's answer (it committed) is dropped, the connection closed
+                    self.cut += 1
+                    dst.sendall(data)
+                    time.sleep(0.5)
+                    break
+                if self.COMMIT in data:
+                    inserted = False
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in pair:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.close()
+        self._threads[0].join(5)
+
+
+def test_a_commit_whose_answer_is_lost_is_not_answered_success_and_its_resend_is_stored(tmp_path, start_node):
+    """The connection to PostgreSQL breaks after the server committed a C-STORE's row but
+    before its answer reached the node (a proxy cuts it after forwarding the COMMIT): the
+    node cannot know, answers a failure status and removes the file no answer vouched for,
+    leaving a row without its file. The sender's re-send must then be stored with its
+    file (the row adopts it), never refused as a conflict nor answered Success without a
+    file; an object sent next on the same association is stored too."""
+    import subprocess
+
+    import pytest
+
+    from tests import pg
+    from tests.conftest import dcmtk_env, make_study, node_config
+
+    why = pg.missing()
+    if why:
+        pytest.skip(why)
+    cluster = pg.PostgresCluster(durable=True).start()
+    proxy = None
+    try:
+        name = cluster.create_database()
+        proxy = _CommitCutter(cluster.port)
+        url = f"postgresql+psycopg://{pg.SUPERUSER}@127.0.0.1:{proxy.port}/{name}"
+        raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600, database_url=url)
+        node = start_node(raw, schedule=False)
+        port = node.settings.node.port
+        files = make_study(tmp_path / "send", n=3)
+
+        def storescu(paths) -> dict[str, str]:
+            r = subprocess.run(["/usr/bin/storescu", "-v", "-aet", "STORESCU", "-aec", "CASEMASK", "127.0.0.1", str(port), *map(str, paths)],
+                               capture_output=True, text=True, env=dcmtk_env(), timeout=120)
+            return _storescu_statuses(r.stdout + r.stderr)
+
+        assert set(storescu(files[:1]).values()) == {"Success"}
+        proxy.armed.set()
+        first = storescu(files[1:2])
+        assert proxy.cut == 1, "the proxy cut no COMMIT"
+        direct = cluster.url(name)
+        assert _sop_uid(files[1]) in _stored(direct, node.settings.node.data_dir), "the cut COMMIT did not commit: nothing was tested"
+        assert list(first.values()) != ["Success"] or _stored(direct, node.settings.node.data_dir)[_sop_uid(files[1])], "answered Success without its file"
+        again = storescu(files[1:])
+        assert list(again.values()) == ["Success", "Success"], again
+        stored = _stored(direct, node.settings.node.data_dir)
+        assert len(stored) == 3 and all(stored.values()), stored
+    finally:
+        if proxy is not None:
+            proxy.close()
+        cluster.stop()
