@@ -355,3 +355,40 @@ def test_a_commit_whose_answer_is_lost_is_not_answered_success_and_its_resend_is
         if proxy is not None:
             proxy.close()
         cluster.stop()
+
+
+# -- limits -------------------------------------------------------------------------------------
+import pytest  # noqa: E402
+
+
+@pytest.mark.single_process  # holds the budget of this process
+def test_a_big_endian_data_set_is_read_within_the_inflation_budget(tmp_path, start_node):
+    """Explicit VR Big Endian (retired) is read whole by pydicom, without the byte walk:
+    memory of its size, outside the budget that bounds deflated data sets read into
+    memory (1 GiB a process). With the budget held by others (other big endian or deflated
+    senders), a big endian C-STORE was still read whole and answered Success; it is
+    refused 0xA700 now (the sender tries again) and stored once the budget is free."""
+    import subprocess
+
+    from node import scp
+    from tests.conftest import dcmtk_env, make_study, node_config
+
+    node = _folder_node(tmp_path, start_node)
+    port = node.settings.node.port
+    files = make_study(tmp_path / "send", n=2)
+
+    def storescu(path) -> dict[str, str]:
+        r = subprocess.run(["/usr/bin/storescu", "-v", "-xb", "-aet", "STORESCU", "-aec", "CASEMASK", "127.0.0.1", str(port), str(path)],
+                           capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+        assert "BigEndian" in r.stdout + r.stderr or "Big Endian" in r.stdout + r.stderr, "not sent big endian"
+        return _storescu_statuses(r.stdout + r.stderr)
+
+    assert scp._inflating.take(scp.INFLATE_BUDGET)
+    try:
+        held = storescu(files[0])
+    finally:
+        scp._inflating.give(scp.INFLATE_BUDGET)
+    assert list(held.values()) == ["Refused: OutOfResources"], held
+    assert _rows(node) == 0
+    assert list(storescu(files[1]).values()) == ["Success"]
+    assert scp._inflating.used == 0
