@@ -392,3 +392,145 @@ def test_a_big_endian_data_set_is_read_within_the_inflation_budget(tmp_path, sta
     assert _rows(node) == 0
     assert list(storescu(files[1]).values()) == ["Success"]
     assert scp._inflating.used == 0
+
+
+class _HostileHTTP:
+    """A loopback HTTP server whose every answer is ``mode``: "trickle" (the status line,
+    then a header byte every 0.3 s, never ending) or "endless" (200, a multipart body
+    that never ends, 1 MiB chunks as fast as they go). Stopped (connections closed) by
+    ``close``."""
+
+    def __init__(self, mode: str) -> None:
+        import socket
+        import threading
+
+        self.mode = mode
+        self.stop = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.sent = 0
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        import time
+
+        conn.settimeout(1.0)
+        with conn:
+            try:
+                request = b""
+                while not self.stop.is_set():  # the request: its head, then its body (chunked or not)
+                    try:
+                        data = conn.recv(1 << 20)
+                    except TimeoutError:
+                        continue
+                    if not data:
+                        return
+                    request += data
+                    head, _, body = request.partition(b"\r\n\r\n")
+                    if not _:
+                        continue
+                    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), None)
+                    if (length is not None and len(body) >= length) or body.endswith(b"0\r\n\r\n") or (length is None and b"chunked" not in head.lower()):
+                        break
+                if self.mode == "trickle":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                    while not self.stop.is_set():
+                        conn.sendall(b"X")
+                        self.sent += 1
+                        time.sleep(0.3)
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: multipart/related; type=\"application/dicom+xml\"; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    chunk = b"x" * (1 << 20)
+                    while not self.stop.is_set():
+                        conn.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                        self.sent += len(chunk)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self._accepter.join(5)
+        self.server.close()
+
+
+def _stow_outcome(port: int, tmp_path, within_s: float) -> list:
+    """One object sent by the node's STOW-RS sender to ``port`` (per-read timeout 1 s):
+    the outcomes reported within ``within_s`` seconds (empty: still waiting)."""
+    import threading
+
+    from node.config import Destination
+    from node.scu import DicomWebSender, Work
+    from tests.conftest import make_study
+
+    path = make_study(tmp_path / "out", n=1)[0]
+    dest = Destination(name="web", kind="dicomweb", url=f"http://127.0.0.1:{port}/dicom-web", timeout_s=1.0)
+    outcomes: list = []
+    sender = DicomWebSender(dest)
+    t = threading.Thread(target=sender.send, args=([Work(1, path, CT_IMAGE_STORAGE, EXPLICIT_VR_LE)], lambda w, o: outcomes.append(o)), daemon=True)
+    t.start()
+    t.join(within_s)
+    return list(outcomes)  # as they were then (closing the server ends a waiting sender too)
+
+
+def test_a_stow_rs_answer_trickled_a_byte_at_a_time_is_cut_at_its_deadline(tmp_path):
+    """A destination that answers STOW-RS a header byte every 0.3 s (each read within the
+    1 s timeout) held the sender for as long as it went on: requests' timeout bounds
+    each read, not the answer. The whole exchange now has a deadline (4 per-read
+    timeouts, plus the upload at 64 KiB/s): the object is retried, nothing taken for
+    sent."""
+    server = _HostileHTTP("trickle")
+    try:
+        outcomes = _stow_outcome(server.port, tmp_path, within_s=20)
+    finally:
+        server.close()
+    assert outcomes, f"the sender still waited after 20 s ({server.sent} bytes trickled)"
+    assert [o.kind for o in outcomes] == ["retry"] and "AnswerTooSlow" in outcomes[0].reason, outcomes
+
+
+def test_an_endless_stow_rs_answer_is_not_read_whole(tmp_path):
+    """A destination answering STOW-RS 200 with a body that never ends: requests read it
+    whole into memory (dicomweb-client asks for it), gigabytes in a minute on loopback.
+    Now at most 16 MiB are read: retried, nothing taken for sent."""
+    server = _HostileHTTP("endless")
+    try:
+        outcomes = _stow_outcome(server.port, tmp_path, within_s=20)
+        sent = server.sent
+    finally:
+        server.close()
+    assert outcomes, f"the sender still read after 20 s ({sent >> 20} MiB sent to it)"
+    assert [o.kind for o in outcomes] == ["retry"] and "AnswerTooLarge" in outcomes[0].reason, outcomes
+    assert sent < 64 << 20, f"{sent >> 20} MiB read"
+
+
+def test_a_health_probe_trickled_a_byte_at_a_time_ends(tmp_path):
+    """The health probe (QIDO-RS, every interval_s, and `config check --destinations`)
+    against a server trickling its headers: it ends within its deadline, unreachable."""
+    import threading
+
+    from node.config import Destination
+    from node.health import probe
+
+    server = _HostileHTTP("trickle")
+    try:
+        dest = Destination(name="web", kind="dicomweb", url=f"http://127.0.0.1:{server.port}/dicom-web")
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(probe(dest, "CASEMASK", timeout_s=1.0, stow=False)), daemon=True)
+        t.start()
+        t.join(20)
+        result = list(result)  # as it was then (closing the server ends a waiting probe too)
+    finally:
+        server.close()
+    assert result, "the probe still waited after 20 s"
+    assert not result[0].reachable, result[0]
