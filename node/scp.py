@@ -79,7 +79,7 @@ from node.slots import SharedSlots
 from node.spool import fsync_dir, matches_digest, place, remove_if_same, replace, spool_path
 from node.tls import peer_subject, server_context
 from node.uid import invalid_uids, is_valid_uid
-from node.wire import ROW_KEYWORDS, Incomplete, Refused, dataset_end, row_attributes, row_attributes_from_file, scan_whole
+from node.wire import ROW_KEYWORDS, Incomplete, Refused, dataset_end, item_tags_problem, row_attributes, row_attributes_from_file, scan_whole
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,10 @@ class StoreHandler:
             if not ts.is_little_endian:  # big endian (retired): read by pydicom, no structure check
                 with _budgeted(incoming.size):  # pydicom holds it whole: memory like an inflation's
                     incoming.hand_to_kernel()  # pydicom reads the file by its name: the buffered bytes first
+                    with open(incoming.path, "rb") as fp:  # pydicom makes a Dataset of each item: counted first
+                        fp.seek(offset)
+                        if problem := item_tags_problem(fp, incoming.size - offset):
+                            raise Refused(problem)
                     return _decode_file(incoming.path)
             with _Bytes(incoming, whole) as data:
                 if whole:  # the structure check and the row's attributes in one walk

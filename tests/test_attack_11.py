@@ -534,3 +534,75 @@ def test_a_health_probe_trickled_a_byte_at_a_time_ends(tmp_path):
         server.close()
     assert result, "the probe still waited after 20 s"
     assert not result[0].reachable, result[0]
+
+
+def _with_items(n: int, item: bytes = b"") -> tuple[Dataset, bytes]:
+    """A synthetic RT Structure Set and its data set (explicit VR little endian) with a
+    ROI Contour Sequence of ``n`` defined-length items holding ``item`` each."""
+    ds = _ct()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    ds.Modality = "RTSTRUCT"
+    for kw in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "SamplesPerPixel", "PixelRepresentation", "PhotometricInterpretation", "PixelData"):
+        delattr(ds, kw)
+    one = struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item
+    seq = struct.pack("<HH2sHI", 0x3006, 0x0039, b"SQ", 0, 0xFFFFFFFF) + one * n + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return ds, encode(ds, implicit=False) + seq  # (3006,0039) after every element _ct() has
+
+
+def _store_rtstruct(port: int, ds: Dataset, data: bytes) -> int | None:
+    from tests.rawdicom import Raw, associate_rq, c_store_pdus
+
+    rtstruct = "1.2.840.10008.5.1.4.1.1.481.3"
+    fields = _store_fields(ds, 1) | {"AffectedSOPClassUID": rtstruct}
+    with Raw(port, timeout=60) as r:
+        r.send(associate_rq(calling="STORESCU", contexts=[(1, rtstruct, [EXPLICIT_VR_LE])], max_pdu=1 << 20))
+        assert r.read_pdu()[0] == 0x02
+        for pdu in c_store_pdus(_command(fields), data, fragment=1 << 19):
+            r.send(pdu)
+        got = r.read_pdu()
+    return store_status(got[1]) if got and got[0] == 0x04 else None
+
+
+def test_a_data_set_of_many_empty_sequence_items_is_refused_at_the_edge(tmp_path, start_node):
+    """200 000 empty sequence items (1.6 MB) passed the edge and cost the worker's pydicom
+    5.3 s of CPU and 132 MB; 1M items (7.8 MB) 23.5 s and 659 MB (measured): within the
+    default max_object_mb of 4096, one object could take the worker's memory many times
+    over, again after each crash. More than 10 000 items of fewer than 32 bytes on
+    average (or more than 1M items) are refused 0xC210, nothing stored; 20 000 items of
+    a real element each (a Referenced SOP Instance UID) are stored."""
+    node = _folder_node(tmp_path, start_node)
+    port = node.settings.node.port
+    ds, data = _with_items(200_000)
+    status = _store_rtstruct(port, ds, data)
+    assert status == 0xC210, f"answered {status!r}"
+    assert _rows(node) == 0
+    uid = b"1.2.826.0.1.3680043.8.498.12345678901234567890123456789012\x00"
+    element = struct.pack("<HH2sH", 0x0008, 0x1155, b"UI", len(uid)) + uid
+    ds, data = _with_items(20_000, element)
+    status = _store_rtstruct(port, ds, data)
+    assert status == 0x0000, f"answered {status!r}"
+    assert _rows(node) == 1
+
+
+def test_the_item_limits_hold_for_big_endian_too(tmp_path):
+    """Big endian data sets are not walked (pydicom reads them): their item tags are
+    counted as bytes first."""
+    import io
+
+    from node.wire import item_tags_problem
+
+    empty = b"\xff\xfe\xe0\x00\x00\x00\x00\x00"
+    assert "fewer than 32 bytes" in item_tags_problem(io.BytesIO(empty * 200_000), 8 * 200_000)
+    padded = (empty[:4] + struct.pack(">I", 56) + b"\x00" * 56) * 20_000
+    assert item_tags_problem(io.BytesIO(padded), len(padded)) == ""
+    # a tag cut by the 1 MiB read boundary is counted once
+    straddling = b"\x00" * ((1 << 20) - 2) + empty + b"\x00" * 64
+    from node import wire
+
+    saved = wire.DENSE_ITEMS_FREE, wire.MIN_ITEM_BYTES
+    try:
+        wire.DENSE_ITEMS_FREE, wire.MIN_ITEM_BYTES = 0, 1 << 21
+        assert item_tags_problem(io.BytesIO(straddling), len(straddling))
+        assert not item_tags_problem(io.BytesIO(b"\x00" * len(straddling)), len(straddling))
+    finally:
+        wire.DENSE_ITEMS_FREE, wire.MIN_ITEM_BYTES = saved
