@@ -606,3 +606,64 @@ def test_the_item_limits_hold_for_big_endian_too(tmp_path):
         assert not item_tags_problem(io.BytesIO(b"\x00" * len(straddling)), len(straddling))
     finally:
         wire.DENSE_ITEMS_FREE, wire.MIN_ITEM_BYTES = saved
+
+
+def test_sqlite_on_a_full_disk_answers_no_c_store_success_it_did_not_keep(tmp_path, start_node):
+    """The database (SQLite) on a file system of its own, filled up while the spool still
+    has room: each C-STORE answered Success must be in the database once there is room
+    again (read by another connection, the WAL included) with its spool file; the others
+    were answered a failure status; sent again after, every object is stored."""
+    import os
+    import sqlite3
+    import subprocess
+
+    from node.spool import matches_digest
+    from tests.conftest import dcmtk_env, make_study, node_config
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "db"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        raw = node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], stable_after_s=3600, database_url=f"sqlite:///{mnt}/casemask.db")
+        node = start_node(raw, schedule=False)
+        port = node.settings.node.port
+        files = make_study(tmp_path / "send", n=40)
+
+        def store(path) -> str:
+            r = subprocess.run(["/usr/bin/storescu", "-v", "-aet", "STORESCU", "-aec", "CASEMASK", "127.0.0.1", str(port), str(path)],
+                               capture_output=True, text=True, env=dcmtk_env(), timeout=120)
+            return _storescu_statuses(r.stdout + r.stderr).get(str(path), "no answer")
+
+        assert store(files[0]) == "Success"
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)  # the database's file system full
+        try:
+            while os.write(fd, b"\0" * 4096) == 4096:
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        answers = {p: store(p) for p in files[1:]}
+        refused = [p for p, a in answers.items() if a != "Success"]
+        assert refused, "every C-STORE answered Success on a full disk: nothing was tested"
+        assert all(a.startswith("Refused") or a.startswith("Failed") or a == "no answer" for p, a in answers.items() if p in refused), set(answers.values())
+        (mnt / "filler").unlink()
+
+        def rows() -> dict[str, bool]:
+            with sqlite3.connect(mnt / "casemask.db") as db:
+                found = db.execute("select sop_instance_uid, path, digest from instances").fetchall()
+            data = node.settings.node.data_dir
+            return {sop: (data / path).is_file() and matches_digest(data / path, digest) for sop, path, digest in found}
+
+        kept = rows()
+        acknowledged = [_sop_uid(files[0])] + [_sop_uid(p) for p, a in answers.items() if a == "Success"]
+        lost = [uid for uid in acknowledged if not kept.get(uid)]
+        assert not lost, f"{len(lost)} object(s) answered Success missing from the database or the spool"
+        assert [store(p) for p in refused] == ["Success"] * len(refused)
+        kept = rows()
+        assert len(kept) == len(files) and all(kept.values()), f"{sum(kept.values())} of {len(files)} stored with their files"
+    finally:  # lazily: the node (stopped at teardown, after this) still holds the database open
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
