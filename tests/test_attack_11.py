@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from pydicom import Dataset
 
 from tests.rawdicom import CT_IMAGE_STORAGE, EXPLICIT_VR_LE, IMPLICIT_VR_LE, VERIFICATION, encode, p_data, store_status
@@ -153,8 +154,6 @@ def test_postgresql_crashing_while_c_stores_are_committed_loses_no_acknowledged_
     import subprocess
     import threading
     import time
-
-    import pytest
 
     from tests import pg
     from tests.conftest import dcmtk_env, make_study, node_config, wait_until
@@ -316,8 +315,6 @@ def test_a_commit_whose_answer_is_lost_is_not_answered_success_and_its_resend_is
     file; an object sent next on the same association is stored too."""
     import subprocess
 
-    import pytest
-
     from tests import pg
     from tests.conftest import dcmtk_env, make_study, node_config
 
@@ -358,8 +355,6 @@ def test_a_commit_whose_answer_is_lost_is_not_answered_success_and_its_resend_is
 
 
 # -- limits -------------------------------------------------------------------------------------
-import pytest  # noqa: E402
-
 
 @pytest.mark.single_process  # holds the budget of this process
 def test_a_big_endian_data_set_is_read_within_the_inflation_budget(tmp_path, start_node):
