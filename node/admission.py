@@ -524,35 +524,76 @@ def guard_dimse(assoc, message_timeout_s: float | None = None, min_rate: int = M
         return elapsed > message_timeout_s and current[1] < min_rate * elapsed  # type: ignore[operator]
 
     def receive_primitive(primitive) -> None:
+        if len(primitive.presentation_data_value_list) > MAX_PDVS:
+            log.warning("association from %s: a P-DATA-TF of more than %d PDVs: aborted", _host(assoc), MAX_PDVS)
+            dimse.message = None
+            assoc.dul.event_queue.put("Evt19")
+            return
+        for part in message_parts(primitive):
+            if not receive_part(part):
+                return
+
+    def receive_part(primitive) -> bool:
+        """Hand on one part of a P-DATA (:func:`message_parts`); False when the
+        association is being aborted (the parts after it are not read)."""
         try:
             if problem := fragment_problem(dimse.message, primitive):
                 log.warning("association from %s: %s: aborted", _host(assoc), problem)
                 dimse.message = None
                 assoc.dul.event_queue.put("Evt19")
-                return
+                return False
             if dimse.message is None and dimse.msg_queue.qsize() >= MAX_WAITING_MESSAGES:
                 log.warning("association from %s: a DIMSE message began while %d others waited for their answers (no asynchronous operations negotiated): aborted",
                             _host(assoc), MAX_WAITING_MESSAGES)
                 assoc.dul.event_queue.put("Evt19")
-                return
+                return False
             count(primitive)
             if too_fine():
                 log.warning("association from %s: a DIMSE message in PDVs of fewer than %d bytes on average (%d PDVs): aborted", _host(assoc), MIN_PDV_BYTES, current[2])
                 dimse.message = None
                 assoc.dul.event_queue.put("Evt19")
-                return
+                return False
             if message_timeout_s is not None and too_slow():
                 log.warning("association from %s: a DIMSE message arrived slower than %d bytes/s after dimse_timeout_s = %g s: aborted", _host(assoc), min_rate, message_timeout_s)
                 dimse.message = None
                 assoc.dul.event_queue.put("Evt19")
-                return
+                return False
             original(primitive)
+            return True
         except Exception as exc:
             log.warning("association from %s: malformed DIMSE message (%s): aborted", _host(assoc), type(exc).__name__)
             dimse.message = None
             assoc.dul.event_queue.put("Evt19")
+            return False
 
     dimse.receive_primitive = receive_primitive
+
+
+def message_parts(primitive) -> list:
+    """``primitive`` cut where one DIMSE message may end and the next begin: after the
+    last fragment of a data set, and after the last fragment of a command set when a
+    command fragment follows (a message without a data set, or a second command the
+    fragment check refuses). P-DATA primitives of consecutive PDVs, in order;
+    ``[primitive]`` itself when there is no such place (one message's PDVs, a command
+    and its data set included).
+
+    PS3.8 9.3.5 lets one P-DATA-TF carry PDVs of several messages. pynetdicom's
+    ``receive_primitive`` ends a message at its last fragment and silently drops the
+    PDVs after it in the same P-DATA: a second C-STORE-RQ there was never answered, its
+    sender left waiting. Handed on one part at a time, each message is completed (and
+    queued for its answer) before the next one's first fragment is read."""
+    from pynetdicom.pdu_primitives import P_DATA
+
+    pdvs = primitive.presentation_data_value_list
+    cuts = [k + 1 for k, (_, data) in enumerate(pdvs[:-1]) if data and data[0] & 2 and (not data[0] & 1 or pdvs[k + 1][1][:1] and pdvs[k + 1][1][0] & 1)]
+    if not cuts:
+        return [primitive]
+    parts = []
+    for start, stop in zip([0, *cuts], [*cuts, len(pdvs)]):
+        part = P_DATA()
+        part.presentation_data_value_list.extend(pdvs[start:stop])
+        parts.append(part)
+    return parts
 
 
 def guard_state_machine(assoc) -> None:

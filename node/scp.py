@@ -79,7 +79,7 @@ from node.slots import SharedSlots
 from node.spool import fsync_dir, matches_digest, place, remove_if_same, replace, spool_path
 from node.tls import peer_subject, server_context
 from node.uid import invalid_uids, is_valid_uid
-from node.wire import ROW_KEYWORDS, Incomplete, Refused, dataset_end, row_attributes, row_attributes_from_file, scan_whole
+from node.wire import ROW_KEYWORDS, Incomplete, Refused, dataset_end, item_tags_problem, row_attributes, row_attributes_from_file, scan_whole
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +321,13 @@ class StoreHandler:
                         raise Incomplete("data set length mismatch")
                     return attrs if attrs is not None else row_attributes(data, False, True)
             if not ts.is_little_endian:  # big endian (retired): read by pydicom, no structure check
-                incoming.hand_to_kernel()  # pydicom reads the file by its name: the buffered bytes first
-                return _decode_file(incoming.path)
+                with _budgeted(incoming.size):  # pydicom holds it whole: memory like an inflation's
+                    incoming.hand_to_kernel()  # pydicom reads the file by its name: the buffered bytes first
+                    with open(incoming.path, "rb") as fp:  # pydicom makes a Dataset of each item: counted first
+                        fp.seek(offset)
+                        if problem := item_tags_problem(fp, incoming.size - offset):
+                            raise Refused(problem)
+                    return _decode_file(incoming.path)
             with _Bytes(incoming, whole) as data:
                 if whole:  # the structure check and the row's attributes in one walk
                     attrs, end = scan_whole(data, ts.is_implicit_VR, offset)
@@ -346,10 +351,10 @@ class StoreHandler:
             log.warning("C-STORE from %s: the data set ends inside an element -> 0xC210", calling)
             raise _Refusal(CANNOT_UNDERSTAND, "data set ends inside an element") from None
         except _TooLarge:
-            log.warning("C-STORE from %s: deflated object inflates beyond max_object_mb = %d (or %d MiB, deflated ones) -> 0xA700", calling, self.max_object_mb, INFLATE_BUDGET >> 21)
+            log.warning("C-STORE from %s: deflated object inflates (or a big endian one is) beyond max_object_mb = %d (or %d MiB, deflated or big endian ones) -> 0xA700", calling, self.max_object_mb, INFLATE_BUDGET >> 21)
             raise _Refusal(OUT_OF_RESOURCES, "object larger than max_object_mb") from None
         except _InflateBusy:
-            log.warning("C-STORE from %s: deflated object: other deflated objects are being inflated (%d MiB at once) -> 0xA700", calling, INFLATE_BUDGET >> 20)
+            log.warning("C-STORE from %s: deflated or big endian object: other such objects are being read into memory (%d MiB at once) -> 0xA700", calling, INFLATE_BUDGET >> 20)
             raise _Refusal(OUT_OF_RESOURCES, "busy inflating other objects: try again") from None
         except Exception as exc:
             log.warning("C-STORE from %s: data set cannot be decoded (%s) -> 0xC210", calling, type(exc).__name__)
@@ -687,6 +692,25 @@ def _inflate(incoming: IncomingFile, offset: int, limit: int, held: list[int]) -
     _inflating.give(held[0] - len(data))
     held[0] = len(data)
     return data
+
+
+@contextlib.contextmanager
+def _budgeted(size: int):
+    """Hold ``size`` bytes of :data:`INFLATE_BUDGET` while a data set is read whole into
+    memory by pydicom (big endian: no walk over bytes checks it first).
+
+    Raises:
+        _TooLarge: ``size`` is over half the budget (as an inflation may take).
+        _InflateBusy: other data sets being read or inflated hold the budget.
+    """
+    if size > INFLATE_BUDGET // 2:
+        raise _TooLarge
+    if not _inflating.take(size):
+        raise _InflateBusy
+    try:
+        yield
+    finally:
+        _inflating.give(size)
 
 
 def _decode_file(path: Path) -> dict[str, str]:

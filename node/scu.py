@@ -17,7 +17,9 @@ import dataclasses
 import logging
 import os
 import re
+import socket
 import ssl
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -294,17 +296,147 @@ class FolderSender:
                 report(w, Outcome("failed", f"cannot store ({type(exc).__name__})"))
 
 
-class _HardenedTLS(requests.adapters.HTTPAdapter):
-    """HTTPS with a context of :mod:`node.tls` (TLS 1.2+, BCP 195 suites, trusting only
-    the destination's ``ca_certificates`` when it names them)."""
+# What a destination's HTTP answer may take (STOW-RS, the health probe), whatever the
+# per-read timeout: a Store Instances Response for one object is a few kilobytes.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+ANSWER_TIMEOUTS = 4  # the whole exchange within this many per-read timeouts ...
+MIN_UPLOAD_RATE = 64 * 1024  # ... plus the request's body at this many bytes per second
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+
+class AnswerTooLarge(requests.exceptions.RequestException):
+    """The destination's answer is over :data:`MAX_ANSWER_BYTES`."""
+
+
+class AnswerTooSlow(requests.exceptions.RequestException):
+    """The destination did not answer whole within the exchange's deadline."""
+
+
+_watched = threading.local()  # the _Watch of the exchange running on this thread, if any
+
+
+class _Watch:
+    """The connections of one HTTP exchange, shut down by a timer at its deadline: the
+    per-read timeout alone let a server trickle its answer a byte at a time for ever."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.fired = False
+        self._socks: list = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(deadline_s, self._fire)
+        self._timer.daemon = True
+
+    def add(self, sock) -> None:
+        with self._lock:
+            if sock is not None and sock not in self._socks:
+                self._socks.append(sock)
+            if self.fired:
+                self._shut(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            for sock in self._socks:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a recv blocked on another thread
+        except OSError:
+            pass
+
+    def __enter__(self) -> _Watch:
+        _watched.current = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+        _watched.current = None
+
+
+def _watched_connection(base):
+    """``base`` (urllib3's HTTP(S)Connection) whose socket joins the running exchange's
+    :class:`_Watch` when a request is sent on it and when its answer is read (a pooled
+    connection is reused without a new socket)."""
+
+    class Watched(base):
+        def request(self, *args, **kwargs):
+            out = super().request(*args, **kwargs)
+            self._join()
+            return out
+
+        def getresponse(self, *args, **kwargs):
+            self._join()
+            return super().getresponse(*args, **kwargs)
+
+        def _join(self) -> None:
+            watch = getattr(_watched, "current", None)
+            if watch is not None:
+                watch.add(self.sock)
+
+    Watched.__name__ = f"Watched{base.__name__}"
+    return Watched
+
+
+def _watched_pool(base):
+    return type(f"Watched{base.__name__}", (base,), {"ConnectionCls": _watched_connection(base.ConnectionCls)})
+
+
+class _BoundedAnswers(requests.adapters.HTTPAdapter):
+    """HTTP(S) whose answers are bounded whole: read within ``ANSWER_TIMEOUTS`` per-read
+    timeouts (plus ``upload_bytes`` at :data:`MIN_UPLOAD_RATE`) of the request, at most
+    :data:`MAX_ANSWER_BYTES` of body read (requests read a body whole, however long).
+    A streamed request (the health probe) is bounded up to its headers; its body is the
+    caller's. HTTPS with a context of :mod:`node.tls` (TLS 1.2+, BCP 195 suites,
+    trusting only the destination's ``ca_certificates`` when it names them) when given.
+
+    Raises (from ``send``): :class:`AnswerTooSlow`, :class:`AnswerTooLarge` (both
+    ``requests.exceptions.RequestException``)."""
+
+    def __init__(self, context: ssl.SSLContext | None = None) -> None:
         self._context = context
+        self.upload_bytes = 0  # the next request's body size, when it is sent in chunks (unknown here)
         super().__init__()
 
     def init_poolmanager(self, *args, **kwargs):
-        kwargs["ssl_context"] = self._context
-        return super().init_poolmanager(*args, **kwargs)
+        from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+        if self._context is not None:
+            kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _watched_pool(HTTPConnectionPool), "https": _watched_pool(HTTPSConnectionPool)}
+
+    def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
+        per_read = timeout[1] if isinstance(timeout, tuple) else timeout
+        body = request.body if isinstance(request.body, (bytes, str)) else b""
+        deadline = ANSWER_TIMEOUTS * float(per_read or 60.0) + (len(body) + self.upload_bytes) / MIN_UPLOAD_RATE
+        with _Watch(deadline) as watch:
+            try:
+                response = super().send(request, stream=True, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
+                if not stream:
+                    _read_bounded(response)
+            except requests.exceptions.RequestException:
+                if watch.fired:
+                    raise AnswerTooSlow(f"no whole answer within {deadline:.0f} s") from None
+                raise
+            if watch.fired:  # the shutdown reads as the answer's end: what came is not the answer
+                response.close()
+                raise AnswerTooSlow(f"no whole answer within {deadline:.0f} s")
+        return response
+
+
+def _read_bounded(response) -> None:
+    """Read ``response``'s body as requests would (``content``), refusing one over
+    :data:`MAX_ANSWER_BYTES`."""
+    body = bytearray()
+    for chunk in response.iter_content(65536):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            response.close()
+            raise AnswerTooLarge(f"an answer over {MAX_ANSWER_BYTES >> 20} MiB")
+    response._content = bytes(body)
+    response._content_consumed = True
 
 
 class _Bearer(requests.auth.AuthBase):
@@ -362,7 +494,8 @@ def dicomweb_session(dest: Destination) -> requests.Session:
     session.verify = str(t.ca_certificates) if t is not None and t.ca_certificates else True
     if t is not None and t.certificate is not None:
         session.cert = (str(t.certificate), str(t.private_key))
-    session.mount("https://", _HardenedTLS(client_context(t.ca_certificates if t else None)))
+    session.mount("https://", _BoundedAnswers(client_context(t.ca_certificates if t else None)))
+    session.mount("http://", _BoundedAnswers())
     a = dest.auth
     if a is not None:
         secret = _secret(a)
@@ -379,11 +512,13 @@ class DicomWebSender:
     def __init__(self, dest: Destination) -> None:
         self.dest = dest
         self._client = None
+        self._adapters: list[_BoundedAnswers] = []
 
     def _make_client(self):
         from dicomweb_client.api import DICOMwebClient
 
         session = dicomweb_session(self.dest)
+        self._adapters = [a for a in session.adapters.values() if isinstance(a, _BoundedAnswers)]
         client = DICOMwebClient(url=self.dest.url.rstrip("/"), session=session, timeout=self.dest.timeout_s)
         client.set_http_retry_params(retry=False)
         return client
@@ -398,7 +533,7 @@ class DicomWebSender:
                 for w in batch:
                     report(w, Outcome("retry", why))
                 return
-        client = self._client  # this batch's, even once a refusal drops it for the next
+        client, adapters = self._client, self._adapters  # this batch's, even once a refusal drops it for the next
         for w in batch:
             if not proceed(w):
                 return
@@ -408,6 +543,8 @@ class DicomWebSender:
                 report(w, Outcome("failed", f"outbox file unreadable ({type(exc).__name__})"))
                 continue
             try:
+                for adapter in adapters:  # the answer's deadline counts the upload (dicomweb-client sends it in chunks)
+                    adapter.upload_bytes = w.path.stat().st_size
                 result = client.store_instances([ds])
             except requests.exceptions.HTTPError as exc:
                 code = exc.response.status_code if exc.response is not None else 0

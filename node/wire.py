@@ -62,6 +62,17 @@ class Refused(ValueError):
 # recurses too. Real objects (SR content trees included) stay far below 64.
 MAX_SEQUENCE_DEPTH = 64
 
+# Sequence items in one data set. pydicom makes a Dataset of each item: 1M empty items
+# (7.8 MB sent) cost it 23.5 s of CPU and 659 MB of memory (measured), so max_object_mb
+# (4096 by default) of them would take the worker's memory hundreds of times over, and
+# the object, claimed again after each crash, again. Real objects stay far below: an RT
+# Structure Set of 10^5 contours holds some 2 x 10^5 items, an enhanced multi-frame
+# object some ten per frame. Beyond DENSE_ITEMS_FREE items, a data set must also carry
+# MIN_ITEM_BYTES per item on average (empty items are 8 bytes; real ones carry elements).
+MAX_SEQUENCE_ITEMS = 1_000_000
+DENSE_ITEMS_FREE = 10_000
+MIN_ITEM_BYTES = 32
+
 
 def row_attributes(encoded: bytes, implicit_vr: bool, little_endian: bool, complete: bool = True) -> dict[str, str]:
     """The :data:`ROW_KEYWORDS` attributes of an encoded dataset (empty strings for
@@ -135,12 +146,31 @@ def dataset_end(b, implicit: bool, start: int = 0) -> int:
     Raises:
         Incomplete: an element's header or value runs past the end of ``b``, or an
             undefined-length value has no delimiter before it.
-        Refused: a File Meta element (group 0002, PS3.10 7.1) at the top level, or
-            undefined-length sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`.
+        Refused: a File Meta element (group 0002, PS3.10 7.1) at the top level,
+            undefined-length sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`,
+            more than :data:`MAX_SEQUENCE_ITEMS` sequence items, or more than
+            :data:`DENSE_ITEMS_FREE` of fewer than :data:`MIN_ITEM_BYTES` on average.
         ValueError: the structure cannot be followed (a sequence item without an item
             tag, for instance).
     """
     return _walk(b, implicit, start, None)
+
+
+def item_tags_problem(fp, size: int) -> str:
+    """For a data set that is not walked (big endian): why its item tags (FFFE,E000),
+    counted as bytes in ``fp`` (from its position, ``size`` bytes), break the limits of
+    :func:`dataset_end`; "" when they do not. A value's bytes that happen to spell the
+    tag count too (an over-count refuses only a data set made of them)."""
+    tag, count, tail = b"\xff\xfe\xe0\x00", 0, b""
+    while chunk := fp.read(1 << 20):
+        data = tail + chunk
+        count += data.count(tag)
+        tail = data[-3:] if not data.endswith(tag) else b""
+        if count > MAX_SEQUENCE_ITEMS:
+            return f"more than {MAX_SEQUENCE_ITEMS} sequence items"
+    if count > DENSE_ITEMS_FREE and size < MIN_ITEM_BYTES * count:
+        return f"more than {DENSE_ITEMS_FREE} sequence items of fewer than {MIN_ITEM_BYTES} bytes on average"
+    return ""
 
 
 def scan_whole(b, implicit: bool, start: int = 0) -> tuple[dict[str, str] | None, int]:
@@ -157,6 +187,7 @@ def scan_whole(b, implicit: bool, start: int = 0) -> tuple[dict[str, str] | None
 
 def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
     pos, end = start, len(b)
+    items = [0]  # sequence items walked so far (_count_item)
     u16, u32, vr_is_long, wanted, sequences = _U16.unpack_from, _U32.unpack_from, _VR_IS_LONG.get, _ROW_KEYWORDS, _SEQUENCE_TAGS_AS_READ
     previous = -1
     try:
@@ -186,10 +217,10 @@ def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
                 else:
                     length, value, nested = u16(b, pos + 6)[0], pos + 8, False
             if length == 0xFFFFFFFF:
-                pos = _skip_sequence(b, value, nested)
+                pos = _skip_sequence(b, value, nested, 1, items)
                 continue
             if length and (vr == b"SQ" or ((implicit or vr == b"UN") and u32(b, pos)[0] in sequences)):
-                _check_nesting(b, value, value + length, nested, 1)  # defined-length items: nesting counted too
+                _check_nesting(b, value, value + length, nested, 1, items)  # defined-length items: nesting counted too
             if rows is not None:
                 keyword = wanted.get(tag)
                 if tag > _LAST_ROW_TAG:
@@ -207,7 +238,21 @@ def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
         raise Incomplete("the data set ends inside an element") from None
     except _Unusual:
         raise ValueError("the data set's structure cannot be followed") from None
+    if items[0] > DENSE_ITEMS_FREE and pos - start < MIN_ITEM_BYTES * items[0]:
+        raise Refused(f"more than {DENSE_ITEMS_FREE} sequence items of fewer than {MIN_ITEM_BYTES} bytes on average")
     return pos
+
+
+def _count_item(items: list[int] | None) -> None:
+    """One more sequence item in the data set being walked.
+
+    Raises:
+        Refused: more than :data:`MAX_SEQUENCE_ITEMS`.
+    """
+    if items is not None:
+        items[0] += 1
+        if items[0] > MAX_SEQUENCE_ITEMS:
+            raise Refused(f"more than {MAX_SEQUENCE_ITEMS} sequence items")
 
 
 def _header(b: bytes, pos: int, implicit: bool) -> tuple[int, int, int, bool]:
@@ -225,7 +270,7 @@ def _header(b: bytes, pos: int, implicit: bool) -> tuple[int, int, int, bool]:
     return tag, struct.unpack_from("<H", b, pos + 6)[0], pos + 8, False
 
 
-def _skip_sequence(b: bytes, pos: int, implicit: bool, depth: int = 1) -> int:
+def _skip_sequence(b: bytes, pos: int, implicit: bool, depth: int = 1, items: list[int] | None = None) -> int:
     """Position after an undefined-length sequence whose items start at ``pos``, at
     nesting level ``depth`` (1: a top-level sequence).
 
@@ -240,11 +285,12 @@ def _skip_sequence(b: bytes, pos: int, implicit: bool, depth: int = 1) -> int:
             return pos
         if tag != _ITEM:
             raise _Unusual
+        _count_item(items)
         if length != 0xFFFFFFFF:
-            _check_nesting_in_item(b, pos, pos + length, implicit, depth)
+            _check_nesting_in_item(b, pos, pos + length, implicit, depth, items)
             pos += length
             continue
-        pos = _item_elements(b, pos, None, implicit, depth)  # an undefined-length item: up to its delimiter
+        pos = _item_elements(b, pos, None, implicit, depth, items)  # an undefined-length item: up to its delimiter
 
 
 def _is_sequence(b, pos: int, implicit: bool) -> bool:
@@ -266,7 +312,7 @@ _SEQUENCE_TAGS_AS_READ = frozenset((t & 0xFFFF) << 16 | t >> 16 for t in _SEQUEN
 _HH = struct.Struct("<HH")
 
 
-def _check_nesting(b, pos: int, end: int, implicit: bool, depth: int) -> None:
+def _check_nesting(b, pos: int, end: int, implicit: bool, depth: int, items: list[int] | None = None) -> None:
     """Refused when the defined-length sequence value ``b[pos:end]`` (at nesting level
     ``depth``) holds sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`. Content
     the walk cannot follow is left as it was (skipped by its length) for pydicom."""
@@ -277,24 +323,25 @@ def _check_nesting(b, pos: int, end: int, implicit: bool, depth: int) -> None:
             tag, length, pos, _ = _header(b, pos, implicit)
             if tag != _ITEM:
                 return
+            _count_item(items)
             if length == 0xFFFFFFFF:  # an undefined-length item inside: walked to its delimiter
-                pos = _item_elements(b, pos, None, implicit, depth)
+                pos = _item_elements(b, pos, None, implicit, depth, items)
             else:
-                _item_elements(b, pos, pos + length, implicit, depth)
+                _item_elements(b, pos, pos + length, implicit, depth, items)
                 pos += length
     except (_Unusual, Incomplete, struct.error, IndexError):
         return
 
 
-def _check_nesting_in_item(b, pos: int, end: int, implicit: bool, depth: int) -> None:
+def _check_nesting_in_item(b, pos: int, end: int, implicit: bool, depth: int, items: list[int] | None = None) -> None:
     """:func:`_check_nesting` for the elements of one defined-length item."""
     try:
-        _item_elements(b, pos, end, implicit, depth)
+        _item_elements(b, pos, end, implicit, depth, items)
     except (_Unusual, Incomplete, struct.error, IndexError):
         return
 
 
-def _item_elements(b, pos: int, end: int | None, implicit: bool, depth: int) -> int:
+def _item_elements(b, pos: int, end: int | None, implicit: bool, depth: int, items: list[int] | None = None) -> int:
     """Walk one item's elements (up to ``end``, or past its item delimiter when None) of
     a sequence at level ``depth``, descending into the sequences they hold; the position
     after them.
@@ -309,10 +356,10 @@ def _item_elements(b, pos: int, end: int | None, implicit: bool, depth: int) -> 
         if tag == _ITEM_DELIMITER:
             return pos
         if length == 0xFFFFFFFF:
-            pos = _skip_sequence(b, pos, nested_implicit, depth + 1)
+            pos = _skip_sequence(b, pos, nested_implicit, depth + 1, items)
             continue
         if length and _is_sequence(b, at, implicit):
-            _check_nesting(b, pos, pos + length, nested_implicit, depth + 1)
+            _check_nesting(b, pos, pos + length, nested_implicit, depth + 1, items)
         pos += length
         if pos > len(b):
             raise _Unusual

@@ -103,6 +103,23 @@ class PostgresCluster:
         )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed ({init.returncode}): {init.stderr[-2000:]}")
+        self._launch(env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with {self.proc.returncode}; see {self.root / 'server.log'}")
+            try:  # over this cluster's own Unix socket: a server of another session on the port would answer TCP
+                with self._admin(socket_dir=True):
+                    pass
+            except Exception:
+                time.sleep(0.1)
+                continue
+            if self.proc.poll() is None:  # it bound the TCP port too (it exits when it cannot)
+                return self
+        self.stop()
+        raise RuntimeError("postgres did not accept connections within 60 s")
+
+    def _launch(self, env: dict) -> None:
         settings = {
             "listen_addresses": "127.0.0.1",
             "port": str(self.port),
@@ -121,20 +138,39 @@ class PostgresCluster:
         # Started directly as the user (no runuser in between): self.proc.pid is the
         # postmaster's PID, which stop() signals.
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env, **self._as)
+
+    def crash(self) -> None:
+        """Immediate shutdown (SIGQUIT to the postmaster: every backend quits at once, no
+        checkpoint, as after a crash); the data folder stays for :meth:`restart`."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            self.proc.wait(30)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restart(self) -> PostgresCluster:
+        """Start the server again on the same data folder and port (crash recovery after
+        :meth:`crash`) and wait until it accepts connections."""
+        env = {"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         deadline = time.monotonic() + 60
+        while True:
+            self._launch(env)
+            try:
+                self.proc.wait(1.0)  # exited at once: the port is not free yet (TIME_WAIT listeners)
+            except subprocess.TimeoutExpired:
+                break
+            self._log.close()
+            self._log = None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postgres did not restart; see {self.root / 'server.log'}")
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited with {self.proc.returncode}; see {self.root / 'server.log'}")
-            try:  # over this cluster's own Unix socket: a server of another session on the port would answer TCP
+            try:
                 with self._admin(socket_dir=True):
-                    pass
+                    return self
             except Exception:
                 time.sleep(0.1)
-                continue
-            if self.proc.poll() is None:  # it bound the TCP port too (it exits when it cannot)
-                return self
-        self.stop()
-        raise RuntimeError("postgres did not accept connections within 60 s")
+        raise RuntimeError("postgres did not accept connections within 60 s of its restart")
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT to the postmaster's PID), SIGKILL after 30 s; the
