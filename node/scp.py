@@ -351,7 +351,8 @@ class StoreHandler:
             log.warning("C-STORE from %s: the data set ends inside an element -> 0xC210", calling)
             raise _Refusal(CANNOT_UNDERSTAND, "data set ends inside an element") from None
         except _TooLarge:
-            log.warning("C-STORE from %s: deflated object inflates (or a big endian one is) beyond max_object_mb = %d (or %d MiB, deflated or big endian ones) -> 0xA700", calling, self.max_object_mb, INFLATE_BUDGET >> 21)
+            log.warning("C-STORE from %s: deflated object inflates beyond max_object_mb = %d or %d MiB, or a big endian one is larger than %d MiB (read into memory whole) -> 0xA700",
+                        calling, self.max_object_mb, INFLATE_BUDGET >> 21, INFLATE_BUDGET >> 21)
             raise _Refusal(OUT_OF_RESOURCES, "object larger than max_object_mb") from None
         except _InflateBusy:
             log.warning("C-STORE from %s: deflated or big endian object: other such objects are being read into memory (%d MiB at once) -> 0xA700", calling, INFLATE_BUDGET >> 20)
