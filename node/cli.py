@@ -1212,6 +1212,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Packages of pyproject.toml's extras that some commands import (the engine's training
+# tools: PyTorch) and `make serve`'s node-only virtualenv leaves out, by extra.
+_EXTRAS = {"torch": "train", "h5py": "train", "tensorrt": "tensorrt", "tritonclient": "triton", "faiss": "ann"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1229,6 +1234,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"casemask: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"casemask {args.command}: needs the Python package {exc.name!r}, which the node's own virtualenv "
+              f"(make serve) leaves out: install it with 'make venv' in the clone (elsewhere: pip install 'casemask[{extra}]')",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
