@@ -240,7 +240,11 @@ def _require_database(settings, create: bool = False) -> None:
     db_file = Path(url.removeprefix("sqlite:///"))
     if db_file.exists():
         return
-    where = f"the configuration {settings.source_file}" if settings.source_file else "the built-in configuration"
+    if is_shipped(settings.source_file):  # its data_dir is relative to the working folder: another folder, another node
+        name = "built-in configuration" if settings.source_file is None or Path(settings.source_file).name == "casemask.toml" else Path(settings.source_file).name
+        where = f"the {name} in this folder ({Path.cwd()})"
+    else:
+        where = f"the configuration {settings.source_file}"
     if create:
         print(f"casemask: no database at {db_file} yet ({where}): made a new one; the node started on the same "
               "configuration in this folder uses it", file=sys.stderr)
