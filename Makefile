@@ -23,8 +23,8 @@ APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl postgresql te
 .PHONY: test-receivers serve test test-fast deps venv venv-node triton-venv wheel install docker bench bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar bench-cluster clean
 
 # The node alone: what `casemask serve` (and every command but `casemask engine`'s
-# training tools) needs, no PyTorch, no test extras: 1.0 GB and about a minute from a
-# local wheel cache, against 2.2 GB for the full environment below (docs/benchmarks.md).
+# training tools) needs, no PyTorch, no test extras: 750 MB and 31 s from a local wheel
+# cache, against 2.2 GB and 96 s for the full environment below (docs/benchmarks.md).
 $(VENV)/.installed-node: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade --quiet pip
