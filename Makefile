@@ -67,7 +67,9 @@ deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-wheel: venv
+# Built from the node-only environment (and PyPA's build): no PyTorch needed to make it.
+wheel: venv-node
+	$(PIP) install --quiet "build>=1.2,<2"
 	rm -rf dist
 	$(PY) -m build --outdir dist .
 
