@@ -4,6 +4,7 @@ walk (a pseudonym secret file they wrote themselves)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -189,3 +190,16 @@ def test_a_command_on_the_built_in_configuration_in_another_folder_names_this_fo
     assert f"no database at {tmp_path / 'var' / 'casemask.db'}" in r.stderr, r.stderr
     assert f"no node has run on the built-in configuration in this folder ({tmp_path}) yet" in r.stderr, r.stderr
     assert "Run the command in the folder the node is started in" in r.stderr and not (tmp_path / "var").exists(), r.stderr
+
+
+def test_index_status_on_a_node_without_an_index_says_why_it_is_empty(tmp_path):
+    """`casemask index status` on the built-in configuration printed `model -  weights -  0
+    entries`: it says that no route keeps an index, and how to start one."""
+    cfg = write_toml(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], database_url=""), tmp_path / "site.toml")
+    r = subprocess.run([sys.executable, "-m", "node.cli", "user", "add", "alice", "--role", "admin", "--config", str(cfg)], input="a long passphrase\n",
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = casemask("index", "status", "--config", str(cfg))
+    assert r.returncode == 0 and r.stdout == "no entries: no route has index = true (docs/retrieval.md)\n", r.stdout + r.stderr
+    r = casemask("index", "status", "--json", "--config", str(cfg))
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r.stdout + r.stderr
