@@ -361,7 +361,7 @@ def cmd_retry(args) -> int:
         raise UsageError(str(exc)) from None
     q = service.retry_quarantined(who) if args.quarantined else 0
     h = service.retry_held(who) if args.held else 0
-    print(f"re-queued {n} failed or waiting deliveries" + (f", {q} quarantined jobs" if args.quarantined else "") + (f", {h} held objects (routed again by the running node)" if args.held else ""))
+    print(f"re-queued {n} failed or waiting deliveries" + (f", {q} quarantined jobs" if args.quarantined else "") + (f", {h} held objects (the node routes them again: at once while it runs, else at its next start)" if args.held else ""))
     return 0
 
 

@@ -192,9 +192,10 @@ def test_a_command_on_the_built_in_configuration_in_another_folder_names_this_fo
     assert "Run the command in the folder the node is started in" in r.stderr and not (tmp_path / "var").exists(), r.stderr
 
 
-def test_index_status_on_a_node_without_an_index_says_why_it_is_empty(tmp_path):
+def test_index_status_and_retry_held_on_a_stopped_node_say_what_they_mean(tmp_path):
     """`casemask index status` on the built-in configuration printed `model -  weights -  0
-    entries`: it says that no route keeps an index, and how to start one."""
+    entries`: it says that no route keeps an index, and how to start one. `retry --held`
+    said the running node routes them, run while no node ran: it says when."""
     cfg = write_toml(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], database_url=""), tmp_path / "site.toml")
     r = subprocess.run([sys.executable, "-m", "node.cli", "user", "add", "alice", "--role", "admin", "--config", str(cfg)], input="a long passphrase\n",
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -203,3 +204,6 @@ def test_index_status_on_a_node_without_an_index_says_why_it_is_empty(tmp_path):
     assert r.returncode == 0 and r.stdout == "no entries: no route has index = true (docs/retrieval.md)\n", r.stdout + r.stderr
     r = casemask("index", "status", "--json", "--config", str(cfg))
     assert r.returncode == 0 and json.loads(r.stdout) == [], r.stdout + r.stderr
+    # `retry --held` with no node running said "(routed again by the running node)"
+    r = casemask("retry", "--held", "--config", str(cfg))
+    assert r.returncode == 0 and "at once while it runs, else at its next start" in r.stdout, r.stdout + r.stderr
