@@ -1,7 +1,7 @@
 # casemask: `make serve` starts the node on the built-in config; `make test` runs the tests.
-# `make serve` makes the virtualenv .venv (Python packages only, with the CPU build of
-# PyTorch for the engine's training tools; the node itself needs no PyTorch); `make test`
-# also installs the Debian packages the tests talk to (APT_PACKAGES: dcmtk, orthanc,
+# `make serve` makes the virtualenv .venv with what the node needs (Python packages only,
+# no PyTorch); `make venv` (and `make test`) adds the CPU build of PyTorch for the
+# engine's training tools and the test extras; `make test` also installs the Debian packages the tests talk to (APT_PACKAGES: dcmtk, orthanc,
 # chromium for the dashboard's browser test, postgresql: the tests start their own
 # cluster, ...) and a Triton server. `make install` puts the built wheel into its own
 # virtualenv (PREFIX); `make clean` removes build artefacts and never data (var/).
@@ -20,18 +20,32 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 # (pulled in by rapidocr-onnxruntime); the fonts draw the tests' synthetic text.
 APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools openssl postgresql tesseract-ocr tesseract-ocr-eng libgl1 libglib2.0-0 fonts-dejavu-core fonts-liberation chromium chromium-driver
 
-.PHONY: test-receivers serve test test-fast deps venv triton-venv wheel install docker bench bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar bench-cluster clean
+.PHONY: test-receivers serve test test-fast deps venv venv-node triton-venv wheel install docker bench bench-ingest bench-ingest-tls bench-deid bench-engine bench-pixels bench-triton bench-burnedin bench-similar bench-cluster clean
 
+# The node alone: what `casemask serve` (and every command but `casemask engine`'s
+# training tools) needs, no PyTorch, no test extras: 750 MB and 31 s from a local wheel
+# cache, against 2.2 GB and 96 s for the full environment below (docs/benchmarks.md).
+$(VENV)/.installed-node: pyproject.toml setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade --quiet pip
+	$(PIP) install --quiet -e .
+	# Bytecode for the project's own modules, as a regular install has (an editable one
+	# does not, and with PYTHONDONTWRITEBYTECODE every start would compile them again).
+	$(PY) -m compileall -q node engine
+	touch $@
+
+# Everything: the node, PyTorch (CPU build) for the engine's training tools and the
+# test extras (`make test`, the benchmarks, `make wheel`).
 $(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade --quiet pip
 	# torch first and pinned: an unpinned resolve pulls a CUDA build of several GB.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[train,test]"
-	# Bytecode for the project's own modules, as a regular install has (an editable one
-	# does not, and with PYTHONDONTWRITEBYTECODE every start would compile them again).
 	$(PY) -m compileall -q node engine
-	touch $@
+	touch $(VENV)/.installed-node $@
+
+venv-node: $(VENV)/.installed-node
 
 venv: $(VENV)/.installed
 
@@ -53,7 +67,9 @@ deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-wheel: venv
+# Built from the node-only environment (and PyPA's build): no PyTorch needed to make it.
+wheel: venv-node
+	$(PIP) install --quiet "build>=1.2,<2"
 	rm -rf dist
 	$(PY) -m build --outdir dist .
 
@@ -66,7 +82,7 @@ install: wheel
 docker:
 	docker build -f docker/Dockerfile -t casemask .
 
-serve: venv
+serve: venv-node
 	$(VENV)/bin/casemask serve $(if $(CONFIG),--config $(CONFIG))
 
 # The network-edge tests run twice: the second time with in-process nodes receiving in

@@ -240,7 +240,11 @@ def _require_database(settings, create: bool = False) -> None:
     db_file = Path(url.removeprefix("sqlite:///"))
     if db_file.exists():
         return
-    where = f"the configuration {settings.source_file}" if settings.source_file else "the built-in configuration"
+    if is_shipped(settings.source_file):  # its data_dir is relative to the working folder: another folder, another node
+        name = "built-in configuration" if settings.source_file is None or Path(settings.source_file).name == "casemask.toml" else Path(settings.source_file).name
+        where = f"the {name} in this folder ({Path.cwd()})"
+    else:
+        where = f"the configuration {settings.source_file}"
     if create:
         print(f"casemask: no database at {db_file} yet ({where}): made a new one; the node started on the same "
               "configuration in this folder uses it", file=sys.stderr)
@@ -357,7 +361,7 @@ def cmd_retry(args) -> int:
         raise UsageError(str(exc)) from None
     q = service.retry_quarantined(who) if args.quarantined else 0
     h = service.retry_held(who) if args.held else 0
-    print(f"re-queued {n} failed or waiting deliveries" + (f", {q} quarantined jobs" if args.quarantined else "") + (f", {h} held objects (routed again by the running node)" if args.held else ""))
+    print(f"re-queued {n} failed or waiting deliveries" + (f", {q} quarantined jobs" if args.quarantined else "") + (f", {h} held objects (the node routes them again: at once while it runs, else at its next start)" if args.held else ""))
     return 0
 
 
@@ -1212,6 +1216,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Packages of pyproject.toml's extras that some commands import (the engine's training
+# tools: PyTorch) and `make serve`'s node-only virtualenv leaves out, by extra.
+_EXTRAS = {"torch": "train", "h5py": "train", "tensorrt": "tensorrt", "tritonclient": "triton", "faiss": "ann"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1229,6 +1238,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"casemask: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"casemask {args.command}: needs the Python package {exc.name!r}, which the node's own virtualenv "
+              f"(make serve) leaves out: install it with 'make venv' in the clone (elsewhere: pip install 'casemask[{extra}]')",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

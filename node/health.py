@@ -174,6 +174,10 @@ class HealthMonitor:
                 log.log(logging.INFO if h.reachable else logging.WARNING, "destination %s: %s (%s)", dest.name, "reachable again" if h.reachable else "unreachable", h.detail)
             with self._lock:
                 self.results[dest.name] = h
+        names = {d.name for d in self.settings.destinations}
+        with self._lock:  # a destination a reload removed: its result goes (check_due would see a change at every tick)
+            for gone in set(self.results) - names:
+                del self.results[gone]
         self._last = time.monotonic()
         if self.sessions is not None:
             self._save()
@@ -199,9 +203,10 @@ class HealthMonitor:
             log.debug("destination health not saved (%s)", type(exc).__name__)
 
     def check_due(self) -> int:
-        """Check every destination when ``interval_s`` has passed (scheduler job; returns
-        0 so the scheduler does not call it again at once)."""
-        if time.monotonic() - self._last >= self.interval_s or set(self.results) - {d.name for d in self.settings.destinations}:
+        """Check every destination when ``interval_s`` has passed, or at once when a
+        reload added or removed one (scheduler job; returns 0 so the scheduler does not
+        call it again at once)."""
+        if time.monotonic() - self._last >= self.interval_s or set(self.results) != {d.name for d in self.settings.destinations}:
             self.check_all()
         return 0
 

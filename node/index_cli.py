@@ -79,8 +79,13 @@ def cmd_index_status(args) -> int:
         if args.json:
             print(json.dumps(rows, indent=1))
         else:
-            for r in rows or [{"model": "-", "weights": "-", "entries": 0}]:
+            for r in rows:
                 print(f"model {r['model']}  weights {r['weights']}  {r['entries']} entries")
+            if not rows:
+                indexed = [r.name for r in settings.routes if r.index]
+                print(f"no entries yet: routes with index = true: {', '.join(indexed)} (each anonymized output is indexed as it is "
+                      "made; casemask index rebuild for earlier ones)" if indexed else
+                      "no entries: no route has index = true (docs/retrieval.md)")
         return 0
     finally:
         engine.dispose()

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -583,3 +584,58 @@ def test_export_mapping_writes_no_spreadsheet_formula_from_a_sender(tmp_path):
     assert written["CMSYNTH5"]["patient_id"] == "-77", "a whole number is no formula"
     assert {row["date_offset_days"] for row in rows} == {"-12"} and written["CMSYNTH4"]["patient_name"] == "Synthetic^Patient"
     assert {k: v.removeprefix("'") if v.startswith("'") else v for k, v in ((row["patient_id_new"], row["patient_id"]) for row in rows)} == {f"CMSYNTH{k}": pid for k, pid in enumerate(ids)}
+
+
+def test_health_checks_a_destination_added_by_a_reload_at_once_and_forgets_a_removed_one(tmp_path, monkeypatch):
+    """A folder destination added to a site file and reloaded (kill -HUP) showed `health:
+    not tried yet` in `casemask status` until the next 30 s check; and one removed by a
+    reload kept its old result, which made every scheduler tick (not every 30 s) check
+    every destination again. A reload that adds one checks at once; one that removes one
+    drops its result and checks at the usual interval."""
+    from node import health
+    from node.config import parse
+
+    clock = [1000.0]
+    monkeypatch.setattr(health, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    probed: list[str] = []
+    real_probe = health.probe
+    monkeypatch.setattr(health, "probe", lambda dest, *a, **kw: probed.append(dest.name) or real_probe(dest, *a, **kw))
+
+    def settings(*names: str):
+        return parse(node_config(tmp_path, [{"name": n, "kind": "folder", "path": str(tmp_path / n)} for n in names]), "test", base_dir=tmp_path)
+
+    monitor = health.HealthMonitor(settings("archive", "old"))
+    monitor.check_due()
+    assert sorted(probed) == ["archive", "old"], probed
+    clock[0] += 1
+    monitor.check_due()
+    assert len(probed) == 2, probed  # not due yet
+    monitor.settings = settings("archive", "new")  # what a reload does
+    clock[0] += 1
+    monitor.check_due()
+    assert sorted(probed[2:]) == ["archive", "new"] and monitor.get("new").reachable, probed
+    assert monitor.get("old") is None
+    for _ in range(5):  # five scheduler ticks within the interval: no check
+        clock[0] += 1
+        monitor.check_due()
+    assert len(probed) == 4, probed
+    clock[0] += monitor.interval_s
+    monitor.check_due()
+    assert len(probed) == 6, probed
+    monitor.settings = settings("archive", "new", "third")  # a reload that only adds one
+    clock[0] += 1
+    monitor.check_due()
+    assert sorted(probed[6:]) == ["archive", "new", "third"], probed
+
+
+def test_a_command_that_needs_pytorch_says_how_to_install_it(tmp_path):
+    """`make serve` installs the node without PyTorch; `casemask engine train` there ended
+    in a traceback (ModuleNotFoundError: No module named 'torch'). It says what to install
+    instead, exit 1."""
+    code = ("import sys; sys.modules['torch'] = None\n"  # the node-only virtualenv: no PyTorch
+            "from node.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "engine", "train", "--out", str(tmp_path / "bundle")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "'torch'" in r.stderr and "make venv" in r.stderr and "casemask[train]" in r.stderr, r.stderr

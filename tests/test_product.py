@@ -69,6 +69,10 @@ def test_make_serve_installs_no_debian_package_and_make_test_does(tmp_path: Path
     assert serve.returncode == 0 and test.returncode == 0, serve.stderr + test.stderr
     assert "apt-get" not in serve.stdout
     assert "apt-get" in test.stdout
+    # The node needs no PyTorch: `make serve` installs the package alone (750 MB against
+    # 2.2 GB, docs/benchmarks.md); `make test` the training and test extras with torch.
+    assert "install --quiet -e ." in serve.stdout and "torch" not in serve.stdout and "[train" not in serve.stdout, serve.stdout
+    assert "torch==" in test.stdout and '-e ".[train,test]"' in test.stdout, test.stdout
     assert "PIP_CONSTRAINT" in (ROOT / "Makefile").read_text() and "+cpu" in (ROOT / "constraints.txt").read_text()
 
 

@@ -4,6 +4,7 @@ walk (a pseudonym secret file they wrote themselves)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -101,11 +102,13 @@ def test_commands_run_outside_the_nodes_folder_refuse_instead_of_making_an_empty
     list`, `purge`, `db current`, and `token create` put a token in a database no node
     reads). Now the read commands refuse with exit 2 and say where to run them, making
     nothing; `db current` says revision none without making the file; `user add` and
-    `token create` (an admin may make accounts before the first start) make it and say so."""
+    `token create` (an admin may make accounts before the first start) make it and say so.
+    Relative paths in a configuration file are relative to its folder: the database is
+    the one beside site.toml, wherever the command runs."""
     cfg = write_toml(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], database_url="", data_dir="var"), tmp_path / "site.toml")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    db = elsewhere / "var" / "casemask.db"
+    db = tmp_path / "var" / "casemask.db"
     for args in (["status"], ["quarantine", "list"], ["purge", "--dry-run"], ["retry"], ["token", "list"], ["user", "list"], ["export-mapping", "--out", "m"], ["index", "status"]):
         r = casemask(*args, "--config", str(cfg), cwd=elsewhere)
         assert r.returncode == 2 and f"no database at {db}" in r.stderr and "--config" in r.stderr, (args, r.stdout, r.stderr)
@@ -175,3 +178,32 @@ def test_the_deliveries_pages_say_that_their_button_also_sends_waiting_deliverie
         assert "1 failed or waiting deliveries re-queued." in r.text, r.text
     finally:
         hn.node.stop()
+
+
+def test_a_command_on_the_built_in_configuration_in_another_folder_names_this_folder(tmp_path):
+    """`casemask status` run in /tmp on the built-in configuration said 'no node has run on
+    the configuration .../config/casemask.toml yet', while a node had run on it in the
+    clone: the built-in data_dir = "var" is relative to the working folder, so the message
+    names the folder, and where to run the command."""
+    r = casemask("status", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"no database at {tmp_path / 'var' / 'casemask.db'}" in r.stderr, r.stderr
+    assert f"no node has run on the built-in configuration in this folder ({tmp_path}) yet" in r.stderr, r.stderr
+    assert "Run the command in the folder the node is started in" in r.stderr and not (tmp_path / "var").exists(), r.stderr
+
+
+def test_index_status_and_retry_held_on_a_stopped_node_say_what_they_mean(tmp_path):
+    """`casemask index status` on the built-in configuration printed `model -  weights -  0
+    entries`: it says that no route keeps an index, and how to start one. `retry --held`
+    said the running node routes them, run while no node ran: it says when."""
+    cfg = write_toml(node_config(tmp_path, [{"name": "f", "kind": "folder", "path": str(tmp_path / "out")}], database_url=""), tmp_path / "site.toml")
+    r = subprocess.run([sys.executable, "-m", "node.cli", "user", "add", "alice", "--role", "admin", "--config", str(cfg)], input="a long passphrase\n",
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = casemask("index", "status", "--config", str(cfg))
+    assert r.returncode == 0 and r.stdout == "no entries: no route has index = true (docs/retrieval.md)\n", r.stdout + r.stderr
+    r = casemask("index", "status", "--json", "--config", str(cfg))
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r.stdout + r.stderr
+    # `retry --held` with no node running said "(routed again by the running node)"
+    r = casemask("retry", "--held", "--config", str(cfg))
+    assert r.returncode == 0 and "at once while it runs, else at its next start" in r.stdout, r.stdout + r.stderr
