@@ -39,6 +39,7 @@ def _ui_value(text: str) -> str:
 LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"))
 _LONG_VRS = frozenset(v.encode() for v in LONG_VRS)
 _SEQUENCE_DELIMITER, _ITEM, _ITEM_DELIMITER = 0xFFFEE0DD, 0xFFFEE000, 0xFFFEE00D
+_ITEM_BYTES = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: a private value that begins with it holds items
 _U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
 # Every two upper-case letters -> whether that VR has a 4-byte length (what _header decides).
 _VR_IS_LONG = {bytes((a, c)): bytes((a, c)) in _LONG_VRS for a in range(65, 91) for c in range(65, 91)}
@@ -219,7 +220,7 @@ def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
             if length == 0xFFFFFFFF:
                 pos = _skip_sequence(b, value, nested, 1, items)
                 continue
-            if length and (vr == b"SQ" or ((implicit or vr == b"UN") and u32(b, pos)[0] in sequences)):
+            if length and (vr == b"SQ" or ((implicit or vr == b"UN") and (u32(b, pos)[0] in sequences or (b[pos] & 1 and b[value : value + 4] == _ITEM_BYTES)))):
                 _check_nesting(b, value, value + length, nested, 1, items)  # defined-length items: nesting counted too
             if rows is not None:
                 keyword = wanted.get(tag)
@@ -295,9 +296,18 @@ def _skip_sequence(b: bytes, pos: int, implicit: bool, depth: int = 1, items: li
 
 def _is_sequence(b, pos: int, implicit: bool) -> bool:
     """Whether the element whose header starts at ``pos`` holds sequence items: VR SQ,
-    or (implicit VR, or explicit UN) a tag the dictionary knows as a sequence."""
+    or (implicit VR, or explicit UN) a tag the dictionary knows as a sequence, or a
+    private tag whose value begins with an item tag (pydicom reads it as a sequence when
+    its private dictionary knows the creator's element as one)."""
     vr = None if implicit else bytes(b[pos + 4 : pos + 6])
-    return vr == b"SQ" or (vr in (None, b"UN") and _tag(b, pos) in _SEQUENCE_TAGS)
+    if vr == b"SQ":
+        return True
+    if vr not in (None, b"UN"):
+        return False
+    if _tag(b, pos) in _SEQUENCE_TAGS:
+        return True
+    value = pos + (8 if vr is None else 12)
+    return bool(b[pos] & 1) and b[value : value + 4] == _ITEM_BYTES
 
 
 def _tag(b, pos: int) -> int:

@@ -1,0 +1,92 @@
+"""A hostile sender against the day's changes, twelfth pass (docs/security.md, "Twelfth
+attack"): the sequence item limits of the edge's walk, the P-DATA split into messages.
+Synthetic values only."""
+
+from __future__ import annotations
+
+import struct
+
+from pydicom import Dataset
+
+from tests.rawdicom import CT_IMAGE_STORAGE, EXPLICIT_VR_LE, IMPLICIT_VR_LE, VERIFICATION, Raw, associate_rq, c_store_pdus, encode, p_data, store_status
+from tests.test_attack import _ct
+from tests.test_attack_edge4 import _associated, _command, _folder_node, _raw_store_ok, _rows, _store_fields
+
+EMPTY_ITEM = struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+# A private creator whose element (0071,xx18) pydicom's private dictionary knows as SQ.
+CREATOR = b"AGFA-AG_HPState "
+
+
+def _private_items(n: int, implicit: bool, item: bytes = b"") -> tuple[Dataset, bytes]:
+    """A synthetic CT data set with a private block (0071,0010) whose element (0071,1018)
+    holds ``n`` defined-length items of ``item`` each, itself of defined length: VR UN in
+    explicit VR (as a sender that does not know the element writes it), none in implicit."""
+    ds = _ct()
+    body = encode(ds, implicit=implicit)
+    value = (struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item) * n
+    if implicit:
+        block = struct.pack("<HHI", 0x0071, 0x0010, len(CREATOR)) + CREATOR + struct.pack("<HHI", 0x0071, 0x1018, len(value)) + value
+    else:
+        block = struct.pack("<HH2sH", 0x0071, 0x0010, b"LO", len(CREATOR)) + CREATOR + struct.pack("<HH2sHI", 0x0071, 0x1018, b"UN", 0, len(value)) + value
+    pos = 0  # the block goes before the first element of a group above 0071 (Pixel Data)
+    while pos < len(body):
+        group, element = struct.unpack_from("<HH", body, pos)
+        if group > 0x0071:
+            break
+        if implicit:
+            length, head = struct.unpack_from("<I", body, pos + 4)[0], 8
+        elif body[pos + 4 : pos + 6] in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OF", b"OD", b"OL", b"OV"):
+            length, head = struct.unpack_from("<I", body, pos + 8)[0], 12
+        else:
+            length, head = struct.unpack_from("<H", body, pos + 6)[0], 8
+        pos += head + length
+    return ds, body[:pos] + block + body[pos:]
+
+
+def _store(port: int, ds: Dataset, data: bytes, syntax: str) -> int | None:
+    with Raw(port, timeout=60) as r:
+        r.send(associate_rq(calling="STORESCU", contexts=[(1, CT_IMAGE_STORAGE, [syntax])], max_pdu=1 << 20))
+        assert r.read_pdu()[0] == 0x02
+        for pdu in c_store_pdus(_command(_store_fields(ds, 1)), data, fragment=1 << 19):
+            r.send(pdu)
+        got = r.read_pdu()
+    return store_status(got[1]) if got and got[0] == 0x04 else None
+
+
+# -- the sequence item limits (node/wire.py) -------------------------------------------------
+def test_items_of_a_private_sequence_count_towards_the_item_limits(tmp_path, start_node):
+    """The edge counted the items of defined-length values of sequences the public
+    dictionary knows (or written as SQ) only: 200 000 empty items (1.6 MB) in a private
+    element of implicit VR (or explicit VR UN) passed, answered Success, though pydicom
+    reads them as a sequence as soon as the element is touched (its private dictionary
+    knows the creator's element as SQ: measured 5.8 s of CPU for 200 000, as many as the
+    public ones the eleventh pass refused). A private value that begins with an item tag
+    is walked as items now: refused 0xC210, nothing stored; the same element with a few
+    real items is stored."""
+    node = _folder_node(tmp_path, start_node)
+    port = node.settings.node.port
+    for implicit, syntax in ((True, IMPLICIT_VR_LE), (False, EXPLICIT_VR_LE)):
+        ds, data = _private_items(200_000, implicit)
+        status = _store(port, ds, data, syntax)
+        assert status == 0xC210, f"{syntax}: answered {status!r}"
+    assert _rows(node) == 0
+    uid = b"1.2.826.0.1.3680043.8.498.12345678901234567890123456789012\x00"
+    ds, data = _private_items(50, True, struct.pack("<HHI", 0x0008, 0x1155, len(uid)) + uid)
+    assert _store(port, ds, data, IMPLICIT_VR_LE) == 0x0000
+    assert _rows(node) == 1
+
+
+def test_private_sequence_items_nested_in_a_public_item_are_counted(tmp_path):
+    """The same inside an item of a public sequence (the walk's nested path)."""
+    from node.wire import Refused, dataset_end
+
+    value = EMPTY_ITEM * 200_000
+    inner = struct.pack("<HHI", 0x0071, 0x0010, len(CREATOR)) + CREATOR + struct.pack("<HHI", 0x0071, 0x1018, len(value)) + value
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+    data = struct.pack("<HHI", 0x0008, 0x1115, 0xFFFFFFFF) + item + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)  # Referenced Series Sequence
+    try:
+        dataset_end(data, True)
+    except Refused as exc:
+        assert "sequence items" in str(exc)
+    else:
+        raise AssertionError("200 000 private items inside a public item passed the walk")
