@@ -324,14 +324,18 @@ _HH = struct.Struct("<HH")
 
 def _check_nesting(b, pos: int, end: int, implicit: bool, depth: int, items: list[int] | None = None) -> None:
     """Refused when the defined-length sequence value ``b[pos:end]`` (at nesting level
-    ``depth``) holds sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`. Content
-    the walk cannot follow is left as it was (skipped by its length) for pydicom."""
+    ``depth``) holds sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`, or items
+    beyond the limits. Content the walk cannot follow is left as it was (skipped by its
+    length) for pydicom, its item tags counted as bytes (:func:`_count_item_tags`)."""
     if depth > MAX_SEQUENCE_DEPTH:
         raise Refused(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
+    at, counted = pos, items[0] if items is not None else 0
     try:
         while pos < end:
+            at, counted = pos, items[0] if items is not None else 0
             tag, length, pos, _ = _header(b, pos, implicit)
             if tag != _ITEM:
+                _count_item_tags(b, at, end, items)
                 return
             _count_item(items)
             if length == 0xFFFFFFFF:  # an undefined-length item inside: walked to its delimiter
@@ -340,15 +344,39 @@ def _check_nesting(b, pos: int, end: int, implicit: bool, depth: int, items: lis
                 _item_elements(b, pos, pos + length, implicit, depth, items)
                 pos += length
     except (_Unusual, Incomplete, struct.error, IndexError):
+        if items is not None:
+            items[0] = counted  # the item the walk could not follow, and the rest: counted as bytes
+        _count_item_tags(b, at, end, items)
+
+
+def _count_item_tags(b, pos: int, end: int, items: list[int] | None) -> None:
+    """Count the item tags spelled in ``b[pos:end]`` as sequence items: the part of a
+    defined-length sequence value the walk cannot follow. pydicom reads on past what
+    the walk stops at (an element whose VR bytes are not a VR is read as implicit VR, a
+    first tag that is not an item tag as an item), so its items are counted as
+    :func:`item_tags_problem` counts a big endian data set's: a value's bytes that spell
+    the tag count too.
+
+    Raises:
+        Refused: more than :data:`MAX_SEQUENCE_ITEMS`.
+    """
+    if items is None:
         return
+    end = min(end, len(b))
+    while (pos := b.find(_ITEM_BYTES, pos, end)) >= 0:
+        _count_item(items)
+        pos += 4
 
 
 def _check_nesting_in_item(b, pos: int, end: int, implicit: bool, depth: int, items: list[int] | None = None) -> None:
     """:func:`_check_nesting` for the elements of one defined-length item."""
+    counted = items[0] if items is not None else 0
     try:
         _item_elements(b, pos, end, implicit, depth, items)
     except (_Unusual, Incomplete, struct.error, IndexError):
-        return
+        if items is not None:
+            items[0] = counted
+        _count_item_tags(b, pos, end, items)
 
 
 def _item_elements(b, pos: int, end: int | None, implicit: bool, depth: int, items: list[int] | None = None) -> int:
