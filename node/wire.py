@@ -38,6 +38,8 @@ def _ui_value(text: str) -> str:
 # VRs whose explicit-VR header has a 4-byte length (PS3.5 7.1.2).
 LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"))
 _LONG_VRS = frozenset(v.encode() for v in LONG_VRS)
+_VR_NAMES = frozenset(v.encode() for v in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV", "OW", "PN", "SH", "SL",
+                                            "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV"))
 _SEQUENCE_DELIMITER, _ITEM, _ITEM_DELIMITER = 0xFFFEE0DD, 0xFFFEE000, 0xFFFEE00D
 _ITEM_BYTES = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: a private value that begins with it holds items
 _U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
@@ -160,10 +162,18 @@ def dataset_end(b, implicit: bool, start: int = 0) -> int:
 def item_tags_problem(fp, size: int) -> str:
     """For a data set that is not walked (big endian): why its item tags (FFFE,E000),
     counted as bytes in ``fp`` (from its position, ``size`` bytes), break the limits of
-    :func:`dataset_end`; "" when they do not. A value's bytes that happen to spell the
-    tag count too (an over-count refuses only a data set made of them)."""
-    tag, count, tail = b"\xff\xfe\xe0\x00", 0, b""
-    while chunk := fp.read(1 << 20):
+    :func:`dataset_end`; "" when they do not. Its top-level elements are followed while
+    each has a VR that holds no items (not SQ or UN) and a defined length: their values
+    (Pixel Data above all) are skipped, not counted; from the first other one on, every
+    byte is counted, a value's bytes that happen to spell the tag too (an over-count
+    refuses only a data set made of them)."""
+    start, count = fp.tell(), 0
+    pos = _skip_plain_big_endian(fp, start + size)
+    fp.seek(pos)
+    left = start + size - pos
+    tag, tail = b"\xff\xfe\xe0\x00", b""
+    while left > 0 and (chunk := fp.read(min(1 << 20, left))):
+        left -= len(chunk)
         data = tail + chunk
         count += data.count(tag)
         tail = data[-3:] if not data.endswith(tag) else b""
@@ -172,6 +182,35 @@ def item_tags_problem(fp, size: int) -> str:
     if count > DENSE_ITEMS_FREE and size < MIN_ITEM_BYTES * count:
         return f"more than {DENSE_ITEMS_FREE} sequence items of fewer than {MIN_ITEM_BYTES} bytes on average"
     return ""
+
+
+# The VRs whose values pydicom never reads as items, in an explicit VR data set.
+_PLAIN_VRS = frozenset(_VR_NAMES) - {b"SQ", b"UN"}
+
+
+def _skip_plain_big_endian(fp, end: int) -> int:
+    """Where the top-level elements of an explicit VR big endian data set (from ``fp``'s
+    position to ``end``) stop being ones whose values hold no items: the first element
+    of VR SQ or UN, of undefined length, whose VR is not a VR (pydicom would read it as
+    implicit VR, a sequence by the dictionary), or whose header or value runs past
+    ``end``."""
+    pos = fp.tell()
+    while pos + 8 <= end:
+        fp.seek(pos)
+        head = fp.read(12)
+        vr = head[4:6]
+        if vr not in _PLAIN_VRS or head[:2] == b"\xff\xfe":
+            return pos
+        if vr in _LONG_VRS:
+            if len(head) < 12 or head[6:8] != b"\x00\x00":
+                return pos
+            length, value = struct.unpack_from(">I", head, 8)[0], pos + 12
+        else:
+            length, value = struct.unpack_from(">H", head, 6)[0], pos + 8
+        if length == 0xFFFFFFFF or value + length > end:
+            return pos
+        pos = value + length
+    return pos
 
 
 def scan_whole(b, implicit: bool, start: int = 0) -> tuple[dict[str, str] | None, int]:

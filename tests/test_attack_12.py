@@ -10,6 +10,7 @@ from pydicom import Dataset
 
 from tests.rawdicom import CT_IMAGE_STORAGE, EXPLICIT_VR_LE, IMPLICIT_VR_LE, VERIFICATION, Raw, associate_rq, c_store_pdus, encode, p_data, store_status
 from tests.test_attack import _ct
+from tests.test_attack_11 import _storescu_statuses
 from tests.test_attack_edge4 import _associated, _command, _folder_node, _raw_store_ok, _rows, _store_fields
 
 EMPTY_ITEM = struct.pack("<HHI", 0xFFFE, 0xE000, 0)
@@ -131,3 +132,48 @@ def test_items_after_one_the_walk_cannot_follow_are_counted(tmp_path):
     real = (struct.pack("<HHI", 0xFFFE, 0xE000, len(element)) + element) * 20_000
     data = _public_sequence(firsts["an element without a VR"] + real, 0)
     assert scan_whole(data, False, 0)[1] == len(data)
+
+
+def _storescu(port: int, path, *args: str) -> str:
+    import subprocess
+
+    from tests.conftest import dcmtk_env
+
+    r = subprocess.run(["/usr/bin/storescu", "-v", *args, "-aet", "STORESCU", "-aec", "CASEMASK", "127.0.0.1", str(port), str(path)],
+                       capture_output=True, text=True, env=dcmtk_env(), timeout=120)
+    return r.stdout + r.stderr
+
+
+def test_a_big_endian_image_whose_pixels_spell_item_tags_is_stored(tmp_path, start_node):
+    """Big endian data sets have their item tags counted as bytes, Pixel Data included:
+    a 512 x 512 16-bit image of alternating pixel values 65534 and 57344 (a test pattern;
+    big endian, its bytes spell FF FE E0 00 every 4 bytes: 65 536 "items" of 8 bytes)
+    sent by storescu -xb was refused 0xC210 (Cannot Understand). Top-level values whose
+    VR holds no items (OW here) are skipped by the count now: stored. The same number of
+    real empty items, in a sequence, is still refused."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    node = _folder_node(tmp_path, start_node)
+    port = node.settings.node.port
+    ds = _ct()
+    ds.Rows = ds.Columns = 512
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelData = struct.pack("<HH", 0xFFFE, 0xE000) * (512 * 512 // 2)
+    ds["PixelData"].VR = "OW"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "pattern.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    out = _storescu(port, path, "-xb")
+    assert "BigEndian" in out or "Big Endian" in out, "not sent big endian"
+    assert list(_storescu_statuses(out).values()) == ["Success"], out[-600:]
+    assert _rows(node) == 1
+    # real items are still counted: 65 536 empty ones in a sequence of a big endian data set
+    from node.wire import item_tags_problem
+    import io
+
+    empty = struct.pack(">HHI", 0xFFFE, 0xE000, 0)
+    seq = struct.pack(">HH2sHI", 0x3006, 0x0039, b"SQ", 0, 0xFFFFFFFF) + empty * 65_536 + struct.pack(">HHI", 0xFFFE, 0xE0DD, 0)
+    head = struct.pack(">HH2sH", 0x0008, 0x0018, b"UI", 8) + b"1.2.3.4\x00"
+    assert "sequence items" in item_tags_problem(io.BytesIO(head + seq), len(head + seq))
