@@ -177,3 +177,40 @@ def test_a_big_endian_image_whose_pixels_spell_item_tags_is_stored(tmp_path, sta
     seq = struct.pack(">HH2sHI", 0x3006, 0x0039, b"SQ", 0, 0xFFFFFFFF) + empty * 65_536 + struct.pack(">HHI", 0xFFFE, 0xE0DD, 0)
     head = struct.pack(">HH2sH", 0x0008, 0x0018, b"UI", 8) + b"1.2.3.4\x00"
     assert "sequence items" in item_tags_problem(io.BytesIO(head + seq), len(head + seq))
+
+
+# -- two messages in one P-DATA-TF (node/admission.py, message_parts) --------------------------
+def _pdv(context_id: int, control: int, fragment: bytes) -> bytes:
+    return struct.pack(">IBB", len(fragment) + 2, context_id, control) + fragment
+
+
+def _pdata(*pdvs: bytes) -> bytes:
+    body = b"".join(pdvs)
+    return struct.pack(">BBI", 0x04, 0, len(body)) + body
+
+
+def test_a_pdv_without_a_control_header_between_two_messages_aborts(tmp_path, start_node):
+    """A PDV of item length 1 (a context ID, no message control header) after a C-ECHO-RQ
+    and before a whole C-STORE-RQ, all in one P-DATA-TF: the fragment check stopped at the
+    empty PDV ("pynetdicom refuses it"), the split did not cut there, and pynetdicom
+    ended the echo's message at its command and dropped the rest: the echo answered, the
+    C-STORE-RQ never answered nor refused, its sender left waiting for its own timeout.
+    Such a PDV aborts the association now, whatever comes before it."""
+    import time
+
+    from tests.test_attack_11 import _answers, _echo_command
+
+    node = _folder_node(tmp_path, start_node)
+    port = node.settings.node.port
+    a = _ct()
+    empty = struct.pack(">IB", 1, 3)
+    with _associated(port, [(1, CT_IMAGE_STORAGE, [EXPLICIT_VR_LE]), (3, VERIFICATION, [IMPLICIT_VR_LE])]) as r:
+        r.sock.settimeout(8)
+        began = time.monotonic()
+        r.send(_pdata(_pdv(3, 0x03, _echo_command(1)), empty, _pdv(1, 0x03, _command(_store_fields(a, 2))), _pdv(1, 0x02, encode(a, implicit=False))))
+        answers = _answers(r, 3)
+        waited = time.monotonic() - began
+    assert answers and answers[-1] == (0x07, None), f"no abort: {answers} after {waited:.1f} s"
+    assert waited < 5, waited
+    assert _rows(node) == 0
+    assert _raw_store_ok(port)
