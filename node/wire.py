@@ -160,56 +160,97 @@ def dataset_end(b, implicit: bool, start: int = 0) -> int:
 
 
 def item_tags_problem(fp, size: int) -> str:
-    """For a data set that is not walked (big endian): why its item tags (FFFE,E000),
-    counted as bytes in ``fp`` (from its position, ``size`` bytes), break the limits of
-    :func:`dataset_end`; "" when they do not. Its top-level elements are followed while
-    each has a VR that holds no items (not SQ or UN) and a defined length: their values
-    (Pixel Data above all) are skipped, not counted; from the first other one on, every
-    byte is counted, a value's bytes that happen to spell the tag too (an over-count
-    refuses only a data set made of them)."""
-    start, count = fp.tell(), 0
-    pos = _skip_plain_big_endian(fp, start + size)
-    fp.seek(pos)
-    left = start + size - pos
-    tag, tail = b"\xff\xfe\xe0\x00", b""
-    while left > 0 and (chunk := fp.read(min(1 << 20, left))):
-        left -= len(chunk)
-        data = tail + chunk
-        count += data.count(tag)
-        tail = data[-3:] if not data.endswith(tag) else b""
-        if count > MAX_SEQUENCE_ITEMS:
+    """For a data set that is not walked by :func:`dataset_end` (big endian): why its
+    sequence items break the limits of :func:`dataset_end`; "" when they do not. Its
+    elements are followed (explicit VR big endian, into sequences), so that a value's
+    bytes (Pixel Data above all) are not taken for items; when the structure cannot be
+    followed, the item tags (FFFE,E000) are counted as bytes in the whole data set
+    instead, a value's bytes that happen to spell the tag too (an over-count refuses only
+    a data set made of them). ``fp``: at the data set's start, ``size`` bytes of it (read
+    whole: pydicom reads it whole right after, within the same budget)."""
+    data = fp.read(size)
+    items = [0]
+    try:
+        _walk_big_endian(data, 0, len(data), items, 0, False)
+    except Refused as exc:
+        return str(exc)
+    except (_Unusual, struct.error, IndexError):
+        items[0] = data.count(b"\xff\xfe\xe0\x00")
+        if items[0] > MAX_SEQUENCE_ITEMS:
             return f"more than {MAX_SEQUENCE_ITEMS} sequence items"
-    if count > DENSE_ITEMS_FREE and size < MIN_ITEM_BYTES * count:
+    if items[0] > DENSE_ITEMS_FREE and size < MIN_ITEM_BYTES * items[0]:
         return f"more than {DENSE_ITEMS_FREE} sequence items of fewer than {MIN_ITEM_BYTES} bytes on average"
     return ""
 
 
-# The VRs whose values pydicom never reads as items, in an explicit VR data set.
-_PLAIN_VRS = frozenset(_VR_NAMES) - {b"SQ", b"UN"}
+_BE_TAG_LENGTH = struct.Struct(">HHI")
 
 
-def _skip_plain_big_endian(fp, end: int) -> int:
-    """Where the top-level elements of an explicit VR big endian data set (from ``fp``'s
-    position to ``end``) stop being ones whose values hold no items: the first element
-    of VR SQ or UN, of undefined length, whose VR is not a VR (pydicom would read it as
-    implicit VR, a sequence by the dictionary), or whose header or value runs past
-    ``end``."""
-    pos = fp.tell()
-    while pos + 8 <= end:
-        fp.seek(pos)
-        head = fp.read(12)
-        vr = head[4:6]
-        if vr not in _PLAIN_VRS or head[:2] == b"\xff\xfe":
-            return pos
+def _walk_big_endian(b: bytes, pos: int, end: int, items: list[int], depth: int, in_item: bool) -> int:
+    """Walk the explicit VR big endian elements of ``b[pos:end]`` (``in_item``: an
+    undefined-length item's, up to its delimiter), counting the items of their sequences;
+    the position after them. A UN value of defined length is skipped (pydicom keeps it as
+    bytes in big endian) with its item tags, both byte orders, counted as bytes.
+
+    Raises:
+        Refused: more than :data:`MAX_SEQUENCE_ITEMS` items.
+        _Unusual, struct.error, IndexError: a structure this does not follow (the
+            caller counts the tags as bytes).
+    """
+    while pos < end:
+        group, element = struct.unpack_from(">HH", b, pos)
+        if group == 0xFFFE:
+            if in_item and element == 0xE00D:
+                return pos + 8
+            raise _Unusual
+        vr = b[pos + 4 : pos + 6]
+        if vr not in _VR_NAMES:
+            raise _Unusual  # pydicom would read it as implicit VR: a sequence by the dictionary
         if vr in _LONG_VRS:
-            if len(head) < 12 or head[6:8] != b"\x00\x00":
-                return pos
-            length, value = struct.unpack_from(">I", head, 8)[0], pos + 12
+            length, value = struct.unpack_from(">I", b, pos + 8)[0], pos + 12
         else:
-            length, value = struct.unpack_from(">H", head, 6)[0], pos + 8
-        if length == 0xFFFFFFFF or value + length > end:
-            return pos
+            length, value = struct.unpack_from(">H", b, pos + 6)[0], pos + 8
+        if vr == b"SQ":
+            if depth >= MAX_SEQUENCE_DEPTH:
+                raise Refused(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
+            if length == 0xFFFFFFFF:
+                pos = _big_endian_items(b, value, None, items, depth + 1)
+                continue
+            if value + length > end:
+                raise _Unusual
+            _big_endian_items(b, value, value + length, items, depth + 1)
+        elif length == 0xFFFFFFFF or value + length > end:
+            raise _Unusual
+        elif vr == b"UN":
+            _count_item_tags(b, value, value + length, items, b"\xff\xfe\xe0\x00")
+            _count_item_tags(b, value, value + length, items)
         pos = value + length
+    if in_item:
+        raise _Unusual  # no item delimiter
+    return pos
+
+
+def _big_endian_items(b: bytes, pos: int, end: int | None, items: list[int], depth: int) -> int:
+    """Walk the items of a big endian sequence value from ``pos`` (to ``end``, or past
+    its sequence delimiter when None); the position after it."""
+    stop = len(b) if end is None else end
+    while pos < stop:
+        group, element, length = _BE_TAG_LENGTH.unpack_from(b, pos)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER and end is None:
+            return pos + 8
+        if tag != _ITEM:
+            raise _Unusual
+        _count_item(items)
+        if length == 0xFFFFFFFF:
+            pos = _walk_big_endian(b, pos + 8, len(b), items, depth, True)
+            continue
+        if pos + 8 + length > stop:
+            raise _Unusual
+        _walk_big_endian(b, pos + 8, pos + 8 + length, items, depth, False)
+        pos += 8 + length
+    if end is None:
+        raise _Unusual  # no sequence delimiter
     return pos
 
 
@@ -388,7 +429,7 @@ def _check_nesting(b, pos: int, end: int, implicit: bool, depth: int, items: lis
         _count_item_tags(b, at, end, items)
 
 
-def _count_item_tags(b, pos: int, end: int, items: list[int] | None) -> None:
+def _count_item_tags(b, pos: int, end: int, items: list[int] | None, tag: bytes = _ITEM_BYTES) -> None:
     """Count the item tags spelled in ``b[pos:end]`` as sequence items: the part of a
     defined-length sequence value the walk cannot follow. pydicom reads on past what
     the walk stops at (an element whose VR bytes are not a VR is read as implicit VR, a
@@ -402,7 +443,7 @@ def _count_item_tags(b, pos: int, end: int, items: list[int] | None) -> None:
     if items is None:
         return
     end = min(end, len(b))
-    while (pos := b.find(_ITEM_BYTES, pos, end)) >= 0:
+    while (pos := b.find(tag, pos, end)) >= 0:
         _count_item(items)
         pos += 4
 

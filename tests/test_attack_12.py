@@ -148,9 +148,10 @@ def test_a_big_endian_image_whose_pixels_spell_item_tags_is_stored(tmp_path, sta
     """Big endian data sets have their item tags counted as bytes, Pixel Data included:
     a 512 x 512 16-bit image of alternating pixel values 65534 and 57344 (a test pattern;
     big endian, its bytes spell FF FE E0 00 every 4 bytes: 65 536 "items" of 8 bytes)
-    sent by storescu -xb was refused 0xC210 (Cannot Understand). Top-level values whose
-    VR holds no items (OW here) are skipped by the count now: stored. The same number of
-    real empty items, in a sequence, is still refused."""
+    sent by storescu -xb was refused 0xC210 (Cannot Understand). The big endian data set
+    is walked now (explicit VR, into its sequences, here a Referenced Image Sequence with
+    a nested code sequence), values skipped: stored. The same number of real empty items,
+    in a sequence, is still refused; so are items nested too deep."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
@@ -161,6 +162,12 @@ def test_a_big_endian_image_whose_pixels_spell_item_tags_is_stored(tmp_path, sta
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
     ds.PixelData = struct.pack("<HH", 0xFFFE, 0xE000) * (512 * 512 // 2)
     ds["PixelData"].VR = "OW"
+    ref = Dataset()  # sequences before Pixel Data, one nested: walked, not counted as bytes
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = CT_IMAGE_STORAGE, "1.2.826.0.1.3680043.8.498.1"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "T-D0050", "SRT", "Tissue"
+    ref.PurposeOfReferenceCodeSequence = [code]
+    ds.ReferencedImageSequence = [ref, ref]
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     path = tmp_path / "pattern.dcm"
@@ -177,6 +184,11 @@ def test_a_big_endian_image_whose_pixels_spell_item_tags_is_stored(tmp_path, sta
     seq = struct.pack(">HH2sHI", 0x3006, 0x0039, b"SQ", 0, 0xFFFFFFFF) + empty * 65_536 + struct.pack(">HHI", 0xFFFE, 0xE0DD, 0)
     head = struct.pack(">HH2sH", 0x0008, 0x0018, b"UI", 8) + b"1.2.3.4\x00"
     assert "sequence items" in item_tags_problem(io.BytesIO(head + seq), len(head + seq))
+    nested = head
+    for _ in range(70):  # undefined-length sequences in undefined-length items, 70 deep
+        nested += struct.pack(">HH2sHI", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF) + struct.pack(">HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    nested += (struct.pack(">HHI", 0xFFFE, 0xE00D, 0) + struct.pack(">HHI", 0xFFFE, 0xE0DD, 0)) * 70
+    assert "nested deeper" in item_tags_problem(io.BytesIO(nested), len(nested))
 
 
 # -- two messages in one P-DATA-TF (node/admission.py, message_parts) --------------------------
