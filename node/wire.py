@@ -9,7 +9,7 @@ import io
 import struct
 
 from pydicom import Dataset
-from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
+from pydicom.datadict import DicomDictionary, RepeatersDictionary, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
 
@@ -397,7 +397,10 @@ def _tag(b, pos: int) -> int:
 
 # Tags the data dictionary knows as sequences (VR SQ): pydicom reads their items in
 # implicit VR (or written as UN), so their nesting is counted even at a defined length.
-_SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
+_SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ") | frozenset(
+    # repeating groups pydicom's dictionary knows as sequences: (50xx,2600) Curve Referenced
+    # Overlay Sequence, xx even from 00 to 1E (PS3.5 7.6)
+    int(mask.replace("xx", f"{g:02X}"), 16) for mask, entry in RepeatersDictionary.items() if entry[0] == "SQ" and mask[2:4] == "xx" for g in range(0, 0x20, 2))
 _SEQUENCE_TAGS_AS_READ = frozenset((t & 0xFFFF) << 16 | t >> 16 for t in _SEQUENCE_TAGS)  # a tag's 4 bytes read as one little-endian u32
 _HH = struct.Struct("<HH")
 
