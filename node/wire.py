@@ -9,7 +9,7 @@ import io
 import struct
 
 from pydicom import Dataset
-from pydicom.datadict import DicomDictionary, RepeatersDictionary, dictionary_VR, tag_for_keyword
+from pydicom.datadict import DicomDictionary, RepeatersDictionary, dictionary_VR, private_dictionaries, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
 
@@ -41,7 +41,7 @@ _LONG_VRS = frozenset(v.encode() for v in LONG_VRS)
 _VR_NAMES = frozenset(v.encode() for v in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV", "OW", "PN", "SH", "SL",
                                             "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV"))
 _SEQUENCE_DELIMITER, _ITEM, _ITEM_DELIMITER = 0xFFFEE0DD, 0xFFFEE000, 0xFFFEE00D
-_ITEM_BYTES = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: a private value that begins with it holds items
+_ITEM_BYTES = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
 _U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
 # Every two upper-case letters -> whether that VR has a 4-byte length (what _header decides).
 _VR_IS_LONG = {bytes((a, c)): bytes((a, c)) in _LONG_VRS for a in range(65, 91) for c in range(65, 91)}
@@ -269,6 +269,7 @@ def scan_whole(b, implicit: bool, start: int = 0) -> tuple[dict[str, str] | None
 def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
     pos, end = start, len(b)
     items = [0]  # sequence items walked so far (_count_item)
+    creators: dict[int, tuple[str, ...]] = {}  # private creators seen: (group << 8 | block) -> its names that have sequences (_private_sequence)
     u16, u32, vr_is_long, wanted, sequences = _U16.unpack_from, _U32.unpack_from, _VR_IS_LONG.get, _ROW_KEYWORDS, _SEQUENCE_TAGS_AS_READ
     previous = -1
     try:
@@ -300,8 +301,10 @@ def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
             if length == 0xFFFFFFFF:
                 pos = _skip_sequence(b, value, nested, 1, items)
                 continue
-            if length and (vr == b"SQ" or ((implicit or vr == b"UN") and (u32(b, pos)[0] in sequences or (b[pos] & 1 and b[value : value + 4] == _ITEM_BYTES)))):
+            if length and (vr == b"SQ" or ((implicit or vr == b"UN") and u32(b, pos)[0] in sequences)):
                 _check_nesting(b, value, value + length, nested, 1, items)  # defined-length items: nesting counted too
+            elif b[pos] & 1 and length and _private_sequence(b, tag, value, length, creators, implicit or vr == b"UN"):
+                _check_nesting(b, value, value + length, nested, 1, items)
             if rows is not None:
                 keyword = wanted.get(tag)
                 if tag > _LAST_ROW_TAG:
@@ -374,20 +377,42 @@ def _skip_sequence(b: bytes, pos: int, implicit: bool, depth: int = 1, items: li
         pos = _item_elements(b, pos, None, implicit, depth, items)  # an undefined-length item: up to its delimiter
 
 
-def _is_sequence(b, pos: int, implicit: bool) -> bool:
+def _is_sequence(b, pos: int, implicit: bool, creators: dict[int, tuple[str, ...]] | None = None) -> bool:
     """Whether the element whose header starts at ``pos`` holds sequence items: VR SQ,
     or (implicit VR, or explicit UN) a tag the dictionary knows as a sequence, or a
-    private tag whose value begins with an item tag (pydicom reads it as a sequence when
-    its private dictionary knows the creator's element as one)."""
+    private tag its creator's private dictionary knows as one (:func:`_private_sequence`;
+    ``creators`` are the item's, recorded there too)."""
     vr = None if implicit else bytes(b[pos + 4 : pos + 6])
     if vr == b"SQ":
         return True
-    if vr not in (None, b"UN"):
+    tag = _tag(b, pos)
+    if tag >> 16 & 1 and creators is not None:
+        if vr is None:
+            value, length = pos + 8, _U32.unpack_from(b, pos + 4)[0]
+        elif vr in _LONG_VRS:
+            value, length = pos + 12, _U32.unpack_from(b, pos + 8)[0]
+        else:
+            value, length = pos + 8, _U16.unpack_from(b, pos + 6)[0]
+        return _private_sequence(b, tag, value, length, creators, vr in (None, b"UN"))
+    return vr in (None, b"UN") and tag in _SEQUENCE_TAGS
+
+
+def _private_sequence(b, tag: int, value: int, length: int, creators: dict[int, tuple[str, ...]], untyped: bool) -> bool:
+    """For a private element: record it when it is a private creator (gggg,0010-00FF);
+    else, when it has no VR of its own (``untyped``: implicit VR, or UN), whether pydicom
+    reads it as a sequence, its creator's private dictionary knowing the element as SQ
+    (pydicom then reads its items whatever their first bytes: a first tag that is not an
+    item tag is read as an item)."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if 0x0010 <= element <= 0x00FF:
+        text = bytes(b[value : value + min(length, 64)]).decode("latin-1").split("\\")[0]
+        creators[group << 8 | element] = tuple({text.rstrip(" \x00"), text.strip(" \x00")} & _PRIVATE_SEQUENCE_CREATORS)
         return False
-    if _tag(b, pos) in _SEQUENCE_TAGS:
-        return True
-    value = pos + (8 if vr is None else 12)
-    return bool(b[pos] & 1) and b[value : value + 4] == _ITEM_BYTES
+    names = creators.get(group << 8 | element >> 8) if untyped else None
+    if not names:  # no creator, or one whose dictionary has no sequence
+        return False
+    low = element & 0xFF
+    return any((creator, key) in _PRIVATE_SEQUENCES for creator in names for key in (f"{group:04X}xx{low:02X}", f"{group >> 8:02X}xxxx{low:02X}"))
 
 
 def _tag(b, pos: int) -> int:
@@ -401,6 +426,10 @@ _SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entr
     # repeating groups pydicom's dictionary knows as sequences: (50xx,2600) Curve Referenced
     # Overlay Sequence, xx even from 00 to 1E (PS3.5 7.6)
     int(mask.replace("xx", f"{g:02X}"), 16) for mask, entry in RepeatersDictionary.items() if entry[0] == "SQ" and mask[2:4] == "xx" for g in range(0, 0x20, 2))
+# (creator, tag pattern) of the private elements pydicom's private dictionaries know as SQ
+# (pydicom.datadict.get_private_entry's two patterns: "ggggxxee" and "ggxxxxee").
+_PRIVATE_SEQUENCES = frozenset((creator, key.upper().replace("XX", "xx")) for creator, entries in private_dictionaries.items() for key, entry in entries.items() if entry[0] == "SQ")
+_PRIVATE_SEQUENCE_CREATORS = frozenset(creator for creator, _ in _PRIVATE_SEQUENCES)
 _SEQUENCE_TAGS_AS_READ = frozenset((t & 0xFFFF) << 16 | t >> 16 for t in _SEQUENCE_TAGS)  # a tag's 4 bytes read as one little-endian u32
 _HH = struct.Struct("<HH")
 
@@ -446,6 +475,11 @@ def _count_item_tags(b, pos: int, end: int, items: list[int] | None, tag: bytes 
     if items is None:
         return
     end = min(end, len(b))
+    if isinstance(b, bytes):  # one pass in C (an mmap has no count)
+        items[0] += b.count(tag, pos, end)
+        if items[0] > MAX_SEQUENCE_ITEMS:
+            raise Refused(f"more than {MAX_SEQUENCE_ITEMS} sequence items")
+        return
     while (pos := b.find(tag, pos, end)) >= 0:
         _count_item(items)
         pos += 4
@@ -471,6 +505,7 @@ def _item_elements(b, pos: int, end: int | None, implicit: bool, depth: int, ite
         Refused: sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`.
         _Unusual, struct.error, IndexError: a structure the walk cannot follow.
     """
+    creators: dict[int, tuple[str, ...]] = {}
     while end is None or pos < end:
         at = pos
         tag, length, pos, nested_implicit = _header(b, pos, implicit)
@@ -479,7 +514,7 @@ def _item_elements(b, pos: int, end: int | None, implicit: bool, depth: int, ite
         if length == 0xFFFFFFFF:
             pos = _skip_sequence(b, pos, nested_implicit, depth + 1, items)
             continue
-        if length and _is_sequence(b, at, implicit):
+        if length and _is_sequence(b, at, implicit, creators):
             _check_nesting(b, pos, pos + length, nested_implicit, depth + 1, items)
         pos += length
         if pos > len(b):

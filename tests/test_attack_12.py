@@ -61,9 +61,9 @@ def test_items_of_a_private_sequence_count_towards_the_item_limits(tmp_path, sta
     element of implicit VR (or explicit VR UN) passed, answered Success, though pydicom
     reads them as a sequence as soon as the element is touched (its private dictionary
     knows the creator's element as SQ: measured 5.8 s of CPU for 200 000, as many as the
-    public ones the eleventh pass refused). A private value that begins with an item tag
-    is walked as items now: refused 0xC210, nothing stored; the same element with a few
-    real items is stored."""
+    public ones the eleventh pass refused). The walk now follows the private creators
+    and walks as items the elements their private dictionary knows as sequences:
+    refused 0xC210, nothing stored; the same element with a few real items is stored."""
     node = _folder_node(tmp_path, start_node)
     port = node.settings.node.port
     for implicit, syntax in ((True, IMPLICIT_VR_LE), (False, EXPLICIT_VR_LE)):
@@ -75,6 +75,33 @@ def test_items_of_a_private_sequence_count_towards_the_item_limits(tmp_path, sta
     ds, data = _private_items(50, True, struct.pack("<HHI", 0x0008, 0x1155, len(uid)) + uid)
     assert _store(port, ds, data, IMPLICIT_VR_LE) == 0x0000
     assert _rows(node) == 1
+
+
+def test_a_private_sequence_whose_first_tag_is_not_an_item_tag_is_counted(tmp_path):
+    """pydicom reads a first tag that is not an item tag as an item (a warning), so a
+    private sequence's first bytes say nothing: 8 bytes of another tag, then 200 000
+    empty items, passed a check on the value's first tag. A private sequence (by its
+    creator's dictionary) whose content the walk cannot follow has its item tags counted
+    as bytes: refused; an element of a creator without sequences, of text, is not."""
+    import io
+
+    from pydicom.filereader import read_dataset
+
+    from node.wire import Refused, scan_whole
+
+    ds, data = _private_items(200_000, True)
+    data = data.replace(EMPTY_ITEM, struct.pack("<HHI", 0x0008, 0x1150, 0), 1)
+    assert len(read_dataset(io.BytesIO(data), True, True)[0x00711018].value) == 200_000  # what pydicom makes of it
+    try:
+        scan_whole(data, True, 0)
+    except Refused as exc:
+        assert "sequence items" in str(exc)
+    else:
+        raise AssertionError("a private sequence of 200 000 items after a non-item tag passed the walk")
+    _, other = _private_items(200_000, True)
+    other = other.replace(CREATOR, b"SOME VENDOR 1   ")  # a creator pydicom knows nothing of: bytes to it
+    assert read_dataset(io.BytesIO(other), True, True)[0x00711018].VR == "UN"
+    assert scan_whole(other, True, 0)[1] == len(other)
 
 
 def test_private_sequence_items_nested_in_a_public_item_are_counted(tmp_path):
