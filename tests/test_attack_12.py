@@ -270,3 +270,34 @@ def test_items_of_a_repeating_group_sequence_count_towards_the_item_limits(tmp_p
     assert _store(port, ds, data, IMPLICIT_VR_LE) == 0xC210
     assert _rows(node) == 0
     assert _raw_store_ok(port)
+
+
+def test_a_thousand_c_stores_in_one_p_data_answer_success_only_for_what_is_stored(tmp_path, start_node):
+    """1000 whole C-STORE-RQs (2000 PDVs) in one P-DATA-TF: the split hands them on one
+    by one and the association is aborted once more than MAX_WAITING_MESSAGES wait
+    (held: aborted at once, measured). Whatever was answered, every Success names an
+    object with its row, and the node answers the next sender."""
+    import sqlite3
+
+    from tests.test_attack_11 import _answers
+
+    node = _folder_node(tmp_path, start_node)
+    port = node.settings.node.port
+    objects = [_ct() for _ in range(1000)]
+    pdvs = []
+    for k, ds in enumerate(objects):
+        pdvs += [_pdv(1, 0x03, _command(_store_fields(ds, k + 1))), _pdv(1, 0x02, encode(ds, implicit=False))]
+    with _associated(port) as r:
+        r.sock.settimeout(10)
+        r.send(_pdata(*pdvs))
+        answers = _answers(r, 1001)
+    assert answers and answers[-1][0] == 0x07, f"not aborted: {len(answers)} answers"
+    successes = sum(1 for kind, status in answers if kind == 0x04 and status == 0x0000)
+    import time
+
+    time.sleep(1)
+    with sqlite3.connect(node.settings.node.data_dir / "casemask.db") as db:
+        stored = {row[0] for row in db.execute("select sop_instance_uid from instances")}
+    assert successes <= len(stored) <= 5, (successes, len(stored))
+    assert stored <= {str(ds.SOPInstanceUID) for ds in objects}
+    assert _raw_store_ok(port)
