@@ -445,7 +445,9 @@ def fragment_problem(message, primitive) -> str:
     ended_here = False  # the command set's last fragment is in this P-DATA
     for context_id, data in primitive.presentation_data_value_list:
         if not data:
-            return ""  # pynetdicom refuses it (an exception: aborted below)
+            # pynetdicom raises on it, but only when it reaches it: after a message that
+            # ends before it (a C-ECHO-RQ's command), it dropped it and every PDV after it
+            return "a PDV without a message control header"
         if data[0] & 1:
             if done:
                 return "a command fragment after its command set was complete"

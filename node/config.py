@@ -1006,7 +1006,9 @@ def load(path: str | Path | None = None) -> Settings:
 
 
 def _has_node_data(folder: Path) -> bool:
-    return (folder / "casemask.db").exists() or (folder / "secret.key").exists()
+    """A node's database, pseudonym secret, or spool (a node on PostgreSQL with
+    ``secret_env`` keeps only its spool and outbox there)."""
+    return (folder / "casemask.db").exists() or (folder / "secret.key").exists() or (folder / "spool").is_dir()
 
 
 def _check_data_dir_not_moved(raw: dict[str, Any], node: NodeSettings, p: Path) -> None:
@@ -1014,19 +1016,36 @@ def _check_data_dir_not_moved(raw: dict[str, Any], node: NodeSettings, p: Path) 
     node's data while the same path under the working folder (where versions before
     this one read it) does: starting there would make a new database and a new
     pseudonym secret, and every pseudonym would change. Written as an absolute path,
-    either folder is taken.
+    either folder is taken. The same for a relative ``secret_path`` and a relative
+    SQLite ``database_url``: absent relative to the file's folder, present relative to
+    the working folder (a new secret, or a new empty database beside the old one).
 
     Raises:
         ConfigError: saying both folders and what to write.
     """
     table = raw.get("node")
-    written = table.get("data_dir", "var") if isinstance(table, dict) else "var"
-    if not isinstance(written, str) or Path(written).is_absolute():
-        return
-    before = (Path.cwd() / written).resolve()
-    if before == node.data_dir or _has_node_data(node.data_dir) or not _has_node_data(before):
-        return
-    raise ConfigError([f"[node] data_dir = {written!r}: relative paths are now relative to the configuration file's folder, "
-                       f"and {node.data_dir} holds no node's data, while {before} (relative to the working folder, as before) "
-                       f"holds a node's database or pseudonym secret. Write the folder you mean as an absolute path: "
-                       f"data_dir = \"{before}\" to keep that node's data, or data_dir = \"{node.data_dir}\" for a new node"], str(p))
+    table = table if isinstance(table, dict) else {}
+    written = table.get("data_dir", "var")
+    if isinstance(written, str) and not Path(written).is_absolute():
+        before = (Path.cwd() / written).resolve()
+        if before != node.data_dir.resolve() and not _has_node_data(node.data_dir) and _has_node_data(before):
+            raise ConfigError([f"[node] data_dir = {written!r}: relative paths are now relative to the configuration file's folder, "
+                               f"and {node.data_dir} holds no node's data, while {before} (relative to the working folder, as before) "
+                               f"holds a node's database, pseudonym secret or spool. Write the folder you mean as an absolute path: "
+                               f"data_dir = \"{before}\" to keep that node's data, or data_dir = \"{node.data_dir}\" for a new node"], str(p))
+    files = []
+    secret = table.get("secret_path")
+    if isinstance(secret, str) and secret and not Path(secret).is_absolute() and node.secret_path is not None:
+        files.append(("secret_path", secret, secret, node.secret_path))
+    url = table.get("database_url")
+    if isinstance(url, str) and url.startswith("sqlite:///"):
+        file = url.removeprefix("sqlite:///").partition("?")[0]
+        if file and not file.startswith(":memory:") and not Path(file).is_absolute():
+            files.append(("database_url", url, file, Path(node.database_url.removeprefix("sqlite:///").partition("?")[0])))
+    for key, shown, file, now in files:
+        before = (Path.cwd() / file).resolve()
+        if before != now.resolve() and not now.exists() and before.exists():
+            what = "pseudonym secret (every pseudonym would change)" if key == "secret_path" else "empty database beside the node's"
+            raise ConfigError([f"[node] {key} = {shown!r}: relative paths are now relative to the configuration file's folder, "
+                               f"and {now} does not exist, while {before} (relative to the working folder, as before) does: "
+                               f"a start would make a new {what}. Write the file you mean as an absolute path ({before} to keep it)"], str(p))

@@ -9,7 +9,7 @@ import io
 import struct
 
 from pydicom import Dataset
-from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
+from pydicom.datadict import DicomDictionary, RepeatersDictionary, dictionary_VR, private_dictionaries, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
 
@@ -38,7 +38,10 @@ def _ui_value(text: str) -> str:
 # VRs whose explicit-VR header has a 4-byte length (PS3.5 7.1.2).
 LONG_VRS = frozenset(("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"))
 _LONG_VRS = frozenset(v.encode() for v in LONG_VRS)
+_VR_NAMES = frozenset(v.encode() for v in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF", "OL", "OV", "OW", "PN", "SH", "SL",
+                                            "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV"))
 _SEQUENCE_DELIMITER, _ITEM, _ITEM_DELIMITER = 0xFFFEE0DD, 0xFFFEE000, 0xFFFEE00D
+_ITEM_BYTES = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
 _U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
 # Every two upper-case letters -> whether that VR has a 4-byte length (what _header decides).
 _VR_IS_LONG = {bytes((a, c)): bytes((a, c)) in _LONG_VRS for a in range(65, 91) for c in range(65, 91)}
@@ -157,20 +160,98 @@ def dataset_end(b, implicit: bool, start: int = 0) -> int:
 
 
 def item_tags_problem(fp, size: int) -> str:
-    """For a data set that is not walked (big endian): why its item tags (FFFE,E000),
-    counted as bytes in ``fp`` (from its position, ``size`` bytes), break the limits of
-    :func:`dataset_end`; "" when they do not. A value's bytes that happen to spell the
-    tag count too (an over-count refuses only a data set made of them)."""
-    tag, count, tail = b"\xff\xfe\xe0\x00", 0, b""
-    while chunk := fp.read(1 << 20):
-        data = tail + chunk
-        count += data.count(tag)
-        tail = data[-3:] if not data.endswith(tag) else b""
-        if count > MAX_SEQUENCE_ITEMS:
+    """For a data set that is not walked by :func:`dataset_end` (big endian): why its
+    sequence items break the limits of :func:`dataset_end`; "" when they do not. Its
+    elements are followed (explicit VR big endian, into sequences), so that a value's
+    bytes (Pixel Data above all) are not taken for items; when the structure cannot be
+    followed, the item tags (FFFE,E000) are counted as bytes in the whole data set
+    instead, a value's bytes that happen to spell the tag too (an over-count refuses only
+    a data set made of them). ``fp``: at the data set's start, ``size`` bytes of it (read
+    whole: pydicom reads it whole right after, within the same budget)."""
+    data = fp.read(size)
+    items = [0]
+    try:
+        _walk_big_endian(data, 0, len(data), items, 0, False)
+    except Refused as exc:
+        return str(exc)
+    except (_Unusual, struct.error, IndexError):
+        items[0] = data.count(b"\xff\xfe\xe0\x00")
+        if items[0] > MAX_SEQUENCE_ITEMS:
             return f"more than {MAX_SEQUENCE_ITEMS} sequence items"
-    if count > DENSE_ITEMS_FREE and size < MIN_ITEM_BYTES * count:
+    if items[0] > DENSE_ITEMS_FREE and size < MIN_ITEM_BYTES * items[0]:
         return f"more than {DENSE_ITEMS_FREE} sequence items of fewer than {MIN_ITEM_BYTES} bytes on average"
     return ""
+
+
+_BE_TAG_LENGTH = struct.Struct(">HHI")
+
+
+def _walk_big_endian(b: bytes, pos: int, end: int, items: list[int], depth: int, in_item: bool) -> int:
+    """Walk the explicit VR big endian elements of ``b[pos:end]`` (``in_item``: an
+    undefined-length item's, up to its delimiter), counting the items of their sequences;
+    the position after them. A UN value of defined length is skipped (pydicom keeps it as
+    bytes in big endian) with its item tags, both byte orders, counted as bytes.
+
+    Raises:
+        Refused: more than :data:`MAX_SEQUENCE_ITEMS` items.
+        _Unusual, struct.error, IndexError: a structure this does not follow (the
+            caller counts the tags as bytes).
+    """
+    while pos < end:
+        group, element = struct.unpack_from(">HH", b, pos)
+        if group == 0xFFFE:
+            if in_item and element == 0xE00D:
+                return pos + 8
+            raise _Unusual
+        vr = b[pos + 4 : pos + 6]
+        if vr not in _VR_NAMES:
+            raise _Unusual  # pydicom would read it as implicit VR: a sequence by the dictionary
+        if vr in _LONG_VRS:
+            length, value = struct.unpack_from(">I", b, pos + 8)[0], pos + 12
+        else:
+            length, value = struct.unpack_from(">H", b, pos + 6)[0], pos + 8
+        if vr == b"SQ":
+            if depth >= MAX_SEQUENCE_DEPTH:
+                raise Refused(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
+            if length == 0xFFFFFFFF:
+                pos = _big_endian_items(b, value, None, items, depth + 1)
+                continue
+            if value + length > end:
+                raise _Unusual
+            _big_endian_items(b, value, value + length, items, depth + 1)
+        elif length == 0xFFFFFFFF or value + length > end:
+            raise _Unusual
+        elif vr == b"UN":
+            _count_item_tags(b, value, value + length, items, b"\xff\xfe\xe0\x00")
+            _count_item_tags(b, value, value + length, items)
+        pos = value + length
+    if in_item:
+        raise _Unusual  # no item delimiter
+    return pos
+
+
+def _big_endian_items(b: bytes, pos: int, end: int | None, items: list[int], depth: int) -> int:
+    """Walk the items of a big endian sequence value from ``pos`` (to ``end``, or past
+    its sequence delimiter when None); the position after it."""
+    stop = len(b) if end is None else end
+    while pos < stop:
+        group, element, length = _BE_TAG_LENGTH.unpack_from(b, pos)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER and end is None:
+            return pos + 8
+        if tag != _ITEM:
+            raise _Unusual
+        _count_item(items)
+        if length == 0xFFFFFFFF:
+            pos = _walk_big_endian(b, pos + 8, len(b), items, depth, True)
+            continue
+        if pos + 8 + length > stop:
+            raise _Unusual
+        _walk_big_endian(b, pos + 8, pos + 8 + length, items, depth, False)
+        pos += 8 + length
+    if end is None:
+        raise _Unusual  # no sequence delimiter
+    return pos
 
 
 def scan_whole(b, implicit: bool, start: int = 0) -> tuple[dict[str, str] | None, int]:
@@ -188,6 +269,7 @@ def scan_whole(b, implicit: bool, start: int = 0) -> tuple[dict[str, str] | None
 def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
     pos, end = start, len(b)
     items = [0]  # sequence items walked so far (_count_item)
+    creators: dict[int, tuple[str, ...]] = {}  # private creators seen: (group << 8 | block) -> its names that have sequences (_private_sequence)
     u16, u32, vr_is_long, wanted, sequences = _U16.unpack_from, _U32.unpack_from, _VR_IS_LONG.get, _ROW_KEYWORDS, _SEQUENCE_TAGS_AS_READ
     previous = -1
     try:
@@ -221,6 +303,8 @@ def _walk(b, implicit: bool, start: int, rows: dict[str, str] | None) -> int:
                 continue
             if length and (vr == b"SQ" or ((implicit or vr == b"UN") and u32(b, pos)[0] in sequences)):
                 _check_nesting(b, value, value + length, nested, 1, items)  # defined-length items: nesting counted too
+            elif b[pos] & 1 and length and _private_sequence(b, tag, value, length, creators, implicit or vr == b"UN"):
+                _check_nesting(b, value, value + length, nested, 1, items)
             if rows is not None:
                 keyword = wanted.get(tag)
                 if tag > _LAST_ROW_TAG:
@@ -293,11 +377,42 @@ def _skip_sequence(b: bytes, pos: int, implicit: bool, depth: int = 1, items: li
         pos = _item_elements(b, pos, None, implicit, depth, items)  # an undefined-length item: up to its delimiter
 
 
-def _is_sequence(b, pos: int, implicit: bool) -> bool:
+def _is_sequence(b, pos: int, implicit: bool, creators: dict[int, tuple[str, ...]] | None = None) -> bool:
     """Whether the element whose header starts at ``pos`` holds sequence items: VR SQ,
-    or (implicit VR, or explicit UN) a tag the dictionary knows as a sequence."""
+    or (implicit VR, or explicit UN) a tag the dictionary knows as a sequence, or a
+    private tag its creator's private dictionary knows as one (:func:`_private_sequence`;
+    ``creators`` are the item's, recorded there too)."""
     vr = None if implicit else bytes(b[pos + 4 : pos + 6])
-    return vr == b"SQ" or (vr in (None, b"UN") and _tag(b, pos) in _SEQUENCE_TAGS)
+    if vr == b"SQ":
+        return True
+    tag = _tag(b, pos)
+    if tag >> 16 & 1 and creators is not None:
+        if vr is None:
+            value, length = pos + 8, _U32.unpack_from(b, pos + 4)[0]
+        elif vr in _LONG_VRS:
+            value, length = pos + 12, _U32.unpack_from(b, pos + 8)[0]
+        else:
+            value, length = pos + 8, _U16.unpack_from(b, pos + 6)[0]
+        return _private_sequence(b, tag, value, length, creators, vr in (None, b"UN"))
+    return vr in (None, b"UN") and tag in _SEQUENCE_TAGS
+
+
+def _private_sequence(b, tag: int, value: int, length: int, creators: dict[int, tuple[str, ...]], untyped: bool) -> bool:
+    """For a private element: record it when it is a private creator (gggg,0010-00FF);
+    else, when it has no VR of its own (``untyped``: implicit VR, or UN), whether pydicom
+    reads it as a sequence, its creator's private dictionary knowing the element as SQ
+    (pydicom then reads its items whatever their first bytes: a first tag that is not an
+    item tag is read as an item)."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if 0x0010 <= element <= 0x00FF:
+        text = bytes(b[value : value + min(length, 64)]).decode("latin-1").split("\\")[0]
+        creators[group << 8 | element] = tuple({text.rstrip(" \x00"), text.strip(" \x00")} & _PRIVATE_SEQUENCE_CREATORS)
+        return False
+    names = creators.get(group << 8 | element >> 8) if untyped else None
+    if not names:  # no creator, or one whose dictionary has no sequence
+        return False
+    low = element & 0xFF
+    return any((creator, key) in _PRIVATE_SEQUENCES for creator in names for key in (f"{group:04X}xx{low:02X}", f"{group >> 8:02X}xxxx{low:02X}"))
 
 
 def _tag(b, pos: int) -> int:
@@ -307,21 +422,32 @@ def _tag(b, pos: int) -> int:
 
 # Tags the data dictionary knows as sequences (VR SQ): pydicom reads their items in
 # implicit VR (or written as UN), so their nesting is counted even at a defined length.
-_SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
+_SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ") | frozenset(
+    # repeating groups pydicom's dictionary knows as sequences: (50xx,2600) Curve Referenced
+    # Overlay Sequence, xx even from 00 to 1E (PS3.5 7.6)
+    int(mask.replace("xx", f"{g:02X}"), 16) for mask, entry in RepeatersDictionary.items() if entry[0] == "SQ" and mask[2:4] == "xx" for g in range(0, 0x20, 2))
+# (creator, tag pattern) of the private elements pydicom's private dictionaries know as SQ
+# (pydicom.datadict.get_private_entry's two patterns: "ggggxxee" and "ggxxxxee").
+_PRIVATE_SEQUENCES = frozenset((creator, key.upper().replace("XX", "xx")) for creator, entries in private_dictionaries.items() for key, entry in entries.items() if entry[0] == "SQ")
+_PRIVATE_SEQUENCE_CREATORS = frozenset(creator for creator, _ in _PRIVATE_SEQUENCES)
 _SEQUENCE_TAGS_AS_READ = frozenset((t & 0xFFFF) << 16 | t >> 16 for t in _SEQUENCE_TAGS)  # a tag's 4 bytes read as one little-endian u32
 _HH = struct.Struct("<HH")
 
 
 def _check_nesting(b, pos: int, end: int, implicit: bool, depth: int, items: list[int] | None = None) -> None:
     """Refused when the defined-length sequence value ``b[pos:end]`` (at nesting level
-    ``depth``) holds sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`. Content
-    the walk cannot follow is left as it was (skipped by its length) for pydicom."""
+    ``depth``) holds sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`, or items
+    beyond the limits. Content the walk cannot follow is left as it was (skipped by its
+    length) for pydicom, its item tags counted as bytes (:func:`_count_item_tags`)."""
     if depth > MAX_SEQUENCE_DEPTH:
         raise Refused(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
+    at, counted = pos, items[0] if items is not None else 0
     try:
         while pos < end:
+            at, counted = pos, items[0] if items is not None else 0
             tag, length, pos, _ = _header(b, pos, implicit)
             if tag != _ITEM:
+                _count_item_tags(b, at, end, items)
                 return
             _count_item(items)
             if length == 0xFFFFFFFF:  # an undefined-length item inside: walked to its delimiter
@@ -330,15 +456,44 @@ def _check_nesting(b, pos: int, end: int, implicit: bool, depth: int, items: lis
                 _item_elements(b, pos, pos + length, implicit, depth, items)
                 pos += length
     except (_Unusual, Incomplete, struct.error, IndexError):
+        if items is not None:
+            items[0] = counted  # the item the walk could not follow, and the rest: counted as bytes
+        _count_item_tags(b, at, end, items)
+
+
+def _count_item_tags(b, pos: int, end: int, items: list[int] | None, tag: bytes = _ITEM_BYTES) -> None:
+    """Count the item tags spelled in ``b[pos:end]`` as sequence items: the part of a
+    defined-length sequence value the walk cannot follow. pydicom reads on past what
+    the walk stops at (an element whose VR bytes are not a VR is read as implicit VR, a
+    first tag that is not an item tag as an item), so its items are counted as
+    :func:`item_tags_problem` counts a big endian data set's: a value's bytes that spell
+    the tag count too.
+
+    Raises:
+        Refused: more than :data:`MAX_SEQUENCE_ITEMS`.
+    """
+    if items is None:
         return
+    end = min(end, len(b))
+    if isinstance(b, bytes):  # one pass in C (an mmap has no count)
+        items[0] += b.count(tag, pos, end)
+        if items[0] > MAX_SEQUENCE_ITEMS:
+            raise Refused(f"more than {MAX_SEQUENCE_ITEMS} sequence items")
+        return
+    while (pos := b.find(tag, pos, end)) >= 0:
+        _count_item(items)
+        pos += 4
 
 
 def _check_nesting_in_item(b, pos: int, end: int, implicit: bool, depth: int, items: list[int] | None = None) -> None:
     """:func:`_check_nesting` for the elements of one defined-length item."""
+    counted = items[0] if items is not None else 0
     try:
         _item_elements(b, pos, end, implicit, depth, items)
     except (_Unusual, Incomplete, struct.error, IndexError):
-        return
+        if items is not None:
+            items[0] = counted
+        _count_item_tags(b, pos, end, items)
 
 
 def _item_elements(b, pos: int, end: int | None, implicit: bool, depth: int, items: list[int] | None = None) -> int:
@@ -350,6 +505,7 @@ def _item_elements(b, pos: int, end: int | None, implicit: bool, depth: int, ite
         Refused: sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH`.
         _Unusual, struct.error, IndexError: a structure the walk cannot follow.
     """
+    creators: dict[int, tuple[str, ...]] = {}
     while end is None or pos < end:
         at = pos
         tag, length, pos, nested_implicit = _header(b, pos, implicit)
@@ -358,7 +514,7 @@ def _item_elements(b, pos: int, end: int | None, implicit: bool, depth: int, ite
         if length == 0xFFFFFFFF:
             pos = _skip_sequence(b, pos, nested_implicit, depth + 1, items)
             continue
-        if length and _is_sequence(b, at, implicit):
+        if length and _is_sequence(b, at, implicit, creators):
             _check_nesting(b, pos, pos + length, nested_implicit, depth + 1, items)
         pos += length
         if pos > len(b):
